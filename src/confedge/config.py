@@ -1,0 +1,418 @@
+"""Typed configuration: the TOML file of SPEC §8, validated into one model.
+
+Why one model: every component receives its own section from here and nothing reads files or
+environment variables behind its back (DESIGN "Configuration is data"). Every validation error
+names the dotted key, the bad value and what was expected, because an operator editing a file on
+a DMZ host at 2 a.m. needs the fix, not a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "GuardConfig",
+    "ManagementConfig",
+    "NodeAddress",
+    "ProxyConfig",
+    "ServerConfig",
+    "StaticMount",
+    "TLSConfig",
+    "TurnConfig",
+    "load_config",
+    "parse_config",
+]
+
+
+class ConfigError(Exception):
+    """A configuration problem, with one human-readable line per fault."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo ("relay_port") must not pass silently (SPEC §8).
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{value!r} is not a port number (an integer within 0-65535)")
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{value} is not a port number within 0-65535")
+    return value
+
+
+Port = Annotated[int, BeforeValidator(_port)]
+
+
+def _ip(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an IP address")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f'"{value}" is not an IP address (e.g. "10.0.0.5" or "2001:db8::5")') from None
+
+
+IPAddr = Annotated[str, BeforeValidator(_ip)]
+
+
+def _cidr(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an address or CIDR network")
+    try:
+        return str(ipaddress.ip_network(value, strict=False))
+    except ValueError:
+        raise ValueError(
+            f'"{value}" is not an address or CIDR network (e.g. "10.0.0.11" or "10.0.0.0/24")'
+        ) from None
+
+
+CIDR = Annotated[str, BeforeValidator(_cidr)]
+
+
+def parse_port_range(text: str) -> tuple[int, int]:
+    """Parse "49152-65535" into (49152, 65535); raise ValueError with the config wording."""
+    bad = ValueError(f'"{text}" is not a port range within 1-65535 (e.g. "49152-65535")')
+    parts = text.split("-")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise bad
+    lo, hi = int(parts[0]), int(parts[1])
+    if not (1 <= lo <= hi <= 65535):
+        raise bad
+    return lo, hi
+
+
+class NodeAddress(BaseModel):
+    """One conferencing node: scheme, host and port (https and 443 unless given)."""
+
+    model_config = ConfigDict(frozen=True)
+    scheme: Literal["http", "https"]
+    host: str
+    port: int
+
+    @property
+    def netloc(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://{self.netloc}"
+
+    @classmethod
+    def parse(cls, text: str) -> NodeAddress:
+        bad = ValueError(
+            f'"{text}" is not a node address (expected host, host:port or '
+            'http(s)://host:port, e.g. "10.0.0.11" or "http://10.0.0.13:8080")'
+        )
+        scheme = "https"
+        rest = text.strip()
+        if "://" in rest:
+            scheme, rest = rest.split("://", 1)
+            if scheme not in ("http", "https"):
+                raise bad
+        rest = rest.rstrip("/")
+        if not rest or "/" in rest or "@" in rest:
+            raise bad
+        port = 443 if scheme == "https" else 80
+        if rest.startswith("["):
+            host, sep, tail = rest[1:].partition("]")
+            if not sep:
+                raise bad
+            if tail:
+                if not tail.startswith(":") or not tail[1:].isdigit():
+                    raise bad
+                port = int(tail[1:])
+        elif rest.count(":") == 1:
+            host, p = rest.split(":")
+            if not p.isdigit():
+                raise bad
+            port = int(p)
+        else:
+            host = rest
+        if not host or not 1 <= port <= 65535:
+            raise bad
+        return cls(scheme=scheme, host=host, port=port)  # type: ignore[arg-type]
+
+
+class ServerConfig(_Strict):
+    hostname: str = "edge"
+    domain: str = "localdomain"
+    internal_address: IPAddr = "127.0.0.1"
+    external_address: IPAddr | None = None
+    state_dir: str = "/var/lib/confedge"
+
+    @field_validator("hostname", "domain")
+    @classmethod
+    def _dns_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*", v):
+            raise ValueError(f'"{v}" is not a DNS name (letters, digits, "-" and ".")')
+        return v
+
+    @property
+    def fqdn(self) -> str:
+        return f"{self.hostname}.{self.domain}"
+
+    @property
+    def relay_address(self) -> str:
+        """External address, or the internal one on a single-NIC host."""
+        return self.external_address or self.internal_address
+
+
+class StaticMount(_Strict):
+    prefix: str
+    path: str
+    cache_control: str = "public, max-age=300"
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or not v.endswith("/") or ".." in v or "//" in v:
+            raise ValueError(f'"{v}" is not a path prefix (it must start and end with "/")')
+        return v
+
+
+class ProxyConfig(_Strict):
+    enabled: bool = True
+    https_port: Port = 443
+    http_port: Port = 80
+    nodes: list[str] = Field(default_factory=list)
+    balance: Literal["round-robin", "ip-hash", "least-conn"] = "round-robin"
+    csp: bool = True
+    csp_policy: str = (
+        "upgrade-insecure-requests; default-src 'self'; "
+        "frame-ancestors 'self' https://*.office.com https://*.office365.com "
+        "https://*.microsoft.com https://*.outlook.com; "
+        "script-src 'self' 'unsafe-inline' 'unsafe-eval' https://appsforoffice.microsoft.com "
+        "https://ajax.aspnetcdn.com; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self' wss: https:; "
+        "object-src 'none'"
+    )
+    workers: int = Field(default=0, ge=0, le=64)
+    verify_upstream: bool = False
+    path_allowlist: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(default=15 * 1024 * 1024, ge=0)
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_headers: int = Field(default=100, ge=8)
+    header_timeout: float = Field(default=10.0, gt=0)
+    idle_timeout: float = Field(default=75.0, gt=0)
+    max_connections: int = Field(default=10000, ge=1)
+    connect_timeout: float = Field(default=3.0, gt=0)
+    api_connect_timeout: float = Field(default=20.0, gt=0)
+    sse_max_lifetime: float = Field(default=86400.0, gt=0)
+    websocket_idle_timeout: float = Field(default=3600.0, gt=0)
+    health_interval: float = Field(default=5.0, gt=0)
+    health_timeout: float = Field(default=3.0, gt=0)
+    health_rise: int = Field(default=2, ge=1)
+    health_fall: int = Field(default=2, ge=1)
+    trusted_proxies: list[CIDR] = Field(default_factory=list)
+    access_log: str = ""  # "" = standard error log stream; else a file path
+    static: list[StaticMount] = Field(default_factory=list)
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: list[str]) -> list[str]:
+        for item in v:
+            NodeAddress.parse(item)
+        return v
+
+    @property
+    def node_addresses(self) -> list[NodeAddress]:
+        return [NodeAddress.parse(n) for n in self.nodes]
+
+
+class TurnConfig(_Strict):
+    enabled: bool = True
+    mode: Literal["restricted", "permissive"] = "restricted"
+    port: Port = 3478
+    tls_port: Port = 0
+    relay_ports: str = "49152-65535"
+    username: str = ""
+    password: str = Field(default="", repr=False)
+    secrets: list[str] = Field(default_factory=list, repr=False)
+    media_nodes: list[CIDR] = Field(default_factory=list)
+    allowed_peers: list[CIDR] = Field(default_factory=list)
+    denied_peers: list[CIDR] = Field(default_factory=list)
+    nonce_lifetime: int = Field(default=600, ge=10, le=86400)
+    max_allocations: int = Field(default=10000, ge=1)
+    user_quota: int = Field(default=0, ge=0)  # 0 = mode default (total in restricted, 10 permissive)
+    max_permissions: int = Field(default=64, ge=1)
+    max_channels: int = Field(default=64, ge=1)
+    unauth_budget: int = Field(default=50, ge=1)  # 401 answers per source per 10 s
+    software: str = ""  # SOFTWARE attribute; "" = none (smaller reflection)
+    reason_phrases: bool = False
+
+    @field_validator("relay_ports")
+    @classmethod
+    def _relay_ports(cls, v: str) -> str:
+        parse_port_range(v)
+        return v
+
+    @property
+    def relay_port_range(self) -> tuple[int, int]:
+        return parse_port_range(self.relay_ports)
+
+    @property
+    def effective_user_quota(self) -> int:
+        """SPEC §3: restricted mode shares one credential, so its quota defaults to the total."""
+        if self.user_quota:
+            return self.user_quota
+        return self.max_allocations if self.mode == "restricted" else 10
+
+
+class GuardConfig(_Strict):
+    enabled: bool = False
+    maxretry: int = Field(default=10, ge=1)
+    findtime: float = Field(default=300, gt=0)
+    bantime: float = Field(default=300, gt=0)
+    ignore: list[CIDR] = Field(default_factory=lambda: ["127.0.0.1/32"])
+    store: str = "sqlite"
+    ban_status: Literal[429, 403] = 429
+    escalation: float = Field(default=2.0, ge=1.0)
+    max_bantime: float = Field(default=86400.0, gt=0)
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    conference_maxretry: int = Field(default=50, ge=1)
+    prefix_maxretry: int = Field(default=30, ge=1)
+    turn_maxretry: int = Field(default=20, ge=1)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v not in ("sqlite", "memory") and not v.startswith(("redis://", "rediss://")):
+            raise ValueError(f'"{v}" is not a guard store (expected "sqlite", "memory" or "redis://host:port/db")')
+        return v
+
+
+class TLSConfig(_Strict):
+    cert: str = ""
+    key: str = ""
+
+
+class ManagementConfig(_Strict):
+    port: Port = 9090
+    networks: list[CIDR] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
+    turn: TurnConfig = Field(default_factory=TurnConfig)
+    guard: GuardConfig = Field(default_factory=GuardConfig)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
+    management: ManagementConfig = Field(default_factory=ManagementConfig)
+
+    @model_validator(mode="after")
+    def _requirements(self) -> Config:
+        # SPEC §8: everything optional except what an enabled part needs.
+        problems: list[str] = []
+        if self.proxy.enabled and not self.proxy.nodes:
+            problems.append(
+                "proxy.nodes: [] is empty, but the proxy is enabled; list the conferencing nodes "
+                '(e.g. nodes = ["10.0.0.11"]) or set proxy.enabled = false'
+            )
+        if self.turn.enabled and self.turn.mode == "restricted":
+            if not self.turn.username:
+                problems.append('turn.username: "" is empty; restricted TURN needs a username')
+            if not self.turn.password:
+                problems.append('turn.password: "" is empty; restricted TURN needs a password')
+        if self.turn.enabled and self.turn.mode == "permissive" and not self.turn.secrets:
+            problems.append("turn.secrets: [] is empty; permissive TURN needs at least one shared secret")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The effective configuration as plain data, with every secret replaced by "****"."""
+        data = self.model_dump(mode="json")
+        if data["turn"]["password"]:
+            data["turn"]["password"] = "****"
+        data["turn"]["secrets"] = ["****" for _ in data["turn"]["secrets"]]
+        return data
+
+
+def _loc(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, str):
+        return f'"{value}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    problems: list[str] = []
+    for err in exc.errors():
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        key = _loc(loc)
+        msg = str(err.get("msg", ""))
+        typ = err.get("type", "")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if typ == "extra_forbidden":
+            problems.append(f"{key}: unknown key (check its spelling; see docs/CONFIGURATION.md)")
+            continue
+        if typ == "value_error" and not key:
+            problems.extend(msg.split("\n"))
+            continue
+        value = err.get("input")
+        if typ == "value_error" and msg.startswith(('"', "'")) or msg.startswith(_fmt_value(value)):
+            problems.append(f"{key}: {msg}")
+        else:
+            problems.append(f"{key}: {_fmt_value(value)} is not valid: {msg.lower()}")
+    return problems
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate already-parsed TOML data; raise ConfigError with one line per problem."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc)) from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a TOML configuration file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{p}: cannot read the configuration file: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{p}: the configuration file is not UTF-8 text"]) from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
+    return parse_config(data)
