@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -71,7 +72,9 @@ def _ip(value: Any) -> str:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise ValueError(f'"{value}" is not an IP address (e.g. "10.0.0.5" or "2001:db8::5")') from None
+        raise ValueError(
+            f'"{value}" is not an IP address (e.g. "10.0.0.5" or "2001:db8::5")'
+        ) from None
 
 
 IPAddr = Annotated[str, BeforeValidator(_ip)]
@@ -101,6 +104,9 @@ def parse_port_range(text: str) -> tuple[int, int]:
     if not (1 <= lo <= hi <= 65535):
         raise bad
     return lo, hi
+
+
+_DNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*")
 
 
 class NodeAddress(BaseModel):
@@ -168,7 +174,9 @@ class ServerConfig(_Strict):
     def _dns_name(cls, v: str) -> str:
         import re
 
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*", v):
+        if not re.fullmatch(
+            r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*", v
+        ):
             raise ValueError(f'"{v}" is not a DNS name (letters, digits, "-" and ".")')
         return v
 
@@ -258,7 +266,9 @@ class TurnConfig(_Strict):
     denied_peers: list[CIDR] = Field(default_factory=list)
     nonce_lifetime: int = Field(default=600, ge=10, le=86400)
     max_allocations: int = Field(default=10000, ge=1)
-    user_quota: int = Field(default=0, ge=0)  # 0 = mode default (total in restricted, 10 permissive)
+    user_quota: int = Field(
+        default=0, ge=0
+    )  # 0 = mode default (total in restricted, 10 permissive)
     max_permissions: int = Field(default=64, ge=1)
     max_channels: int = Field(default=64, ge=1)
     unauth_budget: int = Field(default=50, ge=1)  # 401 answers per source per 10 s
@@ -302,7 +312,9 @@ class GuardConfig(_Strict):
     @classmethod
     def _store(cls, v: str) -> str:
         if v not in ("sqlite", "memory") and not v.startswith(("redis://", "rediss://")):
-            raise ValueError(f'"{v}" is not a guard store (expected "sqlite", "memory" or "redis://host:port/db")')
+            raise ValueError(
+                f'"{v}" is not a guard store (expected "sqlite", "memory" or "redis://host:port/db")'
+            )
         return v
 
 
@@ -339,7 +351,9 @@ class Config(_Strict):
             if not self.turn.password:
                 problems.append('turn.password: "" is empty; restricted TURN needs a password')
         if self.turn.enabled and self.turn.mode == "permissive" and not self.turn.secrets:
-            problems.append("turn.secrets: [] is empty; permissive TURN needs at least one shared secret")
+            problems.append(
+                "turn.secrets: [] is empty; permissive TURN needs at least one shared secret"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -347,9 +361,10 @@ class Config(_Strict):
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret replaced by "****"."""
         data = self.model_dump(mode="json")
+        mask = "****"
         if data["turn"]["password"]:
-            data["turn"]["password"] = "****"
-        data["turn"]["secrets"] = ["****" for _ in data["turn"]["secrets"]]
+            data["turn"]["password"] = mask
+        data["turn"]["secrets"] = [mask for _ in data["turn"]["secrets"]]
         return data
 
 
@@ -387,7 +402,8 @@ def _format_errors(exc: ValidationError) -> list[str]:
             problems.extend(msg.split("\n"))
             continue
         value = err.get("input")
-        if typ == "value_error" and msg.startswith(('"', "'")) or msg.startswith(_fmt_value(value)):
+        quoted = typ == "value_error" and msg.startswith(('"', "'"))
+        if quoted or msg.startswith(_fmt_value(value)):
             problems.append(f"{key}: {msg}")
         else:
             problems.append(f"{key}: {_fmt_value(value)} is not valid: {msg.lower()}")

@@ -1,0 +1,185 @@
+"""The `confedge` command.
+
+Subcommands: run, demo, check, bans, nodesim. Each keeps its own logic in its package; this module
+only parses arguments, loads the configuration and reports errors as one clear line (never a
+traceback for an operator mistake).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from confedge import __version__
+from confedge.config import Config, ConfigError, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+
+        result: int = uvloop.run(coro)
+    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
+        result = asyncio.run(coro)
+    return result
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Render the effective configuration as TOML (the shape of SPEC §8)."""
+    out: list[str] = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        tables: list[tuple[str, list[dict[str, Any]]]] = []
+        for key, v in values.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                tables.append((key, v))
+            elif v is None:
+                out.append(f"# {key} is unset (its default applies)")
+            else:
+                out.append(f"{key} = {_toml_value(v)}")
+        out.append("")
+        for key, items in tables:
+            for item in items:
+                out.append(f"[[{section}.{key}]]")
+                out.extend(f"{k} = {_toml_value(x)}" for k, x in item.items())
+                out.append("")
+    return "\n".join(out)
+
+
+def _load(path: str) -> Config:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"confedge: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    if args.json:
+        print(json.dumps(cfg.masked(), indent=2))
+    else:
+        print(f"# {args.config}: configuration is valid; effective values (secrets masked)")
+        print(to_toml(cfg.masked()))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args.config)
+    _setup_logging(args.log_level)
+    Path(cfg.server.state_dir).mkdir(parents=True, exist_ok=True)
+
+    async def main() -> int:
+        from confedge.runtime import Runtime, wait_for_signal
+
+        rt = Runtime(cfg)
+        try:
+            await rt.start()
+        except OSError as exc:
+            print(f"confedge: cannot start: {exc}", file=sys.stderr)
+            return 1
+        sig = await wait_for_signal()
+        logging.getLogger("confedge").info("%s received, stopping", sig)
+        await rt.close()
+        return 0
+
+    return _run_loop(main())
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    _setup_logging(args.log_level)
+    from confedge.demo import run_demo
+
+    state = Path(args.state_dir) if args.state_dir else None
+    return _run_loop(run_demo(as_json=args.json, state_dir=state))
+
+
+def cmd_bans(args: argparse.Namespace, rest: list[str]) -> int:
+    cfg = _load(args.config)
+    _setup_logging(args.log_level)
+    from confedge.guard.cli import bans_command
+
+    return bans_command(cfg, rest)
+
+
+def cmd_nodesim(rest: list[str]) -> int:
+    from confedge.nodesim.cli import nodesim_command
+
+    return nodesim_command(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="confedge",
+        description="Edge service for video conferencing: HTTPS reverse proxy, TURN/STUN relay "
+        "and PIN brute-force guard.",
+    )
+    p.add_argument("--version", action="version", version=f"confedge {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
+        if config:
+            sp.add_argument(
+                "--config", "-c", required=True, metavar="FILE", help="TOML configuration file"
+            )
+        sp.add_argument(
+            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+        )
+
+    sp = sub.add_parser("run", help="start what the configuration file enables")
+    common(sp)
+    sp = sub.add_parser("check", help="validate a configuration file and print it, secrets masked")
+    sp.add_argument("--config", "-c", required=True, metavar="FILE")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of TOML")
+    sp = sub.add_parser("demo", help="the whole service on loopback with simulated nodes")
+    common(sp, config=False)
+    sp.add_argument("--json", action="store_true", help="print one JSON line naming what started")
+    sp.add_argument("--state-dir", metavar="DIR", help="where the demo keeps its certificate")
+    sp = sub.add_parser(
+        "bans", help="list, add, remove or clear guard bans (list|add|remove|clear)"
+    )
+    common(sp)
+    sub.add_parser("nodesim", help="run a simulated conferencing node", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "nodesim":
+        return cmd_nodesim(argv[1:])
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bans":
+        return cmd_bans(args, rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

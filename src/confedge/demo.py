@@ -1,0 +1,129 @@
+"""`confedge demo`: the whole service on loopback, in front of three simulated conferencing nodes.
+
+Why it exists: anyone can see a real WebRTC call cross confedge (proxy for signalling, TURN for
+media, guard for PINs) without owning a conferencing platform. It runs the same components as
+`confedge run`, on an embedded configuration (src/confedge/data/demo.toml) with unprivileged ports.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from confedge.config import Config, parse_config
+from confedge.runtime import Runtime, wait_for_signal
+
+log = logging.getLogger("confedge.demo")
+
+NODE_PORTS = (18001, 18002, 18003)
+
+
+@dataclass(frozen=True)
+class DemoConference:
+    alias: str
+    host_pin: str | None
+    guest_pin: str | None
+
+
+CONFERENCES = (
+    DemoConference("meet", "1234", None),
+    DemoConference("open", None, None),
+)
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "confedge-demo"
+
+
+def demo_config(state_dir: Path, turn_password: str) -> Config:
+    """The embedded demo configuration, with its placeholders filled in."""
+    text = resources.files("confedge").joinpath("data/demo.toml").read_text(encoding="utf-8")
+    data: dict[str, Any] = tomllib.loads(text)
+    data["server"]["state_dir"] = str(state_dir)
+    data["turn"]["password"] = turn_password
+    data["proxy"]["nodes"] = [f"http://127.0.0.1:{p}" for p in NODE_PORTS]
+    return parse_config(data)
+
+
+def describe(cfg: Config, rt: Runtime, node_urls: list[str]) -> dict[str, Any]:
+    """The one-line JSON of SPEC §8 naming what the demo started."""
+    out: dict[str, Any] = {}
+    if rt.proxy is not None:
+        out["proxy"] = rt.proxy.info()
+    if rt.turn is not None:
+        out["turn"] = rt.turn.info()
+    out["nodes"] = node_urls
+    out["conferences"] = [{"alias": c.alias, "pin": c.host_pin} for c in CONFERENCES]
+    return out
+
+
+async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
+    state = state_dir or default_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(state, secrets.token_urlsafe(12))
+    rt = Runtime(cfg)
+    node_urls: list[str] = []
+
+    async def start_nodes() -> None:
+        from confedge.nodesim import Conference, NodeSim, TurnInfo
+
+        turn = None
+        if rt.turn is not None:
+            t = rt.turn.info()
+            turn = TurnInfo(
+                host=t["host"], port=t["port"], username=t["username"], password=t["password"]
+            )
+        for i, port in enumerate(NODE_PORTS, 1):
+            node = NodeSim(
+                conferences=[Conference(c.alias, c.host_pin, c.guest_pin) for c in CONFERENCES],
+                turn=turn,
+                node_name=f"node{i}",
+            )
+            await node.start("127.0.0.1", port)
+            rt.add(f"node{i}", node)
+            node_urls.append(node.url)
+
+    try:
+        await rt.start(before_proxy=start_nodes)
+    except OSError as exc:
+        print(f"confedge demo: cannot start: {exc}", file=sys.stderr)
+        await rt.close()
+        return 1
+    info = describe(cfg, rt, node_urls)
+    if as_json:
+        print(json.dumps(info), flush=True)
+    else:
+        _print_banner(info)
+    sig = await wait_for_signal()
+    log.info("%s received, stopping", sig)
+    await rt.close()
+    return 0
+
+
+def _print_banner(info: dict[str, Any]) -> None:
+    lines = ["", "confedge demo is running on loopback. Ctrl-C stops it.", ""]
+    if "proxy" in info:
+        lines.append(f"  Open:        {info['proxy']['https']}/webapp/  (self-signed certificate)")
+        lines.append(f"  HTTP:        {info['proxy']['http']}  (redirects to HTTPS)")
+    for c in info["conferences"]:
+        pin = f"host PIN {c['pin']}" if c["pin"] else "no PIN"
+        lines.append(f"  Conference:  {c['alias']}  ({pin})")
+    if "turn" in info:
+        t = info["turn"]
+        lines.append(
+            f"  TURN:        turn:{t['host']}:{t['port']}  user {t['username']}  "
+            f"password {t['password']}  realm {t['realm']}"
+        )
+    for url in info["nodes"]:
+        lines.append(f"  Node:        {url}")
+    lines.append("")
+    print("\n".join(lines), flush=True)

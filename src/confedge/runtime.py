@@ -1,0 +1,102 @@
+"""Start and stop what a configuration enables, in one event loop.
+
+Why a tiny component model: `confedge run` and `confedge demo` start the same parts (TURN, guard,
+proxy, and for the demo the simulated nodes) and must stop them in reverse order on Ctrl-C or
+SIGTERM without losing state (the guard flushes its store last-but-one, after the listeners that
+feed it are closed). Each part only needs `start()`, `close()` and, for scripts, `info()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from confedge.config import Config
+
+log = logging.getLogger("confedge")
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Runtime:
+    """The running parts of one confedge instance, started in order and closed in reverse."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.parts: list[tuple[str, Component]] = []
+        self.guard: Any = None
+        self.turn: Any = None
+        self.proxy: Any = None
+
+    async def _start(self, name: str, part: Component) -> None:
+        await part.start()
+        self.parts.append((name, part))
+        log.info("%s started", name)
+
+    async def start(self, *, before_proxy: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start guard, TURN and proxy as the configuration enables them.
+
+        `before_proxy` lets the demo start its simulated nodes after TURN (they allocate relays on
+        it) and before the proxy (whose health checks would otherwise mark them down at once).
+        """
+        cfg = self.cfg
+        try:
+            from confedge.guard import create_guard
+
+            self.guard = create_guard(cfg)
+            await self._start("guard", self.guard)
+            if cfg.turn.enabled:
+                from confedge.turn.service import TurnService
+
+                self.turn = TurnService(cfg, guard=self.guard if cfg.guard.enabled else None)
+                await self._start("turn", self.turn)
+            if before_proxy is not None:
+                await before_proxy()
+            if cfg.proxy.enabled:
+                from confedge.proxy.service import ProxyService
+
+                factory = create_guard if cfg.guard.enabled else None
+                self.proxy = ProxyService(cfg, guard_factory=factory)
+                await self._start("proxy", self.proxy)
+        except BaseException:
+            await self.close()
+            raise
+
+    def add(self, name: str, part: Component) -> None:
+        """Register an already-started part so that close() stops it in order."""
+        self.parts.append((name, part))
+
+    async def close(self) -> None:
+        while self.parts:
+            name, part = self.parts.pop()
+            try:
+                await part.close()
+            except Exception:
+                log.exception("error while stopping %s", name)
+            else:
+                log.info("%s stopped", name)
+
+
+async def wait_for_signal() -> str:
+    """Block until SIGINT or SIGTERM; return the signal's name."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[str] = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(
+                sig, lambda s=sig: fut.done() or fut.set_result(signal.Signals(s).name)
+            )
+    try:
+        return await fut
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.remove_signal_handler(sig)

@@ -1,0 +1,188 @@
+"""Configuration: SPEC §8 keys, defaults, and errors that name key, value and expectation."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from confedge.cli import main, to_toml
+from confedge.config import ConfigError, NodeAddress, load_config, parse_config
+
+MINIMAL = {
+    "proxy": {"nodes": ["10.0.0.11"]},
+    "turn": {"username": "turnuser", "password": "secret"},
+}
+
+
+def errors(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    return info.value.problems
+
+
+def test_defaults_follow_spec() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.proxy.https_port == 443 and cfg.proxy.http_port == 80
+    assert cfg.turn.port == 3478 and cfg.turn.relay_port_range == (49152, 65535)
+    assert cfg.turn.mode == "restricted"
+    assert cfg.guard.enabled is False
+    assert (cfg.guard.maxretry, cfg.guard.findtime, cfg.guard.bantime) == (10, 300, 300)
+    assert cfg.server.internal_address == "127.0.0.1"
+    assert cfg.server.relay_address == "127.0.0.1"
+    assert cfg.management.port == 9090
+
+
+def test_relay_ports_error_names_key_value_and_expectation() -> None:
+    data = {**MINIMAL, "turn": {**MINIMAL["turn"], "relay_ports": "70000-80000"}}
+    assert errors(data) == [
+        'turn.relay_ports: "70000-80000" is not a port range within 1-65535 (e.g. "49152-65535")'
+    ]
+
+
+def test_unknown_key_is_an_error() -> None:
+    data = {**MINIMAL, "turn": {**MINIMAL["turn"], "relay_port": "1-2"}}
+    (problem,) = errors(data)
+    assert problem.startswith("turn.relay_port: unknown key")
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            {"proxy": {"https_port": 99999, "nodes": ["a"]}, "turn": {"enabled": False}},
+            "proxy.https_port: 99999",
+        ),
+        (
+            {"proxy": {"https_port": "443", "nodes": ["a"]}, "turn": {"enabled": False}},
+            "proxy.https_port: '443'",
+        ),
+        (
+            {
+                "server": {"internal_address": "10.0.0.300"},
+                "proxy": {"enabled": False},
+                "turn": {"enabled": False},
+            },
+            'server.internal_address: "10.0.0.300"',
+        ),
+        (
+            {"proxy": {"nodes": ["ftp://x"]}, "turn": {"enabled": False}},
+            'proxy.nodes: "ftp://x" is not a node address',
+        ),
+        (
+            {"proxy": {"balance": "random", "nodes": ["a"]}, "turn": {"enabled": False}},
+            'proxy.balance: "random"',
+        ),
+        (
+            {
+                "proxy": {"enabled": False},
+                "turn": {"media_nodes": ["10.0.0.0/33"], "username": "u", "password": "p"},
+            },
+            'turn.media_nodes[0]: "10.0.0.0/33"',
+        ),
+        (
+            {
+                "proxy": {"enabled": False},
+                "guard": {"store": "mysql://x"},
+                "turn": {"enabled": False},
+            },
+            'guard.store: "mysql://x"',
+        ),
+    ],
+)
+def test_bad_values(data: dict[str, object], expected: str) -> None:
+    problems = errors(data)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_enabled_parts_need_their_keys() -> None:
+    problems = errors({})
+    assert any(p.startswith("proxy.nodes: [] is empty") for p in problems)
+    assert any(p.startswith('turn.username: "" is empty') for p in problems)
+    assert any(p.startswith('turn.password: "" is empty') for p in problems)
+    problems = errors({"proxy": {"enabled": False}, "turn": {"mode": "permissive"}})
+    assert problems == [
+        "turn.secrets: [] is empty; permissive TURN needs at least one shared secret"
+    ]
+
+
+def test_quota_defaults_know_the_mode() -> None:
+    restricted = parse_config(MINIMAL)
+    assert restricted.turn.effective_user_quota == restricted.turn.max_allocations
+    permissive = parse_config(
+        {"proxy": {"enabled": False}, "turn": {"mode": "permissive", "secrets": ["s"]}}
+    )
+    assert permissive.turn.effective_user_quota == 10
+
+
+@pytest.mark.parametrize(
+    ("text", "url"),
+    [
+        ("10.0.0.11", "https://10.0.0.11:443"),
+        ("10.0.0.12:8443", "https://10.0.0.12:8443"),
+        ("http://10.0.0.13:8080", "http://10.0.0.13:8080"),
+        ("http://node", "http://node:80"),
+        ("[2001:db8::1]:8443", "https://[2001:db8::1]:8443"),
+        ("2001:db8::1", "https://[2001:db8::1]:443"),
+    ],
+)
+def test_node_addresses(text: str, url: str) -> None:
+    assert NodeAddress.parse(text).url == url
+
+
+def test_masked_hides_secrets() -> None:
+    cfg = parse_config(
+        {
+            "proxy": {"enabled": False},
+            "turn": {"username": "u", "password": "hunter2", "secrets": ["s1", "s2"]},
+        }
+    )
+    dumped = json.dumps(cfg.masked())
+    assert "hunter2" not in dumped and "s1" not in dumped
+    assert "hunter2" not in repr(cfg)
+
+
+def test_check_prints_effective_config_that_parses_again(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[proxy]\nnodes = ["10.0.0.11"]\n[[proxy.static]]\nprefix = "/b/"\npath = "/srv/b"\n[turn]\nusername = "u"\npassword = "hunter2"\n'
+    )
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "hunter2" not in out and 'password = "****"' in out
+    again = tmp_path / "again.toml"
+    again.write_text(out.replace('"****"', '"x"'))
+    assert load_config(again).proxy.static[0].prefix == "/b/"
+    assert to_toml(parse_config(MINIMAL).masked()).startswith("[server]")
+
+
+def test_check_errors_are_one_line_each_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[turn]\nrelay_ports = "70000-80000"\nusername = "u"\npassword = "p"\n[proxy]\nenabled = false\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "confedge", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        == 'confedge: turn.relay_ports: "70000-80000" is not a port range within 1-65535 (e.g. "49152-65535")'
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[turn\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
