@@ -1,0 +1,339 @@
+"""The access log, byte for byte in the reference's nginx format (SPEC §2 "Access log").
+
+Why exact: operators run fail2ban, log shippers and grep recipes written against the reference's
+nginx ``log_format``::
+
+    $remote_addr - $remote_user [$time_local]  "$request" $status $body_bytes_sent
+    "$http_referer" "$http_user_agent" "$upstream_addr" "$upstream_status" "$upstream_response_time"
+
+(one line; note the two spaces after ``]``). The reference's fail2ban filter anchors on exactly
+that shape (see docs/ACCESSLOG.md), so the line must match nginx's output including its escaping
+(``ngx_http_log_escape``: ``"``, ``\\``, control bytes and bytes >= 0x7F become ``\\xHH`` with
+upper-case hex) and its ``-`` for empty values.
+
+Secrets: like the reference's ``map $request $request_filtered`` chain, the values of the query
+parameters ``code``, ``state``, ``token``, ``pin`` and ``data`` become ``[FILTERED]`` in the request
+line and in the Referer. The reference's regexes replace only the last occurrence of each name and
+also hit any parameter whose name ends in one (``access_token``); here every occurrence of every
+parameter whose name ends in one of the five (case-insensitive) is filtered, so nothing the
+reference hides is ever shown.
+
+``$remote_user`` is always ``-``: confedge authenticates nobody, and copying a client-supplied
+Basic-auth name into the log would both leak it and let a client dodge the reference's filter,
+which expects ``- -`` after the address.
+
+Strings are treated like nginx treats bytes: pass header values decoded as latin-1 (what HTTP
+parsers produce) or as bytes, and each byte >= 0x7F is escaped as that byte. Characters beyond
+U+00FF (only possible in text that did not come off the wire as latin-1) are escaped as their
+UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sys
+import time
+from collections.abc import Callable
+from typing import Final
+
+__all__ = [
+    "AccessLog",
+    "TimeLocal",
+    "escape",
+    "filter_secrets",
+    "format_line",
+    "request_line",
+]
+
+_SECRET_NAMES: Final = ("code", "state", "token", "pin", "data")
+
+# A parameter starts after "?", "&" or ";"; its name ends in one of the secret names; its value
+# runs to the next "&", whitespace or end (the same value grammar as the reference's
+# "[^&\ \t\n]*"). Matching the whole name keeps "postcode" and "access_token" filtered too.
+_SECRET_RE: Final = re.compile(
+    r"(?<=[?&;])([^=&\s?]*(?:code|state|token|pin|data))=[^&\s]*", re.IGNORECASE
+)
+
+
+def filter_secrets(text: str) -> str:
+    """Replace the values of secret query parameters with ``[FILTERED]``."""
+    if "=" not in text:
+        return text
+    return _SECRET_RE.sub(r"\1=[FILTERED]", text)
+
+
+_ESCAPES: Final[dict[int, str]] = {
+    c: f"\\x{c:02X}" for c in (*range(0x20), 0x22, 0x5C, *range(0x7F, 0x100))
+}
+_WIDE_RE: Final = re.compile(r"[^\x00-\xff]+")
+# Fast path test: nothing to escape when the value is printable ASCII without '"' and '\'.
+_NEEDS_ESCAPE_RE: Final = re.compile(r"[^\x20\x21\x23-\x5b\x5d-\x7e]")
+
+
+def _wide(m: re.Match[str]) -> str:
+    return "".join(f"\\x{b:02X}" for b in m.group().encode("utf-8"))
+
+
+def escape(value: str | bytes | None) -> str:
+    """nginx's log escaping (escape=default), with ``-`` for an empty value."""
+    if not value:
+        return "-"
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if _NEEDS_ESCAPE_RE.search(value) is None:
+        return value
+    out = value.translate(_ESCAPES)
+    if not out.isascii():
+        out = _WIDE_RE.sub(_wide, out)
+    return out
+
+
+_MONTHS: Final = (
+    "Jan",
+    "Feb",
+    "Mar",
+    "Apr",
+    "May",
+    "Jun",
+    "Jul",
+    "Aug",
+    "Sep",
+    "Oct",
+    "Nov",
+    "Dec",
+)
+
+
+class TimeLocal:
+    """``$time_local`` (``25/Nov/2026:12:00:00 +0000``), formatted once per second.
+
+    Month names are fixed English, never the process locale, as in nginx. ``utc=True`` (tests,
+    containers) ignores the host's zone.
+    """
+
+    __slots__ = ("_sec", "_text", "_utc")
+
+    def __init__(self, *, utc: bool = False) -> None:
+        self._utc = utc
+        self._sec = -1
+        self._text = ""
+
+    def __call__(self, now: float) -> str:
+        sec = int(now)
+        if sec != self._sec:
+            tm = time.gmtime(sec) if self._utc else time.localtime(sec)
+            off = 0 if self._utc else tm.tm_gmtoff
+            sign = "-" if off < 0 else "+"
+            off = abs(off) // 60
+            self._text = (
+                f"{tm.tm_mday:02d}/{_MONTHS[tm.tm_mon - 1]}/{tm.tm_year}:"
+                f"{tm.tm_hour:02d}:{tm.tm_min:02d}:{tm.tm_sec:02d} "
+                f"{sign}{off // 60:02d}{off % 60:02d}"
+            )
+            self._sec = sec
+        return self._text
+
+
+_default_time = TimeLocal()
+
+
+def request_line(method: str, target: str, http_version: str = "1.1") -> str:
+    """``$request`` as nginx logs it: ``GET /path?q HTTP/1.1``."""
+    return f"{method} {target} HTTP/{http_version}"
+
+
+def format_line(
+    remote_addr: str,
+    now: float,
+    request: str,
+    status: int,
+    body_bytes_sent: int,
+    referer: str | bytes | None = None,
+    user_agent: str | bytes | None = None,
+    upstream_addr: str | None = None,
+    upstream_status: str | None = None,
+    upstream_response_time: str | None = None,
+    *,
+    time_local: Callable[[float], str] = _default_time,
+) -> str:
+    """One access-log line (without the newline) in the reference format.
+
+    ``request`` is the request line (see :func:`request_line`; pass the raw line for requests
+    that failed to parse). Upstream fields follow nginx when several nodes were tried: addresses,
+    statuses and times joined with ``", "`` in try order, times as seconds with three decimals
+    (``"0.012, 0.004"``); ``None`` when no node was involved (static files, refusals) logs ``-``.
+
+    A missing or empty Referer logs as ``""``, not ``"-"``: in the reference the Referer goes
+    through the ``[FILTERED]`` maps, and a map's result is an empty *found* value, which nginx
+    logs as nothing. Every other empty field is ``-``.
+    """
+    if isinstance(referer, bytes):
+        referer = referer.decode("latin-1")
+    return (
+        f"{escape(remote_addr)} - - [{time_local(now)}]  "
+        f'"{escape(filter_secrets(request))}" {status} {body_bytes_sent} '
+        f'"{escape(filter_secrets(referer)) if referer else ""}" '
+        f'"{escape(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" '
+        f'"{escape(upstream_response_time)}"'
+    )
+
+
+class AccessLog:
+    """Buffered, append-only access-log writer.
+
+    Lines are collected in memory and written with one ``write(2)`` per flush: after
+    ``flush_interval`` seconds (a timer on the running loop, armed only while lines wait) or
+    when ``buffer_bytes`` accumulate. No fsync: an access log is not a journal, and the
+    reference's nginx does not sync either. The file is opened ``O_APPEND`` so several worker
+    processes can share it without tearing lines (each flush is one write of whole lines).
+
+    Rotation: :meth:`reopen` (wire it to SIGUSR1 like nginx), and besides, every flush at most
+    once a second compares the path's inode with the open file's and reopens after a
+    logrotate ``create``-style rotation by itself.
+
+    ``path`` ``""`` or ``"-"`` writes to standard error (SPEC config ``proxy.access_log``).
+    """
+
+    def __init__(
+        self,
+        path: str = "",
+        *,
+        flush_interval: float = 1.0,
+        buffer_bytes: int = 64 * 1024,
+        time_local: Callable[[float], str] | None = None,
+    ) -> None:
+        self.path = path
+        self.flush_interval = flush_interval
+        self.buffer_bytes = buffer_bytes
+        self.time_local: Callable[[float], str] = time_local or TimeLocal()
+        self._buf: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._fd = -1
+        self._own_fd = False
+        self._checked = 0.0
+        self.write_errors = 0
+        self._open()
+
+    def _open(self) -> None:
+        if self.path in ("", "-"):
+            self._fd = sys.stderr.fileno()
+            self._own_fd = False
+            return
+        try:
+            self._fd = os.open(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640
+            )
+        except OSError as exc:
+            raise ValueError(
+                f'proxy.access_log: cannot open "{self.path}" for appending: {exc.strerror}'
+            ) from None
+        self._own_fd = True
+
+    def reopen(self) -> None:
+        """Flush, close and reopen the file (after rotation)."""
+        self.flush()
+        if self._own_fd:
+            os.close(self._fd)
+            self._open()
+
+    def log(
+        self,
+        remote_addr: str,
+        now: float,
+        request: str,
+        status: int,
+        body_bytes_sent: int,
+        referer: str | bytes | None = None,
+        user_agent: str | bytes | None = None,
+        upstream_addr: str | None = None,
+        upstream_status: str | None = None,
+        upstream_response_time: str | None = None,
+    ) -> None:
+        """Format and buffer one request's line (see :func:`format_line`)."""
+        self.write_line(
+            format_line(
+                remote_addr,
+                now,
+                request,
+                status,
+                body_bytes_sent,
+                referer,
+                user_agent,
+                upstream_addr,
+                upstream_status,
+                upstream_response_time,
+                time_local=self.time_local,
+            )
+        )
+
+    def write_line(self, line: str) -> None:
+        """Buffer an already formatted line; flushes when the buffer is full."""
+        self._buf.append(line)
+        self._size += len(line) + 1
+        if self._size >= self.buffer_bytes:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()  # no loop (a script, a test): write through
+                return
+            self._timer = loop.call_later(self.flush_interval, self.flush)
+
+    def flush(self) -> None:
+        """Write every buffered line now."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._buf:
+            return
+        self._buf.append("")
+        data = "\n".join(self._buf).encode("utf-8", "backslashreplace")
+        self._buf.clear()
+        self._size = 0
+        if self._own_fd:
+            self._check_rotated()
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            # A full disk must not take the proxy down; count it for the metrics instead.
+            self.write_errors += 1
+
+    def _check_rotated(self) -> None:
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            on_disk = os.stat(self.path)
+            mine = os.fstat(self._fd)
+        except OSError:
+            on_disk = None
+            mine = None
+        if (
+            on_disk is None
+            or mine is None
+            or (on_disk.st_ino, on_disk.st_dev)
+            != (
+                mine.st_ino,
+                mine.st_dev,
+            )
+        ):
+            try:
+                os.close(self._fd)
+            finally:
+                self._open()
+
+    def close(self) -> None:
+        """Flush and close (the file, never standard error)."""
+        self.flush()
+        if self._own_fd and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+            self._own_fd = False
