@@ -274,6 +274,9 @@ class TurnConfig(_Strict):
     unauth_budget: int = Field(default=50, ge=1)  # 401 answers per source per 10 s
     software: str = ""  # SOFTWARE attribute; "" = none (smaller reflection)
     reason_phrases: bool = False
+    # RFC 6156 IPv6 relay address; None = server.external_address when that is IPv6, else no
+    # IPv6 relaying.
+    relay_address_v6: IPAddr | None = None
 
     @field_validator("relay_ports")
     @classmethod

@@ -1,0 +1,758 @@
+"""Sans-I/O TURN server core: allocations, permissions, channels, authentication, quotas.
+
+Theory of operation
+-------------------
+A listener hands every STUN message from a client to :meth:`TurnCore.handle` together with the
+current (monotonic) time and a :class:`Client` describing the 5-tuple; it gets back the
+response datagrams to send to that client.  The core never touches a socket or a clock: relay
+ports, permission and channel tables live behind the injected :class:`~.dataplane.DataPlane`,
+and everything time-driven happens in :meth:`TurnCore.tick`, which the adapter calls about once a
+second (tests call it with simulated time and never sleep).
+
+ChannelData never reaches the core: the listener gives it to the data plane's table lookup
+first.  The core is the control plane only; it runs at request rate.
+
+Request pipeline (RFC 8489 §6.3, §9.2.4; RFC 8656 §5-§11):
+
+1. parse (undecodable -> drop; malformed request -> 400);
+2. Binding: answered to anyone with XOR-MAPPED-ADDRESS (the box is a STUN server too);
+3. guard ban -> drop; restricted mode and a client outside ``media_nodes`` -> 403;
+4. long-term credential check with stateless nonces (401 / 438 / 400), 401 answers limited per
+   source (``unauth_budget``);
+5. unknown comprehension-required attributes -> 420;
+6. the method: Allocate, Refresh, CreatePermission, ChannelBind.
+
+Send indications skip authentication (RFC 8656 §10.2) but need an allocation on the 5-tuple and
+a permission for the peer.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from confedge.config import Config
+from confedge.stun import (
+    REASONS,
+    Attr,
+    Message,
+    MessageBuilder,
+    Method,
+    MsgClass,
+    StunError,
+    check_integrity,
+    decode_channel_number,
+    decode_even_port,
+    decode_requested_address_family,
+    decode_requested_transport,
+    decode_reservation_token,
+    decode_u32,
+    decode_xor_address,
+    encode_u32,
+    encode_unknown_attributes,
+    parse_message,
+    unknown_comprehension_required,
+)
+
+from .auth import Credentials, LongTermCredentials, NonceManager, RestCredentials, UnauthBudget
+from .dataplane import CapacityError, ClientSink, DataPlane, RelayGrant
+from .policy import ClientPolicy, PeerPolicy
+
+__all__ = ["Allocation", "Client", "CoreSettings", "GuardLike", "TurnCore"]
+
+log = logging.getLogger("confedge.turn")
+
+UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §18.7)
+RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: "approximately 30 seconds"
+CHANNEL_COOLDOWN = 300.0  # RFC 8656 §11: 5 minutes before a channel/peer may be rebound
+
+
+class GuardLike(Protocol):
+    """The part of confedge.guard's hook TURN uses (notes/guard_api.md)."""
+
+    def check(self, client_ip: str) -> float | None: ...
+
+    def record_turn_auth_failure(self, client_ip: str) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    """One client 5-tuple as the listener sees it.
+
+    ``key`` is the listener's own hashable for this 5-tuple (the data plane routes ChannelData by
+    it); ``transport`` is "udp", "tcp" or "tls" (for logs); ``sink`` is how relayed data reaches
+    the client."""
+
+    key: Hashable
+    ip: str
+    port: int
+    transport: str
+    sink: ClientSink
+
+
+@dataclass(frozen=True, slots=True)
+class CoreSettings:
+    """What the core needs from TurnConfig, plus the RFC 8656 lifetimes (overridable in tests)."""
+
+    realm: str
+    restricted: bool
+    max_allocations: int = 10000
+    user_quota: int = 10000
+    max_permissions: int = 64
+    max_channels: int = 64
+    unauth_budget: int = 50
+    software: str = ""
+    reason_phrases: bool = False
+    default_lifetime: int = 600  # RFC 8656 §3.2
+    max_lifetime: int = 3600  # RFC 8656 §7.2 recommends 3600 s as the maximum
+    permission_lifetime: int = 300  # RFC 8656 §9
+    channel_lifetime: int = 600  # RFC 8656 §12
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> CoreSettings:
+        t = cfg.turn
+        return cls(
+            realm=cfg.server.domain,
+            restricted=t.mode == "restricted",
+            max_allocations=t.max_allocations,
+            user_quota=t.effective_user_quota,
+            max_permissions=t.max_permissions,
+            max_channels=t.max_channels,
+            unauth_budget=t.unauth_budget,
+            software=t.software,
+            reason_phrases=t.reason_phrases,
+        )
+
+
+@dataclass(slots=True)
+class _Channel:
+    number: int
+    peer: tuple[str, int]
+    expires: float
+
+
+@dataclass(slots=True)
+class Allocation:
+    """Control-plane state of one allocation (RFC 8656 §3.2); traffic counters live in the
+    data plane."""
+
+    id: int
+    client: Client
+    username: str
+    key: bytes
+    relay: RelayGrant
+    created: float
+    expires: float
+    create_tid: bytes
+    create_response: bytes
+    permissions: dict[str, float] = field(default_factory=dict)
+    channels: dict[int, _Channel] = field(default_factory=dict)
+    peer_channel: dict[tuple[str, int], int] = field(default_factory=dict)
+    # RFC 8656 §11 cool-down after a binding expires: number -> (peer, until), peer -> number.
+    cool_number: dict[int, tuple[tuple[str, int], float]] = field(default_factory=dict)
+    cool_peer: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+
+
+class _Reject(Exception):
+    """Internal: answer the current request with this error code."""
+
+    def __init__(self, code: int, extra: Sequence[tuple[int, bytes]] | None = None) -> None:
+        super().__init__(code)
+        self.code = code
+        self.extra = extra
+
+
+class _LogLimiter:
+    """At most ``rate`` refusal log lines per second, so a client cannot flood the log."""
+
+    def __init__(self, rate: int = 20) -> None:
+        self.rate = rate
+        self._second = -1
+        self._count = 0
+        self.suppressed = 0
+
+    def allow(self, now: float) -> bool:
+        s = int(now)
+        if s != self._second:
+            self._second, self._count = s, 0
+        self._count += 1
+        if self._count > self.rate:
+            self.suppressed += 1
+            return False
+        return True
+
+
+class TurnCore:
+    """The TURN control plane.  Not thread-safe; one per event loop."""
+
+    def __init__(
+        self,
+        settings: CoreSettings,
+        credentials: Credentials,
+        dataplane: DataPlane,
+        *,
+        peer_policy: PeerPolicy,
+        client_policy: ClientPolicy,
+        nonces: NonceManager,
+        guard: GuardLike | None = None,
+        wall_offset: float = 0.0,
+    ) -> None:
+        self.s = settings
+        self.creds = credentials
+        self.dp = dataplane
+        self.peers = peer_policy
+        self.clients = client_policy
+        self.nonces = nonces
+        self.guard = guard
+        # REST usernames carry a Unix expiry, while `now` is monotonic: wall = now + offset.
+        self.wall_offset = wall_offset
+        self.budget = UnauthBudget(settings.unauth_budget)
+        self.allocations: dict[int, Allocation] = {}
+        self._by_client: dict[Hashable, Allocation] = {}
+        self._per_user: dict[str, int] = {}
+        self._reservations: dict[bytes, float] = {}
+        self._timers: list[tuple[float, int, str, int, object]] = []
+        self._seq = 0
+        self._next_id = 1
+        self._loglimit = _LogLimiter()
+        self._realm_attr = settings.realm.encode()
+        self._software = settings.software.encode() if settings.software else b""
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: Config,
+        dataplane: DataPlane,
+        *,
+        guard: GuardLike | None = None,
+        server_addresses: tuple[str, ...] = (),
+        wall_offset: float = 0.0,
+        nonce_key: bytes | None = None,
+    ) -> TurnCore:
+        t = cfg.turn
+        realm = cfg.server.domain
+        creds: Credentials
+        if t.mode == "restricted":
+            creds = LongTermCredentials(t.username, t.password, realm)
+        else:
+            creds = RestCredentials(t.secrets, realm)
+        own = {cfg.server.internal_address, cfg.server.relay_address, *server_addresses}
+        return cls(
+            CoreSettings.from_config(cfg),
+            creds,
+            dataplane,
+            peer_policy=PeerPolicy(
+                permissive=t.mode == "permissive",
+                allowed=t.allowed_peers,
+                denied=t.denied_peers,
+                server_addresses=sorted(own),
+            ),
+            client_policy=ClientPolicy(
+                restricted=t.mode == "restricted", media_nodes=t.media_nodes
+            ),
+            nonces=NonceManager(t.nonce_lifetime, nonce_key),
+            guard=guard,
+            wall_offset=wall_offset,
+        )
+
+    # -- entry points ---------------------------------------------------------------------------
+
+    def handle(self, now: float, client: Client, data: bytes) -> list[bytes]:
+        """Process one STUN message from ``client``; return datagrams to send back to it."""
+        try:
+            msg = parse_message(data)
+        except StunError as exc:
+            # RFC 8489 §6.3: answer a malformed *request* with its code; drop everything else.
+            if (
+                exc.code is not None
+                and exc.msg_class == MsgClass.REQUEST
+                and exc.method is not None
+                and exc.transaction_id is not None
+            ):
+                b = MessageBuilder(exc.method, MsgClass.ERROR, exc.transaction_id)
+                return [self._finish_error(b, exc.code, None, False)]
+            return []
+        if msg.msg_class == MsgClass.INDICATION:
+            if msg.method == Method.SEND:
+                self._on_send(now, client, msg)
+            return []  # other indications (and Data from a client) are ignored, RFC 8656 §10.2
+        if msg.msg_class != MsgClass.REQUEST:
+            return []
+        fp = msg.fingerprint_offset >= 0
+        if msg.method == Method.BINDING:
+            return [self._binding(client, msg, fp)]
+        if msg.method not in _METHODS:
+            # RFC 8489 §6.3.1: unknown method in a request -> 400.
+            return [self._error(msg, 400, None, fp)]
+        if self.guard is not None and self.guard.check(client.ip) is not None:
+            return []  # banned: no answer at all (no work, no reflection)
+        if not self.clients.may_allocate(client.ip):
+            # SPEC §3 restricted mode: refused before any authentication work.
+            if not self.budget.spend(now, client.ip):
+                return []
+            if self._loglimit.allow(now):
+                log.info(
+                    "turn request refused: client %s is not in turn.media_nodes (restricted mode)",
+                    client.ip,
+                )
+            return [self._error(msg, 403, None, fp)]
+        auth = self._authenticate(now, client, msg, fp)
+        if isinstance(auth, list):
+            return auth
+        username, key = auth
+        unknown = unknown_comprehension_required(msg)
+        if unknown:
+            extra = [(Attr.UNKNOWN_ATTRIBUTES, encode_unknown_attributes(unknown))]
+            return [self._error(msg, 420, key, fp, extra)]
+        try:
+            if msg.method == Method.ALLOCATE:
+                return [self._allocate(now, client, msg, username, key, fp)]
+            alloc = self._by_client.get(client.key)
+            if alloc is None:
+                raise _Reject(437)  # RFC 8656 §7.3, §9.2, §11.2: no allocation on this 5-tuple
+            if username != alloc.username:
+                raise _Reject(441)  # RFC 8656 §5: same credentials as the Allocate
+            if msg.method == Method.REFRESH:
+                return [self._refresh(now, alloc, msg, key, fp)]
+            if msg.method == Method.CREATE_PERMISSION:
+                return [self._create_permission(now, alloc, msg, key, fp)]
+            return [self._channel_bind(now, alloc, msg, key, fp)]
+        except StunError as exc:
+            return [self._error(msg, exc.code or 400, key, fp)]
+        except _Reject as rej:
+            return [self._error(msg, rej.code, key, fp, rej.extra)]
+
+    def tick(self, now: float) -> None:
+        """Expire allocations, permissions, channels and reservations whose time has come."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            _, _, kind, alloc_id, item = heapq.heappop(timers)
+            if kind == "resv":
+                token = item
+                assert isinstance(token, bytes)
+                exp = self._reservations.get(token)
+                if exp is not None and exp <= now:
+                    del self._reservations[token]
+                    self.dp.release_reservation(token)
+                continue
+            alloc = self.allocations.get(alloc_id)
+            if alloc is None:
+                continue
+            if kind == "alloc":
+                if alloc.expires <= now:
+                    self._end(now, alloc, "expired")
+            elif kind == "perm":
+                assert isinstance(item, str)
+                exp = alloc.permissions.get(item)
+                if exp is not None and exp <= now:
+                    del alloc.permissions[item]
+                    self.dp.remove_permission(alloc.id, item)
+            elif kind == "chan":
+                assert isinstance(item, int)
+                ch = alloc.channels.get(item)
+                if ch is not None and ch.expires <= now:
+                    self._unbind(now, alloc, ch)
+            elif kind == "cool":
+                self._sweep_cooldown(now, alloc)
+
+    def has_allocation(self, client_key: Hashable) -> bool:
+        return client_key in self._by_client
+
+    def next_deadline(self) -> float | None:
+        return self._timers[0][0] if self._timers else None
+
+    def client_gone(self, now: float, client_key: Hashable, reason: str = "tcp-closed") -> None:
+        """The client's connection closed (RFC 8656 §3.1: a TCP allocation ends with it)."""
+        alloc = self._by_client.get(client_key)
+        if alloc is not None:
+            self._end(now, alloc, reason)
+
+    def shutdown(self, now: float) -> None:
+        for alloc in list(self.allocations.values()):
+            self._end(now, alloc, "shutdown")
+        for token in list(self._reservations):
+            self.dp.release_reservation(token)
+        self._reservations.clear()
+
+    def stats(self) -> dict[str, int]:
+        t = self.dp.totals()
+        return {
+            "allocations": len(self.allocations),
+            "bytes_to_peer": t.bytes_to_peer,
+            "packets_to_peer": t.pkts_to_peer,
+            "bytes_to_client": t.bytes_to_client,
+            "packets_to_client": t.pkts_to_client,
+            "dropped_no_permission": t.dropped,
+        }
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _timer(self, when: float, kind: str, alloc_id: int, item: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, kind, alloc_id, item))
+
+    def _finish_error(
+        self,
+        b: MessageBuilder,
+        code: int,
+        key: bytes | None,
+        fp: bool,
+        extra: Sequence[tuple[int, bytes]] | None = None,
+        sha256: bool = False,
+    ) -> bytes:
+        b.add_error(code, REASONS.get(code, "") if self.s.reason_phrases else "")
+        for attr, value in extra or ():
+            b.add(attr, value)
+        if self._software:
+            b.add(Attr.SOFTWARE, self._software)
+        return b.build(key=key, sha256=sha256, fingerprint=fp)
+
+    def _error(
+        self,
+        msg: Message,
+        code: int,
+        key: bytes | None,
+        fp: bool,
+        extra: Sequence[tuple[int, bytes]] | None = None,
+    ) -> bytes:
+        b = MessageBuilder(msg.method, MsgClass.ERROR, msg.transaction_id)
+        sha = key is not None and msg.integrity_sha256_offset >= 0
+        return self._finish_error(b, code, key, fp, extra, sha)
+
+    def _success(self, msg: Message, key: bytes | None, fp: bool, b: MessageBuilder) -> bytes:
+        if self._software:
+            b.add(Attr.SOFTWARE, self._software)
+        sha = key is not None and msg.integrity_sha256_offset >= 0
+        return b.build(key=key, sha256=sha, fingerprint=fp)
+
+    def _challenge(
+        self, now: float, client: Client, msg: Message, code: int, fp: bool
+    ) -> list[bytes]:
+        """401 / 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4), within the budget."""
+        if not self.budget.spend(now, client.ip):
+            return []
+        nonce = self.nonces.issue(now, client.ip, client.port).encode()
+        extra = [(Attr.REALM, self._realm_attr), (Attr.NONCE, nonce)]
+        return [self._error(msg, code, None, fp, extra)]
+
+    def _authenticate(
+        self, now: float, client: Client, msg: Message, fp: bool
+    ) -> tuple[str, bytes] | list[bytes]:
+        """RFC 8489 §9.2.4 long-term credential checks; (username, key) or the answer."""
+        if msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
+            return self._challenge(now, client, msg, 401, fp)
+        raw_user = msg.get(Attr.USERNAME)
+        realm = msg.get(Attr.REALM)
+        nonce = msg.get(Attr.NONCE)
+        if raw_user is None or realm is None or nonce is None:
+            return [self._error(msg, 400, None, fp)]
+        try:
+            username = raw_user.decode("utf-8")
+            nonce_text = nonce.decode("ascii")
+        except UnicodeDecodeError:
+            return [self._error(msg, 400, None, fp)]
+        if not self.nonces.valid(nonce_text, now, client.ip, client.port):
+            return self._challenge(now, client, msg, 438, fp)
+        found: bytes | None = None
+        # Check every candidate key (REST: one per secret) so timing does not reveal which.
+        for key in self.creds.keys_for(username, now + self.wall_offset):
+            if check_integrity(msg, key) and found is None:
+                found = key
+        if found is None:
+            if self.guard is not None:
+                self.guard.record_turn_auth_failure(client.ip)
+            if self._loglimit.allow(now):
+                log.info("turn authentication failed: client %s:%d", client.ip, client.port)
+            return self._challenge(now, client, msg, 401, fp)
+        return username, found
+
+    def _binding(self, client: Client, msg: Message, fp: bool) -> bytes:
+        # RFC 8489 §7.3.1: reflect the source transport address.
+        b = MessageBuilder(Method.BINDING, MsgClass.SUCCESS, msg.transaction_id)
+        b.add_xor_address(Attr.XOR_MAPPED_ADDRESS, client.ip, client.port)
+        return self._success(msg, None, fp, b)
+
+    def _lifetime(self, requested: int | None) -> int:
+        """RFC 8656 §7.2 / §7.3: min(requested, max), but never below the default."""
+        if requested is None:
+            return self.s.default_lifetime
+        return max(self.s.default_lifetime, min(requested, self.s.max_lifetime))
+
+    def _peer(self, now: float, alloc: Allocation, value: bytes, tid: bytes) -> tuple[str, int]:
+        """Decode XOR-PEER-ADDRESS and apply the peer policy (SPEC §3) and family check."""
+        ip, port = decode_xor_address(value, tid)
+        verdict = self.peers.check(ip)
+        if not verdict.allowed:
+            if self._loglimit.allow(now):
+                log.warning(
+                    "turn peer refused (403): user=%s client=%s:%d peer=%s (as %s) rule=%s",
+                    alloc.username,
+                    alloc.client.ip,
+                    alloc.client.port,
+                    ip,
+                    verdict.address,
+                    verdict.rule,
+                )
+            raise _Reject(403)
+        if (6 if ":" in ip else 4) != alloc.relay.family:
+            raise _Reject(443)  # RFC 8656 §9.2 / RFC 6156 §6: peer family != relay family
+        return ip, port
+
+    # -- methods --------------------------------------------------------------------------------
+
+    def _allocate(
+        self, now: float, client: Client, msg: Message, username: str, key: bytes, fp: bool
+    ) -> bytes:
+        """RFC 8656 §7.2 (and RFC 6156 §4.2 for the address family)."""
+        existing = self._by_client.get(client.key)
+        if existing is not None:
+            if existing.create_tid == msg.transaction_id:
+                return existing.create_response  # retransmission: same answer
+            raise _Reject(437)
+        rt = msg.get(Attr.REQUESTED_TRANSPORT)
+        if rt is None:
+            raise _Reject(400)
+        if decode_requested_transport(rt) != UDP:
+            raise _Reject(442)
+        dont_fragment = msg.has(Attr.DONT_FRAGMENT)
+        raw_token = msg.get(Attr.RESERVATION_TOKEN)
+        raw_even = msg.get(Attr.EVEN_PORT)
+        raw_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        if raw_token is not None and (raw_even is not None or raw_family is not None):
+            raise _Reject(400)
+        if raw_family is not None and msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY):
+            raise _Reject(400)
+        families = self.dp.families()
+        if raw_family is not None:
+            fam_code = decode_requested_address_family(raw_family)
+            family = {1: 4, 2: 6}.get(fam_code, 0)
+            if family not in families:
+                raise _Reject(440)
+        else:
+            family = 4 if 4 in families else 6
+        token = decode_reservation_token(raw_token) if raw_token is not None else None
+        even = raw_even is not None
+        reserve = decode_even_port(raw_even) if raw_even is not None else False
+        if len(self.allocations) >= self.s.max_allocations:
+            raise _Reject(508)
+        if self._per_user.get(username, 0) >= self.s.user_quota:
+            raise _Reject(486)
+        if token is not None and self._reservations.pop(token, None) is None:
+            raise _Reject(508)  # §7.2: invalid token -> 508
+        new_token = os.urandom(8) if reserve else None
+        alloc_id = self._next_id
+        self._next_id += 1
+        try:
+            grant = self.dp.add_allocation(
+                alloc_id,
+                family,
+                client.key,
+                client.sink,
+                even_port=even,
+                reserve_token=new_token,
+                use_token=token,
+                dont_fragment=dont_fragment,
+            )
+        except CapacityError as exc:
+            log.warning("turn allocation failed (508): %s", exc)
+            raise _Reject(508) from None
+        if new_token is not None:
+            self._reservations[new_token] = now + RESERVATION_LIFETIME
+            self._timer(now + RESERVATION_LIFETIME, "resv", 0, new_token)
+        lifetime = self._lifetime(decode_u32(lt) if (lt := msg.get(Attr.LIFETIME)) else None)
+        b = MessageBuilder(Method.ALLOCATE, MsgClass.SUCCESS, msg.transaction_id)
+        b.add_xor_address(Attr.XOR_RELAYED_ADDRESS, grant.ip, grant.port)
+        b.add(Attr.LIFETIME, encode_u32(lifetime))
+        if new_token is not None:
+            b.add(Attr.RESERVATION_TOKEN, new_token)
+        b.add_xor_address(Attr.XOR_MAPPED_ADDRESS, client.ip, client.port)
+        response = self._success(msg, key, fp, b)
+        alloc = Allocation(
+            id=alloc_id,
+            client=client,
+            username=username,
+            key=key,
+            relay=grant,
+            created=now,
+            expires=now + lifetime,
+            create_tid=msg.transaction_id,
+            create_response=response,
+        )
+        self.allocations[alloc_id] = alloc
+        self._by_client[client.key] = alloc
+        self._per_user[username] = self._per_user.get(username, 0) + 1
+        self._timer(alloc.expires, "alloc", alloc_id, None)
+        log.debug(
+            "allocation created: user=%s client=%s:%d/%s relay=%s:%d lifetime=%d",
+            username,
+            client.ip,
+            client.port,
+            client.transport,
+            grant.ip,
+            grant.port,
+            lifetime,
+        )
+        return response
+
+    def _refresh(self, now: float, alloc: Allocation, msg: Message, key: bytes, fp: bool) -> bytes:
+        """RFC 8656 §7.3; lifetime 0 deletes the allocation."""
+        raw_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
+        if raw_family is not None:
+            fam = {1: 4, 2: 6}.get(decode_requested_address_family(raw_family), 0)
+            if fam != alloc.relay.family:
+                raise _Reject(443)
+        lt = msg.get(Attr.LIFETIME)
+        requested = decode_u32(lt) if lt is not None else None
+        if requested == 0:
+            self._end(now, alloc, "refreshed-to-0")
+            lifetime = 0
+        else:
+            lifetime = self._lifetime(requested)
+            alloc.expires = now + lifetime
+            self._timer(alloc.expires, "alloc", alloc.id, None)
+        b = MessageBuilder(Method.REFRESH, MsgClass.SUCCESS, msg.transaction_id)
+        b.add(Attr.LIFETIME, encode_u32(lifetime))
+        return self._success(msg, key, fp, b)
+
+    def _install_permissions(self, now: float, alloc: Allocation, ips: list[str]) -> None:
+        new = {ip for ip in ips if ip not in alloc.permissions}
+        if len(alloc.permissions) + len(new) > self.s.max_permissions:
+            raise _Reject(508)
+        expires = now + self.s.permission_lifetime
+        for ip in ips:
+            if ip in new:
+                self.dp.add_permission(alloc.id, ip)
+            alloc.permissions[ip] = expires
+            self._timer(expires, "perm", alloc.id, ip)
+
+    def _create_permission(
+        self, now: float, alloc: Allocation, msg: Message, key: bytes, fp: bool
+    ) -> bytes:
+        """RFC 8656 §9.2: all-or-nothing over every XOR-PEER-ADDRESS."""
+        values = msg.get_all(Attr.XOR_PEER_ADDRESS)
+        if not values:
+            raise _Reject(400)
+        ips = [self._peer(now, alloc, v, msg.transaction_id)[0] for v in values]
+        self._install_permissions(now, alloc, ips)
+        b = MessageBuilder(Method.CREATE_PERMISSION, MsgClass.SUCCESS, msg.transaction_id)
+        return self._success(msg, key, fp, b)
+
+    def _channel_bind(
+        self, now: float, alloc: Allocation, msg: Message, key: bytes, fp: bool
+    ) -> bytes:
+        """RFC 8656 §11.2."""
+        raw_ch = msg.get(Attr.CHANNEL_NUMBER)
+        raw_peer = msg.get(Attr.XOR_PEER_ADDRESS)
+        if raw_ch is None or raw_peer is None:
+            raise _Reject(400)
+        number = decode_channel_number(raw_ch)  # 400 outside 0x4000-0x4FFF
+        peer = self._peer(now, alloc, raw_peer, msg.transaction_id)
+        bound = alloc.channels.get(number)
+        if bound is not None and bound.peer != peer:
+            raise _Reject(400)  # number already bound to another peer
+        other = alloc.peer_channel.get(peer)
+        if other is not None and other != number:
+            raise _Reject(400)  # peer already bound to another number
+        if bound is None:
+            # §11: after expiry the pair stays locked for 5 minutes.
+            self._sweep_cooldown(now, alloc)
+            cool = alloc.cool_number.get(number)
+            if cool is not None and cool[0] != peer:
+                raise _Reject(400)
+            coolp = alloc.cool_peer.get(peer)
+            if coolp is not None and coolp[0] != number:
+                raise _Reject(400)
+            if len(alloc.channels) >= self.s.max_channels:
+                raise _Reject(508)
+        # §11.2: binding also installs or refreshes the permission for the peer's IP.
+        self._install_permissions(now, alloc, [peer[0]])
+        expires = now + self.s.channel_lifetime
+        if bound is None:
+            alloc.channels[number] = _Channel(number, peer, expires)
+            alloc.peer_channel[peer] = number
+            alloc.cool_number.pop(number, None)
+            alloc.cool_peer.pop(peer, None)
+            self.dp.add_channel(alloc.id, number, peer)
+        else:
+            bound.expires = expires
+        self._timer(expires, "chan", alloc.id, number)
+        b = MessageBuilder(Method.CHANNEL_BIND, MsgClass.SUCCESS, msg.transaction_id)
+        return self._success(msg, key, fp, b)
+
+    def _on_send(self, now: float, client: Client, msg: Message) -> None:
+        """RFC 8656 §10.2: Send indication; every failure is a silent drop."""
+        alloc = self._by_client.get(client.key)
+        if alloc is None or unknown_comprehension_required(msg):
+            return
+        raw_peer = msg.get(Attr.XOR_PEER_ADDRESS)
+        data = msg.get(Attr.DATA)
+        if raw_peer is None or data is None:
+            return
+        try:
+            ip, port = decode_xor_address(raw_peer, msg.transaction_id)
+        except StunError:
+            return
+        if ip not in alloc.permissions or not self.peers.check(ip).allowed:
+            return
+        self.dp.send_to_peer(alloc.id, (ip, port), data)
+
+    # -- teardown -------------------------------------------------------------------------------
+
+    def _unbind(self, now: float, alloc: Allocation, ch: _Channel) -> None:
+        del alloc.channels[ch.number]
+        alloc.peer_channel.pop(ch.peer, None)
+        self.dp.remove_channel(alloc.id, ch.number, ch.peer)
+        until = now + CHANNEL_COOLDOWN
+        alloc.cool_number[ch.number] = (ch.peer, until)
+        alloc.cool_peer[ch.peer] = (ch.number, until)
+        self._timer(until, "cool", alloc.id, None)
+
+    @staticmethod
+    def _sweep_cooldown(now: float, alloc: Allocation) -> None:
+        for n, (_, until) in list(alloc.cool_number.items()):
+            if until <= now:
+                del alloc.cool_number[n]
+        for p, (_, until) in list(alloc.cool_peer.items()):
+            if until <= now:
+                del alloc.cool_peer[p]
+
+    def _end(self, now: float, alloc: Allocation, reason: str) -> None:
+        """Delete an allocation and write its one log line (no secrets in it)."""
+        self.allocations.pop(alloc.id, None)
+        if self._by_client.get(alloc.client.key) is alloc:
+            del self._by_client[alloc.client.key]
+        left = self._per_user.get(alloc.username, 1) - 1
+        if left > 0:
+            self._per_user[alloc.username] = left
+        else:
+            self._per_user.pop(alloc.username, None)
+        c = self.dp.remove_allocation(alloc.id)
+        relay = alloc.relay
+        relay_txt = (
+            f"[{relay.ip}]:{relay.port}" if relay.family == 6 else f"{relay.ip}:{relay.port}"
+        )
+        log.info(
+            "allocation ended: user=%s client=%s:%d/%s relay=%s to_peer=%d bytes/%d pkts "
+            "to_client=%d bytes/%d pkts dropped=%d duration=%.0fs reason=%s",
+            alloc.username,
+            alloc.client.ip,
+            alloc.client.port,
+            alloc.client.transport,
+            relay_txt,
+            c.bytes_to_peer,
+            c.pkts_to_peer,
+            c.bytes_to_client,
+            c.pkts_to_client,
+            c.dropped,
+            now - alloc.created,
+            reason,
+        )
+
+
+_METHODS = frozenset(
+    {Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND}
+)

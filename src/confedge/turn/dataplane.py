@@ -1,0 +1,520 @@
+"""The TURN data plane: relay sockets and the per-packet forwarding tables.
+
+Why a separate layer: the control plane (``core.py``) decides *what* may be relayed -- permissions,
+channels, lifetimes, quotas -- at request rate, while this layer moves packets at media rate.
+Once a permission or channel exists, forwarding is a dictionary lookup and one ``sendto``
+(DESIGN "hot paths").  :class:`DataPlane` is the contract; :class:`UdpDataPlane` implements it
+with one uvloop ``DatagramProtocol`` per relay port.  A native backend with batched syscalls
+(recvmmsg/sendmmsg) can implement the same interface without touching the core.
+
+Directions:
+
+* peer -> client: :class:`_RelayProtocol.datagram_received` looks the peer transport address up
+  in the channel table (RFC 8656 §12: ChannelData when a channel is bound) or the peer IP in the
+  permission set (§10.3: a Data indication); anything else is dropped (§9: no permission).
+* client -> peer, ChannelData: :meth:`UdpDataPlane.client_channel_data` (called by the
+  listeners before any STUN parsing) finds the route by (client, channel number) and sends.
+* client -> peer, Send indication: the core parses and checks, then calls :meth:`send_to_peer`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import random
+import socket
+import struct
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "AllocationCounters",
+    "CapacityError",
+    "ClientSink",
+    "DataPlane",
+    "RelayGrant",
+    "UdpDataPlane",
+]
+
+log = logging.getLogger("confedge.turn")
+
+_COOKIE = 0x2112A442
+_COOKIE_BYTES = struct.pack("!I", _COOKIE)
+_DATA_INDICATION = 0x0017  # method DATA (0x007), class indication (RFC 8489 §5)
+_XOR_PEER_ADDRESS = 0x0012
+_DATA = 0x0013
+# Linux values (not exported by the socket module on every Python build).
+_IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+_IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+_IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
+_PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by len % 4
+STREAM_HIGH_WATER = 256 * 1024  # bytes queued to a TCP client beyond which relayed packets drop
+
+
+class CapacityError(Exception):
+    """No relay port could be bound (range exhausted, EVEN-PORT pair unavailable, bad token).
+
+    The core answers 508 Insufficient Capacity (RFC 8656 §7.2)."""
+
+
+@dataclass(slots=True)
+class ClientSink:
+    """Where relayed data for one client goes.
+
+    ``addr`` is the client's address on a datagram listener; ``None`` means a stream transport
+    (TCP/TLS) where ChannelData must be padded to a multiple of 4 bytes (RFC 8656 §12.5).
+    """
+
+    transport: Any  # asyncio.DatagramTransport (addr set) or asyncio.Transport (addr None)
+    addr: tuple[str, int] | None
+
+
+@dataclass(slots=True)
+class RelayGrant:
+    """The result of :meth:`DataPlane.add_allocation`."""
+
+    family: int  # 4 or 6
+    ip: str
+    port: int
+
+
+@dataclass(slots=True)
+class AllocationCounters:
+    """Traffic of one allocation, for the end-of-allocation log line and stats."""
+
+    pkts_to_peer: int = 0
+    bytes_to_peer: int = 0
+    pkts_to_client: int = 0
+    bytes_to_client: int = 0
+    dropped: int = 0  # peer packets without a permission
+
+
+class DataPlane(abc.ABC):
+    """Relay backend contract used by :class:`confedge.turn.core.TurnCore`.
+
+    Every method is synchronous and cheap (no awaiting): the core runs inside a datagram
+    callback.  ``alloc_id`` is an opaque integer chosen by the core; ``client_key`` is the opaque
+    hashable key the listener uses for :meth:`client_channel_data`.
+    """
+
+    @abc.abstractmethod
+    def add_allocation(
+        self,
+        alloc_id: int,
+        family: int,
+        client_key: Hashable,
+        sink: ClientSink,
+        *,
+        even_port: bool = False,
+        reserve_token: bytes | None = None,
+        use_token: bytes | None = None,
+        dont_fragment: bool = False,
+    ) -> RelayGrant:
+        """Bind a relay port.  ``even_port``: RFC 8656 §7.2 EVEN-PORT; ``reserve_token``: also
+        hold port+1 under that token (EVEN-PORT R bit); ``use_token``: take the port held by an
+        earlier reservation.  Raises :class:`CapacityError`."""
+
+    @abc.abstractmethod
+    def release_reservation(self, token: bytes) -> None:
+        """Free a port held for a RESERVATION-TOKEN that was never used (or expired)."""
+
+    @abc.abstractmethod
+    def remove_allocation(self, alloc_id: int) -> AllocationCounters:
+        """Close the relay port; return the final counters."""
+
+    @abc.abstractmethod
+    def families(self) -> set[int]:
+        """Address families (4, 6) this backend can relay on (RFC 6156)."""
+
+    @abc.abstractmethod
+    def add_permission(self, alloc_id: int, peer_ip: str) -> None: ...
+
+    @abc.abstractmethod
+    def remove_permission(self, alloc_id: int, peer_ip: str) -> None: ...
+
+    @abc.abstractmethod
+    def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None: ...
+
+    @abc.abstractmethod
+    def remove_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None: ...
+
+    @abc.abstractmethod
+    def send_to_peer(self, alloc_id: int, peer: tuple[str, int], payload: bytes) -> None:
+        """Send indication payload (permission already checked by the core)."""
+
+    @abc.abstractmethod
+    def client_channel_data(self, client_key: Hashable, data: bytes) -> bool:
+        """Fast path for ChannelData from a client; False when no such channel (drop)."""
+
+    @abc.abstractmethod
+    def counters(self, alloc_id: int) -> AllocationCounters: ...
+
+    @abc.abstractmethod
+    def totals(self) -> AllocationCounters:
+        """Counters summed over live and ended allocations (for stats())."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Close every relay socket."""
+
+
+def _xor_peer_v4(ip: str, port: int) -> bytes:
+    # RFC 8489 §14.2: X-Port = port ^ (cookie >> 16); X-Address = address ^ cookie.
+    raw = socket.inet_aton(ip)
+    xaddr = bytes(a ^ b for a, b in zip(raw, _COOKIE_BYTES, strict=True))
+    return struct.pack("!HHBBH", _XOR_PEER_ADDRESS, 8, 0, 1, port ^ (_COOKIE >> 16)) + xaddr
+
+
+def _xor_peer_v6(ip: str, port: int, tid: bytes) -> bytes:
+    raw = socket.inet_pton(socket.AF_INET6, ip)
+    mask = _COOKIE_BYTES + tid
+    xaddr = bytes(a ^ b for a, b in zip(raw, mask, strict=True))
+    return struct.pack("!HHBBH", _XOR_PEER_ADDRESS, 20, 0, 2, port ^ (_COOKIE >> 16)) + xaddr
+
+
+class _Route:
+    """Client -> peer forwarding entry for one channel (looked up per ChannelData packet)."""
+
+    __slots__ = ("bytes", "peer", "pkts", "relay")
+
+    def __init__(self, relay: _RelayProtocol, peer: tuple[str, int]) -> None:
+        self.relay = relay
+        self.peer = peer
+        self.pkts = 0
+        self.bytes = 0
+
+
+class _RelayProtocol(asyncio.DatagramProtocol):
+    """One relay port.  ``datagram_received`` is the peer -> client hot path."""
+
+    def __init__(self, alloc_id: int, family: int, sink: ClientSink, sock: socket.socket) -> None:
+        self.alloc_id = alloc_id
+        self.family = family
+        self.sock = sock
+        self.transport: asyncio.DatagramTransport | None = None
+        self.stream = sink.addr is None
+        self.client_transport = sink.transport
+        self.client_addr = sink.addr
+        self.perms: set[str] = set()
+        # peer (ip, port) -> 4-byte ChannelData header prefix (channel number, 2 bytes)
+        self.channels: dict[tuple[str, int], bytes] = {}
+        self.routes: dict[int, _Route] = {}
+        self._xor_cache: dict[tuple[str, int], bytes] = {}
+        self.counters = AllocationCounters()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors from peers (port unreachable) are expected on a relay; not worth a log line.
+        pass
+
+    def sendto(self, data: bytes, peer: tuple[str, int]) -> None:
+        if self.transport is not None:
+            self.transport.sendto(data, peer)
+            return
+        # Before the loop has adopted the socket (a few microseconds after Allocate).
+        with contextlib.suppress(OSError):
+            self.sock.sendto(data, peer)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if self.family == 6:
+            addr = (addr[0], addr[1])
+        n = len(data)
+        ch = self.channels.get(addr)
+        if ch is not None:
+            # RFC 8656 §12.4: ChannelData to the client when a channel is bound to this peer.
+            out = ch + n.to_bytes(2, "big") + data
+            if self.stream:
+                out += _PAD[n & 3]  # §12.5: padded over stream transports
+        elif addr[0] in self.perms:
+            out = self._data_indication(addr, data, n)  # §10.3
+        else:
+            self.counters.dropped += 1  # §9: no permission for this peer IP
+            return
+        if self.client_addr is None:
+            if self.client_transport.get_write_buffer_size() > STREAM_HIGH_WATER:
+                self.counters.dropped += 1  # client not reading: drop media, do not buffer
+                return
+            self.client_transport.write(out)
+        else:
+            self.client_transport.sendto(out, self.client_addr)
+        c = self.counters
+        c.pkts_to_client += 1
+        c.bytes_to_client += n
+
+    def _data_indication(self, addr: tuple[Any, ...], data: bytes, n: int) -> bytes:
+        tid = os.urandom(12)
+        if self.family == 4:
+            xpa = self._xor_cache.get(addr)
+            if xpa is None:
+                if len(self._xor_cache) > 1024:
+                    self._xor_cache.clear()
+                xpa = self._xor_cache[addr] = _xor_peer_v4(addr[0], addr[1])
+        else:
+            xpa = _xor_peer_v6(addr[0], addr[1], tid)
+        pad = _PAD[n & 3]
+        length = len(xpa) + 4 + n + len(pad)
+        head = struct.pack("!HH", _DATA_INDICATION, length) + _COOKIE_BYTES + tid
+        return b"".join((head, xpa, struct.pack("!HH", _DATA, n), data, pad))
+
+
+@dataclass(slots=True)
+class _Reservation:
+    sock: socket.socket
+    family: int
+    port: int
+
+
+class UdpDataPlane(DataPlane):
+    """Pure-Python (uvloop) relay backend: one datagram endpoint per allocation."""
+
+    MAX_BIND_TRIES = 64
+
+    def __init__(
+        self,
+        *,
+        relay_v4: str | None,
+        relay_v6: str | None,
+        port_range: tuple[int, int],
+        loop: asyncio.AbstractEventLoop | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.relay_ip = {4: relay_v4, 6: relay_v6}
+        self.port_range = port_range
+        self._loop = loop
+        self._rng = rng or random.SystemRandom()
+        self._relays: dict[int, _RelayProtocol] = {}
+        self._client_of: dict[int, Hashable] = {}
+        # (client_key, channel number as the 2 header bytes) -> route; see client_channel_data.
+        self.routes: dict[tuple[Hashable, bytes], _Route] = {}
+        self._reservations: dict[bytes, _Reservation] = {}
+        self._ended = AllocationCounters()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def families(self) -> set[int]:
+        return {f for f, ip in self.relay_ip.items() if ip}
+
+    # -- relay sockets ------------------------------------------------------------------------
+
+    def _bind(self, family: int, port: int) -> socket.socket | None:
+        ip = self.relay_ip[family]
+        assert ip is not None
+        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((ip, port))
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return None
+            raise CapacityError(f"cannot bind relay {ip}:{port}: {exc.strerror}") from None
+        return sock
+
+    def _pick(
+        self, family: int, even: bool, pair: bool
+    ) -> tuple[socket.socket, socket.socket | None]:
+        """Random port within turn.relay_ports; retry on EADDRINUSE (one port per allocation)."""
+        lo, hi = self.port_range
+        for _ in range(self.MAX_BIND_TRIES):
+            port = self._rng.randint(lo, hi)
+            if even and port % 2:
+                port -= 1
+                if port < lo:
+                    continue
+            if pair and port + 1 > hi:
+                continue
+            sock = self._bind(family, port)
+            if sock is None:
+                continue
+            if not pair:
+                return sock, None
+            nxt = self._bind(family, port + 1)
+            if nxt is not None:
+                return sock, nxt
+            sock.close()
+        raise CapacityError(f"no free relay port in {lo}-{hi} after {self.MAX_BIND_TRIES} tries")
+
+    def add_allocation(
+        self,
+        alloc_id: int,
+        family: int,
+        client_key: Hashable,
+        sink: ClientSink,
+        *,
+        even_port: bool = False,
+        reserve_token: bytes | None = None,
+        use_token: bytes | None = None,
+        dont_fragment: bool = False,
+    ) -> RelayGrant:
+        if use_token is not None:
+            res = self._reservations.pop(use_token, None)
+            if res is None or res.family != family:
+                raise CapacityError("unknown or expired RESERVATION-TOKEN")
+            sock = res.sock
+        else:
+            if not self.relay_ip.get(family):
+                raise CapacityError(f"no IPv{family} relay address")
+            sock, nxt = self._pick(family, even_port, reserve_token is not None)
+            if nxt is not None and reserve_token is not None:
+                self._reservations[reserve_token] = _Reservation(nxt, family, nxt.getsockname()[1])
+        if dont_fragment:
+            # RFC 8656 §7.2 / §14.8: set DF on packets to peers.
+            if family == 4:
+                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
+            else:
+                sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
+        proto = _RelayProtocol(alloc_id, family, sink, sock)
+        self._relays[alloc_id] = proto
+        self._client_of[alloc_id] = client_key
+        # The loop adopts the already-bound socket asynchronously; the grant is valid right away
+        # (packets that arrive meanwhile wait in the kernel buffer).
+        task = self.loop.create_task(self._adopt(proto))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        ip, port = sock.getsockname()[:2]
+        return RelayGrant(family, ip, port)
+
+    async def _adopt(self, proto: _RelayProtocol) -> None:
+        try:
+            transport, _ = await self.loop.create_datagram_endpoint(lambda: proto, sock=proto.sock)
+        except (OSError, ValueError) as exc:  # socket closed between bind and adoption
+            log.warning("relay socket adoption failed: %s", exc)
+            return
+        if proto.closed:
+            transport.close()
+
+    def release_reservation(self, token: bytes) -> None:
+        res = self._reservations.pop(token, None)
+        if res is not None:
+            res.sock.close()
+
+    def remove_allocation(self, alloc_id: int) -> AllocationCounters:
+        proto = self._relays.pop(alloc_id, None)
+        key = self._client_of.pop(alloc_id, None)
+        if proto is None:
+            return AllocationCounters()
+        for ch in list(proto.routes):
+            self.routes.pop((key, ch.to_bytes(2, "big")), None)
+        c = self._counters_of(proto)
+        proto.closed = True
+        if proto.transport is not None:
+            proto.transport.close()
+        else:
+            proto.sock.close()
+        e = self._ended
+        e.pkts_to_peer += c.pkts_to_peer
+        e.bytes_to_peer += c.bytes_to_peer
+        e.pkts_to_client += c.pkts_to_client
+        e.bytes_to_client += c.bytes_to_client
+        e.dropped += c.dropped
+        return c
+
+    # -- tables -------------------------------------------------------------------------------
+
+    def add_permission(self, alloc_id: int, peer_ip: str) -> None:
+        self._relays[alloc_id].perms.add(peer_ip)
+
+    def remove_permission(self, alloc_id: int, peer_ip: str) -> None:
+        proto = self._relays.get(alloc_id)
+        if proto is not None:
+            proto.perms.discard(peer_ip)
+
+    def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        proto = self._relays[alloc_id]
+        proto.channels[peer] = channel.to_bytes(2, "big")
+        old = proto.routes.get(channel)
+        route = _Route(proto, peer)
+        if old is not None:  # refresh: keep the counters
+            route.pkts, route.bytes = old.pkts, old.bytes
+        proto.routes[channel] = route
+        self.routes[(self._client_of[alloc_id], channel.to_bytes(2, "big"))] = route
+
+    def remove_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        proto = self._relays.get(alloc_id)
+        if proto is None:
+            return
+        proto.channels.pop(peer, None)
+        route = proto.routes.pop(channel, None)
+        if route is not None:  # keep its traffic in the allocation's totals
+            proto.counters.pkts_to_peer += route.pkts
+            proto.counters.bytes_to_peer += route.bytes
+        self.routes.pop((self._client_of[alloc_id], channel.to_bytes(2, "big")), None)
+
+    # -- forwarding ---------------------------------------------------------------------------
+
+    def send_to_peer(self, alloc_id: int, peer: tuple[str, int], payload: bytes) -> None:
+        proto = self._relays.get(alloc_id)
+        if proto is None:
+            return
+        proto.sendto(payload, peer)
+        proto.counters.pkts_to_peer += 1
+        proto.counters.bytes_to_peer += len(payload)
+
+    def client_channel_data(self, client_key: Hashable, data: bytes) -> bool:
+        # RFC 8656 §12.6: channel number in the first 2 bytes, length in the next 2; anything
+        # after the length (padding over TCP, or junk) is not relayed.
+        route = self.routes.get((client_key, data[:2]))
+        if route is None:
+            return False
+        n = int.from_bytes(data[2:4], "big")
+        if n + 4 > len(data):
+            return False  # §12.4: shorter than its length field: discard
+        route.relay.sendto(data[4 : 4 + n], route.peer)
+        route.pkts += 1
+        route.bytes += n
+        return True
+
+    # -- accounting ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _counters_of(proto: _RelayProtocol) -> AllocationCounters:
+        c = proto.counters
+        out = AllocationCounters(
+            c.pkts_to_peer, c.bytes_to_peer, c.pkts_to_client, c.bytes_to_client, c.dropped
+        )
+        for r in proto.routes.values():
+            out.pkts_to_peer += r.pkts
+            out.bytes_to_peer += r.bytes
+        return out
+
+    def counters(self, alloc_id: int) -> AllocationCounters:
+        proto = self._relays.get(alloc_id)
+        return self._counters_of(proto) if proto is not None else AllocationCounters()
+
+    def totals(self) -> AllocationCounters:
+        t = AllocationCounters(
+            self._ended.pkts_to_peer,
+            self._ended.bytes_to_peer,
+            self._ended.pkts_to_client,
+            self._ended.bytes_to_client,
+            self._ended.dropped,
+        )
+        for proto in self._relays.values():
+            c = self._counters_of(proto)
+            t.pkts_to_peer += c.pkts_to_peer
+            t.bytes_to_peer += c.bytes_to_peer
+            t.pkts_to_client += c.pkts_to_client
+            t.bytes_to_client += c.bytes_to_client
+            t.dropped += c.dropped
+        return t
+
+    def close(self) -> None:
+        for alloc_id in list(self._relays):
+            self.remove_allocation(alloc_id)
+        for token in list(self._reservations):
+            self.release_reservation(token)
+        for task in list(self._tasks):
+            task.cancel()

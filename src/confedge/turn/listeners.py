@@ -1,0 +1,123 @@
+"""Thin asyncio adapters between the TURN port (UDP and TCP) and the sans-I/O core.
+
+The only per-packet work here is the first-byte test: ChannelData (0x40-0x4F, RFC 8656 §12,
+RFC 7983) goes straight to the data plane's table lookup without any STUN parsing; everything
+else is a STUN message for :meth:`TurnCore.handle`.
+
+TCP (RFC 8656 §3.1, RFC 8489 §6.2.2): frames are cut from the stream by
+:class:`confedge.stun.StreamFramer`; each connection is its own 5-tuple, so an allocation made
+over it ends when it closes ("tcp-closed").  The relayed leg stays UDP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from confedge.stun import StreamFramer, StunError
+
+from .core import Client, TurnCore
+from .dataplane import ClientSink, DataPlane
+
+__all__ = ["TcpConnection", "UdpListener"]
+
+log = logging.getLogger("confedge.turn")
+
+# A TCP connection that has not allocated within this many seconds is closed (a cheap defence
+# against idle connection floods; a real client allocates within a second).
+TCP_SETUP_TIMEOUT = 30.0
+
+
+class UdpListener(asyncio.DatagramProtocol):
+    """The UDP TURN/STUN port."""
+
+    def __init__(
+        self, core: TurnCore, dataplane: DataPlane, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.core = core
+        self._channel_data = dataplane.client_channel_data
+        self._time = loop.time
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors for clients that went away; nothing to do
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
+            self._channel_data(addr, data)  # fast path; unknown channels are dropped
+            return
+        transport = self.transport
+        assert transport is not None
+        client = Client(addr, addr[0], addr[1], "udp", ClientSink(transport, addr))
+        for out in self.core.handle(self._time(), client, data):
+            transport.sendto(out, addr)
+
+
+class TcpConnection(asyncio.Protocol):
+    """One TCP client connection on the TURN port."""
+
+    # Relayed media is loss-tolerant: rather than buffering without bound for a client that does
+    # not read, drop relayed packets while this much is queued (see _RelayProtocol).
+    WRITE_HIGH_WATER = 256 * 1024
+
+    def __init__(
+        self,
+        core: TurnCore,
+        dataplane: DataPlane,
+        loop: asyncio.AbstractEventLoop,
+        connections: set[TcpConnection],
+    ) -> None:
+        self.core = core
+        self._channel_data = dataplane.client_channel_data
+        self._loop = loop
+        self._connections = connections
+        self._framer = StreamFramer()
+        self.transport: asyncio.Transport | None = None
+        self.client: Client | None = None
+        self._setup_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=self.WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        key = ("tcp", peer[0], peer[1])
+        self.client = Client(key, peer[0], peer[1], "tcp", ClientSink(transport, None))
+        self._connections.add(self)
+        self._setup_timer = self._loop.call_later(TCP_SETUP_TIMEOUT, self._setup_expired)
+
+    def _setup_expired(self) -> None:
+        client, transport = self.client, self.transport
+        if (
+            client is not None
+            and transport is not None
+            and not self.core.has_allocation(client.key)
+        ):
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        client = self.client
+        assert transport is not None and client is not None
+        try:
+            frames = self._framer.feed(data)
+        except StunError:
+            transport.close()  # not TURN: RFC 8489 §6.2.2 framing lost
+            return
+        for frame in frames:
+            if 0x40 <= frame[0] <= 0x4F:
+                self._channel_data(client.key, frame)
+                continue
+            for out in self.core.handle(self._loop.time(), client, frame):
+                transport.write(out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.discard(self)
+        if self._setup_timer is not None:
+            self._setup_timer.cancel()
+        if self.client is not None:
+            self.core.client_gone(self._loop.time(), self.client.key, "tcp-closed")

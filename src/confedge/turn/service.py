@@ -1,0 +1,191 @@
+"""TurnService: the TURN/STUN server as one runtime component (start/close/info/stats).
+
+It wires the parts together -- UDP and TCP listeners on ``server.internal_address:turn.port``,
+the relay data plane on ``server.relay_address`` and ``turn.relay_ports``, the sans-I/O core --
+and drives the core's timers once a second.  Time given to the core is the loop's monotonic
+clock; ``wall_offset`` converts it to Unix time for REST credential expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import ipaddress
+import logging
+import time
+from typing import Any
+
+from confedge.config import Config
+
+from .auth import RestCredentials
+from .core import GuardLike, TurnCore
+from .dataplane import UdpDataPlane
+from .listeners import TcpConnection, UdpListener
+
+__all__ = ["TurnService"]
+
+log = logging.getLogger("confedge.turn")
+
+TICK = 1.0  # seconds between timer sweeps; lifetimes are minutes, so 1 s resolution is plenty
+
+
+class TurnService:
+    """The TURN server of SPEC §3.
+
+    ``turn.port = 0`` binds an ephemeral port (UDP first, then TCP on the same number); the bound
+    port is :attr:`port` afterwards.
+    """
+
+    def __init__(self, cfg: Config, *, guard: GuardLike | None = None) -> None:
+        self.cfg = cfg
+        self.guard = guard
+        self.core: TurnCore | None = None
+        self.dataplane: UdpDataPlane | None = None
+        self.port: int = 0
+        self.udp_port: int = 0
+        self.tcp_port: int = 0
+        self._udp: asyncio.DatagramTransport | None = None
+        self._tcp: asyncio.AbstractServer | None = None
+        self._tcp_conns: set[TcpConnection] = set()
+        self._ticker: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def host(self) -> str:
+        return self.cfg.server.internal_address
+
+    def _relay_addresses(self) -> tuple[str | None, str | None]:
+        relay = self.cfg.server.relay_address
+        v4: str | None = None
+        v6: str | None = self.cfg.turn.relay_address_v6
+        if ipaddress.ip_address(relay).version == 4:
+            v4 = relay
+        elif v6 is None:
+            v6 = relay
+        return v4, v6
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        cfg = self.cfg
+        v4, v6 = self._relay_addresses()
+        self.dataplane = UdpDataPlane(
+            relay_v4=v4, relay_v6=v6, port_range=cfg.turn.relay_port_range, loop=loop
+        )
+        self.core = TurnCore.from_config(
+            cfg,
+            self.dataplane,
+            guard=self.guard,
+            server_addresses=tuple(a for a in (v4, v6) if a),
+            wall_offset=time.time() - loop.time(),
+        )
+        if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
+            log.warning(
+                "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
+                "list the conferencing nodes' addresses to let them allocate"
+            )
+        try:
+            await self._bind_listeners(loop)
+        except BaseException:
+            await self.close()
+            raise
+        self._ticker = loop.create_task(self._tick_loop())
+        log.info(
+            "TURN listening on %s:%d (udp+tcp), relaying on %s ports %s, mode %s",
+            self.host,
+            self.port,
+            "/".join(a for a in (v4, v6) if a),
+            cfg.turn.relay_ports,
+            cfg.turn.mode,
+        )
+
+    async def _bind_listeners(self, loop: asyncio.AbstractEventLoop) -> None:
+        core, dp = self.core, self.dataplane
+        assert core is not None and dp is not None
+        want = self.cfg.turn.port
+        for _attempt in range(20 if want == 0 else 1):
+            udp, _ = await loop.create_datagram_endpoint(
+                lambda: UdpListener(core, dp, loop), local_addr=(self.host, want)
+            )
+            port = udp.get_extra_info("sockname")[1]
+            try:
+                tcp = await loop.create_server(
+                    lambda: TcpConnection(core, dp, loop, self._tcp_conns),
+                    host=self.host,
+                    port=port,
+                    reuse_address=True,
+                )
+            except OSError as exc:
+                udp.close()
+                if want == 0 and exc.errno == errno.EADDRINUSE:
+                    continue  # the ephemeral UDP number is taken on TCP: try another
+                raise
+            self._udp, self._tcp = udp, tcp
+            self.port = self.udp_port = self.tcp_port = port
+            return
+        raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
+
+    async def _tick_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK)
+            if self.core is not None:
+                try:
+                    self.core.tick(loop.time())
+                except Exception:  # a bug here must not stop expiry forever
+                    log.exception("TURN timer sweep failed")
+
+    async def close(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+            self._ticker = None
+        if self.core is not None and self._loop is not None:
+            self.core.shutdown(self._loop.time())
+        if self._udp is not None:
+            self._udp.close()
+            self._udp = None
+        if self._tcp is not None:
+            self._tcp.close()
+            for conn in list(self._tcp_conns):
+                if conn.transport is not None:
+                    conn.transport.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
+            self._tcp = None
+        if self.dataplane is not None:
+            self.dataplane.close()
+
+    def info(self) -> dict[str, Any]:
+        """What a client (or `confedge demo --json`) needs to use this server.
+
+        Permissive mode has no fixed password: a REST credential valid for 24 h is minted with
+        the current secret."""
+        t = self.cfg.turn
+        realm = self.cfg.server.domain
+        if t.mode == "restricted":
+            username, password = t.username, t.password
+        else:
+            username, password = RestCredentials(t.secrets, realm).make("confedge", time.time())
+        return {
+            "host": self.host,
+            "port": self.port,
+            "username": username,
+            "password": password,
+            "realm": realm,
+        }
+
+    def stats(self) -> dict[str, int]:
+        """Allocations now, and bytes/packets relayed each way since start."""
+        if self.core is None:
+            return {
+                "allocations": 0,
+                "bytes_to_peer": 0,
+                "packets_to_peer": 0,
+                "bytes_to_client": 0,
+                "packets_to_client": 0,
+                "dropped_no_permission": 0,
+            }
+        return self.core.stats()
