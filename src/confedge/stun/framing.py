@@ -57,7 +57,9 @@ def parse_channel_data(data: bytes) -> tuple[int, memoryview | bytes]:
     return channel, memoryview(data)[4 : 4 + length]
 
 
-def encode_channel_data(channel: int, payload: bytes, *, pad: bool = False) -> bytes:
+def encode_channel_data(
+    channel: int, payload: bytes | bytearray | memoryview, *, pad: bool = False
+) -> bytes:
     """Frame ``payload`` for ``channel``; ``pad=True`` for TCP/TLS (RFC 8656 §12.5).
 
     ``payload`` may be any buffer (a memoryview from :func:`parse_channel_data` included).
@@ -72,19 +74,23 @@ def encode_channel_data(channel: int, payload: bytes, *, pad: bool = False) -> b
 
 def next_frame_length(buf: bytes | bytearray | memoryview) -> int | None:
     """Total length of the frame at the start of a TCP stream buffer, or None if fewer than 4
-    bytes are buffered. STUN: 20 + Length (RFC 8489 §6.2.2); ChannelData: 4 + Length rounded up
-    to 4 (RFC 8656 §12.5). Raises StunError(None) when the first byte is neither (the peer is
-    not speaking TURN, so the connection should be closed) or a STUN length is not a multiple
-    of 4 (RFC 8489 §14: the framing would be lost)."""
+    bytes are buffered.
+
+    STUN (first byte 0-3): 20 + Length (RFC 8489 §6.2.2). ChannelData (first byte 0x40-0x4F):
+    4 + Length rounded up to 4 (RFC 8656 §12.5). Raises StunError(None) when the first byte is
+    neither (the peer is not speaking TURN, so the connection should be closed) or a STUN length
+    is not a multiple of 4 (RFC 8489 §14: the framing would be lost)."""
     if len(buf) < 4:
         return None
     first = buf[0]
     length = buf[2] << 8 | buf[3]
-    if first < 0x40:
+    if first <= 0x03:
+        # RFC 7983 §7: STUN starts with 0-3 (every registered method is below 0x100). 4-63
+        # would be TLS/DTLS (0x14-0x3F) and the like: not for us.
         if length & 3:
             raise StunError(None, f"STUN length {length} is not a multiple of 4")
         return 20 + length
-    if first <= 0x4F:
+    if 0x40 <= first <= 0x4F:
         return 4 + ((length + 3) & ~3)
     raise StunError(None, f"first byte {first:#04x} is neither STUN nor ChannelData")
 

@@ -284,11 +284,12 @@ class MessageBuilder:
         self.method = method
         self.msg_class = msg_class
         self.transaction_id = transaction_id
-        self._parts: list[bytes] = []
+        self._parts: list[bytes | bytearray | memoryview] = []
         self._length = 0
 
-    def add(self, attr: int, value: bytes) -> MessageBuilder:
-        """Append one attribute; zero padding to 4 bytes is added (RFC 8489 §14)."""
+    def add(self, attr: int, value: bytes | bytearray | memoryview) -> MessageBuilder:
+        """Append one attribute; zero padding to 4 bytes is added (RFC 8489 §14). ``value`` may
+        be any buffer, e.g. a relayed payload, to avoid a copy before the final join."""
         n = len(value)
         if n > 0xFFFF:
             raise ValueError(f"attribute value of {n} bytes does not fit the length field")
