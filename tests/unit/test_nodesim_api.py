@@ -433,7 +433,7 @@ def test_sse_wire_format() -> None:
 # ------------------------------------------------------------------ calls and disconnect
 
 
-OFFER = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n"
+OFFER = "v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n"
 
 
 def test_calls_request_is_validated_then_handed_to_the_adapter() -> None:
@@ -449,6 +449,7 @@ def test_calls_request_is_validated_then_handed_to_the_adapter() -> None:
         ({"call_type": "SIP", "sdp": OFFER}, "WEBRTC"),
         ({"call_type": "WEBRTC"}, "sdp is required"),
         ({"call_type": "WEBRTC", "sdp": "hello"}, "sdp is required"),
+        ({"call_type": "WEBRTC", "sdp": "v=0\r\ns=-\r\n"}, "no audio or video"),
         ({"call_type": "WEBRTC", "sdp": OFFER + "a" * 70000}, "larger"),
     ):
         status, out = json_of(st.handle(req("POST", path, body, headers={"token": tok}), 1))

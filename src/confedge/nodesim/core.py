@@ -579,6 +579,8 @@ class NodeState:
                 return _fail(400, "sdp is required (an SDP offer starting with v=0)")
             if len(sdp) > MAX_SDP:
                 return _fail(400, f"sdp is larger than {MAX_SDP} bytes")
+            if not any(line.startswith(("m=audio ", "m=video ")) for line in sdp.splitlines()):
+                return _fail(400, "sdp has no audio or video media section (m=audio / m=video)")
             return CallRequest(conf.alias, me.uuid, sdp)
         if len(action) == 3 and action[0] == "calls" and action[2] in ("ack", "disconnect"):
             call = action[1]

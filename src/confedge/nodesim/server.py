@@ -11,6 +11,7 @@ answer is decided by :class:`confedge.nodesim.core.NodeState`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -37,6 +38,7 @@ MAX_HEADERS = 100
 MAX_BODY = 256 * 1024
 HEADER_TIMEOUT = 15.0
 IDLE_TIMEOUT = 120.0
+LINGER = 2.0
 HIGH_WATER = 256 * 1024
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -100,6 +102,7 @@ class NodeHttpProtocol(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_message = False
+        self._discard = False
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -129,6 +132,8 @@ class NodeHttpProtocol(asyncio.Protocol):
         self._writable.set()
 
     def data_received(self, data: bytes) -> None:
+        if self._discard:
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -144,9 +149,10 @@ class NodeHttpProtocol(asyncio.Protocol):
                 self._reject(_BadRequest(400, f"Malformed HTTP request: {exc}"))
 
     def _reject(self, exc: _BadRequest) -> None:
-        # Stop reading: what follows a framing error cannot be trusted.
-        if self.transport is not None:
-            self.transport.pause_reading()
+        # What follows a framing error cannot be trusted: discard it. Reading goes on (a
+        # "lingering close") so that closing with unread input does not reset the connection
+        # before the client has read the error response.
+        self._discard = True
         self.queue.put_nowait(exc)
 
     def _arm_idle(self) -> None:
@@ -300,6 +306,10 @@ class NodeHttpProtocol(asyncio.Protocol):
                 item = await self.queue.get()
                 if isinstance(item, _BadRequest):
                     self._send(HttpResponse.error(item.status, str(item)), False, False)
+                    if self.transport is not None and self.transport.can_write_eof():
+                        self.transport.write_eof()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._closed.wait(), LINGER)
                     break
                 req, keep = item
                 try:
