@@ -231,6 +231,11 @@ class ProxyConfig(_Strict):
     connect_timeout: float = Field(default=3.0, gt=0)
     api_connect_timeout: float = Field(default=20.0, gt=0)
     sse_max_lifetime: float = Field(default=86400.0, gt=0)
+    read_timeout: float = Field(default=120.0, gt=0)  # node silent while a response is due
+    body_timeout: float = Field(default=30.0, gt=0)  # client silent while sending a body
+    allowed_hosts: list[str] = Field(default_factory=list)  # extra Host names besides the FQDN
+    upstream_keepalive: int = Field(default=32, ge=0)  # idle connections kept per node/worker
+    upstream_idle_timeout: float = Field(default=60.0, gt=0)
     websocket_idle_timeout: float = Field(default=3600.0, gt=0)
     health_interval: float = Field(default=5.0, gt=0)
     health_timeout: float = Field(default=3.0, gt=0)
@@ -310,6 +315,12 @@ class GuardConfig(_Strict):
     conference_maxretry: int = Field(default=50, ge=1)
     prefix_maxretry: int = Field(default=30, ge=1)
     turn_maxretry: int = Field(default=20, ge=1)
+    # Added by the guard (docs/GUARD.md): how often each worker refreshes its ban table from the
+    # shared store (bans reach every worker within about two intervals), how long a past ban
+    # still counts for escalation, and whether a repeated identical wrong PIN counts once.
+    refresh_interval: float = Field(default=0.25, ge=0.05, le=1.0)
+    ban_memory: float = Field(default=86400.0, ge=0)
+    distinct_pins: bool = False
 
     @field_validator("store")
     @classmethod

@@ -1,0 +1,188 @@
+"""`confedge bans list|add|remove|clear`: the operator's view of the configured guard store.
+
+Why it talks to the store and not to a running process: the store *is* the shared state (every
+worker of every instance reloads it within a second), so an operator's change takes effect
+everywhere without an admin API, and works while confedge is stopped too. Every change writes
+an audit line (logger "confedge.guard.audit"), as automatic bans do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from typing import TextIO
+
+from confedge.config import Config
+from confedge.guard.addresses import normalise_source
+from confedge.guard.core import BanRecord, GuardCore
+from confedge.guard.service import audit_ban, audit_unban
+from confedge.guard.store import GuardStore, StoreError, open_store
+
+__all__ = ["bans_command", "parse_duration"]
+
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """ "300", "90s", "10m", "2h", "1d" -> seconds; ValueError with the accepted forms."""
+    t = text.strip().lower()
+    mult = 1.0
+    if t and t[-1] in _UNITS:
+        mult = _UNITS[t[-1]]
+        t = t[:-1]
+    try:
+        value = float(t) * mult
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(f'"{text}" is not a duration (seconds, or e.g. "90s", "10m", "2h", "1d")')
+    return value
+
+
+def _left(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d{h:02d}h"
+    if h:
+        return f"{h}h{m:02d}m"
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+def _table(bans: list[BanRecord], now: float, out: TextIO) -> None:
+    if not bans:
+        print("no active bans", file=out)
+        return
+    rows = [("SOURCE", "REASON", "FAILURES", "OFFENCE", "EXPIRES (UTC)", "LEFT")]
+    for b in bans:
+        rows.append(
+            (
+                b.source,
+                b.reason,
+                str(b.failures),
+                str(b.count),
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b.expires)),
+                _left(b.expires - now) if b.expires > now else "expired",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="confedge bans",
+        description="List, add, remove or clear guard bans in the configured store "
+        "(guard.store); running workers pick changes up within a second.",
+    )
+    sub = p.add_subparsers(dest="action", required=True, metavar="{list,add,remove,clear}")
+    ls = sub.add_parser("list", help="show bans (source, reason, failures, offence, expiry)")
+    ls.add_argument("--json", action="store_true", help="one JSON array on standard output")
+    ls.add_argument(
+        "--all", action="store_true", help="include expired bans still remembered for escalation"
+    )
+    add = sub.add_parser("add", help="ban a source (an address or an IPv6 /64)")
+    add.add_argument("source")
+    add.add_argument(
+        "--time",
+        type=str,
+        default=None,
+        help="ban length: seconds or 90s/10m/2h/1d (default: guard.bantime, escalated for a "
+        "repeat offender)",
+    )
+    add.add_argument("--reason", default="", help="free text kept with the ban")
+    rm = sub.add_parser("remove", help="lift the ban of a source and forget its history")
+    rm.add_argument("source")
+    sub.add_parser("clear", help="lift every ban and forget all failure counts")
+    return p
+
+
+async def _act(cfg: Config, store: GuardStore, args: argparse.Namespace, out: TextIO) -> int:
+    now = time.time()
+    if args.action == "list":
+        bans = sorted(await store.list_bans(), key=lambda b: b.expires)
+        if not args.all:
+            bans = [b for b in bans if b.expires > now]
+        if args.json:
+            data = [dict(b.to_json(), seconds_left=max(0.0, b.expires - now)) for b in bans]
+            print(json.dumps(data), file=out)
+        else:
+            _table(bans, now, out)
+        return 0
+    if args.action == "add":
+        source = normalise_source(args.source)
+        seconds = parse_duration(args.time) if args.time is not None else None
+        core = GuardCore(cfg.guard)
+        core.set_bans(await store.list_bans())
+        if core.ignored(source.split("/")[0]):
+            print(
+                f"warning: {source} is in guard.ignore; it is never banned automatically",
+                file=sys.stderr,
+            )
+        reason = "manual" + (f": {args.reason}" if args.reason else "")
+        rec = core.manual_ban(source, now, seconds, reason)
+        await store.push([], [rec], force=True)
+        audit_ban(rec, "operator")
+        print(f"banned {rec.source} for {_left(rec.expires - now)} (offence {rec.count})", file=out)
+        return 0
+    if args.action == "remove":
+        source = normalise_source(args.source)
+        removed = await store.remove(source)
+        if removed is None:
+            print(f"{source} is not banned", file=sys.stderr)
+            return 1
+        audit_unban(removed, "manual")
+        print(f"lifted the ban of {source}", file=out)
+        return 0
+    # clear
+    n = await store.clear()
+    logging.getLogger("confedge.guard.audit").info("unban all by=manual active=%d", n)
+    print(f"cleared {n} active ban(s)", file=out)
+    return 0
+
+
+async def _main(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
+    store = open_store(cfg)
+    try:
+        await store.open()
+        return await _act(cfg, store, args, out)
+    finally:
+        await store.close()
+
+
+def bans_command(cfg: Config, argv: list[str], out: TextIO | None = None) -> int:
+    """Run `confedge bans ...`; return the exit status (0 ok, 1 failure, 2 usage)."""
+    out = out or sys.stdout
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # argparse already printed the usage error
+        return int(exc.code or 0) if isinstance(exc.code, int) else 2
+    if cfg.guard.store == "memory":
+        print(
+            'confedge bans: guard.store is "memory": bans live only inside the running process; '
+            'use "sqlite" or a redis:// URL to manage them from the command line',
+            file=sys.stderr,
+        )
+        return 1
+    audit = logging.getLogger("confedge.guard.audit")
+    if not logging.getLogger().handlers and not audit.handlers:
+        # Run standalone: the audit line must still be written somewhere.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
+        audit.addHandler(handler)
+        audit.setLevel(logging.INFO)
+    try:
+        return asyncio.run(_main(cfg, args, out))
+    except ValueError as exc:
+        print(f"confedge bans: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"confedge bans: {exc}", file=sys.stderr)
+        return 1

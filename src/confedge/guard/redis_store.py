@@ -1,0 +1,274 @@
+"""Redis guard store: bans and failures shared by several confedge instances.
+
+Layout under the key prefix `confedge:guard:` in the URL's database:
+
+* `events`  a stream of failures (XADD, trimmed to the window by MINID), read by each worker
+  from its cursor with an exclusive XRANGE;
+* `bans`    a hash source -> JSON ban record; `version` a counter bumped on every change, so a
+  poll is one round trip when nothing changed;
+* `logged`  a set of sources whose expiry has been written to the audit log (SADD answers 1 to
+  exactly one caller);
+* `salt`    the PIN-hash salt, set once with NX.
+
+The conditional ban insert and the purge are Lua scripts so that they are atomic on the server,
+which is the only place that sees every instance's writes. Timeouts are short: a Redis that does
+not answer must not hold up the guard, which then keeps counting and banning locally
+(`service.Guard` logs the outage once and retries every refresh tick).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+from typing import Any
+
+from confedge.guard.core import BanRecord, Failure
+from confedge.guard.store import Poll, StoreError
+
+__all__ = ["RedisStore"]
+
+PREFIX = "confedge:guard:"
+BATCH = 5000
+MAXLEN = 200_000
+
+_PUSH = """
+local applied = {}
+local force = ARGV[1] == '1'
+for i = 2, #ARGV, 3 do
+  local src, created, js = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2]
+  local ok = force
+  if not ok then
+    local cur = redis.call('HGET', KEYS[1], src)
+    ok = (not cur) or tonumber(cjson.decode(cur)['expires']) <= created
+  end
+  if ok then
+    redis.call('HSET', KEYS[1], src, js)
+    redis.call('SREM', KEYS[3], src)
+    applied[#applied + 1] = src
+  end
+end
+if #applied > 0 then redis.call('INCR', KEYS[2]) end
+return applied
+"""
+
+_PURGE = """
+local all = redis.call('HGETALL', KEYS[1])
+local n = 0
+for i = 1, #all, 2 do
+  if tonumber(cjson.decode(all[i + 1])['expires']) < tonumber(ARGV[1]) then
+    redis.call('HDEL', KEYS[1], all[i])
+    redis.call('SREM', KEYS[3], all[i])
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('INCR', KEYS[2]) end
+return n
+"""
+
+_REMOVE = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+if cur then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('INCR', KEYS[2])
+end
+return cur
+"""
+
+
+def _ms(t: float) -> int:
+    return max(0, int(t * 1000))
+
+
+def _id_le(a: str, b: str) -> bool:
+    am, _, aseq = a.partition("-")
+    bm, _, bseq = b.partition("-")
+    return (int(am), int(aseq or 0)) <= (int(bm), int(bseq or 0))
+
+
+def _failure(fields: dict[str, str]) -> Failure:
+    return Failure(
+        ts=float(fields["ts"]),
+        kind=fields["kind"],
+        ip=fields["ip"],
+        alias=fields.get("alias", ""),
+        pin=fields.get("pin", ""),
+        origin=fields.get("origin", ""),
+    )
+
+
+class RedisStore:
+    """See the module docstring. Methods mirror `GuardStore`."""
+
+    def __init__(self, url: str, prefix: str = PREFIX) -> None:
+        self.url = url
+        self.description = f"redis:{_redact(url)}"
+        self.transient = True
+        self._k_events = prefix + "events"
+        self._k_bans = prefix + "bans"
+        self._k_version = prefix + "version"
+        self._k_logged = prefix + "logged"
+        self._k_salt = prefix + "salt"
+        self._r: Any = None
+
+    def _keys(self) -> list[str]:
+        return [self._k_bans, self._k_version, self._k_logged]
+
+    async def _call(self, coro: Any) -> Any:
+        from redis.exceptions import RedisError
+
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise StoreError(f"{self.description}: {exc}") from exc
+
+    async def open(self) -> None:
+        if self._r is None:
+            try:
+                import redis.asyncio as aioredis
+            except ImportError:  # pragma: no cover - depends on the installation
+                raise StoreError(
+                    "guard.store is a redis:// URL but the redis package is not installed "
+                    "(pip install 'confedge[redis]')"
+                ) from None
+            try:
+                self._r = aioredis.from_url(
+                    self.url,
+                    decode_responses=True,
+                    socket_connect_timeout=0.5,
+                    socket_timeout=1.0,
+                    health_check_interval=10,
+                )
+            except ValueError as exc:
+                raise StoreError(f"guard.store: {exc}") from None
+            self._push = self._r.register_script(_PUSH)
+            self._purge = self._r.register_script(_PURGE)
+            self._remove = self._r.register_script(_REMOVE)
+        await self._call(self._r.ping())
+
+    async def close(self) -> None:
+        r, self._r = self._r, None
+        if r is not None:
+            # Closing a broken connection may fail; there is nothing left to do about it.
+            with contextlib.suppress(Exception):
+                await r.aclose()
+
+    def _client(self) -> Any:
+        if self._r is None:
+            raise StoreError(f"{self.description}: store is not open")
+        return self._r
+
+    async def salt(self) -> bytes:
+        r = self._client()
+        await self._call(r.set(self._k_salt, secrets.token_hex(16), nx=True))
+        value = await self._call(r.get(self._k_salt))
+        return bytes.fromhex(value)
+
+    async def push(
+        self, failures: list[Failure], bans: list[BanRecord], *, force: bool = False
+    ) -> list[BanRecord]:
+        r = self._client()
+        if failures:
+            pipe = r.pipeline(transaction=False)
+            for f in failures:
+                pipe.xadd(
+                    self._k_events,
+                    {
+                        "ts": repr(f.ts),
+                        "kind": f.kind,
+                        "ip": f.ip,
+                        "alias": f.alias,
+                        "pin": f.pin,
+                        "origin": f.origin,
+                    },
+                    maxlen=MAXLEN,
+                    approximate=True,
+                )
+            await self._call(pipe.execute())
+        if not bans:
+            return []
+        args: list[str] = ["1" if force else "0"]
+        by_source: dict[str, BanRecord] = {}
+        for b in bans:
+            args += [b.source, repr(b.created), json.dumps(b.to_json())]
+            by_source[b.source] = b
+        done = await self._call(self._push(keys=self._keys(), args=args))
+        return [by_source[s] for s in done]
+
+    async def poll(self, cursor: str | None, since: float, version: str | None) -> Poll:
+        r = self._client()
+        pipe = r.pipeline(transaction=False)
+        if cursor is None:
+            pipe.xrevrange(self._k_events, "+", "-", count=1)
+            pipe.xrange(self._k_events, f"{_ms(since)}-0", "+", count=BATCH)
+        else:
+            pipe.xrange(self._k_events, f"({cursor}", "+", count=BATCH)
+        pipe.get(self._k_version)
+        res = await self._call(pipe.execute())
+        ver = str(res[-1] or "0")
+        if cursor is None:
+            top = res[0][0][0] if res[0] else "0-0"
+            rows = [row for row in res[1] if _id_le(row[0], top)]
+            new_cursor = top if len(res[1]) < BATCH else (rows[-1][0] if rows else top)
+        else:
+            rows = res[0]
+            new_cursor = rows[-1][0] if rows else cursor
+        bans = None
+        if ver != version:
+            raw = await self._call(r.hgetall(self._k_bans))
+            bans = [BanRecord.from_json(json.loads(v)) for v in raw.values()]
+        fails = [_failure(fields) for _, fields in rows]
+        return Poll(fails, new_cursor, ver, bans, more=len(rows) == BATCH)
+
+    async def claim_expired(self, sources: list[str], now: float) -> list[BanRecord]:
+        if not sources:
+            return []
+        r = self._client()
+        raw = await self._call(r.hmget(self._k_bans, sources))
+        out: list[BanRecord] = []
+        for value in raw:
+            if value is None:
+                continue
+            rec = BanRecord.from_json(json.loads(value))
+            if rec.expires <= now and await self._call(r.sadd(self._k_logged, rec.source)):
+                out.append(rec)
+        return out
+
+    async def list_bans(self) -> list[BanRecord]:
+        raw = await self._call(self._client().hgetall(self._k_bans))
+        return [BanRecord.from_json(json.loads(v)) for v in raw.values()]
+
+    async def remove(self, source: str) -> BanRecord | None:
+        self._client()
+        cur = await self._call(self._remove(keys=self._keys(), args=[source]))
+        return None if cur is None else BanRecord.from_json(json.loads(cur))
+
+    async def clear(self) -> int:
+        import time
+
+        r = self._client()
+        now = time.time()
+        n = sum(1 for b in await self.list_bans() if b.expires > now)
+        pipe = r.pipeline(transaction=True)
+        pipe.delete(self._k_bans, self._k_events, self._k_logged)
+        pipe.incr(self._k_version)
+        await self._call(pipe.execute())
+        return n
+
+    async def purge(self, failures_before: float, bans_before: float) -> None:
+        r = self._client()
+        await self._call(
+            r.xtrim(self._k_events, minid=f"{_ms(failures_before)}-0", approximate=True)
+        )
+        await self._call(self._purge(keys=self._keys(), args=[repr(bans_before)]))
+
+
+def _redact(url: str) -> str:
+    """The URL without a password (redis://:secret@host/0 -> redis://:****@host/0)."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        cred, _, host = rest.rpartition("@")
+        user = cred.split(":", 1)[0]
+        return f"{scheme}{sep}{user}:****@{host}"
+    return url

@@ -1,0 +1,303 @@
+"""The guard as the proxy and TURN see it: the hook of docs (guard_api), over a core and a store.
+
+Why this split: `GuardCore` decides, `BanTable` answers check() in well under 2 µs, and this
+adapter moves events between them and the shared store in one background task per worker:
+
+* a failure is counted locally at once (so the attacker's very next request on the same
+  connection is refused) and queued; the task wakes and pushes the queue to the store;
+* every `refresh_interval` the task polls the store for other workers' failures (fed to the
+  core, so counting is right across workers and instances) and, when the ban set's version
+  moved, reloads the bans (so a ban decided anywhere reaches this worker within ~2 intervals);
+* it claims expired bans so that exactly one worker writes the "unban" audit line, and purges
+  old rows every 30 s.
+
+When the store fails (Redis down, typically) the guard logs it once and carries on locally:
+counting, banning and check() never wait for the store. Queued failures are kept (bounded) and
+pushed when the store is back, together with the bans decided meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Callable
+
+from confedge.config import GuardConfig
+from confedge.guard.addresses import normalise_ip
+from confedge.guard.bantable import BanTable
+from confedge.guard.core import PIN, TURN, BanRecord, Failure, GuardCore
+from confedge.guard.store import GuardStore, StoreError
+
+__all__ = ["Guard", "audit_ban", "audit_unban"]
+
+log = logging.getLogger("confedge.guard")
+audit = logging.getLogger("confedge.guard.audit")
+
+MAX_QUEUED = 10_000  # failures kept while the store is unreachable
+PURGE_EVERY = 30.0
+
+
+def _when(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def audit_ban(rec: BanRecord, how: str) -> None:
+    """One audit line per ban (automatic or manual); `how` says who decided."""
+    audit.info(
+        "ban source=%s seconds=%.0f until=%s offence=%d failures=%d by=%s reason=%r",
+        rec.source,
+        rec.expires - rec.created,
+        _when(rec.expires),
+        rec.count,
+        rec.failures,
+        how,
+        rec.reason,
+    )
+
+
+def audit_unban(rec: BanRecord, how: str) -> None:
+    """One audit line per lifted ban: `how` is "expired" or "manual"."""
+    audit.info("unban source=%s by=%s reason=%r", rec.source, how, rec.reason)
+
+
+class Guard:
+    """The enabled guard; see the module docstring and docs/GUARD.md."""
+
+    enabled = True
+    check: Callable[[str], float | None]
+
+    def __init__(
+        self,
+        cfg: GuardConfig,
+        store: GuardStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.cfg = cfg
+        self.ban_status: int = cfg.ban_status
+        self.store = store
+        self.core = GuardCore(cfg, rand)
+        self.table = BanTable(clock)
+        # check() is the table's own bound method: no extra call layer on the hot path.
+        self.check = self.table.check
+        self._clock = clock
+        self.origin = secrets.token_hex(8)
+        self._salt = secrets.token_bytes(16)  # replaced by the store's shared salt
+        self._queued: list[Failure] = []
+        self._pending: list[BanRecord] = []
+        self._logged_local: set[tuple[str, float]] = set()
+        self._expiry_done: set[tuple[str, float]] = set()
+        self._cursor: str | None = None
+        self._version: str | None = None
+        self._connected = False
+        self._down = False
+        self._last_poll = float("-inf")
+        self._last_purge = float("-inf")
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- the hook (called from the proxy's and TURN's protocol callbacks) --------------------
+
+    def hash_pin(self, pin: str | None) -> str:
+        """Salted hash of a PIN: enough to count distinct PINs, useless to recover them."""
+        if not pin:
+            return ""
+        return hashlib.blake2b(pin.encode(), key=self._salt, digest_size=12).hexdigest()
+
+    def record_pin_failure(self, client_ip: str, alias: str, pin: str | None) -> None:
+        """A node answered 403 "Invalid PIN" to request_token (contract: docs/GUARD.md)."""
+        self._record(client_ip, PIN, alias.lower(), self.hash_pin(pin))
+
+    def record_turn_auth_failure(self, client_ip: str) -> None:
+        """TURN rejected a request whose MESSAGE-INTEGRITY did not verify."""
+        self._record(client_ip, TURN, "", "")
+
+    def _record(self, client_ip: str, kind: str, alias: str, pin: str) -> None:
+        try:
+            ip = normalise_ip(client_ip)
+        except ValueError:
+            log.debug("guard: ignoring a failure from unparsable address %r", client_ip)
+            return
+        if self.core.ignored(ip):
+            return
+        now = self._clock()
+        f = Failure(now, kind, ip, alias, pin, self.origin)
+        self._queued.append(f)
+        if len(self._queued) > MAX_QUEUED:
+            del self._queued[: len(self._queued) - MAX_QUEUED]
+        self._adopt(self.core.observe(f, now))
+        if self._wake is not None:
+            self._wake.set()
+
+    def _adopt(self, bans: list[BanRecord]) -> None:
+        for rec in bans:
+            self.table.add(rec)
+            self._pending.append(rec)
+
+    # -- operator views ----------------------------------------------------------------------
+
+    def bans(self) -> list[BanRecord]:
+        """Active bans as this worker sees them (status page)."""
+        return sorted(self.core.active(self._clock()), key=lambda r: r.expires)
+
+    @property
+    def store_ok(self) -> bool:
+        return self._connected and not self._down
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store, load the bans and the last findtime of failures, start syncing.
+
+        A store that cannot be opened stops the start-up (a bad state_dir is a configuration
+        error the operator must see) unless it is a network store, which may come back later.
+        """
+        self._wake = asyncio.Event()
+        try:
+            await self._connect()
+        except StoreError as exc:
+            if not getattr(self.store, "transient", False):
+                raise
+            self._went_down(exc)
+        self._task = asyncio.create_task(self._run(), name="guard-sync")
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(StoreError):
+            if self._connected:
+                await self._flush()
+        await self.store.close()
+
+    async def sync(self) -> None:
+        """One round of store traffic (the background task's body; tests call it directly)."""
+        now = self._clock()
+        try:
+            if not self._connected:
+                await self._connect()
+            await self._flush()
+            if now - self._last_poll >= self.cfg.refresh_interval * 0.8:
+                await self._poll(now)
+            await self._expire(now)
+            if now - self._last_purge >= PURGE_EVERY:
+                self._last_purge = now
+                self.core.purge(now)
+                await self.store.purge(now - self.cfg.findtime, now - self.cfg.ban_memory)
+        except StoreError as exc:
+            self._went_down(exc)
+            self._connected = False
+            # Locally decided bans are in force already; write their audit lines now.
+            for rec in self._pending:
+                key = (rec.source, rec.created)
+                if key not in self._logged_local:
+                    self._logged_local.add(key)
+                    audit_ban(rec, f"{self.origin} (store unreachable; local only)")
+            if now - self._last_purge >= PURGE_EVERY:
+                self._last_purge = now
+                self.core.purge(now)
+                self._prune_table(now)
+        else:
+            if self._down:
+                self._down = False
+                log.warning("guard store %s reachable again", self.store.description)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _went_down(self, exc: BaseException) -> None:
+        if not self._down:
+            self._down = True
+            log.warning(
+                "guard store %s unreachable (%s); counting and banning locally until it is back",
+                self.store.description,
+                exc,
+            )
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.cfg.refresh_interval)
+                await asyncio.sleep(0.005)  # gather a burst of failures into one write
+            self._wake.clear()
+            try:
+                await self.sync()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # never let the sync task die: bans must keep flowing
+                log.exception("guard sync failed")
+                await asyncio.sleep(self.cfg.refresh_interval)
+
+    async def _connect(self) -> None:
+        await self.store.open()
+        self._salt = await self.store.salt()
+        self._cursor = None
+        self._version = None
+        await self._poll(self._clock())
+        self._connected = True
+
+    async def _flush(self) -> None:
+        if not self._queued and not self._pending:
+            return
+        failures, bans = self._queued, self._pending
+        self._queued, self._pending = [], []
+        try:
+            applied = await self.store.push(failures, bans)
+        except BaseException:
+            self._queued = failures + self._queued
+            self._pending = bans + self._pending
+            raise
+        for rec in applied:
+            key = (rec.source, rec.created)
+            if key in self._logged_local:
+                self._logged_local.discard(key)
+            else:
+                audit_ban(rec, self.origin)
+
+    async def _poll(self, now: float) -> None:
+        while True:
+            p = await self.store.poll(self._cursor, now - self.cfg.findtime, self._version)
+            self._cursor = p.cursor
+            if p.bans is not None:
+                self._version = p.version
+                merged = {r.source: r for r in p.bans}
+                for rec in self._pending:  # decided here, not yet pushed
+                    cur = merged.get(rec.source)
+                    if cur is None or cur.expires <= rec.created:
+                        merged[rec.source] = rec
+                self.core.set_bans(merged.values())
+                self.table.rebuild(self.core.active(now), now)
+            for f in p.failures:
+                if f.origin != self.origin:
+                    self._adopt(self.core.observe(f, now))
+            if not p.more:
+                break
+        self._last_poll = now
+
+    async def _expire(self, now: float) -> None:
+        ended = [
+            r
+            for r in self.core.bans.values()
+            if r.expires <= now and (r.source, r.created) not in self._expiry_done
+        ]
+        if not ended:
+            return
+        self._prune_table(now)
+        for rec in await self.store.claim_expired([r.source for r in ended], now):
+            audit_unban(rec, "expired")
+        for r in ended:
+            self._expiry_done.add((r.source, r.created))
+        if len(self._expiry_done) > 4 * len(self.core.bans) + 1000:
+            live = {(r.source, r.created) for r in self.core.bans.values()}
+            self._expiry_done &= live
+
+    def _prune_table(self, now: float) -> None:
+        self.table.rebuild(self.core.active(now), now)

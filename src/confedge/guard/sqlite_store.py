@@ -1,0 +1,262 @@
+"""SQLite guard store: one file in server.state_dir, shared by the workers of a host.
+
+Why SQLite: bans must survive a restart and be shared by separate worker processes, with no
+extra daemon on a small DMZ host. WAL mode lets readers (every worker polls several times per
+second) run beside the one writer, and `busy_timeout` absorbs the rare writer collisions. Every
+call runs on a private single-thread executor, which owns the connection (sqlite3 connections are
+not to be shared across threads) and keeps all file I/O off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from confedge.guard.core import BanRecord, Failure
+from confedge.guard.store import Poll, StoreError, ensure_state_dir
+
+__all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS failures (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL, kind TEXT NOT NULL, ip TEXT NOT NULL,
+    alias TEXT NOT NULL, pin TEXT NOT NULL, origin TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS failures_ts ON failures(ts);
+CREATE TABLE IF NOT EXISTS bans (
+    source TEXT PRIMARY KEY, created REAL NOT NULL, expires REAL NOT NULL,
+    count INTEGER NOT NULL, failures INTEGER NOT NULL, reason TEXT NOT NULL,
+    logged INTEGER NOT NULL DEFAULT 0);
+INSERT OR IGNORE INTO meta VALUES ('schema', '1');
+INSERT OR IGNORE INTO meta VALUES ('bans_version', '0');
+"""
+
+BATCH = 5000
+
+
+class SQLiteStore:
+    """See the module docstring. Methods mirror `GuardStore`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite:{self.path}"
+        self.transient = False
+        self._db: sqlite3.Connection | None = None
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._pool is None or self._db is None:
+            raise StoreError(f"{self.description}: store is not open")
+        db = self._db
+
+        def call() -> T:
+            try:
+                return fn(db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"{self.description}: {exc}") from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def _connect(self) -> sqlite3.Connection:
+        ensure_state_dir(self.path.parent)
+        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
+        db.execute("PRAGMA busy_timeout=5000")
+        db.executescript(SCHEMA)
+        return db
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="guard-sqlite")
+        loop = asyncio.get_running_loop()
+        try:
+            self._db = await loop.run_in_executor(self._pool, self._connect)
+        except (sqlite3.Error, OSError) as exc:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            raise StoreError(f"{self.description}: cannot open the guard database: {exc}") from exc
+
+    async def close(self) -> None:
+        db, pool = self._db, self._pool
+        self._db = self._pool = None
+        if db is not None and pool is not None:
+            await asyncio.get_running_loop().run_in_executor(pool, db.close)
+            pool.shutdown(wait=True)
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def salt(self) -> bytes:
+        def op(db: sqlite3.Connection) -> bytes:
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('salt', ?)", (secrets.token_hex(16),))
+            row = db.execute("SELECT v FROM meta WHERE k = 'salt'").fetchone()
+            return bytes.fromhex(row[0])
+
+        return await self._run(op)
+
+    async def push(
+        self, failures: list[Failure], bans: list[BanRecord], *, force: bool = False
+    ) -> list[BanRecord]:
+        def op(db: sqlite3.Connection) -> list[BanRecord]:
+            applied: list[BanRecord] = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany(
+                    "INSERT INTO failures (ts, kind, ip, alias, pin, origin) VALUES (?,?,?,?,?,?)",
+                    [(f.ts, f.kind, f.ip, f.alias, f.pin, f.origin) for f in failures],
+                )
+                sql = _UPSERT if force else _INSERT_UNLESS_ACTIVE
+                for r in bans:
+                    cur = db.execute(
+                        sql, (r.source, r.created, r.expires, r.count, r.failures, r.reason)
+                    )
+                    if cur.rowcount == 1:
+                        applied.append(r)
+                if applied:
+                    _bump(db)
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return applied
+
+        return await self._run(op)
+
+    async def poll(self, cursor: str | None, since: float, version: str | None) -> Poll:
+        def op(db: sqlite3.Connection) -> Poll:
+            db.execute("BEGIN")  # one snapshot for failures, version and bans
+            try:
+                if cursor is None:
+                    # First poll: the last findtime of events (a restart keeps its counts),
+                    # and a cursor at the end of the log even when that is empty.
+                    top = db.execute("SELECT COALESCE(MAX(id), 0) FROM failures").fetchone()
+                    rows_cursor = str(top[0])
+                    rows = db.execute(
+                        "SELECT id, ts, kind, ip, alias, pin, origin FROM failures "
+                        "WHERE ts > ? AND id <= ? ORDER BY id LIMIT ?",
+                        (since, top[0], BATCH),
+                    ).fetchall()
+                else:
+                    rows_cursor = cursor
+                    rows = db.execute(
+                        "SELECT id, ts, kind, ip, alias, pin, origin FROM failures "
+                        "WHERE id > ? ORDER BY id LIMIT ?",
+                        (int(cursor), BATCH),
+                    ).fetchall()
+                if rows and (cursor is not None or len(rows) == BATCH):
+                    rows_cursor = str(rows[-1][0])
+                ver = db.execute("SELECT v FROM meta WHERE k = 'bans_version'").fetchone()[0]
+                bans = _all_bans(db) if ver != version else None
+            finally:
+                db.execute("COMMIT")
+            fails = [Failure(r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+            return Poll(fails, rows_cursor, ver, bans, more=len(rows) == BATCH)
+
+        return await self._run(op)
+
+    async def claim_expired(self, sources: list[str], now: float) -> list[BanRecord]:
+        def op(db: sqlite3.Connection) -> list[BanRecord]:
+            out: list[BanRecord] = []
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for s in sources:
+                    row = db.execute(_CLAIM, (s, now)).fetchone()
+                    if row is not None:
+                        out.append(_rec(row))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return out
+
+        return await self._run(op)
+
+    async def list_bans(self) -> list[BanRecord]:
+        return await self._run(_all_bans)
+
+    async def remove(self, source: str) -> BanRecord | None:
+        def op(db: sqlite3.Connection) -> BanRecord | None:
+            db.execute("BEGIN IMMEDIATE")
+            row = db.execute(_DELETE, (source,))
+            found = row.fetchone()
+            if found is not None:
+                _bump(db)
+            db.execute("COMMIT")
+            return None if found is None else _rec(found)
+
+        return await self._run(op)
+
+    async def clear(self) -> int:
+        def op(db: sqlite3.Connection) -> int:
+            import time
+
+            db.execute("BEGIN IMMEDIATE")
+            n = db.execute("SELECT COUNT(*) FROM bans WHERE expires > ?", (time.time(),))
+            count = int(n.fetchone()[0])
+            db.execute("DELETE FROM bans")
+            db.execute("DELETE FROM failures")
+            _bump(db)
+            db.execute("COMMIT")
+            return count
+
+        return await self._run(op)
+
+    async def purge(self, failures_before: float, bans_before: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM failures WHERE ts < ?", (failures_before,))
+            cur = db.execute("DELETE FROM bans WHERE expires < ?", (bans_before,))
+            if cur.rowcount:
+                _bump(db)
+            db.execute("COMMIT")
+
+        await self._run(op)
+
+
+_UPSERT = """
+INSERT INTO bans (source, created, expires, count, failures, reason, logged)
+VALUES (?, ?, ?, ?, ?, ?, 0)
+ON CONFLICT(source) DO UPDATE SET created = excluded.created, expires = excluded.expires,
+    count = excluded.count, failures = excluded.failures, reason = excluded.reason, logged = 0
+"""
+# The idempotent insert of the store module's docstring: a source with a ban still active at the
+# new ban's creation keeps it, so rowcount is 0 and nobody logs a duplicate.
+_INSERT_UNLESS_ACTIVE = _UPSERT + "WHERE bans.expires <= excluded.created"
+_CLAIM = """
+UPDATE bans SET logged = 1 WHERE source = ? AND expires <= ? AND logged = 0
+RETURNING source, created, expires, count, failures, reason
+"""
+_DELETE = """
+DELETE FROM bans WHERE source = ? RETURNING source, created, expires, count, failures, reason
+"""
+_SELECT_ALL = "SELECT source, created, expires, count, failures, reason FROM bans"
+
+
+def _rec(row: tuple[object, ...]) -> BanRecord:
+    return BanRecord(
+        source=str(row[0]),
+        created=float(row[1]),  # type: ignore[arg-type]
+        expires=float(row[2]),  # type: ignore[arg-type]
+        count=int(row[3]),  # type: ignore[call-overload]
+        failures=int(row[4]),  # type: ignore[call-overload]
+        reason=str(row[5]),
+    )
+
+
+def _all_bans(db: sqlite3.Connection) -> list[BanRecord]:
+    return [_rec(r) for r in db.execute(_SELECT_ALL).fetchall()]
+
+
+def _bump(db: sqlite3.Connection) -> None:
+    db.execute("UPDATE meta SET v = CAST(v AS INTEGER) + 1 WHERE k = 'bans_version'")
