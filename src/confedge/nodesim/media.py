@@ -1,13 +1,21 @@
 """The node's WebRTC endpoint: answers a browser's offer and echoes its audio and video back.
 
 A real conferencing node in restricted mode takes its media through the edge's TURN server: it
-allocates a relayed address there with the long-term credential and offers only that address to
-the browser, so the browser (on the Internet) only ever talks to the edge. aiortc has no
-``iceTransportPolicy = "relay"``, so we get the same effect in two steps: aiortc gathers a
-relayed candidate on the TURN server (RFC 8656 section 7, Allocate), and the answer SDP is
-rewritten to carry only relay candidates (RFC 8839 section 5.1, ``a=candidate``). The browser
-then can only pick a pair whose remote candidate is the relay address, which is what the
-end-to-end test checks with ``getStats()``.
+allocates a relayed address there with the long-term credential (RFC 8656 section 7, Allocate)
+and uses only that address, so the browser (on the Internet) only ever talks to the edge.
+
+Two things make that hold here:
+
+* the peer connection uses ``iceTransportPolicy = relay`` (aiortc >= 1.10 passes it to aioice):
+  the node gathers and checks *only* from its relayed address. Filtering the SDP alone is not
+  enough: with host candidates still in the ICE agent, the node's connectivity checks leave from
+  its host address, the browser learns that address as peer-reflexive (RFC 8445 section 7.3.1.3)
+  and may nominate it, bypassing the relay (the integration test saw exactly that);
+* the answer SDP carries only relay candidates (RFC 8839 section 5.1, ``a=candidate``), so the
+  browser does not even try another address.
+
+The browser then can only pick a pair whose remote candidate is the relay address, which is what
+the end-to-end test checks with ``getStats()``.
 
 aiortc is an optional dependency (the ``demo`` extra); importing this module without it raises
 an ImportError naming the extra.
@@ -26,6 +34,7 @@ try:
     from aiortc import (
         RTCConfiguration,
         RTCIceServer,
+        RTCIceTransportPolicy,
         RTCPeerConnection,
         RTCSessionDescription,
     )
@@ -100,7 +109,8 @@ class MediaEndpoint:
             )
         # An explicit (possibly empty) list: aiortc's default is a public Google STUN server,
         # and a test or demo must never reach out to the Internet.
-        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers))
+        policy = RTCIceTransportPolicy.RELAY if turn is not None else RTCIceTransportPolicy.ALL
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=servers, iceTransportPolicy=policy))
         self._relay = MediaRelay()
         self.tracks_echoed: list[str] = []
 
