@@ -45,7 +45,6 @@ from confedge.stun import (
     MsgClass,
     StunError,
     check_integrity,
-    decode_channel_number,
     decode_even_port,
     decode_requested_address_family,
     decode_requested_transport,
@@ -60,6 +59,7 @@ from confedge.stun import (
 
 from .auth import Credentials, LongTermCredentials, NonceManager, RestCredentials, UnauthBudget
 from .dataplane import CapacityError, ClientSink, DataPlane, RelayGrant
+from .framing import decode_channel_number
 from .policy import ClientPolicy, PeerPolicy
 
 __all__ = ["Allocation", "Client", "CoreSettings", "GuardLike", "TurnCore"]
@@ -160,9 +160,10 @@ class Allocation:
 class _Reject(Exception):
     """Internal: answer the current request with this error code."""
 
-    def __init__(self, code: int, extra: Sequence[tuple[int, bytes]] | None = None) -> None:
+    def __init__(self, code: int, where: str = "", extra: Sequence[tuple[int, bytes]] = ()) -> None:
         super().__init__(code)
         self.code = code
+        self.where = where  # for the debug log: which check refused
         self.extra = extra
 
 
@@ -313,17 +314,26 @@ class TurnCore:
                 return [self._allocate(now, client, msg, username, key, fp)]
             alloc = self._by_client.get(client.key)
             if alloc is None:
-                raise _Reject(437)  # RFC 8656 §7.3, §9.2, §11.2: no allocation on this 5-tuple
+                raise _Reject(437, "no allocation on this 5-tuple")  # RFC 8656 §7.3, §9.2, §11.2
             if username != alloc.username:
-                raise _Reject(441)  # RFC 8656 §5: same credentials as the Allocate
+                raise _Reject(441, "not the username of the Allocate")  # RFC 8656 §5
             if msg.method == Method.REFRESH:
                 return [self._refresh(now, alloc, msg, key, fp)]
             if msg.method == Method.CREATE_PERMISSION:
                 return [self._create_permission(now, alloc, msg, key, fp)]
             return [self._channel_bind(now, alloc, msg, key, fp)]
         except StunError as exc:
+            log.debug("turn request from %s:%d -> 400: %s", client.ip, client.port, exc.reason)
             return [self._error(msg, exc.code or 400, key, fp)]
         except _Reject as rej:
+            log.debug(
+                "turn %s from %s:%d -> %d (%s)",
+                _METHOD_NAMES.get(msg.method, hex(msg.method)),
+                client.ip,
+                client.port,
+                rej.code,
+                rej.where,
+            )
             return [self._error(msg, rej.code, key, fp, rej.extra)]
 
     def tick(self, now: float) -> None:
@@ -497,9 +507,9 @@ class TurnCore:
                     verdict.address,
                     verdict.rule,
                 )
-            raise _Reject(403)
+            raise _Reject(403, f"peer policy: {verdict.rule}")
         if (6 if ":" in ip else 4) != alloc.relay.family:
-            raise _Reject(443)  # RFC 8656 §9.2 / RFC 6156 §6: peer family != relay family
+            raise _Reject(443, "peer family differs from relay")  # RFC 8656 §9.2, RFC 6156 §6
         return ip, port
 
     # -- methods --------------------------------------------------------------------------------
@@ -512,37 +522,37 @@ class TurnCore:
         if existing is not None:
             if existing.create_tid == msg.transaction_id:
                 return existing.create_response  # retransmission: same answer
-            raise _Reject(437)
+            raise _Reject(437, "5-tuple already has an allocation")
         rt = msg.get(Attr.REQUESTED_TRANSPORT)
         if rt is None:
-            raise _Reject(400)
+            raise _Reject(400, "REQUESTED-TRANSPORT missing")
         if decode_requested_transport(rt) != UDP:
-            raise _Reject(442)
+            raise _Reject(442, "REQUESTED-TRANSPORT is not UDP")
         dont_fragment = msg.has(Attr.DONT_FRAGMENT)
         raw_token = msg.get(Attr.RESERVATION_TOKEN)
         raw_even = msg.get(Attr.EVEN_PORT)
         raw_family = msg.get(Attr.REQUESTED_ADDRESS_FAMILY)
         if raw_token is not None and (raw_even is not None or raw_family is not None):
-            raise _Reject(400)
+            raise _Reject(400, "RESERVATION-TOKEN with EVEN-PORT or REQUESTED-ADDRESS-FAMILY")
         if raw_family is not None and msg.has(Attr.ADDITIONAL_ADDRESS_FAMILY):
-            raise _Reject(400)
+            raise _Reject(400, "REQUESTED- and ADDITIONAL-ADDRESS-FAMILY together")
         families = self.dp.families()
         if raw_family is not None:
             fam_code = decode_requested_address_family(raw_family)
             family = {1: 4, 2: 6}.get(fam_code, 0)
             if family not in families:
-                raise _Reject(440)
+                raise _Reject(440, f"no IPv{family or '?'} relay address")
         else:
             family = 4 if 4 in families else 6
         token = decode_reservation_token(raw_token) if raw_token is not None else None
         even = raw_even is not None
         reserve = decode_even_port(raw_even) if raw_even is not None else False
         if len(self.allocations) >= self.s.max_allocations:
-            raise _Reject(508)
+            raise _Reject(508, "turn.max_allocations reached")
         if self._per_user.get(username, 0) >= self.s.user_quota:
-            raise _Reject(486)
+            raise _Reject(486, "per-user quota reached")
         if token is not None and self._reservations.pop(token, None) is None:
-            raise _Reject(508)  # §7.2: invalid token -> 508
+            raise _Reject(508, "unknown RESERVATION-TOKEN")  # RFC 8656 §7.2
         new_token = os.urandom(8) if reserve else None
         alloc_id = self._next_id
         self._next_id += 1
@@ -559,7 +569,7 @@ class TurnCore:
             )
         except CapacityError as exc:
             log.warning("turn allocation failed (508): %s", exc)
-            raise _Reject(508) from None
+            raise _Reject(508, str(exc)) from None
         if new_token is not None:
             self._reservations[new_token] = now + RESERVATION_LIFETIME
             self._timer(now + RESERVATION_LIFETIME, "resv", 0, new_token)
@@ -604,7 +614,7 @@ class TurnCore:
         if raw_family is not None:
             fam = {1: 4, 2: 6}.get(decode_requested_address_family(raw_family), 0)
             if fam != alloc.relay.family:
-                raise _Reject(443)
+                raise _Reject(443, "REQUESTED-ADDRESS-FAMILY differs from relay")
         lt = msg.get(Attr.LIFETIME)
         requested = decode_u32(lt) if lt is not None else None
         if requested == 0:
@@ -621,7 +631,7 @@ class TurnCore:
     def _install_permissions(self, now: float, alloc: Allocation, ips: list[str]) -> None:
         new = {ip for ip in ips if ip not in alloc.permissions}
         if len(alloc.permissions) + len(new) > self.s.max_permissions:
-            raise _Reject(508)
+            raise _Reject(508, "turn.max_permissions reached")
         expires = now + self.s.permission_lifetime
         for ip in ips:
             if ip in new:
@@ -635,7 +645,7 @@ class TurnCore:
         """RFC 8656 §9.2: all-or-nothing over every XOR-PEER-ADDRESS."""
         values = msg.get_all(Attr.XOR_PEER_ADDRESS)
         if not values:
-            raise _Reject(400)
+            raise _Reject(400, "no XOR-PEER-ADDRESS")
         ips = [self._peer(now, alloc, v, msg.transaction_id)[0] for v in values]
         self._install_permissions(now, alloc, ips)
         b = MessageBuilder(Method.CREATE_PERMISSION, MsgClass.SUCCESS, msg.transaction_id)
@@ -648,26 +658,26 @@ class TurnCore:
         raw_ch = msg.get(Attr.CHANNEL_NUMBER)
         raw_peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if raw_ch is None or raw_peer is None:
-            raise _Reject(400)
-        number = decode_channel_number(raw_ch)  # 400 outside 0x4000-0x4FFF
+            raise _Reject(400, "CHANNEL-NUMBER or XOR-PEER-ADDRESS missing")
+        number = decode_channel_number(raw_ch)  # 400 outside 0x4000-0x7FFE (RFC 5766 range)
         peer = self._peer(now, alloc, raw_peer, msg.transaction_id)
         bound = alloc.channels.get(number)
         if bound is not None and bound.peer != peer:
-            raise _Reject(400)  # number already bound to another peer
+            raise _Reject(400, "number already bound to another peer")
         other = alloc.peer_channel.get(peer)
         if other is not None and other != number:
-            raise _Reject(400)  # peer already bound to another number
+            raise _Reject(400, "peer already bound to another number")
         if bound is None:
             # §11: after expiry the pair stays locked for 5 minutes.
             self._sweep_cooldown(now, alloc)
             cool = alloc.cool_number.get(number)
             if cool is not None and cool[0] != peer:
-                raise _Reject(400)
+                raise _Reject(400, "channel number cooling down after expiry")
             coolp = alloc.cool_peer.get(peer)
             if coolp is not None and coolp[0] != number:
-                raise _Reject(400)
+                raise _Reject(400, "peer cooling down after its channel expired")
             if len(alloc.channels) >= self.s.max_channels:
-                raise _Reject(508)
+                raise _Reject(508, "turn.max_channels reached")
         # §11.2: binding also installs or refreshes the permission for the peer's IP.
         self._install_permissions(now, alloc, [peer[0]])
         expires = now + self.s.channel_lifetime
@@ -753,6 +763,7 @@ class TurnCore:
         )
 
 
+_METHOD_NAMES = {m.value: m.name for m in Method}
 _METHODS = frozenset(
     {Method.ALLOCATE, Method.REFRESH, Method.CREATE_PERMISSION, Method.CHANNEL_BIND}
 )

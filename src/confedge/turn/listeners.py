@@ -1,6 +1,6 @@
 """Thin asyncio adapters between the TURN port (UDP and TCP) and the sans-I/O core.
 
-The only per-packet work here is the first-byte test: ChannelData (0x40-0x4F, RFC 8656 §12,
+The only per-packet work here is the first-byte test: ChannelData (0x40-0x7F, RFC 8656 §12,
 RFC 7983) goes straight to the data plane's table lookup without any STUN parsing; everything
 else is a STUN message for :meth:`TurnCore.handle`.
 
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, cast
 
-from confedge.stun import StreamFramer, StunError
+from confedge.stun import StunError
 
 from .core import Client, TurnCore
 from .dataplane import ClientSink, DataPlane
+from .framing import TurnStreamFramer
 
 __all__ = ["TcpConnection", "UdpListener"]
 
@@ -47,7 +48,7 @@ class UdpListener(asyncio.DatagramProtocol):
         pass  # ICMP errors for clients that went away; nothing to do
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
-        if len(data) >= 4 and 0x40 <= data[0] <= 0x4F:
+        if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:  # ChannelData, see framing.py
             self._channel_data(addr, data)  # fast path; unknown channels are dropped
             return
         transport = self.transport
@@ -75,13 +76,14 @@ class TcpConnection(asyncio.Protocol):
         self._channel_data = dataplane.client_channel_data
         self._loop = loop
         self._connections = connections
-        self._framer = StreamFramer()
+        self._framer = TurnStreamFramer()
         self.transport: asyncio.Transport | None = None
         self.client: Client | None = None
         self._setup_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its interface.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         transport.set_write_buffer_limits(high=self.WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
@@ -109,7 +111,7 @@ class TcpConnection(asyncio.Protocol):
             transport.close()  # not TURN: RFC 8489 §6.2.2 framing lost
             return
         for frame in frames:
-            if 0x40 <= frame[0] <= 0x4F:
+            if 0x40 <= frame[0] <= 0x7F:
                 self._channel_data(client.key, frame)
                 continue
             for out in self.core.handle(self._loop.time(), client, frame):

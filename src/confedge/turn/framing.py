@@ -1,0 +1,82 @@
+"""Channel numbers and TCP framing as the TURN *server* accepts them.
+
+RFC 8656 §12 narrowed channel numbers to 0x4000-0x4FFF, but RFC 5766 §11 allowed
+0x4000-0x7FFE, and deployed clients still use the wider range (coturn's ``turnutils_uclient``
+4.6 picks channels such as 0x54EE; coturn accepts them).  On a TURN port the first bytes
+0x50-0x7F are not used by anything else (RFC 7983 §7: STUN 0-3, ZRTP 16-19, DTLS 20-63, TURN
+channels 64-79, RTP/RTCP 128-191), so accepting them costs nothing and keeps those clients
+working.  confedge.stun implements the strict RFC 8656 range; these helpers are the lenient
+server-side counterparts.
+"""
+
+from __future__ import annotations
+
+from confedge.stun import StunError
+
+__all__ = [
+    "CHANNEL_MAX",
+    "CHANNEL_MIN",
+    "TurnStreamFramer",
+    "decode_channel_number",
+    "is_channel_byte",
+]
+
+CHANNEL_MIN = 0x4000
+CHANNEL_MAX = 0x7FFE  # RFC 5766 §11
+
+
+def is_channel_byte(first: int) -> bool:
+    """True when a packet starting with this byte is ChannelData (0x40-0x7F)."""
+    return 0x40 <= first <= 0x7F
+
+
+def decode_channel_number(value: bytes) -> int:
+    """CHANNEL-NUMBER value -> channel; StunError(400) outside 0x4000-0x7FFE (RFC 8656 §11.2)."""
+    if len(value) != 4:
+        raise StunError(400, f"CHANNEL-NUMBER has length {len(value)}, expected 4")
+    ch = value[0] << 8 | value[1]
+    if not CHANNEL_MIN <= ch <= CHANNEL_MAX:
+        raise StunError(400, f"channel number {ch:#06x} outside 0x4000-0x7FFE")
+    return ch
+
+
+class TurnStreamFramer:
+    """Cuts a TCP byte stream into STUN messages (20 + Length, RFC 8489 §6.2.2) and ChannelData
+    messages (4 + Length padded to 4, RFC 8656 §12.5).
+
+    ``feed`` returns complete frames and keeps the remainder; StunError(None) means the stream is
+    not TURN (close the connection).  The buffer is bounded: one frame is at most 20 + 65535
+    bytes.
+    """
+
+    __slots__ = ("_buf",)
+
+    MAX_BUFFER = 20 + 0xFFFF + 4
+
+    def __init__(self) -> None:
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._buf + data if self._buf else data
+        frames: list[bytes] = []
+        start = 0
+        end = len(buf)
+        while end - start >= 4:
+            first = buf[start]
+            length = buf[start + 2] << 8 | buf[start + 3]
+            if first < 0x40:
+                if length & 3:
+                    raise StunError(None, f"STUN length {length} is not a multiple of 4")
+                need = 20 + length
+            elif first <= 0x7F:
+                need = 4 + ((length + 3) & ~3)
+            else:
+                raise StunError(None, f"first byte {first:#04x} is neither STUN nor ChannelData")
+            if start + need > end:
+                break
+            frames.append(buf[start : start + need] if start or need != end else buf)
+            start += need
+        self._buf = buf[start:] if start < end else b""
+        if len(self._buf) > self.MAX_BUFFER:
+            raise StunError(None, "frame larger than any STUN or ChannelData message")
+        return frames
