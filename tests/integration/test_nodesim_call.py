@@ -1,8 +1,9 @@
 """A WebRTC call to the simulated node, with a real TURN server between them.
 
 The "browser" here is aiortc in the test; the node answers with an aiortc endpoint that
-allocated a relayed address on the TURN server (coturn's ``turnserver`` with a long-term
-credential, as the node would be configured in restricted mode), offers only that relay
+allocated a relayed address on the TURN server (each test runs against coturn's ``turnserver``,
+the reference, and against confedge's TurnService in restricted mode, both with a long-term
+credential as the node is configured in restricted mode), offers only that relay
 candidate, and echoes the media. The test checks that the answer carries only relay candidates,
 that the browser's nominated pair goes to the relay address, and that the frames it sent come
 back (by colour: a flat frame survives VP8 nearly unchanged).
@@ -36,7 +37,6 @@ from aiortc import (  # noqa: E402
 
 from confedge.nodesim import Conference, NodeSim, TurnInfo  # noqa: E402
 
-pytestmark = pytest.mark.coturn
 API = "/api/client/v2"
 TURN_USER, TURN_PASS, REALM = "nodeuser", "node-secret", "confedge.test"
 
@@ -54,8 +54,8 @@ def _free_port(lo: int, hi: int) -> int:
     raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
-@pytest.fixture
-def coturn(tmp_path: Path) -> Iterator[TurnInfo]:
+@contextlib.contextmanager
+def run_coturn(tmp_path: Path) -> Iterator[TurnInfo]:
     """coturn on loopback: long-term credential, loopback peers allowed, no TLS, no CLI."""
     binary = shutil.which("turnserver")
     if binary is None:
@@ -91,6 +91,53 @@ def coturn(tmp_path: Path) -> Iterator[TurnInfo]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextlib.asynccontextmanager
+async def run_confedge_turn(tmp_path: Path) -> AsyncIterator[TurnInfo]:
+    """confedge's own TURN server in restricted mode: the node (127.0.0.1) is the media node;
+    loopback peers allowed, as the demo configures it."""
+    from confedge.config import parse_config
+    from confedge.turn.service import TurnService
+
+    relay_lo = random.randrange(35500, 35950, 50)
+    cfg = parse_config(
+        {
+            "server": {
+                "internal_address": "127.0.0.1",
+                "domain": REALM,
+                "state_dir": str(tmp_path),
+            },
+            "proxy": {"enabled": False},
+            "turn": {
+                "mode": "restricted",
+                "port": 0,
+                "relay_ports": f"{relay_lo}-{relay_lo + 49}",
+                "username": TURN_USER,
+                "password": TURN_PASS,
+                "media_nodes": ["127.0.0.1/32"],
+                "allowed_peers": ["127.0.0.0/8"],
+            },
+        }
+    )
+    service = TurnService(cfg)
+    await service.start()
+    try:
+        info = service.info()
+        yield TurnInfo(info["host"], info["port"], info["username"], info["password"])
+    finally:
+        await service.close()
+
+
+@pytest.fixture(params=["coturn", "confedge"])
+async def turn(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[TurnInfo]:
+    """The TURN server between node and browser: coturn (the reference) and confedge's."""
+    if request.param == "coturn":
+        with run_coturn(tmp_path) as info:
+            yield info
+    else:
+        async with run_confedge_turn(tmp_path) as info:
+            yield info
 
 
 class FlatVideo(MediaStreamTrack):
@@ -135,8 +182,8 @@ async def http(
 
 
 @pytest.fixture
-async def node(coturn: TurnInfo) -> AsyncIterator[NodeSim]:
-    sim = NodeSim([Conference("meet", "1234")], turn=coturn, node_name="media-node")
+async def node(turn: TurnInfo) -> AsyncIterator[NodeSim]:
+    sim = NodeSim([Conference("meet", "1234")], turn=turn, node_name="media-node")
     await sim.start("127.0.0.1", 0)
     try:
         yield sim
@@ -151,7 +198,7 @@ def nominated_remote(pc: RTCPeerConnection) -> Any:
     return pairs[1].remote_candidate if 1 in pairs else None
 
 
-async def test_call_through_turn_echoes_media(node: NodeSim, coturn: TurnInfo) -> None:
+async def test_call_through_turn_echoes_media(node: NodeSim, turn: TurnInfo) -> None:
     status, body = await http(
         node,
         "POST",
@@ -272,8 +319,8 @@ async def test_release_token_tears_down_media(node: NodeSim) -> None:
         await browser.close()
 
 
-async def test_wrong_turn_credential_gives_clear_error(coturn: TurnInfo) -> None:
-    bad = TurnInfo(coturn.host, coturn.port, coturn.username, "wrong-password")
+async def test_wrong_turn_credential_gives_clear_error(turn: TurnInfo) -> None:
+    bad = TurnInfo(turn.host, turn.port, turn.username, "wrong-password")
     async with NodeSim([Conference("meet")], turn=bad) as sim:
         await sim.start("127.0.0.1", 0)
         status, body = await http(
@@ -292,5 +339,5 @@ async def test_wrong_turn_credential_gives_clear_error(coturn: TurnInfo) -> None
             await browser.close()
         assert status == 502
         assert body["status"] == "failure"
-        assert f"{coturn.host}:{coturn.port}" in body["result"] and "TURN" in body["result"]
+        assert f"{turn.host}:{turn.port}" in body["result"] and "TURN" in body["result"]
         assert sim.media == {}
