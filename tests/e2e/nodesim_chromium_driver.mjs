@@ -1,0 +1,111 @@
+// Drives headless Chromium through the simulated node's web page (tests/e2e/test_nodesim_chromium.py).
+//
+// What a user does: open /webapp/, type a wrong PIN (the error must show), then the right PIN;
+// the page requests a token, opens the event stream, calls with the (fake) camera and shows the
+// node's echo. We then read what the browser itself reports: getStats() framesDecoded on the
+// inbound video, and the selected candidate pair's remote candidate (it must be the TURN relay).
+//
+// Usage: node nodesim_chromium_driver.mjs '<json>' with json = {url, alias, name, pin, wrongPin,
+// chromium, screenshot, timeoutMs, ignoreHttpsErrors}. Prints one JSON line.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const cfg = JSON.parse(process.argv[2]);
+const deadline = Date.now() + (cfg.timeoutMs || 30000);
+const left = () => Math.max(1000, deadline - Date.now());
+
+const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'confedge-nodesim-chromium-'));
+let context;
+const out = { ok: false, steps: [] };
+const consoleLines = [];
+try {
+  context = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: cfg.chromium,
+    headless: true,
+    ignoreHTTPSErrors: !!cfg.ignoreHttpsErrors,
+    viewport: { width: 1100, height: 760 },
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--no-first-run', '--disable-quic',
+      '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+      '--autoplay-policy=no-user-gesture-required',
+    ],
+  });
+  const page = context.pages()[0] || (await context.newPage());
+  page.on('console', (m) => consoleLines.push(m.type() + ': ' + m.text()));
+  page.on('pageerror', (e) => consoleLines.push('pageerror: ' + String(e)));
+  await page.goto(cfg.url, { timeout: left() });
+  out.steps.push('loaded');
+
+  // 1. Wrong PIN: the node answers 403 "Invalid PIN" and the page shows it.
+  await page.fill('#alias', cfg.alias);
+  await page.fill('#name', cfg.name);
+  await page.fill('#pin', cfg.wrongPin);
+  await page.click('#join');
+  await page.waitForSelector('#error:not([hidden])', { timeout: left() });
+  out.wrongPinError = await page.textContent('#error');
+  out.wrongPinVisible = await page.isVisible('#error');
+  out.wrongPinState = await page.textContent('#state');
+  out.steps.push('wrong-pin');
+
+  // 2. Right PIN: join, call, wait for "connected".
+  await page.fill('#pin', cfg.pin);
+  await page.click('#join');
+  await page.waitForFunction(() => document.getElementById('state').textContent === 'connected',
+    null, { timeout: left() });
+  out.errorHiddenAfterJoin = !(await page.isVisible('#error'));
+  out.steps.push('connected');
+
+  // 3. What the browser measures: decoded inbound video frames, and the selected pair.
+  const measure = () => page.evaluate(async () => {
+    const pc = window.confedgeCall.pc;
+    const stats = await pc.getStats();
+    let frames = 0; let pair = null;
+    stats.forEach((s) => {
+      if (s.type === 'inbound-rtp' && s.kind === 'video') frames = s.framesDecoded || 0;
+      if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
+    });
+    const pick = (c) => c && { candidateType: c.candidateType, address: c.address, port: c.port,
+      protocol: c.protocol };
+    const remoteSdp = pc.remoteDescription ? pc.remoteDescription.sdp : '';
+    return {
+      framesDecoded: frames,
+      pair: pair && { state: pair.state, local: pick(stats.get(pair.localCandidateId)),
+        remote: pick(stats.get(pair.remoteCandidateId)) },
+      answerCandidates: remoteSdp.split(/\r?\n/).filter((l) => l.startsWith('a=candidate:')),
+      remoteVideo: (() => { const v = document.getElementById('remote');
+        return { width: v.videoWidth, height: v.videoHeight, time: v.currentTime }; })(),
+    };
+  });
+  let m = await measure();
+  while ((m.framesDecoded < 30 || m.remoteVideo.width === 0) && Date.now() < deadline) {
+    await page.waitForTimeout(250);
+    m = await measure();
+  }
+  Object.assign(out, m);
+  out.participants = await page.$$eval('#participants li', (lis) => lis.map((li) => li.textContent));
+  out.state = await page.textContent('#state');
+  out.stats = await page.textContent('#stats');
+  if (cfg.screenshot) {
+    await page.waitForTimeout(1200); // let the stats line and video settle
+    await page.screenshot({ path: cfg.screenshot, fullPage: true });
+  }
+  out.steps.push('measured');
+
+  // 4. Leave: the node forgets the participant.
+  await page.click('#leave');
+  await page.waitForFunction(() => document.getElementById('state').textContent === 'idle',
+    null, { timeout: left() });
+  out.steps.push('left');
+  out.ok = true;
+} catch (err) {
+  out.error = String((err && err.stack) || err);
+} finally {
+  out.console = consoleLines.slice(-40);
+  if (context) await context.close().catch(() => {});
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+}
+process.stdout.write(JSON.stringify(out) + '\n');

@@ -1,0 +1,158 @@
+"""Headless Chromium joins a conference on the simulated node through its web page.
+
+Real peers end to end: Chromium with a fake camera and microphone, the node's aiortc endpoint,
+and confedge's TURN server in restricted mode between them (the node is the only media node).
+What the browser itself reports decides: a wrong PIN shows "Invalid PIN"; with the right PIN
+the call connects, ``getStats()`` counts decoded inbound video frames, and the selected
+candidate pair's remote candidate is a relay candidate on the TURN server's relay address.
+A screenshot of the joined call goes to ``artifacts/nodesim_call.png``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("aiortc")
+
+from confedge.config import parse_config
+from confedge.nodesim import Conference, NodeSim, TurnInfo
+from confedge.turn.service import TurnService
+
+pytestmark = pytest.mark.chromium
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+CHROMIUM = "/usr/bin/chromium"
+DRIVER = HERE / "nodesim_chromium_driver.mjs"
+
+
+def _require_browser() -> str:
+    node = shutil.which("node")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    if node is None:
+        pytest.skip("node is missing (needed to drive Chromium with playwright-core)")
+    if not (HERE / "node_modules" / "playwright-core").is_dir():
+        pytest.skip("playwright-core is missing: npm install --prefix tests/e2e playwright-core")
+    return node
+
+
+@pytest.fixture
+async def turn(tmp_path: Path) -> AsyncIterator[tuple[TurnService, tuple[int, int]]]:
+    lo = random.randrange(35500, 35950, 50)
+    cfg = parse_config(
+        {
+            "server": {
+                "internal_address": "127.0.0.1",
+                "domain": "confedge.test",
+                "state_dir": str(tmp_path),
+            },
+            "proxy": {"enabled": False},
+            "turn": {
+                "mode": "restricted",
+                "port": 0,
+                "relay_ports": f"{lo}-{lo + 49}",
+                "username": "nodeuser",
+                "password": "node-secret",
+                "media_nodes": ["127.0.0.1/32"],
+                "allowed_peers": ["127.0.0.0/8"],
+            },
+        }
+    )
+    service = TurnService(cfg)
+    await service.start()
+    try:
+        yield service, (lo, lo + 49)
+    finally:
+        await service.close()
+
+
+async def run_driver(node_bin: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        node_bin,
+        str(DRIVER),
+        json.dumps(cfg),
+        cwd=str(HERE),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AssertionError("the Chromium driver did not finish in time") from None
+    lines = out.decode().strip().splitlines()
+    assert lines, f"driver printed nothing; stderr: {err.decode()[-2000:]}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+async def test_join_with_pin_call_through_turn(
+    turn: tuple[TurnService, tuple[int, int]],
+) -> None:
+    node_bin = _require_browser()
+    service, (relay_lo, relay_hi) = turn
+    info = service.info()
+    tinfo = TurnInfo(info["host"], info["port"], info["username"], info["password"])
+    sim = NodeSim([Conference("meet", "1234", "5678")], turn=tinfo, node_name="e2e-node")
+    await sim.start("127.0.0.1", 0)
+    artifacts = ROOT / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shot = artifacts / "nodesim_call.png"
+    try:
+        result = await run_driver(
+            node_bin,
+            {
+                "url": f"{sim.url}/webapp/",
+                "alias": "meet",
+                "name": "Chromium",
+                "pin": "1234",
+                "wrongPin": "0000",
+                "chromium": CHROMIUM,
+                "screenshot": str(shot),
+                "timeoutMs": 40000,
+            },
+            timeout=70,
+        )
+        diag = json.dumps(result, indent=1)[-4000:]
+        assert result["ok"], diag
+        # Wrong PIN: the node's 403 "Invalid PIN" reached the user, visibly.
+        assert result["wrongPinError"] == "Invalid PIN", diag
+        assert result["wrongPinVisible"] is True
+        assert result["wrongPinState"] == "error"
+        assert result["errorHiddenAfterJoin"] is True
+        # Media: the browser decoded echoed video frames.
+        assert result["framesDecoded"] > 0, diag
+        assert result["remoteVideo"]["width"] > 0, diag
+        # The node offered only its relayed address...
+        cands = result["answerCandidates"]
+        assert cands and all(" typ relay " in c for c in cands), cands
+        relay_ports = {int(c.split()[5]) for c in cands}
+        # ...and the browser's selected pair goes to it: a relay candidate on the TURN relay.
+        remote = result["pair"]["remote"]
+        assert remote["candidateType"] == "relay", diag
+        assert remote["address"] == "127.0.0.1", diag
+        assert relay_lo <= remote["port"] <= relay_hi and remote["port"] in relay_ports, diag
+        assert result["pair"]["state"] == "succeeded"
+        assert any(p.startswith("Chromium (you) [chair]") for p in result["participants"]), diag
+        # The media really crossed confedge's TURN server, both ways.
+        stats = service.stats()
+        assert stats["bytes_to_peer"] > 10_000 and stats["bytes_to_client"] > 10_000, stats
+        # Leaving released the token: the node has nobody left.
+        for _ in range(50):
+            if not sim.state.participants:
+                break
+            await asyncio.sleep(0.1)
+        assert sim.state.participants == {}
+        assert shot.stat().st_size > 10_000
+    finally:
+        await sim.close()
