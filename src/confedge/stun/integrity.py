@@ -16,9 +16,12 @@ Long-term credential keys (RFC 8489 §9.2.2, RFC 5389 §15.4)::
     SHA-256: key = SHA-256(username ":" prep(realm) ":" prep(password))
 
 RFC 8489 names the OpaqueString profile (RFC 8265) for prep; RFC 5389 named SASLprep. For every
-string real deployments use they agree, and the RFC 5769 §2.4 test vector ("The\\u00adM\\u00aatr
-\\u2168" -> "TheMatrIX") is only satisfied by SASLprep (OpaqueString keeps the soft hyphen), so
-SASLprep is used: it is what RFC 8489 Appendix B.1 also prints as the prepared password.
+string real deployments use they agree, but the RFC 5769 §2.4 test vector ("The\\u00adM\\u00aatr
+\\u2168" -> "TheMatrIX") is only satisfied by SASLprep: OpaqueString would refuse the soft hyphen
+(default-ignorable code points are disallowed in PRECIS) and keep "ª" and "Ⅸ" (it normalises with
+NFC, not NFKC). RFC 8489 Appendix B.1 prints the same "TheMatrIX", so SASLprep it is. The
+username is used as received (both RFCs' vectors leave it unprocessed).
+
 A realm SASLprep refuses is used as is (it is the operator's domain, never attacker input).
 
 USERHASH (RFC 8489 §14.4): SHA-256(username ":" realm), letting clients hide the username.
