@@ -554,3 +554,16 @@ def test_conference_parse_errors(text: str, msg: str) -> None:
 def test_duplicate_alias_rejected() -> None:
     with pytest.raises(ValueError, match="listed twice"):
         NodeState([Conference("a"), Conference("A")])
+
+
+def test_stalled_stream_is_ended_not_buffered_forever() -> None:
+    from confedge.nodesim.core import MAX_PENDING_EVENTS
+
+    st = node()
+    a = join(st, "open", None, "reader")
+    r = st.handle(req("GET", f"{P}/open/events", headers={"token": a["token"]}), 1)
+    assert isinstance(r, StreamRequest)
+    for i in range(MAX_PENDING_EVENTS + 10):
+        join(st, "open", None, f"p{i}")
+    assert r.subscription.closed
+    assert len(r.subscription.events) <= MAX_PENDING_EVENTS

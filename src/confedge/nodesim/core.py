@@ -61,6 +61,7 @@ TOKEN_TTL = 120
 API_PREFIX = "/api/client/v2/"
 MAX_DISPLAY_NAME = 256
 MAX_SDP = 64 * 1024
+MAX_PENDING_EVENTS = 1000
 
 VERSION = {"version_id": "36", "pseudo_version": "confedge-nodesim"}
 
@@ -193,6 +194,11 @@ class Subscription:
 
     def push(self, event: SseEvent) -> None:
         if self.closed:
+            return
+        if len(self.events) >= MAX_PENDING_EVENTS:
+            # The client stopped reading. Rather than buffer without bound, end the stream: a
+            # client that reconnects gets a fresh sync bracket, which is what it is for.
+            self.close()
             return
         self.events.append(event)
         if self.on_event is not None:
