@@ -397,3 +397,18 @@ def test_cli_runs_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def test_expect_100_continue(node: NodeSim) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", node.port)
+    body = json.dumps({"display_name": "Patient"}).encode()
+    w.write(
+        b"POST /api/client/v2/conferences/open/request_token HTTP/1.1\r\nHost: x\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    assert await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    w.write(body)
+    c = Conn(r, w)
+    status, _, data = await c.response()
+    assert status == 200 and json.loads(data)["result"]["display_name"] == "Patient"
+    await c.close()

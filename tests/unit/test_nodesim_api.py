@@ -214,6 +214,7 @@ def test_wrong_method_405() -> None:
     assert json_of(st.handle(req("POST", "/api/client/v2/status"), 0))[0] == 405
     tok = join(st, "open", None)["token"]
     assert json_of(st.handle(req("POST", f"{P}/open/events", headers={"token": tok}), 0))[0] == 405
+    assert json_of(st.handle(req("HEAD", f"{P}/open/events", headers={"token": tok}), 0))[0] == 405
     assert (
         json_of(st.handle(req("GET", f"{P}/open/refresh_token", headers={"token": tok}), 0))[0]
         == 405

@@ -426,7 +426,7 @@ class NodeState:
         method_needed = "GET" if route in ("events", "conference_status") else "POST"
         if route == "participants" and len(rest) == 1:
             method_needed = "GET"
-        if req.method != method_needed and not (method_needed == "GET" and req.method == "HEAD"):
+        if req.method != method_needed:
             return _fail(405, "Method not allowed")
         if tok is None:
             return INVALID_TOKEN

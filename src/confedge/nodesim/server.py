@@ -200,6 +200,10 @@ class NodeHttpProtocol(asyncio.Protocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
+        if self._headers.get("expect", "").lower() == "100-continue":
+            # RFC 9110 section 10.1.1: a client (curl, for bodies over 1 KiB) may wait for this
+            # interim answer before it sends the body.
+            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
         self._body += body
