@@ -1,0 +1,76 @@
+"""Choosing a node for a request, sans-I/O: round-robin, ip-hash, least-conn (SPEC §2).
+
+Every policy skips nodes that are not UP (health.py) and nodes already tried for this request
+(a bitmask, so failover never loops). ip-hash is rendezvous hashing (highest random weight):
+each client address ranks the nodes by crc32(address, node); when a node goes down only its
+own clients move, and when it returns they move back, which keeps a client's SSE stream and
+its REST calls on one node (SPEC §2 affinity). crc32 rather than hash(): Python salts str
+hashes per process, and every worker process must pick the same node for one client.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Literal
+
+__all__ = ["Balancer"]
+
+Policy = Literal["round-robin", "ip-hash", "least-conn"]
+
+
+class Balancer:
+    """Picks node indices; `active[i]` is maintained by the caller (requests in flight)."""
+
+    def __init__(self, keys: list[str], up: list[bool], policy: Policy) -> None:
+        self.n = len(keys)
+        self.up = up  # shared with HealthMonitor.up: health changes are seen at once
+        self.policy = policy
+        self.active = [0] * self.n
+        self._next = 0
+        self._salts = [k.encode() + b"|" for k in keys]
+
+    def pick(self, client_ip: str, tried: int) -> int | None:
+        """The node for the next attempt, or None when no untried node is UP."""
+        if self.policy == "round-robin":
+            return self._round_robin(tried)
+        if self.policy == "ip-hash":
+            return self._ip_hash(client_ip, tried)
+        return self._least_conn(tried)
+
+    def _round_robin(self, tried: int) -> int | None:
+        n = self.n
+        start = self._next
+        up = self.up
+        for k in range(n):
+            i = (start + k) % n
+            if up[i] and not tried >> i & 1:
+                self._next = (i + 1) % n
+                return i
+        return None
+
+    def _ip_hash(self, client_ip: str, tried: int) -> int | None:
+        best = -1
+        best_score = -1
+        ip = client_ip.encode()
+        up = self.up
+        for i, salt in enumerate(self._salts):
+            if up[i] and not tried >> i & 1:
+                score = zlib.crc32(salt + ip)
+                if score > best_score:
+                    best, best_score = i, score
+        return best if best >= 0 else None
+
+    def _least_conn(self, tried: int) -> int | None:
+        n = self.n
+        start = self._next
+        best = -1
+        best_load = 0
+        up, active = self.up, self.active
+        for k in range(n):
+            i = (start + k) % n
+            if up[i] and not tried >> i & 1 and (best < 0 or active[i] < best_load):
+                best, best_load = i, active[i]
+        if best < 0:
+            return None
+        self._next = (best + 1) % n
+        return best

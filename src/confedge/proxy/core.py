@@ -1,0 +1,348 @@
+"""Per-worker proxy state: node pools, balancer, health, limits, timers, logging hooks.
+
+One `ProxyCore` lives in each worker process and is shared by all its connections. It turns the
+configuration into the constants the hot path reads (bytes, frozensets, floats) once, so a
+request never looks anything up in the pydantic model, never calls logging.getLogger, and never
+formats a date more than once a second.
+
+Timers: instead of a loop.call_later per request (a TimerHandle allocated and cancelled for every
+exchange), every connection carries a `deadline` and an `activity` flag, and one sweep per
+fraction of a second expires what is due. A flag store per chunk is the whole per-chunk cost of
+idle timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import math
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from confedge.config import Config, NodeAddress
+from confedge.proxy.balancer import Balancer
+from confedge.proxy.health import HealthMonitor, Transition
+from confedge.proxy.pages import DateCache
+from confedge.tls.context import client_context
+
+if TYPE_CHECKING:
+    from confedge.proxy.server import ClientConnection, Exchange, Request
+    from confedge.proxy.upstream import NodePool, UpstreamConnection
+
+__all__ = ["AccessLogSink", "GuardHook", "ProxyCore"]
+
+log = logging.getLogger("confedge.proxy")
+
+STATUS_PATH = "/api/client/v2/status"
+
+
+class GuardHook(Protocol):
+    """The proxy side of notes/guard_api.md (structural, so any guard object fits)."""
+
+    enabled: bool
+    ban_status: int
+
+    def check(self, client_ip: str) -> float | None: ...
+
+    def record_pin_failure(self, client_ip: str, alias: str, pin: str | None) -> None: ...
+
+
+class AccessLogSink(Protocol):
+    """Receives one finished request (confedge.proxy.accesslog.AccessLog fits)."""
+
+    def log(
+        self,
+        remote_addr: str,
+        now: float,
+        request: str,
+        status: int,
+        body_bytes_sent: int,
+        referer: str | bytes | None = None,
+        user_agent: str | bytes | None = None,
+        upstream_addr: str | None = None,
+        upstream_status: str | None = None,
+        upstream_response_time: str | None = None,
+    ) -> None: ...
+
+
+def _allowed_hosts(cfg: Config) -> frozenset[str]:
+    s = cfg.server
+    names = {s.fqdn, s.hostname, s.internal_address, "localhost", "127.0.0.1", "::1"}
+    if s.external_address:
+        names.add(s.external_address)
+    names.update(cfg.proxy.allowed_hosts)
+    return frozenset(n.lower().rstrip(".") for n in names)
+
+
+class ProxyCore:
+    """Everything one worker's connections share."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        guard: GuardHook | None = None,
+        access_log: AccessLogSink | None = None,
+        static: Any = None,
+        workers: int = 1,
+    ) -> None:
+        p = cfg.proxy
+        self.cfg = cfg
+        self.loop = loop
+        self.guard = guard if guard is not None and getattr(guard, "enabled", True) else None
+        self.access_log = access_log
+        self.static = static
+        self.allowed_hosts = _allowed_hosts(cfg)
+        self.allowlist = tuple(p.path_allowlist)
+        self.max_body = p.max_body_bytes
+        self.max_header_bytes = p.max_header_bytes
+        self.max_url_bytes = max(1024, p.max_header_bytes // 2)
+        self.max_headers = p.max_headers
+        self.header_timeout = p.header_timeout
+        self.body_timeout = p.body_timeout
+        self.idle_timeout = p.idle_timeout
+        self.read_timeout = p.read_timeout
+        self.connect_timeout = p.connect_timeout
+        self.api_connect_timeout = p.api_connect_timeout
+        self.sse_lifetime = p.sse_max_lifetime
+        self.ws_idle = p.websocket_idle_timeout
+        self.max_connections = max(1, math.ceil(p.max_connections / max(1, workers)))
+        self.upstream_keepalive = p.upstream_keepalive
+        self.upstream_idle = p.upstream_idle_timeout
+        self.csp_line = (
+            b"Content-Security-Policy: " + p.csp_policy.encode() + b"\r\n" if p.csp else b""
+        )
+        self.trusted = [ipaddress.ip_network(n) for n in p.trusted_proxies]
+        self.date = DateCache()
+        self.nodes: list[NodeAddress] = p.node_addresses
+        self.health = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
+        self.balancer = Balancer([n.netloc for n in self.nodes], self.health.up, p.balance)
+        self.upstream_ssl: ssl.SSLContext | None = None
+        if any(n.scheme == "https" for n in self.nodes):
+            self.upstream_ssl = client_context(p.verify_upstream)
+            if not p.verify_upstream:
+                log.warning(
+                    "proxy.verify_upstream is false: node certificates are not verified "
+                    "(like the reference); set it to true if the nodes have trusted certificates"
+                )
+        from confedge.proxy.upstream import NodePool
+
+        self.pools: list[NodePool] = [NodePool(self, i, n) for i, n in enumerate(self.nodes)]
+        self.clients: set[ClientConnection] = set()
+        self.upstreams: set[UpstreamConnection] = set()
+        self.on_transition: list[Callable[[Transition], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        shortest = min(
+            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout, 2.0
+        )
+        self.sweep_interval = max(0.02, min(0.5, shortest / 5))
+        self.closing = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self, *, health_checks: bool = True) -> None:
+        self._tasks.append(self.loop.create_task(self._sweeper()))
+        if health_checks and self.nodes:
+            self._tasks.append(self.loop.create_task(self._health_loop()))
+
+    async def close(self) -> None:
+        self.closing = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()
+        for c in list(self.clients):
+            c.abort()
+        for u in list(self.upstreams):
+            u.close()
+        for pool in self.pools:
+            pool.idle.clear()
+
+    # -- health -------------------------------------------------------------------------------
+
+    def transition(self, t: Transition | None) -> None:
+        if t is None:
+            return
+        node = self.nodes[t.node].url
+        level = logging.INFO if t.new.value == "up" else logging.WARNING
+        log.log(level, "node %s: %s -> %s (%s)", node, t.old.value, t.new.value, t.reason)
+        for cb in self.on_transition:
+            cb(t)
+
+    def passive_failure(self, i: int, reason: str, *, maintenance: bool = False) -> None:
+        self.transition(
+            self.health.passive_failure(i, self.loop.time(), reason, maintenance=maintenance)
+        )
+
+    async def _health_loop(self) -> None:
+        p = self.cfg.proxy
+        while True:
+            await asyncio.gather(*(self._check(i) for i in range(len(self.nodes))))
+            await asyncio.sleep(p.health_interval)
+
+    async def _check(self, i: int) -> None:
+        result, detail = await check_node(
+            self.nodes[i], self.upstream_ssl, self.cfg.proxy.health_timeout
+        )
+        self.transition(self.health.check_result(i, result, self.loop.time(), detail))  # type: ignore[arg-type]
+
+    # -- timers -------------------------------------------------------------------------------
+
+    async def _sweeper(self) -> None:
+        loop = self.loop
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            now = loop.time()
+            self.date.refresh()
+            for c in list(self.clients):
+                if c.activity:
+                    c.activity = False
+                    if c.timeout:
+                        c.deadline = now + c.timeout
+                elif now >= c.deadline:
+                    c.on_timeout()
+            for u in list(self.upstreams):
+                if u.activity:
+                    u.activity = False
+                    if u.timeout:
+                        u.deadline = now + u.timeout
+                elif now >= u.deadline:
+                    u.on_timeout()
+
+    # -- access log ---------------------------------------------------------------------------
+
+    def log_exchange(self, ex: Exchange, *, truncated: bool = False) -> None:
+        """One access-log line for a finished (or abandoned) exchange."""
+        sink = self.access_log
+        if sink is None:
+            return
+        req = ex.req
+        status = ex.status or 499  # nginx's "client closed the request" code
+        sink.log(
+            ex.client.peer,
+            time.time(),
+            f"{req.method.decode()} {req.url.decode('latin-1')} HTTP/{req.version}",
+            status,
+            ex.sent,
+            req.referer,
+            req.ua,
+            ", ".join(ex.addrs) or None,
+            ", ".join(ex.statuses) or None,
+            ", ".join(ex.times) or None,
+        )
+
+    def log_local(
+        self,
+        client: ClientConnection,
+        req: Request | None,
+        status: int,
+        nbytes: int,
+        ex: Exchange | None,
+    ) -> None:
+        """An answer the proxy wrote itself (refusal, ban, error page)."""
+        sink = self.access_log
+        if sink is None:
+            return
+        if req is None or not req.method:
+            line = "-" if req is None else req.url.decode("latin-1")
+            ua = referer = None
+        else:
+            line = f"{req.method.decode()} {req.url.decode('latin-1')} HTTP/{req.version}"
+            ua, referer = req.ua, req.referer
+        sink.log(
+            client.peer,
+            time.time(),
+            line,
+            status,
+            nbytes,
+            referer,
+            ua,
+            ", ".join(ex.addrs) or None if ex else None,
+            ", ".join(ex.statuses) or None if ex else None,
+            ", ".join(ex.times) or None if ex else None,
+        )
+
+    # -- client address -----------------------------------------------------------------------
+
+    def client_ip(self, peer: str, xff: bytes | None) -> str:
+        """The client address: the peer, or behind trusted_proxies the last untrusted hop."""
+        if not self.trusted or xff is None:
+            return peer
+        try:
+            if not any(ipaddress.ip_address(peer) in n for n in self.trusted):
+                return peer
+        except ValueError:
+            return peer
+        for hop in reversed(xff.decode("latin-1").split(",")):
+            hop = hop.strip()
+            try:
+                addr = ipaddress.ip_address(hop)
+            except ValueError:
+                return peer
+            if not any(addr in n for n in self.trusted):
+                return str(addr)
+        return peer
+
+
+def normalise_peer(peer: Any) -> str:
+    """Peer address text; IPv4-mapped IPv6 (dual-stack sockets) shown as IPv4."""
+    host = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
+
+
+async def check_node(
+    node: NodeAddress, ctx: ssl.SSLContext | None, timeout: float
+) -> tuple[str, str]:
+    """One active health check: GET /api/client/v2/status -> ("ok"|"maintenance"|"fail", detail)."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                node.host, node.port, ssl=ctx if node.scheme == "https" else None
+            )
+            writer.write(
+                f"GET {STATUS_PATH} HTTP/1.1\r\nHost: {node.netloc}\r\n"
+                "User-Agent: confedge-health\r\nConnection: close\r\n\r\n".encode()
+            )
+            line = await reader.readline()
+    except TimeoutError:
+        return "fail", f"no answer within {timeout:g} s"
+    except (OSError, ssl.SSLError) as exc:
+        return "fail", exc.strerror or str(exc) or type(exc).__name__
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+        return "fail", "not an HTTP answer"
+    status = int(parts[1])
+    if status == 200:
+        return "ok", ""
+    if status == 503:
+        return "maintenance", ""
+    return "fail", f"status {status}"
+
+
+def reuse_port_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A listening TCP socket; SO_REUSEPORT lets each worker own one (kernel load-balances)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock

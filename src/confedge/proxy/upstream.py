@@ -1,0 +1,227 @@
+"""Connections to the conferencing nodes: keep-alive pools and the response-side protocol.
+
+Each `UpstreamConnection` is an asyncio Protocol with its own httptools HttpResponseParser. While
+an exchange owns it, parser callbacks go straight to that exchange (server.Exchange), which
+writes to the client transport; in between, the connection sits in its node's idle list (LIFO,
+so the warmest connection is reused and surplus ones age out). A connection is reused only when
+the previous response ended cleanly with keep-alive and the whole request had been sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import ssl
+from typing import TYPE_CHECKING
+
+import httptools
+
+from confedge.config import NodeAddress
+
+if TYPE_CHECKING:
+    from confedge.proxy.core import ProxyCore
+    from confedge.proxy.server import Exchange
+
+__all__ = ["NodePool", "UpstreamConnection"]
+
+_INF = math.inf
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to a node."""
+
+    __slots__ = (
+        "activity",
+        "deadline",
+        "exchange",
+        "got_bytes",
+        "headers",
+        "informational",
+        "parser",
+        "pool",
+        "reused",
+        "timeout",
+        "transport",
+        "tunnel",
+        "writing_paused",
+    )
+
+    def __init__(self, pool: NodePool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reused = False
+        self.got_bytes = False
+        self.informational = False
+        self.tunnel = False
+        self.writing_paused = False
+        self.activity = False
+        self.deadline = _INF
+        self.timeout = 0.0
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.pool.core.upstreams.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.activity = True
+        self.got_bytes = True
+        ex = self.exchange
+        if self.tunnel:
+            if ex is not None:
+                ex.client.transport.write(data)  # type: ignore[union-attr]
+            return
+        if ex is None:
+            # Bytes on an idle keep-alive connection: the node broke framing; never reuse it.
+            self.close()
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            ex = self.exchange
+            if ex is not None and ex.upgrading:
+                ex.on_tunnel(self, data[exc.args[0] :])
+            else:
+                self.close()
+        except httptools.HttpParserError as exc:
+            ex = self.exchange
+            self.close()
+            if ex is not None:
+                ex.upstream_failed(self, f"invalid response from node: {exc}")
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too (no half-open upstream connections)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool.forget(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.upstream_lost(self)
+
+    def pause_writing(self) -> None:
+        # The node reads the request body slower than the client sends it.
+        self.writing_paused = True
+        ex = self.exchange
+        if ex is not None:
+            ex.client.pause(1)
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        ex = self.exchange
+        if ex is not None:
+            ex.client.resume(1)
+
+    # -- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.headers = []
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_response_head(self)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_response_body(body)
+
+    def on_message_complete(self) -> None:
+        if self.informational:
+            self.informational = False
+            return
+        ex = self.exchange
+        if ex is not None:
+            ex.on_response_done(self)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def on_timeout(self) -> None:
+        ex = self.exchange
+        if ex is None:
+            self.close()  # idle in the pool too long
+            return
+        self.deadline = _INF
+        ex.upstream_timeout(self)
+
+    def close(self) -> None:
+        self.exchange = None
+        self.pool.forget(self)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class NodePool:
+    """Idle keep-alive connections to one node, and new connections on demand."""
+
+    __slots__ = ("core", "host", "idle", "index", "node", "port", "server_hostname", "ssl")
+
+    def __init__(self, core: ProxyCore, index: int, node: NodeAddress) -> None:
+        self.core = core
+        self.index = index
+        self.node = node
+        self.host = node.host
+        self.port = node.port
+        self.ssl: ssl.SSLContext | None = core.upstream_ssl if node.scheme == "https" else None
+        self.server_hostname = node.host if self.ssl is not None else None
+        self.idle: list[UpstreamConnection] = []
+
+    def take(self) -> UpstreamConnection | None:
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            t = conn.transport
+            if t is not None and not t.is_closing():
+                conn.reused = True
+                return conn
+        return None
+
+    def release(self, conn: UpstreamConnection) -> None:
+        core = self.core
+        if len(self.idle) >= core.upstream_keepalive or core.closing:
+            conn.close()
+            return
+        conn.exchange = None
+        conn.got_bytes = False
+        conn.timeout = 0.0
+        conn.activity = False
+        conn.deadline = core.loop.time() + core.upstream_idle
+        self.idle.append(conn)
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.core.upstreams.discard(conn)
+        if conn in self.idle:
+            self.idle.remove(conn)
+
+    def connect(self, ex: Exchange, timeout: float) -> None:
+        """Open a new connection for `ex`; calls ex.upstream_ready or ex.connect_failed."""
+        self.core.loop.create_task(self._connect(ex, timeout))
+
+    async def _connect(self, ex: Exchange, timeout: float) -> None:
+        loop = self.core.loop
+        try:
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(
+                    lambda: UpstreamConnection(self),
+                    self.host,
+                    self.port,
+                    ssl=self.ssl,
+                    server_hostname=self.server_hostname,
+                )
+        except TimeoutError:
+            ex.connect_failed(self.index, f"connect timeout ({timeout:g} s)")
+            return
+        except (OSError, ssl.SSLError) as exc:
+            ex.connect_failed(self.index, f"connect error: {exc.strerror or exc}")
+            return
+        except asyncio.CancelledError:
+            raise
+        ex.upstream_ready(proto)
