@@ -113,10 +113,10 @@ def parse_events(blob: bytes) -> list[tuple[str, Any]]:
     for block in blob.decode().split("\n\n"):
         if not block or block.startswith(":"):
             continue
-        fields = dict(
-            line.split(": ", 1) if ": " in line else (line.rstrip(":"), "")
-            for line in block.split("\n")
-        )
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
         out.append((fields["event"], json.loads(fields["data"]) if fields.get("data") else None))
     return out
 
