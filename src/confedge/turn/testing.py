@@ -6,11 +6,14 @@ browser tests start the relay exactly the way the test suite does.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any
 
 from confedge.config import Config, parse_config
 
-__all__ = ["turn_config"]
+from .dataplane import AllocationCounters, CapacityError, ClientSink, DataPlane, RelayGrant
+
+__all__ = ["MemoryDataPlane", "turn_config"]
 
 
 def turn_config(
@@ -53,3 +56,97 @@ def turn_config(
             "turn": section,
         }
     )
+
+
+class MemoryDataPlane(DataPlane):
+    """In-memory :class:`DataPlane` for sans-I/O tests: records what the core asked for.
+
+    Relay ports are handed out sequentially from ``first_port``; ``capacity`` bounds how many
+    relays may exist at once (to provoke 508).
+    """
+
+    def __init__(
+        self, *, first_port: int = 50000, capacity: int = 1 << 30, v6: bool = False
+    ) -> None:
+        self.next_port = first_port
+        self.capacity = capacity
+        self.v6 = v6
+        self.allocations: dict[int, dict[str, Any]] = {}
+        self.reservations: dict[bytes, int] = {}
+        self.sent: list[tuple[int, tuple[str, int], bytes]] = []
+        self.released: list[bytes] = []
+        self._ended = AllocationCounters()
+
+    def families(self) -> set[int]:
+        return {4, 6} if self.v6 else {4}
+
+    def add_allocation(
+        self,
+        alloc_id: int,
+        family: int,
+        client_key: Hashable,
+        sink: ClientSink,
+        *,
+        even_port: bool = False,
+        reserve_token: bytes | None = None,
+        use_token: bytes | None = None,
+        dont_fragment: bool = False,
+    ) -> RelayGrant:
+        if len(self.allocations) >= self.capacity:
+            raise CapacityError("memory data plane full")
+        if use_token is not None:
+            if use_token not in self.reservations:
+                raise CapacityError("unknown token")
+            port = self.reservations.pop(use_token)
+        else:
+            port = self.next_port
+            if even_port and port % 2:
+                port += 1
+            self.next_port = port + (2 if reserve_token is not None else 1)
+            if reserve_token is not None:
+                self.reservations[reserve_token] = port + 1
+        ip = "203.0.113.5" if family == 4 else "2001:db8::5"
+        self.allocations[alloc_id] = {
+            "family": family,
+            "client": client_key,
+            "port": port,
+            "dont_fragment": dont_fragment,
+            "perms": set(),
+            "channels": {},
+        }
+        return RelayGrant(family, ip, port)
+
+    def release_reservation(self, token: bytes) -> None:
+        self.released.append(token)
+        self.reservations.pop(token, None)
+
+    def remove_allocation(self, alloc_id: int) -> AllocationCounters:
+        self.allocations.pop(alloc_id, None)
+        return AllocationCounters()
+
+    def add_permission(self, alloc_id: int, peer_ip: str) -> None:
+        self.allocations[alloc_id]["perms"].add(peer_ip)
+
+    def remove_permission(self, alloc_id: int, peer_ip: str) -> None:
+        self.allocations[alloc_id]["perms"].discard(peer_ip)
+
+    def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        self.allocations[alloc_id]["channels"][channel] = peer
+
+    def remove_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        self.allocations[alloc_id]["channels"].pop(channel, None)
+
+    def send_to_peer(self, alloc_id: int, peer: tuple[str, int], payload: bytes) -> None:
+        self.sent.append((alloc_id, peer, payload))
+
+    def client_channel_data(self, client_key: Hashable, data: bytes) -> bool:
+        return False
+
+    def counters(self, alloc_id: int) -> AllocationCounters:
+        return AllocationCounters()
+
+    def totals(self) -> AllocationCounters:
+        return AllocationCounters(pkts_to_peer=len(self.sent))
+
+    def close(self) -> None:
+        self.allocations.clear()
