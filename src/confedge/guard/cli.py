@@ -119,7 +119,7 @@ async def _act(cfg: Config, store: GuardStore, args: argparse.Namespace, out: Te
     if args.action == "add":
         source = normalise_source(args.source)
         seconds = parse_duration(args.time) if args.time is not None else None
-        core = GuardCore(cfg.guard)
+        core = GuardCore(cfg.guard, rand=lambda: 0.0)  # an operator asked for a length: no jitter
         core.set_bans(await store.list_bans())
         if core.ignored(source.split("/")[0]):
             print(

@@ -101,6 +101,7 @@ class Guard:
         self._last_purge = float("-inf")
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- the hook (called from the proxy's and TURN's protocol callbacks) --------------------
 
@@ -168,11 +169,15 @@ class Guard:
         self._task = asyncio.create_task(self._run(), name="guard-sync")
 
     async def close(self) -> None:
+        self._closing = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # Not `await task`: a client library that turns our cancellation into its own
+            # timeout error would leave us waiting forever; the loop also checks _closing.
+            await asyncio.wait({task}, timeout=2.0)
+            if not task.done():
+                log.warning("guard sync task did not stop within 2 s")
         with contextlib.suppress(StoreError):
             if self._connected:
                 await self._flush()
@@ -223,7 +228,7 @@ class Guard:
 
     async def _run(self) -> None:
         assert self._wake is not None
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.cfg.refresh_interval)
                 await asyncio.sleep(0.005)  # gather a burst of failures into one write
