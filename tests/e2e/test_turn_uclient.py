@@ -52,9 +52,9 @@ def _free_udp_port() -> int:
     raise RuntimeError("no free UDP port in 20500-20999")
 
 
-@pytest.fixture
-async def echo_peer() -> AsyncIterator[int]:
-    """turnutils_peer echoing on 127.0.0.1:<port>."""
+@contextlib.asynccontextmanager
+async def _turnutils_peer(host: str) -> AsyncIterator[int]:
+    """turnutils_peer echoing on <host>:<port>."""
     assert PEER is not None
     port = _free_udp_port()
     proc = await asyncio.create_subprocess_exec(
@@ -62,7 +62,7 @@ async def echo_peer() -> AsyncIterator[int]:
         "-p",
         str(port),
         "-L",
-        "127.0.0.1",
+        host,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
@@ -72,6 +72,12 @@ async def echo_peer() -> AsyncIterator[int]:
     finally:
         proc.terminate()
         await proc.wait()
+
+
+@pytest.fixture
+async def echo_peer() -> AsyncIterator[int]:
+    async with _turnutils_peer("127.0.0.1") as port:
+        yield port
 
 
 async def _uclient(port: int, *args: str, timeout: float = 25) -> str:
@@ -134,6 +140,31 @@ async def test_uclient_relays_every_message(echo_peer: int) -> None:
         # Both directions went through confedge (the echo comes back via the second relay).
         assert stats["bytes_to_peer"] >= sent, name
         assert stats["bytes_to_client"] >= sent, name
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="host has no IPv6 loopback (::1)")
+async def test_uclient_ipv6_relay() -> None:
+    """RFC 6156: uclient -x asks for an IPv6 relay; peer on ::1 (listed in allowed_peers)."""
+    cfg = {"relay_address_v6": "::1", "allowed_peers": ["::1"]}
+    async with _turnutils_peer("::1") as port:
+        flags = ["-x", "-n", "3", "-u", "turnuser", "-w", "turnpass", "-e", "::1", "-r", str(port)]
+        results = await asyncio.gather(
+            _case(cfg, flags), _case(cfg, [*flags, "-s"]), _case(cfg, [*flags, "-t"])
+        )
+    for out, stats in results:
+        totals = _TOTALS.findall(out)
+        assert totals, out[-2000:]
+        assert totals[-1] == ("300", "300"), out[-2000:]
+        assert stats["bytes_to_peer"] >= 300
 
 
 class _Recorder(asyncio.DatagramProtocol):
