@@ -412,3 +412,43 @@ async def test_expect_100_continue(node: NodeSim) -> None:
     status, _, data = await c.response()
     assert status == 200 and json.loads(data)["result"]["display_name"] == "Patient"
     await c.close()
+
+
+async def test_garbage_never_crashes_or_hangs_the_node(node: NodeSim) -> None:
+    """Random bytes, truncated requests and odd framing: each connection gets an error or is
+    closed within the timeout, and the node keeps serving."""
+    import random
+
+    rng = random.Random(5)
+    samples = [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))) for _ in range(30)]
+    samples += [
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /api/client/v2/conferences/open/request_token HTTP/1.1\r\nHost: x\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"GET /api/client/v2/conferences/%ff%fe/participants HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/client/v2/conferences/open/participants?token=%ZZ HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"\r\n\r\n\r\n",
+        b"GET " + b"/a" * 5000 + b" HTTP/1.1\r\n\r\n",
+    ]
+    for blob in samples:
+        r, w = await asyncio.open_connection("127.0.0.1", node.port)
+        w.write(blob)
+        with contextlib.suppress(ConnectionError):
+            w.write_eof()
+        data = await asyncio.wait_for(r.read(), 5)
+        assert data == b"" or data.startswith(b"HTTP/1.1 "), (blob[:60], data[:80])
+        w.close()
+    c = await Conn.open(node)
+    assert (await c.request("GET", f"{API}/status"))[0] == 200
+    await c.close()
+
+
+async def test_half_closed_client_still_gets_its_answers(node: NodeSim) -> None:
+    r, w = await asyncio.open_connection("127.0.0.1", node.port)
+    w.write(b"GET /api/client/v2/status HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+    w.write_eof()
+    data = await asyncio.wait_for(r.read(), 5)
+    assert data.count(b"HTTP/1.1 200 OK") == 2
+    w.close()

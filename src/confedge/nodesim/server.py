@@ -64,6 +64,9 @@ class HttpResponse:
 Handler = Callable[[Request, "NodeHttpProtocol"], Awaitable["HttpResponse | Subscription"]]
 
 
+_EOF = None  # queue marker: the client half-closed
+
+
 class _BadRequest(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -89,7 +92,7 @@ class NodeHttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer: str = ""
         self.parser = httptools.HttpRequestParser(self)
-        self.queue: asyncio.Queue[tuple[Request, bool] | _BadRequest] = asyncio.Queue()
+        self.queue: asyncio.Queue[tuple[Request, bool] | _BadRequest | None] = asyncio.Queue()
         self._url = b""
         self._headers: dict[str, str] = {}
         self._header_bytes = 0
@@ -103,6 +106,7 @@ class NodeHttpProtocol(asyncio.Protocol):
         self._header_timer: asyncio.TimerHandle | None = None
         self._in_message = False
         self._discard = False
+        self._streaming = False
 
     # ---------------------------------------------------------------- transport callbacks
 
@@ -124,6 +128,15 @@ class NodeHttpProtocol(asyncio.Protocol):
             self._header_timer.cancel()
         if self._worker is not None:
             self._worker.cancel()
+
+    def eof_received(self) -> bool:
+        # The client half-closed (shutdown(SHUT_WR), ``nc -q``): answer what it already sent,
+        # then close. Returning True keeps our side open for those answers. During an event
+        # stream, EOF means the client went away (EventSource never half-closes): close now.
+        if self._streaming:
+            return False
+        self.queue.put_nowait(_EOF)
+        return True
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -267,6 +280,7 @@ class NodeHttpProtocol(asyncio.Protocol):
         if not keep:
             headers.append(("Connection", "close"))
         self._write(self._head(200, headers))
+        self._streaming = True
         wake = asyncio.Event()
         sub.on_event = wake.set
         if self._header_timer is not None:  # a stream is not idle: no idle timeout
@@ -299,6 +313,7 @@ class NodeHttpProtocol(asyncio.Protocol):
                     await self._drain()
             return False
         finally:
+            self._streaming = False
             sub.on_event = None
             self.on_stream_end(sub)
 
@@ -308,6 +323,8 @@ class NodeHttpProtocol(asyncio.Protocol):
         try:
             while True:
                 item = await self.queue.get()
+                if item is _EOF:
+                    break
                 if isinstance(item, _BadRequest):
                     self._send(HttpResponse.error(item.status, str(item)), False, False)
                     if self.transport is not None and self.transport.can_write_eof():
@@ -315,6 +332,7 @@ class NodeHttpProtocol(asyncio.Protocol):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._closed.wait(), LINGER)
                     break
+                assert item is not None
                 req, keep = item
                 try:
                     result = await self.handler(req, self)
