@@ -29,7 +29,7 @@
     });
     let json = null;
     try { json = await resp.json(); } catch (e) { json = null; }
-    return { status: resp.status, json };
+    return { status: resp.status, json, retryAfter: resp.headers.get("Retry-After") };
   }
 
   function pinMessage(result) {
@@ -188,8 +188,13 @@
       const r = await requestToken(call.alias, name, pin);
       const result = r.json ? r.json.result : null;
       if (r.status !== 200 || !result || !result.token) {
-        const text = pinMessage(result) ||
+        let text = pinMessage(result) ||
           (typeof result === "string" ? result : "Request refused (HTTP " + r.status + ")");
+        if (r.status === 429) {
+          // The edge's guard banned this address after too many wrong PINs.
+          text = "Too many attempts: this address is blocked" +
+            (r.retryAfter ? " for " + r.retryAfter + " s." : " for a while.");
+        }
         showError(text);
         setState("error");
         $("join").disabled = false;
