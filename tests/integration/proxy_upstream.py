@@ -46,6 +46,7 @@ class Upstream:
     port: int = 0
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     status_checks: int = 0
+    big_sent: int = 0  # bytes of /big written so far (backpressure tests watch it)
 
     @property
     def address(self) -> str:
@@ -173,11 +174,13 @@ class Upstream:
                 f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nX-Node: {self.name}\r\n\r\n".encode()
             )
             sent = 0
+            self.big_sent = 0
             while sent < size:
                 part = chunk[: size - sent]
                 writer.write(part)
                 sent += len(part)
                 await writer.drain()
+                self.big_sent = sent
             return True
         if path == "/chunked":
             writer.write(

@@ -1,0 +1,290 @@
+"""Hostile requests: each gets the right 4xx/5xx (or a close) and never reaches a node.
+
+The test node records every request it receives; after each hostile request the test asserts
+that the record holds nothing new (except where the request is legitimate once normalised).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import uvloop
+from proxy_upstream import Upstream, client_ssl, exchange, get, proxy_config, read_response
+
+from confedge.proxy.service import ProxyService
+
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:Overriding the "event_loop_policy":DeprecationWarning'
+)
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+@pytest.fixture
+async def node():
+    u = await Upstream("n0").start()
+    yield u
+    await u.kill()
+
+
+@pytest.fixture
+async def proxy(node, tmp_path):
+    svc = ProxyService(
+        proxy_config(
+            [node.address],
+            str(tmp_path),
+            header_timeout=0.5,
+            body_timeout=0.5,
+            max_body_bytes=1_000_000,
+            health_interval=30,
+        )
+    )
+    await svc.start()
+    yield svc
+    await svc.close()
+
+
+H = "Host: localhost\r\n"
+
+CASES = [
+    # (name, raw request, expected status)
+    ("absolute-form", f"GET http://evil.example/ HTTP/1.1\r\n{H}\r\n", 400),
+    ("absolute-form own host", f"GET https://localhost/x HTTP/1.1\r\n{H}\r\n", 400),
+    ("authority-form", f"GET evil.example:443 HTTP/1.1\r\n{H}\r\n", 400),
+    ("CONNECT", "CONNECT evil.example:443 HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 405),
+    ("TRACE", f"TRACE / HTTP/1.1\r\n{H}\r\n", 405),
+    ("unknown method", f"FOO / HTTP/1.1\r\n{H}\r\n", 501),
+    ("WebDAV method", f"PROPFIND / HTTP/1.1\r\n{H}\r\n", 501),
+    ("dot-dot", f"GET /../etc/passwd HTTP/1.1\r\n{H}\r\n", 400),
+    ("encoded dot-dot", f"GET /%2e%2e/%2E%2e/etc/passwd HTTP/1.1\r\n{H}\r\n", 400),
+    ("deep dot-dot", f"GET /a/b/../../../x HTTP/1.1\r\n{H}\r\n", 400),
+    ("encoded slash", f"GET /api%2f..%2f..%2fetc HTTP/1.1\r\n{H}\r\n", 400),
+    ("backslash", f"GET /a\\..\\..\\x HTTP/1.1\r\n{H}\r\n", 400),
+    ("encoded backslash", f"GET /a%5c..%5cx HTTP/1.1\r\n{H}\r\n", 400),
+    ("encoded NUL", f"GET /a%00.html HTTP/1.1\r\n{H}\r\n", 400),
+    ("bad percent", f"GET /a%zz HTTP/1.1\r\n{H}\r\n", 400),
+    ("asterisk", f"OPTIONS * HTTP/1.1\r\n{H}\r\n", 400),
+    ("foreign Host", "GET / HTTP/1.1\r\nHost: evil.example\r\n\r\n", 400),
+    ("foreign Host with port", "GET / HTTP/1.1\r\nHost: evil.example:443\r\n\r\n", 400),
+    ("missing Host", "GET / HTTP/1.1\r\n\r\n", 400),
+    ("two Hosts", f"GET / HTTP/1.1\r\n{H}Host: evil.example\r\n\r\n", 400),
+    (
+        "CL and TE",
+        f"POST / HTTP/1.1\r\n{H}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "TE and CL",
+        f"POST / HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    ("two CLs", f"POST / HTTP/1.1\r\n{H}Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde", 400),
+    ("CL list", f"POST / HTTP/1.1\r\n{H}Content-Length: 4, 4\r\n\r\nabcd", 400),
+    ("negative CL", f"POST / HTTP/1.1\r\n{H}Content-Length: -1\r\n\r\n", 400),
+    (
+        "TE gzip,chunked",
+        f"POST / HTTP/1.1\r\n{H}Transfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        501,
+    ),
+    (
+        "TE chunked,identity",
+        f"POST / HTTP/1.1\r\n{H}Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    (
+        "two TEs",
+        f"POST / HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        400,
+    ),
+    ("TE in HTTP/1.0", f"POST / HTTP/1.0\r\n{H}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400),
+    ("obs-fold", f"GET / HTTP/1.1\r\n{H}X-A: 1\r\n  folded\r\n\r\n", 400),
+    ("space before colon", f"GET / HTTP/1.1\r\n{H}Content-Length : 0\r\n\r\n", 400),
+    ("bare LF", "GET / HTTP/1.1\nHost: localhost\n\n", 400),
+    ("NUL in header", f"GET / HTTP/1.1\r\n{H}X-A: a\x00b\r\n\r\n", 400),
+    ("HTTP/2 preface", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400),
+    (
+        "too many headers",
+        "GET / HTTP/1.1\r\n" + H + "".join(f"X-{i}: 1\r\n" for i in range(150)) + "\r\n",
+        431,
+    ),
+    ("huge header", f"GET / HTTP/1.1\r\n{H}X-Big: {'a' * 20000}\r\n\r\n", 431),
+    ("long target", f"GET /{'a' * 9000} HTTP/1.1\r\n{H}\r\n", 414),
+    ("body too large (CL)", f"POST / HTTP/1.1\r\n{H}Content-Length: 2000000\r\n\r\n", 413),
+    ("non-ASCII target", f"GET /\u00e9 HTTP/1.1\r\n{H}\r\n", 400),
+]
+
+
+@pytest.mark.parametrize(("name", "raw", "status"), CASES, ids=[c[0] for c in CASES])
+async def test_refused_and_never_forwarded(proxy, node, name, raw, status):
+    before = len(node.requests())
+    r = await exchange(proxy.https_port, raw.encode("utf-8"))
+    assert r is not None, f"{name}: closed without an answer"
+    assert r.status == status, f"{name}: {r.status}"
+    assert r.header("Connection") == "close"
+    await asyncio.sleep(0.05)
+    assert len(node.requests()) == before, f"{name} reached the node: {node.requests()[-1]}"
+
+
+async def test_bad_chunking_never_completes_a_request(proxy, node):
+    raw = (
+        f"POST /x HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".encode()
+    )
+    r = await exchange(proxy.https_port, raw)
+    assert r is not None and r.status == 400
+    await asyncio.sleep(0.1)
+    assert [x for x in node.requests() if x.target == "/x"] == []
+
+
+async def test_chunked_body_over_limit(proxy, node):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    writer.write(f"POST /big-upload HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\n".encode())
+    chunk = b"%x\r\n" % 65536 + b"u" * 65536 + b"\r\n"
+    try:
+        for _ in range(20):  # 1.3 MB > max_body_bytes (1 MB)
+            writer.write(chunk)
+            await writer.drain()
+    except ConnectionError:
+        pass
+    r = await read_response(reader)
+    writer.close()
+    assert r.status == 413
+    await asyncio.sleep(0.1)
+    assert [x for x in node.requests() if x.target == "/big-upload"] == []
+
+
+async def test_normalised_path_reaches_node(proxy, node):
+    r = await get(proxy.https_port, "/a/./b/../c//d%7Ee?x=%2F..")
+    assert r.status == 200
+    assert r.json()["target"] == "/a/c/d~e?x=%2F.."  # query untouched
+
+
+async def test_slow_headers_get_408(proxy, node):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    writer.write(b"GET / HTTP/1.1\r\n")
+    for _ in range(8):  # slowloris: a byte now and then, never the end of the head
+        await asyncio.sleep(0.1)
+        try:
+            writer.write(b"X")
+        except ConnectionError:
+            break
+    r = await read_response(reader)
+    assert r.status == 408
+    assert await reader.read() == b""  # closed
+    writer.close()
+
+
+async def test_idle_connection_without_request_is_closed(proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    r = await asyncio.wait_for(read_response(reader), 3)
+    assert r.status == 408
+    writer.close()
+
+
+async def test_slow_body_gets_408_and_node_sees_no_complete_request(proxy, node):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    writer.write(f"POST /slow HTTP/1.1\r\n{H}Content-Length: 100\r\n\r\n0123456789".encode())
+    r = await asyncio.wait_for(read_response(reader), 3)
+    assert r.status == 408
+    writer.close()
+    await asyncio.sleep(0.1)
+    assert [x for x in node.requests() if x.target == "/slow"] == []
+
+
+async def test_h2c_upgrade_is_ignored_and_connection_closed(proxy, node):
+    raw = f"GET /echo HTTP/1.1\r\n{H}Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+    r = await exchange(proxy.https_port, raw.encode())
+    assert r is not None and r.status == 200
+    assert r.header("Connection") == "close"
+    fwd = {k.lower() for k, _ in r.json()["headers"]}
+    assert "upgrade" not in fwd and "http2-settings" not in fwd
+
+
+async def test_pipelined_requests_answered_in_order(proxy, node):
+    raw = b"".join(f"GET /echo?i={i} HTTP/1.1\r\n{H}\r\n".encode() for i in range(5))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    writer.write(raw)
+    targets = [(await read_response(reader)).json()["target"] for _ in range(5)]
+    writer.close()
+    assert targets == [f"/echo?i={i}" for i in range(5)]
+
+
+async def test_path_allowlist(node, tmp_path):
+    svc = ProxyService(
+        proxy_config(
+            [node.address], str(tmp_path), path_allowlist=["/api/", "/webapp/"], health_interval=30
+        )
+    )
+    await svc.start()
+    try:
+        before = len(node.requests())
+        assert (await get(svc.https_port, "/admin/")).status == 404
+        assert (await get(svc.https_port, "/webapp/../admin/")).status == 404
+        assert len(node.requests()) == before
+        assert (await get(svc.https_port, "/webapp/x")).status == 200
+    finally:
+        await svc.close()
+
+
+async def test_connection_cap(node, tmp_path):
+    svc = ProxyService(
+        proxy_config([node.address], str(tmp_path), max_connections=3, health_interval=30)
+    )
+    await svc.start()
+    try:
+        held = [
+            await asyncio.open_connection("127.0.0.1", svc.https_port, ssl=client_ssl())
+            for _ in range(3)
+        ]
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", svc.https_port, ssl=client_ssl()
+        )
+        writer.write(f"GET /echo HTTP/1.1\r\n{H}\r\n".encode())
+        assert await reader.read() == b""  # refused: closed at once
+        for _, w in held:
+            w.close()
+        await asyncio.sleep(0.1)
+        assert (await get(svc.https_port, "/echo")).status == 200
+    finally:
+        await svc.close()
+
+
+async def test_guard_ban_and_pin_failures(node, tmp_path):
+    from confedge.config import parse_config
+    from confedge.guard import create_guard
+
+    base = proxy_config([node.address], str(tmp_path), health_interval=30)
+    data = base.model_dump(mode="json")
+    data["guard"] = {
+        "enabled": True,
+        "store": "memory",
+        "maxretry": 3,
+        "ignore": [],
+        "findtime": 60,
+        "bantime": 60,
+    }
+    cfg = parse_config(data)
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    try:
+        path = "/api/client/v2/conferences/Meet%2Eme/request_token"
+        for _ in range(3):
+            r = await get(svc.https_port, path, method="POST", headers="pin: 9999\r\n", body=b"{}")
+            assert r.status == 403
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            r = await get(svc.https_port, "/echo")
+            if r.status != 200:
+                break
+        assert r.status == 429
+        assert 0 < int(r.header("Retry-After")) <= 70  # bantime plus the guard's jitter
+        before = len(node.requests())
+        r = await get(svc.https_port, path, method="POST", headers="pin: 1234\r\n", body=b"{}")
+        assert (
+            r.status == 429 and len(node.requests()) == before
+        )  # banned: nothing reaches the node
+    finally:
+        await svc.close()

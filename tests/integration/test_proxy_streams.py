@@ -1,0 +1,238 @@
+"""Streaming through the proxy: SSE event by event, WebSocket echo, big bodies with backpressure,
+curl over TLS, and the port-80 redirect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import ssl
+import time
+
+import pytest
+import uvloop
+import websockets
+from proxy_upstream import Upstream, client_ssl, get, proxy_config, read_response
+
+from confedge.proxy.service import ProxyService
+
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:Overriding the "event_loop_policy":DeprecationWarning'
+)
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+async def nodes():
+    ups = [await Upstream(f"n{i}").start() for i in range(2)]
+    yield ups
+    for u in ups:
+        await u.kill()
+
+
+@pytest.fixture
+async def proxy(nodes, tmp_path):
+    svc = ProxyService(
+        proxy_config(
+            [u.address for u in nodes],
+            str(tmp_path),
+            http_port=free_port(),
+            idle_timeout=0.5,
+            read_timeout=0.5,
+        )
+    )
+    await svc.start()
+    yield svc
+    await svc.close()
+
+
+async def test_sse_events_arrive_one_by_one(proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    # 12 events 0.1 s apart: longer than idle_timeout and read_timeout (0.5 s) in total, so a
+    # timeout that applied to streams would cut it.
+    writer.write(
+        b"GET /sse?n=12&interval=0.1 HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert b"200" in head.split(b"\r\n")[0] and b"text/event-stream" in head
+    delays = []
+    buf = b""
+    while len(delays) < 12:
+        size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        chunk = await reader.readexactly(size + 2)
+        buf += chunk[:-2]
+        while b"\n\n" in buf:
+            ev, buf = buf.split(b"\n\n", 1)
+            data = json.loads(ev.split(b"data: ", 1)[1])
+            delays.append(time.time() - data["t"])
+    writer.close()
+    assert max(delays) < 0.05, delays
+
+
+async def test_sse_with_curl_no_buffer(proxy):
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "-sNk",
+        f"https://127.0.0.1:{proxy.https_port}/sse?n=5&interval=0.1",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    delays = []
+    while len(delays) < 5:
+        line = await asyncio.wait_for(proc.stdout.readline(), 5)
+        if line.startswith(b"data: "):
+            delays.append(time.time() - json.loads(line[6:])["t"])
+    await proc.wait()
+    assert max(delays) < 0.05, delays
+
+
+async def test_websocket_echo(proxy):
+    ctx = client_ssl()
+    async with websockets.connect(f"wss://127.0.0.1:{proxy.https_port}/ws", ssl=ctx) as ws:
+        for msg in ["hello", "x" * 70_000, b"\x00\x01binary"]:
+            await ws.send(msg)
+            assert await ws.recv() == msg
+        # idle longer than proxy.idle_timeout: WebSocket has its own (long) idle timeout
+        await asyncio.sleep(0.8)
+        await ws.send("still there")
+        assert await ws.recv() == "still there"
+
+
+async def test_large_response_streams_with_backpressure(proxy, nodes):
+    size = 64 * 1024 * 1024
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.https_port, ssl=client_ssl(), limit=1 << 16
+    )
+    writer.transport.set_write_buffer_limits(0)
+    writer.write(b"GET /big?size=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size)
+    await reader.readuntil(b"\r\n\r\n")
+    # A slow client: it reads a little and pauses. The proxy must stop reading from the node
+    # instead of buffering the body: the node's writes stall far below the body size.
+    got = len(await reader.read(65536))
+    await asyncio.sleep(0.5)
+    sent_while_paused = sum(u.big_sent for u in nodes)
+    buffered = sum(c.transport.get_write_buffer_size() for c in proxy.core.clients if c.transport)
+    assert sent_while_paused < 16 * 1024 * 1024, sent_while_paused
+    assert buffered < 4 * 1024 * 1024, buffered
+    while got < size:
+        data = await reader.read(1 << 20)
+        assert data
+        got += len(data)
+    writer.close()
+    assert got == size
+
+
+async def test_chunked_and_close_delimited_responses(proxy):
+    r = await get(proxy.https_port, "/chunked")
+    assert r.status == 200 and r.body == b"hello world"
+    r = await get(proxy.https_port, "/close-delimited")
+    assert r.status == 200 and r.body == b"until the end"
+    # a keep-alive connection survives the close-delimited answer of the node
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    for path in (b"/close-delimited", b"/echo"):
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        r = await read_response(reader)
+        assert r.status == 200
+    writer.close()
+
+
+async def test_head_and_csp_and_hop_by_hop(proxy):
+    r = await get(proxy.https_port, "/echo", method="HEAD")
+    assert r.status == 200 and r.body == b"" and int(r.header("Content-Length")) > 0
+    r = await get(proxy.https_port, "/csp")
+    assert r.header("Content-Security-Policy") == "default-src 'none'"  # the node's own wins
+    r = await get(proxy.https_port, "/hop")
+    assert r.header("X-Secret") is None and r.header("Keep-Alive") is None
+
+
+async def test_chunked_request_body(proxy):
+    raw = (
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"
+    )
+    from proxy_upstream import exchange
+
+    r = await exchange(proxy.https_port, raw)
+    assert r is not None and r.status == 200 and r.json()["body_len"] == 11
+
+
+async def test_expect_100_continue(proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    writer.write(
+        b"POST /echo HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+    writer.write(b"abcd")
+    r = await read_response(reader)
+    assert r.status == 200 and r.json()["body_len"] == 4
+    assert all(k.lower() != "expect" for k, _ in r.json()["headers"])
+    writer.close()
+
+
+async def test_curl_verbose_over_tls(proxy):
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    proc = await asyncio.create_subprocess_exec(
+        "curl",
+        "-vk",
+        "--http1.1",
+        f"https://localhost:{proxy.https_port}/webapp/index.html",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode == 0
+    assert b"< HTTP/1.1 200" in err
+    assert b"SSL connection using TLSv1.3" in err or b"SSL connection using TLSv1.2" in err
+    assert b"ALPN: server accepted http/1.1" in err
+    assert json.loads(out)["target"] == "/webapp/index.html"
+
+
+async def test_http_redirects_to_https(proxy):
+    port = proxy.http_port
+    for target, host in [
+        ("/webapp/?x=1", "localhost"),
+        ("/a/b", "edge.localdomain"),
+        ("/", "evil.example"),
+    ]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        r = await read_response(reader)
+        writer.close()
+        assert r.status == 301
+        expect_host = host if host != "evil.example" else "edge.localdomain"  # no open redirect
+        assert r.header("Location") == f"https://{expect_host}:{proxy.https_port}{target}"
+
+
+async def test_tls_versions(proxy):
+    for version, ok in [
+        (ssl.TLSVersion.TLSv1_1, False),
+        (ssl.TLSVersion.TLSv1_2, True),
+        (ssl.TLSVersion.TLSv1_3, True),
+    ]:
+        ctx = client_ssl()
+        ctx.minimum_version = ctx.maximum_version = version
+        if version == ssl.TLSVersion.TLSv1_1:
+            ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=ctx)
+            assert ok, f"{version} was accepted"
+            assert writer.get_extra_info("ssl_object").version() == version.name.replace(
+                "_", "."
+            ).replace("TLSv1.", "TLSv1.")
+            writer.close()
+        except (ssl.SSLError, ConnectionResetError):
+            assert not ok, f"{version} was refused"

@@ -1,0 +1,142 @@
+"""Certificate generation and the checks with clear errors (SPEC §5)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import ssl
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from confedge.tls.certs import CertificateError, check_pem, ensure_self_signed, generate_self_signed
+from confedge.tls.context import server_context
+
+NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
+    return k.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert(
+    subject: str,
+    key,
+    issuer: str,
+    issuer_key,
+    *,
+    ca: bool,
+    days: int = 30,
+    start: dt.datetime = NOW,
+) -> bytes:
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start - dt.timedelta(days=1))
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(subject)]), critical=False)
+    return b.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.fixture(scope="module")
+def chain():
+    root_k, int_k, leaf_k = _key(), _key(), _key()
+    root = _cert("Root", root_k, "Root", root_k, ca=True, days=3650)
+    inter = _cert("Intermediate", int_k, "Root", root_k, ca=True, days=3650)
+    leaf = _cert("edge.example.com", leaf_k, "Intermediate", int_k, ca=False, days=90)
+    return leaf, inter, root, _pem_key(leaf_k), _pem_key(int_k)
+
+
+def test_good_chain_one_pem_and_separate_key(chain) -> None:
+    leaf, inter, _, key, _ = chain
+    info = check_pem(key + leaf + inter, None, NOW, expected_name="edge.example.com")
+    assert info.chain_length == 2 and info.names == ("edge.example.com",) and not info.warnings
+    assert check_pem(leaf + inter, key, NOW).subject == "CN=edge.example.com"
+
+
+def test_key_mismatch(chain) -> None:
+    leaf, _, _, _, _ = chain
+    with pytest.raises(CertificateError, match="does not match the certificate"):
+        check_pem(leaf, _pem_key(_key()), NOW)
+
+
+def test_wrong_order(chain) -> None:
+    leaf, inter, root, key, _ = chain
+    with pytest.raises(CertificateError, match="number 2 in the file"):
+        check_pem(inter + leaf, key, NOW)
+    with pytest.raises(CertificateError, match="chain order is wrong"):
+        check_pem(leaf + root + inter, key, NOW)
+
+
+def test_expired_and_not_yet_valid(chain) -> None:
+    leaf, inter, _, key, _ = chain
+    with pytest.raises(CertificateError, match="expired on"):
+        check_pem(leaf + inter, key, NOW + dt.timedelta(days=200))
+    with pytest.raises(CertificateError, match="not valid before"):
+        check_pem(leaf + inter, key, NOW - dt.timedelta(days=30))
+    info = check_pem(leaf + inter, key, NOW + dt.timedelta(days=80))
+    assert any("expires soon" in w for w in info.warnings)
+
+
+def test_name_warning_and_missing_parts(chain) -> None:
+    leaf, inter, _, key, _ = chain
+    info = check_pem(leaf + inter, key, NOW, expected_name="other.example.com")
+    assert any("does not name other.example.com" in w for w in info.warnings)
+    with pytest.raises(CertificateError, match="no PEM certificate"):
+        check_pem(b"junk", key, NOW)
+    with pytest.raises(CertificateError, match="no private key"):
+        check_pem(leaf, None, NOW)
+    enc = _key().private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"pw"),
+    )
+    with pytest.raises(CertificateError, match="encrypted"):
+        check_pem(leaf, enc, NOW)
+
+
+def test_generated_certificate_names_and_reuse(tmp_path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    path, info, created = ensure_self_signed(
+        tmp_path, "edge.example.com", ["edge", "localhost", "127.0.0.1"], now
+    )
+    assert created and info.self_signed
+    assert set(info.names) >= {"edge.example.com", "edge", "localhost", "127.0.0.1"}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    again, _, created2 = ensure_self_signed(tmp_path, "edge.example.com", ["edge"], now)
+    assert again == path and not created2
+    first = path.read_bytes()
+    # renamed host: the generated certificate is ours, so it is replaced
+    _, info3, created3 = ensure_self_signed(tmp_path, "new.example.com", [], now)
+    assert created3 and "new.example.com" in info3.names and path.read_bytes() != first
+    ctx = server_context(str(path))
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_generate_is_loadable_by_openssl(tmp_path) -> None:
+    pem = generate_self_signed("a.example", ["::1"], dt.datetime.now(dt.UTC))
+    p = tmp_path / "c.pem"
+    p.write_bytes(pem)
+    ctx = server_context(str(p))
+    ciphers = {c["name"] for c in ctx.get_ciphers()}
+    assert "ECDHE-ECDSA-AES128-GCM-SHA256" in ciphers
+    assert not any(
+        "CBC" in c or c.startswith("AES") or "RSA-AES" in c.replace("ECDHE-RSA", "")
+        for c in ciphers
+        if "TLS_" not in c
+    )
