@@ -657,3 +657,32 @@ def test_settings_from_config() -> None:
     s2 = CoreSettings.from_config(turn_config())
     assert s2.user_quota == s2.max_allocations  # restricted: one shared credential
     assert replace(s2, max_channels=1).max_channels == 1
+
+
+def test_refreshes_do_not_grow_the_timer_heap_and_shortening_works() -> None:
+    core, dp = make_core()
+    cli = Cli(core)
+    cli.allocate(T0, (Attr.LIFETIME, encode_u32(3600)))
+    cli.channel(T0, 0x4000)
+    base = len(core._timers)
+    for i in range(200):
+        assert code(cli.permission(T0 + i, PEER)) == 200
+        assert code(cli.channel(T0 + i, 0x4000)) == 200
+        assert code(cli.refresh(T0 + i, 3600)) == 200
+    assert len(core._timers) == base
+    (alloc,) = dp.allocations.values()
+    # Last refreshes at T0+199: permission until T0+499, channel until T0+799.
+    core.tick(T0 + 498)
+    assert alloc["perms"] == {PEER}
+    core.tick(T0 + 499)
+    assert alloc["perms"] == set()
+    # Shortening the allocation with Refresh takes effect at the new, earlier time.
+    assert decode_u32(cli.refresh(T0 + 300, 600).get(Attr.LIFETIME) or b"") == 600
+    core.tick(T0 + 798)
+    assert 0x4000 in alloc["channels"]
+    core.tick(T0 + 799)
+    assert alloc["channels"] == {}
+    core.tick(T0 + 899)
+    assert dp.allocations
+    core.tick(T0 + 900)
+    assert not dp.allocations

@@ -149,6 +149,7 @@ class Allocation:
     expires: float
     create_tid: bytes
     create_response: bytes
+    timer_at: float = 0.0  # when the pending expiry timer fires
     permissions: dict[str, float] = field(default_factory=dict)
     channels: dict[int, _Channel] = field(default_factory=dict)
     peer_channel: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -352,20 +353,33 @@ class TurnCore:
             alloc = self.allocations.get(alloc_id)
             if alloc is None:
                 continue
+            # One pending timer per item: a refresh only moves the expiry, and the timer, when
+            # it fires early, re-arms itself (so repeated refreshes cannot grow the heap).
             if kind == "alloc":
                 if alloc.expires <= now:
                     self._end(now, alloc, "expired")
+                else:
+                    alloc.timer_at = alloc.expires
+                    self._timer(alloc.expires, "alloc", alloc.id, None)
             elif kind == "perm":
                 assert isinstance(item, str)
                 exp = alloc.permissions.get(item)
-                if exp is not None and exp <= now:
+                if exp is None:
+                    continue
+                if exp <= now:
                     del alloc.permissions[item]
                     self.dp.remove_permission(alloc.id, item)
+                else:
+                    self._timer(exp, "perm", alloc.id, item)
             elif kind == "chan":
                 assert isinstance(item, int)
                 ch = alloc.channels.get(item)
-                if ch is not None and ch.expires <= now:
+                if ch is None:
+                    continue
+                if ch.expires <= now:
                     self._unbind(now, alloc, ch)
+                else:
+                    self._timer(ch.expires, "chan", alloc.id, item)
             elif kind == "cool":
                 self._sweep_cooldown(now, alloc)
 
@@ -595,6 +609,7 @@ class TurnCore:
         self.allocations[alloc_id] = alloc
         self._by_client[client.key] = alloc
         self._per_user[username] = self._per_user.get(username, 0) + 1
+        alloc.timer_at = alloc.expires
         self._timer(alloc.expires, "alloc", alloc_id, None)
         log.debug(
             "allocation created: user=%s client=%s:%d/%s relay=%s:%d lifetime=%d",
@@ -623,7 +638,9 @@ class TurnCore:
         else:
             lifetime = self._lifetime(requested)
             alloc.expires = now + lifetime
-            self._timer(alloc.expires, "alloc", alloc.id, None)
+            if alloc.expires < alloc.timer_at:  # shortened: the pending timer would be late
+                alloc.timer_at = alloc.expires
+                self._timer(alloc.expires, "alloc", alloc.id, None)
         b = MessageBuilder(Method.REFRESH, MsgClass.SUCCESS, msg.transaction_id)
         b.add(Attr.LIFETIME, encode_u32(lifetime))
         return self._success(msg, key, fp, b)
@@ -634,10 +651,10 @@ class TurnCore:
             raise _Reject(508, "turn.max_permissions reached")
         expires = now + self.s.permission_lifetime
         for ip in ips:
+            alloc.permissions[ip] = expires
             if ip in new:
                 self.dp.add_permission(alloc.id, ip)
-            alloc.permissions[ip] = expires
-            self._timer(expires, "perm", alloc.id, ip)
+                self._timer(expires, "perm", alloc.id, ip)
 
     def _create_permission(
         self, now: float, alloc: Allocation, msg: Message, key: bytes, fp: bool
@@ -687,9 +704,9 @@ class TurnCore:
             alloc.cool_number.pop(number, None)
             alloc.cool_peer.pop(peer, None)
             self.dp.add_channel(alloc.id, number, peer)
+            self._timer(expires, "chan", alloc.id, number)
         else:
             bound.expires = expires
-        self._timer(expires, "chan", alloc.id, number)
         b = MessageBuilder(Method.CHANNEL_BIND, MsgClass.SUCCESS, msg.transaction_id)
         return self._success(msg, key, fp, b)
 
