@@ -75,6 +75,10 @@ _REQ_DROP = frozenset(
         b"http2-settings",
     }
 )
+# Guard (SPEC §4, added by the guard helper): a request_token call must come back uncompressed
+# so that its 403 "Invalid PIN" can be read and counted; forwarding the client's
+# Accept-Encoding would let an attacker ask for gzip and hide every failure from the guard.
+_REQ_DROP_PIN = _REQ_DROP | {b"accept-encoding"}
 _RESP_DROP = frozenset(
     {
         b"connection",
@@ -671,7 +675,7 @@ class Exchange:
         """The request head for the nodes (built once, replayed on failover)."""
         req = self.req
         client = self.client
-        drop = _REQ_DROP
+        drop = _REQ_DROP if self.pin_alias is None else _REQ_DROP_PIN
         extra: frozenset[bytes] | None = None
         if req.conn_tokens is not None:
             # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
@@ -713,7 +717,6 @@ class Exchange:
             client.local_response(self.req, status, retry_page=True, ex=self)
             return
         if not self.head:
-            self.head = self._build_head()
             path = self.req.target
             self.connect_timeout = (
                 core.api_connect_timeout if path.startswith("/api") else core.connect_timeout
@@ -724,6 +727,7 @@ class Exchange:
                 and "request_token" in path.lower()
             ):
                 self.pin_alias = pin_alias(path)
+            self.head = self._build_head()  # after pin_alias: it drops Accept-Encoding then
         self.tried |= 1 << i
         self.node = i
         core.balancer.active[i] += 1
