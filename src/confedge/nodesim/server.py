@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httptools
@@ -111,11 +111,12 @@ class NodeHttpProtocol(asyncio.Protocol):
     # ---------------------------------------------------------------- transport callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
+        # uvloop's TCPTransport implements asyncio.Transport without subclassing it, so this is a
+        # cast, not an isinstance check (the demo and `confedge run` use uvloop).
+        self.transport = cast(asyncio.Transport, transport)
+        peer = self.transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
-        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self.transport.set_write_buffer_limits(high=HIGH_WATER)
         self._worker = asyncio.get_running_loop().create_task(self._serve())
         self._arm_idle()
 
