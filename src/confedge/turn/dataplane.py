@@ -180,13 +180,16 @@ def _xor_peer_v6(ip: str, port: int, tid: bytes) -> bytes:
 class _Route:
     """Client -> peer forwarding entry for one channel (looked up per ChannelData packet)."""
 
-    __slots__ = ("bytes", "peer", "pkts", "relay")
+    __slots__ = ("bytes", "peer", "pkts", "relay", "send")
 
     def __init__(self, relay: _RelayProtocol, peer: tuple[str, int]) -> None:
         self.relay = relay
         self.peer = peer
         self.pkts = 0
         self.bytes = 0
+        # The relay transport's own sendto once the loop has adopted the socket (no Python-level
+        # wrapper per packet); the wrapper until then.
+        self.send: Any = relay.transport.sendto if relay.transport is not None else relay.sendto
 
 
 class _RelayProtocol(asyncio.DatagramProtocol):
@@ -210,6 +213,8 @@ class _RelayProtocol(asyncio.DatagramProtocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        for route in self.routes.values():
+            route.send = self.transport.sendto  # type: ignore[union-attr]
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors from peers (port unreachable) are expected on a relay; not worth a log line.
@@ -469,10 +474,10 @@ class UdpDataPlane(DataPlane):
         route = self.routes.get((client_key, data[:2]))
         if route is None:
             return False
-        n = int.from_bytes(data[2:4], "big")
+        n = data[2] << 8 | data[3]
         if n + 4 > len(data):
             return False  # §12.4: shorter than its length field: discard
-        route.relay.sendto(data[4 : 4 + n], route.peer)
+        route.send(data[4 : 4 + n], route.peer)
         route.pkts += 1
         route.bytes += n
         return True
