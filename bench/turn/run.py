@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""TURN relay benchmark: confedge against coturn, same machine, same run, alternating.
+
+Usage:
+    .venv/bin/python bench/turn/run.py            # full run, 3 rounds (~6-8 minutes)
+    .venv/bin/python bench/turn/run.py --quick    # 1 round, short windows (~1 minute)
+
+What it measures, per server and round (server order alternates between rounds so drift in the
+shared machine's load does not favour either):
+
+* relay throughput: packets/s DELIVERED at a UDP peer sink, and the offered rate, for 200- and
+  1200-byte payloads through 1 allocation and through 50 allocations (ChannelData, offered as
+  fast as the generator can, which on this host exceeds what either server relays);
+* CPU per relayed packet: server utime+stime (/proc/<pid>/stat, whole process tree) divided by
+  delivered packets, both at full load and at a fixed offered rate both servers sustain;
+* allocations/s: full Allocate exchanges (401 challenge + authenticated Allocate), pipelined;
+* RSS with 1,000 allocations (each with a permission and a channel).
+
+It prints a markdown table of medians with confedge/coturn ratios and writes every sample to
+bench/results/turn-<timestamp>.json (gitignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import multiprocessing as mp
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import loadgen
+import servers
+
+SINK_PORT = 40300
+# Same relay range size for both (1,800 ports), disjoint; 44600-44999 is left to the e2e tests.
+CONFEDGE = servers.ServerSpec("confedge", 40100, 41000, 42799)
+COTURN = servers.ServerSpec("coturn", 40200, 42800, 44599)
+# After Refresh(lifetime 0) coturn frees relay ports on its next timer tick (~1 s); both servers
+# get the same pause so that every scenario starts with the full range free.
+SETTLE = 1.5
+FULL_STEPS = [loadgen.PROBE, loadgen.ALLOCATE, loadgen.PERMISSION, loadgen.CHANNEL]
+
+
+class Harness:
+    """The sink and the worker processes, shared by every scenario of one server session."""
+
+    def __init__(self, ctx: Any, n_workers: int) -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", SINK_PORT))
+            except OSError as exc:
+                raise SystemExit(
+                    f"UDP 127.0.0.1:{SINK_PORT} (the peer sink) is busy: {exc.strerror}; "
+                    "is another benchmark running?"
+                ) from None
+        self.ctx = ctx
+        self.counts = ctx.RawArray("q", 2)
+        self.sink_stop = ctx.RawArray("q", 1)
+        ready = ctx.Event()
+        self.sink = ctx.Process(
+            target=loadgen.sink_main, args=(SINK_PORT, self.counts, self.sink_stop, ready)
+        )
+        self.sink.start()
+        if not ready.wait(10):
+            raise RuntimeError("the peer sink did not start")
+        self.n_workers = n_workers
+        self.sent = ctx.RawArray("q", n_workers)
+        self.stop = ctx.RawArray("q", 1)
+        self.workers: list[tuple[Any, Connection]] = []
+        self._source = 0
+
+    def source_ip(self) -> str:
+        """A fresh loopback source address per setup batch.
+
+        Why: the kernel reuses ephemeral ports, and a server that still holds a released
+        allocation for that 5-tuple answers 437 (Allocation Mismatch).
+        """
+        self._source += 1
+        return f"127.1.{self._source // 250}.{self._source % 250 + 1}"
+
+    def release(self, k: int) -> None:
+        self.ask([("release", 64)] * k)
+        time.sleep(SETTLE)
+
+    def spawn(self, target: loadgen.Target) -> None:
+        for i in range(self.n_workers):
+            parent, child = self.ctx.Pipe()
+            p = self.ctx.Process(
+                target=loadgen.worker_main, args=(i, target, child, self.sent, self.stop)
+            )
+            p.start()
+            self.workers.append((p, parent))
+
+    def reap(self) -> None:
+        for p, conn in self.workers:
+            conn.send(("quit",))
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+        self.workers = []
+
+    def close(self) -> None:
+        self.reap()
+        self.sink_stop[0] = 1
+        self.sink.join(5)
+
+    def ask(self, cmds: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """Send one command per worker (in parallel) and gather the replies."""
+        for (_, conn), cmd in zip(self.workers, cmds, strict=False):
+            conn.send(cmd)
+        return [conn.recv() for (_, conn), _ in zip(self.workers, cmds, strict=False)]
+
+
+def split(n: int, k: int) -> list[int]:
+    return [n // k + (1 if i < n % k else 0) for i in range(k)]
+
+
+def relay(
+    h: Harness,
+    server: servers.Server | None,
+    n_allocs: int,
+    size: int,
+    rate: float,
+    senders: int,
+    warmup: float,
+    window: float,
+) -> dict[str, Any]:
+    """Offer ChannelData through `n_allocs` allocations and count what reaches the sink."""
+    k = min(senders, n_allocs, h.n_workers)
+    parts = split(n_allocs, k)
+    if server is None:
+        replies = h.ask([("direct", n) for n in parts])
+    else:
+        src = h.source_ip()
+        replies = h.ask([("alloc", n, FULL_STEPS, 32, 30.0, src) for n in parts])
+        failed = sum(r[2] for r in replies)
+        if failed:
+            errors = sorted({e for r in replies for e in r[6]})
+            h.release(k)
+            return {"error": f"{failed} of {n_allocs} allocations failed: {errors}"}
+    for i in range(h.n_workers):
+        h.sent[i] = 0
+    h.stop[0] = 0
+    for (_, conn), _ in zip(h.workers, parts, strict=False):
+        conn.send(("blast", size, rate / k if rate else 0))
+
+    def sample() -> tuple[float, int, int, int, float]:
+        cpu = server.cpu_seconds() if server else 0.0
+        return time.monotonic(), h.counts[0], h.counts[1], sum(h.sent[:k]), cpu
+
+    time.sleep(warmup)
+    s0 = sample()
+    time.sleep(window)
+    s1 = sample()
+    h.stop[0] = 1
+    gen = [conn.recv() for (_, conn), _ in zip(h.workers, parts, strict=False)]
+    h.release(k)  # also lets the sink drain before the next scenario
+    dt = s1[0] - s0[0]
+    delivered = s1[1] - s0[1]
+    out: dict[str, Any] = {
+        "allocations": n_allocs,
+        "payload": size,
+        "offered_rate": rate,
+        "offered_pps": (s1[3] - s0[3]) / dt,
+        "delivered_pps": delivered / dt,
+        "delivered_mean_bytes": (s1[2] - s0[2]) / delivered if delivered else 0,
+        "generator_cpu_s": sum(g[2] for g in gen),
+    }
+    if server is not None:
+        cpu = s1[4] - s0[4]
+        out["server_cpu_util"] = cpu / dt
+        out["server_cpu_us_per_pkt"] = cpu / delivered * 1e6 if delivered else None
+    return out
+
+
+def allocation_rate(h: Harness, server: servers.Server, n: int, batches: int) -> dict[str, Any]:
+    """Complete n Allocate exchanges (challenge + authenticated request) per batch, pipelined.
+
+    Several batches (each released before the next) give a longer timed interval than one batch
+    that fits the relay port range. Only the allocation phases are timed.
+    """
+    steps = [loadgen.PROBE, loadgen.ALLOCATE]
+    ok = 0
+    elapsed = 0.0
+    cpu = 0.0
+    gen_cpu = 0.0
+    errors: set[str] = set()
+    for _ in range(batches):
+        src = h.source_ip()
+        c0 = server.cpu_seconds()
+        replies = h.ask([("alloc", m, steps, 32, 60.0, src) for m in split(n, h.n_workers)])
+        cpu += server.cpu_seconds() - c0
+        ok += sum(r[1] for r in replies)
+        elapsed += max(r[4] for r in replies) - min(r[3] for r in replies)
+        gen_cpu += sum(r[5] for r in replies)
+        errors.update(e for r in replies for e in r[6])
+        h.release(h.n_workers)
+    return {
+        "requested": n * batches,
+        "completed": ok,
+        "allocations_per_s": ok / elapsed,
+        "server_cpu_us_per_alloc": cpu / ok * 1e6 if ok else None,
+        "generator_cpu_s": gen_cpu,
+        "elapsed_s": elapsed,
+        "errors": sorted(errors),
+    }
+
+
+def memory(h: Harness, server: servers.Server, n: int) -> dict[str, Any]:
+    """RSS of the server process tree idle, then holding n allocations (permission + channel each)."""
+    before = server.rss_bytes()
+    src = h.source_ip()
+    replies = h.ask([("alloc", m, FULL_STEPS, 32, 60.0, src) for m in split(n, h.n_workers)])
+    time.sleep(0.5)
+    held = server.rss_bytes()
+    ok = sum(r[1] for r in replies)
+    h.release(h.n_workers)
+    return {
+        "allocations": ok,
+        "rss_before_mib": before / 2**20,
+        "rss_mib": held / 2**20,
+        "rss_kib_per_alloc": (held - before) / 1024 / ok if ok else None,
+        "errors": sorted({e for r in replies for e in r[6]}),
+    }
+
+
+def run_server(
+    name: str,
+    start: Callable[[], servers.Server],
+    args: argparse.Namespace,
+    ctx: Any,
+) -> dict[str, Any]:
+    server = start()
+    h = Harness(ctx, args.workers)
+    result: dict[str, Any] = {
+        "rss_idle_mib": server.rss_bytes() / 2**20,
+        "loadavg_before": Path("/proc/loadavg").read_text().split()[0],
+    }
+    try:
+        h.spawn(
+            loadgen.Target(
+                server.address, servers.USERNAME, servers.PASSWORD, ("127.0.0.1", SINK_PORT)
+            )
+        )
+        for n_allocs in (1, 50):
+            for size in (200, 1200):
+                key = f"relay_{n_allocs}x{size}"
+                result[key] = relay(
+                    h, server, n_allocs, size, 0, args.senders, args.warmup, args.window
+                )
+                print(f"  {name} {key}: {_brief(result[key])}", flush=True)
+        for rate in args.paced_rates:
+            key = f"paced_50x200_{rate}"
+            result[key] = relay(h, server, 50, 200, rate, args.senders, args.warmup, args.window)
+            print(f"  {name} {key}: {_brief(result[key])}", flush=True)
+        result["alloc_rate"] = allocation_rate(h, server, args.alloc_count, args.alloc_batches)
+        ar = result["alloc_rate"]
+        print(
+            f"  {name} alloc_rate: {ar['allocations_per_s']:.0f}/s"
+            f" ({ar['completed']}/{ar['requested']} completed) {' '.join(ar['errors'])}",
+            flush=True,
+        )
+        result["memory"] = memory(h, server, args.rss_allocs)
+        mem = result["memory"]
+        print(
+            f"  {name} rss: {mem['rss_mib']:.1f} MiB with {mem['allocations']} allocations",
+            flush=True,
+        )
+    finally:
+        h.close()
+        server.stop()
+    result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[0]
+    return result
+
+
+def _brief(r: dict[str, Any]) -> str:
+    if "error" in r:
+        return f"ERROR {r['error']}"
+    s = f"offered {r['offered_pps']:.0f}/s delivered {r['delivered_pps']:.0f}/s"
+    if r.get("server_cpu_us_per_pkt") is not None:
+        s += f", {r['server_cpu_us_per_pkt']:.2f} us CPU/pkt ({r['server_cpu_util']:.2f} cores)"
+    return s
+
+
+# (label, path into a round's result, format, higher_is_better)
+METRICS: list[tuple[str, tuple[str, ...], str, bool]] = []
+for _n in (1, 50):
+    for _s in (200, 1200):
+        _k = f"relay_{_n}x{_s}"
+        METRICS.append(
+            (f"delivered pkt/s, {_n} alloc, {_s} B", (_k, "delivered_pps"), "{:,.0f}", True)
+        )
+        METRICS.append(("  (offered pkt/s)", (_k, "offered_pps"), "{:,.0f}", True))
+        METRICS.append(("  server CPU µs/pkt", (_k, "server_cpu_us_per_pkt"), "{:.2f}", False))
+METRICS += [
+    ("allocations/s (401 + Allocate)", ("alloc_rate", "allocations_per_s"), "{:,.0f}", True),
+    ("  server CPU µs/allocation", ("alloc_rate", "server_cpu_us_per_alloc"), "{:.0f}", False),
+    ("RSS idle (MiB)", ("rss_idle_mib",), "{:.1f}", False),
+    ("RSS with 1,000 allocations (MiB)", ("memory", "rss_mib"), "{:.1f}", False),
+    ("  KiB per allocation", ("memory", "rss_kib_per_alloc"), "{:.1f}", False),
+]
+
+
+def _get(r: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    cur: Any = r
+    for p in path:
+        if not isinstance(cur, dict) or p not in cur:
+            return None
+        cur = cur[p]
+    return float(cur) if isinstance(cur, int | float) else None
+
+
+def median_of(rounds: list[dict[str, Any]], path: tuple[str, ...]) -> float | None:
+    vals = [v for r in rounds if (v := _get(r, path)) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def paced_metrics(rates: list[int]) -> list[tuple[str, tuple[str, ...], str, bool]]:
+    out: list[tuple[str, tuple[str, ...], str, bool]] = []
+    for rate in rates:
+        key = f"paced_50x200_{rate}"
+        label = f"offered {rate:,} pkt/s, 50 alloc, 200 B: delivered"
+        out.append((label, (key, "delivered_pps"), "{:,.0f}", True))
+        out.append(
+            ("  server CPU µs/pkt at that rate", (key, "server_cpu_us_per_pkt"), "{:.2f}", False)
+        )
+    return out
+
+
+def table(results: dict[str, list[dict[str, Any]]], paced_rates: list[int]) -> str:
+    lines = [
+        "| metric (median of rounds) | coturn | confedge | confedge/coturn |",
+        "|---|---:|---:|---:|",
+    ]
+    metrics = METRICS[:12] + paced_metrics(paced_rates) + METRICS[12:]
+    for label, path, fmt, _higher in metrics:
+        a = median_of(results.get("coturn", []), path)
+        b = median_of(results.get("confedge", []), path)
+        ratio = f"{b / a:.2f}" if a and b is not None else "-"
+        fa = fmt.format(a) if a is not None else "-"
+        fb = fmt.format(b) if b is not None else "-"
+        lines.append(f"| {label} | {fa} | {fb} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="1 round, short windows (~1 minute)")
+    ap.add_argument(
+        "--rounds", type=int, default=None, help="rounds per server (default 3; quick 1)"
+    )
+    ap.add_argument(
+        "--window", type=float, default=None, help="measurement window, s (default 4; quick 1.5)"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="warm-up before the window, s (default 1; quick 0.5)",
+    )
+    ap.add_argument("--servers", default="coturn,confedge", help="comma list: coturn, confedge")
+    ap.add_argument(
+        "--coturn-threads", type=int, default=2, help="coturn --relay-threads (default 2 = cores)"
+    )
+    ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
+    ap.add_argument(
+        "--senders", type=int, default=1, help="workers that offer relay traffic (default 1)"
+    )
+    ap.add_argument(
+        "--paced-rates",
+        default="20000,100000",
+        help="comma list of fixed offered pkt/s (50 allocations, 200 B) for the CPU comparison",
+    )
+    ap.add_argument(
+        "--alloc-count",
+        type=int,
+        default=None,
+        help="allocations for the rate test (default 1000; quick 500)",
+    )
+    ap.add_argument(
+        "--alloc-batches",
+        type=int,
+        default=None,
+        help="batches of the rate test (default 3; quick 1)",
+    )
+    ap.add_argument(
+        "--rss-allocs", type=int, default=1000, help="allocations held for the RSS test"
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default bench/results/turn-<time>.json)",
+    )
+    args = ap.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.window = args.window or (1.5 if args.quick else 4.0)
+    args.warmup = args.warmup or (0.5 if args.quick else 1.0)
+    args.alloc_count = args.alloc_count or (500 if args.quick else 1000)
+    args.alloc_batches = args.alloc_batches or (1 if args.quick else 3)
+    try:
+        args.paced_rates = [int(r) for r in args.paced_rates.split(",") if r.strip()]
+    except ValueError:
+        ap.error(f"--paced-rates: {args.paced_rates!r} is not a comma list of integers")
+    wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    for s in wanted:
+        if s not in ("coturn", "confedge"):
+            ap.error(f"--servers: unknown server {s!r} (expected coturn and/or confedge)")
+    if "coturn" in wanted and not shutil.which("turnserver"):
+        ap.error("coturn's turnserver is not installed (apt-get install coturn)")
+
+    ctx = mp.get_context("fork")
+    work = Path(tempfile.mkdtemp(prefix="confedge-turnbench-"))
+    started = time.time()
+
+    # Generator ceiling: the same send loop straight into the sink, no server in between.
+    h = Harness(ctx, args.workers)
+    ceiling: dict[str, Any] = {}
+    try:
+        h.spawn(loadgen.Target(("127.0.0.1", 9), "", "", ("127.0.0.1", SINK_PORT)))
+        for size in (200, 1200):
+            ceiling[str(size)] = relay(h, None, 1, size, 0, 1, args.warmup, args.window)
+            print(f"generator ceiling {size} B: {_brief(ceiling[str(size)])}", flush=True)
+    finally:
+        h.close()
+
+    results: dict[str, list[dict[str, Any]]] = {s: [] for s in wanted}
+    starters: dict[str, Callable[[], servers.Server]] = {}
+    for s in wanted:
+        d = work / s
+        d.mkdir()
+        if s == "coturn":
+            starters[s] = functools.partial(servers.start_coturn, COTURN, d, args.coturn_threads)
+        else:
+            starters[s] = functools.partial(servers.start_confedge, CONFEDGE, d)
+    for rnd in range(args.rounds):
+        order = wanted if rnd % 2 == 0 else list(reversed(wanted))
+        for s in order:
+            print(f"round {rnd + 1}/{args.rounds}: {s}", flush=True)
+            results[s].append(run_server(s, starters[s], args, ctx))
+
+    md = table(results, args.paced_rates)
+    elapsed = time.time() - started
+    print()
+    print(md)
+    print(f"\n{args.rounds} round(s), {elapsed:.0f} s, server logs in {work}")
+    out = (
+        args.out
+        or Path(__file__).resolve().parent.parent
+        / "results"
+        / f"turn-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "argv": sys.argv,
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "host": {
+                    "cpus": mp.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": sys.version,
+                },
+                "elapsed_s": elapsed,
+                "generator_ceiling": ceiling,
+                "results": results,
+                "table": md,
+            },
+            indent=2,
+        )
+    )
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

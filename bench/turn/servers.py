@@ -1,0 +1,212 @@
+"""Start the two TURN servers under comparable settings and read their CPU time and memory.
+
+Comparability choices (see docs/BENCHMARKS.md): both listen on UDP 127.0.0.1 only, relay on
+127.0.0.1 from port ranges of the same size, use one long-term user, allow loopback peers, send
+no SOFTWARE attribute, and log to a file. coturn gets no TLS/DTLS/CLI and a fixed number of
+relay threads (`--relay-threads`, default 2 for this 2-core host). confedge runs its TURN service
+alone (no proxy, no guard).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import stunmini as sm
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+USERNAME = "bench"
+PASSWORD = "bench-password-0123"
+REALM = "bench.test"
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    port: int
+    relay_lo: int
+    relay_hi: int
+
+
+class Server:
+    """One running TURN server process (and its descendants)."""
+
+    def __init__(self, spec: ServerSpec, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.spec = spec
+        self.proc = proc
+        self.log = log
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.spec.port)
+
+    def pids(self) -> list[int]:
+        """The server process and every descendant (a multi-process server counts whole)."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        out = [self.proc.pid]
+        i = 0
+        while i < len(out):
+            out.extend(children.get(out[i], []))
+            i += 1
+        return out
+
+    def cpu_seconds(self) -> float:
+        """utime+stime of the process tree, from /proc/<pid>/stat (all threads included)."""
+        total = 0
+        for pid in self.pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+        return total / CLK_TCK
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for pid in self.pids():
+            try:
+                statm = Path(f"/proc/{pid}/statm").read_text().split()
+            except OSError:
+                continue
+            total += int(statm[1]) * PAGE
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def _wait_ready(server: Server, timeout: float = 15.0) -> None:
+    """Poll with STUN Binding requests until the server answers (or fail with its log)."""
+    deadline = time.monotonic() + timeout
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.2)
+        while time.monotonic() < deadline:
+            if server.proc.poll() is not None:
+                break
+            _, msg = sm.build_request(sm.BINDING, [])
+            try:
+                s.sendto(msg, server.address)
+                s.recv(2048)
+                return
+            except OSError:
+                continue
+    server.stop()
+    tail = server.log.read_text(errors="replace")[-2000:] if server.log.exists() else ""
+    raise RuntimeError(f"{server.spec.name} did not answer STUN on {server.address}:\n{tail}")
+
+
+def start_coturn(spec: ServerSpec, workdir: Path, relay_threads: int) -> Server:
+    log = workdir / "coturn.log"
+    cmd = [
+        "turnserver",
+        "-n",  # no configuration file
+        "--no-cli",
+        "--no-tls",
+        "--no-dtls",
+        "--listening-ip=127.0.0.1",
+        "--relay-ip=127.0.0.1",
+        f"--listening-port={spec.port}",
+        f"--min-port={spec.relay_lo}",
+        f"--max-port={spec.relay_hi}",
+        "--lt-cred-mech",
+        f"--user={USERNAME}:{PASSWORD}",
+        f"--realm={REALM}",
+        "--allow-loopback-peers",
+        f"--relay-threads={relay_threads}",
+        "--no-software-attribute",
+        "--user-quota=0",
+        "--total-quota=0",
+        f"--log-file={log}",
+        "--simple-log",
+        f"--pidfile={workdir / 'coturn.pid'}",
+        "--no-stdout-log",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=workdir)
+    server = Server(spec, proc, log)
+    _wait_ready(server)
+    return server
+
+
+def confedge_config(spec: ServerSpec, workdir: Path) -> Path:
+    path = workdir / "confedge.toml"
+    path.write_text(
+        f"""\
+[server]
+hostname = "bench"
+domain = "{REALM}"
+internal_address = "127.0.0.1"
+state_dir = "{workdir / "state"}"
+
+[proxy]
+enabled = false
+
+[turn]
+enabled = true
+mode = "restricted"
+port = {spec.port}
+tls_port = 0
+relay_ports = "{spec.relay_lo}-{spec.relay_hi}"
+username = "{USERNAME}"
+password = "{PASSWORD}"
+media_nodes = ["127.0.0.0/8"]
+allowed_peers = ["127.0.0.0/8"]
+max_allocations = 10000
+# The 401 budget per source address (an anti-reflection limit coturn does not have) would
+# otherwise cap the allocation-rate test, whose clients all come from 127.0.0.1.
+unauth_budget = 1000000
+
+[guard]
+enabled = false
+
+[management]
+port = {spec.port + 90}
+"""
+    )
+    (workdir / "state").mkdir(exist_ok=True)
+    return path
+
+
+def confedge_command(config: Path) -> list[str]:
+    """`python -m confedge.turn --config FILE` if the package provides it, else our launcher."""
+    if (REPO / "src/confedge/turn/__main__.py").exists():
+        return [sys.executable, "-m", "confedge.turn", "--config", str(config)]
+    return [sys.executable, str(HERE / "confedge_turn.py"), str(config)]
+
+
+def start_confedge(spec: ServerSpec, workdir: Path) -> Server:
+    config = confedge_config(spec, workdir)
+    log = workdir / "confedge.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    with log.open("wb") as fh:
+        proc = subprocess.Popen(
+            confedge_command(config), stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, env=env
+        )
+    server = Server(spec, proc, log)
+    _wait_ready(server)
+    return server
