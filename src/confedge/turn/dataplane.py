@@ -53,6 +53,7 @@ _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 _IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by len % 4
+_CD_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
 STREAM_HIGH_WATER = 256 * 1024  # bytes queued to a TCP client beyond which relayed packets drop
 
 
@@ -204,11 +205,16 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         self.client_transport = sink.transport
         self.client_addr = sink.addr
         self.perms: set[str] = set()
-        # peer (ip, port) -> 4-byte ChannelData header prefix (channel number, 2 bytes)
-        self.channels: dict[tuple[str, int], bytes] = {}
+        # peer (ip, port) -> channel number
+        self.channels: dict[tuple[str, int], int] = {}
         self.routes: dict[int, _Route] = {}
         self._xor_cache: dict[tuple[str, int], bytes] = {}
-        self.counters = AllocationCounters()
+        # Plain attributes rather than a counters object: one lookup less per packet.
+        self.pkts_to_client = 0
+        self.bytes_to_client = 0
+        self.pkts_to_peer = 0  # Send indications; ChannelData is counted on its _Route
+        self.bytes_to_peer = 0
+        self.dropped = 0
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -235,24 +241,23 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         ch = self.channels.get(addr)
         if ch is not None:
             # RFC 8656 §12.4: ChannelData to the client when a channel is bound to this peer.
-            out = ch + n.to_bytes(2, "big") + data
+            out = _CD_HEAD(ch, n) + data
             if self.stream:
                 out += _PAD[n & 3]  # §12.5: padded over stream transports
         elif addr[0] in self.perms:
             out = self._data_indication(addr, data, n)  # §10.3
         else:
-            self.counters.dropped += 1  # §9: no permission for this peer IP
+            self.dropped += 1  # §9: no permission for this peer IP
             return
         if self.client_addr is None:
             if self.client_transport.get_write_buffer_size() > STREAM_HIGH_WATER:
-                self.counters.dropped += 1  # client not reading: drop media, do not buffer
+                self.dropped += 1  # client not reading: drop media, do not buffer
                 return
             self.client_transport.write(out)
         else:
             self.client_transport.sendto(out, self.client_addr)
-        c = self.counters
-        c.pkts_to_client += 1
-        c.bytes_to_client += n
+        self.pkts_to_client += 1
+        self.bytes_to_client += n
 
     def _data_indication(self, addr: tuple[Any, ...], data: bytes, n: int) -> bytes:
         tid = os.urandom(12)
@@ -268,6 +273,24 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         length = len(xpa) + 4 + n + len(pad)
         head = struct.pack("!HH", _DATA_INDICATION, length) + _COOKIE_BYTES + tid
         return b"".join((head, xpa, struct.pack("!HH", _DATA, n), data, pad))
+
+
+class _UdpV4RelayProtocol(_RelayProtocol):
+    """The common case -- IPv4 relay, UDP client -- with the channel path inlined."""
+
+    def __init__(self, alloc_id: int, family: int, sink: ClientSink, sock: socket.socket) -> None:
+        super().__init__(alloc_id, family, sink, sock)
+        self._client_sendto = sink.transport.sendto
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        ch = self.channels.get(addr)
+        if ch is None:
+            _RelayProtocol.datagram_received(self, data, addr)
+            return
+        n = len(data)
+        self._client_sendto(_CD_HEAD(ch, n) + data, self.client_addr)
+        self.pkts_to_client += 1
+        self.bytes_to_client += n
 
 
 @dataclass(slots=True)
@@ -381,7 +404,8 @@ class UdpDataPlane(DataPlane):
                 sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
             else:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
-        proto = _RelayProtocol(alloc_id, family, sink, sock)
+        cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
+        proto = cls(alloc_id, family, sink, sock)
         self._relays[alloc_id] = proto
         self._client_of[alloc_id] = client_key
         # The loop adopts the already-bound socket asynchronously; the grant is valid right away
@@ -439,7 +463,7 @@ class UdpDataPlane(DataPlane):
 
     def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
         proto = self._relays[alloc_id]
-        proto.channels[peer] = channel.to_bytes(2, "big")
+        proto.channels[peer] = channel
         old = proto.routes.get(channel)
         route = _Route(proto, peer)
         if old is not None:  # refresh: keep the counters
@@ -454,8 +478,8 @@ class UdpDataPlane(DataPlane):
         proto.channels.pop(peer, None)
         route = proto.routes.pop(channel, None)
         if route is not None:  # keep its traffic in the allocation's totals
-            proto.counters.pkts_to_peer += route.pkts
-            proto.counters.bytes_to_peer += route.bytes
+            proto.pkts_to_peer += route.pkts
+            proto.bytes_to_peer += route.bytes
         self.routes.pop((self._client_of[alloc_id], channel.to_bytes(2, "big")), None)
 
     # -- forwarding ---------------------------------------------------------------------------
@@ -465,8 +489,8 @@ class UdpDataPlane(DataPlane):
         if proto is None:
             return
         proto.sendto(payload, peer)
-        proto.counters.pkts_to_peer += 1
-        proto.counters.bytes_to_peer += len(payload)
+        proto.pkts_to_peer += 1
+        proto.bytes_to_peer += len(payload)
 
     def client_channel_data(self, client_key: Hashable, data: bytes) -> bool:
         # RFC 8656 §12.6: channel number in the first 2 bytes, length in the next 2; anything
@@ -486,9 +510,12 @@ class UdpDataPlane(DataPlane):
 
     @staticmethod
     def _counters_of(proto: _RelayProtocol) -> AllocationCounters:
-        c = proto.counters
         out = AllocationCounters(
-            c.pkts_to_peer, c.bytes_to_peer, c.pkts_to_client, c.bytes_to_client, c.dropped
+            proto.pkts_to_peer,
+            proto.bytes_to_peer,
+            proto.pkts_to_client,
+            proto.bytes_to_client,
+            proto.dropped,
         )
         for r in proto.routes.values():
             out.pkts_to_peer += r.pkts

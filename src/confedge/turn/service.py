@@ -13,6 +13,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import socket
 import time
 from typing import Any
 
@@ -28,6 +29,19 @@ __all__ = ["TurnService"]
 log = logging.getLogger("confedge.turn")
 
 TICK = 1.0  # seconds between timer sweeps; lifetimes are minutes, so 1 s resolution is plenty
+
+
+LISTENER_BUFFER = 4 * 1024 * 1024
+
+
+def _grow_buffers(sock: socket.socket | None) -> None:
+    """Every UDP client shares the listener socket: give it room for bursts (best effort; the
+    kernel caps the value at net.core.rmem_max/wmem_max)."""
+    if sock is None:
+        return
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, LISTENER_BUFFER)
 
 
 class TurnService:
@@ -122,6 +136,7 @@ class TurnService:
                     continue  # the ephemeral UDP number is taken on TCP: try another
                 raise
             self._udp, self._tcp = udp, tcp
+            _grow_buffers(udp.get_extra_info("socket"))
             self.port = self.udp_port = self.tcp_port = port
             return
         raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
