@@ -32,7 +32,9 @@ __all__ = [
 ]
 
 SELF_SIGNED_NAME = "selfsigned.pem"
-SELF_SIGNED_DAYS = 825  # the CA/Browser Forum's historical maximum; regenerated when near expiry
+# Mozilla's intermediate profile allows at most 366 days (sslyze checks it); regenerated when near
+# expiry, so a short life costs nothing.
+SELF_SIGNED_DAYS = 365
 RENEW_BEFORE = dt.timedelta(days=30)
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)

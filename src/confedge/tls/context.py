@@ -45,6 +45,10 @@ def server_context(
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.set_ciphers(INTERMEDIATE_CIPHERS)
+    # Mozilla intermediate allows only X25519, P-256 and P-384 key exchange; OpenSSL's default list
+    # also offers X448 and P-521. Python 3.11 has no set1_groups binding; set_ecdh_curve sets the
+    # group list (TLS 1.2 and 1.3) to P-256 alone, which every client supports.
+    ctx.set_ecdh_curve("prime256v1")
     # Mozilla intermediate: session tickets off (their keys never rotate in a long-lived process,
     # which would defeat forward secrecy); the server-side session cache still gives resumption.
     ctx.options |= ssl.OP_NO_TICKET | ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
