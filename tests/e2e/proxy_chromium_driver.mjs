@@ -1,0 +1,41 @@
+// Drives headless Chromium for tests/e2e/test_proxy_chromium.py.
+//
+// Loads a page *through the proxy* (https, the proxy's self-signed certificate accepted with
+// --ignore-certificate-errors), then lets the page's real EventSource read the node's SSE stream
+// through the proxy. Each event carries the node's send time; the page notes its arrival time.
+//
+// Usage: node proxy_chromium_driver.mjs '<json>' where json = {url, count, timeoutMs, chromium}.
+// Prints one JSON line: {ok, status, title, why, got: [{seq, sent, recv}], error}.
+
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { chromium } from 'playwright-core';
+
+const cfg = JSON.parse(process.argv[2]);
+const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'confedge-chromium-'));
+let browser;
+let out;
+try {
+  browser = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: cfg.chromium,
+    headless: true,
+    ignoreHTTPSErrors: true,
+    args: [
+      '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--no-first-run', '--disable-quic',
+      '--ignore-certificate-errors',
+    ],
+  });
+  const page = browser.pages()[0] || (await browser.newPage());
+  const resp = await page.goto(cfg.url + '/page.html');
+  const title = await page.title();
+  const r = await page.evaluate(([n, t]) => collect(n, t), [cfg.count, cfg.timeoutMs]);
+  out = { ok: r.why === 'ok', status: resp ? resp.status() : null, title, ...r };
+} catch (err) {
+  out = { ok: false, error: String((err && err.stack) || err) };
+} finally {
+  if (browser) await browser.close().catch(() => {});
+  fs.rmSync(userDataDir, { recursive: true, force: true });
+}
+process.stdout.write(JSON.stringify(out) + '\n');

@@ -1,0 +1,77 @@
+"""Headless Chromium through the proxy: a page load and a real EventSource (SPEC §2 streaming).
+
+SSE responses must pass through unbuffered, event by event. The node stamps each event with its
+send time; Chromium's EventSource notes the arrival time; every event must arrive within 50 ms.
+A proxy that buffered (waiting for a chunk to fill, or for the response to end) would deliver
+the events in bursts, hundreds of milliseconds late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from proxy_e2e_support import Upstream, running_proxy, wait_healthy
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+NODE = shutil.which("node")
+HERE = Path(__file__).parent
+DRIVER = HERE / "proxy_chromium_driver.mjs"
+PLAYWRIGHT = HERE / "node_modules" / "playwright-core"
+PORTS = (32400, 32450)
+EVENTS = 20
+MAX_DELAY_MS = 50.0
+
+pytestmark = [
+    pytest.mark.chromium,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed"),
+    pytest.mark.skipif(NODE is None, reason="node is not installed"),
+    pytest.mark.skipif(
+        not PLAYWRIGHT.exists(),
+        reason="playwright-core missing: npm install --prefix tests/e2e (make test does it)",
+    ),
+]
+
+
+@pytest.mark.timeout(60)
+async def test_page_and_event_source_through_proxy(tmp_path: Path) -> None:
+    up = Upstream(events=EVENTS, interval=0.1)
+    await up.start()
+    try:
+        async with running_proxy(tmp_path, [up.port], PORTS) as info:
+            await wait_healthy(info["https"])
+            cfg = {
+                "url": info["https"].rstrip("/"),
+                "count": EVENTS,
+                "timeoutMs": 15000,
+                "chromium": CHROMIUM,
+            }
+            assert NODE is not None
+            proc = await asyncio.create_subprocess_exec(
+                NODE,
+                str(DRIVER),
+                json.dumps(cfg),
+                cwd=str(HERE),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), 45)
+    finally:
+        await up.close()
+    assert stdout, f"driver printed nothing; stderr: {stderr.decode()[-2000:]}"
+    out = json.loads(stdout.decode().strip().splitlines()[-1])
+    assert out.get("error") is None, out["error"]
+    assert out["status"] == 200 and out["title"] == "confedge SSE test"
+    assert out["ok"], f"EventSource ended with {out['why']!r} after {len(out['got'])} events"
+    got = out["got"]
+    assert [e["seq"] for e in got] == list(range(EVENTS))  # all, in order, none duplicated
+    delays = [e["recv"] - e["sent"] for e in got]
+    worst = max(delays)
+    print(f"SSE event delays through the proxy: max {worst:.1f} ms, all {delays}")
+    assert worst < MAX_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
+    # The page and the stream really went through the proxy to the node.
+    assert any(t.startswith(b"/page.html") for t in up.requests)
+    assert any(t.startswith(b"/api/client/v2/conferences/e2e/events") for t in up.requests)
