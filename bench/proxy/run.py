@@ -457,6 +457,9 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
                 for server in order:
                     http, https, pid = ports[server]
                     port = https if scheme == "https" else http
+                    spy = None
+                    if args.profile and server == "confedge" and rnd == 0:
+                        spy = _start_profile(args.profile, name, pid, args.duration)
                     r = run_wrk(
                         f"{scheme}://127.0.0.1:{port}{path}",
                         args.duration,
@@ -464,6 +467,8 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
                         args.threads,
                         pid,
                     )
+                    if spy is not None:
+                        spy.wait(30)
                     runs[server].append(r)
                     print(f"  {name} round {rnd + 1} {server}: {r}", file=sys.stderr)
             results[name] = {srv: {"runs": rs, "median": _median(rs)} for srv, rs in runs.items()}
@@ -472,6 +477,41 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
         s.stop("nginx")
         s.stop("upstreams")
     return results
+
+
+def _start_profile(out: Path, name: str, pid: int, duration: int) -> subprocess.Popen[bytes]:
+    """py-spy on one confedge worker (the first child with a Python stack) for one round."""
+    py_spy = shutil.which("py-spy") or str(VENV_BIN / "py-spy")
+    kids = [p for p in _tree(pid) if p != pid] or [pid]
+    out.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(
+        [py_spy, "record", "--nonblocking", "-r", "250", "-d", str(duration), "-f", "raw",
+         "-o", str(out / f"{name}.txt"), "-p", str(kids[0])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def summarize_profile(path: Path, top: int = 25) -> str:
+    """Self and inclusive sample shares per function from py-spy's collapsed stacks."""
+    self_n: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n_s = line.rpartition(" ")
+        n = int(n_s)
+        total += n
+        frames = [re.sub(r" \((.*/)?([^/]+):\d+\)", r" (\2)", f) for f in stack.split(";")]
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+        for f in set(frames):
+            incl[f] = incl.get(f, 0) + n
+    lines = [f"{path.name}: {total} samples", "self%  function"]
+    for f, n in sorted(self_n.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / total:5.1f}  {f}")
+    lines.append("incl%  function")
+    for f, n in sorted(incl.items(), key=lambda kv: -kv[1])[:top]:
+        lines.append(f"{100 * n / total:5.1f}  {f}")
+    return "\n".join(lines)
 
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -708,6 +748,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-throughput", action="store_true", help="only the SSE memory part")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
+    ap.add_argument(
+        "--profile", type=Path, default=None, metavar="DIR",
+        help="py-spy one confedge worker during the first round of each scenario (needs py-spy)",
+    )  # fmt: skip
     # Internal roles: the same file runs the SSE upstreams and the SSE client as subprocesses.
     ap.add_argument("--role", choices=["sse-upstream", "sse-client"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -754,6 +798,9 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
+    if args.profile:
+        for f in sorted(args.profile.glob("*.txt")):
+            print("\n" + summarize_profile(f), file=sys.stderr)
     print(f"\nresults: {out}", file=sys.stderr)
     return 0
 
