@@ -40,6 +40,8 @@ def test_rest_expiry_and_rotation() -> None:
     ]
     assert c.keys_for(user, now + 60) != []  # valid up to and including the expiry second
     assert c.keys_for(user, now + 61) == []  # expired usernames are refused
+    assert c.expired(user, now + 61) and not c.expired(user, now)
+    assert not c.expired("alice", now)
     assert c.keys_for(str(int(now) + 60), now) != []  # bare "<expiry>" as coturn accepts
     for bad in ["alice", "alice:123", ":alice", "", "12ab:alice", "9" * 20 + ":x"]:
         assert c.keys_for(bad, now) == [], bad

@@ -316,7 +316,8 @@ def test_restricted_mode_refuses_non_media_nodes() -> None:
 
 
 def test_permissive_rest_credentials_and_expiry() -> None:
-    core, _ = make_core(restricted=False, media_nodes=())
+    guard = FakeGuard()
+    core, _ = make_core(restricted=False, media_nodes=(), guard=guard)
     core.wall_offset = 1_700_000_000.0 - T0  # monotonic T0 == wall 1.7e9
     expiry = 1_700_000_000 + 60
     user = f"{expiry}:alice"
@@ -327,8 +328,10 @@ def test_permissive_rest_credentials_and_expiry() -> None:
     assert code(cli.refresh(T0 + 61)) == 401
     late = Cli(core, "192.0.2.51", username=user, password=pw_old)
     assert code(late.allocate(T0 + 61)) == 401
+    assert guard.failures == []  # an expired credential is not a guess
     bad = Cli(core, "192.0.2.52", username=user, password=RestCredentials.password_for("x", user))
     assert code(bad.allocate(T0)) == 401
+    assert guard.failures == ["192.0.2.52"]
 
 
 # -- Allocate details --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ to and goes stale after ``turn.nonce_lifetime`` seconds (then the client gets 43
 
 from __future__ import annotations
 
+import abc
 import base64
 import hashlib
 import hmac
@@ -33,18 +34,19 @@ __all__ = [
 ]
 
 
-class Credentials:
+class Credentials(abc.ABC):
     """Maps a USERNAME to the candidate long-term keys (RFC 8489 §9.2.2) it may be signed with."""
 
     realm: str
 
+    @abc.abstractmethod
     def keys_for(self, username: str, wall_now: float) -> list[bytes]:
         """Candidate keys; empty when the username is unknown or expired."""
-        raise NotImplementedError
 
-    def user_of(self, username: str) -> str:
-        """The quota identity behind a USERNAME (the username itself for both schemes)."""
-        return username
+    def expired(self, username: str, wall_now: float) -> bool:
+        """True for a well-formed credential that has merely expired: a legitimate client with
+        a stale credential, not a guess, so it is not reported to the guard."""
+        return False
 
 
 class LongTermCredentials(Credentials):
@@ -90,6 +92,10 @@ class RestCredentials(Credentials):
         """Mint a (username, password) pair with the current secret (for tests and the demo)."""
         username = f"{int(wall_now) + ttl}:{user}"
         return username, self.password_for(self._secrets[0], username)
+
+    def expired(self, username: str, wall_now: float) -> bool:
+        expiry = self.expiry_of(username)
+        return expiry is not None and expiry < wall_now
 
     def keys_for(self, username: str, wall_now: float) -> list[bytes]:
         expiry = self.expiry_of(username)

@@ -482,12 +482,13 @@ class TurnCore:
         if not self.nonces.valid(nonce_text, now, client.ip, client.port):
             return self._challenge(now, client, msg, 438, fp)
         found: bytes | None = None
+        wall = now + self.wall_offset
         # Check every candidate key (REST: one per secret) so timing does not reveal which.
-        for key in self.creds.keys_for(username, now + self.wall_offset):
+        for key in self.creds.keys_for(username, wall):
             if check_integrity(msg, key) and found is None:
                 found = key
         if found is None:
-            if self.guard is not None:
+            if self.guard is not None and not self.creds.expired(username, wall):
                 self.guard.record_turn_auth_failure(client.ip)
             if self._loglimit.allow(now):
                 log.info("turn authentication failed: client %s:%d", client.ip, client.port)
