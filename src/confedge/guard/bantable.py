@@ -28,10 +28,11 @@ _MAPPED = b"\x00" * 10 + b"\xff\xff"
 class BanTable:
     """Ban expiry (wall-clock seconds) by lookup key; see the module docstring."""
 
-    __slots__ = ("_clock", "_table")
+    __slots__ = ("_clock", "_table", "_v6")
 
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._table: dict[str | bytes, float] = {}
+        self._v6 = False  # any IPv6 key? If not, an IPv6 client needs no inet_pton
         self._clock = clock  # injectable for tests; wall clock because bans cross processes
 
     def __len__(self) -> int:
@@ -44,12 +45,15 @@ class BanTable:
                 key = source_keys(rec.source)
                 if table.get(key, 0.0) < rec.expires:
                     table[key] = rec.expires
+        self._v6 = any(isinstance(k, bytes) for k in table)
         self._table = table
 
     def add(self, rec: BanRecord) -> None:
         key = source_keys(rec.source)
         if self._table.get(key, 0.0) < rec.expires:
             self._table[key] = rec.expires
+        if isinstance(key, bytes):
+            self._v6 = True
 
     def discard(self, source: str) -> None:
         self._table.pop(source_keys(source), None)
@@ -81,7 +85,7 @@ class BanTable:
             return None
         exp = table.get(ip)
         if exp is None:
-            if ":" not in ip:
+            if ":" not in ip or (not self._v6 and not ip.startswith("::ffff:")):
                 return None
             exp = self.expiry(ip)
             if exp is None:
