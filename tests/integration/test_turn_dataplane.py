@@ -46,6 +46,7 @@ class UdpTurn:
     def __init__(self, transport: asyncio.DatagramTransport, proto: _Queue) -> None:
         self.t, self.p = transport, proto
         self.nonce = b""
+        self.key = KEY
 
     @classmethod
     async def open(cls, port: int) -> UdpTurn:
@@ -53,11 +54,12 @@ class UdpTurn:
         t, p = await loop.create_datagram_endpoint(_Queue, remote_addr=("127.0.0.1", port))
         return cls(t, p)
 
-    async def recv(self, timeout: float = 2.0) -> bytes:
+    async def recv(self, timeout: float = 1.0) -> bytes:
         return (await asyncio.wait_for(self.p.q.get(), timeout))[0]
 
     async def request(self, method: int, attrs: list[tuple[int, bytes]]) -> Message:
-        for _ in range(2):
+        """The answer, after learning a nonce from a 401/438 once (as real clients do)."""
+        for attempt in range(2):
             tid = new_transaction_id()
             b = MessageBuilder(method, MsgClass.REQUEST, tid)
             for a, v in attrs:
@@ -65,13 +67,13 @@ class UdpTurn:
             if self.nonce:
                 b.add(Attr.USERNAME, b"turnuser").add(Attr.REALM, b"example.test")
                 b.add(Attr.NONCE, self.nonce)
-            self.t.sendto(b.build(key=KEY if self.nonce else None))
+            self.t.sendto(b.build(key=self.key if self.nonce else None))
             resp = parse_message(await self.recv())
-            if resp.msg_class == MsgClass.ERROR and resp.get(Attr.NONCE):
+            if attempt == 0 and resp.msg_class == MsgClass.ERROR and resp.get(Attr.NONCE):
                 self.nonce = resp.get(Attr.NONCE) or b""
                 continue
             return resp
-        raise AssertionError("no answer after the nonce")
+        raise AssertionError("unreachable")
 
     async def allocate(self) -> tuple[str, int]:
         resp = await self.request(
@@ -248,3 +250,51 @@ async def test_info_and_port_zero() -> None:
             pass
     finally:
         await svc.close()
+
+
+async def test_guard_bans_turn_password_guessing() -> None:
+    """Wrong credentials are reported to the real guard; once banned, the source gets nothing."""
+    from confedge.guard import create_guard
+
+    cfg = turn_config(
+        sections={"guard": {"enabled": True, "store": "memory", "turn_maxretry": 3, "ignore": []}}
+    )
+    guard = create_guard(cfg)
+    await guard.start()
+    svc = TurnService(cfg, guard=guard)
+    await svc.start()
+    cli = await UdpTurn.open(svc.port)
+    try:
+        cli.key = long_term_key("turnuser", "example.test", "guess")
+        answered = 0
+        for _ in range(5):  # 3 wrong MESSAGE-INTEGRITY checks ban; then silence
+            try:
+                resp = await cli.request(
+                    Method.ALLOCATE, [(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))]
+                )
+            except TimeoutError:
+                break
+            assert resp.msg_class == MsgClass.ERROR
+            answered += 1
+        assert answered == 2  # 401 + 401 (fail 1), 401 (fail 2) + 401 (fail 3), then nothing
+        cli.key = KEY
+        for _ in range(40):  # bans reach the hook's table within a refresh interval
+            if guard.check("127.0.0.1") is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert guard.check("127.0.0.1") is not None
+        while not cli.p.q.empty():
+            cli.p.q.get_nowait()
+        # Even the right password now gets no answer at all.
+        cli.t.sendto(
+            MessageBuilder(Method.ALLOCATE, MsgClass.REQUEST, new_transaction_id())
+            .add(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
+            .build()
+        )
+        await asyncio.sleep(0.3)
+        assert cli.p.q.empty()
+        assert svc.stats()["allocations"] == 0
+    finally:
+        cli.t.close()
+        await svc.close()
+        await guard.close()

@@ -28,6 +28,7 @@ def turn_config(
     password: str = "turnpass",  # noqa: S107 - test credential
     secrets: list[str] | None = None,
     domain: str = "example.test",
+    sections: dict[str, dict[str, Any]] | None = None,
     **turn: Any,
 ) -> Config:
     """A Config with only TURN enabled on loopback (proxy off).
@@ -49,13 +50,13 @@ def turn_config(
         section["password"] = password
     else:
         section["secrets"] = secrets or ["s3cret-current", "s3cret-previous"]
-    return parse_config(
-        {
-            "server": {"domain": domain, "internal_address": host, "state_dir": "/tmp"},
-            "proxy": {"enabled": False},
-            "turn": section,
-        }
-    )
+    data: dict[str, Any] = {
+        "server": {"domain": domain, "internal_address": host, "state_dir": "/tmp"},
+        "proxy": {"enabled": False},
+        "turn": section,
+    }
+    data.update(sections or {})  # other sections, e.g. {"guard": {...}}
+    return parse_config(data)
 
 
 class MemoryDataPlane(DataPlane):
