@@ -8,6 +8,7 @@ counters, relay port range, and TCP framing of several messages in one segment.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from typing import Any
@@ -298,3 +299,24 @@ async def test_guard_bans_turn_password_guessing() -> None:
         cli.t.close()
         await svc.close()
         await guard.close()
+
+
+async def test_tcp_connection_cap() -> None:
+    """At most max_allocations + 256 TCP connections; the next ones are reset at once."""
+    svc = TurnService(turn_config(max_allocations=1))
+    await svc.start()
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(257):
+            conns.append(await asyncio.open_connection("127.0.0.1", svc.port))
+        await asyncio.sleep(0.1)
+        assert len(svc._tcp_conns) == 257
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.port)
+        conns.append((reader, writer))
+        with contextlib.suppress(ConnectionResetError):  # reset (abort) or EOF: both refusals
+            assert await asyncio.wait_for(reader.read(), 2) == b""
+        assert len(svc._tcp_conns) == 257
+    finally:
+        for _, w in conns:
+            w.close()
+        await svc.close()

@@ -71,8 +71,10 @@ class TcpConnection(asyncio.Protocol):
         dataplane: DataPlane,
         loop: asyncio.AbstractEventLoop,
         connections: set[TcpConnection],
+        max_connections: int = 1 << 30,
     ) -> None:
         self.core = core
+        self._max_connections = max_connections
         self._channel_data = dataplane.client_channel_data
         self._loop = loop
         self._connections = connections
@@ -84,6 +86,9 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its interface.
         transport = cast(asyncio.Transport, transport)
+        if len(self._connections) >= self._max_connections:
+            transport.abort()  # over the cap: refuse before any per-connection state
+            return
         self.transport = transport
         transport.set_write_buffer_limits(high=self.WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
@@ -104,7 +109,8 @@ class TcpConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         transport = self.transport
         client = self.client
-        assert transport is not None and client is not None
+        if transport is None or client is None:
+            return  # refused in connection_made
         try:
             frames = self._framer.feed(data)
         except StunError:

@@ -118,6 +118,8 @@ class TurnService:
         core, dp = self.core, self.dataplane
         assert core is not None and dp is not None
         want = self.cfg.turn.port
+        # Each TCP connection carries at most one allocation, plus some headroom for Binding.
+        tcp_cap = self.cfg.turn.max_allocations + 256
         for _attempt in range(20 if want == 0 else 1):
             udp, _ = await loop.create_datagram_endpoint(
                 lambda: UdpListener(core, dp, loop), local_addr=(self.host, want)
@@ -125,7 +127,7 @@ class TurnService:
             port = udp.get_extra_info("sockname")[1]
             try:
                 tcp = await loop.create_server(
-                    lambda: TcpConnection(core, dp, loop, self._tcp_conns),
+                    lambda: TcpConnection(core, dp, loop, self._tcp_conns, tcp_cap),
                     host=self.host,
                     port=port,
                     reuse_address=True,
