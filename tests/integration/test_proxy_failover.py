@@ -71,12 +71,15 @@ async def test_node_killed_under_load_costs_no_request(nodes, tmp_path, caplog):
         clients = [
             asyncio.create_task(_client(svc.https_port, 120, results, 20_000)) for _ in range(8)
         ]
-        await asyncio.sleep(0.3)
+        while len(results) < 150:  # kill n1 in the middle of the load
+            await asyncio.sleep(0.01)
         await nodes[1].kill()
+        killed_at = len(results)
         await asyncio.gather(*clients)
         assert len(results) == 8 * 120
         assert all(status == 200 for status, _ in results), [r for r in results if r[0] != 200][:5]
-        assert "n1" in [node for _, node in results[:100]]  # the kill happened mid-load
+        assert "n1" in [node for _, node in results[:killed_at]]
+        assert len(results) - killed_at > 300  # and plenty of requests ran after it
         late = [node for _, node in results[-200:]]
         assert "n1" not in late
         assert svc.core.health.states[1] is NodeState.DOWN

@@ -31,7 +31,8 @@ from confedge.proxy.pages import DateCache
 from confedge.tls.context import client_context
 
 if TYPE_CHECKING:
-    from confedge.proxy.server import ClientConnection, Exchange, Request
+    from confedge.proxy.exchange import Exchange
+    from confedge.proxy.server import ClientConnection, Request
     from confedge.proxy.upstream import NodePool, UpstreamConnection
 
 __all__ = ["AccessLogSink", "GuardHook", "ProxyCore"]

@@ -1,38 +1,30 @@
-"""The client side of the proxy: one asyncio Protocol per connection, one Exchange per request.
+"""The client side of the proxy: one asyncio Protocol per connection.
 
 Theory of operation
 -------------------
-`ClientConnection.data_received` feeds httptools; its callbacks build a `Request` (headers are
-lower-cased once, the few that matter are noted as they pass). When the head is complete the
-request is vetted (request.py: method, target, Host, framing, limits) and, if nothing is already
-in progress, an `Exchange` starts: guard check, static mounts, allowlist, then a node from the
-balancer and a connection from that node's keep-alive pool (upstream.py).
+`ClientConnection.data_received` feeds httptools; its callbacks build a `Request` (header names
+are lower-cased once, and the few that steer the proxy are noted as they pass). When the head is
+complete the request is vetted (request.py: method, target, Host, framing, limits) and, if
+nothing is in progress, an `Exchange` (exchange.py) starts: guard check, static mounts,
+allowlist, then a node from the balancer and a connection from its keep-alive pool.
 
-The request head for the node is built once as bytes. Request body chunks are written through as
-they arrive *and* retained until the response head is committed to the client, so a failed
-attempt (connect error/timeout, a 500/502/503/504 head, a lost connection) can replay head and
-body on the next node: failover for POST included, as long as nothing reached the client
-(SPEC §2). After commit the retained copy is dropped.
-
-Response bytes flow from the upstream protocol's callbacks straight into the client transport.
 Backpressure (the uvicorn flow-control idea): when the client's write buffer passes its
-high-water mark asyncio calls `pause_writing` here and we pause reading from the node, and the
-other way round for request bodies; nothing is ever queued in Python beyond one chunk.
-
-WebSocket: an `Upgrade: websocket` request is forwarded with its Upgrade/Connection headers; on
-a 101 both parsers are left behind and bytes are piped both ways (tunnel mode).
+high-water mark asyncio calls `pause_writing` here and we pause reading from the node; when a
+node's write buffer fills (a request body faster than the node reads it) the upstream protocol
+pauses reading from the client. Nothing is ever queued in Python beyond one chunk. Pipelined
+requests are parsed into a queue while client reading is paused, and answered in order.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from confedge.proxy.exchange import T_BODY, T_HEAD, T_IDLE, T_NONE, T_TUNNEL, Exchange
 from confedge.proxy.pages import error_response, retry_page_response, status_line
 from confedge.proxy.request import (
     ALLOWED_METHODS,
@@ -41,67 +33,20 @@ from confedge.proxy.request import (
     host_allowed,
     normalise_target,
     path_allowed,
-    pin_alias,
-    split_host,
 )
 
 if TYPE_CHECKING:
     from confedge.proxy.core import ProxyCore
-    from confedge.proxy.upstream import UpstreamConnection
 
 __all__ = ["ClientConnection", "Exchange", "RedirectConnection", "Request"]
 
-_INF = math.inf
-
-# RFC 9110 §7.6.1 / RFC 9112 §9.6: hop-by-hop fields, never forwarded. Content-Length is
-# handled separately (re-emitted from the parsed value). X-Real-IP/X-Forwarded-Proto from the
-# client are dropped because the proxy sets them (a client must not choose its own address).
-_REQ_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"proxy-authorization",
-        b"proxy-authenticate",
-        b"expect",
-        b"content-length",
-        b"x-real-ip",
-        b"x-forwarded-proto",
-        b"x-forwarded-for",
-        b"http2-settings",
-    }
-)
-# Guard (SPEC §4, added by the guard helper): a request_token call must come back uncompressed
-# so that its 403 "Invalid PIN" can be read and counted; forwarding the client's
-# Accept-Encoding would let an attacker ask for gzip and hide every failure from the guard.
-_REQ_DROP_PIN = _REQ_DROP | {b"accept-encoding"}
-_RESP_DROP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-_RETRY_STATUSES = frozenset({500, 502, 503, 504})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_PIN_BUFFER_LIMIT = 64 * 1024
+
+_INF = math.inf
 
 # pause() reasons for client reading
 _PAUSE_UPSTREAM = 1  # the node's write buffer is full (request body backpressure)
 _PAUSE_PIPELINE = 2  # a pipelined request waits for the current one
-
-# client timeout modes
-_T_IDLE, _T_HEAD, _T_BODY, _T_NONE, _T_TUNNEL = range(5)
 
 
 class Request:
@@ -203,7 +148,7 @@ class ClientConnection(asyncio.Protocol):
         self.activity = False
         self.deadline = _INF
         self.timeout = 0.0
-        self.tmode = _T_IDLE
+        self.tmode = T_IDLE
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -218,7 +163,7 @@ class ClientConnection(asyncio.Protocol):
         core.clients.add(self)
         self.peer = normalise_peer(transport.get_extra_info("peername"))
         # The first request's head must arrive within header_timeout of the connection.
-        self._set_timeout(_T_HEAD, core.header_timeout, absolute=True)
+        self._set_timeout(T_HEAD, core.header_timeout, absolute=True)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.clients.discard(self)
@@ -283,8 +228,8 @@ class ClientConnection(asyncio.Protocol):
         self.cur = Request()
         self.in_head = True
         self.head_raw = 0
-        if self.exchange is None and self.tmode == _T_IDLE:
-            self._set_timeout(_T_HEAD, self.core.header_timeout, absolute=True)
+        if self.exchange is None and self.tmode == T_IDLE:
+            self._set_timeout(T_HEAD, self.core.header_timeout, absolute=True)
 
     def on_url(self, url: bytes) -> None:
         req = self.cur
@@ -407,7 +352,7 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         core = self.core
         expecting = not req.complete and self._body_expected(req)
-        self._set_timeout(_T_BODY if expecting else _T_NONE, core.body_timeout)
+        self._set_timeout(T_BODY if expecting else T_NONE, core.body_timeout)
         client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
         guard = core.guard
         if guard is not None:
@@ -451,7 +396,7 @@ class ClientConnection(asyncio.Protocol):
                 self.resume(_PAUSE_PIPELINE)
             self._start(nxt)
             return
-        self._set_timeout(_T_IDLE, self.core.idle_timeout)
+        self._set_timeout(T_IDLE, self.core.idle_timeout)
 
     def local_response(
         self,
@@ -511,7 +456,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _set_timeout(self, mode: int, seconds: float, *, absolute: bool = False) -> None:
         self.tmode = mode
-        if mode == _T_NONE:
+        if mode == T_NONE:
             self.timeout = 0.0
             self.deadline = _INF
             return
@@ -523,11 +468,11 @@ class ClientConnection(asyncio.Protocol):
         mode = self.tmode
         self.deadline = _INF
         self.timeout = 0.0
-        if mode == _T_IDLE:
+        if mode == T_IDLE:
             self.abort()
-        elif mode == _T_HEAD:
+        elif mode == T_HEAD:
             self.local_response(self.cur if self.in_head else None, 408)
-        elif mode == _T_BODY:
+        elif mode == T_BODY:
             ex = self.exchange
             if ex is not None and ex.committed:
                 self.abort()
@@ -535,7 +480,7 @@ class ClientConnection(asyncio.Protocol):
                 if ex is not None:
                     ex.cancel()
                 self.local_response(self.cur, 408)
-        elif mode == _T_TUNNEL:
+        elif mode == T_TUNNEL:
             self.abort()
 
     # -- WebSocket ------------------------------------------------------------------------------
@@ -560,7 +505,7 @@ class ClientConnection(asyncio.Protocol):
         buffered, self.tunnel_buffer = self.tunnel_buffer or [], None
         for chunk in buffered:
             ex.up.transport.write(chunk)
-        self._set_timeout(_T_TUNNEL, self.core.ws_idle)
+        self._set_timeout(T_TUNNEL, self.core.ws_idle)
 
     # -- static mounts --------------------------------------------------------------------------
 
@@ -609,536 +554,4 @@ class ClientConnection(asyncio.Protocol):
             t.write(chunk)
 
 
-class Exchange:
-    """One request's journey: attempts on nodes, then the response streamed to the client."""
-
-    __slots__ = (
-        "addrs",
-        "chunked_out",
-        "client",
-        "client_ip",
-        "close_after",
-        "committed",
-        "connect_timeout",
-        "dead",
-        "head",
-        "head_only",
-        "node",
-        "pin_alias",
-        "pin_buf",
-        "req",
-        "sent",
-        "sse",
-        "start",
-        "static_length",
-        "status",
-        "statuses",
-        "times",
-        "tried",
-        "until_close",
-        "up",
-        "upgrading",
-        "upstream_time",
-    )
-
-    def __init__(self, client: ClientConnection, req: Request, client_ip: str) -> None:
-        self.client = client
-        self.req = req
-        self.client_ip = client_ip
-        self.up: UpstreamConnection | None = None
-        self.node = -1
-        self.tried = 0
-        self.committed = False
-        self.dead = False
-        self.status = 0
-        self.sent = 0
-        self.chunked_out = False
-        self.close_after = False
-        self.head_only = req.method == b"HEAD"
-        self.sse = False
-        self.upgrading = req.websocket and req.method == b"GET"
-        self.addrs: list[str] = []
-        self.statuses: list[str] = []
-        self.start = client.core.loop.time()
-        self.upstream_time = 0.0
-        self.static_length = 0
-        self.head = b""
-        self.pin_alias: str | None = None
-        self.pin_buf: bytearray | None = None
-        self.connect_timeout = 0.0
-        self.until_close = False
-        self.times: list[str] = []
-
-    # -- request side ---------------------------------------------------------------------------
-
-    def _build_head(self) -> bytes:
-        """The request head for the nodes (built once, replayed on failover)."""
-        req = self.req
-        client = self.client
-        drop = _REQ_DROP if self.pin_alias is None else _REQ_DROP_PIN
-        extra: frozenset[bytes] | None = None
-        if req.conn_tokens is not None:
-            # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
-            extra = frozenset(t.strip() for t in req.conn_tokens.split(b","))
-        parts = [req.method, b" ", req.target.encode(), b" HTTP/1.1\r\n"]
-        for lname, name, value in req.headers:
-            if lname in drop or (extra is not None and lname in extra):
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        if req.host is None:
-            parts.append(b"Host: " + client.core.cfg.server.fqdn.encode() + b"\r\n")
-        ip = self.client_ip.encode()
-        peer = client.peer.encode()
-        parts += (b"X-Real-IP: ", ip, b"\r\nX-Forwarded-For: ")
-        if req.xff is not None:
-            parts += (req.xff, b", ")
-        parts += (peer, b"\r\nX-Forwarded-Proto: https\r\n")
-        if self.upgrading:
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
-        if req.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        elif req.content_length is not None:
-            parts += (b"Content-Length: ", req.content_length.strip(), b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
-
-    def attempt(self) -> None:
-        """Send the request to the next node, or answer the error page when none is left."""
-        client = self.client
-        core = client.core
-        i = core.balancer.pick(self.client_ip, self.tried)
-        if i is None:
-            if self.tried:
-                status = 504 if self.statuses and self.statuses[-1] == "504" else 502
-            else:
-                status = 503
-            self.dead = True
-            client.exchange = None
-            client.local_response(self.req, status, retry_page=True, ex=self)
-            return
-        if not self.head:
-            path = self.req.target
-            self.connect_timeout = (
-                core.api_connect_timeout if path.startswith("/api") else core.connect_timeout
-            )
-            if (
-                self.req.method == b"POST"
-                and core.guard is not None
-                and "request_token" in path.lower()
-            ):
-                self.pin_alias = pin_alias(path)
-            self.head = self._build_head()  # after pin_alias: it drops Accept-Encoding then
-        self.tried |= 1 << i
-        self.node = i
-        core.balancer.active[i] += 1
-        pool = core.pools[i]
-        self.addrs.append(pool.node.netloc)
-        self.upstream_time = core.loop.time()
-        conn = pool.take()
-        if conn is not None:
-            self.upstream_ready(conn)
-        else:
-            pool.connect(self, self.connect_timeout)
-
-    def upstream_ready(self, conn: UpstreamConnection) -> None:
-        core = self.client.core
-        if self.dead:
-            core.pools[conn.pool.index].release(conn)
-            return
-        self.up = conn
-        conn.exchange = self
-        conn.headers = []
-        conn.timeout = core.read_timeout
-        conn.activity = False
-        conn.deadline = core.loop.time() + core.read_timeout
-        t = conn.transport
-        assert t is not None
-        req = self.req
-        if req.chunked:
-            parts = [self.head]
-            for chunk in req.body:
-                parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
-            if req.complete:
-                parts.append(b"0\r\n\r\n")
-            t.write(b"".join(parts))
-        elif req.body:
-            t.writelines([self.head, *req.body])
-        else:
-            t.write(self.head)
-
-    def on_request_body(self, body: bytes) -> None:
-        up = self.up
-        if up is None or up.transport is None:
-            return  # retained in req.body; sent when a connection is ready
-        if self.req.chunked:
-            up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
-        else:
-            up.transport.write(body)
-
-    def on_request_done(self) -> None:
-        client = self.client
-        if client.tmode == _T_BODY:
-            client._set_timeout(_T_NONE, 0.0)
-        up = self.up
-        if up is not None and up.transport is not None and self.req.chunked:
-            up.transport.write(b"0\r\n\r\n")
-        if not self.committed:
-            return
-        self.req.body = []
-
-    # -- failures -------------------------------------------------------------------------------
-
-    def _release_attempt(self) -> None:
-        if self.node >= 0:
-            core = self.client.core
-            core.balancer.active[self.node] -= 1
-            self.times.append(f"{core.loop.time() - self.upstream_time:.3f}")
-            self.node = -1
-
-    def _retry(self, reason_status: str) -> None:
-        self.statuses.append(reason_status)
-        self._release_attempt()
-        self.up = None
-        if not self.req.retain:
-            self.client.abort()
-            return
-        self.attempt()
-
-    def connect_failed(self, i: int, reason: str) -> None:
-        core = self.client.core
-        core.passive_failure(i, reason)
-        if self.dead:
-            return
-        self._retry("502")
-
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        """The node's connection closed while this exchange used it."""
-        if self.dead:
-            return
-        if self.committed:
-            if conn.tunnel:
-                self.dead = True
-                self._release_attempt()
-                if self.client.transport is not None:
-                    self.client.transport.close()
-                return
-            if self.until_close:
-                # RFC 9112 §6.3 item 8: the body was delimited by the close.
-                self.on_response_done(conn)
-                return
-            # Truncated response: the client must notice, so close without a clean end.
-            self._release_attempt()
-            self.dead = True
-            self.client.abort()
-            self.client.core.log_exchange(self, truncated=True)
-            return
-        if conn.reused and not conn.got_bytes:
-            # A keep-alive connection the node had already closed: not the node's fault, replay
-            # on a fresh connection to the same node (RFC 9112 §9.3.1 allows this retry).
-            self.tried &= ~(1 << self.node)
-            self._release_attempt()
-            self.addrs.pop()
-            self.times.pop()
-            self.up = None
-            self.attempt()
-            return
-        self.client.core.passive_failure(conn.pool.index, "connection closed before a response")
-        self._retry("502")
-
-    def upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
-        if self.dead:
-            return
-        if self.committed:
-            self.dead = True
-            self._release_attempt()
-            self.client.abort()
-            return
-        self.client.core.passive_failure(conn.pool.index, reason)
-        self._retry("502")
-
-    def upstream_timeout(self, conn: UpstreamConnection) -> None:
-        if self.committed:
-            # SSE lifetime reached or a node stalled mid-body: end the response.
-            self.dead = True
-            self._release_attempt()
-            conn.close()
-            self.client.abort()
-            self.client.core.log_exchange(self, truncated=True)
-            return
-        self.client.core.passive_failure(conn.pool.index, "no response within proxy.read_timeout")
-        conn.close()
-        self._retry("504")
-
-    def cancel(self) -> None:
-        """The client side failed (refusal, timeout) before the response: drop the attempt."""
-        self.dead = True
-        self._release_attempt()
-        up = self.up
-        if up is not None:
-            up.close()
-            self.up = None
-
-    def client_gone(self) -> None:
-        if self.dead:
-            return
-        self.dead = True
-        self._release_attempt()
-        up = self.up
-        if up is not None:
-            up.close()
-            self.up = None
-        if not self.committed or self.status:
-            self.client.core.log_exchange(self, truncated=True)
-
-    # -- response side --------------------------------------------------------------------------
-
-    def on_response_head(self, conn: UpstreamConnection) -> None:
-        status = conn.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            conn.informational = (
-                True  # RFC 9110 §15.2: 1xx are not forwarded (we sent 100 ourselves)
-            )
-            return
-        client = self.client
-        core = client.core
-        req = self.req
-        if status in _RETRY_STATUSES and not self.committed:
-            if status != 500:
-                core.passive_failure(
-                    conn.pool.index, f"answered {status}", maintenance=status == 503
-                )
-            if (
-                req.complete
-                and req.retain
-                and core.balancer.pick(self.client_ip, self.tried) is not None
-            ):
-                conn.close()
-                self._retry(str(status))
-                return
-        self.status = status
-        self.statuses.append(str(status))
-        self.committed = True
-        req.retain = False
-        if req.complete:
-            req.body = []
-        t = client.transport
-        if t is None:
-            return
-        parts = [status_line(status)]
-        has_csp = False
-        chunked_in = False
-        length: bytes | None = None
-        extra: frozenset[bytes] | None = None
-        drop = _RESP_DROP
-        for name, value in conn.headers:
-            lname = name.lower()
-            if lname in drop:
-                if lname == b"transfer-encoding":
-                    chunked_in = True
-                elif lname == b"connection":
-                    toks = frozenset(x.strip() for x in value.lower().split(b","))
-                    extra = toks if extra is None else extra | toks
-                continue
-            if lname == b"content-length":
-                length = value
-            elif lname == b"content-type":
-                if value.startswith(b"text/event-stream"):
-                    self.sse = True
-            elif lname == b"content-security-policy":
-                has_csp = True
-            parts += (name, b": ", value, b"\r\n")
-        if extra is not None and extra - {b"keep-alive", b"close", b"upgrade"}:
-            parts = [p for p in self._filter(conn.headers, extra)]
-        if core.csp_line and not has_csp:
-            parts.append(core.csp_line)
-        if status == 101:
-            if not self.upgrading:
-                self.dead = True
-                client.abort()
-                return
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-            t.write(b"".join(parts))
-            return
-        self.upgrading = False
-        no_body = self.head_only or status in (204, 304)
-        if not no_body and length is None:
-            self.until_close = not chunked_in
-            if req.version == "1.0":
-                self.close_after = True
-            else:
-                self.chunked_out = True
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-        if client.tunnel:
-            self.close_after = True  # an upgrade the node declined: the client stream is unusable
-            client.tunnel = False
-        if self.close_after or not req.keep_alive:
-            parts.append(b"Connection: close\r\n\r\n")
-        else:
-            parts.append(b"\r\n")
-        t.write(b"".join(parts))
-        if self.sse:
-            conn.timeout = 0.0
-            conn.deadline = core.loop.time() + core.sse_lifetime
-        if self.pin_alias is not None and status == 403:
-            self.pin_buf = bytearray()
-        if self.head_only:
-            # httptools cannot be told a response answers HEAD, so it would wait for a body
-            # of Content-Length bytes: finish now and retire the connection.
-            self._complete(conn, reuse=False)
-
-    def _filter(self, headers: list[tuple[bytes, bytes]], extra: frozenset[bytes]) -> list[bytes]:
-        out = [status_line(self.status)]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _RESP_DROP or lname in extra:
-                continue
-            out += (name, b": ", value, b"\r\n")
-        return out
-
-    def on_tunnel(self, conn: UpstreamConnection, rest: bytes) -> None:
-        """The node switched protocols (101): pipe bytes both ways from now on."""
-        client = self.client
-        if self.status != 101 or not client.tunnel or client.transport is None:
-            self.dead = True
-            conn.close()
-            client.abort()
-            return
-        conn.tunnel = True
-        conn.timeout = 0.0
-        conn.deadline = _INF
-        if rest:
-            client.transport.write(rest)
-        client.start_tunnel()
-        client.core.log_exchange(self)
-
-    def on_response_body(self, body: bytes) -> None:
-        t = self.client.transport
-        if t is None:
-            return
-        self.sent += len(body)
-        if self.chunked_out:
-            t.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
-        else:
-            t.write(body)
-        pb = self.pin_buf
-        if pb is not None and len(pb) < _PIN_BUFFER_LIMIT:
-            pb += body
-
-    def on_response_done(self, conn: UpstreamConnection) -> None:
-        if self.status == 101:
-            return  # the tunnel starts when the parser reports the upgrade
-        if self.chunked_out and self.client.transport is not None:
-            self.client.transport.write(b"0\r\n\r\n")
-        self._complete(conn, reuse=not self.until_close and conn.parser.should_keep_alive())
-
-    def _complete(self, conn: UpstreamConnection, *, reuse: bool) -> None:
-        client = self.client
-        core = client.core
-        self._release_attempt()
-        self.up = None
-        conn.exchange = None
-        if reuse and self.req.complete and not conn.tunnel:
-            conn.pool.release(conn)
-        else:
-            conn.close()
-        if self.pin_buf is not None:
-            self._check_pin()
-        self.dead = True
-        core.log_exchange(self)
-        client.finished(self, close=self.close_after)
-
-    def _check_pin(self) -> None:
-        """Guard API: a 403 "Invalid PIN" on request_token is a PIN failure (SPEC §4)."""
-        guard = self.client.core.guard
-        if guard is None or self.pin_alias is None or self.pin_buf is None:
-            return
-        try:
-            result = json.loads(bytes(self.pin_buf)).get("result")
-        except (ValueError, AttributeError):
-            return
-        if result == "Invalid PIN":
-            pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
-            guard.record_pin_failure(self.client_ip, self.pin_alias, pin)
-
-    def finish_static(self, keep: bool) -> None:
-        self.dead = True
-        self.client.core.log_exchange(self)
-        self.client.finished(self, close=not keep)
-
-
-class RedirectConnection(asyncio.Protocol):
-    """Port 80: every request gets 301 to the same host and path on https (SPEC §2)."""
-
-    __slots__ = ("_https_port", "_timer", "core", "host", "parser", "transport", "url")
-
-    def __init__(self, core: ProxyCore, https_port: int) -> None:
-        self.core = core
-        self._timer: asyncio.TimerHandle | None = None
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpRequestParser(self)
-        self.url = b""
-        self.host: bytes | None = None
-        self._https_port = https_port
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        # Port 80 is not a hot path: a plain timer bounds slow clients here.
-        self._timer = self.core.loop.call_later(self.core.header_timeout, transport.abort)  # type: ignore[attr-defined]
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def data_received(self, data: bytes) -> None:
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            self._answer()
-        except httptools.HttpParserError:
-            self._send(400, b"")
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-        if len(self.url) > self.core.max_url_bytes:
-            raise ValueError("target too long")
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"host":
-            self.host = value
-
-    def on_headers_complete(self) -> None:
-        self._answer()
-
-    def _answer(self) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        try:
-            target = normalise_target(self.url.decode("ascii"))
-        except (Refused, UnicodeDecodeError):
-            self._send(400, b"")
-            return
-        core = self.core
-        host = core.cfg.server.fqdn
-        if self.host is not None:
-            h = self.host.decode("latin-1").strip()
-            if host_allowed(h, core.allowed_hosts):
-                # Keep the name the client used (never an unknown one: no open redirect),
-                # without its port-80 part.
-                host = split_host(h)
-        port = self._https_port
-        netloc = host if port == 443 else f"{host}:{port}"
-        location = f"https://{netloc}{target}".encode()
-        self._send(301, b"Location: " + location + b"\r\n")
-
-    def _send(self, status: int, extra: bytes) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        t.write(
-            status_line(status)
-            + self.core.date.header
-            + extra
-            + b"Content-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        t.close()
+from confedge.proxy.redirect import RedirectConnection  # noqa: E402  (re-export)

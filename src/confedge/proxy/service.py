@@ -25,7 +25,8 @@ from typing import Any
 
 from confedge.config import Config
 from confedge.proxy.core import GuardHook, ProxyCore, reuse_port_socket
-from confedge.proxy.server import ClientConnection, RedirectConnection
+from confedge.proxy.redirect import RedirectConnection
+from confedge.proxy.server import ClientConnection
 from confedge.tls.context import TLSContextHolder
 
 __all__ = ["GuardFactory", "ProxyService", "ProxyWorker"]

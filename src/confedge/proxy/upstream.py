@@ -20,7 +20,7 @@ from confedge.config import NodeAddress
 
 if TYPE_CHECKING:
     from confedge.proxy.core import ProxyCore
-    from confedge.proxy.server import Exchange
+    from confedge.proxy.exchange import Exchange
 
 __all__ = ["NodePool", "UpstreamConnection"]
 
@@ -81,6 +81,9 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+            ex = self.exchange
+            if ex is not None and ex.head_out is not None:
+                ex.flush_head()  # the head arrived without body bytes in this read
         except httptools.HttpParserUpgrade as exc:
             ex = self.exchange
             if ex is not None and ex.upgrading:
