@@ -203,3 +203,16 @@ def test_manual_ban_fixed_or_escalated() -> None:
     assert b.expires == T0 + 5 and b.failures == 0
     b2 = core.manual_ban("2001:db8::/64", T0 + 6, None, "manual")
     assert b2.count == 2 and b2.expires - b2.created == 200
+
+
+def test_conference_replay_after_restart_does_not_ban_again() -> None:
+    c = cfg(maxretry=10, conference_maxretry=6, bantime=10, findtime=300)
+    fails = [pin(f"192.0.2.{k}", T0 + 2 * k + d, alias="board") for k in range(3) for d in (0, 1)]
+    core = GuardCore(c)
+    bans = feed(core, fails)
+    assert len(bans) == 3
+    # A restarted worker loads the bans and replays the window's events after the bans ended.
+    fresh = GuardCore(c)
+    fresh.set_bans(core.bans.values())
+    later = T0 + 100
+    assert [b for f in fails for b in fresh.observe(f, later)] == []

@@ -216,8 +216,8 @@ class GuardCore:
             return []
         if until is not None:
             del self._alert[alias]
-        if f.ts <= self._conf_reset.get(alias, float("-inf")):
-            return []
+        if f.ts <= self._conf_reset.get(alias, float("-inf")) or not self._fresh(f.ip, f.ts):
+            return []  # already paid for (a replay after restart, or a late copy)
         win = self._conf.get(alias)
         if win is None:
             win = self._conf[alias] = []
