@@ -38,6 +38,11 @@ class UdpListener(asyncio.DatagramProtocol):
     ) -> None:
         self.core = core
         self._channel_data = dataplane.client_channel_data
+        # The pure-Python data plane exposes its route table so that the ChannelData hot path
+        # below is one dict lookup without an extra Python call (same logic as
+        # UdpDataPlane.client_channel_data); other back ends go through the method.
+        routes = getattr(dataplane, "routes", None)
+        self._routes: dict[Any, Any] | None = routes if isinstance(routes, dict) else None
         self._time = loop.time
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -49,7 +54,17 @@ class UdpListener(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
         if len(data) >= 4 and 0x40 <= data[0] <= 0x7F:  # ChannelData, see framing.py
-            self._channel_data(addr, data)  # fast path; unknown channels are dropped
+            routes = self._routes
+            if routes is None:
+                self._channel_data(addr, data)
+                return
+            route = routes.get((addr, data[:2]))
+            if route is not None:  # unknown channel: dropped (RFC 8656 §12.4)
+                n = data[2] << 8 | data[3]
+                if n + 4 <= len(data):  # shorter than its length field: dropped
+                    route.send(data[4 : 4 + n], route.peer)
+                    route.pkts += 1
+                    route.bytes += n
             return
         transport = self.transport
         assert transport is not None
