@@ -244,3 +244,15 @@ def test_bans_cli_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     with pytest.raises(ValueError):
         parse_duration("-5")
     assert parse_duration("1.5h") == 5400
+
+
+def test_bans_cli_on_redis(tmp_path: Path) -> None:
+    with redis_server() as srv:
+        cfg = _cfg(tmp_path, srv.url)
+        assert _run(cfg, "add", "198.51.100.60", "--time", "30")[0] == 0
+        rc, out = _run(cfg, "list", "--json")
+        assert rc == 0 and [d["source"] for d in json.loads(out)] == ["198.51.100.60"]
+        assert _run(cfg, "remove", "198.51.100.60")[0] == 0
+        assert _run(cfg, "list", "--json") == (0, "[]\n")
+    # Redis gone: a clear error, exit status 1, no traceback.
+    assert _run(cfg, "list")[0] == 1
