@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
 import multiprocessing as mp
 import shutil
 import subprocess
@@ -84,6 +85,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.server == "confedge" and args.tool == "perf":
         print("note: perf shows the interpreter as C frames; py-spy maps them to Python lines")
+    lock = open("/tmp/confedge-turnbench.lock", "w")  # noqa: SIM115 - held until exit
+    fcntl.flock(lock, fcntl.LOCK_EX)  # never profile while a benchmark run uses the ports
     results = Path(__file__).resolve().parent.parent / "results"
     results.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

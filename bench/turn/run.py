@@ -23,6 +23,7 @@ bench/results/turn-<timestamp>.json (gitignored).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import functools
 import json
 import multiprocessing as mp
@@ -154,9 +155,9 @@ def relay(
     for (_, conn), _ in zip(h.workers, parts, strict=False):
         conn.send(("blast", size, rate / k if rate else 0))
 
-    def sample() -> tuple[float, int, int, int, float]:
-        cpu = server.cpu_seconds() if server else 0.0
-        return time.monotonic(), h.counts[0], h.counts[1], sum(h.sent[:k]), cpu
+    def sample() -> tuple[float, int, int, int, float, float]:
+        user, system = server.cpu_times() if server else (0.0, 0.0)
+        return time.monotonic(), h.counts[0], h.counts[1], sum(h.sent[:k]), user, system
 
     time.sleep(warmup)
     s0 = sample()
@@ -177,9 +178,12 @@ def relay(
         "generator_cpu_s": sum(g[2] for g in gen),
     }
     if server is not None:
-        cpu = s1[4] - s0[4]
-        out["server_cpu_util"] = cpu / dt
-        out["server_cpu_us_per_pkt"] = cpu / delivered * 1e6 if delivered else None
+        user, system = s1[4] - s0[4], s1[5] - s0[5]
+        out["server_cpu_util"] = (user + system) / dt
+        per = 1e6 / delivered if delivered else 0.0
+        out["server_cpu_us_per_pkt"] = (user + system) * per if delivered else None
+        out["server_user_us_per_pkt"] = user * per if delivered else None
+        out["server_sys_us_per_pkt"] = system * per if delivered else None
     return out
 
 
@@ -288,7 +292,10 @@ def _brief(r: dict[str, Any]) -> str:
         return f"ERROR {r['error']}"
     s = f"offered {r['offered_pps']:.0f}/s delivered {r['delivered_pps']:.0f}/s"
     if r.get("server_cpu_us_per_pkt") is not None:
-        s += f", {r['server_cpu_us_per_pkt']:.2f} us CPU/pkt ({r['server_cpu_util']:.2f} cores)"
+        s += (
+            f", {r['server_cpu_us_per_pkt']:.2f} us CPU/pkt (user {r['server_user_us_per_pkt']:.2f}"
+            f" + sys {r['server_sys_us_per_pkt']:.2f}; {r['server_cpu_util']:.2f} cores)"
+        )
     return s
 
 
@@ -302,6 +309,8 @@ for _n in (1, 50):
         )
         METRICS.append(("  (offered pkt/s)", (_k, "offered_pps"), "{:,.0f}", True))
         METRICS.append(("  server CPU µs/pkt", (_k, "server_cpu_us_per_pkt"), "{:.2f}", False))
+        METRICS.append(("    of which user", (_k, "server_user_us_per_pkt"), "{:.2f}", False))
+        METRICS.append(("    of which kernel", (_k, "server_sys_us_per_pkt"), "{:.2f}", False))
 METRICS += [
     ("allocations/s (401 + Allocate)", ("alloc_rate", "allocations_per_s"), "{:,.0f}", True),
     ("  server CPU µs/allocation", ("alloc_rate", "server_cpu_us_per_alloc"), "{:.0f}", False),
@@ -342,7 +351,7 @@ def table(results: dict[str, list[dict[str, Any]]], paced_rates: list[int]) -> s
         "| metric (median of rounds) | coturn | confedge | confedge/coturn |",
         "|---|---:|---:|---:|",
     ]
-    metrics = METRICS[:12] + paced_metrics(paced_rates) + METRICS[12:]
+    metrics = METRICS[:20] + paced_metrics(paced_rates) + METRICS[20:]
     for label, path, fmt, _higher in metrics:
         a = median_of(results.get("coturn", []), path)
         b = median_of(results.get("confedge", []), path)
@@ -420,6 +429,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--servers: unknown server {s!r} (expected coturn and/or confedge)")
     if "coturn" in wanted and not shutil.which("turnserver"):
         ap.error("coturn's turnserver is not installed (apt-get install coturn)")
+
+    # One run at a time on this host: the ports are fixed and two runs would measure each other.
+    lock = open("/tmp/confedge-turnbench.lock", "w")  # noqa: SIM115 - held until exit
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("another TURN benchmark run holds /tmp/confedge-turnbench.lock; waiting", flush=True)
+        fcntl.flock(lock, fcntl.LOCK_EX)
 
     ctx = mp.get_context("fork")
     work = Path(tempfile.mkdtemp(prefix="confedge-turnbench-"))

@@ -9,6 +9,7 @@ alone (no proxy, no guard).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import socket
@@ -32,10 +33,36 @@ REALM = "bench.test"
 
 @dataclass(frozen=True)
 class ServerSpec:
+    """A server's listener port candidates (first free one wins) and its relay port range."""
+
     name: str
     port: int
     relay_lo: int
     relay_hi: int
+    port_tries: int = 100
+
+
+def pick_port(spec: ServerSpec) -> ServerSpec:
+    """The first port from spec.port on where both UDP and TCP bind on 127.0.0.1.
+
+    Why: on a shared host other programs' outgoing TCP connections take ephemeral ports
+    (32768-60999 by default) that can land on a fixed listener port, and a server that
+    listens on UDP and TCP needs the number free on both.
+    """
+    for port in range(spec.port, spec.port + spec.port_tries):
+        try:
+            with (
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u,
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t,
+            ):
+                u.bind(("127.0.0.1", port))
+                t.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return dataclasses.replace(spec, port=port)
+    raise RuntimeError(
+        f"no free UDP+TCP port in {spec.port}-{spec.port + spec.port_tries - 1} for {spec.name}"
+    )
 
 
 class Server:
@@ -69,17 +96,22 @@ class Server:
             i += 1
         return out
 
-    def cpu_seconds(self) -> float:
-        """utime+stime of the process tree, from /proc/<pid>/stat (all threads included)."""
-        total = 0
+    def cpu_times(self) -> tuple[float, float]:
+        """(utime, stime) of the process tree in seconds, from /proc/<pid>/stat (all threads)."""
+        user = system = 0
         for pid in self.pids():
             try:
                 stat = Path(f"/proc/{pid}/stat").read_text()
             except OSError:
                 continue
             fields = stat[stat.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        return total / CLK_TCK
+            user += int(fields[11])  # utime (field 14 of proc(5))
+            system += int(fields[12])  # stime (field 15)
+        return user / CLK_TCK, system / CLK_TCK
+
+    def cpu_seconds(self) -> float:
+        """utime+stime of the process tree."""
+        return sum(self.cpu_times())
 
     def rss_bytes(self) -> int:
         total = 0
@@ -122,6 +154,7 @@ def _wait_ready(server: Server, timeout: float = 15.0) -> None:
 
 
 def start_coturn(spec: ServerSpec, workdir: Path, relay_threads: int) -> Server:
+    spec = pick_port(spec)
     log = workdir / "coturn.log"
     cmd = [
         "turnserver",
@@ -185,7 +218,7 @@ unauth_budget = 1000000
 enabled = false
 
 [management]
-port = {spec.port + 90}
+port = 40990  # not started by the TURN service alone; kept inside the bench range
 """
     )
     (workdir / "state").mkdir(exist_ok=True)
@@ -200,6 +233,7 @@ def confedge_command(config: Path) -> list[str]:
 
 
 def start_confedge(spec: ServerSpec, workdir: Path) -> Server:
+    spec = pick_port(spec)
     config = confedge_config(spec, workdir)
     log = workdir / "confedge.log"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
