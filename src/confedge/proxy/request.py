@@ -70,7 +70,7 @@ def _decode_unreserved(path: str) -> str:
 
 
 def _remove_dots(path: str) -> str:
-    """RFC 3986 §5.2.4 dot-segment removal, with "//" collapsed, refusing escapes above "/"."""
+    """RFC 3986 §5.2.4 dot-segment removal ("." only: ".." is refused), "//" collapsed."""
     out: list[str] = []
     segments = path.split("/")
     last = segments[-1]
@@ -78,10 +78,10 @@ def _remove_dots(path: str) -> str:
         if seg == "" or seg == ".":
             continue
         if seg == "..":
-            if not out:
-                raise Refused(400, "the path escapes the root with ..")
-            out.pop()
-            continue
+            # Browsers and HTTP libraries remove dot-segments before sending (RFC 3986 §5.2.4),
+            # so a ".." (literal or %2e-encoded) on the wire is a probe: refused outright
+            # rather than resolved, even when it would stay below "/".
+            raise Refused(400, "'..' segment in the path")
         out.append(seg)
     if not out:
         return "/"

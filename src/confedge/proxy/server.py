@@ -386,10 +386,11 @@ class ClientConnection(asyncio.Protocol):
         if t is None or t.is_closing():
             return
         req = ex.req
-        if close or not req.keep_alive or not req.complete:
+        # A request without a body may finish (static file, cached answer) before httptools
+        # reports its end: it is complete all the same.
+        if close or not req.keep_alive or not (req.complete or not self._body_expected(req)):
             t.close()
             return
-        self.cur = None if self.cur is req else self.cur
         if self.pending:
             nxt = self.pending.popleft()
             if not self.pending:
