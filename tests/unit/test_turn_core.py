@@ -75,7 +75,12 @@ def make_core(
         s,
         creds,
         dp,
-        peer_policy=PeerPolicy(permissive=not restricted, server_addresses=["203.0.113.5"]),
+        peer_policy=PeerPolicy(
+            permissive=not restricted,
+            server_addresses=["192.0.2.5"],  # listener / management address
+            relay_addresses=["203.0.113.5"],  # MemoryDataPlane's relay address
+            relay_ports=(50000, 50999),
+        ),
         client_policy=ClientPolicy(restricted=restricted, media_nodes=media_nodes),
         nonces=NonceManager(600, key=b"n" * 32),
         guard=guard,
@@ -689,3 +694,23 @@ def test_refreshes_do_not_grow_the_timer_heap_and_shortening_works() -> None:
     assert dp.allocations
     core.tick(T0 + 900)
     assert not dp.allocations
+
+
+def test_relay_to_relay_allowed_only_on_relay_ports(caplog: pytest.LogCaptureFixture) -> None:
+    """Two clients that both need a relay talk relay to relay; the server's other ports (TURN
+    listener, HTTPS, management) and its listener/management address stay out of reach."""
+    core, dp = make_core()
+    a, b = Cli(core), Cli(core, port=40001)
+    a.allocate(T0)
+    b.allocate(T0)
+    relay_b = ("203.0.113.5", 50001)
+    assert code(a.permission(T0, relay_b[0])) == 200  # IP-only: fine
+    assert code(a.channel(T0, 0x4000, *relay_b)) == 200
+    with caplog.at_level(logging.INFO, logger="confedge.turn"):
+        assert code(a.channel(T0, 0x4001, "203.0.113.5", 3478)) == 403
+        assert code(a.channel(T0, 0x4002, "203.0.113.5", 443)) == 403
+    assert "not a relay port" in caplog.text
+    assert code(a.permission(T0, "192.0.2.5")) == 403  # listener/management address
+    a.send(T0, b"to relay", *relay_b)
+    a.send(T0, b"to listener", "203.0.113.5", 3478)
+    assert dp.sent == [(1, relay_b, b"to relay")]

@@ -188,3 +188,24 @@ def test_client_policy() -> None:
     assert not pol.may_allocate("garbage")
     assert not ClientPolicy(restricted=True, media_nodes=[]).may_allocate("10.0.0.11")
     assert ClientPolicy(restricted=False, media_nodes=[]).may_allocate("192.0.2.1")
+
+
+def test_relay_address_is_a_peer_on_relay_ports_only() -> None:
+    pol = PeerPolicy(
+        permissive=True,
+        server_addresses=["10.0.0.5", "203.0.113.5"],  # single NIC: the relay is also listener
+        relay_addresses=["203.0.113.5"],
+        relay_ports=(49152, 65535),
+    )
+    for form in ["203.0.113.5", "::ffff:203.0.113.5", "64:ff9b::cb00:7105"]:
+        v = pol.check(form)
+        assert v.allowed and v.rule == "relay-address" and v.relay_ports_only
+        assert pol.port_allowed(v, 49152) and pol.port_allowed(v, 65535)
+        assert not pol.port_allowed(v, 3478) and not pol.port_allowed(v, 443)
+    v = pol.check("10.0.0.5")
+    assert not v.allowed and v.rule == "server-address"
+    v = pol.check("8.8.8.8")
+    assert pol.port_allowed(v, 22)  # ordinary peers: any port
+    # Denied still wins.
+    pol = PeerPolicy(permissive=False, denied=["203.0.113.0/24"], relay_addresses=["203.0.113.5"])
+    assert not pol.check("203.0.113.5").allowed

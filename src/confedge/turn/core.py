@@ -231,7 +231,7 @@ class TurnCore:
         dataplane: DataPlane,
         *,
         guard: GuardLike | None = None,
-        server_addresses: tuple[str, ...] = (),
+        relay_addresses: tuple[str, ...] = (),
         wall_offset: float = 0.0,
         nonce_key: bytes | None = None,
     ) -> TurnCore:
@@ -242,7 +242,7 @@ class TurnCore:
             creds = LongTermCredentials(t.username, t.password, realm)
         else:
             creds = RestCredentials(t.secrets, realm)
-        own = {cfg.server.internal_address, cfg.server.relay_address, *server_addresses}
+        relays = {cfg.server.relay_address, *relay_addresses}
         return cls(
             CoreSettings.from_config(cfg),
             creds,
@@ -251,7 +251,9 @@ class TurnCore:
                 permissive=t.mode == "permissive",
                 allowed=t.allowed_peers,
                 denied=t.denied_peers,
-                server_addresses=sorted(own),
+                server_addresses=[cfg.server.internal_address],
+                relay_addresses=sorted(relays),
+                relay_ports=t.relay_port_range,
             ),
             client_policy=ClientPolicy(
                 restricted=t.mode == "restricted", media_nodes=t.media_nodes
@@ -507,22 +509,31 @@ class TurnCore:
             return self.s.default_lifetime
         return max(self.s.default_lifetime, min(requested, self.s.max_lifetime))
 
-    def _peer(self, now: float, alloc: Allocation, value: bytes, tid: bytes) -> tuple[str, int]:
-        """Decode XOR-PEER-ADDRESS and apply the peer policy (SPEC §3) and family check."""
+    def _peer(
+        self, now: float, alloc: Allocation, value: bytes, tid: bytes, *, with_port: bool
+    ) -> tuple[str, int]:
+        """Decode XOR-PEER-ADDRESS and apply the peer policy (SPEC §3) and family check.
+
+        ``with_port``: the port matters (ChannelBind), not only the IP (CreatePermission, whose
+        port RFC 8656 §9 says to ignore)."""
         ip, port = decode_xor_address(value, tid)
         verdict = self.peers.check(ip)
-        if not verdict.allowed:
+        rule = verdict.rule
+        ok = verdict.allowed
+        if ok and with_port and not self.peers.port_allowed(verdict, port):
+            ok, rule = False, "server-address (not a relay port)"
+        if not ok:
             if self._loglimit.allow(now):
                 log.warning(
                     "turn peer refused (403): user=%s client=%s:%d peer=%s (as %s) rule=%s",
                     alloc.username,
                     alloc.client.ip,
                     alloc.client.port,
-                    ip,
+                    f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}",
                     verdict.address,
-                    verdict.rule,
+                    rule,
                 )
-            raise _Reject(403, f"peer policy: {verdict.rule}")
+            raise _Reject(403, f"peer policy: {rule}")
         if (6 if ":" in ip else 4) != alloc.relay.family:
             raise _Reject(443, "peer family differs from relay")  # RFC 8656 §9.2, RFC 6156 §6
         return ip, port
@@ -664,7 +675,7 @@ class TurnCore:
         values = msg.get_all(Attr.XOR_PEER_ADDRESS)
         if not values:
             raise _Reject(400, "no XOR-PEER-ADDRESS")
-        ips = [self._peer(now, alloc, v, msg.transaction_id)[0] for v in values]
+        ips = [self._peer(now, alloc, v, msg.transaction_id, with_port=False)[0] for v in values]
         self._install_permissions(now, alloc, ips)
         b = MessageBuilder(Method.CREATE_PERMISSION, MsgClass.SUCCESS, msg.transaction_id)
         return self._success(msg, key, fp, b)
@@ -678,7 +689,7 @@ class TurnCore:
         if raw_ch is None or raw_peer is None:
             raise _Reject(400, "CHANNEL-NUMBER or XOR-PEER-ADDRESS missing")
         number = decode_channel_number(raw_ch)  # 400 outside 0x4000-0x7FFE (RFC 5766 range)
-        peer = self._peer(now, alloc, raw_peer, msg.transaction_id)
+        peer = self._peer(now, alloc, raw_peer, msg.transaction_id, with_port=True)
         bound = alloc.channels.get(number)
         if bound is not None and bound.peer != peer:
             raise _Reject(400, "number already bound to another peer")
@@ -724,7 +735,10 @@ class TurnCore:
             ip, port = decode_xor_address(raw_peer, msg.transaction_id)
         except StunError:
             return
-        if ip not in alloc.permissions or not self.peers.check(ip).allowed:
+        if ip not in alloc.permissions:
+            return
+        verdict = self.peers.check(ip)
+        if not verdict.allowed or not self.peers.port_allowed(verdict, port):
             return
         self.dp.send_to_peer(alloc.id, (ip, port), data)
 

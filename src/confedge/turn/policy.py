@@ -122,11 +122,18 @@ def _norm_net(net: IPNetwork) -> IPNetwork:
 
 @dataclass(frozen=True, slots=True)
 class PeerVerdict:
-    """Outcome of a peer check; ``rule`` names what decided it, for the 403 log line."""
+    """Outcome of a peer check; ``rule`` names what decided it, for the 403 log line.
+
+    ``relay_ports_only``: the address is one of the server's own relay addresses; it may be a
+    peer only on a relay port (another allocation: two clients that both need a relay), never
+    on the TURN listener, HTTPS, management or any other local service (see
+    :meth:`PeerPolicy.port_allowed`).
+    """
 
     allowed: bool
     rule: str
     address: str  # the normalised address the rule was applied to
+    relay_ports_only: bool = False
 
 
 class PeerPolicy:
@@ -141,15 +148,24 @@ class PeerPolicy:
         allowed: Iterable[str] = (),
         denied: Iterable[str] = (),
         server_addresses: Iterable[str] = (),
+        relay_addresses: Iterable[str] = (),
+        relay_ports: tuple[int, int] = (0, -1),
     ) -> None:
         self.permissive = permissive
+        self.relay_ports = relay_ports
         self._allowed = [_norm_net(ipaddress.ip_network(n, strict=False)) for n in allowed]
         self._denied = [_norm_net(ipaddress.ip_network(n, strict=False)) for n in denied]
         builtin = list(_BUILTIN)
+        relays = {normalise(ipaddress.ip_address(a)) for a in relay_addresses}
+        for ip in sorted(relays, key=lambda a: (a.version, int(a))):
+            # Listed first: on a single-NIC host the relay address is also the listener's, and
+            # relay-to-relay must stay possible (on relay ports only).
+            if not ip.is_unspecified:
+                builtin.append(("relay-address", ipaddress.ip_network(ip)))
         for a in server_addresses:
             ip = normalise(ipaddress.ip_address(a))
             # An unspecified listener address ("0.0.0.0") already is refused by rule 1.
-            if not ip.is_unspecified:
+            if not ip.is_unspecified and ip not in relays:
                 builtin.append(("server-address", ipaddress.ip_network(ip)))
         if permissive:
             builtin.extend(_PRIVATE)
@@ -195,8 +211,17 @@ class PeerPolicy:
                 return PeerVerdict(True, f"allowed_peers {net}", s)
         for rule, net in self._builtin:
             if addr.version == net.version and addr in net:
+                if rule == "relay-address":
+                    return PeerVerdict(True, rule, s, relay_ports_only=True)
                 return PeerVerdict(False, rule, s)
         return PeerVerdict(True, "default", s)
+
+    def port_allowed(self, verdict: PeerVerdict, port: int) -> bool:
+        """For an allowed verdict: may this peer port be used? (Relay addresses: relay ports.)"""
+        if not verdict.relay_ports_only:
+            return True
+        lo, hi = self.relay_ports
+        return lo <= port <= hi
 
 
 class ClientPolicy:

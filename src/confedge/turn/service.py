@@ -91,7 +91,7 @@ class TurnService:
             cfg,
             self.dataplane,
             guard=self.guard,
-            server_addresses=tuple(a for a in (v4, v6) if a),
+            relay_addresses=tuple(a for a in (v4, v6) if a),
             wall_offset=time.time() - loop.time(),
         )
         if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
