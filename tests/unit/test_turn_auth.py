@@ -80,3 +80,11 @@ def test_unauth_budget() -> None:
     assert b.spend(10.0, "a")  # new window
     b.spend(100.0, "c")  # sweeps stale entries
     assert "a" not in b._seen
+
+
+def test_unauth_budget_memory_is_bounded() -> None:
+    b = UnauthBudget(2)
+    b.MAX_SOURCES = 100
+    for i in range(1000):
+        assert b.spend(1.0, f"10.0.{i // 256}.{i % 256}")
+    assert len(b._seen) <= 100

@@ -143,6 +143,7 @@ class UnauthBudget:
     """
 
     WINDOW = 10.0
+    MAX_SOURCES = 65536  # bounded memory under a spoofed-source flood
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -158,6 +159,10 @@ class UnauthBudget:
             start, count = now, 0
         if count >= self.limit:
             return False
+        if count == 0 and len(self._seen) >= self.MAX_SOURCES:
+            # Forgetting everyone errs towards answering real clients; a flood of spoofed
+            # sources gains at most one window's worth of small 401s per address.
+            self._seen.clear()
         self._seen[ip] = (start, count + 1)
         return True
 
