@@ -320,3 +320,42 @@ async def test_tcp_connection_cap() -> None:
         for _, w in conns:
             w.close()
         await svc.close()
+
+
+async def test_even_port_and_reservation_token_on_real_sockets() -> None:
+    """RFC 8656 §7.2: EVEN-PORT with R reserves port+1 (bound, so nobody else gets it)."""
+    svc = TurnService(turn_config(relay_ports="23000-23999"))
+    await svc.start()
+    a = await UdpTurn.open(svc.port)
+    b = await UdpTurn.open(svc.port)
+    try:
+        resp = await a.request(
+            Method.ALLOCATE,
+            [
+                (Attr.REQUESTED_TRANSPORT, encode_requested_transport(17)),
+                (Attr.EVEN_PORT, b"\x80"),
+                (Attr.DONT_FRAGMENT, b""),
+            ],
+        )
+        assert resp.msg_class == MsgClass.SUCCESS
+        relay = decode_xor_address(resp.get(Attr.XOR_RELAYED_ADDRESS) or b"", resp.transaction_id)
+        assert relay[1] % 2 == 0
+        token = resp.get(Attr.RESERVATION_TOKEN)
+        assert token is not None
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s, contextlib.suppress(OSError):
+            s.bind(("127.0.0.1", relay[1] + 1))
+            raise AssertionError("the reserved port is not held")
+        resp = await b.request(
+            Method.ALLOCATE,
+            [
+                (Attr.REQUESTED_TRANSPORT, encode_requested_transport(17)),
+                (Attr.RESERVATION_TOKEN, token),
+            ],
+        )
+        assert resp.msg_class == MsgClass.SUCCESS
+        second = decode_xor_address(resp.get(Attr.XOR_RELAYED_ADDRESS) or b"", resp.transaction_id)
+        assert second == ("127.0.0.1", relay[1] + 1)
+    finally:
+        a.t.close()
+        b.t.close()
+        await svc.close()

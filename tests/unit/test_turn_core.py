@@ -714,3 +714,33 @@ def test_relay_to_relay_allowed_only_on_relay_ports(caplog: pytest.LogCaptureFix
     a.send(T0, b"to relay", *relay_b)
     a.send(T0, b"to listener", "203.0.113.5", 3478)
     assert dp.sent == [(1, relay_b, b"to relay")]
+
+
+def test_reservations_count_against_quota_and_keep_their_family() -> None:
+    core, _ = make_core(user_quota=2, dp=MemoryDataPlane(v6=True))
+    a = Cli(core)
+    resp = a.allocate(
+        T0,
+        (Attr.EVEN_PORT, encode_even_port(True)),
+        (Attr.REQUESTED_ADDRESS_FAMILY, encode_requested_address_family(2)),
+    )
+    assert code(resp) == 200
+    token = resp.get(Attr.RESERVATION_TOKEN)
+    assert token is not None
+    # Allocation + held port = the user's quota of 2: a third relay is refused...
+    assert code(Cli(core, port=40001).allocate(T0)) == 486
+    # ...but taking the held port is fine, and it keeps the reservation's family (IPv6).
+    b = Cli(core, port=40002)
+    resp = b.allocate(T0 + 1, (Attr.RESERVATION_TOKEN, token))
+    assert code(resp) == 200
+    relay = decode_xor_address(resp.get(Attr.XOR_RELAYED_ADDRESS) or b"", resp.transaction_id)
+    assert relay[0] == "2001:db8::5"
+    assert code(Cli(core, port=40003).allocate(T0 + 1)) == 486
+    # An expired reservation gives its quota back.
+    core2, _ = make_core(user_quota=2)
+    e = Cli(core2)
+    assert code(e.allocate(T0, (Attr.EVEN_PORT, encode_even_port(True)))) == 200
+    f = Cli(core2, port=40001)
+    assert code(f.allocate(T0 + 1)) == 486
+    core2.tick(T0 + 30)
+    assert code(f.allocate(T0 + 31)) == 200

@@ -216,7 +216,9 @@ class TurnCore:
         self.allocations: dict[int, Allocation] = {}
         self._by_client: dict[Hashable, Allocation] = {}
         self._per_user: dict[str, int] = {}
-        self._reservations: dict[bytes, float] = {}
+        # RESERVATION-TOKEN -> (expiry, username, family). A held port counts against the total
+        # and the user's quota like an allocation, so EVEN-PORT cannot be used to hoard ports.
+        self._reservations: dict[bytes, tuple[float, str, int]] = {}
         self._timers: list[tuple[float, int, str, int, object]] = []
         self._seq = 0
         self._next_id = 1
@@ -347,9 +349,10 @@ class TurnCore:
             if kind == "resv":
                 token = item
                 assert isinstance(token, bytes)
-                exp = self._reservations.get(token)
-                if exp is not None and exp <= now:
+                held = self._reservations.get(token)
+                if held is not None and held[0] <= now:
                     del self._reservations[token]
+                    self._count_user(held[1], -1)
                     self.dp.release_reservation(token)
                 continue
             alloc = self.allocations.get(alloc_id)
@@ -416,6 +419,13 @@ class TurnCore:
         }
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _count_user(self, username: str, delta: int) -> None:
+        left = self._per_user.get(username, 0) + delta
+        if left > 0:
+            self._per_user[username] = left
+        else:
+            self._per_user.pop(username, None)
 
     def _timer(self, when: float, kind: str, alloc_id: int, item: object) -> None:
         self._seq += 1
@@ -573,12 +583,21 @@ class TurnCore:
         token = decode_reservation_token(raw_token) if raw_token is not None else None
         even = raw_even is not None
         reserve = decode_even_port(raw_even) if raw_even is not None else False
-        if len(self.allocations) >= self.s.max_allocations:
-            raise _Reject(508, "turn.max_allocations reached")
-        if self._per_user.get(username, 0) >= self.s.user_quota:
-            raise _Reject(486, "per-user quota reached")
-        if token is not None and self._reservations.pop(token, None) is None:
+        held = self._reservations.get(token) if token is not None else None
+        if token is not None and held is None:
             raise _Reject(508, "unknown RESERVATION-TOKEN")  # RFC 8656 §7.2
+        # A held port about to become this allocation is already counted; a new reservation
+        # (EVEN-PORT with R) will count too.
+        extra = (1 if reserve else 0) - (1 if held is not None else 0)
+        mine = 1 if held is not None and held[1] == username else 0
+        if len(self.allocations) + len(self._reservations) + extra >= self.s.max_allocations:
+            raise _Reject(508, "turn.max_allocations reached")
+        if self._per_user.get(username, 0) + (1 if reserve else 0) - mine >= self.s.user_quota:
+            raise _Reject(486, "per-user quota reached")
+        if token is not None and held is not None:
+            del self._reservations[token]
+            self._count_user(held[1], -1)
+            family = held[2]
         new_token = os.urandom(8) if reserve else None
         alloc_id = self._next_id
         self._next_id += 1
@@ -597,7 +616,8 @@ class TurnCore:
             log.warning("turn allocation failed (508): %s", exc)
             raise _Reject(508, str(exc)) from None
         if new_token is not None:
-            self._reservations[new_token] = now + RESERVATION_LIFETIME
+            self._reservations[new_token] = (now + RESERVATION_LIFETIME, username, family)
+            self._count_user(username, +1)
             self._timer(now + RESERVATION_LIFETIME, "resv", 0, new_token)
         lifetime = self._lifetime(decode_u32(lt) if (lt := msg.get(Attr.LIFETIME)) else None)
         b = MessageBuilder(Method.ALLOCATE, MsgClass.SUCCESS, msg.transaction_id)
@@ -620,7 +640,7 @@ class TurnCore:
         )
         self.allocations[alloc_id] = alloc
         self._by_client[client.key] = alloc
-        self._per_user[username] = self._per_user.get(username, 0) + 1
+        self._count_user(username, +1)
         alloc.timer_at = alloc.expires
         self._timer(alloc.expires, "alloc", alloc_id, None)
         log.debug(
@@ -767,11 +787,7 @@ class TurnCore:
         self.allocations.pop(alloc.id, None)
         if self._by_client.get(alloc.client.key) is alloc:
             del self._by_client[alloc.client.key]
-        left = self._per_user.get(alloc.username, 1) - 1
-        if left > 0:
-            self._per_user[alloc.username] = left
-        else:
-            self._per_user.pop(alloc.username, None)
+        self._count_user(alloc.username, -1)
         c = self.dp.remove_allocation(alloc.id)
         relay = alloc.relay
         relay_txt = (

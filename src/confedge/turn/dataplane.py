@@ -389,8 +389,11 @@ class UdpDataPlane(DataPlane):
     ) -> RelayGrant:
         if use_token is not None:
             res = self._reservations.pop(use_token, None)
-            if res is None or res.family != family:
+            if res is None:
                 raise CapacityError("unknown or expired RESERVATION-TOKEN")
+            if res.family != family:
+                res.sock.close()
+                raise CapacityError("RESERVATION-TOKEN is for another address family")
             sock = res.sock
         else:
             if not self.relay_ip.get(family):
