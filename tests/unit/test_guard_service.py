@@ -207,3 +207,24 @@ async def test_factory_and_null_guard() -> None:
     )
     g2 = create_guard(on)
     assert isinstance(g2, Guard) and g2.enabled and g2.ban_status == 403
+
+
+async def test_reconnect_does_not_count_others_failures_twice() -> None:
+    store, clock = MemoryStore(), Clock()
+    g1, g2 = await pair(store, clock, maxretry=4)
+    ip = "198.51.100.16"
+    g1.record_pin_failure(ip, "a", "1")
+    g1.record_pin_failure(ip, "a", "2")
+    await g1.sync()
+    clock.now += 0.3
+    await g2.sync()  # g2 counts g1's two failures
+    store.down = True
+    clock.now += 0.3
+    await g2.sync()
+    store.down = False
+    clock.now += 0.3
+    await g2.sync()  # reconnects
+    g2.record_pin_failure(ip, "a", "3")
+    assert g2.check(ip) is None  # 3 failures, not 5
+    g2.record_pin_failure(ip, "a", "4")
+    assert g2.check(ip) is not None

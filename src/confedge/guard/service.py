@@ -247,7 +247,8 @@ class Guard:
     async def _connect(self) -> None:
         await self.store.open()
         self._salt = await self.store.salt()
-        self._cursor = None
+        # The cursor is kept across reconnects: restarting from the window's start would feed
+        # the core the other workers' failures a second time (double counting).
         self._version = None
         await self._poll(self._clock())
         self._connected = True
