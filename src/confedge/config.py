@@ -283,6 +283,15 @@ class TurnConfig(_Strict):
     # IPv6 relaying.
     relay_address_v6: IPAddr | None = None
 
+    @field_validator("tls_port")
+    @classmethod
+    def _tls_port(cls, v: int) -> int:
+        # TURN over TLS (SPEC §3, turns: on 443 shared with HTTPS) is not built yet; accepting a
+        # port and then not listening on it would fail silently in production.
+        if v:
+            raise ValueError(f"{v}: TURN over TLS is not implemented yet; set tls_port = 0")
+        return v
+
     @field_validator("relay_ports")
     @classmethod
     def _relay_ports(cls, v: str) -> str:

@@ -186,3 +186,25 @@ def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
     bad.write_text("[turn\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_every_key_is_documented() -> None:
+    from confedge.config import Config, StaticMount
+
+    doc = (Path(__file__).parents[2] / "docs" / "CONFIGURATION.md").read_text()
+    for section, field in Config.model_fields.items():
+        assert f"## [{section}]" in doc
+        model = field.annotation
+        for key in model.model_fields:  # type: ignore[union-attr]
+            assert f"| `{key}` |" in doc, (
+                f"{section}.{key} is not documented in docs/CONFIGURATION.md"
+            )
+    for key in StaticMount.model_fields:
+        assert f"| `{key}` |" in doc
+
+
+def test_turn_over_tls_is_refused_until_built() -> None:
+    data = {**MINIMAL, "turn": {**MINIMAL["turn"], "tls_port": 5349}}
+    assert errors(data) == [
+        "turn.tls_port: 5349: TURN over TLS is not implemented yet; set tls_port = 0"
+    ]
