@@ -255,3 +255,46 @@ async def test_uclient_restricted_mode_outside_media_nodes() -> None:
         assert svc.stats()["allocations"] == 0
     finally:
         await svc.close()
+
+
+def _free_tcp_port() -> int:
+    for _ in range(200):
+        port = random.randint(20000, 20499)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-20499")
+
+
+async def test_uclient_over_tls(echo_peer: int, tmp_path: Any) -> None:
+    """uclient -t -S: TURN over TLS on turn.tls_port, channels and Send indications."""
+
+    async def one(flags: list[str]) -> str:
+        svc = TurnService(turn_config(tls_port=_free_tcp_port(), state_dir=str(tmp_path)))
+        await svc.start()
+        try:
+            return await _uclient(
+                svc.tls_port,
+                "-t",
+                "-S",
+                "-n",
+                "3",
+                "-u",
+                "turnuser",
+                "-w",
+                "turnpass",
+                "-e",
+                "127.0.0.1",
+                "-r",
+                str(echo_peer),
+                *flags,
+            )
+        finally:
+            await svc.close()
+
+    for out in await asyncio.gather(one([]), one(["-s"])):
+        totals = _TOTALS.findall(out)
+        assert totals and totals[-1] == ("300", "300"), out[-2000:]

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import socket
+import ssl
 import time
+from pathlib import Path
 
 import pytest
 from aioice.turn import create_turn_endpoint
@@ -99,3 +103,51 @@ async def test_aioice_permissive_rest(transport: str) -> None:
         await _relay_both_ways(svc, transport, username, password)
     finally:
         await svc.close()
+
+
+async def test_aioice_over_tls(tmp_path: Path) -> None:
+    """TURN over TLS on turn.tls_port (self-signed certificate generated in state_dir)."""
+    port = _free_tcp_port()
+    svc = TurnService(turn_config(tls_port=port, state_dir=str(tmp_path)))
+    await svc.start()
+    try:
+        assert svc.tls_port == port
+        loop = asyncio.get_running_loop()
+        peer_t, peer = await loop.create_datagram_endpoint(_Collector, local_addr=("127.0.0.1", 0))
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        turn_t, client = await create_turn_endpoint(
+            _Collector,
+            server_addr=("127.0.0.1", port),
+            username="turnuser",
+            password="turnpass",
+            transport="tcp",
+            ssl=ctx,
+        )
+        try:
+            relay = turn_t.get_extra_info("sockname")
+            peer_addr = peer_t.get_extra_info("sockname")
+            turn_t.sendto(b"over tls", peer_addr)
+            data, src = await asyncio.wait_for(peer.received.get(), 5)
+            assert (data, src) == (b"over tls", tuple(relay))
+            peer_t.sendto(b"back", src)
+            data, _ = await asyncio.wait_for(client.received.get(), 5)
+            assert data == b"back"
+        finally:
+            turn_t.close()
+            peer_t.close()
+    finally:
+        await svc.close()
+
+
+def _free_tcp_port() -> int:
+    for _ in range(200):
+        port = random.randint(20000, 20499)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-20499")

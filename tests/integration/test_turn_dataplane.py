@@ -359,3 +359,36 @@ async def test_even_port_and_reservation_token_on_real_sockets() -> None:
         a.t.close()
         b.t.close()
         await svc.close()
+
+
+async def test_stream_protocol_handoff() -> None:
+    """A connection accepted by another listener (the HTTPS port) is handed to TURN."""
+    svc = TurnService(turn_config())
+    await svc.start()
+    loop = asyncio.get_running_loop()
+
+    class Sniffer(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            assert data[0] < 0x80  # STUN/ChannelData, not a TLS/HTTP request
+            proto = svc.stream_protocol("tls")
+            self.transport.set_protocol(proto)
+            proto.connection_made(self.transport)
+            proto.data_received(data)
+
+    server = await loop.create_server(Sniffer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        tid = new_transaction_id()
+        writer.write(MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid).build())
+        head = await asyncio.wait_for(reader.readexactly(20), 2)
+        body = await reader.readexactly(int.from_bytes(head[2:4], "big"))
+        resp = parse_message(head + body)
+        assert resp.msg_class == MsgClass.SUCCESS and resp.transaction_id == tid
+        writer.close()
+    finally:
+        server.close()
+        await svc.close()

@@ -87,7 +87,9 @@ class TcpConnection(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         connections: set[TcpConnection],
         max_connections: int = 1 << 30,
+        kind: str = "tcp",
     ) -> None:
+        self.kind = kind  # "tcp", or "tls" for TURN over TLS (RFC 8656 §3.1; same framing)
         self.core = core
         self._max_connections = max_connections
         self._channel_data = dataplane.client_channel_data
@@ -107,8 +109,8 @@ class TcpConnection(asyncio.Protocol):
         self.transport = transport
         transport.set_write_buffer_limits(high=self.WRITE_HIGH_WATER)
         peer = transport.get_extra_info("peername")
-        key = ("tcp", peer[0], peer[1])
-        self.client = Client(key, peer[0], peer[1], "tcp", ClientSink(transport, None))
+        key = (self.kind, peer[0], peer[1])
+        self.client = Client(key, peer[0], peer[1], self.kind, ClientSink(transport, None))
         self._connections.add(self)
         self._setup_timer = self._loop.call_later(TCP_SETUP_TIMEOUT, self._setup_expired)
 

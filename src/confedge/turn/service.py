@@ -61,6 +61,8 @@ class TurnService:
         self.tcp_port: int = 0
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.AbstractServer | None = None
+        self._tls: asyncio.AbstractServer | None = None
+        self.tls_port: int = 0
         self._tcp_conns: set[TcpConnection] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -106,9 +108,10 @@ class TurnService:
             raise
         self._ticker = loop.create_task(self._tick_loop())
         log.info(
-            "TURN listening on %s:%d (udp+tcp), relaying on %s ports %s, mode %s",
+            "TURN listening on %s:%d (udp+tcp%s), relaying on %s ports %s, mode %s",
             self.host,
             self.port,
+            f", tls on {self.tls_port}" if self.tls_port else "",
             "/".join(a for a in (v4, v6) if a),
             cfg.turn.relay_ports,
             cfg.turn.mode,
@@ -140,8 +143,28 @@ class TurnService:
             self._udp, self._tcp = udp, tcp
             _grow_buffers(udp.get_extra_info("socket"))
             self.port = self.udp_port = self.tcp_port = port
-            return
-        raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
+            break
+        else:
+            raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
+        if self.cfg.turn.tls_port:
+            await self._bind_tls(loop, tcp_cap)
+
+    async def _bind_tls(self, loop: asyncio.AbstractEventLoop, cap: int) -> None:
+        """TURN over TLS on turn.tls_port (``turns:``), with the certificate of [tls]."""
+        from confedge.tls.context import TLSContextHolder
+
+        core, dp = self.core, self.dataplane
+        assert core is not None and dp is not None
+        holder = TLSContextHolder(self.cfg)
+        tls = await loop.create_server(
+            lambda: TcpConnection(core, dp, loop, self._tcp_conns, cap, kind="tls"),
+            host=self.host,
+            port=self.cfg.turn.tls_port,
+            ssl=holder.context,
+            reuse_address=True,
+        )
+        self._tls = tls
+        self.tls_port = tls.sockets[0].getsockname()[1]
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,16 +187,36 @@ class TurnService:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        if self._tcp is not None:
-            self._tcp.close()
-            for conn in list(self._tcp_conns):
-                if conn.transport is not None:
-                    conn.transport.close()
+        servers = [srv for srv in (self._tcp, self._tls) if srv is not None]
+        for srv in servers:
+            srv.close()
+        for conn in list(self._tcp_conns):
+            if conn.transport is not None:
+                conn.transport.close()
+        for srv in servers:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._tcp.wait_closed(), 2.0)
-            self._tcp = None
+                await asyncio.wait_for(srv.wait_closed(), 2.0)
+        self._tcp = self._tls = None
         if self.dataplane is not None:
             self.dataplane.close()
+
+    def stream_protocol(self, kind: str = "tls") -> asyncio.Protocol:
+        """A TURN-over-stream protocol for a connection accepted elsewhere.
+
+        For sharing a port with HTTPS (SPEC §3: ``turns:`` on 443): the proxy, having seen
+        ALPN ``stun.turn`` or a first byte below 0x80 after the TLS handshake, hands the
+        connection over::
+
+            proto = turn.stream_protocol()
+            transport.set_protocol(proto)
+            proto.connection_made(transport)
+            proto.data_received(bytes_already_read)
+        """
+        core, dp, loop = self.core, self.dataplane, self._loop
+        if core is None or dp is None or loop is None:
+            raise RuntimeError("TurnService.stream_protocol() before start()")
+        cap = self.cfg.turn.max_allocations + 256
+        return TcpConnection(core, dp, loop, self._tcp_conns, cap, kind=kind)
 
     def info(self) -> dict[str, Any]:
         """What a client (or `confedge demo --json`) needs to use this server.
