@@ -80,6 +80,33 @@ async def test_sse_events_arrive_one_by_one(proxy):
     assert max(delays) < 0.05, delays
 
 
+@pytest.mark.slow
+async def test_long_sse_stream_outlives_every_timeout(nodes, tmp_path):
+    """A 40 s stream with 8 s gaps between events, every timeout set to 2 s: nothing cuts it."""
+    svc = ProxyService(
+        proxy_config(
+            [u.address for u in nodes],
+            str(tmp_path),
+            idle_timeout=2,
+            read_timeout=2,
+            header_timeout=2,
+            body_timeout=2,
+            health_interval=1,
+        )
+    )
+    await svc.start()
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", svc.https_port, ssl=client_ssl()
+        )
+        writer.write(b"GET /sse?n=6&interval=8 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        r = await asyncio.wait_for(read_response(reader), 70)
+        assert r.status == 200 and r.body.count(b"event: tick") == 6
+        writer.close()
+    finally:
+        await svc.close()
+
+
 async def test_sse_with_curl_no_buffer(proxy):
     if shutil.which("curl") is None:
         pytest.skip("curl not installed")

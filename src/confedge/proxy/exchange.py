@@ -200,7 +200,7 @@ class Exchange:
         self.node = i
         core.balancer.active[i] += 1
         pool = core.pools[i]
-        self.addrs.append(pool.node.netloc)
+        self.addrs.append(pool.netloc)
         self.upstream_time = core.loop.time()
         conn = pool.take()
         if conn is not None:

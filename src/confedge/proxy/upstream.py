@@ -73,6 +73,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         if self.tunnel:
             if ex is not None:
+                ex.client.activity = True  # traffic either way keeps a WebSocket alive
                 ex.client.transport.write(data)  # type: ignore[union-attr]
             return
         if ex is None:
@@ -165,7 +166,17 @@ class UpstreamConnection(asyncio.Protocol):
 class NodePool:
     """Idle keep-alive connections to one node, and new connections on demand."""
 
-    __slots__ = ("core", "host", "idle", "index", "node", "port", "server_hostname", "ssl")
+    __slots__ = (
+        "core",
+        "host",
+        "idle",
+        "index",
+        "netloc",
+        "node",
+        "port",
+        "server_hostname",
+        "ssl",
+    )
 
     def __init__(self, core: ProxyCore, index: int, node: NodeAddress) -> None:
         self.core = core
@@ -173,6 +184,7 @@ class NodePool:
         self.node = node
         self.host = node.host
         self.port = node.port
+        self.netloc = node.netloc  # for the access log: computed once, not per request
         self.ssl: ssl.SSLContext | None = core.upstream_ssl if node.scheme == "https" else None
         self.server_hostname = node.host if self.ssl is not None else None
         self.idle: list[UpstreamConnection] = []
