@@ -744,3 +744,12 @@ def test_reservations_count_against_quota_and_keep_their_family() -> None:
     assert code(f.allocate(T0 + 1)) == 486
     core2.tick(T0 + 30)
     assert code(f.allocate(T0 + 31)) == 200
+
+
+def test_unusable_password_is_a_config_error() -> None:
+    from confedge.config import ConfigError
+    from confedge.turn.testing import turn_config
+
+    cfg = turn_config(password="bad\x07password")
+    with pytest.raises(ConfigError, match=r"turn\.password"):
+        TurnCore.from_config(cfg, MemoryDataPlane())

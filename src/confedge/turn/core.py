@@ -35,7 +35,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from confedge.config import Config
+from confedge.config import Config, ConfigError
 from confedge.stun import (
     REASONS,
     Attr,
@@ -241,7 +241,12 @@ class TurnCore:
         realm = cfg.server.domain
         creds: Credentials
         if t.mode == "restricted":
-            creds = LongTermCredentials(t.username, t.password, realm)
+            try:
+                creds = LongTermCredentials(t.username, t.password, realm)
+            except ValueError as exc:  # SASLprep (RFC 4013) refuses e.g. control characters
+                raise ConfigError(
+                    [f"turn.password: not usable as a TURN password ({exc}); use printable text"]
+                ) from None
         else:
             creds = RestCredentials(t.secrets, realm)
         relays = {cfg.server.relay_address, *relay_addresses}
