@@ -185,6 +185,19 @@ async def test_head_and_csp_and_hop_by_hop(proxy):
     assert r.header("X-Secret") is None and r.header("Keep-Alive") is None
 
 
+async def test_http10_keep_alive_and_close(proxy):
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    for _ in range(2):
+        writer.write(b"GET /echo HTTP/1.0\r\nHost: localhost\r\nConnection: keep-alive\r\n\r\n")
+        r = await asyncio.wait_for(read_response(reader), 3)
+        assert r.status == 200 and r.header("Connection") == "keep-alive"
+    # plain HTTP/1.0 and an unknown-length answer: delimited by the close
+    writer.write(b"GET /chunked HTTP/1.0\r\nHost: localhost\r\n\r\n")
+    r = await asyncio.wait_for(read_response(reader), 3)
+    assert r.status == 200 and r.body == b"hello world" and r.header("Transfer-Encoding") is None
+    writer.close()
+
+
 async def test_chunked_request_body(proxy):
     raw = (
         b"POST /echo HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"

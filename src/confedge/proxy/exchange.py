@@ -441,6 +441,8 @@ class Exchange:
             client.tunnel = False
         if self.close_after or not req.keep_alive:
             parts.append(b"Connection: close\r\n\r\n")
+        elif req.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n\r\n")  # RFC 9112 §9.3: 1.0 must be told
         else:
             parts.append(b"\r\n")
         if self.head_only:

@@ -518,7 +518,12 @@ class ClientConnection(asyncio.Protocol):
         for name, value in resp.headers:
             parts.append(f"{name}: {value}\r\n".encode("latin-1"))
         keep = req.keep_alive
-        parts.append(b"\r\n" if keep else b"Connection: close\r\n\r\n")
+        if not keep:
+            parts.append(b"Connection: close\r\n\r\n")
+        elif req.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n\r\n")
+        else:
+            parts.append(b"\r\n")
         t = self.transport
         assert t is not None
         t.write(b"".join(parts))
