@@ -261,7 +261,7 @@ class TurnConfig(_Strict):
     enabled: bool = True
     mode: Literal["restricted", "permissive"] = "restricted"
     port: Port = 3478
-    tls_port: Port = 0
+    tls_port: Port = 5349  # TURN over TLS (turns:); 0 = off
     relay_ports: str = "49152-65535"
     username: str = ""
     password: str = Field(default="", repr=False)
@@ -282,15 +282,6 @@ class TurnConfig(_Strict):
     # RFC 6156 IPv6 relay address; None = server.external_address when that is IPv6, else no
     # IPv6 relaying.
     relay_address_v6: IPAddr | None = None
-
-    @field_validator("tls_port")
-    @classmethod
-    def _tls_port(cls, v: int) -> int:
-        # TURN over TLS (SPEC §3, turns: on 443 shared with HTTPS) is not built yet; accepting a
-        # port and then not listening on it would fail silently in production.
-        if v:
-            raise ValueError(f"{v}: TURN over TLS is not implemented yet; set tls_port = 0")
-        return v
 
     @field_validator("relay_ports")
     @classmethod

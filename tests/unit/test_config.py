@@ -201,10 +201,3 @@ def test_every_key_is_documented() -> None:
             )
     for key in StaticMount.model_fields:
         assert f"| `{key}` |" in doc
-
-
-def test_turn_over_tls_is_refused_until_built() -> None:
-    data = {**MINIMAL, "turn": {**MINIMAL["turn"], "tls_port": 5349}}
-    assert errors(data) == [
-        "turn.tls_port: 5349: TURN over TLS is not implemented yet; set tls_port = 0"
-    ]
