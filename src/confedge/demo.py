@@ -54,31 +54,24 @@ def demo_config(state_dir: Path, turn_password: str) -> Config:
     return parse_config(data)
 
 
-def describe(cfg: Config, rt: Runtime, node_urls: list[str]) -> dict[str, Any]:
-    """The one-line JSON of SPEC §8 naming what the demo started."""
-    out: dict[str, Any] = {}
-    if rt.proxy is not None:
-        out["proxy"] = rt.proxy.info()
-    if rt.turn is not None:
-        out["turn"] = rt.turn.info()
-    out["nodes"] = node_urls
-    out["conferences"] = [{"alias": c.alias, "pin": c.host_pin} for c in CONFERENCES]
-    return out
+class Demo:
+    """The demo's parts: the runtime (guard, TURN, proxy) and three simulated nodes.
 
+    Tests use it in-process (e.g. to kill one node and check that a new join still works);
+    `confedge demo` wraps it with signal handling and the banner or JSON line.
+    """
 
-async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
-    state = state_dir or default_state_dir()
-    state.mkdir(parents=True, exist_ok=True)
-    cfg = demo_config(state, secrets.token_urlsafe(12))
-    rt = Runtime(cfg)
-    node_urls: list[str] = []
+    def __init__(self, state_dir: Path, *, turn_password: str | None = None) -> None:
+        self.cfg = demo_config(state_dir, turn_password or secrets.token_urlsafe(12))
+        self.runtime = Runtime(self.cfg)
+        self.nodes: list[Any] = []
 
-    async def start_nodes() -> None:
+    async def _start_nodes(self) -> None:
         from confedge.nodesim import Conference, NodeSim, TurnInfo
 
         turn = None
-        if rt.turn is not None:
-            t = rt.turn.info()
+        if self.runtime.turn is not None:
+            t = self.runtime.turn.info()
             turn = TurnInfo(
                 host=t["host"], port=t["port"], username=t["username"], password=t["password"]
             )
@@ -89,23 +82,48 @@ async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
                 node_name=f"node{i}",
             )
             await node.start("127.0.0.1", port)
-            rt.add(f"node{i}", node)
-            node_urls.append(node.url)
+            self.runtime.add(f"node{i}", node)
+            self.nodes.append(node)
 
+    async def start(self) -> None:
+        # Nodes start after TURN (they allocate relays on it) and before the proxy (whose first
+        # health checks would otherwise mark them down).
+        await self.runtime.start(before_proxy=self._start_nodes)
+
+    async def close(self) -> None:
+        await self.runtime.close()
+
+    def info(self) -> dict[str, Any]:
+        """The one-line JSON of SPEC §8 naming what the demo started."""
+        rt = self.runtime
+        out: dict[str, Any] = {}
+        if rt.proxy is not None:
+            out["proxy"] = rt.proxy.info()
+        if rt.turn is not None:
+            out["turn"] = rt.turn.info()
+        out["nodes"] = [node.url for node in self.nodes]
+        out["conferences"] = [{"alias": c.alias, "pin": c.host_pin} for c in CONFERENCES]
+        return out
+
+
+async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
+    state = state_dir or default_state_dir()
+    state.mkdir(parents=True, exist_ok=True)
+    demo = Demo(state)
     try:
-        await rt.start(before_proxy=start_nodes)
+        await demo.start()
     except OSError as exc:
         print(f"confedge demo: cannot start: {exc}", file=sys.stderr)
-        await rt.close()
+        await demo.close()
         return 1
-    info = describe(cfg, rt, node_urls)
+    info = demo.info()
     if as_json:
         print(json.dumps(info), flush=True)
     else:
         _print_banner(info)
     sig = await wait_for_signal()
     log.info("%s received, stopping", sig)
-    await rt.close()
+    await demo.close()
     return 0
 
 
