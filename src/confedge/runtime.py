@@ -89,11 +89,14 @@ async def wait_for_signal() -> str:
     """Block until SIGINT or SIGTERM; return the signal's name."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[str] = loop.create_future()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not fut.done():
+            fut.set_result(sig.name)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(
-                sig, lambda s=sig: fut.done() or fut.set_result(signal.Signals(s).name)
-            )
+            loop.add_signal_handler(sig, on_signal, sig)
     try:
         return await fut
     finally:
