@@ -233,6 +233,9 @@ class ProxyConfig(_Strict):
     sse_max_lifetime: float = Field(default=86400.0, gt=0)
     read_timeout: float = Field(default=120.0, gt=0)  # node silent while a response is due
     body_timeout: float = Field(default=30.0, gt=0)  # client silent while sending a body
+    # Bodies up to this size are received whole before a node is chosen, within body_timeout
+    # in total (slow-body attacks never reach a node); larger ones stream once this much arrived.
+    request_buffer_bytes: int = Field(default=1024 * 1024, ge=0)
     allowed_hosts: list[str] = Field(default_factory=list)  # extra Host names besides the FQDN
     upstream_keepalive: int = Field(default=32, ge=0)  # idle connections kept per node/worker
     upstream_idle_timeout: float = Field(default=60.0, gt=0)

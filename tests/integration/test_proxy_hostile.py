@@ -198,6 +198,39 @@ async def test_slow_body_gets_408_and_node_sees_no_complete_request(proxy, node)
     assert [x for x in node.requests() if x.target == "/slow"] == []
 
 
+async def test_trickled_body_is_cut_by_the_total_deadline(proxy, node):
+    """R-U-Dead-Yet: a byte every 0.2 s never trips an idle timeout of 0.5 s, but the whole
+    buffered body must arrive within body_timeout, and no node sees any of it."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    writer.write(f"POST /trickle HTTP/1.1\r\n{H}Content-Length: 1000\r\n\r\n".encode())
+    sent = 0
+    try:
+        for _ in range(10):
+            writer.write(b"a")
+            sent += 1
+            await asyncio.sleep(0.2)
+    except ConnectionError:
+        pass
+    r = await asyncio.wait_for(read_response(reader), 3)
+    assert r.status == 408
+    writer.close()
+    assert not any(x.target == "/trickle" for x in node.received)
+    assert not any(w for w in node.writers)  # no connection to the node was even opened for it
+
+
+async def test_big_body_streams_past_the_buffer(node, tmp_path):
+    svc = ProxyService(
+        proxy_config([node.address], str(tmp_path), request_buffer_bytes=65536, health_interval=30)
+    )
+    await svc.start()
+    try:
+        body = bytes(range(256)) * 4096  # 1 MiB > request_buffer_bytes
+        r = await get(svc.https_port, "/echo", method="POST", body=body)
+        assert r.status == 200 and r.json()["body_len"] == len(body)
+    finally:
+        await svc.close()
+
+
 async def test_h2c_upgrade_is_ignored_and_connection_closed(proxy, node):
     raw = f"GET /echo HTTP/1.1\r\n{H}Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
     r = await exchange(proxy.https_port, raw.encode())

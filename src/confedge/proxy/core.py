@@ -107,6 +107,7 @@ class ProxyCore:
         self.max_headers = p.max_headers
         self.header_timeout = p.header_timeout
         self.body_timeout = p.body_timeout
+        self.request_buffer = p.request_buffer_bytes
         self.idle_timeout = p.idle_timeout
         self.read_timeout = p.read_timeout
         self.connect_timeout = p.connect_timeout

@@ -106,6 +106,7 @@ class Exchange:
         "up",
         "upgrading",
         "upstream_time",
+        "waiting_body",
     )
 
     def __init__(self, client: ClientConnection, req: Request, client_ip: str) -> None:
@@ -135,6 +136,7 @@ class Exchange:
         self.pin_buf: bytearray | None = None
         self.connect_timeout = 0.0
         self.until_close = False
+        self.waiting_body = False
         self.times: list[str] = []
 
     # -- request side ---------------------------------------------------------------------------
@@ -247,6 +249,10 @@ class Exchange:
         client = self.client
         if client.tmode == T_BODY:
             client._set_timeout(T_NONE, 0.0)
+        if self.waiting_body:
+            self.waiting_body = False
+            self.attempt()  # the whole buffered body goes out with the head
+            return
         up = self.up
         if up is not None and up.transport is not None and self.req.chunked:
             up.transport.write(b"0\r\n\r\n")

@@ -311,7 +311,14 @@ class ClientConnection(asyncio.Protocol):
             req.body.append(body)
         ex = self.exchange
         if ex is not None and ex.req is req:
-            ex.on_request_body(body)
+            if not ex.waiting_body:
+                ex.on_request_body(body)
+            elif req.body_size > self.core.request_buffer:
+                # Too big to hold back: stream from here (retained chunks go first), with the
+                # body timeout now an idle timeout between chunks.
+                ex.waiting_body = False
+                self._set_timeout(T_BODY, self.core.body_timeout)
+                ex.attempt()
 
     def on_message_complete(self) -> None:
         req = self.cur
@@ -352,7 +359,10 @@ class ClientConnection(asyncio.Protocol):
     def _start(self, req: Request) -> None:
         core = self.core
         expecting = not req.complete and self._body_expected(req)
-        self._set_timeout(T_BODY if expecting else T_NONE, core.body_timeout)
+        # While a body is buffered the whole of it must arrive within body_timeout (absolute):
+        # a client trickling bytes (slowhttptest -B, "R-U-Dead-Yet") is cut off before any
+        # node sees the request, as behind the reference's nginx.
+        self._set_timeout(T_BODY if expecting else T_NONE, core.body_timeout, absolute=expecting)
         client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
         guard = core.guard
         if guard is not None:
@@ -373,6 +383,9 @@ class ClientConnection(asyncio.Protocol):
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
             self.transport.write(_CONTINUE)  # type: ignore[union-attr]  # RFC 9110 §10.1.1
+        if expecting and req.body_size <= core.request_buffer:
+            ex.waiting_body = True  # attempt() once the body is complete (or too big to wait)
+            return
         ex.attempt()
 
     @staticmethod
