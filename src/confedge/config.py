@@ -234,8 +234,10 @@ class ProxyConfig(_Strict):
     read_timeout: float = Field(default=120.0, gt=0)  # node silent while a response is due
     body_timeout: float = Field(default=30.0, gt=0)  # client silent while sending a body
     # Bodies up to this size are received whole before a node is chosen, within body_timeout
-    # in total (slow-body attacks never reach a node); larger ones stream once this much arrived.
-    request_buffer_bytes: int = Field(default=1024 * 1024, ge=0)
+    # in total (slow-body attacks never reach a node, and failover can resend them, POST
+    # included); larger ones stream once this much arrived. The default is the body limit, as
+    # the issue asks; lower it on memory-tight hosts with many concurrent uploads.
+    request_buffer_bytes: int = Field(default=15 * 1024 * 1024, ge=0)
     allowed_hosts: list[str] = Field(default_factory=list)  # extra Host names besides the FQDN
     upstream_keepalive: int = Field(default=32, ge=0)  # idle connections kept per node/worker
     upstream_idle_timeout: float = Field(default=60.0, gt=0)
@@ -341,8 +343,13 @@ class TLSConfig(_Strict):
 
 
 class ManagementConfig(_Strict):
+    # Added by the management listener (docs/MANAGEMENT.md): `enabled` switches it off (port 0
+    # binds an ephemeral port, as turn.port and proxy.https_port do, for tests); host names
+    # other than the server's own that browsers may use to reach it (DNS-rebinding defence).
+    enabled: bool = True
     port: Port = 9090
     networks: list[CIDR] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    allowed_hosts: list[str] = Field(default_factory=list)
 
 
 class Config(_Strict):
