@@ -31,6 +31,7 @@ import platform
 import shutil
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -256,6 +257,14 @@ def run_server(
                 server.address, servers.USERNAME, servers.PASSWORD, ("127.0.0.1", SINK_PORT)
             )
         )
+        # Memory first, on the fresh server, so "per allocation" is not blurred by what the
+        # allocator kept from earlier scenarios.
+        result["memory"] = memory(h, server, args.rss_allocs)
+        mem = result["memory"]
+        print(
+            f"  {name} rss: {mem['rss_mib']:.1f} MiB with {mem['allocations']} allocations",
+            flush=True,
+        )
         for n_allocs in (1, 50):
             for size in (200, 1200):
                 key = f"relay_{n_allocs}x{size}"
@@ -274,12 +283,7 @@ def run_server(
             f" ({ar['completed']}/{ar['requested']} completed) {' '.join(ar['errors'])}",
             flush=True,
         )
-        result["memory"] = memory(h, server, args.rss_allocs)
-        mem = result["memory"]
-        print(
-            f"  {name} rss: {mem['rss_mib']:.1f} MiB with {mem['allocations']} allocations",
-            flush=True,
-        )
+        result["rss_after_mib"] = server.rss_bytes() / 2**20
     finally:
         h.close()
         server.stop()
@@ -316,7 +320,8 @@ METRICS += [
     ("  server CPU µs/allocation", ("alloc_rate", "server_cpu_us_per_alloc"), "{:.0f}", False),
     ("RSS idle (MiB)", ("rss_idle_mib",), "{:.1f}", False),
     ("RSS with 1,000 allocations (MiB)", ("memory", "rss_mib"), "{:.1f}", False),
-    ("  KiB per allocation", ("memory", "rss_kib_per_alloc"), "{:.1f}", False),
+    ("  KiB per allocation (over idle)", ("memory", "rss_kib_per_alloc"), "{:.1f}", False),
+    ("RSS after the whole run (MiB)", ("rss_after_mib",), "{:.1f}", False),
 ]
 
 
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         "--alloc-batches",
         type=int,
         default=None,
-        help="batches of the rate test (default 3; quick 1)",
+        help="batches of the rate test (default 5; quick 1)",
     )
     ap.add_argument(
         "--rss-allocs", type=int, default=1000, help="allocations held for the RSS test"
@@ -418,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     args.window = args.window or (1.5 if args.quick else 4.0)
     args.warmup = args.warmup or (0.5 if args.quick else 1.0)
     args.alloc_count = args.alloc_count or (500 if args.quick else 1000)
-    args.alloc_batches = args.alloc_batches or (1 if args.quick else 3)
+    args.alloc_batches = args.alloc_batches or (1 if args.quick else 5)
     try:
         args.paced_rates = [int(r) for r in args.paced_rates.split(",") if r.strip()]
     except ValueError:
@@ -469,10 +474,25 @@ def main(argv: list[str] | None = None) -> int:
             results[s].append(run_server(s, starters[s], args, ctx))
 
     md = table(results, args.paced_rates)
+    commit = subprocess.run(
+        ["git", "-C", str(servers.REPO), "log", "-1", "--format=%h %s"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    turn_dirty = subprocess.run(
+        ["git", "-C", str(servers.REPO), "status", "--porcelain", "--", "src/confedge/turn"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     elapsed = time.time() - started
     print()
     print(md)
     print(f"\n{args.rounds} round(s), {elapsed:.0f} s, server logs in {work}")
+    print(
+        f"confedge at {commit}" + (" (src/confedge/turn has local changes)" if turn_dirty else "")
+    )
     out = (
         args.out
         or Path(__file__).resolve().parent.parent
@@ -491,6 +511,8 @@ def main(argv: list[str] | None = None) -> int:
                     "python": sys.version,
                 },
                 "elapsed_s": elapsed,
+                "commit": commit,
+                "turn_worktree_changes": turn_dirty,
                 "generator_ceiling": ceiling,
                 "results": results,
                 "table": md,
