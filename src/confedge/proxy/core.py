@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import math
 import socket
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from confedge.config import Config, NodeAddress
+from confedge.guard.addresses import Networks, client_address, parse_networks
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.health import HealthMonitor, Transition
 from confedge.proxy.pages import DateCache
@@ -120,7 +120,8 @@ class ProxyCore:
         self.csp_line = (
             b"Content-Security-Policy: " + p.csp_policy.encode() + b"\r\n" if p.csp else b""
         )
-        self.trusted = [ipaddress.ip_network(n) for n in p.trusted_proxies]
+        # Parsed once: client_address() walks X-Forwarded-For against these per request.
+        self.trusted: Networks = parse_networks(p.trusted_proxies)
         self.date = DateCache()
         self.nodes: list[NodeAddress] = p.node_addresses
         self.health = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
@@ -275,23 +276,16 @@ class ProxyCore:
     # -- client address -----------------------------------------------------------------------
 
     def client_ip(self, peer: str, xff: bytes | None) -> str:
-        """The client address: the peer, or behind trusted_proxies the last untrusted hop."""
+        """The client address: the peer, or behind trusted_proxies the last untrusted hop.
+
+        One implementation with the guard (confedge.guard.addresses.client_address), so the
+        address the proxy forwards as X-Real-IP, hashes for ip-hash and hands the guard are the
+        same, including for "ip:port" and "[v6]:port" hops and ::ffff: forms, which must never
+        fall back to the load balancer's own address (that would ban everyone behind it).
+        """
         if not self.trusted or xff is None:
             return peer
-        try:
-            if not any(ipaddress.ip_address(peer) in n for n in self.trusted):
-                return peer
-        except ValueError:
-            return peer
-        for hop in reversed(xff.decode("latin-1").split(",")):
-            hop = hop.strip()
-            try:
-                addr = ipaddress.ip_address(hop)
-            except ValueError:
-                return peer
-            if not any(addr in n for n in self.trusted):
-                return str(addr)
-        return peer
+        return client_address(peer, xff.decode("latin-1"), self.trusted)
 
 
 def normalise_peer(peer: Any) -> str:
