@@ -103,6 +103,8 @@ class Demo:
             out["turn"] = rt.turn.info()
         out["nodes"] = [node.url for node in self.nodes]
         out["conferences"] = [{"alias": c.alias, "pin": c.host_pin} for c in CONFERENCES]
+        if rt.admin is not None:
+            out.update(rt.admin.info())  # "status": the management status page
         return out
 
 
@@ -131,7 +133,8 @@ def _print_banner(info: dict[str, Any]) -> None:
     lines = ["", "confedge demo is running on loopback. Ctrl-C stops it.", ""]
     if "proxy" in info:
         lines.append(f"  Open:        {info['proxy']['https']}/webapp/  (self-signed certificate)")
-        lines.append(f"  HTTP:        {info['proxy']['http']}  (redirects to HTTPS)")
+        if "http" in info["proxy"]:
+            lines.append(f"  HTTP:        {info['proxy']['http']}  (redirects to HTTPS)")
     for c in info["conferences"]:
         pin = f"host PIN {c['pin']}" if c["pin"] else "no PIN"
         lines.append(f"  Conference:  {c['alias']}  ({pin})")
@@ -143,5 +146,7 @@ def _print_banner(info: dict[str, Any]) -> None:
         )
     for url in info["nodes"]:
         lines.append(f"  Node:        {url}")
+    if "status" in info:
+        lines.append(f"  Status:      {info['status']}  (also .json, /metrics)")
     lines.append("")
     print("\n".join(lines), flush=True)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -35,6 +36,8 @@ class Runtime:
         self.guard: Any = None
         self.turn: Any = None
         self.proxy: Any = None
+        self.admin: Any = None
+        self.started: float | None = None  # Unix time of start(), for the status page
 
     async def _start(self, name: str, part: Component) -> None:
         await part.start()
@@ -42,12 +45,13 @@ class Runtime:
         log.info("%s started", name)
 
     async def start(self, *, before_proxy: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Start guard, TURN and proxy as the configuration enables them.
+        """Start guard, TURN, proxy and the management listener as the configuration enables them.
 
         `before_proxy` lets the demo start its simulated nodes after TURN (they allocate relays on
         it) and before the proxy (whose health checks would otherwise mark them down at once).
         """
         cfg = self.cfg
+        self.started = time.time()
         try:
             from confedge.guard import create_guard
 
@@ -66,6 +70,13 @@ class Runtime:
                 factory = create_guard if cfg.guard.enabled else None
                 self.proxy = ProxyService(cfg, guard_factory=factory)
                 await self._start("proxy", self.proxy)
+            if cfg.management.enabled:
+                # Last: it reads the other parts (and hooks the in-process proxy's health
+                # changes), and is stopped first.
+                from confedge.admin import AdminService
+
+                self.admin = AdminService(cfg, self)
+                await self._start("admin", self.admin)
         except BaseException:
             await self.close()
             raise

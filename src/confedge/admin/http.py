@@ -1,0 +1,373 @@
+"""The management listener's HTTP/1.1 adapter: access control at accept, bounded parsing.
+
+Theory of operation. Management answers are small and computed synchronously from in-memory
+state, so each request is answered inside the parser's ``on_message_complete`` callback: no task
+per connection or request, and pipelined requests are answered in order for free. What a
+hostile or broken client can do is bounded:
+
+* a source outside ``management.networks`` is closed in ``connection_made``, before a byte is
+  read (SPEC §1: management only for the management networks), and logged at most once a
+  minute per source so that a scan cannot flood the log;
+* at most ``max_connections`` at once; header bytes, header count and target length bounded
+  (431 / 414); a request must be complete within ``header_timeout`` and an idle keep-alive
+  connection is closed after ``idle_timeout``;
+* GET and HEAD only (405 with ``Allow``, RFC 9110 §15.5.6); no request body (413); a Host that
+  names some other host gets 421 (RFC 9110 §15.5.20), which defeats DNS rebinding: a web page
+  elsewhere cannot make an operator's browser read the status through a name it controls;
+* a client that pipelines requests without reading the answers is cut off once a megabyte of
+  answers waits in the send buffer; reading is paused while the transport is above its high
+  water mark (asyncio flow control).
+
+After an error answer the connection is half-closed and input is discarded for a moment (a
+"lingering close") so the client can read the answer instead of getting a reset.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import cast
+
+import httptools
+
+__all__ = ["AccessList", "AdminConnection", "AdminServer", "Limits", "Response"]
+
+log = logging.getLogger("confedge.admin")
+
+LINGER = 2.0
+LOG_REFUSED_EVERY = 60.0
+_MAX_LOGGED_SOURCES = 4096
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_target: int = 2048
+    max_header_bytes: int = 8192
+    max_headers: int = 50
+    header_timeout: float = 10.0
+    idle_timeout: float = 30.0
+    max_connections: int = 64
+    max_pending_output: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+Router = Callable[[str], Response]
+
+
+def _canonical(addr: IPAddress) -> IPAddress:
+    """IPv4-mapped IPv6 (a dual-stack socket's view of an IPv4 peer) as plain IPv4."""
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+class AccessList:
+    """management.networks: which peers may talk to the listener at all."""
+
+    def __init__(self, networks: Iterable[str]) -> None:
+        self.networks: list[IPNetwork] = [ipaddress.ip_network(n) for n in networks]
+
+    def allows(self, host: str) -> bool:
+        try:
+            addr = _canonical(ipaddress.ip_address(host.split("%", 1)[0]))
+        except ValueError:
+            return False
+        return any(addr in net for net in self.networks)
+
+
+class AdminServer:
+    """What every connection of one listener shares: access list, limits, router, counters."""
+
+    def __init__(
+        self,
+        access: AccessList,
+        router: Router,
+        *,
+        allowed_hosts: Iterable[str] = (),
+        limits: Limits | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.access = access
+        self.router = router
+        self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in allowed_hosts)
+        self.limits = limits or Limits()
+        self.connections: set[AdminConnection] = set()
+        self.refused = 0
+        self._clock = clock
+        self._logged: dict[str, float] = {}
+
+    def now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    def refuse(self, peer: str, why: str) -> None:
+        """Count a refused connection; log it unless this source was logged within a minute."""
+        self.refused += 1
+        now = self.now()
+        last = self._logged.get(peer)
+        if last is not None and now - last < LOG_REFUSED_EVERY:
+            return
+        if len(self._logged) >= _MAX_LOGGED_SOURCES:
+            self._logged = {p: t for p, t in self._logged.items() if now - t < LOG_REFUSED_EVERY}
+            if len(self._logged) >= _MAX_LOGGED_SOURCES:
+                self._logged.clear()
+        self._logged[peer] = now
+        log.warning("management: refused connection from %s: %s", peer, why)
+
+    def host_ok(self, host: str | None) -> bool:
+        """True for an IP literal or one of the listener's names (port ignored)."""
+        if host is None:
+            return False
+        h = host.strip()
+        if h.startswith("["):
+            name, sep, _ = h[1:].partition("]")
+            if not sep:
+                return False
+            try:
+                ipaddress.IPv6Address(name.split("%", 1)[0])
+            except ValueError:
+                return False
+            return True
+        name = h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name.lower().rstrip(".") in self.allowed_hosts
+        return True
+
+
+class _Refuse(Exception):
+    def __init__(
+        self, status: int, message: str, headers: tuple[tuple[str, str], ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.headers = headers
+
+
+_COMMON_HEADERS = (
+    "Cache-Control: no-store\r\n"
+    "X-Content-Type-Options: nosniff\r\n"
+    "X-Frame-Options: DENY\r\n"
+    "Referrer-Policy: no-referrer\r\n"
+    "Content-Security-Policy: default-src 'none'; style-src 'unsafe-inline'; "
+    "frame-ancestors 'none'\r\n"
+    "Server: confedge\r\n"
+)
+
+
+class AdminConnection(asyncio.Protocol):
+    """One management connection."""
+
+    def __init__(self, server: AdminServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.parser = httptools.HttpRequestParser(self)
+        self.target = bytearray()
+        self.host: str | None = None
+        self.header_bytes = 0
+        self.header_count = 0
+        self.body_expected = False
+        self.discarding = False
+        self.timer: asyncio.TimerHandle | None = None
+
+    # -- transport callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it: a cast.
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        srv = self.server
+        if not srv.access.allows(self.peer):
+            srv.refuse(self.peer, "source not in management.networks")
+            self.transport.abort()
+            return
+        if len(srv.connections) >= srv.limits.max_connections:
+            srv.refuse(self.peer, f"{srv.limits.max_connections} connections already open")
+            self.transport.abort()
+            return
+        srv.connections.add(self)
+        self.transport.set_write_buffer_limits(high=64 * 1024)
+        self._arm(srv.limits.header_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.transport = None
+
+    def pause_writing(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.discarding:
+            self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An Upgrade request was answered as a plain GET; nothing after it is HTTP/1.1.
+            self._close()
+        except _Refuse as exc:
+            self._error(exc)
+        except httptools.HttpParserError as exc:
+            inner = exc.__context__
+            if isinstance(inner, _Refuse):
+                self._error(inner)
+            else:
+                self._error(_Refuse(400, f"malformed HTTP request: {exc}"))
+
+    def eof_received(self) -> bool:
+        # Pipelined requests were all answered synchronously; nothing is left to send.
+        return False
+
+    # -- timers -------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._close)
+
+    def _close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    # -- parser callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.target.clear()
+        self.host = None
+        self.header_bytes = 0
+        self.header_count = 0
+        self.body_expected = False
+        self._arm(self.server.limits.header_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        self.target += url
+        if len(self.target) > self.server.limits.max_target:
+            raise _Refuse(414, "request target too long")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        lim = self.server.limits
+        self.header_bytes += len(name) + len(value) + 4
+        self.header_count += 1
+        if self.header_bytes > lim.max_header_bytes or self.header_count > lim.max_headers:
+            raise _Refuse(431, "request header fields too large")
+        if name.lower() == b"host":
+            if self.host is not None:
+                raise _Refuse(400, "more than one Host header")  # RFC 9112 §3.2
+            self.host = value.decode("latin-1")
+        elif name.lower() in (b"content-length", b"transfer-encoding"):
+            # Refused in on_headers_complete, before any body byte is read.
+            self.body_expected = self.body_expected or value.strip() not in (b"0", b"")
+
+    def on_headers_complete(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        method = self.parser.get_method()
+        if method not in (b"GET", b"HEAD"):
+            raise _Refuse(
+                405, "the management listener only answers GET and HEAD", (("Allow", "GET, HEAD"),)
+            )
+        # A GET carries no body that means anything (RFC 9110 §9.3.1): refuse rather than read.
+        if self.body_expected:
+            raise _Refuse(413, "a management request carries no body")
+        if self.parser.get_http_version() != "1.0" and self.host is None:
+            raise _Refuse(400, "no Host header")  # RFC 9112 §3.2
+        if self.host is not None and not self.server.host_ok(self.host):
+            raise _Refuse(
+                421,
+                f"Host {self.host!r} does not name this management listener; "
+                "add the name to management.allowed_hosts",
+            )
+        if not self.target.startswith(b"/"):
+            raise _Refuse(400, "the request target must be a path (origin-form)")
+
+    def on_body(self, body: bytes) -> None:
+        raise _Refuse(413, "a management request carries no body")
+
+    def on_message_complete(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        srv = self.server
+        if transport.get_write_buffer_size() > srv.limits.max_pending_output:
+            srv.refuse(self.peer, "pipelined requests without reading the answers")
+            transport.abort()
+            return
+        path = bytes(self.target).split(b"?", 1)[0].decode("latin-1")
+        head_only = self.parser.get_method() == b"HEAD"
+        try:
+            resp = srv.router(path)
+        except Exception:
+            log.exception("management: error while answering %s", path)
+            resp = Response(500, b"internal error; see the log\n")
+        keep = self.parser.should_keep_alive()
+        self._send(resp, keep=keep, head_only=head_only)
+        if keep:
+            self._arm(srv.limits.idle_timeout)
+        else:
+            self._close()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _send(self, resp: Response, *, keep: bool, head_only: bool) -> None:
+        if self.transport is None:
+            return
+        try:
+            phrase = HTTPStatus(resp.status).phrase
+        except ValueError:
+            phrase = "Unknown"
+        head = [
+            f"HTTP/1.1 {resp.status} {phrase}\r\n",
+            f"Date: {formatdate(usegmt=True)}\r\n",
+            f"Content-Type: {resp.content_type}\r\n",
+            f"Content-Length: {len(resp.body)}\r\n",
+            _COMMON_HEADERS,
+        ]
+        head.extend(f"{k}: {v}\r\n" for k, v in resp.headers)
+        if not keep:
+            head.append("Connection: close\r\n")
+        head.append("\r\n")
+        data = "".join(head).encode("latin-1")
+        self.transport.write(data if head_only else data + resp.body)
+
+    def _error(self, exc: _Refuse) -> None:
+        self._send(
+            Response(exc.status, f"{exc}\n".encode(), headers=exc.headers),
+            keep=False,
+            head_only=False,
+        )
+        transport = self.transport
+        if transport is None:
+            return
+        # Lingering close: stop answering, keep reading (and discarding) for a moment so that
+        # unread input does not turn our close into a reset that destroys the answer.
+        self.discarding = True
+        if transport.can_write_eof():
+            transport.write_eof()
+            self._arm(LINGER)
+        else:
+            self._close()

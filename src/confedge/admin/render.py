@@ -1,0 +1,501 @@
+"""Snapshot -> bytes: the HTML status page, its JSON twin and the Prometheus text exposition.
+
+Pure functions of the plain-data snapshot (snapshot.py), so each output format is tested on
+its own without sockets, and the three never disagree.
+
+Everything that comes from outside the program (ban reasons, node URLs, host names) is escaped
+for its context: ``html.escape`` on the page, the exposition format's label escaping in
+/metrics. The page needs no script: it refreshes itself with ``<meta http-equiv="refresh">``,
+so the management listener can send ``Content-Security-Policy: default-src 'none'``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = [
+    "METRICS_CONTENT_TYPE",
+    "REFRESH_SECONDS",
+    "render_html",
+    "render_json",
+    "render_metrics",
+]
+
+REFRESH_SECONDS = 5
+HTML_BAN_LIMIT = 200  # rows on the page; the JSON has up to snapshot.BAN_LIMIT
+
+# Prometheus text exposition format, version 0.0.4 (what every scraper accepts).
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+# -- JSON ---------------------------------------------------------------------------------------
+
+
+def render_json(snap: dict[str, Any]) -> bytes:
+    return json.dumps(snap, indent=2, allow_nan=False).encode() + b"\n"
+
+
+# -- Prometheus text format -----------------------------------------------------------------------
+
+
+def _label_value(v: str) -> str:
+    # Exposition format: in label values, backslash, double quote and line feed are escaped.
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(v: float | int) -> str:
+    if isinstance(v, bool):
+        return "1" if v else "0"
+    if isinstance(v, int):
+        return str(v)
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(v)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(
+        self,
+        name: str,
+        kind: str,
+        doc: str,
+        samples: Iterable[tuple[dict[str, str], float | int | None]],
+    ) -> None:
+        """One metric family; samples whose value is None (unknown) are left out, and a
+        family with no sample is not written at all (absent, not zero)."""
+        rows = [(labels, v) for labels, v in samples if v is not None]
+        if not rows:
+            return
+        self.lines.append(f"# HELP {name} {doc.replace(chr(92), chr(92) * 2)}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, v in rows:
+            if labels:
+                inner = ",".join(f'{k}="{_label_value(val)}"' for k, val in labels.items())
+                self.lines.append(f"{name}{{{inner}}} {_number(v)}")
+            else:
+                self.lines.append(f"{name} {_number(v)}")
+
+    def one(self, name: str, kind: str, doc: str, value: float | int | None) -> None:
+        self.family(name, kind, doc, [({}, value)])
+
+
+def render_metrics(snap: dict[str, Any]) -> bytes:
+    m = _Metrics()
+    m.family(
+        "confedge_build_info",
+        "gauge",
+        "confedge version (always 1)",
+        [({"version": str(snap["version"])}, 1)],
+    )
+    m.one(
+        "confedge_start_time_seconds",
+        "gauge",
+        "When the runtime started (Unix time)",
+        snap["started"],
+    )
+    m.one("confedge_uptime_seconds", "gauge", "Seconds since the runtime started", snap["uptime"])
+
+    proxy = snap["proxy"]
+    if proxy.get("enabled"):
+        nodes = proxy["nodes"]
+        known = [n for n in nodes if n["state"] is not None]
+        m.family(
+            "confedge_proxy_node_up",
+            "gauge",
+            "1 if the node gets new requests (health state up), else 0",
+            [({"node": n["node"]}, 1 if n["state"] == "up" else 0) for n in known],
+        )
+        m.family(
+            "confedge_proxy_node_state",
+            "gauge",
+            "Health state of each node (1 for the current state)",
+            [
+                ({"node": n["node"], "state": s}, 1 if n["state"] == s else 0)
+                for n in known
+                for s in ("up", "down", "maintenance")
+            ],
+        )
+        m.family(
+            "confedge_proxy_node_requests_in_flight",
+            "gauge",
+            "Requests being answered by each node now",
+            [({"node": n["node"]}, n.get("in_flight")) for n in nodes],
+        )
+        m.family(
+            "confedge_proxy_node_idle_connections",
+            "gauge",
+            "Idle keep-alive connections to each node",
+            [({"node": n["node"]}, n.get("idle_connections")) for n in nodes],
+        )
+        m.one(
+            "confedge_proxy_client_connections",
+            "gauge",
+            "Open client connections (HTTP and HTTPS)",
+            proxy.get("client_connections"),
+        )
+        m.one(
+            "confedge_proxy_upstream_connections",
+            "gauge",
+            "Open connections to nodes",
+            proxy.get("upstream_connections"),
+        )
+        req = proxy.get("requests")
+        if req is not None:
+            m.family(
+                "confedge_proxy_requests_total",
+                "counter",
+                "Requests answered, by status class (proxied and the proxy's own answers)",
+                [({"code": k}, v) for k, v in req.items() if k != "total"],
+            )
+
+    turn = snap["turn"]
+    if turn.get("enabled"):
+        m.one("confedge_turn_allocations", "gauge", "TURN allocations now", turn["allocations"])
+        m.family(
+            "confedge_turn_relayed_bytes_total",
+            "counter",
+            "Bytes relayed (payload), by direction",
+            [
+                ({"direction": "to_peer"}, turn["bytes_to_peer"]),
+                ({"direction": "to_client"}, turn["bytes_to_client"]),
+            ],
+        )
+        m.family(
+            "confedge_turn_relayed_packets_total",
+            "counter",
+            "Packets relayed, by direction",
+            [
+                ({"direction": "to_peer"}, turn["packets_to_peer"]),
+                ({"direction": "to_client"}, turn["packets_to_client"]),
+            ],
+        )
+        m.family(
+            "confedge_turn_dropped_packets_total",
+            "counter",
+            "Packets from peers dropped, by reason",
+            [({"reason": "no_permission"}, turn["dropped_no_permission"])],
+        )
+
+    guard = snap["guard"]
+    m.one(
+        "confedge_guard_enabled", "gauge", "1 if the PIN guard is on", 1 if guard["enabled"] else 0
+    )
+    if guard["enabled"]:
+        m.one("confedge_guard_bans", "gauge", "Active bans", guard["bans_total"])
+        ok = guard.get("store_ok")
+        m.one(
+            "confedge_guard_store_up",
+            "gauge",
+            "1 if the guard store is reachable",
+            None if ok is None else (1 if ok else 0),
+        )
+
+    mgmt = snap["management"]
+    m.one(
+        "confedge_management_refused_connections_total",
+        "counter",
+        "Connections to the management listener refused (source outside management.networks, "
+        "or connection cap)",
+        mgmt.get("refused_connections"),
+    )
+
+    p = snap["process"]
+    m.one("process_resident_memory_bytes", "gauge", "Resident memory size in bytes", p["rss_bytes"])
+    m.one("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes", p["vms_bytes"])
+    m.one(
+        "process_cpu_seconds_total",
+        "counter",
+        "Total user and system CPU time spent in seconds",
+        p["cpu_seconds"],
+    )
+    m.one(
+        "process_start_time_seconds",
+        "gauge",
+        "Start time of the process since unix epoch in seconds",
+        p["start_time"],
+    )
+    m.one("process_open_fds", "gauge", "Number of open file descriptors", p["open_fds"])
+    m.one("process_max_fds", "gauge", "Maximum number of open file descriptors", p["max_fds"])
+    m.one("confedge_process_threads", "gauge", "Threads of the main process", p["threads"])
+    children = p["children"]
+    m.one(
+        "confedge_children_processes",
+        "gauge",
+        "Child processes (proxy workers when proxy.workers > 1)",
+        len(children),
+    )
+    if children:
+        m.one(
+            "confedge_children_resident_memory_bytes",
+            "gauge",
+            "Resident memory of all child processes, in bytes",
+            sum(c["rss_bytes"] or 0 for c in children),
+        )
+        m.one(
+            "confedge_children_cpu_seconds_total",
+            "counter",
+            "CPU time of the live child processes, in seconds",
+            sum(c["cpu_seconds"] or 0.0 for c in children),
+        )
+    return ("\n".join(m.lines) + "\n").encode()
+
+
+# -- HTML ---------------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
+h1{font-size:1.4em;margin:0 0 .2em}h1 small{color:#666;font-weight:normal}
+h2{font-size:1.1em;margin:1.4em 0 .4em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.3em 0}th,td{padding:.2em .8em .2em 0;text-align:left;
+vertical-align:top}th{color:#555;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.meta{color:#666}.up{color:#0a7d28;font-weight:600}.down{color:#c0161d;font-weight:600}
+.maintenance{color:#b36b00;font-weight:600}.unknown{color:#666}pre{background:#f0f0f0;padding:.6em;
+overflow:auto}code{font-size:.95em}
+"""
+
+
+def _e(v: object) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def _utc(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+
+
+def duration(seconds: float | None) -> str:
+    """3725 -> "1h 2m"; 42.4 -> "42s": the two largest units are enough for a status page."""
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    parts: list[str] = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if s >= size or (unit == "s" and not parts):
+            parts.append(f"{s // size}{unit}")
+            s %= size
+    return " ".join(parts[:2])
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    v = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if v < 1024 or unit == "TiB":
+            return f"{int(v)} B" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def _table(head: list[str], rows: list[list[str]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        cells = "".join(
+            f'<td class="n">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(r)
+        )
+        out.append(f"<tr>{cells}</tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
+def _kv(pairs: list[tuple[str, str]]) -> str:
+    return (
+        "<table>" + "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in pairs) + "</table>"
+    )
+
+
+def _proxy_html(p: dict[str, Any], now: float) -> str:
+    if not p.get("enabled"):
+        return "<p>The proxy is off (proxy.enabled = false).</p>"
+    pairs = [(k, f"<code>{_e(v)}</code>") for k, v in p["listeners"].items()]
+    pairs.append(("balance", _e(p["balance"])))
+    pairs.append(("workers", _e(p["workers"])))
+    if p.get("client_connections") is not None:
+        pairs.append(("client connections", _e(p["client_connections"])))
+        pairs.append(("node connections", _e(p["upstream_connections"])))
+    req = p.get("requests")
+    if req is not None:
+        classes = ", ".join(f"{k}: {v}" for k, v in req.items() if k != "total" and v)
+        pairs.append(
+            ("requests answered", _e(f"{req['total']}" + (f" ({classes})" if classes else "")))
+        )
+    out = [_kv(pairs)]
+    if p["health_source"] == "management":
+        out.append(
+            '<p class="meta">Node health from this listener\'s own status checks (the proxy '
+            "workers run in separate processes).</p>"
+        )
+    rows = []
+    for n in p["nodes"]:
+        state = n["state"] or "unknown"
+        since = n["since"]
+        rows.append(
+            [
+                f"<code>{_e(n['node'])}</code>",
+                f'<span class="{_e(state)}">{_e(state)}</span>',
+                _e(f"{duration(now - since)} ago" if since is not None else "start"),
+                _e(n["reason"] or ""),
+                _e(n.get("in_flight", "-")),
+                _e(n.get("idle_connections", "-")),
+            ]
+        )
+    out.append(
+        _table(
+            ["node", "state", "since", "last change", "in flight", "idle connections"],
+            rows,
+            {4, 5},
+        )
+    )
+    return "".join(out)
+
+
+def _turn_html(t: dict[str, Any]) -> str:
+    if not t.get("enabled"):
+        return "<p>TURN is off (turn.enabled = false).</p>"
+    listeners = ", ".join(
+        f"{_e(x['transport'])} <code>{_e(x['address'])}</code>" for x in t["listeners"]
+    )
+    relay = t["relay"]
+    pairs = [
+        ("mode", _e(t["mode"])),
+        ("realm", _e(t["realm"])),
+        ("listeners", listeners),
+        (
+            "relay",
+            f"<code>{_e(' '.join(relay['addresses']))}</code> "
+            f"ports <code>{_e(relay['ports'])}</code>",
+        ),
+        ("allocations", _e(t["allocations"])),
+    ]
+    traffic = _table(
+        ["direction", "bytes", "packets"],
+        [
+            [
+                "client &rarr; peer",
+                _e(f"{human_bytes(t['bytes_to_peer'])} ({t['bytes_to_peer']})"),
+                _e(t["packets_to_peer"]),
+            ],
+            [
+                "peer &rarr; client",
+                _e(f"{human_bytes(t['bytes_to_client'])} ({t['bytes_to_client']})"),
+                _e(t["packets_to_client"]),
+            ],
+            ["dropped (no permission)", "", _e(t["dropped_no_permission"])],
+        ],
+        {1, 2},
+    )
+    return _kv(pairs) + traffic
+
+
+def _guard_html(g: dict[str, Any], now: float) -> str:
+    if not g["enabled"]:
+        return "<p>The guard is off (guard.enabled = false).</p>"
+    store = _e(g["store"] or "-")
+    if g["store_ok"] is False:
+        store += ' <span class="down">unreachable</span>'
+    pairs = [
+        ("store", store),
+        (
+            "rule",
+            _e(
+                f"{g['maxretry']} failures within {duration(g['findtime'])} "
+                f"ban for {duration(g['bantime'])}"
+            ),
+        ),
+        ("active bans", _e(g["bans_total"])),
+    ]
+    out = [_kv(pairs)]
+    bans = g["bans"][:HTML_BAN_LIMIT]
+    if bans:
+        rows = [
+            [
+                f"<code>{_e(b['source'])}</code>",
+                _e(b["reason"]),
+                _e(b["count"]),
+                _e(b["failures"]),
+                _e(f"in {duration(b['expires'] - now)}"),
+                _e(_utc(b["expires"])),
+            ]
+            for b in bans
+        ]
+        out.append(_table(["source", "reason", "ban #", "failures", "expires", "at"], rows, {2, 3}))
+        if g["bans_total"] > len(bans):
+            out.append(
+                f'<p class="meta">{_e(g["bans_total"] - len(bans))} more; '
+                "<code>confedge bans list</code> shows them all.</p>"
+            )
+    return "".join(out)
+
+
+def _process_html(p: dict[str, Any]) -> str:
+    pairs = [
+        ("pid", _e(p["pid"])),
+        ("memory (RSS)", _e(human_bytes(p["rss_bytes"]))),
+        ("CPU time", _e("-" if p["cpu_seconds"] is None else f"{p['cpu_seconds']:.1f} s")),
+        ("threads", _e(p["threads"] if p["threads"] is not None else "-")),
+        (
+            "open files",
+            _e(f"{p['open_fds']} of {p['max_fds']}" if p["open_fds"] is not None else "-"),
+        ),
+    ]
+    for c in p["children"]:
+        pairs.append(
+            (
+                f"child {c['pid']}",
+                _e(f"RSS {human_bytes(c['rss_bytes'])}, CPU {c['cpu_seconds'] or 0:.1f} s"),
+            )
+        )
+    return _kv(pairs)
+
+
+def render_html(snap: dict[str, Any]) -> bytes:
+    now = snap["time"]
+    srv = snap["server"]
+    title = f"confedge status: {srv['fqdn']}"
+    parts = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="refresh" content="{REFRESH_SECONDS}">',
+        '<meta name="viewport" content="width=device-width,initial-scale=1">',
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>confedge <small>{_e(srv['fqdn'])}</small></h1>",
+        '<p class="meta">'
+        f"version {_e(snap['version'])} &middot; up {_e(duration(snap['uptime']))} "
+        f"(since {_e(_utc(snap['started']))}) &middot; at {_e(_utc(now))} &middot; refreshes every "
+        f'{REFRESH_SECONDS} s &middot; <a href="/status.json">JSON</a> &middot; '
+        '<a href="/metrics">metrics</a></p>',
+        "<h2>Addresses</h2>",
+        _kv(
+            [
+                ("internal", f"<code>{_e(srv['internal_address'])}</code>"),
+                ("external", f"<code>{_e(srv['external_address'])}</code>"),
+                ("management from", _e(", ".join(snap["management"]["networks"]))),
+            ]
+        ),
+        "<h2>Proxy</h2>",
+        _proxy_html(snap["proxy"], now),
+        "<h2>TURN</h2>",
+        _turn_html(snap["turn"]),
+        "<h2>Guard</h2>",
+        _guard_html(snap["guard"], now),
+        "<h2>Process</h2>",
+        _process_html(snap["process"]),
+        "<h2>Configuration</h2>",
+        "<details><summary>effective configuration (secrets masked)</summary><pre>",
+        _e(json.dumps(snap["config"], indent=2)),
+        "</pre></details>",
+        "</body></html>\n",
+    ]
+    return "".join(parts).encode()

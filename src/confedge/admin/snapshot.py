@@ -1,0 +1,354 @@
+"""What the status page, /status.json and /metrics show: one plain-data snapshot of the runtime.
+
+Why one snapshot feeding three renderers: the HTML page, the JSON and the Prometheus text must
+never disagree, and the renderers (render.py) stay pure functions of plain data, testable
+without sockets. The snapshot reads only what the running parts already keep (TURN's
+``stats()``, the proxy's health monitor and balancer, the guards' ban tables); the two things
+they do not keep are added here from the outside, without touching their hot paths:
+
+* the reason and time of each node's last health change, from the proxy core's
+  ``on_transition`` callbacks;
+* requests answered by status class, from a tee in front of the proxy's access-log sink (one
+  extra call per request, on the same path that already formats the access-log line).
+
+With ``proxy.workers`` > 1 the proxy runs in other processes, whose health monitors and
+counters this process cannot read. The node table then comes from the management listener's
+own status checks (the same ``GET /api/client/v2/status`` with the same rise/fall rules), and
+request counters are reported as unavailable rather than as zero.
+
+Secrets never enter the snapshot: the configuration is ``Config.masked()`` with, in addition,
+the password of a ``redis://`` guard store URL masked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import confedge
+from confedge.admin.procstats import child_pids, read_proc, self_stat
+from confedge.config import Config, NodeAddress
+from confedge.proxy.health import HealthMonitor, NodeState, Transition
+
+__all__ = ["BAN_LIMIT", "RequestCounter", "RuntimeView", "StatusSource", "mask_url"]
+
+log = logging.getLogger("confedge.admin")
+
+BAN_LIMIT = 1000  # bans listed in a snapshot (`confedge bans list` shows them all)
+MASK = "****"
+
+
+class RuntimeView(Protocol):
+    """The parts of confedge.runtime.Runtime the snapshot reads (each may be None)."""
+
+    guard: Any
+    turn: Any
+    proxy: Any
+
+
+def mask_url(url: str) -> str:
+    """`redis://user:pw@host/0` -> `redis://user:****@host/0`; other text unchanged."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return MASK
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:" if parts.username else ":"
+    return urlunsplit((parts.scheme, f"{user}{MASK}@{host}", parts.path, parts.query, ""))
+
+
+def masked_config(cfg: Config) -> dict[str, Any]:
+    data = cfg.masked()
+    data["guard"]["store"] = mask_url(data["guard"]["store"])
+    return data
+
+
+class RequestCounter:
+    """A tee in front of the proxy's access-log sink that counts answers by status class.
+
+    Why a tee: every answer the proxy gives (proxied or its own refusals and error pages)
+    already goes through the sink exactly once, so counting there needs no change to the
+    request path itself.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.total = 0
+        self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for out-of-range)
+
+    def log(self, remote_addr: str, now: float, request: str, status: int, *args: Any) -> None:
+        self.total += 1
+        self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+        if self.inner is not None:
+            self.inner.log(remote_addr, now, request, status, *args)
+
+    def to_json(self) -> dict[str, int]:
+        out = {"total": self.total}
+        for i, n in enumerate(self.by_class):
+            out[f"{i}xx" if i else "other"] = n
+        return out
+
+
+class _OwnHealth:
+    """Status checks run by the management listener when the proxy's own are out of reach."""
+
+    def __init__(self, cfg: Config, record: Callable[[Transition], None]) -> None:
+        p = cfg.proxy
+        self.cfg = cfg
+        self.nodes: list[NodeAddress] = p.node_addresses
+        self.monitor = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
+        self.record = record
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="admin-health")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        from confedge.proxy.core import check_node
+        from confedge.tls.context import client_context
+
+        p = self.cfg.proxy
+        ctx = (
+            client_context(p.verify_upstream)
+            if any(n.scheme == "https" for n in self.nodes)
+            else None
+        )
+        loop = asyncio.get_running_loop()
+
+        async def one(i: int) -> None:
+            result, detail = await check_node(self.nodes[i], ctx, p.health_timeout)
+            t = self.monitor.check_result(i, result, loop.time(), detail)  # type: ignore[arg-type]
+            if t is not None:
+                self.record(t)
+
+        while True:
+            await asyncio.gather(*(one(i) for i in range(len(self.nodes))))
+            await asyncio.sleep(p.health_interval)
+
+
+class StatusSource:
+    """Builds snapshots of one runtime; attach() before use, detach() on close."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        runtime: RuntimeView,
+        *,
+        management_url: str = "",
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cfg = cfg
+        self.rt = runtime
+        self.management_url = management_url
+        self.clock = clock
+        self.config = masked_config(cfg)  # the model is frozen: mask once
+        self.started = getattr(runtime, "started", None) or clock()
+        self.last_change: dict[int, tuple[str, float]] = {}  # node -> (reason, wall time)
+        self.requests: RequestCounter | None = None
+        self.own_health: _OwnHealth | None = None
+        self._core: Any = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Hook into the in-process proxy core, or start own checks for out-of-process workers."""
+        proxy = self.rt.proxy
+        if proxy is None or not self.cfg.proxy.nodes:
+            return
+        core = getattr(proxy, "core", None)
+        if core is not None:
+            self._core = core
+            core.on_transition.append(self._record)
+            self.requests = RequestCounter(core.access_log)
+            core.access_log = self.requests
+        else:
+            self.own_health = _OwnHealth(self.cfg, self._record)
+            self.own_health.start()
+
+    async def detach(self) -> None:
+        core, self._core = self._core, None
+        if core is not None:
+            with contextlib.suppress(ValueError):
+                core.on_transition.remove(self._record)
+            if self.requests is not None and core.access_log is self.requests:
+                core.access_log = self.requests.inner
+        if self.own_health is not None:
+            await self.own_health.close()
+            self.own_health = None
+
+    def _record(self, t: Transition) -> None:
+        loop = asyncio.get_running_loop()
+        self.last_change[t.node] = (t.reason, self.clock() - (loop.time() - t.at))
+
+    # -- the snapshot ---------------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.clock()
+        srv = self.cfg.server
+        return {
+            "version": confedge.__version__,
+            "time": now,
+            "started": self.started,
+            "uptime": max(0.0, now - self.started),
+            "server": {
+                "fqdn": srv.fqdn,
+                "internal_address": srv.internal_address,
+                "external_address": srv.relay_address,
+            },
+            "management": {
+                "url": self.management_url,
+                "networks": list(self.cfg.management.networks),
+            },
+            "proxy": self._proxy(now),
+            "turn": self._turn(),
+            "guard": self._guard(now),
+            "process": self._process(),
+            "config": self.config,
+        }
+
+    def _proxy(self, now: float) -> dict[str, Any]:
+        proxy = self.rt.proxy
+        p = self.cfg.proxy
+        if proxy is None:
+            return {"enabled": False}
+        out: dict[str, Any] = {
+            "enabled": True,
+            "listeners": proxy.info(),
+            "workers": getattr(proxy, "workers", None),
+            "balance": p.balance,
+        }
+        core = self._core
+        loop_now = asyncio.get_running_loop().time()
+        monitor: HealthMonitor | None
+        if core is not None:
+            monitor, source = core.health, "proxy"
+        elif self.own_health is not None:
+            monitor, source = self.own_health.monitor, "management"
+        else:
+            monitor, source = None, None
+        nodes = []
+        for i, node in enumerate(p.node_addresses):
+            row: dict[str, Any] = {"node": node.url, "state": None, "since": None, "reason": None}
+            if monitor is not None:
+                row["state"] = monitor.states[i].value
+                since = monitor.since[i]
+                # 0.0 is the initial "up since start" mark of HealthMonitor, not a time.
+                row["since"] = now - (loop_now - since) if since > 0 else None
+                change = self.last_change.get(i)
+                if change is not None:
+                    row["reason"] = change[0]
+            if core is not None:
+                row["in_flight"] = core.balancer.active[i]
+                row["idle_connections"] = len(core.pools[i].idle)
+            nodes.append(row)
+        out["health_source"] = source
+        out["nodes"] = nodes
+        out["nodes_up"] = sum(1 for r in nodes if r["state"] == NodeState.UP.value)
+        if core is not None:
+            out["client_connections"] = len(core.clients)
+            out["upstream_connections"] = len(core.upstreams)
+        out["requests"] = self.requests.to_json() if self.requests is not None else None
+        return out
+
+    def _turn(self) -> dict[str, Any]:
+        turn = self.rt.turn
+        t = self.cfg.turn
+        if turn is None:
+            return {"enabled": False}
+        host = self.cfg.server.internal_address
+        listeners = [
+            {"transport": "udp", "address": _hostport(host, turn.port)},
+            {"transport": "tcp", "address": _hostport(host, turn.port)},
+        ]
+        tls_port = getattr(turn, "tls_port", 0)
+        if tls_port:
+            listeners.append({"transport": "tls", "address": _hostport(host, tls_port)})
+        relays = [self.cfg.server.relay_address]
+        if t.relay_address_v6 and t.relay_address_v6 not in relays:
+            relays.append(t.relay_address_v6)
+        return {
+            "enabled": True,
+            "mode": t.mode,
+            "realm": self.cfg.server.domain,
+            "listeners": listeners,
+            "relay": {"addresses": relays, "ports": t.relay_ports},
+            **turn.stats(),
+        }
+
+    def _guard(self, now: float) -> dict[str, Any]:
+        g = self.cfg.guard
+        out: dict[str, Any] = {"enabled": g.enabled}
+        if not g.enabled:
+            return out
+        guards = [self.rt.guard]
+        core = self._core
+        if core is not None:
+            guards.append(core.guard)  # the in-process proxy worker has its own guard instance
+        merged: dict[str, Any] = {}
+        store, store_ok = None, None
+        for guard in guards:
+            if guard is None or not hasattr(guard, "bans"):
+                continue
+            if store is None:
+                store = getattr(getattr(guard, "store", None), "description", None)
+                store_ok = getattr(guard, "store_ok", None)
+            for rec in guard.bans():
+                cur = merged.get(rec.source)
+                if cur is None or rec.expires > cur.expires:
+                    merged[rec.source] = rec
+        active = sorted(
+            (r for r in merged.values() if r.expires > now), key=lambda r: r.expires, reverse=True
+        )
+        out.update(
+            store=mask_url(store) if store else None,
+            store_ok=store_ok,
+            maxretry=g.maxretry,
+            findtime=g.findtime,
+            bantime=g.bantime,
+            bans_total=len(active),
+            bans=[
+                {
+                    "source": r.source,
+                    "reason": r.reason,
+                    "count": r.count,
+                    "failures": r.failures,
+                    "created": r.created,
+                    "expires": r.expires,
+                    "remaining": r.expires - now,
+                }
+                for r in active[:BAN_LIMIT]
+            ],
+        )
+        return out
+
+    def _process(self) -> dict[str, Any]:
+        out = self_stat().to_json()
+        children = [read_proc(pid) for pid in child_pids()]
+        out["children"] = [c.to_json() for c in children if c is not None]
+        return out
+
+
+def _hostport(host: str, port: int) -> str:
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).version == 6:
+            return f"[{host}]:{port}"
+    return f"{host}:{port}"
