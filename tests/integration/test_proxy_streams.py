@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import socket
 import ssl
@@ -241,20 +242,98 @@ async def test_curl_verbose_over_tls(proxy):
     assert json.loads(out)["target"] == "/webapp/index.html"
 
 
-async def test_http_redirects_to_https(proxy):
+async def test_http_redirects_to_https(proxy, tmp_path):
     port = proxy.http_port
-    for target, host in [
+    cases = [
         ("/webapp/?x=1", "localhost"),
         ("/a/b", "edge.localdomain"),
         ("/", "evil.example"),
-    ]:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    ]
+    # One keep-alive connection for all three, like the reference's nginx (no Connection: close).
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for target, host in cases:
+        writer.write(
+            f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: probe/1\r\n"
+            "Referer: http://x/?code=42\r\n\r\n".encode()
+        )
         r = await read_response(reader)
-        writer.close()
         assert r.status == 301
+        assert r.header("Connection") is None
         expect_host = host if host != "evil.example" else "edge.localdomain"  # no open redirect
         assert r.header("Location") == f"https://{expect_host}:{proxy.https_port}{target}"
+    # HTTP/1.0 without keep-alive, and a malformed request: answered, then closed.
+    writer.write(b"GET /old?token=t HTTP/1.0\r\n\r\n")
+    r = await read_response(reader)
+    assert r.status == 301 and r.header("Connection") == "close"
+    assert await reader.read() == b""
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: localhost\r\nbad header\r\n\r\n")
+    r = await read_response(reader)
+    assert r.status == 400
+    writer.close()
+    # Each answer has its access-log line in the reference format, as nginx logs its 301s.
+    await proxy.close()
+    lines = (tmp_path / "access.log").read_text().splitlines()
+    pattern = re.compile(
+        r"^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\]  "
+        r'"(?P<req>[^"]*)" (?P<status>\d{3}) 0 "(?P<ref>[^"]*)" "(?P<ua>[^"]*)" "-" "-" "-"$'
+    )
+    got = []
+    for line in lines:
+        m = pattern.match(line)
+        assert m is not None, line
+        got.append((m["req"], m["status"], m["ref"], m["ua"]))
+    assert got == [
+        ("GET /webapp/?x=1 HTTP/1.1", "301", "http://x/?code=[FILTERED]", "probe/1"),
+        ("GET /a/b HTTP/1.1", "301", "http://x/?code=[FILTERED]", "probe/1"),
+        ("GET / HTTP/1.1", "301", "http://x/?code=[FILTERED]", "probe/1"),
+        ("GET /old?token=[FILTERED] HTTP/1.0", "301", "", "-"),
+        ("GET /x HTTP/1.1", "400", "", "-"),
+    ]
+
+
+async def test_http_redirect_connection_timeouts(nodes, tmp_path):
+    svc = ProxyService(
+        proxy_config(
+            [u.address for u in nodes],
+            str(tmp_path),
+            http_port=free_port(),
+            idle_timeout=0.5,
+            header_timeout=1.0,
+        )
+    )
+    await svc.start()
+    port = svc.http_port
+    try:
+        # Idle keep-alive: closed after proxy.idle_timeout (0.5 s here).
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        assert (await read_response(reader)).status == 301
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert 0.3 < time.monotonic() - t0 < 3
+        writer.close()
+        # A second request whose head is trickled forever is cut at proxy.header_timeout
+        # (1 s, from the request's first byte) even though bytes keep coming.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\nGET /b HTTP/1.1\r\n")
+        assert (await read_response(reader)).status == 301
+        t0 = time.monotonic()
+        closed = False
+        for _ in range(40):
+            writer.write(b"X-A: b\r\n")
+            try:
+                data = await asyncio.wait_for(reader.read(100), 0.1)
+            except TimeoutError:
+                continue
+            if data == b"":
+                closed = True
+                break
+        writer.close()
+        assert closed and 0.8 < time.monotonic() - t0 < 3
+    finally:
+        await svc.close()
 
 
 async def test_tls_versions(proxy):

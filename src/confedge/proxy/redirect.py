@@ -1,12 +1,20 @@
 """Port 80: every request gets 301 to the same host and path on https (SPEC §2).
 
-Not a hot path (browsers follow the redirect once and remember HSTS-less https links), so a
-plain timer per connection bounds slow clients here.
+Keep-alive like the reference's nginx (`return 301 https://$host$request_uri;` keeps the
+connection): a browser or monitor that reuses its connection pays no new TCP handshake per
+redirect. Every answer gets an access-log line in the reference format, as nginx logs its 301s
+(fail2ban recipes and log shippers see port-80 traffic too).
+
+Timeouts without a timer per request: one TimerHandle per connection fires at the current
+deadline and, if the deadline moved meanwhile (a new request began, an answer went out), re-arms
+for the new one. The head of each request must arrive within `proxy.header_timeout` of its first
+byte; an idle keep-alive connection is closed after `proxy.idle_timeout`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import TYPE_CHECKING
 
 import httptools
@@ -19,11 +27,30 @@ if TYPE_CHECKING:
 
 __all__ = ["RedirectConnection"]
 
+_TAIL_KEEP = b"Content-Length: 0\r\n\r\n"
+_TAIL_KEEP_10 = b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"  # RFC 9112 §9.3
+_TAIL_CLOSE = b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+
 
 class RedirectConnection(asyncio.Protocol):
     """Port 80: every request gets 301 to the same host and path on https (SPEC §2)."""
 
-    __slots__ = ("_https_port", "_timer", "core", "host", "parser", "transport", "url")
+    __slots__ = (
+        "_https_port",
+        "_timer",
+        "answered",
+        "core",
+        "deadline",
+        "host",
+        "method",
+        "parser",
+        "peer",
+        "referer",
+        "transport",
+        "ua",
+        "url",
+        "version",
+    )
 
     def __init__(self, core: ProxyCore, https_port: int) -> None:
         self.core = core
@@ -32,24 +59,82 @@ class RedirectConnection(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.host: bytes | None = None
+        self.ua: bytes | None = None
+        self.referer: bytes | None = None
+        self.peer = ""
+        self.method = ""
+        self.version = ""
+        self.answered = False
+        self.deadline = 0.0
         self._https_port = https_port
 
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from confedge.proxy.core import normalise_peer
+
         self.transport = transport  # type: ignore[assignment]
-        # Port 80 is not a hot path: a plain timer bounds slow clients here.
-        self._timer = self.core.loop.call_later(self.core.header_timeout, transport.abort)  # type: ignore[attr-defined]
+        self.peer = normalise_peer(transport.get_extra_info("peername"))
+        self._set_deadline(self.core.loop.time() + self.core.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
             self._timer.cancel()
+            self._timer = None
 
     def data_received(self, data: bytes) -> None:
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._answer()
-        except httptools.HttpParserError:
-            self._send(400, b"")
+            # The parser cannot continue after an Upgrade request: answer it, then close.
+            if not self.answered:
+                self._answer(close=True)
+            self._close()
+        except (httptools.HttpParserError, ValueError):
+            if not self.answered:
+                if self.url and not self.method:
+                    # A bad header after a complete request line: nginx logs that line.
+                    version = self.parser.get_http_version()
+                    if version != "0.0":
+                        self.method = self.parser.get_method().decode("latin-1")
+                        self.version = version
+                too_long = len(self.url) > self.core.max_url_bytes
+                self._send(414 if too_long else 400, b"", close=True)
+            self._close()
+
+    def _set_deadline(self, deadline: float) -> None:
+        """Move the deadline; the timer is re-armed only when it would fire too late."""
+        self.deadline = deadline
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self.core.loop.call_at(deadline, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        t = self.transport
+        if t is None or t.is_closing():
+            return
+        loop = self.core.loop
+        if loop.time() >= self.deadline:
+            t.abort()
+        else:
+            self._timer = loop.call_at(self.deadline, self._expire)
+
+    def _close(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.close()
+
+    # -- httptools callbacks --------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.host = self.ua = self.referer = None
+        self.method = self.version = ""
+        self.answered = False
+        self._set_deadline(self.core.loop.time() + self.core.header_timeout)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -57,20 +142,31 @@ class RedirectConnection(asyncio.Protocol):
             raise ValueError("target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if name.lower() == b"host":
+        n = name.lower()
+        if n == b"host":
             self.host = value
+        elif n == b"user-agent":
+            self.ua = value
+        elif n == b"referer":
+            self.referer = value
 
     def on_headers_complete(self) -> None:
-        self._answer()
+        # A request body (rare on port 80) is parsed and dropped; the answer goes out now.
+        parser = self.parser
+        self.method = parser.get_method().decode("latin-1")
+        self.version = parser.get_http_version()
+        self._answer(close=not self.parser.should_keep_alive())
 
-    def _answer(self) -> None:
-        t = self.transport
-        if t is None or t.is_closing():
-            return
+    def on_message_complete(self) -> None:
+        self._set_deadline(self.core.loop.time() + self.core.idle_timeout)
+
+    # -- answers --------------------------------------------------------------------------------
+
+    def _answer(self, *, close: bool) -> None:
         try:
             target = normalise_target(self.url.decode("ascii"))
         except (Refused, UnicodeDecodeError):
-            self._send(400, b"")
+            self._send(400, b"", close=True)
             return
         core = self.core
         host = core.cfg.server.fqdn
@@ -83,16 +179,28 @@ class RedirectConnection(asyncio.Protocol):
         port = self._https_port
         netloc = host if port == 443 else f"{host}:{port}"
         location = f"https://{netloc}{target}".encode()
-        self._send(301, b"Location: " + location + b"\r\n")
+        self._send(301, b"Location: " + location + b"\r\n", close=close)
 
-    def _send(self, status: int, extra: bytes) -> None:
+    def _send(self, status: int, extra: bytes, *, close: bool) -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
-        t.write(
-            status_line(status)
-            + self.core.date.header
-            + extra
-            + b"Content-Length: 0\r\nConnection: close\r\n\r\n"
-        )
-        t.close()
+        self.answered = True
+        method, version = self.method, self.version
+        if close:
+            tail = _TAIL_CLOSE
+        elif version == "1.0":
+            tail = _TAIL_KEEP_10
+        else:
+            tail = _TAIL_KEEP
+        t.write(status_line(status) + self.core.date.header + extra + tail)
+        if close:
+            t.close()
+        sink = self.core.access_log
+        if sink is not None:
+            # nginx logs `return 301` answers like any other request (SPEC §2 access log).
+            if method:
+                line = f"{method} {self.url.decode('latin-1')} HTTP/{version}"
+            else:
+                line = self.url.decode("latin-1") or "-"
+            sink.log(self.peer, time.time(), line, status, 0, self.referer, self.ua)
