@@ -14,9 +14,10 @@ hostile or broken client can do is bounded:
 * GET and HEAD only (405 with ``Allow``, RFC 9110 §15.5.6); no request body (413); a Host that
   names some other host gets 421 (RFC 9110 §15.5.20), which defeats DNS rebinding: a web page
   elsewhere cannot make an operator's browser read the status through a name it controls;
-* a client that pipelines requests without reading the answers is cut off once a megabyte of
-  answers waits in the send buffer; reading is paused while the transport is above its high
-  water mark (asyncio flow control).
+* while the send buffer is above its high-water mark (the client does not read), reading is
+  paused and further pipelined requests are held, not answered; a client that piles up more
+  than ``max_pipelined`` of them is cut off. So one client costs at most a few page renders of
+  event-loop time per read, time that TURN relaying and the proxy share.
 
 After an error answer the connection is half-closed and input is discarded for a moment (a
 "lingering close") so the client can read the answer instead of getting a reset.
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -55,7 +57,8 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 30.0
     max_connections: int = 64
-    max_pending_output: int = 1024 * 1024
+    max_pipelined: int = 16  # requests held while the client does not read our answers
+    turn_output: int = 64 * 1024  # answer bytes rendered per read or loop turn, about
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,10 @@ class _Refuse(Exception):
         self.headers = headers
 
 
+class _Abort(Exception):
+    """Raised from a parser callback after the connection was aborted: parse no further."""
+
+
 _COMMON_HEADERS = (
     "Cache-Control: no-store\r\n"
     "X-Content-Type-Options: nosniff\r\n"
@@ -184,6 +191,10 @@ class AdminConnection(asyncio.Protocol):
         self.header_count = 0
         self.body_expected = False
         self.discarding = False
+        self.write_paused = False
+        self.budget = 0  # bytes still answered at once in the current read or loop turn
+        self.drain_scheduled = False
+        self.pending: deque[tuple[str, bool, bool]] = deque()
         self.timer: asyncio.TimerHandle | None = None
 
     # -- transport callbacks ------------------------------------------------------------------
@@ -214,32 +225,46 @@ class AdminConnection(asyncio.Protocol):
         self.transport = None
 
     def pause_writing(self) -> None:
+        # asyncio flow control: the send buffer is above its high-water mark.
+        self.write_paused = True
         if self.transport is not None:
             self.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.transport is not None and not self.discarding:
-            self.transport.resume_reading()
+        self.write_paused = False
+        self._drain()
 
     def data_received(self, data: bytes) -> None:
         if self.discarding:
             return
+        self.budget = self.server.limits.turn_output
         try:
             self.parser.feed_data(data)
+            if self.pending and self.transport is not None:
+                # Held requests are answered from the loop, a batch per turn; read no more
+                # until they are.
+                self.transport.pause_reading()
+                self._schedule_drain()
         except httptools.HttpParserUpgrade:
             # An Upgrade request was answered as a plain GET; nothing after it is HTTP/1.1.
             self._close()
         except _Refuse as exc:
             self._error(exc)
+        except _Abort:
+            pass
         except httptools.HttpParserError as exc:
             inner = exc.__context__
+            if isinstance(inner, _Abort):
+                return
             if isinstance(inner, _Refuse):
                 self._error(inner)
             else:
                 self._error(_Refuse(400, f"malformed HTTP request: {exc}"))
 
     def eof_received(self) -> bool:
-        # Pipelined requests were all answered synchronously; nothing is left to send.
+        # Nothing is held here: requests are answered as they complete, and while some are
+        # held (see on_message_complete) reading is paused, so the EOF is not seen yet.
+        # False = close once what was written is sent.
         return False
 
     # -- timers -------------------------------------------------------------------------------
@@ -312,29 +337,65 @@ class AdminConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        srv = self.server
-        if transport.get_write_buffer_size() > srv.limits.max_pending_output:
-            srv.refuse(self.peer, "pipelined requests without reading the answers")
-            transport.abort()
-            return
         path = bytes(self.target).split(b"?", 1)[0].decode("latin-1")
-        head_only = self.parser.get_method() == b"HEAD"
+        item = (path, self.parser.get_method() == b"HEAD", self.parser.should_keep_alive())
+        if self.write_paused or self.pending or self.budget <= 0:
+            # Many requests in one read, or the client is not reading our answers: hold them
+            # rather than render pages back to back (each costs event-loop time that TURN and
+            # the proxy share; the kernel's send buffer alone takes megabytes on loopback),
+            # and give up on a client that piles up more.
+            if len(self.pending) >= self.server.limits.max_pipelined:
+                self.server.refuse(self.peer, "pipelined requests without reading the answers")
+                self.discarding = True
+                self.pending.clear()
+                transport.abort()
+                raise _Abort  # stop parsing the rest of this read
+            self.pending.append(item)
+            return
+        self._answer(*item)
+
+    def _schedule_drain(self) -> None:
+        if not self.drain_scheduled:
+            self.drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain_soon)
+
+    def _drain_soon(self) -> None:
+        self.drain_scheduled = False
+        self._drain()
+
+    def _drain(self) -> None:
+        """Answer held requests, about turn_output bytes per loop turn, while the client reads."""
+        transport = self.transport
+        self.budget = self.server.limits.turn_output
+        while self.pending and not self.write_paused and transport is not None and self.budget > 0:
+            self._answer(*self.pending.popleft())
+            transport = self.transport
+        if transport is None or self.discarding or self.write_paused:
+            return
+        if self.pending:
+            self._schedule_drain()
+        else:
+            transport.resume_reading()
+
+    def _answer(self, path: str, head_only: bool, keep: bool) -> None:
+        srv = self.server
         try:
             resp = srv.router(path)
         except Exception:
             log.exception("management: error while answering %s", path)
             resp = Response(500, b"internal error; see the log\n")
-        keep = self.parser.should_keep_alive()
         self._send(resp, keep=keep, head_only=head_only)
         if keep:
             self._arm(srv.limits.idle_timeout)
         else:
+            self.pending.clear()  # requests after "Connection: close" are not answered
+            self.discarding = True
             self._close()
 
     # -- writing ------------------------------------------------------------------------------
 
     def _send(self, resp: Response, *, keep: bool, head_only: bool) -> None:
-        if self.transport is None:
+        if self.transport is None or self.transport.is_closing():
             return
         try:
             phrase = HTTPStatus(resp.status).phrase
@@ -352,9 +413,13 @@ class AdminConnection(asyncio.Protocol):
             head.append("Connection: close\r\n")
         head.append("\r\n")
         data = "".join(head).encode("latin-1")
-        self.transport.write(data if head_only else data + resp.body)
+        if not head_only:
+            data += resp.body
+        self.budget -= len(data)
+        self.transport.write(data)
 
     def _error(self, exc: _Refuse) -> None:
+        self.pending.clear()
         self._send(
             Response(exc.status, f"{exc}\n".encode(), headers=exc.headers),
             keep=False,
