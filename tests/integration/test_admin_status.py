@@ -226,6 +226,7 @@ async def test_node_down_after_it_stops(stack: Stack) -> None:
 
     page = (await get(stack.port, "/status")).body.decode()
     assert '<span class="down">down</span>' in page and '<span class="up">up</span>' in page
+    assert "<th>in flight</th>" in page  # the in-process proxy's counters
     fam = parse_metrics((await get(stack.port, "/metrics")).body.decode())
     assert metric(fam, "confedge_proxy_node_up", node=n2.url) == 0
     assert metric(fam, "confedge_proxy_node_up", node=n1.url) == 1

@@ -176,6 +176,7 @@ def test_html_escapes_and_shows_state() -> None:
     assert "198.51.100.7" in page and "in 9m 50s" in page
     assert "unreachable" in page  # the guard store
     assert "own status checks" in page  # health source explained
+    assert "in flight" not in page  # no counters from out-of-process workers: no column
     assert "117.7 MiB (123456789)" in page
     assert 'http-equiv="refresh" content="5"' in page
     assert "<script" not in page.replace("&lt;script", "")

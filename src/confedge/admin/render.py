@@ -337,27 +337,24 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
             '<p class="meta">Node health from this listener\'s own status checks (the proxy '
             "workers run in separate processes).</p>"
         )
+    counters = any("in_flight" in n for n in p["nodes"])  # only from the in-process proxy
     rows = []
     for n in p["nodes"]:
         state = n["state"] or "unknown"
         since = n["since"]
-        rows.append(
-            [
-                f"<code>{_e(n['node'])}</code>",
-                f'<span class="{_e(state)}">{_e(state)}</span>',
-                _e(f"{duration(now - since)} ago" if since is not None else "start"),
-                _e(n["reason"] or ""),
-                _e(n.get("in_flight", "-")),
-                _e(n.get("idle_connections", "-")),
-            ]
-        )
-    out.append(
-        _table(
-            ["node", "state", "since", "last change", "in flight", "idle connections"],
-            rows,
-            {4, 5},
-        )
-    )
+        row = [
+            f"<code>{_e(n['node'])}</code>",
+            f'<span class="{_e(state)}">{_e(state)}</span>',
+            _e(f"{duration(now - since)} ago" if since is not None else "start"),
+            _e(n["reason"] or ""),
+        ]
+        if counters:
+            row += [_e(n.get("in_flight", "-")), _e(n.get("idle_connections", "-"))]
+        rows.append(row)
+    head = ["node", "state", "since", "last change"]
+    if counters:
+        head += ["in flight", "idle connections"]
+    out.append(_table(head, rows, {4, 5}))
     return "".join(out)
 
 

@@ -88,11 +88,13 @@ class RequestCounter:
         self.total = 0
         self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for out-of-range)
 
-    def log(self, remote_addr: str, now: float, request: str, status: int, *args: Any) -> None:
+    def log(
+        self, remote_addr: str, now: float, request: str, status: int, *args: Any, **kw: Any
+    ) -> None:
         self.total += 1
         self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
         if self.inner is not None:
-            self.inner.log(remote_addr, now, request, status, *args)
+            self.inner.log(remote_addr, now, request, status, *args, **kw)
 
     def to_json(self) -> dict[str, int]:
         out = {"total": self.total}
