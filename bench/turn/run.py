@@ -50,6 +50,7 @@ COTURN = servers.ServerSpec("coturn", 40200, 42800, 44599)
 # After Refresh(lifetime 0) coturn frees relay ports on its next timer tick (~1 s); both servers
 # get the same pause so that every scenario starts with the full range free.
 SETTLE = 1.5
+EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
 FULL_STEPS = [loadgen.PROBE, loadgen.ALLOCATE, loadgen.PERMISSION, loadgen.CHANNEL]
 
 
@@ -80,6 +81,7 @@ class Harness:
         self.stop = ctx.RawArray("q", 1)
         self.workers: list[tuple[Any, Connection]] = []
         self._source = 0
+        self.settle = SETTLE
 
     def source_ip(self) -> str:
         """A fresh loopback source address per setup batch.
@@ -92,7 +94,7 @@ class Harness:
 
     def release(self, k: int) -> None:
         self.ask([("release", 64)] * k)
-        time.sleep(SETTLE)
+        time.sleep(self.settle)
 
     def spawn(self, target: loadgen.Target) -> None:
         for i in range(self.n_workers):
@@ -247,6 +249,7 @@ def run_server(
 ) -> dict[str, Any]:
     server = start()
     h = Harness(ctx, args.workers)
+    h.settle = args.settle
     result: dict[str, Any] = {
         "rss_idle_mib": server.rss_bytes() / 2**20,
         "loadavg_before": Path("/proc/loadavg").read_text().split()[0],
@@ -413,6 +416,18 @@ def main(argv: list[str] | None = None) -> int:
         "--rss-allocs", type=int, default=1000, help="allocations held for the RSS test"
     )
     ap.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=3600.0,
+        help=f"give up (exit {EXIT_BUSY}) if another run holds the lock this long, s",
+    )
+    ap.add_argument(
+        "--settle",
+        type=float,
+        default=SETTLE,
+        help=f"pause after releasing allocations, s (default {SETTLE}: coturn frees ports on a timer)",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=None,
@@ -441,7 +456,16 @@ def main(argv: list[str] | None = None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         print("another TURN benchmark run holds /tmp/confedge-turnbench.lock; waiting", flush=True)
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + args.lock_timeout
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    print("gave up waiting for the benchmark lock", file=sys.stderr)
+                    return EXIT_BUSY
+                time.sleep(0.5)
 
     ctx = mp.get_context("fork")
     work = Path(tempfile.mkdtemp(prefix="confedge-turnbench-"))
