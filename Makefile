@@ -18,8 +18,8 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-$(NODE_STAMP): tests/e2e/package.json
-	npm install --silent --no-audit --no-fund --prefix tests/e2e
+$(NODE_STAMP): tests/e2e/package.json tests/e2e/package-lock.json
+	npm ci --silent --no-audit --no-fund --prefix tests/e2e
 	touch $(NODE_STAMP)
 
 demo: $(STAMP)
