@@ -205,3 +205,26 @@ async def test_pipelining_without_reading_is_cut_off(admin: AdminService) -> Non
     assert admin.http.refused == 1
     writer.transport.abort()
     assert (await get(admin.port, "/healthz")).status == 200
+
+
+async def test_ipv6_internal_address(tmp_path: Path) -> None:
+    cfg = parse_config(
+        {
+            "server": {"internal_address": "::1", "state_dir": str(tmp_path)},
+            "proxy": {"enabled": False},
+            "turn": {"enabled": False},
+            "management": {"port": 0, "networks": ["::1/128"]},
+        }
+    )
+    rt = Runtime(cfg)
+    await rt.start()
+    try:
+        assert rt.admin.url == f"http://[::1]:{rt.admin.port}/status"
+        data = await raw(
+            rt.admin.port, b"GET /status.json HTTP/1.1\r\nHost: [::1]\r\n\r\n", host="::1"
+        )
+        reply = parse_replies(data)[0]
+        assert reply.status == 200
+        assert reply.json()["management"]["networks"] == ["::1/128"]
+    finally:
+        await rt.close()
