@@ -78,7 +78,9 @@ class RestCredentials(Credentials):
     def expiry_of(username: str) -> int | None:
         """The expiry timestamp of ``<expiry>:<user>`` (or a bare ``<expiry>``), else None."""
         head = username.split(":", 1)[0]
-        if not head.isdigit() or len(head) > 12:
+        # ASCII digits only: str.isdigit() is also true for "²" (which int() refuses, so a
+        # hostile USERNAME raised out of the listener) and for other scripts' digits ("١٢٣").
+        if not (head.isascii() and head.isdigit()) or len(head) > 12:
             return None
         return int(head)
 
