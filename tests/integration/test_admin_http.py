@@ -157,6 +157,32 @@ async def test_pipelined_burst_is_answered_over_several_loop_turns(admin: AdminS
     assert admin.http is not None and admin.http.refused == 0
 
 
+async def test_client_that_never_reads_is_timed_out(admin: AdminService) -> None:
+    """Requests held while the client does not read (a tiny receive window) do not keep the
+    connection open beyond the idle timeout."""
+    import socket
+
+    # Small kernel buffers both sides (accepted sockets inherit the listener's SO_SNDBUF), so
+    # that the answers back up into the transport and the listener pauses.
+    assert admin._server is not None
+    admin._server.sockets[0].setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
+    sock.connect(("127.0.0.1", admin.port))
+    sock.setblocking(False)
+    _reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"GET /status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 24)
+    await asyncio.sleep(0.2)
+    assert admin.http is not None and len(admin.http.connections) == 1
+    t0 = time.monotonic()
+    while admin.http.connections and time.monotonic() - t0 < 5:
+        await asyncio.sleep(0.05)
+    assert not admin.http.connections
+    assert time.monotonic() - t0 < 2 * LIMITS.idle_timeout + 0.5
+    assert admin.http.refused == 0  # within the pipelining cap: timed out, not cut off
+    writer.transport.abort()
+
+
 async def test_timeouts_close_idle_and_slow_connections(admin: AdminService) -> None:
     loop = asyncio.get_running_loop()
     # Slow headers (slowloris): the request is never finished.

@@ -10,7 +10,8 @@ hostile or broken client can do is bounded:
   minute per source so that a scan cannot flood the log;
 * at most ``max_connections`` at once; header bytes, header count and target length bounded
   (431 / 414); a request must be complete within ``header_timeout`` and an idle keep-alive
-  connection is closed after ``idle_timeout``;
+  connection is closed after ``idle_timeout`` (aborted, if the client has left our answer
+  unread: a graceful close would wait for it forever);
 * GET and HEAD only (405 with ``Allow``, RFC 9110 §15.5.6); no request body (413); a Host that
   names some other host gets 421 (RFC 9110 §15.5.20), which defeats DNS rebinding: a web page
   elsewhere cannot make an operator's browser read the status through a name it controls;
@@ -272,7 +273,17 @@ class AdminConnection(asyncio.Protocol):
     def _arm(self, seconds: float) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._close)
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._timeout)
+
+    def _timeout(self) -> None:
+        # close() would wait for the send buffer to drain, forever if the client never reads:
+        # abort then. (Answers are small; a client that cannot take one within the idle
+        # timeout is not worth a connection slot.)
+        t = self.transport
+        if t is not None and t.get_write_buffer_size():
+            t.abort()
+        else:
+            self._close()
 
     def _close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -351,6 +362,9 @@ class AdminConnection(asyncio.Protocol):
                 transport.abort()
                 raise _Abort  # stop parsing the rest of this read
             self.pending.append(item)
+            # The header timer was cancelled with this request's headers: without this, a
+            # client that never reads would keep the connection (and a slot) forever.
+            self._arm(self.server.limits.idle_timeout)
             return
         self._answer(*item)
 
@@ -391,6 +405,7 @@ class AdminConnection(asyncio.Protocol):
             self.pending.clear()  # requests after "Connection: close" are not answered
             self.discarding = True
             self._close()
+            self._arm(srv.limits.idle_timeout)  # abort if the answer is never read
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -433,6 +448,6 @@ class AdminConnection(asyncio.Protocol):
         self.discarding = True
         if transport.can_write_eof():
             transport.write_eof()
-            self._arm(LINGER)
         else:
             self._close()
+        self._arm(LINGER)
