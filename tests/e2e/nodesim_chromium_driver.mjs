@@ -7,6 +7,11 @@
 //
 // Usage: node nodesim_chromium_driver.mjs '<json>' with json = {url, alias, name, pin, wrongPin,
 // chromium, screenshot, timeoutMs, ignoreHttpsErrors}. Prints one JSON line.
+// Optional keys (tests/e2e/test_demo_call.py): wrongPin null/absent skips the wrong-PIN step;
+// pin "" joins as a guest; args (extra Chromium flags); minFrames (default 30); guessPin +
+// guessMax: after leaving, guess that PIN until the page says the address is blocked (the
+// edge's guard, HTTP 429) or guessMax attempts were made. The output always has tokenNodes:
+// the status and X-Confedge-Node header of each request_token answer (which node served it).
 
 import fs from 'node:fs';
 import os from 'node:os';
@@ -32,24 +37,33 @@ try {
       '--disable-component-update', '--no-first-run', '--disable-quic',
       '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
       '--autoplay-policy=no-user-gesture-required',
+      ...(cfg.args || []),
     ],
   });
   const page = context.pages()[0] || (await context.newPage());
   page.on('console', (m) => consoleLines.push(m.type() + ': ' + m.text()));
   page.on('pageerror', (e) => consoleLines.push('pageerror: ' + String(e)));
+  out.tokenNodes = [];
+  page.on('response', (r) => {
+    if (r.url().endsWith('/request_token')) {
+      out.tokenNodes.push({ status: r.status(), node: r.headers()['x-confedge-node'] || null });
+    }
+  });
   await page.goto(cfg.url, { timeout: left() });
   out.steps.push('loaded');
 
   // 1. Wrong PIN: the node answers 403 "Invalid PIN" and the page shows it.
   await page.fill('#alias', cfg.alias);
   await page.fill('#name', cfg.name);
-  await page.fill('#pin', cfg.wrongPin);
-  await page.click('#join');
-  await page.waitForSelector('#error:not([hidden])', { timeout: left() });
-  out.wrongPinError = await page.textContent('#error');
-  out.wrongPinVisible = await page.isVisible('#error');
-  out.wrongPinState = await page.textContent('#state');
-  out.steps.push('wrong-pin');
+  if (cfg.wrongPin != null) {
+    await page.fill('#pin', cfg.wrongPin);
+    await page.click('#join');
+    await page.waitForSelector('#error:not([hidden])', { timeout: left() });
+    out.wrongPinError = await page.textContent('#error');
+    out.wrongPinVisible = await page.isVisible('#error');
+    out.wrongPinState = await page.textContent('#state');
+    out.steps.push('wrong-pin');
+  }
 
   // 2. Right PIN: join, call, wait for "connected".
   await page.fill('#pin', cfg.pin);
@@ -81,13 +95,15 @@ try {
     };
   });
   let m = await measure();
-  while ((m.framesDecoded < 30 || m.remoteVideo.width === 0) && Date.now() < deadline) {
+  const minFrames = cfg.minFrames == null ? 30 : cfg.minFrames;
+  while ((m.framesDecoded < minFrames || m.remoteVideo.width === 0) && Date.now() < deadline) {
     await page.waitForTimeout(250);
     m = await measure();
   }
   Object.assign(out, m);
   out.participants = await page.$$eval('#participants li', (lis) => lis.map((li) => li.textContent));
   out.state = await page.textContent('#state');
+  out.role = await page.textContent('#role');
   out.stats = await page.textContent('#stats');
   if (cfg.screenshot) {
     await page.waitForTimeout(1200); // let the stats line and video settle
@@ -100,6 +116,22 @@ try {
   await page.waitForFunction(() => document.getElementById('state').textContent === 'idle',
     null, { timeout: left() });
   out.steps.push('left');
+
+  // 5. Optional: keep guessing a wrong PIN, as an attacker would, until the edge blocks us.
+  if (cfg.guessPin != null) {
+    out.guesses = [];
+    for (let i = 0; i < (cfg.guessMax || 15); i++) {
+      await page.fill('#pin', cfg.guessPin);
+      await page.evaluate(() => { const e = document.getElementById('error');
+        e.textContent = ''; e.hidden = true; });
+      await page.click('#join');
+      await page.waitForSelector('#error:not([hidden])', { timeout: left() });
+      const text = await page.textContent('#error');
+      out.guesses.push(text);
+      if (text.startsWith('Too many attempts')) break;
+    }
+    out.steps.push('guessed');
+  }
   out.ok = true;
 } catch (err) {
   out.error = String((err && err.stack) || err);

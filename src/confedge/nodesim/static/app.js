@@ -29,7 +29,12 @@
     });
     let json = null;
     try { json = await resp.json(); } catch (e) { json = null; }
-    return { status: resp.status, json, retryAfter: resp.headers.get("Retry-After") };
+    // X-Confedge-Node names the node that answered: behind the edge's proxy it shows where the
+    // balancer sent this browser (and, after a failover, that it moved).
+    return {
+      status: resp.status, json, retryAfter: resp.headers.get("Retry-After"),
+      node: resp.headers.get("X-Confedge-Node"),
+    };
   }
 
   function pinMessage(result) {
@@ -203,7 +208,8 @@
       call.token = result.token;
       call.participant = result.participant_uuid;
       call.role = result.role;
-      $("role").textContent = "as " + result.role + " in " + result.conference_name;
+      $("role").textContent = "as " + result.role + " in " + result.conference_name +
+        (r.node ? " on " + r.node : "");
       setState("joined");
       const every = Math.max(5, parseInt(result.expires, 10) / 2) * 1000;
       call.refreshTimer = setInterval(refresh, every);
