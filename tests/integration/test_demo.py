@@ -68,7 +68,7 @@ def demo(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def test_demo_json_names_everything_and_serves(demo) -> None:  # type: ignore[no-untyped-def]
     proc, info = demo
-    assert set(info) >= {"proxy", "turn", "nodes", "conferences"}
+    assert set(info) >= {"proxy", "turn", "nodes", "conferences", "status"}
     assert info["proxy"]["https"].startswith("https://127.0.0.1:")
     assert info["proxy"]["http"].startswith("http://127.0.0.1:")
     assert set(info["turn"]) == {"host", "port", "username", "password", "realm"}
@@ -101,6 +101,8 @@ def test_demo_json_names_everything_and_serves(demo) -> None:  # type: ignore[no
     assert status == 200 and json.loads(body)["result"]["token"]
     status, body = _get(base + "/webapp/")
     assert status == 200 and b"<html" in body
+    status, body = _get(info["status"])
+    assert status == 200 and b"confedge" in body
 
     # Ctrl-C stops everything cleanly.
     proc.send_signal(signal.SIGINT)
