@@ -102,7 +102,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             print(f"confedge: cannot start: {exc}", file=sys.stderr)
             return 1
-        sig = await wait_for_signal()
+        sig = await wait_for_signal(on_hup=rt.reload)
         logging.getLogger("confedge").info("%s received, stopping", sig)
         await rt.close()
         return 0

@@ -123,7 +123,7 @@ async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
         print(json.dumps(info), flush=True)
     else:
         _print_banner(info)
-    sig = await wait_for_signal()
+    sig = await wait_for_signal(on_hup=demo.runtime.reload)
     log.info("%s received, stopping", sig)
     await demo.close()
     return 0

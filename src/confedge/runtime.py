@@ -85,6 +85,25 @@ class Runtime:
         """Register an already-started part so that close() stops it in order."""
         self.parts.append((name, part))
 
+    def reload(self) -> None:
+        """SIGHUP: reload the TLS certificate of the proxy and of TURN over TLS (SPEC §5).
+
+        Connections in flight keep their session; a certificate that fails its checks is
+        refused with one clear log line and the old one stays in service.
+        """
+        from confedge.tls.certs import CertificateError
+
+        for name, part in (("proxy", self.proxy), ("turn", self.turn)):
+            reload_tls = getattr(part, "reload_tls", None)
+            if reload_tls is None:
+                continue
+            try:
+                reload_tls()
+            except CertificateError as exc:
+                log.error(
+                    "%s: certificate not reloaded, the old one stays in service: %s", name, exc
+                )
+
     async def close(self) -> None:
         while self.parts:
             name, part = self.parts.pop()
@@ -96,8 +115,8 @@ class Runtime:
                 log.info("%s stopped", name)
 
 
-async def wait_for_signal() -> str:
-    """Block until SIGINT or SIGTERM; return the signal's name."""
+async def wait_for_signal(on_hup: Callable[[], None] | None = None) -> str:
+    """Block until SIGINT or SIGTERM; return the signal's name. SIGHUP calls `on_hup`."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[str] = loop.create_future()
 
@@ -108,9 +127,11 @@ async def wait_for_signal() -> str:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig)
+    if on_hup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         return await fut
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(sig)

@@ -156,6 +156,7 @@ class TurnService:
         core, dp = self.core, self.dataplane
         assert core is not None and dp is not None
         holder = TLSContextHolder(self.cfg)
+        self._tls_holder = holder
         tls = await loop.create_server(
             lambda: TcpConnection(core, dp, loop, self._tcp_conns, cap, kind="tls"),
             host=self.host,
@@ -165,6 +166,12 @@ class TurnService:
         )
         self._tls = tls
         self.tls_port = tls.sockets[0].getsockname()[1]
+
+    def reload_tls(self) -> None:
+        """Reload the turns: certificate (SIGHUP); new handshakes use it, open ones stay."""
+        holder = getattr(self, "_tls_holder", None)
+        if holder is not None:
+            holder.reload()
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()

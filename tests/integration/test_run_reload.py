@@ -1,0 +1,152 @@
+"""`confedge run` as an operator meets it: SIGHUP reloads the certificate without dropping anyone."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _write_cert(cert_path: Path, key_path: Path, cn: str) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(cn), x509.DNSName("edge.example.com")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _peer_cn(port: int) -> str:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="edge.example.com") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def _wait_port(port: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"port {port} never opened")
+
+
+def test_sighup_reloads_certificate_for_proxy_and_turns(tmp_path: Path) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _write_cert(cert, key, "first.example.com")
+    https, turn, turns = _free_port(), _free_port(), _free_port()
+    cfg = tmp_path / "confedge.toml"
+    cfg.write_text(
+        f"""
+[server]
+hostname = "edge"
+domain = "example.com"
+state_dir = "{tmp_path / "state"}"
+[proxy]
+https_port = {https}
+http_port = 0
+workers = 1
+nodes = ["http://127.0.0.1:9"]
+[turn]
+port = {turn}
+tls_port = {turns}
+relay_ports = "38900-38950"
+username = "u"
+password = "p"
+media_nodes = ["127.0.0.1"]
+[management]
+enabled = false
+[tls]
+cert = "{cert}"
+key = "{key}"
+"""
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "confedge", "run", "--config", str(cfg)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_port(https, proc)
+        _wait_port(turns, proc)
+        assert _peer_cn(https) == "first.example.com"
+        assert _peer_cn(turns) == "first.example.com"
+
+        # A connection opened before the reload keeps its session.
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        held = ctx.wrap_socket(
+            socket.create_connection(("127.0.0.1", https), timeout=5),
+            server_hostname="edge.example.com",
+        )
+
+        _write_cert(cert, key, "second.example.com")
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while _peer_cn(https) != "second.example.com" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _peer_cn(https) == "second.example.com"
+        assert _peer_cn(turns) == "second.example.com"
+        held.sendall(b"GET /api/client/v2/status HTTP/1.1\r\nHost: edge.example.com\r\n\r\n")
+        assert held.recv(100).startswith(b"HTTP/1.1 ")
+        held.close()
+
+        # A broken certificate is refused on reload; the old one stays in service.
+        cert.write_text("not a certificate")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert _peer_cn(https) == "second.example.com"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=15)[1]
+    assert proc.returncode == 0, err
+    assert "certificate not reloaded, the old one stays in service" in err
+    assert "Traceback" not in err, err
