@@ -26,6 +26,7 @@ enabled = false
 
 [turn]
 port = 0
+tls_port = 0  # the default 5349 is a fixed port: parallel runs collide
 relay_ports = "24000-24999"
 username = "turnuser"
 password = "turnpass"

@@ -12,6 +12,7 @@ server-side counterparts.
 from __future__ import annotations
 
 from confedge.stun import StunError
+from confedge.stun.constants import MAGIC_COOKIE_BYTES as _COOKIE
 
 __all__ = [
     "CHANNEL_MAX",
@@ -47,28 +48,39 @@ class TurnStreamFramer:
     ``feed`` returns complete frames and keeps the remainder; StunError(None) means the stream is
     not TURN (close the connection).  The buffer is bounded: one frame is at most 20 + 65535
     bytes.
+
+    Two early refusals, so that a stream that is not TURN is closed at its first bytes instead
+    of holding up to 64 KiB until a timeout: a STUN header whose magic cookie (RFC 8489 §5) is
+    wrong, and ChannelData while ``channel_ok`` is False -- a connection cannot have a channel
+    before it has an allocation (RFC 8656 §11), and "GET " or "POST" look like ChannelData.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "channel_ok")
 
     MAX_BUFFER = 20 + 0xFFFF + 4
 
-    def __init__(self) -> None:
+    def __init__(self, *, channel_ok: bool = True) -> None:
         self._buf = b""
+        self.channel_ok = channel_ok
 
     def feed(self, data: bytes) -> list[bytes]:
         buf = self._buf + data if self._buf else data
         frames: list[bytes] = []
         start = 0
         end = len(buf)
+        channel_ok = self.channel_ok
         while end - start >= 4:
             first = buf[start]
             length = buf[start + 2] << 8 | buf[start + 3]
             if first < 0x40:
                 if length & 3:
                     raise StunError(None, f"STUN length {length} is not a multiple of 4")
+                if end - start >= 8 and buf[start + 4 : start + 8] != _COOKIE:
+                    raise StunError(None, "STUN header without the magic cookie")
                 need = 20 + length
             elif first <= 0x7F:
+                if not channel_ok:
+                    raise StunError(None, "ChannelData before any allocation")
                 need = 4 + ((length + 3) & ~3)
             else:
                 raise StunError(None, f"first byte {first:#04x} is neither STUN nor ChannelData")

@@ -26,7 +26,9 @@ __all__ = ["TcpConnection", "UdpListener"]
 log = logging.getLogger("confedge.turn")
 
 # A TCP connection that has not allocated within this many seconds is closed (a cheap defence
-# against idle connection floods; a real client allocates within a second).
+# against idle connection floods and slowloris-style partial frames; a real client allocates
+# within a second).  The check repeats at this interval, so a connection whose allocation ended
+# (expired, refreshed to 0) does not hold a connection slot for ever either.
 TCP_SETUP_TIMEOUT = 30.0
 
 
@@ -95,7 +97,8 @@ class TcpConnection(asyncio.Protocol):
         self._channel_data = dataplane.client_channel_data
         self._loop = loop
         self._connections = connections
-        self._framer = TurnStreamFramer()
+        # ChannelData is refused until the connection has an allocation (see TurnStreamFramer).
+        self._framer = TurnStreamFramer(channel_ok=False)
         self.transport: asyncio.Transport | None = None
         self.client: Client | None = None
         self._setup_timer: asyncio.TimerHandle | None = None
@@ -116,11 +119,11 @@ class TcpConnection(asyncio.Protocol):
 
     def _setup_expired(self) -> None:
         client, transport = self.client, self.transport
-        if (
-            client is not None
-            and transport is not None
-            and not self.core.has_allocation(client.key)
-        ):
+        if client is None or transport is None or transport.is_closing():
+            return
+        if self.core.has_allocation(client.key):
+            self._setup_timer = self._loop.call_later(TCP_SETUP_TIMEOUT, self._setup_expired)
+        else:
             transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -139,6 +142,8 @@ class TcpConnection(asyncio.Protocol):
                 continue
             for out in self.core.handle(self._loop.time(), client, frame):
                 transport.write(out)
+            if not self._framer.channel_ok and self.core.has_allocation(client.key):
+                self._framer.channel_ok = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.discard(self)
