@@ -28,6 +28,7 @@ from confedge.guard.addresses import Networks, client_address, parse_networks
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.health import HealthMonitor, Transition
 from confedge.proxy.pages import DateCache
+from confedge.proxy.request import Refused, host_allowed, normalise_target
 from confedge.tls.context import client_context
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ __all__ = ["AccessLogSink", "GuardHook", "ProxyCore"]
 log = logging.getLogger("confedge.proxy")
 
 STATUS_PATH = "/api/client/v2/status"
+
+# Entries kept by ProxyCore's memos of Host checks and normalised targets.
+MEMO_SIZE = 2048
 
 
 class GuardHook(Protocol):
@@ -100,6 +104,11 @@ class ProxyCore:
         self.access_log = access_log
         self.static = static
         self.allowed_hosts = _allowed_hosts(cfg)
+        # Memos of two pure checks every request repeats (clients send the same few Host values
+        # and poll the same API paths): Host header -> allowed?, raw target -> normalised target.
+        # Bounded and emptied when full, so a client inventing values only loses the shortcut.
+        self.host_ok: dict[bytes, bool] = {}
+        self.targets: dict[bytes, str] = {}
         self.allowlist = tuple(p.path_allowlist)
         self.max_body = p.max_body_bytes
         self.max_header_bytes = p.max_header_bytes
@@ -123,6 +132,9 @@ class ProxyCore:
         # Parsed once: client_address() walks X-Forwarded-For against these per request.
         self.trusted: Networks = parse_networks(p.trusted_proxies)
         self.date = DateCache()
+        # The clients' shared read buffer (server.ClientConnection is a BufferedProtocol): one
+        # per worker, not per connection, so 10,000 idle streams do not hold 10,000 buffers.
+        self.read_view = memoryview(bytearray(64 * 1024))
         self.nodes: list[NodeAddress] = p.node_addresses
         self.health = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
         self.balancer = Balancer([n.netloc for n in self.nodes], self.health.up, p.balance)
@@ -272,6 +284,31 @@ class ProxyCore:
             ", ".join(ex.statuses) or None if ex else None,
             ", ".join(ex.times) or None if ex else None,
         )
+
+    # -- memoised request checks -------------------------------------------------------------
+
+    def check_host(self, host: bytes) -> bool:
+        """host_allowed() for a Host header value, memoised."""
+        ok = self.host_ok.get(host)
+        if ok is None:
+            ok = host_allowed(host.decode("latin-1"), self.allowed_hosts)
+            if len(self.host_ok) >= MEMO_SIZE:
+                self.host_ok.clear()
+            self.host_ok[host] = ok
+        return ok
+
+    def target(self, url: bytes) -> str:
+        """normalise_target() for a raw request target, memoised (refusals are not kept)."""
+        t = self.targets.get(url)
+        if t is None:
+            try:
+                t = normalise_target(url.decode("ascii"))
+            except UnicodeDecodeError:
+                raise Refused(400, "non-ASCII request target") from None
+            if len(self.targets) >= MEMO_SIZE:
+                self.targets.clear()
+            self.targets[url] = t
+        return t
 
     # -- client address -----------------------------------------------------------------------
 

@@ -71,6 +71,32 @@ _RESP_DROP = frozenset(
         b"proxy-authorization",
     }
 )
+# What on_response_head does with each response header, by its name as the node spelt it
+# (memoised: nodes send the same dozen names in the same spelling on every response, so one
+# dict lookup replaces a lower() and a chain of comparisons).
+_R_PASS, _R_DROP, _R_TRANSFER_ENCODING, _R_CONNECTION, _R_CONTENT_LENGTH = range(5)
+_R_CONTENT_TYPE, _R_CSP = 5, 6
+_RESP_KINDS: dict[bytes, int] = {}
+_RESP_SPECIAL = {
+    b"transfer-encoding": _R_TRANSFER_ENCODING,
+    b"connection": _R_CONNECTION,
+    b"content-length": _R_CONTENT_LENGTH,
+    b"content-type": _R_CONTENT_TYPE,
+    b"content-security-policy": _R_CSP,
+}
+
+
+def _resp_kind(name: bytes) -> int:
+    lname = name.lower()
+    kind = _RESP_SPECIAL.get(lname)
+    if kind is None:
+        kind = _R_DROP if lname in _RESP_DROP else _R_PASS
+    if len(_RESP_KINDS) >= 1024:
+        _RESP_KINDS.clear()  # a node inventing header names only loses the shortcut
+    _RESP_KINDS[name] = kind
+    return kind
+
+
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
 _PIN_BUFFER_LIMIT = 64 * 1024
 
@@ -403,24 +429,29 @@ class Exchange:
         chunked_in = False
         length: bytes | None = None
         extra: frozenset[bytes] | None = None
-        drop = _RESP_DROP
+        kinds = _RESP_KINDS
         for name, value in conn.headers:
-            lname = name.lower()
-            if lname in drop:
-                if lname == b"transfer-encoding":
-                    chunked_in = True
-                elif lname == b"connection":
-                    toks = frozenset(x.strip() for x in value.lower().split(b","))
-                    extra = toks if extra is None else extra | toks
-                continue
-            if lname == b"content-length":
-                length = value
-            elif lname == b"content-type":
-                if value.startswith(b"text/event-stream"):
-                    self.sse = True
-            elif lname == b"content-security-policy":
-                has_csp = True
-            parts += (name, b": ", value, b"\r\n")
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _resp_kind(name)
+            if kind == _R_PASS:
+                parts += (name, b": ", value, b"\r\n")
+            elif kind == _R_DROP:
+                pass
+            elif kind == _R_TRANSFER_ENCODING:
+                chunked_in = True
+            elif kind == _R_CONNECTION:
+                toks = frozenset(x.strip() for x in value.lower().split(b","))
+                extra = toks if extra is None else extra | toks
+            else:
+                if kind == _R_CONTENT_LENGTH:
+                    length = value
+                elif kind == _R_CONTENT_TYPE:
+                    if value.startswith(b"text/event-stream"):
+                        self.sse = True
+                else:  # _R_CSP
+                    has_csp = True
+                parts += (name, b": ", value, b"\r\n")
         if extra is not None and extra - {b"keep-alive", b"close", b"upgrade"}:
             parts = [p for p in self._filter(conn.headers, extra)]
         if core.csp_line and not has_csp:

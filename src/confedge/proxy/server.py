@@ -30,8 +30,6 @@ from confedge.proxy.request import (
     ALLOWED_METHODS,
     NOT_ALLOWED_METHODS,
     Refused,
-    host_allowed,
-    normalise_target,
     path_allowed,
 )
 
@@ -43,6 +41,33 @@ __all__ = ["ClientConnection", "Exchange", "RedirectConnection", "Request"]
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _INF = math.inf
+
+# The request headers that steer the proxy (one dict lookup per header instead of a chain of
+# comparisons: a browser sends a dozen headers, nearly all of them passed through untouched).
+(
+    _H_HOST,
+    _H_CONTENT_LENGTH,
+    _H_TRANSFER_ENCODING,
+    _H_CONNECTION,
+    _H_XFF,
+    _H_UPGRADE,
+    _H_EXPECT,
+    _H_USER_AGENT,
+    _H_REFERER,
+    _H_PIN,
+) = range(10)
+_STEER: dict[bytes, int] = {
+    b"host": _H_HOST,
+    b"content-length": _H_CONTENT_LENGTH,
+    b"transfer-encoding": _H_TRANSFER_ENCODING,
+    b"connection": _H_CONNECTION,
+    b"x-forwarded-for": _H_XFF,
+    b"upgrade": _H_UPGRADE,
+    b"expect": _H_EXPECT,
+    b"user-agent": _H_USER_AGENT,
+    b"referer": _H_REFERER,
+    b"pin": _H_PIN,
+}
 
 # pause() reasons for client reading
 _PAUSE_UPSTREAM = 1  # the node's write buffer is full (request body backpressure)
@@ -102,8 +127,16 @@ class Request:
         self.version = "1.1"
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client connection (TLS already terminated by the transport)."""
+class ClientConnection(asyncio.BufferedProtocol):
+    """One client connection (TLS already terminated by the transport).
+
+    A BufferedProtocol, so that the TLS transport decrypts straight into the worker's shared
+    read buffer (`ProxyCore.read_view`) instead of allocating a fresh bytes object per read:
+    uvloop's SSL transport reads a plain Protocol's data with `SSLObject.read(256 KiB)`, which
+    glibc serves with an mmap + mremap + munmap per request. Sharing one buffer per worker is
+    safe because everything read is consumed synchronously in `buffer_updated` (httptools hands
+    its callbacks copies); only tunnel bytes outlive the call, and those are copied.
+    """
 
     __slots__ = (
         "activity",
@@ -187,14 +220,22 @@ class ClientConnection(asyncio.Protocol):
         if self.static_iter is not None:
             self._pump_static()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.core.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.core.read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        """Bytes from the client (a view of the shared buffer, or bytes from a hand-off)."""
         self.activity = True
         if self.tunnel:
+            chunk = bytes(data)  # the shared buffer is reused by the next read
             ex = self.exchange
             if ex is not None and ex.up is not None and ex.up.transport is not None:
-                ex.up.transport.write(data)
+                ex.up.transport.write(chunk)
             elif self.tunnel_buffer is not None:
-                self.tunnel_buffer.append(data)
+                self.tunnel_buffer.append(chunk)
             return
         if self.discard:
             return
@@ -208,7 +249,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
-            self._upgrade(data[exc.args[0] :])
+            self._upgrade(bytes(data[exc.args[0] :]))
         except httptools.HttpParserInvalidMethodError:
             self.refuse(501, "unknown method")
         except httptools.HttpParserError as exc:
@@ -250,34 +291,37 @@ class ClientConnection(asyncio.Protocol):
         lname = name.lower()
         req.headers.append((lname, name, value))
         # Note the few headers that steer the proxy; everything else passes untouched.
-        if lname == b"host":
+        kind = _STEER.get(lname)
+        if kind is None:
+            return
+        if kind == _H_HOST:
             if req.host is not None:
                 self.refusal = Refused(400, "more than one Host header")  # RFC 9112 §3.2
                 raise self.refusal
             req.host = value
-        elif lname == b"content-length":
+        elif kind == _H_CONTENT_LENGTH:
             req.content_length = value
-        elif lname == b"transfer-encoding":
+        elif kind == _H_TRANSFER_ENCODING:
             if req.chunked or value.strip().lower() != b"chunked":
                 # RFC 9112 §6.1: only "chunked" alone is accepted (no stacked codings).
                 self.refusal = Refused(501, "unsupported transfer coding")
                 raise self.refusal
             req.chunked = True
-        elif lname == b"connection":
+        elif kind == _H_CONNECTION:
             req.conn_tokens = (
                 value.lower() if req.conn_tokens is None else req.conn_tokens + b"," + value.lower()
             )
-        elif lname == b"x-forwarded-for":
+        elif kind == _H_XFF:
             req.xff = value if req.xff is None else req.xff + b", " + value
-        elif lname == b"upgrade":
+        elif kind == _H_UPGRADE:
             req.websocket = value.strip().lower() == b"websocket"
-        elif lname == b"expect":
+        elif kind == _H_EXPECT:
             req.expect_continue = value.strip().lower() == b"100-continue"
-        elif lname == b"user-agent":
+        elif kind == _H_USER_AGENT:
             req.ua = value
-        elif lname == b"referer":
+        elif kind == _H_REFERER:
             req.referer = value
-        elif lname == b"pin":
+        elif kind == _H_PIN:
             req.pin = value
 
     def on_headers_complete(self) -> None:
@@ -338,14 +382,11 @@ class ClientConnection(asyncio.Protocol):
             if method in NOT_ALLOWED_METHODS:
                 raise Refused(405, f"method {method.decode()} refused")
             raise Refused(501, f"method {method.decode()} not implemented")
-        try:
-            req.target = normalise_target(req.url.decode("ascii"))
-        except UnicodeDecodeError:
-            raise Refused(400, "non-ASCII request target") from None
+        req.target = core.target(req.url)
         if req.host is None:
             if req.version != "1.0":
                 raise Refused(400, "missing Host header")  # RFC 9112 §3.2
-        elif not host_allowed(req.host.decode("latin-1"), core.allowed_hosts):
+        elif not core.check_host(req.host):
             raise Refused(400, "Host names another server")
         if req.chunked and req.version == "1.0":
             raise Refused(400, "chunked body in an HTTP/1.0 request")
