@@ -16,6 +16,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from aioice.turn import create_turn_endpoint
@@ -457,3 +458,54 @@ async def test_real_timers_expire_allocations_and_free_ports() -> None:
     finally:
         c.close()
         await svc.close()
+
+
+# -- start-up errors name the key -----------------------------------------------------------------
+
+
+async def test_start_errors_name_the_key(tmp_path: Path) -> None:
+    from confedge.turn.service import TurnStartError
+
+    # UDP port in use.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        svc = TurnService(turn_config(port=port, relay_ports="38400-38409"))
+        with pytest.raises(TurnStartError) as info:
+            await svc.start()
+        assert str(info.value).startswith(
+            f"turn.port: cannot listen for TURN/STUN (udp) on 127.0.0.1:{port}"
+        )
+        assert "already in use" in str(info.value)
+    # TCP port in use (UDP free).
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        svc = TurnService(turn_config(port=port, relay_ports="38400-38409"))
+        with pytest.raises(TurnStartError, match=r"turn.port: .* \(tcp\) .*already in use"):
+            await svc.start()
+    # Relay address not on this host (a NAT's public address): refused at start, not 508 later.
+    cfg = turn_config(relay_ports="38400-38409", sections={})
+    server = cfg.server.model_copy(update={"external_address": "192.0.2.55"})
+    svc = TurnService(cfg.model_copy(update={"server": server}))
+    with pytest.raises(
+        TurnStartError,
+        match=r"^server.external_address: cannot bind TURN relay sockets on 192.0.2.55: the address is not an address of this host",
+    ):
+        await svc.start()
+    # TURN over TLS with an unusable certificate.
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate\n")
+    cfg = turn_config(relay_ports="38400-38409", tls_port=38499, state_dir=str(tmp_path))
+    cfg = cfg.model_copy(update={"tls": cfg.tls.model_copy(update={"cert": str(bad)})})
+    svc = TurnService(cfg)
+    with pytest.raises(
+        TurnStartError,
+        match=r"^tls.cert \(.*bad.pem\): no PEM certificate found.*\(needed by turn.tls_port\)$",
+    ):
+        await svc.start()
+    # Each failed start released what it had bound: a clean start on the same ports works.
+    svc = TurnService(turn_config(relay_ports="38400-38409"))
+    await svc.start()
+    await svc.close()

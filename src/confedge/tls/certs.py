@@ -14,18 +14,24 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+if TYPE_CHECKING:
+    from confedge.config import Config
+
 __all__ = [
     "CertificateError",
     "CertificateInfo",
     "check_pem",
+    "check_tls_config",
     "ensure_self_signed",
     "generate_self_signed",
     "load_certificate",
@@ -38,10 +44,18 @@ SELF_SIGNED_DAYS = 365
 RENEW_BEFORE = dt.timedelta(days=30)
 
 _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
+# A PEM bundle with a long chain is a few KiB; anything this large is the wrong file (a log, a
+# disk image), and reading it whole would only cost memory.
+MAX_PEM_BYTES = 1024 * 1024
 
 
-class CertificateError(Exception):
-    """A certificate or key that cannot be used, with a message saying what to fix."""
+class CertificateError(OSError):
+    """A certificate or key that cannot be used, with a message saying what to fix.
+
+    An OSError (like the missing or unreadable file it often is), so that every "cannot start"
+    path that reports OSError as one line -- `confedge run` does -- reports this one too;
+    ``str()`` is the message alone.
+    """
 
 
 @dataclass(frozen=True)
@@ -129,9 +143,23 @@ def check_pem(
     """
     cert_blocks, key_blocks = _split_pem(cert_pem)
     if not cert_blocks:
+        if key_blocks and key_pem is not None and _split_pem(key_pem)[0]:
+            raise CertificateError(
+                f"{where}: holds a private key and {key_where} holds the certificate; "
+                "tls.cert and tls.key are swapped"
+            )
         raise CertificateError(
             f"{where}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)"
         )
+    chain: list[x509.Certificate] = []
+    for i, block in enumerate(cert_blocks):
+        try:
+            chain.append(x509.load_pem_x509_certificate(block))
+        except ValueError:
+            raise CertificateError(
+                f"{where}: certificate {i + 1} in the file cannot be read (damaged or truncated "
+                "PEM); copy it again from what your certificate authority issued"
+            ) from None
     if key_pem is not None:
         _, key_blocks = _split_pem(key_pem)
         if not key_blocks:
@@ -146,10 +174,6 @@ def check_pem(
         raise CertificateError(
             f"{key_where if key_pem is not None else where}: more than one private key found"
         )
-    try:
-        chain = [x509.load_pem_x509_certificate(b) for b in cert_blocks]
-    except ValueError as exc:
-        raise CertificateError(f"{where}: a certificate cannot be read: {exc}") from None
     key = _load_key(key_blocks[0], key_where if key_pem is not None else where)
     if not isinstance(
         key,
@@ -197,7 +221,8 @@ def check_pem(
     not_after = leaf.not_valid_after_utc
     if now < not_before:
         raise CertificateError(
-            f"{where}: the certificate is not valid before {not_before.isoformat()}"
+            f"{where}: the certificate is not valid before {not_before.isoformat()} "
+            "(check this host's clock, or install a certificate valid now)"
         )
     if now >= not_after:
         raise CertificateError(
@@ -315,25 +340,70 @@ def ensure_self_signed(
     return path, info, True
 
 
+def _read_pem_file(path: str, key: str, kind: str) -> bytes:
+    """Read a [tls] file, refusing what cannot be one: a directory, a device or FIFO (reading
+    /dev/zero never ends), an empty or huge file, DER where PEM is expected."""
+    where = f"{key} ({path})"
+    p = Path(path)
+    try:
+        st = p.stat()
+    except OSError as exc:
+        raise CertificateError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise CertificateError(f"{where}: is a directory; set {key} to the PEM file itself")
+    if not stat.S_ISREG(st.st_mode):
+        raise CertificateError(f"{where}: is not a regular file; set {key} to a PEM file")
+    if st.st_size > MAX_PEM_BYTES:
+        raise CertificateError(
+            f"{where}: {st.st_size} bytes is too large for a PEM {kind} file; wrong file?"
+        )
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise CertificateError(f"{key}: cannot read {path}: {exc.strerror}") from None
+    if not data.strip():
+        raise CertificateError(f"{where}: the file is empty; it should hold the PEM {kind}")
+    if b"-----BEGIN" not in data and data[:1] == b"\x30":
+        # An ASN.1 SEQUENCE: the DER encoding, which is what Windows and Java tools export.
+        tool = "x509" if kind == "certificate" else "pkey"
+        raise CertificateError(
+            f"{where}: the {kind} is in binary DER form, confedge needs PEM; convert it with: "
+            f"openssl {tool} -inform der -in {path} -out {path}.pem"
+        )
+    return data
+
+
 def load_certificate(
     cert_path: str, key_path: str, now: dt.datetime, *, expected_name: str | None = None
 ) -> CertificateInfo:
     """Read and check the operator's [tls] cert/key files (key_path "" = key inside cert)."""
-    try:
-        cert_pem = Path(cert_path).read_bytes()
-    except OSError as exc:
-        raise CertificateError(f"tls.cert: cannot read {cert_path}: {exc.strerror}") from None
+    cert_pem = _read_pem_file(cert_path, "tls.cert", "certificate")
     key_pem: bytes | None = None
     if key_path:
-        try:
-            key_pem = Path(key_path).read_bytes()
-        except OSError as exc:
-            raise CertificateError(f"tls.key: cannot read {key_path}: {exc.strerror}") from None
+        key_pem = _read_pem_file(key_path, "tls.key", "private key")
     return check_pem(
         cert_pem,
         key_pem,
         now,
         expected_name=expected_name,
         where=f"tls.cert ({cert_path})",
-        key_where=f"tls.key ({key_path})",
+        key_where=f"tls.key ({key_path})" if key_path else "tls.key",
     )
+
+
+def check_tls_config(cfg: Config, now: dt.datetime) -> tuple[list[str], list[str]]:
+    """What `confedge check` can say about [tls] without starting anything.
+
+    Returns (problems, warnings), one sentence each. With no tls.cert configured there is
+    nothing to check: a self-signed certificate is generated (or reused) in server.state_dir
+    at start.
+    """
+    if not cfg.tls.cert:
+        if cfg.tls.key:
+            return (["tls.key: is set but tls.cert is empty; set tls.cert to the certificate"], [])
+        return [], []
+    try:
+        info = load_certificate(cfg.tls.cert, cfg.tls.key, now, expected_name=cfg.server.fqdn)
+    except CertificateError as exc:
+        return [str(exc)], []
+    return [], list(info.warnings)

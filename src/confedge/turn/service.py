@@ -13,6 +13,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import time
 from typing import Any
@@ -24,7 +25,7 @@ from .core import GuardLike, TurnCore
 from .dataplane import UdpDataPlane
 from .listeners import TcpConnection, UdpListener
 
-__all__ = ["TurnService"]
+__all__ = ["TurnService", "TurnStartError"]
 
 log = logging.getLogger("confedge.turn")
 
@@ -42,6 +43,50 @@ def _grow_buffers(sock: socket.socket | None) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, LISTENER_BUFFER)
+
+
+class TurnStartError(OSError):
+    """The TURN server cannot start; the message is one sentence naming the key to fix.
+
+    An OSError because that is what `confedge run` reports as "cannot start: ..." (one line, no
+    traceback), like any other bind failure; ``str()`` is the message alone.
+    """
+
+
+_BIND_REASONS = {
+    errno.EADDRINUSE: "the port is already in use (another confedge, coturn, or another part "
+    "of this configuration?)",
+    errno.EADDRNOTAVAIL: "the address is not an address of this host",
+    errno.EACCES: "permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+}
+
+
+def _bind_reason(exc: OSError, family: int, kind: int, host: str, port: int) -> tuple[int, str]:
+    """(errno, reason) for a failed bind.  uvloop's message ("could not bind to local_addr")
+    hides the reason, so a plain socket retries the bind to learn it."""
+    code = exc.errno or 0
+    if not code:
+        try:
+            with socket.socket(family, kind) as probe:
+                if kind == socket.SOCK_STREAM:
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        except OSError as again:
+            code = again.errno or 0
+    if code in _BIND_REASONS:
+        return code, _BIND_REASONS[code]
+    return code, (os.strerror(code) if code else str(exc))
+
+
+def _start_error(
+    key: str, what: str, host: str, port: int, exc: OSError, kind: int
+) -> TurnStartError:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    code, reason = _bind_reason(exc, family, kind, host, port)
+    if code == errno.EADDRNOTAVAIL:
+        key = "server.internal_address"
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return TurnStartError(f"{key}: cannot listen for {what} on {where}: {reason}")
 
 
 class TurnService:
@@ -102,10 +147,20 @@ class TurnService:
                 "list the conferencing nodes' addresses to let them allocate"
             )
         try:
+            self._check_relay_addresses(v4, v6)
             await self._bind_listeners(loop)
         except BaseException:
             await self.close()
             raise
+        lo, hi = cfg.turn.relay_port_range
+        if hi - lo + 1 < cfg.turn.max_allocations:
+            log.info(
+                "turn.relay_ports %s holds %d ports: at most that many allocations at once "
+                "(turn.max_allocations = %d); beyond them clients get 508",
+                cfg.turn.relay_ports,
+                hi - lo + 1,
+                cfg.turn.max_allocations,
+            )
         self._ticker = loop.create_task(self._tick_loop())
         log.info(
             "TURN listening on %s:%d (udp+tcp%s), relaying on %s ports %s, mode %s",
@@ -117,6 +172,35 @@ class TurnService:
             cfg.turn.mode,
         )
 
+    def _check_relay_addresses(self, v4: str | None, v6: str | None) -> None:
+        """Relay sockets are bound per allocation, long after start: an external_address that
+        is not on this host (a NAT's public address, a typo) would otherwise start "fine" and
+        answer every Allocate with 508.  One throw-away bind per family says so at start."""
+        server = self.cfg.server
+        for ip in (v4, v6):
+            if ip is None:
+                continue
+            if ip == self.cfg.turn.relay_address_v6:
+                key = "turn.relay_address_v6"
+            elif server.external_address is not None:
+                key = "server.external_address"
+            else:
+                key = "server.internal_address"  # one NIC: relays are on the internal address
+            family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+            try:
+                with socket.socket(family, socket.SOCK_DGRAM) as probe:
+                    probe.bind((ip, 0))
+            except OSError as exc:
+                reason = _BIND_REASONS.get(exc.errno or 0, exc.strerror or str(exc))
+                hint = (
+                    " (behind 1:1 NAT, configure the host's own address, not the public one)"
+                    if exc.errno == errno.EADDRNOTAVAIL
+                    else ""
+                )
+                raise TurnStartError(
+                    f"{key}: cannot bind TURN relay sockets on {ip}: {reason}{hint}"
+                ) from None
+
     async def _bind_listeners(self, loop: asyncio.AbstractEventLoop) -> None:
         core, dp = self.core, self.dataplane
         assert core is not None and dp is not None
@@ -124,9 +208,14 @@ class TurnService:
         # Each TCP connection carries at most one allocation, plus some headroom for Binding.
         tcp_cap = self.cfg.turn.max_allocations + 256
         for _attempt in range(20 if want == 0 else 1):
-            udp, _ = await loop.create_datagram_endpoint(
-                lambda: UdpListener(core, dp, loop), local_addr=(self.host, want)
-            )
+            try:
+                udp, _ = await loop.create_datagram_endpoint(
+                    lambda: UdpListener(core, dp, loop), local_addr=(self.host, want)
+                )
+            except OSError as exc:
+                raise _start_error(
+                    "turn.port", "TURN/STUN (udp)", self.host, want, exc, socket.SOCK_DGRAM
+                ) from None
             port = udp.get_extra_info("sockname")[1]
             try:
                 tcp = await loop.create_server(
@@ -139,7 +228,9 @@ class TurnService:
                 udp.close()
                 if want == 0 and exc.errno == errno.EADDRINUSE:
                     continue  # the ephemeral UDP number is taken on TCP: try another
-                raise
+                raise _start_error(
+                    "turn.port", "TURN/STUN (tcp)", self.host, port, exc, socket.SOCK_STREAM
+                ) from None
             self._udp, self._tcp = udp, tcp
             _grow_buffers(udp.get_extra_info("socket"))
             self.port = self.udp_port = self.tcp_port = port
@@ -155,15 +246,30 @@ class TurnService:
 
         core, dp = self.core, self.dataplane
         assert core is not None and dp is not None
-        holder = TLSContextHolder(self.cfg)
+        from confedge.tls.certs import CertificateError
+
+        try:
+            holder = TLSContextHolder(self.cfg)
+        except CertificateError as exc:
+            raise TurnStartError(f"{exc} (needed by turn.tls_port)") from None
         self._tls_holder = holder
-        tls = await loop.create_server(
-            lambda: TcpConnection(core, dp, loop, self._tcp_conns, cap, kind="tls"),
-            host=self.host,
-            port=self.cfg.turn.tls_port,
-            ssl=holder.context,
-            reuse_address=True,
-        )
+        try:
+            tls = await loop.create_server(
+                lambda: TcpConnection(core, dp, loop, self._tcp_conns, cap, kind="tls"),
+                host=self.host,
+                port=self.cfg.turn.tls_port,
+                ssl=holder.context,
+                reuse_address=True,
+            )
+        except OSError as exc:
+            raise _start_error(
+                "turn.tls_port",
+                "TURN over TLS",
+                self.host,
+                self.cfg.turn.tls_port,
+                exc,
+                socket.SOCK_STREAM,
+            ) from None
         self._tls = tls
         self.tls_port = tls.sockets[0].getsockname()[1]
 
