@@ -113,6 +113,10 @@
     const r = await post("refresh_token");
     if (r.status === 200 && r.json && r.json.result && r.json.result.token) {
       call.token = r.json.result.token;
+    } else if (r.status === 429) {
+      // The guard's answer is not JSON: say what it means rather than "null".
+      showError("Token refresh refused: this address is blocked" +
+        (r.retryAfter ? " for " + r.retryAfter + " s" : "") + " (too many wrong PINs).");
     } else {
       showError("Token refresh failed: " + JSON.stringify(r.json && r.json.result));
     }
