@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from confedge import __version__
-from confedge.config import Config, ConfigError, load_config
+from confedge.config import Config, ConfigError, load_config, to_toml
 
 
 def _setup_logging(level: str) -> None:
@@ -35,38 +35,6 @@ def _run_loop(coro: Any) -> int:
     except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
         result = asyncio.run(coro)
     return result
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(str(v))
-
-
-def to_toml(data: dict[str, Any]) -> str:
-    """Render the effective configuration as TOML (the shape of SPEC §8)."""
-    out: list[str] = []
-    for section, values in data.items():
-        out.append(f"[{section}]")
-        tables: list[tuple[str, list[dict[str, Any]]]] = []
-        for key, v in values.items():
-            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
-                tables.append((key, v))
-            elif v is None:
-                out.append(f"# {key} is unset (its default applies)")
-            else:
-                out.append(f"{key} = {_toml_value(v)}")
-        out.append("")
-        for key, items in tables:
-            for item in items:
-                out.append(f"[[{section}.{key}]]")
-                out.extend(f"{k} = {_toml_value(x)}" for k, x in item.items())
-                out.append("")
-    return "\n".join(out)
 
 
 def _load(path: str) -> Config:

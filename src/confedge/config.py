@@ -9,6 +9,7 @@ a DMZ host at 2 a.m. needs the fix, not a traceback.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -39,6 +40,7 @@ __all__ = [
     "TurnConfig",
     "load_config",
     "parse_config",
+    "to_toml",
 ]
 
 
@@ -52,12 +54,19 @@ class ConfigError(Exception):
 
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo ("relay_port") must not pass silently (SPEC §8).
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    # strict: TOML has types, so `enabled = "no"` (which lax parsing reads as False, and "yes"
+    # as True) or `port = "443"` is a mistake to point at, not to guess at. No inf/nan: a
+    # timeout of `inf` would reach the event loop's timers.
+    model_config = ConfigDict(
+        extra="forbid", validate_default=True, frozen=True, strict=True, allow_inf_nan=False
+    )
 
 
 def _port(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{value!r} is not a port number (an integer within 0-65535)")
+        raise ValueError(
+            f"{_fmt_value(value)} is not a port number (an integer within 0-65535, no quotes)"
+        )
     if not 0 <= value <= 65535:
         raise ValueError(f"{value} is not a port number within 0-65535")
     return value
@@ -68,7 +77,9 @@ Port = Annotated[int, BeforeValidator(_port)]
 
 def _ip(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not an IP address")
+        raise ValueError(
+            f'{_fmt_value(value)} is not an IP address (write it in quotes: "10.0.0.5")'
+        )
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -82,7 +93,7 @@ IPAddr = Annotated[str, BeforeValidator(_ip)]
 
 def _cidr(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError(f"{value!r} is not an address or CIDR network")
+        raise ValueError(f"{_fmt_value(value)} is not an address or CIDR network")
     try:
         return str(ipaddress.ip_network(value, strict=False))
     except ValueError:
@@ -162,6 +173,16 @@ class NodeAddress(BaseModel):
         return cls(scheme=scheme, host=host, port=port)  # type: ignore[arg-type]
 
 
+def _node(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{_fmt_value(value)} is not a node address (write it in quotes)")
+    NodeAddress.parse(value)
+    return value
+
+
+NodeStr = Annotated[str, BeforeValidator(_node)]
+
+
 class ServerConfig(_Strict):
     hostname: str = "edge"
     domain: str = "localdomain"
@@ -178,6 +199,13 @@ class ServerConfig(_Strict):
             r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*", v
         ):
             raise ValueError(f'"{v}" is not a DNS name (letters, digits, "-" and ".")')
+        return v
+
+    @field_validator("state_dir")
+    @classmethod
+    def _state_dir(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError('"" is empty; set a directory (e.g. "/var/lib/confedge")')
         return v
 
     @property
@@ -207,7 +235,7 @@ class ProxyConfig(_Strict):
     enabled: bool = True
     https_port: Port = 443
     http_port: Port = 80
-    nodes: list[str] = Field(default_factory=list)
+    nodes: list[NodeStr] = Field(default_factory=list)  # each checked: one line per bad node
     balance: Literal["round-robin", "ip-hash", "least-conn"] = "round-robin"
     csp: bool = True
     csp_policy: str = (
@@ -250,13 +278,6 @@ class ProxyConfig(_Strict):
     access_log: str = ""  # "" = standard error log stream; else a file path
     static: list[StaticMount] = Field(default_factory=list)
 
-    @field_validator("nodes")
-    @classmethod
-    def _nodes(cls, v: list[str]) -> list[str]:
-        for item in v:
-            NodeAddress.parse(item)
-        return v
-
     @property
     def node_addresses(self) -> list[NodeAddress]:
         return [NodeAddress.parse(n) for n in self.nodes]
@@ -292,6 +313,36 @@ class TurnConfig(_Strict):
     @classmethod
     def _relay_ports(cls, v: str) -> str:
         parse_port_range(v)
+        return v
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, v: str) -> str:
+        # RFC 8489 §9.2.2: the key is MD5 over SASLprep(password); a password SASLprep refuses
+        # (control characters, ...) can never authenticate, so say so here, not at start.
+        from confedge.stun.saslprep import saslprep
+
+        try:
+            saslprep(v)
+        except ValueError as exc:
+            raise ValueError(f"not usable for TURN ({exc}); use printable text") from None
+        return v
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not s:
+                raise ValueError(
+                    '"" is an empty shared secret (anyone could mint credentials); remove it'
+                )
+        return v
+
+    @field_validator("relay_address_v6")
+    @classmethod
+    def _relay_v6(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v:
+            raise ValueError(f'"{v}" is not an IPv6 address (e.g. "2001:db8::5")')
         return v
 
     @property
@@ -378,9 +429,43 @@ class Config(_Strict):
             problems.append(
                 "turn.secrets: [] is empty; permissive TURN needs at least one shared secret"
             )
+        if self.turn.enabled and ipaddress.ip_address(self.server.relay_address).is_unspecified:
+            key = "external_address" if self.server.external_address else "internal_address"
+            problems.append(
+                f'server.{key}: "{self.server.relay_address}" cannot be a TURN relay address '
+                "(clients are told to send media to it); set server.external_address to the "
+                "address clients reach"
+            )
+        problems.extend(self._port_clashes())
         if problems:
             raise ValueError("\n".join(problems))
         return self
+
+    def _port_clashes(self) -> list[str]:
+        """TCP ports that two enabled parts would both listen on (on internal_address).
+
+        Each part would start and the second fail with "address in use"; the file is what is
+        wrong, so the check points at the two keys. Port 0 (ephemeral) never clashes."""
+        used: list[tuple[str, int]] = []
+        if self.proxy.enabled:
+            used += [("proxy.https_port", self.proxy.https_port)]
+            used += [("proxy.http_port", self.proxy.http_port)]
+        if self.turn.enabled:
+            used += [("turn.port", self.turn.port), ("turn.tls_port", self.turn.tls_port)]
+        if self.management.enabled:
+            used += [("management.port", self.management.port)]
+        seen: dict[int, str] = {}
+        problems: list[str] = []
+        for key, port in used:
+            if not port:
+                continue
+            if port in seen:
+                problems.append(
+                    f"{key}: {port} is also {seen[port]}; two listeners cannot share a port"
+                )
+            else:
+                seen[port] = key
+        return problems
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret replaced by "****"."""
@@ -410,6 +495,16 @@ def _fmt_value(value: Any) -> str:
     return repr(value)
 
 
+_TYPE_WORDS = {
+    "bool_type": "true or false (without quotes)",
+    "int_type": "a whole number (without quotes)",
+    "float_type": "a number (without quotes)",
+    "finite_number": "a finite number",
+    "string_type": 'text in quotes (e.g. "value")',
+    "list_type": 'a list in brackets (e.g. ["a", "b"])',
+}
+
+
 def _format_errors(exc: ValidationError) -> list[str]:
     problems: list[str] = []
     for err in exc.errors():
@@ -426,6 +521,27 @@ def _format_errors(exc: ValidationError) -> list[str]:
             problems.extend(msg.split("\n"))
             continue
         value = err.get("input")
+        if key == "turn.password" or key.startswith("turn.secrets["):
+            problems.append(f"{key}: {msg}")  # never echo a secret, not even a bad one
+            continue
+        if typ == "list_type" and key == "proxy.static":
+            problems.append(
+                f"{key}: write each mount as its own [[proxy.static]] table (prefix, path)"
+            )
+            continue
+        if typ == "missing":
+            problems.append(f"{key}: missing; this key is required here")
+            continue
+        if typ in ("model_type", "dict_type", "model_attributes_type"):
+            section = key.rsplit("[", 1)[0]
+            problems.append(
+                f"{key}: {_fmt_value(value)} is not a table; write it as [{section}] with "
+                "key = value lines below it"
+            )
+            continue
+        if typ in _TYPE_WORDS:
+            problems.append(f"{key}: {_fmt_value(value)} is not {_TYPE_WORDS[typ]}")
+            continue
         quoted = typ == "value_error" and msg.startswith(('"', "'"))
         if quoted or msg.startswith(_fmt_value(value)):
             problems.append(f"{key}: {msg}")
@@ -446,7 +562,9 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a TOML configuration file."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        # utf-8-sig: Windows editors (Notepad) start files with a byte-order mark, which
+        # tomllib would report as "Invalid statement (at line 1, column 1)".
+        text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:
         raise ConfigError([f"{p}: cannot read the configuration file: {exc.strerror}"]) from None
     except UnicodeDecodeError:
@@ -456,3 +574,35 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{p}: not valid TOML: {exc}"]) from None
     return parse_config(data)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v))
+
+
+def to_toml(data: dict[str, Any]) -> str:
+    """Render the effective configuration as TOML (the shape of SPEC §8)."""
+    out: list[str] = []
+    for section, values in data.items():
+        out.append(f"[{section}]")
+        tables: list[tuple[str, list[dict[str, Any]]]] = []
+        for key, v in values.items():
+            if isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+                tables.append((key, v))
+            elif v is None:
+                out.append(f"# {key} is unset (its default applies)")
+            else:
+                out.append(f"{key} = {_toml_value(v)}")
+        out.append("")
+        for key, items in tables:
+            for item in items:
+                out.append(f"[[{section}.{key}]]")
+                out.extend(f"{k} = {_toml_value(x)}" for k, x in item.items())
+                out.append("")
+    return "\n".join(out)

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from confedge.config import Config, parse_config
+from confedge.config import Config, parse_config, to_toml
 from confedge.runtime import Runtime, wait_for_signal
 
 log = logging.getLogger("confedge.demo")
@@ -64,6 +64,14 @@ class Demo:
     def __init__(self, state_dir: Path, *, turn_password: str | None = None) -> None:
         self.cfg = demo_config(state_dir, turn_password or secrets.token_urlsafe(12))
         self.runtime = Runtime(self.cfg)
+        # The effective configuration, so that `confedge bans --config STATE/demo.toml list`
+        # (and `confedge check`) work on the running demo. It holds the demo's TURN password.
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = state_dir / "demo.toml"
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("# Written by `confedge demo` at start: its effective configuration.\n")
+            f.write(to_toml(self.cfg.model_dump(mode="json")))
         self.nodes: list[Any] = []
 
     async def _start_nodes(self) -> None:
@@ -102,7 +110,10 @@ class Demo:
         if rt.turn is not None:
             out["turn"] = rt.turn.info()
         out["nodes"] = [node.url for node in self.nodes]
-        out["conferences"] = [{"alias": c.alias, "pin": c.host_pin} for c in CONFERENCES]
+        out["conferences"] = [
+            {"alias": c.alias, "pin": c.host_pin, "guest_pin": c.guest_pin} for c in CONFERENCES
+        ]
+        out["config"] = str(self.config_path)
         if rt.admin is not None:
             out.update(rt.admin.info())  # "status": the management status page
         return out
@@ -115,7 +126,11 @@ async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
     try:
         await demo.start()
     except OSError as exc:
-        print(f"confedge demo: cannot start: {exc}", file=sys.stderr)
+        print(
+            f"confedge demo: cannot start: {exc}\n(the demo needs the 127.0.0.1 ports "
+            f"{_demo_ports(demo.cfg)}; is another demo, coturn or nginx running?)",
+            file=sys.stderr,
+        )
         await demo.close()
         return 1
     info = demo.info()
@@ -129,14 +144,25 @@ async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
     return 0
 
 
+def _demo_ports(cfg: Config) -> str:
+    ports = [cfg.proxy.https_port, cfg.proxy.http_port, cfg.turn.port, cfg.turn.tls_port]
+    ports += [cfg.management.port, *NODE_PORTS]
+    return ", ".join(str(p) for p in ports if p) + f" and {cfg.turn.relay_ports}"
+
+
 def _print_banner(info: dict[str, Any]) -> None:
     lines = ["", "confedge demo is running on loopback. Ctrl-C stops it.", ""]
     if "proxy" in info:
-        lines.append(f"  Open:        {info['proxy']['https']}/webapp/  (self-signed certificate)")
+        base = info["proxy"]["https"].rstrip("/")
+        lines.append(f"  Open:        {base}/webapp/  (self-signed certificate)")
         if "http" in info["proxy"]:
             lines.append(f"  HTTP:        {info['proxy']['http']}  (redirects to HTTPS)")
     for c in info["conferences"]:
-        pin = f"host PIN {c['pin']}" if c["pin"] else "no PIN"
+        if c["pin"]:
+            guests = f"guest PIN {c['guest_pin']}" if c["guest_pin"] else "guests: leave PIN empty"
+            pin = f"host PIN {c['pin']}; {guests}"
+        else:
+            pin = "no PIN"
         lines.append(f"  Conference:  {c['alias']}  ({pin})")
     if "turn" in info:
         t = info["turn"]
@@ -148,5 +174,6 @@ def _print_banner(info: dict[str, Any]) -> None:
         lines.append(f"  Node:        {url}")
     if "status" in info:
         lines.append(f"  Status:      {info['status']}  (also .json, /metrics)")
+    lines.append(f"  Bans:        confedge bans --config {info['config']} list")
     lines.append("")
     print("\n".join(lines), flush=True)

@@ -231,7 +231,7 @@ async def test_demo_call(variant: str, tmp_path: Path) -> None:
     )
     async with started as demo:
         assert demo.info["proxy"]["https"].rstrip("/") == BASE
-        assert {"alias": "meet", "pin": HOST_PIN} in demo.info["conferences"]
+        assert {"alias": "meet", "pin": HOST_PIN, "guest_pin": None} in demo.info["conferences"]
 
         async def proxy_ready() -> bool:
             code, _, _ = await asyncio.to_thread(_http, BASE + "/api/client/v2/status")

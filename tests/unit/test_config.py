@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from confedge.cli import main, to_toml
-from confedge.config import ConfigError, NodeAddress, load_config, parse_config
+from confedge.cli import main
+from confedge.config import ConfigError, NodeAddress, load_config, parse_config, to_toml
 
 MINIMAL = {
     "proxy": {"nodes": ["10.0.0.11"]},
@@ -58,7 +58,7 @@ def test_unknown_key_is_an_error() -> None:
         ),
         (
             {"proxy": {"https_port": "443", "nodes": ["a"]}, "turn": {"enabled": False}},
-            "proxy.https_port: '443'",
+            'proxy.https_port: "443" is not a port number',
         ),
         (
             {
@@ -70,7 +70,7 @@ def test_unknown_key_is_an_error() -> None:
         ),
         (
             {"proxy": {"nodes": ["ftp://x"]}, "turn": {"enabled": False}},
-            'proxy.nodes: "ftp://x" is not a node address',
+            'proxy.nodes[0]: "ftp://x" is not a node address',
         ),
         (
             {"proxy": {"balance": "random", "nodes": ["a"]}, "turn": {"enabled": False}},
