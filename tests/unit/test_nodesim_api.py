@@ -95,6 +95,27 @@ def test_maintenance_refuses_new_tokens_but_allows_release() -> None:
     assert json_of(r)[0] == 503
     r = st.handle(req("POST", f"{P}/open/release_token", headers={"token": tok}), 1)
     assert json_of(r) == (200, {"status": "success", "result": True})
+    assert st.participants == {}
+
+
+def test_maintenance_keeps_people_already_on_the_node() -> None:
+    """Like a real node: maintenance refuses joins and new calls, not the sessions it holds."""
+    st = node()
+    res = join(st, "open", None)
+    tok, uuid = res["token"], res["participant_uuid"]
+    st.set_maintenance(True)
+    status, body = json_of(
+        st.handle(req("POST", f"{P}/open/refresh_token", headers={"token": tok}), 60)
+    )
+    assert status == 200
+    tok = body["result"]["token"]
+    r = st.handle(req("GET", f"{P}/open/participants", headers={"token": tok}), 61)
+    assert json_of(r)[0] == 200
+    offer = {"call_type": "WEBRTC", "sdp": "v=0"}
+    r = st.handle(
+        req("POST", f"{P}/open/participants/{uuid}/calls", offer, headers={"token": tok}), 62
+    )
+    assert json_of(r) == (503, {"status": "failed", "result": "Maintenance mode"})
 
 
 # ------------------------------------------------------------------ request_token

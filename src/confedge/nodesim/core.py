@@ -411,8 +411,11 @@ class NodeState:
             return _fail(404, "Not found")
         alias, rest = parts[1], parts[2:]
         conf = self.conferences.get(alias.lower())
-        if self.maintenance and rest != ["release_token"]:
-            # A node in maintenance refuses new work; the proxy takes it out of rotation.
+        new_call = len(rest) == 3 and rest[0] == "participants" and rest[2] == "calls"
+        if self.maintenance and (rest == ["request_token"] or new_call):
+            # A node in maintenance refuses new work (joins and new calls) while the people
+            # already on it keep their token, events and call, as a real node does; the proxy
+            # stops sending it new joins.
             return JsonResponse(503, {"status": "failed", "result": "Maintenance mode"})
         if conf is None:
             return NOT_FOUND
