@@ -25,6 +25,9 @@ from confedge.guard.store import GuardStore, StoreError, open_store
 __all__ = ["bans_command", "parse_duration"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Longest manual ban. Without a cap "--time 1e300" stored an expiry no clock can print, and
+# every later `bans list` (and the audit line) failed on it; a decade is "for ever" here.
+MAX_BAN_SECONDS = 10 * 365 * 86400.0
 
 
 def parse_duration(text: str) -> float:
@@ -40,10 +43,21 @@ def parse_duration(text: str) -> float:
         value = -1.0
     if not value > 0 or value != value or value == float("inf"):
         raise ValueError(f'"{text}" is not a duration (seconds, or e.g. "90s", "10m", "2h", "1d")')
+    if value > MAX_BAN_SECONDS:
+        raise ValueError(f'"{text}" is longer than the longest ban, 10 years ("3650d")')
     return value
 
 
+def _utc(t: float) -> str:
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # a stored expiry beyond any calendar
+        return "never"
+
+
 def _left(seconds: float) -> str:
+    if not seconds < MAX_BAN_SECONDS * 100:  # also inf/nan from a hand-edited store
+        return "for ever"
     s = int(max(0.0, seconds))
     d, s = divmod(s, 86400)
     h, s = divmod(s, 3600)
@@ -67,7 +81,7 @@ def _table(bans: list[BanRecord], now: float, out: TextIO) -> None:
                 b.reason,
                 str(b.failures),
                 str(b.count),
-                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(b.expires)),
+                _utc(b.expires),
                 _left(b.expires - now) if b.expires > now else "expired",
             )
         )

@@ -44,7 +44,10 @@ PURGE_EVERY = 30.0
 
 
 def _when(t: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # an expiry beyond any calendar (hand-edited)
+        return "never"
 
 
 def audit_ban(rec: BanRecord, how: str) -> None:

@@ -10,17 +10,27 @@ not to be shared across threads) and keeps all file I/O off the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import secrets
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
 from confedge.guard.core import BanRecord, Failure
-from confedge.guard.store import Poll, StoreError, ensure_state_dir
+from confedge.guard.store import Poll, StoreError, StoreOpenError, ensure_state_dir
 
 __all__ = ["SQLiteStore"]
+
+log = logging.getLogger("confedge.guard")
+
+# sqlite3 result codes meaning "this file is damaged", not "cannot open it" (permissions, a
+# directory in the way, a full disk): https://www.sqlite.org/rescode.html
+_SQLITE_CORRUPT = 11
+_SQLITE_NOTADB = 26
 
 T = TypeVar("T")
 
@@ -68,13 +78,56 @@ class SQLiteStore:
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 
     def _connect(self) -> sqlite3.Connection:
+        """Open (creating) the database; a damaged file is moved aside and replaced.
+
+        Why recover rather than refuse: the file holds bans and the last findtime of failures,
+        a cache of recent history. Refusing to start would put the whole edge (proxy and TURN)
+        into a crash loop under systemd over it; a fresh database costs only that history, and
+        the damaged file is kept beside it for inspection, named in a WARNING.
+        """
         ensure_state_dir(self.path.parent)
+        try:
+            return self._open_db()
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+                raise
+            aside = self._move_aside()
+            log.warning(
+                "guard database %s is damaged (%s); moved it to %s and started a new one: "
+                "bans and failure counts from before are lost",
+                self.path,
+                exc,
+                aside,
+            )
+            return self._open_db()
+
+    def _open_db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
-        db.execute("PRAGMA busy_timeout=5000")
-        db.executescript(SCHEMA)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across crashes
+            db.execute("PRAGMA busy_timeout=5000")
+            # A damaged page can hide anywhere; quick_check (no index cross-checks) reads the
+            # whole small file once, so damage shows now rather than at the first ban.
+            row = db.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                err = sqlite3.DatabaseError(f"integrity check failed: {row[0] if row else '?'}")
+                err.sqlite_errorcode = _SQLITE_CORRUPT
+                raise err
+            db.executescript(SCHEMA)
+        except BaseException:
+            db.close()
+            raise
         return db
+
+    def _move_aside(self) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.damaged-{int(time.time())}")
+        os.replace(self.path, aside)
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            if side.exists():
+                os.replace(side, aside.with_name(aside.name + suffix))
+        return aside
 
     async def open(self) -> None:
         if self._db is not None:
@@ -86,7 +139,9 @@ class SQLiteStore:
         except (sqlite3.Error, OSError) as exc:
             self._pool.shutdown(wait=False)
             self._pool = None
-            raise StoreError(f"{self.description}: cannot open the guard database: {exc}") from exc
+            raise StoreOpenError(
+                f"{self.description}: cannot open the guard database: {_why(exc)}"
+            ) from exc
 
     async def close(self) -> None:
         db, pool = self._db, self._pool
@@ -260,3 +315,14 @@ def _all_bans(db: sqlite3.Connection) -> list[BanRecord]:
 
 def _bump(db: sqlite3.Connection) -> None:
     db.execute("UPDATE meta SET v = CAST(v AS INTEGER) + 1 WHERE k = 'bans_version'")
+
+
+def _why(exc: BaseException) -> str:
+    """A reason an operator can act on (sqlite3 says "unable to open database file" for a
+    directory in the way, a missing permission, ...)."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc} ({exc.filename})" if exc.filename else str(exc)
+    text = str(exc)
+    if "unable to open" in text:
+        text += " (is the path a directory, or the directory not writable?)"
+    return text

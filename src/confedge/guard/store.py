@@ -23,11 +23,18 @@ from typing import Protocol
 from confedge.config import Config
 from confedge.guard.core import BanRecord, Failure
 
-__all__ = ["GuardStore", "MemoryStore", "Poll", "StoreError", "open_store"]
+__all__ = ["GuardStore", "MemoryStore", "Poll", "StoreError", "StoreOpenError", "open_store"]
 
 
 class StoreError(Exception):
     """The store cannot be reached or used; the guard keeps working locally."""
+
+
+class StoreOpenError(StoreError, OSError):
+    """A local store (SQLite in state_dir) cannot be opened at start.
+
+    Also an OSError, like the file problem it is, so that `confedge run` reports it as one
+    "cannot start: ..." line instead of a traceback; ``str()`` is the message alone."""
 
 
 @dataclass(slots=True)
