@@ -68,6 +68,7 @@ async def test_wrong_turn_credentials_ban_the_source(tmp_path: Path) -> None:
             "proxy": {"enabled": False},
             "turn": {
                 "port": 0,
+                "tls_port": 0,  # the default 5349 is fixed: parallel runs collide
                 "relay_ports": "34600-34699",
                 "username": "turnuser",
                 "password": "right",

@@ -112,6 +112,7 @@ async def run_confedge_turn(tmp_path: Path) -> AsyncIterator[TurnInfo]:
             "turn": {
                 "mode": "restricted",
                 "port": 0,
+                "tls_port": 0,  # the default 5349 is fixed: parallel runs collide
                 "relay_ports": f"{relay_lo}-{relay_lo + 49}",
                 "username": TURN_USER,
                 "password": TURN_PASS,

@@ -750,6 +750,14 @@ def test_unusable_password_is_a_config_error() -> None:
     from confedge.config import ConfigError
     from confedge.turn.testing import turn_config
 
-    cfg = turn_config(password="bad\x07password")
+    # Refused by the configuration's own validation now (confedge check says so too) ...
+    with pytest.raises(ConfigError, match=r"turn\.password") as info:
+        turn_config(password="bad\x07password")
+    assert "bad" not in str(info.value)  # ... without echoing the secret
+    # ... and still by the core for a Config built past validation.
+    cfg = turn_config()
+    cfg = cfg.model_copy(
+        update={"turn": cfg.turn.model_copy(update={"password": "bad\x07password"})}
+    )
     with pytest.raises(ConfigError, match=r"turn\.password"):
         TurnCore.from_config(cfg, MemoryDataPlane())
