@@ -1,0 +1,220 @@
+"""Adversarial QA of `confedge check` and `confedge run` as a careless operator uses them:
+broken files and semantically bad values give one line per problem naming the key, exit code 2
+for the file, 1 for what only start-up can find -- never a traceback.
+
+Subprocesses (the real console entry), loopback ports from the QA range 37000-37999.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CONFEDGE = [sys.executable, "-m", "confedge"]
+
+
+def _confedge(*args: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CONFEDGE, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+BROKEN: list[tuple[str, bytes, list[str]]] = [
+    ("empty", b"", ["proxy.nodes: [] is empty", "turn.username", "turn.password"]),
+    ("not-toml", b'[server]\nhostname = "a\n', ["not valid TOML", "line 2"]),
+    ("duplicate-key", b'[server]\nhostname = "a"\nhostname = "b"\n', ["not valid TOML"]),
+    ("duplicate-table", b"[server]\n[server]\n", ["not valid TOML"]),
+    ("non-utf8", b'[server]\nhostname = "\xff\xfe"\n', ["not UTF-8"]),
+    ("unknown-nested", b"[server.extra]\nx = 1\n", ["server.extra: unknown key"]),
+    (
+        "sections-not-tables",
+        b'server = 5\nturn = [1, 2]\nproxy = "x"\n',
+        ["server: 5 is not a table", 'proxy: "x" is not a table', "turn: [1, 2] is not a table"],
+    ),
+    (
+        "wrong-types",
+        b'[server]\nhostname = 5\n[proxy]\nenabled = "yes"\nhttps_port = "443"\nnodes = "10.0.0.1"\n'
+        b'[turn]\nport = 70000\nrelay_ports = 5\nsecrets = "x"\nmode = "open"\n'
+        b"[guard]\nbantime = inf\nmaxretry = 0\n",
+        [
+            "server.hostname: 5 is not text",
+            'proxy.enabled: "yes" is not true or false',
+            'proxy.https_port: "443" is not a port number',
+            'proxy.nodes: "10.0.0.1" is not a list',
+            "turn.port: 70000 is not a port number",
+            "turn.relay_ports: 5 is not text",
+            'turn.secrets: "x" is not a list',
+            'turn.mode: "open" is not valid',
+            "guard.bantime: inf is not a finite number",
+            "guard.maxretry: 0 is not valid",
+        ],
+    ),
+    (
+        "every-bad-node",
+        b'[proxy]\nnodes = ["10.0.0.1:99999", "ftp://x", "ok.example"]\n[turn]\nenabled = false\n',
+        ['proxy.nodes[0]: "10.0.0.1:99999"', 'proxy.nodes[1]: "ftp://x"'],
+    ),
+    (
+        "static-missing-keys",
+        b'[proxy]\nnodes = ["n"]\n[[proxy.static]]\nprefix = "/x/"\n[turn]\nenabled = false\n',
+        ["proxy.static[0].path: missing"],
+    ),
+    (
+        "semantic",
+        b'[server]\ninternal_address = "0.0.0.0"\nstate_dir = ""\n'
+        b'[proxy]\nnodes = ["n"]\nhttps_port = 37401\nhttp_port = 37401\n'
+        b'[turn]\nusername = "u"\npassword = "p\\u0007"\nport = 37401\n'
+        b'relay_address_v6 = "10.0.0.1"\n',
+        [
+            'server.state_dir: "" is empty',
+            "turn.password: not usable for TURN",
+            'turn.relay_address_v6: "10.0.0.1" is not an IPv6 address',
+        ],
+    ),
+    (
+        "semantic-model",
+        b'[server]\ninternal_address = "0.0.0.0"\n'
+        b'[proxy]\nnodes = ["n"]\nhttps_port = 37401\nhttp_port = 37401\n'
+        b'[turn]\nusername = "u"\npassword = "p"\nport = 37401\n',
+        [
+            'server.internal_address: "0.0.0.0" cannot be a TURN relay address',
+            "proxy.http_port: 37401 is also proxy.https_port",
+            "turn.port: 37401 is also proxy.https_port",
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), BROKEN, ids=[b[0] for b in BROKEN])
+def test_check_and_run_refuse_broken_files(
+    tmp_path: Path, name: str, content: bytes, expected: list[str]
+) -> None:
+    path = tmp_path / f"{name}.toml"
+    path.write_bytes(content)
+    for command in ("check", "run"):
+        res = _confedge(command, "--config", str(path))
+        assert res.returncode == 2, (command, res.stderr)
+        lines = _lines(res.stderr)
+        assert all(line.startswith("confedge: ") for line in lines), lines
+        for want in expected:
+            assert sum(want in line for line in lines) == 1, (want, lines)
+        assert "\\u0007" not in res.stderr and "p\x07" not in res.stderr  # no secret echoed
+
+
+def test_bom_is_accepted(tmp_path: Path) -> None:
+    """Notepad writes a byte-order mark; tomllib alone said "Invalid statement (line 1)"."""
+    path = tmp_path / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf[proxy]\nenabled = false\n[turn]\nenabled = false\n")
+    res = _confedge("check", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+
+
+def test_directory_and_missing_file(tmp_path: Path) -> None:
+    for target, why in ((tmp_path, "Is a directory"), (tmp_path / "nope.toml", "No such file")):
+        res = _confedge("check", "--config", str(target))
+        assert res.returncode == 2
+        (line,) = _lines(res.stderr)
+        assert str(target) in line and why in line
+
+
+# -- what only start-up can tell ---------------------------------------------------------------
+
+
+def _run_config(tmp_path: Path, extra: str = "", turn: str = "") -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f"""
+[server]
+state_dir = "{tmp_path / "state"}"
+{extra}
+[proxy]
+enabled = false
+[turn]
+port = 0
+tls_port = 0
+relay_ports = "37900-37909"
+username = "u"
+password = "p"
+media_nodes = ["127.0.0.1"]
+{turn}
+[management]
+enabled = false
+"""
+    )
+    return path
+
+
+def _start_failure(path: Path) -> str:
+    res = _confedge("run", "--config", str(path))
+    assert res.returncode == 1, res.stderr
+    failures = [line for line in _lines(res.stderr) if line.startswith("confedge: ")]
+    assert len(failures) == 1, res.stderr
+    return failures[0]
+
+
+def test_run_port_in_use_names_the_port_and_part(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        path = _run_config(tmp_path)
+        path.write_text(path.read_text().replace("port = 0\n", f"port = {port}\n", 1))
+        line = _start_failure(path)
+    assert f"turn.port: cannot listen for TURN/STUN (udp) on 127.0.0.1:{port}" in line
+    assert "already in use" in line
+
+
+def test_run_external_address_not_on_this_host(tmp_path: Path) -> None:
+    line = _start_failure(_run_config(tmp_path, extra='external_address = "192.0.2.55"'))
+    assert "server.external_address: cannot bind TURN relay sockets on 192.0.2.55" in line
+
+
+def test_run_certificate_problems_are_one_line(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    for content, want in (
+        (b"", "the file is empty"),
+        (b"0\x82\x01\x00binary", "DER"),
+        (b"-----BEGIN CERTIFICATE-----\nbm9wZQ==\n-----END CERTIFICATE-----\n", "cannot be read"),
+    ):
+        cert.write_bytes(content)
+        path = _run_config(tmp_path, turn="")
+        text = path.read_text().replace("tls_port = 0", "tls_port = 37919")
+        path.write_text(text + f'\n[tls]\ncert = "{cert}"\n')
+        line = _start_failure(path)
+        assert f"tls.cert ({cert})" in line and want in line, line
+
+
+def test_run_with_a_damaged_guard_database_starts(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "guard.sqlite3").write_bytes(b"this is not a database" * 100)
+    path = _run_config(tmp_path)
+    path.write_text(path.read_text() + '\n[guard]\nenabled = true\nstore = "sqlite"\n')
+    proc = subprocess.Popen(
+        [*CONFEDGE, "run", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # until TURN reports it is listening
+            seen.append(line)
+            if "TURN listening" in line or "Traceback" in line:
+                break
+        text = "".join(seen)
+        assert "TURN listening" in text and "Traceback" not in text, text
+        assert "guard database" in text and "damaged" in text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert list(state.glob("guard.sqlite3.damaged-*"))
