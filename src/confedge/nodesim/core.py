@@ -453,7 +453,7 @@ class NodeState:
     def _request_token(self, conf: Conference, req: Request, now: float) -> JsonResponse:
         try:
             body = json.loads(req.body or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." 100k deep
             return _fail(400, "Request body is not valid JSON")
         if not isinstance(body, dict):
             return _fail(400, "Request body must be a JSON object")
@@ -577,7 +577,7 @@ class NodeState:
         if action == ["calls"]:
             try:
                 body = json.loads(req.body or b"{}")
-            except (ValueError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # RecursionError: "[[[[..." 100k deep
                 return _fail(400, "Request body is not valid JSON")
             if not isinstance(body, dict):
                 return _fail(400, "Request body must be a JSON object")
