@@ -135,3 +135,108 @@ def test_bans_list_survives_an_absurd_stored_expiry(tmp_path: Path) -> None:
     assert "198.51.100.8" in out and "never" in out
     rc, out, _ = _bans(cfg, "list", "--json")
     assert rc == 0 and "198.51.100.8" in out
+
+
+# -- poisoned ban sources ---------------------------------------------------------------------
+
+
+async def test_zoned_link_local_sources(tmp_path: Path) -> None:
+    """`bans add fe80::1%eth0` stored the zone, and inet_pton refuses zones: the guard could
+    then not start at all ("cannot start: illegal IP address string passed to inet_pton")."""
+    cfg = _cfg(tmp_path)
+    rc, out, _ = await asyncio.to_thread(_bans, cfg, "add", "fe80::1%eth0")
+    assert rc == 0 and "banned fe80::1 " in out
+    guard = create_guard(cfg)
+    await guard.start()
+    try:
+        assert guard.check("fe80::1") is not None
+        assert guard.check("fe80::1%eth0") is not None  # as a socket reports a link-local peer
+        for i in range(10):  # a zoned client failing PINs is banned, and nothing raises
+            guard.record_pin_failure("fe80::2%eth0", "room", str(i))
+        assert guard.check("fe80::2%eth0") is not None
+    finally:
+        await guard.close()
+
+
+async def test_store_with_unusable_sources_still_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Records an older version (or a hand edit) left behind are skipped with a warning; the
+    other bans stay in force."""
+    cfg = _cfg(tmp_path)
+    assert (await asyncio.to_thread(_bans, cfg, "add", "192.0.2.10"))[0] == 0
+    with sqlite3.connect(tmp_path / "guard.sqlite3") as conn:
+        for bad in ("fe80::1%eth0", "not-an-address", "2001:db8::zz"):
+            conn.execute(
+                "INSERT INTO bans SELECT ?, created, expires, count, failures, reason, 0 "
+                "FROM bans WHERE source = '192.0.2.10'",
+                (bad,),
+            )
+        conn.execute("UPDATE meta SET v = v + 1 WHERE k = 'bans_version'")
+    caplog.set_level(logging.WARNING, "confedge.guard")
+    guard = create_guard(cfg)
+    await guard.start()
+    try:
+        assert guard.check("192.0.2.10") is not None
+    finally:
+        await guard.close()
+    skipped = [r.getMessage() for r in caplog.records if "ignoring a stored ban" in r.getMessage()]
+    assert any("fe80::1%eth0" in m for m in skipped) and any("2001:db8::zz" in m for m in skipped)
+
+
+async def test_redis_with_undecodable_records_still_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Several instances share Redis: one undecodable value there must not stop every worker's
+    ban reloads (it raised out of each poll, logged as "guard sync failed" four times a
+    second)."""
+    import redis
+    from guard_redis import RedisServer
+
+    from confedge.guard import Guard
+    from confedge.guard.redis_store import PREFIX, RedisStore
+
+    srv = RedisServer(_free_port_in(37950, 37999))
+    srv.start()
+    try:
+        url = srv.url
+        gcfg = _cfg(tmp_path).guard.model_copy(update={"store": url})
+        r = redis.Redis.from_url(url)
+        r.hset(PREFIX + "bans", "junk", b"{not json")
+        r.hset(PREFIX + "bans", "list", b"[1, 2]")
+        r.hset(PREFIX + "bans", "deep", b"[" * 100_000 + b"]" * 100_000)
+        r.xadd(PREFIX + "events", {"ts": "yesterday", "kind": "pin", "ip": "192.0.2.1"})
+        caplog.set_level(logging.WARNING, "confedge.guard")
+        a, b = Guard(gcfg, RedisStore(url)), Guard(gcfg, RedisStore(url))
+        await a.start()
+        await b.start()
+        try:
+            for i in range(gcfg.maxretry):
+                a.record_pin_failure("198.51.100.44", "room", str(i))
+            assert a.check("198.51.100.44") is not None
+            for _ in range(40):  # b learns the ban through Redis despite the junk
+                if b.check("198.51.100.44") is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert b.check("198.51.100.44") is not None
+        finally:
+            await a.close()
+            await b.close()
+        r.close()
+    finally:
+        srv.stop()
+    assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
+    assert any("undecodable" in r.getMessage() for r in caplog.records)
+
+
+def _free_port_in(lo: int, hi: int) -> int:
+    import socket
+
+    for port in range(lo, hi + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {lo}-{hi}")

@@ -40,6 +40,9 @@ def normalise_ip(text: str) -> str:
     raw = text.strip()
     if raw.startswith("[") and raw.endswith("]"):
         raw = raw[1:-1]
+    # A zone ("fe80::1%eth0", what sockets report for link-local peers) names the interface,
+    # not the host: dropped, so that ban-table keys (inet_pton, which refuses zones) work.
+    raw = raw.split("%", 1)[0]
     try:
         addr = ipaddress.ip_address(raw)
     except ValueError:

@@ -11,12 +11,15 @@ shared store's ban set changes, and swapped in with one assignment.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Callable, Iterable
 
 from confedge.guard.addresses import source_keys
 from confedge.guard.core import BanRecord
+
+_log = logging.getLogger("confedge.guard")
 
 __all__ = ["BanTable"]
 
@@ -42,14 +45,16 @@ class BanTable:
         table: dict[str | bytes, float] = {}
         for rec in records:
             if rec.expires > now:
-                key = source_keys(rec.source)
-                if table.get(key, 0.0) < rec.expires:
+                key = _key_or_none(rec.source)
+                if key is not None and table.get(key, 0.0) < rec.expires:
                     table[key] = rec.expires
         self._v6 = any(isinstance(k, bytes) for k in table)
         self._table = table
 
     def add(self, rec: BanRecord) -> None:
-        key = source_keys(rec.source)
+        key = _key_or_none(rec.source)
+        if key is None:
+            return
         if self._table.get(key, 0.0) < rec.expires:
             self._table[key] = rec.expires
         if isinstance(key, bytes):
@@ -67,7 +72,7 @@ class BanTable:
         if exp is not None or ":" not in ip:
             return exp
         try:
-            packed = socket.inet_pton(_AF_INET6, ip)
+            packed = socket.inet_pton(_AF_INET6, ip.split("%", 1)[0])  # zone: fe80::1%eth0
         except OSError:
             return None
         if packed[:12] == _MAPPED:
@@ -92,3 +97,16 @@ class BanTable:
                 return None
         left = exp - self._clock()
         return left if left > 0.0 else None
+
+
+def _key_or_none(source: str) -> str | bytes | None:
+    """The table key of a stored ban's source, or None (logged) for one that is not an address.
+
+    Stores outlive versions and can be edited by hand: one such record (a zoned "fe80::1%eth0"
+    written by an older `confedge bans add`) made every reload raise, so the guard could not
+    start and running workers stopped seeing new bans."""
+    try:
+        return source_keys(source)
+    except (OSError, ValueError):
+        _log.warning("guard: ignoring a stored ban whose source is not an address: %r", source)
+        return None

@@ -20,11 +20,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import secrets
+from collections.abc import Iterable
 from typing import Any
 
 from confedge.guard.core import BanRecord, Failure
 from confedge.guard.store import Poll, StoreError
+
+log = logging.getLogger("confedge.guard")
 
 __all__ = ["RedisStore"]
 
@@ -87,15 +91,32 @@ def _id_le(a: str, b: str) -> bool:
     return (int(am), int(aseq or 0)) <= (int(bm), int(bseq or 0))
 
 
-def _failure(fields: dict[str, str]) -> Failure:
-    return Failure(
-        ts=float(fields["ts"]),
-        kind=fields["kind"],
-        ip=fields["ip"],
-        alias=fields.get("alias", ""),
-        pin=fields.get("pin", ""),
-        origin=fields.get("origin", ""),
-    )
+def _decode_bans(values: Iterable[str | bytes]) -> list[BanRecord]:
+    """Ban records from the hash, skipping (with a warning) any that do not decode: the store
+    is shared by instances of other versions and open to hand edits, and one bad value must not
+    stop every worker from ever reloading its bans."""
+    out: list[BanRecord] = []
+    for v in values:
+        try:
+            out.append(BanRecord.from_json(json.loads(v)))
+        except (ValueError, KeyError, TypeError, RecursionError):
+            log.warning("guard: ignoring an undecodable ban record in Redis: %.200r", v)
+    return out
+
+
+def _failure(fields: dict[str, str]) -> Failure | None:
+    try:
+        return Failure(
+            ts=float(fields["ts"]),
+            kind=fields["kind"],
+            ip=fields["ip"],
+            alias=fields.get("alias", ""),
+            pin=fields.get("pin", ""),
+            origin=fields.get("origin", ""),
+        )
+    except (ValueError, KeyError, TypeError):  # see _decode_bans
+        log.warning("guard: ignoring an undecodable failure event in Redis: %.200r", fields)
+        return None
 
 
 class RedisStore:
@@ -217,8 +238,8 @@ class RedisStore:
         bans = None
         if ver != version:
             raw = await self._call(r.hgetall(self._k_bans))
-            bans = [BanRecord.from_json(json.loads(v)) for v in raw.values()]
-        fails = [_failure(fields) for _, fields in rows]
+            bans = _decode_bans(raw.values())
+        fails = [f for _, fields in rows if (f := _failure(fields)) is not None]
         return Poll(fails, new_cursor, ver, bans, more=len(rows) == BATCH)
 
     async def claim_expired(self, sources: list[str], now: float) -> list[BanRecord]:
@@ -230,14 +251,17 @@ class RedisStore:
         for value in raw:
             if value is None:
                 continue
-            rec = BanRecord.from_json(json.loads(value))
+            decoded = _decode_bans([value])
+            if not decoded:
+                continue
+            rec = decoded[0]
             if rec.expires <= now and await self._call(r.sadd(self._k_logged, rec.source)):
                 out.append(rec)
         return out
 
     async def list_bans(self) -> list[BanRecord]:
         raw = await self._call(self._client().hgetall(self._k_bans))
-        return [BanRecord.from_json(json.loads(v)) for v in raw.values()]
+        return _decode_bans(raw.values())
 
     async def remove(self, source: str) -> BanRecord | None:
         self._client()
