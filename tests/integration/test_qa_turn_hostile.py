@@ -509,3 +509,54 @@ async def test_start_errors_name_the_key(tmp_path: Path) -> None:
     svc = TurnService(turn_config(relay_ports="38400-38409"))
     await svc.start()
     await svc.close()
+
+
+async def test_tls_port_stalled_and_garbage_handshakes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before the TLS handshake completes there is no TcpConnection (no cap, no setup timer):
+    a silent client is cut by the handshake timeout, garbage at once."""
+    from confedge.turn import service
+
+    monkeypatch.setattr(service, "TLS_HANDSHAKE_TIMEOUT", 0.5)
+    caplog.set_level(logging.DEBUG)
+    cfg = turn_config(relay_ports="38500-38509", tls_port=38599, state_dir=str(tmp_path))
+    svc = TurnService(cfg)
+    await svc.start()
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", svc.tls_port)
+        assert await _closed_within(r, 3) < 2.5  # silent: closed by the handshake timeout
+        w.close()
+        r, w = await asyncio.open_connection("127.0.0.1", svc.tls_port)
+        w.write(b"\x00\x01\x00\x00\x21\x12\xa4\x42" + bytes(12))  # plain STUN on the TLS port
+        assert await _closed_within(r, 3) < 1.0
+        w.close()
+        await _real_client_relays_tls(svc)
+    finally:
+        await svc.close()
+    assert [r for r in caplog.records if r.exc_info is not None] == []
+
+
+async def _real_client_relays_tls(svc: TurnService) -> None:
+    import ssl
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    loop = asyncio.get_running_loop()
+    peer_t, peer = await loop.create_datagram_endpoint(_Collector, local_addr=("127.0.0.1", 0))
+    turn_t, _ = await create_turn_endpoint(
+        _Collector,
+        server_addr=("127.0.0.1", svc.tls_port),
+        username="turnuser",
+        password="turnpass",
+        transport="tcp",
+        ssl=ctx,
+    )
+    try:
+        turn_t.sendto(b"over tls", peer_t.get_extra_info("sockname"))
+        data, _ = await asyncio.wait_for(peer.received.get(), 5)
+        assert data == b"over tls"
+    finally:
+        turn_t.close()
+        peer_t.close()

@@ -33,6 +33,7 @@ TICK = 1.0  # seconds between timer sweeps; lifetimes are minutes, so 1 s resolu
 
 
 LISTENER_BUFFER = 4 * 1024 * 1024
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 
 def _grow_buffers(sock: socket.socket | None) -> None:
@@ -259,6 +260,10 @@ class TurnService:
                 host=self.host,
                 port=self.cfg.turn.tls_port,
                 ssl=holder.context,
+                # Until the handshake completes no TcpConnection exists (no cap, no setup
+                # timer): a client that stalls mid-handshake is cut here, not after asyncio's
+                # default 60 s.
+                ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT,
                 reuse_address=True,
             )
         except OSError as exc:
