@@ -109,6 +109,8 @@ class ProxyCore:
         # Bounded and emptied when full, so a client inventing values only loses the shortcut.
         self.host_ok: dict[bytes, bool] = {}
         self.targets: dict[bytes, str] = {}
+        # Port 80: (Host, target) -> the Location header line of the 301 (redirect.py).
+        self.locations: dict[tuple[bytes | None, bytes], bytes] = {}
         self.allowlist = tuple(p.path_allowlist)
         self.max_body = p.max_body_bytes
         self.max_header_bytes = p.max_header_bytes

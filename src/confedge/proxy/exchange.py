@@ -243,7 +243,6 @@ class Exchange:
             return
         self.up = conn
         conn.exchange = self
-        conn.headers = []
         conn.timeout = core.read_timeout
         conn.activity = False
         conn.deadline = core.loop.time() + core.read_timeout
@@ -441,8 +440,10 @@ class Exchange:
             elif kind == _R_TRANSFER_ENCODING:
                 chunked_in = True
             elif kind == _R_CONNECTION:
-                toks = frozenset(x.strip() for x in value.lower().split(b","))
-                extra = toks if extra is None else extra | toks
+                v = value.lower()
+                if v != b"keep-alive" and v != b"close":  # the usual values: nothing named
+                    toks = frozenset(x.strip() for x in v.split(b","))
+                    extra = toks if extra is None else extra | toks
             else:
                 if kind == _R_CONTENT_LENGTH:
                     length = value

@@ -14,11 +14,13 @@ byte; an idle keep-alive connection is closed after `proxy.idle_timeout`.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from typing import TYPE_CHECKING
 
 import httptools
 
+from confedge.proxy.core import MEMO_SIZE, normalise_peer
 from confedge.proxy.pages import status_line
 from confedge.proxy.request import Refused, host_allowed, normalise_target, split_host
 
@@ -27,6 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = ["RedirectConnection"]
 
+_INF = math.inf
 _TAIL_KEEP = b"Content-Length: 0\r\n\r\n"
 _TAIL_KEEP_10 = b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"  # RFC 9112 §9.3
 _TAIL_CLOSE = b"Content-Length: 0\r\nConnection: close\r\n\r\n"
@@ -38,10 +41,12 @@ class RedirectConnection(asyncio.Protocol):
     __slots__ = (
         "_https_port",
         "_timer",
+        "_timer_at",
         "answered",
         "core",
         "deadline",
         "host",
+        "idle_at",
         "method",
         "parser",
         "peer",
@@ -55,6 +60,7 @@ class RedirectConnection(asyncio.Protocol):
     def __init__(self, core: ProxyCore, https_port: int) -> None:
         self.core = core
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = _INF
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -66,13 +72,12 @@ class RedirectConnection(asyncio.Protocol):
         self.version = ""
         self.answered = False
         self.deadline = 0.0
+        self.idle_at = 0.0
         self._https_port = https_port
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from confedge.proxy.core import normalise_peer
-
         self.transport = transport  # type: ignore[assignment]
         self.peer = normalise_peer(transport.get_extra_info("peername"))
         self._set_deadline(self.core.loop.time() + self.core.header_timeout)
@@ -81,6 +86,7 @@ class RedirectConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_at = _INF
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -105,14 +111,15 @@ class RedirectConnection(asyncio.Protocol):
     def _set_deadline(self, deadline: float) -> None:
         """Move the deadline; the timer is re-armed only when it would fire too late."""
         self.deadline = deadline
-        timer = self._timer
-        if timer is None or timer.when() > deadline:
-            if timer is not None:
-                timer.cancel()
+        if deadline < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = self.core.loop.call_at(deadline, self._expire)
+            self._timer_at = deadline
 
     def _expire(self) -> None:
         self._timer = None
+        self._timer_at = _INF
         t = self.transport
         if t is None or t.is_closing():
             return
@@ -121,6 +128,7 @@ class RedirectConnection(asyncio.Protocol):
             t.abort()
         else:
             self._timer = loop.call_at(self.deadline, self._expire)
+            self._timer_at = self.deadline
 
     def _close(self) -> None:
         t = self.transport
@@ -134,7 +142,15 @@ class RedirectConnection(asyncio.Protocol):
         self.host = self.ua = self.referer = None
         self.method = self.version = ""
         self.answered = False
-        self._set_deadline(self.core.loop.time() + self.core.header_timeout)
+        core = self.core
+        now = core.loop.time()
+        # The idle deadline after this answer, taken from the same clock reading (the answer
+        # follows within microseconds unless a request body trickles in).
+        self.idle_at = now + core.idle_timeout
+        deadline = now + core.header_timeout
+        self.deadline = deadline
+        if deadline < self._timer_at:
+            self._set_deadline(deadline)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -158,17 +174,32 @@ class RedirectConnection(asyncio.Protocol):
         self._answer(close=not self.parser.should_keep_alive())
 
     def on_message_complete(self) -> None:
-        self._set_deadline(self.core.loop.time() + self.core.idle_timeout)
+        deadline = self.idle_at
+        self.deadline = deadline
+        if deadline < self._timer_at:
+            self._set_deadline(deadline)
 
     # -- answers --------------------------------------------------------------------------------
 
     def _answer(self, *, close: bool) -> None:
-        try:
-            target = normalise_target(self.url.decode("ascii"))
-        except (Refused, UnicodeDecodeError):
-            self._send(400, b"", close=True)
-            return
         core = self.core
+        key = (self.host, self.url)
+        location = core.locations.get(key)
+        if location is None:
+            try:
+                location = self._location()
+            except (Refused, UnicodeDecodeError):
+                self._send(400, b"", close=True)
+                return
+            if len(core.locations) >= MEMO_SIZE:
+                core.locations.clear()
+            core.locations[key] = location
+        self._send(301, location, close=close)
+
+    def _location(self) -> bytes:
+        """The Location header line for this request's Host and target."""
+        core = self.core
+        target = normalise_target(self.url.decode("ascii"))
         host = core.cfg.server.fqdn
         if self.host is not None:
             h = self.host.decode("latin-1").strip()
@@ -178,8 +209,7 @@ class RedirectConnection(asyncio.Protocol):
                 host = split_host(h)
         port = self._https_port
         netloc = host if port == 443 else f"{host}:{port}"
-        location = f"https://{netloc}{target}".encode()
-        self._send(301, b"Location: " + location + b"\r\n", close=close)
+        return b"Location: " + f"https://{netloc}{target}".encode() + b"\r\n"
 
     def _send(self, status: int, extra: bytes, *, close: bool) -> None:
         t = self.transport

@@ -224,7 +224,18 @@ class ClientConnection(asyncio.BufferedProtocol):
         return self.core.read_view
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.core.read_view[:nbytes])
+        data = self.core.read_view[:nbytes]
+        if self.tunnel or self.discard or self.in_head:
+            self.data_received(data)
+            return
+        # The common case, a new request (or several) in this read: straight to the parser.
+        self.activity = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            self._upgrade(bytes(data[exc.args[0] :]))
+        except httptools.HttpParserError as exc:
+            self._parse_error(exc)
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the client (a view of the shared buffer, or bytes from a hand-off)."""
@@ -250,14 +261,18 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(bytes(data[exc.args[0] :]))
-        except httptools.HttpParserInvalidMethodError:
-            self.refuse(501, "unknown method")
         except httptools.HttpParserError as exc:
-            r = self.refusal
-            if r is not None:
-                self.refuse(r.status, r.reason)
-            elif self.transport is not None and not self.transport.is_closing():
-                self.refuse(400, f"malformed request: {exc}")
+            self._parse_error(exc)
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> None:
+        if isinstance(exc, httptools.HttpParserInvalidMethodError):
+            self.refuse(501, "unknown method")
+            return
+        r = self.refusal
+        if r is not None:
+            self.refuse(r.status, r.reason)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.refuse(400, f"malformed request: {exc}")
 
     def eof_received(self) -> bool | None:
         # A client half-close while a response is due: keep our side open to deliver it.
@@ -270,7 +285,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.in_head = True
         self.head_raw = 0
         if self.exchange is None and self.tmode == T_IDLE:
-            self._set_timeout(T_HEAD, self.core.header_timeout, absolute=True)
+            # _set_timeout(T_HEAD, header_timeout, absolute=True), inlined (once per request)
+            self.tmode = T_HEAD
+            self.timeout = 0.0
+            self.activity = False
+            core = self.core
+            self.deadline = core.loop.time() + core.header_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.cur
@@ -399,11 +419,18 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _start(self, req: Request) -> None:
         core = self.core
-        expecting = not req.complete and self._body_expected(req)
+        expecting = not req.complete and (
+            req.chunked or (req.content_length is not None and req.content_length != b"0")
+        )
         # While a body is buffered the whole of it must arrive within body_timeout (absolute):
         # a client trickling bytes (slowhttptest -B, "R-U-Dead-Yet") is cut off before any
         # node sees the request, as behind the reference's nginx.
-        self._set_timeout(T_BODY if expecting else T_NONE, core.body_timeout, absolute=expecting)
+        if expecting:
+            self._set_timeout(T_BODY, core.body_timeout, absolute=True)
+        else:
+            self.tmode = T_NONE  # _set_timeout(T_NONE), inlined
+            self.timeout = 0.0
+            self.deadline = _INF
         client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
         guard = core.guard
         if guard is not None:
@@ -417,7 +444,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         if static is not None and static.match(path.partition("?")[0]):
             self._serve_static(req)
             return
-        if not path_allowed(path, core.allowlist):
+        if core.allowlist and not path_allowed(path, core.allowlist):
             self.local_response(req, 404)
             return
         ex = Exchange(self, req, client_ip)
