@@ -122,8 +122,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------------------------
 
-    def on_message_begin(self) -> None:
-        self.headers = []
+    # (No on_message_begin: httptools skips callbacks a protocol does not define, and the
+    # header list is reset after each head instead; one Python call less per response.)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
@@ -132,6 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         ex = self.exchange
         if ex is not None:
             ex.on_response_head(self)
+        self.headers = []
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
