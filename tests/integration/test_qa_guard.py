@@ -13,6 +13,7 @@ import io
 import logging
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,3 +241,42 @@ def _free_port_in(lo: int, hi: int) -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {lo}-{hi}")
+
+
+def _open_store(path: str, results: Any, barrier: Any) -> None:
+    from confedge.guard.sqlite_store import SQLiteStore
+
+    barrier.wait(10)  # all at once, as workers started by one supervisor
+
+    async def run() -> None:
+        store = SQLiteStore(path)
+        try:
+            await store.open()
+            await store.salt()
+            results.put("ok")
+        except Exception as exc:
+            results.put(repr(exc))
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_workers_creating_the_database_together(tmp_path: Path) -> None:
+    """Proxy workers open the store at the same moment; the open-time integrity check made
+    SQLite answer some of them "database is locked" at once (no busy wait), and a worker that
+    cannot open its store does not start."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(10):
+        path = str(tmp_path / f"r{round_}" / "guard.sqlite3")
+        results = ctx.Queue()
+        barrier = ctx.Barrier(6)
+        procs = [ctx.Process(target=_open_store, args=(path, results, barrier)) for _ in range(6)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        outcomes = [results.get(timeout=5) for _ in procs]
+        assert outcomes == ["ok"] * len(procs), outcomes

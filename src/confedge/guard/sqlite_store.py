@@ -31,6 +31,8 @@ log = logging.getLogger("confedge.guard")
 # directory in the way, a full disk): https://www.sqlite.org/rescode.html
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26
+_SQLITE_BUSY = 5
+_SQLITE_LOCKED = 6
 
 T = TypeVar("T")
 
@@ -87,7 +89,7 @@ class SQLiteStore:
         """
         ensure_state_dir(self.path.parent)
         try:
-            return self._open_db()
+            return self._open_db_when_free()
         except sqlite3.DatabaseError as exc:
             if getattr(exc, "sqlite_errorcode", None) not in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
                 raise
@@ -99,7 +101,21 @@ class SQLiteStore:
                 exc,
                 aside,
             )
-            return self._open_db()
+            return self._open_db_when_free()
+
+    def _open_db_when_free(self) -> sqlite3.Connection:
+        """Workers start together and race to create the file and switch it to WAL; SQLite
+        answers some of those races with "database is locked" at once, without waiting on the
+        busy timeout. Retry for up to 5 s (this runs on the store's own thread)."""
+        for attempt in range(50):
+            try:
+                return self._open_db()
+            except sqlite3.OperationalError as exc:
+                code = getattr(exc, "sqlite_errorcode", None)
+                if code not in (_SQLITE_BUSY, _SQLITE_LOCKED) or attempt == 49:
+                    raise
+                time.sleep(0.1)
+        raise AssertionError("unreachable")
 
     def _open_db(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
