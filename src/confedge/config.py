@@ -388,9 +388,24 @@ class GuardConfig(_Strict):
         return v
 
 
+class TLSCertificate(_Strict):
+    # One more certificate, served to clients whose SNI names one of its DNS names (SPEC §5
+    # "several certificates chosen by SNI"); [tls] cert/key stays the default for the rest.
+    cert: str
+    key: str = ""
+
+    @field_validator("cert")
+    @classmethod
+    def _cert(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError('"" is empty; set cert to the PEM file of this certificate')
+        return v
+
+
 class TLSConfig(_Strict):
     cert: str = ""
     key: str = ""
+    certificates: list[TLSCertificate] = Field(default_factory=list)
 
 
 class ManagementConfig(_Strict):

@@ -35,6 +35,8 @@ __all__ = [
     "ensure_self_signed",
     "generate_self_signed",
     "load_certificate",
+    "load_sni_certificates",
+    "sni_names",
 ]
 
 SELF_SIGNED_NAME = "selfsigned.pem"
@@ -374,21 +376,80 @@ def _read_pem_file(path: str, key: str, kind: str) -> bytes:
 
 
 def load_certificate(
-    cert_path: str, key_path: str, now: dt.datetime, *, expected_name: str | None = None
+    cert_path: str,
+    key_path: str,
+    now: dt.datetime,
+    *,
+    expected_name: str | None = None,
+    label: str = "tls",
 ) -> CertificateInfo:
-    """Read and check the operator's [tls] cert/key files (key_path "" = key inside cert)."""
-    cert_pem = _read_pem_file(cert_path, "tls.cert", "certificate")
+    """Read and check a cert/key pair of [tls] (key_path "" = key inside cert).
+
+    `label` names the pair in messages: "tls" for tls.cert/tls.key, "tls.certificates[1]" for
+    an SNI certificate.
+    """
+    cert_pem = _read_pem_file(cert_path, f"{label}.cert", "certificate")
     key_pem: bytes | None = None
     if key_path:
-        key_pem = _read_pem_file(key_path, "tls.key", "private key")
+        key_pem = _read_pem_file(key_path, f"{label}.key", "private key")
     return check_pem(
         cert_pem,
         key_pem,
         now,
         expected_name=expected_name,
-        where=f"tls.cert ({cert_path})",
-        key_where=f"tls.key ({key_path})" if key_path else "tls.key",
+        where=f"{label}.cert ({cert_path})",
+        key_where=f"{label}.key ({key_path})" if key_path else f"{label}.key",
     )
+
+
+def sni_names(names: tuple[str, ...]) -> tuple[str, ...]:
+    """The DNS names of a certificate that SNI can select (lower case, no IP addresses).
+
+    RFC 6066 §3: a server_name is a DNS host name, never an IP literal, so a certificate's IP
+    SANs can only ever be served as the default.
+    """
+    out: list[str] = []
+    for n in names:
+        try:
+            ipaddress.ip_address(n)
+        except ValueError:
+            out.append(n.lower().rstrip("."))
+    return tuple(out)
+
+
+def load_sni_certificates(
+    cfg: Config, now: dt.datetime, default_names: tuple[str, ...] = ()
+) -> tuple[list[tuple[str, str, CertificateInfo]], list[str]]:
+    """Check every [[tls.certificates]] entry; return ([(cert, key, info)], warnings).
+
+    Raises CertificateError naming the entry (tls.certificates[i]) for the first unusable one.
+    Warns about a certificate with no DNS name (SNI can never select it) and about names that
+    an earlier certificate already serves (the earlier one wins).
+    """
+    out: list[tuple[str, str, CertificateInfo]] = []
+    warnings: list[str] = []
+    seen: dict[str, str] = {
+        n: "the default certificate (tls.cert)" for n in sni_names(default_names)
+    }
+    for i, entry in enumerate(cfg.tls.certificates):
+        label = f"tls.certificates[{i}]"
+        info = load_certificate(entry.cert, entry.key, now, label=label)
+        names = sni_names(info.names)
+        if not names:
+            warnings.append(
+                f"{label}.cert ({entry.cert}): the certificate has no DNS names in its "
+                "subjectAltName, so no client can select it by SNI"
+            )
+        for n in names:
+            if n in seen:
+                warnings.append(
+                    f"{label}.cert ({entry.cert}): {n} is already served by {seen[n]}; "
+                    "the earlier certificate wins"
+                )
+            else:
+                seen[n] = label
+        out.append((entry.cert, entry.key, info))
+    return out, warnings
 
 
 def check_tls_config(cfg: Config, now: dt.datetime) -> tuple[list[str], list[str]]:
@@ -398,12 +459,27 @@ def check_tls_config(cfg: Config, now: dt.datetime) -> tuple[list[str], list[str
     nothing to check: a self-signed certificate is generated (or reused) in server.state_dir
     at start.
     """
+    problems: list[str] = []
+    warnings: list[str] = []
+    default_names: tuple[str, ...] = ()
     if not cfg.tls.cert:
         if cfg.tls.key:
-            return (["tls.key: is set but tls.cert is empty; set tls.cert to the certificate"], [])
-        return [], []
-    try:
-        info = load_certificate(cfg.tls.cert, cfg.tls.key, now, expected_name=cfg.server.fqdn)
-    except CertificateError as exc:
-        return [str(exc)], []
-    return [], list(info.warnings)
+            problems.append(
+                "tls.key: is set but tls.cert is empty; set tls.cert to the certificate"
+            )
+    else:
+        try:
+            info = load_certificate(cfg.tls.cert, cfg.tls.key, now, expected_name=cfg.server.fqdn)
+            warnings += info.warnings
+            default_names = info.names
+        except CertificateError as exc:
+            problems.append(str(exc))
+    for i, entry in enumerate(cfg.tls.certificates):
+        try:
+            info = load_certificate(entry.cert, entry.key, now, label=f"tls.certificates[{i}]")
+            warnings += info.warnings
+        except CertificateError as exc:
+            problems.append(str(exc))
+    if not problems and cfg.tls.certificates:
+        warnings += load_sni_certificates(cfg, now, default_names)[1]
+    return problems, warnings

@@ -13,9 +13,17 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
+from dataclasses import dataclass
 
 from confedge.config import Config
-from confedge.tls.certs import CertificateInfo, ensure_self_signed, load_certificate
+from confedge.tls.certs import (
+    CertificateError,
+    CertificateInfo,
+    ensure_self_signed,
+    load_certificate,
+    load_sni_certificates,
+    sni_names,
+)
 
 __all__ = ["TLSContextHolder", "client_context", "server_context"]
 
@@ -74,20 +82,38 @@ def client_context(verify: bool) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """The contexts one configuration serves, replaced as a whole on reload."""
+
+    default: ssl.SSLContext
+    exact: dict[str, ssl.SSLContext]  # "meet.example.com" -> its certificate's context
+    wildcard: dict[str, ssl.SSLContext]  # "example.com" for a "*.example.com" certificate
+
+
 class TLSContextHolder:
-    """The listeners' SSLContext, reloadable from the configuration at run time."""
+    """The listeners' SSLContext, reloadable from the configuration at run time.
+
+    Several certificates (SPEC §5, `[[tls.certificates]]`): each gets its own SSLContext, and
+    the servername callback hands a handshake to the one whose certificate names the SNI
+    (RFC 6066 §3) -- exact names first, then a wildcard covering one left-most label (RFC 6125
+    §6.4.3) -- or to the default certificate ([tls] cert, or the generated one) when none does
+    or the client sent no SNI. The default certificate's own names are looked up first, so an
+    extra certificate never takes over a name the default one serves.
+    """
 
     def __init__(self, cfg: Config) -> None:
         self._cfg = cfg
         self.info: CertificateInfo
+        self.infos: list[CertificateInfo] = []
         self.certfile = ""
-        self._current = self._build()
+        self._sel = self._build()
         # The outer context is the one given to create_server; it hands each handshake over to
-        # the current one. It must hold a certificate itself for OpenSSL to accept it.
-        self.context = self._current
+        # the selected one. It must hold a certificate itself for OpenSSL to accept it.
+        self.context = self._sel.default
         self.context.sni_callback = self._select
 
-    def _build(self) -> ssl.SSLContext:
+    def _build(self) -> _Selection:
         cfg = self._cfg
         now = dt.datetime.now(dt.UTC)
         fqdn = cfg.server.fqdn
@@ -108,34 +134,69 @@ class TLSContextHolder:
             if created:
                 log.warning("generated a self-signed certificate for %s in %s", fqdn, path)
             certfile, keyfile = str(path), None
+        extra, sni_warnings = load_sni_certificates(cfg, now, info.names)
         for w in info.warnings:
             log.warning("%s", w)
+        for _, _, extra_info in extra:
+            for w in extra_info.warnings:
+                log.warning("%s", w)
+        for w in sni_warnings:
+            log.warning("%s", w)
+        default = _context(certfile, keyfile, "tls.cert")
+        exact: dict[str, ssl.SSLContext] = {}
+        wildcard: dict[str, ssl.SSLContext] = {}
+        pairs = [(default, info)]
+        for i, (cert, key, extra_info) in enumerate(extra):
+            pairs.append((_context(cert, key or None, f"tls.certificates[{i}].cert"), extra_info))
+        for ctx, ci in pairs:
+            for name in sni_names(ci.names):
+                if name.startswith("*."):
+                    wildcard.setdefault(name[2:], ctx)
+                else:
+                    exact.setdefault(name, ctx)
         self.info = info
+        self.infos = [ci for _, ci in pairs]
         self.certfile = certfile
-        try:
-            return server_context(certfile, keyfile)
-        except ssl.SSLError as exc:
-            from confedge.tls.certs import CertificateError
-
-            raise CertificateError(
-                f"tls.cert: OpenSSL refused the certificate/key: {exc}"
-            ) from None
+        if len(pairs) == 1:
+            exact, wildcard = {}, {}  # one certificate: nothing to choose
+        return _Selection(default, exact, wildcard)
 
     def _select(self, sslobj: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
-        if self._current is not ctx:
-            sslobj.context = self._current
+        sel = self._sel
+        target = sel.default
+        if server_name and (sel.exact or sel.wildcard):
+            name = server_name.lower().rstrip(".")
+            found = sel.exact.get(name)
+            if found is None:
+                _, dot, parent = name.partition(".")
+                if dot:
+                    found = sel.wildcard.get(parent)
+            if found is not None:
+                target = found
+        if target is not ctx:
+            sslobj.context = target
 
     def reload(self, cfg: Config | None = None) -> CertificateInfo:
-        """Load the certificate again (new handshakes use it; open connections are untouched).
+        """Load the certificates again (new handshakes use them; open connections are untouched).
 
-        On error the old context stays in service and CertificateError propagates.
+        On error the old contexts stay in service and CertificateError propagates.
         """
         if cfg is not None:
             self._cfg = cfg
-        new = self._build()
-        new.sni_callback = self._select
-        self._current = new
+        sel = self._build()
+        sel.default.sni_callback = self._select
+        self._sel = sel
         log.info(
-            "TLS certificate reloaded: %s, valid until %s", self.info.subject, self.info.not_after
+            "TLS certificate reloaded: %s, valid until %s%s",
+            self.info.subject,
+            self.info.not_after,
+            f" (+{len(self.infos) - 1} chosen by SNI)" if len(self.infos) > 1 else "",
         )
         return self.info
+
+
+def _context(certfile: str, keyfile: str | None, where: str) -> ssl.SSLContext:
+    try:
+        return server_context(certfile, keyfile)
+    except ssl.SSLError as exc:
+        raise CertificateError(f"{where}: OpenSSL refused the certificate/key: {exc}") from None
