@@ -451,6 +451,11 @@ class Config(_Strict):
                 "(clients are told to send media to it); set server.external_address to the "
                 "address clients reach"
             )
+        if self.tls.key and not self.tls.cert:
+            problems.append(
+                f'tls.key: "{self.tls.key}" is set but tls.cert is empty, so a generated '
+                "certificate would be used and the key ignored; set tls.cert too"
+            )
         problems.extend(self._port_clashes())
         if problems:
             raise ValueError("\n".join(problems))
