@@ -8,7 +8,7 @@ traceback for an operator mistake).
 from __future__ import annotations
 
 import argparse
-import asyncio
+import datetime as dt
 import json
 import logging
 import sys
@@ -28,12 +28,15 @@ def _setup_logging(level: str) -> None:
 
 
 def _run_loop(coro: Any) -> int:
-    try:
-        import uvloop
+    import uvloop  # a hard dependency: the hot paths are written for it
 
+    try:
         result: int = uvloop.run(coro)
-    except ImportError:  # pragma: no cover - uvloop is a hard dependency on Linux
-        result = asyncio.run(coro)
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handlers were installed (during start-up): what had
+        # started was stopped by Runtime.start's cleanup; exit like a shell would.
+        print("confedge: interrupted during start-up", file=sys.stderr)
+        return 130
     return result
 
 
@@ -48,10 +51,21 @@ def _load(path: str) -> Config:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
+    from confedge.tls.certs import check_tls_config
+
+    # The certificate files are checked too (key matches, chain order, names, expiry), so a
+    # bad [tls] section is found before `confedge run` at 2 a.m.
+    problems, warnings = check_tls_config(cfg, dt.datetime.now(dt.UTC))
+    if problems:
+        for line in problems:
+            print(f"confedge: {line}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(cfg.masked(), indent=2))
     else:
         print(f"# {args.config}: configuration is valid; effective values (secrets masked)")
+        for line in warnings:
+            print(f"# warning: {line}")
         print(to_toml(cfg.masked()))
     return 0
 
@@ -59,7 +73,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     _setup_logging(args.log_level)
-    Path(cfg.server.state_dir).mkdir(parents=True, exist_ok=True)
+    state = Path(cfg.server.state_dir)
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(
+            f"confedge: server.state_dir: cannot create {state}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return 2
 
     async def main() -> int:
         from confedge.runtime import Runtime, wait_for_signal
@@ -67,7 +89,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         rt = Runtime(cfg)
         try:
             await rt.start()
-        except OSError as exc:
+        except (OSError, ConfigError) as exc:
+            # Listener, certificate (CertificateError is an OSError) and store problems are
+            # one line each; Runtime.start has already stopped what had started.
             print(f"confedge: cannot start: {exc}", file=sys.stderr)
             return 1
         sig = await wait_for_signal(on_hup=rt.reload)

@@ -307,3 +307,10 @@ def test_procstats_reads_this_process() -> None:
         child.kill()
         child.wait()
     assert child.pid not in child_pids()
+
+
+def test_absurd_ban_expiry_does_not_break_the_page() -> None:
+    from confedge.admin.render import _utc
+
+    assert _utc(1e300) == "never"
+    assert _utc(0.0).startswith("1970-01-01")

@@ -201,3 +201,54 @@ def test_every_key_is_documented() -> None:
             )
     for key in StaticMount.model_fields:
         assert f"| `{key}` |" in doc
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "confedge", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_check_reads_the_certificate_files(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+    path = tmp_path / "c.toml"
+    path.write_text(f'[proxy]\nenabled = false\n[turn]\nenabled = false\n[tls]\ncert = "{cert}"\n')
+    proc = _run_cli("check", "--config", str(path))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("confedge: ") and str(cert) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_with_an_uncreatable_state_dir_is_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = tmp_path / "c.toml"
+    path.write_text(
+        f'[server]\nstate_dir = "{blocker}/sub"\n[proxy]\nenabled = false\n[turn]\nenabled = false\n'
+    )
+    proc = _run_cli("run", "--config", str(path))
+    assert proc.returncode == 2
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"confedge: server.state_dir: cannot create {blocker}/sub")
+    )
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_with_a_busy_port_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        path = tmp_path / "c.toml"
+        path.write_text(
+            f'[server]\nstate_dir = "{tmp_path}/state"\n[proxy]\nenabled = false\n[management]\nenabled = false\n'
+            f'[turn]\nport = {port}\ntls_port = 0\nusername = "u"\npassword = "p"\nmedia_nodes = ["127.0.0.1"]\n'
+        )
+        proc = _run_cli("run", "--config", str(path))
+    assert proc.returncode == 1
+    assert f"turn.port: cannot listen for TURN/STUN (udp) on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -271,7 +271,10 @@ def _e(v: object) -> str:
 def _utc(t: float | None) -> str:
     if t is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t))
+    except (OverflowError, OSError, ValueError):  # a stored expiry beyond any calendar
+        return "never"
 
 
 def duration(seconds: float | None) -> str:
