@@ -41,6 +41,9 @@ class Balancer:
         n = self.n
         start = self._next
         up = self.up
+        if start < n and up[start] and not tried >> start & 1:  # usual: the next node is fine
+            self._next = start + 1 if start + 1 < n else 0
+            return start
         for k in range(n):
             i = (start + k) % n
             if up[i] and not tried >> i & 1:
