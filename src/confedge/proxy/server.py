@@ -135,7 +135,8 @@ class ClientConnection(asyncio.BufferedProtocol):
     uvloop's SSL transport reads a plain Protocol's data with `SSLObject.read(256 KiB)`, which
     glibc serves with an mmap + mremap + munmap per request. Sharing one buffer per worker is
     safe because everything read is consumed synchronously in `buffer_updated` (httptools hands
-    its callbacks copies); only tunnel bytes outlive the call, and those are copied.
+    its callbacks copies; a transport's resume_reading schedules the next read, it never
+    re-enters a read in progress); only tunnel bytes outlive the call, and those are copied.
     """
 
     __slots__ = (
