@@ -294,10 +294,13 @@ def memory_kib(pid: int) -> tuple[int, int, int]:
 class Servers:
     """The upstream nginx, the reference nginx and confedge, started on demand."""
 
-    def __init__(self, work: Path, workers: int, worker_connections: int) -> None:
+    def __init__(
+        self, work: Path, workers: int, worker_connections: int, native: Path | None = None
+    ) -> None:
         self.w = work
         self.workers = workers
         self.worker_connections = worker_connections
+        self.native = native  # a build_native.py output dir to put first on PYTHONPATH
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start_upstreams(self) -> None:
@@ -349,8 +352,17 @@ class Servers:
         (self.w / "state").mkdir(exist_ok=True)
         exe = VENV_BIN / "confedge"
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "confedge.cli"]
+        env = None
+        if self.native is not None:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(self.native), env.get("PYTHONPATH", "")) if p
+            )
         proc = _start(
-            [*cmd, "run", "--config", str(conf)], self.w / "confedge.out", preexec_fn=_raise_nofile
+            [*cmd, "run", "--config", str(conf)],
+            self.w / "confedge.out",
+            preexec_fn=_raise_nofile,
+            env=env,
         )
         self.procs["confedge"] = proc
         _wait_port(CE_HTTPS, proc, "confedge")
@@ -688,6 +700,8 @@ def bench_sse(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
+    if results.get("args", {}).get("native"):
+        lines += ["confedge ran with its proxy hot path compiled by mypyc (--native).", ""]
     if results.get("throughput"):
         lines += [
             "| scenario | server | req/s | p50 ms | p99 ms | CPU µs/req | errors |",
@@ -749,6 +763,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     ap.add_argument(
+        "--native", action="store_true",
+        help="run confedge with its proxy hot path compiled by mypyc (build_native.py)",
+    )  # fmt: skip
+    ap.add_argument(
         "--profile", type=Path, default=None, metavar="DIR",
         help="py-spy one confedge worker during the first round of each scenario (needs py-spy)",
     )  # fmt: skip
@@ -771,8 +789,16 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{tool} is missing: apt-get install nginx wrk")
     work = Path(tempfile.mkdtemp(prefix="confedge-bench-proxy-"))
     make_cert(work)
+    native = None
+    if args.native:
+        from build_native import build  # type: ignore[import-not-found]
+
+        native = build(work / "native")
     servers = Servers(
-        work, args.workers, worker_connections=min(19000, max(8192, args.sse * 2 + 1024))
+        work,
+        args.workers,
+        worker_connections=min(19000, max(8192, args.sse * 2 + 1024)),
+        native=native,
     )
     results: dict[str, Any] = {
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
