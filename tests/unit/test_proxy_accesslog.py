@@ -67,9 +67,18 @@ def test_empty_values_are_dashes() -> None:
 
 def test_multiple_upstream_attempts_as_nginx_joins_them() -> None:
     line = format_line(
-        "10.1.1.1", NOW, "GET /api HTTP/1.1", 200, 5, None, "curl/8",
-        "10.0.0.11:443, 10.0.0.12:443", "502, 200", "0.004, 0.010", time_local=UTC_TIME,
-    )  # fmt: skip
+        "10.1.1.1",
+        NOW,
+        "GET /api HTTP/1.1",
+        200,
+        5,
+        None,
+        "curl/8",
+        "10.0.0.11:443, 10.0.0.12:443",
+        "502, 200",
+        "0.004, 0.010",
+        time_local=UTC_TIME,
+    )
     m = LINE_RE.match(line)
     assert m and m["uaddr"] == "10.0.0.11:443, 10.0.0.12:443" and m["ustatus"] == "502, 200"
 
@@ -126,9 +135,15 @@ class TestFilter:
 
     def test_filtered_in_request_and_referer_not_in_user_agent(self) -> None:
         line = format_line(
-            "1.1.1.1", NOW, "GET /x?token=SECRET1 HTTP/1.1", 200, 0,
-            "https://h/?pin=SECRET2", "ua?pin=kept", time_local=UTC_TIME,
-        )  # fmt: skip
+            "1.1.1.1",
+            NOW,
+            "GET /x?token=SECRET1 HTTP/1.1",
+            200,
+            0,
+            "https://h/?pin=SECRET2",
+            "ua?pin=kept",
+            time_local=UTC_TIME,
+        )
         assert "SECRET" not in line
         assert "ua?pin=kept" in line  # the reference filters $request and $http_referer only
 
@@ -154,6 +169,57 @@ class TestTimeLocal:
         t = TimeLocal(utc=True)
         assert t(NOW) is t(NOW + 0.5)
         assert t(NOW + 1) == "25/Nov/2026:12:00:01 +0000"
+
+
+_FIELD = st.one_of(st.none(), st.text(max_size=12), st.binary(max_size=12))
+_TEXT = st.one_of(st.none(), st.text(max_size=12))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["1.2.3.4", "2001:db8::1", 'x"y']),
+            st.sampled_from(["GET /a?pin=1 HTTP/1.1", 'GET /"\\ HTTP/1.0', "-"]),
+            st.integers(100, 599),
+            st.integers(0, 10**9),
+            _FIELD,
+            _FIELD,
+            _TEXT,
+            _TEXT,
+            _TEXT,
+        ),
+        max_size=20,
+    )
+)
+def test_writer_lines_equal_format_line(rows: list[tuple]) -> None:  # type: ignore[type-arg]
+    """The writer's memoised formatting gives exactly format_line's text, repeats included."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "access.log"
+        log = AccessLog(str(path), time_local=UTC_TIME)
+        want = []
+        for row in rows + rows:  # the second pass hits the memos
+            addr, req, status, nbytes, ref, ua, uaddr, ustatus, utime = row
+            log.log(addr, NOW, req, status, nbytes, ref, ua, uaddr, ustatus, utime)
+            want.append(
+                format_line(
+                    addr,
+                    NOW,
+                    req,
+                    status,
+                    nbytes,
+                    ref,
+                    ua,
+                    uaddr,
+                    ustatus,
+                    utime,
+                    time_local=UTC_TIME,
+                )
+            )
+        log.close()
+        got = path.read_bytes().decode("utf-8").split("\n")[:-1] if want else []
+        assert got == want
 
 
 class TestWriter:

@@ -214,9 +214,10 @@ class AccessLog:
         self._buf: list[str] = []
         self._size = 0
         self._parts: dict[
-            tuple[str, str, str | bytes | None, str | bytes | None, str | None, str | None],
-            tuple[str, str, str],
+            tuple[str, str | bytes | None, str | bytes | None, str | None, str | None],
+            tuple[str, str],
         ] = {}
+        self._addrs: dict[str, str] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._fd = -1
         self._own_fd = False
@@ -265,11 +266,14 @@ class AccessLog:
         paths with the same User-Agent through the same node), and escaping and secret
         filtering of those fields is most of the cost of a line. So the escaped text around
         the per-request values (time, status, bytes, response time) is kept per distinct
-        (address, request line, Referer, User-Agent, node, node status); the cache is bounded
-        and simply emptied when full, so a client sending endless distinct URLs only turns it
-        into the uncached path.
+        (request line, Referer, User-Agent, node, node status), and the escaped address per
+        address; both memos are bounded and simply emptied when full, so a client sending
+        endless distinct URLs only turns them into the uncached path.
         """
-        key = (remote_addr, request, referer, user_agent, upstream_addr, upstream_status)
+        addr = self._addrs.get(remote_addr)
+        if addr is None:
+            addr = self._remember_addr(remote_addr)
+        key = (request, referer, user_agent, upstream_addr, upstream_status)
         parts = self._parts.get(key)
         if parts is None:
             parts = self._make_parts(key)
@@ -279,18 +283,24 @@ class AccessLog:
         elif _NEEDS_ESCAPE_RE.search(t) is not None:
             t = escape(t)
         self.write_line(
-            f'{parts[0]}{self.time_local(now)}{parts[1]}{status} {body_bytes_sent}{parts[2]}{t}"'
+            f'{addr}{self.time_local(now)}{parts[0]}{status} {body_bytes_sent}{parts[1]}{t}"'
         )
+
+    def _remember_addr(self, remote_addr: str) -> str:
+        text = f"{escape(remote_addr)} - - ["
+        if len(self._addrs) >= _PARTS_CACHE_SIZE:
+            self._addrs.clear()
+        self._addrs[remote_addr] = text
+        return text
 
     def _make_parts(
         self,
-        key: tuple[str, str, str | bytes | None, str | bytes | None, str | None, str | None],
-    ) -> tuple[str, str, str]:
-        remote_addr, request, referer, user_agent, upstream_addr, upstream_status = key
+        key: tuple[str, str | bytes | None, str | bytes | None, str | None, str | None],
+    ) -> tuple[str, str]:
+        request, referer, user_agent, upstream_addr, upstream_status = key
         if isinstance(referer, bytes):
             referer = referer.decode("latin-1")
         parts = (
-            f"{escape(remote_addr)} - - [",
             f']  "{escape(filter_secrets(request))}" ',
             f' "{escape(filter_secrets(referer)) if referer else ""}" '
             f'"{escape(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" "',
