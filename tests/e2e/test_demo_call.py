@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import ssl
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nodesim_driver import CHROMIUM, require_browser, run_driver
 
 pytest.importorskip("aiortc")
 
@@ -43,46 +43,11 @@ pytestmark = pytest.mark.chromium
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CHROMIUM = "/usr/bin/chromium"
-DRIVER = HERE / "nodesim_chromium_driver.mjs"  # shared with test_nodesim_chromium.py
 BASE = "https://127.0.0.1:8443"
 STATUS_JSON = "http://127.0.0.1:9090/status.json"
 RELAY_LO, RELAY_HI = 50000, 50999  # data/demo.toml turn.relay_ports
 MAXRETRY = 10  # data/demo.toml guard.maxretry
 HOST_PIN = "1234"
-
-
-def _require_browser() -> str:
-    node = shutil.which("node")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    if node is None:
-        pytest.skip("node is missing (needed to drive Chromium with playwright-core)")
-    if not (HERE / "node_modules" / "playwright-core").is_dir():
-        pytest.skip("playwright-core is missing: npm install --prefix tests/e2e playwright-core")
-    return node
-
-
-async def run_driver(node_bin: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    """One browser session (see the driver's header for cfg); its one-line JSON report."""
-    proc = await asyncio.create_subprocess_exec(
-        node_bin,
-        str(DRIVER),
-        json.dumps(cfg),
-        cwd=str(HERE),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError("the Chromium driver did not finish in time") from None
-    lines = out.decode().strip().splitlines()
-    assert lines, f"driver printed nothing; stderr: {err.decode()[-2000:]}"
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 def _http(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -219,7 +184,7 @@ def _check_call(result: dict[str, Any], who: str) -> None:
 
 @pytest.mark.parametrize("variant", ["in-process", "subprocess"])
 async def test_demo_call(variant: str, tmp_path: Path) -> None:
-    node_bin = _require_browser()
+    node_bin = require_browser()
     artifacts = ROOT / "artifacts"
     artifacts.mkdir(exist_ok=True)
     shot = artifacts / ("demo_call.png" if variant == "in-process" else "demo_call_subprocess.png")

@@ -15,12 +15,12 @@ import asyncio
 import contextlib
 import json
 import random
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nodesim_driver import CHROMIUM, require_browser, run_driver
 
 pytest.importorskip("aiortc")
 
@@ -32,19 +32,6 @@ pytestmark = pytest.mark.chromium
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-CHROMIUM = "/usr/bin/chromium"
-DRIVER = HERE / "nodesim_chromium_driver.mjs"
-
-
-def _require_browser() -> str:
-    node = shutil.which("node")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
-    if node is None:
-        pytest.skip("node is missing (needed to drive Chromium with playwright-core)")
-    if not (HERE / "node_modules" / "playwright-core").is_dir():
-        pytest.skip("playwright-core is missing: npm install --prefix tests/e2e playwright-core")
-    return node
 
 
 @pytest.fixture
@@ -75,27 +62,6 @@ async def turn(tmp_path: Path) -> AsyncIterator[tuple[TurnService, tuple[int, in
         yield service, (lo, lo + 49)
     finally:
         await service.close()
-
-
-async def run_driver(node_bin: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
-    proc = await asyncio.create_subprocess_exec(
-        node_bin,
-        str(DRIVER),
-        json.dumps(cfg),
-        cwd=str(HERE),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise AssertionError("the Chromium driver did not finish in time") from None
-    lines = out.decode().strip().splitlines()
-    assert lines, f"driver printed nothing; stderr: {err.decode()[-2000:]}"
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 @contextlib.asynccontextmanager
@@ -134,7 +100,7 @@ async def test_join_with_pin_call_through_turn(
     turn: tuple[TurnService, tuple[int, int]], path: str, tmp_path: Path
 ) -> None:
     """The browser reaches the node directly, or through confedge's HTTPS proxy (SPEC §2)."""
-    node_bin = _require_browser()
+    node_bin = require_browser()
     service, (relay_lo, relay_hi) = turn
     info = service.info()
     tinfo = TurnInfo(info["host"], info["port"], info["username"], info["password"])
