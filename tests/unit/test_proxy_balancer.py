@@ -10,7 +10,8 @@ from confedge.proxy.health import HealthMonitor, NodeState
 
 def make(policy: str, n: int = 3) -> tuple[Balancer, HealthMonitor]:
     h = HealthMonitor(n, rise=2, fall=2)
-    return Balancer([f"10.0.0.{i}:443" for i in range(n)], h.up, policy), h  # type: ignore[arg-type]
+    keys = [f"10.0.0.{i}:443" for i in range(n)]
+    return Balancer(keys, h.up, policy, h.serving), h  # type: ignore[arg-type]
 
 
 def test_round_robin_skips_down_and_tried() -> None:
@@ -76,3 +77,14 @@ def test_health_ok_streak_resets_on_failure() -> None:
     h.check_result(0, "ok", 5.0)
     assert h.states[0] is NodeState.DOWN
     assert h.check_result(0, "ok", 6.0) is not None
+
+
+def test_pick_serving_includes_maintenance_not_down() -> None:
+    """New requests skip a node in maintenance; a refused token-bearing request may look there."""
+    b, h = make("round-robin", 3)
+    h.check_result(1, "maintenance", 1.0)
+    assert 1 not in {b.pick("c", 0) for _ in range(6)}
+    assert b.pick_serving("c", 0b101) == 1  # 0 and 2 already refused the token
+    h.check_result(1, "fail", 2.0, "connection refused")
+    assert h.states[1] is NodeState.DOWN
+    assert b.pick_serving("c", 0b101) is None

@@ -4,7 +4,8 @@ Every policy skips nodes that are not UP (health.py) and nodes already tried for
 (a bitmask, so failover never loops). ip-hash is rendezvous hashing (highest random weight):
 each client address ranks the nodes by crc32(address, node); when a node goes down only its
 own clients move, and when it returns they move back, which keeps a client's SSE stream and
-its REST calls on one node (SPEC §2 affinity). crc32 rather than hash(): Python salts str
+its REST calls on one node (SPEC §2 affinity); `pick_serving` also looks at nodes in maintenance,
+for token-bearing requests a node refused (exchange.py). crc32 rather than hash(): Python salts str
 hashes per process, and every worker process must pick the same node for one client.
 """
 
@@ -21,9 +22,13 @@ Policy = Literal["round-robin", "ip-hash", "least-conn"]
 class Balancer:
     """Picks node indices; `active[i]` is maintained by the caller (requests in flight)."""
 
-    def __init__(self, keys: list[str], up: list[bool], policy: Policy) -> None:
+    def __init__(
+        self, keys: list[str], up: list[bool], policy: Policy, serving: list[bool] | None = None
+    ) -> None:
         self.n = len(keys)
         self.up = up  # shared with HealthMonitor.up: health changes are seen at once
+        # HealthMonitor.serving: UP or MAINTENANCE, i.e. nodes that still hold sessions.
+        self.serving = up if serving is None else serving
         self.policy = policy
         self.active = [0] * self.n
         self._next = 0
@@ -34,8 +39,13 @@ class Balancer:
         if self.policy == "round-robin":
             return self._round_robin(tried)
         if self.policy == "ip-hash":
-            return self._ip_hash(client_ip, tried)
+            return self._ip_hash(client_ip, tried, self.up)
         return self._least_conn(tried)
+
+    def pick_serving(self, client_ip: str, tried: int) -> int | None:
+        """The next node that may hold this client's session (UP or in maintenance), for a
+        token-bearing request a node refused; ranked like ip-hash, whatever the policy."""
+        return self._ip_hash(client_ip, tried, self.serving)
 
     def _round_robin(self, tried: int) -> int | None:
         n = self.n
@@ -51,11 +61,10 @@ class Balancer:
                 return i
         return None
 
-    def _ip_hash(self, client_ip: str, tried: int) -> int | None:
+    def _ip_hash(self, client_ip: str, tried: int, up: list[bool]) -> int | None:
         best = -1
         best_score = -1
         ip = client_ip.encode()
-        up = self.up
         for i, salt in enumerate(self._salts):
             if up[i] and not tried >> i & 1:
                 score = zlib.crc32(salt + ip)

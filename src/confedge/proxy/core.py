@@ -139,7 +139,9 @@ class ProxyCore:
         self.read_view = memoryview(bytearray(64 * 1024))
         self.nodes: list[NodeAddress] = p.node_addresses
         self.health = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
-        self.balancer = Balancer([n.netloc for n in self.nodes], self.health.up, p.balance)
+        self.balancer = Balancer(
+            [n.netloc for n in self.nodes], self.health.up, p.balance, self.health.serving
+        )
         self.upstream_ssl: ssl.SSLContext | None = None
         if any(n.scheme == "https" for n in self.nodes):
             self.upstream_ssl = client_context(p.verify_upstream)

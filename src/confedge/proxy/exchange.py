@@ -120,6 +120,7 @@ class Exchange:
         "pin_alias",
         "pin_buf",
         "req",
+        "seek_session",
         "sent",
         "sse",
         "start",
@@ -142,6 +143,9 @@ class Exchange:
         self.up: UpstreamConnection | None = None
         self.node = -1
         self.tried = 0
+        # After a node answered 403 to a request carrying a conference token: the token may
+        # belong to another node (one in maintenance keeps its sessions), so look there too.
+        self.seek_session = False
         self.committed = False
         self.dead = False
         self.status = 0
@@ -202,7 +206,10 @@ class Exchange:
         """Send the request to the next node, or answer the error page when none is left."""
         client = self.client
         core = client.core
-        i = core.balancer.pick(self.client_ip, self.tried)
+        if self.seek_session:
+            i = core.balancer.pick_serving(self.client_ip, self.tried)
+        else:
+            i = core.balancer.pick(self.client_ip, self.tried)
         if i is None:
             if self.tried:
                 status = 504 if self.statuses and self.statuses[-1] == "504" else 502
@@ -414,6 +421,24 @@ class Exchange:
                 conn.close()
                 self._retry(str(status))
                 return
+        if (
+            status == 403
+            and not self.committed
+            and req.complete
+            and req.retain
+            and (req.session or b"?token=" in req.url or b"&token=" in req.url)
+            and core.balancer.pick_serving(self.client_ip, self.tried) is not None
+        ):
+            # A token is valid only on the node that issued it. ip-hash normally sends a
+            # client's requests there, but not while that node is in maintenance (it refuses
+            # new joins, yet keeps its calls, as a real node does) or after its clients were
+            # rebalanced. So a 403 to a token-bearing request is retried on the other nodes
+            # that still hold sessions, maintenance ones included; the last 403 reaches the
+            # client when the token is truly invalid. Stateless, so every worker agrees.
+            conn.close()
+            self.seek_session = True
+            self._retry("403")
+            return
         self.status = status
         self.statuses.append(str(status))
         self.committed = True

@@ -46,6 +46,7 @@ class HealthMonitor:
         self.fall = fall
         self.states = [NodeState.UP] * count  # optimistic: serve at once after start
         self.up = [True] * count  # the hot path reads this list only
+        self.serving = [True] * count  # UP or MAINTENANCE: still holds its sessions
         self.since = [0.0] * count
         self._ok_streak = [0] * count
         self._fail_streak = [0] * count
@@ -56,6 +57,7 @@ class HealthMonitor:
             return None
         self.states[i] = new
         self.up[i] = new is NodeState.UP
+        self.serving[i] = new is not NodeState.DOWN
         self.since[i] = now
         self._ok_streak[i] = 0
         self._fail_streak[i] = 0

@@ -55,7 +55,8 @@ _INF = math.inf
     _H_USER_AGENT,
     _H_REFERER,
     _H_PIN,
-) = range(10)
+    _H_TOKEN,
+) = range(11)
 _STEER: dict[bytes, int] = {
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
@@ -67,6 +68,7 @@ _STEER: dict[bytes, int] = {
     b"user-agent": _H_USER_AGENT,
     b"referer": _H_REFERER,
     b"pin": _H_PIN,
+    b"token": _H_TOKEN,  # a conference session (client API v2), see Exchange.seek_session
 }
 
 # pause() reasons for client reading
@@ -94,6 +96,7 @@ class Request:
         "pin",
         "referer",
         "retain",
+        "session",
         "target",
         "ua",
         "url",
@@ -111,6 +114,7 @@ class Request:
         self.chunked = False
         self.xff: bytes | None = None
         self.pin: bytes | None = None
+        self.session = False
         self.referer: bytes | None = None
         self.ua: bytes | None = None
         self.conn_tokens: bytes | None = None
@@ -344,6 +348,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             req.referer = value
         elif kind == _H_PIN:
             req.pin = value
+        elif kind == _H_TOKEN:
+            req.session = True
 
     def on_headers_complete(self) -> None:
         req = self.cur
