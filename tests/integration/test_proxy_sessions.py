@@ -59,7 +59,8 @@ async def _request(
 
 @pytest.fixture
 async def cluster(tmp_path: Path) -> Any:
-    nodes = [NodeSim(conferences=[Conference("open")], node_name=f"node{i}") for i in (1, 2)]
+    confs = [Conference("open"), Conference("meet", "1234")]
+    nodes = [NodeSim(conferences=confs, node_name=f"node{i}") for i in (1, 2)]
     for node in nodes:
         await node.start("127.0.0.1", 0)
     port = _free_port()
@@ -136,3 +137,22 @@ async def test_sessions_survive_their_node_entering_maintenance(cluster: Any) ->
     await _wait_state(proxy, home_index, "down")
     status, _, _ = await _request(port, "POST", f"{API}/refresh_token", {"token": token})
     assert status == 403
+
+
+async def test_a_token_header_does_not_buy_extra_pin_guesses(cluster: Any) -> None:
+    """request_token is never retried on a 403: each retry would be a PIN guess on another node."""
+    port, _, proxy = cluster
+    seen: list[str | None] = []
+
+    class Sink:
+        def log(self, *args: Any) -> None:
+            seen.append(args[8])  # upstream_status, e.g. "403" or "403, 403"
+
+    proxy.core.access_log = Sink()
+    join = json.dumps({"display_name": "Mallory"}).encode()
+    headers = {"Content-Type": "application/json", "pin": "0000", "token": "anything"}
+    status, _, body = await _request(
+        port, "POST", "/api/client/v2/conferences/meet/request_token", headers, join
+    )
+    assert (status, body) == (403, {"status": "success", "result": "Invalid PIN"})
+    assert seen == ["403"]  # one node, one guess

@@ -427,6 +427,8 @@ class Exchange:
             and req.complete
             and req.retain
             and (req.session or b"?token=" in req.url or b"&token=" in req.url)
+            # Never for a join: each retry would be one more PIN guess on another node.
+            and "request_token" not in req.target.lower()
             and core.balancer.pick_serving(self.client_ip, self.tried) is not None
         ):
             # A token is valid only on the node that issued it. ip-hash normally sends a
