@@ -150,6 +150,15 @@ def _demo_ports(cfg: Config) -> str:
     return ", ".join(str(p) for p in ports if p) + f" and {cfg.turn.relay_ports}"
 
 
+def _command() -> str:
+    """How this confedge was started, so the banner's commands work as printed (`make demo`
+    runs .venv/bin/confedge, which is not on PATH)."""
+    argv0 = sys.argv[0]
+    if Path(argv0).name == "confedge":
+        return argv0
+    return f"{Path(sys.executable).name} -m confedge"
+
+
 def _print_banner(info: dict[str, Any]) -> None:
     lines = ["", "confedge demo is running on loopback. Ctrl-C stops it.", ""]
     if "proxy" in info:
@@ -174,6 +183,6 @@ def _print_banner(info: dict[str, Any]) -> None:
         lines.append(f"  Node:        {url}")
     if "status" in info:
         lines.append(f"  Status:      {info['status']}  (also .json, /metrics)")
-    lines.append(f"  Bans:        confedge bans --config {info['config']} list")
+    lines.append(f"  Bans:        {_command()} bans --config {info['config']} list")
     lines.append("")
     print("\n".join(lines), flush=True)
