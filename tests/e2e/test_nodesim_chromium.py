@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from nodesim_driver import CHROMIUM, require_browser, run_driver
+from chromium_driver import CHROMIUM, require_browser, run_driver
 
 pytest.importorskip("aiortc")
 

@@ -8,12 +8,11 @@ the events in bursts, hundreds of milliseconds late.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import shutil
 from pathlib import Path
 
 import pytest
+from chromium_driver import run_driver
 from proxy_e2e_support import Upstream, running_proxy, wait_healthy
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -50,19 +49,9 @@ async def test_page_and_event_source_through_proxy(tmp_path: Path) -> None:
                 "chromium": CHROMIUM,
             }
             assert NODE is not None
-            proc = await asyncio.create_subprocess_exec(
-                NODE,
-                str(DRIVER),
-                json.dumps(cfg),
-                cwd=str(HERE),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-            )
-            stdout, stderr = await asyncio.wait_for(proc.communicate(), 45)
+            out = await run_driver(NODE, cfg, 45, driver=DRIVER)
     finally:
         await up.close()
-    assert stdout, f"driver printed nothing; stderr: {stderr.decode()[-2000:]}"
-    out = json.loads(stdout.decode().strip().splitlines()[-1])
     assert out.get("error") is None, out["error"]
     assert out["status"] == 200 and out["title"] == "confedge SSE test"
     assert out["ok"], f"EventSource ended with {out['why']!r} after {len(out['got'])} events"

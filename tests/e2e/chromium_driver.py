@@ -1,4 +1,4 @@
-"""The Chromium side of the simulated node's web page, shared by the node and demo e2e tests.
+"""Running a Playwright driver script (.mjs) against Debian's Chromium, for the e2e tests.
 
 `nodesim_chromium_driver.mjs` (playwright-core driving Debian's /usr/bin/chromium) joins a
 conference from the page and prints one JSON line: what the page showed and what getStats saw.
@@ -31,11 +31,13 @@ def require_browser() -> str:
     return node
 
 
-async def run_driver(node_bin: str, cfg: dict[str, Any], timeout: float) -> dict[str, Any]:
+async def run_driver(
+    node_bin: str, cfg: dict[str, Any], timeout: float, driver: Path = DRIVER
+) -> dict[str, Any]:
     """One browser session (see the driver's header for cfg); its one-line JSON report."""
     proc = await asyncio.create_subprocess_exec(
         node_bin,
-        str(DRIVER),
+        str(driver),
         json.dumps(cfg),
         cwd=str(HERE),
         stdout=asyncio.subprocess.PIPE,
