@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from confedge.config import parse_config
+from ports import free_port
 
 STATUS_PATH = b"/api/client/v2/status"
 EVENTS_PATH = b"/api/client/v2/conferences/e2e/events"
@@ -43,18 +43,6 @@ function collect(count, timeoutMs) {
 </script>
 <p>confedge e2e page</p>
 """
-
-
-def free_port(lo: int, hi: int) -> int:
-    """A port in [lo, hi) that is free now (the caller's assigned range, below ephemerals)."""
-    for port in range(lo, hi):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 class StampingUpstream(asyncio.Protocol):

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from confedge.proxy.accesslog import TimeLocal, format_line, request_line
+from ports import free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 FAIL2BAN_REGEX = shutil.which("fail2ban-regex")
@@ -76,20 +77,12 @@ http {{
 """
 
 
-def _free_port(lo: int = 32100, hi: int = 32199) -> int:
-    for port in range(lo, hi):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    pytest.skip("no free port in 32100-32199")
-
-
 @contextlib.contextmanager
 def _nginx(tmp: Path) -> Iterator[int]:
-    port = _free_port()
+    try:
+        port = free_port(32100, 32199)
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
     conf = tmp / "nginx.conf"
     conf.write_text(NGINX_CONF.format(tmp=tmp, port=port, maps=_MAPS))
     proc = subprocess.Popen(

@@ -23,6 +23,7 @@ import pytest
 
 from confedge.turn.service import TurnService
 from confedge.turn.testing import turn_config
+from ports import free_port
 
 UCLIENT = shutil.which("turnutils_uclient")
 PEER = shutil.which("turnutils_peer")
@@ -257,23 +258,13 @@ async def test_uclient_restricted_mode_outside_media_nodes() -> None:
         await svc.close()
 
 
-def _free_tcp_port() -> int:
-    for _ in range(200):
-        port = random.randint(20000, 20499)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port in 20000-20499")
-
-
 async def test_uclient_over_tls(echo_peer: int, tmp_path: Any) -> None:
     """uclient -t -S: TURN over TLS on turn.tls_port, channels and Send indications."""
 
     async def one(flags: list[str]) -> str:
-        svc = TurnService(turn_config(tls_port=_free_tcp_port(), state_dir=str(tmp_path)))
+        svc = TurnService(
+            turn_config(tls_port=free_port(20000, 20500, shuffle=True), state_dir=str(tmp_path))
+        )
         await svc.start()
         try:
             return await _uclient(

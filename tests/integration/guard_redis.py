@@ -9,18 +9,13 @@ import subprocess
 import time
 from collections.abc import Iterator
 
+import ports
+
 PORTS = range(34100, 34999)
 
 
-def free_port(start: int = 34100) -> int:
-    for port in range(start, PORTS.stop):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 34100-34999")
+def free_port(start: int = PORTS.start) -> int:
+    return ports.free_port(start, PORTS.stop)
 
 
 class RedisServer:

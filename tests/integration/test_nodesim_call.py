@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from ports import free_port
+
 aiortc = pytest.importorskip("aiortc")
 av = pytest.importorskip("av")
 
@@ -41,26 +43,13 @@ API = "/api/client/v2"
 TURN_USER, TURN_PASS, REALM = "nodeuser", "node-secret", "confedge.test"
 
 
-def _free_port(lo: int, hi: int) -> int:
-    for _ in range(200):
-        port = random.randint(lo, hi)
-        try:
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u, socket.socket() as t:
-                u.bind(("127.0.0.1", port))
-                t.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
-
-
 @contextlib.contextmanager
 def run_coturn(tmp_path: Path) -> Iterator[TurnInfo]:
     """coturn on loopback: long-term credential, loopback peers allowed, no TLS, no CLI."""
     binary = shutil.which("turnserver")
     if binary is None:
         pytest.skip("coturn's turnserver is not installed (apt-get install coturn)")
-    port = _free_port(35100, 35499)
+    port = free_port(35100, 35500, shuffle=True, udp=True)
     relay_lo = random.randrange(35500, 35950, 50)
     log = tmp_path / "turn.log"
     proc = subprocess.Popen(

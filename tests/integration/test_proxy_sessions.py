@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -19,14 +18,9 @@ import pytest
 from confedge.config import parse_config
 from confedge.nodesim import Conference, NodeSim
 from confedge.proxy.service import ProxyService
+from ports import ephemeral_port
 
 API = "/api/client/v2/conferences/open"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def _request(
@@ -63,7 +57,7 @@ async def cluster(tmp_path: Path) -> Any:
     nodes = [NodeSim(conferences=confs, node_name=f"node{i}") for i in (1, 2)]
     for node in nodes:
         await node.start("127.0.0.1", 0)
-    port = _free_port()
+    port = ephemeral_port()
     cfg = parse_config(
         {
             "server": {"state_dir": str(tmp_path)},

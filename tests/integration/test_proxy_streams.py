@@ -7,7 +7,6 @@ import asyncio
 import json
 import re
 import shutil
-import socket
 import ssl
 import time
 
@@ -17,6 +16,7 @@ import websockets
 from proxy_upstream import Upstream, client_ssl, get, proxy_config, read_response
 
 from confedge.proxy.service import ProxyService
+from ports import ephemeral_port
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
@@ -26,12 +26,6 @@ pytestmark = pytest.mark.filterwarnings(
 @pytest.fixture(scope="module")
 def event_loop_policy() -> uvloop.EventLoopPolicy:
     return uvloop.EventLoopPolicy()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -48,7 +42,7 @@ async def proxy(nodes, tmp_path):
         proxy_config(
             [u.address for u in nodes],
             str(tmp_path),
-            http_port=free_port(),
+            http_port=ephemeral_port(),
             idle_timeout=0.5,
             read_timeout=0.5,
         )
@@ -298,7 +292,7 @@ async def test_http_redirect_connection_timeouts(nodes, tmp_path):
         proxy_config(
             [u.address for u in nodes],
             str(tmp_path),
-            http_port=free_port(),
+            http_port=ephemeral_port(),
             idle_timeout=0.5,
             header_timeout=1.0,
         )

@@ -21,6 +21,7 @@ from confedge.config import Config, parse_config
 from confedge.guard import create_guard
 from confedge.guard.cli import bans_command
 from confedge.guard.store import StoreError
+from ports import free_port
 
 
 def _cfg(state: Path) -> Config:
@@ -197,7 +198,7 @@ async def test_redis_with_undecodable_records_still_loads(
     from confedge.guard import Guard
     from confedge.guard.redis_store import PREFIX, RedisStore
 
-    srv = RedisServer(_free_port_in(37950, 37999))
+    srv = RedisServer(free_port(37950, 38000))
     srv.start()
     try:
         url = srv.url
@@ -228,19 +229,6 @@ async def test_redis_with_undecodable_records_still_loads(
         srv.stop()
     assert not [r for r in caplog.records if r.exc_info], "no tracebacks"
     assert any("undecodable" in r.getMessage() for r in caplog.records)
-
-
-def _free_port_in(lo: int, hi: int) -> int:
-    import socket
-
-    for port in range(lo, hi + 1):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {lo}-{hi}")
 
 
 def _open_store(path: str, results: Any, barrier: Any) -> None:

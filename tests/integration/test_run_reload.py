@@ -16,11 +16,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ports import ephemeral_port
 
 
 def _write_cert(cert_path: Path, key_path: Path, cn: str) -> None:
@@ -80,7 +76,7 @@ def _wait_port(port: int, proc: subprocess.Popen[str]) -> None:
 def test_sighup_reloads_certificate_for_proxy_and_turns(tmp_path: Path) -> None:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     _write_cert(cert, key, "first.example.com")
-    https, turn, turns = _free_port(), _free_port(), _free_port()
+    https, turn, turns = ephemeral_port(), ephemeral_port(), ephemeral_port()
     cfg = tmp_path / "confedge.toml"
     cfg.write_text(
         f"""

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import socket
 import ssl
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from aioice.turn import create_turn_endpoint
 from confedge.turn.auth import RestCredentials
 from confedge.turn.service import TurnService
 from confedge.turn.testing import turn_config
+from ports import free_port
 
 
 class _Collector(asyncio.DatagramProtocol):
@@ -107,7 +106,7 @@ async def test_aioice_permissive_rest(transport: str) -> None:
 
 async def test_aioice_over_tls(tmp_path: Path) -> None:
     """TURN over TLS on turn.tls_port (self-signed certificate generated in state_dir)."""
-    port = _free_tcp_port()
+    port = free_port(20000, 20500, shuffle=True)
     svc = TurnService(turn_config(tls_port=port, state_dir=str(tmp_path)))
     await svc.start()
     try:
@@ -139,15 +138,3 @@ async def test_aioice_over_tls(tmp_path: Path) -> None:
             peer_t.close()
     finally:
         await svc.close()
-
-
-def _free_tcp_port() -> int:
-    for _ in range(200):
-        port = random.randint(20000, 20499)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free TCP port in 20000-20499")
