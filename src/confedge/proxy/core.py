@@ -221,20 +221,8 @@ class ProxyCore:
             await asyncio.sleep(self.sweep_interval)
             now = loop.time()
             self.date.refresh()
-            for c in list(self.clients):
-                if c.activity:
-                    c.activity = False
-                    if c.timeout:
-                        c.deadline = now + c.timeout
-                elif now >= c.deadline:
-                    c.on_timeout()
-            for u in list(self.upstreams):
-                if u.activity:
-                    u.activity = False
-                    if u.timeout:
-                        u.deadline = now + u.timeout
-                elif now >= u.deadline:
-                    u.on_timeout()
+            _sweep(list(self.clients), now)
+            _sweep(list(self.upstreams), now)
 
     # -- access log ---------------------------------------------------------------------------
 
@@ -327,6 +315,18 @@ class ProxyCore:
         if not self.trusted or xff is None:
             return peer
         return client_address(peer, xff.decode("latin-1"), self.trusted)
+
+
+def _sweep(conns: list[Any], now: float) -> None:
+    """One timer pass over client or node connections: activity since the last pass pushes the
+    deadline out; a connection idle past its deadline gets on_timeout()."""
+    for c in conns:
+        if c.activity:
+            c.activity = False
+            if c.timeout:
+                c.deadline = now + c.timeout
+        elif now >= c.deadline:
+            c.on_timeout()
 
 
 def normalise_peer(peer: Any) -> str:
