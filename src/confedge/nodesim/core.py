@@ -264,6 +264,17 @@ def _ok(result: Any, status: int = 200) -> JsonResponse:
     return JsonResponse(status, {"status": "success", "result": result})
 
 
+def _json_object(req: Request) -> dict[str, Any] | JsonResponse:
+    """The request body as a JSON object (empty = {}), or the 400 answer saying what is wrong."""
+    try:
+        body = json.loads(req.body or b"{}")
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." 100k deep
+        return _fail(400, "Request body is not valid JSON")
+    if not isinstance(body, dict):
+        return _fail(400, "Request body must be a JSON object")
+    return body
+
+
 def _fail(status: int, reason: str) -> JsonResponse:
     return JsonResponse(status, {"status": "failure", "result": reason})
 
@@ -451,12 +462,9 @@ class NodeState:
         return _fail(404, "Not found")
 
     def _request_token(self, conf: Conference, req: Request, now: float) -> JsonResponse:
-        try:
-            body = json.loads(req.body or b"{}")
-        except (ValueError, RecursionError):  # RecursionError: "[[[[..." 100k deep
-            return _fail(400, "Request body is not valid JSON")
-        if not isinstance(body, dict):
-            return _fail(400, "Request body must be a JSON object")
+        body = _json_object(req)
+        if isinstance(body, JsonResponse):
+            return body
         name = body.get("display_name")
         if not isinstance(name, str) or not name.strip():
             return _fail(400, "display_name is required (a non-empty string)")
@@ -575,12 +583,9 @@ class NodeState:
             self.remove_participant(other.uuid, reason)
             return _ok(True)
         if action == ["calls"]:
-            try:
-                body = json.loads(req.body or b"{}")
-            except (ValueError, RecursionError):  # RecursionError: "[[[[..." 100k deep
-                return _fail(400, "Request body is not valid JSON")
-            if not isinstance(body, dict):
-                return _fail(400, "Request body must be a JSON object")
+            body = _json_object(req)
+            if isinstance(body, JsonResponse):
+                return body
             if body.get("call_type", "WEBRTC") != "WEBRTC":
                 return _fail(400, "Only call_type WEBRTC is supported")
             sdp = body.get("sdp")
