@@ -262,20 +262,21 @@ class Exchange:
                 parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
             if req.complete:
                 parts.append(b"0\r\n\r\n")
-            t.write(b"".join(parts))
+            core.send(t, b"".join(parts))
         elif req.body:
-            t.writelines([self.head, *req.body])
+            core.send(t, b"".join([self.head, *req.body]))
         else:
-            t.write(self.head)
+            core.send(t, self.head)
 
     def on_request_body(self, body: bytes) -> None:
         up = self.up
         if up is None or up.transport is None:
             return  # retained in req.body; sent when a connection is ready
+        core = self.client.core
         if self.req.chunked:
-            up.transport.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            core.send(up.transport, b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
         else:
-            up.transport.write(body)
+            core.send(up.transport, body)
 
     def on_request_done(self) -> None:
         client = self.client
@@ -287,7 +288,7 @@ class Exchange:
             return
         up = self.up
         if up is not None and up.transport is not None and self.req.chunked:
-            up.transport.write(b"0\r\n\r\n")
+            client.core.send(up.transport, b"0\r\n\r\n")
         if not self.committed:
             return
         self.req.body = []
@@ -326,6 +327,7 @@ class Exchange:
                 self.dead = True
                 self._release_attempt()
                 if self.client.transport is not None:
+                    self.client.core.flush_writes()
                     self.client.transport.close()
                 return
             if self.until_close:
@@ -490,7 +492,7 @@ class Exchange:
                 client.abort()
                 return
             parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-            t.write(b"".join(parts))
+            core.send(t, b"".join(parts))
             return
         self.upgrading = False
         no_body = self.head_only or status in (204, 304)
@@ -511,7 +513,7 @@ class Exchange:
         else:
             parts.append(b"\r\n")
         if self.head_only:
-            t.write(b"".join(parts))
+            core.send(t, b"".join(parts))
         else:
             # Held back until the body's first bytes or the end of this read (flush_head).
             self.head_out = b"".join(parts)
@@ -546,7 +548,7 @@ class Exchange:
         conn.timeout = 0.0
         conn.deadline = _INF
         if rest:
-            client.transport.write(rest)
+            client.core.send(client.transport, rest)
         client.start_tunnel()
         client.core.log_exchange(self)
 
@@ -555,24 +557,25 @@ class Exchange:
         head, self.head_out = self.head_out, None
         t = self.client.transport
         if head is not None and t is not None:
-            t.write(head)
+            self.client.core.send(t, head)
 
     def on_response_body(self, body: bytes) -> None:
         t = self.client.transport
         if t is None:
             return
         self.sent += len(body)
+        send = self.client.core.send
         head = self.head_out
         if head is not None:
             self.head_out = None
             if self.chunked_out:
-                t.write(b"".join((head, b"%x\r\n" % len(body), body, b"\r\n")))
+                send(t, b"".join((head, b"%x\r\n" % len(body), body, b"\r\n")))
             else:
-                t.write(head + body)
+                send(t, head + body)
         elif self.chunked_out:
-            t.writelines((b"%x\r\n" % len(body), body, b"\r\n"))
+            send(t, b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
         else:
-            t.write(body)
+            send(t, body)
         pb = self.pin_buf
         if pb is not None and len(pb) < _PIN_BUFFER_LIMIT:
             pb += body
@@ -584,9 +587,9 @@ class Exchange:
         if t is not None:
             head, self.head_out = self.head_out, None
             if head is not None:
-                t.write(head + b"0\r\n\r\n" if self.chunked_out else head)
+                self.client.core.send(t, head + b"0\r\n\r\n" if self.chunked_out else head)
             elif self.chunked_out:
-                t.write(b"0\r\n\r\n")
+                self.client.core.send(t, b"0\r\n\r\n")
         self._complete(conn, reuse=not self.until_close and conn.parser.should_keep_alive())
 
     def _complete(self, conn: UpstreamConnection, *, reuse: bool) -> None:

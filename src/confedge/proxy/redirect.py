@@ -133,6 +133,7 @@ class RedirectConnection(asyncio.Protocol):
     def _close(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
+            self.core.flush_writes()
             t.close()
 
     # -- httptools callbacks --------------------------------------------------------------------
@@ -223,9 +224,13 @@ class RedirectConnection(asyncio.Protocol):
             tail = _TAIL_KEEP_10
         else:
             tail = _TAIL_KEEP
-        t.write(status_line(status) + self.core.date.header + extra + tail)
+        data = status_line(status) + self.core.date.header + extra + tail
         if close:
+            self.core.flush_writes()
+            t.write(data)
             t.close()
+        else:
+            self.core.send(t, data)  # coalesced with the other answers of this iteration
         sink = self.core.access_log
         if sink is not None:
             # nginx logs `return 301` answers like any other request (SPEC §2 access log).

@@ -249,7 +249,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             chunk = bytes(data)  # the shared buffer is reused by the next read
             ex = self.exchange
             if ex is not None and ex.up is not None and ex.up.transport is not None:
-                ex.up.transport.write(chunk)
+                self.core.send(ex.up.transport, chunk)
             elif self.tunnel_buffer is not None:
                 self.tunnel_buffer.append(chunk)
             return
@@ -457,7 +457,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         ex = Exchange(self, req, client_ip)
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
-            self.transport.write(_CONTINUE)  # type: ignore[union-attr]  # RFC 9110 §10.1.1
+            core.send(self.transport, _CONTINUE)  # type: ignore[arg-type]  # RFC 9110 §10.1.1
         if expecting and req.body_size <= core.request_buffer:
             ex.waiting_body = True  # attempt() once the body is complete (or too big to wait)
             return
@@ -477,6 +477,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         # A request without a body may finish (static file, cached answer) before httptools
         # reports its end: it is complete all the same.
         if close or not req.keep_alive or not (req.complete or not self._body_expected(req)):
+            self.core.flush_writes()  # the response may still be queued: it goes first
             t.close()
             return
         if self.pending:
@@ -506,6 +507,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             data = retry_page_response(status, date, close=True, head_only=head_only)
         else:
             data = error_response(status, date, extra=extra, close=True, head_only=head_only)
+        self.core.flush_writes()  # anything queued for this client goes first
         t.write(data)
         t.close()
         self.exchange = None
@@ -593,7 +595,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         assert ex is not None and ex.up is not None and ex.up.transport is not None
         buffered, self.tunnel_buffer = self.tunnel_buffer or [], None
         for chunk in buffered:
-            ex.up.transport.write(chunk)
+            self.core.send(ex.up.transport, chunk)
         self._set_timeout(T_TUNNEL, self.core.ws_idle)
 
     # -- static mounts --------------------------------------------------------------------------
@@ -614,7 +616,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             parts.append(b"\r\n")
         t = self.transport
         assert t is not None
-        t.write(b"".join(parts))
+        core.send(t, b"".join(parts))
         ex = Exchange(self, req, self.peer)
         ex.status = resp.status
         ex.committed = True
@@ -633,6 +635,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         if ex is None or t is None or t.is_closing():
             self.static_iter = None
             return
+        # Direct writes from here (the head may still be queued: it goes first), so that
+        # pause_writing stops this loop at the transport's high-water mark.
+        self.core.flush_writes()
         while not self.writing_paused:
             try:
                 chunk = next(it)

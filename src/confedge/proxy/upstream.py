@@ -74,7 +74,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.tunnel:
             if ex is not None:
                 ex.client.activity = True  # traffic either way keeps a WebSocket alive
-                ex.client.transport.write(data)  # type: ignore[union-attr]
+                self.pool.core.send(ex.client.transport, data)  # type: ignore[arg-type]
             return
         if ex is None:
             # Bytes on an idle keep-alive connection: the node broke framing; never reuse it.
