@@ -8,12 +8,20 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 NODE_STAMP := tests/e2e/node_modules/.installed
 
-.PHONY: demo test test-slow lint format bench venv clean
+NATIVE := build/native
+# The suites that run again against the compiled build (the modules setup.py compiles and what
+# drives them end to end).
+NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py \
+	tests/integration/test_proxy_*.py tests/integration/test_guard_proxy.py \
+	tests/integration/test_admin_*.py tests/integration/test_demo.py \
+	tests/integration/test_run_reload.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py
+
+.PHONY: demo test test-pure test-native test-slow lint format bench venv native clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,demo,redis]'
+	CONFEDGE_PURE=1 $(BIN)/pip install --quiet -e '.[dev,demo,redis]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -25,8 +33,20 @@ $(NODE_STAMP): tests/e2e/package.json tests/e2e/package-lock.json
 demo: $(STAMP)
 	$(BIN)/confedge demo
 
-test: $(STAMP) $(NODE_STAMP)
+# The compiled build as a wheel install makes it (setup.py), into $(NATIVE): put first on
+# PYTHONPATH, it replaces the editable install's interpreted modules.
+native: $(STAMP)
+	rm -rf $(NATIVE)
+	$(BIN)/pip install --quiet --no-build-isolation --no-deps --target $(NATIVE) .
+
+# Every suite on the interpreted source, then the proxy's suites on the compiled build.
+test: test-pure test-native
+
+test-pure: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest -q
+
+test-native: native $(NODE_STAMP)
+	CONFEDGE_EXPECT_BUILD=compiled PYTHONPATH=$(NATIVE) $(BIN)/pytest -q $(NATIVE_TESTS)
 
 test-slow: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest -q -m slow
@@ -46,4 +66,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/guard/bench_check.py
 
 clean:
-	rm -rf $(VENV) tests/e2e/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build tests/e2e/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -46,6 +46,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from confedge.config import ProxyConfig
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -57,6 +59,7 @@ SSE_PORTS = (32004, 32005, 32006)
 NGX_HTTP, NGX_HTTPS = 32010, 32011
 CE_HTTP, CE_HTTPS, CE_MGMT = 32020, 32021, 32022
 
+CSP_POLICY = ProxyConfig.model_fields["csp_policy"].default  # confedge's default, the reference's
 STATUS_JSON = '{"status": "success", "result": {"version": "bench"}}'
 BODY_1K = "x" * 1023 + "\n"
 
@@ -132,6 +135,12 @@ http {{
     charset UTF-8;
     gzip on;
 {maps}
+    # SPEC §2: the reference adds its Content-Security-Policy when the node sent none.
+    map $upstream_http_content_security_policy $csp_added {{
+        "" "{csp}";
+        default "";
+    }}
+    add_header Content-Security-Policy $csp_added always;
     log_format pexapplog '$remote_addr - $remote_user [$time_local]  '
                          '"$request_filtered" $status $body_bytes_sent '
                          '"$http_referer_filtered" "$http_user_agent" '
@@ -300,7 +309,7 @@ class Servers:
         self.w = work
         self.workers = workers
         self.worker_connections = worker_connections
-        self.native = native  # a build_native.py output dir to put first on PYTHONPATH
+        self.native = native  # a compiled build (build_compiled) to put first on PYTHONPATH
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
     def start_upstreams(self) -> None:
@@ -333,6 +342,7 @@ class Servers:
                 w=self.w,
                 temp=TEMP_PATHS.format(w=self.w),
                 maps=_MAPS,
+                csp=CSP_POLICY,
                 upstreams="\n        ".join(
                     f"server 127.0.0.1:{p} weight=1 max_fails=0;" for p in nodes
                 ),
@@ -700,8 +710,8 @@ def bench_sse(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines: list[str] = []
-    if results.get("args", {}).get("native"):
-        lines += ["confedge ran with its proxy hot path compiled by mypyc (--native).", ""]
+    if results.get("build"):
+        lines += [f"confedge's proxy hot path: {results['build']}.", ""]
     if results.get("throughput"):
         lines += [
             "| scenario | server | req/s | p50 ms | p99 ms | CPU µs/req | errors |",
@@ -763,8 +773,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")
     ap.add_argument(
-        "--native", action="store_true",
-        help="run confedge with its proxy hot path compiled by mypyc (build_native.py)",
+        "--build", choices=["compiled", "interpreted"], default="compiled",
+        help="compiled: the wheel build `pip install .` makes (setup.py compiles the hot path "
+        "with mypyc), built into the work dir; interpreted: this source tree as it is",
     )  # fmt: skip
     ap.add_argument(
         "--profile", type=Path, default=None, metavar="DIR",
@@ -789,11 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"{tool} is missing: apt-get install nginx wrk")
     work = Path(tempfile.mkdtemp(prefix="confedge-bench-proxy-"))
     make_cert(work)
-    native = None
-    if args.native:
-        from build_native import build  # type: ignore[import-not-found]
-
-        native = build(work / "native")
+    native = build_compiled(work / "native") if args.build == "compiled" else None
     servers = Servers(
         work,
         args.workers,
@@ -808,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
             "python": sys.version.split()[0],
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "build": build_kind(native),
     }
     try:
         if not args.no_throughput:
@@ -829,6 +837,34 @@ def main(argv: list[str] | None = None) -> int:
             print("\n" + summarize_profile(f), file=sys.stderr)
     print(f"\nresults: {out}", file=sys.stderr)
     return 0
+
+
+def build_compiled(out: Path) -> Path:
+    """Install this tree as a wheel install would (mypyc-compiled hot path) into `out`."""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [str(VENV_BIN / "pip"), "install", "--quiet", "--no-build-isolation", "--no-deps",
+         "--target", str(out), str(ROOT)],
+        capture_output=True, text=True, timeout=900, check=False,
+        env={**os.environ, "CONFEDGE_PURE": "0"},
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"building the compiled confedge failed:\n{proc.stderr[-4000:]}")
+    if build_kind(out) != "compiled (mypyc)":
+        raise SystemExit(f"the build in {out} is not compiled (no C compiler?): {proc.stderr}")
+    print(f"compiled build ready in {time.monotonic() - t0:.0f} s: {out}", file=sys.stderr)
+    return out
+
+
+def build_kind(path: Path | None) -> str:
+    """What confedge.proxy.build_kind() says with `path` first on PYTHONPATH."""
+    env = dict(os.environ)
+    if path is not None:
+        env["PYTHONPATH"] = str(path)
+    return subprocess.run(
+        [sys.executable, "-c", "from confedge.proxy import build_kind; print(build_kind())"],
+        capture_output=True, text=True, env=env, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
 
 
 def _nginx_version() -> str:

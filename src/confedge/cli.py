@@ -17,6 +17,7 @@ from typing import Any
 
 from confedge import __version__
 from confedge.config import Config, ConfigError, load_config, to_toml
+from confedge.proxy import build_kind
 
 
 def _setup_logging(level: str) -> None:
@@ -64,6 +65,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(cfg.masked(), indent=2))
     else:
         print(f"# {args.config}: configuration is valid; effective values (secrets masked)")
+        print(f"# proxy hot path: {build_kind()}")
         for line in warnings:
             print(f"# warning: {line}")
         print(to_toml(cfg.masked()))

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 import confedge
 from confedge.admin.procstats import child_pids, read_proc, self_stat
 from confedge.config import Config, NodeAddress
+from confedge.proxy import build_kind
 from confedge.proxy.health import HealthMonitor, NodeState, Transition
 
 __all__ = ["BAN_LIMIT", "RequestCounter", "RuntimeView", "StatusSource", "mask_url"]
@@ -208,6 +209,7 @@ class StatusSource:
         srv = self.cfg.server
         return {
             "version": confedge.__version__,
+            "build": build_kind(),  # the proxy hot path: "compiled (mypyc)" or "interpreted"
             "time": now,
             "started": self.started,
             "uptime": max(0.0, now - self.started),

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from confedge.config import Config
+from confedge.proxy import build_kind
 from confedge.proxy.core import GuardHook, ProxyCore, reuse_port_socket
 from confedge.proxy.redirect import RedirectConnection
 from confedge.proxy.server import ClientConnection
@@ -203,6 +204,7 @@ class ProxyService:
     async def start(self) -> None:
         cfg = self.cfg
         hosts = _listen_hosts(cfg)
+        log.info("proxy: %d worker(s), hot path %s", self.workers, build_kind())
         # Check/generate the certificate once, in the parent, before any worker races for it.
         TLSContextHolder(cfg)
         if self.workers == 1:
