@@ -1,0 +1,85 @@
+"""bench/proxy at toy size: the proxy benchmarks must keep working as confedge changes.
+
+Why: a benchmark that silently breaks (a renamed config key, an nginx directive the reference
+configuration gained, a changed entry point) would be found only when someone runs it for a
+release. This runs the wrk comparison for one second per server and the socket-free hot-path
+measurement for a few hundred requests, and checks that each produced real measurements.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _ports_free(ports: range) -> bool:
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+@pytest.mark.timeout(150)
+def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"):
+        pytest.skip("needs nginx and wrk (apt-get install nginx-light wrk)")
+    if not _ports_free(range(32001, 32023)):
+        pytest.skip("a proxy benchmark is running (ports 32001-32022 are taken)")
+    out = tmp_path / "proxy.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/proxy/run.py"),
+            "--build=interpreted",  # the compiled build has its own suite run (make test-native)
+            "--rounds=1",
+            "--duration=1",
+            "--sse=0",
+            "--scenarios",
+            "https-status",
+            "http-redirect",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["build"] in ("interpreted", "compiled (mypyc)")
+    assert "| scenario | req/s confedge/nginx |" in proc.stdout
+    for scenario in ("https-status", "http-redirect"):
+        for server in ("nginx", "confedge"):
+            m = data["throughput"][scenario][server]["median"]
+            assert m["rps"] > 100, (scenario, server, m)
+            assert m["non_2xx_3xx"] == 0, (scenario, server, m)  # 200s and 301s
+            assert m["socket_errors"] == 0, (scenario, server, m)
+            assert m["cpu_us_per_req"] > 0, (scenario, server, m)
+
+
+@pytest.mark.timeout(60)
+def test_hotpath_benchmark_smoke() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench/proxy/hotpath.py"), "--requests=300"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    m = re.search(r"^(interpreted|compiled \(mypyc\)): ([\d.]+) us of proxy work", proc.stdout)
+    assert m, proc.stdout
+    assert 0 < float(m[2]) < 1000
