@@ -68,7 +68,10 @@ class Runtime:
                 from confedge.proxy.service import ProxyService
 
                 factory = create_guard if cfg.guard.enabled else None
-                self.proxy = ProxyService(cfg, guard_factory=factory)
+                # In process (workers = 1) the proxy uses this guard, the one TURN uses too.
+                self.proxy = ProxyService(
+                    cfg, guard_factory=factory, guard=self.guard if cfg.guard.enabled else None
+                )
                 await self._start("proxy", self.proxy)
             if cfg.management.enabled:
                 # Last: it reads the other parts (and hooks the in-process proxy's health

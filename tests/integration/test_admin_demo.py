@@ -6,7 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import ssl
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvloop
@@ -67,9 +72,36 @@ def test_demo_names_the_status_page(
     assert "  Status:      http://127.0.0.1:" in banner
 
 
+async def _proxied_gets(port: int, n: int) -> list[bytes]:
+    """n requests through the proxy, each on its own TLS connection (so both workers serve)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    lines = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        writer.write(
+            b"GET /api/client/v2/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        lines.append(await reader.readline())
+        await reader.read()
+        writer.close()
+    return lines
+
+
+async def _wait_json(port: int, ok: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    for _ in range(60):
+        j: dict[str, Any] = (await get(port, "/status.json")).json()
+        if ok(j):
+            return j
+        await asyncio.sleep(0.1)
+    return j
+
+
 async def test_workers_in_other_processes(tmp_path: Path) -> None:
-    """With proxy.workers = 2 the node table comes from the listener's own status checks, and
-    the worker processes' memory is reported."""
+    """With proxy.workers = 2 the node table comes from the listener's own status checks, the
+    worker processes' memory is reported, and the workers' request counters are summed (and
+    survive a worker's restart)."""
     nodes = [NodeSim([Conference("meet", None, None)], node_name=f"w{i}") for i in (1, 2)]
     for n in nodes:
         await n.start("127.0.0.1", 0)
@@ -101,8 +133,28 @@ async def test_workers_in_other_processes(tmp_path: Path) -> None:
             await asyncio.sleep(0.1)
         p = j["proxy"]
         assert p["health_source"] == "management" and p["nodes_up"] == 2
-        assert p["requests"] is None  # counted in the workers, out of reach: absent, not 0
         assert len(j["process"]["children"]) >= 2
+        https = rt.proxy.https_port
+        assert all(line.startswith(b"HTTP/1.1 200") for line in await _proxied_gets(https, 6))
+        j = await _wait_json(port, lambda j: (j["proxy"]["requests"] or {}).get("total", 0) >= 6)
+        p = j["proxy"]
+        assert p["requests"]["total"] == 6 and p["requests"]["2xx"] == 6, p
+        assert p["workers_reporting"] == 2
+        assert [n["in_flight"] for n in p["nodes"]] == [0, 0]
+        assert sum(n["idle_connections"] for n in p["nodes"]) >= 1  # kept alive to the nodes
+        # A worker killed outright is restarted; what it had counted stays counted.
+        victim = rt.proxy._procs[0]
+        os.kill(victim.pid, signal.SIGKILL)
+        j = await _wait_json(
+            port,
+            lambda j: j["proxy"].get("workers_reporting") == 2 and rt.proxy._procs[0] is not victim,
+        )
+        assert j["proxy"]["requests"]["total"] == 6, j["proxy"]
+        await _proxied_gets(https, 2)
+        j = await _wait_json(port, lambda j: j["proxy"]["requests"]["total"] >= 8)
+        assert j["proxy"]["requests"]["total"] == 8, j["proxy"]
+        fam = parse_metrics((await get(port, "/metrics")).body.decode())
+        assert metric(fam, "confedge_proxy_requests_total", code="2xx") == 8
         await nodes[1].close()
         for _ in range(50):
             j = (await get(port, "/status.json")).json()
@@ -115,7 +167,6 @@ async def test_workers_in_other_processes(tmp_path: Path) -> None:
         assert metric(fam, "confedge_proxy_node_up", node=nodes[1].url) == 0
         assert metric(fam, "confedge_children_processes") >= 2
         assert metric(fam, "confedge_children_resident_memory_bytes") > 2 * 10_000_000
-        assert "confedge_proxy_requests_total" not in fam
     finally:
         await rt.close()
         for n in nodes:

@@ -280,3 +280,23 @@ async def test_pipelining_and_parallel_connections(node: PinNode, tmp_path: Path
         assert {r[0][0] for r in later} == {429}
     finally:
         await svc.close()
+
+
+async def test_in_process_proxy_and_turn_share_one_guard(node: PinNode, tmp_path: Path) -> None:
+    """workers = 1: the proxy bans from the runtime's own guard, the one TURN checks, so a PIN
+    guesser banned by the proxy is refused by TURN at once, even with the in-memory store (two
+    guard objects would each keep their own table)."""
+    from confedge.runtime import Runtime
+
+    cfg = config(node, tmp_path, store="memory", bantime=60)
+    rt = Runtime(cfg)
+    await rt.start()
+    try:
+        assert rt.proxy.core.guard is rt.guard
+        port = rt.proxy.https_port
+        for guess in ("0000", "0001", "0002", "0003"):
+            assert await attempt(port, guess) == 403
+        assert await attempt(port, "1234") == 429
+        assert rt.guard.check("127.0.0.1") is not None  # what TURN asks before any work
+    finally:
+        await rt.close()

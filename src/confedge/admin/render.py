@@ -324,7 +324,11 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
         return "<p>The proxy is off (proxy.enabled = false).</p>"
     pairs = [(k, f"<code>{_e(v)}</code>") for k, v in p["listeners"].items()]
     pairs.append(("balance", _e(p["balance"])))
-    pairs.append(("workers", _e(p["workers"])))
+    workers = _e(p["workers"])
+    if p.get("workers_reporting") is not None:
+        # Counters below are the workers' reports (each second), summed.
+        workers += f" ({_e(p['workers_reporting'])} reporting)"
+    pairs.append(("workers", workers))
     if p.get("client_connections") is not None:
         pairs.append(("client connections", _e(p["client_connections"])))
         pairs.append(("node connections", _e(p["upstream_connections"])))
@@ -340,7 +344,7 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
             '<p class="meta">Node health from this listener\'s own status checks (the proxy '
             "workers run in separate processes).</p>"
         )
-    counters = any("in_flight" in n for n in p["nodes"])  # only from the in-process proxy
+    counters = any("in_flight" in n for n in p["nodes"])  # once the proxy's counters are known
     rows = []
     for n in p["nodes"]:
         state = n["state"] or "unknown"

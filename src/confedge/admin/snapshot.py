@@ -35,6 +35,7 @@ import confedge
 from confedge.admin.procstats import child_pids, read_proc, self_stat
 from confedge.config import Config, NodeAddress
 from confedge.proxy import build_kind
+from confedge.proxy.accesslog import RequestCounter
 from confedge.proxy.health import HealthMonitor, NodeState, Transition
 
 __all__ = ["BAN_LIMIT", "RequestCounter", "RuntimeView", "StatusSource", "mask_url"]
@@ -74,34 +75,6 @@ def masked_config(cfg: Config) -> dict[str, Any]:
     data = cfg.masked()
     data["guard"]["store"] = mask_url(data["guard"]["store"])
     return data
-
-
-class RequestCounter:
-    """A tee in front of the proxy's access-log sink that counts answers by status class.
-
-    Why a tee: every answer the proxy gives (proxied or its own refusals and error pages)
-    already goes through the sink exactly once, so counting there needs no change to the
-    request path itself.
-    """
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        self.total = 0
-        self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for out-of-range)
-
-    def log(
-        self, remote_addr: str, now: float, request: str, status: int, *args: Any, **kw: Any
-    ) -> None:
-        self.total += 1
-        self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
-        if self.inner is not None:
-            self.inner.log(remote_addr, now, request, status, *args, **kw)
-
-    def to_json(self) -> dict[str, int]:
-        out = {"total": self.total}
-        for i, n in enumerate(self.by_class):
-            out[f"{i}xx" if i else "other"] = n
-        return out
 
 
 class _OwnHealth:
@@ -241,6 +214,9 @@ class StatusSource:
             "balance": p.balance,
         }
         core = self._core
+        # Worker processes (workers > 1) report their counters to the main process each second.
+        reports_fn = getattr(proxy, "worker_stats", None) if core is None else None
+        reports = reports_fn() if callable(reports_fn) else None
         loop_now = asyncio.get_running_loop().time()
         monitor: HealthMonitor | None
         if core is not None:
@@ -263,6 +239,9 @@ class StatusSource:
             if core is not None:
                 row["in_flight"] = core.balancer.active[i]
                 row["idle_connections"] = len(core.pools[i].idle)
+            elif reports is not None:
+                row["in_flight"] = reports["in_flight"][i]
+                row["idle_connections"] = reports["idle_connections"][i]
             nodes.append(row)
         out["health_source"] = source
         out["nodes"] = nodes
@@ -270,7 +249,14 @@ class StatusSource:
         if core is not None:
             out["client_connections"] = len(core.clients)
             out["upstream_connections"] = len(core.upstreams)
-        out["requests"] = self.requests.to_json() if self.requests is not None else None
+            out["requests"] = self.requests.to_json() if self.requests is not None else None
+        elif reports is not None:
+            out["client_connections"] = reports["client_connections"]
+            out["upstream_connections"] = reports["upstream_connections"]
+            out["requests"] = reports["requests"]
+            out["workers_reporting"] = reports["reporting"]
+        else:
+            out["requests"] = None  # workers not heard from yet: unknown, not 0
         return out
 
     def _turn(self) -> dict[str, Any]:

@@ -36,10 +36,11 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "AccessLog",
+    "RequestCounter",
     "TimeLocal",
     "escape",
     "filter_secrets",
@@ -378,3 +379,59 @@ class AccessLog:
             os.close(self._fd)
             self._fd = -1
             self._own_fd = False
+
+
+class RequestCounter:
+    """A tee in front of an access-log sink that counts answers by status class.
+
+    Why a tee: every answer the proxy gives (proxied, its own refusals and error pages, port-80
+    redirects) already goes through the sink exactly once, so counting there needs no change to
+    the request path. The status page reads it in process (workers = 1), and each worker
+    process reports its own to the main process (proxy/service.py) when workers > 1.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.total = 0
+        self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for out-of-range)
+
+    def log(
+        self,
+        remote_addr: str,
+        now: float,
+        request: str,
+        status: int,
+        body_bytes_sent: int,
+        referer: str | bytes | None = None,
+        user_agent: str | bytes | None = None,
+        upstream_addr: str | None = None,
+        upstream_status: str | None = None,
+        upstream_response_time: str | None = None,
+    ) -> None:
+        self.total += 1
+        self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+        inner = self.inner
+        if inner is not None:
+            inner.log(
+                remote_addr,
+                now,
+                request,
+                status,
+                body_bytes_sent,
+                referer,
+                user_agent,
+                upstream_addr,
+                upstream_status,
+                upstream_response_time,
+            )
+
+    def to_json(self) -> dict[str, int]:
+        out = {"total": self.total}
+        for i, n in enumerate(self.by_class):
+            out[f"{i}xx" if i else "other"] = n
+        return out
+
+    @staticmethod
+    def add(totals: dict[str, int], more: dict[str, int]) -> dict[str, int]:
+        """Sum two to_json() results (the workers' counters into one)."""
+        return {k: totals.get(k, 0) + more.get(k, 0) for k in totals.keys() | more.keys()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -25,6 +26,7 @@ from typing import Any
 
 from confedge.config import Config
 from confedge.proxy import build_kind
+from confedge.proxy.accesslog import RequestCounter
 from confedge.proxy.core import GuardHook, ProxyCore, reuse_port_socket
 from confedge.proxy.redirect import RedirectConnection
 from confedge.proxy.server import ClientConnection
@@ -35,6 +37,11 @@ __all__ = ["GuardFactory", "ProxyService", "ProxyWorker"]
 log = logging.getLogger("confedge.proxy")
 
 GuardFactory = Callable[[Config], GuardHook]
+
+# How often a worker process reports its counters to the main process (status page, /metrics).
+STATS_INTERVAL = 1.0
+# A report must fit one atomic pipe write (PIPE_BUF): it then arrives whole or not at all.
+_STATS_MAX = 4096
 
 
 def _listen_hosts(cfg: Config) -> list[str]:
@@ -54,11 +61,22 @@ class ProxyWorker:
     """Everything one process serves: TLS listeners, the redirect listener, one ProxyCore."""
 
     def __init__(
-        self, cfg: Config, *, guard_factory: GuardFactory | None = None, workers: int = 1
+        self,
+        cfg: Config,
+        *,
+        guard_factory: GuardFactory | None = None,
+        workers: int = 1,
+        count: bool = False,
+        guard: GuardHook | None = None,
     ) -> None:
         self.cfg = cfg
         self.guard_factory = guard_factory
+        # A guard the caller owns (started and closed by it), used instead of building one.
+        self.shared_guard = guard
         self.workers = workers
+        # A worker process counts its answers itself (the status page cannot reach its core).
+        self.counter: RequestCounter | None = None
+        self.count = count
         self.core: ProxyCore | None = None
         self.tls: TLSContextHolder | None = None
         self.guard: Any = None
@@ -72,18 +90,23 @@ class ProxyWorker:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         self.tls = TLSContextHolder(cfg)
-        if self.guard_factory is not None:
+        if self.shared_guard is not None:
+            self.guard = self.shared_guard
+        elif self.guard_factory is not None:
             self.guard = self.guard_factory(cfg)
             start = getattr(self.guard, "start", None)
             if start is not None:
                 await start()
         self.access = _make_access_log(cfg)
         self.static = _make_static(cfg)
+        sink = self.access
+        if self.count:
+            sink = self.counter = RequestCounter(self.access)
         core = ProxyCore(
             cfg,
             loop,
             guard=self.guard,
-            access_log=self.access,
+            access_log=sink,
             static=self.static,
             workers=self.workers,
         )
@@ -112,6 +135,19 @@ class ProxyWorker:
         if self.tls is not None:
             self.tls.reload()
 
+    def stats(self) -> dict[str, Any]:
+        """This worker's counters and gauges, as its report to the main process."""
+        core = self.core
+        out: dict[str, Any] = {
+            "requests": self.counter.to_json() if self.counter is not None else None,
+        }
+        if core is not None:
+            out["client_connections"] = len(core.clients)
+            out["upstream_connections"] = len(core.upstreams)
+            out["in_flight"] = list(core.balancer.active)
+            out["idle_connections"] = [len(p.idle) for p in core.pools]
+        return out
+
     async def close(self, grace: float = 2.0) -> None:
         for srv in self._servers:
             srv.close()
@@ -128,7 +164,7 @@ class ProxyWorker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
         self._servers.clear()
-        if self.guard is not None:
+        if self.guard is not None and self.guard is not self.shared_guard:
             close = getattr(self.guard, "close", None)
             if close is not None:
                 await close()
@@ -184,9 +220,20 @@ def _bind_all(
 class ProxyService:
     """The HTTPS reverse proxy as one start/close unit."""
 
-    def __init__(self, cfg: Config, *, guard_factory: GuardFactory | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        guard_factory: GuardFactory | None = None,
+        guard: GuardHook | None = None,
+    ) -> None:
+        """`guard_factory` builds the guard of each worker process (it must be importable by a
+        spawned process); `guard`, if given, is this process's own guard (already started,
+        closed by the caller), which an in-process proxy (workers = 1) uses instead of building
+        a second one, so that it and TURN count into, and ban from, one table."""
         self.cfg = cfg
         self.guard_factory = guard_factory
+        self.shared_guard = guard
         self.workers = cfg.proxy.workers or os.cpu_count() or 1
         self.https_port = 0
         self.http_port = 0
@@ -195,6 +242,11 @@ class ProxyService:
         self._procs: list[Any] = []
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        # Worker reports (workers > 1): the last one of each worker, and the final request
+        # counts of workers that exited, so that totals never go back when one is restarted.
+        self._reports: dict[int, dict[str, Any]] = {}
+        self._report_pipes: dict[int, tuple[int, Any, bytearray]] = {}
+        self._retired: dict[str, int] = {}
 
     @property
     def core(self) -> ProxyCore | None:
@@ -216,7 +268,9 @@ class ProxyService:
             )
             self.https_port = https[0].getsockname()[1]
             self.http_port = http[0].getsockname()[1] if http else 0
-            self._worker = ProxyWorker(cfg, guard_factory=self.guard_factory)
+            self._worker = ProxyWorker(
+                cfg, guard_factory=self.guard_factory, guard=self.shared_guard
+            )
             try:
                 await self._worker.start(https, http)
             except BaseException:
@@ -254,8 +308,80 @@ class ProxyService:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGHUP)
 
+    def worker_stats(self) -> dict[str, Any] | None:
+        """The workers' reports summed (workers > 1), or None before the first report.
+
+        Request counts are totals since start (a restarted worker's last report is kept);
+        connection counts and per-node gauges are as of each worker's last report (at most
+        STATS_INTERVAL old).
+        """
+        reports = list(self._reports.values())
+        if self._worker is not None or not (reports or self._retired):
+            return None
+        requests = dict(self._retired)
+        for r in reports:
+            if r.get("requests"):
+                requests = RequestCounter.add(requests, r["requests"])
+        n = len(self.cfg.proxy.node_addresses)
+        out: dict[str, Any] = {
+            "reporting": len(reports),
+            "requests": requests or None,
+            "client_connections": sum(r.get("client_connections", 0) for r in reports),
+            "upstream_connections": sum(r.get("upstream_connections", 0) for r in reports),
+        }
+        for key in ("in_flight", "idle_connections"):
+            out[key] = [
+                sum(r[key][i] for r in reports if len(r.get(key, ())) == n) for i in range(n)
+            ]
+        return out
+
+    def _watch_reports(self, index: int, conn: Any) -> None:
+        """Read worker `index`'s reports (JSON lines on its start-up pipe) from now on."""
+        self._forget_reports(index)
+        fd = conn.fileno()
+        os.set_blocking(fd, False)
+        self._report_pipes[index] = (fd, conn, bytearray())
+        asyncio.get_running_loop().add_reader(fd, self._read_reports, index)
+
+    def _read_reports(self, index: int) -> None:
+        fd, _conn, buf = self._report_pipes[index]
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # the worker exited: keep what it counted
+            last = self._reports.pop(index, None)
+            if last is not None and last.get("requests"):
+                self._retired = RequestCounter.add(self._retired, last["requests"])
+            self._forget_reports(index)
+            return
+        buf += data
+        *lines, rest = bytes(buf).split(b"\n")
+        buf[:] = rest
+        for line in reversed(lines):
+            try:
+                report = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(report, dict):
+                self._reports[index] = report
+                break
+
+    def _forget_reports(self, index: int) -> None:
+        entry = self._report_pipes.pop(index, None)
+        if entry is None:
+            return
+        fd, conn, _ = entry
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(fd)
+        conn.close()
+
     async def close(self) -> None:
         self._closing = True
+        for index in list(self._report_pipes):
+            self._forget_reports(index)
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -305,9 +431,10 @@ class ProxyService:
         self._procs[index] = proc
         loop = asyncio.get_running_loop()
         ready = await loop.run_in_executor(None, _wait_ready, parent_end, proc, 30.0)
-        parent_end.close()
         if ready != "ready":
+            parent_end.close()
             raise RuntimeError(f"proxy worker {index} failed to start: {ready}")
+        self._watch_reports(index, parent_end)
 
     async def _supervise(self) -> None:
         """Restart a worker that died (a crash must not halve capacity until someone notices)."""
@@ -338,6 +465,29 @@ def _wait_ready(conn: multiprocessing.connection.Connection, proc: Any, timeout:
     return "no answer within 30 s"
 
 
+async def _report(worker: ProxyWorker, pipe: multiprocessing.connection.Connection) -> None:
+    """Send this worker's stats to the main process every STATS_INTERVAL, as JSON lines.
+
+    The pipe is non-blocking and each report is one write of at most PIPE_BUF bytes, so a report
+    arrives whole or not at all, and a main process that stopped reading costs reports, never a
+    blocked worker.
+    """
+    fd = pipe.fileno()
+    os.set_blocking(fd, False)
+    while True:
+        await asyncio.sleep(STATS_INTERVAL)
+        line = json.dumps(worker.stats(), separators=(",", ":")).encode() + b"\n"
+        if len(line) > _STATS_MAX:
+            log.warning("proxy worker report of %d bytes is too large; not sent", len(line))
+            continue
+        try:
+            os.write(fd, line)
+        except BlockingIOError:
+            continue  # the main process is behind: skip this report
+        except OSError:
+            return  # the main process is gone
+
+
 def _worker_main(
     cfg: Config,
     guard_factory: GuardFactory | None,
@@ -359,7 +509,7 @@ def _worker_main(
         try:
             https = _bind_all(hosts, https_port, reuse_port=True)
             http = _bind_all(hosts, http_port, reuse_port=True) if http_port else []
-            worker = ProxyWorker(cfg, guard_factory=guard_factory, workers=workers)
+            worker = ProxyWorker(cfg, guard_factory=guard_factory, workers=workers, count=True)
             await worker.start(https, http)
         except Exception as exc:
             ready.send(f"{type(exc).__name__}: {exc}")
@@ -370,9 +520,11 @@ def _worker_main(
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
         ready.send("ready")
-        ready.close()
+        reporter = loop.create_task(_report(worker, ready))
         await stop.wait()
+        reporter.cancel()
         await worker.close()
+        ready.close()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(run())
