@@ -53,7 +53,7 @@ def feed(client: ClientConnection, data: bytes) -> None:
     client.buffer_updated(len(data))
 
 
-async def test_one_write_each_way(tmp_path: Path) -> None:
+def _core(tmp_path: Path) -> ProxyCore:
     cfg = parse_config(
         {
             "server": {"state_dir": str(tmp_path)},
@@ -61,7 +61,11 @@ async def test_one_write_each_way(tmp_path: Path) -> None:
             "proxy": {"nodes": ["http://127.0.0.1:9"]},
         }
     )
-    core = ProxyCore(cfg, asyncio.get_running_loop())
+    return ProxyCore(cfg, asyncio.get_running_loop())
+
+
+async def test_one_write_each_way(tmp_path: Path) -> None:
+    core = _core(tmp_path)
     client = ClientConnection(core)
     ct = CountingTransport()
     client.connection_made(ct)  # type: ignore[arg-type]
@@ -95,17 +99,6 @@ async def test_one_write_each_way(tmp_path: Path) -> None:
     other = ClientConnection(core)
     assert client.get_buffer(1) is other.get_buffer(65536) is core.read_view
     await core.close()
-
-
-def _core(tmp_path: Path) -> ProxyCore:
-    cfg = parse_config(
-        {
-            "server": {"state_dir": str(tmp_path)},
-            "turn": {"enabled": False},
-            "proxy": {"nodes": ["http://127.0.0.1:9"]},
-        }
-    )
-    return ProxyCore(cfg, asyncio.get_running_loop())
 
 
 class LoggingTransport(CountingTransport):
