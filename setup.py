@@ -47,7 +47,15 @@ def _ext_modules() -> list[Any]:
     except ImportError:
         print("confedge: mypyc is missing; building without compiled modules", file=sys.stderr)
         return []
-    return list(mypycify([f"src/confedge/{m}" for m in modules], opt_level="3"))
+    try:
+        return list(mypycify([f"src/confedge/{m}" for m in modules], opt_level="3"))
+    except (Exception, SystemExit) as exc:  # mypy's type check failed (it exits) or mypyc broke
+        print(
+            f"confedge: preparing the compiled hot path failed ({exc!r}); "
+            "building without compiled modules (same behaviour, more CPU per request)",
+            file=sys.stderr,
+        )
+        return []
 
 
 class OptionalBuildExt(build_ext):
