@@ -284,3 +284,16 @@ class TestWriter:
         log.log("9.9.9.9", NOW, "GET / HTTP/1.1", 204, 0)
         log.close()
         assert capfd.readouterr().err.startswith("9.9.9.9 - - [25/Nov/2026")
+
+
+def test_request_counters_sum_in_a_stable_order() -> None:
+    from confedge.proxy.accesslog import RequestCounter
+
+    a, b = RequestCounter(None), RequestCounter(None)
+    for status in (200, 204, 404):
+        a.log("192.0.2.1", 0.0, "GET / HTTP/1.1", status, 0)
+    b.log("192.0.2.2", 0.0, "GET / HTTP/1.1", 503, 0)
+    b.log("192.0.2.2", 0.0, "GET / HTTP/1.1", 999, 0)
+    total = RequestCounter.add(RequestCounter.add({}, a.to_json()), b.to_json())
+    assert total == {"total": 5, "other": 1, "1xx": 0, "2xx": 2, "3xx": 0, "4xx": 1, "5xx": 1}
+    assert list(total) == list(a.to_json())  # /metrics lists the classes in one order

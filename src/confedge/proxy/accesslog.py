@@ -434,4 +434,5 @@ class RequestCounter:
     @staticmethod
     def add(totals: dict[str, int], more: dict[str, int]) -> dict[str, int]:
         """Sum two to_json() results (the workers' counters into one)."""
-        return {k: totals.get(k, 0) + more.get(k, 0) for k in totals.keys() | more.keys()}
+        keys = [*totals, *(k for k in more if k not in totals)]  # in to_json()'s order
+        return {k: totals.get(k, 0) + more.get(k, 0) for k in keys}
