@@ -182,6 +182,26 @@ class Upstream:
                 await writer.drain()
                 self.big_sent = sent
             return True
+        if path == "/bigchunked":
+            # A large body in many small chunks (1 KiB each, as a node streaming a log or an
+            # export would send it): every chunk is a separate small write for the proxy.
+            size = int(query.split("=")[1]) if query else 1 << 20
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Node: "
+                + self.name.encode()
+                + b"\r\n\r\n"
+            )
+            piece = b"400\r\n" + b"y" * 1024 + b"\r\n"
+            sent = 0
+            self.big_sent = 0
+            while sent < size:
+                writer.write(piece * 16)
+                sent += 16 * 1024
+                await writer.drain()
+                self.big_sent = sent
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            return True
         if path == "/chunked":
             writer.write(
                 b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"

@@ -157,6 +157,41 @@ async def test_large_response_streams_with_backpressure(proxy, nodes):
     assert got == size
 
 
+async def test_small_chunks_to_a_slow_client_are_not_queued_without_bound(proxy, nodes):
+    """Write coalescing (ProxyCore.send) queues small writes until the end of the loop
+    iteration; a node streaming a large body in 1 KiB chunks to a client that stops reading
+    must still be paused by backpressure, not buffered in the proxy."""
+    size = 32 * 1024 * 1024
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", proxy.https_port, ssl=client_ssl(), limit=1 << 16
+    )
+    writer.write(b"GET /bigchunked?size=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size)
+    await reader.readuntil(b"\r\n\r\n")
+
+    async def chunk() -> int:
+        n = int((await reader.readuntil(b"\r\n")).strip(), 16)
+        data = await reader.readexactly(n + 2)
+        assert data == b"y" * n + b"\r\n"
+        return n
+
+    got = 0
+    while got < 65536:  # read a little, then stop reading
+        got += await chunk()
+    await asyncio.sleep(0.5)
+    sent_while_paused = sum(u.big_sent for u in nodes)
+    buffered = sum(c.transport.get_write_buffer_size() for c in proxy.core.clients if c.transport)
+    # (Measured: 11 MB sent, under 1 MB buffered; 21 MB and 4.3 MB before the queue was
+    # bounded by COALESCE_BATCH, when libuv's read loop could run ahead of backpressure.)
+    assert sent_while_paused < 16 * 1024 * 1024, sent_while_paused
+    assert buffered < 2 * 1024 * 1024, buffered
+    assert sum(len(data) for _, data in proxy.core.out) == 0  # nothing left queued
+    # Then the client reads everything: all of it arrives, in order, de-chunked and re-chunked.
+    while n := await chunk():
+        got += n
+    writer.close()
+    assert got == size
+
+
 async def test_chunked_and_close_delimited_responses(proxy):
     r = await get(proxy.https_port, "/chunked")
     assert r.status == 200 and r.body == b"hello world"

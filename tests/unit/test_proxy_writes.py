@@ -180,3 +180,25 @@ async def test_a_response_queued_before_connection_close_is_written_before_the_c
     assert [(n, op) for n, op, _ in journal] == [("client", "write"), ("client", "close")]
     assert journal[0][2].endswith(b"Connection: close\r\n\r\nok")
     await core.close()
+
+
+async def test_the_queue_is_flushed_early_once_it_holds_a_batch(tmp_path: Path) -> None:
+    """Many small writes in one iteration (a node's body in 1 KiB chunks, read 256 KiB at a
+    time by libuv, up to 32 reads per iteration) reach the transport every COALESCE_BATCH
+    bytes, so its pause_writing can stop the reading before the proxy holds megabytes."""
+    from confedge.proxy.core import COALESCE_BATCH
+
+    core = _core(tmp_path)
+    journal: list[tuple[str, str, bytes]] = []
+    a = LoggingTransport("a", journal)
+    piece = b"y" * 1024
+    for _ in range(COALESCE_BATCH // 1024):
+        core.send(a, piece)  # type: ignore[arg-type]
+    assert journal == []  # exactly one batch: still queued
+    core.send(a, piece)  # type: ignore[arg-type]
+    assert len(journal) == COALESCE_BATCH // 1024 + 1  # over the batch: written now, in order
+    assert core.out == [] and core.out_bytes == 0
+    core.send(a, b"next")  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    assert journal[-1] == ("a", "write", b"next")
+    await core.close()

@@ -20,12 +20,14 @@ of one batch wake each peer once instead of once per request: in the proxy bench
 halved the kernel time per proxied HTTPS request (20 -> 11 us) and raised throughput by half
 (docs/BENCHMARKS.md). A batch never outlives the iteration, so latency is unchanged.
 
-Rules that keep the stream of each transport in order: data is queued only as immutable bytes
-of at most COALESCE_MAX bytes (a larger write first flushes the queue, then goes straight to
-the transport, so backpressure still acts per chunk and never more than one read's worth is
-queued); whatever else touches a transport's stream (close, a direct write) calls
-`flush_writes` first; an abort needs nothing (it discards what is buffered anyway, and the
-flush skips closing transports).
+Rules that keep the stream of each transport in order and backpressure intact: data is queued
+only as immutable bytes of at most COALESCE_MAX bytes (a larger write first flushes the queue,
+then goes straight to the transport); once COALESCE_BATCH bytes are queued the queue is flushed
+at once, because a node streaming a large body in small chunks would otherwise be read up to
+libuv's 32 reads of 256 KiB in one iteration before any write could make the client transport
+call pause_writing (which pauses reading from the node); whatever else touches a transport's
+stream (close, a direct write) calls `flush_writes` first; an abort needs nothing (it discards
+what is buffered anyway, and the flush skips closing transports).
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ STATUS_PATH = "/api/client/v2/status"
 # Entries kept by ProxyCore's memos of Host checks and normalised targets.
 MEMO_SIZE = 2048
 
-# Writes up to this size are coalesced per event-loop iteration (see "Write coalescing").
+# Writes up to this size are coalesced per event-loop iteration (see "Write coalescing"), and
+# at most this many bytes wait in the queue before it is flushed early.
 COALESCE_MAX = 32 * 1024
+COALESCE_BATCH = 256 * 1024
 
 
 class GuardHook(Protocol):
@@ -183,6 +187,7 @@ class ProxyCore:
         self.sweep_interval = max(0.02, min(0.5, shortest / 5))
         self.closing = False
         self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
+        self.out_bytes = 0
 
     # -- write coalescing ---------------------------------------------------------------------
 
@@ -197,6 +202,11 @@ class ProxyCore:
         if not out:
             self.loop.call_soon(self.flush_writes)
         out.append((t, data))
+        queued = self.out_bytes + len(data)
+        if queued > COALESCE_BATCH:
+            self.flush_writes()  # now, so that pause_writing can still stop the reading
+        else:
+            self.out_bytes = queued
 
     def flush_writes(self) -> None:
         """Write every queued chunk, in order (also called before a close or direct write)."""
@@ -204,6 +214,7 @@ class ProxyCore:
         if not out:
             return
         self.out = []
+        self.out_bytes = 0
         for t, data in out:
             if not t.is_closing():
                 try:
