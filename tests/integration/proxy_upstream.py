@@ -47,6 +47,7 @@ class Upstream:
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
     status_checks: int = 0
     big_sent: int = 0  # bytes of /big written so far (backpressure tests watch it)
+    slow_upload_waiting: bool = False  # /slowupload: not reading the body yet
 
     @property
     def address(self) -> str:
@@ -86,6 +87,11 @@ class Upstream:
                 headers = [tuple(x.split(": ", 1)) for x in lines[1:] if x]
                 hmap = {k.lower(): v for k, v in headers}
                 body = b""
+                if target.startswith("/slowupload"):
+                    # A node that is slow to read the request body (busy, or on a slow link).
+                    self.slow_upload_waiting = True
+                    await asyncio.sleep(1.0)
+                    self.slow_upload_waiting = False
                 if hmap.get("transfer-encoding", "").lower() == "chunked":
                     while True:
                         size = int((await reader.readuntil(b"\r\n")).strip(), 16)

@@ -192,6 +192,52 @@ async def test_small_chunks_to_a_slow_client_are_not_queued_without_bound(proxy,
     assert got == size
 
 
+async def test_request_body_to_a_slow_node_is_not_buffered_in_the_proxy(nodes, tmp_path):
+    """A body larger than request_buffer_bytes streams to the node; while the node does not
+    read it, the proxy stops reading from the client (the other direction of backpressure,
+    through the write queue). What it did read stays retained for a failover replay until the
+    node answers, so what matters is that the reading stops."""
+    svc = ProxyService(
+        proxy_config(
+            [u.address for u in nodes],
+            str(tmp_path),
+            request_buffer_bytes=64 * 1024,
+            max_body_bytes=64 * 1024 * 1024,
+        )
+    )
+    await svc.start()
+    try:
+        # More than the loopback socket buffers on both sides can absorb (several MB each).
+        size = 40 * 1024 * 1024
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", svc.https_port, ssl=client_ssl()
+        )
+        writer.write(
+            b"POST /slowupload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % size
+        )
+        writer.write(b"z" * size)  # all of it handed to the client's transport at once
+        await asyncio.sleep(0.6)
+        assert any(u.slow_upload_waiting for u in nodes)
+        held = sum(
+            u.transport.get_write_buffer_size() for u in svc.core.upstreams if u.transport
+        ) + sum(len(d) for _, d in svc.core.out)
+        (client,) = svc.core.clients
+        assert client.cur is not None
+        read = client.cur.body_size
+        # Measured: about 6 MB read, then client reading paused; without backpressure the
+        # proxy would have read all 40 MB within a few milliseconds on loopback.
+        assert read < 16 * 1024 * 1024, read  # the proxy stopped reading the client...
+        assert client.paused and not client.transport.is_reading()  # type: ignore[attr-defined]
+        assert held < 2 * 1024 * 1024, held  # ...and little waits in its write buffers
+        resp = await asyncio.wait_for(read_response(reader), 20)
+        writer.close()
+        assert resp.status == 200
+        rec = [r for u in nodes for r in u.received if r.target == "/slowupload"]
+        assert len(rec) == 1 and rec[0].body == b"z" * size  # all of it, intact
+    finally:
+        await svc.close()
+
+
 async def test_chunked_and_close_delimited_responses(proxy):
     r = await get(proxy.https_port, "/chunked")
     assert r.status == 200 and r.body == b"hello world"
