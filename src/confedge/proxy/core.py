@@ -25,9 +25,9 @@ only as immutable bytes of at most COALESCE_MAX bytes (a larger write first flus
 then goes straight to the transport); once COALESCE_BATCH bytes are queued the queue is flushed
 at once, because a node streaming a large body in small chunks would otherwise be read up to
 libuv's 32 reads of 256 KiB in one iteration before any write could make the client transport
-call pause_writing (which pauses reading from the node); whatever else touches a transport's
-stream (close, a direct write) calls `flush_writes` first; an abort needs nothing (it discards
-what is buffered anyway, and the flush skips closing transports).
+call pause_writing (which pauses reading from the node); a close goes through `close_after`,
+which writes what is queued first, and a direct write calls `flush_writes` first; an abort needs
+nothing (it discards what is buffered anyway, and the flush skips closing transports).
 """
 
 from __future__ import annotations
@@ -222,6 +222,14 @@ class ProxyCore:
                 except (RuntimeError, OSError) as exc:  # a transport torn down meanwhile
                     log.debug("dropped a queued write: %s", exc)
                     t.abort()
+
+    def close_after(self, t: asyncio.Transport, last: bytes = b"") -> None:
+        """Close `t` once everything queued (then `last`) is written: a close must never
+        overtake a queued response (it would cut it off)."""
+        self.flush_writes()
+        if last:
+            t.write(last)
+        t.close()
 
     # -- lifecycle ----------------------------------------------------------------------------
 

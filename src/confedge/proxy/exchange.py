@@ -327,8 +327,7 @@ class Exchange:
                 self.dead = True
                 self._release_attempt()
                 if self.client.transport is not None:
-                    self.client.core.flush_writes()
-                    self.client.transport.close()
+                    self.client.core.close_after(self.client.transport)
                 return
             if self.until_close:
                 # RFC 9112 §6.3 item 8: the body was delimited by the close.

@@ -133,8 +133,7 @@ class RedirectConnection(asyncio.Protocol):
     def _close(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
-            self.core.flush_writes()
-            t.close()
+            self.core.close_after(t)
 
     # -- httptools callbacks --------------------------------------------------------------------
 
@@ -226,9 +225,7 @@ class RedirectConnection(asyncio.Protocol):
             tail = _TAIL_KEEP
         data = status_line(status) + self.core.date.header + extra + tail
         if close:
-            self.core.flush_writes()
-            t.write(data)
-            t.close()
+            self.core.close_after(t, data)
         else:
             self.core.send(t, data)  # coalesced with the other answers of this iteration
         sink = self.core.access_log

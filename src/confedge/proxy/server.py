@@ -477,8 +477,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         # A request without a body may finish (static file, cached answer) before httptools
         # reports its end: it is complete all the same.
         if close or not req.keep_alive or not (req.complete or not self._body_expected(req)):
-            self.core.flush_writes()  # the response may still be queued: it goes first
-            t.close()
+            self.core.close_after(t)  # the response may still be queued: it goes first
             return
         if self.pending:
             nxt = self.pending.popleft()
@@ -507,9 +506,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             data = retry_page_response(status, date, close=True, head_only=head_only)
         else:
             data = error_response(status, date, extra=extra, close=True, head_only=head_only)
-        self.core.flush_writes()  # anything queued for this client goes first
-        t.write(data)
-        t.close()
+        self.core.close_after(t, data)  # anything queued for this client goes first
         self.exchange = None
         self.core.log_local(self, req, status, len(data), ex)
 
