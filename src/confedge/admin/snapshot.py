@@ -35,10 +35,9 @@ import confedge
 from confedge.admin.procstats import child_pids, read_proc, self_stat
 from confedge.config import Config, NodeAddress
 from confedge.proxy import build_kind
-from confedge.proxy.accesslog import RequestCounter
 from confedge.proxy.health import HealthMonitor, NodeState, Transition
 
-__all__ = ["BAN_LIMIT", "RequestCounter", "RuntimeView", "StatusSource", "mask_url"]
+__all__ = ["BAN_LIMIT", "RuntimeView", "StatusSource", "mask_url"]
 
 log = logging.getLogger("confedge.admin")
 
@@ -139,7 +138,6 @@ class StatusSource:
         self.config = masked_config(cfg)  # the model is frozen: mask once
         self.started = getattr(runtime, "started", None) or clock()
         self.last_change: dict[int, tuple[str, float]] = {}  # node -> (reason, wall time)
-        self.requests: RequestCounter | None = None
         self.own_health: _OwnHealth | None = None
         self._core: Any = None
 
@@ -154,8 +152,6 @@ class StatusSource:
         if core is not None:
             self._core = core
             core.on_transition.append(self._record)
-            self.requests = RequestCounter(core.access_log)
-            core.access_log = self.requests
         else:
             self.own_health = _OwnHealth(self.cfg, self._record)
             self.own_health.start()
@@ -165,8 +161,6 @@ class StatusSource:
         if core is not None:
             with contextlib.suppress(ValueError):
                 core.on_transition.remove(self._record)
-            if self.requests is not None and core.access_log is self.requests:
-                core.access_log = self.requests.inner
         if self.own_health is not None:
             await self.own_health.close()
             self.own_health = None
@@ -249,7 +243,8 @@ class StatusSource:
         if core is not None:
             out["client_connections"] = len(core.clients)
             out["upstream_connections"] = len(core.upstreams)
-            out["requests"] = self.requests.to_json() if self.requests is not None else None
+            counts = getattr(proxy, "request_counts", None)
+            out["requests"] = counts() if callable(counts) else None
         elif reports is not None:
             out["client_connections"] = reports["client_connections"]
             out["upstream_connections"] = reports["upstream_connections"]

@@ -66,7 +66,6 @@ class ProxyWorker:
         *,
         guard_factory: GuardFactory | None = None,
         workers: int = 1,
-        count: bool = False,
         guard: GuardHook | None = None,
     ) -> None:
         self.cfg = cfg
@@ -74,9 +73,9 @@ class ProxyWorker:
         # A guard the caller owns (started and closed by it), used instead of building one.
         self.shared_guard = guard
         self.workers = workers
-        # A worker process counts its answers itself (the status page cannot reach its core).
+        # Answers by status class, for the status page: read in process (workers = 1) or
+        # reported to the main process by each worker (workers > 1).
         self.counter: RequestCounter | None = None
-        self.count = count
         self.core: ProxyCore | None = None
         self.tls: TLSContextHolder | None = None
         self.guard: Any = None
@@ -99,14 +98,12 @@ class ProxyWorker:
                 await start()
         self.access = _make_access_log(cfg)
         self.static = _make_static(cfg)
-        sink = self.access
-        if self.count:
-            sink = self.counter = RequestCounter(self.access)
+        self.counter = RequestCounter(self.access)
         core = ProxyCore(
             cfg,
             loop,
             guard=self.guard,
-            access_log=sink,
+            access_log=self.counter,
             static=self.static,
             workers=self.workers,
         )
@@ -307,6 +304,12 @@ class ProxyService:
             if p is not None and p.pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGHUP)
+
+    def request_counts(self) -> dict[str, int] | None:
+        """Answers by status class of the in-process proxy (workers = 1), else None (see
+        worker_stats for worker processes)."""
+        w = self._worker
+        return w.counter.to_json() if w is not None and w.counter is not None else None
 
     def worker_stats(self) -> dict[str, Any] | None:
         """The workers' reports summed (workers > 1), or None before the first report.
@@ -509,7 +512,7 @@ def _worker_main(
         try:
             https = _bind_all(hosts, https_port, reuse_port=True)
             http = _bind_all(hosts, http_port, reuse_port=True) if http_port else []
-            worker = ProxyWorker(cfg, guard_factory=guard_factory, workers=workers, count=True)
+            worker = ProxyWorker(cfg, guard_factory=guard_factory, workers=workers)
             await worker.start(https, http)
         except Exception as exc:
             ready.send(f"{type(exc).__name__}: {exc}")
