@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import signal
-import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import pytest
 import uvloop
 from admin_support import get, metric, parse_metrics
+from proxy_upstream import get as proxied_get
 
 import confedge.demo as demo_mod
 from confedge.config import parse_config
@@ -72,21 +72,9 @@ def test_demo_names_the_status_page(
     assert "  Status:      http://127.0.0.1:" in banner
 
 
-async def _proxied_gets(port: int, n: int) -> list[bytes]:
+async def _proxied_gets(port: int, n: int) -> list[int]:
     """n requests through the proxy, each on its own TLS connection (so both workers serve)."""
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    lines = []
-    for _ in range(n):
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
-        writer.write(
-            b"GET /api/client/v2/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        )
-        lines.append(await reader.readline())
-        await reader.read()
-        writer.close()
-    return lines
+    return [(await proxied_get(port, "/api/client/v2/status")).status for _ in range(n)]
 
 
 async def _wait_json(port: int, ok: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -135,7 +123,7 @@ async def test_workers_in_other_processes(tmp_path: Path) -> None:
         assert p["health_source"] == "management" and p["nodes_up"] == 2
         assert len(j["process"]["children"]) >= 2
         https = rt.proxy.https_port
-        assert all(line.startswith(b"HTTP/1.1 200") for line in await _proxied_gets(https, 6))
+        assert await _proxied_gets(https, 6) == [200] * 6
         j = await _wait_json(port, lambda j: (j["proxy"]["requests"] or {}).get("total", 0) >= 6)
         p = j["proxy"]
         assert p["requests"]["total"] == 6 and p["requests"]["2xx"] == 6, p
