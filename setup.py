@@ -35,11 +35,13 @@ def _wanted() -> bool:
     if os.environ.get("CONFEDGE_PURE", "") not in ("", "0"):
         return False
     # Editable installs and metadata-only steps (egg_info, sdist, dist_info) compile nothing.
+    if "editable_wheel" in sys.argv or "develop" in sys.argv:
+        return False
     return any(cmd in sys.argv for cmd in ("bdist_wheel", "build_ext", "build", "install"))
 
 
 def _ext_modules() -> list[Any]:
-    if not _wanted() or "editable_wheel" in sys.argv or "develop" in sys.argv:
+    if not _wanted():
         return []
     modules = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["confedge"]["compiled"]
     try:
