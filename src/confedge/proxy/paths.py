@@ -52,6 +52,9 @@ _HEX: Final = frozenset("0123456789abcdefABCDEF")
 # such as "|" or "[" raw, so the set is wider than RFC 3986 pchar on purpose.
 _PATH_CHARS: Final = re.compile(r'[!"$->@-\[\]-~]*')
 _DOTS: Final = frozenset({".", ".."})
+# C0 controls, DEL, C1 controls (U+0085 NEL ends a line too) and the Unicode line and paragraph
+# separators: nothing a path needs, and each ends a line somewhere (a log, a header, a parser).
+_CONTROLS: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class BadPath(ValueError):
@@ -145,16 +148,6 @@ def _remove_dot_segments(path: str) -> str:
     return "/" + "/".join(out) + ("/" if trailing else "")
 
 
-def _has_control(text: str) -> bool:
-    """C0 controls, DEL, C1 controls (U+0085 NEL ends a line too) and the Unicode line and
-    paragraph separators: nothing a path needs, and each ends a line somewhere."""
-    for ch in text:
-        o = ord(ch)
-        if o < 0x20 or 0x7F <= o <= 0x9F or o == 0x2028 or o == 0x2029:
-            return True
-    return False
-
-
 def _check_segment(seg: str) -> None:
     """Step 4 of the module docstring for one segment that holds a "%" or a ";"."""
     text = decode_segment(seg)
@@ -162,7 +155,7 @@ def _check_segment(seg: str) -> None:
         raise BadPath("double percent-encoding in the path (an encoded '%')")
     if "/" in text or "\\" in text:
         raise BadPath("encoded '/' or '\\' in the path")
-    if _has_control(text):
+    if _CONTROLS.search(text) is not None:
         raise BadPath("encoded control character in the path")
     if text.partition(";")[0] in _DOTS:
         raise BadPath("dot segment hidden behind a ';' parameter or an encoding")
