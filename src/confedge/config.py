@@ -27,6 +27,8 @@ from pydantic import (
     model_validator,
 )
 
+from confedge.proxy.paths import BadPath, canonical_path
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -103,6 +105,23 @@ def _cidr(value: Any) -> str:
 
 
 CIDR = Annotated[str, BeforeValidator(_cidr)]
+
+
+def _path_prefix(value: Any) -> str:
+    """A path prefix in the canonical form requests are matched in (proxy/paths.py), so that a
+    prefix never silently fails to match (or matches more) because of its spelling."""
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError(f'{_fmt_value(value)} is not a path prefix (it must start with "/")')
+    try:
+        canonical = canonical_path(value)
+    except BadPath as exc:
+        raise ValueError(f'"{value}" is not a usable path prefix: {exc.reason}') from None
+    if canonical != value:
+        raise ValueError(f'"{value}" is not in canonical form; write it as "{canonical}"')
+    return value
+
+
+PathPrefix = Annotated[str, BeforeValidator(_path_prefix)]
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -228,7 +247,7 @@ class StaticMount(_Strict):
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/") or not v.endswith("/") or ".." in v or "//" in v:
             raise ValueError(f'"{v}" is not a path prefix (it must start and end with "/")')
-        return v
+        return _path_prefix(v)
 
 
 class ProxyConfig(_Strict):
@@ -249,7 +268,7 @@ class ProxyConfig(_Strict):
     )
     workers: int = Field(default=0, ge=0, le=64)
     verify_upstream: bool = False
-    path_allowlist: list[str] = Field(default_factory=list)
+    path_allowlist: list[PathPrefix] = Field(default_factory=list)
     max_body_bytes: int = Field(default=15 * 1024 * 1024, ge=0)
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
     max_headers: int = Field(default=100, ge=8)

@@ -235,7 +235,10 @@ class Upstream:
                 "Connection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n",
             )
             return True
-        if path.startswith("/api/client/v2/conferences/") and path.endswith("/request_token"):
+        # Routed the way servlet containers read a path: ";" parameters stripped per segment
+        # (so "request_token;x" is a PIN check here, as it would be on such a back end).
+        route = "/".join([seg.partition(";")[0] for seg in path.split("/")])
+        if route.startswith("/api/client/v2/conferences/") and route.endswith("/request_token"):
             pin = h.get("pin")
             if pin == "1234":
                 await self._send(writer, 200, b'{"status":"success","result":{"token":"t"}}')
@@ -303,6 +306,23 @@ def proxy_config(nodes: list[str], state_dir: str, **proxy: Any) -> Any:
     return parse_config(
         {"server": {"state_dir": state_dir}, "turn": {"enabled": False}, "proxy": p}
     )
+
+
+def guarded_config(nodes: list[str], state_dir: str, **guard: Any) -> Any:
+    """proxy_config with the guard on (memory store, 3 failures ban for 60 s, no ignore list)."""
+    from confedge.config import parse_config
+
+    data = proxy_config(nodes, state_dir, health_interval=30).model_dump(mode="json")
+    data["guard"] = {
+        "enabled": True,
+        "store": "memory",
+        "maxretry": 3,
+        "ignore": [],
+        "findtime": 60,
+        "bantime": 60,
+        **guard,
+    }
+    return parse_config(data)
 
 
 def client_ssl() -> ssl.SSLContext:

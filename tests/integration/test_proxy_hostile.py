@@ -10,7 +10,15 @@ import asyncio
 
 import pytest
 import uvloop
-from proxy_upstream import Upstream, client_ssl, exchange, get, proxy_config, read_response
+from proxy_upstream import (
+    Upstream,
+    client_ssl,
+    exchange,
+    get,
+    guarded_config,
+    proxy_config,
+    read_response,
+)
 
 from confedge.proxy.service import ProxyService
 
@@ -290,20 +298,9 @@ async def test_connection_cap(node, tmp_path):
 
 
 async def test_guard_ban_and_pin_failures(node, tmp_path):
-    from confedge.config import parse_config
     from confedge.guard import create_guard
 
-    base = proxy_config([node.address], str(tmp_path), health_interval=30)
-    data = base.model_dump(mode="json")
-    data["guard"] = {
-        "enabled": True,
-        "store": "memory",
-        "maxretry": 3,
-        "ignore": [],
-        "findtime": 60,
-        "bantime": 60,
-    }
-    cfg = parse_config(data)
+    cfg = guarded_config([node.address], str(tmp_path))
     svc = ProxyService(cfg, guard_factory=create_guard)
     await svc.start()
     try:

@@ -19,6 +19,7 @@ COMPILED = (
     "confedge.proxy.upstream",
     "confedge.proxy.core",
     "confedge.proxy.redirect",
+    "confedge.proxy.paths",
     "confedge.proxy.accesslog",
 )
 

@@ -127,3 +127,6 @@ def test_pin_alias() -> None:
     assert pin_alias("/API/client/v2/conferences/x/REQUEST_TOKEN/?a=1") == "x"
     assert pin_alias("/api/client/v2/conferences/x/refresh_token") is None
     assert pin_alias("/api/client/v2/conferences/x/y/request_token") is None
+    # ";" parameters, which servlet-style nodes strip, neither hide a guess nor rename its alias
+    assert pin_alias("/api/client/v2/conferences/meet;v=1/request_token;x") == "meet"
+    assert pin_alias("/api/client/v2/conferences/meet/request_token%3B") == "meet"

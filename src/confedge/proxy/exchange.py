@@ -18,6 +18,7 @@ import json
 import math
 from typing import TYPE_CHECKING
 
+from confedge.guard.addresses import in_networks
 from confedge.proxy.pages import status_line
 from confedge.proxy.request import pin_alias
 
@@ -54,10 +55,29 @@ _REQ_DROP = frozenset(
         b"http2-settings",
     }
 )
+# What a proxy in front saw (RFC 7239 Forwarded, the X-Forwarded-* family) and the rewrite
+# headers some back ends route on instead of the request target: a client that is not in
+# trusted_proxies would be choosing what the node believes about host, scheme and path, so
+# they are dropped unless the peer is a trusted balancer (then they pass as it sent them).
+_FORWARDING = frozenset(
+    {
+        b"forwarded",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-prefix",
+        b"x-forwarded-server",
+        b"x-forwarded-scheme",
+        b"x-forwarded-ssl",
+        b"x-original-url",
+        b"x-rewrite-url",
+    }
+)
 # Guard (SPEC §4, added by the guard helper): a request_token call must come back uncompressed
 # so that its 403 "Invalid PIN" can be read and counted; forwarding the client's
 # Accept-Encoding would let an attacker ask for gzip and hide every failure from the guard.
 _REQ_DROP_PIN = _REQ_DROP | {b"accept-encoding"}
+_REQ_DROP_UNTRUSTED = _REQ_DROP | _FORWARDING
+_REQ_DROP_PIN_UNTRUSTED = _REQ_DROP_PIN | _FORWARDING
 _RESP_DROP = frozenset(
     {
         b"connection",
@@ -175,7 +195,12 @@ class Exchange:
         """The request head for the nodes (built once, replayed on failover)."""
         req = self.req
         client = self.client
-        drop = _REQ_DROP if self.pin_alias is None else _REQ_DROP_PIN
+        # Without trusted_proxies (the usual case) in_networks answers False at once.
+        trusted = in_networks(client.peer, client.core.trusted)
+        if self.pin_alias is None:
+            drop = _REQ_DROP if trusted else _REQ_DROP_UNTRUSTED
+        else:
+            drop = _REQ_DROP_PIN if trusted else _REQ_DROP_PIN_UNTRUSTED
         extra: frozenset[bytes] | None = None
         if req.conn_tokens is not None:
             # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.

@@ -6,6 +6,7 @@ bulk; the only per-response work is the cached Date header.
 
 from __future__ import annotations
 
+import html
 import http
 import time
 from email.utils import formatdate
@@ -76,10 +77,23 @@ def _html(status: int, text: str, retry: int = 0) -> bytes:
 
 
 def error_response(
-    status: int, date: bytes, *, extra: bytes = b"", close: bool = True, head_only: bool = False
+    status: int,
+    date: bytes,
+    *,
+    extra: bytes = b"",
+    close: bool = True,
+    head_only: bool = False,
+    detail: str = "",
 ) -> bytes:
-    """A complete small HTML error response; `extra` is raw header lines (each ending CRLF)."""
-    body = _html(status, _REASONS.get(status, ""))
+    """A complete small HTML error response; `extra` is raw header lines (each ending CRLF).
+
+    `detail` is the refusal's reason (request.Refused), so that whoever sent a request that
+    was refused learns which rule it broke; reasons are fixed texts, escaped all the same.
+    """
+    text = _REASONS.get(status, "")
+    if detail:
+        text += f" Refused: {html.escape(detail, quote=False)}."  # element text: <>& only
+    body = _html(status, text)
     return b"".join(
         (
             status_line(status),

@@ -3,14 +3,17 @@
 Theory of operation: the proxy is never an open proxy (SPEC §2). Every request target and Host
 header passes through here before any upstream work; each refusal raises `Refused` carrying the
 status to answer (h11 style: the error says which status it maps to). The functions are pure
-and cheap on the common path (a target with no `%`, `\\`, `//` or `/.` is returned unchanged
-after one scan), because they run for every request.
+and cheap on the common path (a target whose path has no `%`, `;`, `//` or `/.` is returned
+unchanged after one scan), because they run for every request. What the path means is defined
+once, in paths.py (`canonical_path`); this module adds the request-target forms around it.
 """
 
 from __future__ import annotations
 
 import re
 from urllib.parse import unquote
+
+from confedge.proxy.paths import BadPath, canonical_path
 
 __all__ = [
     "ALLOWED_METHODS",
@@ -28,12 +31,7 @@ __all__ = [
 ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
 NOT_ALLOWED_METHODS = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
 
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_HEX = frozenset("0123456789abcdefABCDEF")
-# Visible ASCII (RFC 9112 §3.2 targets have no spaces or controls) without "#" and, in the path,
-# without "\\" (a separator for some back ends: the classic traversal bypass). Browsers send
-# characters such as "|" or "[" raw, so the set is wider than RFC 3986 pchar on purpose.
-_PATH_CHARS = re.compile(r'[!"$-\[\]-~]*')
+# The query may hold "?" and "\\" (only the path is read as a file-system-like name).
 _QUERY_CHARS = re.compile(r'[!"$-~]*')
 
 
@@ -44,49 +42,6 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
-
-
-def _decode_unreserved(path: str) -> str:
-    """RFC 3986 §6.2.2.2: decode percent-encoded unreserved characters; upper-case the rest.
-
-    Encoded "/" (%2F), "\\" (%5C) and NUL (%00) are refused: they are how traversal and
-    path-confusion attacks slip a separator past a proxy that checks the encoded form.
-    """
-    pieces = path.split("%")
-    out = [pieces[0]]
-    for piece in pieces[1:]:
-        hx = piece[:2]
-        if len(hx) != 2 or hx[0] not in _HEX or hx[1] not in _HEX:
-            raise Refused(400, "bad percent-encoding in the path")
-        code = int(hx, 16)
-        if code in (0x2F, 0x5C, 0x00):
-            raise Refused(400, f"encoded %{hx.upper()} in the path")
-        ch = chr(code)
-        if ch in _UNRESERVED:
-            out.append(ch + piece[2:])
-        else:
-            out.append("%" + hx.upper() + piece[2:])
-    return "".join(out)
-
-
-def _remove_dots(path: str) -> str:
-    """RFC 3986 §5.2.4 dot-segment removal ("." only: ".." is refused), "//" collapsed."""
-    out: list[str] = []
-    segments = path.split("/")
-    last = segments[-1]
-    for seg in segments[1:]:
-        if seg == "" or seg == ".":
-            continue
-        if seg == "..":
-            # Browsers and HTTP libraries remove dot-segments before sending (RFC 3986 §5.2.4),
-            # so a ".." (literal or %2e-encoded) on the wire is a probe: refused outright
-            # rather than resolved, even when it would stay below "/".
-            raise Refused(400, "'..' segment in the path")
-        out.append(seg)
-    if not out:
-        return "/"
-    trailing = last in ("", ".", "..")
-    return "/" + "/".join(out) + ("/" if trailing else "")
 
 
 def normalise_target(target: str) -> str:
@@ -103,17 +58,15 @@ def normalise_target(target: str) -> str:
     path, sep, query = target.partition("?")
     if "#" in target:
         raise Refused(400, "fragment in the request target")
-    if _PATH_CHARS.fullmatch(path) is None:
-        raise Refused(400, "invalid character in the path")
     if sep and _QUERY_CHARS.fullmatch(query) is None:
         raise Refused(400, "invalid character in the query")
-    if "%" not in path and "//" not in path and "/." not in path:
-        return target
-    if "%" in path:
-        path = _decode_unreserved(path)
-    if "//" in path or "/." in path:
-        path = _remove_dots(path)
-    return path + sep + query
+    try:
+        canonical = canonical_path(path)
+    except BadPath as exc:
+        raise Refused(400, exc.reason) from None
+    if canonical == path:
+        return target  # already canonical: the client's own bytes go to the node
+    return canonical + sep + query
 
 
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:
@@ -164,8 +117,12 @@ def pin_alias(path: str) -> str | None:
     """The conference alias if `path` is a request_token call (guard API contract), else None.
 
     Case-insensitive, percent-decoded, dot-segments and "//" already removed by
-    normalise_target; the trailing slash is ignored.
+    normalise_target; the trailing slash is ignored, and so are `;` parameters (RFC 3986 §3.3):
+    a node that strips them reads `request_token;x` as `request_token`, and a guess must not
+    escape the guard, nor its conference's count, by carrying one.
     """
     p = unquote(path.partition("?")[0]).lower()
+    if ";" in p:
+        p = "/".join([seg.partition(";")[0] for seg in p.split("/")])
     m = _REQUEST_TOKEN.fullmatch(p)
     return m.group(1) if m else None

@@ -18,6 +18,7 @@ requests are parsed into a queue while client reading is paused, and answered in
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
     from confedge.proxy.core import ProxyCore
 
 __all__ = ["ClientConnection", "Exchange", "RedirectConnection", "Request"]
+
+log = logging.getLogger("confedge.proxy")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -495,6 +498,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         extra: bytes = b"",
         retry_page: bool = False,
         ex: Exchange | None = None,
+        detail: str = "",
     ) -> None:
         """Answer from the proxy itself and close (the request body, if any, is not read)."""
         t = self.transport
@@ -505,7 +509,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         if retry_page:
             data = retry_page_response(status, date, close=True, head_only=head_only)
         else:
-            data = error_response(status, date, extra=extra, close=True, head_only=head_only)
+            data = error_response(
+                status, date, extra=extra, close=True, head_only=head_only, detail=detail
+            )
         self.core.close_after(t, data)  # anything queued for this client goes first
         self.exchange = None
         self.core.log_local(self, req, status, len(data), ex)
@@ -520,7 +526,17 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         if ex is not None:
             ex.cancel()
-        self.local_response(self.cur, status)
+        req = self.cur
+        # The reason goes to the log and into the answer's body; the target is logged as a
+        # Python bytes literal (escaped), since it is the sender's text.
+        log.info(
+            "refused %d from %s: %s (target %r)",
+            status,
+            self.peer,
+            reason,
+            req.url[:200] if req is not None else b"",
+        )
+        self.local_response(req, status, detail=reason)
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -19,6 +19,12 @@ which belong to the connection) and a *body source*:
 not want to special-case sendfile needs one loop. Chunks are bounded (256 KiB by default) so a
 large file never sits in memory whole.
 
+The path means what it means everywhere else in the proxy: ``respond`` serves only a path that
+:func:`confedge.proxy.paths.canonical_path` leaves unchanged (the core hands it the canonical
+target; anything else is answered 404), and decodes segments with the same
+:func:`~confedge.proxy.paths.decode_segment` (one decode, UTF-8), so no spelling can name a
+file here that the proxy's vetting and allowlist read as another path.
+
 Why the path is re-checked although the core already normalised it: defence in depth. A static
 mount reads the local file system, the one place where a traversal bug turns into a file
 disclosure, so this module trusts nothing: each segment is percent-decoded on its own and refused
@@ -39,9 +45,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import BinaryIO, Final
-from urllib.parse import unquote
 
 from confedge.config import StaticMount
+from confedge.proxy.paths import BadPath, canonical_path, decode_segment
 
 __all__ = [
     "FileBody",
@@ -417,6 +423,14 @@ class StaticSite:
         is only used to throttle re-checks of zip archives; it defaults to the wall clock.
         """
         raw_path, _, query = path.partition("?")
+        try:
+            canonical = canonical_path(raw_path)
+        except BadPath:
+            canonical = ""
+        if canonical != raw_path:
+            # Requests from the core arrive canonical; anything else is a caller's mistake or
+            # a probe, and is not guessed at (one reading of a path, paths.py).
+            return self._plain(404, _NOT_FOUND)
         bare = self._bare.get(raw_path)
         if bare is not None:
             # "/branding" -> "/branding/": relative links in index.html need the slash.
@@ -456,8 +470,8 @@ class StaticSite:
         out: list[str] = []
         for raw in rest.split("/"):
             try:
-                seg = unquote(raw, errors="strict") if "%" in raw else raw
-            except UnicodeDecodeError:
+                seg = decode_segment(raw)
+            except BadPath:
                 return None
             if (
                 not seg
