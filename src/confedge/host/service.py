@@ -63,6 +63,14 @@ def _quote(path: str) -> str:
     return shlex.quote(path) if any(c in path for c in " \t\"'\\") else path
 
 
+def user_group(user: str) -> str:
+    """The primary group of an existing user; a user useradd will create gets its own group."""
+    try:
+        return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name
+    except KeyError:
+        return user
+
+
 def render_unit(cfg: Config, config_path: str, *, user: str, exec_path: str) -> str:
     """The unit file for `cfg` (see the module docstring and data/confedge.service.in)."""
     template = resources.files("confedge").joinpath("data/confedge.service.in").read_text()
@@ -75,7 +83,7 @@ def render_unit(cfg: Config, config_path: str, *, user: str, exec_path: str) -> 
         config=_quote(config_path),
         exec=_quote(exec_path),
         user=user,
-        group=user,
+        group=user_group(user),
         nofile=nofile,
         nofile_why=why,
         ambient=ambient,
@@ -97,9 +105,11 @@ class Step:
         if self.kind in ("useradd", "systemctl"):
             return "run: " + shlex.join(self.argv)
         if self.kind == "mkdir":
-            return f"mkdir -p {self.path}; chown {user}:{user}; chmod {self.mode:o}"
+            group = user_group(user)
+            return f"mkdir -p {self.path}; chown {user}:{group}; chmod {self.mode:o}"
         if self.kind == "chmod":
-            return f"chgrp {user} {self.path}; chmod {self.mode:o} (it holds secrets)"
+            group = user_group(user)
+            return f"chgrp {group} {self.path}; chmod {self.mode:o} (it holds secrets)"
         return f"write {self.path} (mode {self.mode:o})"
 
 
@@ -147,11 +157,11 @@ def run_steps(steps: list[Step], user: str) -> None:
         elif step.kind == "mkdir":
             path = Path(step.path)
             path.mkdir(parents=True, exist_ok=True)
-            shutil.chown(path, user, user)
+            shutil.chown(path, user, user_group(user))
             path.chmod(step.mode)
         elif step.kind == "chmod":
             path = Path(step.path)
-            shutil.chown(path, group=grp.getgrnam(user).gr_name)
+            shutil.chown(path, group=user_group(user))
             path.chmod(step.mode)
         elif step.kind == "write":
             path = Path(step.path)
