@@ -430,6 +430,10 @@ class FirewallConfig(_Strict):
     ssh_port: Port = 22  # 0 = not opened
     ssh_networks: list[CIDR] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
     rate_limit: int = Field(default=50, ge=0, le=100_000)  # per source and second; 0 = off
+    # "restricted": new outbound flows only for relayed media (from relay_ports), to the nodes,
+    # the guard's Redis, DNS and NTP (the reference's "outbound from relay ports"); opt-in
+    # because it also stops package updates and anything else the host itself initiates.
+    outbound: Literal["any", "restricted"] = "any"
 
 
 class Config(_Strict):

@@ -76,9 +76,9 @@ class Netns:
         return data["nftables"]  # type: ignore[no-any-return]
 
     def rule_packets(self, comment: str) -> int:
-        """Packets counted by the input rule(s) with this comment."""
+        """Packets counted by the rule(s) of table inet confedge with this comment."""
         total = 0
-        for item in self.nft_json("chain", "inet", "confedge", "input"):
+        for item in self.nft_json("table", "inet", "confedge"):
             rule = item.get("rule")
             if isinstance(rule, dict) and rule.get("comment") == comment:
                 for expr in rule["expr"]:

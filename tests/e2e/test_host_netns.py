@@ -214,6 +214,9 @@ allowed_peers = ["10.215.0.0/24"]
 [management]
 port = 9090
 networks = ["10.214.0.0/24"]
+
+[firewall]
+outbound = "restricted"
 """
 
 
@@ -287,3 +290,11 @@ def test_two_interfaces(tmp_path: Path) -> None:
         assert outside.client("tcp", INSIDE_EDGE, "9090", "--bind", OUTSIDE_PEER) == {
             "result": "timeout"
         }
+
+        # firewall.outbound = "restricted": the relayed media above left from a relay port;
+        # anything else the host starts towards the Internet is refused by the output chain.
+        refused = edge.rule_packets("outbound: not media, nodes, DNS or NTP")
+        assert edge.client("tcp", OUTSIDE_PEER, "8080", "--bind", OUTSIDE_EDGE) == {
+            "result": "timeout"
+        }
+        assert edge.rule_packets("outbound: not media, nodes, DNS or NTP") > refused

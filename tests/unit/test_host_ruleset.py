@@ -57,6 +57,11 @@ CONFIGS = {
     ),
     "wildcard": _cfg(server={"internal_address": "0.0.0.0", "external_address": "203.0.113.5"}),
     "no-turn-no-rate": _cfg(turn={"enabled": False}, firewall={"rate_limit": 0, "ssh_port": 0}),
+    "outbound": _cfg(
+        proxy={"nodes": ["10.0.0.11", "node.example.com:8443", "[2001:db8::7]"]},
+        guard={"enabled": True, "store": "redis://10.0.0.20:6380/0"},
+        firewall={"outbound": "restricted"},
+    ),
     "ephemeral": _cfg(
         proxy={"https_port": 0, "http_port": 0},
         turn={"port": 0, "tls_port": 0},
@@ -181,3 +186,30 @@ def test_config_rejects_bad_firewall_keys(tmp_path: Path) -> None:
     assert "firewall.ssh_networks[0]" in text and "firewall.rate_limit" in text
     with pytest.raises(ConfigError, match=r"guard\.firewall"):
         _cfg(guard={"firewall": "yes"})
+
+
+def test_outbound_restricted_admits_media_nodes_dns_ntp_only() -> None:
+    assert "chain output" not in nft_table(_cfg())  # default: the host's own traffic is free
+    text = nft_table(CONFIGS["outbound"])
+    out = [line.strip() for line in text[text.index("chain output") :].splitlines()]
+    assert out[1:] == [
+        "type filter hook output priority filter; policy drop;",
+        'oif "lo" accept',
+        "ct state established,related accept",
+        "meta l4proto { icmp, ipv6-icmp } accept",
+        'udp dport 53 accept comment "dns"',
+        'tcp dport 53 accept comment "dns"',
+        'udp dport 123 accept comment "ntp"',
+        'ip daddr 10.0.0.11 tcp dport 443 accept comment "node"',
+        'tcp dport 8443 accept comment "node"',
+        'ip6 daddr 2001:db8::7 tcp dport 443 accept comment "node"',
+        'ip daddr 10.0.0.20 tcp dport 6380 accept comment "guard store"',
+        'ip saddr 203.0.113.5 udp sport 49152-65535 accept comment "relayed media"',
+        'counter drop comment "outbound: not media, nodes, DNS or NTP"',
+        "}",
+        "}",
+    ]
+    assert "node node.example.com is a name" in nft_ruleset(CONFIGS["outbound"])
+    v4 = iptables_ruleset(CONFIGS["outbound"])[4]
+    assert ":OUTPUT DROP [0:0]" in v4
+    assert "-A OUTPUT -s 203.0.113.5 -p udp -m udp --sport 49152:65535" in v4
