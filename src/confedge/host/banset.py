@@ -43,6 +43,8 @@ __all__ = ["BanSetSync", "KernelBanSet", "element", "read_banned"]
 
 log = logging.getLogger("confedge.host")
 
+VERIFY_EVERY = 30.0  # seconds between checks that the kernel still holds what we loaded
+
 
 def nft_binary() -> str:
     return shutil.which("nft") or "/usr/sbin/nft"
@@ -101,13 +103,11 @@ class _Guard(Protocol):
     def bans(self) -> list[BanRecord]: ...
 
 
-async def run_nft(script: str, nft: str | None = None, *args: str) -> tuple[int, str, str]:
-    """Run `nft [args] -f -` with `script` on stdin; (exit status, stdout, stderr)."""
+async def run_nft(nft: str, *args: str, script: str = "") -> tuple[int, str, str]:
+    """Run `nft ARGS` (with `script` on stdin for `-f -`); (exit status, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        nft or nft_binary(),
+        nft,
         *args,
-        "-f",
-        "-",
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -152,10 +152,14 @@ class KernelBanSet:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), VERIFY_EVERY)
             await asyncio.sleep(0.01)  # gather a burst of bans into one nft run
+            woken = self._wake.is_set()
             self._wake.clear()
             try:
+                if not woken:
+                    await self.verify()
                 await self.apply_once()
             except asyncio.CancelledError:
                 raise
@@ -169,7 +173,7 @@ class KernelBanSet:
             self.sync.applied(wanted)
             return
         try:
-            code, _, err = await run_nft("\n".join(cmds) + "\n", self.nft)
+            code, _, err = await run_nft(self.nft, "-f", "-", script="\n".join(cmds) + "\n")
         except OSError as exc:
             self._failed(f"cannot run {self.nft}: {exc.strerror or exc}")
             return
@@ -181,6 +185,28 @@ class KernelBanSet:
         if self._failing:
             self._failing = False
             log.warning("guard.firewall: kernel ban set updated again")
+
+    async def verify(self) -> None:
+        """Forget loaded elements the kernel no longer holds, so the next plan re-adds them.
+
+        The sets vanish when someone flushes the ruleset (`systemctl reload nftables` with the
+        stock `flush ruleset`) and reloads it; without this, bans would stay out of the kernel
+        until the next ban changed something."""
+        if not self.sync.loaded:
+            return
+        try:
+            code, out, _ = await run_nft(self.nft, "-j", "list", "table", "inet", TABLE)
+        except OSError:
+            return  # reported by apply_once
+        present: set[str] = set()
+        if code == 0:
+            for items in read_banned(out).values():
+                present.update(item.split(" ", 1)[0] for item in items)
+        now = self._clock()
+        for source, expires in list(self.sync.loaded.items()):
+            el = element(source)
+            if el is not None and el[1] not in present and expires > now + 1:
+                del self.sync.loaded[source]
 
     def _failed(self, reason: str) -> None:
         if not self._failing:  # once per outage, not once per ban
