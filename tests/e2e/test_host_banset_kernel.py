@@ -10,11 +10,12 @@ import stat
 import time
 from pathlib import Path
 
+from host_netns import namespaces
+
 from confedge.config import parse_config
 from confedge.guard.core import BanRecord
 from confedge.host.banset import KernelBanSet
 from confedge.host.ruleset import nft_ruleset
-from host_netns import namespaces
 
 
 class _Guard:
