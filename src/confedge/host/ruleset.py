@@ -380,7 +380,15 @@ def _nft_service(svc: Service, rate: int, add_set: AddSet) -> list[str]:
                 f"{match} ct state new {_nft_rate(fam, 'conn', rate)} counter drop "
                 f'comment "{svc.name}: over {rate} new connections/s from one source"'
             )
+        stun = svc.name == "turn" and svc.proto == "udp"
+        binding = f"{match} {_STUN_MATCH}"
+        # A reflector budget for Binding requests from anyone (media nodes are exempt).
+        stun_rate = (
+            f"{binding} {_nft_rate(fam, 'stun', rate)} counter drop "
+            f'comment "stun: over {rate} Binding requests/s from one source"'
+        )
         if sources is None:
+            rules += [stun_rate] if stun and rate else []
             rules.append(f'{match} counter accept comment "{svc.name}"')
         elif sources:
             name = f"{svc.set_name}_v{fam}"
@@ -388,14 +396,9 @@ def _nft_service(svc: Service, rate: int, add_set: AddSet) -> list[str]:
             rules.append(
                 f'{match} {_NFT_IP[fam]} saddr @{name} counter accept comment "{svc.name}"'
             )
-        if svc.name == "turn" and svc.proto == "udp" and sources is not None:
+        if stun and sources is not None:
             # Restricted mode: STUN Binding requests from anyone, the rest dropped and counted.
-            binding = f"{match} {_STUN_MATCH}"
-            if rate:
-                rules.append(
-                    f"{binding} {_nft_rate(fam, 'stun', rate)} counter drop "
-                    f'comment "stun: over {rate} Binding requests/s from one source"'
-                )
+            rules += [stun_rate] if rate else []
             rules.append(f'{binding} counter accept comment "stun: Binding request"')
             rules.append(f'{match} counter drop comment "turn: not from a media node"')
     return rules
@@ -488,18 +491,21 @@ def _ipt_service(svc: Service, fam: int, rate: int) -> list[str]:
                 f"{rate}/second --hashlimit-burst {2 * rate} --hashlimit-mode srcip "
                 f"--hashlimit-name confedge-conn{fam} -j DROP"
             )
+        stun = svc.name == "turn" and svc.proto == "udp"
+        binding = f"{match} {_IPT_STUN[fam]}"
+        stun_rate = (
+            f"{binding} -m hashlimit --hashlimit-above {rate}/second --hashlimit-burst "
+            f"{2 * rate} --hashlimit-mode srcip --hashlimit-name confedge-stun{fam} -j DROP"
+        )
         if sources is None:
+            out += [stun_rate] if stun and rate else []
             out.append(f"{match} {comment} -j ACCEPT")
         else:
             out += [f"{match} -s {s} {comment} -j ACCEPT" for s in sources]
-        if svc.name == "turn" and svc.proto == "udp" and sources is not None:
-            binding = f"{match} {_IPT_STUN[fam]}"
-            if rate:
-                out.append(
-                    f"{binding} -m hashlimit --hashlimit-above {rate}/second --hashlimit-burst "
-                    f"{2 * rate} --hashlimit-mode srcip --hashlimit-name confedge-stun{fam} -j DROP"
-                )
+        if stun and sources is not None:
+            out += [stun_rate] if rate else []
             out.append(f'{binding} -m comment --comment "stun: Binding request" -j ACCEPT')
+            out.append(f'{match} -m comment --comment "turn: not from a media node" -j DROP')
     return out
 
 
