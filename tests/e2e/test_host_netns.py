@@ -4,7 +4,8 @@ Topology of the single-NIC test: namespace "edge" runs confedge (and a simulated
 loopback) on 10.213.0.1; namespace "net" is the Internet, with a non-node address 10.213.0.2
 and a conferencing node's address 10.213.0.3 (listed in turn.media_nodes) on the same veth.
 The two-NIC test gives edge an internal leg (nodes and management, 10.214.0.0/24) and an
-external leg (browsers and media peers, 10.215.0.0/24) on two veth pairs.
+external leg (browsers and media peers, 10.215.0.0/24) on two veth pairs. The last test loads
+the iptables-restore form instead and checks its u32 STUN match in the kernel.
 """
 
 from __future__ import annotations
@@ -298,3 +299,39 @@ def test_two_interfaces(tmp_path: Path) -> None:
             "result": "timeout"
         }
         assert edge.rule_packets("outbound: not media, nodes, DNS or NTP") > refused
+
+
+def test_iptables_form_matches_stun_in_the_kernel(tmp_path: Path) -> None:
+    """The iptables-restore form's u32 match, in a kernel: Binding passes, Allocate does not.
+
+    A UDP echo server stands in for TURN on 3478, so an answer means "the kernel let it in"."""
+    with namespaces("ipt", "iptnet") as ns:
+        edge, net = ns["ipt"], ns["iptnet"]
+        link(edge, [f"{EDGE}/24"], net, [f"{OTHER}/24", f"{NODE}/24"])
+        cfg = _config(tmp_path, SINGLE)
+        rules = tmp_path / "rules.v4"
+        rules.write_text(
+            edge.exec(CONFEDGE, "firewall", "--config", str(cfg), "--format", "iptables")
+        )
+        edge.exec("iptables-restore", str(rules))
+        log = tmp_path / "echo.log"
+        echo = edge.spawn(
+            sys.executable,
+            CLIENT,
+            "echo-peer",
+            "--listen",
+            f"{EDGE}:3478",
+            "--seconds",
+            "30",
+            log=log,
+        )
+        deadline = time.monotonic() + 10
+        while "listening" not in log.read_text():
+            assert echo.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert net.client("stun", EDGE, "3478", "--bind", OTHER)["answer"] is True
+        assert net.client("allocate", EDGE, "3478", "--bind", OTHER) == {"answer": False}
+        assert net.client("allocate", EDGE, "3478", "--bind", NODE)["answer"] is True
+        counted = edge.exec("iptables", "-L", "INPUT", "-v", "-n", "-x")
+        line = next(ln for ln in counted.splitlines() if "not from a media node" in ln)
+        assert int(line.split()[0]) >= 1  # packets column of the drop rule
