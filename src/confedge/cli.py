@@ -120,6 +120,22 @@ def cmd_bans(args: argparse.Namespace, rest: list[str]) -> int:
     return bans_command(cfg, rest)
 
 
+def cmd_firewall(args: argparse.Namespace) -> int:
+    from confedge.host.firewall import firewall_command
+
+    cfg = _load(args.config)
+    return firewall_command(cfg, args.config, args.format, args.apply, args.check)
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from confedge.host.service import install_service_command
+
+    cfg = _load(args.config)
+    return install_service_command(
+        cfg, args.config, user=args.user, unit_dir=args.unit_dir, dry_run=args.dry_run
+    )
+
+
 def cmd_nodesim(rest: list[str]) -> int:
     from confedge.nodesim.cli import nodesim_command
 
@@ -158,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(sp)
     sub.add_parser("nodesim", help="run a simulated conferencing node", add_help=False)
+    sp = sub.add_parser("firewall", help="print, load or check the host firewall (docs/DEPLOY.md)")
+    sp.add_argument("--config", "-c", default="/etc/confedge/confedge.toml", metavar="FILE")
+    sp.add_argument("--format", choices=["nft", "iptables", "ip6tables"], default="nft")
+    how = sp.add_mutually_exclusive_group()
+    how.add_argument("--apply", action="store_true", help="load it now (nft -f, atomically)")
+    how.add_argument("--check", action="store_true", help="diff the loaded table; exit 1 if stale")
+    sp = sub.add_parser("install-service", help="install the systemd unit, user and directories")
+    sp.add_argument("--config", "-c", default="/etc/confedge/confedge.toml", metavar="FILE")
+    sp.add_argument("--user", default="confedge", help="system user to run as (created if absent)")
+    sp.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR")
+    sp.add_argument("--dry-run", action="store_true", help="print the unit and the steps only")
     return p
 
 
@@ -172,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    handlers |= {"firewall": cmd_firewall, "install-service": cmd_install_service}
     return handlers[args.command](args)
 
 

@@ -32,6 +32,7 @@ from confedge.proxy.paths import BadPath, canonical_path
 __all__ = [
     "Config",
     "ConfigError",
+    "FirewallConfig",
     "GuardConfig",
     "ManagementConfig",
     "NodeAddress",
@@ -396,6 +397,10 @@ class GuardConfig(_Strict):
     refresh_interval: float = Field(default=0.25, ge=0.05, le=1.0)
     ban_memory: float = Field(default=86400.0, ge=0)
     distinct_pins: bool = False
+    # Added by the host integration (docs/DEPLOY.md): bans also go into the kernel's
+    # confedge_banned_v4/_v6 nft sets (loaded by `confedge firewall --apply`), so a banned
+    # address is dropped before it costs a TCP or TLS handshake.
+    firewall: bool = False
 
     @field_validator("store")
     @classmethod
@@ -437,6 +442,19 @@ class ManagementConfig(_Strict):
     allowed_hosts: list[str] = Field(default_factory=list)
 
 
+class FirewallConfig(_Strict):
+    # Added by the host integration (docs/DEPLOY.md): what `confedge firewall` opens besides
+    # confedge's own ports. SSH stays open by default because a generated ruleset that locks
+    # the operator out of the host is worse than none; narrow it with ssh_networks.
+    ssh_port: Port = 22  # 0 = not opened
+    ssh_networks: list[CIDR] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    rate_limit: int = Field(default=50, ge=0, le=100_000)  # per source and second; 0 = off
+    # "restricted": new outbound flows only for relayed media (from relay_ports), to the nodes,
+    # the guard's Redis, DNS and NTP (the reference's "outbound from relay ports"); opt-in
+    # because it also stops package updates and anything else the host itself initiates.
+    outbound: Literal["any", "restricted"] = "any"
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
@@ -444,6 +462,7 @@ class Config(_Strict):
     guard: GuardConfig = Field(default_factory=GuardConfig)
     tls: TLSConfig = Field(default_factory=TLSConfig)
     management: ManagementConfig = Field(default_factory=ManagementConfig)
+    firewall: FirewallConfig = Field(default_factory=FirewallConfig)
 
     @model_validator(mode="after")
     def _requirements(self) -> Config:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from confedge.config import Config
+from confedge.host.notify import Notifier
 
 log = logging.getLogger("confedge")
 
@@ -38,6 +39,7 @@ class Runtime:
         self.proxy: Any = None
         self.admin: Any = None
         self.started: float | None = None  # Unix time of start(), for the status page
+        self.notifier = Notifier()  # sd_notify under systemd (Type=notify); no-op elsewhere
 
     async def _start(self, name: str, part: Component) -> None:
         await part.start()
@@ -57,6 +59,10 @@ class Runtime:
 
             self.guard = create_guard(cfg)
             await self._start("guard", self.guard)
+            if cfg.guard.enabled and cfg.guard.firewall:
+                from confedge.host.banset import KernelBanSet
+
+                await self._start("kernel ban set", KernelBanSet(self.guard))
             if cfg.turn.enabled:
                 from confedge.turn.service import TurnService
 
@@ -83,6 +89,8 @@ class Runtime:
         except BaseException:
             await self.close()
             raise
+        # Every enabled part listens now: tell systemd (READY=1, and start the watchdog).
+        self.notifier.ready("running: " + ", ".join(name for name, _ in self.parts))
 
     def add(self, name: str, part: Component) -> None:
         """Register an already-started part so that close() stops it in order."""
@@ -96,6 +104,7 @@ class Runtime:
         """
         from confedge.tls.certs import CertificateError
 
+        self.notifier.reloading()  # systemd: RELOADING=1 ... READY=1 around the reload
         for name, part in (("proxy", self.proxy), ("turn", self.turn)):
             reload_tls = getattr(part, "reload_tls", None)
             if reload_tls is None:
@@ -106,8 +115,10 @@ class Runtime:
                 log.error(
                     "%s: certificate not reloaded, the old one stays in service: %s", name, exc
                 )
+        self.notifier.send(READY=1, STATUS=f"running; reloaded at {time.strftime('%H:%M:%S')}")
 
     async def close(self) -> None:
+        await self.notifier.stopping()
         while self.parts:
             name, part = self.parts.pop()
             try:

@@ -107,6 +107,9 @@ class Guard:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._next_expiry = float("-inf")  # earliest expiry not yet handled by _expire
+        # Called (no arguments, must not block) whenever the active ban set may have changed:
+        # a local ban or a reload from the store. host/banset.py mirrors bans into the kernel.
+        self.observers: list[Callable[[], None]] = []
 
     # -- the hook (called from the proxy's and TURN's protocol callbacks) --------------------
 
@@ -146,6 +149,15 @@ class Guard:
             self.table.add(rec)
             self._pending.append(rec)
             self._next_expiry = min(self._next_expiry, rec.expires)
+        if bans:
+            self._notify()
+
+    def _notify(self) -> None:
+        for observer in self.observers:
+            try:
+                observer()
+            except Exception:  # an observer's bug must not stop counting or banning
+                log.exception("guard: ban observer failed")
 
     # -- operator views ----------------------------------------------------------------------
 
@@ -288,6 +300,7 @@ class Guard:
                 self.core.set_bans(merged.values())
                 self.table.rebuild(self.core.active(now), now)
                 self._next_expiry = float("-inf")  # rescan once
+                self._notify()
             for f in p.failures:
                 if f.origin != self.origin:
                     self._adopt(self.core.observe(f, now))
