@@ -28,7 +28,13 @@ from .core import GuardLike, TurnCore
 from .dataplane import UdpDataPlane
 from .listeners import TcpConnection, UdpListener
 
-__all__ = ["TurnService", "TurnStartError"]
+__all__ = [
+    "HostAddressWatch",
+    "TurnService",
+    "TurnStartError",
+    "host_peer_entries",
+    "read_host_addresses",
+]
 
 log = logging.getLogger("confedge.turn")
 
@@ -61,6 +67,15 @@ def read_host_addresses() -> frozenset[str]:
         for a in addrs
         if a.family in (socket.AF_INET, socket.AF_INET6)
     )
+
+
+def host_peer_entries() -> list[str]:
+    """This host's addresses as ``turn.allowed_peers`` entries (scope ids dropped).
+
+    For the demo and tests only, whose peers (Chromium, aiortc) run on this very machine and
+    offer its interface addresses as ICE candidates; everywhere else confedge refuses its own
+    addresses as peers (docs/TURN.md, "What is refused and why")."""
+    return sorted({a.split("%", 1)[0] for a in read_host_addresses()})
 
 
 class HostAddressWatch:
