@@ -52,3 +52,11 @@ def test_watch_keeps_the_last_set_when_a_read_fails(caplog: pytest.LogCaptureFix
 def test_read_host_addresses_sees_loopback() -> None:
     addrs = read_host_addresses()
     assert "127.0.0.1" in addrs
+
+
+def test_start_reads_again_even_when_nothing_changed() -> None:
+    """A service started a second time builds a new core, which needs the set again."""
+    w = HostAddressWatch(lambda: {"192.0.2.2"}, interval=60.0)
+    assert w.start(0.0) == frozenset({"192.0.2.2"})
+    assert w.poll(1.0) is None
+    assert w.start(2.0) == frozenset({"192.0.2.2"})

@@ -346,3 +346,10 @@ def test_host_address_that_is_the_relay_stays_relay_ports_only() -> None:
     v = pol.check("192.0.2.2")
     assert v.allowed and v.relay_ports_only
     assert not pol.check("192.0.2.3").allowed
+
+
+def test_isatap_inside_6to4_is_judged_too() -> None:
+    pol = restricted(allowed=["2002::/16"])
+    assert pol.check("2002:808:808:1:0:5efe:808:808").allowed
+    v = pol.check("2002:808:808:1:0:5efe:7f00:1")
+    assert not v.allowed and v.rule == "6to4/loopback"

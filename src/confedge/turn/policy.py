@@ -68,9 +68,9 @@ _TEREDO = ipaddress.ip_network("2001::/32")  # RFC 4380 §2.6 (prefix), §4 (add
 _SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 2765 §2.1 IPv4-translated addresses
 # RFC 5214 §6.1: ISATAP interface identifier 00-00-5E-FE (or 02-00-5E-FE, "u" bit set for a
 # globally unique IPv4 address) followed by the IPv4 address, after any /64 prefix.
+_ISATAP_IDS = (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")
 # Forms that are the IPv4 address itself (a dual-stack socket or a NAT64 sends to exactly it).
 _SAME_ADDRESS = frozenset({"ipv4-mapped", "nat64"})
-_ISATAP_IDS = (b"\x00\x00\x5e\xfe", b"\x02\x00\x5e\xfe")
 
 _ALWAYS: tuple[tuple[str, IPNetwork], ...] = (
     ("unspecified", ipaddress.ip_network("0.0.0.0/8")),
@@ -171,7 +171,9 @@ def transition_form(addr: ipaddress.IPv6Address) -> TransitionForm | None:
     if addr in _SIIT:  # RFC 2765 §2.1: ::ffff:0:a.b.c.d
         return TransitionForm("siit", (_v4(b[12:]),), True)
     if addr in _6TO4:  # RFC 3056 §2: 2002:V4ADDR::/48, the IPv4 address in bits 16-47
-        return TransitionForm("6to4", (_v4(b[2:6]),), True)
+        # A 6to4 site may run ISATAP inside (RFC 5214 §6.1): judge that address too.
+        isatap = (_v4(b[12:]),) if b[8:12] in _ISATAP_IDS else ()
+        return TransitionForm("6to4", (_v4(b[2:6]), *isatap), True)
     if addr in _TEREDO:
         # RFC 4380 §4: bits 32-63 the Teredo server's IPv4 address, bits 96-127 the client's
         # ("mapped") IPv4 address with every bit inverted.
@@ -272,10 +274,6 @@ class PeerPolicy:
         self._host = frozen
         self._cache.clear()
         return True
-
-    @property
-    def host_addresses(self) -> frozenset[IPAddress]:
-        return self._host
 
     def check(self, ip: str) -> PeerVerdict:
         """Judge a peer IP (string as decoded from XOR-PEER-ADDRESS)."""

@@ -96,6 +96,12 @@ class HostAddressWatch:
         self.current: frozenset[str] | None = None
         self._next = float("-inf")
 
+    def start(self, now: float) -> frozenset[str]:
+        """Read now, whatever was read before (a service starting again builds a new core)."""
+        self.current = None
+        self._next = float("-inf")
+        return self.poll(now) or frozenset()
+
     def poll(self, now: float) -> frozenset[str] | None:
         """The new address set when it is time to look and it changed since last time."""
         if now < self._next:
@@ -215,7 +221,7 @@ class TurnService:
             relay_addresses=tuple(a for a in (v4, v6) if a),
             wall_offset=time.time() - loop.time(),
         )
-        self._refresh_host_addresses(loop.time())
+        self.core.set_host_addresses(loop.time(), self.host_addresses.start(loop.time()))
         if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
             log.warning(
                 "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
@@ -370,7 +376,7 @@ class TurnService:
                     log.exception("TURN timer sweep failed")
 
     def _refresh_host_addresses(self, now: float) -> None:
-        """Hand the host's addresses to the peer policy when they changed (or at start)."""
+        """Hand the host's addresses to the peer policy when they changed."""
         addrs = self.host_addresses.poll(now)
         if addrs is not None and self.core is not None:
             self.core.set_host_addresses(now, addrs)
