@@ -20,6 +20,7 @@ from typing import Any
 
 from confedge.config import Config, parse_config, to_toml
 from confedge.runtime import Runtime, wait_for_signal
+from confedge.turn.service import host_peer_entries
 
 log = logging.getLogger("confedge.demo")
 
@@ -50,6 +51,11 @@ def demo_config(state_dir: Path, turn_password: str) -> Config:
     data: dict[str, Any] = tomllib.loads(text)
     data["server"]["state_dir"] = str(state_dir)
     data["turn"]["password"] = turn_password
+    # The browser and the simulated nodes run on this host, and Chromium offers the host's
+    # interface addresses as candidates: list them, since TURN refuses its own addresses as
+    # peers otherwise.  Only local processes may allocate here (media_nodes = 127.0.0.0/8), and
+    # they reach those addresses directly anyway.
+    data["turn"]["allowed_peers"] = [*data["turn"]["allowed_peers"], *host_peer_entries()]
     data["proxy"]["nodes"] = [f"http://127.0.0.1:{p}" for p in NODE_PORTS]
     return parse_config(data)
 

@@ -26,7 +26,7 @@ pytest.importorskip("aiortc")
 
 from confedge.config import parse_config
 from confedge.nodesim import Conference, NodeSim, TurnInfo
-from confedge.turn.service import TurnService
+from confedge.turn.service import TurnService, host_peer_entries
 
 pytestmark = pytest.mark.chromium
 
@@ -52,7 +52,8 @@ async def turn(tmp_path: Path) -> AsyncIterator[tuple[TurnService, tuple[int, in
                 "username": "nodeuser",
                 "password": "node-secret",
                 "media_nodes": ["127.0.0.1/32"],
-                "allowed_peers": ["127.0.0.0/8"],
+                # aiortc/Chromium on this host offer its addresses as candidates.
+                "allowed_peers": ["127.0.0.0/8", *host_peer_entries()],
             },
         }
     )

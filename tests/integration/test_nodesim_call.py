@@ -87,7 +87,7 @@ async def run_confedge_turn(tmp_path: Path) -> AsyncIterator[TurnInfo]:
     """confedge's own TURN server in restricted mode: the node (127.0.0.1) is the media node;
     loopback peers allowed, as the demo configures it."""
     from confedge.config import parse_config
-    from confedge.turn.service import TurnService
+    from confedge.turn.service import TurnService, host_peer_entries
 
     relay_lo = random.randrange(35500, 35950, 50)
     cfg = parse_config(
@@ -106,7 +106,8 @@ async def run_confedge_turn(tmp_path: Path) -> AsyncIterator[TurnInfo]:
                 "username": TURN_USER,
                 "password": TURN_PASS,
                 "media_nodes": ["127.0.0.1/32"],
-                "allowed_peers": ["127.0.0.0/8"],
+                # aiortc/Chromium on this host offer its addresses as candidates.
+                "allowed_peers": ["127.0.0.0/8", *host_peer_entries()],
             },
         }
     )

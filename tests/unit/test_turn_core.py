@@ -761,3 +761,92 @@ def test_unusable_password_is_a_config_error() -> None:
     )
     with pytest.raises(ConfigError, match=r"turn\.password"):
         TurnCore.from_config(cfg, MemoryDataPlane())
+
+
+# -- issue 11: spoofed-source denial of the 401 budget ----------------------------------------
+
+
+def _unauth_allocate(cli: Cli, now: float) -> int:
+    """Answers to one unauthenticated Allocate (0 = dropped by the budget)."""
+    attrs = [(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))]
+    return len(cli.raw(now, cli.build(Method.ALLOCATE, attrs, auth=False)))
+
+
+def test_budget_never_applies_to_stream_transports() -> None:
+    """Forged UDP from a node's address spends the budget; the node's TCP and TLS requests
+    from that address are still challenged (the handshake proved the source)."""
+    core, _ = make_core(unauth_budget=3)
+    forged = Cli(core, "10.0.0.11", 40000)
+    assert [_unauth_allocate(forged, T0) for _ in range(5)] == [1, 1, 1, 0, 0]
+    for transport, first in (("tcp", 41000), ("tls", 42000)):
+        for port in range(first, first + 20):
+            node = Cli(core, "10.0.0.11", port, transport=transport)
+            assert code(node.allocate(T0 + 1)) == 200, (transport, port)
+    # Restricted-mode 403s to outsiders over TCP are not limited either.
+    outsider = Cli(core, "192.0.2.99", 1, transport="tcp")
+    assert all(code(outsider.allocate(T0)) == 403 for _ in range(10))
+
+
+def test_node_budget_is_per_socket_and_others_per_address() -> None:
+    core, _ = make_core(unauth_budget=3, media_nodes=("10.0.0.11",))
+    forged = Cli(core, "10.0.0.11", 40000)
+    for _ in range(10):
+        _unauth_allocate(forged, T0)
+    assert _unauth_allocate(forged, T0) == 0  # that socket's budget is spent...
+    assert code(Cli(core, "10.0.0.11", 40001).allocate(T0)) == 200  # ...not the node's
+    # An outsider (403 in restricted mode) is limited per address, whatever the port.
+    outsider = [Cli(core, "192.0.2.99", p) for p in range(5)]
+    assert [_unauth_allocate(c, T0) for c in outsider] == [1, 1, 1, 0, 0]
+
+
+def test_node_budget_cannot_be_evicted_by_a_flood_of_other_sources() -> None:
+    core, _ = make_core(unauth_budget=2)
+    core.budget.MAX_SOURCES = 8  # the everyone-else table forgets all when full
+    core.node_budget.MAX_SOURCES = 8
+    forged = Cli(core, "10.0.0.11", 40000)
+    assert [_unauth_allocate(forged, T0) for _ in range(3)] == [1, 1, 0]
+    for i in range(50):  # spoofed outsiders: fill and clear the other table several times
+        _unauth_allocate(Cli(core, f"192.0.2.{i}", 1), T0)
+    assert _unauth_allocate(forged, T0) == 0  # the node table was not cleared by them
+
+
+def test_exhausted_budget_still_answers_a_client_holding_our_nonce() -> None:
+    """A node that has a nonce is unaffected by forged datagrams spending its socket's budget:
+    fresh nonce -> served; stale nonce with valid integrity -> 438 (outside the budget) and then
+    served; a stale nonce with a wrong integrity stays within the (spent) budget."""
+    core, _ = make_core(unauth_budget=3)
+    node = Cli(core, "10.0.0.11", 40000)
+    assert code(node.allocate(T0)) == 200  # learnt a nonce on the way
+    for _ in range(10):
+        _unauth_allocate(node, T0 + 1)  # the forger, with the node's exact address and port
+    assert _unauth_allocate(node, T0 + 1) == 0
+    assert code(node.refresh(T0 + 2)) == 200
+    assert code(node.permission(T0 + 2, PEER)) == 200
+    # The nonce goes stale (lifetime 600 s); budget spent again in the new window.
+    later = T0 + 700
+    for _ in range(10):
+        _unauth_allocate(node, later)
+    stale = node.nonce
+    (resp,) = node.raw(later, node.build(Method.REFRESH, []))
+    assert code(resp) == 438 and resp.get(Attr.NONCE) not in (None, stale)
+    assert code(node.refresh(later)) == 200  # learns the fresh nonce, retries
+    # A forger replaying the stale nonce without the password gets nothing.
+    liar = Cli(core, "10.0.0.11", 40000, password="wrong")
+    liar.nonce = stale
+    assert liar.raw(later, liar.build(Method.REFRESH, [])) == []
+
+
+def test_host_addresses_withdraw_existing_permissions() -> None:
+    core, dp = make_core()
+    cli = Cli(core)
+    assert code(cli.allocate(T0)) == 200
+    assert code(cli.channel(T0, 0x4001, PEER, 5000)) == 200
+    assert code(cli.permission(T0, "198.51.100.21")) == 200
+    (alloc,) = dp.allocations.values()
+    core.set_host_addresses(T0 + 1, ["127.0.0.1", PEER])
+    assert alloc["perms"] == {"198.51.100.21"}
+    assert alloc["channels"] == {}
+    assert code(cli.permission(T0 + 2, PEER)) == 403
+    assert code(cli.permission(T0 + 2, "::ffff:" + PEER)) == 403
+    core.set_host_addresses(T0 + 3, ["127.0.0.1"])
+    assert code(cli.permission(T0 + 4, PEER)) == 200

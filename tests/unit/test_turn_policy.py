@@ -6,7 +6,14 @@ import ipaddress
 
 import pytest
 
-from confedge.turn.policy import ClientPolicy, PeerPolicy, embedded_ipv4, normalise
+from confedge.turn.policy import (
+    ClientPolicy,
+    PeerPolicy,
+    TransitionForm,
+    embedded_ipv4,
+    normalise,
+    transition_form,
+)
 
 SERVER = ["198.51.100.7", "203.0.113.5"]
 
@@ -25,7 +32,7 @@ REFUSED_ALWAYS_BUILTIN = [
     ("127.255.255.254", "loopback"),
     ("::1", "loopback"),
     ("::ffff:127.0.0.1", "loopback"),  # IPv4-mapped (CVE-2026-27624)
-    ("::127.0.0.1", "loopback"),  # IPv4-compatible
+    ("::127.0.0.1", "ipv4-compatible/loopback"),  # RFC 4291 §2.5.5.1
     ("64:ff9b::7f00:1", "loopback"),  # NAT64 well-known prefix (RFC 6052)
     ("64:ff9b::127.0.0.1", "loopback"),
     ("169.254.169.254", "link-local"),  # cloud metadata
@@ -58,7 +65,6 @@ PRIVATE = [
     "fc00::1",
     "fec0::1",
     "::ffff:10.0.0.1",
-    "::10.0.0.1",
     "64:ff9b::a00:1",
 ]
 
@@ -78,7 +84,7 @@ def test_unspecified_refused_even_when_allowed(peer: str) -> None:
     pol = restricted(allowed=["0.0.0.0/0", "::/0"])
     v = pol.check(peer)
     assert not v.allowed
-    assert v.rule == "unspecified"
+    assert v.rule.endswith("unspecified")  # "ipv4-compatible/unspecified" for ::0.0.0.2
 
 
 @pytest.mark.parametrize("peer", PRIVATE)
@@ -111,9 +117,7 @@ def test_public_allowed(make: type[PeerPolicy], peer: str) -> None:
     assert make().check(peer).allowed
 
 
-@pytest.mark.parametrize(
-    "peer", ["127.0.0.1", "::ffff:127.0.0.1", "::127.0.0.1", "64:ff9b::7f00:1"]
-)
+@pytest.mark.parametrize("peer", ["127.0.0.1", "::ffff:127.0.0.1", "64:ff9b::7f00:1"])
 def test_allowed_peers_admit_loopback_in_every_form(peer: str) -> None:
     pol = restricted(allowed=["127.0.0.1"])
     v = pol.check(peer)
@@ -209,3 +213,143 @@ def test_relay_address_is_a_peer_on_relay_ports_only() -> None:
     # Denied still wins.
     pol = PeerPolicy(permissive=False, denied=["203.0.113.0/24"], relay_addresses=["203.0.113.5"])
     assert not pol.check("203.0.113.5").allowed
+
+
+# -- issue 11: every IPv6 form that embeds an IPv4 address --------------------------------------
+
+
+def _teredo(client: str, server: str = "65.54.227.120") -> str:
+    """RFC 4380 §4: 2001:0:<server>:<flags>:<~port>:<~client>."""
+    c = int(ipaddress.IPv4Address(client)) ^ 0xFFFFFFFF
+    s = int(ipaddress.IPv4Address(server))
+    flags = 0x8000 << 48  # cone bit
+    return str(ipaddress.IPv6Address((0x20010000 << 96) | (s << 64) | flags | c))
+
+
+def _6to4(v4: str) -> str:
+    """RFC 3056 §2: 2002:V4ADDR::/48 (here with subnet 1 and host ::1)."""
+    return str(ipaddress.IPv6Address((0x2002 << 112) | (int(ipaddress.IPv4Address(v4)) << 80) | 1))
+
+
+def _siit(v4: str) -> str:
+    """RFC 2765 §2.1: ::ffff:0:a.b.c.d."""
+    return str(ipaddress.IPv6Address((0xFFFF << 48) | int(ipaddress.IPv4Address(v4))))
+
+
+FORMS = {"6to4": _6to4, "teredo": _teredo, "siit": _siit}
+INNER = [("127.0.0.1", "loopback"), ("169.254.169.254", "link-local"), ("10.1.2.3", None)]
+
+
+def test_transition_form_decoding() -> None:
+    assert transition_form(ipaddress.IPv6Address(_6to4("192.0.2.33"))) == TransitionForm(
+        "6to4", (ipaddress.IPv4Address("192.0.2.33"),), True
+    )
+    # The RFC 4380 §4 example: server 65.54.227.120, client 192.0.2.45 port 40000.
+    t = transition_form(ipaddress.IPv6Address("2001:0000:4136:e378:8000:63bf:3fff:fdd2"))
+    assert t is not None and t.name == "teredo"
+    assert t.embedded == (
+        ipaddress.IPv4Address("65.54.227.120"),
+        ipaddress.IPv4Address("192.0.2.45"),
+    )
+    assert transition_form(ipaddress.IPv6Address("::ffff:0:c000:221")).name == "siit"  # type: ignore[union-attr]
+    isatap = transition_form(ipaddress.IPv6Address("2001:db8:1:2:200:5efe:7f00:1"))
+    assert isatap is not None and isatap.name == "isatap" and not isatap.prefix_refused
+    for plain in ["::", "::1", "2001:db8::1", "fe80::1", "2606:4700::1111"]:
+        assert transition_form(ipaddress.IPv6Address(plain)) is None
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize(("inner", "rule"), INNER)
+@pytest.mark.parametrize("make", [restricted, permissive])
+def test_transition_forms_refused(
+    make: type[PeerPolicy], form: str, inner: str, rule: str | None
+) -> None:
+    """Embedded loopback/link-local are refused by the IPv4 rule; and the prefix itself is
+    refused even when the embedded address would be fine (10.x in restricted mode) or is listed
+    in allowed_peers (127.0.0.1, as in the demo and the tests)."""
+    peer = FORMS[form](inner)
+    v = make().check(peer)
+    assert not v.allowed
+    if rule is not None:
+        assert v.rule == f"{form}/{rule}"
+    v = make(allowed=[inner]).check(peer)
+    assert not v.allowed and v.rule == form, v
+
+
+def test_transition_forms_teredo_server_address_is_judged_too() -> None:
+    v = restricted().check(_teredo("8.8.8.8", server="127.0.0.1"))
+    assert not v.allowed and v.rule == "teredo/loopback"
+
+
+def test_transition_prefix_allowed_only_when_listed() -> None:
+    for peer in [_6to4("8.8.8.8"), _teredo("8.8.8.8"), _siit("8.8.8.8"), "::8.8.8.8"]:
+        assert not restricted().check(peer).allowed
+        pol = restricted(allowed=["2002::/16", "2001::/32", "::ffff:0:0:0/96", "::/96"])
+        assert pol.check(peer).allowed, peer
+    # Listing the prefix never lets an embedded loopback or link-local through...
+    pol = restricted(allowed=["2002::/16", "2001::/32"])
+    assert not pol.check(_6to4("127.0.0.1")).allowed
+    assert not pol.check(_teredo("169.254.169.254")).allowed
+    # ...nor a denied one.
+    assert (
+        not restricted(allowed=["2002::/16"], denied=["8.8.8.0/24"]).check(_6to4("8.8.8.8")).allowed
+    )
+    assert (
+        not restricted(allowed=["2002::/16"], denied=["2002:808::/32"])
+        .check(_6to4("8.8.8.8"))
+        .allowed
+    )
+
+
+def test_transition_form_of_relay_address_keeps_relay_ports_only() -> None:
+    pol = PeerPolicy(
+        permissive=False,
+        allowed=["2002::/16"],
+        relay_addresses=["203.0.113.5"],
+        relay_ports=(49152, 65535),
+    )
+    v = pol.check(_6to4("203.0.113.5"))
+    assert v.allowed and v.relay_ports_only
+    assert not pol.port_allowed(v, 3478)
+
+
+def test_isatap_judged_by_embedded_address() -> None:
+    assert not restricted().check("2001:db8:1:2:0:5efe:7f00:1").allowed
+    assert not restricted().check("2001:db8:1:2:200:5efe:a9fe:a9fe").allowed
+    assert restricted().check("2001:db8:1:2:200:5efe:808:808").allowed
+
+
+def test_6to4_relay_anycast_refused() -> None:
+    v = restricted().check("192.88.99.1")  # RFC 7526
+    assert not v.allowed and v.rule == "6to4-relay"
+
+
+def test_host_addresses_refused_unless_allowed() -> None:
+    pol = restricted(allowed=["127.0.0.1", "192.0.2.77"])
+    assert pol.check("192.0.2.2").allowed
+    assert pol.set_host_addresses(["127.0.0.1", "192.0.2.2", "fd00::2", "fe80::1%eth0", "bogus"])
+    assert not pol.set_host_addresses(["192.0.2.2", "127.0.0.1", "fe80::1%eth0", "fd00::2"])
+    for peer in ["192.0.2.2", "::ffff:192.0.2.2", "64:ff9b::c000:202", "fd00::2"]:
+        v = pol.check(peer)
+        assert not v.allowed and v.rule == "host-address", peer
+    v = pol.check(_6to4("192.0.2.2"))
+    assert not v.allowed and v.rule == "6to4/host-address"
+    assert pol.check("127.0.0.1").allowed  # listed in allowed_peers: stays allowed
+    assert pol.set_host_addresses(["127.0.0.1", "192.0.2.77"])
+    assert pol.check("192.0.2.2").allowed  # gone from the host: a peer again (cache dropped)
+    assert pol.check("192.0.2.77").allowed  # a host address that is listed stays allowed
+
+
+def test_host_address_that_is_the_relay_stays_relay_ports_only() -> None:
+    pol = PeerPolicy(permissive=False, relay_addresses=["192.0.2.2"], relay_ports=(49152, 65535))
+    pol.set_host_addresses(["192.0.2.2", "192.0.2.3"])
+    v = pol.check("192.0.2.2")
+    assert v.allowed and v.relay_ports_only
+    assert not pol.check("192.0.2.3").allowed
+
+
+def test_isatap_inside_6to4_is_judged_too() -> None:
+    pol = restricted(allowed=["2002::/16"])
+    assert pol.check("2002:808:808:1:0:5efe:808:808").allowed
+    v = pol.check("2002:808:808:1:0:5efe:7f00:1")
+    assert not v.allowed and v.rule == "6to4/loopback"

@@ -21,7 +21,7 @@ import base64
 import hashlib
 import hmac
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 from confedge.stun import long_term_key
 
@@ -126,22 +126,49 @@ class NonceManager:
 
     def valid(self, nonce: str, now: float, ip: str, port: int) -> bool:
         """True when the nonce was minted by this process for this address and is still fresh."""
+        return self.check(nonce, now, ip, port) == "fresh"
+
+    def check(self, nonce: str, now: float, ip: str, port: int) -> str:
+        """``"fresh"``; ``"stale"`` (minted by us for exactly this address, but too old: the
+        client once received our answer there, which a forger of the source address cannot);
+        or ``"invalid"``."""
         if len(nonce) != 36:
-            return False
+            return "invalid"
         try:
             ts = int(nonce[:12], 16)
         except ValueError:
-            return False
+            return "invalid"
         if not hmac.compare_digest(nonce[12:], self._mac(ts, ip, port)):
-            return False
-        return ts - 1 <= now < ts + self.lifetime
+            return "invalid"
+        return "fresh" if ts - 1 <= now < ts + self.lifetime else "stale"
 
 
 class UnauthBudget:
-    """Per-source budget for 401/438 answers (SPEC §3): at most ``limit`` per 10 s window.
+    """Budget for unauthenticated answers (401/438, and 403 to sources outside
+    ``media_nodes``): at most ``limit`` per key per 10 s window (SPEC §3).
 
     Beyond the budget the request is dropped silently: a spoofed-source flood then gets no
-    amplification at all, and a real client simply retransmits later.
+    amplification at all, and a real client simply retransmits later.  The key is the caller's
+    choice; :class:`~.core.TurnCore` keeps two budgets (issue 11, "spoofed-source denial"):
+
+    * it applies them to **UDP only**.  Over TCP and TLS the handshake has proven the source
+      address, so an answer cannot be reflected at a victim, and a budget there would only let
+      forged UDP datagrams carrying a node's address starve the node's real TCP allocations
+      (coturn's ``turnutils_uclient -t -m 50`` hung that way);
+    * everyone but the media nodes shares one budget **per source IP**: this is what caps the
+      401s that forged datagrams can make us send to an arbitrary victim;
+    * sources inside ``turn.media_nodes`` have their own budget, **per source IP and port**, in
+      a separate table (a flood of other sources cannot evict it).  Forging a node's address is
+      indistinguishable from the node, so the design makes exhaustion cost the attacker: to keep
+      a node from getting its first 401 on a new socket the forger must exhaust every port the
+      node may pick (``limit`` datagrams per port per 10 s, millions in all), not one address
+      (5 datagrams a second did it before).  What the node is sent is bounded by what the
+      forger sends (a 401 is about 2-3 times an unauthenticated request);
+    * a request whose NONCE we minted for exactly that address and port and whose
+      MESSAGE-INTEGRITY verifies is answered outside any budget, even when the nonce has gone
+      stale (its 438 is "retry with this nonce", like HTTP Digest's ``stale=true``, RFC 2617
+      §3.2.1): a client that has once heard from us is never silenced by an exhausted budget,
+      while a forger, who never sees our answers, cannot produce one.
     """
 
     WINDOW = 10.0
@@ -149,14 +176,15 @@ class UnauthBudget:
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self._seen: dict[str, tuple[float, int]] = {}
+        self._seen: dict[Hashable, tuple[float, int]] = {}
         self._last_sweep = 0.0
 
-    def spend(self, now: float, ip: str) -> bool:
-        """Account one answer to ``ip``; False when the budget is exhausted (drop instead)."""
+    def spend(self, now: float, key: Hashable) -> bool:
+        """Account one answer to ``key`` (a source IP, or an (IP, port) pair); False when the
+        budget is exhausted (drop instead)."""
         if now - self._last_sweep > self.WINDOW:
             self._sweep(now)
-        start, count = self._seen.get(ip, (now, 0))
+        start, count = self._seen.get(key, (now, 0))
         if now - start >= self.WINDOW:
             start, count = now, 0
         if count >= self.limit:
@@ -165,11 +193,11 @@ class UnauthBudget:
             # Forgetting everyone errs towards answering real clients; a flood of spoofed
             # sources gains at most one window's worth of small 401s per address.
             self._seen.clear()
-        self._seen[ip] = (start, count + 1)
+        self._seen[key] = (start, count + 1)
         return True
 
     def _sweep(self, now: float) -> None:
         self._last_sweep = now
-        stale = [ip for ip, (start, _) in self._seen.items() if now - start >= self.WINDOW]
-        for ip in stale:
-            del self._seen[ip]
+        stale = [k for k, (start, _) in self._seen.items() if now - start >= self.WINDOW]
+        for k in stale:
+            del self._seen[k]

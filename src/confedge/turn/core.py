@@ -17,8 +17,11 @@ Request pipeline (RFC 8489 §6.3, §9.2.4; RFC 8656 §5-§11):
 1. parse (undecodable -> drop; malformed request -> 400);
 2. Binding: answered to anyone with XOR-MAPPED-ADDRESS (the box is a STUN server too);
 3. guard ban -> drop; restricted mode and a client outside ``media_nodes`` -> 403;
-4. long-term credential check with stateless nonces (401 / 438 / 400), 401 answers limited per
-   source (``unauth_budget``);
+4. long-term credential check with stateless nonces (401 / 438 / 400); unauthenticated answers
+   (401, 438, and the 403 of step 3) are limited by ``unauth_budget`` on UDP only, per source IP
+   for everyone and per source IP and port for media nodes, and a request carrying a nonce we
+   minted for its address with a valid MESSAGE-INTEGRITY is never limited (see
+   :class:`~.auth.UnauthBudget`);
 5. unknown comprehension-required attributes -> 420;
 6. the method: Allocate, Refresh, CreatePermission, ChannelBind.
 
@@ -31,7 +34,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -212,7 +215,10 @@ class TurnCore:
         self.guard = guard
         # REST usernames carry a Unix expiry, while `now` is monotonic: wall = now + offset.
         self.wall_offset = wall_offset
+        # Unauthenticated UDP answers: per source IP for everyone, per (IP, port) in a table of
+        # their own for media nodes (UnauthBudget says why).
         self.budget = UnauthBudget(settings.unauth_budget)
+        self.node_budget = UnauthBudget(settings.unauth_budget)
         self.allocations: dict[int, Allocation] = {}
         self._by_client: dict[Hashable, Allocation] = {}
         self._per_user: dict[str, int] = {}
@@ -303,7 +309,7 @@ class TurnCore:
             return []  # banned: no answer at all (no work, no reflection)
         if not self.clients.may_allocate(client.ip):
             # SPEC §3 restricted mode: refused before any authentication work.
-            if not self.budget.spend(now, client.ip):
+            if not self._may_answer(now, client):
                 return []
             if self._loglimit.allow(now):
                 log.info(
@@ -405,6 +411,29 @@ class TurnCore:
         if alloc is not None:
             self._end(now, alloc, reason)
 
+    def set_host_addresses(self, now: float, addresses: Iterable[str]) -> None:
+        """The host's interface addresses changed (the service reads them at start and every
+        minute): refuse them as peers from now on, and withdraw permissions and channels that
+        were granted to an address before it became one of ours."""
+        if not self.peers.set_host_addresses(addresses):
+            return
+        for alloc in self.allocations.values():
+            refused = [ip for ip in alloc.permissions if not self.peers.check(ip).allowed]
+            for ip in refused:
+                for ch in [c for c in alloc.channels.values() if c.peer[0] == ip]:
+                    self._unbind(now, alloc, ch)
+                del alloc.permissions[ip]
+                self.dp.remove_permission(alloc.id, ip)
+                if self._loglimit.allow(now):
+                    log.warning(
+                        "turn permission withdrawn: user=%s client=%s:%d peer=%s is now an "
+                        "address of this host",
+                        alloc.username,
+                        alloc.client.ip,
+                        alloc.client.port,
+                        ip,
+                    )
+
     def shutdown(self, now: float) -> None:
         for alloc in list(self.allocations.values()):
             self._end(now, alloc, "shutdown")
@@ -470,11 +499,20 @@ class TurnCore:
         sha = key is not None and msg.integrity_sha256_offset >= 0
         return b.build(key=key, sha256=sha, fingerprint=fp)
 
+    def _may_answer(self, now: float, client: Client) -> bool:
+        """May an unauthenticated answer go to this client?  Spends its budget (UDP only)."""
+        if client.transport != "udp":
+            return True  # TCP/TLS: the handshake proved the source; nothing can be reflected
+        if self.clients.is_media_node(client.ip):
+            return self.node_budget.spend(now, (client.ip, client.port))
+        return self.budget.spend(now, client.ip)
+
     def _challenge(
-        self, now: float, client: Client, msg: Message, code: int, fp: bool
+        self, now: float, client: Client, msg: Message, code: int, fp: bool, proven: bool = False
     ) -> list[bytes]:
-        """401 / 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4), within the budget."""
-        if not self.budget.spend(now, client.ip):
+        """401 / 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4), within the budget unless
+        ``proven`` (the request carried our nonce for this address and a valid integrity)."""
+        if not proven and not self._may_answer(now, client):
             return []
         nonce = self.nonces.issue(now, client.ip, client.port).encode()
         extra = [(Attr.REALM, self._realm_attr), (Attr.NONCE, nonce)]
@@ -496,14 +534,15 @@ class TurnCore:
             nonce_text = nonce.decode("ascii")
         except UnicodeDecodeError:
             return [self._error(msg, 400, None, fp)]
-        if not self.nonces.valid(nonce_text, now, client.ip, client.port):
-            return self._challenge(now, client, msg, 438, fp)
-        found: bytes | None = None
         wall = now + self.wall_offset
-        # Check every candidate key (REST: one per secret) so timing does not reveal which.
-        for key in self.creds.keys_for(username, wall):
-            if check_integrity(msg, key) and found is None:
-                found = key
+        state = self.nonces.check(nonce_text, now, client.ip, client.port)
+        if state != "fresh":
+            # 438 with a fresh nonce.  A stale nonce we minted for this very address, on a
+            # request whose integrity verifies, proves a client that heard our earlier answer:
+            # its 438 is sent even when forged datagrams have spent the address's budget.
+            proven = state == "stale" and self._verify(msg, username, wall) is not None
+            return self._challenge(now, client, msg, 438, fp, proven)
+        found = self._verify(msg, username, wall)
         if found is None:
             if self.guard is not None and not self.creds.expired(username, wall):
                 self.guard.record_turn_auth_failure(client.ip)
@@ -511,6 +550,15 @@ class TurnCore:
                 log.info("turn authentication failed: client %s:%d", client.ip, client.port)
             return self._challenge(now, client, msg, 401, fp)
         return username, found
+
+    def _verify(self, msg: Message, username: str, wall: float) -> bytes | None:
+        """The key whose MESSAGE-INTEGRITY(-SHA256) verifies, or None."""
+        found: bytes | None = None
+        # Check every candidate key (REST: one per secret) so timing does not reveal which.
+        for key in self.creds.keys_for(username, wall):
+            if check_integrity(msg, key) and found is None:
+                found = key
+        return found
 
     def _binding(self, client: Client, msg: Message, fp: bool) -> bytes:
         # RFC 8489 §7.3.1: reflect the source transport address.

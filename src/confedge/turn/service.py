@@ -16,7 +16,10 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import psutil
 
 from confedge.config import Config
 
@@ -25,11 +28,18 @@ from .core import GuardLike, TurnCore
 from .dataplane import UdpDataPlane
 from .listeners import TcpConnection, UdpListener
 
-__all__ = ["TurnService", "TurnStartError"]
+__all__ = [
+    "HostAddressWatch",
+    "TurnService",
+    "TurnStartError",
+    "host_peer_entries",
+    "read_host_addresses",
+]
 
 log = logging.getLogger("confedge.turn")
 
 TICK = 1.0  # seconds between timer sweeps; lifetimes are minutes, so 1 s resolution is plenty
+HOST_ADDRESS_REFRESH = 60.0  # seconds between reads of the host's interface addresses
 
 
 LISTENER_BUFFER = 4 * 1024 * 1024
@@ -44,6 +54,68 @@ def _grow_buffers(sock: socket.socket | None) -> None:
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, opt, LISTENER_BUFFER)
+
+
+def read_host_addresses() -> frozenset[str]:
+    """Every IPv4 and IPv6 address on this host's interfaces, as text (scope ids kept).
+
+    psutil's ``net_if_addrs()`` is getifaddrs(3): unlike the SIOCGIFADDR ioctl it also lists
+    secondary IPv4 addresses, and it needs no hand-written netlink parsing."""
+    return frozenset(
+        a.address
+        for addrs in psutil.net_if_addrs().values()
+        for a in addrs
+        if a.family in (socket.AF_INET, socket.AF_INET6)
+    )
+
+
+def host_peer_entries() -> list[str]:
+    """This host's addresses as ``turn.allowed_peers`` entries (scope ids dropped).
+
+    For the demo and tests only, whose peers (Chromium, aiortc) run on this very machine and
+    offer its interface addresses as ICE candidates; everywhere else confedge refuses its own
+    addresses as peers (docs/TURN.md, "What is refused and why")."""
+    return sorted({a.split("%", 1)[0] for a in read_host_addresses()})
+
+
+class HostAddressWatch:
+    """When to re-read the host's addresses, and whether they changed (time injected).
+
+    The README promises that confedge's own addresses are always refused as TURN peers, whatever
+    the configuration lists: DHCP, a VPN or a container runtime can add one at any time, so they
+    are read at start-up and every ``interval`` seconds.  A failed read keeps the last set.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Iterable[str]] = read_host_addresses,
+        interval: float = HOST_ADDRESS_REFRESH,
+    ) -> None:
+        self._read = read
+        self.interval = interval
+        self.current: frozenset[str] | None = None
+        self._next = float("-inf")
+
+    def start(self, now: float) -> frozenset[str]:
+        """Read now, whatever was read before (a service starting again builds a new core)."""
+        self.current = None
+        self._next = float("-inf")
+        return self.poll(now) or frozenset()
+
+    def poll(self, now: float) -> frozenset[str] | None:
+        """The new address set when it is time to look and it changed since last time."""
+        if now < self._next:
+            return None
+        self._next = now + self.interval
+        try:
+            addrs = frozenset(self._read())
+        except OSError as exc:
+            log.warning("cannot read this host's interface addresses: %s", exc)
+            return None
+        if addrs == self.current:
+            return None
+        self.current = addrs
+        return addrs
 
 
 class TurnStartError(OSError):
@@ -97,9 +169,16 @@ class TurnService:
     port is :attr:`port` afterwards.
     """
 
-    def __init__(self, cfg: Config, *, guard: GuardLike | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        guard: GuardLike | None = None,
+        host_addresses: HostAddressWatch | None = None,
+    ) -> None:
         self.cfg = cfg
         self.guard = guard
+        self.host_addresses = host_addresses or HostAddressWatch()
         self.core: TurnCore | None = None
         self.dataplane: UdpDataPlane | None = None
         self.port: int = 0
@@ -142,6 +221,7 @@ class TurnService:
             relay_addresses=tuple(a for a in (v4, v6) if a),
             wall_offset=time.time() - loop.time(),
         )
+        self.core.set_host_addresses(loop.time(), self.host_addresses.start(loop.time()))
         if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
             log.warning(
                 "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
@@ -291,8 +371,16 @@ class TurnService:
             if self.core is not None:
                 try:
                     self.core.tick(loop.time())
+                    self._refresh_host_addresses(loop.time())
                 except Exception:  # a bug here must not stop expiry forever
                     log.exception("TURN timer sweep failed")
+
+    def _refresh_host_addresses(self, now: float) -> None:
+        """Hand the host's addresses to the peer policy when they changed."""
+        addrs = self.host_addresses.poll(now)
+        if addrs is not None and self.core is not None:
+            self.core.set_host_addresses(now, addrs)
+            log.debug("turn: this host's addresses, refused as peers: %s", ", ".join(sorted(addrs)))
 
     async def close(self) -> None:
         if self._ticker is not None:

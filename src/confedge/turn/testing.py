@@ -6,14 +6,31 @@ browser tests start the relay exactly the way the test suite does.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import asyncio
+import socket
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from confedge.config import Config, parse_config
+from confedge.stun import (
+    Attr,
+    Message,
+    MessageBuilder,
+    Method,
+    MsgClass,
+    StunError,
+    decode_error_code,
+    encode_requested_address_family,
+    encode_requested_transport,
+    encode_xor_address,
+    long_term_key,
+    new_transaction_id,
+    parse_message,
+)
 
 from .dataplane import AllocationCounters, CapacityError, ClientSink, DataPlane, RelayGrant
 
-__all__ = ["MemoryDataPlane", "turn_config"]
+__all__ = ["MemoryDataPlane", "UdpTurnClient", "response_code", "turn_config"]
 
 
 def turn_config(
@@ -155,3 +172,125 @@ class MemoryDataPlane(DataPlane):
 
     def close(self) -> None:
         self.allocations.clear()
+
+
+def response_code(msg: Message) -> int:
+    """200 for a success response, else the ERROR-CODE number."""
+    if msg.msg_class == MsgClass.SUCCESS:
+        return 200
+    raw = msg.get(Attr.ERROR_CODE)
+    return decode_error_code(raw)[0] if raw is not None else 0
+
+
+class UdpTurnClient:
+    """A minimal TURN client over a real UDP socket (RFC 8656 §7-§9, RFC 8489 §9.2).
+
+    It does what a client does on the wire and nothing more: an unauthenticated first request,
+    then the REALM and NONCE of the 401/438 with MESSAGE-INTEGRITY; answers whose transaction
+    ID it did not send are ignored (a spoofed-source test sends the socket answers to
+    datagrams it never sent).  ``local`` picks the source address and port, so a test can be a
+    given media node.
+    """
+
+    def __init__(
+        self,
+        server: tuple[str, int],
+        username: str,
+        password: str,
+        realm: str,
+        *,
+        local: tuple[str, int] = ("127.0.0.1", 0),
+        timeout: float = 1.0,
+        retries: int = 3,
+    ) -> None:
+        self.server = server
+        self.username = username
+        self.realm = realm
+        self.key = long_term_key(username, realm, password)
+        self.nonce: bytes | None = None
+        self.timeout = timeout
+        self.retries = retries
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.setblocking(False)
+        self.sock.bind(local)
+        self.sock.connect(server)
+        self.local: tuple[str, int] = self.sock.getsockname()[:2]
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def build(
+        self, method: int, attrs: Sequence[tuple[int, bytes]], tid: bytes, auth: bool
+    ) -> bytes:
+        b = MessageBuilder(method, MsgClass.REQUEST, tid)
+        for a, v in attrs:
+            b.add(a, v)
+        if auth and self.nonce is not None:
+            b.add(Attr.USERNAME, self.username.encode())
+            b.add(Attr.REALM, self.realm.encode())
+            b.add(Attr.NONCE, self.nonce)
+            return b.build(key=self.key, fingerprint=True)
+        return b.build(fingerprint=True)
+
+    async def transact(self, wire: bytes, tid: bytes) -> Message | None:
+        """Send ``wire`` (retransmitted ``retries`` times); the answer, or None when none came."""
+        loop = asyncio.get_running_loop()
+        for _ in range(self.retries):
+            self.sock.send(wire)
+            deadline = loop.time() + self.timeout
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    data = await asyncio.wait_for(loop.sock_recv(self.sock, 65535), left)
+                except TimeoutError:
+                    break
+                except ConnectionRefusedError:
+                    continue  # ICMP for an earlier datagram
+                try:
+                    msg = parse_message(data)
+                except StunError:
+                    continue
+                if msg.transaction_id == tid:
+                    return msg
+        return None
+
+    async def request(
+        self, method: int, attrs: Sequence[tuple[int, bytes]] = (), *, auth: bool = True
+    ) -> Message | None:
+        """One request; on 401/438 learn the NONCE and retry once, as real clients do."""
+        tid = new_transaction_id()
+        msg = await self.transact(self.build(method, attrs, tid, auth), tid)
+        if msg is not None and auth and response_code(msg) in (401, 438):
+            nonce = msg.get(Attr.NONCE)
+            if nonce is None:
+                return msg
+            self.nonce = nonce
+            tid = new_transaction_id()
+            msg = await self.transact(self.build(method, attrs, tid, auth), tid)
+        return msg
+
+    async def allocate(self, family: int = 4) -> Message | None:
+        attrs: list[tuple[int, bytes]] = [
+            (Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
+        ]
+        if family == 6:
+            attrs.append((Attr.REQUESTED_ADDRESS_FAMILY, encode_requested_address_family(2)))
+        return await self.request(Method.ALLOCATE, attrs)
+
+    async def create_permission(self, peer: str) -> int:
+        """CreatePermission for ``peer``; the response code (0 when nothing came back).
+
+        The XOR-PEER-ADDRESS is computed with the transaction ID, so the request is built here
+        rather than by :meth:`request` (a retry after 438 needs a new ID, hence a new value)."""
+        for _ in range(2):
+            tid = new_transaction_id()
+            attrs = [(Attr.XOR_PEER_ADDRESS, encode_xor_address(peer, 9, tid))]
+            msg = await self.transact(self.build(Method.CREATE_PERMISSION, attrs, tid, True), tid)
+            if msg is None:
+                return 0
+            code = response_code(msg)
+            if code in (401, 438) and msg.get(Attr.NONCE) is not None:
+                self.nonce = msg.get(Attr.NONCE)
+                continue
+            return code
+        return code
