@@ -5,8 +5,10 @@ spellings of the request_token path do not evade the count."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +88,9 @@ async def attempt(port: int, pin: str | None, source: str = "127.0.0.1", **kw: A
     return r[0]
 
 
-def config(node: PinNode, state: Path, *, workers: int = 1, **guard: Any) -> Config:
+def config(
+    node: PinNode, state: Path, *, workers: int = 1, health_interval: float = 0.5, **guard: Any
+) -> Config:
     g: dict[str, Any] = {
         "enabled": True,
         "maxretry": 4,
@@ -109,7 +113,7 @@ def config(node: PinNode, state: Path, *, workers: int = 1, **guard: Any) -> Con
                 "workers": workers,
                 "nodes": [node.address],
                 "access_log": str(state / "access.log"),
-                "health_interval": 0.5,
+                "health_interval": health_interval,
             },
             "guard": g,
         }
@@ -175,32 +179,39 @@ async def test_ban_survives_a_restart(node: PinNode, tmp_path: Path) -> None:
         await svc2.close()
 
 
-async def test_two_instances_share_a_ban_through_redis(node: PinNode, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def two_instances(
+    node: PinNode, tmp_path: Path, **kw: Any
+) -> AsyncIterator[tuple[ProxyService, ProxyService]]:
+    """Two proxy instances sharing one throwaway Redis as their guard store."""
     with redis_server() as srv:
         a = ProxyService(
-            config(node, tmp_path / "a", store=srv.url, bantime=30, ban_status=403),
-            guard_factory=create_guard,
+            config(node, tmp_path / "a", store=srv.url, **kw), guard_factory=create_guard
         )
         b = ProxyService(
-            config(node, tmp_path / "b", store=srv.url, bantime=30, ban_status=403),
-            guard_factory=create_guard,
+            config(node, tmp_path / "b", store=srv.url, **kw), guard_factory=create_guard
         )
         await a.start()
         await b.start()
         try:
-            assert await attempt(b.https_port, "1234", source="127.0.0.3") == 200
-            for i in range(4):
-                assert await attempt(a.https_port, f"000{i}", source="127.0.0.3") == 403
-            t0 = time.monotonic()
-            while await attempt(b.https_port, "1234", source="127.0.0.3") != 403:
-                assert time.monotonic() - t0 < 1.0, "instance b did not refuse within 1 s"
-                await asyncio.sleep(0.05)
-            # 403 here is the ban (ban_status = 403): the right PIN no longer reaches a node.
-            (r,) = await send(b.https_port, [_raw(TOKEN, "1234")], "127.0.0.3")
-            assert r[0] == 403 and "retry-after" in r[1]
+            yield a, b
         finally:
             await a.close()
             await b.close()
+
+
+async def test_two_instances_share_a_ban_through_redis(node: PinNode, tmp_path: Path) -> None:
+    async with two_instances(node, tmp_path, bantime=30, ban_status=403) as (a, b):
+        assert await attempt(b.https_port, "1234", source="127.0.0.3") == 200
+        for i in range(4):
+            assert await attempt(a.https_port, f"000{i}", source="127.0.0.3") == 403
+        t0 = time.monotonic()
+        while await attempt(b.https_port, "1234", source="127.0.0.3") != 403:
+            assert time.monotonic() - t0 < 1.0, "instance b did not refuse within 1 s"
+            await asyncio.sleep(0.05)
+        # 403 here is the ban (ban_status = 403): the right PIN no longer reaches a node.
+        (r,) = await send(b.https_port, [_raw(TOKEN, "1234")], "127.0.0.3")
+        assert r[0] == 403 and "retry-after" in r[1]
 
 
 # Each spelling comes from its own source address with maxretry = 1, so "banned after one
