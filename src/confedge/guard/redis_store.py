@@ -122,10 +122,12 @@ local at_conf = redis.call('ZCARD', KEYS[3])
 local n = #fails / 2
 if at_ip < tonumber(ARGV[4]) and at_conf < tonumber(ARGV[5])
     and n + at_ip + 1 <= tonumber(ARGV[3]) then
-  local ms = math.ceil(tonumber(ARGV[7]) * 1000)
+  -- Key lifetimes are relative (PEXPIRE, not PEXPIREAT): the server's clock need not agree
+  -- with the guard's; the scores, compared with `now` above, are the guard's times.
+  local ms = math.ceil((tonumber(ARGV[7]) - now) * 1000) + 1000
   for k = 2, 3 do
     redis.call('ZADD', KEYS[k], ARGV[7], ARGV[6])
-    redis.call('PEXPIREAT', KEYS[k], ms)
+    if redis.call('PTTL', KEYS[k]) < ms then redis.call('PEXPIRE', KEYS[k], ms) end
   end
   return {'ok'}
 end
@@ -429,14 +431,23 @@ class RedisStore:
             args += [self._keep_ms, MAXLEN, repr(f.ts), f.kind, f.ip, f.alias, f.pin, f.origin]
         await self._call(self._settle(keys=keys, args=args))
 
-    async def remember_session(self, key: str, ip: str, expires: float) -> None:
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
+        # The value carries the guard's expiry; the key's TTL (relative, so independent of
+        # the server's clock) only cleans up.
         r = self._client()
-        await self._call(r.set(f"{self._prefix}session:{key}", ip, pxat=_ms(expires) + 1))
+        px = max(1, int((expires - now) * 1000)) + 1000
+        await self._call(r.set(f"{self._prefix}session:{key}", f"{ip} {expires!r}", px=px))
 
     async def session_known(self, key: str, ip: str, now: float) -> bool:
         r = self._client()
         value = await self._call(r.get(f"{self._prefix}session:{key}"))
-        return bool(value == ip)
+        if not isinstance(value, str):
+            return False
+        who, _, until = value.partition(" ")
+        try:
+            return who == ip and float(until) > now
+        except ValueError:
+            return False
 
 
 def _redact(url: str) -> str:

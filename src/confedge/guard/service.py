@@ -245,13 +245,13 @@ class Guard:
         except ValueError:
             return
         key = self._session_key(token)
-        expires = self._clock() + lifetime
-        self.local.remember(key, ip, expires)
-        self._spawn(self._remember(key, ip, expires))
+        now = self._clock()
+        self.local.remember(key, ip, now + lifetime)
+        self._spawn(self._remember(key, ip, now + lifetime, now))
 
-    async def _remember(self, key: str, ip: str, expires: float) -> None:
+    async def _remember(self, key: str, ip: str, expires: float, now: float) -> None:
         try:
-            await self.store.remember_session(key, ip, expires)
+            await self.store.remember_session(key, ip, expires, now)
         except StoreError as exc:
             self._went_down(exc)
 

@@ -327,7 +327,7 @@ class SQLiteStore:
 
         await self._run(_immediate(op))
 
-    async def remember_session(self, key: str, ip: str, expires: float) -> None:
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
         def op(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (key, ip, expires))
 

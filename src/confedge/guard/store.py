@@ -115,7 +115,7 @@ class GuardStore(Protocol):
         to the log. An already expired reservation is fine: the failure is appended anyway."""
         ...
 
-    async def remember_session(self, key: str, ip: str, expires: float) -> None:
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
         """A node issued a token (salted hash `key`) to `ip`, valid until `expires`."""
         ...
 
@@ -247,7 +247,7 @@ class MemoryStore:
             self.failures.append((self.next_id, failure))
             self.next_id += 1
 
-    async def remember_session(self, key: str, ip: str, expires: float) -> None:
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
         self._up()
         self.inflight.remember(key, ip, expires)
 
