@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+from test_guard_service import T0, Clock
+
 from confedge.config import GuardConfig
 from confedge.guard import Guard
 from confedge.guard.inflight import (
@@ -21,16 +23,7 @@ from confedge.guard.inflight import (
 )
 from confedge.guard.store import MemoryStore
 
-T0 = 1_700_000_000.0
 LIM = Limits(maxretry=10, findtime=300, per_address=1000, per_conference=1000)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def gcfg(**kw: object) -> GuardConfig:
