@@ -275,16 +275,17 @@ async def test_pipelining_and_parallel_connections(node: PinNode, tmp_path: Path
         assert statuses[:3] == [403, 403, 403]
         assert set(statuses[3:]) <= {429}
         assert node.attempts_from("127.0.3.1") == 3
-        # Many parallel connections: requests already in flight when the threshold is crossed
-        # cannot be recalled (fail2ban has the same window, wider), but the source is banned
-        # and every later connection is refused.
-        results = await asyncio.gather(
-            *(send(port, [_raw(TOKEN, f"{i:04d}")], "127.0.3.2") for i in range(30))
-        )
-        statuses = [r[0][0] for r in results]
-        assert set(statuses) <= {403, 429}
-        assert statuses.count(403) >= 3
-        assert node.attempts_from("127.0.3.2") == statuses.count(403)
+        # Many parallel connections: each guess is reserved before it is forwarded, so no more
+        # than maxretry reach the node however many are in flight (test_guard_inflight.py has
+        # the 200-connection attacks); the rest are refused, and so is every later connection.
+        statuses = []
+        while statuses.count(403) < 3:
+            results = await asyncio.gather(
+                *(send(port, [_raw(TOKEN, f"{i:04d}")], "127.0.3.2") for i in range(30))
+            )
+            statuses += [r[0][0] for r in results]
+            assert set(statuses) <= {403, 429}
+            assert node.attempts_from("127.0.3.2") == statuses.count(403) <= 3
         later = await asyncio.gather(
             *(send(port, [_raw(TOKEN, "1234")], "127.0.3.2") for _ in range(30))
         )
