@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from test_guard_service import T0, Clock
 
-from confedge.config import GuardConfig
+from confedge.config import ConfigError, GuardConfig, parse_config
 from confedge.guard import Guard
 from confedge.guard.inflight import (
     Admission,
@@ -289,3 +290,24 @@ def test_token_call_session_token_and_issued_token() -> None:
     assert issued_token(b'{"result": {"token": "t", "expires": "nan"}}') == ("t", 120.0)
     assert issued_token(b'{"result": "Invalid PIN"}') is None
     assert issued_token(b"\x1f\x8b not json") is None
+
+
+def test_memory_store_with_several_workers_is_refused() -> None:
+    """Each worker process would count alone: maxretry guesses per worker."""
+
+    def cfg(workers: int, proxy: bool = True) -> object:
+        return parse_config(
+            {
+                "turn": {"enabled": False},
+                "proxy": {"enabled": proxy, "nodes": ["10.0.0.11"], "workers": workers},
+                "guard": {"enabled": True, "store": "memory"},
+            }
+        )
+
+    for workers in (0, 2):
+        with pytest.raises(ConfigError) as err:
+            cfg(workers)
+        msg = str(err.value)
+        assert "guard.store" in msg and f"proxy.workers = {workers}" in msg and "sqlite" in msg
+    cfg(1)
+    cfg(2, proxy=False)
