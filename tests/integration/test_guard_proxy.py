@@ -276,7 +276,7 @@ async def test_pipelining_and_parallel_connections(node: PinNode, tmp_path: Path
         assert set(statuses[3:]) <= {429}
         assert node.attempts_from("127.0.3.1") == 3
         # Many parallel connections: each guess is reserved before it is forwarded, so no more
-        # than maxretry reach the node however many are in flight (test_guard_inflight.py has
+        # than maxretry reach the node however many are in flight (test_guard_inflight_proxy.py has
         # the 200-connection attacks); the rest are refused, and so is every later connection.
         statuses = []
         while statuses.count(403) < 3:
