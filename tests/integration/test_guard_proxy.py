@@ -116,6 +116,7 @@ def config(
                 "health_interval": health_interval,
             },
             "guard": g,
+            "management": {"port": 0},  # Runtime would bind the fixed 9090 otherwise
         }
     )
 
