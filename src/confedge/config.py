@@ -401,6 +401,10 @@ class GuardConfig(_Strict):
     # confedge_banned_v4/_v6 nft sets (loaded by `confedge firewall --apply`), so a banned
     # address is dropped before it costs a TCP or TLS handshake.
     firewall: bool = False
+    # Added for PIN guesses in flight (docs/GUARD.md "Guesses in flight"): request_token calls
+    # forwarded and not yet answered, per client address and per conference, across workers.
+    inflight_per_address: int = Field(default=4, ge=1)
+    inflight_per_conference: int = Field(default=32, ge=1)
 
     @field_validator("store")
     @classmethod
@@ -495,6 +499,20 @@ class Config(_Strict):
                 "certificate would be used and the key ignored; set tls.cert too"
             )
         problems.extend(self._port_clashes())
+        if (
+            self.guard.enabled
+            and self.guard.store == "memory"
+            and self.proxy.enabled
+            and self.proxy.workers != 1
+        ):
+            # Each worker process would keep its own counts: an attacker whose connections the
+            # kernel spreads over N workers gets N * maxretry guesses (docs/GUARD.md).
+            problems.append(
+                f'guard.store: "memory" keeps counts inside one process, but proxy.workers = '
+                f"{self.proxy.workers} runs separate worker processes (0 = one per core), which "
+                'would each count and ban alone; use store = "sqlite" (the default) or set '
+                "proxy.workers = 1"
+            )
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -5,6 +5,11 @@ lower-cased, "//" collapsed and a trailing slash ignored, so any spelling an att
 try reaches the PIN check. If the proxy fails to count such a spelling, the tests see it. It
 compresses answers with gzip when the client asks, as a node behind a compressing front end
 would, and answers in chunks when asked to (`chunked = True`).
+
+For the in-flight tests it can take `delay` seconds over each request_token (and records how
+many were in progress at once, per address and per conference), and it issues real tokens:
+`refresh_token`, `release_token` and `participants/<uuid>/disconnect` need one (`token` header
+or `?token=`), and every such call is recorded in `calls`.
 """
 
 from __future__ import annotations
@@ -15,9 +20,12 @@ import json
 import re
 import secrets
 from dataclasses import dataclass, field
-from urllib.parse import unquote
+from urllib.parse import parse_qsl, unquote
 
 _ROUTE = re.compile(r"/api/client/v2/conferences/([^/]+)/request_token")
+_SESSION_ROUTE = re.compile(
+    r"/api/client/v2/conferences/([^/]+)/(refresh_token|release_token|participants/[^/]+/disconnect)"
+)
 
 
 @dataclass
@@ -30,6 +38,11 @@ class PinNode:
         default_factory=list
     )  # (real ip, alias, pin)
     writers: set[asyncio.StreamWriter] = field(default_factory=set)
+    delay: float = 0.0
+    busy: dict[str, int] = field(default_factory=dict)  # request_tokens in progress, by key
+    max_busy: dict[str, int] = field(default_factory=dict)  # the most at once, by key
+    tokens: dict[str, str] = field(default_factory=dict)  # live token -> alias
+    calls: list[tuple[str, str, str]] = field(default_factory=list)  # (real ip, call, status)
 
     @property
     def address(self) -> str:
@@ -49,6 +62,14 @@ class PinNode:
 
     def attempts_from(self, ip: str) -> int:
         return sum(1 for a in self.attempts if a[0] == ip)
+
+    def wrong_pins_from(self, ip: str) -> int:
+        """The guesses from ip the node answered "Invalid PIN"."""
+        return sum(
+            1
+            for real, alias, pin in self.attempts
+            if real == ip and pin is not None and pin != self.conferences.get(alias)
+        )
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.writers.add(writer)
@@ -70,6 +91,17 @@ class PinNode:
                         await reader.readexactly(size + 2)
                         if size == 0:
                             break
+                m = _ROUTE.fullmatch(_route_path(target))
+                if m is not None and method == "POST" and self.delay:
+                    keys = (f"ip:{headers.get('x-real-ip', '?')}", f"conf:{m.group(1)}")
+                    for k in keys:
+                        self.busy[k] = self.busy.get(k, 0) + 1
+                        self.max_busy[k] = max(self.max_busy.get(k, 0), self.busy[k])
+                    try:
+                        await asyncio.sleep(self.delay)
+                    finally:
+                        for k in keys:
+                            self.busy[k] -= 1
                 status, body = self._route(method, target, headers)
                 self._write(writer, status, body, headers)
                 await writer.drain()
@@ -82,10 +114,12 @@ class PinNode:
             writer.close()
 
     def _route(self, method: str, target: str, headers: dict[str, str]) -> tuple[int, bytes]:
-        path = unquote(target.partition("?")[0]).lower()
-        path = re.sub("/+", "/", path).rstrip("/") or "/"
+        path = _route_path(target)
         if path == "/api/client/v2/status":
             return 200, b'{"status":"success","result":"OK"}'
+        s = _SESSION_ROUTE.fullmatch(path)
+        if s is not None and method == "POST":
+            return self._session(s.group(1), s.group(2), target, headers)
         m = _ROUTE.fullmatch(path)
         if method != "POST" or m is None:
             return 404, b'{"status":"success","result":"Not found"}'
@@ -100,8 +134,33 @@ class PinNode:
             return 403, json.dumps(body).encode()
         if pin != want:
             return 403, b'{"status":"success","result":"Invalid PIN"}'
-        token = {"token": secrets.token_hex(16), "expires": "120", "role": "HOST"}
-        return 200, json.dumps({"status": "success", "result": token}).encode()
+        return 200, self._issue(alias)
+
+    def _issue(self, alias: str) -> bytes:
+        token = secrets.token_hex(16)
+        self.tokens[token] = alias
+        result = {"token": token, "expires": "120", "role": "HOST"}
+        return json.dumps({"status": "success", "result": result}).encode()
+
+    def _session(
+        self, alias: str, call: str, target: str, headers: dict[str, str]
+    ) -> tuple[int, bytes]:
+        token = headers.get("token")
+        if token is None:
+            query = dict(parse_qsl(target.partition("?")[2]))
+            token = query.get("token")
+        ip = headers.get("x-real-ip", "?")
+        kind = call.rsplit("/", 1)[-1]
+        if token is None or self.tokens.get(token) != alias:
+            self.calls.append((ip, kind, "invalid"))
+            return 403, b'{"status":"success","result":"Invalid token"}'
+        self.calls.append((ip, kind, "ok"))
+        if kind == "refresh_token":
+            del self.tokens[token]
+            return 200, self._issue(alias)
+        if kind == "release_token":
+            del self.tokens[token]
+        return 200, b'{"status":"success","result":true}'
 
     def _write(
         self, writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict[str, str]
@@ -132,3 +191,8 @@ class PinNode:
                 ).encode()
                 + body
             )
+
+
+def _route_path(target: str) -> str:
+    path = unquote(target.partition("?")[0]).lower()
+    return re.sub("/+", "/", path).rstrip("/") or "/"

@@ -162,6 +162,13 @@ class GuardCore:
     def distinct_pins(self, ip: str) -> int:
         return len(self._pins.get(ip, {}))
 
+    def pin_failures(self, ip: str, now: float) -> list[float]:
+        """Sorted times of ip's counted PIN failures inside the window (for the in-flight
+        admission while the store is unreachable, guard/inflight.py)."""
+        w = self._addr.get(ip)
+        cutoff = now - self.cfg.findtime
+        return [] if w is None else [t for t in w.ts if t > cutoff]
+
     # -- events ----------------------------------------------------------------------------
 
     def observe(self, f: Failure, now: float) -> list[BanRecord]:

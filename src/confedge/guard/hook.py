@@ -7,6 +7,7 @@ unit tests.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["GuardHook", "NullGuard"]
@@ -31,6 +32,30 @@ class GuardHook(Protocol):
         """TURN saw a request whose MESSAGE-INTEGRITY failed (401 after a nonce was issued)."""
         ...
 
+    def reserve_pin(
+        self, client_ip: str, alias: str, ttl: float, done: Callable[[str | None, float], None]
+    ) -> None:
+        """Before forwarding a request_token: `done(ticket, 0)` to go ahead, or
+        `done(None, retry_after)` to answer 429 (guard/inflight.py). Every ticket is settled
+        with `settle_pin`, or lapses after `ttl` seconds."""
+        ...
+
+    def settle_pin(
+        self, ticket: str, client_ip: str, alias: str, pin: str | None, failed: bool
+    ) -> None:
+        """The node answered the ticket's request_token; `failed`: 403 "Invalid PIN" (this
+        replaces record_pin_failure for reserved requests)."""
+        ...
+
+    def remember_session(self, client_ip: str, token: str, lifetime: float) -> None:
+        """A node's 200 answer to request_token/refresh_token issued `token` to client_ip."""
+        ...
+
+    def session_known(self, client_ip: str, token: str, done: Callable[[bool], None]) -> None:
+        """`done(True)` if `token` was issued to client_ip and is still valid: a banned
+        address's request carrying it is an admitted participant's, not a guess."""
+        ...
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -52,6 +77,22 @@ class NullGuard:
 
     def record_turn_auth_failure(self, client_ip: str) -> None:
         return None
+
+    def reserve_pin(
+        self, client_ip: str, alias: str, ttl: float, done: Callable[[str | None, float], None]
+    ) -> None:
+        done("", 0.0)
+
+    def settle_pin(
+        self, ticket: str, client_ip: str, alias: str, pin: str | None, failed: bool
+    ) -> None:
+        return None
+
+    def remember_session(self, client_ip: str, token: str, lifetime: float) -> None:
+        return None
+
+    def session_known(self, client_ip: str, token: str, done: Callable[[bool], None]) -> None:
+        done(False)
 
     async def start(self) -> None:
         return None

@@ -8,7 +8,13 @@ Layout under the key prefix `confedge:guard:` in the URL's database:
   poll is one round trip when nothing changed;
 * `logged`  a set of sources whose expiry has been written to the audit log (SADD answers 1 to
   exactly one caller);
-* `salt`    the PIN-hash salt, set once with NX.
+* `salt`    the PIN-hash salt, set once with NX;
+* `pinfail:<ip>`  a sorted set of the address's PIN failures (score = time), for the in-flight
+  admission; `inflight:ip:<ip>` and `inflight:conf:<alias>` sorted sets of live reservations
+  (score = expiry); `session:<hash>` the address a node issued that token to, expiring with it.
+
+Admission of a request_token (`reserve`) and its settlement are Lua scripts: the count, the
+decision and the insertion happen on the server in one step, whichever instance asks.
 
 The conditional ban insert and the purge are Lua scripts so that they are atomic on the server,
 which is the only place that sees every instance's writes. Timeouts are short: a Redis that does
@@ -25,7 +31,9 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from confedge.guard.core import BanRecord, Failure
+from confedge.guard.addresses import prefix64
+from confedge.guard.core import PIN, BanRecord, Failure
+from confedge.guard.inflight import Admission, Limits, Reservation, admit
 from confedge.guard.store import Poll, StoreError
 
 log = logging.getLogger("confedge.guard")
@@ -60,7 +68,8 @@ _PURGE = """
 local all = redis.call('HGETALL', KEYS[1])
 local n = 0
 for i = 1, #all, 2 do
-  if tonumber(cjson.decode(all[i + 1])['expires']) < tonumber(ARGV[1]) then
+  local b = cjson.decode(all[i + 1])
+  if tonumber(b['expires']) < tonumber(ARGV[1]) and tonumber(b['created']) < tonumber(ARGV[2]) then
     redis.call('HDEL', KEYS[1], all[i])
     redis.call('SREM', KEYS[3], all[i])
     n = n + 1
@@ -77,7 +86,72 @@ if cur then
   redis.call('SREM', KEYS[3], ARGV[1])
   redis.call('INCR', KEYS[2])
 end
+redis.call('DEL', KEYS[4])
 return cur
+"""
+
+# KEYS: bans, inflight:ip:<ip>, inflight:conf:<alias>, pinfail:<ip>
+# ARGV: now, findtime, maxretry, per_address, per_conference, id, expires, ip, /64 or ''
+# The yes/no rule is inflight.admit's; the caller computes the refusal's reason and
+# Retry-After from what a refusal returns (at_ip, at_conf, failure times).
+_RESERVE = """
+local now = tonumber(ARGV[1])
+local findtime = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - findtime)
+local since = now - findtime
+for i = 8, 9 do
+  if ARGV[i] ~= '' then
+    local cur = redis.call('HGET', KEYS[1], ARGV[i])
+    if cur then
+      local ok, b = pcall(cjson.decode, cur)
+      if ok and type(b) == 'table' then
+        local exp = tonumber(b['expires'])
+        if exp and exp > now then return {'banned', tostring(exp)} end
+        local created = tonumber(b['created'])
+        if i == 8 and created and created > since then since = created end
+      end
+    end
+  end
+end
+local fails = redis.call('ZRANGEBYSCORE', KEYS[4], '(' .. string.format('%.17g', since), '+inf',
+  'WITHSCORES')
+local at_ip = redis.call('ZCARD', KEYS[2])
+local at_conf = redis.call('ZCARD', KEYS[3])
+local n = #fails / 2
+if at_ip < tonumber(ARGV[4]) and at_conf < tonumber(ARGV[5])
+    and n + at_ip + 1 <= tonumber(ARGV[3]) then
+  -- Key lifetimes are relative (PEXPIRE, not PEXPIREAT): the server's clock need not agree
+  -- with the guard's; the scores, compared with `now` above, are the guard's times.
+  local ms = math.ceil((tonumber(ARGV[7]) - now) * 1000) + 1000
+  for k = 2, 3 do
+    redis.call('ZADD', KEYS[k], ARGV[7], ARGV[6])
+    if redis.call('PTTL', KEYS[k]) < ms then redis.call('PEXPIRE', KEYS[k], ms) end
+  end
+  return {'ok'}
+end
+local out = {'no', tostring(at_ip), tostring(at_conf)}
+for k = 2, #fails, 2 do out[#out + 1] = fails[k] end
+return out
+"""
+
+# KEYS: inflight:ip:<ip>, inflight:conf:<alias>, pinfail:<ip>, events
+# ARGV: id, failed, score, member, nx, keep_ms, maxlen, then the event's six fields
+_SETTLE = """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if ARGV[2] == '1' then
+  if ARGV[5] == '1' then
+    redis.call('ZADD', KEYS[3], 'NX', ARGV[3], ARGV[4])
+  else
+    redis.call('ZADD', KEYS[3], ARGV[3], ARGV[4])
+  end
+  redis.call('PEXPIRE', KEYS[3], ARGV[6])
+  redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[7], '*', 'ts', ARGV[8], 'kind', ARGV[9],
+    'ip', ARGV[10], 'alias', ARGV[11], 'pin', ARGV[12], 'origin', ARGV[13])
+end
+return 1
 """
 
 
@@ -122,7 +196,14 @@ def _failure(fields: dict[str, str]) -> Failure | None:
 class RedisStore:
     """See the module docstring. Methods mirror `GuardStore`."""
 
-    def __init__(self, url: str, prefix: str = PREFIX) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str = PREFIX,
+        *,
+        findtime: float = 300.0,
+        distinct_pins: bool = False,
+    ) -> None:
         self.url = url
         self.description = f"redis:{_redact(url)}"
         self.transient = True
@@ -131,7 +212,11 @@ class RedisStore:
         self._k_version = prefix + "version"
         self._k_logged = prefix + "logged"
         self._k_salt = prefix + "salt"
+        self._prefix = prefix
         self._r: Any = None
+        # How long a pinfail set outlives its newest member, and how it counts (guard config).
+        self._keep_ms = max(1, int(findtime * 1000))
+        self._distinct = distinct_pins
 
     def _keys(self) -> list[str]:
         return [self._k_bans, self._k_version, self._k_logged]
@@ -166,6 +251,8 @@ class RedisStore:
             self._push = self._r.register_script(_PUSH)
             self._purge = self._r.register_script(_PURGE)
             self._remove = self._r.register_script(_REMOVE)
+            self._reserve = self._r.register_script(_RESERVE)
+            self._settle = self._r.register_script(_SETTLE)
         await self._call(self._r.ping())
 
     async def close(self) -> None:
@@ -193,6 +280,10 @@ class RedisStore:
         if failures:
             pipe = r.pipeline(transaction=False)
             for f in failures:
+                if f.kind == PIN:  # counted by reserve (failures kept during an outage)
+                    k = self._k_fails(f.ip)
+                    pipe.zadd(k, {self._member(f): f.ts}, nx=self._distinct)
+                    pipe.pexpire(k, self._keep_ms)
                 pipe.xadd(
                     self._k_events,
                     {
@@ -265,7 +356,8 @@ class RedisStore:
 
     async def remove(self, source: str) -> BanRecord | None:
         self._client()
-        cur = await self._call(self._remove(keys=self._keys(), args=[source]))
+        keys = [*self._keys(), self._k_fails(source)]
+        cur = await self._call(self._remove(keys=keys, args=[source]))
         return None if cur is None else BanRecord.from_json(json.loads(cur))
 
     async def clear(self) -> int:
@@ -280,12 +372,82 @@ class RedisStore:
         await self._call(pipe.execute())
         return n
 
-    async def purge(self, failures_before: float, bans_before: float) -> None:
+    async def purge(
+        self, failures_before: float, bans_before: float, *, now: float | None = None
+    ) -> None:
+        # Reservations, failure sets and sessions expire by themselves (key TTLs, and reserve
+        # trims the sets it reads): `now` is not needed here.
         r = self._client()
         await self._call(
             r.xtrim(self._k_events, minid=f"{_ms(failures_before)}-0", approximate=True)
         )
-        await self._call(self._purge(keys=self._keys(), args=[repr(bans_before)]))
+        await self._call(
+            self._purge(keys=self._keys(), args=[repr(bans_before), repr(failures_before)])
+        )
+
+    # -- guesses in flight (guard/inflight.py) ---------------------------------------------
+
+    def _k_fails(self, ip: str) -> str:
+        return f"{self._prefix}pinfail:{ip}"
+
+    def _k_inflight(self, res: Reservation) -> list[str]:
+        return [f"{self._prefix}inflight:ip:{res.ip}", f"{self._prefix}inflight:conf:{res.alias}"]
+
+    def _member(self, f: Failure) -> str:
+        # distinct_pins: one member per PIN hash (ZADD NX keeps its first time), else one per
+        # failure event.
+        return f.pin if self._distinct and f.pin else f"{f.origin}:{f.ts!r}:{f.pin}"
+
+    async def reserve(self, res: Reservation, lim: Limits, now: float) -> Admission | None:
+        self._client()
+        keys = [self._k_bans, *self._k_inflight(res), self._k_fails(res.ip)]
+        args = [
+            repr(now),
+            repr(lim.findtime),
+            lim.maxretry,
+            lim.per_address,
+            lim.per_conference,
+            res.id,
+            repr(res.expires),
+            res.ip,
+            prefix64(res.ip) or "",
+        ]
+        out = await self._call(self._reserve(keys=keys, args=args))
+        if out[0] == "ok":
+            return None
+        if out[0] == "banned":
+            return Admission("banned", max(1.0, float(out[1]) - now))
+        fails = sorted(float(x) for x in out[3:])
+        verdict = admit(lim, now, fails, int(out[1]), int(out[2]))
+        return verdict if verdict is not None else Admission("failures", 1.0)
+
+    async def settle(self, res: Reservation, failure: Failure | None) -> None:
+        self._client()
+        keys = [*self._k_inflight(res), self._k_fails(res.ip), self._k_events]
+        args: list[str | int] = [res.id, "0"]
+        if failure is not None:
+            f = failure
+            args = [res.id, "1", repr(f.ts), self._member(f), "1" if self._distinct else "0"]
+            args += [self._keep_ms, MAXLEN, repr(f.ts), f.kind, f.ip, f.alias, f.pin, f.origin]
+        await self._call(self._settle(keys=keys, args=args))
+
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
+        # The value carries the guard's expiry; the key's TTL (relative, so independent of
+        # the server's clock) only cleans up.
+        r = self._client()
+        px = max(1, int((expires - now) * 1000)) + 1000
+        await self._call(r.set(f"{self._prefix}session:{key}", f"{ip} {expires!r}", px=px))
+
+    async def session_known(self, key: str, ip: str, now: float) -> bool:
+        r = self._client()
+        value = await self._call(r.get(f"{self._prefix}session:{key}"))
+        if not isinstance(value, str):
+            return False
+        who, _, until = value.partition(" ")
+        try:
+            return who == ip and float(until) > now
+        except ValueError:
+            return False
 
 
 def _redact(url: str) -> str:

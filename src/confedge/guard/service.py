@@ -14,6 +14,13 @@ adapter moves events between them and the shared store in one background task pe
 When the store fails (Redis down, typically) the guard logs it once and carries on locally:
 counting, banning and check() never wait for the store. Queued failures are kept (bounded) and
 pushed when the store is back, together with the bans decided meanwhile.
+
+PIN guesses in flight (guard/inflight.py) are the one place where the proxy waits for the
+store: `reserve_pin` asks it, in one atomic step shared by every worker and instance, whether a
+request_token may go to a node, and `settle_pin` turns the answer into a failure (or nothing)
+in another. Both run as tasks and answer through a callback, so the proxy's protocol callbacks
+never block. While the store is unreachable the same rule runs on this worker's own counts and
+reservations (`InFlight`), like the rest of the guard.
 """
 
 from __future__ import annotations
@@ -25,12 +32,14 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from confedge.config import GuardConfig
 from confedge.guard.addresses import normalise_ip
 from confedge.guard.bantable import BanTable
 from confedge.guard.core import PIN, TURN, BanRecord, Failure, GuardCore
+from confedge.guard.inflight import Admission, InFlight, Limits, Reservation
 from confedge.guard.store import GuardStore, StoreError
 
 __all__ = ["Guard", "audit_ban", "audit_unban"]
@@ -110,6 +119,11 @@ class Guard:
         # Called (no arguments, must not block) whenever the active ban set may have changed:
         # a local ban or a reload from the store. host/banset.py mirrors bans into the kernel.
         self.observers: list[Callable[[], None]] = []
+        self._limits = Limits.of(cfg)
+        # Reservations this worker holds: id -> (reservation, taken locally in an outage).
+        self._tickets: dict[str, tuple[Reservation, bool]] = {}
+        self.local = InFlight()  # outage fallback, and a cache of sessions seen here
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- the hook (called from the proxy's and TURN's protocol callbacks) --------------------
 
@@ -127,22 +141,155 @@ class Guard:
         """TURN rejected a request whose MESSAGE-INTEGRITY did not verify."""
         self._record(client_ip, TURN, "", "")
 
-    def _record(self, client_ip: str, kind: str, alias: str, pin: str) -> None:
+    def _record(
+        self, client_ip: str, kind: str, alias: str, pin: str, *, queue: bool = True
+    ) -> Failure | None:
+        """Count a failure here at once; `queue` it for the store unless the caller writes it
+        (settle_pin does, atomically with its reservation)."""
         try:
             ip = normalise_ip(client_ip)
         except ValueError:
             log.debug("guard: ignoring a failure from unparsable address %r", client_ip)
-            return
+            return None
         if self.core.ignored(ip):
-            return
+            return None
         now = self._clock()
         f = Failure(now, kind, ip, alias, pin, self.origin)
+        if queue:
+            self._queue(f)
+        self._adopt(self.core.observe(f, now))
+        return f
+
+    def _queue(self, f: Failure) -> None:
         self._queued.append(f)
         if len(self._queued) > MAX_QUEUED:
             del self._queued[: len(self._queued) - MAX_QUEUED]
-        self._adopt(self.core.observe(f, now))
         if self._wake is not None:
             self._wake.set()
+
+    # -- guesses in flight and sessions (guard/inflight.py) ----------------------------------
+
+    def reserve_pin(
+        self, client_ip: str, alias: str, ttl: float, done: Callable[[str | None, float], None]
+    ) -> None:
+        """May this request_token go to a node? `done(ticket, 0)` if so (settle the ticket
+        with `settle_pin` when the node answers; "" means nothing to settle), else
+        `done(None, retry_after)`. `ttl`: the longest the proxy may wait for the answer; an
+        unsettled reservation lapses then. `done` may be called before this returns."""
+        try:
+            ip = normalise_ip(client_ip)
+        except ValueError:
+            done("", 0.0)
+            return
+        if self.core.ignored(ip):
+            done("", 0.0)  # never counted, so never limited
+            return
+        now = self._clock()
+        res = Reservation(secrets.token_hex(12), ip, alias.lower(), now + ttl)
+        self._spawn(self._reserve(res, now, done))
+
+    async def _reserve(
+        self, res: Reservation, now: float, done: Callable[[str | None, float], None]
+    ) -> None:
+        local = False
+        verdict: Admission | None
+        try:
+            verdict = await self.store.reserve(res, self._limits, now)
+        except StoreError as exc:
+            self._went_down(exc)
+            local = True
+            fails = self.core.pin_failures(res.ip, now)
+            verdict = self.local.reserve(self._limits, now, res, fails)
+        if verdict is None:
+            self._tickets[res.id] = (res, local)
+            done(res.id, 0.0)
+        else:
+            log.debug("guard: request_token from %s refused: %s", res.ip, verdict.reason)
+            done(None, verdict.retry_after)
+
+    def settle_pin(
+        self, ticket: str, client_ip: str, alias: str, pin: str | None, failed: bool
+    ) -> None:
+        """The node answered the request_token of `ticket`: `failed` if with 403 "Invalid
+        PIN" (that failure is counted here at once, and written to the store together with
+        the reservation's removal), otherwise the reservation is just released. Also the way
+        to give back a ticket whose request never went out (failed = False)."""
+        entry = self._tickets.pop(ticket, None) if ticket else None
+        in_store = entry is not None and not entry[1]
+        f = None
+        if failed:
+            f = self._record(client_ip, PIN, alias.lower(), self.hash_pin(pin), queue=not in_store)
+        if entry is None:
+            return
+        res = entry[0]
+        if not in_store:
+            self.local.release(res.id)
+            return
+        self._spawn(self._settle(res, f))
+
+    async def _settle(self, res: Reservation, f: Failure | None) -> None:
+        try:
+            await self.store.settle(res, f)
+        except StoreError as exc:
+            self._went_down(exc)
+            if f is not None:
+                self._queue(f)  # pushed when the store is back; the reservation lapses
+
+    def _session_key(self, token: str) -> str:
+        h = hashlib.blake2b(token.encode(), key=self._salt, digest_size=16, person=b"session")
+        return h.hexdigest()
+
+    def remember_session(self, client_ip: str, token: str, lifetime: float) -> None:
+        """A node issued `token` to `client_ip` (a 200 answer to request_token or
+        refresh_token), valid for `lifetime` seconds: while the address is banned, requests
+        carrying it still pass (see guard/inflight.py for why)."""
+        try:
+            ip = normalise_ip(client_ip)
+        except ValueError:
+            return
+        key = self._session_key(token)
+        now = self._clock()
+        self.local.remember(key, ip, now + lifetime)
+        self._spawn(self._remember(key, ip, now + lifetime, now))
+
+    async def _remember(self, key: str, ip: str, expires: float, now: float) -> None:
+        try:
+            await self.store.remember_session(key, ip, expires, now)
+        except StoreError as exc:
+            self._went_down(exc)
+
+    def session_known(self, client_ip: str, token: str, done: Callable[[bool], None]) -> None:
+        """`done(True)` if a node issued `token` to `client_ip` and it has not expired (from
+        any worker or instance sharing the store). May call `done` before returning."""
+        try:
+            ip = normalise_ip(client_ip)
+        except ValueError:
+            done(False)
+            return
+        key = self._session_key(token)
+        now = self._clock()
+        if self.local.known(key, ip, now):
+            done(True)
+            return
+        self._spawn(self._known(key, ip, now, done))
+
+    async def _known(self, key: str, ip: str, now: float, done: Callable[[bool], None]) -> None:
+        try:
+            ok = await self.store.session_known(key, ip, now)
+        except StoreError as exc:
+            self._went_down(exc)
+            ok = False  # what this worker has not seen, it cannot vouch for
+        done(ok)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("guard: in-flight accounting failed", exc_info=task.exception())
 
     def _adopt(self, bans: list[BanRecord]) -> None:
         for rec in bans:
@@ -187,6 +334,8 @@ class Guard:
         self._task = asyncio.create_task(self._run(), name="guard-sync")
 
     async def close(self) -> None:
+        if self._tasks:  # settlements still on their way to the store
+            await asyncio.wait(set(self._tasks), timeout=2.0)
         self._closing = True
         task, self._task = self._task, None
         if task is not None:
@@ -214,7 +363,8 @@ class Guard:
             if now - self._last_purge >= PURGE_EVERY:
                 self._last_purge = now
                 self.core.purge(now)
-                await self.store.purge(now - self.cfg.findtime, now - self.cfg.ban_memory)
+                self._purge_inflight(now)
+                await self.store.purge(now - self.cfg.findtime, now - self.cfg.ban_memory, now=now)
         except StoreError as exc:
             self._went_down(exc)
             self._connected = False
@@ -227,6 +377,7 @@ class Guard:
             if now - self._last_purge >= PURGE_EVERY:
                 self._last_purge = now
                 self.core.purge(now)
+                self._purge_inflight(now)
                 self._prune_table(now)
         else:
             if self._down:
@@ -329,6 +480,11 @@ class Guard:
         if len(self._expiry_done) > 4 * len(self.core.bans) + 1000:
             live = {(r.source, r.created) for r in self.core.bans.values()}
             self._expiry_done &= live
+
+    def _purge_inflight(self, now: float) -> None:
+        self.local.purge(now)
+        for rid in [k for k, (r, _) in self._tickets.items() if r.expires <= now]:
+            del self._tickets[rid]  # never settled (the exchange died): lapsed in the store
 
     def _prune_table(self, now: float) -> None:
         self.table.rebuild(self.core.active(now), now)

@@ -20,7 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from confedge.guard.core import BanRecord, Failure
+from confedge.guard.addresses import prefix64
+from confedge.guard.core import PIN, BanRecord, Failure
+from confedge.guard.inflight import Admission, Limits, Reservation, admit, counted
 from confedge.guard.store import Poll, StoreError, StoreOpenError, ensure_state_dir
 
 __all__ = ["SQLiteStore"]
@@ -47,6 +49,14 @@ CREATE TABLE IF NOT EXISTS bans (
     source TEXT PRIMARY KEY, created REAL NOT NULL, expires REAL NOT NULL,
     count INTEGER NOT NULL, failures INTEGER NOT NULL, reason TEXT NOT NULL,
     logged INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS failures_ip ON failures(ip, ts);
+CREATE TABLE IF NOT EXISTS inflight (
+    id TEXT PRIMARY KEY, ip TEXT NOT NULL, alias TEXT NOT NULL, expires REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS inflight_ip ON inflight(ip);
+CREATE INDEX IF NOT EXISTS inflight_alias ON inflight(alias);
+CREATE INDEX IF NOT EXISTS inflight_expires ON inflight(expires);
+CREATE TABLE IF NOT EXISTS sessions (
+    k TEXT PRIMARY KEY, ip TEXT NOT NULL, expires REAL NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('schema', '1');
 INSERT OR IGNORE INTO meta VALUES ('bans_version', '0');
 """
@@ -183,10 +193,7 @@ class SQLiteStore:
             applied: list[BanRecord] = []
             db.execute("BEGIN IMMEDIATE")
             try:
-                db.executemany(
-                    "INSERT INTO failures (ts, kind, ip, alias, pin, origin) VALUES (?,?,?,?,?,?)",
-                    [(f.ts, f.kind, f.ip, f.alias, f.pin, f.origin) for f in failures],
-                )
+                _append(db, failures)
                 sql = _UPSERT if force else _INSERT_UNLESS_ACTIVE
                 for r in bans:
                     cur = db.execute(
@@ -263,6 +270,8 @@ class SQLiteStore:
             found = row.fetchone()
             if found is not None:
                 _bump(db)
+            # Forget the failures the lifted ban paid for (store.GuardStore.remove).
+            db.execute("DELETE FROM failures WHERE ip = ?", (source,))
             db.execute("COMMIT")
             return None if found is None else _rec(found)
 
@@ -283,16 +292,106 @@ class SQLiteStore:
 
         return await self._run(op)
 
-    async def purge(self, failures_before: float, bans_before: float) -> None:
+    async def purge(
+        self, failures_before: float, bans_before: float, *, now: float | None = None
+    ) -> None:
         def op(db: sqlite3.Connection) -> None:
             db.execute("BEGIN IMMEDIATE")
             db.execute("DELETE FROM failures WHERE ts < ?", (failures_before,))
-            cur = db.execute("DELETE FROM bans WHERE expires < ?", (bans_before,))
+            cur = db.execute(
+                "DELETE FROM bans WHERE expires < ? AND created < ?",
+                (bans_before, failures_before),
+            )
             if cur.rowcount:
                 _bump(db)
+            if now is not None:
+                db.execute("DELETE FROM inflight WHERE expires <= ?", (now,))
+                db.execute("DELETE FROM sessions WHERE expires <= ?", (now,))
             db.execute("COMMIT")
 
         await self._run(op)
+
+    # -- guesses in flight (guard/inflight.py) ---------------------------------------------
+
+    async def reserve(self, res: Reservation, lim: Limits, now: float) -> Admission | None:
+        """BEGIN IMMEDIATE takes the database's write lock before the first read, so the
+        count and the insert are one step for every process on the host: a second worker's
+        reserve waits (busy_timeout) and then sees this reservation."""
+
+        return await self._run(_immediate(lambda db: _reserve(db, res, lim, now)))
+
+    async def settle(self, res: Reservation, failure: Failure | None) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("DELETE FROM inflight WHERE id = ?", (res.id,))
+            _append(db, [] if failure is None else [failure])
+
+        await self._run(_immediate(op))
+
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?)", (key, ip, expires))
+
+        await self._run(op)
+
+    async def session_known(self, key: str, ip: str, now: float) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            row = db.execute(
+                "SELECT 1 FROM sessions WHERE k = ? AND ip = ? AND expires > ?", (key, ip, now)
+            ).fetchone()
+            return row is not None
+
+        return await self._run(op)
+
+
+def _immediate(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`fn` as one write transaction, its lock taken before its first read."""
+
+    def op(db: sqlite3.Connection) -> T:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            out = fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return out
+
+    return op
+
+
+def _append(db: sqlite3.Connection, failures: list[Failure]) -> None:
+    db.executemany(
+        "INSERT INTO failures (ts, kind, ip, alias, pin, origin) VALUES (?,?,?,?,?,?)",
+        [(f.ts, f.kind, f.ip, f.alias, f.pin, f.origin) for f in failures],
+    )
+
+
+def _reserve(db: sqlite3.Connection, res: Reservation, lim: Limits, now: float) -> Admission | None:
+    """The body of SQLiteStore.reserve, inside its transaction."""
+    db.execute("DELETE FROM inflight WHERE expires <= ?", (now,))
+    since = now - lim.findtime
+    for src in (res.ip, prefix64(res.ip)):
+        if src is None:
+            continue
+        row = db.execute("SELECT created, expires FROM bans WHERE source = ?", (src,)).fetchone()
+        if row is None:
+            continue
+        if row[1] > now:  # banned by another worker a moment ago (not yet in our table)
+            return Admission("banned", max(1.0, row[1] - now))
+        if src == res.ip:
+            since = max(since, row[0])  # failures before the last ban are paid for
+    rows = db.execute(
+        "SELECT ts, pin FROM failures WHERE ip = ? AND kind = ? AND ts > ?", (res.ip, PIN, since)
+    ).fetchall()
+    at_ip = db.execute("SELECT COUNT(*) FROM inflight WHERE ip = ?", (res.ip,)).fetchone()[0]
+    conf = db.execute("SELECT COUNT(*) FROM inflight WHERE alias = ?", (res.alias,))
+    at_conf = conf.fetchone()[0]
+    verdict = admit(lim, now, counted(rows, lim.distinct_pins), at_ip, at_conf)
+    if verdict is None:
+        db.execute(
+            "INSERT INTO inflight VALUES (?, ?, ?, ?)", (res.id, res.ip, res.alias, res.expires)
+        )
+    return verdict
 
 
 _UPSERT = """

@@ -8,6 +8,12 @@ version (cheap) and reload the table only when it moved. Inserting a ban is cond
 source already has an active ban the insert is dropped, so two workers that cross the threshold
 on the same event produce one ban, one audit line and one escalation step.
 
+PIN guesses in flight (guard/inflight.py) need more than a log: a request_token is admitted
+or refused by *one atomic step* of the store (`reserve`: count the address's failures and live
+reservations, decide with `inflight.admit`, insert the reservation), so that no two workers or
+instances can both take the last slot; `settle` removes a reservation and appends its failure
+in one step too. The same stores remember the sessions nodes opened (`remember_session`).
+
 Three implementations: `MemoryStore` (one process; tests), `SQLiteStore` (default; shared by the
 workers of one host, survives restarts) and `RedisStore` (shared by several hosts).
 """
@@ -21,7 +27,9 @@ from pathlib import Path
 from typing import Protocol
 
 from confedge.config import Config
-from confedge.guard.core import BanRecord, Failure
+from confedge.guard.addresses import prefix64
+from confedge.guard.core import PIN, BanRecord, Failure
+from confedge.guard.inflight import Admission, InFlight, Limits, Reservation, counted
 
 __all__ = ["GuardStore", "MemoryStore", "Poll", "StoreError", "StoreOpenError", "open_store"]
 
@@ -88,9 +96,30 @@ class GuardStore(Protocol):
         """Remove every ban (and the failure log); return how many bans were active."""
         ...
 
-    async def purge(self, failures_before: float, bans_before: float) -> None:
-        """Drop failures older than the window and bans expired before the memory horizon."""
+    async def purge(
+        self, failures_before: float, bans_before: float, *, now: float | None = None
+    ) -> None:
+        """Drop failures older than the window, bans expired before the memory horizon (but
+        not before their failures left the window: a ban's creation says which failures it
+        paid for) and, given `now`, reservations and sessions past their expiry."""
         ...
+
+    async def reserve(self, res: Reservation, lim: Limits, now: float) -> Admission | None:
+        """Atomically: refuse if res.ip (or its /64) is banned, else count res.ip's failures
+        since max(now - findtime, its last ban's creation) and the live reservations of
+        res.ip and res.alias, decide with `inflight.admit`, and insert `res` if admitted."""
+        ...
+
+    async def settle(self, res: Reservation, failure: Failure | None) -> None:
+        """Atomically remove the reservation and append `failure` (the node said Invalid PIN)
+        to the log. An already expired reservation is fine: the failure is appended anyway."""
+        ...
+
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
+        """A node issued a token (salted hash `key`) to `ip`, valid until `expires`."""
+        ...
+
+    async def session_known(self, key: str, ip: str, now: float) -> bool: ...
 
 
 @dataclass
@@ -104,6 +133,7 @@ class MemoryStore:
     logged: set[str] = field(default_factory=set)
     version: int = 0
     next_id: int = 1
+    inflight: InFlight = field(default_factory=InFlight)
     _salt: bytes = field(default_factory=lambda: secrets.token_bytes(16))
     down: bool = False  # tests flip this to simulate an unreachable store
 
@@ -169,6 +199,9 @@ class MemoryStore:
         rec = self.bans.pop(source, None)
         if rec is not None:
             self.version += 1
+        # Lifting a ban forgets the source's failures too, or the next request_token would be
+        # refused for the failures the lifted ban had paid for.
+        self.failures = [(i, f) for i, f in self.failures if f.ip != source]
         return rec
 
     async def clear(self) -> int:
@@ -179,12 +212,48 @@ class MemoryStore:
         self.version += 1
         return n
 
-    async def purge(self, failures_before: float, bans_before: float) -> None:
+    async def purge(
+        self, failures_before: float, bans_before: float, *, now: float | None = None
+    ) -> None:
         self._up()
         self.failures = [(i, f) for i, f in self.failures if f.ts >= failures_before]
-        for s in [s for s, r in self.bans.items() if r.expires < bans_before]:
-            del self.bans[s]
-            self.logged.discard(s)
+        for s, r in list(self.bans.items()):
+            if r.expires < bans_before and r.created < failures_before:
+                del self.bans[s]
+                self.logged.discard(s)
+        if now is not None:
+            self.inflight.purge(now)
+
+    async def reserve(self, res: Reservation, lim: Limits, now: float) -> Admission | None:
+        self._up()
+        since = now - lim.findtime
+        for src in (res.ip, prefix64(res.ip)):
+            rec = self.bans.get(src) if src is not None else None
+            if rec is not None and rec.expires > now:
+                return Admission("banned", max(1.0, rec.expires - now))
+            if rec is not None and src == res.ip:
+                since = max(since, rec.created)
+        rows = [
+            (f.ts, f.pin)
+            for _, f in self.failures
+            if f.kind == PIN and f.ip == res.ip and f.ts > since
+        ]
+        return self.inflight.reserve(lim, now, res, counted(rows, lim.distinct_pins))
+
+    async def settle(self, res: Reservation, failure: Failure | None) -> None:
+        self._up()
+        self.inflight.release(res.id)
+        if failure is not None:
+            self.failures.append((self.next_id, failure))
+            self.next_id += 1
+
+    async def remember_session(self, key: str, ip: str, expires: float, now: float) -> None:
+        self._up()
+        self.inflight.remember(key, ip, expires)
+
+    async def session_known(self, key: str, ip: str, now: float) -> bool:
+        self._up()
+        return self.inflight.known(key, ip, now)
 
 
 def sqlite_path(cfg: Config) -> Path:
@@ -202,7 +271,7 @@ def open_store(cfg: Config) -> GuardStore:
         return SQLiteStore(sqlite_path(cfg))
     from confedge.guard.redis_store import RedisStore
 
-    return RedisStore(kind)
+    return RedisStore(kind, findtime=cfg.guard.findtime, distinct_pins=cfg.guard.distinct_pins)
 
 
 def ensure_state_dir(path: Path) -> None:

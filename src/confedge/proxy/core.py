@@ -80,6 +80,19 @@ class GuardHook(Protocol):
 
     def record_pin_failure(self, client_ip: str, alias: str, pin: str | None) -> None: ...
 
+    # PIN guesses in flight and admitted participants (confedge.guard.hook, docs/GUARD.md).
+    def reserve_pin(
+        self, client_ip: str, alias: str, ttl: float, done: Callable[[str | None, float], None]
+    ) -> None: ...
+
+    def settle_pin(
+        self, ticket: str, client_ip: str, alias: str, pin: str | None, failed: bool
+    ) -> None: ...
+
+    def remember_session(self, client_ip: str, token: str, lifetime: float) -> None: ...
+
+    def session_known(self, client_ip: str, token: str, done: Callable[[bool], None]) -> None: ...
+
 
 class AccessLogSink(Protocol):
     """Receives one finished request (confedge.proxy.accesslog.AccessLog fits)."""

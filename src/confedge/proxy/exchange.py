@@ -19,6 +19,7 @@ import math
 from typing import TYPE_CHECKING
 
 from confedge.guard.addresses import in_networks
+from confedge.guard.inflight import issued_token, session_token, token_call
 from confedge.proxy.pages import status_line
 from confedge.proxy.request import pin_alias
 
@@ -126,6 +127,7 @@ class Exchange:
 
     __slots__ = (
         "addrs",
+        "banned",
         "chunked_out",
         "client",
         "client_ip",
@@ -147,7 +149,9 @@ class Exchange:
         "static_length",
         "status",
         "statuses",
+        "ticket",
         "times",
+        "token_call",
         "tried",
         "until_close",
         "up",
@@ -184,6 +188,11 @@ class Exchange:
         self.head_out: bytes | None = None
         self.pin_alias: str | None = None
         self.pin_buf: bytearray | None = None
+        # Guard: seconds of ban left when a banned address sent a token-bearing request; the
+        # in-flight reservation of a request_token; a call whose 200 answer issues a token.
+        self.banned: float | None = None
+        self.ticket: str | None = None
+        self.token_call = False
         self.connect_timeout = 0.0
         self.until_close = False
         self.waiting_body = False
@@ -197,7 +206,7 @@ class Exchange:
         client = self.client
         # Without trusted_proxies (the usual case) in_networks answers False at once.
         trusted = in_networks(client.peer, client.core.trusted)
-        if self.pin_alias is None:
+        if self.pin_alias is None and not self.token_call:
             drop = _REQ_DROP if trusted else _REQ_DROP_UNTRUSTED
         else:
             drop = _REQ_DROP_PIN if trusted else _REQ_DROP_PIN_UNTRUSTED
@@ -231,6 +240,17 @@ class Exchange:
         """Send the request to the next node, or answer the error page when none is left."""
         client = self.client
         core = client.core
+        if not self.head:
+            path = self.req.target
+            self.connect_timeout = (
+                core.api_connect_timeout if path.startswith("/api") else core.connect_timeout
+            )
+            if self.req.method == b"POST" and core.guard is not None and "_token" in path.lower():
+                self.pin_alias = pin_alias(path)
+                self.token_call = token_call(path) is not None
+            self.head = self._build_head()  # after pin_alias: it drops Accept-Encoding then
+            if core.guard is not None and self._ask_guard(path):
+                return  # the guard answers first: _session_checked / _admitted call us again
         if self.seek_session:
             i = core.balancer.pick_serving(self.client_ip, self.tried)
         else:
@@ -240,22 +260,11 @@ class Exchange:
                 status = 504 if self.statuses and self.statuses[-1] == "504" else 502
             else:
                 status = 503
+                self._settle(False)  # nothing went out: give the reservation back
             self.dead = True
             client.exchange = None
             client.local_response(self.req, status, retry_page=True, ex=self)
             return
-        if not self.head:
-            path = self.req.target
-            self.connect_timeout = (
-                core.api_connect_timeout if path.startswith("/api") else core.connect_timeout
-            )
-            if (
-                self.req.method == b"POST"
-                and core.guard is not None
-                and "request_token" in path.lower()
-            ):
-                self.pin_alias = pin_alias(path)
-            self.head = self._build_head()  # after pin_alias: it drops Accept-Encoding then
         self.tried |= 1 << i
         self.node = i
         core.balancer.active[i] += 1
@@ -267,6 +276,68 @@ class Exchange:
             self.upstream_ready(conn)
         else:
             pool.connect(self, self.connect_timeout)
+
+    # -- guard (docs/GUARD.md "Guesses in flight", confedge.guard.inflight) ---------------------
+
+    def _ask_guard(self, path: str) -> bool:
+        """Before anything goes to a node: a banned address passes only with a token a node
+        issued to it (and never for request_token, which is a guess whatever it carries); a
+        request_token needs a reservation. True when the guard's answer is awaited."""
+        core = self.client.core
+        guard = core.guard
+        assert guard is not None
+        if self.banned is not None:
+            token = session_token(self.req.headers, self.req.url)
+            if token is None or pin_alias(path) is not None:
+                self._refuse(guard.ban_status, self.banned)
+            else:
+                guard.session_known(self.client_ip, token, self._session_checked)
+            return True
+        if self.pin_alias is not None:
+            # The longest the proxy may wait for the answer (every node tried once): an
+            # unanswered reservation lapses no earlier, so a late answer is still counted.
+            ttl = len(core.pools) * (core.api_connect_timeout + core.read_timeout)
+            guard.reserve_pin(self.client_ip, self.pin_alias, ttl, self._admitted)
+            return True
+        return False
+
+    def _session_checked(self, known: bool) -> None:
+        if self.dead:
+            return
+        guard = self.client.core.guard
+        assert guard is not None and self.banned is not None
+        if not known:
+            self._refuse(guard.ban_status, self.banned)
+            return
+        self.banned = None
+        self.attempt()
+
+    def _admitted(self, ticket: str | None, retry_after: float) -> None:
+        self.ticket = ticket
+        if self.dead or self.client.transport is None:
+            self._settle(False)  # the client left while we asked
+            return
+        if ticket is None:
+            self._refuse(429, retry_after)
+            return
+        self.attempt()
+
+    def _refuse(self, status: int, retry_after: float) -> None:
+        self.dead = True
+        client = self.client
+        client.exchange = None
+        extra = b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after))
+        client.local_response(self.req, status, extra=extra, ex=self)
+
+    def _settle(self, failed: bool) -> None:
+        """Hand the reservation back to the guard: answered (`failed`: Invalid PIN), or never
+        sent. Unanswered reservations are left to lapse (guard.inflight)."""
+        ticket, self.ticket = self.ticket, None
+        guard = self.client.core.guard
+        if ticket is None or guard is None:
+            return
+        pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
+        guard.settle_pin(ticket, self.client_ip, self.pin_alias or "", pin, failed)
 
     def upstream_ready(self, conn: UpstreamConnection) -> None:
         core = self.client.core
@@ -544,7 +615,7 @@ class Exchange:
         if self.sse:
             conn.timeout = 0.0
             conn.deadline = core.loop.time() + core.sse_lifetime
-        if self.pin_alias is not None and status == 403:
+        if (self.pin_alias is not None and status == 403) or (self.token_call and status == 200):
             self.pin_buf = bytearray()
         if self.head_only:
             # httptools cannot be told a response answers HEAD, so it would wait for a body
@@ -626,22 +697,31 @@ class Exchange:
             conn.pool.release(conn)
         else:
             conn.close()
-        if self.pin_buf is not None:
+        if self.pin_buf is not None or self.ticket is not None:
             self._check_pin()
         self.dead = True
         core.log_exchange(self)
         client.finished(self, close=self.close_after)
 
     def _check_pin(self) -> None:
-        """Guard API: a 403 "Invalid PIN" on request_token is a PIN failure (SPEC §4)."""
+        """Guard API: a 403 "Invalid PIN" on request_token is a PIN failure (SPEC §4); a 200
+        to request_token/refresh_token issues a token the guard remembers; either way the
+        answer settles the request's reservation."""
         guard = self.client.core.guard
-        if guard is None or self.pin_alias is None or self.pin_buf is None:
-            return
-        try:
-            result = json.loads(bytes(self.pin_buf)).get("result")
-        except (ValueError, AttributeError):
-            return
-        if result == "Invalid PIN":
+        body = bytes(self.pin_buf) if self.pin_buf is not None else b""
+        failed = False
+        if guard is not None and self.status == 403 and self.pin_alias is not None:
+            try:
+                failed = json.loads(body).get("result") == "Invalid PIN"
+            except (ValueError, AttributeError, RecursionError):
+                failed = False
+        elif guard is not None and self.status == 200 and self.token_call:
+            issued = issued_token(body)
+            if issued is not None:
+                guard.remember_session(self.client_ip, *issued)
+        if self.ticket is not None:
+            self._settle(failed)
+        elif failed and guard is not None and self.pin_alias is not None:
             pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
             guard.record_pin_failure(self.client_ip, self.pin_alias, pin)
 

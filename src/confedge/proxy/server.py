@@ -443,21 +443,25 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.deadline = _INF
         client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
         guard = core.guard
+        banned: float | None = None
         if guard is not None:
-            remaining = guard.check(client_ip)
-            if remaining is not None:
-                retry = b"Retry-After: %d\r\n" % max(1, math.ceil(remaining))
+            banned = guard.check(client_ip)
+            if banned is not None and not (req.session or b"token=" in req.url):
+                retry = b"Retry-After: %d\r\n" % max(1, math.ceil(banned))
                 self.local_response(req, guard.ban_status, extra=retry)
                 return
+            # A banned address's token-bearing request may be an admitted participant's: the
+            # exchange asks the guard before it goes anywhere (Exchange.attempt).
         path = req.target
         static = core.static
-        if static is not None and static.match(path.partition("?")[0]):
+        if banned is None and static is not None and static.match(path.partition("?")[0]):
             self._serve_static(req)
             return
         if core.allowlist and not path_allowed(path, core.allowlist):
             self.local_response(req, 404)
             return
         ex = Exchange(self, req, client_ip)
+        ex.banned = banned
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
             core.send(self.transport, _CONTINUE)  # type: ignore[arg-type]  # RFC 9110 §10.1.1
