@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(sp)
     sub.add_parser("nodesim", help="run a simulated conferencing node", add_help=False)
+    from confedge.setup.command import register as register_setup
+
+    register_setup(sub)  # setup, import-reference
     return p
 
 
@@ -172,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
+    if args.command in ("setup", "import-reference"):
+        from confedge.setup.command import import_reference_command, setup_command
+
+        handlers |= {"setup": setup_command, "import-reference": import_reference_command}
     return handlers[args.command](args)
 
 
