@@ -414,7 +414,11 @@ def initial_state(doc_get: Callable[[str], Any], host: list[HostAddress]) -> Sta
     for q in QUESTIONS[1:]:
         section, name = q.key.split(".")
         current = doc_get(q.key)
-        values[q.key] = getattr(getattr(defaults, section), name) if current is None else current
+        if current is None:
+            current = getattr(getattr(defaults, section), name)
+            if isinstance(current, float) and current.is_integer():
+                current = int(current)  # offered and written as 300, not 300.0
+        values[q.key] = current
     values["interfaces"] = 2 if values["server.external_address"] else 1
     return State(values, host)
 

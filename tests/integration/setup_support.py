@@ -1,0 +1,242 @@
+"""What the setup tests share: the real `confedge` console script, a wizard driven on a pty, a
+recording conferencing node, `confedge run` on loopback, and a blocking TURN client.
+
+Everything is sync and subprocess-based, as an operator meets it: the wizard reads a terminal,
+the service is a process, the node and the TURN client are sockets.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import http.client
+import json
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pexpect
+
+from confedge.stun.attributes import decode_error_code, encode_requested_transport
+from confedge.stun.constants import Attr, Method, MsgClass
+from confedge.stun.integrity import long_term_key
+from confedge.stun.message import MessageBuilder, new_transaction_id, parse_message
+
+CONFEDGE = str(Path(sys.executable).parent / "confedge")
+GOOD_PIN = "1234"
+
+
+def confedge(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """The console script, as an operator runs it."""
+    return subprocess.run(
+        [CONFEDGE, *args], input=stdin, capture_output=True, text=True, timeout=60
+    )
+
+
+def drive_wizard(
+    config: Path, answers: list[tuple[str, str]], *, confirm: str = "y", timeout: float = 20
+) -> tuple[int, str]:
+    """Run `confedge setup` on a pty; answer each (text expected, line to send) in order.
+
+    Returns (exit code, transcript without terminal escapes). An expected text that is a
+    reason (a re-ask) is answered by the next pair, so a list can say "expect the reason, then
+    the question again".
+    """
+    child = pexpect.spawn(
+        CONFEDGE,
+        ["setup", "--config", str(config)],
+        encoding="utf-8",
+        timeout=timeout,
+        dimensions=(60, 200),
+        # A pty is not a terminal emulator: nothing answers prompt_toolkit's cursor-position
+        # request, which it would wait for (about a second per prompt), so it is not asked.
+        env={
+            "PATH": "/usr/bin:/bin",
+            "TERM": "xterm",
+            "HOME": str(config.parent),
+            "PROMPT_TOOLKIT_NO_CPR": "1",
+        },
+    )
+    log: list[str] = []
+    try:
+        for expected, line in answers:
+            child.expect_exact(expected)
+            log.append(child.before + child.after)
+            if line is not None:
+                child.sendline(line)
+        child.expect_exact("? [Y/n]:")
+        log.append(child.before + child.after)
+        child.sendline(confirm)
+        child.expect(pexpect.EOF)
+        log.append(child.before)
+    finally:
+        child.close()
+    text = "".join(log)
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", text).replace("\r", "")
+    return int(child.exitstatus if child.exitstatus is not None else -1), text
+
+
+class _NodeHandler(BaseHTTPRequestHandler):
+    server: RecordingNode
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def _answer(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        self.server.seen.append(("GET", self.path, self.headers.get("X-Real-IP", "")))
+        self._answer(200, {"status": "success", "result": "ok"})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.server.seen.append(("POST", self.path, self.headers.get("X-Real-IP", "")))
+        if self.path.endswith("/request_token"):
+            if self.headers.get("pin") == GOOD_PIN:
+                self._answer(200, {"status": "success", "result": {"token": "t"}})
+            else:
+                self._answer(403, {"status": "success", "result": "Invalid PIN"})
+            return
+        self._answer(200, {"status": "success", "result": True})
+
+
+class RecordingNode(ThreadingHTTPServer):
+    """A conferencing node on 127.0.0.1 (plain HTTP) that records what reached it and answers
+    request_token with the real node's 'Invalid PIN' for any PIN but GOOD_PIN."""
+
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _NodeHandler)
+        self.seen: list[tuple[str, str, str]] = []
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+@contextlib.contextmanager
+def recording_node() -> Iterator[RecordingNode]:
+    node = RecordingNode()
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+def _wait_tcp(port: int, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"confedge run exited: {proc.stderr.read() if proc.stderr else ''}"
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"port {port} never opened")
+
+
+@contextlib.contextmanager
+def running(config: Path, https_port: int) -> Iterator[subprocess.Popen[str]]:
+    """`confedge run --config FILE`, until its HTTPS port answers; stopped with SIGTERM."""
+    proc = subprocess.Popen(
+        [CONFEDGE, "run", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_tcp(https_port, proc)
+        time.sleep(0.3)  # TURN starts beside the proxy
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+
+
+def https(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> int:
+    """One request through the proxy; its status."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None, headers=headers or {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def rest_credential(secret: str, user: str = "browser") -> tuple[str, str]:
+    """The TURN REST API's time-limited credential (username expiry:user, HMAC-SHA1 password)."""
+    username = f"{int(time.time()) + 600}:{user}"
+    digest = hmac.new(secret.encode(), username.encode(), hashlib.sha1).digest()
+    return username, base64.b64encode(digest).decode()
+
+
+def turn_allocate(
+    port: int, *, source: str, username: str, password: str, realm: str
+) -> tuple[int, int] | None:
+    """One authenticated UDP Allocate from `source`: (message class, error code or 0), or None
+    when the server stays silent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        s.bind((source, 0))
+        b = MessageBuilder(Method.ALLOCATE, MsgClass.REQUEST, new_transaction_id())
+        b.add(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
+        s.sendto(b.build(fingerprint=True), ("127.0.0.1", port))
+        try:
+            challenge = parse_message(s.recv(2048))
+        except TimeoutError:
+            return None
+        nonce = challenge.get(Attr.NONCE)
+        if nonce is None:
+            err = challenge.get(Attr.ERROR_CODE)
+            return challenge.msg_class, decode_error_code(err)[0] if err else 0
+        b = MessageBuilder(Method.ALLOCATE, MsgClass.REQUEST, new_transaction_id())
+        b.add(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
+        b.add(Attr.USERNAME, username.encode())
+        b.add(Attr.REALM, realm.encode())
+        b.add(Attr.NONCE, nonce)
+        s.sendto(
+            b.build(key=long_term_key(username, realm, password), fingerprint=True),
+            ("127.0.0.1", port),
+        )
+        try:
+            answer = parse_message(s.recv(2048))
+        except TimeoutError:
+            return None
+        err = answer.get(Attr.ERROR_CODE)
+        return answer.msg_class, decode_error_code(err)[0] if err is not None else 0
