@@ -216,7 +216,7 @@ def test_two_nic_wizard_permissive_generated_secret_keeps_comments_and_runs(
                 ("Management networks (", ""),
                 ("guess conference PINs?", "yes"),
                 ("(maxretry) [10]", "x"),
-                ('! "x" is not a whole number (e.g. 300)', None),
+                ('! "x" is not a whole number (digits only)', None),
                 ("(maxretry) [10]", "5"),
                 ("(findtime) [300]", ""),
                 ("(bantime) [300]", "600"),

@@ -135,8 +135,8 @@ def convert(key: str, value: Any) -> Any:
                 return float(text)
             except ValueError:
                 pass
-        word = "a whole number" if kind == "int" else "a number"
-        raise AnswerError(key, f"{fmt(value)} is not {word} (e.g. 300)")
+        word = "a whole number (digits only)" if kind == "int" else "a number (e.g. 300 or 0.5)"
+        raise AnswerError(key, f"{fmt(value)} is not {word}")
     if kind == "list":
         return split_list(text)
     if kind == "optional" and not text:
