@@ -25,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pexpect
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 
 from confedge.stun.attributes import decode_error_code, encode_requested_transport
 from confedge.stun.constants import Attr, Method, MsgClass
@@ -40,6 +42,25 @@ def confedge(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
     return subprocess.run(
         [CONFEDGE, *args], input=stdin, capture_output=True, text=True, timeout=60
     )
+
+
+def on_loopback(state: Path, **more: str) -> tuple[int, int, list[str]]:
+    """`--set` flags that move the listeners to free loopback ports (keys the wizard does not
+    ask); returns (HTTPS port, TURN port, flags)."""
+    from ports import ephemeral_port, free_port
+
+    https_port, turn_port = ephemeral_port(), free_port(45100, 45200, udp=True)
+    settings = {
+        "server.state_dir": str(state),
+        "proxy.https_port": str(https_port),
+        "proxy.http_port": "0",
+        "proxy.workers": "1",
+        "turn.port": str(turn_port),
+        "management.enabled": "false",
+        **more,
+    }
+    flags = [arg for k, v in settings.items() for arg in ("--set", f"{k}={v}")]
+    return https_port, turn_port, flags
 
 
 def drive_wizard(
@@ -184,17 +205,27 @@ def running(config: Path, https_port: int) -> Iterator[subprocess.Popen[str]]:
             proc.communicate()
 
 
-def https(port: int, method: str, path: str, headers: dict[str, str] | None = None) -> int:
-    """One request through the proxy; its status."""
+def https(
+    port: int, method: str, path: str, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], str]:
+    """One request through the proxy: (status, headers lower-cased, served certificate's CN)."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
     try:
         conn.request(method, path, body=b"" if method == "POST" else None, headers=headers or {})
+        assert conn.sock is not None
+        der = conn.sock.getpeercert(binary_form=True)
         resp = conn.getresponse()
         resp.read()
-        return resp.status
+        assert der is not None
+        cn = (
+            x509.load_der_x509_certificate(der)
+            .subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0]
+            .value
+        )
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, str(cn)
     finally:
         conn.close()
 

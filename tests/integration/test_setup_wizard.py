@@ -13,6 +13,7 @@ from setup_support import (
     confedge,
     drive_wizard,
     https,
+    on_loopback,
     recording_node,
     rest_credential,
     running,
@@ -48,30 +49,15 @@ ONE_NIC_PROMPTS = [
 
 def _ports_for_run(config: Path, state: Path) -> int:
     """Move the listeners to free loopback ports (keys the wizard does not ask): `--set`."""
-    https_port = ephemeral_port()
-    result = confedge(
-        "setup",
-        "--config",
-        str(config),
-        "--set",
-        f"proxy.https_port={https_port}",
-        "--set",
-        "proxy.http_port=0",
-        "--set",
-        "proxy.workers=1",
-        "--set",
-        f"turn.port={free_port(45100, 45200, udp=True)}",
-        "--set",
-        "turn.tls_port=0",
-        "--set",
-        "turn.relay_ports=45200-45299",
-        "--set",
-        "turn.allowed_peers=127.0.0.1",
-        "--set",
-        "management.enabled=false",
-        "--set",
-        f"server.state_dir={state}",
+    https_port, _, flags = on_loopback(
+        state,
+        **{
+            "turn.tls_port": "0",
+            "turn.relay_ports": "45200-45299",
+            "turn.allowed_peers": "127.0.0.1",
+        },
     )
+    result = confedge("setup", "--config", str(config), *flags)
     assert result.returncode == 0, result.stderr
     return https_port
 
@@ -142,7 +128,8 @@ def test_one_nic_wizard_bad_address_generated_password_rerun_and_run(tmp_path: P
         https_port = _ports_for_run(config, tmp_path / "state")
         with running(config, https_port):
             assert (
-                https(https_port, "GET", "/api/client/v2/conferences/meet/conference_status") == 200
+                https(https_port, "GET", "/api/client/v2/conferences/meet/conference_status")[0]
+                == 200
             )
             assert any(p.endswith("/conference_status") for _, p, _ in node.seen)
             turn_port = tomllib.loads(config.read_text())["turn"]["port"]
@@ -273,7 +260,7 @@ def test_two_nic_wizard_permissive_generated_secret_keeps_comments_and_runs(
         assert changed == [("maxretry = 5", "maxretry = 7")]
 
         with running(config, https_port):
-            assert https(https_port, "GET", "/api/client/v2/status") == 200
+            assert https(https_port, "GET", "/api/client/v2/status")[0] == 200
             username, password = rest_credential(secret)
             ok = turn_allocate(
                 turn_port,

@@ -245,6 +245,7 @@ def _turnserver(root: Path, out: Imported) -> None:
     allowed: list[Any] = []
     denied: list[Any] = []
     secrets: list[str] = []
+    secret_sources: list[str] = []
     users: list[tuple[str, str]] = []
     min_port, max_port = 49152, 65535
     flags: set[str] = set()
@@ -287,6 +288,7 @@ def _turnserver(root: Path, out: Imported) -> None:
                 denied += _ip_range(value)
             elif name == "static-auth-secret":
                 secrets.append(value)
+                secret_sources.append(where)
             elif name == "use-auth-secret":
                 flags.add(name)
             elif name == "user":
@@ -295,7 +297,10 @@ def _turnserver(root: Path, out: Imported) -> None:
             elif name == "no-tls":
                 out.put("turn.tls_port", 0, where + " (no TURN over TLS)")
             elif name == "userdb":
+                before = len(secrets)
                 _userdb(root, value, out, users, secrets)
+                if len(secrets) > before:
+                    secret_sources.append(f"{value}: turn_secret")
             elif name in builtin:
                 out.notes.append(f"{where}: {builtin[name]}")
             elif name in quiet or name.startswith(("proc-", "#")):
@@ -308,7 +313,7 @@ def _turnserver(root: Path, out: Imported) -> None:
     if secrets or "use-auth-secret" in flags:
         out.put("turn.mode", "permissive", f"{src}: use-auth-secret")
         if secrets:
-            out.put("turn.secrets", secrets, f"{src}: static-auth-secret")
+            out.put("turn.secrets", secrets, ", ".join(secret_sources))
     if users:
         user, password = users[0]
         out.put("turn.username", user, f"{src}: user=")
@@ -431,6 +436,9 @@ def read_reference(root: Path) -> Imported:
     if pem is not None:
         out.pem = pem
         out.read.append(_rel(root, pem))
+    external = out.values.get("server.external_address")
+    if external and external[0] == out.values.get("server.internal_address", (None,))[0]:
+        del out.values["server.external_address"]  # relay-ip = listening-ip: one interface
     if out.values.get("turn.mode", ("",))[0] == "permissive":
         out.values.pop("turn.media_nodes", None)  # the safelist is restricted mode's
     return out
@@ -456,8 +464,9 @@ def build_document(imported: Imported, root: Path) -> ConfigDocument:
         table = tomlkit.table()
         for key, (value, source) in keys:
             name = key.split(".")[1]
-            table.add(name, value)
-            table[name].comment(source)
+            item = tomlkit.item(value)
+            item.comment(source)
+            table.add(name, item)
         doc.add(tomlkit.nl())
         doc.add(section, table)
     return ConfigDocument(tomlkit.dumps(doc))
