@@ -426,7 +426,19 @@ def initial_state(doc_get: Callable[[str], Any], host: list[HostAddress]) -> Sta
 def host_defaults(state: State, doc_get: Callable[[str], Any], names: tuple[str, str]) -> None:
     """First run: defaults from the host instead of the model's loopback and localdomain."""
     if doc_get("server.internal_address") is None and state.host:
-        state.values["server.internal_address"] = state.host[0].address
+        # Private addresses face the nodes; a global one faces the Internet. Two interfaces
+        # with IPv4 addresses suggest the two-NIC layout (the reference counts NICs the same).
+        v4 = [
+            h for h in state.host if ":" not in h.address and not h.address.startswith("127.")
+        ]
+        private = [h for h in v4 if ipaddress.ip_address(h.address).is_private] or v4
+        internal = private[0] if private else state.host[0]
+        state.values["server.internal_address"] = internal.address
+        others = [h for h in v4 if h.interface != internal.interface]
+        if others and doc_get("server.external_address") is None:
+            public = [h for h in others if ipaddress.ip_address(h.address).is_global] or others
+            state.values["server.external_address"] = public[0].address
+            state.values["interfaces"] = 2
     if doc_get("server.hostname") is None:
         state.values["server.hostname"] = names[0]
     if doc_get("server.domain") is None:

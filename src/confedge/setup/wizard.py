@@ -37,7 +37,10 @@ class LinePrompter:
 
     def ask(self, message: str, choices: list[str], secret: bool) -> str:
         print(message, end="", flush=True)
-        line = self._read()
+        try:
+            line = self._read()
+        except KeyboardInterrupt:
+            line = ""
         if not line:
             print()
             raise Cancelled
