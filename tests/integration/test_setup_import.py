@@ -161,3 +161,26 @@ def test_dry_run_and_bad_directories(tmp_path: Path) -> None:
         result.stderr == 'confedge: turn.password: "" is empty; restricted TURN needs a password\n'
     )
     assert not config.exists()
+
+
+def test_an_installed_certificate_is_kept(tmp_path: Path) -> None:
+    """Importing over a configuration that names a certificate keeps that certificate."""
+    config = tmp_path / "confedge.toml"
+    config.write_text('[tls]\ncert = "/etc/confedge/own.pem"\n')
+    result = confedge(
+        "import-reference",
+        str(FIXTURES / "restricted"),
+        "--config",
+        str(config),
+        "--dry-run",
+        "--set",
+        f"server.state_dir={tmp_path / 'state'}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"etc/nginx/ssl/pexip.pem: {config} already names a certificate "
+        "(/etc/confedge/own.pem), which is kept; install the reference's with "
+        "`confedge cert install`\n" in result.stdout
+    )
+    assert 'cert = "/etc/confedge/own.pem"' in result.stdout
+    assert not (tmp_path / "state").exists()

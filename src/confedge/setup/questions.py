@@ -76,6 +76,10 @@ class Question:
     def default(self, state: State) -> Any:
         if self.key == "interfaces":
             return 2 if state["server.external_address"] else 1
+        if self.key == "server.external_address" and not state[self.key]:
+            internal = state["server.internal_address"]
+            others = [h.address for h in state.host if h.address != internal]
+            return others[0] if others else None
         if self.key == "turn.media_nodes" and not state[self.key]:
             return _node_hosts(state)  # the reference defaults media nodes to the signalling ones
         return state[self.key]
@@ -428,9 +432,7 @@ def host_defaults(state: State, doc_get: Callable[[str], Any], names: tuple[str,
     if doc_get("server.internal_address") is None and state.host:
         # Private addresses face the nodes; a global one faces the Internet. Two interfaces
         # with IPv4 addresses suggest the two-NIC layout (the reference counts NICs the same).
-        v4 = [
-            h for h in state.host if ":" not in h.address and not h.address.startswith("127.")
-        ]
+        v4 = [h for h in state.host if ":" not in h.address and not h.address.startswith("127.")]
         private = [h for h in v4 if ipaddress.ip_address(h.address).is_private] or v4
         internal = private[0] if private else state.host[0]
         state.values["server.internal_address"] = internal.address

@@ -499,15 +499,7 @@ def import_reference(args: argparse.Namespace) -> int:
             _err(line)
         return 2
     print(f"Read from {root}: " + ", ".join(imported.read))
-    pem_dest: Path | None = None
-    if imported.pem is not None:
-        state_dir = doc.get("server.state_dir") or "/var/lib/confedge"
-        pem_dest = Path(state_dir) / "tls" / "reference.pem"
-        doc.set("tls.cert", str(pem_dest))
-        print(
-            f"Certificate: {imported.pem} (key + certificate + chain) is copied to {pem_dest} "
-            "(mode 0600) and named by tls.cert"
-        )
+    pem_dest = _place_certificate(imported, doc, existing)
     for line in imported.notes:
         print(f"note: {line}")
     for line in imported.skipped:
@@ -517,6 +509,46 @@ def import_reference(args: argparse.Namespace) -> int:
         shutil.copyfile(imported.pem, pem_dest)
         pem_dest.chmod(0o600)
     return _finish(doc, path, args.dry_run)
+
+
+def _place_certificate(
+    imported: Imported, doc: ConfigDocument, existing: ConfigDocument | None
+) -> Path | None:
+    """Where the reference's PEM goes, or None when it must not be copied.
+
+    Setup never replaces an installed certificate unless asked (SPEC §5): a configuration that
+    already names one keeps it, and a different file already at the destination is not
+    overwritten; either way the reason is listed, with the command that does it on purpose."""
+    if imported.pem is None:
+        return None
+    if doc.get("tls.cert"):  # --set tls.cert=...: the operator chose
+        return None
+    installed = existing.get("tls.cert") if existing else None
+    if installed and existing:
+        doc.set("tls.cert", installed)
+        doc.set("tls.key", existing.get("tls.key"))
+        imported.skip(
+            str(imported.pem),
+            f"{existing.path} already names a certificate ({installed}), "
+            "which is kept; install the reference's with `confedge cert install`",
+        )
+        return None
+    state_dir = doc.get("server.state_dir") or "/var/lib/confedge"
+    dest = Path(state_dir) / "tls" / "reference.pem"
+    if dest.exists() and dest.read_bytes() != imported.pem.read_bytes():
+        imported.skip(
+            str(imported.pem),
+            f"{dest} exists and holds another certificate, which is not overwritten; remove "
+            "it first or install with `confedge cert install`",
+        )
+        doc.set("tls.cert", str(dest))
+        return None
+    doc.set("tls.cert", str(dest))
+    print(
+        f"Certificate: {imported.pem} (key + certificate + chain) is copied to {dest} "
+        "(mode 0600) and named by tls.cert"
+    )
+    return dest
 
 
 def _valid(doc: ConfigDocument) -> bool:

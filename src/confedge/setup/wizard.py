@@ -104,9 +104,10 @@ def ask_all(state: State, ask: Prompter, out: Callable[[str], None] = print) -> 
         choices = q.choices(state) if q.choices else []
         for n, (_, label) in enumerate(choices, 1):
             out(f"    {n}) {label}")
+        label = _default_label(q, default)
         while True:
             raw = ask.ask(
-                f"  {q.prompt} [{_default_label(q, default)}]: ",
+                f"  {q.prompt} [{label}]: " if label else f"  {q.prompt}: ",
                 [c[0] for c in choices],
                 q.secret,
             ).strip()
@@ -115,12 +116,9 @@ def ask_all(state: State, ask: Prompter, out: Callable[[str], None] = print) -> 
             if not raw:
                 if q.secret and not default:
                     raw = "generate"
-                elif (
-                    q.key != "interfaces"
-                    and default in (None, "", [])
-                    and q.key.endswith(("networks", "media_nodes"))
-                ):
-                    raw = "none"
+                elif default in (None, "", []):
+                    # An empty default is an answer too: its validator says whether it will do.
+                    raw = "none" if isinstance(default, list) else ""
                 else:
                     state.values[q.key] = default
                     break
