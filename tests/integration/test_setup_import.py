@@ -7,6 +7,7 @@ pointed at a recording node; every other value is the imported one."""
 
 from __future__ import annotations
 
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -112,17 +113,16 @@ def test_permissive_appliance(tmp_path: Path) -> None:
             assert sum(1 for _, p, _ in node.seen if p == TOKEN) == 6
 
 
+def _dry_import(config: Path, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    return confedge(
+        "import-reference", str(FIXTURES / "restricted"), "--config", str(config), "--dry-run",
+        "--set", f"server.state_dir={tmp_path / 'state'}",
+    )  # fmt: skip
+
+
 def test_dry_run_and_bad_directories(tmp_path: Path) -> None:
     config = tmp_path / "confedge.toml"
-    result = confedge(
-        "import-reference",
-        str(FIXTURES / "restricted"),
-        "--config",
-        str(config),
-        "--dry-run",
-        "--set",
-        f"server.state_dir={tmp_path / 'state'}",
-    )
+    result = _dry_import(config, tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'password = "****"' in result.stdout and "Fjord-Kettle-42" not in result.stdout
     assert not config.exists() and not (tmp_path / "state").exists()
@@ -167,15 +167,7 @@ def test_an_installed_certificate_is_kept(tmp_path: Path) -> None:
     """Importing over a configuration that names a certificate keeps that certificate."""
     config = tmp_path / "confedge.toml"
     config.write_text('[tls]\ncert = "/etc/confedge/own.pem"\n')
-    result = confedge(
-        "import-reference",
-        str(FIXTURES / "restricted"),
-        "--config",
-        str(config),
-        "--dry-run",
-        "--set",
-        f"server.state_dir={tmp_path / 'state'}",
-    )
+    result = _dry_import(config, tmp_path)
     assert result.returncode == 0, result.stderr
     assert (
         f"etc/nginx/ssl/pexip.pem: {config} already names a certificate "
