@@ -22,7 +22,7 @@ from .document import ConfigDocument, atomic_write
 from .host import host_addresses, host_names
 from .questions import QUESTIONS, State, by_key, host_defaults, initial_state
 from .values import AnswerError, check_key, convert
-from .wizard import Cancelled, apply_answers, ask_all, prompter, summary
+from .wizard import Cancelled, apply_answers, ask_all, prompter, summary, wrap
 
 __all__ = ["DEFAULT_CONFIG", "apply_settings", "register", "setup_command"]
 
@@ -196,7 +196,7 @@ def check_written(path: Path) -> int:
 
 def next_steps(cfg: Config, path: Path) -> list[str]:
     """What is left after the file: certificate, firewall openings, service."""
-    lines = ["", "Next steps:", f"  1. Certificate: {_tls_words(cfg)}."]
+    lines = ["", "Next steps:", wrap(f"1. Certificate: {_tls_words(cfg)}.", "  ", "     ")]
     opens: list[str] = []
     if cfg.proxy.enabled:
         opens.append(f"TCP {cfg.proxy.https_port} (HTTPS) from anywhere")
@@ -215,10 +215,16 @@ def next_steps(cfg: Config, path: Path) -> list[str]:
     if cfg.management.enabled:
         nets = ", ".join(cfg.management.networks) or "nobody"
         opens.append(f"TCP {cfg.management.port} (status, metrics) from {nets}")
-    lines.append("  2. Firewall: open " + "; ".join(opens) + " (docs/DEPLOY.md).")
     lines.append(
-        f"  3. Service: `confedge run --config {path}` (as a systemd service: docs/DEPLOY.md); "
-        f"re-run `confedge setup --config {path}` to change an answer."
+        wrap("2. Firewall: open " + "; ".join(opens) + " (docs/DEPLOY.md).", "  ", "     ")
+    )
+    lines.append(
+        wrap(
+            f"3. Service: `confedge run --config {path}` (as a systemd service: "
+            f"docs/DEPLOY.md); re-run `confedge setup --config {path}` to change an answer.",
+            "  ",
+            "     ",
+        )
     )
     return lines
 
@@ -294,7 +300,7 @@ def setup_command(args: argparse.Namespace) -> int:
             for line in exc.problems:
                 _err(line)
             return 2
-        print(f"Certificate: {_tls_words(cfg)}.")
+        print(wrap(f"Certificate: {_tls_words(cfg)}.", "", "  "))
         verb = "Print" if args.dry_run else "Write"
         answer = prompter().ask(f"{verb} {path}? [Y/n]: ", ["yes", "no"], False).strip()
     except Cancelled:

@@ -10,7 +10,9 @@ pressing Enter through the whole wizard changes nothing.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import textwrap
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -67,6 +69,14 @@ def prompter() -> Prompter:
     return LinePrompter()
 
 
+def wrap(text: str, indent: str, rest: str | None = None) -> str:
+    """`text` folded to the terminal's width (at most 100 columns), for help and advice."""
+    width = min(shutil.get_terminal_size((100, 24)).columns, 100)
+    return textwrap.fill(
+        text, width, initial_indent=indent, subsequent_indent=indent if rest is None else rest
+    )
+
+
 def _text(value: Any) -> str:
     """A value as the operator would type it back (lists comma-separated, booleans yes/no)."""
     if value is None:
@@ -100,7 +110,7 @@ def ask_all(state: State, ask: Prompter, out: Callable[[str], None] = print) -> 
         out("")
         out(f"[{i + 1}/{len(todo)}] {q.title}")
         if q.help:
-            out(f"  {q.help}")
+            out(wrap(q.help, "  "))
         choices = q.choices(state) if q.choices else []
         for n, (_, label) in enumerate(choices, 1):
             out(f"    {n}) {label}")
@@ -159,9 +169,13 @@ def summary(state: State, before: dict[str, Any], out: Callable[[str], None] = p
     out("-" * 72)
     if state.generated:
         out(
-            "WARNING: store the generated secret now (a password manager, the conferencing "
-            "platform's TURN settings); this screen is the only time it is shown. It is kept "
-            "in the configuration file (mode 0600)."
+            wrap(
+                "WARNING: store the generated secret now (a password manager, the conferencing "
+                "platform's TURN settings); this screen is the only time it is shown. It is "
+                "kept in the configuration file (mode 0600).",
+                "",
+                "         ",
+            )
         )
     return changed
 
