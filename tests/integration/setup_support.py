@@ -28,6 +28,7 @@ import pexpect
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from confedge.stun import decode_xor_address
 from confedge.stun.attributes import decode_error_code, encode_requested_transport
 from confedge.stun.constants import Attr, Method, MsgClass
 from confedge.stun.integrity import long_term_key
@@ -238,10 +239,16 @@ def rest_credential(secret: str, user: str = "browser") -> tuple[str, str]:
 
 
 def turn_allocate(
-    port: int, *, source: str, username: str, password: str, realm: str
+    port: int,
+    *,
+    source: str,
+    username: str,
+    password: str,
+    realm: str,
+    relayed: list[tuple[str, int]] | None = None,
 ) -> tuple[int, int] | None:
     """One authenticated UDP Allocate from `source`: (message class, error code or 0), or None
-    when the server stays silent."""
+    when the server stays silent. A success's relayed address is appended to `relayed`."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(2)
         s.bind((source, 0))
@@ -270,4 +277,7 @@ def turn_allocate(
         except TimeoutError:
             return None
         err = answer.get(Attr.ERROR_CODE)
+        relay = answer.get(Attr.XOR_RELAYED_ADDRESS)
+        if relayed is not None and relay is not None:
+            relayed.append(decode_xor_address(relay, answer.transaction_id))
         return answer.msg_class, decode_error_code(err)[0] if err is not None else 0

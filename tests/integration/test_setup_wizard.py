@@ -262,14 +262,18 @@ def test_two_nic_wizard_permissive_generated_secret_keeps_comments_and_runs(
         with running(config, https_port):
             assert https(https_port, "GET", "/api/client/v2/status")[0] == 200
             username, password = rest_credential(secret)
+            relayed: list[tuple[str, int]] = []
             ok = turn_allocate(
                 turn_port,
                 source="127.0.0.1",
                 username=username,
                 password=password,
                 realm="example.com",
+                relayed=relayed,
             )
             assert ok == (MsgClass.SUCCESS, 0)
+            # Two interfaces: TURN listens on the internal address, relays on the external one.
+            assert relayed[0][0] == "127.0.0.2" and 45300 <= relayed[0][1] <= 45399
 
 
 def test_cancel_writes_nothing(tmp_path: Path) -> None:
