@@ -240,7 +240,11 @@ def _finish(doc: ConfigDocument, path: Path, dry_run: bool, state: State | None 
         print(doc.render_masked(), end="")
         return 0
     if doc.changed or not path.exists():
-        backup = atomic_write(path, doc.render())
+        try:
+            backup = atomic_write(path, doc.render())
+        except OSError as exc:
+            _err(f"{path}: cannot write the configuration file: {exc.strerror or exc}")
+            return 2
         print(f"Wrote {path} (mode 0600)" + (f"; the previous file is {backup}" if backup else ""))
     else:
         print(f"No changes: {path} left as it was")

@@ -53,7 +53,11 @@ class ConfigDocument:
         except FileNotFoundError:
             return cls("", path)
         except OSError as exc:
-            raise ConfigError([f"{path}: cannot read the configuration file: {exc}"]) from None
+            raise ConfigError(
+                [f"{path}: cannot read the configuration file: {exc.strerror or exc}"]
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"{path}: the configuration file is not UTF-8 text"]) from None
         return cls(text, path)
 
     def get(self, key: str) -> Any:

@@ -428,10 +428,11 @@ def _jail(root: Path, out: Imported) -> None:
 
 def read_reference(root: Path) -> Imported:
     out = Imported()
-    _answers(root, out)
-    _nginx(root, out)
-    _turnserver(root, out)
-    _jail(root, out)
+    for reader in (_answers, _nginx, _turnserver, _jail):
+        try:
+            reader(root, out)
+        except OSError as exc:  # an unreadable copy: say which, carry over the rest
+            out.skip(str(exc.filename or root), f"cannot read it ({exc.strerror or exc})")
     pem = _find(root, PEM)
     if pem is not None:
         out.pem = pem

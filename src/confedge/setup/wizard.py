@@ -34,8 +34,9 @@ class Prompter(Protocol):
 class LinePrompter:
     """Plain lines on standard input/output: works with pipes and any terminal driver."""
 
-    def __init__(self, read: Callable[[], str] = sys.stdin.readline) -> None:
+    def __init__(self, read: Callable[[], str] = sys.stdin.readline, echo: bool = False) -> None:
         self._read = read
+        self._echo = echo  # piped answers are not echoed by a terminal: print them (a log)
 
     def ask(self, message: str, choices: list[str], secret: bool) -> str:
         print(message, end="", flush=True)
@@ -46,7 +47,10 @@ class LinePrompter:
         if not line:
             print()
             raise Cancelled
-        return line.rstrip("\r\n")
+        answer = line.rstrip("\r\n")
+        if self._echo:
+            print("****" if secret and answer else answer)
+        return answer
 
 
 class TerminalPrompter:
@@ -66,7 +70,7 @@ class TerminalPrompter:
 def prompter() -> Prompter:
     if sys.stdin.isatty() and sys.stdout.isatty():
         return TerminalPrompter()
-    return LinePrompter()
+    return LinePrompter(echo=not sys.stdin.isatty())
 
 
 def wrap(text: str, indent: str, rest: str | None = None) -> str:
@@ -116,22 +120,22 @@ def ask_all(state: State, ask: Prompter, out: Callable[[str], None] = print) -> 
             out(f"    {n}) {label}")
         label = _default_label(q, default)
         while True:
-            raw = ask.ask(
+            text = ask.ask(
                 f"  {q.prompt} [{label}]: " if label else f"  {q.prompt}: ",
                 [c[0] for c in choices],
                 q.secret,
             ).strip()
-            if raw.isdigit() and choices and 1 <= int(raw) <= len(choices):
-                raw = choices[int(raw) - 1][0]
-            if not raw:
+            raw: Any = text
+            if text.isdigit() and choices and 1 <= int(text) <= len(choices):
+                raw = choices[int(text) - 1][0]
+            elif not text:
                 if q.secret and not default:
                     raw = "generate"
                 elif default in (None, "", []):
                     # An empty default is an answer too: its validator says whether it will do.
                     raw = "none" if isinstance(default, list) else ""
                 else:
-                    state.values[q.key] = default
-                    break
+                    raw = default  # checked too: a hand-edited file may hold a bad value
             try:
                 state.values[q.key] = q.validate(raw, state)
             except AnswerError as exc:
