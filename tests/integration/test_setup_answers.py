@@ -363,3 +363,21 @@ def test_wizard_reads_piped_answers(tmp_path: Path) -> None:
     assert data["proxy"]["nodes"] == ["10.0.0.11", "10.0.0.12"]
     assert data["turn"] == {"enabled": False}
     assert data["management"]["networks"] == []
+
+
+def test_unwritable_and_unreadable_files_are_one_line(tmp_path: Path) -> None:
+    result = confedge(
+        "setup", "--config", "/proc/no/such/confedge.toml",
+        "--set", "proxy.nodes=10.0.0.11", "--set", "turn.enabled=no",
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr == (
+        "confedge: /proc/no/such/confedge.toml: cannot write the configuration file: "
+        "No such file or directory\n"
+    )
+    binary = tmp_path / "confedge.toml"
+    binary.write_bytes(b"\xff\xfe[server]\n")
+    result = confedge("setup", "--config", str(binary), "--set", "proxy.nodes=10.0.0.11")
+    assert result.returncode == 2
+    assert result.stderr == f"confedge: {binary}: the configuration file is not UTF-8 text\n"
+    assert binary.read_bytes() == b"\xff\xfe[server]\n"

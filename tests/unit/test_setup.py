@@ -131,3 +131,13 @@ def test_fail2ban_durations() -> None:
     assert _seconds("2d") == 172800
     with pytest.raises(ValueError):
         _seconds("soon")
+
+
+def test_a_bad_value_in_the_file_is_reasked_not_kept() -> None:
+    state = _state('[server]\ninternal_address = "10.0.0.x"\n')
+    answers = iter(["1", "", "10.0.0.5"])
+    shown: list[str] = []
+    with pytest.raises(StopIteration):
+        ask_all(state, LinePrompter(lambda: next(answers) + "\n"), shown.append)
+    assert '  ! "10.0.0.x" is not an IP address (e.g. "10.0.0.5" or "2001:db8::5")' in shown
+    assert state.values["server.internal_address"] == "10.0.0.5"
