@@ -20,16 +20,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pexpect
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from confedge.stun import decode_xor_address
-from confedge.stun.attributes import decode_error_code, encode_requested_transport
+from confedge.stun.attributes import (
+    decode_error_code,
+    encode_requested_transport,
+    encode_xor_address,
+)
 from confedge.stun.constants import Attr, Method, MsgClass
 from confedge.stun.integrity import long_term_key
 from confedge.stun.message import MessageBuilder, new_transaction_id, parse_message
@@ -238,6 +243,71 @@ def rest_credential(secret: str, user: str = "browser") -> tuple[str, str]:
     return username, base64.b64encode(digest).decode()
 
 
+class TurnClient:
+    """A blocking TURN client over UDP from one source address: Allocate, then CreatePermission
+    with the same long-term credential (the nonce learnt from the first 401 is reused)."""
+
+    def __init__(self, port: int, source: str, username: str, password: str, realm: str) -> None:
+        self.server = ("127.0.0.1", port)
+        self.username, self.realm = username, realm
+        self.key = long_term_key(username, realm, password)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.settimeout(2)
+        self.sock.bind((source, 0))
+        self.nonce: bytes | None = None
+        self.relayed: tuple[str, int] | None = None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _ask(self, method: int, attrs: Callable[[bytes], list[tuple[int, bytes]]]) -> Any:
+        tid = new_transaction_id()
+        b = MessageBuilder(method, MsgClass.REQUEST, tid)
+        for t, v in attrs(tid):
+            b.add(t, v)
+        if self.nonce is None:
+            self.sock.sendto(b.build(fingerprint=True), self.server)
+        else:
+            b.add(Attr.USERNAME, self.username.encode())
+            b.add(Attr.REALM, self.realm.encode())
+            b.add(Attr.NONCE, self.nonce)
+            self.sock.sendto(b.build(key=self.key, fingerprint=True), self.server)
+        try:
+            return parse_message(self.sock.recv(2048))
+        except TimeoutError:
+            return None
+
+    def _result(self, answer: Any) -> tuple[int, int] | None:
+        if answer is None:
+            return None
+        err = answer.get(Attr.ERROR_CODE)
+        return answer.msg_class, decode_error_code(err)[0] if err is not None else 0
+
+    def allocate(self) -> tuple[int, int] | None:
+        """(message class, error code or 0), or None when the server stays silent."""
+
+        def attrs(tid: bytes) -> list[tuple[int, bytes]]:
+            return [(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))]
+
+        answer = self._ask(Method.ALLOCATE, attrs)
+        if answer is not None and answer.get(Attr.NONCE) is not None and self.nonce is None:
+            self.nonce = answer.get(Attr.NONCE)
+            answer = self._ask(Method.ALLOCATE, attrs)
+        if answer is not None and answer.get(Attr.XOR_RELAYED_ADDRESS) is not None:
+            self.relayed = decode_xor_address(
+                answer.get(Attr.XOR_RELAYED_ADDRESS), answer.transaction_id
+            )
+        return self._result(answer)
+
+    def permit(self, peer: str) -> tuple[int, int] | None:
+        """CreatePermission for `peer` (after a successful allocate)."""
+
+        def attrs(tid: bytes) -> list[tuple[int, bytes]]:
+            return [(Attr.XOR_PEER_ADDRESS, encode_xor_address(peer, 9, tid))]
+
+        return self._result(self._ask(Method.CREATE_PERMISSION, attrs))
+
+
 def turn_allocate(
     port: int,
     *,
@@ -249,35 +319,11 @@ def turn_allocate(
 ) -> tuple[int, int] | None:
     """One authenticated UDP Allocate from `source`: (message class, error code or 0), or None
     when the server stays silent. A success's relayed address is appended to `relayed`."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.settimeout(2)
-        s.bind((source, 0))
-        b = MessageBuilder(Method.ALLOCATE, MsgClass.REQUEST, new_transaction_id())
-        b.add(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
-        s.sendto(b.build(fingerprint=True), ("127.0.0.1", port))
-        try:
-            challenge = parse_message(s.recv(2048))
-        except TimeoutError:
-            return None
-        nonce = challenge.get(Attr.NONCE)
-        if nonce is None:
-            err = challenge.get(Attr.ERROR_CODE)
-            return challenge.msg_class, decode_error_code(err)[0] if err else 0
-        b = MessageBuilder(Method.ALLOCATE, MsgClass.REQUEST, new_transaction_id())
-        b.add(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
-        b.add(Attr.USERNAME, username.encode())
-        b.add(Attr.REALM, realm.encode())
-        b.add(Attr.NONCE, nonce)
-        s.sendto(
-            b.build(key=long_term_key(username, realm, password), fingerprint=True),
-            ("127.0.0.1", port),
-        )
-        try:
-            answer = parse_message(s.recv(2048))
-        except TimeoutError:
-            return None
-        err = answer.get(Attr.ERROR_CODE)
-        relay = answer.get(Attr.XOR_RELAYED_ADDRESS)
-        if relayed is not None and relay is not None:
-            relayed.append(decode_xor_address(relay, answer.transaction_id))
-        return answer.msg_class, decode_error_code(err)[0] if err is not None else 0
+    client = TurnClient(port, source, username, password, realm)
+    try:
+        result = client.allocate()
+        if relayed is not None and client.relayed is not None:
+            relayed.append(client.relayed)
+        return result
+    finally:
+        client.close()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from setup_support import (
     GOOD_PIN,
+    TurnClient,
     confedge,
     https,
     on_loopback,
@@ -74,7 +75,16 @@ def test_restricted_appliance(tmp_path: Path) -> None:
             )
             # TURN: the media node may allocate; another address may not.
             creds = {"username": "pexturn", "password": "Fjord-Kettle-42", "realm": "example.com"}
-            assert turn_allocate(turn_port, source="127.0.0.2", **creds) == (MsgClass.SUCCESS, 0)
+            node_client = TurnClient(turn_port, "127.0.0.2", **creds)
+            try:
+                assert node_client.allocate() == (MsgClass.SUCCESS, 0)
+                # The peer rules hold as in coturn: every address denied (a public one too, which
+                # restricted mode would otherwise admit) except the allowed media node.
+                assert node_client.permit("127.0.0.2") == (MsgClass.SUCCESS, 0)
+                assert node_client.permit("127.0.0.5") == (MsgClass.ERROR, 403)
+                assert node_client.permit("8.8.8.8") == (MsgClass.ERROR, 403)
+            finally:
+                node_client.close()
             refused = turn_allocate(turn_port, source="127.0.0.3", **creds)
             assert refused is None or refused[0] == MsgClass.ERROR
             # The guard: the reference's maxretry = 6 banned after 3 wrong PINs; so does this.

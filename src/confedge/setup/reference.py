@@ -121,6 +121,10 @@ def _answers(root: Path, out: Imported) -> None:
     if "clientturn" in turn:
         mode = "permissive" if turn["clientturn"] else "restricted"
         out.put("turn.mode", mode, f"{src}: turnserver.clientturn")
+    if turn.get("port443"):
+        # The reference's "TURN on 443" is plain TURN (UDP and TCP) on port 443 instead of
+        # 3478, offered when it runs no web proxy; turnserver.conf's listening-port says the same.
+        out.put("turn.port", 443, f"{src}: turnserver.port443")
     if turn.get("username"):
         out.put("turn.username", str(turn["username"]), f"{src}: turnserver.username")
     if data.get("medianodes"):
