@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import tomllib
 from pathlib import Path
@@ -262,8 +263,22 @@ def _print_generated(state: State) -> None:
         print("WARNING: store it now; it is shown only this once (it is in the file, mode 0600).")
 
 
+def _cannot_write(path: Path) -> bool:
+    """True when writing `path` will fail for permissions: say so before asking anything."""
+    target = path if path.exists() else path.parent
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    return not os.access(target, os.W_OK)
+
+
 def setup_command(args: argparse.Namespace) -> int:
     path = Path(args.config)
+    if not args.dry_run and _cannot_write(path):
+        _err(
+            f"{path}: cannot write the configuration file: permission denied (run as root, "
+            "give --config FILE, or --dry-run)"
+        )
+        return 2
     try:
         doc = ConfigDocument.load(path)
         answers: list[tuple[str, Any]] = []
