@@ -212,13 +212,17 @@ def running(config: Path, https_port: int) -> Iterator[subprocess.Popen[str]]:
 
 
 def https(
-    port: int, method: str, path: str, headers: dict[str, str] | None = None
+    port: int,
+    method: str,
+    path: str,
+    headers: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[int, dict[str, str], str]:
     """One request through the proxy: (status, headers lower-cased, served certificate's CN)."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=10)
+    conn = http.client.HTTPSConnection(host, port, context=ctx, timeout=10)
     try:
         conn.request(method, path, body=b"" if method == "POST" else None, headers=headers or {})
         assert conn.sock is not None

@@ -260,7 +260,9 @@ def test_two_nic_wizard_permissive_generated_secret_keeps_comments_and_runs(
         assert changed == [("maxretry = 5", "maxretry = 7")]
 
         with running(config, https_port):
+            # HTTPS listens on both interfaces.
             assert https(https_port, "GET", "/api/client/v2/status")[0] == 200
+            assert https(https_port, "GET", "/api/client/v2/status", host="127.0.0.2")[0] == 200
             username, password = rest_credential(secret)
             relayed: list[tuple[str, int]] = []
             ok = turn_allocate(
