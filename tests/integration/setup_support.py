@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -189,9 +190,30 @@ def _wait_tcp(port: int, proc: subprocess.Popen[str]) -> None:
     raise AssertionError(f"port {port} never opened")
 
 
+def _wait_stun(port: int, proc: subprocess.Popen[str]) -> None:
+    """Until the TURN server answers a STUN Binding request on UDP `port`."""
+    deadline = time.monotonic() + 20
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.3)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError("confedge run exited")
+            s.sendto(
+                MessageBuilder(Method.BINDING, MsgClass.REQUEST, new_transaction_id()).build(),
+                ("127.0.0.1", port),
+            )
+            try:
+                s.recv(2048)
+                return
+            except OSError:
+                continue
+    raise AssertionError(f"TURN port {port} never answered")
+
+
 @contextlib.contextmanager
 def running(config: Path, https_port: int) -> Iterator[subprocess.Popen[str]]:
-    """`confedge run --config FILE`, until its HTTPS port answers; stopped with SIGTERM."""
+    """`confedge run --config FILE`, until its HTTPS port (and TURN, when the file enables it)
+    answers; stopped with SIGTERM."""
     proc = subprocess.Popen(
         [CONFEDGE, "run", "--config", str(config)],
         stdout=subprocess.DEVNULL,
@@ -200,7 +222,9 @@ def running(config: Path, https_port: int) -> Iterator[subprocess.Popen[str]]:
     )
     try:
         _wait_tcp(https_port, proc)
-        time.sleep(0.3)  # TURN starts beside the proxy
+        turn = tomllib.loads(config.read_text()).get("turn", {})
+        if turn.get("enabled", True):
+            _wait_stun(turn.get("port", 3478), proc)
         yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
