@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--user", default="confedge", help="system user to run as (created if absent)")
     sp.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR")
     sp.add_argument("--dry-run", action="store_true", help="print the unit and the steps only")
+    from confedge.setup.command import register as register_setup
+
+    register_setup(sub)  # setup, import-reference
     return p
 
 
@@ -200,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
     handlers |= {"firewall": cmd_firewall, "install-service": cmd_install_service}
+    if args.command in ("setup", "import-reference"):
+        from confedge.setup.command import import_reference_command, setup_command
+
+        handlers |= {"setup": setup_command, "import-reference": import_reference_command}
     return handlers[args.command](args)
 
 
