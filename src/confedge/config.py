@@ -308,6 +308,8 @@ class TurnConfig(_Strict):
     # RFC 6156 IPv6 relay address; None = server.external_address when that is IPv6, else no
     # IPv6 relaying.
     relay_address_v6: IPAddr | None = None
+    # TURN over TLS on the HTTPS port (RFC 7443 ALPN stun.turn); served by the proxy's HTTPS listener
+    tls_on_https: bool = False
 
     @field_validator("relay_ports")
     @classmethod
@@ -450,6 +452,22 @@ class Config(_Strict):
                 f'server.{key}: "{self.server.relay_address}" cannot be a TURN relay address '
                 "(clients are told to send media to it); set server.external_address to the "
                 "address clients reach"
+            )
+        if self.turn.tls_on_https and not (self.proxy.enabled and self.turn.enabled):
+            off = [
+                f"{k}.enabled"
+                for k, on in (("proxy", self.proxy.enabled), ("turn", self.turn.enabled))
+                if not on
+            ]
+            problems.append(
+                "turn.tls_on_https: true needs both the proxy (its HTTPS listener takes the "
+                "connections) and TURN (it serves them), but "
+                + (
+                    f"{off[0]} is false; set it to true"
+                    if len(off) == 1
+                    else f"{' and '.join(off)} are false; set them to true"
+                )
+                + " or set turn.tls_on_https = false"
             )
         if self.tls.key and not self.tls.cert:
             problems.append(

@@ -1,0 +1,237 @@
+"""TURN over TLS on the HTTPS port (turn.tls_on_https), with real sockets and real clients.
+
+The whole runtime (TURN, then the proxy in front of a node) runs on loopback; on the one HTTPS
+port, aioice's TURN client allocates over TLS and relays both ways while HTTPS requests are
+proxied to the node, with the proxy in process (workers = 1: the connection is handed to TURN)
+and in two worker processes (workers = 2: the worker relays the plaintext to TURN in the main
+process over a Unix socket). Both ways of being recognised are used: ALPN "stun.turn" (what
+coturn's uclient offers) and no ALPN at all (what Chromium sends), where the first bytes decide.
+
+That TURN sees the client's own address, not the worker's, is checked where it shows: the
+XOR-MAPPED-ADDRESS of a Binding answer is the client socket's address, and the allocation's log
+line names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+from aioice.turn import create_turn_endpoint
+from proxy_upstream import Upstream, client_ssl, get
+
+from confedge.config import Config
+from confedge.runtime import Runtime
+from confedge.stun import Attr, Method, MsgClass, parse_message
+from confedge.stun.attributes import decode_xor_address
+from confedge.stun.message import MessageBuilder, new_transaction_id
+from confedge.turn.testing import turn_config
+
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:Overriding the "event_loop_policy":DeprecationWarning'
+)
+
+RELAY_LO, RELAY_HI = 39200, 39299  # this area's relay ports
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()  # as `confedge run` (the in-process handover needs uvloop)
+
+
+def shared_config(tmp_path: Path, node: str, *, workers: int = 1, on: bool = True) -> Config:
+    return turn_config(
+        tls_on_https=on,
+        relay_ports=f"{RELAY_LO}-{RELAY_HI}",
+        state_dir=str(tmp_path),
+        sections={
+            "proxy": {
+                "https_port": 0,
+                "http_port": 0,
+                "workers": workers,
+                "nodes": [node],
+                "access_log": str(tmp_path / "access.log"),
+                "health_interval": 0.2,
+                "health_timeout": 0.5,
+            },
+            "management": {"enabled": False},
+        },
+    )
+
+
+@contextlib.asynccontextmanager
+async def running(
+    tmp_path: Path, *, workers: int = 1, on: bool = True
+) -> AsyncIterator[tuple[Runtime, Upstream]]:
+    node = await Upstream("n0").start()
+    rt = Runtime(shared_config(tmp_path, node.address, workers=workers, on=on))
+    try:
+        await rt.start()
+        yield rt, node
+    finally:
+        await rt.close()
+        await node.kill()
+
+
+class _Collector(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[tuple[bytes, tuple[str, int]]] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.received.put_nowait((data, addr))
+
+
+def tls_client(alpn: list[str] | None) -> ssl.SSLContext:
+    ctx = client_ssl()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx
+
+
+async def relay_with_aioice(port: int, alpn: list[str] | None, rounds: int = 10) -> int:
+    """Allocate over TLS on `port`, relay `rounds` packets each way; the client's local port."""
+    loop = asyncio.get_running_loop()
+    peer_t, peer = await loop.create_datagram_endpoint(_Collector, local_addr=("127.0.0.1", 0))
+    turn_t, client = await create_turn_endpoint(
+        _Collector,
+        server_addr=("127.0.0.1", port),
+        username="turnuser",
+        password="turnpass",
+        transport="tcp",
+        ssl=tls_client(alpn),
+    )
+    try:
+        relay = turn_t.get_extra_info("sockname")
+        assert RELAY_LO <= relay[1] <= RELAY_HI
+        peer_addr = peer_t.get_extra_info("sockname")
+        for i in range(rounds):
+            turn_t.sendto(b"to-peer-%d" % i, peer_addr)
+            data, src = await asyncio.wait_for(peer.received.get(), 5)
+            assert (data, src) == (b"to-peer-%d" % i, tuple(relay))
+            peer_t.sendto(b"to-client-%d" % i, src)
+            data, src = await asyncio.wait_for(client.received.get(), 5)
+            assert (data, src) == (b"to-client-%d" % i, peer_addr)
+        inner: Any = turn_t._TurnTransport__inner_protocol  # type: ignore[attr-defined]
+        local_port: int = inner.transport.get_extra_info("sockname")[1]
+    finally:
+        turn_t.close()
+        peer_t.close()
+    await asyncio.sleep(0.2)  # aioice's Refresh(0) and the close reach the server
+    return local_port
+
+
+async def binding_over_tls(port: int, alpn: list[str] | None) -> tuple[tuple[str, int], Any]:
+    """One STUN Binding over TLS: (XOR-MAPPED-ADDRESS, this client's own address)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_client(alpn))
+    try:
+        tid = new_transaction_id()
+        writer.write(MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid).build())
+        head = await asyncio.wait_for(reader.readexactly(20), 5)
+        body = await asyncio.wait_for(reader.readexactly(int.from_bytes(head[2:4], "big")), 5)
+        msg = parse_message(head + body)
+        assert msg.msg_class == MsgClass.SUCCESS, msg
+        mapped = msg.get(Attr.XOR_MAPPED_ADDRESS)
+        assert mapped is not None
+        return decode_xor_address(mapped, tid), writer.get_extra_info("sockname")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("alpn", [None, ["stun.turn"]], ids=["first-bytes", "alpn"])
+async def test_turn_and_https_on_one_port(
+    tmp_path: Path, workers: int, alpn: list[str] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="confedge.turn")
+    async with running(tmp_path, workers=workers) as (rt, node):
+        port = rt.proxy.https_port
+        assert rt.turn.tls_port == 0  # no separate turns: listener: only the HTTPS port
+        for _ in range(50):  # the node is up once the first health checks passed
+            if (await get(port, "/echo")).status == 200:
+                break
+            await asyncio.sleep(0.1)
+        # TURN and HTTPS at the same time, on the same port.
+        relayed, answers = await asyncio.gather(
+            relay_with_aioice(port, alpn),
+            asyncio.gather(*(get(port, f"/echo?{i}") for i in range(10))),
+        )
+        assert [r.status for r in answers] == [200] * 10
+        assert sum(1 for r in node.requests() if r.target.startswith("/echo?")) == 10
+        # TURN saw the client's own address (not the worker's socket), in the Binding answer ...
+        mapped, me = await binding_over_tls(port, alpn)
+        assert mapped == (me[0], me[1])
+        # ... and in the allocation (its 5-tuple: the client's TCP port).
+        for _ in range(20):
+            if "allocation ended" in caplog.text:
+                break
+            await asyncio.sleep(0.1)
+        assert f"client=127.0.0.1:{relayed}/tls-https" in caplog.text, caplog.text
+        assert rt.turn.stats()["packets_to_peer"] >= 10
+
+
+async def test_alpn_offered_only_with_the_option(tmp_path: Path) -> None:
+    """RFC 7443 §4: "stun.turn" is selected when offered, and only with tls_on_https on; without
+    it a STUN message on the HTTPS port is just a bad HTTP request."""
+    for on in (True, False):
+        async with running(tmp_path, on=on) as (rt, _):
+            port = rt.proxy.https_port
+            _, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=tls_client(["stun.turn", "http/1.1"])
+            )
+            selected = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+            writer.close()
+            assert selected == ("stun.turn" if on else "http/1.1")
+            if not on:
+                assert rt.proxy.core.turn_share is None
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl())
+                tid = new_transaction_id()
+                writer.write(MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid).build())
+                line = await asyncio.wait_for(reader.readline(), 5)
+                writer.close()
+                assert line.split()[:2] in ([b"HTTP/1.1", b"400"], [b"HTTP/1.1", b"501"]), line
+
+
+async def test_first_bytes_in_pieces(tmp_path: Path) -> None:
+    """A request line and a STUN header trickled a byte at a time are still told apart."""
+    async with running(tmp_path) as (rt, _node):
+        port = rt.proxy.https_port
+        for _ in range(50):
+            if (await get(port, "/echo")).status == 200:
+                break
+            await asyncio.sleep(0.1)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl())
+        for b in b"GET /echo?slow HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n":
+            writer.write(bytes([b]))
+            await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        assert line.startswith(b"HTTP/1.1 200 "), line
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl())
+        tid = new_transaction_id()
+        for b in MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid).build():
+            writer.write(bytes([b]))
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readexactly(20), 5)
+        writer.close()
+        assert head[4:8] == b"\x21\x12\xa4\x42" and head[8:20] == tid
+
+
+async def test_channeldata_first_goes_to_turn_and_is_closed(tmp_path: Path) -> None:
+    """ChannelData cannot open a connection (no allocation yet): TURN takes it and closes it,
+    and no HTTP answer is written."""
+    async with running(tmp_path) as (rt, _):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", rt.proxy.https_port, ssl=client_ssl()
+        )
+        writer.write(b"\x40\x00\x00\x04abcd")
+        data = await asyncio.wait_for(reader.read(100), 5)
+        writer.close()
+        assert data == b""

@@ -1,0 +1,62 @@
+"""turn.tls_on_https: off by default, and only where both of its halves are running."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from confedge.cli import main
+from confedge.config import ConfigError, parse_config
+
+BASE = {
+    "proxy": {"nodes": ["10.0.0.11"]},
+    "turn": {"username": "turnuser", "password": "secret"},
+}
+
+
+def problems(proxy: dict[str, object], turn: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"proxy": {**BASE["proxy"], **proxy}, "turn": {**BASE["turn"], **turn}})
+    return info.value.problems
+
+
+def test_off_by_default_and_on_when_asked() -> None:
+    assert parse_config(BASE).turn.tls_on_https is False
+    on = {**BASE, "turn": {**BASE["turn"], "tls_on_https": True}}
+    assert parse_config(on).turn.tls_on_https is True
+
+
+def test_needs_the_proxy() -> None:
+    assert problems({"enabled": False}, {"tls_on_https": True}) == [
+        "turn.tls_on_https: true needs both the proxy (its HTTPS listener takes the connections) "
+        "and TURN (it serves them), but proxy.enabled is false; set it to true or set "
+        "turn.tls_on_https = false"
+    ]
+
+
+def test_needs_turn() -> None:
+    (line,) = problems({}, {"enabled": False, "tls_on_https": True})
+    assert "but turn.enabled is false; set it to true or set turn.tls_on_https = false" in line
+
+
+def test_needs_both() -> None:
+    (line,) = problems({"enabled": False}, {"enabled": False, "tls_on_https": True})
+    assert "proxy.enabled and turn.enabled are false; set them to true" in line
+
+
+def test_not_a_bool() -> None:
+    assert problems({}, {"tls_on_https": "yes"}) == [
+        'turn.tls_on_https: "yes" is not true or false (without quotes)'
+    ]
+
+
+def test_check_command_reports_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[proxy]\nenabled = false\n[turn]\nusername = "u"\npassword = "p"\ntls_on_https = true\n'
+    )
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--config", str(path)])
+    assert exit_.value.code == 2
+    assert "turn.tls_on_https: true needs both the proxy" in capsys.readouterr().err
