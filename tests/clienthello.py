@@ -2,7 +2,7 @@
 
 Why it exists: sharing the HTTPS port with TURN over TLS hinges on what a `turns:` client puts in
 its ClientHello. RFC 7443 §4 wants ALPN ``stun.turn``; browsers do not send it (measured with
-this module against Chromium: tests/e2e/test_turns_shared_port.py). confedge itself never
+this module against Chromium: tests/e2e/test_turns_on_https_port.py). confedge itself never
 parses a ClientHello (OpenSSL does, and tells the proxy which ALPN protocol it selected);
 this reader is the measuring instrument, written defensively because the bytes it reads are
 whatever a client sent.

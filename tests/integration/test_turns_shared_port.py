@@ -27,18 +27,18 @@ import uvloop
 from aioice.turn import create_turn_endpoint
 from proxy_upstream import Upstream, client_ssl, get
 
-from confedge.config import Config
 from confedge.runtime import Runtime
 from confedge.stun import Attr, Method, MsgClass, parse_message
 from confedge.stun.attributes import decode_xor_address
 from confedge.stun.message import MessageBuilder, new_transaction_id
-from confedge.turn.testing import turn_config
+from confedge.turn.testing import shared_port_config
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
 )
 
 RELAY_LO, RELAY_HI = 39200, 39299  # this area's relay ports
+RELAY_PORTS = f"{RELAY_LO}-{RELAY_HI}"
 
 
 @pytest.fixture(scope="module")
@@ -46,32 +46,15 @@ def event_loop_policy() -> uvloop.EventLoopPolicy:
     return uvloop.EventLoopPolicy()  # as `confedge run` (the in-process handover needs uvloop)
 
 
-def shared_config(tmp_path: Path, node: str, *, workers: int = 1, on: bool = True) -> Config:
-    return turn_config(
-        tls_on_https=on,
-        relay_ports=f"{RELAY_LO}-{RELAY_HI}",
-        state_dir=str(tmp_path),
-        sections={
-            "proxy": {
-                "https_port": 0,
-                "http_port": 0,
-                "workers": workers,
-                "nodes": [node],
-                "access_log": str(tmp_path / "access.log"),
-                "health_interval": 0.2,
-                "health_timeout": 0.5,
-            },
-            "management": {"enabled": False},
-        },
-    )
-
-
 @contextlib.asynccontextmanager
 async def running(
     tmp_path: Path, *, workers: int = 1, on: bool = True
 ) -> AsyncIterator[tuple[Runtime, Upstream]]:
     node = await Upstream("n0").start()
-    rt = Runtime(shared_config(tmp_path, node.address, workers=workers, on=on))
+    cfg = shared_port_config(
+        str(tmp_path), [node.address], workers=workers, relay_ports=RELAY_PORTS, on=on
+    )
+    rt = Runtime(cfg)
     try:
         await rt.start()
         yield rt, node
