@@ -134,6 +134,7 @@ class RelayShare:
         self.path = path
         self.loop = loop
         self.relays: set[_ClientSide] = set()
+        self._connecting: set[asyncio.Task[None]] = set()  # held: the loop keeps weak refs
         self._failures_logged = 0.0
 
     def take(self, transport: asyncio.Transport, first: bytes) -> None:
@@ -143,7 +144,9 @@ class RelayShare:
         transport.set_protocol(side)
         transport.pause_reading()  # until the local stream is there to take the bytes
         self.relays.add(side)
-        self.loop.create_task(self._connect(side))
+        task = self.loop.create_task(self._connect(side))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
 
     async def _connect(self, side: _ClientSide) -> None:
         try:
@@ -166,6 +169,8 @@ class RelayShare:
 
     async def close(self) -> None:
         """Cut every relayed connection (the worker is stopping)."""
+        for task in list(self._connecting):
+            task.cancel()
         for side in list(self.relays):
             side.abort()
         self.relays.clear()
