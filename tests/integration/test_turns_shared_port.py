@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -29,9 +30,11 @@ from proxy_upstream import Upstream, client_ssl, get
 
 from confedge.runtime import Runtime
 from confedge.stun import Attr, Method, MsgClass, parse_message
-from confedge.stun.attributes import decode_xor_address
+from confedge.stun.attributes import decode_xor_address, encode_requested_transport
 from confedge.stun.message import MessageBuilder, new_transaction_id
-from confedge.turn.testing import shared_port_config
+from confedge.turn.portshare import encode_proxy_v2
+from confedge.turn.service import TurnService
+from confedge.turn.testing import shared_port_config, turn_config
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
@@ -218,3 +221,49 @@ async def test_channeldata_first_goes_to_turn_and_is_closed(tmp_path: Path) -> N
         data = await asyncio.wait_for(reader.read(100), 5)
         writer.close()
         assert data == b""
+
+
+async def _allocate_via_relay(path: str, header: bytes) -> bytes:
+    """An Allocate (no credentials) on TURN's relay socket after `header`: the answer's head."""
+    reader, writer = await asyncio.open_unix_connection(path)
+    try:
+        tid = new_transaction_id()
+        req = MessageBuilder(Method.ALLOCATE, MsgClass.REQUEST, tid)
+        req.add(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
+        writer.write(header + req.build())
+        return await asyncio.wait_for(reader.read(200), 5)
+    finally:
+        writer.close()
+
+
+async def test_relay_socket_trusts_only_its_header(tmp_path: Path) -> None:
+    """The relay socket (workers > 1): the PROXY v2 header's address is the one TURN judges
+    (restricted mode: 10.9.9.9 is a media node, 127.0.0.1 is not), a stream without a valid
+    header is closed unanswered, and the socket's directory is private."""
+    cfg = turn_config(media_nodes=["10.9.9.9/32"], relay_ports=RELAY_PORTS, state_dir=str(tmp_path))
+    svc = TurnService(cfg)
+    await svc.start()
+    try:
+        path = await svc.open_relay_listener()
+        assert await svc.open_relay_listener() == path  # opened once
+        assert os.stat(os.path.dirname(path)).st_mode & 0o777 == 0o700
+        node = await _allocate_via_relay(path, encode_proxy_v2(("10.9.9.9", 40000), HERE))
+        stranger = await _allocate_via_relay(path, encode_proxy_v2(("127.0.0.1", 40001), HERE))
+        garbage = await _allocate_via_relay(path, b"GET / HTTP/1.1\r\n\r\n")
+    finally:
+        await svc.close()
+    assert _error_code(node) == 401  # a media node: asked for credentials
+    assert _error_code(stranger) == 403  # not a media node
+    assert garbage == b""
+    assert not os.path.exists(os.path.dirname(path))  # removed on close
+
+
+HERE = ("127.0.0.1", 443)
+
+
+def _error_code(answer: bytes) -> int:
+    msg = parse_message(answer[:20] + answer[20 : 20 + int.from_bytes(answer[2:4], "big")])
+    assert msg.msg_class == MsgClass.ERROR, msg
+    value = msg.get(Attr.ERROR_CODE)
+    assert value is not None
+    return value[2] * 100 + value[3]
