@@ -32,7 +32,7 @@ from confedge.runtime import Runtime
 from confedge.stun import Attr, Method, MsgClass, parse_message
 from confedge.stun.attributes import decode_xor_address, encode_requested_transport
 from confedge.stun.message import MessageBuilder, new_transaction_id
-from confedge.turn.portshare import encode_proxy_v2
+from confedge.turn.portshare import FIRST_TURN, classify, encode_proxy_v2
 from confedge.turn.service import TurnService
 from confedge.turn.testing import shared_port_config, turn_config
 
@@ -165,15 +165,21 @@ async def test_turn_and_https_on_one_port(
 async def test_alpn_offered_only_with_the_option(tmp_path: Path) -> None:
     """RFC 7443 §4: "stun.turn" is selected when offered, and only with tls_on_https on; without
     it a STUN message on the HTTPS port is just a bad HTTP request."""
+
+    async def selected(port: int) -> str | None:
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=tls_client(["stun.turn", "http/1.1"])
+        )
+        alpn: str | None = writer.get_extra_info("ssl_object").selected_alpn_protocol()
+        writer.close()
+        return alpn
+
     for on in (True, False):
         async with running(tmp_path, on=on) as (rt, _):
             port = rt.proxy.https_port
-            _, writer = await asyncio.open_connection(
-                "127.0.0.1", port, ssl=tls_client(["stun.turn", "http/1.1"])
-            )
-            selected = writer.get_extra_info("ssl_object").selected_alpn_protocol()
-            writer.close()
-            assert selected == ("stun.turn" if on else "http/1.1")
+            assert await selected(port) == ("stun.turn" if on else "http/1.1")
+            rt.reload()  # SIGHUP: the certificate is reloaded, the ALPN list stays
+            assert await selected(port) == ("stun.turn" if on else "http/1.1")
             if not on:
                 assert rt.proxy.core.turn_share is None
                 reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl())
@@ -267,3 +273,47 @@ def _error_code(answer: bytes) -> int:
     value = msg.get(Attr.ERROR_CODE)
     assert value is not None
     return value[2] * 100 + value[3]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"\x00\x01\x00",  # a STUN header cut short, then silence
+        b"GETGETGETGET",  # a token that never ends, then silence
+        b"\x00\x01\x00\x00\x00\x00\x00\x00" + bytes(12),  # bits 00 without the cookie
+        b"\x41\xff\xff\xff" + bytes(64),  # ChannelData-like, no allocation
+        b"\x00\x01\xff\xfc\x21\x12\xa4\x42" + bytes(12),  # STUN claiming 65532 bytes
+        bytes(range(256)),
+    ],
+    ids=["short-stun", "endless-token", "no-cookie", "channeldata", "huge-stun", "binary"],
+)
+async def test_hostile_first_bytes_cost_one_connection(tmp_path: Path, first: bytes) -> None:
+    """Whatever a client sends first costs it only its own connection: an HTTP error and a
+    close (408 after the 1 s header timeout, 400, 501), TURN's close, or TURN holding an
+    incomplete frame; the port keeps serving both services meanwhile."""
+    node = await Upstream("n0").start()
+    cfg = shared_port_config(str(tmp_path), [node.address], relay_ports=RELAY_PORTS)
+    cfg = cfg.model_copy(update={"proxy": cfg.proxy.model_copy(update={"header_timeout": 1.0})})
+    rt = Runtime(cfg)
+    try:
+        await rt.start()
+        port = rt.proxy.https_port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_ssl())
+        writer.write(first)
+        try:
+            answer: bytes | None = await asyncio.wait_for(reader.read(), 3)  # until closed
+        except TimeoutError:
+            answer = None
+        writer.close()
+        if answer is None:
+            # Only TURN holds a connection longer (a frame still incomplete: its 30 s setup
+            # timeout, as on turn.port); the proxy's header timeout here is 1 s.
+            assert classify(first) == FIRST_TURN
+        else:
+            assert answer == b"" or answer[:10] in (b"HTTP/1.1 4", b"HTTP/1.1 5"), answer[:80]
+        assert (await get(port, "/echo")).status in (200, 502, 503)
+        mapped, me = await binding_over_tls(port, None)
+        assert mapped == (me[0], me[1])
+    finally:
+        await rt.close()
+        await node.kill()
