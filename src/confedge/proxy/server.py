@@ -32,6 +32,8 @@ from confedge.proxy.request import (
     Refused,
     path_allowed,
 )
+from confedge.proxy.turnshare import alpn_selects_turn
+from confedge.turn.portshare import FIRST_HTTP, FIRST_TURN, classify
 
 if TYPE_CHECKING:
     from confedge.proxy.core import ProxyCore
@@ -208,8 +210,6 @@ class ClientConnection(asyncio.BufferedProtocol):
         if core.turn_share is not None:
             # turn.tls_on_https (docs/TURN.md): this may be TURN over TLS. ALPN "stun.turn"
             # says so now; otherwise the first bytes will, through the in_head path below.
-            from confedge.proxy.turnshare import alpn_selects_turn
-
             if alpn_selects_turn(transport):
                 self._to_turn(b"")
                 return
@@ -289,8 +289,6 @@ class ClientConnection(asyncio.BufferedProtocol):
     def _sniffed(self, data: bytes | memoryview) -> bytes | memoryview:
         """turn.tls_on_https: what to parse as HTTP, once the first bytes say it is HTTP; b""
         while they say nothing yet, or when they were STUN/ChannelData (handed to TURN)."""
-        from confedge.turn.portshare import FIRST_HTTP, FIRST_TURN, classify
-
         buf = self.sniff + bytes(data) if self.sniff else data
         kind = classify(buf)
         if kind == FIRST_HTTP:
