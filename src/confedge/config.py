@@ -308,7 +308,8 @@ class TurnConfig(_Strict):
     # RFC 6156 IPv6 relay address; None = server.external_address when that is IPv6, else no
     # IPv6 relaying.
     relay_address_v6: IPAddr | None = None
-    # TURN over TLS on the HTTPS port (RFC 7443 ALPN stun.turn); served by the proxy's HTTPS listener
+    # TURN over TLS on the HTTPS port (RFC 7443 ALPN stun.turn); served by the proxy's HTTPS
+    # listener
     tls_on_https: bool = False
 
     @field_validator("relay_ports")
