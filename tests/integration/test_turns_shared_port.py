@@ -317,3 +317,54 @@ async def test_hostile_first_bytes_cost_one_connection(tmp_path: Path, first: by
     finally:
         await rt.close()
         await node.kill()
+
+
+def _rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+async def test_relay_does_not_buffer_for_a_client_that_stops_reading(tmp_path: Path) -> None:
+    """proxy.workers = 2: a TURN client on the HTTPS port stops reading while its peer sends
+    20 MB. The worker pauses reading from TURN's socket, TURN's own buffer fills and TURN drops
+    the media (it is loss-tolerant); no process buffers the flood."""
+    async with running(tmp_path, workers=2) as (rt, _):
+        port = rt.proxy.https_port
+        loop = asyncio.get_running_loop()
+        peer_t, _peer = await loop.create_datagram_endpoint(_Collector, local_addr=("127.0.0.1", 0))
+        turn_t, client = await create_turn_endpoint(
+            _Collector,
+            server_addr=("127.0.0.1", port),
+            username="turnuser",
+            password="turnpass",
+            transport="tcp",
+            ssl=tls_client(None),
+        )
+        try:
+            relay = turn_t.get_extra_info("sockname")
+            turn_t.sendto(b"hello", peer_t.get_extra_info("sockname"))  # permission + channel
+            data, _ = await asyncio.wait_for(_peer.received.get(), 5)
+            assert data == b"hello"
+            inner: Any = turn_t._TurnTransport__inner_protocol  # type: ignore[attr-defined]
+            inner.transport.pause_reading()  # the client stops reading
+            workers = [p.pid for p in rt.proxy._procs]
+            before = {pid: _rss_kb(pid) for pid in workers}
+            chunk = b"m" * 1000
+            for i in range(20_000):  # 20 MB, paced so that loopback UDP does not drop it
+                peer_t.sendto(chunk, relay)
+                if i % 200 == 199:
+                    await asyncio.sleep(0.002)
+            await asyncio.sleep(0.5)
+            stats = rt.turn.stats()
+            grown = {pid: _rss_kb(pid) - before[pid] for pid in workers}
+            inner.transport.resume_reading()
+        finally:
+            turn_t.close()
+            peer_t.close()
+    # What was not dropped sits in kernel socket buffers (loopback TCP autotunes to a few MB).
+    assert stats["dropped_no_permission"] > 1_000, stats  # dropped at TURN, not queued
+    assert stats["bytes_to_client"] < 10_000_000, stats
+    assert max(grown.values()) < 8 * 1024, grown  # KB: the workers held no flood

@@ -140,6 +140,9 @@ class RelayShare:
     def take(self, transport: asyncio.Transport, first: bytes) -> None:
         peer = transport.get_extra_info("peername")
         here = transport.get_extra_info("sockname")
+        if not peer or not here:  # the socket is already gone
+            transport.abort()
+            return
         side = _ClientSide(self, transport, encode_proxy_v2(peer, here) + first)
         transport.set_protocol(side)
         transport.pause_reading()  # until the local stream is there to take the bytes
