@@ -334,8 +334,8 @@ async def test_relay_does_not_buffer_for_a_client_that_stops_reading(tmp_path: P
     async with running(tmp_path, workers=2) as (rt, _):
         port = rt.proxy.https_port
         loop = asyncio.get_running_loop()
-        peer_t, _peer = await loop.create_datagram_endpoint(_Collector, local_addr=("127.0.0.1", 0))
-        turn_t, client = await create_turn_endpoint(
+        peer_t, peer = await loop.create_datagram_endpoint(_Collector, local_addr=("127.0.0.1", 0))
+        turn_t, _client = await create_turn_endpoint(
             _Collector,
             server_addr=("127.0.0.1", port),
             username="turnuser",
@@ -346,7 +346,7 @@ async def test_relay_does_not_buffer_for_a_client_that_stops_reading(tmp_path: P
         try:
             relay = turn_t.get_extra_info("sockname")
             turn_t.sendto(b"hello", peer_t.get_extra_info("sockname"))  # permission + channel
-            data, _ = await asyncio.wait_for(_peer.received.get(), 5)
+            data, _ = await asyncio.wait_for(peer.received.get(), 5)
             assert data == b"hello"
             inner: Any = turn_t._TurnTransport__inner_protocol  # type: ignore[attr-defined]
             inner.transport.pause_reading()  # the client stops reading
