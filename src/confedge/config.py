@@ -504,6 +504,13 @@ class Config(_Strict):
                 )
             else:
                 seen[port] = key
+        shared = f"turn.tls_port: {self.proxy.https_port} is also proxy.https_port;"
+        for i, line in enumerate(problems):
+            if line.startswith(shared):  # they can share a port, through the proxy's listener
+                problems[i] += (
+                    "; to serve TURN over TLS on the HTTPS port set turn.tls_on_https = true "
+                    "(and turn.tls_port = 0)"
+                )
         return problems
 
     def masked(self) -> dict[str, Any]:

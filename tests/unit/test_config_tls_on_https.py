@@ -60,3 +60,16 @@ def test_check_command_reports_it(tmp_path: Path, capsys: pytest.CaptureFixture[
         main(["check", "--config", str(path)])
     assert exit_.value.code == 2
     assert "turn.tls_on_https: true needs both the proxy" in capsys.readouterr().err
+
+
+def test_tls_port_on_the_https_port_points_at_the_option() -> None:
+    """The natural mistake when TURN should be on 443: the clash names the way to do it."""
+    (line,) = problems({"https_port": 443}, {"tls_port": 443})
+    assert line == (
+        "turn.tls_port: 443 is also proxy.https_port; two listeners cannot share a port; to "
+        "serve TURN over TLS on the HTTPS port set turn.tls_on_https = true (and "
+        "turn.tls_port = 0)"
+    )
+    on = {"proxy": {**BASE["proxy"]}, "turn": {**BASE["turn"], "tls_on_https": True}}
+    on["turn"]["tls_port"] = 0
+    assert parse_config(on).turn.tls_port == 0
