@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -51,11 +52,11 @@ def event_loop_policy() -> uvloop.EventLoopPolicy:
 
 @contextlib.asynccontextmanager
 async def running(
-    tmp_path: Path, *, workers: int = 1, on: bool = True
+    tmp_path: Path, *, workers: int = 1, on: bool = True, host: str = "127.0.0.1"
 ) -> AsyncIterator[tuple[Runtime, Upstream]]:
     node = await Upstream("n0").start()
     cfg = shared_port_config(
-        str(tmp_path), [node.address], workers=workers, relay_ports=RELAY_PORTS, on=on
+        str(tmp_path), [node.address], workers=workers, relay_ports=RELAY_PORTS, on=on, host=host
     )
     rt = Runtime(cfg)
     try:
@@ -113,9 +114,11 @@ async def relay_with_aioice(port: int, alpn: list[str] | None, rounds: int = 10)
     return local_port
 
 
-async def binding_over_tls(port: int, alpn: list[str] | None) -> tuple[tuple[str, int], Any]:
+async def binding_over_tls(
+    port: int, alpn: list[str] | None, host: str = "127.0.0.1"
+) -> tuple[tuple[str, int], Any]:
     """One STUN Binding over TLS: (XOR-MAPPED-ADDRESS, this client's own address)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_client(alpn))
+    reader, writer = await asyncio.open_connection(host, port, ssl=tls_client(alpn))
     try:
         tid = new_transaction_id()
         writer.write(MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid).build())
@@ -368,3 +371,22 @@ async def test_relay_does_not_buffer_for_a_client_that_stops_reading(tmp_path: P
     assert stats["dropped_no_permission"] > 1_000, stats  # dropped at TURN, not queued
     assert stats["bytes_to_client"] < 10_000_000, stats
     assert max(grown.values()) < 8 * 1024, grown  # KB: the workers held no flood
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _has_ipv6_loopback(), reason="host has no IPv6 loopback (::1)")
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_ipv6_client_address_reaches_turn(tmp_path: Path, workers: int) -> None:
+    """An IPv6 client on the shared port: TURN answers its own [::1]:port (through a worker,
+    the PROXY v2 header's IPv6 form)."""
+    async with running(tmp_path, workers=workers, host="::1") as (rt, _):
+        mapped, me = await binding_over_tls(rt.proxy.https_port, None, host="::1")
+    assert mapped == ("::1", me[1])

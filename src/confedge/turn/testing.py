@@ -64,11 +64,18 @@ def turn_config(
 
 
 def shared_port_config(
-    state_dir: str, nodes: list[str], *, workers: int = 1, relay_ports: str, on: bool = True
+    state_dir: str,
+    nodes: list[str],
+    *,
+    workers: int = 1,
+    relay_ports: str,
+    on: bool = True,
+    host: str = "127.0.0.1",
 ) -> Config:
     """TURN and the proxy on loopback, TURN over TLS sharing the HTTPS port (turn.tls_on_https),
     every port ephemeral, management off: what the shared-port tests start with Runtime."""
     return turn_config(
+        host=host,
         tls_on_https=on,
         relay_ports=relay_ports,
         state_dir=state_dir,
