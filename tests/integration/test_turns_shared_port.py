@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from confedge.stun.message import MessageBuilder, new_transaction_id
 from confedge.turn.portshare import FIRST_TURN, classify, encode_proxy_v2
 from confedge.turn.service import TurnService
 from confedge.turn.testing import shared_port_config, turn_config
+from ports import has_ipv6_loopback
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
@@ -373,16 +373,7 @@ async def test_relay_does_not_buffer_for_a_client_that_stops_reading(tmp_path: P
     assert max(grown.values()) < 8 * 1024, grown  # KB: the workers held no flood
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="host has no IPv6 loopback (::1)")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="host has no IPv6 loopback (::1)")
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_ipv6_client_address_reaches_turn(tmp_path: Path, workers: int) -> None:
     """An IPv6 client on the shared port: TURN answers its own [::1]:port (through a worker,
