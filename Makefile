@@ -14,7 +14,8 @@ NATIVE := build/native
 NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py \
 	tests/integration/test_proxy_*.py tests/integration/test_guard_proxy.py \
 	tests/integration/test_admin_*.py tests/integration/test_demo.py \
-	tests/integration/test_run_reload.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py
+	tests/integration/test_run_reload.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
+	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py
 
 .PHONY: demo test test-pure test-native test-slow lint format bench venv native clean
 

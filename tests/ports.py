@@ -37,3 +37,13 @@ def free_port(lo: int, hi: int, *, shuffle: bool = False, udp: bool = False) -> 
             continue
         return port
     raise RuntimeError(f"no free port in {lo}-{hi - 1}")
+
+
+def has_ipv6_loopback() -> bool:
+    """True when ::1 can be bound (containers and CI hosts sometimes have IPv6 off)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True

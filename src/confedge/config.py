@@ -496,6 +496,22 @@ class Config(_Strict):
                 "(clients are told to send media to it); set server.external_address to the "
                 "address clients reach"
             )
+        if self.turn.tls_on_https and not (self.proxy.enabled and self.turn.enabled):
+            off = [
+                f"{k}.enabled"
+                for k, on in (("proxy", self.proxy.enabled), ("turn", self.turn.enabled))
+                if not on
+            ]
+            problems.append(
+                "turn.tls_on_https: true needs both the proxy (its HTTPS listener takes the "
+                "connections) and TURN (it serves them), but "
+                + (
+                    f"{off[0]} is false; set it to true"
+                    if len(off) == 1
+                    else f"{' and '.join(off)} are false; set them to true"
+                )
+                + " or set turn.tls_on_https = false"
+            )
         if self.tls.key and not self.tls.cert:
             problems.append(
                 f'tls.key: "{self.tls.key}" is set but tls.cert is empty, so a generated '
@@ -544,6 +560,13 @@ class Config(_Strict):
                 )
             else:
                 seen[port] = key
+        shared = f"turn.tls_port: {self.proxy.https_port} is also proxy.https_port;"
+        for i, line in enumerate(problems):
+            if line.startswith(shared):  # they can share a port, through the proxy's listener
+                problems[i] += (
+                    "; to serve TURN over TLS on the HTTPS port set turn.tls_on_https = true "
+                    "(and turn.tls_port = 0)"
+                )
         return problems
 
     def masked(self) -> dict[str, Any]:

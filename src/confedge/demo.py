@@ -115,6 +115,9 @@ class Demo:
             out["proxy"] = rt.proxy.info()
         if rt.turn is not None:
             out["turn"] = rt.turn.info()
+            if self.cfg.turn.tls_on_https and rt.proxy is not None:
+                # TURN over TLS on the HTTPS port (turn.tls_on_https), what a browser uses.
+                out["turn"]["turns"] = turns_url(out["turn"]["host"], rt.proxy.https_port)
         out["nodes"] = [node.url for node in self.nodes]
         out["conferences"] = [
             {"alias": c.alias, "pin": c.host_pin, "guest_pin": c.guest_pin} for c in CONFERENCES
@@ -148,6 +151,12 @@ async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
     log.info("%s received, stopping", sig)
     await demo.close()
     return 0
+
+
+def turns_url(host: str, port: int) -> str:
+    """The ICE server URL of TURN over TLS (RFC 7065 §3: turns, TCP) on `host`:`port`."""
+    h = f"[{host}]" if ":" in host else host
+    return f"turns:{h}:{port}?transport=tcp"
 
 
 def _demo_ports(cfg: Config) -> str:
@@ -185,6 +194,8 @@ def _print_banner(info: dict[str, Any]) -> None:
             f"  TURN:        turn:{t['host']}:{t['port']}  user {t['username']}  "
             f"password {t['password']}  realm {t['realm']}"
         )
+        if "turns" in t:
+            lines.append(f"  TURN/TLS:    {t['turns']}  (on the HTTPS port, same credential)")
     for url in info["nodes"]:
         lines.append(f"  Node:        {url}")
     if "status" in info:

@@ -76,7 +76,10 @@ class Runtime:
                 factory = create_guard if cfg.guard.enabled else None
                 # In process (workers = 1) the proxy uses this guard, the one TURN uses too.
                 self.proxy = ProxyService(
-                    cfg, guard_factory=factory, guard=self.guard if cfg.guard.enabled else None
+                    cfg,
+                    guard_factory=factory,
+                    guard=self.guard if cfg.guard.enabled else None,
+                    turn=self.turn,  # turn.tls_on_https: TURN connections of the HTTPS port
                 )
                 await self._start("proxy", self.proxy)
             if cfg.management.enabled:

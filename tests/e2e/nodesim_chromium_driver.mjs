@@ -12,6 +12,9 @@
 // guessMax: after leaving, guess that PIN until the page says the address is blocked (the
 // edge's guard, HTTP 429) or guessMax attempts were made. The output always has tokenNodes:
 // the status and X-Confedge-Node header of each request_token answer (which node served it).
+// rtcConfig (tests/e2e/test_turns_on_https_port.py): merged over the page's own RTCPeerConnection
+// configuration, e.g. {iceServers: [{urls: 'turns:...'}], iceTransportPolicy: 'relay'}, as a
+// web app configured with a TURN server would pass it.
 
 import fs from 'node:fs';
 import os from 'node:os';
@@ -40,6 +43,14 @@ try {
       ...(cfg.args || []),
     ],
   });
+  if (cfg.rtcConfig) {
+    await context.addInitScript((conf) => {
+      const Native = window.RTCPeerConnection;
+      window.RTCPeerConnection = class extends Native {
+        constructor(c) { super({ ...(c || {}), ...conf }); }
+      };
+    }, cfg.rtcConfig);
+  }
   const page = context.pages()[0] || (await context.newPage());
   page.on('console', (m) => consoleLines.push(m.type() + ': ' + m.text()));
   page.on('pageerror', (e) => consoleLines.push('pageerror: ' + String(e)));
@@ -83,7 +94,7 @@ try {
       if (s.type === 'transport' && s.selectedCandidatePairId) pair = stats.get(s.selectedCandidatePairId);
     });
     const pick = (c) => c && { candidateType: c.candidateType, address: c.address, port: c.port,
-      protocol: c.protocol };
+      protocol: c.protocol, relayProtocol: c.relayProtocol, url: c.url };
     const remoteSdp = pc.remoteDescription ? pc.remoteDescription.sdp : '';
     return {
       framesDecoded: frames,

@@ -23,7 +23,7 @@ import pytest
 
 from confedge.turn.service import TurnService
 from confedge.turn.testing import turn_config
-from ports import free_port
+from ports import free_port, has_ipv6_loopback
 
 UCLIENT = shutil.which("turnutils_uclient")
 PEER = shutil.which("turnutils_peer")
@@ -143,16 +143,7 @@ async def test_uclient_relays_every_message(echo_peer: int) -> None:
         assert stats["bytes_to_client"] >= sent, name
 
 
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_ipv6_loopback(), reason="host has no IPv6 loopback (::1)")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="host has no IPv6 loopback (::1)")
 async def test_uclient_ipv6_relay() -> None:
     """RFC 6156: uclient -x asks for an IPv6 relay; peer on ::1 (listed in allowed_peers)."""
     cfg = {"relay_address_v6": "::1", "allowed_peers": ["::1"]}

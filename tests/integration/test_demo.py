@@ -71,7 +71,10 @@ def test_demo_json_names_everything_and_serves(demo) -> None:  # type: ignore[no
     assert set(info) >= {"proxy", "turn", "nodes", "conferences", "status"}
     assert info["proxy"]["https"].startswith("https://127.0.0.1:")
     assert info["proxy"]["http"].startswith("http://127.0.0.1:")
-    assert set(info["turn"]) == {"host", "port", "username", "password", "realm"}
+    assert set(info["turn"]) == {"host", "port", "username", "password", "realm", "turns"}
+    # TURN over TLS on the HTTPS port (turn.tls_on_https in the demo).
+    https_port = info["proxy"]["https"].rstrip("/").rsplit(":", 1)[1]
+    assert info["turn"]["turns"] == f"turns:127.0.0.1:{https_port}?transport=tcp"
     assert len(info["nodes"]) == 3
     pins = {c["alias"]: c["pin"] for c in info["conferences"]}
     assert pins["open"] is None and pins["meet"]

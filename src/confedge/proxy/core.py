@@ -55,7 +55,7 @@ if TYPE_CHECKING:
     from confedge.proxy.server import ClientConnection, Request
     from confedge.proxy.upstream import NodePool, UpstreamConnection
 
-__all__ = ["AccessLogSink", "GuardHook", "ProxyCore"]
+__all__ = ["AccessLogSink", "GuardHook", "ProxyCore", "TurnShare"]
 
 log = logging.getLogger("confedge.proxy")
 
@@ -92,6 +92,13 @@ class GuardHook(Protocol):
     def remember_session(self, client_ip: str, token: str, lifetime: float) -> None: ...
 
     def session_known(self, client_ip: str, token: str, done: Callable[[bool], None]) -> None: ...
+
+
+class TurnShare(Protocol):
+    """Takes over a client connection that turned out to be TURN over TLS (turn.tls_on_https;
+    proxy/turnshare.py): `first` is what was already read from it."""
+
+    def take(self, t: asyncio.Transport, first: bytes) -> None: ...
 
 
 class AccessLogSink(Protocol):
@@ -191,6 +198,9 @@ class ProxyCore:
 
         self.pools: list[NodePool] = [NodePool(self, i, n) for i, n in enumerate(self.nodes)]
         self.clients: set[ClientConnection] = set()
+        # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
+        # None keeps the HTTP path exactly as without the option.
+        self.turn_share: TurnShare | None = None
         self.upstreams: set[UpstreamConnection] = set()
         self.on_transition: list[Callable[[Transition], None]] = []
         self._tasks: list[asyncio.Task[None]] = []

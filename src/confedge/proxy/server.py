@@ -33,6 +33,8 @@ from confedge.proxy.request import (
     Refused,
     path_allowed,
 )
+from confedge.proxy.turnshare import alpn_selects_turn
+from confedge.turn.portshare import FIRST_HTTP, FIRST_TURN, classify
 
 if TYPE_CHECKING:
     from confedge.proxy.core import ProxyCore
@@ -160,6 +162,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         "peer",
         "pending",
         "refusal",
+        "sniff",
         "static_iter",
         "timeout",
         "tmode",
@@ -190,6 +193,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.deadline = _INF
         self.timeout = 0.0
         self.tmode = T_IDLE
+        # turn.tls_on_https: the first bytes read so far, until they say HTTP or TURN.
+        self.sniff: bytes | None = None
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -205,6 +210,14 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.peer = normalise_peer(transport.get_extra_info("peername"))
         # The first request's head must arrive within header_timeout of the connection.
         self._set_timeout(T_HEAD, core.header_timeout, absolute=True)
+        if core.turn_share is not None:
+            # turn.tls_on_https (docs/TURN.md): this may be TURN over TLS. ALPN "stun.turn"
+            # says so now; otherwise the first bytes will, through the in_head path below.
+            if alpn_selects_turn(transport):
+                self._to_turn(b"")
+                return
+            self.sniff = b""
+            self.in_head = True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.clients.discard(self)
@@ -259,6 +272,10 @@ class ClientConnection(asyncio.BufferedProtocol):
         if self.discard:
             return
         if self.in_head:
+            if self.sniff is not None:
+                data = self._sniffed(data)
+                if not data:
+                    return
             # Coarse guard against one endless header line (httptools only calls on_header when
             # a header is complete); the precise limit is enforced per header below.
             self.head_raw += len(data)
@@ -271,6 +288,32 @@ class ClientConnection(asyncio.BufferedProtocol):
             self._upgrade(bytes(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
+
+    def _sniffed(self, data: bytes | memoryview) -> bytes | memoryview:
+        """turn.tls_on_https: what to parse as HTTP, once the first bytes say it is HTTP; b""
+        while they say nothing yet, or when they were STUN/ChannelData (handed to TURN)."""
+        buf = self.sniff + bytes(data) if self.sniff else data
+        kind = classify(buf)
+        if kind == FIRST_HTTP:
+            self.sniff = None
+            return buf
+        if kind == FIRST_TURN:
+            self._to_turn(bytes(buf))
+        else:
+            self.sniff = bytes(buf)  # at most 15 bytes (classify decides by the 16th)
+        return b""
+
+    def _to_turn(self, first: bytes) -> None:
+        """Give this connection to TURN (core.turn_share); this object is done with it."""
+        core = self.core
+        share = core.turn_share
+        t = self.transport
+        core.clients.discard(self)
+        self.sniff = None
+        self._set_timeout(T_NONE, 0.0)
+        self.transport = None
+        if share is not None and t is not None and not t.is_closing():
+            share.take(t, first)
 
     def _parse_error(self, exc: httptools.HttpParserError) -> None:
         if isinstance(exc, httptools.HttpParserInvalidMethodError):

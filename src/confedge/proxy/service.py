@@ -30,7 +30,9 @@ from confedge.proxy.accesslog import RequestCounter
 from confedge.proxy.core import GuardHook, ProxyCore, reuse_port_socket
 from confedge.proxy.redirect import RedirectConnection
 from confedge.proxy.server import ClientConnection
+from confedge.proxy.turnshare import InProcessShare, RelayShare
 from confedge.tls.context import TLSContextHolder
+from confedge.turn.portshare import ALPN_STUN_TURN
 
 __all__ = ["GuardFactory", "ProxyService", "ProxyWorker"]
 
@@ -67,9 +69,12 @@ class ProxyWorker:
         guard_factory: GuardFactory | None = None,
         workers: int = 1,
         guard: GuardHook | None = None,
+        turn_share: InProcessShare | RelayShare | None = None,
     ) -> None:
         self.cfg = cfg
         self.guard_factory = guard_factory
+        # turn.tls_on_https: where TURN-over-TLS connections of the HTTPS port go.
+        self.turn_share = turn_share
         # A guard the caller owns (started and closed by it), used instead of building one.
         self.shared_guard = guard
         self.workers = workers
@@ -88,7 +93,10 @@ class ProxyWorker:
     ) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
-        self.tls = TLSContextHolder(cfg)
+        # RFC 7443 §4: with TURN on this port, "stun.turn" is offered too, first, so that a
+        # client offering it gets it (OpenSSL picks in the server's order).
+        alpn = ("http/1.1",) if self.turn_share is None else (ALPN_STUN_TURN, "http/1.1")
+        self.tls = TLSContextHolder(cfg, alpn=alpn)
         if self.shared_guard is not None:
             self.guard = self.shared_guard
         elif self.guard_factory is not None:
@@ -108,6 +116,7 @@ class ProxyWorker:
             workers=self.workers,
         )
         self.core = core
+        core.turn_share = self.turn_share
         core.start()
         ctx = self.tls.context
         for s in https_socks:
@@ -157,6 +166,8 @@ class ProxyWorker:
                 await asyncio.sleep(0.05)
         if core is not None:
             await core.close()
+        if self.turn_share is not None:
+            await self.turn_share.close()
         for srv in self._servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 1.0)
@@ -223,12 +234,17 @@ class ProxyService:
         *,
         guard_factory: GuardFactory | None = None,
         guard: GuardHook | None = None,
+        turn: Any = None,
     ) -> None:
         """`guard_factory` builds the guard of each worker process (it must be importable by a
         spawned process); `guard`, if given, is this process's own guard (already started,
         closed by the caller), which an in-process proxy (workers = 1) uses instead of building
-        a second one, so that it and TURN count into, and ban from, one table."""
+        a second one, so that it and TURN count into, and ban from, one table. `turn` is the
+        started TurnService, which serves the HTTPS port's TURN connections with
+        turn.tls_on_https."""
         self.cfg = cfg
+        self.turn = turn
+        self._turn_relay: str | None = None
         self.guard_factory = guard_factory
         self.shared_guard = guard
         self.workers = cfg.proxy.workers or os.cpu_count() or 1
@@ -256,6 +272,12 @@ class ProxyService:
         log.info("proxy: %d worker(s), hot path %s", self.workers, build_kind())
         # Check/generate the certificate once, in the parent, before any worker races for it.
         TLSContextHolder(cfg)
+        if cfg.turn.tls_on_https:
+            if self.turn is None:
+                raise ValueError("turn.tls_on_https: the proxy was started without TURN")
+            if self.workers > 1:
+                self._turn_relay = await self.turn.open_relay_listener()
+            log.info("proxy: TURN over TLS shares the HTTPS port (turn.tls_on_https)")
         if self.workers == 1:
             https = _bind_all(hosts, cfg.proxy.https_port, reuse_port=False)
             http = (
@@ -266,7 +288,10 @@ class ProxyService:
             self.https_port = https[0].getsockname()[1]
             self.http_port = http[0].getsockname()[1] if http else 0
             self._worker = ProxyWorker(
-                cfg, guard_factory=self.guard_factory, guard=self.shared_guard
+                cfg,
+                guard_factory=self.guard_factory,
+                guard=self.shared_guard,
+                turn_share=InProcessShare(self.turn) if cfg.turn.tls_on_https else None,
             )
             try:
                 await self._worker.start(https, http)
@@ -423,6 +448,7 @@ class ProxyService:
                 self.http_port,
                 self.workers,
                 child_end,
+                self._turn_relay,
             ),
             name=f"confedge-proxy-{index}",
             daemon=True,
@@ -498,8 +524,9 @@ def _worker_main(
     http_port: int,
     workers: int,
     ready: multiprocessing.connection.Connection,
+    turn_relay: str | None = None,
 ) -> None:
-    """Entry point of a worker process."""
+    """Entry point of a worker process; `turn_relay` is TURN's local socket (tls_on_https)."""
     import uvloop
 
     logging.basicConfig(
@@ -512,7 +539,10 @@ def _worker_main(
         try:
             https = _bind_all(hosts, https_port, reuse_port=True)
             http = _bind_all(hosts, http_port, reuse_port=True) if http_port else []
-            worker = ProxyWorker(cfg, guard_factory=guard_factory, workers=workers)
+            share = RelayShare(turn_relay, loop) if turn_relay else None
+            worker = ProxyWorker(
+                cfg, guard_factory=guard_factory, workers=workers, turn_share=share
+            )
             await worker.start(https, http)
         except Exception as exc:
             ready.send(f"{type(exc).__name__}: {exc}")

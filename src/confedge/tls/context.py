@@ -102,8 +102,11 @@ class TLSContextHolder:
     extra certificate never takes over a name the default one serves.
     """
 
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, *, alpn: tuple[str, ...] = ("http/1.1",)) -> None:
+        """`alpn`: the protocols offered, in the server's order of preference (the proxy's
+        HTTPS listener adds "stun.turn" first with turn.tls_on_https, RFC 7443 §4)."""
         self._cfg = cfg
+        self._alpn = alpn
         self.info: CertificateInfo
         self.infos: list[CertificateInfo] = []
         self.certfile = ""
@@ -142,12 +145,13 @@ class TLSContextHolder:
                 log.warning("%s", w)
         for w in sni_warnings:
             log.warning("%s", w)
-        default = _context(certfile, keyfile, "tls.cert")
+        default = _context(certfile, keyfile, "tls.cert", self._alpn)
         exact: dict[str, ssl.SSLContext] = {}
         wildcard: dict[str, ssl.SSLContext] = {}
         pairs = [(default, info)]
         for i, (cert, key, extra_info) in enumerate(extra):
-            pairs.append((_context(cert, key or None, f"tls.certificates[{i}].cert"), extra_info))
+            where = f"tls.certificates[{i}].cert"
+            pairs.append((_context(cert, key or None, where, self._alpn), extra_info))
         for ctx, ci in pairs:
             for name in sni_names(ci.names):
                 if name.startswith("*."):
@@ -195,8 +199,12 @@ class TLSContextHolder:
         return self.info
 
 
-def _context(certfile: str, keyfile: str | None, where: str) -> ssl.SSLContext:
+def _context(
+    certfile: str, keyfile: str | None, where: str, alpn: tuple[str, ...]
+) -> ssl.SSLContext:
+    # Every SNI-selected context offers the same ALPN list: OpenSSL selects ALPN after the
+    # servername callback has switched contexts, with the callback of the context switched to.
     try:
-        return server_context(certfile, keyfile)
+        return server_context(certfile, keyfile, alpn=alpn)
     except ssl.SSLError as exc:
         raise CertificateError(f"{where}: OpenSSL refused the certificate/key: {exc}") from None

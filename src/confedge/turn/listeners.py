@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import struct
+from collections.abc import Callable
 from typing import Any, cast
 
 from confedge.stun import StunError
@@ -20,8 +24,9 @@ from confedge.stun import StunError
 from .core import Client, TurnCore
 from .dataplane import ClientSink, DataPlane
 from .framing import TurnStreamFramer
+from .portshare import ProxyHeaderError, decode_proxy_v2
 
-__all__ = ["TcpConnection", "UdpListener"]
+__all__ = ["RelayedConnection", "TcpConnection", "UdpListener"]
 
 log = logging.getLogger("confedge.turn")
 
@@ -106,12 +111,20 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCPTransport is not an asyncio.Transport subclass, but has its interface.
         transport = cast(asyncio.Transport, transport)
+        self.attach(transport, transport.get_extra_info("peername"))
+
+    def attach(self, transport: asyncio.Transport, peer: tuple[Any, ...]) -> None:
+        """Serve `transport` as the connection of the client at `peer`.
+
+        Called by connection_made with the socket's peer, and for connections accepted
+        elsewhere (turn.tls_on_https, portshare.py) with the client's real address: a
+        connection relayed from a proxy worker has the worker as its socket peer.
+        """
         if len(self._connections) >= self._max_connections:
             transport.abort()  # over the cap: refuse before any per-connection state
             return
         self.transport = transport
         transport.set_write_buffer_limits(high=self.WRITE_HIGH_WATER)
-        peer = transport.get_extra_info("peername")
         key = (self.kind, peer[0], peer[1])
         self.client = Client(key, peer[0], peer[1], self.kind, ClientSink(transport, None))
         self._connections.add(self)
@@ -151,3 +164,81 @@ class TcpConnection(asyncio.Protocol):
             self._setup_timer.cancel()
         if self.client is not None:
             self.core.client_gone(self._loop.time(), self.client.key, "tcp-closed")
+
+
+# A relayed connection must name its client within this many seconds (the worker sends the
+# header with its first write, so this only bounds a stuck or foreign local client).
+RELAY_HEADER_TIMEOUT = 5.0
+
+
+def _same_user(transport: asyncio.BaseTransport) -> bool:
+    """True when the peer of a Unix stream runs as this process's user (SO_PEERCRED).
+
+    The relay socket's directory is already private (mode 0700); this is the second lock on a
+    door that lets the other side name any client address it likes.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return bool(uid == os.getuid())
+
+
+class RelayedConnection(asyncio.Protocol):
+    """A TURN-over-TLS client relayed from a proxy worker process (turn.tls_on_https).
+
+    The worker terminated TLS on the HTTPS port and opened this local stream for one client; it
+    starts with a PROXY protocol v2 header naming the client (portshare.py). Once the header is
+    read the stream becomes a :class:`TcpConnection` of that client, so its allocation's
+    5-tuple, the 401 budget and the guard see the client's address, never the worker's.
+    """
+
+    def __init__(self, make: Callable[[], TcpConnection], loop: asyncio.AbstractEventLoop) -> None:
+        self._make = make
+        self._loop = loop
+        self._buf = b""
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        if not _same_user(transport):
+            log.warning("turn: refused a relay connection from another user")
+            transport.abort()
+            return
+        self.transport = transport
+        self._timer = self._loop.call_later(RELAY_HEADER_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        self._buf += data
+        try:
+            got = decode_proxy_v2(self._buf)  # bounded: a header is at most 232 bytes
+        except ProxyHeaderError as exc:
+            log.warning("turn: relay connection without a valid client header: %s", exc)
+            transport.abort()
+            return
+        if got is None:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        peer, used = got
+        rest, self._buf, self.transport = self._buf[used:], b"", None
+        if peer is None:  # LOCAL: a probe with no client behind it
+            transport.close()
+            return
+        conn = self._make()
+        transport.set_protocol(conn)
+        conn.attach(transport, peer)
+        if rest and conn.transport is not None:
+            conn.data_received(rest)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

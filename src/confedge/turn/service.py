@@ -14,7 +14,9 @@ import errno
 import ipaddress
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -26,7 +28,7 @@ from confedge.config import Config
 from .auth import RestCredentials
 from .core import GuardLike, TurnCore
 from .dataplane import UdpDataPlane
-from .listeners import TcpConnection, UdpListener
+from .listeners import RelayedConnection, TcpConnection, UdpListener
 
 __all__ = [
     "HostAddressWatch",
@@ -191,6 +193,8 @@ class TurnService:
         self._tcp_conns: set[TcpConnection] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._relay: asyncio.AbstractServer | None = None
+        self._relay_dir: str | None = None
 
     @property
     def host(self) -> str:
@@ -393,7 +397,7 @@ class TurnService:
         if self._udp is not None:
             self._udp.close()
             self._udp = None
-        servers = [srv for srv in (self._tcp, self._tls) if srv is not None]
+        servers = [srv for srv in (self._tcp, self._tls, self._relay) if srv is not None]
         for srv in servers:
             srv.close()
         for conn in list(self._tcp_conns):
@@ -402,18 +406,21 @@ class TurnService:
         for srv in servers:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(srv.wait_closed(), 2.0)
-        self._tcp = self._tls = None
+        self._tcp = self._tls = self._relay = None
+        if self._relay_dir is not None:
+            shutil.rmtree(self._relay_dir, ignore_errors=True)
+            self._relay_dir = None
         if self.dataplane is not None:
             self.dataplane.close()
 
     def stream_protocol(self, kind: str = "tls") -> asyncio.Protocol:
         """A TURN-over-stream protocol for a connection accepted elsewhere.
 
-        For sharing a port with HTTPS (SPEC §3: ``turns:`` on 443): the proxy, having seen
-        ALPN ``stun.turn`` or a first byte below 0x80 after the TLS handshake, hands the
-        connection over::
+        For sharing a port with HTTPS (SPEC §3: ``turns:`` on 443, ``turn.tls_on_https``): an
+        in-process proxy, having seen ALPN ``stun.turn`` or STUN/ChannelData as the first bytes
+        after the TLS handshake (portshare.py), hands the connection over::
 
-            proto = turn.stream_protocol()
+            proto = turn.stream_protocol("tls-https")
             transport.set_protocol(proto)
             proto.connection_made(transport)
             proto.data_received(bytes_already_read)
@@ -423,6 +430,32 @@ class TurnService:
             raise RuntimeError("TurnService.stream_protocol() before start()")
         cap = self.cfg.turn.max_allocations + 256
         return TcpConnection(core, dp, loop, self._tcp_conns, cap, kind=kind)
+
+    async def open_relay_listener(self) -> str:
+        """The path of a Unix stream socket on which proxy worker processes relay TURN-over-TLS
+        clients of the HTTPS port (turn.tls_on_https with proxy.workers > 1; portshare.py).
+
+        Each connection starts with a PROXY protocol v2 header naming the client. The socket
+        lives in a fresh directory of mode 0700, and peers of another user are refused too,
+        because whoever can connect can claim any client address (restricted mode trusts
+        addresses). Opened once; later calls return the same path.
+        """
+        loop, core, dp = self._loop, self.core, self.dataplane
+        if loop is None or core is None or dp is None:
+            raise RuntimeError("TurnService.open_relay_listener() before start()")
+        if self._relay is not None and self._relay_dir is not None:
+            return os.path.join(self._relay_dir, "turn.sock")
+        self._relay_dir = tempfile.mkdtemp(prefix="confedge-turn-")
+        path = os.path.join(self._relay_dir, "turn.sock")
+        cap = self.cfg.turn.max_allocations + 256
+
+        def make() -> TcpConnection:
+            return TcpConnection(core, dp, loop, self._tcp_conns, cap, kind="tls-https")
+
+        self._relay = await loop.create_unix_server(
+            lambda: RelayedConnection(make, loop), path, backlog=1024
+        )
+        return path
 
     def info(self) -> dict[str, Any]:
         """What a client (or `confedge demo --json`) needs to use this server.

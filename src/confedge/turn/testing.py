@@ -30,7 +30,7 @@ from confedge.stun import (
 
 from .dataplane import AllocationCounters, CapacityError, ClientSink, DataPlane, RelayGrant
 
-__all__ = ["MemoryDataPlane", "UdpTurnClient", "response_code", "turn_config"]
+__all__ = ["MemoryDataPlane", "UdpTurnClient", "response_code", "shared_port_config", "turn_config"]
 
 
 def turn_config(
@@ -78,6 +78,37 @@ def turn_config(
     # fixed port, which parallel tests (and a running confedge) would collide on.
     section.setdefault("tls_port", 0)
     return parse_config(data)
+
+
+def shared_port_config(
+    state_dir: str,
+    nodes: list[str],
+    *,
+    workers: int = 1,
+    relay_ports: str,
+    on: bool = True,
+    host: str = "127.0.0.1",
+) -> Config:
+    """TURN and the proxy on loopback, TURN over TLS sharing the HTTPS port (turn.tls_on_https),
+    every port ephemeral, management off: what the shared-port tests start with Runtime."""
+    return turn_config(
+        host=host,
+        tls_on_https=on,
+        relay_ports=relay_ports,
+        state_dir=state_dir,
+        sections={
+            "proxy": {
+                "https_port": 0,
+                "http_port": 0,
+                "workers": workers,
+                "nodes": nodes,
+                "access_log": f"{state_dir}/access.log",
+                "health_interval": 0.2,
+                "health_timeout": 0.5,
+            },
+            "management": {"enabled": False},
+        },
+    )
 
 
 class MemoryDataPlane(DataPlane):
