@@ -1,0 +1,120 @@
+"""The `confedge` command as a new operator meets it: help on everything, and operator commands
+that answer with one plain line while their audit record goes to STATE_DIR/audit.log."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from confedge.cli import build_parser
+from confedge.nodesim.cli import build_parser as nodesim_parser
+
+CONFEDGE = [sys.executable, "-m", "confedge"]
+
+
+def _walk(parser: argparse.ArgumentParser, path: str) -> list[tuple[str, argparse.Action]]:
+    """Every (command path, action) of a parser tree, subcommands included."""
+    out: list[tuple[str, argparse.Action]] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {a.dest: a.help for a in action._choices_actions}
+            for name, sub in action.choices.items():
+                out.append((f"{path} {name}", argparse.Action([name], name, help=helps.get(name))))
+                out += _walk(sub, f"{path} {name}")
+        elif not isinstance(action, argparse._HelpAction | argparse._VersionAction):
+            out.append((path, action))
+    return out
+
+
+def test_every_subcommand_and_option_has_help() -> None:
+    actions = _walk(build_parser(), "confedge") + _walk(nodesim_parser(), "confedge nodesim")
+    missing = [
+        f"{where}: {a.option_strings or a.dest}"
+        for where, a in actions
+        if not a.help or a.help == argparse.SUPPRESS
+    ]
+    assert missing == []
+    names = {where for where, _ in actions}
+    assert {"confedge bans add", "confedge cert install", "confedge demo"} <= names
+
+
+def _help(*argv: str) -> str:
+    res = subprocess.run([*CONFEDGE, *argv, "--help"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_bans_help_lists_its_actions_and_add_shows_the_duration() -> None:
+    text = _help("bans")
+    for action in ("list", "add", "remove", "clear"):
+        assert f"\n    {action} " in text, text
+    add = _help("bans", "add")
+    assert "--time DURATION" in add and "90s/10m/2h/1d" in add
+    assert "source" in add and "--reason REASON" in add
+    cert = _help("cert")
+    for action in ("show", "install", "self-signed"):
+        assert f"\n    {action} " in cert, cert
+    assert "--port-base N" in _help("demo")
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "confedge.toml"
+    path.write_text(
+        f"""
+[server]
+hostname = "edge"
+domain = "example.com"
+state_dir = "{tmp_path / "state"}"
+[proxy]
+enabled = false
+[turn]
+enabled = false
+[guard]
+enabled = true
+store = "sqlite"
+bantime = 300
+"""
+    )
+    return path
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CONFEDGE, *argv], capture_output=True, text=True, timeout=30)
+
+
+def test_operator_commands_print_one_line_and_audit_to_the_state_dir(config: Path) -> None:
+    audit = config.parent / "state" / "audit.log"
+    res = _run("bans", "--config", str(config), "add", "192.0.2.7", "--time", "10m")
+    assert (res.returncode, res.stdout, res.stderr) == (
+        0,
+        "banned 192.0.2.7 for 10m00s (offence 1)\n",
+        "",
+    )
+    assert "ban source=192.0.2.7 seconds=600" in audit.read_text()
+    assert "by=operator" in audit.read_text()
+    # --config after the action works too (as it did before bans had its own parser tree).
+    res = _run("bans", "remove", "192.0.2.7", "--config", str(config))
+    assert (res.returncode, res.stdout, res.stderr) == (0, "lifted the ban of 192.0.2.7\n", "")
+    assert "unban source=192.0.2.7 by=manual" in audit.read_text()
+    res = _run("cert", "self-signed", "-c", str(config))
+    assert res.returncode == 0 and res.stderr == ""
+    assert res.stdout.startswith("generated a self-signed certificate for edge.example.com in ")
+    assert res.stdout.count("\n") == 1
+    assert "self-signed certificate generated subject=CN=edge.example.com" in audit.read_text()
+    assert audit.stat().st_mode & 0o777 == 0o600
+    # Asked for, the log lines show up on the terminal as before.
+    res = _run("bans", "--config", str(config), "--log-level", "info", "clear")
+    assert res.stdout == "cleared 0 active ban(s)\n"
+    assert "confedge.guard.audit: unban all by=manual" in res.stderr
+
+
+def test_operator_commands_without_config_are_a_usage_error() -> None:
+    for argv in (("bans", "list"), ("cert", "show")):
+        res = _run(*argv)
+        assert res.returncode == 2
+        assert "the following arguments are required: --config/-c" in res.stderr
