@@ -24,7 +24,28 @@ import sys
 import time
 from typing import Any
 
-IN_PORT, SINK_PORT = 40350, 40351
+# The forwarder's and the sink's UDP ports: chosen free within this range at each measure()
+# and inherited by the forked children.
+PORTS = range(40350, 40400)
+IN_PORT, SINK_PORT = 0, 0
+
+
+def _pick_ports() -> None:
+    global IN_PORT, SINK_PORT
+    free: list[int] = []
+    for port in PORTS:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        free.append(port)
+        if len(free) == 2:
+            IN_PORT, SINK_PORT = free
+            return
+    raise SystemExit(f"no two free UDP ports in {PORTS.start}-{PORTS.stop - 1}")
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -96,6 +117,7 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 
 def measure(variant: str, size: int, window: float) -> dict[str, float]:
+    _pick_ports()
     ctx = mp.get_context("fork")
     counts = ctx.RawArray("q", 1)
     stop = ctx.RawArray("q", 1)

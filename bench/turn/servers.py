@@ -218,7 +218,7 @@ unauth_budget = 1000000
 enabled = false
 
 [management]
-port = 40990  # not started by the TURN service alone; kept inside the bench range
+enabled = false
 """
     )
     (workdir / "state").mkdir(exist_ok=True)
