@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+from servers import free_udp_ports
+
 # The forwarder's and the sink's UDP ports: chosen free within this range at each measure()
 # and inherited by the forked children.
 PORTS = range(40350, 40400)
@@ -32,18 +34,7 @@ IN_PORT, SINK_PORT = 0, 0
 
 def _pick_ports() -> None:
     global IN_PORT, SINK_PORT
-    free: list[int] = []
-    for port in PORTS:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        free.append(port)
-        if len(free) == 2:
-            IN_PORT, SINK_PORT = free
-            return
-    raise SystemExit(f"no two free UDP ports in {PORTS.start}-{PORTS.stop - 1}")
+    IN_PORT, SINK_PORT = free_udp_ports(PORTS, 2)
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")

@@ -29,7 +29,6 @@ import json
 import multiprocessing as mp
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -55,23 +54,11 @@ EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
 FULL_STEPS = [loadgen.PROBE, loadgen.ALLOCATE, loadgen.PERMISSION, loadgen.CHANNEL]
 
 
-def _free_udp(ports: range) -> int:
-    """The first port of `ports` free for UDP on 127.0.0.1 now."""
-    for port in ports:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise SystemExit(f"no free UDP port in {ports.start}-{ports.stop - 1} for the peer sink")
-
-
 class Harness:
     """The sink and the worker processes, shared by every scenario of one server session."""
 
     def __init__(self, ctx: Any, n_workers: int) -> None:
-        self.sink_port = _free_udp(SINK_PORTS)
+        (self.sink_port,) = servers.free_udp_ports(SINK_PORTS, 1)
         self.ctx = ctx
         self.counts = ctx.RawArray("q", 2)
         self.sink_stop = ctx.RawArray("q", 1)
