@@ -118,3 +118,55 @@ def test_operator_commands_without_config_are_a_usage_error() -> None:
         res = _run(*argv)
         assert res.returncode == 2
         assert "the following arguments are required: --config/-c" in res.stderr
+
+
+def test_cert_show_names_which_certificate_each_sni_name_gets(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from test_cert_install import _cert, _key_pem
+
+    def pair(name: str, *names: str) -> tuple[Path, Path]:
+        k = ec.generate_private_key(ec.SECP256R1())
+        cert, key = tmp_path / f"{name}.pem", tmp_path / f"{name}.key"
+        cert.write_bytes(_cert(names[0], k, names[0], k, ca=False, names=names))
+        key.write_bytes(_key_pem(k))
+        return cert, key
+
+    default = pair("default", "edge.example.com", "meet.example.com")
+    video = pair("video", "*.video.example.org", "meet.example.com")
+    path = tmp_path / "confedge.toml"
+    path.write_text(
+        f"""
+[server]
+hostname = "edge"
+domain = "example.com"
+state_dir = "{tmp_path / "state"}"
+[proxy]
+enabled = false
+[turn]
+enabled = false
+[tls]
+cert = "{default[0]}"
+key = "{default[1]}"
+[[tls.certificates]]
+cert = "{video[0]}"
+key = "{video[1]}"
+"""
+    )
+    res = _run("cert", "show", "--config", str(path))
+    assert res.returncode == 0, res.stdout + res.stderr
+    out = res.stdout
+    assert f"default (tls.cert): {default[0]} (key {default[1]})" in out
+    assert f"tls.certificates[0]: {video[0]} (key {video[1]})" in out
+    assert "names:    *.video.example.org, meet.example.com" in out
+    assert "issuer:   CN=edge.example.com  (self-signed)" in out
+    assert "(89 days left)" in out or "(90 days left)" in out
+    sni = out[out.index("SNI (server name -> certificate):") :].splitlines()
+    assert sni[1:] == [
+        "  edge.example.com -> default (tls.cert)",
+        "  meet.example.com -> default (tls.cert)",
+        "  *.video.example.org -> tls.certificates[0]",
+        "  any other name, or none -> default (tls.cert)",
+        "warning: tls.certificates[0].cert "
+        f"({video[0]}): meet.example.com is already served by "
+        "the default certificate (tls.cert); the earlier certificate wins",
+    ]
