@@ -61,8 +61,8 @@ def test_bans_help_lists_its_actions_and_add_shows_the_duration() -> None:
     assert "--port-base N" in _help("demo")
 
 
-@pytest.fixture
-def config(tmp_path: Path) -> Path:
+def _write_config(tmp_path: Path, more: str) -> Path:
+    """edge.example.com, proxy and TURN off (nothing listens), plus `more`."""
     path = tmp_path / "confedge.toml"
     path.write_text(
         f"""
@@ -74,13 +74,14 @@ state_dir = "{tmp_path / "state"}"
 enabled = false
 [turn]
 enabled = false
-[guard]
-enabled = true
-store = "sqlite"
-bantime = 300
-"""
+{more}"""
     )
     return path
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return _write_config(tmp_path, '[guard]\nenabled = true\nstore = "sqlite"\nbantime = 300\n')
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -133,24 +134,10 @@ def test_cert_show_names_which_certificate_each_sni_name_gets(tmp_path: Path) ->
 
     default = pair("default", "edge.example.com", "meet.example.com")
     video = pair("video", "*.video.example.org", "meet.example.com")
-    path = tmp_path / "confedge.toml"
-    path.write_text(
-        f"""
-[server]
-hostname = "edge"
-domain = "example.com"
-state_dir = "{tmp_path / "state"}"
-[proxy]
-enabled = false
-[turn]
-enabled = false
-[tls]
-cert = "{default[0]}"
-key = "{default[1]}"
-[[tls.certificates]]
-cert = "{video[0]}"
-key = "{video[1]}"
-"""
+    path = _write_config(
+        tmp_path,
+        f'[tls]\ncert = "{default[0]}"\nkey = "{default[1]}"\n'
+        f'[[tls.certificates]]\ncert = "{video[0]}"\nkey = "{video[1]}"\n',
     )
     res = _run("cert", "show", "--config", str(path))
     assert res.returncode == 0, res.stdout + res.stderr
