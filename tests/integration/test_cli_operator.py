@@ -4,6 +4,7 @@ that answer with one plain line while their audit record goes to STATE_DIR/audit
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,19 @@ def test_cert_show_names_which_certificate_each_sni_name_gets(tmp_path: Path) ->
         f"({video[0]}): meet.example.com is already served by "
         "the default certificate (tls.cert); the earlier certificate wins",
     ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as `sudo confedge cert ...` runs")
+def test_certificate_written_as_root_belongs_to_the_service_user(config: Path) -> None:
+    """Run with sudo, `confedge cert` must leave the key readable by the service, whose user
+    owns server.state_dir (systemd StateDirectory=), or the reload would refuse it."""
+    state = config.parent / "state"
+    state.mkdir()
+    os.chown(state, 65534, 65534)  # nobody: stands for the service user
+    config.chmod(0o640)
+    res = _run("cert", "self-signed", "--config", str(config))
+    assert res.returncode == 0, res.stderr
+    for path in (state / "tls", state / "tls" / "selfsigned.pem"):
+        st = path.stat()
+        assert (st.st_uid, st.st_gid) == (65534, 65534), path
+    assert (state / "tls" / "selfsigned.pem").stat().st_mode & 0o777 == 0o600

@@ -276,6 +276,7 @@ def _install(
     write_private(key_path, key_out)
     write_private(cert_path, certs_out)
     os.chmod(cert_path, 0o644)
+    _give_to_service(cfg, directory, key_path, cert_path)
     _set_tls_paths(config_path, str(cert_path), str(key_path))
     audit.info(
         "certificate installed subject=%s names=%s not_after=%s chain=%d cert=%s by=operator",
@@ -340,15 +341,27 @@ def _replace_config(path: Path, text: str) -> None:
         raise OSError(
             f"{path}: the updated configuration would not be valid ({exc}); not written"
         ) from None
-    mode = path.stat().st_mode & 0o777
+    st = path.stat()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, st.st_mode & 0o777)
     try:
         os.write(fd, text.encode("utf-8"))
         os.fsync(fd)
+        if os.geteuid() == 0:  # keep e.g. root:confedge 0640 as the operator set it
+            os.fchown(fd, st.st_uid, st.st_gid)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _give_to_service(cfg: Config, *paths: Path) -> None:
+    """Run as root (sudo), hand what was written to the owner of server.state_dir: the service
+    user (systemd's StateDirectory=), which must read the 0600 key on reload."""
+    if os.geteuid() != 0:
+        return
+    st = Path(cfg.server.state_dir).stat()
+    for path in paths:
+        os.chown(path, st.st_uid, st.st_gid)
 
 
 # -- self-signed -----------------------------------------------------------------------------------
@@ -363,6 +376,7 @@ def _self_signed(cfg: Config, config_path: str, force: bool, now: dt.datetime, o
     path, info, _ = ensure_self_signed(
         cfg.server.state_dir, cfg.server.fqdn, generated_names(cfg), now, force=True
     )
+    _give_to_service(cfg, path.parent, path)
     if cfg.tls.cert:
         _clear_tls_paths(config_path)
     audit.info(
