@@ -97,33 +97,22 @@ class Runtime:
         With `config_path` set, the file's [tls] section is read again first (other sections
         keep their running values). Connections in flight keep their session; a certificate
         that fails its checks is refused with one clear log line and the old one stays in
-        service.
+        service. One path through, no early return: whatever happens, the reload ends here.
         """
-        from confedge.config import ConfigError, load_config
         from confedge.tls.certs import CertificateError
 
-        cfg = self.cfg
-        if self.config_path is not None:
-            try:
-                fresh = load_config(self.config_path)
-            except ConfigError as exc:
-                log.error(
-                    "configuration not reloaded, the running one stays: %s",
-                    "; ".join(exc.problems),
-                )
-                return
-            cfg = cfg.model_copy(update={"tls": fresh.tls})
+        cfg = self._reread_tls()
         # Parts refusing the same files for the same reason make one line, not one per part.
         refused: dict[str, list[str]] = {}
         for name, part in (("proxy", self.proxy), ("turn", self.turn)):
             reload_tls = getattr(part, "reload_tls", None)
-            if reload_tls is None:
+            if cfg is None or reload_tls is None:
                 continue
             try:
                 reload_tls(cfg)
             except CertificateError as exc:
                 refused.setdefault(str(exc), []).append(name)
-        if not refused:
+        if cfg is not None and not refused:
             self.cfg = cfg
         for reason, names in refused.items():
             log.error(
@@ -131,6 +120,22 @@ class Runtime:
                 " and ".join(names),
                 reason,
             )
+
+    def _reread_tls(self) -> Config | None:
+        """The running configuration with the file's current [tls] (the running one when no
+        file is known); None, with one log line, when the file is not valid now."""
+        from confedge.config import ConfigError, load_config
+
+        if self.config_path is None:
+            return self.cfg
+        try:
+            fresh = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error(
+                "configuration not reloaded, the running one stays: %s", "; ".join(exc.problems)
+            )
+            return None
+        return self.cfg.model_copy(update={"tls": fresh.tls})
 
     async def close(self) -> None:
         while self.parts:
