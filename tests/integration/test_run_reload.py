@@ -157,11 +157,19 @@ def test_sighup_reloads_certificate_for_proxy_and_turns(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert proc.poll() is None
         assert _peer_cn(https) == "second.example.com"
+
+        # So is a configuration file that no longer parses (SIGHUP reads its [tls] again).
+        (tmp_path / "confedge.toml").write_text("[tls\n")
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert _peer_cn(https) == "second.example.com"
     finally:
         proc.send_signal(signal.SIGTERM)
         err = proc.communicate(timeout=15)[1]
     assert proc.returncode == 0, err
     assert "certificate not reloaded, the old one stays in service" in err
+    assert "configuration not reloaded, the running one stays: " in err
     assert "Traceback" not in err, err
 
 
