@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = [
     "CertificateError",
     "CertificateInfo",
+    "certificate_names",
     "check_pem",
     "check_tls_config",
     "ensure_self_signed",
@@ -100,7 +101,8 @@ def split_pem(data: bytes) -> tuple[list[bytes], list[bytes]]:
     return certs, keys
 
 
-def _names(cert: x509.Certificate) -> tuple[str, ...]:
+def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The subjectAltName DNS names, then IP addresses, of `cert` (what clients match)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -325,7 +327,7 @@ def check_pem(
     warnings: list[str] = []
     if not_after - now < RENEW_BEFORE:
         warnings.append(f"{where}: the certificate expires soon ({not_after.isoformat()})")
-    names = _names(leaf)
+    names = certificate_names(leaf)
     if expected_name and not any(_name_matches(n, expected_name) for n in names):
         if require_name:
             raise CertificateError(

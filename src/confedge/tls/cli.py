@@ -30,6 +30,7 @@ from confedge.pidfile import signal_reload
 from confedge.tls.certs import (
     SELF_SIGNED_NAME,
     CertificateError,
+    certificate_names,
     check_pem,
     check_tls_config,
     ensure_self_signed,
@@ -140,13 +141,7 @@ def _describe(pem: bytes, key_pem: bytes | None, now: dt.datetime, out: TextIO) 
         print("  (no certificate in the file)", file=out)
         return ()
     leaf = chain[0]
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        names = tuple(str(n) for n in san.get_values_for_type(x509.DNSName)) + tuple(
-            str(a) for a in san.get_values_for_type(x509.IPAddress)
-        )
-    except x509.ExtensionNotFound:
-        names = ()
+    names = certificate_names(leaf)
     keys = key_blocks or (split_pem(key_pem)[1] if key_pem else [])
     key_text = key_description(leaf.public_key())
     if not keys:
@@ -180,10 +175,11 @@ def _describe(pem: bytes, key_pem: bytes | None, now: dt.datetime, out: TextIO) 
     return names
 
 
-def _read_optional(path: str) -> bytes | None:
+def _read_optional(path: str, kind: str) -> bytes | None:
+    """The file's PEM, or None when there is none to read (the problem lines say why)."""
     try:
-        return Path(path).read_bytes() if path else None
-    except OSError:
+        return read_pem_file(path, path, kind) if path else None
+    except CertificateError:
         return None
 
 
@@ -207,12 +203,12 @@ def _show(cfg: Config, now: dt.datetime, out: TextIO) -> int:
     named: list[tuple[str, tuple[str, ...]]] = []
     for label, cert_path, key_path in entries:
         print(f"{label}: {cert_path}" + (f" (key {key_path})" if key_path else ""), file=out)
-        pem = _read_optional(cert_path)
+        pem = _read_optional(cert_path, "certificate")
         if pem is None:
             print("  (cannot read the file)", file=out)
             continue
         try:
-            named.append((label, _describe(pem, _read_optional(key_path), now, out)))
+            named.append((label, _describe(pem, _read_optional(key_path, "private key"), now, out)))
         except ValueError as exc:
             print(f"  (cannot parse the certificate: {exc})", file=out)
     if named:
