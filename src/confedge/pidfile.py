@@ -37,11 +37,19 @@ def remove_pidfile(path: Path) -> None:
 
 
 def _is_confedge(pid: int) -> bool:
+    """Whether `pid` runs `confedge run` or `confedge demo` (console script or -m confedge)."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return b"confedge" in cmdline
+    for i, arg in enumerate(argv):
+        # .../bin/confedge (run directly, or by an interpreter), or python -m confedge.
+        launcher = (i <= 1 and arg.rsplit(b"/", 1)[-1] == b"confedge") or (
+            arg == b"confedge" and i > 0 and argv[i - 1] == b"-m"
+        )
+        if launcher and argv[i + 1 : i + 2] in ([b"run"], [b"demo"]):
+            return True
+    return False
 
 
 def running_pid(state_dir: str | os.PathLike[str]) -> int | None:
