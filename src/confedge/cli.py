@@ -163,11 +163,12 @@ def _port_base(text: str) -> int:
 
     try:
         base = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    try:
         DemoPorts.from_base(base)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(
-            str(exc) if "--port-base" in str(exc) else f"{text!r} is not a port number"
-        ) from None
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return base
 
 

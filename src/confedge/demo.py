@@ -52,8 +52,8 @@ class DemoPorts:
         """The ports of `--port-base base` (ValueError naming the allowed range)."""
         if not 1024 <= base <= PORT_BASE_MAX:
             raise ValueError(
-                f"--port-base {base}: must be within 1024-{PORT_BASE_MAX} (the demo uses ports "
-                f"N to N+{RELAY_OFFSET + RELAY_COUNT - 1})"
+                f"{base} is not within 1024-{PORT_BASE_MAX} (the demo uses ports N to "
+                f"N+{RELAY_OFFSET + RELAY_COUNT - 1})"
             )
         o = PORT_OFFSETS
         nodes = tuple(base + o["nodes"] + i for i in range(len(NODE_PORTS)))

@@ -174,3 +174,14 @@ def test_certificate_written_as_root_belongs_to_the_service_user(config: Path) -
         st = path.stat()
         assert (st.st_uid, st.st_gid) == (65534, 65534), path
     assert (state / "tls" / "selfsigned.pem").stat().st_mode & 0o777 == 0o600
+
+
+def test_demo_port_base_out_of_range_is_a_usage_error() -> None:
+    for base, why in (
+        ("64437", "64437 is not within 1024-64436 (the demo uses ports N to N+1099)"),
+        ("80", "80 is not within 1024-64436"),
+        ("x", "'x' is not a port number"),
+    ):
+        res = _run("demo", "--port-base", base)
+        assert res.returncode == 2 and res.stdout == ""
+        assert f"confedge demo: error: argument --port-base: {why}" in res.stderr
