@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import signal
 import socket
 import ssl
@@ -11,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -203,3 +206,50 @@ def test_bad_certificate_with_two_workers_is_one_clean_line(tmp_path: Path) -> N
         in (refusals[0])
     )
     assert "Traceback" not in err, err
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_workers_stop_when_the_main_process_is_killed(tmp_path: Path) -> None:
+    """A killed main process (OOM killer, kill -9) must not leave workers serving on as
+    orphans that nobody reloads or stops: they see their command pipe close and exit."""
+    proc, _cert, _key, https, _turns = _start(tmp_path, workers=2)
+    workers = [c for c in _children(proc.pid) if b"spawn_main" in Path(
+        f"/proc/{c}/cmdline").read_bytes()]  # fmt: skip
+    try:
+        assert len(workers) == 2, workers
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(_alive(w) for w in workers):
+            assert time.monotonic() < deadline, "orphaned workers kept running"
+            time.sleep(0.1)
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", https), timeout=1).close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=15)
+        for w in workers:  # on failure: no orphan outlives the test (never a recycled pid)
+            with contextlib.suppress(OSError):
+                if _alive(w) and b"spawn_main" in Path(f"/proc/{w}/cmdline").read_bytes():
+                    os.kill(w, signal.SIGKILL)

@@ -533,14 +533,21 @@ def _reload_worker_tls(worker: ProxyWorker, tls: Any = None) -> None:
         log.error("certificate not reloaded in this worker, the old one stays in service: %s", exc)
 
 
-def _read_commands(worker: ProxyWorker, conn: multiprocessing.connection.Connection) -> None:
+def _read_commands(
+    worker: ProxyWorker, conn: multiprocessing.connection.Connection, stop: asyncio.Event
+) -> None:
     """The main process sent a new [tls] section (each message is one small pickle, written
-    whole): load it."""
+    whole): load it. End of file means the main process is gone (killed: a clean stop
+    SIGTERMs the workers first); the worker stops too rather than serve on as an orphan that
+    nobody reloads, restarts or stops."""
     try:
         while conn.poll():
             _reload_worker_tls(worker, conn.recv())
-    except (EOFError, OSError):  # the main process is gone; SIGTERM follows
+    except (EOFError, OSError):
         asyncio.get_running_loop().remove_reader(conn.fileno())
+        if not stop.is_set():
+            log.warning("proxy worker: the main process is gone; stopping")
+            stop.set()
 
 
 def _worker_main(
@@ -575,7 +582,7 @@ def _worker_main(
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _reload_worker_tls, worker)
-        loop.add_reader(commands.fileno(), _read_commands, worker, commands)
+        loop.add_reader(commands.fileno(), _read_commands, worker, commands, stop)
         ready.send("ready")
         reporter = loop.create_task(_report(worker, ready))
         await stop.wait()
