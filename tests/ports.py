@@ -27,15 +27,8 @@ def free_port(lo: int, hi: int, *, shuffle: bool = False, udp: bool = False) -> 
     if shuffle:
         random.shuffle(ports)
     for port in ports:
-        try:
-            with socket.socket() as t:
-                t.bind(("127.0.0.1", port))
-                if udp:
-                    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                        u.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return port
+        if _free(port, udp=udp):
+            return port
     raise RuntimeError(f"no free port in {lo}-{hi - 1}")
 
 
@@ -44,6 +37,38 @@ def has_ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
             s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+# `confedge demo --port-base N` in tests: N in this range, below the kernel's ephemeral ports
+# (32768-60999) and clear of the other areas' ranges. A demo uses N..N+7 and relays on
+# N+100..N+1099 (src/confedge/demo.py); relays are picked at random and skip busy ports, so a
+# neighbour's relay range overlapping these service ports costs nothing in practice.
+DEMO_BASES = range(25000, 31000, 100)
+DEMO_SERVICE_PORTS = 8
+
+
+def demo_port_base() -> int:
+    """A port base for a demo whose service ports are all free (TCP and UDP) now, tried in
+    random order so that test runs side by side rarely pick the same one."""
+    bases = list(DEMO_BASES)
+    random.shuffle(bases)
+    for base in bases:
+        if all(_free(p) for p in range(base, base + DEMO_SERVICE_PORTS)):
+            return base
+    raise RuntimeError(f"no demo port base free in {DEMO_BASES}")
+
+
+def _free(port: int, *, udp: bool = True) -> bool:
+    """Whether `port` can be bound on 127.0.0.1 now, for TCP (and UDP when `udp`)."""
+    try:
+        with socket.socket() as t:
+            t.bind(("127.0.0.1", port))
+            if udp:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.bind(("127.0.0.1", port))
     except OSError:
         return False
     return True

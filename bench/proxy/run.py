@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """HTTPS proxy benchmark: confedge against nginx configured as the reference configures it.
 
-What runs (all on loopback, ports 32000-32767):
+What runs (all on loopback, on ports free at start within 32000-32767):
 
 * upstreams: one nginx (1 worker, access log off) listening on three ports, answering
   ``/api/client/v2/status`` with a small JSON and anything else with a 1 KB body, so the nodes
@@ -54,10 +54,33 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+# The listeners' ports; _pick_ports() replaces them with ports free at start in PORT_RANGE, so
+# that a run never collides with a demo, the tests or another benchmark.
+PORT_RANGE = range(32000, 32768)
 UP_PORTS = (32001, 32002, 32003)
 SSE_PORTS = (32004, 32005, 32006)
 NGX_HTTP, NGX_HTTPS = 32010, 32011
 CE_HTTP, CE_HTTPS, CE_MGMT = 32020, 32021, 32022
+
+
+def _pick_ports() -> None:
+    """Choose this run's 11 listener ports among those free now in PORT_RANGE."""
+    global UP_PORTS, SSE_PORTS, NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT
+    free: list[int] = []
+    for port in PORT_RANGE:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        free.append(port)
+        if len(free) == 11:
+            break
+    else:
+        raise SystemExit(f"fewer than 11 free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+    UP_PORTS, SSE_PORTS = tuple(free[0:3]), tuple(free[3:6])
+    NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT = free[6:11]
+
 
 CSP_POLICY = ProxyConfig.model_fields["csp_policy"].default  # confedge's default, the reference's
 STATUS_JSON = '{"status": "success", "result": {"version": "bench"}}'
@@ -327,7 +350,7 @@ class Servers:
 
     def start_sse_upstreams(self) -> None:
         proc = _start(
-            [sys.executable, __file__, "--role", "sse-upstream"],
+            [sys.executable, __file__, "--role", "sse-upstream", "--ports", _csv(SSE_PORTS)],
             self.w / "sse-upstream.out",
             preexec_fn=_raise_nofile,
         )
@@ -549,7 +572,11 @@ def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 # -- SSE memory -------------------------------------------------------------------------------
 
 
-async def _sse_upstream_main() -> None:
+def _csv(ports: tuple[int, ...]) -> str:
+    return ",".join(str(p) for p in ports)
+
+
+async def _sse_upstream_main(ports: list[int]) -> None:
     """Three ports; /api/client/v2/status answers 200, anything else opens an SSE stream."""
     with contextlib.suppress(ImportError):
         import uvloop
@@ -584,7 +611,7 @@ async def _sse_upstream_main() -> None:
     loop = asyncio.get_running_loop()
     servers = [
         await loop.create_server(Proto, "127.0.0.1", p, backlog=4096, reuse_address=True)
-        for p in SSE_PORTS
+        for p in ports
     ]
     try:
         await asyncio.Event().wait()
@@ -784,12 +811,13 @@ def main(argv: list[str] | None = None) -> int:
     # Internal roles: the same file runs the SSE upstreams and the SSE client as subprocesses.
     ap.add_argument("--role", choices=["sse-upstream", "sse-client"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--ports", default="", help=argparse.SUPPRESS)
     ap.add_argument("--count", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--hold", type=float, default=600, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     if args.role == "sse-upstream":
-        asyncio.run(_sse_upstream_main())
+        asyncio.run(_sse_upstream_main([int(p) for p in args.ports.split(",")]))
         return 0
     if args.role == "sse-client":
         asyncio.run(_sse_client_main(args.port, args.count, args.hold))
@@ -798,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in (NGINX, WRK):
         if not Path(tool).exists():
             raise SystemExit(f"{tool} is missing: apt-get install nginx wrk")
+    _pick_ports()
     work = Path(tempfile.mkdtemp(prefix="confedge-bench-proxy-"))
     make_cert(work)
     native = build_compiled(work / "native") if args.build == "compiled" else None

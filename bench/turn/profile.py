@@ -100,7 +100,7 @@ def main() -> int:
     try:
         h.spawn(
             loadgen.Target(
-                server.address, servers.USERNAME, servers.PASSWORD, ("127.0.0.1", run.SINK_PORT)
+                server.address, servers.USERNAME, servers.PASSWORD, ("127.0.0.1", h.sink_port)
             )
         )
         (reply,) = h.ask([("alloc", args.allocs, run.FULL_STEPS, 32, 30.0, h.source_ip())])

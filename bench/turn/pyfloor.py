@@ -24,7 +24,19 @@ import sys
 import time
 from typing import Any
 
-IN_PORT, SINK_PORT = 40350, 40351
+from servers import free_udp_ports
+
+# The forwarder's and the sink's UDP ports: chosen free within this range at each measure()
+# and inherited by the forked children.
+PORTS = range(40350, 40400)
+IN_PORT, SINK_PORT = 0, 0
+
+
+def _pick_ports() -> None:
+    global IN_PORT, SINK_PORT
+    IN_PORT, SINK_PORT = free_udp_ports(PORTS, 2)
+
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -96,6 +108,7 @@ def _cpu(pid: int) -> tuple[float, float]:
 
 
 def measure(variant: str, size: int, window: float) -> dict[str, float]:
+    _pick_ports()
     ctx = mp.get_context("fork")
     counts = ctx.RawArray("q", 1)
     stop = ctx.RawArray("q", 1)

@@ -29,7 +29,6 @@ import json
 import multiprocessing as mp
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,8 @@ from typing import Any
 import loadgen
 import servers
 
-SINK_PORT = 40300
+# The peer sink's UDP port: the first free one from here (Harness.sink_port).
+SINK_PORTS = range(40300, 40350)
 # Same relay range size for both (1,800 ports), disjoint; 44600-44999 is left to the e2e tests.
 CONFEDGE = servers.ServerSpec("confedge", 40100, 41000, 42799)
 COTURN = servers.ServerSpec("coturn", 40200, 42800, 44599)
@@ -58,20 +58,13 @@ class Harness:
     """The sink and the worker processes, shared by every scenario of one server session."""
 
     def __init__(self, ctx: Any, n_workers: int) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", SINK_PORT))
-            except OSError as exc:
-                raise SystemExit(
-                    f"UDP 127.0.0.1:{SINK_PORT} (the peer sink) is busy: {exc.strerror}; "
-                    "is another benchmark running?"
-                ) from None
+        (self.sink_port,) = servers.free_udp_ports(SINK_PORTS, 1)
         self.ctx = ctx
         self.counts = ctx.RawArray("q", 2)
         self.sink_stop = ctx.RawArray("q", 1)
         ready = ctx.Event()
         self.sink = ctx.Process(
-            target=loadgen.sink_main, args=(SINK_PORT, self.counts, self.sink_stop, ready)
+            target=loadgen.sink_main, args=(self.sink_port, self.counts, self.sink_stop, ready)
         )
         self.sink.start()
         if not ready.wait(10):
@@ -257,7 +250,7 @@ def run_server(
     try:
         h.spawn(
             loadgen.Target(
-                server.address, servers.USERNAME, servers.PASSWORD, ("127.0.0.1", SINK_PORT)
+                server.address, servers.USERNAME, servers.PASSWORD, ("127.0.0.1", h.sink_port)
             )
         )
         # Memory first, on the fresh server, so "per allocation" is not blurred by what the
@@ -475,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     h = Harness(ctx, args.workers)
     ceiling: dict[str, Any] = {}
     try:
-        h.spawn(loadgen.Target(("127.0.0.1", 9), "", "", ("127.0.0.1", SINK_PORT)))
+        h.spawn(loadgen.Target(("127.0.0.1", 9), "", "", ("127.0.0.1", h.sink_port)))
         for size in (200, 1200):
             ceiling[str(size)] = relay(h, None, 1, size, 0, 1, args.warmup, args.window)
             print(f"generator ceiling {size} B: {_brief(ceiling[str(size)])}", flush=True)

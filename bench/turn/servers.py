@@ -65,6 +65,22 @@ def pick_port(spec: ServerSpec) -> ServerSpec:
     )
 
 
+def free_udp_ports(ports: range, count: int) -> list[int]:
+    """The first `count` ports of `ports` free for UDP on 127.0.0.1 now (peer sinks and the
+    like: never a fixed number another run or a demo may hold)."""
+    free: list[int] = []
+    for port in ports:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        free.append(port)
+        if len(free) == count:
+            return free
+    raise SystemExit(f"fewer than {count} free UDP ports in {ports.start}-{ports.stop - 1}")
+
+
 class Server:
     """One running TURN server process (and its descendants)."""
 
@@ -218,7 +234,7 @@ unauth_budget = 1000000
 enabled = false
 
 [management]
-port = 40990  # not started by the TURN service alone; kept inside the bench range
+enabled = false
 """
     )
     (workdir / "state").mkdir(exist_ok=True)

@@ -1,16 +1,18 @@
 """The `confedge` command.
 
-Subcommands: run, demo, check, bans, nodesim. Each keeps its own logic in its package; this module
-only parses arguments, loads the configuration and reports errors as one clear line (never a
+Subcommands: run, demo, check, bans, cert, nodesim. Each keeps its own logic in its package; this
+module only parses arguments, loads the configuration and reports errors as one clear line (never a
 traceback for an operator mistake).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         from confedge.runtime import Runtime, wait_for_signal
 
         rt = Runtime(cfg)
+        rt.config_path = args.config  # SIGHUP reads its [tls] again
+        # A SIGHUP during start-up (a reload right after `systemctl start`, or `cert install`
+        # racing the start) must not kill the process, as the default action would: it is
+        # remembered and done once everything runs.
+        early_hup: list[bool] = []
+        signal_loop = asyncio.get_running_loop()
+        signal_loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
         try:
             await rt.start()
         except (OSError, ConfigError) as exc:
@@ -96,9 +105,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             # one line each; Runtime.start has already stopped what had started.
             print(f"confedge: cannot start: {exc}", file=sys.stderr)
             return 1
-        sig = await wait_for_signal(on_hup=rt.reload)
-        logging.getLogger("confedge").info("%s received, stopping", sig)
-        await rt.close()
+        from confedge.pidfile import remove_pidfile, write_pidfile
+
+        pidfile = write_pidfile(state)  # `confedge cert install` signals this process
+        if early_hup:
+            rt.reload()
+        try:
+            sig = await wait_for_signal(on_hup=rt.reload)
+            logging.getLogger("confedge").info("%s received, stopping", sig)
+            await rt.close()
+        finally:
+            remove_pidfile(pidfile)
         return 0
 
     return _run_loop(main())
@@ -109,15 +126,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from confedge.demo import run_demo
 
     state = Path(args.state_dir) if args.state_dir else None
-    return _run_loop(run_demo(as_json=args.json, state_dir=state))
+    return _run_loop(run_demo(as_json=args.json, state_dir=state, port_base=args.port_base))
 
 
-def cmd_bans(args: argparse.Namespace, rest: list[str]) -> int:
-    cfg = _load(args.config)
-    _setup_logging(args.log_level)
-    from confedge.guard.cli import bans_command
+def _operator_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
+    """Config and logging of `bans`/`cert`: one result line on the terminal, audit to a file."""
+    from confedge.opcommand import require_config, setup_command_logging
 
-    return bans_command(cfg, rest)
+    cfg = _load(require_config(parser, args))
+    setup_command_logging(cfg.server.state_dir, getattr(args, "log_level", "warning"))
+    return cfg
+
+
+def cmd_bans(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cfg = _operator_command(args, parser)
+    from confedge.guard.cli import run_bans
+
+    return run_bans(cfg, args)
+
+
+def cmd_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cfg = _operator_command(args, parser)
+    from confedge.tls.cli import cert_command
+
+    return cert_command(cfg, args.config, args, sys.stdout)
 
 
 def cmd_firewall(args: argparse.Namespace) -> int:
@@ -142,6 +174,20 @@ def cmd_nodesim(rest: list[str]) -> int:
     return nodesim_command(rest)
 
 
+def _port_base(text: str) -> int:
+    from confedge.demo import DemoPorts
+
+    try:
+        base = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    try:
+        DemoPorts.from_base(base)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return base
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="confedge",
@@ -157,33 +203,101 @@ def build_parser() -> argparse.ArgumentParser:
                 "--config", "-c", required=True, metavar="FILE", help="TOML configuration file"
             )
         sp.add_argument(
-            "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+            "--log-level",
+            default="info",
+            choices=["debug", "info", "warning", "error"],
+            help="least severe log lines written to standard error (default: info)",
         )
 
-    sp = sub.add_parser("run", help="start what the configuration file enables")
+    sp = sub.add_parser(
+        "run",
+        help="start what the configuration file enables",
+        description="Start what the configuration file enables. SIGHUP reloads the "
+        "certificates, SIGTERM or Ctrl-C stops cleanly; the pid is kept in "
+        "STATE_DIR/confedge.pid for `confedge cert`.",
+    )
     common(sp)
-    sp = sub.add_parser("check", help="validate a configuration file and print it, secrets masked")
-    sp.add_argument("--config", "-c", required=True, metavar="FILE")
+    sp = sub.add_parser(
+        "check",
+        help="validate a configuration file and print it, secrets masked",
+        description="Validate a configuration file (and its certificate files) and print the "
+        "effective values with secrets masked. Exit status 2 on any problem.",
+    )
+    sp.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
     sp.add_argument("--json", action="store_true", help="print JSON instead of TOML")
-    sp = sub.add_parser("demo", help="the whole service on loopback with simulated nodes")
+    sp = sub.add_parser(
+        "demo",
+        help="the whole service on loopback with simulated nodes",
+        description="The whole service on loopback in front of three simulated conferencing "
+        "nodes (docs/DEMO.md). Ctrl-C stops it.",
+    )
     common(sp, config=False)
     sp.add_argument("--json", action="store_true", help="print one JSON line naming what started")
     sp.add_argument("--state-dir", metavar="DIR", help="where the demo keeps its certificate")
-    sp = sub.add_parser(
-        "bans", help="list, add, remove or clear guard bans (list|add|remove|clear)"
+    sp.add_argument(
+        "--port-base",
+        type=_port_base,
+        metavar="N",
+        help="derive every port from N (HTTPS N, HTTP N+1, TURN N+2, TURNS N+3, status N+4, "
+        "nodes N+5..N+7, relays N+100..N+1099) so a demo runs beside another one; "
+        "default: the fixed ports of docs/DEMO.md",
     )
-    common(sp)
-    sub.add_parser("nodesim", help="run a simulated conferencing node", add_help=False)
+    from confedge.guard.cli import DESCRIPTION as BANS_DESCRIPTION
+    from confedge.guard.cli import configure_parser as configure_bans
+    from confedge.tls.cli import configure_parser as configure_cert
+
+    sp = sub.add_parser(
+        "bans",
+        help="list, add, remove or clear guard bans (list|add|remove|clear)",
+        description=BANS_DESCRIPTION,
+    )
+    configure_bans(sp)
+    sp.set_defaults(command_parser=sp)
+    sp = sub.add_parser(
+        "cert",
+        help="show, install or regenerate the TLS certificate (show|install|self-signed)",
+        description="The TLS certificates: show what is served, install the operator's own "
+        "(checked first; the running service reloads), or generate a self-signed one.",
+    )
+    configure_cert(sp)
+    sp.set_defaults(command_parser=sp)
+    sub.add_parser(
+        "nodesim",
+        help="run a simulated conferencing node (`confedge nodesim --help` for its options)",
+        add_help=False,
+    )
     sp = sub.add_parser("firewall", help="print, load or check the host firewall (docs/DEPLOY.md)")
-    sp.add_argument("--config", "-c", default="/etc/confedge/confedge.toml", metavar="FILE")
-    sp.add_argument("--format", choices=["nft", "iptables", "ip6tables"], default="nft")
+    sp.add_argument(
+        "--config",
+        "-c",
+        default="/etc/confedge/confedge.toml",
+        metavar="FILE",
+        help="TOML configuration file (default: %(default)s)",
+    )
+    sp.add_argument(
+        "--format",
+        choices=["nft", "iptables", "ip6tables"],
+        default="nft",
+        help="nft ruleset (default) or iptables-restore input for hosts without nft",
+    )
     how = sp.add_mutually_exclusive_group()
     how.add_argument("--apply", action="store_true", help="load it now (nft -f, atomically)")
     how.add_argument("--check", action="store_true", help="diff the loaded table; exit 1 if stale")
     sp = sub.add_parser("install-service", help="install the systemd unit, user and directories")
-    sp.add_argument("--config", "-c", default="/etc/confedge/confedge.toml", metavar="FILE")
+    sp.add_argument(
+        "--config",
+        "-c",
+        default="/etc/confedge/confedge.toml",
+        metavar="FILE",
+        help="TOML configuration file the service runs with (default: %(default)s)",
+    )
     sp.add_argument("--user", default="confedge", help="system user to run as (created if absent)")
-    sp.add_argument("--unit-dir", default="/etc/systemd/system", metavar="DIR")
+    sp.add_argument(
+        "--unit-dir",
+        default="/etc/systemd/system",
+        metavar="DIR",
+        help="where the unit file is written (default: %(default)s)",
+    )
     sp.add_argument("--dry-run", action="store_true", help="print the unit and the steps only")
     from confedge.setup.command import register as register_setup
 
@@ -196,11 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "nodesim":
         return cmd_nodesim(argv[1:])
     parser = build_parser()
-    args, rest = parser.parse_known_args(argv)
+    args = parser.parse_args(argv)
     if args.command == "bans":
-        return cmd_bans(args, rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return cmd_bans(args, args.command_parser)
+    if args.command == "cert":
+        return cmd_cert(args, args.command_parser)
     handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
     handlers |= {"firewall": cmd_firewall, "install-service": cmd_install_service}
     if args.command in ("setup", "import-reference"):

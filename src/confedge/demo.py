@@ -25,6 +25,49 @@ from confedge.turn.service import host_peer_entries
 log = logging.getLogger("confedge.demo")
 
 NODE_PORTS = (18001, 18002, 18003)
+# `--port-base N`: every port at a fixed offset from N, so that demos (and test suites) run side
+# by side. The relays start at N+100 so that the service ports can grow without moving them.
+PORT_OFFSETS = {"https": 0, "http": 1, "turn": 2, "turns": 3, "status": 4, "nodes": 5}
+RELAY_OFFSET, RELAY_COUNT = 100, 1000
+PORT_BASE_MAX = 65535 - RELAY_OFFSET - RELAY_COUNT + 1
+
+
+@dataclass(frozen=True)
+class DemoPorts:
+    """Every port one demo uses. `default()` is the documented set (docs/DEMO.md)."""
+
+    https: int
+    http: int
+    turn: int
+    turns: int
+    status: int
+    nodes: tuple[int, ...]
+    relays: tuple[int, int]
+
+    @classmethod
+    def default(cls) -> DemoPorts:
+        return cls(8443, 8080, 3478, 5349, 9090, NODE_PORTS, (50000, 50999))
+
+    @classmethod
+    def from_base(cls, base: int) -> DemoPorts:
+        """The ports of `--port-base base` (ValueError naming the allowed range)."""
+        if not 1024 <= base <= PORT_BASE_MAX:
+            raise ValueError(
+                f"{base} is not within 1024-{PORT_BASE_MAX} (the demo uses ports N to "
+                f"N+{RELAY_OFFSET + RELAY_COUNT - 1})"
+            )
+        o = PORT_OFFSETS
+        nodes = tuple(base + o["nodes"] + i for i in range(len(NODE_PORTS)))
+        relays = (base + RELAY_OFFSET, base + RELAY_OFFSET + RELAY_COUNT - 1)
+        return cls(
+            base + o["https"],
+            base + o["http"],
+            base + o["turn"],
+            base + o["turns"],
+            base + o["status"],
+            nodes,
+            relays,
+        )
 
 
 @dataclass(frozen=True)
@@ -45,18 +88,26 @@ def default_state_dir() -> Path:
     return Path(base) / "confedge-demo"
 
 
-def demo_config(state_dir: Path, turn_password: str) -> Config:
-    """The embedded demo configuration, with its placeholders filled in."""
+def demo_config(state_dir: Path, turn_password: str, ports: DemoPorts | None = None) -> Config:
+    """The embedded demo configuration, with its placeholders filled in (and its ports moved
+    when `ports` is not the default set)."""
     text = resources.files("confedge").joinpath("data/demo.toml").read_text(encoding="utf-8")
     data: dict[str, Any] = tomllib.loads(text)
     data["server"]["state_dir"] = str(state_dir)
     data["turn"]["password"] = turn_password
+    ports = ports or DemoPorts.default()
+    data["proxy"]["nodes"] = [f"http://127.0.0.1:{p}" for p in ports.nodes]
+    if ports != DemoPorts.default():
+        data["proxy"].update(https_port=ports.https, http_port=ports.http)
+        data["turn"].update(
+            port=ports.turn, tls_port=ports.turns, relay_ports="{}-{}".format(*ports.relays)
+        )
+        data["management"]["port"] = ports.status
     # The browser and the simulated nodes run on this host, and Chromium offers the host's
     # interface addresses as candidates: list them, since TURN refuses its own addresses as
     # peers otherwise.  Only local processes may allocate here (media_nodes = 127.0.0.0/8), and
     # they reach those addresses directly anyway.
     data["turn"]["allowed_peers"] = [*data["turn"]["allowed_peers"], *host_peer_entries()]
-    data["proxy"]["nodes"] = [f"http://127.0.0.1:{p}" for p in NODE_PORTS]
     return parse_config(data)
 
 
@@ -67,8 +118,11 @@ class Demo:
     `confedge demo` wraps it with signal handling and the banner or JSON line.
     """
 
-    def __init__(self, state_dir: Path, *, turn_password: str | None = None) -> None:
-        self.cfg = demo_config(state_dir, turn_password or secrets.token_urlsafe(12))
+    def __init__(
+        self, state_dir: Path, *, turn_password: str | None = None, port_base: int | None = None
+    ) -> None:
+        self.ports = DemoPorts.default() if port_base is None else DemoPorts.from_base(port_base)
+        self.cfg = demo_config(state_dir, turn_password or secrets.token_urlsafe(12), self.ports)
         self.runtime = Runtime(self.cfg)
         # The effective configuration, so that `confedge bans --config STATE/demo.toml list`
         # (and `confedge check`) work on the running demo. It holds the demo's TURN password.
@@ -78,6 +132,7 @@ class Demo:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("# Written by `confedge demo` at start: its effective configuration.\n")
             f.write(to_toml(self.cfg.model_dump(mode="json")))
+        self.runtime.config_path = str(self.config_path)  # SIGHUP reads its [tls] again
         self.nodes: list[Any] = []
 
     async def _start_nodes(self) -> None:
@@ -89,7 +144,7 @@ class Demo:
             turn = TurnInfo(
                 host=t["host"], port=t["port"], username=t["username"], password=t["password"]
             )
-        for i, port in enumerate(NODE_PORTS, 1):
+        for i, port in enumerate(self.ports.nodes, 1):
             node = NodeSim(
                 conferences=[Conference(c.alias, c.host_pin, c.guest_pin) for c in CONFERENCES],
                 turn=turn,
@@ -115,6 +170,8 @@ class Demo:
             out["proxy"] = rt.proxy.info()
         if rt.turn is not None:
             out["turn"] = rt.turn.info()
+            if rt.turn.tls_port:
+                out["turn"]["tls_port"] = rt.turn.tls_port  # turns: (TURN over TLS)
             if self.cfg.turn.tls_on_https and rt.proxy is not None:
                 # TURN over TLS on the HTTPS port (turn.tls_on_https), what a browser uses.
                 out["turn"]["turns"] = turns_url(out["turn"]["host"], rt.proxy.https_port)
@@ -128,28 +185,35 @@ class Demo:
         return out
 
 
-async def run_demo(*, as_json: bool, state_dir: Path | None) -> int:
+async def run_demo(*, as_json: bool, state_dir: Path | None, port_base: int | None = None) -> int:
     state = state_dir or default_state_dir()
     state.mkdir(parents=True, exist_ok=True)
-    demo = Demo(state)
+    demo = Demo(state, port_base=port_base)
     try:
         await demo.start()
     except OSError as exc:
         print(
             f"confedge demo: cannot start: {exc}\n(the demo needs the 127.0.0.1 ports "
-            f"{_demo_ports(demo.cfg)}; is another demo, coturn or nginx running?)",
+            f"{_demo_ports(demo.ports)}; is another demo, coturn or nginx running? "
+            "--port-base N moves them all)",
             file=sys.stderr,
         )
         await demo.close()
         return 1
-    info = demo.info()
-    if as_json:
-        print(json.dumps(info), flush=True)
-    else:
-        _print_banner(info)
-    sig = await wait_for_signal(on_hup=demo.runtime.reload)
-    log.info("%s received, stopping", sig)
-    await demo.close()
+    from confedge.pidfile import remove_pidfile, write_pidfile
+
+    pidfile = write_pidfile(state)  # `confedge cert --config STATE/demo.toml` can reload it
+    try:
+        info = demo.info()
+        if as_json:
+            print(json.dumps(info), flush=True)
+        else:
+            _print_banner(info)
+        sig = await wait_for_signal(on_hup=demo.runtime.reload)
+        log.info("%s received, stopping", sig)
+        await demo.close()
+    finally:
+        remove_pidfile(pidfile)
     return 0
 
 
@@ -159,10 +223,9 @@ def turns_url(host: str, port: int) -> str:
     return f"turns:{h}:{port}?transport=tcp"
 
 
-def _demo_ports(cfg: Config) -> str:
-    ports = [cfg.proxy.https_port, cfg.proxy.http_port, cfg.turn.port, cfg.turn.tls_port]
-    ports += [cfg.management.port, *NODE_PORTS]
-    return ", ".join(str(p) for p in ports if p) + f" and {cfg.turn.relay_ports}"
+def _demo_ports(ports: DemoPorts) -> str:
+    listed = [ports.https, ports.http, ports.turn, ports.turns, ports.status, *ports.nodes]
+    return ", ".join(str(p) for p in listed) + " and {}-{}".format(*ports.relays)
 
 
 def _command() -> str:
@@ -194,6 +257,8 @@ def _print_banner(info: dict[str, Any]) -> None:
             f"  TURN:        turn:{t['host']}:{t['port']}  user {t['username']}  "
             f"password {t['password']}  realm {t['realm']}"
         )
+        if t.get("tls_port"):
+            lines.append(f"  TURNS:       turns:{t['host']}:{t['tls_port']}  (same credential)")
         if "turns" in t:
             lines.append(f"  TURN/TLS:    {t['turns']}  (on the HTTPS port, same credential)")
     for url in info["nodes"]:

@@ -40,6 +40,9 @@ class Runtime:
         self.admin: Any = None
         self.started: float | None = None  # Unix time of start(), for the status page
         self.notifier = Notifier()  # sd_notify under systemd (Type=notify); no-op elsewhere
+        # The file the configuration came from: a reload reads its [tls] section again (after
+        # `confedge cert install` pointed it at new files). None: reload the same files.
+        self.config_path: str | None = None
 
     async def _start(self, name: str, part: Component) -> None:
         await part.start()
@@ -102,23 +105,50 @@ class Runtime:
     def reload(self) -> None:
         """SIGHUP: reload the TLS certificate of the proxy and of TURN over TLS (SPEC §5).
 
-        Connections in flight keep their session; a certificate that fails its checks is
-        refused with one clear log line and the old one stays in service.
+        With `config_path` set, the file's [tls] section is read again first (other sections
+        keep their running values). Connections in flight keep their session; a certificate
+        that fails its checks is refused with one clear log line and the old one stays in
+        service. One path through, no early return: whatever happens, the reload ends here.
         """
         from confedge.tls.certs import CertificateError
 
         self.notifier.reloading()  # systemd: RELOADING=1 ... READY=1 around the reload
+        cfg = self._reread_tls()
+        # Parts refusing the same files for the same reason make one line, not one per part.
+        refused: dict[str, list[str]] = {}
         for name, part in (("proxy", self.proxy), ("turn", self.turn)):
             reload_tls = getattr(part, "reload_tls", None)
-            if reload_tls is None:
+            if cfg is None or reload_tls is None:
                 continue
             try:
-                reload_tls()
+                reload_tls(cfg)
             except CertificateError as exc:
-                log.error(
-                    "%s: certificate not reloaded, the old one stays in service: %s", name, exc
-                )
+                refused.setdefault(str(exc), []).append(name)
+        if cfg is not None and not refused:
+            self.cfg = cfg
+        for reason, names in refused.items():
+            log.error(
+                "%s: certificate not reloaded, the old one stays in service: %s",
+                " and ".join(names),
+                reason,
+            )
         self.notifier.send(READY=1, STATUS=f"running; reloaded at {time.strftime('%H:%M:%S')}")
+
+    def _reread_tls(self) -> Config | None:
+        """The running configuration with the file's current [tls] (the running one when no
+        file is known); None, with one log line, when the file is not valid now."""
+        from confedge.config import ConfigError, load_config
+
+        if self.config_path is None:
+            return self.cfg
+        try:
+            fresh = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error(
+                "configuration not reloaded, the running one stays: %s", "; ".join(exc.problems)
+            )
+            return None
+        return self.cfg.model_copy(update={"tls": fresh.tls})
 
     async def close(self) -> None:
         await self.notifier.stopping()

@@ -1,9 +1,11 @@
 """Issue 5's "done means" on the real demo: a browser call through `confedge demo`.
 
-Everything is the shipped composition on its fixed ports (proxy 8443/8080, TURN 3478/5349 with
-relays 50000-50999, nodes 18001-18003, status 9090), started in-process (``Demo``) or as the
-real command (``python -m confedge demo --json``). Headless Chromium with a fake camera opens
-https://127.0.0.1:8443/webapp/ and does what a person does:
+Everything is the shipped composition, its ports moved as a whole with ``--port-base N``
+(proxy N/N+1, TURN N+2/N+3 with relays N+100..N+1099, status N+4, nodes N+5..N+7; the defaults
+8443, 3478, 9090, ... stay free for a demo running beside the tests), started in-process
+(``Demo(port_base=N)``) or as the real command (``python -m confedge demo --json --port-base
+N``). Headless Chromium with a fake camera opens https://127.0.0.1:N/webapp/ and does what a
+person does:
 
 1. a wrong PIN shows "Invalid PIN"; the host PIN joins "meet"; the call connects, the browser
    decodes the node's echoed video, and its selected candidate pair's remote candidate is a relay
@@ -37,15 +39,15 @@ from typing import Any
 import pytest
 from chromium_driver import CHROMIUM, require_browser, run_driver
 
+from confedge.demo import DemoPorts
+from ports import demo_port_base
+
 pytest.importorskip("aiortc")
 
 pytestmark = pytest.mark.chromium
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-BASE = "https://127.0.0.1:8443"
-STATUS_JSON = "http://127.0.0.1:9090/status.json"
-RELAY_LO, RELAY_HI = 50000, 50999  # data/demo.toml turn.relay_ports
 MAXRETRY = 10  # data/demo.toml guard.maxretry
 HOST_PIN = "1234"
 
@@ -63,8 +65,9 @@ def _http(url: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
         return err.code, dict(err.headers), err.read()
 
 
-async def _status() -> dict[str, Any]:
-    code, _, body = await asyncio.to_thread(_http, STATUS_JSON)
+async def _status(info: dict[str, Any]) -> dict[str, Any]:
+    """The demo's /status.json (its URL from the --json line's "status")."""
+    code, _, body = await asyncio.to_thread(_http, info["status"] + ".json")
     assert code == 200, body[:300]
     result: dict[str, Any] = json.loads(body)
     return result
@@ -89,15 +92,15 @@ class Running:
 
 
 @contextlib.asynccontextmanager
-async def in_process(state: Path) -> AsyncIterator[Running]:
+async def in_process(state: Path, base: int) -> AsyncIterator[Running]:
     from confedge.demo import Demo
 
-    demo = Demo(state)
+    demo = Demo(state, port_base=base)
     try:
         await demo.start()
     except OSError as exc:
         await demo.close()
-        pytest.fail(f"the demo's fixed ports are busy (another demo running?): {exc}")
+        pytest.fail(f"the demo's ports (--port-base {base}) are busy: {exc}")
 
     async def turn_stats() -> dict[str, int]:
         stats: dict[str, int] = demo.runtime.turn.stats()
@@ -114,8 +117,9 @@ async def in_process(state: Path) -> AsyncIterator[Running]:
 
 
 @contextlib.asynccontextmanager
-async def as_command(state: Path, log: Path) -> AsyncIterator[Running]:
-    """`python -m confedge demo --json`; its log (access log included) goes to a file."""
+async def as_command(state: Path, log: Path, base: int) -> AsyncIterator[Running]:
+    """`python -m confedge demo --json --port-base N`; its log (access log included) goes to a
+    file."""
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -125,6 +129,8 @@ async def as_command(state: Path, log: Path) -> AsyncIterator[Running]:
             "--json",
             "--state-dir",
             str(state),
+            "--port-base",
+            str(base),
             stdout=asyncio.subprocess.PIPE,
             stderr=err,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -140,7 +146,7 @@ async def as_command(state: Path, log: Path) -> AsyncIterator[Running]:
         info = json.loads(line)
 
         async def turn_stats() -> dict[str, int]:
-            stats: dict[str, int] = (await _status())["turn"]
+            stats: dict[str, int] = (await _status(info))["turn"]
             return stats
 
         async def maintenance(name: str) -> None:
@@ -151,7 +157,7 @@ async def as_command(state: Path, log: Path) -> AsyncIterator[Running]:
             assert code == 200, body
 
             async def out_of_rotation() -> bool:
-                nodes = (await _status())["proxy"]["nodes"]
+                nodes = (await _status(info))["proxy"]["nodes"]
                 return any(n["node"] == url and n["state"] != "up" for n in nodes)
 
             await _until(f"the proxy to take {name} out of rotation", out_of_rotation, 10)
@@ -167,7 +173,7 @@ async def as_command(state: Path, log: Path) -> AsyncIterator[Running]:
                 await proc.wait()
 
 
-def _check_call(result: dict[str, Any], who: str) -> None:
+def _check_call(result: dict[str, Any], who: str, relays: tuple[int, int]) -> None:
     """The browser's own view: connected, decoding echoed video, media via confedge's relay."""
     diag = json.dumps(result, indent=1)[-4000:]
     assert result["ok"], diag
@@ -178,7 +184,7 @@ def _check_call(result: dict[str, Any], who: str) -> None:
     assert result["pair"]["state"] == "succeeded", diag
     assert remote["candidateType"] == "relay", diag
     assert remote["address"] == "127.0.0.1", diag
-    assert RELAY_LO <= remote["port"] <= RELAY_HI, diag
+    assert relays[0] <= remote["port"] <= relays[1], diag
     assert any(p.startswith(who) and p.endswith("in call") for p in result["participants"]), diag
 
 
@@ -189,22 +195,25 @@ async def test_demo_call(variant: str, tmp_path: Path) -> None:
     artifacts.mkdir(exist_ok=True)
     shot = artifacts / ("demo_call.png" if variant == "in-process" else "demo_call_subprocess.png")
     shot.unlink(missing_ok=True)
+    port_base = demo_port_base()
+    ports = DemoPorts.from_base(port_base)
     started = (
-        in_process(tmp_path / "state")
+        in_process(tmp_path / "state", port_base)
         if variant == "in-process"
-        else as_command(tmp_path / "state", tmp_path / "demo.log")
+        else as_command(tmp_path / "state", tmp_path / "demo.log", port_base)
     )
     async with started as demo:
-        assert demo.info["proxy"]["https"].rstrip("/") == BASE
+        origin = f"https://127.0.0.1:{ports.https}"
+        assert demo.info["proxy"]["https"].rstrip("/") == origin
         assert {"alias": "meet", "pin": HOST_PIN, "guest_pin": None} in demo.info["conferences"]
 
         async def proxy_ready() -> bool:
-            code, _, _ = await asyncio.to_thread(_http, BASE + "/api/client/v2/status")
+            code, _, _ = await asyncio.to_thread(_http, origin + "/api/client/v2/status")
             return code == 200
 
         await _until("the proxy to answer", proxy_ready, 15)
         browser = {
-            "url": BASE + "/webapp/",
+            "url": origin + "/webapp/",
             "alias": "meet",
             "chromium": CHROMIUM,
             "ignoreHttpsErrors": True,
@@ -224,7 +233,7 @@ async def test_demo_call(variant: str, tmp_path: Path) -> None:
             },
             timeout=50,
         )
-        _check_call(first, "Alice (you) [chair]")
+        _check_call(first, "Alice (you) [chair]", ports.relays)
         assert first["wrongPinError"] == "Invalid PIN" and first["wrongPinVisible"], first
         assert first["errorHiddenAfterJoin"] is True
         served = first["tokenNodes"][-1]
@@ -249,7 +258,7 @@ async def test_demo_call(variant: str, tmp_path: Path) -> None:
             },
             timeout=50,
         )
-        _check_call(second, "Bob (you) [guest]")
+        _check_call(second, "Bob (you) [guest]", ports.relays)
         # The guest's join: 403 "PIN required" from the node, then pin "none" -> 200.
         joins = second["tokenNodes"][:2]
         assert [j["status"] for j in joins] == [403, 200], second["tokenNodes"]
@@ -263,5 +272,5 @@ async def test_demo_call(variant: str, tmp_path: Path) -> None:
         assert guesses[:-1] == ["Invalid PIN"] * (MAXRETRY - 1), guesses
         assert guesses[-1].startswith("Too many attempts: this address is blocked for "), guesses
         assert second["tokenNodes"][-1] == {"status": 429, "node": None}
-        bans = (await _status())["guard"]["bans"]
+        bans = (await _status(demo.info))["guard"]["bans"]
         assert [b["source"] for b in bans] == ["127.0.0.1"], bans

@@ -48,6 +48,7 @@ async def turn(tmp_path: Path) -> AsyncIterator[tuple[TurnService, tuple[int, in
             "turn": {
                 "mode": "restricted",
                 "port": 0,
+                "tls_port": 0,  # the default 5349 is the demo's turns: port
                 "relay_ports": f"{lo}-{lo + 49}",
                 "username": "nodeuser",
                 "password": "node-secret",

@@ -17,37 +17,25 @@ import uvloop
 from admin_support import get, metric, parse_metrics
 from proxy_upstream import get as proxied_get
 
-import confedge.demo as demo_mod
 from confedge.config import parse_config
 from confedge.demo import Demo, _print_banner
 from confedge.nodesim import Conference, NodeSim
 from confedge.runtime import Runtime
+from ports import demo_port_base
 
 
-def test_demo_names_the_status_page(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
-) -> None:
-    # The demo's fixed ports, moved into this area's range / ephemeral ports so that the test
-    # can run beside `confedge demo` and other tests.
-    monkeypatch.setattr(demo_mod, "NODE_PORTS", (36201, 36202, 36203))
+def test_demo_names_the_status_page(capfd: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # `--port-base`: the demo's fixed ports moved as a whole, so that the test can run beside
+    # `confedge demo` and other tests.
+    base = demo_port_base()
 
     async def main() -> None:
-        demo = Demo(tmp_path)
-        c = demo.cfg
-        demo.cfg = c.model_copy(
-            update={
-                "proxy": c.proxy.model_copy(update={"https_port": 0, "http_port": 0}),
-                "turn": c.turn.model_copy(
-                    update={"port": 0, "tls_port": 0, "relay_ports": "36300-36399"}
-                ),
-                "management": c.management.model_copy(update={"port": 0}),
-            }
-        )
-        demo.runtime = Runtime(demo.cfg)
+        demo = Demo(tmp_path, port_base=base)
         await demo.start()
         try:
             info = demo.info()
             port = demo.runtime.admin.port
+            assert port == base + 4
             assert info["status"] == f"http://127.0.0.1:{port}/status"
             json.dumps(info)  # still one JSON line
             _print_banner(info)

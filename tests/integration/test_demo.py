@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from confedge.demo import DemoPorts
+from ports import demo_port_base
+
 
 def _get(
     url: str, *, method: str = "GET", headers: dict[str, str] | None = None
@@ -37,7 +40,10 @@ def _get(
 
 @pytest.fixture
 def demo(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """`confedge demo --json --port-base N`: every port moved off the demo's defaults, so that
+    this runs beside a demo (and beside other tests)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    base = demo_port_base()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -47,6 +53,8 @@ def demo(tmp_path: Path):  # type: ignore[no-untyped-def]
             "--json",
             "--state-dir",
             str(tmp_path / "state"),
+            "--port-base",
+            str(base),
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -59,7 +67,7 @@ def demo(tmp_path: Path):  # type: ignore[no-untyped-def]
         proc.wait(timeout=10)
         pytest.fail(f"demo printed nothing; stderr:\n{proc.stderr.read() if proc.stderr else ''}")
     try:
-        yield proc, json.loads(line)
+        yield proc, json.loads(line), base
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
@@ -67,14 +75,30 @@ def demo(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def test_demo_json_names_everything_and_serves(demo) -> None:  # type: ignore[no-untyped-def]
-    proc, info = demo
+    proc, info, base = demo
     assert set(info) >= {"proxy", "turn", "nodes", "conferences", "status"}
-    assert info["proxy"]["https"].startswith("https://127.0.0.1:")
-    assert info["proxy"]["http"].startswith("http://127.0.0.1:")
-    assert set(info["turn"]) == {"host", "port", "username", "password", "realm", "turns"}
+    # Every port derived from --port-base, the turns: one named too.
+    ports = DemoPorts.from_base(base)
+    assert info["proxy"] == {
+        "https": f"https://127.0.0.1:{ports.https}/",
+        "http": f"http://127.0.0.1:{ports.http}/",
+    }
+    assert set(info["turn"]) == {
+        "host",
+        "port",
+        "tls_port",
+        "username",
+        "password",
+        "realm",
+        "turns",
+    }
+    assert (info["turn"]["port"], info["turn"]["tls_port"]) == (ports.turn, ports.turns)
+    assert info["nodes"] == [f"http://127.0.0.1:{p}" for p in ports.nodes]
+    assert info["status"] == f"http://127.0.0.1:{ports.status}/status"
+    assert (base + 4, base + 5, base + 7) == (ports.status, ports.nodes[0], ports.nodes[-1])
+    assert f'relay_ports = "{base + 100}-{base + 1099}"' in Path(info["config"]).read_text()
     # TURN over TLS on the HTTPS port (turn.tls_on_https in the demo).
-    https_port = info["proxy"]["https"].rstrip("/").rsplit(":", 1)[1]
-    assert info["turn"]["turns"] == f"turns:127.0.0.1:{https_port}?transport=tcp"
+    assert info["turn"]["turns"] == f"turns:127.0.0.1:{ports.https}?transport=tcp"
     assert len(info["nodes"]) == 3
     pins = {c["alias"]: c["pin"] for c in info["conferences"]}
     assert pins["open"] is None and pins["meet"]

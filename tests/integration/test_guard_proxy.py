@@ -302,6 +302,8 @@ async def test_in_process_proxy_and_turn_share_one_guard(node: PinNode, tmp_path
     from confedge.runtime import Runtime
 
     cfg = config(node, tmp_path, store="memory", bantime=60)
+    # The management listener's default port is the demo's 9090: an ephemeral one here.
+    cfg = cfg.model_copy(update={"management": cfg.management.model_copy(update={"port": 0})})
     rt = Runtime(cfg)
     await rt.start()
     try:

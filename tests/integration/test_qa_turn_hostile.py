@@ -39,6 +39,7 @@ from confedge.turn import listeners
 from confedge.turn.auth import RestCredentials
 from confedge.turn.service import TurnService
 from confedge.turn.testing import turn_config
+from ports import ephemeral_port, free_port
 
 REALM = "example.test"
 ATTACKER = "127.0.0.2"
@@ -435,7 +436,8 @@ async def test_relay_range_exhaustion_508_then_recovery() -> None:
 
 async def test_real_timers_expire_allocations_and_free_ports() -> None:
     """Expiry with injected time is unit-tested; here the service's own 1 s tick does it."""
-    svc = TurnService(turn_config(relay_ports="38310-38310"))
+    relay = free_port(38310, 38320, udp=True)  # one relay port, free now
+    svc = TurnService(turn_config(relay_ports=f"{relay}-{relay}"))
     await svc.start()
     assert svc.core is not None
     svc.core.s = replace(svc.core.s, default_lifetime=1, max_lifetime=1, permission_lifetime=1)
@@ -453,7 +455,7 @@ async def test_real_timers_expire_allocations_and_free_ports() -> None:
         assert svc.stats()["allocations"] == 0
         await asyncio.sleep(0.05)
         probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        probe.bind(("127.0.0.1", 38310))  # the relay port is free again
+        probe.bind(("127.0.0.1", relay))  # the relay port is free again
         probe.close()
     finally:
         c.close()
@@ -497,7 +499,7 @@ async def test_start_errors_name_the_key(tmp_path: Path) -> None:
     # TURN over TLS with an unusable certificate.
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate\n")
-    cfg = turn_config(relay_ports="38400-38409", tls_port=38499, state_dir=str(tmp_path))
+    cfg = turn_config(relay_ports="38400-38409", tls_port=ephemeral_port(), state_dir=str(tmp_path))
     cfg = cfg.model_copy(update={"tls": cfg.tls.model_copy(update={"cert": str(bad)})})
     svc = TurnService(cfg)
     with pytest.raises(
@@ -520,7 +522,7 @@ async def test_tls_port_stalled_and_garbage_handshakes(
 
     monkeypatch.setattr(service, "TLS_HANDSHAKE_TIMEOUT", 0.5)
     caplog.set_level(logging.DEBUG)
-    cfg = turn_config(relay_ports="38500-38509", tls_port=38599, state_dir=str(tmp_path))
+    cfg = turn_config(relay_ports="38500-38509", tls_port=ephemeral_port(), state_dir=str(tmp_path))
     svc = TurnService(cfg)
     await svc.start()
     try:

@@ -9,10 +9,16 @@ import ssl
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from confedge.tls.certs import CertificateError, check_pem, ensure_self_signed, generate_self_signed
+from confedge.tls.certs import (
+    CertificateError,
+    check_pem,
+    ensure_self_signed,
+    generate_self_signed,
+    sni_map,
+)
 from confedge.tls.context import server_context
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
@@ -140,3 +146,54 @@ def test_generate_is_loadable_by_openssl(tmp_path) -> None:
         for c in ciphers
         if "TLS_" not in c
     )
+
+
+def test_install_checks_names_completeness_and_strength(chain) -> None:
+    """What `confedge cert install` adds to the start-up checks (require_name, trusted)."""
+    leaf, inter, root, key, _ = chain
+    with pytest.raises(CertificateError, match=r"does not name this host, other\.example\.com"):
+        check_pem(leaf + inter, key, NOW, expected_name="other.example.com", require_name=True)
+    # Complete: ends at a self-signed root, or at a certificate a trusted root signed.
+    check_pem(leaf + inter + root, key, NOW, trusted=[])
+    check_pem(leaf + inter, key, NOW, trusted=[x509.load_pem_x509_certificate(root)])
+    with pytest.raises(CertificateError, match="chain is incomplete: certificate 2"):
+        check_pem(leaf + inter, key, NOW, trusted=[])
+    with pytest.raises(CertificateError, match="chain is incomplete: certificate 1"):
+        check_pem(leaf, key, NOW, trusted=[x509.load_pem_x509_certificate(root)])
+    # Weak keys are refused at start too (OpenSSL at security level 2 would refuse them in
+    # the handshake, with a message nobody can act on).
+    weak_k = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    weak = _cert("edge.example.com", weak_k, "edge.example.com", weak_k, ca=False)
+    weak_key = weak_k.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    with pytest.raises(CertificateError, match=r"RSA 1024 bits, too weak \(at least 2048\)"):
+        check_pem(weak, weak_key, NOW)
+    p192 = ec.generate_private_key(ec.SECP192R1())
+    small = _cert("edge.example.com", p192, "edge.example.com", p192, ca=False)
+    with pytest.raises(CertificateError, match="EC secp192r1, too weak"):
+        check_pem(small, _pem_key(p192), NOW)
+
+
+def test_sni_map_first_certificate_wins() -> None:
+    exact, wildcard = sni_map(
+        [
+            ("default", ("edge.example.com", "10.0.0.5")),
+            ("one", ("meet.example.org", "EDGE.example.com", "*.video.example.org")),
+            ("two", ("meet.example.org.", "*.video.example.org", "x.video.example.org")),
+        ]
+    )
+    assert exact == {
+        "edge.example.com": "default",
+        "meet.example.org": "one",
+        "x.video.example.org": "two",
+    }
+    assert wildcard == {"video.example.org": "one"}
+
+
+def test_forced_self_signed_is_new(tmp_path) -> None:
+    now = dt.datetime.now(dt.UTC)
+    path, _, _ = ensure_self_signed(tmp_path, "edge.example.com", [], now)
+    first = path.read_bytes()
+    _, _, created = ensure_self_signed(tmp_path, "edge.example.com", [], now, force=True)
+    assert created and path.read_bytes() != first

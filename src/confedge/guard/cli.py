@@ -3,7 +3,8 @@
 Why it talks to the store and not to a running process: the store *is* the shared state (every
 worker of every instance reloads it within a second), so an operator's change takes effect
 everywhere without an admin API, and works while confedge is stopped too. Every change writes
-an audit line (logger "confedge.guard.audit"), as automatic bans do.
+an audit line (logger "confedge.guard.audit"), as automatic bans do; from the command line it is
+appended to server.state_dir/audit.log (opcommand.py), and the terminal gets one result line.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from confedge.guard.core import BanRecord, GuardCore
 from confedge.guard.service import audit_ban, audit_unban
 from confedge.guard.store import GuardStore, StoreError, open_store
 
-__all__ = ["bans_command", "parse_duration"]
+__all__ = ["bans_command", "configure_parser", "parse_duration", "run_bans"]
 
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Longest manual ban. Without a cap "--time 1e300" stored an expiry no clock can print, and
@@ -90,31 +91,62 @@ def _table(bans: list[BanRecord], now: float, out: TextIO) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="confedge bans",
-        description="List, add, remove or clear guard bans in the configured store "
-        "(guard.store); running workers pick changes up within a second.",
+DESCRIPTION = (
+    "List, add, remove or clear guard bans in the configured store (guard.store); running "
+    "workers pick changes up within a second. Each change is recorded in STATE_DIR/audit.log."
+)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    """The actions of `confedge bans` as an argparse tree (cli.py registers the command)."""
+    from confedge.opcommand import add_action, add_common_options
+
+    add_common_options(p)
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION", title="actions")
+    ls = add_action(
+        sub,
+        "list",
+        "show bans (source, reason, failures, offence, expiry)",
+        "Show the active bans: source, reason, failures, offence, expiry, time left.",
     )
-    sub = p.add_subparsers(dest="action", required=True, metavar="{list,add,remove,clear}")
-    ls = sub.add_parser("list", help="show bans (source, reason, failures, offence, expiry)")
     ls.add_argument("--json", action="store_true", help="one JSON array on standard output")
     ls.add_argument(
         "--all", action="store_true", help="include expired bans still remembered for escalation"
     )
-    add = sub.add_parser("add", help="ban a source (an address or an IPv6 /64)")
-    add.add_argument("source")
+    add = add_action(
+        sub,
+        "add",
+        "ban a source (an address or an IPv6 /64)",
+        "Ban a source address (or an IPv6 /64) for a while; its requests get 429.",
+    )
+    add.add_argument("source", help="an IPv4/IPv6 address, or an IPv6 network /64")
     add.add_argument(
         "--time",
         type=str,
         default=None,
+        metavar="DURATION",
         help="ban length: seconds or 90s/10m/2h/1d (default: guard.bantime, escalated for a "
         "repeat offender)",
     )
     add.add_argument("--reason", default="", help="free text kept with the ban")
-    rm = sub.add_parser("remove", help="lift the ban of a source and forget its history")
-    rm.add_argument("source")
-    sub.add_parser("clear", help="lift every ban and forget all failure counts")
+    rm = add_action(
+        sub,
+        "remove",
+        "lift the ban of a source and forget its history",
+        "Lift the ban of a source and forget its history (no escalation later).",
+    )
+    rm.add_argument("source", help="the banned address or IPv6 /64, as `list` shows it")
+    add_action(
+        sub,
+        "clear",
+        "lift every ban and forget all failure counts",
+        "Lift every ban and forget all failure counts.",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="confedge bans", description=DESCRIPTION)
+    configure_parser(p)
     return p
 
 
@@ -172,12 +204,18 @@ async def _main(cfg: Config, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def bans_command(cfg: Config, argv: list[str], out: TextIO | None = None) -> int:
-    """Run `confedge bans ...`; return the exit status (0 ok, 1 failure, 2 usage)."""
-    out = out or sys.stdout
+    """Run `confedge bans ...` from its arguments; return the exit status (0 ok, 1 failure,
+    2 usage)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # argparse already printed the usage error
         return int(exc.code or 0) if isinstance(exc.code, int) else 2
+    return run_bans(cfg, args, out)
+
+
+def run_bans(cfg: Config, args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """Run a parsed `confedge bans ACTION`; return the exit status."""
+    out = out or sys.stdout
     if cfg.guard.store == "memory":
         print(
             'confedge bans: guard.store is "memory": bans live only inside the running process; '
@@ -187,11 +225,10 @@ def bans_command(cfg: Config, argv: list[str], out: TextIO | None = None) -> int
         return 1
     audit = logging.getLogger("confedge.guard.audit")
     if not logging.getLogger().handlers and not audit.handlers:
-        # Run standalone: the audit line must still be written somewhere.
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
-        audit.addHandler(handler)
-        audit.setLevel(logging.INFO)
+        # Run standalone: the audit line must still be written somewhere (not the terminal).
+        from confedge.opcommand import setup_command_logging
+
+        setup_command_logging(cfg.server.state_dir)
     try:
         return asyncio.run(_main(cfg, args, out))
     except ValueError as exc:

@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--turn-password", default="", help="TURN long-term credential: password")
     p.add_argument("--name", default="nodesim", help="node name (X-Confedge-Node header)")
     p.add_argument("--maintenance", action="store_true", help="start in maintenance mode")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="least severe log lines written to standard error (default: info)",
+    )
     return p
 
 

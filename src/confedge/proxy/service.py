@@ -137,9 +137,13 @@ class ProxyWorker:
                 )
             )
 
-    def reload_tls(self) -> None:
+    def reload_tls(self, cfg: Config | None = None) -> None:
+        """Load the certificates again, from `cfg`'s [tls] when given (CertificateError keeps
+        the old ones in service)."""
         if self.tls is not None:
-            self.tls.reload()
+            self.tls.reload(cfg)
+            if cfg is not None:
+                self.cfg = cfg
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters and gauges, as its report to the main process."""
@@ -253,6 +257,8 @@ class ProxyService:
         self._worker: ProxyWorker | None = None
         self._held: list[socket.socket] = []
         self._procs: list[Any] = []
+        # Per worker: the pipe end on which it is sent a new [tls] section to load (reload).
+        self._commands: dict[int, multiprocessing.connection.Connection] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         # Worker reports (workers > 1): the last one of each worker, and the final request
@@ -321,14 +327,28 @@ class ProxyService:
             out["http"] = _url("http", host, self.http_port, 80)
         return out
 
-    def reload_tls(self) -> None:
-        """Reload the certificate in every worker (SIGHUP); connections in flight are kept."""
+    def reload_tls(self, cfg: Config | None = None) -> None:
+        """Reload the certificates in every worker (SIGHUP); connections in flight are kept.
+
+        `cfg` carries a new [tls] section (the file was edited, e.g. by `confedge cert
+        install`). With worker processes the files are checked here first, once: a bad
+        certificate raises CertificateError to the caller (one log line per refusal) and no
+        worker is told; each worker checking them itself would refuse them once per worker.
+        Then each worker is sent the section to load, and workers restarted later start with it.
+        """
         if self._worker is not None:
-            self._worker.reload_tls()
-        for p in self._procs:
-            if p is not None and p.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGHUP)
+            self._worker.reload_tls(cfg)
+            if cfg is not None:
+                self.cfg = cfg
+            return
+        new = cfg or self.cfg
+        TLSContextHolder(new)
+        self.cfg = new
+        for conn in list(self._commands.values()):
+            try:
+                conn.send(new.tls)
+            except OSError:  # the worker is gone; the supervisor restarts it with self.cfg
+                continue
 
     def request_counts(self) -> dict[str, int] | None:
         """Answers by status class of the in-process proxy (workers = 1), else None (see
@@ -433,12 +453,16 @@ class ProxyService:
         for s in self._held:
             s.close()
         self._held.clear()
+        for conn in self._commands.values():
+            conn.close()
+        self._commands.clear()
 
     # -- worker processes -----------------------------------------------------------------------
 
     async def _spawn(self, index: int) -> None:
         ctx = multiprocessing.get_context("spawn")
         parent_end, child_end = ctx.Pipe(duplex=False)
+        command_in, command_out = ctx.Pipe(duplex=False)
         proc = ctx.Process(
             target=_worker_main,
             args=(
@@ -448,6 +472,7 @@ class ProxyService:
                 self.http_port,
                 self.workers,
                 child_end,
+                command_in,
                 self._turn_relay,
             ),
             name=f"confedge-proxy-{index}",
@@ -455,6 +480,11 @@ class ProxyService:
         )
         proc.start()
         child_end.close()
+        command_in.close()
+        old = self._commands.pop(index, None)
+        if old is not None:
+            old.close()
+        self._commands[index] = command_out
         while len(self._procs) <= index:
             self._procs.append(None)
         self._procs[index] = proc
@@ -517,6 +547,35 @@ async def _report(worker: ProxyWorker, pipe: multiprocessing.connection.Connecti
             return  # the main process is gone
 
 
+def _reload_worker_tls(worker: ProxyWorker, tls: Any = None) -> None:
+    """Reload a worker's certificates: on SIGHUP sent to the worker itself (same [tls]), or
+    when the main process sends a new [tls] section. The main process checked the files first,
+    so a refusal here means they changed in between: one line, never a traceback."""
+    from confedge.tls.certs import CertificateError
+
+    try:
+        worker.reload_tls(None if tls is None else worker.cfg.model_copy(update={"tls": tls}))
+    except CertificateError as exc:
+        log.error("certificate not reloaded in this worker, the old one stays in service: %s", exc)
+
+
+def _read_commands(
+    worker: ProxyWorker, conn: multiprocessing.connection.Connection, stop: asyncio.Event
+) -> None:
+    """The main process sent a new [tls] section (each message is one small pickle, written
+    whole): load it. End of file means the main process is gone (killed: a clean stop
+    SIGTERMs the workers first); the worker stops too rather than serve on as an orphan that
+    nobody reloads, restarts or stops."""
+    try:
+        while conn.poll():
+            _reload_worker_tls(worker, conn.recv())
+    except (EOFError, OSError):
+        asyncio.get_running_loop().remove_reader(conn.fileno())
+        if not stop.is_set():
+            log.warning("proxy worker: the main process is gone; stopping")
+            stop.set()
+
+
 def _worker_main(
     cfg: Config,
     guard_factory: GuardFactory | None,
@@ -524,6 +583,7 @@ def _worker_main(
     http_port: int,
     workers: int,
     ready: multiprocessing.connection.Connection,
+    commands: multiprocessing.connection.Connection,
     turn_relay: str | None = None,
 ) -> None:
     """Entry point of a worker process; `turn_relay` is TURN's local socket (tls_on_https)."""
@@ -551,7 +611,8 @@ def _worker_main(
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, worker.reload_tls)
+        loop.add_signal_handler(signal.SIGHUP, _reload_worker_tls, worker)
+        loop.add_reader(commands.fileno(), _read_commands, worker, commands, stop)
         ready.send("ready")
         reporter = loop.create_task(_report(worker, ready))
         await stop.wait()

@@ -14,7 +14,9 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import ssl
 import stat
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 if TYPE_CHECKING:
@@ -30,13 +33,20 @@ if TYPE_CHECKING:
 __all__ = [
     "CertificateError",
     "CertificateInfo",
+    "certificate_names",
     "check_pem",
     "check_tls_config",
     "ensure_self_signed",
     "generate_self_signed",
+    "key_description",
     "load_certificate",
     "load_sni_certificates",
+    "read_pem_file",
+    "sni_map",
     "sni_names",
+    "split_pem",
+    "system_roots",
+    "write_private",
 ]
 
 SELF_SIGNED_NAME = "selfsigned.pem"
@@ -49,6 +59,11 @@ _PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\
 # A PEM bundle with a long chain is a few KiB; anything this large is the wrong file (a log, a
 # disk image), and reading it whole would only cost memory.
 MAX_PEM_BYTES = 1024 * 1024
+# Key strength floor (NIST SP 800-57 Part 1 §5.6.2: 112-bit security until 2030; RSA 2048 and
+# P-256 are the smallest that reach it). Debian's OpenSSL (security level 2) refuses weaker keys
+# in a handshake anyway, with a message no operator can act on.
+MIN_RSA_BITS = 2048
+MIN_EC_BITS = 256
 
 
 class CertificateError(OSError):
@@ -73,7 +88,7 @@ class CertificateInfo:
     warnings: tuple[str, ...] = field(default=())
 
 
-def _split_pem(data: bytes) -> tuple[list[bytes], list[bytes]]:
+def split_pem(data: bytes) -> tuple[list[bytes], list[bytes]]:
     """Return (certificate blocks, private-key blocks) in file order."""
     certs: list[bytes] = []
     keys: list[bytes] = []
@@ -86,7 +101,8 @@ def _split_pem(data: bytes) -> tuple[list[bytes], list[bytes]]:
     return certs, keys
 
 
-def _names(cert: x509.Certificate) -> tuple[str, ...]:
+def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
+    """The subjectAltName DNS names, then IP addresses, of `cert` (what clients match)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -115,6 +131,72 @@ def _public_bytes(key: object) -> bytes:
     )
 
 
+def key_description(key: object) -> str:
+    """ "RSA 2048 bits", "EC secp256r1 (256 bits)", "Ed25519": for messages and `cert show`."""
+    if isinstance(key, rsa.RSAPrivateKey | rsa.RSAPublicKey):
+        return f"RSA {key.key_size} bits"
+    if isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey):
+        return f"EC {key.curve.name} ({key.curve.key_size} bits)"
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PrivateKey | ed448.Ed448PublicKey):
+        return "Ed448"
+    return type(key).__name__
+
+
+def _weak_key(key: object) -> str | None:
+    """Why `key` is too weak to serve, or None."""
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size < MIN_RSA_BITS:
+        return f"RSA {key.key_size} bits, too weak (at least {MIN_RSA_BITS})"
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size < MIN_EC_BITS:
+        return f"EC {key.curve.name}, too weak (at least P-256)"
+    return None
+
+
+def system_roots() -> list[x509.Certificate]:
+    """The root certificates this host trusts (OpenSSL's default CA file), for the chain
+    completeness check; [] when there is no readable bundle."""
+    paths = ssl.get_default_verify_paths()
+    for name in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if not name:
+            continue
+        try:
+            data = Path(name).read_bytes()
+            with warnings.catch_warnings():
+                # A few distribution roots have a negative serial; they still identify issuers.
+                warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+                return x509.load_pem_x509_certificates(data)
+        except (OSError, ValueError):
+            continue
+    return []
+
+
+def _check_complete(
+    chain: list[x509.Certificate], trusted: list[x509.Certificate], where: str
+) -> None:
+    """Refuse a chain that stops short of a root (RFC 8446 §4.4.2: the server sends every
+    intermediate; clients do not fetch missing ones, except some browsers, so the gap shows
+    only on phones and API clients). The chain is complete when its last certificate is
+    self-issued (a root, or a self-signed leaf) or was signed by a root this host trusts."""
+    last = chain[-1]
+    if last.issuer == last.subject:
+        return
+    for root in trusted:
+        if root.subject != last.issuer:
+            continue
+        try:
+            last.verify_directly_issued_by(root)
+        except (ValueError, TypeError, Exception):  # noqa: S112 - try the next root of that name
+            continue
+        return
+    raise CertificateError(
+        f"{where}: the chain is incomplete: certificate {len(chain)} "
+        f"({last.subject.rfc4514_string()}) was issued by {last.issuer.rfc4514_string()}, which "
+        "is neither in the files nor a root this host trusts; add the intermediate certificate(s) "
+        "(--chain), or the root of a private CA"
+    )
+
+
 def _load_key(block: bytes, where: str) -> object:
     try:
         return serialization.load_pem_private_key(block, password=None)
@@ -135,6 +217,8 @@ def check_pem(
     expected_name: str | None = None,
     where: str = "tls.cert",
     key_where: str = "tls.key",
+    require_name: bool = False,
+    trusted: list[x509.Certificate] | None = None,
 ) -> CertificateInfo:
     """Check a certificate chain and its key as SPEC §5 asks; raise CertificateError if unusable.
 
@@ -142,10 +226,14 @@ def check_pem(
     certificate MUST come in the first CertificateEntry ... each following certificate SHOULD
     directly certify the one immediately preceding it"). `key_pem` None means the key must be in
     `cert_pem` (the reference's one-PEM layout).
+
+    `confedge cert install` is stricter than a start: `require_name` makes a certificate that
+    does not name `expected_name` an error (at start it is a warning, so that a renamed host
+    still serves), and `trusted` (the host's roots) turns on the chain completeness check.
     """
-    cert_blocks, key_blocks = _split_pem(cert_pem)
+    cert_blocks, key_blocks = split_pem(cert_pem)
     if not cert_blocks:
-        if key_blocks and key_pem is not None and _split_pem(key_pem)[0]:
+        if key_blocks and key_pem is not None and split_pem(key_pem)[0]:
             raise CertificateError(
                 f"{where}: holds a private key and {key_where} holds the certificate; "
                 "tls.cert and tls.key are swapped"
@@ -163,7 +251,7 @@ def check_pem(
                 "PEM); copy it again from what your certificate authority issued"
             ) from None
     if key_pem is not None:
-        _, key_blocks = _split_pem(key_pem)
+        _, key_blocks = split_pem(key_pem)
         if not key_blocks:
             raise CertificateError(
                 f"{key_where}: no PEM private key found (expected -----BEGIN ... PRIVATE KEY-----)"
@@ -185,6 +273,12 @@ def check_pem(
         | ed448.Ed448PrivateKey,
     ):
         raise CertificateError(f"{key_where}: unsupported private key type {type(key).__name__}")
+    weak = _weak_key(key)
+    if weak is not None:
+        raise CertificateError(
+            f"{key_where if key_pem is not None else where}: the key is {weak}; "
+            "have the certificate reissued for an RSA 2048+ or EC P-256 key"
+        )
     leaf = chain[0]
     leaf_pub = leaf.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -233,13 +327,21 @@ def check_pem(
     warnings: list[str] = []
     if not_after - now < RENEW_BEFORE:
         warnings.append(f"{where}: the certificate expires soon ({not_after.isoformat()})")
-    names = _names(leaf)
+    names = certificate_names(leaf)
     if expected_name and not any(_name_matches(n, expected_name) for n in names):
+        if require_name:
+            raise CertificateError(
+                f"{where}: the certificate does not name this host, {expected_name} "
+                f"(names: {', '.join(names) or 'none'}); get one that lists it, or set "
+                "server.hostname and server.domain to the name it was issued for"
+            )
         warnings.append(
             f"{where}: the certificate does not name {expected_name} "
             f"(names: {', '.join(names) or 'none'}); "
             "browsers will warn"
         )
+    if trusted is not None:
+        _check_complete(chain, trusted, where)
     return CertificateInfo(
         subject=leaf.subject.rfc4514_string(),
         names=names,
@@ -307,16 +409,22 @@ def generate_self_signed(
 
 
 def ensure_self_signed(
-    state_dir: str | os.PathLike[str], fqdn: str, extra_names: list[str], now: dt.datetime
+    state_dir: str | os.PathLike[str],
+    fqdn: str,
+    extra_names: list[str],
+    now: dt.datetime,
+    *,
+    force: bool = False,
 ) -> tuple[Path, CertificateInfo, bool]:
     """Reuse the generated certificate in `state_dir`, or create it (0600) if missing or stale.
 
     Returns (path, info, created). Regenerated when unreadable, expiring within 30 days, or not
     naming `fqdn` any more (the host was renamed): it is ours, so replacing it loses nothing.
+    `force` regenerates it anyway (`confedge cert self-signed`).
     """
     directory = Path(state_dir) / "tls"
     path = directory / SELF_SIGNED_NAME
-    if path.exists():
+    if path.exists() and not force:
         try:
             info = check_pem(path.read_bytes(), None, now, expected_name=fqdn, where=str(path))
             if not info.warnings:
@@ -331,18 +439,25 @@ def ensure_self_signed(
             f"{exc.strerror}"
         ) from None
     pem = generate_self_signed(fqdn, extra_names, now)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, pem)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_private(path, pem)
     info = check_pem(pem, None, now, expected_name=fqdn, where=str(path))
     return path, info, True
 
 
-def _read_pem_file(path: str, key: str, kind: str) -> bytes:
+def write_private(path: Path, data: bytes) -> None:
+    """Replace `path` atomically with `data`, mode 0600 from the first byte (a key never sits
+    readable by others, and a reader sees the old file or the new one, never half of one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_pem_file(path: str, key: str, kind: str) -> bytes:
     """Read a [tls] file, refusing what cannot be one: a directory, a device or FIFO (reading
     /dev/zero never ends), an empty or huge file, DER where PEM is expected."""
     where = f"{key} ({path})"
@@ -388,10 +503,10 @@ def load_certificate(
     `label` names the pair in messages: "tls" for tls.cert/tls.key, "tls.certificates[1]" for
     an SNI certificate.
     """
-    cert_pem = _read_pem_file(cert_path, f"{label}.cert", "certificate")
+    cert_pem = read_pem_file(cert_path, f"{label}.cert", "certificate")
     key_pem: bytes | None = None
     if key_path:
-        key_pem = _read_pem_file(key_path, f"{label}.key", "private key")
+        key_pem = read_pem_file(key_path, f"{label}.key", "private key")
     return check_pem(
         cert_pem,
         key_pem,
@@ -415,6 +530,26 @@ def sni_names(names: tuple[str, ...]) -> tuple[str, ...]:
         except ValueError:
             out.append(n.lower().rstrip("."))
     return tuple(out)
+
+
+def sni_map(
+    certificates: list[tuple[str, tuple[str, ...]]],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Which certificate serves which SNI name: ({exact name: label}, {wildcard parent: label}).
+
+    `certificates` is [(label, names)] in precedence order, the default certificate first: the
+    first certificate naming a host wins (RFC 6066 §3 leaves the choice to the server). The
+    TLS listeners (tls/context.py) and `confedge cert show` both use this one rule.
+    """
+    exact: dict[str, str] = {}
+    wildcard: dict[str, str] = {}
+    for label, names in certificates:
+        for name in sni_names(names):
+            if name.startswith("*."):
+                wildcard.setdefault(name[2:], label)
+            else:
+                exact.setdefault(name, label)
+    return exact, wildcard
 
 
 def load_sni_certificates(

@@ -22,10 +22,10 @@ from confedge.tls.certs import (
     ensure_self_signed,
     load_certificate,
     load_sni_certificates,
-    sni_names,
+    sni_map,
 )
 
-__all__ = ["TLSContextHolder", "client_context", "server_context"]
+__all__ = ["TLSContextHolder", "client_context", "generated_names", "server_context"]
 
 log = logging.getLogger("confedge.tls")
 
@@ -124,16 +124,9 @@ class TLSContextHolder:
             info = load_certificate(cfg.tls.cert, cfg.tls.key, now, expected_name=fqdn)
             certfile, keyfile = cfg.tls.cert, cfg.tls.key or None
         else:
-            names = [
-                cfg.server.hostname,
-                "localhost",
-                cfg.server.internal_address,
-                "127.0.0.1",
-                "::1",
-            ]
-            if cfg.server.external_address:
-                names.append(cfg.server.external_address)
-            path, info, created = ensure_self_signed(cfg.server.state_dir, fqdn, names, now)
+            path, info, created = ensure_self_signed(
+                cfg.server.state_dir, fqdn, generated_names(cfg), now
+            )
             if created:
                 log.warning("generated a self-signed certificate for %s in %s", fqdn, path)
             certfile, keyfile = str(path), None
@@ -146,18 +139,17 @@ class TLSContextHolder:
         for w in sni_warnings:
             log.warning("%s", w)
         default = _context(certfile, keyfile, "tls.cert", self._alpn)
-        exact: dict[str, ssl.SSLContext] = {}
-        wildcard: dict[str, ssl.SSLContext] = {}
         pairs = [(default, info)]
         for i, (cert, key, extra_info) in enumerate(extra):
-            where = f"tls.certificates[{i}].cert"
-            pairs.append((_context(cert, key or None, where, self._alpn), extra_info))
-        for ctx, ci in pairs:
-            for name in sni_names(ci.names):
-                if name.startswith("*."):
-                    wildcard.setdefault(name[2:], ctx)
-                else:
-                    exact.setdefault(name, ctx)
+            pairs.append(
+                (_context(cert, key or None, f"tls.certificates[{i}].cert", self._alpn), extra_info)
+            )
+        by_label = {str(i): ctx for i, (ctx, _) in enumerate(pairs)}
+        exact_labels, wildcard_labels = sni_map(
+            [(str(i), ci.names) for i, (_, ci) in enumerate(pairs)]
+        )
+        exact = {name: by_label[label] for name, label in exact_labels.items()}
+        wildcard = {name: by_label[label] for name, label in wildcard_labels.items()}
         self.info = info
         self.infos = [ci for _, ci in pairs]
         self.certfile = certfile
@@ -185,9 +177,14 @@ class TLSContextHolder:
 
         On error the old contexts stay in service and CertificateError propagates.
         """
+        old = self._cfg
         if cfg is not None:
             self._cfg = cfg
-        sel = self._build()
+        try:
+            sel = self._build()
+        except BaseException:
+            self._cfg = old  # a later plain reload retries what is in service, not this
+            raise
         sel.default.sni_callback = self._select
         self._sel = sel
         log.info(
@@ -197,6 +194,15 @@ class TLSContextHolder:
             f" (+{len(self.infos) - 1} chosen by SNI)" if len(self.infos) > 1 else "",
         )
         return self.info
+
+
+def generated_names(cfg: Config) -> list[str]:
+    """The names of the generated certificate besides the FQDN: the host name, loopback and the
+    listener addresses, so that browsers on the host and on either network can reach it."""
+    names = [cfg.server.hostname, "localhost", cfg.server.internal_address, "127.0.0.1", "::1"]
+    if cfg.server.external_address:
+        names.append(cfg.server.external_address)
+    return names
 
 
 def _context(

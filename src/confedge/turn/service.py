@@ -362,11 +362,12 @@ class TurnService:
         self._tls = tls
         self.tls_port = tls.sockets[0].getsockname()[1]
 
-    def reload_tls(self) -> None:
-        """Reload the turns: certificate (SIGHUP); new handshakes use it, open ones stay."""
+    def reload_tls(self, cfg: Config | None = None) -> None:
+        """Reload the turns: certificate (SIGHUP), from `cfg`'s [tls] when given; new
+        handshakes use it, open ones stay."""
         holder = getattr(self, "_tls_holder", None)
         if holder is not None:
-            holder.reload()
+            holder.reload(cfg)
 
     async def _tick_loop(self) -> None:
         loop = asyncio.get_running_loop()
