@@ -308,6 +308,11 @@ class TurnConfig(_Strict):
     # RFC 6156 IPv6 relay address; None = server.external_address when that is IPv6, else no
     # IPv6 relaying.
     relay_address_v6: IPAddr | None = None
+    # The relay's data plane (docs/TURN.md): "native" = the C relay threads
+    # (confedge.turn._native), "python" = uvloop callbacks, "auto" = native when built.
+    dataplane: Literal["auto", "native", "python"] = "auto"
+    # Relay threads of the native data plane; 0 = one per core.
+    dataplane_threads: int = Field(default=0, ge=0, le=256)
 
     @field_validator("relay_ports")
     @classmethod
