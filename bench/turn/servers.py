@@ -232,11 +232,15 @@ def confedge_command(config: Path) -> list[str]:
     return [sys.executable, str(HERE / "confedge_turn.py"), str(config)]
 
 
-def start_confedge(spec: ServerSpec, workdir: Path) -> Server:
+def start_confedge(spec: ServerSpec, workdir: Path, dataplane: str | None = None) -> Server:
+    """`dataplane`: turn.dataplane for this run ("auto", "native", "python"); None keeps what
+    CONFEDGE_DATAPLANE says (or the configuration's "auto")."""
     spec = pick_port(spec)
     config = confedge_config(spec, workdir)
     log = workdir / "confedge.log"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    if dataplane is not None:
+        env["CONFEDGE_DATAPLANE"] = dataplane
     with log.open("wb") as fh:
         proc = subprocess.Popen(
             confedge_command(config), stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, env=env

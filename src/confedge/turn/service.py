@@ -414,3 +414,10 @@ class TurnService:
                 "dropped_no_permission": 0,
             }
         return self.core.stats()
+
+    def dataplane_stats(self) -> dict[str, Any]:
+        """Which data plane relays (``backend``), and for the native one its own counters:
+        packets, syscalls, GSO use and every kind of drop (turn/native.py)."""
+        dp = self.dataplane
+        extra = dp.stats() if isinstance(dp, NativeDataPlane) else {}
+        return {"backend": self.backend, **extra}
