@@ -405,3 +405,37 @@ async def test_fuzz_native_path_then_relay_still_works() -> None:
         cli.t.close()
         peer.close()
         await svc.close()
+
+
+async def test_datagrams_larger_than_a_slot() -> None:
+    """Media fits a slot's first 2 KiB; larger datagrams (to 65,507 bytes) continue in a second
+    buffer and are relayed whole, in every form."""
+    svc = await _service()
+    peer, other = _sock(), _sock()
+    paddr, oaddr = peer.getsockname(), other.getsockname()
+    cli = UdpTurn(*await _adopt(_sock(), svc.port))
+    try:
+        relay = await cli.allocate()
+        await _bind_channel(cli, paddr)
+        for size in (2043, 2044, 2045, 9000, 65000):
+            body = random.Random(size).randbytes(size)
+            cli.t.sendto(struct.pack("!HH", 0x4000, size) + body)
+            assert peer.recv(65536) == body
+            peer.sendto(body, relay)
+            data, _ = await asyncio.wait_for(cli.p.q.get(), 2)
+            assert data == struct.pack("!HH", 0x4000, size) + body
+        # No channel for `other` (same IP, other port): Data indications, padded in the second
+        # buffer; and a large Send indication (the control plane forwards it).
+        for size in (3001, 40003):
+            body = random.Random(size).randbytes(size)
+            other.sendto(body, relay)
+            ind = parse_message((await asyncio.wait_for(cli.p.q.get(), 2))[0])
+            assert ind.get(Attr.DATA) == body
+            cli.t.sendto(_send_indication(oaddr, body))
+            # (off the loop: the control plane must run to forward it)
+            assert await asyncio.to_thread(other.recv, 65536) == body
+    finally:
+        cli.t.close()
+        peer.close()
+        other.close()
+        await svc.close()

@@ -62,10 +62,12 @@
 #endif
 
 #define BATCH 64            /* datagrams per recvmmsg */
-#define SLOTS 128           /* receive slots per worker; outputs point into them until flushed */
+#define SLOTS 512           /* receive slots per worker; outputs point into them until flushed */
 #define HEADROOM 64         /* room for a Data indication header in front of a payload */
-#define SLOT_DATA 65536     /* largest UDP payload is 65507 */
-#define SLOT_SIZE (HEADROOM + SLOT_DATA + 64)
+#define SMALL 2048          /* a slot's contiguous part: every media packet fits */
+#define SLOT_SMALL (HEADROOM + SMALL + 64) /* + room for a Data indication's padding */
+#define BIG (65536 - SMALL) /* the rest of a large datagram (to 65507 bytes), second buffer */
+#define GHASH 1024          /* flush grouping table (power of two, > SLOTS) */
 #define MAX_ROUNDS 4        /* recvmmsg rounds per socket per epoll round (fairness) */
 #define GSO_MAX_SEGS 64     /* UDP_MAX_SEGMENTS on older kernels */
 #define GSO_MAX_BYTES 64000 /* below the 65507 limit of one UDP datagram */
@@ -132,10 +134,14 @@ typedef struct alloc {
     struct alloc *gnext;  /* graveyard */
 } alloc_t;
 
+/* One datagram to send: base[0..n) then, for a datagram larger than a slot's small part,
+ * base2[0..n2). */
 typedef struct {
     int fd;
     uint8_t *base;
     uint32_t n;
+    uint32_t n2;
+    uint8_t *base2;
     socklen_t salen;
     sockaddr_u dest;
 } out_t;
@@ -163,18 +169,23 @@ typedef struct worker {
     alloc_t **htab;
     size_t hcap, hcount;
     alloc_t *graveyard;
-    uint8_t *slots;
-    int used; /* slots taken since the last flush */
+    uint8_t *small; /* SLOTS x SLOT_SMALL: touched by every datagram */
+    uint8_t *big;   /* SLOTS x BIG: touched only by datagrams larger than SMALL */
+    int used;       /* slots taken since the last flush */
     struct mmsghdr rmsg[BATCH];
-    struct iovec riov[BATCH];
+    struct iovec riov[2 * BATCH];
     sockaddr_u raddr[BATCH];
     char rctl[BATCH][CMSG_SPACE(sizeof(uint32_t))];
     out_t out[SLOTS];
     int nout;
+    /* flush: packets grouped by (socket, destination), each group in arrival order */
+    int ghash[GHASH];
+    int gfirst[SLOTS], glast[SLOTS], onext[SLOTS], order[SLOTS];
     struct mmsghdr smsg[SLOTS];
-    struct iovec siov[SLOTS];
+    struct iovec siov[2 * SLOTS];
     char sctl[SLOTS][CMSG_SPACE(sizeof(uint16_t))];
     int ssegs[SLOTS];
+    int sfirst[SLOTS]; /* index into order[] of a message's first packet */
     uint8_t rnd[4096];
     size_t rnd_left;
     wstats_t st;
@@ -474,8 +485,10 @@ static inline perm_t *perm_find(alloc_t *al, uint8_t fam, const uint8_t *ip)
  * the up-queue: packets for the Python control plane, in arrival order
  */
 
-static void upcall(worker_t *w, const addr_t *src, const uint8_t *data, uint32_t len)
+static void upcall(worker_t *w, const addr_t *src, const uint8_t *data, uint32_t n1,
+                   const uint8_t *data2, uint32_t n2)
 {
+    uint32_t len = n1 + n2;
     engine_t *e = w->eng;
     int notify = 0;
     pthread_mutex_lock(&e->qlock);
@@ -494,7 +507,9 @@ static void upcall(worker_t *w, const addr_t *src, const uint8_t *data, uint32_t
     u->worker = w->index;
     u->src = *src;
     u->len = len;
-    memcpy(u->data, data, len);
+    memcpy(u->data, data, n1);
+    if (n2 > 0)
+        memcpy(u->data + n1, data2, n2);
     if (e->qtail != NULL)
         e->qtail->next = u;
     else
@@ -520,11 +535,16 @@ static void upcall(worker_t *w, const addr_t *src, const uint8_t *data, uint32_t
 
 static inline uint8_t *slot_data(worker_t *w, int slot)
 {
-    return w->slots + (size_t)slot * SLOT_SIZE + HEADROOM;
+    return w->small + (size_t)slot * SLOT_SMALL + HEADROOM;
 }
 
-static inline void queue_out(worker_t *w, int fd, uint8_t *base, uint32_t n, const sockaddr_u *dest,
-                             socklen_t salen)
+static inline uint8_t *slot_big(worker_t *w, int slot)
+{
+    return w->big + (size_t)slot * BIG;
+}
+
+static inline void queue_out(worker_t *w, int fd, uint8_t *base, uint32_t n, uint8_t *base2,
+                             uint32_t n2, const sockaddr_u *dest, socklen_t salen)
 {
     out_t *o = &w->out[w->nout++];
     if (fd == w->lfd)
@@ -534,25 +554,38 @@ static inline void queue_out(worker_t *w, int fd, uint8_t *base, uint32_t n, con
     o->fd = fd;
     o->base = base;
     o->n = n;
+    o->base2 = base2;
+    o->n2 = n2;
     o->salen = salen;
     memcpy(&o->dest, dest, salen);
+}
+
+static inline int out_iov(const out_t *o, struct iovec *iov)
+{
+    iov[0].iov_base = o->base;
+    iov[0].iov_len = o->n;
+    if (o->n2 == 0)
+        return 1;
+    iov[1].iov_base = o->base2;
+    iov[1].iov_len = o->n2;
+    return 2;
 }
 
 static void send_plain(worker_t *w, int fd, out_t *o)
 {
     struct msghdr mh;
-    struct iovec iov = {o->base, o->n};
+    struct iovec iov[2];
     memset(&mh, 0, sizeof mh);
     mh.msg_name = &o->dest;
     mh.msg_namelen = o->salen;
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)out_iov(o, iov);
     if (sendmsg(fd, &mh, MSG_DONTWAIT) < 0)
         BUMP(w->st.drop_send, 1);
 }
 
 /* Send smsg[0..m) on fd; a failed message is dropped and counted, the rest still go. */
-static void send_batch(worker_t *w, int fd, int m, int first_out[])
+static void send_batch(worker_t *w, int fd, int m)
 {
     int k = 0;
     while (k < m) {
@@ -569,7 +602,7 @@ static void send_batch(worker_t *w, int fd, int m, int first_out[])
             /* The device cannot segment: stop using GSO, send these one by one. */
             w->gso = 0;
             for (int s = 0; s < w->ssegs[k]; s++)
-                send_plain(w, fd, &w->out[first_out[k] + s]);
+                send_plain(w, fd, &w->out[w->order[w->sfirst[k] + s]]);
             k++;
             continue;
         }
@@ -584,24 +617,67 @@ static void send_batch(worker_t *w, int fd, int m, int first_out[])
     }
 }
 
+static inline int same_flow(const out_t *a, const out_t *b)
+{
+    return a->fd == b->fd && a->salen == b->salen && memcmp(&a->dest, &b->dest, a->salen) == 0;
+}
+
+static inline unsigned flow_hash(const out_t *o)
+{
+    uint32_t tail; /* last 4 address bytes (IPv4: the address; IPv6: its low 32 bits) */
+    memcpy(&tail, (const char *)&o->dest + (o->salen == sizeof(struct sockaddr_in) ? 4 : 20), 4);
+    uint32_t h = (uint32_t)o->fd * 2654435761u ^ tail * 2246822519u ^ o->dest.v4.sin_port;
+    return (h ^ (h >> 15)) & (GHASH - 1);
+}
+
+/* order[]: the queued packets grouped by flow (socket and destination), each flow's packets in
+ * arrival order; flows on the client listener first, so its flows form one run for sendmmsg. */
+static int group_flows(worker_t *w)
+{
+    int ng = 0;
+    memset(w->ghash, 0xff, sizeof w->ghash);
+    for (int i = 0; i < w->nout; i++) {
+        unsigned h = flow_hash(&w->out[i]);
+        int g;
+        while ((g = w->ghash[h]) >= 0 && !same_flow(&w->out[w->gfirst[g]], &w->out[i]))
+            h = (h + 1) & (GHASH - 1);
+        if (g < 0) {
+            g = ng++;
+            w->ghash[h] = g;
+            w->gfirst[g] = i;
+        } else {
+            w->onext[w->glast[g]] = i;
+        }
+        w->glast[g] = i;
+        w->onext[i] = -1;
+    }
+    int n = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int g = 0; g < ng; g++)
+            if ((w->out[w->gfirst[g]].fd == w->lfd) == (pass == 0))
+                for (int i = w->gfirst[g]; i >= 0; i = w->onext[i])
+                    w->order[n++] = i;
+    return n;
+}
+
 /* Flush queued packets: one sendmmsg per run of the same socket; runs of the same destination
  * and size inside it become one GSO message each. */
 static void flush(worker_t *w)
 {
-    int first_out[SLOTS];
+    int n = group_flows(w);
     int i = 0;
-    while (i < w->nout) {
-        int fd = w->out[i].fd;
+    while (i < n) {
+        int fd = w->out[w->order[i]].fd;
         int m = 0, iv = 0;
-        while (i < w->nout && w->out[i].fd == fd) {
-            out_t *o = &w->out[i];
+        while (i < n && w->out[w->order[i]].fd == fd) {
+            out_t *o = &w->out[w->order[i]];
             int segs = 1;
             uint32_t total = o->n;
-            if (w->gso && o->n <= GSO_MAX_SEG && o->n > 0) {
-                while (i + segs < w->nout && segs < GSO_MAX_SEGS) {
-                    out_t *nx = &w->out[i + segs];
-                    if (nx->fd != fd || nx->salen != o->salen || nx->n > o->n || nx->n == 0 ||
-                        total + nx->n > GSO_MAX_BYTES || memcmp(&nx->dest, &o->dest, o->salen) != 0)
+            if (w->gso && o->n2 == 0 && o->n <= GSO_MAX_SEG && o->n > 0) {
+                while (i + segs < n && segs < GSO_MAX_SEGS) {
+                    out_t *nx = &w->out[w->order[i + segs]];
+                    if (nx->n2 != 0 || nx->n > o->n || nx->n == 0 ||
+                        total + nx->n > GSO_MAX_BYTES || !same_flow(nx, o))
                         break;
                     total += nx->n;
                     segs++;
@@ -614,12 +690,14 @@ static void flush(worker_t *w)
             mh->msg_name = &o->dest;
             mh->msg_namelen = o->salen;
             mh->msg_iov = &w->siov[iv];
-            mh->msg_iovlen = (size_t)segs;
-            for (int s = 0; s < segs; s++) {
-                w->siov[iv + s].iov_base = w->out[i + s].base;
-                w->siov[iv + s].iov_len = w->out[i + s].n;
-            }
-            if (segs > 1) {
+            if (segs == 1) {
+                mh->msg_iovlen = (size_t)out_iov(o, &w->siov[iv]);
+            } else {
+                mh->msg_iovlen = (size_t)segs;
+                for (int s = 0; s < segs; s++) {
+                    w->siov[iv + s].iov_base = w->out[w->order[i + s]].base;
+                    w->siov[iv + s].iov_len = w->out[w->order[i + s]].n;
+                }
                 mh->msg_control = w->sctl[m];
                 mh->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
                 struct cmsghdr *cm = CMSG_FIRSTHDR(mh);
@@ -631,13 +709,13 @@ static void flush(worker_t *w)
                 BUMP(w->st.gso_msgs, 1);
                 BUMP(w->st.gso_segments, (uint64_t)segs);
             }
+            iv += (int)mh->msg_iovlen;
             w->ssegs[m] = segs;
-            first_out[m] = i;
-            iv += segs;
+            w->sfirst[m] = i;
             m++;
             i += segs;
         }
-        send_batch(w, fd, m, first_out);
+        send_batch(w, fd, m);
     }
     w->nout = 0;
     w->used = 0;
@@ -654,12 +732,14 @@ static int recv_batch(worker_t *w, int fd, int *first)
     int base = w->used;
     for (int i = 0; i < BATCH; i++) {
         struct msghdr *mh = &w->rmsg[i].msg_hdr;
-        w->riov[i].iov_base = slot_data(w, base + i);
-        w->riov[i].iov_len = SLOT_DATA;
+        w->riov[2 * i].iov_base = slot_data(w, base + i);
+        w->riov[2 * i].iov_len = SMALL;
+        w->riov[2 * i + 1].iov_base = slot_big(w, base + i);
+        w->riov[2 * i + 1].iov_len = BIG;
         mh->msg_name = &w->raddr[i];
         mh->msg_namelen = sizeof w->raddr[i];
-        mh->msg_iov = &w->riov[i];
-        mh->msg_iovlen = 1;
+        mh->msg_iov = &w->riov[2 * i];
+        mh->msg_iovlen = 2;
         mh->msg_control = w->rctl[i];
         mh->msg_controllen = sizeof w->rctl[i];
         mh->msg_flags = 0;
@@ -750,6 +830,8 @@ static void on_client_packets(worker_t *w, int first, int n)
         struct msghdr *mh = &w->rmsg[i].msg_hdr;
         uint32_t len = w->rmsg[i].msg_len;
         uint8_t *p = slot_data(w, first + i);
+        uint8_t *p2 = slot_big(w, first + i); /* bytes beyond SMALL, if any */
+        uint32_t len2 = len > SMALL ? len - SMALL : 0;
         addr_t src;
         BUMP(w->st.rx_client, 1);
         if ((mh->msg_flags & MSG_TRUNC) || addr_from_sa(&src, &w->raddr[i]) != 0) {
@@ -770,7 +852,8 @@ static void on_client_packets(worker_t *w, int first, int n)
                 continue;
             }
             /* anything after the length (padding, junk) is not relayed */
-            queue_out(w, al->fd, p + 4, dlen, &ch->peer_sa, ch->peer_salen);
+            uint32_t n1 = dlen <= SMALL - 4 ? dlen : SMALL - 4;
+            queue_out(w, al->fd, p + 4, n1, p2, dlen - n1, &ch->peer_sa, ch->peer_salen);
             BUMP(al->pkts_to_peer, 1);
             BUMP(al->bytes_to_peer, dlen);
             continue;
@@ -778,7 +861,7 @@ static void on_client_packets(worker_t *w, int first, int n)
         addr_t peer;
         const uint8_t *data = NULL;
         uint32_t dlen = 0;
-        if (parse_send(p, len, &peer, &data, &dlen)) {
+        if (len2 == 0 && parse_send(p, len, &peer, &data, &dlen)) {
             alloc_t *al = client_find(w, &src);
             if (al == NULL) {
                 BUMP(w->st.drop_no_allocation, 1); /* §10.2: no allocation: discard */
@@ -788,14 +871,14 @@ static void on_client_packets(worker_t *w, int first, int n)
             if (pm != NULL && pm->fast_send) {
                 sockaddr_u sa;
                 socklen_t salen = sa_from_addr(&sa, &peer);
-                queue_out(w, al->fd, (uint8_t *)data, dlen, &sa, salen);
+                queue_out(w, al->fd, (uint8_t *)data, dlen, NULL, 0, &sa, salen);
                 BUMP(al->pkts_to_peer, 1);
                 BUMP(al->bytes_to_peer, dlen);
                 continue;
             }
             /* no permission, or a peer the policy judges per port: the core decides */
         }
-        upcall(w, &src, p, len);
+        upcall(w, &src, p, len - len2, p2, len2);
     }
     uint64_t ov;
     if (n > 0 && rxq_ovfl(&w->rmsg[n - 1].msg_hdr, &ov))
@@ -823,6 +906,8 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
         struct msghdr *mh = &w->rmsg[i].msg_hdr;
         uint32_t len = w->rmsg[i].msg_len;
         uint8_t *p = slot_data(w, first + i);
+        uint8_t *p2 = slot_big(w, first + i);
+        uint32_t len2 = len > SMALL ? len - SMALL : 0, len1 = len - len2;
         addr_t src;
         BUMP(w->st.rx_peer, 1);
         if ((mh->msg_flags & MSG_TRUNC) || addr_from_sa(&src, &w->raddr[i]) != 0) {
@@ -841,7 +926,7 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
             p[-3] = (uint8_t)ch->number;
             p[-2] = (uint8_t)(len >> 8);
             p[-1] = (uint8_t)len;
-            queue_out(w, w->lfd, p - 4, len + 4, &al->client_sa, al->client_salen);
+            queue_out(w, w->lfd, p - 4, len1 + 4, p2, len2, &al->client_sa, al->client_salen);
         } else if (perm_find(al, src.fam, src.ip) != NULL) {
             /* §10.3: Data indication = header, XOR-PEER-ADDRESS, DATA (padded) */
             uint32_t xlen = src.fam == 4 ? 12 : 24;
@@ -880,8 +965,15 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
             d[1] = 0x13;
             d[2] = (uint8_t)(len >> 8);
             d[3] = (uint8_t)len;
-            memset(p + len, 0, pad);
-            queue_out(w, w->lfd, h, hlen + len + pad, &al->client_sa, al->client_salen);
+            if (len2 == 0) {
+                memset(p + len, 0, pad); /* slot slack */
+                queue_out(w, w->lfd, h, hlen + len + pad, NULL, 0, &al->client_sa,
+                          al->client_salen);
+            } else {
+                memset(p2 + len2, 0, pad); /* BIG leaves room: len2 <= 65507 - SMALL */
+                queue_out(w, w->lfd, h, hlen + len1, p2, len2 + pad, &al->client_sa,
+                          al->client_salen);
+            }
         } else {
             BUMP(al->dropped, 1); /* §9: no permission for this peer */
             continue;
@@ -1040,8 +1132,10 @@ static void engine_free_all(engine_t *e)
                 close(w->epfd);
             if (w->wakefd >= 0)
                 close(w->wakefd);
-            if (w->slots != NULL)
-                munmap(w->slots, (size_t)SLOTS * SLOT_SIZE);
+            if (w->small != NULL)
+                munmap(w->small, (size_t)SLOTS * SLOT_SMALL);
+            if (w->big != NULL)
+                munmap(w->big, (size_t)SLOTS * BIG);
             free(w->htab);
             pthread_mutex_destroy(&w->lock);
             free(w);
@@ -1121,10 +1215,16 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         w->wtag = KIND_WAKE;
         w->gso = gso;
         pthread_mutex_init(&w->lock, NULL);
-        w->slots = mmap(NULL, (size_t)SLOTS * SLOT_SIZE, PROT_READ | PROT_WRITE,
+        /* MAP_NORESERVE: only the pages datagrams land in become resident */
+        w->small = mmap(NULL, (size_t)SLOTS * SLOT_SMALL, PROT_READ | PROT_WRITE,
                         MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-        if (w->slots == MAP_FAILED) {
-            w->slots = NULL;
+        w->big = mmap(NULL, (size_t)SLOTS * BIG, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (w->small == MAP_FAILED || w->big == MAP_FAILED) {
+            if (w->small == MAP_FAILED)
+                w->small = NULL;
+            if (w->big == MAP_FAILED)
+                w->big = NULL;
             PyErr_SetFromErrno(PyExc_OSError);
             goto fail;
         }
