@@ -416,6 +416,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=["auto", "native", "python"],
         help="confedge's turn.dataplane (default: CONFEDGE_DATAPLANE, else auto = native if built)",
     )
+    ap.add_argument(
+        "--dataplane-threads",
+        type=int,
+        default=0,
+        help="confedge's turn.dataplane_threads (default 0 = one per core, as coturn's 2 here)",
+    )
     ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     ap.add_argument(
         "--senders", type=int, default=1, help="workers that offer relay traffic (default 1)"
@@ -515,7 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         if s == "coturn":
             starters[s] = functools.partial(servers.start_coturn, COTURN, d, args.coturn_threads)
         else:
-            starters[s] = functools.partial(servers.start_confedge, CONFEDGE, d, args.dataplane)
+            starters[s] = functools.partial(
+                servers.start_confedge, CONFEDGE, d, args.dataplane, args.dataplane_threads
+            )
     for rnd in range(args.rounds):
         order = wanted if rnd % 2 == 0 else list(reversed(wanted))
         for s in order:
