@@ -197,7 +197,7 @@ async def test_bursts_leave_in_gso_batches_in_order() -> None:
         for i in range(n):
             cli.t.sendto(struct.pack("!HHI", 0x4000, 96, i) + bytes(92))
         got = [struct.unpack("!I", peer.recv(2048)[:4])[0] for _ in range(n)]
-        assert got == list(range(n))
+        assert got == list(range(n)), _dp(svc).stats()
         for i in range(n):
             peer.sendto(struct.pack("!I", i) + bytes(92), relay)
         back = []
@@ -206,9 +206,9 @@ async def test_bursts_leave_in_gso_batches_in_order() -> None:
             back.append(struct.unpack("!I", data[4:8])[0])
         assert back == list(range(n))
         st = _dp(svc).stats()
-        assert st["gso"] == 1 and st["gso_msgs"] > 0 and st["gso_segments"] > st["gso_msgs"]
-        assert st["recv_calls"] < 2 * n  # received in batches, not one call per packet
-        assert st["drop_send"] == 0
+        assert st["gso"] == 1 and st["gso_msgs"] > 0 and st["gso_segments"] > st["gso_msgs"], st
+        assert st["recv_calls"] < 2 * n, st  # received in batches, not one call per packet
+        assert st["drop_send"] == 0, st
     finally:
         peer.close()
         cli.t.close()
