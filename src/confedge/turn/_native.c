@@ -58,9 +58,11 @@
 #ifndef UDP_SEGMENT
 #define UDP_SEGMENT 103
 #endif
-#ifndef SO_RXQ_OVFL
-#define SO_RXQ_OVFL 40
+#ifndef SO_MEMINFO
+#define SO_MEMINFO 55
 #endif
+#define MEMINFO_VARS 9  /* SK_MEMINFO_VARS */
+#define MEMINFO_DROPS 8 /* SK_MEMINFO_DROPS: datagrams the kernel dropped (receive buffer full) */
 
 #define BATCH 64            /* datagrams per recvmmsg */
 #define SLOTS 512           /* receive slots per worker; outputs point into them until flushed */
@@ -69,7 +71,7 @@
 #define SLOT_SMALL (HEADROOM + SMALL + 64) /* + room for a Data indication's padding */
 #define BIG (65536 - SMALL) /* the rest of a large datagram (to 65507 bytes), second buffer */
 #define GHASH 1024          /* flush grouping table (power of two, > SLOTS) */
-#define MAX_ROUNDS 4        /* recvmmsg rounds per socket per epoll round (fairness) */
+#define MAX_ROUNDS 7        /* recvmmsg rounds per socket per epoll round (fairness; 7 x BATCH fit SLOTS) */
 #define GSO_MAX_SEGS 64     /* UDP_MAX_SEGMENTS on older kernels */
 #define GSO_MAX_BYTES 64000 /* below the 65507 limit of one UDP datagram */
 #define GSO_MAX_SEG 1400    /* segments must fit the path MTU; larger packets go one by one */
@@ -127,7 +129,7 @@ typedef struct alloc {
     int nperms, capperms;
     /* written by the worker */
     uint64_t pkts_to_peer, bytes_to_peer, pkts_to_client, bytes_to_client, dropped;
-    uint64_t kernel_drops; /* SO_RXQ_OVFL of the relay socket: peer packets the kernel dropped */
+    uint64_t kernel_drops; /* of the relay socket when it was closed (see kernel_drops()) */
     /* written by the Python thread (Send indications forwarded by the core) */
     uint64_t py_pkts_to_peer, py_bytes_to_peer;
     struct alloc *hnext;  /* worker's client table chain */
@@ -153,7 +155,7 @@ typedef struct {
     uint64_t rx_client, rx_peer, tx_client, tx_peer, upcalls;
     uint64_t recv_calls, send_calls, gso_msgs, gso_segments;
     uint64_t drop_unknown_channel, drop_short, drop_truncated, drop_send, drop_queue;
-    uint64_t drop_no_allocation, drop_too_big, kernel_drops_listener;
+    uint64_t drop_no_allocation, drop_too_big;
 } wstats_t;
 
 typedef struct worker {
@@ -168,6 +170,8 @@ typedef struct worker {
     int stop;
     int gso;     /* UDP GSO usable (turned off at the first failure) */
     int nap_us;  /* coalescing pause after a round that moved only a few packets (0 = off) */
+    uint64_t win_start_ns, win_pkts; /* packet-rate estimate over ~1 ms windows */
+    uint64_t pkts_per_ms;
     alloc_t **htab;
     size_t hcap, hcount;
     alloc_t *graveyard;
@@ -177,7 +181,6 @@ typedef struct worker {
     struct mmsghdr rmsg[BATCH];
     struct iovec riov[2 * BATCH];
     sockaddr_u raddr[BATCH];
-    char rctl[BATCH][CMSG_SPACE(sizeof(uint32_t))];
     out_t out[SLOTS];
     int nout;
     /* flush: packets grouped by (socket, destination), each group in arrival order */
@@ -742,8 +745,8 @@ static int recv_batch(worker_t *w, int fd, int *first)
         mh->msg_namelen = sizeof w->raddr[i];
         mh->msg_iov = &w->riov[2 * i];
         mh->msg_iovlen = 2;
-        mh->msg_control = w->rctl[i];
-        mh->msg_controllen = sizeof w->rctl[i];
+        mh->msg_control = NULL;
+        mh->msg_controllen = 0;
         mh->msg_flags = 0;
     }
     int n;
@@ -758,18 +761,16 @@ static int recv_batch(worker_t *w, int fd, int *first)
     return n;
 }
 
-/* SO_RXQ_OVFL: the kernel's count of datagrams dropped on this socket (buffer full). */
-static int rxq_ovfl(struct msghdr *mh, uint64_t *out)
+/* Datagrams the kernel dropped on a socket because its receive buffer was full (SO_MEMINFO:
+ * read on demand, so counting costs nothing per packet). */
+static uint64_t kernel_drops(int fd)
 {
-    for (struct cmsghdr *cm = CMSG_FIRSTHDR(mh); cm != NULL; cm = CMSG_NXTHDR(mh, cm)) {
-        if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SO_RXQ_OVFL) {
-            uint32_t v;
-            memcpy(&v, CMSG_DATA(cm), sizeof v);
-            *out = v;
-            return 1;
-        }
-    }
-    return 0;
+    uint32_t mem[MEMINFO_VARS];
+    socklen_t len = sizeof mem;
+    if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_MEMINFO, mem, &len) != 0 ||
+        len < sizeof mem)
+        return 0;
+    return mem[MEMINFO_DROPS];
 }
 
 /* RFC 8656 §10.2: a Send indication the data plane may forward itself -- exactly
@@ -882,9 +883,6 @@ static void on_client_packets(worker_t *w, int first, int n)
         }
         upcall(w, &src, p, len - len2, p2, len2);
     }
-    uint64_t ov;
-    if (n > 0 && rxq_ovfl(&w->rmsg[n - 1].msg_hdr, &ov))
-        __atomic_store_n(&w->st.kernel_drops_listener, ov, __ATOMIC_RELAXED);
 }
 
 static uint8_t *random12(worker_t *w)
@@ -983,9 +981,6 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
         BUMP(al->pkts_to_client, 1);
         BUMP(al->bytes_to_client, len);
     }
-    uint64_t ov;
-    if (n > 0 && rxq_ovfl(&w->rmsg[n - 1].msg_hdr, &ov))
-        __atomic_store_n(&al->kernel_drops, ov, __ATOMIC_RELAXED);
 }
 
 static void free_alloc(alloc_t *al)
@@ -1044,12 +1039,24 @@ static void *worker_main(void *arg)
         }
         pthread_mutex_unlock(&w->lock);
         uint64_t moved = w->st.rx_client + w->st.rx_peer - before;
-        if (w->nap_us > 0 && moved >= 2 && moved < BATCH / 4) {
-            /* Steady moderate traffic wakes the thread for one or two packets at a time; a
-             * short pause lets the next ones queue up, so one wake-up and one syscall each way
-             * serve several (interrupt coalescing; adds at most nap_us of latency). */
-            struct timespec ts = {0, (long)w->nap_us * 1000L};
-            nanosleep(&ts, NULL);
+        if (w->nap_us > 0 && moved > 0) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now); /* vDSO: no syscall */
+            uint64_t ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+            w->win_pkts += moved;
+            if (ns - w->win_start_ns >= 1000000u) {
+                w->pkts_per_ms = w->win_pkts * 1000000u / (ns - w->win_start_ns);
+                w->win_start_ns = ns;
+                w->win_pkts = 0;
+            }
+            /* Steady traffic of tens of thousands of packets a second wakes the thread for one
+             * or two packets at a time; a short pause lets the next ones queue up, so one
+             * wake-up and one syscall each way serve several (interrupt coalescing; adds at
+             * most nap_us of latency). Slower traffic gains nothing from it: no pause. */
+            if (moved < BATCH / 4 && w->pkts_per_ms * (uint64_t)w->nap_us >= 1000u) {
+                struct timespec ts = {0, (long)w->nap_us * 1000L};
+                nanosleep(&ts, NULL);
+            }
         }
     }
     return NULL;
@@ -1083,8 +1090,6 @@ static void set_bufs(int fd, int size)
         setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
     if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) != 0)
         setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
-    int one = 1;
-    setsockopt(fd, SOL_SOCKET, SO_RXQ_OVFL, &one, sizeof one);
 }
 
 static void engine_stop(engine_t *e)
@@ -1458,7 +1463,8 @@ static PyObject *counters_tuple(alloc_t *al)
                          (unsigned long long)LOAD(al->pkts_to_client),
                          (unsigned long long)LOAD(al->bytes_to_client),
                          (unsigned long long)LOAD(al->dropped),
-                         (unsigned long long)LOAD(al->kernel_drops));
+                         (unsigned long long)(al->fd >= 0 ? kernel_drops(al->fd)
+                                                           : al->kernel_drops));
 }
 
 /* The allocation named by the only argument: 0 with *out set (NULL if unknown), -1 on error. */
@@ -1483,6 +1489,7 @@ static PyObject *Engine_remove_allocation(engine_t *e, PyObject *args)
     wlock(w);
     client_remove(w, al);
     epoll_ctl(w->epfd, EPOLL_CTL_DEL, al->fd, NULL);
+    al->kernel_drops = kernel_drops(al->fd);
     close(al->fd); /* the relay port is free from here on */
     al->fd = -1;
     al->dead = 1;
@@ -1667,10 +1674,12 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
     int gso = 1;
     for (int k = 0; k < e->nworkers; k++)
         gso &= e->workers[k]->gso;
-    uint64_t kernel_relay = 0;
+    uint64_t kernel_relay = 0, kernel_listener = 0;
+    for (int k = 0; k < e->nworkers; k++)
+        kernel_listener += kernel_drops(e->workers[k]->lfd);
     for (size_t i = 0; i < e->idcap; i++)
         for (alloc_t *x = e->idtab[i]; x != NULL; x = x->idnext)
-            kernel_relay += LOAD(x->kernel_drops);
+            kernel_relay += kernel_drops(x->fd);
     return Py_BuildValue(
         "{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}",
         "threads", e->nworkers, "gso", gso, "rx_client", (unsigned long long)s.rx_client,
@@ -1683,7 +1692,7 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
         (unsigned long long)s.drop_send, "drop_queue", (unsigned long long)s.drop_queue,
         "drop_no_allocation", (unsigned long long)s.drop_no_allocation, "drop_too_big",
         (unsigned long long)s.drop_too_big, "kernel_drops_listener",
-        (unsigned long long)s.kernel_drops_listener, "kernel_drops_relay",
+        (unsigned long long)kernel_listener, "kernel_drops_relay",
         (unsigned long long)kernel_relay, "tx_client", (unsigned long long)s.tx_client, "tx_peer",
         (unsigned long long)s.tx_peer, "allocations", (Py_ssize_t)e->idcount);
 }

@@ -65,10 +65,11 @@ log = logging.getLogger("confedge.turn")
 ENV = "CONFEDGE_DATAPLANE"
 LISTENER_BUFFER = 4 * 1024 * 1024  # per listener socket: room for bursts (drops are counted)
 QUEUE_LIMIT = 4096  # packets waiting for the control plane; beyond: dropped and counted
-# A relay thread that woke for only a few packets (2-15) pauses this long before it waits again,
-# so that steady moderate traffic is moved in batches rather than one wake-up and one syscall
-# each way per packet (interrupt coalescing; adds at most this much latency, far below any
-# jitter buffer). docs/BENCHMARKS.md has the effect at 100,000 pkt/s.
+# A relay thread that woke for only a few packets (< 16) while its traffic runs at one packet per
+# this many microseconds or faster pauses this long before it waits again, so that steady
+# moderate traffic is moved in batches rather than one wake-up and one syscall each way per
+# packet (interrupt coalescing; adds at most this much latency, far below any jitter buffer).
+# docs/BENCHMARKS.md has the effect at 100,000 pkt/s.
 COALESCE_US = 30
 
 
