@@ -439,3 +439,15 @@ async def test_datagrams_larger_than_a_slot() -> None:
         peer.close()
         other.close()
         await svc.close()
+
+
+def test_config_errors_name_the_key() -> None:
+    from confedge.config import ConfigError
+
+    for kw, text in (
+        ({"dataplane": "fast"}, 'turn.dataplane: "fast" is not valid'),
+        ({"dataplane_threads": -1}, "turn.dataplane_threads: -1 is not valid"),
+        ({"dataplane_threads": 1000}, "turn.dataplane_threads: 1000 is not valid"),
+    ):
+        with pytest.raises(ConfigError, match=text):
+            turn_config(**kw)
