@@ -451,3 +451,69 @@ def test_config_errors_name_the_key() -> None:
     ):
         with pytest.raises(ConfigError, match=text):
             turn_config(**kw)
+
+
+async def test_allocations_end_and_service_closes_while_media_flows() -> None:
+    """Ending an allocation (its relay socket closed by the control plane) and closing the whole
+    service while the relay threads are busy with its packets: no crash, nothing stuck."""
+    import threading
+
+    for _ in range(3):
+        svc = await _service(dataplane_threads=2)
+        peer = _sock()
+        paddr = peer.getsockname()
+        cli = UdpTurn(*await _adopt(_sock(), svc.port))
+        relay = await cli.allocate()
+        await _bind_channel(cli, paddr)
+        stop = threading.Event()
+        frame = struct.pack("!HH", 0x4000, 100) + bytes(100)
+
+        def blast(
+            sock: socket.socket = peer, dest: tuple[str, int] = relay, stop: Any = stop
+        ) -> None:
+            sock.setblocking(False)
+            while not stop.is_set():  # media at some 10,000s of packets a second
+                for _ in range(50):
+                    with contextlib.suppress(OSError):
+                        sock.sendto(bytes(100), dest)
+                time.sleep(0.001)
+
+        flood = threading.Thread(target=blast)
+        flood.start()
+
+        async def recv_stun(timeout: float = 1.0, cli: UdpTurn = cli) -> bytes:
+            while True:  # the flood's ChannelData is interleaved with the answers
+                data: bytes = (await asyncio.wait_for(cli.p.q.get(), timeout))[0]
+                if data[0] < 0x40:
+                    return data
+
+        setattr(cli, "recv", recv_stun)  # noqa: B010
+        try:
+            for _ in range(2000):
+                cli.t.sendto(frame)
+            await asyncio.sleep(0.05)
+            resp = await cli.request(Method.REFRESH, [(Attr.LIFETIME, struct.pack("!I", 0))])
+            assert resp.msg_class == MsgClass.SUCCESS
+            assert svc.stats()["allocations"] == 0
+            for _ in range(2000):  # to a channel that no longer exists: dropped, counted
+                cli.t.sendto(frame)
+            await asyncio.sleep(0.05)
+            assert _dp(svc).stats()["drop_unknown_channel"] > 0
+            relay = await cli.allocate()  # the same client allocates again, media flows
+            await _bind_channel(cli, paddr)
+            _discard(peer, cli)  # (the socket is non-blocking now: the flood set it)
+            cli.t.sendto(struct.pack("!HH", 0x4000, 4) + b"live")
+            deadline = time.monotonic() + 2
+            while True:
+                try:
+                    if peer.recv(65536) == b"live":
+                        break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the new allocation did not relay"
+                    await asyncio.sleep(0.01)
+        finally:
+            await svc.close()  # while the peer still floods the old relay port
+            stop.set()
+            flood.join()
+            cli.t.close()
+            peer.close()
