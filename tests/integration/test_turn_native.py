@@ -517,3 +517,28 @@ async def test_allocations_end_and_service_closes_while_media_flows() -> None:
             flood.join()
             cli.t.close()
             peer.close()
+
+
+async def test_send_indications_to_port_judged_peers_go_through_the_core() -> None:
+    """Peers the policy allows only on some ports (the server's own relay addresses) are not
+    marked for the C fast path: their Send indications reach the core, which checks the port."""
+    svc = await _service()
+    cli = await UdpTurn.open(svc.port)
+    pt, peer, paddr = await _peer()
+    try:
+        assert _dp(svc)._send_fast("127.0.0.1")  # allowed_peers: every port
+        judged: list[str] = []
+        _dp(svc).bind_policy(lambda ip: bool(judged.append(ip)))  # "judged per port" for all
+        await cli.allocate()
+        resp = await cli.request(
+            Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, _peer_attr(paddr))]
+        )
+        assert resp.msg_class == MsgClass.SUCCESS and judged == ["127.0.0.1"]
+        before = _dp(svc).stats()["upcalls"]
+        cli.t.sendto(_send_indication(paddr, b"via the core"))
+        assert (await asyncio.wait_for(peer.q.get(), 2))[0] == b"via the core"
+        assert _dp(svc).stats()["upcalls"] == before + 1
+    finally:
+        cli.t.close()
+        pt.close()
+        await svc.close()
