@@ -57,7 +57,7 @@ native: $(STAMP)
 # suites on the compiled build and the TURN suites on the native data plane.
 test: test-pure test-native
 
-test-pure: $(STAMP) $(NODE_STAMP)
+test-pure: $(STAMP) $(NATIVE_EXT) $(NODE_STAMP)
 	CONFEDGE_DATAPLANE=python $(BIN)/pytest -q
 
 test-native: native $(NODE_STAMP)
