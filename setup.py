@@ -90,6 +90,8 @@ def _ext_modules() -> list[Any]:
 class OptionalBuildExt(build_ext):
     """A failed C build leaves the pure-Python modules in place instead of failing the install."""
 
+    failed_native = False
+
     def build_extension(self, ext: Any) -> None:
         if ext.name != NATIVE:
             super().build_extension(ext)  # mypyc: a failure drops them all (run() below)
@@ -97,12 +99,19 @@ class OptionalBuildExt(build_ext):
         try:
             super().build_extension(ext)
         except Exception as exc:  # CCompilerError, DistutilsExecError, PlatformError, OSError
+            self.failed_native = True
             print(
                 f"confedge: compiling the native TURN data plane failed ({exc}); "
                 'turn.dataplane = "auto" will use the pure-Python relay (same behaviour, '
                 "more CPU per packet)",
                 file=sys.stderr,
             )
+
+    def copy_extensions_to_source(self) -> None:
+        # `build_ext --inplace`: a native extension that failed to build has nothing to copy.
+        if self.failed_native:
+            self.extensions = [e for e in self.extensions if e.name != NATIVE]
+        super().copy_extensions_to_source()
 
     def run(self) -> None:
         try:

@@ -47,7 +47,8 @@ try:
     from . import _native
 except ImportError as exc:  # not built: no compiler at install time, or CONFEDGE_PURE=1
     _native = None  # type: ignore[assignment]
-    _IMPORT_ERROR = str(exc)
+    # A missing module says nothing more; a broken one (wrong ABI, missing symbol) does.
+    _IMPORT_ERROR = "" if "cannot import name" in str(exc) else f" ({exc})"
 else:
     _IMPORT_ERROR = ""
 
@@ -79,7 +80,7 @@ def native_available() -> tuple[bool, str]:
         return False, "the native data plane needs Linux (epoll, recvmmsg, UDP GSO)"
     if _native is None:
         return False, (
-            f"the extension confedge.turn._native is not built ({_IMPORT_ERROR}); "
+            f"the extension confedge.turn._native is not built{_IMPORT_ERROR}; "
             "install with a C compiler (`make native`, `pip install .`) or set "
             'turn.dataplane = "python"'
         )
