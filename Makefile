@@ -9,13 +9,19 @@ STAMP  := $(VENV)/.installed
 NODE_STAMP := tests/e2e/node_modules/.installed
 
 NATIVE := build/native
+# The native TURN data plane built in place for the editable install (setup.py), when a C
+# compiler is there; without one TURN runs on the pure-Python data plane.
+NATIVE_EXT := $(VENV)/.native-ext
 # The suites that run again against the compiled build (the modules setup.py compiles and what
-# drives them end to end).
+# drives them end to end), the TURN suites there on the native data plane.
 NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py \
 	tests/integration/test_proxy_*.py tests/integration/test_guard_proxy.py \
 	tests/integration/test_admin_*.py tests/integration/test_demo.py \
 	tests/integration/test_run_reload.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
-	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py
+	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py \
+	tests/unit/test_turn_*.py tests/unit/test_qa_turn.py tests/integration/test_turn_*.py \
+	tests/integration/test_qa_turn_hostile.py tests/integration/test_guard_turn.py \
+	tests/e2e/test_turn_*.py
 
 .PHONY: demo test test-pure test-native test-slow lint format bench venv native clean
 
@@ -25,13 +31,21 @@ $(STAMP): pyproject.toml
 	CONFEDGE_PURE=1 $(BIN)/pip install --quiet -e '.[dev,demo,redis]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+$(NATIVE_EXT): src/confedge/turn/_native.c setup.py | $(STAMP)
+	@if command -v $${CC:-cc} >/dev/null 2>&1; then \
+		$(BIN)/python setup.py -q build_ext --inplace || true; \
+	else \
+		echo "confedge: no C compiler: TURN will use the pure-Python data plane"; \
+	fi
+	touch $(NATIVE_EXT)
+
+venv: $(STAMP) $(NATIVE_EXT)
 
 $(NODE_STAMP): tests/e2e/package.json tests/e2e/package-lock.json
 	npm ci --silent --no-audit --no-fund --prefix tests/e2e
 	touch $(NODE_STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) $(NATIVE_EXT)
 	$(BIN)/confedge demo
 
 # The compiled build as a wheel install makes it (setup.py), into $(NATIVE): put first on
@@ -40,14 +54,16 @@ native: $(STAMP)
 	rm -rf $(NATIVE)
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps --target $(NATIVE) .
 
-# Every suite on the interpreted source, then the proxy's suites on the compiled build.
+# Every suite on the interpreted source (TURN on the pure-Python data plane), then the proxy's
+# suites on the compiled build and the TURN suites on the native data plane.
 test: test-pure test-native
 
-test-pure: $(STAMP) $(NODE_STAMP)
-	$(BIN)/pytest -q
+test-pure: $(STAMP) $(NATIVE_EXT) $(NODE_STAMP)
+	CONFEDGE_DATAPLANE=python $(BIN)/pytest -q
 
 test-native: native $(NODE_STAMP)
-	CONFEDGE_EXPECT_BUILD=compiled PYTHONPATH=$(NATIVE) $(BIN)/pytest -q $(NATIVE_TESTS)
+	CONFEDGE_EXPECT_BUILD=compiled CONFEDGE_DATAPLANE=native PYTHONPATH=$(NATIVE) \
+		$(BIN)/pytest -q $(NATIVE_TESTS)
 
 test-slow: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest -q -m slow

@@ -1,4 +1,5 @@
-"""Build hook: compile confedge's proxy hot path with mypyc when a wheel is built.
+"""Build hook: compile confedge's proxy hot path with mypyc and the native TURN data plane (C)
+when a wheel is built.
 
 Why: a proxied HTTPS request runs a few dozen small Python functions (parsing callbacks, vetting,
 header rebuilding, failover bookkeeping, the access-log line). They are mypy --strict clean, so
@@ -15,6 +16,13 @@ When:
 If compiling fails (no C compiler, no Python headers), the build says so on standard error and
 installs the same modules uncompiled: confedge behaves the same, only slower. `confedge check`
 and the proxy's start-up log line say which build is running.
+
+The native TURN data plane (`src/confedge/turn/_native.c`, a plain C extension, Linux only) is
+built with the wheel too, and on its own by `python setup.py build_ext --inplace` (what
+`make venv` runs after the editable install when a C compiler is there: the extension has no
+.py twin, so an in-place build shadows nothing; the proxy modules are not compiled then). When
+it is missing, `turn.dataplane = "auto"` falls back to the pure-Python relay (docs/TURN.md).
+CONFEDGE_NATIVE_CFLAGS adds compiler flags (e.g. "-fsanitize=address -O1 -g" for the fuzz run).
 """
 
 from __future__ import annotations
@@ -25,10 +33,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+NATIVE = "confedge.turn._native"
 
 
 def _wanted() -> bool:
@@ -40,8 +49,26 @@ def _wanted() -> bool:
     return any(cmd in sys.argv for cmd in ("bdist_wheel", "build_ext", "build", "install"))
 
 
+def _native_ext() -> list[Any]:
+    """The C data plane of TURN (epoll, recvmmsg/sendmmsg and UDP GSO are Linux APIs)."""
+    if not _wanted() or not sys.platform.startswith("linux"):
+        return []
+    flags = ["-O2", "-std=gnu11", "-Wall", "-fno-strict-aliasing"]
+    flags += os.environ.get("CONFEDGE_NATIVE_CFLAGS", "").split()
+    return [
+        Extension(
+            NATIVE,
+            ["src/confedge/turn/_native.c"],
+            extra_compile_args=flags,
+            extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
+        )
+    ]
+
+
 def _ext_modules() -> list[Any]:
-    if not _wanted():
+    # `build_ext --inplace` (make venv) builds only the TURN extension: compiled proxy modules
+    # next to their .py files in the source tree would shadow every later edit.
+    if not _wanted() or "--inplace" in sys.argv:
         return []
     modules = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["confedge"]["compiled"]
     try:
@@ -63,6 +90,29 @@ def _ext_modules() -> list[Any]:
 class OptionalBuildExt(build_ext):
     """A failed C build leaves the pure-Python modules in place instead of failing the install."""
 
+    failed_native = False
+
+    def build_extension(self, ext: Any) -> None:
+        if ext.name != NATIVE:
+            super().build_extension(ext)  # mypyc: a failure drops them all (run() below)
+            return
+        try:
+            super().build_extension(ext)
+        except Exception as exc:  # CCompilerError, DistutilsExecError, PlatformError, OSError
+            self.failed_native = True
+            print(
+                f"confedge: compiling the native TURN data plane failed ({exc}); "
+                'turn.dataplane = "auto" will use the pure-Python relay (same behaviour, '
+                "more CPU per packet)",
+                file=sys.stderr,
+            )
+
+    def copy_extensions_to_source(self) -> None:
+        # `build_ext --inplace`: a native extension that failed to build has nothing to copy.
+        if self.failed_native:
+            self.extensions = [e for e in self.extensions if e.name != NATIVE]
+        super().copy_extensions_to_source()
+
     def run(self) -> None:
         try:
             super().run()
@@ -75,4 +125,4 @@ class OptionalBuildExt(build_ext):
             self.extensions = []
 
 
-setup(ext_modules=_ext_modules(), cmdclass={"build_ext": OptionalBuildExt})
+setup(ext_modules=_native_ext() + _ext_modules(), cmdclass={"build_ext": OptionalBuildExt})

@@ -170,6 +170,11 @@ def relay(
         "offered_rate": rate,
         "offered_pps": (s1[3] - s0[3]) / dt,
         "delivered_pps": delivered / dt,
+        # what the generator got into the kernel but the sink never saw (server or kernel
+        # buffers dropped it), as a share of the offered packets
+        "dropped_pct": max(0.0, 100.0 * (1 - delivered / (s1[3] - s0[3])))
+        if s1[3] > s0[3]
+        else 0.0,
         "delivered_mean_bytes": (s1[2] - s0[2]) / delivered if delivered else 0,
         "generator_cpu_s": sum(g[2] for g in gen),
     }
@@ -284,7 +289,20 @@ def run_server(
         h.close()
         server.stop()
     result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[0]
+    if name == "confedge":
+        result["server_exit_stats"] = _exit_stats(server.log)
+        print(f"  {name} exit stats: {result['server_exit_stats']}", flush=True)
     return result
+
+
+def _exit_stats(log: Path) -> dict[str, Any]:
+    """The JSON line `python -m confedge.turn` writes when it stops: relay totals and, for the
+    native data plane, its drop counters (where packets were lost, if any were)."""
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith('{"stats"'):
+            parsed: dict[str, Any] = json.loads(line)
+            return parsed
+    return {}
 
 
 def _brief(r: dict[str, Any]) -> str:
@@ -308,6 +326,7 @@ for _n in (1, 50):
             (f"delivered pkt/s, {_n} alloc, {_s} B", (_k, "delivered_pps"), "{:,.0f}", True)
         )
         METRICS.append(("  (offered pkt/s)", (_k, "offered_pps"), "{:,.0f}", True))
+        METRICS.append(("  dropped % of offered", (_k, "dropped_pct"), "{:.1f}", False))
         METRICS.append(("  server CPU µs/pkt", (_k, "server_cpu_us_per_pkt"), "{:.2f}", False))
         METRICS.append(("    of which user", (_k, "server_user_us_per_pkt"), "{:.2f}", False))
         METRICS.append(("    of which kernel", (_k, "server_sys_us_per_pkt"), "{:.2f}", False))
@@ -352,7 +371,7 @@ def table(results: dict[str, list[dict[str, Any]]], paced_rates: list[int]) -> s
         "| metric (median of rounds) | coturn | confedge | confedge/coturn |",
         "|---|---:|---:|---:|",
     ]
-    metrics = METRICS[:20] + paced_metrics(paced_rates) + METRICS[20:]
+    metrics = METRICS[:24] + paced_metrics(paced_rates) + METRICS[24:]
     for label, path, fmt, _higher in metrics:
         a = median_of(results.get("coturn", []), path)
         b = median_of(results.get("confedge", []), path)
@@ -383,6 +402,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default="coturn,confedge", help="comma list: coturn, confedge")
     ap.add_argument(
         "--coturn-threads", type=int, default=2, help="coturn --relay-threads (default 2 = cores)"
+    )
+    ap.add_argument(
+        "--dataplane",
+        default=None,
+        choices=["auto", "native", "python"],
+        help="confedge's turn.dataplane (default: CONFEDGE_DATAPLANE, else auto = native if built)",
+    )
+    ap.add_argument(
+        "--dataplane-threads",
+        type=int,
+        default=0,
+        help="confedge's turn.dataplane_threads (default 0 = one per core, as coturn's 2 here)",
     )
     ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     ap.add_argument(
@@ -483,7 +514,9 @@ def main(argv: list[str] | None = None) -> int:
         if s == "coturn":
             starters[s] = functools.partial(servers.start_coturn, COTURN, d, args.coturn_threads)
         else:
-            starters[s] = functools.partial(servers.start_confedge, CONFEDGE, d)
+            starters[s] = functools.partial(
+                servers.start_confedge, CONFEDGE, d, args.dataplane, args.dataplane_threads
+            )
     for rnd in range(args.rounds):
         order = wanted if rnd % 2 == 0 else list(reversed(wanted))
         for s in order:

@@ -202,7 +202,7 @@ def start_coturn(spec: ServerSpec, workdir: Path, relay_threads: int) -> Server:
     return server
 
 
-def confedge_config(spec: ServerSpec, workdir: Path) -> Path:
+def confedge_config(spec: ServerSpec, workdir: Path, threads: int = 0) -> Path:
     path = workdir / "confedge.toml"
     path.write_text(
         f"""\
@@ -229,6 +229,7 @@ max_allocations = 10000
 # The 401 budget per source address (an anti-reflection limit coturn does not have) would
 # otherwise cap the allocation-rate test, whose clients all come from 127.0.0.1.
 unauth_budget = 1000000
+dataplane_threads = {threads}  # native data plane: 0 = one per core
 
 [guard]
 enabled = false
@@ -248,11 +249,17 @@ def confedge_command(config: Path) -> list[str]:
     return [sys.executable, str(HERE / "confedge_turn.py"), str(config)]
 
 
-def start_confedge(spec: ServerSpec, workdir: Path) -> Server:
+def start_confedge(
+    spec: ServerSpec, workdir: Path, dataplane: str | None = None, threads: int = 0
+) -> Server:
+    """`dataplane`: turn.dataplane for this run ("auto", "native", "python"); None keeps what
+    CONFEDGE_DATAPLANE says (or the configuration's "auto"). `threads`: its relay threads."""
     spec = pick_port(spec)
-    config = confedge_config(spec, workdir)
+    config = confedge_config(spec, workdir, threads)
     log = workdir / "confedge.log"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    if dataplane is not None:
+        env["CONFEDGE_DATAPLANE"] = dataplane
     with log.open("wb") as fh:
         proc = subprocess.Popen(
             confedge_command(config), stdout=fh, stderr=subprocess.STDOUT, cwd=workdir, env=env

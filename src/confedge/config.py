@@ -331,6 +331,11 @@ class TurnConfig(_Strict):
     # TURN over TLS on the HTTPS port (RFC 7443 ALPN stun.turn); served by the proxy's HTTPS
     # listener
     tls_on_https: bool = False
+    # The relay's data plane (docs/TURN.md): "native" = the C relay threads
+    # (confedge.turn._native), "python" = uvloop callbacks, "auto" = native when built.
+    dataplane: Literal["auto", "native", "python"] = "auto"
+    # Relay threads of the native data plane; 0 = one per core.
+    dataplane_threads: int = Field(default=0, ge=0, le=256)
 
     @field_validator("relay_ports")
     @classmethod

@@ -50,9 +50,9 @@ class UdpTurn:
         self.key = KEY
 
     @classmethod
-    async def open(cls, port: int) -> UdpTurn:
+    async def open(cls, port: int, host: str = "127.0.0.1") -> UdpTurn:
         loop = asyncio.get_running_loop()
-        t, p = await loop.create_datagram_endpoint(_Queue, remote_addr=("127.0.0.1", port))
+        t, p = await loop.create_datagram_endpoint(_Queue, remote_addr=(host, port))
         return cls(t, p)
 
     async def recv(self, timeout: float = 1.0) -> bytes:
@@ -88,10 +88,12 @@ def _peer_attr(addr: tuple[str, int]) -> Any:
     return lambda tid: encode_xor_address(addr[0], addr[1], tid)
 
 
-async def _peer() -> tuple[asyncio.DatagramTransport, _Queue, tuple[str, int]]:
+async def _peer(
+    host: str = "127.0.0.1",
+) -> tuple[asyncio.DatagramTransport, _Queue, tuple[str, int]]:
     loop = asyncio.get_running_loop()
-    t, p = await loop.create_datagram_endpoint(_Queue, local_addr=("127.0.0.1", 0))
-    return t, p, t.get_extra_info("sockname")
+    t, p = await loop.create_datagram_endpoint(_Queue, local_addr=(host, 0))
+    return t, p, t.get_extra_info("sockname")[:2]
 
 
 async def test_udp_data_indication_channel_and_drops() -> None:

@@ -36,3 +36,17 @@ def test_the_build_under_test_is_the_one_expected() -> None:
     else:
         assert build_kind() == "interpreted"
         assert not any(kinds.values()), kinds
+
+
+def test_native_turn_data_plane_is_there_when_the_run_asks_for_it() -> None:
+    """`make test-native` sets CONFEDGE_DATAPLANE=native: the C data plane must then import from
+    the build under test (else the TURN suites would not be testing it)."""
+    from confedge.turn import native
+
+    ok, why = native.native_available()
+    if os.environ.get("CONFEDGE_DATAPLANE") == "native":
+        assert ok, why
+        if os.environ.get("CONFEDGE_EXPECT_BUILD") == "compiled":
+            assert "/build/native/" in (native._native.__file__ or "")
+    elif not ok:
+        assert "not built" in why or "Linux" in why

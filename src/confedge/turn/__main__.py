@@ -39,8 +39,9 @@ async def _serve(path: str) -> int:
         await stop
     finally:
         stats = svc.stats()
+        dataplane = svc.dataplane_stats()
         await svc.close()
-        print(json.dumps({"stats": stats}), file=sys.stderr, flush=True)
+        print(json.dumps({"stats": stats, "dataplane": dataplane}), file=sys.stderr, flush=True)
     return 0
 
 

@@ -387,6 +387,37 @@ class UdpDataPlane(DataPlane):
         use_token: bytes | None = None,
         dont_fragment: bool = False,
     ) -> RelayGrant:
+        sock = self.relay_socket(
+            family,
+            even_port=even_port,
+            reserve_token=reserve_token,
+            use_token=use_token,
+            dont_fragment=dont_fragment,
+        )
+        cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
+        proto = cls(alloc_id, family, sink, sock)
+        self._relays[alloc_id] = proto
+        self._client_of[alloc_id] = client_key
+        # The loop adopts the already-bound socket asynchronously; the grant is valid right away
+        # (packets that arrive meanwhile wait in the kernel buffer).
+        task = self.loop.create_task(self._adopt(proto))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        ip, port = sock.getsockname()[:2]
+        return RelayGrant(family, ip, port)
+
+    def relay_socket(
+        self,
+        family: int,
+        *,
+        even_port: bool = False,
+        reserve_token: bytes | None = None,
+        use_token: bytes | None = None,
+        dont_fragment: bool = False,
+    ) -> socket.socket:
+        """A bound, non-blocking relay socket for a new allocation (the arguments as for
+        :meth:`add_allocation`).  Shared with the native backend, so both pick ports and keep
+        EVEN-PORT reservations the same way.  Raises :class:`CapacityError`."""
         if use_token is not None:
             res = self._reservations.pop(use_token, None)
             if res is None:
@@ -407,17 +438,7 @@ class UdpDataPlane(DataPlane):
                 sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _IP_PMTUDISC_DO)
             else:
                 sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_DONTFRAG, 1)
-        cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
-        proto = cls(alloc_id, family, sink, sock)
-        self._relays[alloc_id] = proto
-        self._client_of[alloc_id] = client_key
-        # The loop adopts the already-bound socket asynchronously; the grant is valid right away
-        # (packets that arrive meanwhile wait in the kernel buffer).
-        task = self.loop.create_task(self._adopt(proto))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        ip, port = sock.getsockname()[:2]
-        return RelayGrant(family, ip, port)
+        return sock
 
     async def _adopt(self, proto: _RelayProtocol) -> None:
         try:

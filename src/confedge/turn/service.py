@@ -27,8 +27,15 @@ from confedge.config import Config
 
 from .auth import RestCredentials
 from .core import GuardLike, TurnCore
-from .dataplane import UdpDataPlane
+from .dataplane import DataPlane, UdpDataPlane
 from .listeners import RelayedConnection, TcpConnection, UdpListener
+from .native import (
+    NativeDataPlane,
+    NativeUdpListener,
+    bind_reuseport,
+    choose_backend,
+    thread_count,
+)
 
 __all__ = [
     "HostAddressWatch",
@@ -164,6 +171,17 @@ def _start_error(
     return TurnStartError(f"{key}: cannot listen for {what} on {where}: {reason}")
 
 
+class _SocketGroup:
+    """The native UDP port's sockets before the relay threads take them (closed on a retry)."""
+
+    def __init__(self, socks: list[socket.socket]) -> None:
+        self.socks = socks
+
+    def close(self) -> None:
+        for s in self.socks:
+            s.close()
+
+
 class TurnService:
     """The TURN server of SPEC §3.
 
@@ -182,11 +200,12 @@ class TurnService:
         self.guard = guard
         self.host_addresses = host_addresses or HostAddressWatch()
         self.core: TurnCore | None = None
-        self.dataplane: UdpDataPlane | None = None
+        self.dataplane: DataPlane | None = None
+        self.backend = "python"  # or "native" (turn.dataplane; set by start())
         self.port: int = 0
         self.udp_port: int = 0
         self.tcp_port: int = 0
-        self._udp: asyncio.DatagramTransport | None = None
+        self._udp: asyncio.DatagramTransport | NativeUdpListener | None = None
         self._tcp: asyncio.AbstractServer | None = None
         self._tls: asyncio.AbstractServer | None = None
         self.tls_port: int = 0
@@ -215,7 +234,12 @@ class TurnService:
         self._loop = loop
         cfg = self.cfg
         v4, v6 = self._relay_addresses()
-        self.dataplane = UdpDataPlane(
+        try:
+            self.backend = choose_backend(cfg.turn.dataplane)
+        except ValueError as exc:
+            raise TurnStartError(str(exc)) from None
+        plane = NativeDataPlane if self.backend == "native" else UdpDataPlane
+        self.dataplane = plane(
             relay_v4=v4, relay_v6=v6, port_range=cfg.turn.relay_port_range, loop=loop
         )
         self.core = TurnCore.from_config(
@@ -226,6 +250,11 @@ class TurnService:
             wall_offset=time.time() - loop.time(),
         )
         self.core.set_host_addresses(loop.time(), self.host_addresses.start(loop.time()))
+        if isinstance(self.dataplane, NativeDataPlane):
+            peers = self.core.peers
+            self.dataplane.bind_policy(
+                lambda ip: (v := peers.check(ip)).allowed and not v.relay_ports_only
+            )
         if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
             log.warning(
                 "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
@@ -248,13 +277,16 @@ class TurnService:
             )
         self._ticker = loop.create_task(self._tick_loop())
         log.info(
-            "TURN listening on %s:%d (udp+tcp%s), relaying on %s ports %s, mode %s",
+            "TURN listening on %s:%d (udp+tcp%s), relaying on %s ports %s, mode %s, data plane %s",
             self.host,
             self.port,
             f", tls on {self.tls_port}" if self.tls_port else "",
             "/".join(a for a in (v4, v6) if a),
             cfg.turn.relay_ports,
             cfg.turn.mode,
+            f"native ({len(self.dataplane.transports)} relay threads)"
+            if isinstance(self.dataplane, NativeDataPlane)
+            else "python",
         )
 
     def _check_relay_addresses(self, v4: str | None, v6: str | None) -> None:
@@ -292,16 +324,26 @@ class TurnService:
         want = self.cfg.turn.port
         # Each TCP connection carries at most one allocation, plus some headroom for Binding.
         tcp_cap = self.cfg.turn.max_allocations + 256
+        native = isinstance(dp, NativeDataPlane)
         for _attempt in range(20 if want == 0 else 1):
+            socks: list[socket.socket] = []
             try:
-                udp, _ = await loop.create_datagram_endpoint(
-                    lambda: UdpListener(core, dp, loop), local_addr=(self.host, want)
-                )
+                if native:
+                    # One SO_REUSEPORT socket per relay thread (turn/native.py).
+                    socks = bind_reuseport(
+                        self.host, want, thread_count(self.cfg.turn.dataplane_threads)
+                    )
+                    udp: Any = _SocketGroup(socks)
+                    port = socks[0].getsockname()[1]
+                else:
+                    udp, _ = await loop.create_datagram_endpoint(
+                        lambda: UdpListener(core, dp, loop), local_addr=(self.host, want)
+                    )
+                    port = udp.get_extra_info("sockname")[1]
             except OSError as exc:
                 raise _start_error(
                     "turn.port", "TURN/STUN (udp)", self.host, want, exc, socket.SOCK_DGRAM
                 ) from None
-            port = udp.get_extra_info("sockname")[1]
             try:
                 tcp = await loop.create_server(
                     lambda: TcpConnection(core, dp, loop, self._tcp_conns, tcp_cap),
@@ -316,8 +358,13 @@ class TurnService:
                 raise _start_error(
                     "turn.port", "TURN/STUN (tcp)", self.host, port, exc, socket.SOCK_STREAM
                 ) from None
-            self._udp, self._tcp = udp, tcp
-            _grow_buffers(udp.get_extra_info("socket"))
+            if isinstance(dp, NativeDataPlane):
+                dp.start(socks)  # the relay threads own the UDP port from here on
+                self._udp = NativeUdpListener(core, dp, loop)
+            else:
+                self._udp = udp
+                _grow_buffers(udp.get_extra_info("socket"))
+            self._tcp = tcp
             self.port = self.udp_port = self.tcp_port = port
             break
         else:
@@ -489,3 +536,10 @@ class TurnService:
                 "dropped_no_permission": 0,
             }
         return self.core.stats()
+
+    def dataplane_stats(self) -> dict[str, Any]:
+        """Which data plane relays (``backend``), and for the native one its own counters:
+        packets, syscalls, GSO use and every kind of drop (turn/native.py)."""
+        dp = self.dataplane
+        extra = dp.stats() if isinstance(dp, NativeDataPlane) else {}
+        return {"backend": self.backend, **extra}

@@ -1,0 +1,1775 @@
+/*
+ * confedge.turn._native: the native TURN data plane (Linux; a CPython extension in C).
+ *
+ * Why: relaying media is what a TURN server exists for, and in Python every relayed packet costs
+ * an event-loop callback plus one syscall each way (docs/BENCHMARKS.md). Here N relay threads,
+ * each with the GIL released, its own epoll set, and recvmmsg/sendmmsg batches, forward
+ * ChannelData and Send/Data indications for bindings the Python control plane (turn/core.py)
+ * has installed. Everything else a client sends (STUN requests, Send indications this file does
+ * not judge) goes up to Python through one FIFO queue that wakes the event loop via an eventfd.
+ *
+ * Threads and ownership
+ * ---------------------
+ * Worker k owns listener socket L_k (the TURN port, SO_REUSEPORT: the kernel hashes a client's
+ * 4-tuple to one socket, so a client always lands on the same worker) and the relay sockets of
+ * the allocations made by clients that land on L_k. So both directions of an allocation run on
+ * one thread: client -> peer (recv on L_k, send on the relay socket) and peer -> client (recv on
+ * the relay socket, send on L_k).
+ *
+ * Tables (client address -> allocation, per-allocation permissions and channels) are changed by
+ * the Python thread under the worker's mutex; the worker holds that mutex while it processes
+ * the events of one epoll_wait (never while it sleeps), and yields to a waiting control-plane
+ * writer between rounds. A removed allocation's socket is closed by Python under the mutex
+ * (the worker skips events of dead allocations); its memory is freed by the worker at the end
+ * of its next round, when no event that could point to it is pending.
+ *
+ * Counters are written by one thread each (the worker for relayed traffic, Python for Send
+ * indications it forwards itself) and read with relaxed atomic loads: reading them never stops
+ * the data plane.
+ *
+ * Batching (the part that pays): packets are received in batches of BATCH per recvmmsg into
+ * slots with HEADROOM bytes in front, so the ChannelData header (RFC 8656 §12.4) or the Data
+ * indication header (§10.3) is written in place in front of the payload (no copy); client ->
+ * peer ChannelData is sent from inside the received datagram (offset 4). Outgoing packets are
+ * queued and flushed with sendmmsg per socket; consecutive packets of a flush to the same
+ * destination and of the same size become one UDP GSO message (UDP_SEGMENT).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/udp.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/socket.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifndef UDP_SEGMENT
+#define UDP_SEGMENT 103
+#endif
+#ifndef SO_MEMINFO
+#define SO_MEMINFO 55
+#endif
+#define MEMINFO_VARS 9  /* SK_MEMINFO_VARS */
+#define MEMINFO_DROPS 8 /* SK_MEMINFO_DROPS: datagrams the kernel dropped (receive buffer full) */
+
+#define BATCH 64            /* datagrams per recvmmsg */
+#define SLOTS 512           /* receive slots per worker; outputs point into them until flushed */
+#define HEADROOM 64         /* room for a Data indication header in front of a payload */
+#define SMALL 2048          /* a slot's contiguous part: every media packet fits */
+#define SLOT_SMALL (HEADROOM + SMALL + 64) /* + room for a Data indication's padding */
+#define BIG (65536 - SMALL) /* the rest of a large datagram (to 65507 bytes), second buffer */
+#define GHASH 1024          /* flush grouping table (power of two, > SLOTS) */
+#define MAX_ROUNDS 7        /* recvmmsg rounds per socket per epoll round (fairness; 7 x BATCH fit SLOTS) */
+#define GSO_MAX_SEGS 64     /* UDP_MAX_SEGMENTS on older kernels */
+#define GSO_MAX_BYTES 64000 /* below the 65507 limit of one UDP datagram */
+#define GSO_MAX_SEG 1400    /* segments must fit the path MTU; larger packets go one by one */
+#define SEND_FAST_MAX_ATTRS 16
+
+#define COOKIE 0x2112A442u
+#define KIND_LISTENER 1
+#define KIND_WAKE 2
+#define KIND_ALLOC 3
+
+#define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
+/* Single-writer counter: a plain add published with a relaxed store (no lock prefix). */
+#define BUMP(x, v) __atomic_store_n(&(x), (x) + (v), __ATOMIC_RELAXED)
+
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in v4;
+    struct sockaddr_in6 v6;
+} sockaddr_u;
+
+/* A transport address as a fixed-size, zero-padded key (memcmp-able). */
+typedef struct {
+    uint8_t fam; /* 4 or 6 */
+    uint8_t pad;
+    uint16_t port; /* host order */
+    uint8_t ip[16];
+} addr_t;
+
+typedef struct {
+    uint16_t number;
+    addr_t peer;
+    sockaddr_u peer_sa;
+    socklen_t peer_salen;
+} chan_t;
+
+typedef struct {
+    uint8_t fam;
+    uint8_t fast_send; /* Send indications to this IP may be forwarded here (policy said so) */
+    uint8_t ip[16];
+} perm_t;
+
+typedef struct alloc {
+    int kind; /* KIND_ALLOC: first member, epoll data.ptr points here */
+    int fd;
+    int family;
+    int worker;
+    long long id;
+    int dead;
+    addr_t client;
+    sockaddr_u client_sa;
+    socklen_t client_salen;
+    chan_t *chans;
+    int nchans, capchans;
+    perm_t *perms;
+    int nperms, capperms;
+    /* written by the worker */
+    uint64_t pkts_to_peer, bytes_to_peer, pkts_to_client, bytes_to_client, dropped;
+    uint64_t kernel_drops; /* of the relay socket when it was closed (see kernel_drops()) */
+    /* written by the Python thread (Send indications forwarded by the core) */
+    uint64_t py_pkts_to_peer, py_bytes_to_peer;
+    struct alloc *hnext;  /* worker's client table chain */
+    struct alloc *idnext; /* engine's id table chain */
+    struct alloc *gnext;  /* graveyard */
+} alloc_t;
+
+/* One datagram to send: base[0..n) then, for a datagram larger than a slot's small part,
+ * base2[0..n2). */
+typedef struct {
+    int fd;
+    uint8_t *base;
+    uint32_t n;
+    uint32_t n2;
+    uint8_t *base2;
+    socklen_t salen;
+    sockaddr_u dest;
+} out_t;
+
+struct engine;
+
+typedef struct {
+    uint64_t rx_client, rx_peer, tx_client, tx_peer, upcalls;
+    uint64_t recv_calls, send_calls, gso_msgs, gso_segments;
+    uint64_t drop_unknown_channel, drop_short, drop_truncated, drop_send, drop_queue;
+    uint64_t drop_no_allocation, drop_too_big;
+} wstats_t;
+
+typedef struct worker {
+    struct engine *eng;
+    int index;
+    int lfd, epfd, wakefd;
+    int ltag, wtag; /* epoll data.ptr targets for the listener and the wake eventfd */
+    pthread_t thread;
+    int started;
+    pthread_mutex_t lock;
+    int writers; /* control-plane threads waiting for the lock */
+    int stop;
+    int gso;     /* UDP GSO usable (turned off at the first failure) */
+    int nap_us;  /* coalescing pause after a round that moved only a few packets (0 = off) */
+    uint64_t win_start_ns, win_pkts; /* packet-rate estimate over ~1 ms windows */
+    uint64_t pkts_per_ms;
+    alloc_t **htab;
+    size_t hcap, hcount;
+    alloc_t *graveyard;
+    uint8_t *small; /* SLOTS x SLOT_SMALL: touched by every datagram */
+    uint8_t *big;   /* SLOTS x BIG: touched only by datagrams larger than SMALL */
+    int used;       /* slots taken since the last flush */
+    struct mmsghdr rmsg[BATCH];
+    struct iovec riov[2 * BATCH];
+    sockaddr_u raddr[BATCH];
+    out_t out[SLOTS];
+    int nout;
+    /* flush: packets grouped by (socket, destination), each group in arrival order */
+    int ghash[GHASH];
+    int gfirst[SLOTS], glast[SLOTS], onext[SLOTS], order[SLOTS];
+    struct mmsghdr smsg[SLOTS];
+    struct iovec siov[2 * SLOTS];
+    char sctl[SLOTS][CMSG_SPACE(sizeof(uint16_t))];
+    int ssegs[SLOTS];
+    int sfirst[SLOTS]; /* index into order[] of a message's first packet */
+    uint8_t rnd[4096];
+    size_t rnd_left;
+    wstats_t st;
+} worker_t;
+
+typedef struct up {
+    struct up *next;
+    int worker;
+    addr_t src;
+    uint32_t len;
+    uint8_t data[];
+} up_t;
+
+typedef struct engine {
+    PyObject_HEAD
+    int nworkers;
+    worker_t **workers;
+    int started, closed;
+    int efd; /* eventfd the Python loop watches */
+    pthread_mutex_t qlock;
+    up_t *qhead, *qtail;
+    size_t qcount, qlimit;
+    int notified;
+    alloc_t **idtab;
+    size_t idcap, idcount;
+    int own_lfds; /* the listener sockets are ours to close (set once the engine is built) */
+    uint64_t py_send_errors;
+    /* counters of ended allocations */
+    uint64_t ended[5];
+} engine_t;
+
+/* ---------------------------------------------------------------------------------------------
+ * addresses
+ */
+
+static int addr_from_sa(addr_t *a, const sockaddr_u *sa)
+{
+    memset(a, 0, sizeof *a);
+    if (sa->sa.sa_family == AF_INET) {
+        a->fam = 4;
+        a->port = ntohs(sa->v4.sin_port);
+        memcpy(a->ip, &sa->v4.sin_addr, 4);
+        return 0;
+    }
+    if (sa->sa.sa_family == AF_INET6) {
+        a->fam = 6;
+        a->port = ntohs(sa->v6.sin6_port);
+        memcpy(a->ip, &sa->v6.sin6_addr, 16);
+        return 0;
+    }
+    return -1;
+}
+
+static socklen_t sa_from_addr(sockaddr_u *sa, const addr_t *a)
+{
+    memset(sa, 0, sizeof *sa);
+    if (a->fam == 4) {
+        sa->v4.sin_family = AF_INET;
+        sa->v4.sin_port = htons(a->port);
+        memcpy(&sa->v4.sin_addr, a->ip, 4);
+        return sizeof sa->v4;
+    }
+    sa->v6.sin6_family = AF_INET6;
+    sa->v6.sin6_port = htons(a->port);
+    memcpy(&sa->v6.sin6_addr, a->ip, 16);
+    return sizeof sa->v6;
+}
+
+/* Parse "1.2.3.4" / "2001:db8::1" into fam+ip; port separately. */
+static int parse_ip(const char *s, uint8_t *fam, uint8_t ip[16])
+{
+    memset(ip, 0, 16);
+    if (strchr(s, ':') != NULL) {
+        if (inet_pton(AF_INET6, s, ip) != 1)
+            return -1;
+        *fam = 6;
+        return 0;
+    }
+    if (inet_pton(AF_INET, s, ip) != 1)
+        return -1;
+    *fam = 4;
+    return 0;
+}
+
+static int addr_from_py(PyObject *tuple, addr_t *a)
+{
+    const char *host;
+    int port;
+    if (!PyTuple_Check(tuple) || PyTuple_GET_SIZE(tuple) < 2) {
+        PyErr_SetString(PyExc_TypeError, "address must be a (host, port) tuple");
+        return -1;
+    }
+    host = PyUnicode_AsUTF8(PyTuple_GET_ITEM(tuple, 0));
+    if (host == NULL)
+        return -1;
+    port = (int)PyLong_AsLong(PyTuple_GET_ITEM(tuple, 1));
+    if (port == -1 && PyErr_Occurred())
+        return -1;
+    memset(a, 0, sizeof *a);
+    if (port < 0 || port > 65535 || parse_ip(host, &a->fam, a->ip) != 0) {
+        PyErr_Format(PyExc_ValueError, "not an IP address and port: %R", tuple);
+        return -1;
+    }
+    a->port = (uint16_t)port;
+    return 0;
+}
+
+static PyObject *addr_to_py(const addr_t *a)
+{
+    char buf[INET6_ADDRSTRLEN];
+    inet_ntop(a->fam == 4 ? AF_INET : AF_INET6, a->ip, buf, sizeof buf);
+    if (a->fam == 4)
+        return Py_BuildValue("(si)", buf, (int)a->port);
+    /* the shape asyncio gives for IPv6 datagrams: (host, port, flowinfo, scope_id) */
+    return Py_BuildValue("(siii)", buf, (int)a->port, 0, 0);
+}
+
+static inline uint32_t addr_hash(const addr_t *a)
+{
+    uint32_t h = 2166136261u;
+    const uint8_t *p = (const uint8_t *)a;
+    for (size_t i = 0; i < sizeof *a; i++)
+        h = (h ^ p[i]) * 16777619u;
+    return h;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * tables (worker: client -> allocation; engine: id -> allocation)
+ */
+
+/* Both tables chain allocations through a link field of their own (hnext / idnext); one
+ * resize routine serves both. */
+typedef size_t (*bucket_fn)(const alloc_t *x, size_t cap);
+
+static inline alloc_t **link_of(alloc_t *x, size_t link)
+{
+    return (alloc_t **)((char *)x + link);
+}
+
+static int table_grow(alloc_t ***tab, size_t *cap, size_t count, size_t link, bucket_fn bucket)
+{
+    if (count + 1 <= *cap / 2)
+        return 0;
+    size_t ncap = *cap ? *cap * 2 : 64;
+    alloc_t **nt = calloc(ncap, sizeof *nt);
+    if (nt == NULL)
+        return -1;
+    for (size_t i = 0; i < *cap; i++) {
+        alloc_t *x = (*tab)[i];
+        while (x != NULL) {
+            alloc_t *nx = *link_of(x, link);
+            size_t b = bucket(x, ncap);
+            *link_of(x, link) = nt[b];
+            nt[b] = x;
+            x = nx;
+        }
+    }
+    free(*tab);
+    *tab = nt;
+    *cap = ncap;
+    return 0;
+}
+
+static void table_unlink(alloc_t **head, alloc_t *al, size_t link, size_t *count)
+{
+    for (alloc_t **pp = head; *pp != NULL; pp = link_of(*pp, link)) {
+        if (*pp == al) {
+            *pp = *link_of(al, link);
+            (*count)--;
+            return;
+        }
+    }
+}
+
+static size_t client_bucket(const alloc_t *x, size_t cap)
+{
+    return addr_hash(&x->client) & (cap - 1);
+}
+
+static alloc_t *client_find(worker_t *w, const addr_t *a)
+{
+    if (w->hcap == 0)
+        return NULL;
+    alloc_t *x = w->htab[addr_hash(a) & (w->hcap - 1)];
+    while (x != NULL && memcmp(&x->client, a, sizeof *a) != 0)
+        x = x->hnext;
+    return x;
+}
+
+static int client_insert(worker_t *w, alloc_t *al)
+{
+    if (table_grow(&w->htab, &w->hcap, w->hcount, offsetof(alloc_t, hnext), client_bucket) != 0)
+        return -1;
+    size_t b = client_bucket(al, w->hcap);
+    al->hnext = w->htab[b];
+    w->htab[b] = al;
+    w->hcount++;
+    return 0;
+}
+
+static void client_remove(worker_t *w, alloc_t *al)
+{
+    if (w->hcap != 0)
+        table_unlink(&w->htab[client_bucket(al, w->hcap)], al, offsetof(alloc_t, hnext),
+                     &w->hcount);
+}
+
+static inline size_t id_bucket(long long id, size_t cap)
+{
+    return (size_t)(((uint64_t)id * 0x9E3779B97F4A7C15ull) >> 20) & (cap - 1);
+}
+
+static size_t id_bucket_of(const alloc_t *x, size_t cap)
+{
+    return id_bucket(x->id, cap);
+}
+
+static alloc_t *id_find(engine_t *e, long long id)
+{
+    if (e->idcap == 0)
+        return NULL;
+    alloc_t *x = e->idtab[id_bucket(id, e->idcap)];
+    while (x != NULL && x->id != id)
+        x = x->idnext;
+    return x;
+}
+
+static int id_insert(engine_t *e, alloc_t *al)
+{
+    if (table_grow(&e->idtab, &e->idcap, e->idcount, offsetof(alloc_t, idnext), id_bucket_of) != 0)
+        return -1;
+    size_t b = id_bucket(al->id, e->idcap);
+    al->idnext = e->idtab[b];
+    e->idtab[b] = al;
+    e->idcount++;
+    return 0;
+}
+
+static void id_remove(engine_t *e, alloc_t *al)
+{
+    table_unlink(&e->idtab[id_bucket(al->id, e->idcap)], al, offsetof(alloc_t, idnext),
+                 &e->idcount);
+}
+
+/* Room for one more element in a (perms or chans) array: doubles it when full. */
+static int grow_array(void **arr, int *cap, int n, size_t elem)
+{
+    if (n < *cap)
+        return 0;
+    int ncap = *cap ? *cap * 2 : 4;
+    void *na = realloc(*arr, (size_t)ncap * elem);
+    if (na == NULL)
+        return -1;
+    *arr = na;
+    *cap = ncap;
+    return 0;
+}
+
+/* Overwrite *found with val, or append val when found is NULL; -1 when out of memory. */
+static int put_elem(void **arr, int *n, int *cap, size_t elem, void *found, const void *val)
+{
+    if (found == NULL) {
+        if (grow_array(arr, cap, *n, elem) != 0)
+            return -1;
+        found = (char *)*arr + (size_t)(*n)++ * elem;
+    }
+    memcpy(found, val, elem);
+    return 0;
+}
+
+static inline chan_t *chan_by_number(alloc_t *al, uint16_t number)
+{
+    for (int i = 0; i < al->nchans; i++)
+        if (al->chans[i].number == number)
+            return &al->chans[i];
+    return NULL;
+}
+
+static inline chan_t *chan_by_peer(alloc_t *al, const addr_t *peer)
+{
+    for (int i = 0; i < al->nchans; i++)
+        if (memcmp(&al->chans[i].peer, peer, sizeof *peer) == 0)
+            return &al->chans[i];
+    return NULL;
+}
+
+static inline perm_t *perm_find(alloc_t *al, uint8_t fam, const uint8_t *ip)
+{
+    size_t n = fam == 4 ? 4 : 16;
+    for (int i = 0; i < al->nperms; i++)
+        if (al->perms[i].fam == fam && memcmp(al->perms[i].ip, ip, n) == 0)
+            return &al->perms[i];
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the up-queue: packets for the Python control plane, in arrival order
+ */
+
+static void upcall(worker_t *w, const addr_t *src, const uint8_t *data, uint32_t n1,
+                   const uint8_t *data2, uint32_t n2)
+{
+    uint32_t len = n1 + n2;
+    engine_t *e = w->eng;
+    int notify = 0;
+    pthread_mutex_lock(&e->qlock);
+    if (e->qcount >= e->qlimit) {
+        pthread_mutex_unlock(&e->qlock);
+        BUMP(w->st.drop_queue, 1); /* the control plane is behind: drop, counted */
+        return;
+    }
+    up_t *u = malloc(sizeof *u + len);
+    if (u == NULL) {
+        pthread_mutex_unlock(&e->qlock);
+        BUMP(w->st.drop_queue, 1);
+        return;
+    }
+    u->next = NULL;
+    u->worker = w->index;
+    u->src = *src;
+    u->len = len;
+    memcpy(u->data, data, n1);
+    if (n2 > 0)
+        memcpy(u->data + n1, data2, n2);
+    if (e->qtail != NULL)
+        e->qtail->next = u;
+    else
+        e->qhead = u;
+    e->qtail = u;
+    e->qcount++;
+    if (!e->notified) {
+        e->notified = 1;
+        notify = 1;
+    }
+    pthread_mutex_unlock(&e->qlock);
+    BUMP(w->st.upcalls, 1);
+    if (notify) {
+        uint64_t one = 1;
+        ssize_t r = write(e->efd, &one, sizeof one);
+        (void)r;
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * sending
+ */
+
+static inline uint8_t *slot_data(worker_t *w, int slot)
+{
+    return w->small + (size_t)slot * SLOT_SMALL + HEADROOM;
+}
+
+static inline uint8_t *slot_big(worker_t *w, int slot)
+{
+    return w->big + (size_t)slot * BIG;
+}
+
+static inline void queue_out(worker_t *w, int fd, uint8_t *base, uint32_t n, uint8_t *base2,
+                             uint32_t n2, const sockaddr_u *dest, socklen_t salen)
+{
+    out_t *o = &w->out[w->nout++];
+    if (fd == w->lfd)
+        BUMP(w->st.tx_client, 1);
+    else
+        BUMP(w->st.tx_peer, 1);
+    o->fd = fd;
+    o->base = base;
+    o->n = n;
+    o->base2 = base2;
+    o->n2 = n2;
+    o->salen = salen;
+    memcpy(&o->dest, dest, salen);
+}
+
+static inline int out_iov(const out_t *o, struct iovec *iov)
+{
+    iov[0].iov_base = o->base;
+    iov[0].iov_len = o->n;
+    if (o->n2 == 0)
+        return 1;
+    iov[1].iov_base = o->base2;
+    iov[1].iov_len = o->n2;
+    return 2;
+}
+
+static void send_plain(worker_t *w, int fd, out_t *o)
+{
+    struct msghdr mh;
+    struct iovec iov[2];
+    memset(&mh, 0, sizeof mh);
+    mh.msg_name = &o->dest;
+    mh.msg_namelen = o->salen;
+    mh.msg_iov = iov;
+    mh.msg_iovlen = (size_t)out_iov(o, iov);
+    if (sendmsg(fd, &mh, MSG_DONTWAIT) < 0)
+        BUMP(w->st.drop_send, 1);
+}
+
+/* Send smsg[0..m) on fd; a failed message is dropped and counted, the rest still go. */
+static void send_batch(worker_t *w, int fd, int m)
+{
+    int k = 0;
+    while (k < m) {
+        int r = sendmmsg(fd, &w->smsg[k], (unsigned)(m - k), MSG_DONTWAIT);
+        BUMP(w->st.send_calls, 1);
+        if (r > 0) {
+            k += r;
+            continue;
+        }
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0 && w->ssegs[k] > 1 && (errno == EIO || errno == EINVAL || errno == ENOPROTOOPT ||
+                                          errno == EOPNOTSUPP || errno == EMSGSIZE)) {
+            /* The device cannot segment: stop using GSO, send these one by one. */
+            w->gso = 0;
+            for (int s = 0; s < w->ssegs[k]; s++)
+                send_plain(w, fd, &w->out[w->order[w->sfirst[k] + s]]);
+            k++;
+            continue;
+        }
+        if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == ENOBUFS)) {
+            /* socket buffer full: the rest of this burst is dropped (counted) */
+            for (; k < m; k++)
+                BUMP(w->st.drop_send, (uint64_t)w->ssegs[k]);
+            return;
+        }
+        BUMP(w->st.drop_send, (uint64_t)w->ssegs[k]);
+        k++;
+    }
+}
+
+static inline int same_flow(const out_t *a, const out_t *b)
+{
+    return a->fd == b->fd && a->salen == b->salen && memcmp(&a->dest, &b->dest, a->salen) == 0;
+}
+
+static inline unsigned flow_hash(const out_t *o)
+{
+    uint32_t tail; /* last 4 address bytes (IPv4: the address; IPv6: its low 32 bits) */
+    memcpy(&tail, (const char *)&o->dest + (o->salen == sizeof(struct sockaddr_in) ? 4 : 20), 4);
+    uint32_t h = (uint32_t)o->fd * 2654435761u ^ tail * 2246822519u ^ o->dest.v4.sin_port;
+    return (h ^ (h >> 15)) & (GHASH - 1);
+}
+
+/* order[]: the queued packets grouped by flow (socket and destination), each flow's packets in
+ * arrival order; flows on the client listener first, so its flows form one run for sendmmsg. */
+static int group_flows(worker_t *w)
+{
+    int ng = 0;
+    memset(w->ghash, 0xff, sizeof w->ghash);
+    for (int i = 0; i < w->nout; i++) {
+        unsigned h = flow_hash(&w->out[i]);
+        int g;
+        while ((g = w->ghash[h]) >= 0 && !same_flow(&w->out[w->gfirst[g]], &w->out[i]))
+            h = (h + 1) & (GHASH - 1);
+        if (g < 0) {
+            g = ng++;
+            w->ghash[h] = g;
+            w->gfirst[g] = i;
+        } else {
+            w->onext[w->glast[g]] = i;
+        }
+        w->glast[g] = i;
+        w->onext[i] = -1;
+    }
+    int n = 0;
+    for (int pass = 0; pass < 2; pass++)
+        for (int g = 0; g < ng; g++)
+            if ((w->out[w->gfirst[g]].fd == w->lfd) == (pass == 0))
+                for (int i = w->gfirst[g]; i >= 0; i = w->onext[i])
+                    w->order[n++] = i;
+    return n;
+}
+
+/* Flush queued packets: one sendmmsg per run of the same socket; runs of the same destination
+ * and size inside it become one GSO message each. */
+static void flush(worker_t *w)
+{
+    int n = group_flows(w);
+    int i = 0;
+    while (i < n) {
+        int fd = w->out[w->order[i]].fd;
+        int m = 0, iv = 0;
+        while (i < n && w->out[w->order[i]].fd == fd) {
+            out_t *o = &w->out[w->order[i]];
+            int segs = 1;
+            uint32_t total = o->n;
+            if (w->gso && o->n2 == 0 && o->n <= GSO_MAX_SEG && o->n > 0) {
+                while (i + segs < n && segs < GSO_MAX_SEGS) {
+                    out_t *nx = &w->out[w->order[i + segs]];
+                    if (nx->n2 != 0 || nx->n > o->n || nx->n == 0 ||
+                        total + nx->n > GSO_MAX_BYTES || !same_flow(nx, o))
+                        break;
+                    total += nx->n;
+                    segs++;
+                    if (nx->n < o->n)
+                        break; /* a shorter segment can only be the last */
+                }
+            }
+            struct msghdr *mh = &w->smsg[m].msg_hdr;
+            memset(mh, 0, sizeof *mh);
+            mh->msg_name = &o->dest;
+            mh->msg_namelen = o->salen;
+            mh->msg_iov = &w->siov[iv];
+            if (segs == 1) {
+                mh->msg_iovlen = (size_t)out_iov(o, &w->siov[iv]);
+            } else {
+                mh->msg_iovlen = (size_t)segs;
+                for (int s = 0; s < segs; s++) {
+                    w->siov[iv + s].iov_base = w->out[w->order[i + s]].base;
+                    w->siov[iv + s].iov_len = w->out[w->order[i + s]].n;
+                }
+                mh->msg_control = w->sctl[m];
+                mh->msg_controllen = CMSG_SPACE(sizeof(uint16_t));
+                struct cmsghdr *cm = CMSG_FIRSTHDR(mh);
+                cm->cmsg_level = SOL_UDP;
+                cm->cmsg_type = UDP_SEGMENT;
+                cm->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+                uint16_t gso = (uint16_t)o->n;
+                memcpy(CMSG_DATA(cm), &gso, sizeof gso);
+                BUMP(w->st.gso_msgs, 1);
+                BUMP(w->st.gso_segments, (uint64_t)segs);
+            }
+            iv += (int)mh->msg_iovlen;
+            w->ssegs[m] = segs;
+            w->sfirst[m] = i;
+            m++;
+            i += segs;
+        }
+        send_batch(w, fd, m);
+    }
+    w->nout = 0;
+    w->used = 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * receiving
+ */
+
+static int recv_batch(worker_t *w, int fd, int *first)
+{
+    if (w->used + BATCH > SLOTS)
+        flush(w);
+    int base = w->used;
+    for (int i = 0; i < BATCH; i++) {
+        struct msghdr *mh = &w->rmsg[i].msg_hdr;
+        w->riov[2 * i].iov_base = slot_data(w, base + i);
+        w->riov[2 * i].iov_len = SMALL;
+        w->riov[2 * i + 1].iov_base = slot_big(w, base + i);
+        w->riov[2 * i + 1].iov_len = BIG;
+        mh->msg_name = &w->raddr[i];
+        mh->msg_namelen = sizeof w->raddr[i];
+        mh->msg_iov = &w->riov[2 * i];
+        mh->msg_iovlen = 2;
+        mh->msg_control = NULL;
+        mh->msg_controllen = 0;
+        mh->msg_flags = 0;
+    }
+    int n;
+    do {
+        n = recvmmsg(fd, w->rmsg, BATCH, MSG_DONTWAIT, NULL);
+    } while (n < 0 && errno == EINTR);
+    BUMP(w->st.recv_calls, 1);
+    if (n <= 0)
+        return 0;
+    w->used += n;
+    *first = base;
+    return n;
+}
+
+/* Datagrams the kernel dropped on a socket because its receive buffer was full (SO_MEMINFO:
+ * read on demand, so counting costs nothing per packet). */
+static uint64_t kernel_drops(int fd)
+{
+    uint32_t mem[MEMINFO_VARS];
+    socklen_t len = sizeof mem;
+    if (fd < 0 || getsockopt(fd, SOL_SOCKET, SO_MEMINFO, mem, &len) != 0 ||
+        len < sizeof mem)
+        return 0;
+    return mem[MEMINFO_DROPS];
+}
+
+/* RFC 8656 §10.2: a Send indication the data plane may forward itself -- exactly
+ * XOR-PEER-ADDRESS and DATA plus comprehension-optional attributes, no FINGERPRINT (those, and
+ * anything else, go to the control plane, which decides).  Returns 1 and fills peer/data when
+ * it qualifies. */
+static int parse_send(const uint8_t *p, uint32_t len, addr_t *peer, const uint8_t **data,
+                      uint32_t *dlen)
+{
+    if (len < 20 || p[0] != 0x00 || p[1] != 0x16)
+        return 0;
+    uint32_t mlen = (uint32_t)p[2] << 8 | p[3];
+    uint32_t cookie = (uint32_t)p[4] << 24 | (uint32_t)p[5] << 16 | (uint32_t)p[6] << 8 | p[7];
+    if (cookie != COOKIE || mlen + 20 != len || (mlen & 3) != 0)
+        return 0;
+    int have_peer = 0, have_data = 0, count = 0;
+    uint32_t off = 20;
+    while (off < len) {
+        if (off + 4 > len || ++count > SEND_FAST_MAX_ATTRS)
+            return 0;
+        uint16_t type = (uint16_t)(p[off] << 8 | p[off + 1]);
+        uint32_t alen = (uint32_t)p[off + 2] << 8 | p[off + 3];
+        const uint8_t *v = p + off + 4;
+        if (off + 4 + alen > len)
+            return 0;
+        if (type == 0x0012) {
+            if (!have_peer) {
+                memset(peer, 0, sizeof *peer);
+                if (alen == 8 && v[1] == 1) {
+                    peer->fam = 4;
+                    for (int i = 0; i < 4; i++)
+                        peer->ip[i] = v[4 + i] ^ p[4 + i];
+                } else if (alen == 20 && v[1] == 2) {
+                    peer->fam = 6;
+                    for (int i = 0; i < 16; i++)
+                        peer->ip[i] = v[4 + i] ^ p[4 + i]; /* cookie then transaction ID */
+                } else {
+                    return 0;
+                }
+                peer->port = (uint16_t)((v[2] << 8 | v[3]) ^ (COOKIE >> 16));
+                have_peer = 1;
+            }
+        } else if (type == 0x0013) {
+            if (!have_data) {
+                *data = v;
+                *dlen = alen;
+                have_data = 1;
+            }
+        } else if (type < 0x8000 || type == 0x8028) {
+            return 0;
+        }
+        off += 4 + ((alen + 3) & ~3u);
+    }
+    return have_peer && have_data && off == len;
+}
+
+static void on_client_packets(worker_t *w, int first, int n)
+{
+    for (int i = 0; i < n; i++) {
+        struct msghdr *mh = &w->rmsg[i].msg_hdr;
+        uint32_t len = w->rmsg[i].msg_len;
+        uint8_t *p = slot_data(w, first + i);
+        uint8_t *p2 = slot_big(w, first + i); /* bytes beyond SMALL, if any */
+        uint32_t len2 = len > SMALL ? len - SMALL : 0;
+        addr_t src;
+        BUMP(w->st.rx_client, 1);
+        if ((mh->msg_flags & MSG_TRUNC) || addr_from_sa(&src, &w->raddr[i]) != 0) {
+            BUMP(w->st.drop_truncated, 1);
+            continue;
+        }
+        if (len >= 4 && p[0] >= 0x40 && p[0] <= 0x7F) {
+            /* RFC 8656 §12: ChannelData -- never reaches the control plane */
+            alloc_t *al = client_find(w, &src);
+            chan_t *ch = al != NULL ? chan_by_number(al, (uint16_t)(p[0] << 8 | p[1])) : NULL;
+            if (ch == NULL) {
+                BUMP(w->st.drop_unknown_channel, 1); /* §12.6: no such channel: discard */
+                continue;
+            }
+            uint32_t dlen = (uint32_t)p[2] << 8 | p[3];
+            if (dlen + 4 > len) {
+                BUMP(w->st.drop_short, 1); /* §12.4: shorter than its length field */
+                continue;
+            }
+            /* anything after the length (padding, junk) is not relayed */
+            uint32_t n1 = dlen <= SMALL - 4 ? dlen : SMALL - 4;
+            queue_out(w, al->fd, p + 4, n1, p2, dlen - n1, &ch->peer_sa, ch->peer_salen);
+            BUMP(al->pkts_to_peer, 1);
+            BUMP(al->bytes_to_peer, dlen);
+            continue;
+        }
+        addr_t peer;
+        const uint8_t *data = NULL;
+        uint32_t dlen = 0;
+        if (len2 == 0 && parse_send(p, len, &peer, &data, &dlen)) {
+            alloc_t *al = client_find(w, &src);
+            if (al == NULL) {
+                BUMP(w->st.drop_no_allocation, 1); /* §10.2: no allocation: discard */
+                continue;
+            }
+            perm_t *pm = perm_find(al, peer.fam, peer.ip);
+            if (pm != NULL && pm->fast_send) {
+                sockaddr_u sa;
+                socklen_t salen = sa_from_addr(&sa, &peer);
+                queue_out(w, al->fd, (uint8_t *)data, dlen, NULL, 0, &sa, salen);
+                BUMP(al->pkts_to_peer, 1);
+                BUMP(al->bytes_to_peer, dlen);
+                continue;
+            }
+            /* no permission, or a peer the policy judges per port: the core decides */
+        }
+        upcall(w, &src, p, len - len2, p2, len2);
+    }
+}
+
+static uint8_t *random12(worker_t *w)
+{
+    if (w->rnd_left < 12) {
+        ssize_t r = getrandom(w->rnd, sizeof w->rnd, 0);
+        if (r < (ssize_t)sizeof w->rnd) {
+            /* cannot happen for 4096 bytes from an initialised pool; keep going regardless */
+            for (size_t i = 0; i < sizeof w->rnd; i++)
+                w->rnd[i] = (uint8_t)(w->rnd[i] * 33 + i);
+        }
+        w->rnd_left = sizeof w->rnd;
+    }
+    w->rnd_left -= 12;
+    return w->rnd + w->rnd_left;
+}
+
+static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
+{
+    for (int i = 0; i < n; i++) {
+        struct msghdr *mh = &w->rmsg[i].msg_hdr;
+        uint32_t len = w->rmsg[i].msg_len;
+        uint8_t *p = slot_data(w, first + i);
+        uint8_t *p2 = slot_big(w, first + i);
+        uint32_t len2 = len > SMALL ? len - SMALL : 0, len1 = len - len2;
+        addr_t src;
+        BUMP(w->st.rx_peer, 1);
+        if ((mh->msg_flags & MSG_TRUNC) || addr_from_sa(&src, &w->raddr[i]) != 0) {
+            BUMP(w->st.drop_truncated, 1);
+            continue;
+        }
+        chan_t *ch = chan_by_peer(al, &src);
+        if (ch != NULL) {
+            /* RFC 8656 §12.4: ChannelData, header written in place in front of the payload;
+             * no padding over UDP */
+            if (len > 0xFFFF - 4) {
+                BUMP(w->st.drop_too_big, 1);
+                continue;
+            }
+            p[-4] = (uint8_t)(ch->number >> 8);
+            p[-3] = (uint8_t)ch->number;
+            p[-2] = (uint8_t)(len >> 8);
+            p[-1] = (uint8_t)len;
+            queue_out(w, w->lfd, p - 4, len1 + 4, p2, len2, &al->client_sa, al->client_salen);
+        } else if (perm_find(al, src.fam, src.ip) != NULL) {
+            /* §10.3: Data indication = header, XOR-PEER-ADDRESS, DATA (padded) */
+            uint32_t xlen = src.fam == 4 ? 12 : 24;
+            uint32_t pad = (4 - (len & 3)) & 3;
+            uint32_t hlen = 20 + xlen + 4;
+            uint32_t mlen = xlen + 4 + len + pad;
+            if (20 + mlen > 65507) {
+                BUMP(w->st.drop_too_big, 1);
+                continue;
+            }
+            uint8_t *h = p - hlen;
+            const uint8_t *tid = random12(w);
+            h[0] = 0x00;
+            h[1] = 0x17;
+            h[2] = (uint8_t)(mlen >> 8);
+            h[3] = (uint8_t)mlen;
+            h[4] = 0x21;
+            h[5] = 0x12;
+            h[6] = 0xA4;
+            h[7] = 0x42;
+            memcpy(h + 8, tid, 12);
+            uint8_t *x = h + 20;
+            x[0] = 0x00;
+            x[1] = 0x12;
+            x[2] = 0;
+            x[3] = (uint8_t)(xlen - 4);
+            x[4] = 0;
+            x[5] = src.fam == 4 ? 1 : 2;
+            uint16_t xport = src.port ^ (uint16_t)(COOKIE >> 16);
+            x[6] = (uint8_t)(xport >> 8);
+            x[7] = (uint8_t)xport;
+            for (uint32_t k = 0; k < (src.fam == 4 ? 4u : 16u); k++)
+                x[8 + k] = src.ip[k] ^ h[4 + k]; /* cookie, then the transaction ID (v6) */
+            uint8_t *d = x + xlen;
+            d[0] = 0x00;
+            d[1] = 0x13;
+            d[2] = (uint8_t)(len >> 8);
+            d[3] = (uint8_t)len;
+            if (len2 == 0) {
+                memset(p + len, 0, pad); /* slot slack */
+                queue_out(w, w->lfd, h, hlen + len + pad, NULL, 0, &al->client_sa,
+                          al->client_salen);
+            } else {
+                memset(p2 + len2, 0, pad); /* BIG leaves room: len2 <= 65507 - SMALL */
+                queue_out(w, w->lfd, h, hlen + len1, p2, len2 + pad, &al->client_sa,
+                          al->client_salen);
+            }
+        } else {
+            BUMP(al->dropped, 1); /* §9: no permission for this peer */
+            continue;
+        }
+        BUMP(al->pkts_to_client, 1);
+        BUMP(al->bytes_to_client, len);
+    }
+}
+
+static void free_alloc(alloc_t *al)
+{
+    free(al->chans);
+    free(al->perms);
+    free(al);
+}
+
+static void *worker_main(void *arg)
+{
+    worker_t *w = arg;
+    struct epoll_event ev[64];
+    for (;;) {
+        int n = epoll_wait(w->epfd, ev, 64, -1);
+        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE))
+            break;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            break;
+        }
+        /* let a waiting control-plane change in first (bounded) */
+        for (int spin = 0; spin < 200 && __atomic_load_n(&w->writers, __ATOMIC_ACQUIRE); spin++)
+            sched_yield();
+        pthread_mutex_lock(&w->lock);
+        uint64_t before = w->st.rx_client + w->st.rx_peer;
+        for (int i = 0; i < n; i++) {
+            int kind = *(int *)ev[i].data.ptr;
+            if (kind == KIND_WAKE) {
+                uint64_t v;
+                ssize_t r = read(w->wakefd, &v, sizeof v);
+                (void)r;
+            } else if (kind == KIND_LISTENER) {
+                for (int round = 0; round < MAX_ROUNDS; round++) {
+                    int first, got = recv_batch(w, w->lfd, &first);
+                    on_client_packets(w, first, got);
+                    if (got < BATCH)
+                        break;
+                }
+            } else {
+                alloc_t *al = (alloc_t *)ev[i].data.ptr;
+                for (int round = 0; round < MAX_ROUNDS && !al->dead; round++) {
+                    int first, got = recv_batch(w, al->fd, &first);
+                    on_peer_packets(w, al, first, got);
+                    if (got < BATCH)
+                        break;
+                }
+            }
+        }
+        flush(w);
+        while (w->graveyard != NULL) {
+            alloc_t *g = w->graveyard;
+            w->graveyard = g->gnext;
+            free_alloc(g);
+        }
+        pthread_mutex_unlock(&w->lock);
+        uint64_t moved = w->st.rx_client + w->st.rx_peer - before;
+        if (w->nap_us > 0 && moved > 0) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now); /* vDSO: no syscall */
+            uint64_t ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+            w->win_pkts += moved;
+            if (ns - w->win_start_ns >= 1000000u) {
+                w->pkts_per_ms = w->win_pkts * 1000000u / (ns - w->win_start_ns);
+                w->win_start_ns = ns;
+                w->win_pkts = 0;
+            }
+            /* Steady traffic of tens of thousands of packets a second wakes the thread for one
+             * or two packets at a time; a short pause lets the next ones queue up, so one
+             * wake-up and one syscall each way serve several (interrupt coalescing; adds at
+             * most nap_us of latency). Slower traffic gains nothing from it: no pause. */
+            if (moved < BATCH / 4 && w->pkts_per_ms * (uint64_t)w->nap_us >= 1000u) {
+                struct timespec ts = {0, (long)w->nap_us * 1000L};
+                nanosleep(&ts, NULL);
+            }
+        }
+    }
+    return NULL;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * the Python object
+ */
+
+static void wlock(worker_t *w)
+{
+    __atomic_add_fetch(&w->writers, 1, __ATOMIC_ACQ_REL);
+    if (pthread_mutex_trylock(&w->lock) != 0) {
+        Py_BEGIN_ALLOW_THREADS
+        pthread_mutex_lock(&w->lock);
+        Py_END_ALLOW_THREADS
+    }
+    __atomic_sub_fetch(&w->writers, 1, __ATOMIC_ACQ_REL);
+}
+
+static void wunlock(worker_t *w)
+{
+    pthread_mutex_unlock(&w->lock);
+}
+
+static void set_bufs(int fd, int size)
+{
+    /* sized for bursts; SO_*BUFFORCE works with CAP_NET_ADMIN, else the kernel caps at
+     * net.core.rmem_max / wmem_max */
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) != 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) != 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+}
+
+static void engine_stop(engine_t *e)
+{
+    if (e->workers == NULL)
+        return;
+    for (int k = 0; k < e->nworkers; k++) {
+        worker_t *w = e->workers[k];
+        if (w == NULL || !w->started)
+            continue;
+        __atomic_store_n(&w->stop, 1, __ATOMIC_RELEASE);
+        uint64_t one = 1;
+        ssize_t r = write(w->wakefd, &one, sizeof one);
+        (void)r;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (int k = 0; k < e->nworkers; k++) {
+        worker_t *w = e->workers[k];
+        if (w != NULL && w->started) {
+            pthread_join(w->thread, NULL);
+            w->started = 0;
+        }
+    }
+    Py_END_ALLOW_THREADS
+}
+
+static void engine_free_all(engine_t *e)
+{
+    engine_stop(e);
+    for (size_t i = 0; i < e->idcap; i++) {
+        alloc_t *x = e->idtab[i];
+        while (x != NULL) {
+            alloc_t *nx = x->idnext;
+            if (x->fd >= 0)
+                close(x->fd);
+            free_alloc(x);
+            x = nx;
+        }
+    }
+    free(e->idtab);
+    e->idtab = NULL;
+    e->idcap = e->idcount = 0;
+    if (e->workers != NULL) {
+        for (int k = 0; k < e->nworkers; k++) {
+            worker_t *w = e->workers[k];
+            if (w == NULL)
+                continue;
+            while (w->graveyard != NULL) {
+                alloc_t *g = w->graveyard;
+                w->graveyard = g->gnext;
+                free_alloc(g);
+            }
+            if (w->lfd >= 0 && e->own_lfds)
+                close(w->lfd);
+            if (w->epfd >= 0)
+                close(w->epfd);
+            if (w->wakefd >= 0)
+                close(w->wakefd);
+            if (w->small != NULL)
+                munmap(w->small, (size_t)SLOTS * SLOT_SMALL);
+            if (w->big != NULL)
+                munmap(w->big, (size_t)SLOTS * BIG);
+            free(w->htab);
+            pthread_mutex_destroy(&w->lock);
+            free(w);
+        }
+        free(e->workers);
+        e->workers = NULL;
+    }
+    up_t *u = e->qhead;
+    while (u != NULL) {
+        up_t *nx = u->next;
+        free(u);
+        u = nx;
+    }
+    e->qhead = e->qtail = NULL;
+    e->qcount = 0;
+    if (e->efd >= 0) {
+        close(e->efd);
+        e->efd = -1;
+    }
+    e->closed = 1;
+}
+
+static void Engine_dealloc(engine_t *e)
+{
+    engine_free_all(e);
+    pthread_mutex_destroy(&e->qlock);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"listener_fds", "queue_limit", "buffer_bytes", "gso", "coalesce_us",
+                             NULL};
+    PyObject *fds;
+    Py_ssize_t qlimit = 4096;
+    int bufbytes = 4 * 1024 * 1024, gso = 1, coalesce_us = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nipi", kwlist, &fds, &qlimit, &bufbytes, &gso,
+                                     &coalesce_us))
+        return NULL;
+    if (coalesce_us < 0 || coalesce_us > 1000) {
+        PyErr_SetString(PyExc_ValueError, "coalesce_us must be 0-1000");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(fds, "listener_fds must be a sequence of file descriptors");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > 1024 || qlimit < 1) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "need 1-1024 listener sockets and queue_limit >= 1");
+        return NULL;
+    }
+    engine_t *e = (engine_t *)type->tp_alloc(type, 0);
+    if (e == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    pthread_mutex_init(&e->qlock, NULL);
+    e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    e->qlimit = (size_t)qlimit;
+    e->nworkers = (int)n;
+    e->workers = calloc((size_t)n, sizeof *e->workers);
+    if (e->efd < 0 || e->workers == NULL) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    for (Py_ssize_t k = 0; k < n; k++) {
+        int fd = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, k));
+        if (fd == -1 && PyErr_Occurred())
+            goto fail;
+        worker_t *w = calloc(1, sizeof *w);
+        if (w == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        e->workers[k] = w;
+        w->eng = e;
+        w->index = (int)k;
+        w->lfd = -1;
+        w->epfd = epoll_create1(EPOLL_CLOEXEC);
+        w->wakefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        w->ltag = KIND_LISTENER;
+        w->wtag = KIND_WAKE;
+        w->gso = gso;
+        w->nap_us = coalesce_us;
+        pthread_mutex_init(&w->lock, NULL);
+        /* MAP_NORESERVE: only the pages datagrams land in become resident */
+        w->small = mmap(NULL, (size_t)SLOTS * SLOT_SMALL, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        w->big = mmap(NULL, (size_t)SLOTS * BIG, PROT_READ | PROT_WRITE,
+                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (w->small == MAP_FAILED || w->big == MAP_FAILED) {
+            if (w->small == MAP_FAILED)
+                w->small = NULL;
+            if (w->big == MAP_FAILED)
+                w->big = NULL;
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        if (w->epfd < 0 || w->wakefd < 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+        w->lfd = fd; /* owned (closed by close()) once the whole engine is built */
+        set_bufs(fd, bufbytes);
+        struct epoll_event ev = {.events = EPOLLIN, .data.ptr = &w->ltag};
+        struct epoll_event wev = {.events = EPOLLIN, .data.ptr = &w->wtag};
+        if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) != 0 ||
+            epoll_ctl(w->epfd, EPOLL_CTL_ADD, w->wakefd, &wev) != 0) {
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto fail;
+        }
+    }
+    Py_DECREF(seq);
+    e->own_lfds = 1;
+    return (PyObject *)e;
+fail:
+    Py_DECREF(seq);
+    Py_DECREF(e);
+    return NULL;
+}
+
+static PyObject *Engine_start(engine_t *e, PyObject *unused)
+{
+    if (e->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "engine closed");
+        return NULL;
+    }
+    if (e->started)
+        Py_RETURN_NONE;
+    /* relay threads take no signals: they stay with the event loop's thread */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    int err = 0;
+    for (int k = 0; k < e->nworkers; k++) {
+        worker_t *w = e->workers[k];
+        err = pthread_create(&w->thread, NULL, worker_main, w);
+        if (err != 0)
+            break;
+        w->started = 1;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (err != 0) {
+        engine_stop(e);
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    e->started = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_close(engine_t *e, PyObject *unused)
+{
+    if (!e->closed)
+        engine_free_all(e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_fileno(engine_t *e, PyObject *unused)
+{
+    return PyLong_FromLong(e->efd);
+}
+
+static int check_open(engine_t *e)
+{
+    if (e->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "engine closed");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Engine_drain(engine_t *e, PyObject *unused)
+{
+    if (check_open(e) < 0)
+        return NULL;
+    uint64_t v;
+    ssize_t r = read(e->efd, &v, sizeof v);
+    (void)r;
+    pthread_mutex_lock(&e->qlock);
+    up_t *u = e->qhead;
+    e->qhead = e->qtail = NULL;
+    e->qcount = 0;
+    e->notified = 0;
+    pthread_mutex_unlock(&e->qlock);
+    PyObject *list = PyList_New(0);
+    while (u != NULL) {
+        up_t *nx = u->next;
+        if (list != NULL) {
+            PyObject *item = Py_BuildValue("(y#Ni)", (const char *)u->data, (Py_ssize_t)u->len,
+                                           addr_to_py(&u->src), u->worker);
+            if (item == NULL || PyList_Append(list, item) != 0)
+                Py_CLEAR(list);
+            Py_XDECREF(item);
+        }
+        free(u);
+        u = nx;
+    }
+    return list;
+}
+
+static worker_t *worker_arg(engine_t *e, int k)
+{
+    if (k < 0 || k >= e->nworkers) {
+        PyErr_Format(PyExc_ValueError, "no relay thread %d", k);
+        return NULL;
+    }
+    return e->workers[k];
+}
+
+static PyObject *Engine_send(engine_t *e, PyObject *args)
+{
+    int k;
+    Py_buffer data;
+    PyObject *addr;
+    addr_t a;
+    sockaddr_u sa;
+    if (!PyArg_ParseTuple(args, "iy*O", &k, &data, &addr))
+        return NULL;
+    worker_t *w;
+    if (check_open(e) < 0 || (w = worker_arg(e, k)) == NULL || addr_from_py(addr, &a) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    socklen_t salen = sa_from_addr(&sa, &a);
+    if (sendto(w->lfd, data.buf, (size_t)data.len, MSG_DONTWAIT, &sa.sa, salen) < 0)
+        e->py_send_errors++; /* an answer the kernel refused: like a lost datagram */
+    PyBuffer_Release(&data);
+    Py_RETURN_NONE;
+}
+
+static alloc_t *alloc_arg(engine_t *e, long long id)
+{
+    alloc_t *al = id_find(e, id);
+    if (al == NULL)
+        PyErr_Format(PyExc_KeyError, "no allocation %lld", id);
+    return al;
+}
+
+static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
+{
+    long long id;
+    int k, fd, family;
+    PyObject *client;
+    if (!PyArg_ParseTuple(args, "LiiiO", &id, &k, &fd, &family, &client))
+        return NULL;
+    worker_t *w;
+    alloc_t *al = NULL;
+    if (check_open(e) < 0 || (w = worker_arg(e, k)) == NULL)
+        goto fail;
+    if (id_find(e, id) != NULL) {
+        PyErr_Format(PyExc_ValueError, "allocation %lld exists", id);
+        goto fail;
+    }
+    al = calloc(1, sizeof *al);
+    if (al == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    al->kind = KIND_ALLOC;
+    al->fd = fd;
+    al->family = family;
+    al->worker = k;
+    al->id = id;
+    if (addr_from_py(client, &al->client) < 0)
+        goto fail;
+    al->client_salen = sa_from_addr(&al->client_sa, &al->client);
+    set_bufs(fd, 1024 * 1024);
+    wlock(w);
+    if (client_find(w, &al->client) != NULL) {
+        wunlock(w);
+        PyErr_SetString(PyExc_ValueError, "this client already has an allocation");
+        goto fail;
+    }
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = al};
+    if (client_insert(w, al) != 0) {
+        wunlock(w);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+        client_remove(w, al);
+        wunlock(w);
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    wunlock(w);
+    if (id_insert(e, al) != 0) {
+        /* cannot really happen (tiny table); undo */
+        wlock(w);
+        client_remove(w, al);
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, fd, NULL);
+        wunlock(w);
+        PyErr_NoMemory();
+        goto fail;
+    }
+    Py_RETURN_NONE;
+fail:
+    free(al);
+    close(fd); /* the fd was handed over: never leak it */
+    return NULL;
+}
+
+static PyObject *counters_tuple(alloc_t *al)
+{
+    return Py_BuildValue("(KKKKKK)", (unsigned long long)(LOAD(al->pkts_to_peer) + al->py_pkts_to_peer),
+                         (unsigned long long)(LOAD(al->bytes_to_peer) + al->py_bytes_to_peer),
+                         (unsigned long long)LOAD(al->pkts_to_client),
+                         (unsigned long long)LOAD(al->bytes_to_client),
+                         (unsigned long long)LOAD(al->dropped),
+                         (unsigned long long)(al->fd >= 0 ? kernel_drops(al->fd)
+                                                           : al->kernel_drops));
+}
+
+/* The allocation named by the only argument: 0 with *out set (NULL if unknown), -1 on error. */
+static int one_alloc_arg(engine_t *e, PyObject *args, alloc_t **out)
+{
+    long long id;
+    if (!PyArg_ParseTuple(args, "L", &id) || check_open(e) < 0)
+        return -1;
+    *out = id_find(e, id);
+    return 0;
+}
+
+static PyObject *Engine_remove_allocation(engine_t *e, PyObject *args)
+{
+    alloc_t *al;
+    if (one_alloc_arg(e, args, &al) < 0)
+        return NULL;
+    if (al == NULL)
+        Py_RETURN_NONE;
+    worker_t *w = e->workers[al->worker];
+    id_remove(e, al);
+    wlock(w);
+    client_remove(w, al);
+    epoll_ctl(w->epfd, EPOLL_CTL_DEL, al->fd, NULL);
+    al->kernel_drops = kernel_drops(al->fd);
+    close(al->fd); /* the relay port is free from here on */
+    al->fd = -1;
+    al->dead = 1;
+    al->gnext = w->graveyard;
+    w->graveyard = al;
+    PyObject *c = counters_tuple(al);
+    e->ended[0] += LOAD(al->pkts_to_peer) + al->py_pkts_to_peer;
+    e->ended[1] += LOAD(al->bytes_to_peer) + al->py_bytes_to_peer;
+    e->ended[2] += LOAD(al->pkts_to_client);
+    e->ended[3] += LOAD(al->bytes_to_client);
+    e->ended[4] += LOAD(al->dropped);
+    wunlock(w);
+    /* the worker frees the memory at the end of its next round: wake it */
+    uint64_t one = 1;
+    ssize_t r = write(w->wakefd, &one, sizeof one);
+    (void)r;
+    return c;
+}
+
+static PyObject *Engine_add_permission(engine_t *e, PyObject *args)
+{
+    long long id;
+    const char *ip;
+    int fast;
+    perm_t pm;
+    if (!PyArg_ParseTuple(args, "Lsp", &id, &ip, &fast))
+        return NULL;
+    alloc_t *al;
+    if (check_open(e) < 0 || (al = alloc_arg(e, id)) == NULL)
+        return NULL;
+    memset(&pm, 0, sizeof pm);
+    if (parse_ip(ip, &pm.fam, pm.ip) != 0)
+        return PyErr_Format(PyExc_ValueError, "not an IP address: %s", ip);
+    pm.fast_send = (uint8_t)fast;
+    worker_t *w = e->workers[al->worker];
+    wlock(w);
+    int r = put_elem((void **)&al->perms, &al->nperms, &al->capperms, sizeof pm,
+                     perm_find(al, pm.fam, pm.ip), &pm);
+    wunlock(w);
+    if (r != 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_remove_permission(engine_t *e, PyObject *args)
+{
+    long long id;
+    const char *ip;
+    uint8_t fam, raw[16];
+    if (!PyArg_ParseTuple(args, "Ls", &id, &ip))
+        return NULL;
+    if (check_open(e) < 0)
+        return NULL;
+    alloc_t *al = id_find(e, id);
+    if (al == NULL || parse_ip(ip, &fam, raw) != 0)
+        Py_RETURN_NONE;
+    worker_t *w = e->workers[al->worker];
+    wlock(w);
+    perm_t *pm = perm_find(al, fam, raw);
+    if (pm != NULL)
+        *pm = al->perms[--al->nperms];
+    wunlock(w);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_add_channel(engine_t *e, PyObject *args)
+{
+    long long id;
+    int number;
+    PyObject *peer;
+    chan_t ch;
+    if (!PyArg_ParseTuple(args, "LiO", &id, &number, &peer))
+        return NULL;
+    alloc_t *al;
+    if (check_open(e) < 0 || (al = alloc_arg(e, id)) == NULL)
+        return NULL;
+    if (number < 0x4000 || number > 0x7FFF)
+        return PyErr_Format(PyExc_ValueError, "not a channel number: %d", number);
+    memset(&ch, 0, sizeof ch);
+    if (addr_from_py(peer, &ch.peer) < 0)
+        return NULL;
+    ch.number = (uint16_t)number;
+    ch.peer_salen = sa_from_addr(&ch.peer_sa, &ch.peer);
+    worker_t *w = e->workers[al->worker];
+    wlock(w);
+    int r = put_elem((void **)&al->chans, &al->nchans, &al->capchans, sizeof ch,
+                     chan_by_number(al, ch.number), &ch);
+    wunlock(w);
+    if (r != 0)
+        return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_remove_channel(engine_t *e, PyObject *args)
+{
+    long long id;
+    int number;
+    if (!PyArg_ParseTuple(args, "Li", &id, &number))
+        return NULL;
+    if (check_open(e) < 0)
+        return NULL;
+    alloc_t *al = id_find(e, id);
+    if (al == NULL)
+        Py_RETURN_NONE;
+    worker_t *w = e->workers[al->worker];
+    wlock(w);
+    chan_t *ch = chan_by_number(al, (uint16_t)number);
+    if (ch != NULL)
+        *ch = al->chans[--al->nchans];
+    wunlock(w);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_send_to_peer(engine_t *e, PyObject *args)
+{
+    long long id;
+    PyObject *peer;
+    Py_buffer data;
+    addr_t a;
+    sockaddr_u sa;
+    if (!PyArg_ParseTuple(args, "LOy*", &id, &peer, &data))
+        return NULL;
+    alloc_t *al = NULL;
+    if (check_open(e) < 0 || addr_from_py(peer, &a) < 0) {
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    al = id_find(e, id);
+    if (al != NULL) {
+        socklen_t salen = sa_from_addr(&sa, &a);
+        /* the fd stays open while the allocation is in the id table (closed only by Python) */
+        ssize_t r = sendto(al->fd, data.buf, (size_t)data.len, MSG_DONTWAIT, &sa.sa, salen);
+        (void)r;
+        __atomic_store_n(&al->py_pkts_to_peer, al->py_pkts_to_peer + 1, __ATOMIC_RELAXED);
+        __atomic_store_n(&al->py_bytes_to_peer, al->py_bytes_to_peer + (uint64_t)data.len,
+                         __ATOMIC_RELAXED);
+    }
+    PyBuffer_Release(&data);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_counters(engine_t *e, PyObject *args)
+{
+    alloc_t *al;
+    if (one_alloc_arg(e, args, &al) < 0)
+        return NULL;
+    if (al == NULL)
+        Py_RETURN_NONE;
+    return counters_tuple(al);
+}
+
+static PyObject *Engine_totals(engine_t *e, PyObject *unused)
+{
+    uint64_t t[5];
+    memcpy(t, e->ended, sizeof t);
+    for (size_t i = 0; i < e->idcap; i++) {
+        for (alloc_t *x = e->idtab[i]; x != NULL; x = x->idnext) {
+            t[0] += LOAD(x->pkts_to_peer) + x->py_pkts_to_peer;
+            t[1] += LOAD(x->bytes_to_peer) + x->py_bytes_to_peer;
+            t[2] += LOAD(x->pkts_to_client);
+            t[3] += LOAD(x->bytes_to_client);
+            t[4] += LOAD(x->dropped);
+        }
+    }
+    return Py_BuildValue("(KKKKK)", (unsigned long long)t[0], (unsigned long long)t[1],
+                         (unsigned long long)t[2], (unsigned long long)t[3],
+                         (unsigned long long)t[4]);
+}
+
+static PyObject *Engine_stats(engine_t *e, PyObject *unused)
+{
+    if (check_open(e) < 0)
+        return NULL;
+    wstats_t s;
+    memset(&s, 0, sizeof s);
+    uint64_t *dst = (uint64_t *)&s;
+    for (int k = 0; k < e->nworkers; k++) {
+        uint64_t *src = (uint64_t *)&e->workers[k]->st;
+        for (size_t i = 0; i < sizeof s / sizeof(uint64_t); i++)
+            dst[i] += __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+    }
+    int gso = 1;
+    for (int k = 0; k < e->nworkers; k++)
+        gso &= e->workers[k]->gso;
+    uint64_t kernel_relay = 0, kernel_listener = 0;
+    for (int k = 0; k < e->nworkers; k++)
+        kernel_listener += kernel_drops(e->workers[k]->lfd);
+    for (size_t i = 0; i < e->idcap; i++)
+        for (alloc_t *x = e->idtab[i]; x != NULL; x = x->idnext)
+            kernel_relay += kernel_drops(x->fd);
+    return Py_BuildValue(
+        "{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}",
+        "threads", e->nworkers, "gso", gso, "rx_client", (unsigned long long)s.rx_client,
+        "rx_peer", (unsigned long long)s.rx_peer, "upcalls", (unsigned long long)s.upcalls,
+        "recv_calls", (unsigned long long)s.recv_calls, "send_calls",
+        (unsigned long long)s.send_calls, "gso_msgs", (unsigned long long)s.gso_msgs,
+        "gso_segments", (unsigned long long)s.gso_segments, "drop_unknown_channel",
+        (unsigned long long)s.drop_unknown_channel, "drop_short", (unsigned long long)s.drop_short,
+        "drop_truncated", (unsigned long long)s.drop_truncated, "drop_send",
+        (unsigned long long)s.drop_send, "drop_queue", (unsigned long long)s.drop_queue,
+        "drop_no_allocation", (unsigned long long)s.drop_no_allocation, "drop_too_big",
+        (unsigned long long)s.drop_too_big, "kernel_drops_listener",
+        (unsigned long long)kernel_listener, "kernel_drops_relay",
+        (unsigned long long)kernel_relay, "tx_client", (unsigned long long)s.tx_client, "tx_peer",
+        (unsigned long long)s.tx_peer, "allocations", (Py_ssize_t)e->idcount);
+}
+
+static PyObject *Engine_worker_of(engine_t *e, PyObject *args)
+{
+    alloc_t *al;
+    if (one_alloc_arg(e, args, &al) < 0)
+        return NULL;
+    if (al == NULL)
+        Py_RETURN_NONE;
+    return PyLong_FromLong(al->worker);
+}
+
+static PyMethodDef Engine_methods[] = {
+    {"start", (PyCFunction)Engine_start, METH_NOARGS, "Start the relay threads."},
+    {"close", (PyCFunction)Engine_close, METH_NOARGS,
+     "Stop the threads, close every socket (listeners included)."},
+    {"fileno", (PyCFunction)Engine_fileno, METH_NOARGS,
+     "The eventfd that becomes readable when packets wait for the control plane."},
+    {"drain", (PyCFunction)Engine_drain, METH_NOARGS,
+     "Take every queued (data, client address, thread) for the control plane, in order."},
+    {"send", (PyCFunction)Engine_send, METH_VARARGS,
+     "send(thread, data, addr): a control-plane answer from that thread's listener socket."},
+    {"add_allocation", (PyCFunction)Engine_add_allocation, METH_VARARGS,
+     "add_allocation(id, thread, relay_fd, family, client_addr); takes ownership of relay_fd."},
+    {"remove_allocation", (PyCFunction)Engine_remove_allocation, METH_VARARGS,
+     "remove_allocation(id) -> counters or None; closes the relay socket."},
+    {"add_permission", (PyCFunction)Engine_add_permission, METH_VARARGS,
+     "add_permission(id, ip, fast_send)"},
+    {"remove_permission", (PyCFunction)Engine_remove_permission, METH_VARARGS,
+     "remove_permission(id, ip)"},
+    {"add_channel", (PyCFunction)Engine_add_channel, METH_VARARGS,
+     "add_channel(id, number, (ip, port))"},
+    {"remove_channel", (PyCFunction)Engine_remove_channel, METH_VARARGS,
+     "remove_channel(id, number)"},
+    {"send_to_peer", (PyCFunction)Engine_send_to_peer, METH_VARARGS,
+     "send_to_peer(id, (ip, port), payload)"},
+    {"counters", (PyCFunction)Engine_counters, METH_VARARGS,
+     "counters(id) -> (pkts_to_peer, bytes_to_peer, pkts_to_client, bytes_to_client, dropped, "
+     "kernel_drops) or None"},
+    {"totals", (PyCFunction)Engine_totals, METH_NOARGS,
+     "Counters over live and ended allocations (without kernel drops)."},
+    {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Data-plane counters (dict)."},
+    {"worker_of", (PyCFunction)Engine_worker_of, METH_VARARGS,
+     "The relay thread an allocation lives on (None if unknown)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "confedge.turn._native.Engine",
+    .tp_basicsize = sizeof(engine_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The native TURN relay: threads, sockets and forwarding tables.",
+    .tp_new = Engine_new,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "_native",
+    "Native TURN data plane (see turn/native.py for the Python side).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&EngineType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddIntConstant(m, "BATCH", BATCH);
+    return m;
+}

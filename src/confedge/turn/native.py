@@ -1,0 +1,362 @@
+"""The native TURN data plane: :class:`NativeDataPlane` and the UDP TURN port it owns.
+
+Why: in the pure-Python backend every relayed packet costs an event-loop callback and one
+syscall each way (docs/BENCHMARKS.md).  ``confedge.turn._native`` (C, ``_native.c``) runs N relay
+threads with the GIL released that receive and send in batches (recvmmsg/sendmmsg, UDP GSO) and
+forward, without Python, everything the control plane has installed:
+
+* client -> peer: ChannelData (RFC 8656 §12) and Send indications (§10.2) whose peer has a
+  permission the peer policy judges by IP alone;
+* peer -> client: ChannelData when a channel is bound, else a Data indication (§10.3), else a
+  counted drop (§9).
+
+Everything else a UDP client sends (STUN requests, Send indications the C side does not judge)
+reaches :class:`NativeUdpListener` through the engine's queue, in arrival order, and goes to
+:meth:`TurnCore.handle` exactly as from the Python listener.  The core is unchanged: it calls
+the same :class:`DataPlane` methods, and this class forwards them to the engine's tables.
+
+Threads: the TURN port is N ``SO_REUSEPORT`` UDP sockets bound to the same address, one per
+relay thread; the kernel hashes a client's address to one of them, so a client always reaches
+the same thread, and the allocation it makes lives on that thread (its relay socket is polled
+there too).  TCP/TLS clients stay on the Python listeners; their allocations use the embedded
+:class:`UdpDataPlane` (their relayed packets must be written to a Python stream transport).
+
+Backend choice: ``turn.dataplane`` ("auto", "native", "python"), overridden by the environment
+variable ``CONFEDGE_DATAPLANE`` (the test suites run once per backend with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
+
+from .dataplane import (
+    AllocationCounters,
+    ClientSink,
+    DataPlane,
+    RelayGrant,
+    UdpDataPlane,
+)
+
+try:
+    from . import _native
+except ImportError as exc:  # not built: no compiler at install time, or CONFEDGE_PURE=1
+    _native = None  # type: ignore[assignment]
+    # A missing module says nothing more; a broken one (wrong ABI, missing symbol) does.
+    _IMPORT_ERROR = "" if "cannot import name" in str(exc) else f" ({exc})"
+else:
+    _IMPORT_ERROR = ""
+
+__all__ = [
+    "NativeDataPlane",
+    "NativeTransport",
+    "NativeUdpListener",
+    "bind_reuseport",
+    "choose_backend",
+    "native_available",
+]
+
+log = logging.getLogger("confedge.turn")
+
+ENV = "CONFEDGE_DATAPLANE"
+LISTENER_BUFFER = 4 * 1024 * 1024  # per listener socket: room for bursts (drops are counted)
+QUEUE_LIMIT = 4096  # packets waiting for the control plane; beyond: dropped and counted
+# A relay thread that woke for only a few packets (< 16) while its traffic runs at one packet per
+# this many microseconds or faster pauses this long before it waits again, so that steady
+# moderate traffic is moved in batches rather than one wake-up and one syscall each way per
+# packet (interrupt coalescing; adds at most this much latency, far below any jitter buffer).
+# docs/BENCHMARKS.md has the effect at 100,000 pkt/s.
+COALESCE_US = 30
+
+
+def native_available() -> tuple[bool, str]:
+    """(built and usable here, why not)."""
+    if not sys.platform.startswith("linux"):
+        return False, "the native data plane needs Linux (epoll, recvmmsg, UDP GSO)"
+    if _native is None:
+        return False, (
+            f"the extension confedge.turn._native is not built{_IMPORT_ERROR}; "
+            "install with a C compiler (`make native`, `pip install .`) or set "
+            'turn.dataplane = "python"'
+        )
+    return True, ""
+
+
+def choose_backend(setting: str) -> str:
+    """The backend, "native" or "python", for ``turn.dataplane`` (or CONFEDGE_DATAPLANE).
+
+    Raises ValueError naming the key when "native" is asked for and not available."""
+    value = os.environ.get(ENV) or setting
+    if value not in ("auto", "native", "python"):
+        raise ValueError(f'{ENV}={value!r}: expected "auto", "native" or "python"')
+    if value == "python":
+        return "python"
+    ok, why = native_available()
+    if ok:
+        return "native"
+    if value == "native":
+        key = ENV if os.environ.get(ENV) else "turn.dataplane"
+        raise ValueError(f'{key} = "native": {why}')
+    log.info("TURN data plane: pure Python (%s)", why)
+    return "python"
+
+
+def thread_count(setting: int) -> int:
+    """``turn.dataplane_threads``; 0 = one per core."""
+    if setting > 0:
+        return setting
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def bind_reuseport(host: str, port: int, count: int) -> list[socket.socket]:
+    """``count`` UDP sockets on (host, port) with SO_REUSEPORT (port 0: the first one's port).
+
+    Raises OSError from the first failing bind; no socket is left open then."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            s = socket.socket(family, socket.SOCK_DGRAM)
+            socks.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.setblocking(False)
+            s.bind((host, port))
+            port = s.getsockname()[1]
+    except OSError:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+class NativeTransport:
+    """``ClientSink.transport`` of a UDP client reached through relay thread ``thread``: answers
+    go out of that thread's listener socket (same address and port as the client wrote to)."""
+
+    __slots__ = ("engine", "thread")
+
+    def __init__(self, engine: Any, thread: int) -> None:
+        self.engine = engine
+        self.thread = thread
+
+    def sendto(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        self.engine.send(self.thread, data, addr)
+
+
+class NativeDataPlane(DataPlane):
+    """:class:`DataPlane` whose UDP clients are relayed by the C engine.
+
+    Created before the listeners (the core needs it); :meth:`start` hands it the bound listener
+    sockets and starts the relay threads."""
+
+    def __init__(
+        self,
+        *,
+        relay_v4: str | None,
+        relay_v6: str | None,
+        port_range: tuple[int, int],
+        loop: asyncio.AbstractEventLoop | None = None,
+        gso: bool = True,
+    ) -> None:
+        ok, why = native_available()
+        if not ok:
+            raise RuntimeError(why)
+        # Stream clients (TCP/TLS) and the relay port picking / EVEN-PORT reservations.
+        self._py = UdpDataPlane(
+            relay_v4=relay_v4, relay_v6=relay_v6, port_range=port_range, loop=loop
+        )
+        self._gso = gso
+        self.engine: Any = None
+        self.transports: list[NativeTransport] = []
+        self._native: set[int] = set()
+        self._ended_kernel = 0
+        # Which peer IPs the C side may forward Send indications to by itself: those the peer
+        # policy allows on every port (see bind_policy).  Until bound: none (all via the core).
+        self._send_fast: Callable[[str], bool] = lambda ip: False
+
+    def start(self, listeners: Sequence[socket.socket]) -> None:
+        """Take ownership of the listener sockets (one per relay thread) and start the threads."""
+        engine = _native.Engine(
+            [s.fileno() for s in listeners],
+            queue_limit=QUEUE_LIMIT,
+            buffer_bytes=LISTENER_BUFFER,
+            gso=self._gso,
+            coalesce_us=COALESCE_US,
+        )
+        for s in listeners:
+            s.detach()  # the engine closes them
+        engine.start()
+        self.engine = engine
+        self.transports = [NativeTransport(engine, k) for k in range(len(listeners))]
+
+    def bind_policy(self, allowed_on_every_port: Callable[[str], bool]) -> None:
+        """Let Send indications to peers for which ``allowed_on_every_port(ip)`` holds be
+        forwarded in C (the core's §10.2 checks are then: allocation, permission -- both in the
+        engine's tables).  Peers the policy restricts to some ports (the server's own relay
+        addresses) keep going through :meth:`TurnCore.handle`."""
+        self._send_fast = allowed_on_every_port
+
+    def families(self) -> set[int]:
+        return self._py.families()
+
+    def add_allocation(
+        self,
+        alloc_id: int,
+        family: int,
+        client_key: Hashable,
+        sink: ClientSink,
+        *,
+        even_port: bool = False,
+        reserve_token: bytes | None = None,
+        use_token: bytes | None = None,
+        dont_fragment: bool = False,
+    ) -> RelayGrant:
+        t = sink.transport
+        if not isinstance(t, NativeTransport) or t.engine is not self.engine or sink.addr is None:
+            return self._py.add_allocation(
+                alloc_id,
+                family,
+                client_key,
+                sink,
+                even_port=even_port,
+                reserve_token=reserve_token,
+                use_token=use_token,
+                dont_fragment=dont_fragment,
+            )
+        sock = self._py.relay_socket(
+            family,
+            even_port=even_port,
+            reserve_token=reserve_token,
+            use_token=use_token,
+            dont_fragment=dont_fragment,
+        )
+        ip, port = sock.getsockname()[:2]
+        self.engine.add_allocation(alloc_id, t.thread, sock.detach(), family, sink.addr)
+        self._native.add(alloc_id)
+        return RelayGrant(family, ip, port)
+
+    def release_reservation(self, token: bytes) -> None:
+        self._py.release_reservation(token)
+
+    def remove_allocation(self, alloc_id: int) -> AllocationCounters:
+        if alloc_id not in self._native:
+            return self._py.remove_allocation(alloc_id)
+        self._native.discard(alloc_id)
+        c = self.engine.remove_allocation(alloc_id)
+        if c is None:
+            return AllocationCounters()
+        self._ended_kernel += c[5]
+        return AllocationCounters(*c[:5])
+
+    def add_permission(self, alloc_id: int, peer_ip: str) -> None:
+        if alloc_id in self._native:
+            self.engine.add_permission(alloc_id, peer_ip, self._send_fast(peer_ip))
+        else:
+            self._py.add_permission(alloc_id, peer_ip)
+
+    def remove_permission(self, alloc_id: int, peer_ip: str) -> None:
+        if alloc_id in self._native:
+            self.engine.remove_permission(alloc_id, peer_ip)
+        else:
+            self._py.remove_permission(alloc_id, peer_ip)
+
+    def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        if alloc_id in self._native:
+            self.engine.add_channel(alloc_id, channel, peer)
+        else:
+            self._py.add_channel(alloc_id, channel, peer)
+
+    def remove_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        if alloc_id in self._native:
+            self.engine.remove_channel(alloc_id, channel)
+        else:
+            self._py.remove_channel(alloc_id, channel, peer)
+
+    def send_to_peer(self, alloc_id: int, peer: tuple[str, int], payload: bytes) -> None:
+        if alloc_id in self._native:
+            self.engine.send_to_peer(alloc_id, peer, payload)
+        else:
+            self._py.send_to_peer(alloc_id, peer, payload)
+
+    def client_channel_data(self, client_key: Hashable, data: bytes) -> bool:
+        # Only stream clients get here: UDP ChannelData never leaves the engine.
+        return self._py.client_channel_data(client_key, data)
+
+    def counters(self, alloc_id: int) -> AllocationCounters:
+        if alloc_id not in self._native:
+            return self._py.counters(alloc_id)
+        c = self.engine.counters(alloc_id)
+        return AllocationCounters(*c[:5]) if c is not None else AllocationCounters()
+
+    def totals(self) -> AllocationCounters:
+        t = self._py.totals()
+        if self.engine is not None:
+            n = self.engine.totals()
+            t.pkts_to_peer += n[0]
+            t.bytes_to_peer += n[1]
+            t.pkts_to_client += n[2]
+            t.bytes_to_client += n[3]
+            t.dropped += n[4]
+        return t
+
+    def stats(self) -> dict[str, int]:
+        """The engine's own counters: packets each way, syscalls, GSO use and every kind of
+        drop (unknown channel, short ChannelData, send failures, control-plane queue full,
+        kernel receive-buffer overflows on the listeners and relay sockets)."""
+        if self.engine is None:
+            return {}
+        s: dict[str, int] = self.engine.stats()
+        s["kernel_drops_relay"] += self._ended_kernel
+        return s
+
+    def close(self) -> None:
+        for alloc_id in list(self._native):
+            self.remove_allocation(alloc_id)
+        self._py.close()
+        if self.engine is not None:
+            self.engine.close()
+
+
+class NativeUdpListener:
+    """The UDP TURN port in native mode: wakes on the engine's eventfd and feeds what the relay
+    threads queued (STUN requests, unjudged indications) to the core, in order."""
+
+    def __init__(self, core: Any, dataplane: NativeDataPlane, loop: asyncio.AbstractEventLoop):
+        from .core import Client
+
+        self._client = Client
+        self.core = core
+        self.dp = dataplane
+        self._loop = loop
+        self._engine = dataplane.engine
+        self._fd: int = self._engine.fileno()
+        loop.add_reader(self._fd, self._ready)
+
+    def _ready(self) -> None:
+        now = self._loop.time()
+        handle = self.core.handle
+        send = self._engine.send
+        transports = self.dp.transports
+        client_cls = self._client
+        for data, addr, thread in self._engine.drain():
+            client = client_cls(addr, addr[0], addr[1], "udp", ClientSink(transports[thread], addr))
+            try:
+                answers = handle(now, client, data)
+            except Exception:  # one bad packet must not lose the rest of the batch
+                log.exception("TURN request from %s:%d failed", addr[0], addr[1])
+                continue
+            for out in answers:
+                send(thread, out, addr)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1

@@ -1,0 +1,544 @@
+"""The native data plane (confedge.turn._native) on real sockets: the parts only it has.
+
+Every TURN suite runs on both backends (Makefile: `test-pure` with CONFEDGE_DATAPLANE=python,
+`test-native` with CONFEDGE_DATAPLANE=native). This file covers what is native-only: choosing
+the backend, several relay threads (a client's packets always reach the thread that holds its
+allocation), Send indications forwarded without the control plane, GSO batches, counters read
+while traffic flows, the control-plane queue's drop counter, IPv6, and a fuzz run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import struct
+import time
+from typing import Any
+
+import pytest
+from test_turn_dataplane import UdpTurn, _peer, _peer_attr
+
+from confedge.stun import (
+    Attr,
+    MessageBuilder,
+    Method,
+    MsgClass,
+    decode_xor_address,
+    encode_channel_number,
+    encode_requested_transport,
+    encode_xor_address,
+    new_transaction_id,
+    parse_message,
+)
+from confedge.turn import native
+from confedge.turn.dataplane import UdpDataPlane
+from confedge.turn.native import NativeDataPlane, native_available
+from confedge.turn.service import TurnService, TurnStartError
+from confedge.turn.testing import turn_config
+
+pytestmark = pytest.mark.skipif(
+    not native_available()[0] and os.environ.get(native.ENV) != "native",
+    reason=f"native data plane not built: {native_available()[1]}",
+)
+
+
+@pytest.fixture(autouse=True)
+def _no_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests pick the backend in the configuration themselves."""
+    monkeypatch.delenv(native.ENV, raising=False)
+
+
+async def _service(**turn: Any) -> TurnService:
+    turn.setdefault("dataplane", "native")
+    svc = TurnService(turn_config(**turn))
+    await svc.start()
+    return svc
+
+
+def _dp(svc: TurnService) -> NativeDataPlane:
+    assert isinstance(svc.dataplane, NativeDataPlane)
+    return svc.dataplane
+
+
+async def _bind_channel(cli: UdpTurn, peer: tuple[str, int], number: int = 0x4000) -> None:
+    resp = await cli.request(
+        Method.CHANNEL_BIND,
+        [
+            (Attr.CHANNEL_NUMBER, encode_channel_number(number)),
+            (Attr.XOR_PEER_ADDRESS, _peer_attr(peer)),
+        ],
+    )
+    assert resp.msg_class == MsgClass.SUCCESS
+
+
+def _send_indication(peer: tuple[str, int], data: bytes) -> bytes:
+    tid = new_transaction_id()
+    return (
+        MessageBuilder(Method.SEND, MsgClass.INDICATION, tid)
+        .add(Attr.XOR_PEER_ADDRESS, encode_xor_address(peer[0], peer[1], tid))
+        .add(Attr.DATA, data)
+        .build()
+    )
+
+
+def _sock(host: str = "127.0.0.1") -> socket.socket:
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((host, 0))
+    s.settimeout(2)
+    return s
+
+
+async def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = await _service(dataplane="python")
+    assert svc.backend == "python" and type(svc.dataplane) is UdpDataPlane
+    await svc.close()
+    svc = await _service(dataplane="auto", dataplane_threads=3)
+    assert svc.backend == "native" and len(_dp(svc).transports) == 3
+    await svc.close()
+    # The environment override (how the test suites pick a backend) wins over the file.
+    monkeypatch.setenv(native.ENV, "python")
+    svc = await _service(dataplane="native")
+    assert svc.backend == "python"
+    await svc.close()
+    monkeypatch.setenv(native.ENV, "fast")
+    with pytest.raises(TurnStartError, match="CONFEDGE_DATAPLANE='fast'"):
+        await _service()
+    monkeypatch.delenv(native.ENV)
+    # Not built: "native" is a start error naming the key, "auto" falls back to Python.
+    monkeypatch.setattr(native, "_native", None)
+    with pytest.raises(TurnStartError, match=r'turn\.dataplane = "native": .*not built'):
+        await _service(dataplane="native")
+    svc = await _service(dataplane="auto")
+    assert svc.backend == "python"
+    await svc.close()
+
+
+async def test_clients_spread_over_threads_each_on_its_own() -> None:
+    """24 clients on 4 relay threads: each allocation lives on the thread whose listener socket
+    the kernel hashes its client to, and relays both ways from there (were a client's packets
+    to reach another thread, its ChannelData would find no channel and be dropped)."""
+    svc = await _service(dataplane_threads=4)
+    pt, peer, paddr = await _peer()
+    clients = [await UdpTurn.open(svc.port) for _ in range(24)]
+    try:
+        relays = []
+        for cli in clients:
+            relays.append(await cli.allocate())
+            await _bind_channel(cli, paddr)
+        threads = {_dp(svc).engine.worker_of(a) for a in svc.core.allocations}  # type: ignore[union-attr]
+        assert len(threads) > 1 and threads <= {0, 1, 2, 3}
+        for round_ in range(3):
+            for i, cli in enumerate(clients):
+                payload = f"c{i}r{round_}".encode()
+                cli.t.sendto(struct.pack("!HH", 0x4000, len(payload)) + payload)
+                data, src = await asyncio.wait_for(peer.q.get(), 2)
+                assert (data, src) == (payload, relays[i])
+                pt.sendto(b"back" + payload, relays[i])
+                assert await cli.recv() == struct.pack("!HH", 0x4000, len(payload) + 4) + (
+                    b"back" + payload
+                )
+        assert svc.stats()["packets_to_peer"] == 72 and svc.stats()["packets_to_client"] == 72
+    finally:
+        for cli in clients:
+            cli.t.close()
+        pt.close()
+        await svc.close()
+
+
+async def test_send_indication_and_data_indication_stay_in_c() -> None:
+    svc = await _service()
+    cli = await UdpTurn.open(svc.port)
+    pt, peer, paddr = await _peer()
+    try:
+        relay = await cli.allocate()
+        resp = await cli.request(
+            Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, _peer_attr(paddr))]
+        )
+        assert resp.msg_class == MsgClass.SUCCESS
+        before = _dp(svc).stats()["upcalls"]
+        for i in range(20):
+            cli.t.sendto(_send_indication(paddr, b"send %d" % i))
+            assert await asyncio.wait_for(peer.q.get(), 2) == (b"send %d" % i, relay)
+            pt.sendto(b"data %d!" % i, relay)
+            ind = parse_message(await cli.recv())
+            assert (ind.method, ind.msg_class) == (Method.DATA, MsgClass.INDICATION)
+            assert ind.get(Attr.DATA) == b"data %d!" % i
+            peer_attr = ind.get(Attr.XOR_PEER_ADDRESS) or b""
+            assert decode_xor_address(peer_attr, ind.transaction_id) == paddr
+        assert _dp(svc).stats()["upcalls"] == before  # none of it reached the control plane
+        # A Send indication to a peer without permission is dropped, not relayed.
+        other = ("127.0.0.2", paddr[1])
+        cli.t.sendto(_send_indication(other, b"nope"))
+        await asyncio.sleep(0.1)
+        assert peer.q.empty()
+        c = svc.dataplane.counters(next(iter(svc.core.allocations)))  # type: ignore[union-attr]
+        assert (c.pkts_to_peer, c.pkts_to_client) == (20, 20)
+    finally:
+        cli.t.close()
+        pt.close()
+        await svc.close()
+
+
+async def test_bursts_leave_in_gso_batches_in_order() -> None:
+    """A burst of same-size ChannelData leaves as UDP GSO messages (one sendmsg for many
+    datagrams); every packet arrives, in order, both ways."""
+    svc = await _service(dataplane_threads=1)
+    peer = _sock()
+    paddr = peer.getsockname()
+    cli = UdpTurn(*await _adopt(_sock(), svc.port))  # a 4 MiB receive buffer for the burst
+    try:
+        relay = await cli.allocate()
+        await _bind_channel(cli, paddr)
+        n = 3000
+        for i in range(n):
+            cli.t.sendto(struct.pack("!HHI", 0x4000, 96, i) + bytes(92))
+        got = [struct.unpack("!I", peer.recv(2048)[:4])[0] for _ in range(n)]
+        assert got == list(range(n)), _dp(svc).stats()
+        for i in range(n):
+            peer.sendto(struct.pack("!I", i) + bytes(92), relay)
+        back = []
+        for _ in range(n):
+            data, _ = await asyncio.wait_for(cli.p.q.get(), 2)
+            back.append(struct.unpack("!I", data[4:8])[0])
+        assert back == list(range(n))
+        st = _dp(svc).stats()
+        assert st["gso"] == 1 and st["gso_msgs"] > 0 and st["gso_segments"] > st["gso_msgs"], st
+        assert st["recv_calls"] < 2 * n, st  # received in batches, not one call per packet
+        assert st["drop_send"] == 0, st
+    finally:
+        peer.close()
+        cli.t.close()
+        await svc.close()
+
+
+async def _adopt(sock: socket.socket, port: int) -> tuple[Any, Any]:
+    """A UdpTurn transport on an already bound socket (large receive buffer)."""
+    from test_turn_dataplane import _Queue
+
+    sock.setblocking(False)
+    sock.connect(("127.0.0.1", port))
+    loop = asyncio.get_running_loop()
+    return await loop.create_datagram_endpoint(_Queue, sock=sock)
+
+
+async def test_counters_read_while_traffic_flows() -> None:
+    svc = await _service()
+    cli = await UdpTurn.open(svc.port)
+    pt, _, paddr = await _peer()
+    try:
+        await cli.allocate()
+        await _bind_channel(cli, paddr)
+        alloc_id = next(iter(svc.core.allocations))  # type: ignore[union-attr]
+        seen = []
+        for i in range(400):
+            cli.t.sendto(struct.pack("!HH", 0x4000, 10) + b"0123456789")
+            if i % 20 == 0:
+                seen.append(svc.dataplane.counters(alloc_id).pkts_to_peer)  # type: ignore[union-attr]
+                await asyncio.sleep(0.001)
+        for _ in range(100):
+            if svc.dataplane.counters(alloc_id).pkts_to_peer == 400:  # type: ignore[union-attr]
+                break
+            await asyncio.sleep(0.01)
+        c = svc.dataplane.counters(alloc_id)  # type: ignore[union-attr]
+        assert (c.pkts_to_peer, c.bytes_to_peer) == (400, 4000)
+        assert seen == sorted(seen) and seen[-1] > 0
+        stats = svc.stats()
+        assert stats["packets_to_peer"] == 400 and stats["bytes_to_peer"] == 4000
+    finally:
+        cli.t.close()
+        pt.close()
+        await svc.close()
+    # Ended allocations stay in the totals.
+    assert svc.stats()["allocations"] == 0
+
+
+async def test_control_plane_queue_overflow_is_counted_and_recovers() -> None:
+    svc = await _service(dataplane_threads=1)
+    s = _sock()
+    try:
+        wire = MessageBuilder(Method.BINDING, MsgClass.REQUEST, new_transaction_id()).build()
+        # The event loop is busy here (sending), so nothing drains the queue: beyond
+        # native.QUEUE_LIMIT requests wait, the rest is dropped and counted.
+        for _ in range(3 * native.QUEUE_LIMIT):
+            s.sendto(wire, ("127.0.0.1", svc.port))
+        deadline = time.monotonic() + 1
+        while time.monotonic() < deadline and _dp(svc).stats()["drop_queue"] == 0:
+            time.sleep(0.01)  # the relay threads run without the GIL meanwhile
+        st = _dp(svc).stats()
+        assert st["drop_queue"] > 0
+        await asyncio.sleep(0.3)
+        _discard(s)  # the answers
+        s.settimeout(2)
+        tid = new_transaction_id()
+        s.sendto(
+            MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid).build(), ("127.0.0.1", svc.port)
+        )
+        resp = parse_message(await asyncio.get_running_loop().run_in_executor(None, s.recv, 2048))
+        assert resp.transaction_id == tid and resp.msg_class == MsgClass.SUCCESS
+    finally:
+        s.close()
+        await svc.close()
+
+
+async def test_ipv6_relay() -> None:
+    svc = await _service(host="::1", allowed_peers=["::1"], media_nodes=["::1"])
+    cli = await UdpTurn.open(svc.port, host="::1")
+    pt, peer, paddr = await _peer("::1")
+    try:
+        relay = await cli.allocate()
+        assert relay[0] == "::1"
+        await _bind_channel(cli, paddr, 0x4123)
+        cli.t.sendto(struct.pack("!HH", 0x4123, 3) + b"six")
+        data, src = await asyncio.wait_for(peer.q.get(), 2)
+        assert (data, src[:2]) == (b"six", relay)
+        pt.sendto(b"from v6 peer", relay)
+        assert await cli.recv() == struct.pack("!HH", 0x4123, 12) + b"from v6 peer"
+        # Another port of the same peer IP: a Data indication, XOR-ed with the transaction ID.
+        ot, oq, oaddr = await _peer("::1")
+        ot.sendto(b"odd", relay)
+        ind = parse_message(await cli.recv())
+        assert ind.get(Attr.DATA) == b"odd"
+        peer_attr = ind.get(Attr.XOR_PEER_ADDRESS) or b""
+        assert decode_xor_address(peer_attr, ind.transaction_id) == oaddr
+        cli.t.sendto(_send_indication(oaddr, b"send6"))
+        data, _ = await asyncio.wait_for(oq.q.get(), 2)
+        assert data == b"send6"
+        ot.close()
+    finally:
+        cli.t.close()
+        pt.close()
+        await svc.close()
+
+
+def _discard(sock: socket.socket, cli: UdpTurn | None = None) -> None:
+    """Throw away what waits on a socket (and in a client's queue)."""
+    sock.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sock.recv(65536)
+    while cli is not None and not cli.p.q.empty():
+        cli.p.q.get_nowait()
+
+
+def _mutate(rng: random.Random, seed: bytes) -> bytes:
+    b = bytearray(seed)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(6)
+        if op == 0 and b:  # flip bits
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        elif op == 1:  # truncate
+            del b[rng.randrange(len(b) + 1) :]
+        elif op == 2:  # append junk
+            b += rng.randbytes(rng.randrange(1, 64))
+        elif op == 3 and len(b) >= 4:  # lie in a length field
+            off = rng.choice([2, 22, 34]) if len(b) > 35 else 2
+            struct.pack_into("!H", b, min(off, len(b) - 2), rng.randrange(65536))
+        elif op == 4 and b:  # random byte
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        elif op == 5 and b:  # ChannelData-looking first byte
+            b[0] = rng.randrange(0x40, 0x80)
+    return bytes(b)
+
+
+@pytest.mark.slow
+async def test_fuzz_native_path_then_relay_still_works() -> None:
+    """CONFEDGE_FUZZ_COUNT (default 10**6) mutated ChannelData / STUN datagrams from the
+    allocated client and from a peer at its relay: no crash, every drop accounted, and the
+    relay works afterwards.  (Run once under ASan: docs/TURN.md, "Testing the native data
+    plane".)"""
+    count = int(os.environ.get("CONFEDGE_FUZZ_COUNT", str(10**6)))
+    svc = await _service(dataplane_threads=2)
+    client, peer = _sock(), _sock()
+    cli = UdpTurn(*await _adopt(client, svc.port))
+    try:
+        relay = await cli.allocate()
+        paddr = peer.getsockname()
+        await _bind_channel(cli, paddr)
+        tid = new_transaction_id()
+        seeds_client = [
+            struct.pack("!HH", 0x4000, 8) + b"payload!",
+            struct.pack("!HH", 0x4001, 3) + b"abc\0",
+            _send_indication(paddr, b"fuzzing send"),
+            _send_indication(("127.0.0.2", 9), b"x"),
+            MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid).build(fingerprint=True),
+            MessageBuilder(Method.REFRESH, MsgClass.REQUEST, tid)
+            .add(Attr.LIFETIME, struct.pack("!I", 600))
+            .build(),
+            MessageBuilder(Method.ALLOCATE, MsgClass.REQUEST, tid)
+            .add(Attr.REQUESTED_TRANSPORT, encode_requested_transport(17))
+            .build(),
+        ]
+        seeds_peer = [b"", b"x", bytes(1200), struct.pack("!HH", 0x4000, 4) + b"abcd"]
+        rng = random.Random(1406)
+        sent = 0
+        peer.setblocking(False)
+        while sent < count:
+            for _ in range(2000):
+                if rng.random() < 0.8:
+                    cli.t.sendto(_mutate(rng, rng.choice(seeds_client)))
+                else:
+                    with contextlib.suppress(BlockingIOError):  # peer buffer full: skip one
+                        peer.sendto(_mutate(rng, rng.choice(seeds_peer)), relay)
+            sent += 2000
+            await asyncio.sleep(0)  # let the control plane drain its queue
+            _discard(peer, cli)  # keep the receive queues short
+        await asyncio.sleep(0.5)
+        _discard(peer, cli)
+        st = _dp(svc).stats()
+        print("native data plane after the fuzz run:", st)  # shown with pytest -s
+        assert st["rx_client"] + st["kernel_drops_listener"] > 0.5 * 0.8 * count
+        # Still relaying, both ways, on the same allocation.
+        peer.settimeout(2)
+        if svc.stats()["allocations"] == 0:  # a mutated Refresh may have set lifetime 0
+            relay = await cli.allocate()
+            await _bind_channel(cli, paddr)
+        cli.t.sendto(struct.pack("!HH", 0x4000, 5) + b"after")
+        assert peer.recv(2048) == b"after"
+        peer.sendto(b"back", relay)
+        data, _ = await asyncio.wait_for(cli.p.q.get(), 2)
+        assert data == struct.pack("!HH", 0x4000, 4) + b"back"
+    finally:
+        cli.t.close()
+        peer.close()
+        await svc.close()
+
+
+async def test_datagrams_larger_than_a_slot() -> None:
+    """Media fits a slot's first 2 KiB; larger datagrams (to 65,507 bytes) continue in a second
+    buffer and are relayed whole, in every form."""
+    svc = await _service()
+    peer, other = _sock(), _sock()
+    paddr, oaddr = peer.getsockname(), other.getsockname()
+    cli = UdpTurn(*await _adopt(_sock(), svc.port))
+    try:
+        relay = await cli.allocate()
+        await _bind_channel(cli, paddr)
+        for size in (2043, 2044, 2045, 9000, 65000):
+            body = random.Random(size).randbytes(size)
+            cli.t.sendto(struct.pack("!HH", 0x4000, size) + body)
+            assert peer.recv(65536) == body
+            peer.sendto(body, relay)
+            data, _ = await asyncio.wait_for(cli.p.q.get(), 2)
+            assert data == struct.pack("!HH", 0x4000, size) + body
+        # No channel for `other` (same IP, other port): Data indications, padded in the second
+        # buffer; and a large Send indication (the control plane forwards it).
+        for size in (3001, 40003):
+            body = random.Random(size).randbytes(size)
+            other.sendto(body, relay)
+            ind = parse_message((await asyncio.wait_for(cli.p.q.get(), 2))[0])
+            assert ind.get(Attr.DATA) == body
+            cli.t.sendto(_send_indication(oaddr, body))
+            # (off the loop: the control plane must run to forward it)
+            assert await asyncio.to_thread(other.recv, 65536) == body
+    finally:
+        cli.t.close()
+        peer.close()
+        other.close()
+        await svc.close()
+
+
+def test_config_errors_name_the_key() -> None:
+    from confedge.config import ConfigError
+
+    for kw, text in (
+        ({"dataplane": "fast"}, 'turn.dataplane: "fast" is not valid'),
+        ({"dataplane_threads": -1}, "turn.dataplane_threads: -1 is not valid"),
+        ({"dataplane_threads": 1000}, "turn.dataplane_threads: 1000 is not valid"),
+    ):
+        with pytest.raises(ConfigError, match=text):
+            turn_config(**kw)
+
+
+async def test_allocations_end_and_service_closes_while_media_flows() -> None:
+    """Ending an allocation (its relay socket closed by the control plane) and closing the whole
+    service while the relay threads are busy with its packets: no crash, nothing stuck."""
+    import threading
+
+    for _ in range(3):
+        svc = await _service(dataplane_threads=2)
+        peer = _sock()
+        paddr = peer.getsockname()
+        cli = UdpTurn(*await _adopt(_sock(), svc.port))
+        relay = await cli.allocate()
+        await _bind_channel(cli, paddr)
+        stop = threading.Event()
+        frame = struct.pack("!HH", 0x4000, 100) + bytes(100)
+
+        def blast(
+            sock: socket.socket = peer, dest: tuple[str, int] = relay, stop: Any = stop
+        ) -> None:
+            sock.setblocking(False)
+            while not stop.is_set():  # media at some 10,000s of packets a second
+                for _ in range(50):
+                    with contextlib.suppress(OSError):
+                        sock.sendto(bytes(100), dest)
+                time.sleep(0.001)
+
+        flood = threading.Thread(target=blast)
+        flood.start()
+
+        async def recv_stun(timeout: float = 1.0, cli: UdpTurn = cli) -> bytes:
+            while True:  # the flood's ChannelData is interleaved with the answers
+                data: bytes = (await asyncio.wait_for(cli.p.q.get(), timeout))[0]
+                if data[0] < 0x40:
+                    return data
+
+        setattr(cli, "recv", recv_stun)  # noqa: B010
+        try:
+            for _ in range(2000):
+                cli.t.sendto(frame)
+            await asyncio.sleep(0.05)
+            resp = await cli.request(Method.REFRESH, [(Attr.LIFETIME, struct.pack("!I", 0))])
+            assert resp.msg_class == MsgClass.SUCCESS
+            assert svc.stats()["allocations"] == 0
+            for _ in range(2000):  # to a channel that no longer exists: dropped, counted
+                cli.t.sendto(frame)
+            await asyncio.sleep(0.05)
+            assert _dp(svc).stats()["drop_unknown_channel"] > 0
+            relay = await cli.allocate()  # the same client allocates again, media flows
+            await _bind_channel(cli, paddr)
+            _discard(peer, cli)  # (the socket is non-blocking now: the flood set it)
+            cli.t.sendto(struct.pack("!HH", 0x4000, 4) + b"live")
+            deadline = time.monotonic() + 2
+            while True:
+                try:
+                    if peer.recv(65536) == b"live":
+                        break
+                except BlockingIOError:
+                    assert time.monotonic() < deadline, "the new allocation did not relay"
+                    await asyncio.sleep(0.01)
+        finally:
+            await svc.close()  # while the peer still floods the old relay port
+            stop.set()
+            flood.join()
+            cli.t.close()
+            peer.close()
+
+
+async def test_send_indications_to_port_judged_peers_go_through_the_core() -> None:
+    """Peers the policy allows only on some ports (the server's own relay addresses) are not
+    marked for the C fast path: their Send indications reach the core, which checks the port."""
+    svc = await _service()
+    cli = await UdpTurn.open(svc.port)
+    pt, peer, paddr = await _peer()
+    try:
+        assert _dp(svc)._send_fast("127.0.0.1")  # allowed_peers: every port
+        judged: list[str] = []
+        _dp(svc).bind_policy(lambda ip: bool(judged.append(ip)))  # "judged per port" for all
+        await cli.allocate()
+        resp = await cli.request(
+            Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, _peer_attr(paddr))]
+        )
+        assert resp.msg_class == MsgClass.SUCCESS and judged == ["127.0.0.1"]
+        before = _dp(svc).stats()["upcalls"]
+        cli.t.sendto(_send_indication(paddr, b"via the core"))
+        assert (await asyncio.wait_for(peer.q.get(), 2))[0] == b"via the core"
+        assert _dp(svc).stats()["upcalls"] == before + 1
+    finally:
+        cli.t.close()
+        pt.close()
+        await svc.close()
