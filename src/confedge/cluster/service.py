@@ -15,8 +15,8 @@ Outage behaviour (same rule as the guard's redis_store): Redis is never on the r
 packet path and an unreachable Redis never stops the edge. Timeouts are short; a failed
 publication is logged once per outage and retried every interval; meanwhile the page shows
 the last known view marked stale. A Redis unreachable at start costs the shared nonce key:
-TURN then uses a key of its own, and a client moved to another instance gets one extra 401
-(with that instance's nonce) before it allocates -- the key is not swapped in later because
+TURN then uses a key of its own, and a client moved to or from this instance gets one extra 438
+(Stale Nonce, with a fresh nonce) before it allocates -- the key is not swapped in later because
 that would invalidate every nonce this instance has handed out.
 """
 
@@ -39,7 +39,7 @@ from confedge.cluster.core import (
     instance_name,
     secret_fingerprint,
 )
-from confedge.config import Config
+from confedge.config import Config, ConfigError
 from confedge.redisclient import RedisSetupError, redis_client
 
 __all__ = ["PREFIX", "ClusterService"]
@@ -88,23 +88,33 @@ class ClusterService:
         try:
             self._r = redis_client(self.url, "cluster.store")
         except RedisSetupError as exc:
-            raise RuntimeError(str(exc)) from None
+            raise ConfigError([str(exc)]) from None
+        from redis.exceptions import RedisError
+
         try:
-            await self._r.set(self._prefix + "nonce_key", os.urandom(32).hex(), nx=True)
-            value = await self._r.get(self._prefix + "nonce_key")
-            self.nonce_key = bytes.fromhex(value)
+            self.nonce_key = await asyncio.wait_for(self._shared_nonce_key(), 2.0)
             self.nonce_shared = True
-        except Exception as exc:  # RedisError, OSError, a hand-edited value
-            self.error = f"{exc}"
+        except (RedisError, OSError, TimeoutError, ValueError, TypeError) as exc:
+            self.error = str(exc) or type(exc).__name__
             log.warning(
                 "cluster: %s unreachable at start (%s); TURN nonces are this instance's own "
                 "until a restart, so a client moved here from another instance gets one more "
-                "401; the registry retries every %gs",
+                "438 (Stale Nonce); the registry retries every %gs",
                 _redact(self.url),
                 exc,
                 self.cfg.cluster.interval,
             )
         self._task = asyncio.create_task(self._run(), name="cluster-registry")
+
+    async def _shared_nonce_key(self) -> bytes:
+        """The cluster's nonce key, written first by whichever instance starts first."""
+        key = self._prefix + "nonce_key"
+        await self._r.set(key, os.urandom(32).hex(), nx=True)
+        value = await self._r.get(key)
+        raw = bytes.fromhex(value)
+        if len(raw) < 16:
+            raise ValueError(f"{key} in Redis is {len(raw)} bytes; delete it to get a new one")
+        return raw
 
     async def close(self) -> None:
         task, self._task = self._task, None
@@ -161,8 +171,12 @@ class ClusterService:
         pipe.zadd(index, {self.name: rec.updated})
         pipe.zremrangebyscore(index, "-inf", rec.updated - ttl)
         pipe.zrange(index, 0, -1)
+        if self.nonce_key is not None and self.nonce_shared:
+            # A Redis that restarted empty gets the running cluster's key back (first wins;
+            # every instance that shares it writes the same value).
+            pipe.set(self._prefix + "nonce_key", self.nonce_key.hex(), nx=True)
         res = await pipe.execute()
-        names = [n for n in res[-1] if n != self.name]
+        names = [n for n in res[3] if n != self.name]
         raw = await r.mget([self._key(n) for n in names]) if names else []
         others = [o for v in raw if (o := decode_record(v)) is not None]
         self.others = sorted(others, key=lambda o: o.instance)
