@@ -129,5 +129,5 @@ def test_redis_unreachable_at_start_does_not_stop_the_edge(
 
 def test_malformed_url_is_a_config_error() -> None:
     svc = ClusterService(_cfg("redis://127.0.0.1:notaport/0", "edge-a"), FakeRuntime())
-    with pytest.raises(ConfigError, match="cluster.store"):
+    with pytest.raises(ConfigError, match=r"cluster\.store"):
         asyncio.run(svc.start())
