@@ -8,6 +8,7 @@ import contextlib
 import http.client
 import json
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -20,7 +21,16 @@ import pytest
 from guard_redis import RedisServer, redis_server
 from prometheus_client.parser import text_string_to_metric_families
 
-from confedge.stun import Attr, Method, MsgClass
+from confedge.stun import (
+    Attr,
+    Message,
+    MessageBuilder,
+    Method,
+    MsgClass,
+    decode_xor_address,
+    encode_xor_address,
+    new_transaction_id,
+)
 from confedge.turn.auth import RestCredentials
 from confedge.turn.testing import UdpTurnClient, response_code
 from ports import ephemeral_port
@@ -75,6 +85,7 @@ mode = "permissive"
 secrets = ["{SECRET}"]
 port = {turn}
 relay_ports = "{relay}-{relay + 20}"
+allowed_peers = ["127.0.0.0/8"]
 [guard]
 enabled = true
 store = "{url}"
@@ -177,9 +188,31 @@ def test_two_instances_share_credentials_nonces_registry_and_bans(
     async def allocations() -> tuple[list[UdpTurnClient], str]:
         ca = UdpTurnClient((a.ip, a.turn), username, password, REALM)
         cb = UdpTurnClient((b.ip, b.turn), username, password, REALM)
+        msg_a: list[Message | None] = []
         for c in (ca, cb):
             msg = await c.allocate()
+            msg_a.append(msg)
             assert msg is not None and response_code(msg) == 200, c.server
+        # Media through A's allocation, both ways, so its counters move while it lives.
+        relayed = allocated.get(Attr.XOR_RELAYED_ADDRESS) if (allocated := msg_a[0]) else None
+        assert relayed is not None
+        relay = decode_xor_address(relayed, allocated.transaction_id)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind(("127.0.0.1", 0))
+        peer.settimeout(2)
+        assert await ca.create_permission("127.0.0.1") == 200
+        tid = new_transaction_id()
+        paddr = peer.getsockname()
+        ca.sock.send(
+            MessageBuilder(Method.SEND, MsgClass.INDICATION, tid)
+            .add(Attr.XOR_PEER_ADDRESS, encode_xor_address(paddr[0], paddr[1], tid))
+            .add(Attr.DATA, b"m" * 1000)
+            .build()
+        )
+        data, src = peer.recvfrom(2000)
+        assert (len(data), src) == (1000, relay)
+        peer.sendto(b"r" * 500, relay)
+        peer.close()
         # A nonce from A is accepted by B: the unauthenticated request goes to A, the
         # authenticated one (same client address and port) to B, with A's nonce, and B allocates
         # without another 401/438.
@@ -222,8 +255,14 @@ def test_two_instances_share_credentials_nonces_registry_and_bans(
             }  # type: ignore[index, attr-defined]
 
         def a_seen_by_b() -> bool:
+            # Listed with the media relayed so far (1000 bytes out, 500 back, payload bytes).
             i = _instances(b).get("edge-a")
-            return i is not None and [x["client"] for x in i["allocations"]] == [ca_addr]  # type: ignore[index]
+            return (
+                i is not None
+                and [x["client"] for x in i["allocations"]] == [ca_addr]  # type: ignore[index]
+                and i["allocations"][0]["bytes_to_peer"] >= 1000  # type: ignore[index]
+                and i["allocations"][0]["bytes_to_client"] >= 500  # type: ignore[index]
+            )
 
         _wait(b_seen_by_a, 5, "edge-a's /status.json lists edge-b's two allocations")
         _wait(a_seen_by_b, 5, "edge-b's /status.json lists edge-a's allocation")

@@ -19,6 +19,7 @@ from confedge.config import Config, ConfigError, parse_config
 class FakeRuntime:
     """What ClusterService reads from a Runtime: no TURN here (test_cluster.py has real ones)."""
 
+    cfg: Config
     state: str = "serving"
     turn: Any = None
 
@@ -31,6 +32,10 @@ def _cfg(url: str, name: str, secret: str = "s") -> Config:
             "cluster": {"store": url, "instance": name, "interval": 0.2, "ttl": 1.0},
         }
     )
+
+
+def _service(cfg: Config) -> ClusterService:
+    return ClusterService(cfg, FakeRuntime(cfg))
 
 
 async def _until(cond: Any, timeout: float = 3.0) -> None:
@@ -47,9 +52,9 @@ def _view(svc: ClusterService) -> dict[str, dict[str, Any]]:
 
 def test_secret_mismatch_and_drain_state_are_seen_by_the_other() -> None:
     async def main(redis: RedisServer) -> None:
-        ra, rb = FakeRuntime(), FakeRuntime()
-        a = ClusterService(_cfg(redis.url, "edge-a", "new-secret"), ra)
-        b = ClusterService(_cfg(redis.url, "edge-b", "old-secret"), rb)
+        ra = FakeRuntime(_cfg(redis.url, "edge-a", "new-secret"))
+        rb = FakeRuntime(_cfg(redis.url, "edge-b", "old-secret"))
+        a, b = ClusterService(ra.cfg, ra), ClusterService(rb.cfg, rb)
         await a.start()
         await b.start()
         try:
@@ -59,6 +64,9 @@ def test_secret_mismatch_and_drain_state_are_seen_by_the_other() -> None:
             assert _view(a)["edge-a"]["same_secret"] is True
             rb.state = "draining"  # what the drain does
             await _until(lambda: _view(a)["edge-b"]["state"] == "draining")
+            # edge-b reloads with the new secret first (Runtime.cfg is replaced by a reload).
+            rb.cfg = _cfg(redis.url, "edge-b", "new-secret")
+            await _until(lambda: _view(a)["edge-b"]["same_secret"] is True)
             # A clean stop leaves the registry at once, not after the TTL.
             await b.close()
             await _until(lambda: "edge-b" not in _view(a), timeout=0.6)
@@ -74,8 +82,8 @@ def test_redis_outage_degrades_and_recovers(caplog: pytest.LogCaptureFixture) ->
     caplog.set_level(logging.INFO, "confedge.cluster")
 
     async def main(redis: RedisServer) -> None:
-        a = ClusterService(_cfg(redis.url, "edge-a"), FakeRuntime())
-        b = ClusterService(_cfg(redis.url, "edge-b"), FakeRuntime())
+        a = _service(_cfg(redis.url, "edge-a"))
+        b = _service(_cfg(redis.url, "edge-b"))
         await a.start()
         await b.start()
         key = a.nonce_key
@@ -90,7 +98,7 @@ def test_redis_outage_degrades_and_recovers(caplog: pytest.LogCaptureFixture) ->
             # Redis comes back empty (no persistence): the registry and the nonce key return.
             redis.start()
             await _until(lambda: a.up and b.up and "edge-b" in _view(a), timeout=5)
-            c = ClusterService(_cfg(redis.url, "edge-c"), FakeRuntime())
+            c = _service(_cfg(redis.url, "edge-c"))
             await c.start()
             try:
                 assert c.nonce_key == key
@@ -112,7 +120,7 @@ def test_redis_unreachable_at_start_does_not_stop_the_edge(
 ) -> None:
     async def main() -> None:
         url = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-        svc = ClusterService(_cfg(url, "edge-a"), FakeRuntime())
+        svc = _service(_cfg(url, "edge-a"))
         await asyncio.wait_for(svc.start(), 3.0)
         try:
             assert svc.nonce_key is None and not svc.nonce_shared
@@ -128,6 +136,6 @@ def test_redis_unreachable_at_start_does_not_stop_the_edge(
 
 
 def test_malformed_url_is_a_config_error() -> None:
-    svc = ClusterService(_cfg("redis://127.0.0.1:notaport/0", "edge-a"), FakeRuntime())
+    svc = _service(_cfg("redis://127.0.0.1:notaport/0", "edge-a"))
     with pytest.raises(ConfigError, match=r"cluster\.store"):
         asyncio.run(svc.start())

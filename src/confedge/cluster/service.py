@@ -69,9 +69,6 @@ class ClusterService:
         self._prefix = prefix
         self.nonce_key: bytes | None = None  # None: TURN keeps a key of its own
         self.nonce_shared = False
-        self.fingerprint = (
-            secret_fingerprint(cfg.turn.secrets) if cfg.turn.mode == "permissive" else ""
-        )
         self.started = clock()
         self.up = False  # the last publication reached Redis
         self.error = ""  # why not, when not
@@ -143,6 +140,11 @@ class ClusterService:
         """ "serving", or what the runtime says (the drain sets ``Runtime.state = "draining"``)."""
         return str(getattr(self.rt, "state", "serving") or "serving")
 
+    def fingerprint(self) -> str:
+        """Of the running configuration's current REST secret (a reload may rotate it)."""
+        t = getattr(self.rt, "cfg", self.cfg).turn
+        return secret_fingerprint(t.secrets) if t.mode == "permissive" else ""
+
     def record(self) -> InstanceRecord:
         turn = getattr(self.rt, "turn", None)
         rows = allocation_rows(getattr(turn, "core", None))
@@ -153,7 +155,7 @@ class ClusterService:
             started=self.started,
             updated=self.clock(),
             turn=hostport(self.cfg.server.internal_address, port) if port else "",
-            fingerprint=self.fingerprint,
+            fingerprint=self.fingerprint(),
             allocation_count=len(rows),
             allocations=busiest(rows),
         )
@@ -224,7 +226,7 @@ class ClusterService:
                     "updated": rec.updated,
                     "age": max(0.0, now - rec.updated),
                     "turn": rec.turn,
-                    "same_secret": rec.fingerprint == self.fingerprint,
+                    "same_secret": rec.fingerprint == mine.fingerprint,
                     "allocation_count": rec.allocation_count,
                     "allocations": [
                         {
