@@ -12,6 +12,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from guard_redis import RedisServer, redis_server
+from guard_upstream import PinNode
 from prometheus_client.parser import text_string_to_metric_families
 
 from confedge.stun import (
@@ -38,7 +40,26 @@ from ports import ephemeral_port
 SECRET = "cluster-test-secret"
 REALM = "example.com"
 INTERVAL, TTL = 0.3, 2.0
-BANNED = "127.0.0.55"  # the client the ban is made for (any 127/8 address is local)
+BANNED = "127.0.0.55"  # the client `confedge bans add` bans (any 127/8 address is local)
+GUESSER = "127.0.0.56"  # the client that guesses PINs through edge-a
+TOKEN = "/api/client/v2/conferences/meet/request_token"
+MAXRETRY = 3
+
+
+@contextlib.contextmanager
+def pin_node() -> Iterator[PinNode]:
+    """The PIN-protected node both edges proxy to, served by an event loop in a thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    node = asyncio.run_coroutine_threadsafe(PinNode().start(), loop).result(10)
+    try:
+        yield node
+    finally:
+        asyncio.run_coroutine_threadsafe(node.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
 
 
 @dataclass
@@ -66,7 +87,7 @@ class Edge:
         return data
 
 
-def _write_config(tmp: Path, name: str, ip: str, url: str) -> tuple[Path, int, int, int]:
+def _write_config(tmp: Path, name: str, ip: str, url: str, node: str) -> tuple[Path, int, int, int]:
     https, turn, mgmt, relay = (ephemeral_port() for _ in range(4))
     path = tmp / f"{name}.toml"
     path.write_text(
@@ -79,7 +100,7 @@ state_dir = "{tmp / name}"
 [proxy]
 https_port = {https}
 http_port = 0
-nodes = ["http://127.0.0.1:9"]
+nodes = ["{node}"]
 [turn]
 mode = "permissive"
 secrets = ["{SECRET}"]
@@ -90,6 +111,7 @@ allowed_peers = ["127.0.0.0/8"]
 enabled = true
 store = "{url}"
 ignore = []
+maxretry = {MAXRETRY}
 [management]
 port = {mgmt}
 [cluster]
@@ -102,8 +124,8 @@ ttl = {TTL}
     return path, https, turn, mgmt
 
 
-def _start(tmp: Path, name: str, ip: str, redis: RedisServer) -> Edge:
-    cfg, https, turn, mgmt = _write_config(tmp, name, ip, redis.url)
+def _start(tmp: Path, name: str, ip: str, redis: RedisServer, node: PinNode) -> Edge:
+    cfg, https, turn, mgmt = _write_config(tmp, name, ip, redis.url, node.address)
     proc = subprocess.Popen(
         [sys.executable, "-m", "confedge", "run", "--config", str(cfg)],
         stdout=subprocess.DEVNULL,
@@ -133,10 +155,10 @@ def _stop(edge: Edge) -> None:
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[tuple[RedisServer, Edge, Edge]]:
-    with redis_server() as redis:
-        a = _start(tmp_path, "edge-a", "127.0.0.1", redis)
+    with redis_server() as redis, pin_node() as node:
+        a = _start(tmp_path, "edge-a", "127.0.0.1", redis, node)
         try:
-            b = _start(tmp_path, "edge-b", "127.0.0.2", redis)
+            b = _start(tmp_path, "edge-b", "127.0.0.2", redis, node)
             try:
                 yield redis, a, b
             finally:
@@ -145,8 +167,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[RedisServer, Edge, Edge]]:
             _stop(a)
 
 
-def _https_status(edge: Edge, source: str) -> int:
-    """The status of GET / on the edge's proxy from `source` (0: refused before an answer)."""
+def _https_status(edge: Edge, source: str, pin: str | None = None) -> int:
+    """The status of GET / (or, with `pin`, a request_token with that PIN) on the edge's proxy
+    from `source` (0: refused before an answer)."""
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
@@ -154,7 +177,10 @@ def _https_status(edge: Edge, source: str) -> int:
         edge.ip, edge.https, timeout=5, context=ctx, source_address=(source, 0)
     )
     try:
-        conn.request("GET", "/", headers={"Host": "edge.example.com"})
+        if pin is None:
+            conn.request("GET", "/", headers={"Host": "edge.example.com"})
+        else:
+            conn.request("POST", TOKEN, headers={"Host": "edge.example.com", "pin": pin})
         return conn.getresponse().status
     except (OSError, http.client.HTTPException):
         return 0
@@ -284,6 +310,14 @@ def test_two_instances_share_credentials_nonces_registry_and_bans(
         assert per == {"edge-a": 1.0, "edge-b": 2.0}
         assert fams["confedge_cluster_store_up"].samples[0].value == 1.0
         assert fams["confedge_cluster_instances"].samples[0].value == 2.0
+
+        # Wrong PINs through edge-a ban the guesser there; edge-b refuses it within 1 s.
+        assert _https_status(b, GUESSER, "1234") == 200  # the right PIN, before
+        for i in range(MAXRETRY):
+            assert _https_status(a, GUESSER, f"000{i}") == 403  # the node's "Invalid PIN"
+        took = _wait(lambda: _https_status(b, GUESSER, "1234") == 429, 1.0, "edge-b refuses")
+        print(f"guesser banned on edge-a refused by edge-b after {took:.3f} s")
+        assert _https_status(a, GUESSER, "1234") == 429
 
         # A ban made with edge-a's configuration refuses the address on edge-b within 1 s.
         assert _https_status(b, BANNED) not in (0, 429)
