@@ -50,7 +50,9 @@ def _view(svc: ClusterService) -> dict[str, dict[str, Any]]:
     return {i["instance"]: i for i in svc.snapshot()["instances"]}
 
 
-def test_secret_mismatch_and_drain_state_are_seen_by_the_other() -> None:
+def test_secret_mismatch_and_drain_state_are_seen_by_the_other(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def main(redis: RedisServer) -> None:
         ra = FakeRuntime(_cfg(redis.url, "edge-a", "new-secret"))
         rb = FakeRuntime(_cfg(redis.url, "edge-b", "old-secret"))
@@ -61,6 +63,9 @@ def test_secret_mismatch_and_drain_state_are_seen_by_the_other() -> None:
             assert a.nonce_key is not None and a.nonce_key == b.nonce_key
             await _until(lambda: "edge-b" in _view(a) and "edge-a" in _view(b))
             assert _view(a)["edge-b"]["same_secret"] is False
+            await asyncio.sleep(0.5)  # more publications: still one warning about edge-b
+            warned = [r.getMessage() for r in caplog.records]
+            assert sum("instance edge-b has a different current" in m for m in warned) == 1
             assert _view(a)["edge-a"]["same_secret"] is True
             rb.state = "draining"  # what the drain does
             await _until(lambda: _view(a)["edge-b"]["state"] == "draining")

@@ -78,6 +78,7 @@ class ClusterService:
         self.failures = 0
         self._r: Any = None
         self._task: asyncio.Task[None] | None = None
+        self._warned: set[tuple[str, str, str]] = set()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -182,8 +183,23 @@ class ClusterService:
         raw = await r.mget([self._key(n) for n in names]) if names else []
         others = [o for v in raw if (o := decode_record(v)) is not None]
         self.others = sorted(others, key=lambda o: o.instance)
+        self._warn_secret_mismatch(rec.fingerprint)
         self.last_ok = rec.updated
         self.publications += 1
+
+    def _warn_secret_mismatch(self, mine: str) -> None:
+        """One warning per other instance and secret it is seen with: a client's credential
+        would then work on some edges and not on others (docs/SCALING.md, rotating)."""
+        for o in self.others:
+            seen = (o.instance, o.fingerprint, mine)
+            if o.fingerprint != mine and seen not in self._warned:
+                self._warned.add(seen)
+                log.warning(
+                    "cluster: instance %s has a different current REST secret (turn.secrets[0]) "
+                    "than this one: credentials minted with one are refused by the other unless "
+                    "both list both secrets; see docs/SCALING.md",
+                    o.instance,
+                )
 
     async def _run(self) -> None:
         from redis.exceptions import RedisError
