@@ -4,8 +4,12 @@ what happens when Redis goes away and comes back (docs/SCALING.md "When Redis is
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +148,53 @@ def test_malformed_url_is_a_config_error() -> None:
     svc = _service(_cfg("redis://127.0.0.1:notaport/0", "edge-a"))
     with pytest.raises(ConfigError, match=r"cluster\.store"):
         asyncio.run(svc.start())
+
+
+def _cli(cfg_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "confedge", "cluster", "list", "--config", str(cfg_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_cluster_list_command(tmp_path: Path) -> None:
+    def write(url: str) -> Path:
+        path = tmp_path / "edge.toml"
+        path.write_text(
+            f'[server]\nstate_dir = "{tmp_path}"\n[proxy]\nenabled = false\n'
+            f'[turn]\nmode = "permissive"\nsecrets = ["s"]\nport = 0\n'
+            f'[cluster]\nstore = "{url}"\ninstance = "edge-cli"\n'
+        )
+        return path
+
+    async def main(redis: RedisServer) -> None:
+        # The CLI runs in a thread, so this loop keeps publishing meanwhile.
+        svc = _service(_cfg(redis.url, "edge-a"))
+        await svc.start()
+        try:
+            await _until(lambda: svc.up)
+            cfg = write(redis.url)
+            res = await asyncio.to_thread(_cli, cfg)
+            assert res.returncode == 0, res.stderr
+            head, row = res.stdout.splitlines()
+            assert head.split() == [
+                "instance", "state", "turn", "allocations", "updated", "rest", "secret"
+            ]  # fmt: skip
+            assert row.split()[:2] == ["edge-a", "serving"] and row.endswith("same")
+            res = await asyncio.to_thread(_cli, cfg, "--json")
+            assert res.returncode == 0 and json.loads(res.stdout)[0]["instance"] == "edge-a"
+        finally:
+            await svc.close()  # a clean stop leaves the registry
+        assert "no instance has published" in (await asyncio.to_thread(_cli, cfg)).stdout
+
+    with redis_server() as redis:
+        asyncio.run(main(redis))
+        cfg = write(redis.url)
+    res = _cli(cfg)  # redis-server stopped now
+    assert res.returncode == 1 and res.stdout == ""
+    assert res.stderr.startswith("confedge cluster: redis://127.0.0.1:")
+    assert "Traceback" not in res.stderr
+    res = _cli(write(""))
+    assert res.returncode == 1 and "cluster.store is empty" in res.stderr

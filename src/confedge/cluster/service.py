@@ -42,7 +42,7 @@ from confedge.cluster.core import (
 from confedge.config import Config, ConfigError
 from confedge.redisclient import RedisSetupError, redis_client
 
-__all__ = ["PREFIX", "ClusterService"]
+__all__ = ["PREFIX", "ClusterService", "read_registry"]
 
 log = logging.getLogger("confedge.cluster")
 
@@ -180,9 +180,7 @@ class ClusterService:
             pipe.set(self._prefix + "nonce_key", self.nonce_key.hex(), nx=True)
         res = await pipe.execute()
         names = [n for n in res[3] if n != self.name]
-        raw = await r.mget([self._key(n) for n in names]) if names else []
-        others = [o for v in raw if (o := decode_record(v)) is not None]
-        self.others = sorted(others, key=lambda o: o.instance)
+        self.others = await _records(r, self._prefix, names)
         self._warn_secret_mismatch(rec.fingerprint)
         self.last_ok = rec.updated
         self.publications += 1
@@ -270,6 +268,25 @@ class ClusterService:
             "ttl": self.cfg.cluster.ttl,
             "instances": instances,
         }
+
+
+async def _records(r: Any, prefix: str, names: list[str]) -> list[InstanceRecord]:
+    """The live records of `names`, by name (an expired or undecodable one is left out)."""
+    raw = await r.mget([f"{prefix}instance:{n}" for n in names]) if names else []
+    out = [o for v in raw if (o := decode_record(v)) is not None]
+    return sorted(out, key=lambda o: o.instance)
+
+
+async def read_registry(url: str, prefix: str = PREFIX) -> list[InstanceRecord]:
+    """Every instance's record, read once (for `confedge cluster list`); raises
+    RedisSetupError, or RedisError/OSError when Redis does not answer."""
+    r = redis_client(url, "cluster.store")
+    try:
+        names = await r.zrange(prefix + "instances", 0, -1)
+        return await _records(r, prefix, list(names))
+    finally:
+        with contextlib.suppress(Exception):
+            await r.aclose()
 
 
 def _redact(url: str) -> str:
