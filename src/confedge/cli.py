@@ -145,6 +145,13 @@ def cmd_bans(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return run_bans(cfg, args)
 
 
+def cmd_cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    cfg = _operator_command(args, parser)
+    from confedge.cluster.cli import run_cluster
+
+    return run_cluster(cfg, args)
+
+
 def cmd_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     cfg = _operator_command(args, parser)
     from confedge.tls.cli import cert_command
@@ -261,6 +268,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     configure_cert(sp)
     sp.set_defaults(command_parser=sp)
+    from confedge.cluster.cli import DESCRIPTION as CLUSTER_DESCRIPTION
+    from confedge.cluster.cli import configure_parser as configure_cluster
+
+    sp = sub.add_parser(
+        "cluster",
+        help="list the instances sharing cluster.store (list)",
+        description=CLUSTER_DESCRIPTION,
+    )
+    configure_cluster(sp)
+    sp.set_defaults(command_parser=sp)
     sub.add_parser(
         "nodesim",
         help="run a simulated conferencing node (`confedge nodesim --help` for its options)",
@@ -315,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bans(args, args.command_parser)
     if args.command == "cert":
         return cmd_cert(args, args.command_parser)
+    if args.command == "cluster":
+        return cmd_cluster(args, args.command_parser)
     handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
     handlers |= {"firewall": cmd_firewall, "install-service": cmd_install_service}
     if args.command in ("setup", "import-reference"):

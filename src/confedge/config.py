@@ -467,6 +467,50 @@ class FirewallConfig(_Strict):
     outbound: Literal["any", "restricted"] = "any"
 
 
+class ClusterConfig(_Strict):
+    # Added for several instances (docs/SCALING.md): the Redis that edges behind one name share
+    # besides the guard's bans -- the TURN nonce key, a registry of each instance's live
+    # allocations and state, and a fingerprint of its REST secret. "" = this edge is alone.
+    store: str = ""
+    # This instance's name in the registry; "" = the host name (two instances on one host
+    # need distinct names).
+    instance: str = ""
+    # How often this instance publishes its record, and how long a record outlives its last
+    # publication (a dead instance's allocations vanish from the others' pages after this).
+    interval: float = Field(default=1.0, ge=0.2, le=60)
+    ttl: float = Field(default=5.0, ge=1, le=600)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str) -> str:
+        if v and not v.startswith(("redis://", "rediss://")):
+            raise ValueError(
+                f'"{v}" is not a Redis URL; set store = "redis://host:6379/0" (the same URL as '
+                'guard.store is fine) or "" for a single instance'
+            )
+        return v
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, v: str) -> str:
+        if v and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}", v):
+            raise ValueError(
+                f'"{v}" is not an instance name; use 1-63 letters, digits, ".", "_" or "-" '
+                '(e.g. "edge-a")'
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _ttl(self) -> ClusterConfig:
+        if self.ttl < 2 * self.interval:
+            raise ValueError(
+                f"ttl: {self.ttl} is less than twice interval ({self.interval}), so a live "
+                f"instance's record would expire between two publications; set ttl >= "
+                f"{2 * self.interval:g}"
+            )
+        return self
+
+
 class Config(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
     proxy: ProxyConfig = Field(default_factory=ProxyConfig)
@@ -475,6 +519,7 @@ class Config(_Strict):
     tls: TLSConfig = Field(default_factory=TLSConfig)
     management: ManagementConfig = Field(default_factory=ManagementConfig)
     firewall: FirewallConfig = Field(default_factory=FirewallConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _requirements(self) -> Config:

@@ -38,6 +38,9 @@ class Runtime:
         self.turn: Any = None
         self.proxy: Any = None
         self.admin: Any = None
+        self.cluster: Any = None  # cluster.store set: the shared registry (docs/SCALING.md)
+        # What this instance tells the others and its status page: "serving", or "draining".
+        self.state = "serving"
         self.started: float | None = None  # Unix time of start(), for the status page
         self.notifier = Notifier()  # sd_notify under systemd (Type=notify); no-op elsewhere
         # The file the configuration came from: a reload reads its [tls] section again (after
@@ -66,10 +69,20 @@ class Runtime:
                 from confedge.host.banset import KernelBanSet
 
                 await self._start("kernel ban set", KernelBanSet(self.guard))
+            if cfg.cluster.store:
+                # Before TURN: it takes the cluster's shared nonce key.
+                from confedge.cluster.service import ClusterService
+
+                self.cluster = ClusterService(cfg, self)
+                await self._start("cluster", self.cluster)
             if cfg.turn.enabled:
                 from confedge.turn.service import TurnService
 
-                self.turn = TurnService(cfg, guard=self.guard if cfg.guard.enabled else None)
+                self.turn = TurnService(
+                    cfg,
+                    guard=self.guard if cfg.guard.enabled else None,
+                    nonce_key=self.cluster.nonce_key if self.cluster is not None else None,
+                )
                 await self._start("turn", self.turn)
             if before_proxy is not None:
                 await before_proxy()

@@ -200,6 +200,10 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
             None if ok is None else (1 if ok else 0),
         )
 
+    from confedge.admin.render_cluster import cluster_metrics
+
+    cluster_metrics(m, snap.get("cluster", {}))
+
     mgmt = snap["management"]
     m.one(
         "confedge_management_refused_connections_total",
@@ -464,6 +468,12 @@ def _process_html(p: dict[str, Any]) -> str:
     return _kv(pairs)
 
 
+def _cluster_html(c: dict[str, Any], now: float) -> str:
+    from confedge.admin.render_cluster import cluster_html
+
+    return cluster_html(c, now)
+
+
 def render_html(snap: dict[str, Any]) -> bytes:
     now = snap["time"]
     srv = snap["server"]
@@ -494,6 +504,8 @@ def render_html(snap: dict[str, Any]) -> bytes:
         _turn_html(snap["turn"]),
         "<h2>Guard</h2>",
         _guard_html(snap["guard"], now),
+        "<h2>Other instances</h2>",
+        _cluster_html(snap.get("cluster", {}), now),
         "<h2>Process</h2>",
         _process_html(snap["process"]),
         "<h2>Configuration</h2>",

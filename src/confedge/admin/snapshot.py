@@ -73,6 +73,7 @@ def mask_url(url: str) -> str:
 def masked_config(cfg: Config) -> dict[str, Any]:
     data = cfg.masked()
     data["guard"]["store"] = mask_url(data["guard"]["store"])
+    data["cluster"]["store"] = mask_url(data["cluster"]["store"])
     return data
 
 
@@ -192,6 +193,7 @@ class StatusSource:
             "proxy": self._proxy(now),
             "turn": self._turn(),
             "guard": self._guard(now),
+            "cluster": self._cluster(),
             "process": self._process(),
             "config": self.config,
         }
@@ -278,6 +280,13 @@ class StatusSource:
             "relay": {"addresses": relays, "ports": t.relay_ports},
             **turn.stats(),
         }
+
+    def _cluster(self) -> dict[str, Any]:
+        cluster = getattr(self.rt, "cluster", None)
+        if cluster is None:
+            return {"enabled": False}
+        out: dict[str, Any] = cluster.snapshot()
+        return out
 
     def _guard(self, now: float) -> dict[str, Any]:
         g = self.cfg.guard

@@ -35,6 +35,7 @@ from confedge.guard.addresses import prefix64
 from confedge.guard.core import PIN, BanRecord, Failure
 from confedge.guard.inflight import Admission, Limits, Reservation, admit
 from confedge.guard.store import Poll, StoreError
+from confedge.redisclient import RedisSetupError, redis_client
 
 log = logging.getLogger("confedge.guard")
 
@@ -232,22 +233,9 @@ class RedisStore:
     async def open(self) -> None:
         if self._r is None:
             try:
-                import redis.asyncio as aioredis
-            except ImportError:  # pragma: no cover - depends on the installation
-                raise StoreError(
-                    "guard.store is a redis:// URL but the redis package is not installed "
-                    "(pip install 'confedge[redis]')"
-                ) from None
-            try:
-                self._r = aioredis.from_url(
-                    self.url,
-                    decode_responses=True,
-                    socket_connect_timeout=0.5,
-                    socket_timeout=1.0,
-                    health_check_interval=10,
-                )
-            except ValueError as exc:
-                raise StoreError(f"guard.store: {exc}") from None
+                self._r = redis_client(self.url, "guard.store")
+            except RedisSetupError as exc:
+                raise StoreError(str(exc)) from None
             self._push = self._r.register_script(_PUSH)
             self._purge = self._r.register_script(_PURGE)
             self._remove = self._r.register_script(_REMOVE)

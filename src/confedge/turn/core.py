@@ -514,7 +514,9 @@ class TurnCore:
         ``proven`` (the request carried our nonce for this address and a valid integrity)."""
         if not proven and not self._may_answer(now, client):
             return []
-        nonce = self.nonces.issue(now, client.ip, client.port).encode()
+        # Wall time, not the monotonic `now`: instances sharing the nonce key (cluster.store)
+        # must agree on a nonce's age.
+        nonce = self.nonces.issue(now + self.wall_offset, client.ip, client.port).encode()
         extra = [(Attr.REALM, self._realm_attr), (Attr.NONCE, nonce)]
         return [self._error(msg, code, None, fp, extra)]
 
@@ -535,7 +537,7 @@ class TurnCore:
         except UnicodeDecodeError:
             return [self._error(msg, 400, None, fp)]
         wall = now + self.wall_offset
-        state = self.nonces.check(nonce_text, now, client.ip, client.port)
+        state = self.nonces.check(nonce_text, wall, client.ip, client.port)
         if state != "fresh":
             # 438 with a fresh nonce.  A stale nonce we minted for this very address, on a
             # request whose integrity verifies, proves a client that heard our earlier answer:

@@ -195,8 +195,11 @@ class TurnService:
         *,
         guard: GuardLike | None = None,
         host_addresses: HostAddressWatch | None = None,
+        nonce_key: bytes | None = None,
     ) -> None:
         self.cfg = cfg
+        # Shared by the instances of a cluster (cluster/service.py); None: a key of our own.
+        self.nonce_key = nonce_key
         self.guard = guard
         self.host_addresses = host_addresses or HostAddressWatch()
         self.core: TurnCore | None = None
@@ -248,6 +251,7 @@ class TurnService:
             guard=self.guard,
             relay_addresses=tuple(a for a in (v4, v6) if a),
             wall_offset=time.time() - loop.time(),
+            nonce_key=self.nonce_key,
         )
         self.core.set_host_addresses(loop.time(), self.host_addresses.start(loop.time()))
         if isinstance(self.dataplane, NativeDataPlane):
