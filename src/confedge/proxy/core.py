@@ -1,6 +1,6 @@
 """Per-worker proxy state: node pools, balancer, health, limits, timers, logging hooks.
 
-One `ProxyCore` lives in each worker process and is shared by all its connections. It turns the
+One `WorkerRuntime` lives in each worker process and is shared by all its connections. It turns the
 configuration into the constants the hot path reads (bytes, frozensets, floats) once, so a
 request never looks anything up in the pydantic model, never calls logging.getLogger, and never
 formats a date more than once a second.
@@ -44,54 +44,31 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from confedge.config import Config, NodeAddress
 from confedge.guard.addresses import Networks, client_address, parse_networks
+from confedge.guard.hook import GuardHook
 from confedge.proxy.balancer import Balancer
+from confedge.proxy.exchange import Exchange, ExchangeSettings
 from confedge.proxy.health import HealthMonitor, Transition
 from confedge.proxy.pages import DateCache
-from confedge.proxy.request import Refused, host_allowed, normalise_target
+from confedge.proxy.request import Refused, Request, host_allowed, normalise_target
 from confedge.tls.context import client_context
 
 if TYPE_CHECKING:
-    from confedge.proxy.exchange import Exchange
-    from confedge.proxy.server import ClientConnection, Request
+    from confedge.proxy.server import ClientConnection
     from confedge.proxy.upstream import NodePool, UpstreamConnection
 
-__all__ = ["AccessLogSink", "GuardHook", "ProxyCore", "TurnShare"]
+__all__ = ["AccessLogSink", "TurnShare", "WorkerRuntime"]
 
 log = logging.getLogger("confedge.proxy")
 
 STATUS_PATH = "/api/client/v2/status"
 
-# Entries kept by ProxyCore's memos of Host checks and normalised targets.
+# Entries kept by WorkerRuntime's memos of Host checks and normalised targets.
 MEMO_SIZE = 2048
 
 # Writes up to this size are coalesced per event-loop iteration (see "Write coalescing"), and
 # at most this many bytes wait in the queue before it is flushed early.
 COALESCE_MAX = 32 * 1024
 COALESCE_BATCH = 256 * 1024
-
-
-class GuardHook(Protocol):
-    """The proxy side of notes/guard_api.md (structural, so any guard object fits)."""
-
-    enabled: bool
-    ban_status: int
-
-    def check(self, client_ip: str) -> float | None: ...
-
-    def record_pin_failure(self, client_ip: str, alias: str, pin: str | None) -> None: ...
-
-    # PIN guesses in flight and admitted participants (confedge.guard.hook, docs/GUARD.md).
-    def reserve_pin(
-        self, client_ip: str, alias: str, ttl: float, done: Callable[[str | None, float], None]
-    ) -> None: ...
-
-    def settle_pin(
-        self, ticket: str, client_ip: str, alias: str, pin: str | None, failed: bool
-    ) -> None: ...
-
-    def remember_session(self, client_ip: str, token: str, lifetime: float) -> None: ...
-
-    def session_known(self, client_ip: str, token: str, done: Callable[[bool], None]) -> None: ...
 
 
 class TurnShare(Protocol):
@@ -128,7 +105,7 @@ def _allowed_hosts(cfg: Config) -> frozenset[str]:
     return frozenset(n.lower().rstrip(".") for n in names)
 
 
-class ProxyCore:
+class WorkerRuntime:
     """Everything one worker's connections share."""
 
     def __init__(
@@ -197,6 +174,20 @@ class ProxyCore:
         from confedge.proxy.upstream import NodePool
 
         self.pools: list[NodePool] = [NodePool(self, i, n) for i, n in enumerate(self.nodes)]
+        # What every exchange core (exchange.py) of this worker reads, as plain data.
+        self.exchange_settings = ExchangeSettings(
+            nodes=self.balancer,
+            netlocs=[n.netloc for n in self.nodes],
+            fqdn=cfg.server.fqdn.encode(),
+            connect_timeout=self.connect_timeout,
+            api_connect_timeout=self.api_connect_timeout,
+            read_timeout=self.read_timeout,
+            sse_lifetime=self.sse_lifetime,
+            csp_line=self.csp_line,
+            request_buffer=self.request_buffer,
+            guard=self.guard is not None,
+            ban_status=self.guard.ban_status if self.guard is not None else 429,
+        )
         self.clients: set[ClientConnection] = set()
         # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
         # None keeps the HTTP path exactly as without the option.
@@ -325,7 +316,7 @@ class ProxyCore:
         req = ex.req
         status = ex.status or 499  # nginx's "client closed the request" code
         sink.log(
-            ex.client.peer,
+            ex.peer,
             time.time(),
             f"{req.method.decode()} {req.url.decode('latin-1')} HTTP/{req.version}",
             status,

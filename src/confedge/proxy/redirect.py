@@ -25,7 +25,7 @@ from confedge.proxy.pages import status_line
 from confedge.proxy.request import Refused, host_allowed, normalise_target, split_host
 
 if TYPE_CHECKING:
-    from confedge.proxy.core import ProxyCore
+    from confedge.proxy.core import WorkerRuntime
 
 __all__ = ["RedirectConnection"]
 
@@ -57,7 +57,7 @@ class RedirectConnection(asyncio.Protocol):
         "version",
     )
 
-    def __init__(self, core: ProxyCore, https_port: int) -> None:
+    def __init__(self, core: WorkerRuntime, https_port: int) -> None:
         self.core = core
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = _INF
