@@ -24,9 +24,10 @@ from typing import Any
 import psutil
 
 from confedge.config import Config
+from confedge.guard.hook import GuardHook
 
 from .auth import RestCredentials
-from .core import GuardLike, TurnCore
+from .core import TurnCore
 from .dataplane import UdpDataPlane
 from .listeners import RelayedConnection, TcpConnection, UdpListener
 
@@ -175,7 +176,7 @@ class TurnService:
         self,
         cfg: Config,
         *,
-        guard: GuardLike | None = None,
+        guard: GuardHook | None = None,
         host_addresses: HostAddressWatch | None = None,
     ) -> None:
         self.cfg = cfg
