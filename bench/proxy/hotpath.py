@@ -103,9 +103,9 @@ async def run(requests: int, path: bytes, body: bytes) -> float:
             view[:n] = raw
             client.buffer_updated(n)
             core.flush_writes()
-            ex = client.exchange
-            assert ex is not None and ex.up is not None
-            ex.up.data_received(resp)
+            up = client.up
+            assert up is not None
+            up.data_received(resp)
             core.flush_writes()
 
         for _ in range(2000):  # warm the memos, as a running worker has

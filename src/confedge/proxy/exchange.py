@@ -46,7 +46,15 @@ from confedge.proxy.pages import status_line
 from confedge.proxy.request import Request, pin_alias
 
 __all__ = [
+    "BUFFERING",
+    "CONNECTING",
+    "DONE",
+    "GUARD",
+    "START",
+    "STREAMING",
     "TRANSITIONS",
+    "TUNNEL",
+    "WAITING",
     "Exchange",
     "ExchangeError",
     "ExchangeSettings",
@@ -61,17 +69,29 @@ __all__ = [
 _INF = math.inf
 
 
-class State(enum.IntEnum):
-    """Where one exchange is (see TRANSITIONS)."""
+# The states as plain int constants (mypyc inlines Final ints: a state test is one machine
+# comparison on the hot path); `State` names them for people, logs and tests.
+START: Final = 0  # created, nothing decided
+BUFFERING: Final = 1  # the request body is read before the first attempt (failover needs it)
+GUARD: Final = 2  # waiting for the guard's answer (reservation or session check)
+CONNECTING: Final = 3  # a node was chosen; waiting for a connection to it
+WAITING: Final = 4  # the request went to the node; waiting for its response head
+STREAMING: Final = 5  # the response head is committed; body bytes flow to the client
+TUNNEL: Final = 6  # 101 Switching Protocols: bytes are piped both ways
+DONE: Final = 7  # finished, refused, failed or abandoned: events are ignored
 
-    START = 0  # created, nothing decided
-    BUFFERING = 1  # the request body is read before the first attempt (failover needs it whole)
-    GUARD = 2  # waiting for the guard's answer (reservation or session check)
-    CONNECTING = 3  # a node was chosen; waiting for a connection to it
-    WAITING = 4  # the request went to the node; waiting for its response head
-    STREAMING = 5  # the response head is committed; body bytes flow to the client
-    TUNNEL = 6  # 101 Switching Protocols: bytes are piped both ways
-    DONE = 7  # finished, refused, failed or abandoned: events are ignored
+
+class State(enum.IntEnum):
+    """Where one exchange is (see TRANSITIONS); equal to the int constants above."""
+
+    START = 0
+    BUFFERING = 1
+    GUARD = 2
+    CONNECTING = 3
+    WAITING = 4
+    STREAMING = 5
+    TUNNEL = 6
+    DONE = 7
 
 
 S = State
@@ -85,6 +105,8 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     S.TUNNEL: frozenset({S.DONE}),
     S.DONE: frozenset(),
 }
+# TRANSITIONS as one bit mask of allowed next states per state (what _go tests).
+_ALLOWED: Final[list[int]] = [sum(1 << int(n) for n in TRANSITIONS[State(i)]) for i in range(8)]
 
 
 class ExchangeError(Exception):
@@ -485,7 +507,7 @@ class Exchange:
         self.client_ip = client_ip
         self.peer = peer
         self.trusted = trusted
-        self.state = State.START
+        self.state: int = START  # a State
         self.to_client: list[bytes] = []
         self.to_node: list[bytes] = []
         self.actions: list[tuple[int, Any]] = []
@@ -526,22 +548,24 @@ class Exchange:
 
     @property
     def dead(self) -> bool:
-        return self.state == State.DONE
+        return self.state == DONE
 
-    def _go(self, new: State) -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise ExchangeError(f"exchange: {self.state.name} -> {new.name} is not allowed")
+    def _go(self, new: int) -> None:
+        if not (_ALLOWED[self.state] >> new) & 1:
+            raise ExchangeError(
+                f"exchange: {State(self.state).name} -> {State(new).name} is not allowed"
+            )
         self.state = new
 
     def _end(self) -> None:
-        self.state = State.DONE  # allowed from every state but DONE (TRANSITIONS)
+        self.state = DONE  # allowed from every state but DONE (TRANSITIONS)
 
     # -- request side ---------------------------------------------------------------------------
 
     def start(self, now: float, *, buffer_body: bool) -> None:
         """The request head was vetted: wait for a small body (`buffer_body`) or attempt."""
         if buffer_body:
-            self._go(State.BUFFERING)
+            self._go(BUFFERING)
             return
         self.attempt(now)
 
@@ -578,7 +602,7 @@ class Exchange:
             self._end()
             self.actions.append((A_LOCAL, (status, b"", True)))
             return
-        self._go(State.CONNECTING)
+        self._go(CONNECTING)
         self.tried |= 1 << i
         self.node = i
         nodes.active[i] += 1
@@ -594,12 +618,12 @@ class Exchange:
         if req.retain:
             req.body.append(body)
         state = self.state
-        if state == State.BUFFERING:
+        if state == BUFFERING:
             if req.body_size > self.settings.request_buffer:
                 # Too big to hold back: stream from here (retained chunks go first).
                 self.attempt(now)
             return
-        if state == State.WAITING or state == State.STREAMING:
+        if WAITING <= state <= STREAMING:
             if req.chunked:
                 self.to_node.append(b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
             else:
@@ -610,10 +634,10 @@ class Exchange:
         req = self.req
         req.complete = True
         state = self.state
-        if state == State.BUFFERING:
+        if state == BUFFERING:
             self.attempt(now)  # the whole buffered body goes out with the head
             return
-        if req.chunked and (state == State.WAITING or state == State.STREAMING):
+        if req.chunked and WAITING <= state <= STREAMING:
             self.to_node.append(b"0\r\n\r\n")
         if self.committed:
             req.body = []
@@ -630,20 +654,20 @@ class Exchange:
             if token is None or pin_alias(path) is not None:
                 self._refuse(st.ban_status, self.banned)
             else:
-                self._go(State.GUARD)
+                self._go(GUARD)
                 self.actions.append((A_ASK_SESSION, token))
             return True
         if self.pin_alias is not None:
             # The longest the proxy may wait for the answer (every node tried once): an
             # unanswered reservation lapses no earlier, so a late answer is still counted.
             ttl = len(st.netlocs) * (st.api_connect_timeout + st.read_timeout)
-            self._go(State.GUARD)
+            self._go(GUARD)
             self.actions.append((A_RESERVE_PIN, (self.pin_alias, ttl)))
             return True
         return False
 
     def guard_session(self, known: bool, now: float) -> None:
-        if self.state != State.GUARD:
+        if self.state != GUARD:
             return
         if not known:
             self._refuse(self.settings.ban_status, self.banned or 1.0)
@@ -653,7 +677,7 @@ class Exchange:
 
     def guard_admitted(self, ticket: str | None, retry_after: float, now: float) -> None:
         self.ticket = ticket
-        if self.state != State.GUARD:
+        if self.state != GUARD:
             self._settle(False)  # the client left while we asked
             return
         if ticket is None:
@@ -679,7 +703,7 @@ class Exchange:
 
     def node_connected(self, now: float, *, reused: bool = False) -> None:
         """A connection to the chosen node is ready: the head and the retained body go out."""
-        self._go(State.WAITING)  # (the adapter keeps a connection that came too late)
+        self._go(WAITING)  # (the adapter keeps a connection that came too late)
         self.reused = reused
         self.got_bytes = False
         st = self.settings
@@ -699,7 +723,7 @@ class Exchange:
 
     def node_connect_failed(self, i: int, reason: str, now: float) -> None:
         self.actions.append((A_MARK_FAILED, (i, reason, False)))
-        if self.state != State.CONNECTING:
+        if self.state != CONNECTING:
             return
         self._retry("502", now)
 
@@ -724,9 +748,9 @@ class Exchange:
         """The node's connection closed while this exchange used it (`got_bytes`: it had sent
         something since the request went out)."""
         state = self.state
-        if state == State.DONE or state == State.CONNECTING:
+        if state in (DONE, CONNECTING):
             return
-        if state == State.TUNNEL:
+        if state == TUNNEL:
             self._end()
             self._release_attempt(now)
             self.actions.append((A_CLOSE_CLIENT, None))
@@ -758,7 +782,7 @@ class Exchange:
 
     def node_failed(self, reason: str, now: float) -> None:
         """The node's response could not be parsed (the adapter closed the connection)."""
-        if self.state == State.DONE:
+        if self.state == DONE:
             return
         if self.committed:
             self._end()
@@ -770,7 +794,7 @@ class Exchange:
 
     def node_timeout(self, now: float) -> None:
         """The node timer (A_NODE_TIMER) expired."""
-        if self.state == State.DONE:
+        if self.state == DONE:
             return
         self.actions.append((A_NODE_DONE, False))
         if self.committed:
@@ -787,18 +811,18 @@ class Exchange:
 
     def client_cancelled(self, now: float) -> None:
         """The client side failed (refusal, timeout) before the response: drop the attempt."""
-        if self.state == State.DONE:
+        if self.state == DONE:
             return
-        had_node = self.state in (State.WAITING, State.STREAMING, State.TUNNEL)
+        had_node = self.state in (WAITING, STREAMING, TUNNEL)
         self._end()
         self._release_attempt(now)
         if had_node:
             self.actions.append((A_NODE_DONE, False))
 
     def client_lost(self, now: float) -> None:
-        if self.state == State.DONE:
+        if self.state == DONE:
             return
-        had_node = self.state in (State.WAITING, State.STREAMING, State.TUNNEL)
+        had_node = self.state in (WAITING, STREAMING, TUNNEL)
         self._end()
         self._release_attempt(now)
         if had_node:
@@ -809,7 +833,7 @@ class Exchange:
     # -- response side --------------------------------------------------------------------------
 
     def response_head(self, status: int, headers: list[tuple[bytes, bytes]], now: float) -> None:
-        if self.state != State.WAITING:
+        if self.state != WAITING:
             return
         self.got_bytes = True
         if 100 <= status < 200 and status != 101:
@@ -851,7 +875,7 @@ class Exchange:
             self.seek_session = True
             self._retry("403", now)
             return
-        self._go(State.STREAMING)
+        self._go(STREAMING)
         self.status = status
         self.statuses.append(str(status))
         self.committed = True
@@ -901,7 +925,7 @@ class Exchange:
     def client_upgrade(self) -> bool:
         """The client's parser stopped at an Upgrade request; True when it is this exchange's
         WebSocket upgrade (bytes after it wait for the node's 101)."""
-        if self.upgrading and self.state != State.DONE:
+        if self.upgrading and self.state != DONE:
             self.upgrade_requested = True
             return True
         return False
@@ -914,7 +938,7 @@ class Exchange:
             self.to_client.append(head)
 
     def response_body(self, body: bytes) -> None:
-        if self.state != State.STREAMING:
+        if self.state != STREAMING:
             return
         self.sent += len(body)
         head = self.head_out
@@ -937,7 +961,7 @@ class Exchange:
         if self.informational:
             self.informational = False
             return
-        if self.state != State.STREAMING or self.status == 101:
+        if self.state != STREAMING or self.status == 101:
             return  # a tunnel starts with node_upgraded
         head, self.head_out = self.head_out, None
         if head is not None:
@@ -948,12 +972,12 @@ class Exchange:
 
     def node_upgraded(self, rest: bytes, now: float) -> None:
         """The node switched protocols (101): pipe bytes both ways from now on."""
-        if self.status != 101 or not self.upgrade_requested or self.state != State.STREAMING:
+        if self.status != 101 or not self.upgrade_requested or self.state != STREAMING:
             self._end()
             self.actions.append((A_NODE_DONE, False))
             self.actions.append((A_ABORT_CLIENT, None))
             return
-        self._go(State.TUNNEL)
+        self._go(TUNNEL)
         self.actions.append((A_NODE_TIMER, (0.0, _INF)))
         if rest:
             self.to_client.append(rest)
@@ -994,7 +1018,7 @@ class Exchange:
 
     def served_locally(self, status: int, length: int) -> None:
         """A static file (proxy/static.py) answers this request: only logging remains."""
-        self.state = State.STREAMING
+        self.state = STREAMING
         self.status = status
         self.committed = True
         self.static_length = length

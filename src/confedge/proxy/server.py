@@ -26,8 +26,27 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from confedge.guard.addresses import in_networks
-from confedge.proxy import exchange as X
-from confedge.proxy.exchange import Exchange, State
+from confedge.proxy.exchange import (
+    A_ABORT_CLIENT,
+    A_ASK_SESSION,
+    A_CLOSE_CLIENT,
+    A_CONNECT,
+    A_FINISH,
+    A_LOCAL,
+    A_LOG,
+    A_MARK_FAILED,
+    A_NO_TUNNEL,
+    A_NODE_DONE,
+    A_NODE_TIMER,
+    A_RECORD_FAILURE,
+    A_REMEMBER,
+    A_RESERVE_PIN,
+    A_SETTLE_PIN,
+    A_TUNNEL,
+    BUFFERING,
+    CONNECTING,
+    Exchange,
+)
 from confedge.proxy.pages import error_response, retry_page_response, status_line
 from confedge.proxy.request import (
     ALLOWED_METHODS,
@@ -384,9 +403,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             if req.retain:
                 req.body.append(body)  # a pipelined request's, replayed when it starts
             return
-        if ex.state == State.BUFFERING:
+        if ex.state == BUFFERING:
             ex.request_body(body, self.core.loop.time())
-            if ex.state != State.BUFFERING:
+            if ex.state != BUFFERING:
                 # Too big to hold back: streamed from here, with the body timeout now an idle
                 # timeout between chunks.
                 self._set_timeout(T_BODY, self.core.body_timeout)
@@ -402,7 +421,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         if ex is not None and ex.req is req:
             if self.tmode == T_BODY:
                 self._set_timeout(T_NONE, 0.0)
-            ex.request_end(self.core.loop.time())
+            # (the clock is read only when the end of the body starts the first attempt)
+            ex.request_end(self.core.loop.time() if ex.state == BUFFERING else 0.0)
             self.drive(ex)
 
     # -- request vetting ------------------------------------------------------------------------
@@ -465,20 +485,21 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         # Without trusted_proxies (the usual case) the peer is never trusted.
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
+        now = core.loop.time()
         ex = Exchange(
             core.exchange_settings,
             req,
             client_ip=client_ip,
             peer=self.peer,
             trusted=trusted,
-            now=core.loop.time(),
+            now=now,
         )
         ex.banned = banned
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
             core.send(self.transport, _CONTINUE)  # type: ignore[arg-type]  # RFC 9110 §10.1.1
         # A small body is read whole first (attempt once it is complete or too big to wait).
-        ex.start(core.loop.time(), buffer_body=expecting and req.body_size <= core.request_buffer)
+        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer)
         self.drive(ex)
 
     # -- the exchange core's decisions (exchange.py "Theory of operation") ----------------------
@@ -506,7 +527,7 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _act(self, ex: Exchange, kind: int, arg: Any) -> None:
         core = self.core
-        if kind == X.A_NODE_DONE:
+        if kind == A_NODE_DONE:
             up = self.up
             if up is not None:
                 self.up = None
@@ -515,16 +536,16 @@ class ClientConnection(asyncio.BufferedProtocol):
                     up.pool.release(up)
                 else:
                     up.close()
-        elif kind == X.A_LOG:
+        elif kind == A_LOG:
             core.log_exchange(ex, truncated=arg)
-        elif kind == X.A_FINISH:
+        elif kind == A_FINISH:
             self.finished(ex, close=arg)
-        elif kind == X.A_NODE_TIMER:
+        elif kind == A_NODE_TIMER:
             up = self.up
             if up is not None:
                 up.timeout, up.deadline = arg
                 up.activity = False
-        elif kind == X.A_CONNECT:
+        elif kind == A_CONNECT:
             i, timeout = arg
             pool = core.pools[i]
             conn = pool.take()
@@ -532,22 +553,22 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.node_ready(ex, conn, reused=True)
             else:
                 pool.connect(self, ex, timeout)
-        elif kind == X.A_MARK_FAILED:
+        elif kind == A_MARK_FAILED:
             i, reason, maintenance = arg
             core.passive_failure(i, reason, maintenance=maintenance)
-        elif kind == X.A_LOCAL:
+        elif kind == A_LOCAL:
             status, extra, retry_page = arg
             if self.exchange is ex:
                 self.exchange = None
             self.local_response(ex.req, status, extra=extra, retry_page=retry_page, ex=ex)
-        elif kind == X.A_ABORT_CLIENT:
+        elif kind == A_ABORT_CLIENT:
             self.abort()
-        elif kind == X.A_CLOSE_CLIENT:
+        elif kind == A_CLOSE_CLIENT:
             if self.transport is not None:
                 core.close_after(self.transport)
-        elif kind == X.A_TUNNEL:
+        elif kind == A_TUNNEL:
             self.start_tunnel()
-        elif kind == X.A_NO_TUNNEL:
+        elif kind == A_NO_TUNNEL:
             self.tunnel = False
             self.tunnel_buffer = None
         else:
@@ -558,18 +579,18 @@ class ClientConnection(asyncio.BufferedProtocol):
         if guard is None:
             return
         ip = ex.client_ip
-        if kind == X.A_ASK_SESSION:
+        if kind == A_ASK_SESSION:
             guard.session_known(ip, arg, lambda known: self._guard_session(ex, known))
-        elif kind == X.A_RESERVE_PIN:
+        elif kind == A_RESERVE_PIN:
             alias, ttl = arg
             guard.reserve_pin(ip, alias, ttl, lambda t, r: self._guard_admitted(ex, t, r))
-        elif kind == X.A_SETTLE_PIN:
+        elif kind == A_SETTLE_PIN:
             ticket, alias, pin, failed = arg
             guard.settle_pin(ticket, ip, alias, pin, failed)
-        elif kind == X.A_REMEMBER:
+        elif kind == A_REMEMBER:
             token, lifetime = arg
             guard.remember_session(ip, token, lifetime)
-        elif kind == X.A_RECORD_FAILURE:
+        elif kind == A_RECORD_FAILURE:
             alias, pin = arg
             guard.record_pin_failure(ip, alias, pin)
 
@@ -583,7 +604,7 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
         """A node connection for `ex` (from the pool or newly opened: NodePool.connect)."""
-        if self.exchange is not ex or ex.state != State.CONNECTING:
+        if self.exchange is not ex or ex.state != CONNECTING:
             conn.pool.release(conn)  # the exchange ended meanwhile: keep it for the next
             return
         self.up = conn

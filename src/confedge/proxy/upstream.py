@@ -37,6 +37,7 @@ class UpstreamConnection(asyncio.Protocol):
         "deadline",
         "got_bytes",
         "headers",
+        "now",
         "owner",
         "parser",
         "pool",
@@ -56,6 +57,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.reused = False
         self.got_bytes = False
+        self.now = 0.0  # the loop time of the read being parsed (one clock read per read)
         self.tunnel = False
         self.writing_paused = False
         self.activity = False
@@ -85,16 +87,17 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             self.close()
             return
+        self.now = self.pool.core.loop.time()
         try:
             self.parser.feed_data(data)
             if ex.head_out is not None:
                 ex.flush_head()  # the head arrived without body bytes in this read
         except httptools.HttpParserUpgrade as exc:
-            ex.node_upgraded(data[exc.args[0] :], self.pool.core.loop.time())
+            ex.node_upgraded(data[exc.args[0] :], self.now)
         except httptools.HttpParserError as exc:
             owner.up = None
             self.close()
-            ex.node_failed(f"invalid response from node: {exc}", self.pool.core.loop.time())
+            ex.node_failed(f"invalid response from node: {exc}", self.now)
         owner.drive(ex)
 
     def eof_received(self) -> bool | None:
@@ -134,9 +137,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         owner = self.owner
         if owner is not None and owner.exchange is not None:
-            owner.exchange.response_head(
-                self.parser.get_status_code(), self.headers, self.pool.core.loop.time()
-            )
+            owner.exchange.response_head(self.parser.get_status_code(), self.headers, self.now)
         self.headers = []
 
     def on_body(self, body: bytes) -> None:
@@ -147,7 +148,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         owner = self.owner
         if owner is not None and owner.exchange is not None:
-            owner.exchange.response_end(self.parser.should_keep_alive(), self.pool.core.loop.time())
+            owner.exchange.response_end(self.parser.should_keep_alive(), self.now)
 
     # -- helpers --------------------------------------------------------------------------------
 
