@@ -42,6 +42,7 @@ import math
 from typing import Any, Final, Protocol
 
 from confedge.guard.inflight import issued_token, session_token, token_call
+from confedge.proxy.balancer import Balancer
 from confedge.proxy.pages import status_line
 from confedge.proxy.request import Request, pin_alias
 
@@ -119,7 +120,7 @@ A_MARK_FAILED: Final = 2  # (node index, reason, maintenance): passive health fa
 A_NODE_DONE: Final = 3  # keep: bool — release the current node connection to its pool, or close
 A_NODE_TIMER: Final = 4  # (idle timeout or 0, absolute deadline): the node connection's timer
 A_LOCAL: Final = 5  # (status, extra header bytes, retry_page): answer from the proxy and close
-A_FINISH: Final = 6  # close: bool — the response is complete: next request or close
+A_FINISH: Final = 6  # close: bool — complete: one access-log line, then next request or close
 A_ABORT_CLIENT: Final = 7  # None — cut the client connection (truncated response)
 A_CLOSE_CLIENT: Final = 8  # None — close the client after what is queued
 A_TUNNEL: Final = 9  # None — 101 relayed: pipe bytes both ways from now on
@@ -220,7 +221,10 @@ _PIN_BUFFER_LIMIT = 64 * 1024
 
 
 class NodeChooser(Protocol):
-    """The node-choice point (proxy/balancer.Balancer; a per-prefix pool set fits too)."""
+    """The node-choice point, as the core uses it. `ExchangeSettings.nodes` is a concrete
+    `Balancer` (mypyc calls it natively, a Protocol would cost a Python call per pick); node
+    pools per path prefix plug in by giving each prefix its own ExchangeSettings (its own
+    Balancer and netlocs), chosen by the adapter before the Exchange is made."""
 
     active: list[int]
 
@@ -249,7 +253,7 @@ class ExchangeSettings:
     def __init__(
         self,
         *,
-        nodes: NodeChooser,
+        nodes: Balancer,
         netlocs: list[str],
         fqdn: bytes,
         connect_timeout: float = 5.0,
@@ -990,7 +994,6 @@ class Exchange:
         if self.pin_buf is not None or self.ticket is not None:
             self._check_pin()
         self._end()
-        self.actions.append((A_LOG, False))
         self.actions.append((A_FINISH, self.close_after))
 
     def _check_pin(self) -> None:
@@ -1025,5 +1028,4 @@ class Exchange:
 
     def finish_local(self, keep: bool) -> None:
         self._end()
-        self.actions.append((A_LOG, False))
         self.actions.append((A_FINISH, not keep))

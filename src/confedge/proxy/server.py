@@ -508,18 +508,22 @@ class ClientConnection(asyncio.BufferedProtocol):
         """Carry out what the core queued: bytes to the client and the node (through the write
         coalescing), then its decisions, in order."""
         core = self.core
-        if ex.to_client:
-            out, ex.to_client = ex.to_client, []
+        # (send never calls back into the core, so the byte outboxes are emptied in place; the
+        # decisions may (a pooled connection is ready at once), so that list is swapped.)
+        out = ex.to_client
+        if out:
             t = self.transport
             if t is not None:
                 for data in out:
                     core.send(t, data)
-        if ex.to_node:
-            out, ex.to_node = ex.to_node, []
+            out.clear()
+        out = ex.to_node
+        if out:
             up = self.up
             if up is not None and up.transport is not None:
                 for data in out:
                     core.send(up.transport, data)
+            out.clear()
         if ex.actions:
             actions, ex.actions = ex.actions, []
             for kind, arg in actions:
@@ -539,6 +543,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         elif kind == A_LOG:
             core.log_exchange(ex, truncated=arg)
         elif kind == A_FINISH:
+            core.log_exchange(ex)
             self.finished(ex, close=arg)
         elif kind == A_NODE_TIMER:
             up = self.up

@@ -54,8 +54,10 @@ def start(req: Request, st: ExchangeSettings | None = None, now: float = 0.0) ->
 
 def take(ex: Exchange) -> tuple[list[bytes], list[bytes], list[tuple[int, Any]]]:
     """What the core queued since the last call (as an adapter would flush it)."""
-    out = (ex.to_client, ex.to_node, ex.actions)
-    ex.to_client, ex.to_node, ex.actions = [], [], []
+    out = (list(ex.to_client), list(ex.to_node), ex.actions)
+    ex.to_client.clear()
+    ex.to_node.clear()
+    ex.actions = []
     return out
 
 
