@@ -16,6 +16,25 @@ def test_core_imports_no_asyncio() -> None:
     assert out.stdout.strip() == "False"
 
 
+def test_core_imports_no_adapter() -> None:
+    adapters = ["server", "upstream", "core", "redirect", "service", "healthcheck"]
+    code = (
+        "import sys, confedge.proxy.exchange; "
+        f"print([m for m in {adapters!r} if 'confedge.proxy.' + m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    assert (
+        "httptools"
+        not in subprocess.run(
+            [sys.executable, "-c", "import sys, confedge.proxy.exchange; print(list(sys.modules))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+
+
 def test_every_state_has_a_row_and_done_is_final() -> None:
     assert set(TRANSITIONS) == set(State)
     assert TRANSITIONS[State.DONE] == frozenset()
