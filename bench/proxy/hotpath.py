@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Python time per proxied request, without sockets: the proxy's own share of the CPU.
 
-Drives one worker's ProxyCore with fake transports: a client request is fed to a
+Drives one worker's WorkerRuntime with fake transports: a client request is fed to a
 ClientConnection as the TLS transport would (BufferedProtocol), the node's answer to the
 UpstreamConnection, and the coalesced writes are flushed, with the access log written to
 /dev/null. What remains is exactly the Python (or, with the compiled build first on PYTHONPATH,
@@ -27,7 +27,7 @@ import uvloop
 from confedge.config import parse_config
 from confedge.proxy import build_kind
 from confedge.proxy.accesslog import AccessLog
-from confedge.proxy.core import ProxyCore
+from confedge.proxy.core import WorkerRuntime
 from confedge.proxy.server import ClientConnection
 from confedge.proxy.upstream import UpstreamConnection
 
@@ -85,7 +85,7 @@ async def run(requests: int, path: bytes, body: bytes) -> float:
             }
         )
         log = AccessLog("/dev/null")
-        core = ProxyCore(cfg, asyncio.get_running_loop(), access_log=log)
+        core = WorkerRuntime(cfg, asyncio.get_running_loop(), access_log=log)
         ups = []
         for pool in core.pools:
             up = UpstreamConnection(pool)
@@ -103,9 +103,9 @@ async def run(requests: int, path: bytes, body: bytes) -> float:
             view[:n] = raw
             client.buffer_updated(n)
             core.flush_writes()
-            ex = client.exchange
-            assert ex is not None and ex.up is not None
-            ex.up.data_received(resp)
+            up = client.up
+            assert up is not None
+            up.data_received(resp)
             core.flush_writes()
 
         for _ in range(2000):  # warm the memos, as a running worker has

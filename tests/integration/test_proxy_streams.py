@@ -158,7 +158,7 @@ async def test_large_response_streams_with_backpressure(proxy, nodes):
 
 
 async def test_small_chunks_to_a_slow_client_are_not_queued_without_bound(proxy, nodes):
-    """Write coalescing (ProxyCore.send) queues small writes until the end of the loop
+    """Write coalescing (WorkerRuntime.send) queues small writes until the end of the loop
     iteration; a node streaming a large body in 1 KiB chunks to a client that stops reading
     must still be paused by backpressure, not buffered in the proxy."""
     size = 32 * 1024 * 1024

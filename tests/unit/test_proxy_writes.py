@@ -2,7 +2,7 @@
 per request (head and buffered body together) and one write to the client per small response
 (head and body together), which is one TLS record and one write(2) each (issue 3); small writes
 are coalesced to the end of the event-loop iteration, in order, and never reordered with a
-close or a large write (ProxyCore "Write coalescing")."""
+close or a large write (WorkerRuntime "Write coalescing")."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from confedge.config import parse_config
-from confedge.proxy.core import ProxyCore
+from confedge.proxy.core import WorkerRuntime
 from confedge.proxy.server import ClientConnection
 from confedge.proxy.upstream import UpstreamConnection
 
@@ -53,7 +53,7 @@ def feed(client: ClientConnection, data: bytes) -> None:
     client.buffer_updated(len(data))
 
 
-def _core(tmp_path: Path) -> ProxyCore:
+def _core(tmp_path: Path) -> WorkerRuntime:
     cfg = parse_config(
         {
             "server": {"state_dir": str(tmp_path)},
@@ -61,7 +61,7 @@ def _core(tmp_path: Path) -> ProxyCore:
             "proxy": {"nodes": ["http://127.0.0.1:9"]},
         }
     )
-    return ProxyCore(cfg, asyncio.get_running_loop())
+    return WorkerRuntime(cfg, asyncio.get_running_loop())
 
 
 async def test_one_write_each_way(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from http import HTTPStatus
 from typing import cast
 
 import httptools
+
+from confedge.timers import Sweeper, arm, disarm, sweep_interval
 
 __all__ = ["AccessList", "AdminConnection", "AdminServer", "Limits", "Response"]
 
@@ -111,6 +114,10 @@ class AdminServer:
         self.allowed_hosts = frozenset(h.lower().rstrip(".") for h in allowed_hosts)
         self.limits = limits or Limits()
         self.connections: set[AdminConnection] = set()
+        lim = self.limits
+        self.sweeper = Sweeper(
+            lambda: self.connections, sweep_interval(lim.header_timeout, lim.idle_timeout, LINGER)
+        )
         self.refused = 0
         self._clock = clock
         self._logged: dict[str, float] = {}
@@ -196,7 +203,10 @@ class AdminConnection(asyncio.Protocol):
         self.budget = 0  # bytes still answered at once in the current read or loop turn
         self.drain_scheduled = False
         self.pending: deque[tuple[str, bool, bool]] = deque()
-        self.timer: asyncio.TimerHandle | None = None
+        # confedge/timers.py: swept by the server's Sweeper.
+        self.activity = False
+        self.timeout = 0.0
+        self.deadline = math.inf
 
     # -- transport callbacks ------------------------------------------------------------------
 
@@ -215,14 +225,13 @@ class AdminConnection(asyncio.Protocol):
             self.transport.abort()
             return
         srv.connections.add(self)
+        srv.sweeper.ensure()
         self.transport.set_write_buffer_limits(high=64 * 1024)
         self._arm(srv.limits.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        disarm(self)
         self.transport = None
 
     def pause_writing(self) -> None:
@@ -271,11 +280,9 @@ class AdminConnection(asyncio.Protocol):
     # -- timers -------------------------------------------------------------------------------
 
     def _arm(self, seconds: float) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._timeout)
+        arm(self, asyncio.get_running_loop().time(), seconds)
 
-    def _timeout(self) -> None:
+    def on_timeout(self) -> None:
         # close() would wait for the send buffer to drain, forever if the client never reads:
         # abort then. (Answers are small; a client that cannot take one within the idle
         # timeout is not worth a connection slot.)
@@ -319,9 +326,7 @@ class AdminConnection(asyncio.Protocol):
             self.body_expected = self.body_expected or value.strip() not in (b"0", b"")
 
     def on_headers_complete(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        disarm(self)
         method = self.parser.get_method()
         if method not in (b"GET", b"HEAD"):
             raise _Refuse(

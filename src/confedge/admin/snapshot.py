@@ -99,7 +99,7 @@ class _OwnHealth:
             self._task = None
 
     async def _run(self) -> None:
-        from confedge.proxy.core import check_node
+        from confedge.proxy.healthcheck import HealthChecker
         from confedge.tls.context import client_context
 
         p = self.cfg.proxy
@@ -108,17 +108,13 @@ class _OwnHealth:
             if any(n.scheme == "https" for n in self.nodes)
             else None
         )
-        loop = asyncio.get_running_loop()
 
-        async def one(i: int) -> None:
-            result, detail = await check_node(self.nodes[i], ctx, p.health_timeout)
-            t = self.monitor.check_result(i, result, loop.time(), detail)  # type: ignore[arg-type]
+        def record(t: Transition | None) -> None:
             if t is not None:
                 self.record(t)
 
-        while True:
-            await asyncio.gather(*(one(i) for i in range(len(self.nodes))))
-            await asyncio.sleep(p.health_interval)
+        # The same loop as the proxy workers' (proxy/healthcheck.py).
+        await HealthChecker(self.nodes, self.monitor, ctx, p, record).run()
 
 
 class StatusSource:

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
+from confedge.timers import Sweeper, sweep_interval
+
 from .core import (
     CallRequest,
     Conference,
@@ -23,7 +25,13 @@ from .core import (
     Subscription,
     TurnInfo,
 )
-from .server import HttpResponse, NodeHttpProtocol, is_direct_loopback, static_response
+from .server import (
+    HEADER_TIMEOUT,
+    HttpResponse,
+    NodeHttpProtocol,
+    is_direct_loopback,
+    static_response,
+)
 
 if TYPE_CHECKING:
     from .media import MediaEndpoint
@@ -60,6 +68,8 @@ class NodeSim:
         self._server: asyncio.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._protocols: set[NodeHttpProtocol] = set()
+        # Header and idle timeouts of its connections (confedge/timers.py).
+        self._timers = Sweeper(lambda: self._protocols, sweep_interval(HEADER_TIMEOUT))
         self._closers: set[asyncio.Task[None]] = set()
         self.host = ""
         self.port = 0
@@ -92,6 +102,7 @@ class NodeSim:
                 self.keepalive,
                 self._stream_end,
                 self._protocols.discard,
+                self._timers,
             )
             self._protocols.add(proto)
             return proto
@@ -103,6 +114,7 @@ class NodeSim:
         log.info("nodesim %s listening on %s", self.node_name, self.url)
 
     async def close(self) -> None:
+        self._timers.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import time
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,8 @@ from typing import Any, cast
 from urllib.parse import parse_qsl
 
 import httptools
+
+from confedge.timers import Sweeper, arm, disarm
 
 from .core import JsonResponse, Request, Subscription
 
@@ -83,6 +86,7 @@ class NodeHttpProtocol(asyncio.Protocol):
         keepalive: float,
         on_stream_end: Callable[[Subscription], None],
         on_close: Callable[[NodeHttpProtocol], None] | None = None,
+        timers: Sweeper | None = None,
     ) -> None:
         self.handler = handler
         self.on_close = on_close
@@ -103,7 +107,11 @@ class NodeHttpProtocol(asyncio.Protocol):
         self._writable.set()
         self._closed = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
-        self._header_timer: asyncio.TimerHandle | None = None
+        # confedge/timers.py: header and idle timeouts, swept by `timers` (the node's Sweeper).
+        self.timers = timers
+        self.activity = False
+        self.timeout = 0.0
+        self.deadline = math.inf
         self._in_message = False
         self._discard = False
         self._streaming = False
@@ -118,6 +126,8 @@ class NodeHttpProtocol(asyncio.Protocol):
         self.peer = str(peer[0]) if peer else ""
         self.transport.set_write_buffer_limits(high=HIGH_WATER)
         self._worker = asyncio.get_running_loop().create_task(self._serve())
+        if self.timers is not None:
+            self.timers.ensure()
         self._arm_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -125,8 +135,7 @@ class NodeHttpProtocol(asyncio.Protocol):
             self.on_close(self)
         self._closed.set()
         self._writable.set()
-        if self._header_timer is not None:
-            self._header_timer.cancel()
+        disarm(self)
         if self._worker is not None:
             self._worker.cancel()
 
@@ -170,12 +179,9 @@ class NodeHttpProtocol(asyncio.Protocol):
         self.queue.put_nowait(exc)
 
     def _arm_idle(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-        loop = asyncio.get_running_loop()
-        self._header_timer = loop.call_later(IDLE_TIMEOUT, self._timeout)
+        arm(self, asyncio.get_running_loop().time(), IDLE_TIMEOUT)
 
-    def _timeout(self) -> None:
+    def on_timeout(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
 
@@ -189,9 +195,7 @@ class NodeHttpProtocol(asyncio.Protocol):
         self._header_count = 0
         self._body = bytearray()
         self._last_name = ""
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-        self._header_timer = asyncio.get_running_loop().call_later(HEADER_TIMEOUT, self._timeout)
+        arm(self, asyncio.get_running_loop().time(), HEADER_TIMEOUT)
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -211,9 +215,7 @@ class NodeHttpProtocol(asyncio.Protocol):
             self._headers[key] = val
 
     def on_headers_complete(self) -> None:
-        if self._header_timer is not None:
-            self._header_timer.cancel()
-            self._header_timer = None
+        disarm(self)
         if self._headers.get("expect", "").lower() == "100-continue":
             # RFC 9110 section 10.1.1: a client (curl, for bodies over 1 KiB) may wait for this
             # interim answer before it sends the body.
@@ -284,9 +286,7 @@ class NodeHttpProtocol(asyncio.Protocol):
         self._streaming = True
         wake = asyncio.Event()
         sub.on_event = wake.set
-        if self._header_timer is not None:  # a stream is not idle: no idle timeout
-            self._header_timer.cancel()
-            self._header_timer = None
+        disarm(self)  # a stream is not idle: no idle timeout
         try:
             while not self._closed.is_set():
                 if sub.events:

@@ -1,9 +1,12 @@
 """HTTPS reverse proxy and load balancer for the conferencing nodes (SPEC §2).
 
-Modules: paths (the canonical path), request (vetting of targets, hosts, methods), balancer
-and health (sans-I/O), pages (canned answers), upstream (node connections and pools), server
-(client protocol and exchanges), core (per-worker shared state and timers), service (listeners
-and worker processes), static and accesslog (static mounts, the reference access log).
+Modules: exchange (the sans-I/O exchange core: one request's state machine, failover policy,
+response planning), paths (the canonical path), request (the Request type; vetting of targets,
+hosts, methods), balancer and health (sans-I/O), pages (canned answers), server (client
+HTTP/1.1 adapter), upstream (node adapter, keep-alive pools), healthcheck (the active check
+loop), core (WorkerRuntime: what one worker owns), service (listeners and worker processes),
+static and accesslog (static mounts, the reference access log). docs/ARCHITECTURE.md has the
+map.
 """
 
 

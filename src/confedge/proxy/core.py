@@ -1,14 +1,14 @@
 """Per-worker proxy state: node pools, balancer, health, limits, timers, logging hooks.
 
-One `ProxyCore` lives in each worker process and is shared by all its connections. It turns the
+One `WorkerRuntime` lives in each worker process and is shared by all its connections. It turns the
 configuration into the constants the hot path reads (bytes, frozensets, floats) once, so a
 request never looks anything up in the pydantic model, never calls logging.getLogger, and never
 formats a date more than once a second.
 
-Timers: instead of a loop.call_later per request (a TimerHandle allocated and cancelled for every
-exchange), every connection carries a `deadline` and an `activity` flag, and one sweep per
-fraction of a second expires what is due. A flag store per chunk is the whole per-chunk cost of
-idle timeouts.
+Timers (confedge/timers.py, the scheme every hand-written HTTP/1.1 protocol shares): instead
+of a loop.call_later per request, every connection (client, node, port-80 redirect) carries a
+`deadline`, a `timeout` and an `activity` flag, and one sweep per fraction of a second expires
+what is due. A flag store per chunk is the whole per-chunk cost of idle timeouts.
 
 Write coalescing: small writes to clients and nodes (request heads, small responses, SSE
 events, WebSocket frames) are not written at once but queued with `send` and written together
@@ -44,54 +44,32 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from confedge.config import Config, NodeAddress
 from confedge.guard.addresses import Networks, client_address, parse_networks
+from confedge.guard.hook import GuardHook
 from confedge.proxy.balancer import Balancer
+from confedge.proxy.exchange import Exchange, ExchangeSettings
 from confedge.proxy.health import HealthMonitor, Transition
+from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
-from confedge.proxy.request import Refused, host_allowed, normalise_target
+from confedge.proxy.request import Refused, Request, host_allowed, normalise_target
+from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
 
 if TYPE_CHECKING:
-    from confedge.proxy.exchange import Exchange
-    from confedge.proxy.server import ClientConnection, Request
+    from confedge.proxy.redirect import RedirectConnection
+    from confedge.proxy.server import ClientConnection
     from confedge.proxy.upstream import NodePool, UpstreamConnection
 
-__all__ = ["AccessLogSink", "GuardHook", "ProxyCore", "TurnShare"]
+__all__ = ["AccessLogSink", "TurnShare", "WorkerRuntime"]
 
 log = logging.getLogger("confedge.proxy")
 
-STATUS_PATH = "/api/client/v2/status"
-
-# Entries kept by ProxyCore's memos of Host checks and normalised targets.
+# Entries kept by WorkerRuntime's memos of Host checks and normalised targets.
 MEMO_SIZE = 2048
 
 # Writes up to this size are coalesced per event-loop iteration (see "Write coalescing"), and
 # at most this many bytes wait in the queue before it is flushed early.
 COALESCE_MAX = 32 * 1024
 COALESCE_BATCH = 256 * 1024
-
-
-class GuardHook(Protocol):
-    """The proxy side of notes/guard_api.md (structural, so any guard object fits)."""
-
-    enabled: bool
-    ban_status: int
-
-    def check(self, client_ip: str) -> float | None: ...
-
-    def record_pin_failure(self, client_ip: str, alias: str, pin: str | None) -> None: ...
-
-    # PIN guesses in flight and admitted participants (confedge.guard.hook, docs/GUARD.md).
-    def reserve_pin(
-        self, client_ip: str, alias: str, ttl: float, done: Callable[[str | None, float], None]
-    ) -> None: ...
-
-    def settle_pin(
-        self, ticket: str, client_ip: str, alias: str, pin: str | None, failed: bool
-    ) -> None: ...
-
-    def remember_session(self, client_ip: str, token: str, lifetime: float) -> None: ...
-
-    def session_known(self, client_ip: str, token: str, done: Callable[[bool], None]) -> None: ...
 
 
 class TurnShare(Protocol):
@@ -128,7 +106,7 @@ def _allowed_hosts(cfg: Config) -> frozenset[str]:
     return frozenset(n.lower().rstrip(".") for n in names)
 
 
-class ProxyCore:
+class WorkerRuntime:
     """Everything one worker's connections share."""
 
     def __init__(
@@ -197,6 +175,20 @@ class ProxyCore:
         from confedge.proxy.upstream import NodePool
 
         self.pools: list[NodePool] = [NodePool(self, i, n) for i, n in enumerate(self.nodes)]
+        # What every exchange core (exchange.py) of this worker reads, as plain data.
+        self.exchange_settings = ExchangeSettings(
+            nodes=self.balancer,
+            netlocs=[n.netloc for n in self.nodes],
+            fqdn=cfg.server.fqdn.encode(),
+            connect_timeout=self.connect_timeout,
+            api_connect_timeout=self.api_connect_timeout,
+            read_timeout=self.read_timeout,
+            sse_lifetime=self.sse_lifetime,
+            csp_line=self.csp_line,
+            request_buffer=self.request_buffer,
+            guard=self.guard is not None,
+            ban_status=self.guard.ban_status if self.guard is not None else 429,
+        )
         self.clients: set[ClientConnection] = set()
         # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
         # None keeps the HTTP path exactly as without the option.
@@ -204,10 +196,10 @@ class ProxyCore:
         self.upstreams: set[UpstreamConnection] = set()
         self.on_transition: list[Callable[[Transition], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
-        shortest = min(
-            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout, 2.0
+        self.redirects: set[RedirectConnection] = set()  # port 80 (proxy/redirect.py)
+        self.sweep_interval = sweep_interval(
+            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout
         )
-        self.sweep_interval = max(0.02, min(0.5, shortest / 5))
         self.closing = False
         self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
         self.out_bytes = 0
@@ -259,7 +251,10 @@ class ProxyCore:
     def start(self, *, health_checks: bool = True) -> None:
         self._tasks.append(self.loop.create_task(self._sweeper()))
         if health_checks and self.nodes:
-            self._tasks.append(self.loop.create_task(self._health_loop()))
+            checker = HealthChecker(
+                self.nodes, self.health, self.upstream_ssl, self.cfg.proxy, self.transition
+            )
+            self._tasks.append(self.loop.create_task(checker.run()))
 
     async def close(self) -> None:
         self.closing = True
@@ -273,6 +268,8 @@ class ProxyCore:
             c.abort()
         for u in list(self.upstreams):
             u.close()
+        for r in list(self.redirects):
+            r.abort()
         for pool in self.pools:
             pool.idle.clear()
 
@@ -292,18 +289,6 @@ class ProxyCore:
             self.health.passive_failure(i, self.loop.time(), reason, maintenance=maintenance)
         )
 
-    async def _health_loop(self) -> None:
-        p = self.cfg.proxy
-        while True:
-            await asyncio.gather(*(self._check(i) for i in range(len(self.nodes))))
-            await asyncio.sleep(p.health_interval)
-
-    async def _check(self, i: int) -> None:
-        result, detail = await check_node(
-            self.nodes[i], self.upstream_ssl, self.cfg.proxy.health_timeout
-        )
-        self.transition(self.health.check_result(i, result, self.loop.time(), detail))  # type: ignore[arg-type]
-
     # -- timers -------------------------------------------------------------------------------
 
     async def _sweeper(self) -> None:
@@ -312,8 +297,10 @@ class ProxyCore:
             await asyncio.sleep(self.sweep_interval)
             now = loop.time()
             self.date.refresh()
-            _sweep(list(self.clients), now)
-            _sweep(list(self.upstreams), now)
+            sweep(list(self.clients), now)
+            sweep(list(self.upstreams), now)
+            if self.redirects:
+                sweep(list(self.redirects), now)
 
     # -- access log ---------------------------------------------------------------------------
 
@@ -325,7 +312,7 @@ class ProxyCore:
         req = ex.req
         status = ex.status or 499  # nginx's "client closed the request" code
         sink.log(
-            ex.client.peer,
+            ex.peer,
             time.time(),
             f"{req.method.decode()} {req.url.decode('latin-1')} HTTP/{req.version}",
             status,
@@ -408,57 +395,12 @@ class ProxyCore:
         return client_address(peer, xff.decode("latin-1"), self.trusted)
 
 
-def _sweep(conns: list[Any], now: float) -> None:
-    """One timer pass over client or node connections: activity since the last pass pushes the
-    deadline out; a connection idle past its deadline gets on_timeout()."""
-    for c in conns:
-        if c.activity:
-            c.activity = False
-            if c.timeout:
-                c.deadline = now + c.timeout
-        elif now >= c.deadline:
-            c.on_timeout()
-
-
 def normalise_peer(peer: Any) -> str:
     """Peer address text; IPv4-mapped IPv6 (dual-stack sockets) shown as IPv4."""
     host = str(peer[0]) if isinstance(peer, tuple) else "unknown"
     if host.startswith("::ffff:") and "." in host:
         return host[7:]
     return host
-
-
-async def check_node(
-    node: NodeAddress, ctx: ssl.SSLContext | None, timeout: float
-) -> tuple[str, str]:
-    """One active health check: GET /api/client/v2/status -> ("ok"|"maintenance"|"fail", detail)."""
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                node.host, node.port, ssl=ctx if node.scheme == "https" else None
-            )
-            writer.write(
-                f"GET {STATUS_PATH} HTTP/1.1\r\nHost: {node.netloc}\r\n"
-                "User-Agent: confedge-health\r\nConnection: close\r\n\r\n".encode()
-            )
-            line = await reader.readline()
-    except TimeoutError:
-        return "fail", f"no answer within {timeout:g} s"
-    except (OSError, ssl.SSLError) as exc:
-        return "fail", exc.strerror or str(exc) or type(exc).__name__
-    finally:
-        if writer is not None:
-            writer.transport.abort()
-    parts = line.split()
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
-        return "fail", "not an HTTP answer"
-    status = int(parts[1])
-    if status == 200:
-        return "ok", ""
-    if status == 503:
-        return "maintenance", ""
-    return "fail", f"status {status}"
 
 
 def reuse_port_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

@@ -1,38 +1,136 @@
-"""One request's journey: attempts on nodes (failover), then the response to the client.
+"""One proxied request, sans-I/O: the exchange core (h11 / hyper-h2 style).
 
-Theory of operation: the request head for the nodes is built once as bytes. Request body chunks
-are written through as they arrive *and* retained until the response head is committed to the
-client, so a failed attempt (connect error/timeout, a 500/502/503/504 head, a lost connection)
-replays head and body on the next node: failover for POST included, as long as nothing reached
-the client (SPEC §2). After commit the retained copy is dropped.
+Theory of operation
+-------------------
+An `Exchange` is one request's journey: attempts on nodes (failover), then the response to the
+client. It never touches a socket, a transport, a timer or an event loop (a test asserts that
+importing this module imports no asyncio). Adapters feed it *events* and then carry out what it
+queued:
 
-Response bytes flow from the upstream protocol's httptools callbacks straight into the client
-transport. The response head is held back until the first body bytes (or the end of the read
-that carried it) so a small response leaves in one write: one TLS record and one syscall, not
-two. WebSocket: on a 101 both parsers are left behind and bytes are piped both ways.
+  events in (methods, each with `now` where time matters)
+      start, request_body, request_end, guard_session, guard_admitted, node_connected,
+      node_connect_failed, response_head, response_body, response_end, node_upgraded,
+      node_lost, node_failed, node_timeout, client_lost, client_cancelled
+  out (read and cleared by the adapter after every event)
+      `to_client` / `to_node`: bytes to write, in order, to the client and to the current node;
+      `actions`: decisions, each `(kind, argument)` with kind one of the A_* constants below
+      (connect to node i, mark node i failed, keep or close the node connection, arm the node
+      timer, answer locally, finish or abort the client, start a tunnel, ask the guard, log).
+
+`state` is one `State`; every change goes through `_go`, which checks `TRANSITIONS` (a change
+the table does not allow is a bug and raises `ExchangeError`). The adapters in this package are
+server.py (HTTP/1.1 client side, httptools) and upstream.py (HTTP/1.1 node side); an HTTP/2
+adapter drives one Exchange per stream the same way (it writes `to_client` as DATA frames: the
+core's HTTP/1.1 framing is off for it with `h1_client=False`... see `plan_response`).
+
+Failover (SPEC §2, `may_retry`): the request head for the nodes is built once as bytes; body
+chunks are written through as they arrive *and* retained until the response head is committed,
+so a failed attempt (connect error/timeout, a 500/502/503/504 head, a lost connection) replays
+head and body on the next node, POST included, as long as the body was fully buffered and
+nothing reached the client. After commit the retained copy is dropped.
+
+Node choice goes through `ExchangeSettings.nodes` (a `NodeChooser`: the balancer today; a pool
+per path prefix plugs in there). Response planning (framing, header filtering, CSP, SSE) is the
+pure function `plan_response`.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import math
-from typing import TYPE_CHECKING
+from typing import Any, Final, Protocol
 
-from confedge.guard.addresses import in_networks
 from confedge.guard.inflight import issued_token, session_token, token_call
+from confedge.proxy.balancer import Balancer
 from confedge.proxy.pages import status_line
-from confedge.proxy.request import pin_alias
+from confedge.proxy.request import Request, pin_alias
 
-if TYPE_CHECKING:
-    from confedge.proxy.server import ClientConnection, Request
-    from confedge.proxy.upstream import UpstreamConnection
-
-__all__ = ["Exchange"]
+__all__ = [
+    "BUFFERING",
+    "CONNECTING",
+    "DONE",
+    "GUARD",
+    "START",
+    "STREAMING",
+    "TRANSITIONS",
+    "TUNNEL",
+    "WAITING",
+    "Exchange",
+    "ExchangeError",
+    "ExchangeSettings",
+    "NodeChooser",
+    "ResponsePlan",
+    "State",
+    "build_request_head",
+    "may_retry",
+    "plan_response",
+]
 
 _INF = math.inf
 
-# client timeout modes (ClientConnection.tmode)
-T_IDLE, T_HEAD, T_BODY, T_NONE, T_TUNNEL = range(5)
+
+# The states as plain int constants (mypyc inlines Final ints: a state test is one machine
+# comparison on the hot path); `State` names them for people, logs and tests.
+START: Final = 0  # created, nothing decided
+BUFFERING: Final = 1  # the request body is read before the first attempt (failover needs it)
+GUARD: Final = 2  # waiting for the guard's answer (reservation or session check)
+CONNECTING: Final = 3  # a node was chosen; waiting for a connection to it
+WAITING: Final = 4  # the request went to the node; waiting for its response head
+STREAMING: Final = 5  # the response head is committed; body bytes flow to the client
+TUNNEL: Final = 6  # 101 Switching Protocols: bytes are piped both ways
+DONE: Final = 7  # finished, refused, failed or abandoned: events are ignored
+
+
+class State(enum.IntEnum):
+    """Where one exchange is (see TRANSITIONS); equal to the int constants above."""
+
+    START = 0
+    BUFFERING = 1
+    GUARD = 2
+    CONNECTING = 3
+    WAITING = 4
+    STREAMING = 5
+    TUNNEL = 6
+    DONE = 7
+
+
+S = State
+TRANSITIONS: Final[dict[State, frozenset[State]]] = {
+    S.START: frozenset({S.BUFFERING, S.GUARD, S.CONNECTING, S.DONE}),
+    S.BUFFERING: frozenset({S.GUARD, S.CONNECTING, S.DONE}),
+    S.GUARD: frozenset({S.CONNECTING, S.DONE}),
+    S.CONNECTING: frozenset({S.WAITING, S.CONNECTING, S.DONE}),
+    S.WAITING: frozenset({S.CONNECTING, S.STREAMING, S.DONE}),
+    S.STREAMING: frozenset({S.TUNNEL, S.DONE}),
+    S.TUNNEL: frozenset({S.DONE}),
+    S.DONE: frozenset(),
+}
+# TRANSITIONS as one bit mask of allowed next states per state (what _go tests).
+_ALLOWED: Final[list[int]] = [sum(1 << int(n) for n in TRANSITIONS[State(i)]) for i in range(8)]
+
+
+class ExchangeError(Exception):
+    """A state change TRANSITIONS does not allow (a bug in an adapter or in the core)."""
+
+
+# Decisions (Exchange.actions: (kind, argument)).
+A_CONNECT: Final = 1  # (node index, connect timeout): take a pooled connection or open one
+A_MARK_FAILED: Final = 2  # (node index, reason, maintenance): passive health failure
+A_NODE_DONE: Final = 3  # keep: bool — release the current node connection to its pool, or close
+A_NODE_TIMER: Final = 4  # (idle timeout or 0, absolute deadline): the node connection's timer
+A_LOCAL: Final = 5  # (status, extra header bytes, retry_page): answer from the proxy and close
+A_FINISH: Final = 6  # close: bool — complete: one access-log line, then next request or close
+A_ABORT_CLIENT: Final = 7  # None — cut the client connection (truncated response)
+A_CLOSE_CLIENT: Final = 8  # None — close the client after what is queued
+A_TUNNEL: Final = 9  # None — 101 relayed: pipe bytes both ways from now on
+A_LOG: Final = 10  # truncated: bool — one access-log line
+A_ASK_SESSION: Final = 11  # token — guard.session_known -> guard_session(known)
+A_RESERVE_PIN: Final = 12  # (alias, ttl) — guard.reserve_pin -> guard_admitted(ticket, retry)
+A_SETTLE_PIN: Final = 13  # (ticket, alias, pin, failed)
+A_REMEMBER: Final = 14  # (token, lifetime)
+A_RECORD_FAILURE: Final = 15  # (alias, pin)
+A_NO_TUNNEL: Final = 16  # None — the node declined the client's upgrade
 
 # RFC 9110 §7.6.1 / RFC 9112 §9.6: hop-by-hop fields, never forwarded. Content-Length is
 # handled separately (re-emitted from the parsed value). X-Real-IP/X-Forwarded-Proto from the
@@ -73,9 +171,9 @@ _FORWARDING = frozenset(
         b"x-rewrite-url",
     }
 )
-# Guard (SPEC §4, added by the guard helper): a request_token call must come back uncompressed
-# so that its 403 "Invalid PIN" can be read and counted; forwarding the client's
-# Accept-Encoding would let an attacker ask for gzip and hide every failure from the guard.
+# Guard (SPEC §4): a request_token call must come back uncompressed so that its 403 "Invalid
+# PIN" can be read and counted; forwarding the client's Accept-Encoding would let an attacker
+# ask for gzip and hide every failure from the guard.
 _REQ_DROP_PIN = _REQ_DROP | {b"accept-encoding"}
 _REQ_DROP_UNTRUSTED = _REQ_DROP | _FORWARDING
 _REQ_DROP_PIN_UNTRUSTED = _REQ_DROP_PIN | _FORWARDING
@@ -92,7 +190,7 @@ _RESP_DROP = frozenset(
         b"proxy-authorization",
     }
 )
-# What on_response_head does with each response header, by its name as the node spelt it
+# What plan_response does with each response header, by its name as the node spelt it
 # (memoised: nodes send the same dozen names in the same spelling on every response, so one
 # dict lookup replaces a lower() and a chain of comparisons).
 _R_PASS, _R_DROP, _R_TRANSFER_ENCODING, _R_CONNECTION, _R_CONTENT_LENGTH = range(5)
@@ -118,70 +216,324 @@ def _resp_kind(name: bytes) -> int:
     return kind
 
 
-_RETRY_STATUSES = frozenset({500, 502, 503, 504})
+RETRY_STATUSES: Final = frozenset({500, 502, 503, 504})
 _PIN_BUFFER_LIMIT = 64 * 1024
+
+
+class NodeChooser(Protocol):
+    """The node-choice point, as the core uses it. `ExchangeSettings.nodes` is a concrete
+    `Balancer` (mypyc calls it natively, a Protocol would cost a Python call per pick); node
+    pools per path prefix plug in by giving each prefix its own ExchangeSettings (its own
+    Balancer and netlocs), chosen by the adapter before the Exchange is made."""
+
+    active: list[int]
+
+    def pick(self, client_ip: str, tried: int) -> int | None: ...
+
+    def pick_serving(self, client_ip: str, tried: int) -> int | None: ...
+
+
+class ExchangeSettings:
+    """What the core reads from the configuration, made once per worker (plain data)."""
+
+    __slots__ = (
+        "api_connect_timeout",
+        "ban_status",
+        "connect_timeout",
+        "csp_line",
+        "fqdn",
+        "guard",
+        "netlocs",
+        "nodes",
+        "read_timeout",
+        "request_buffer",
+        "sse_lifetime",
+    )
+
+    def __init__(
+        self,
+        *,
+        nodes: Balancer,
+        netlocs: list[str],
+        fqdn: bytes,
+        connect_timeout: float = 5.0,
+        api_connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+        sse_lifetime: float = 3600.0,
+        csp_line: bytes = b"",
+        request_buffer: int = 64 * 1024,
+        guard: bool = False,
+        ban_status: int = 429,
+    ) -> None:
+        self.nodes = nodes
+        self.netlocs = netlocs
+        self.fqdn = fqdn
+        self.connect_timeout = connect_timeout
+        self.api_connect_timeout = api_connect_timeout
+        self.read_timeout = read_timeout
+        self.sse_lifetime = sse_lifetime
+        self.csp_line = csp_line
+        self.request_buffer = request_buffer
+        self.guard = guard
+        self.ban_status = ban_status
+
+
+# -- pure functions -------------------------------------------------------------------------------
+
+
+def build_request_head(
+    req: Request,
+    *,
+    client_ip: str,
+    peer: str,
+    trusted: bool,
+    guarded: bool,
+    upgrading: bool,
+    fqdn: bytes,
+) -> bytes:
+    """The request head for the nodes (built once, replayed on failover). `guarded`: a PIN or
+    token call the guard reads (Accept-Encoding dropped); `trusted`: the peer is a trusted
+    balancer (its forwarding headers pass)."""
+    if guarded:
+        drop = _REQ_DROP_PIN if trusted else _REQ_DROP_PIN_UNTRUSTED
+    else:
+        drop = _REQ_DROP if trusted else _REQ_DROP_UNTRUSTED
+    extra: frozenset[bytes] | None = None
+    if req.conn_tokens is not None:
+        # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
+        extra = frozenset(t.strip() for t in req.conn_tokens.split(b","))
+    parts = [req.method, b" ", req.target.encode(), b" HTTP/1.1\r\n"]
+    for lname, name, value in req.headers:
+        if lname in drop or (extra is not None and lname in extra):
+            continue
+        parts += (name, b": ", value, b"\r\n")
+    if req.host is None:
+        parts.append(b"Host: " + fqdn + b"\r\n")
+    parts += (b"X-Real-IP: ", client_ip.encode(), b"\r\nX-Forwarded-For: ")
+    if req.xff is not None:
+        parts += (req.xff, b", ")
+    parts += (peer.encode(), b"\r\nX-Forwarded-Proto: https\r\n")
+    if upgrading:
+        parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
+    if req.chunked:
+        parts.append(b"Transfer-Encoding: chunked\r\n")
+    elif req.content_length is not None:
+        parts += (b"Content-Length: ", req.content_length.strip(), b"\r\n")
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def may_retry(
+    status: int | None, *, committed: bool, body_complete: bool, retained: bool, more: bool
+) -> bool:
+    """SPEC §2 failover policy: retry on the next node after a connect error/timeout or a lost
+    connection (`status` None) or a 500/502/503/504 head, for any method (POST included), only
+    while nothing was sent to the client (`committed`), the request body is still held whole
+    (`retained`; for a head, also fully read: `body_complete`) and another node is left
+    (`more`)."""
+    if committed or not retained or not more:
+        return False
+    if status is None:
+        return True
+    return status in RETRY_STATUSES and body_complete
+
+
+class ResponsePlan:
+    """What to send the client for a node's response head (see plan_response)."""
+
+    __slots__ = ("chunked", "close", "head", "sse", "until_close")
+
+    def __init__(
+        self, head: bytes, *, chunked: bool, until_close: bool, close: bool, sse: bool
+    ) -> None:
+        self.head = head  # the complete head for the client (HTTP/1.1 bytes)
+        self.chunked = chunked  # re-frame the body as chunked to the client
+        self.until_close = until_close  # the node delimits the body by closing (RFC 9112 §6.3)
+        self.close = close  # close the client connection after this response
+        self.sse = sse  # text/event-stream: no read timeout, a lifetime instead
+
+
+def _filter(
+    status: int, headers: list[tuple[bytes, bytes]], extra: frozenset[bytes]
+) -> list[bytes]:
+    out = [status_line(status)]
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESP_DROP or lname in extra:
+            continue
+        out += (name, b": ", value, b"\r\n")
+    return out
+
+
+def plan_response(
+    status: int,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    head_only: bool,
+    version: str,
+    keep_alive: bool,
+    csp_line: bytes,
+    close: bool = False,
+) -> ResponsePlan:
+    """The client's response head for a node's non-1xx, non-101 head: hop-by-hop fields dropped
+    (RFC 9110 §7.6.1, including those Connection names), the CSP added when the node sent none,
+    framing chosen (RFC 9112 §6.3: Content-Length kept; else chunked to 1.1 clients, or close
+    to 1.0 ones), Connection for the client's keep-alive."""
+    parts = [status_line(status)]
+    has_csp = False
+    chunked_in = False
+    sse = False
+    length: bytes | None = None
+    extra: frozenset[bytes] | None = None
+    kinds = _RESP_KINDS
+    for name, value in headers:
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _resp_kind(name)
+        if kind == _R_PASS:
+            parts += (name, b": ", value, b"\r\n")
+        elif kind == _R_DROP:
+            pass
+        elif kind == _R_TRANSFER_ENCODING:
+            chunked_in = True
+        elif kind == _R_CONNECTION:
+            v = value.lower()
+            if v != b"keep-alive" and v != b"close":  # the usual values: nothing named
+                toks = frozenset(x.strip() for x in v.split(b","))
+                extra = toks if extra is None else extra | toks
+        else:
+            if kind == _R_CONTENT_LENGTH:
+                length = value
+            elif kind == _R_CONTENT_TYPE:
+                if value.startswith(b"text/event-stream"):
+                    sse = True
+            else:  # _R_CSP
+                has_csp = True
+            parts += (name, b": ", value, b"\r\n")
+    if extra is not None and extra - {b"keep-alive", b"close", b"upgrade"}:
+        parts = _filter(status, headers, extra)
+    if csp_line and not has_csp:
+        parts.append(csp_line)
+    chunked = until_close = False
+    if not (head_only or status in (204, 304)) and length is None:
+        until_close = not chunked_in
+        if version == "1.0":
+            close = True
+        else:
+            chunked = True
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+    if close or not keep_alive:
+        parts.append(b"Connection: close\r\n\r\n")
+    elif version == "1.0":
+        parts.append(b"Connection: keep-alive\r\n\r\n")  # RFC 9112 §9.3: 1.0 must be told
+    else:
+        parts.append(b"\r\n")
+    return ResponsePlan(
+        b"".join(parts), chunked=chunked, until_close=until_close, close=close, sse=sse
+    )
+
+
+def _upgrade_head(status: int, headers: list[tuple[bytes, bytes]], csp_line: bytes) -> bytes:
+    parts = [status_line(status)]
+    has_csp = False
+    for name, value in headers:
+        lname = name.lower()
+        if lname in _RESP_DROP:
+            continue
+        if lname == b"content-security-policy":
+            has_csp = True
+        parts += (name, b": ", value, b"\r\n")
+    if csp_line and not has_csp:
+        parts.append(csp_line)
+    parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+    return b"".join(parts)
+
+
+# -- the exchange -------------------------------------------------------------------------------
 
 
 class Exchange:
     """One request's journey: attempts on nodes, then the response streamed to the client."""
 
     __slots__ = (
+        "actions",
         "addrs",
         "banned",
         "chunked_out",
-        "client",
         "client_ip",
         "close_after",
         "committed",
-        "connect_timeout",
-        "dead",
+        "got_bytes",
         "head",
         "head_only",
         "head_out",
+        "informational",
         "node",
+        "peer",
         "pin_alias",
         "pin_buf",
         "req",
+        "reused",
         "seek_session",
         "sent",
+        "settings",
         "sse",
-        "start",
+        "start_time",
+        "state",
         "static_length",
         "status",
         "statuses",
         "ticket",
         "times",
+        "to_client",
+        "to_node",
         "token_call",
         "tried",
+        "trusted",
         "until_close",
-        "up",
+        "upgrade_requested",
         "upgrading",
         "upstream_time",
-        "waiting_body",
     )
 
-    def __init__(self, client: ClientConnection, req: Request, client_ip: str) -> None:
-        self.client = client
+    def __init__(
+        self,
+        settings: ExchangeSettings,
+        req: Request,
+        *,
+        client_ip: str,
+        peer: str,
+        trusted: bool = False,
+        now: float = 0.0,
+    ) -> None:
+        self.settings = settings
         self.req = req
         self.client_ip = client_ip
-        self.up: UpstreamConnection | None = None
+        self.peer = peer
+        self.trusted = trusted
+        self.state: int = START  # a State
+        self.to_client: list[bytes] = []
+        self.to_node: list[bytes] = []
+        self.actions: list[tuple[int, Any]] = []
         self.node = -1
         self.tried = 0
         # After a node answered 403 to a request carrying a conference token: the token may
         # belong to another node (one in maintenance keeps its sessions), so look there too.
         self.seek_session = False
         self.committed = False
-        self.dead = False
         self.status = 0
         self.sent = 0
         self.chunked_out = False
         self.close_after = False
         self.head_only = req.method == b"HEAD"
         self.sse = False
+        self.informational = False
         self.upgrading = req.websocket and req.method == b"GET"
+        self.upgrade_requested = False
         self.addrs: list[str] = []
         self.statuses: list[str] = []
-        self.start = client.core.loop.time()
+        self.times: list[str] = []
+        self.start_time = now
         self.upstream_time = 0.0
         self.static_length = 0
         self.head = b""
@@ -193,89 +545,106 @@ class Exchange:
         self.banned: float | None = None
         self.ticket: str | None = None
         self.token_call = False
-        self.connect_timeout = 0.0
         self.until_close = False
-        self.waiting_body = False
-        self.times: list[str] = []
+        # The current node connection: a reused keep-alive one; any response bytes on it yet.
+        self.reused = False
+        self.got_bytes = False
+
+    @property
+    def dead(self) -> bool:
+        return self.state == DONE
+
+    def _go(self, new: int) -> None:
+        if not (_ALLOWED[self.state] >> new) & 1:
+            raise ExchangeError(
+                f"exchange: {State(self.state).name} -> {State(new).name} is not allowed"
+            )
+        self.state = new
+
+    def _end(self) -> None:
+        self.state = DONE  # allowed from every state but DONE (TRANSITIONS)
 
     # -- request side ---------------------------------------------------------------------------
 
-    def _build_head(self) -> bytes:
-        """The request head for the nodes (built once, replayed on failover)."""
-        req = self.req
-        client = self.client
-        # Without trusted_proxies (the usual case) in_networks answers False at once.
-        trusted = in_networks(client.peer, client.core.trusted)
-        if self.pin_alias is None and not self.token_call:
-            drop = _REQ_DROP if trusted else _REQ_DROP_UNTRUSTED
-        else:
-            drop = _REQ_DROP_PIN if trusted else _REQ_DROP_PIN_UNTRUSTED
-        extra: frozenset[bytes] | None = None
-        if req.conn_tokens is not None:
-            # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
-            extra = frozenset(t.strip() for t in req.conn_tokens.split(b","))
-        parts = [req.method, b" ", req.target.encode(), b" HTTP/1.1\r\n"]
-        for lname, name, value in req.headers:
-            if lname in drop or (extra is not None and lname in extra):
-                continue
-            parts += (name, b": ", value, b"\r\n")
-        if req.host is None:
-            parts.append(b"Host: " + client.core.cfg.server.fqdn.encode() + b"\r\n")
-        ip = self.client_ip.encode()
-        peer = client.peer.encode()
-        parts += (b"X-Real-IP: ", ip, b"\r\nX-Forwarded-For: ")
-        if req.xff is not None:
-            parts += (req.xff, b", ")
-        parts += (peer, b"\r\nX-Forwarded-Proto: https\r\n")
-        if self.upgrading:
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
-        if req.chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
-        elif req.content_length is not None:
-            parts += (b"Content-Length: ", req.content_length.strip(), b"\r\n")
-        parts.append(b"\r\n")
-        return b"".join(parts)
+    def start(self, now: float, *, buffer_body: bool) -> None:
+        """The request head was vetted: wait for a small body (`buffer_body`) or attempt."""
+        if buffer_body:
+            self._go(BUFFERING)
+            return
+        self.attempt(now)
 
-    def attempt(self) -> None:
+    def attempt(self, now: float) -> None:
         """Send the request to the next node, or answer the error page when none is left."""
-        client = self.client
-        core = client.core
+        st = self.settings
         if not self.head:
             path = self.req.target
-            self.connect_timeout = (
-                core.api_connect_timeout if path.startswith("/api") else core.connect_timeout
-            )
-            if self.req.method == b"POST" and core.guard is not None and "_token" in path.lower():
+            if self.req.method == b"POST" and st.guard and "_token" in path.lower():
                 self.pin_alias = pin_alias(path)
                 self.token_call = token_call(path) is not None
-            self.head = self._build_head()  # after pin_alias: it drops Accept-Encoding then
-            if core.guard is not None and self._ask_guard(path):
-                return  # the guard answers first: _session_checked / _admitted call us again
+            self.head = build_request_head(
+                self.req,
+                client_ip=self.client_ip,
+                peer=self.peer,
+                trusted=self.trusted,
+                guarded=self.pin_alias is not None or self.token_call,
+                upgrading=self.upgrading,
+                fqdn=st.fqdn,
+            )
+            if st.guard and self._ask_guard(path):
+                return  # guard_session / guard_admitted call attempt again
+        nodes = st.nodes
         if self.seek_session:
-            i = core.balancer.pick_serving(self.client_ip, self.tried)
+            i = nodes.pick_serving(self.client_ip, self.tried)
         else:
-            i = core.balancer.pick(self.client_ip, self.tried)
+            i = nodes.pick(self.client_ip, self.tried)
         if i is None:
             if self.tried:
                 status = 504 if self.statuses and self.statuses[-1] == "504" else 502
             else:
                 status = 503
                 self._settle(False)  # nothing went out: give the reservation back
-            self.dead = True
-            client.exchange = None
-            client.local_response(self.req, status, retry_page=True, ex=self)
+            self._end()
+            self.actions.append((A_LOCAL, (status, b"", True)))
             return
+        self._go(CONNECTING)
         self.tried |= 1 << i
         self.node = i
-        core.balancer.active[i] += 1
-        pool = core.pools[i]
-        self.addrs.append(pool.netloc)
-        self.upstream_time = core.loop.time()
-        conn = pool.take()
-        if conn is not None:
-            self.upstream_ready(conn)
-        else:
-            pool.connect(self, self.connect_timeout)
+        nodes.active[i] += 1
+        self.addrs.append(st.netlocs[i])
+        self.upstream_time = now
+        path = self.req.target
+        timeout = st.api_connect_timeout if path.startswith("/api") else st.connect_timeout
+        self.actions.append((A_CONNECT, (i, timeout)))
+
+    def request_body(self, body: bytes, now: float) -> None:
+        """A request body chunk (already counted against the body limit by the adapter)."""
+        req = self.req
+        if req.retain:
+            req.body.append(body)
+        state = self.state
+        if state == BUFFERING:
+            if req.body_size > self.settings.request_buffer:
+                # Too big to hold back: stream from here (retained chunks go first).
+                self.attempt(now)
+            return
+        if WAITING <= state <= STREAMING:
+            if req.chunked:
+                self.to_node.append(b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
+            else:
+                self.to_node.append(body)
+        # otherwise retained in req.body; sent when a connection is ready
+
+    def request_end(self, now: float) -> None:
+        req = self.req
+        req.complete = True
+        state = self.state
+        if state == BUFFERING:
+            self.attempt(now)  # the whole buffered body goes out with the head
+            return
+        if req.chunked and WAITING <= state <= STREAMING:
+            self.to_node.append(b"0\r\n\r\n")
+        if self.committed:
+            req.body = []
 
     # -- guard (docs/GUARD.md "Guesses in flight", confedge.guard.inflight) ---------------------
 
@@ -283,74 +652,66 @@ class Exchange:
         """Before anything goes to a node: a banned address passes only with a token a node
         issued to it (and never for request_token, which is a guess whatever it carries); a
         request_token needs a reservation. True when the guard's answer is awaited."""
-        core = self.client.core
-        guard = core.guard
-        assert guard is not None
+        st = self.settings
         if self.banned is not None:
             token = session_token(self.req.headers, self.req.url)
             if token is None or pin_alias(path) is not None:
-                self._refuse(guard.ban_status, self.banned)
+                self._refuse(st.ban_status, self.banned)
             else:
-                guard.session_known(self.client_ip, token, self._session_checked)
+                self._go(GUARD)
+                self.actions.append((A_ASK_SESSION, token))
             return True
         if self.pin_alias is not None:
             # The longest the proxy may wait for the answer (every node tried once): an
             # unanswered reservation lapses no earlier, so a late answer is still counted.
-            ttl = len(core.pools) * (core.api_connect_timeout + core.read_timeout)
-            guard.reserve_pin(self.client_ip, self.pin_alias, ttl, self._admitted)
+            ttl = len(st.netlocs) * (st.api_connect_timeout + st.read_timeout)
+            self._go(GUARD)
+            self.actions.append((A_RESERVE_PIN, (self.pin_alias, ttl)))
             return True
         return False
 
-    def _session_checked(self, known: bool) -> None:
-        if self.dead:
+    def guard_session(self, known: bool, now: float) -> None:
+        if self.state != GUARD:
             return
-        guard = self.client.core.guard
-        assert guard is not None and self.banned is not None
         if not known:
-            self._refuse(guard.ban_status, self.banned)
+            self._refuse(self.settings.ban_status, self.banned or 1.0)
             return
         self.banned = None
-        self.attempt()
+        self.attempt(now)
 
-    def _admitted(self, ticket: str | None, retry_after: float) -> None:
+    def guard_admitted(self, ticket: str | None, retry_after: float, now: float) -> None:
         self.ticket = ticket
-        if self.dead or self.client.transport is None:
+        if self.state != GUARD:
             self._settle(False)  # the client left while we asked
             return
         if ticket is None:
             self._refuse(429, retry_after)
             return
-        self.attempt()
+        self.attempt(now)
 
     def _refuse(self, status: int, retry_after: float) -> None:
-        self.dead = True
-        client = self.client
-        client.exchange = None
+        self._end()
         extra = b"Retry-After: %d\r\n" % max(1, math.ceil(retry_after))
-        client.local_response(self.req, status, extra=extra, ex=self)
+        self.actions.append((A_LOCAL, (status, extra, False)))
 
     def _settle(self, failed: bool) -> None:
         """Hand the reservation back to the guard: answered (`failed`: Invalid PIN), or never
         sent. Unanswered reservations are left to lapse (guard.inflight)."""
         ticket, self.ticket = self.ticket, None
-        guard = self.client.core.guard
-        if ticket is None or guard is None:
+        if ticket is None:
             return
         pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
-        guard.settle_pin(ticket, self.client_ip, self.pin_alias or "", pin, failed)
+        self.actions.append((A_SETTLE_PIN, (ticket, self.pin_alias or "", pin, failed)))
 
-    def upstream_ready(self, conn: UpstreamConnection) -> None:
-        core = self.client.core
-        if self.dead:
-            core.pools[conn.pool.index].release(conn)
-            return
-        self.up = conn
-        conn.exchange = self
-        conn.timeout = core.read_timeout
-        conn.activity = False
-        conn.deadline = core.loop.time() + core.read_timeout
-        t = conn.transport
-        assert t is not None
+    # -- node connection ------------------------------------------------------------------------
+
+    def node_connected(self, now: float, *, reused: bool = False) -> None:
+        """A connection to the chosen node is ready: the head and the retained body go out."""
+        self._go(WAITING)  # (the adapter keeps a connection that came too late)
+        self.reused = reused
+        self.got_bytes = False
+        st = self.settings
+        self.actions.append((A_NODE_TIMER, (st.read_timeout, now + st.read_timeout)))
         req = self.req
         if req.chunked:
             parts = [self.head]
@@ -358,175 +719,155 @@ class Exchange:
                 parts += (b"%x\r\n" % len(chunk), chunk, b"\r\n")
             if req.complete:
                 parts.append(b"0\r\n\r\n")
-            core.send(t, b"".join(parts))
+            self.to_node.append(b"".join(parts))
         elif req.body:
-            core.send(t, b"".join([self.head, *req.body]))
+            self.to_node.append(b"".join([self.head, *req.body]))
         else:
-            core.send(t, self.head)
+            self.to_node.append(self.head)
 
-    def on_request_body(self, body: bytes) -> None:
-        up = self.up
-        if up is None or up.transport is None:
-            return  # retained in req.body; sent when a connection is ready
-        core = self.client.core
-        if self.req.chunked:
-            core.send(up.transport, b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
-        else:
-            core.send(up.transport, body)
-
-    def on_request_done(self) -> None:
-        client = self.client
-        if client.tmode == T_BODY:
-            client._set_timeout(T_NONE, 0.0)
-        if self.waiting_body:
-            self.waiting_body = False
-            self.attempt()  # the whole buffered body goes out with the head
+    def node_connect_failed(self, i: int, reason: str, now: float) -> None:
+        self.actions.append((A_MARK_FAILED, (i, reason, False)))
+        if self.state != CONNECTING:
             return
-        up = self.up
-        if up is not None and up.transport is not None and self.req.chunked:
-            client.core.send(up.transport, b"0\r\n\r\n")
-        if not self.committed:
-            return
-        self.req.body = []
+        self._retry("502", now)
 
     # -- failures -------------------------------------------------------------------------------
 
-    def _release_attempt(self) -> None:
+    def _release_attempt(self, now: float) -> None:
         if self.node >= 0:
-            core = self.client.core
-            core.balancer.active[self.node] -= 1
-            self.times.append(f"{core.loop.time() - self.upstream_time:.3f}")
+            self.settings.nodes.active[self.node] -= 1
+            self.times.append(f"{now - self.upstream_time:.3f}")
             self.node = -1
 
-    def _retry(self, reason_status: str) -> None:
+    def _retry(self, reason_status: str, now: float) -> None:
         self.statuses.append(reason_status)
-        self._release_attempt()
-        self.up = None
+        self._release_attempt(now)
         if not self.req.retain:
-            self.client.abort()
+            self._end()
+            self.actions.append((A_ABORT_CLIENT, None))
             return
-        self.attempt()
+        self.attempt(now)  # WAITING/CONNECTING -> CONNECTING (or DONE when no node is left)
 
-    def connect_failed(self, i: int, reason: str) -> None:
-        core = self.client.core
-        core.passive_failure(i, reason)
-        if self.dead:
+    def node_lost(self, now: float, *, got_bytes: bool = True) -> None:
+        """The node's connection closed while this exchange used it (`got_bytes`: it had sent
+        something since the request went out)."""
+        state = self.state
+        if state in (DONE, CONNECTING):
             return
-        self._retry("502")
-
-    def upstream_lost(self, conn: UpstreamConnection) -> None:
-        """The node's connection closed while this exchange used it."""
-        if self.dead:
+        if state == TUNNEL:
+            self._end()
+            self._release_attempt(now)
+            self.actions.append((A_CLOSE_CLIENT, None))
             return
         if self.committed:
-            if conn.tunnel:
-                self.dead = True
-                self._release_attempt()
-                if self.client.transport is not None:
-                    self.client.core.close_after(self.client.transport)
-                return
             if self.until_close:
                 # RFC 9112 §6.3 item 8: the body was delimited by the close.
-                self.on_response_done(conn)
+                self.response_end(False, now)
                 return
             # Truncated response: the client must notice, so close without a clean end.
-            self._release_attempt()
-            self.dead = True
-            self.client.abort()
-            self.client.core.log_exchange(self, truncated=True)
+            self._release_attempt(now)
+            self._end()
+            self.actions.append((A_ABORT_CLIENT, None))
+            self.actions.append((A_LOG, True))
             return
-        if conn.reused and not conn.got_bytes:
+        if self.reused and not got_bytes and not self.got_bytes:
             # A keep-alive connection the node had already closed: not the node's fault, replay
             # on a fresh connection to the same node (RFC 9112 §9.3.1 allows this retry).
             self.tried &= ~(1 << self.node)
-            self._release_attempt()
+            self._release_attempt(now)
             self.addrs.pop()
             self.times.pop()
-            self.up = None
-            self.attempt()
+            self.attempt(now)
             return
-        self.client.core.passive_failure(conn.pool.index, "connection closed before a response")
-        self._retry("502")
+        self.actions.append(
+            (A_MARK_FAILED, (self.node, "connection closed before a response", False))
+        )
+        self._retry("502", now)
 
-    def upstream_failed(self, conn: UpstreamConnection, reason: str) -> None:
-        if self.dead:
+    def node_failed(self, reason: str, now: float) -> None:
+        """The node's response could not be parsed (the adapter closed the connection)."""
+        if self.state == DONE:
             return
         if self.committed:
-            self.dead = True
-            self._release_attempt()
-            self.client.abort()
+            self._end()
+            self._release_attempt(now)
+            self.actions.append((A_ABORT_CLIENT, None))
             return
-        self.client.core.passive_failure(conn.pool.index, reason)
-        self._retry("502")
+        self.actions.append((A_MARK_FAILED, (self.node, reason, False)))
+        self._retry("502", now)
 
-    def upstream_timeout(self, conn: UpstreamConnection) -> None:
+    def node_timeout(self, now: float) -> None:
+        """The node timer (A_NODE_TIMER) expired."""
+        if self.state == DONE:
+            return
+        self.actions.append((A_NODE_DONE, False))
         if self.committed:
             # SSE lifetime reached or a node stalled mid-body: end the response.
-            self.dead = True
-            self._release_attempt()
-            conn.close()
-            self.client.abort()
-            self.client.core.log_exchange(self, truncated=True)
+            self._end()
+            self._release_attempt(now)
+            self.actions.append((A_ABORT_CLIENT, None))
+            self.actions.append((A_LOG, True))
             return
-        self.client.core.passive_failure(conn.pool.index, "no response within proxy.read_timeout")
-        conn.close()
-        self._retry("504")
+        self.actions.append(
+            (A_MARK_FAILED, (self.node, "no response within proxy.read_timeout", False))
+        )
+        self._retry("504", now)
 
-    def cancel(self) -> None:
+    def client_cancelled(self, now: float) -> None:
         """The client side failed (refusal, timeout) before the response: drop the attempt."""
-        self.dead = True
-        self._release_attempt()
-        up = self.up
-        if up is not None:
-            up.close()
-            self.up = None
-
-    def client_gone(self) -> None:
-        if self.dead:
+        if self.state == DONE:
             return
-        self.dead = True
-        self._release_attempt()
-        up = self.up
-        if up is not None:
-            up.close()
-            self.up = None
+        had_node = self.state in (WAITING, STREAMING, TUNNEL)
+        self._end()
+        self._release_attempt(now)
+        if had_node:
+            self.actions.append((A_NODE_DONE, False))
+
+    def client_lost(self, now: float) -> None:
+        if self.state == DONE:
+            return
+        had_node = self.state in (WAITING, STREAMING, TUNNEL)
+        self._end()
+        self._release_attempt(now)
+        if had_node:
+            self.actions.append((A_NODE_DONE, False))
         if not self.committed or self.status:
-            self.client.core.log_exchange(self, truncated=True)
+            self.actions.append((A_LOG, True))
 
     # -- response side --------------------------------------------------------------------------
 
-    def on_response_head(self, conn: UpstreamConnection) -> None:
-        status = conn.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            conn.informational = (
-                True  # RFC 9110 §15.2: 1xx are not forwarded (we sent 100 ourselves)
-            )
+    def response_head(self, status: int, headers: list[tuple[bytes, bytes]], now: float) -> None:
+        if self.state != WAITING:
             return
-        client = self.client
-        core = client.core
+        self.got_bytes = True
+        if 100 <= status < 200 and status != 101:
+            self.informational = True  # RFC 9110 §15.2: 1xx are not forwarded
+            return
+        st = self.settings
         req = self.req
-        if status in _RETRY_STATUSES and not self.committed:
+        if status in RETRY_STATUSES:
             if status != 500:
-                core.passive_failure(
-                    conn.pool.index, f"answered {status}", maintenance=status == 503
+                self.actions.append(
+                    (A_MARK_FAILED, (self.node, f"answered {status}", status == 503))
                 )
-            if (
-                req.complete
-                and req.retain
-                and core.balancer.pick(self.client_ip, self.tried) is not None
+            if may_retry(
+                status,
+                committed=False,
+                body_complete=req.complete,
+                retained=req.retain,
+                more=st.nodes.pick(self.client_ip, self.tried) is not None,
             ):
-                conn.close()
-                self._retry(str(status))
+                self.actions.append((A_NODE_DONE, False))
+                self._retry(str(status), now)
                 return
         if (
             status == 403
-            and not self.committed
             and req.complete
             and req.retain
             and (req.session or b"?token=" in req.url or b"&token=" in req.url)
             # Never for a join: each retry would be one more PIN guess on another node.
             and "request_token" not in req.target.lower()
-            and core.balancer.pick_serving(self.client_ip, self.tried) is not None
+            and st.nodes.pick_serving(self.client_ip, self.tried) is not None
         ):
             # A token is valid only on the node that issued it. ip-hash normally sends a
             # client's requests there, but not while that node is in maintenance (it refuses
@@ -534,198 +875,157 @@ class Exchange:
             # rebalanced. So a 403 to a token-bearing request is retried on the other nodes
             # that still hold sessions, maintenance ones included; the last 403 reaches the
             # client when the token is truly invalid. Stateless, so every worker agrees.
-            conn.close()
+            self.actions.append((A_NODE_DONE, False))
             self.seek_session = True
-            self._retry("403")
+            self._retry("403", now)
             return
+        self._go(STREAMING)
         self.status = status
         self.statuses.append(str(status))
         self.committed = True
         req.retain = False
         if req.complete:
             req.body = []
-        t = client.transport
-        if t is None:
-            return
-        parts = [status_line(status)]
-        has_csp = False
-        chunked_in = False
-        length: bytes | None = None
-        extra: frozenset[bytes] | None = None
-        kinds = _RESP_KINDS
-        for name, value in conn.headers:
-            kind = kinds.get(name)
-            if kind is None:
-                kind = _resp_kind(name)
-            if kind == _R_PASS:
-                parts += (name, b": ", value, b"\r\n")
-            elif kind == _R_DROP:
-                pass
-            elif kind == _R_TRANSFER_ENCODING:
-                chunked_in = True
-            elif kind == _R_CONNECTION:
-                v = value.lower()
-                if v != b"keep-alive" and v != b"close":  # the usual values: nothing named
-                    toks = frozenset(x.strip() for x in v.split(b","))
-                    extra = toks if extra is None else extra | toks
-            else:
-                if kind == _R_CONTENT_LENGTH:
-                    length = value
-                elif kind == _R_CONTENT_TYPE:
-                    if value.startswith(b"text/event-stream"):
-                        self.sse = True
-                else:  # _R_CSP
-                    has_csp = True
-                parts += (name, b": ", value, b"\r\n")
-        if extra is not None and extra - {b"keep-alive", b"close", b"upgrade"}:
-            parts = [p for p in self._filter(conn.headers, extra)]
-        if core.csp_line and not has_csp:
-            parts.append(core.csp_line)
         if status == 101:
             if not self.upgrading:
-                self.dead = True
-                client.abort()
+                self._end()
+                self.actions.append((A_ABORT_CLIENT, None))
                 return
-            parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-            core.send(t, b"".join(parts))
+            self.to_client.append(_upgrade_head(status, headers, st.csp_line))
             return
         self.upgrading = False
-        no_body = self.head_only or status in (204, 304)
-        if not no_body and length is None:
-            self.until_close = not chunked_in
-            if req.version == "1.0":
-                self.close_after = True
-            else:
-                self.chunked_out = True
-                parts.append(b"Transfer-Encoding: chunked\r\n")
-        if client.tunnel:
-            self.close_after = True  # an upgrade the node declined: the client stream is unusable
-            client.tunnel = False
-        if self.close_after or not req.keep_alive:
-            parts.append(b"Connection: close\r\n\r\n")
-        elif req.version == "1.0":
-            parts.append(b"Connection: keep-alive\r\n\r\n")  # RFC 9112 §9.3: 1.0 must be told
-        else:
-            parts.append(b"\r\n")
+        declined = self.upgrade_requested
+        if declined:
+            # An upgrade the node declined: the client's stream is unusable after this.
+            self.upgrade_requested = False
+            self.actions.append((A_NO_TUNNEL, None))
+        plan = plan_response(
+            status,
+            headers,
+            head_only=self.head_only,
+            version=req.version,
+            keep_alive=req.keep_alive,
+            csp_line=st.csp_line,
+            close=declined,
+        )
+        self.chunked_out = plan.chunked
+        self.until_close = plan.until_close
+        self.close_after = plan.close
+        self.sse = plan.sse
         if self.head_only:
-            core.send(t, b"".join(parts))
+            self.to_client.append(plan.head)
         else:
             # Held back until the body's first bytes or the end of this read (flush_head).
-            self.head_out = b"".join(parts)
-        if self.sse:
-            conn.timeout = 0.0
-            conn.deadline = core.loop.time() + core.sse_lifetime
+            self.head_out = plan.head
+        if plan.sse:
+            self.actions.append((A_NODE_TIMER, (0.0, now + st.sse_lifetime)))
         if (self.pin_alias is not None and status == 403) or (self.token_call and status == 200):
             self.pin_buf = bytearray()
         if self.head_only:
             # httptools cannot be told a response answers HEAD, so it would wait for a body
             # of Content-Length bytes: finish now and retire the connection.
-            self._complete(conn, reuse=False)
+            self._complete(now, reuse=False)
 
-    def _filter(self, headers: list[tuple[bytes, bytes]], extra: frozenset[bytes]) -> list[bytes]:
-        out = [status_line(self.status)]
-        for name, value in headers:
-            lname = name.lower()
-            if lname in _RESP_DROP or lname in extra:
-                continue
-            out += (name, b": ", value, b"\r\n")
-        return out
-
-    def on_tunnel(self, conn: UpstreamConnection, rest: bytes) -> None:
-        """The node switched protocols (101): pipe bytes both ways from now on."""
-        client = self.client
-        if self.status != 101 or not client.tunnel or client.transport is None:
-            self.dead = True
-            conn.close()
-            client.abort()
-            return
-        conn.tunnel = True
-        conn.timeout = 0.0
-        conn.deadline = _INF
-        if rest:
-            client.core.send(client.transport, rest)
-        client.start_tunnel()
-        client.core.log_exchange(self)
+    def client_upgrade(self) -> bool:
+        """The client's parser stopped at an Upgrade request; True when it is this exchange's
+        WebSocket upgrade (bytes after it wait for the node's 101)."""
+        if self.upgrading and self.state != DONE:
+            self.upgrade_requested = True
+            return True
+        return False
 
     def flush_head(self) -> None:
-        """Write a held-back response head (SSE: the head must not wait for the first event)."""
+        """Queue a held-back response head (SSE: the head must not wait for the first event);
+        the adapter calls this at the end of the read that carried the head."""
         head, self.head_out = self.head_out, None
-        t = self.client.transport
-        if head is not None and t is not None:
-            self.client.core.send(t, head)
+        if head is not None:
+            self.to_client.append(head)
 
-    def on_response_body(self, body: bytes) -> None:
-        t = self.client.transport
-        if t is None:
+    def response_body(self, body: bytes) -> None:
+        if self.state != STREAMING:
             return
         self.sent += len(body)
-        send = self.client.core.send
         head = self.head_out
         if head is not None:
             self.head_out = None
             if self.chunked_out:
-                send(t, b"".join((head, b"%x\r\n" % len(body), body, b"\r\n")))
+                self.to_client.append(b"".join((head, b"%x\r\n" % len(body), body, b"\r\n")))
             else:
-                send(t, head + body)
+                self.to_client.append(head + body)
         elif self.chunked_out:
-            send(t, b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
+            self.to_client.append(b"".join((b"%x\r\n" % len(body), body, b"\r\n")))
         else:
-            send(t, body)
+            self.to_client.append(body)
         pb = self.pin_buf
         if pb is not None and len(pb) < _PIN_BUFFER_LIMIT:
             pb += body
 
-    def on_response_done(self, conn: UpstreamConnection) -> None:
-        if self.status == 101:
-            return  # the tunnel starts when the parser reports the upgrade
-        t = self.client.transport
-        if t is not None:
-            head, self.head_out = self.head_out, None
-            if head is not None:
-                self.client.core.send(t, head + b"0\r\n\r\n" if self.chunked_out else head)
-            elif self.chunked_out:
-                self.client.core.send(t, b"0\r\n\r\n")
-        self._complete(conn, reuse=not self.until_close and conn.parser.should_keep_alive())
+    def response_end(self, keep_alive: bool, now: float) -> None:
+        """The node's response is complete; `keep_alive`: its connection may be reused."""
+        if self.informational:
+            self.informational = False
+            return
+        if self.state != STREAMING or self.status == 101:
+            return  # a tunnel starts with node_upgraded
+        head, self.head_out = self.head_out, None
+        if head is not None:
+            self.to_client.append(head + b"0\r\n\r\n" if self.chunked_out else head)
+        elif self.chunked_out:
+            self.to_client.append(b"0\r\n\r\n")
+        self._complete(now, reuse=not self.until_close and keep_alive)
 
-    def _complete(self, conn: UpstreamConnection, *, reuse: bool) -> None:
-        client = self.client
-        core = client.core
-        self._release_attempt()
-        self.up = None
-        conn.exchange = None
-        if reuse and self.req.complete and not conn.tunnel:
-            conn.pool.release(conn)
-        else:
-            conn.close()
+    def node_upgraded(self, rest: bytes, now: float) -> None:
+        """The node switched protocols (101): pipe bytes both ways from now on."""
+        if self.status != 101 or not self.upgrade_requested or self.state != STREAMING:
+            self._end()
+            self.actions.append((A_NODE_DONE, False))
+            self.actions.append((A_ABORT_CLIENT, None))
+            return
+        self._go(TUNNEL)
+        self.actions.append((A_NODE_TIMER, (0.0, _INF)))
+        if rest:
+            self.to_client.append(rest)
+        self.actions.append((A_TUNNEL, None))
+        self.actions.append((A_LOG, False))
+
+    def _complete(self, now: float, *, reuse: bool) -> None:
+        self._release_attempt(now)
+        self.actions.append((A_NODE_DONE, reuse and self.req.complete))
         if self.pin_buf is not None or self.ticket is not None:
             self._check_pin()
-        self.dead = True
-        core.log_exchange(self)
-        client.finished(self, close=self.close_after)
+        self._end()
+        self.actions.append((A_FINISH, self.close_after))
 
     def _check_pin(self) -> None:
         """Guard API: a 403 "Invalid PIN" on request_token is a PIN failure (SPEC §4); a 200
         to request_token/refresh_token issues a token the guard remembers; either way the
         answer settles the request's reservation."""
-        guard = self.client.core.guard
         body = bytes(self.pin_buf) if self.pin_buf is not None else b""
         failed = False
-        if guard is not None and self.status == 403 and self.pin_alias is not None:
+        if self.status == 403 and self.pin_alias is not None:
             try:
                 failed = json.loads(body).get("result") == "Invalid PIN"
             except (ValueError, AttributeError, RecursionError):
                 failed = False
-        elif guard is not None and self.status == 200 and self.token_call:
+        elif self.status == 200 and self.token_call:
             issued = issued_token(body)
             if issued is not None:
-                guard.remember_session(self.client_ip, *issued)
+                self.actions.append((A_REMEMBER, issued))
         if self.ticket is not None:
             self._settle(failed)
-        elif failed and guard is not None and self.pin_alias is not None:
+        elif failed and self.pin_alias is not None:
             pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
-            guard.record_pin_failure(self.client_ip, self.pin_alias, pin)
+            self.actions.append((A_RECORD_FAILURE, (self.pin_alias, pin)))
 
-    def finish_static(self, keep: bool) -> None:
-        self.dead = True
-        self.client.core.log_exchange(self)
-        self.client.finished(self, close=not keep)
+    # -- answers the proxy makes itself ---------------------------------------------------------
+
+    def served_locally(self, status: int, length: int) -> None:
+        """A static file (proxy/static.py) answers this request: only logging remains."""
+        self.state = STREAMING
+        self.status = status
+        self.committed = True
+        self.static_length = length
+
+    def finish_local(self, keep: bool) -> None:
+        self._end()
+        self.actions.append((A_FINISH, not keep))

@@ -5,10 +5,9 @@ connection): a browser or monitor that reuses its connection pays no new TCP han
 redirect. Every answer gets an access-log line in the reference format, as nginx logs its 301s
 (fail2ban recipes and log shippers see port-80 traffic too).
 
-Timeouts without a timer per request: one TimerHandle per connection fires at the current
-deadline and, if the deadline moved meanwhile (a new request began, an answer went out), re-arms
-for the new one. The head of each request must arrive within `proxy.header_timeout` of its first
-byte; an idle keep-alive connection is closed after `proxy.idle_timeout`.
+Timeouts (confedge/timers.py, swept by the worker with its other connections): the head of each
+request must arrive within `proxy.header_timeout` of its first byte; an idle keep-alive
+connection is closed after `proxy.idle_timeout`.
 """
 
 from __future__ import annotations
@@ -23,9 +22,10 @@ import httptools
 from confedge.proxy.core import MEMO_SIZE, normalise_peer
 from confedge.proxy.pages import status_line
 from confedge.proxy.request import Refused, host_allowed, normalise_target, split_host
+from confedge.timers import arm, disarm
 
 if TYPE_CHECKING:
-    from confedge.proxy.core import ProxyCore
+    from confedge.proxy.core import WorkerRuntime
 
 __all__ = ["RedirectConnection"]
 
@@ -40,8 +40,7 @@ class RedirectConnection(asyncio.Protocol):
 
     __slots__ = (
         "_https_port",
-        "_timer",
-        "_timer_at",
+        "activity",
         "answered",
         "core",
         "deadline",
@@ -51,16 +50,17 @@ class RedirectConnection(asyncio.Protocol):
         "parser",
         "peer",
         "referer",
+        "timeout",
         "transport",
         "ua",
         "url",
         "version",
     )
 
-    def __init__(self, core: ProxyCore, https_port: int) -> None:
+    def __init__(self, core: WorkerRuntime, https_port: int) -> None:
         self.core = core
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_at = _INF
+        self.activity = False
+        self.timeout = 0.0
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
@@ -71,7 +71,7 @@ class RedirectConnection(asyncio.Protocol):
         self.method = ""
         self.version = ""
         self.answered = False
-        self.deadline = 0.0
+        self.deadline = _INF
         self.idle_at = 0.0
         self._https_port = https_port
 
@@ -80,13 +80,21 @@ class RedirectConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.peer = normalise_peer(transport.get_extra_info("peername"))
-        self._set_deadline(self.core.loop.time() + self.core.header_timeout)
+        core = self.core
+        core.redirects.add(self)
+        arm(self, core.loop.time(), core.header_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-            self._timer_at = _INF
+        self.core.redirects.discard(self)
+        disarm(self)
+
+    def on_timeout(self) -> None:
+        self.abort()
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.abort()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -108,28 +116,6 @@ class RedirectConnection(asyncio.Protocol):
                 self._send(414 if too_long else 400, b"", close=True)
             self._close()
 
-    def _set_deadline(self, deadline: float) -> None:
-        """Move the deadline; the timer is re-armed only when it would fire too late."""
-        self.deadline = deadline
-        if deadline < self._timer_at:
-            if self._timer is not None:
-                self._timer.cancel()
-            self._timer = self.core.loop.call_at(deadline, self._expire)
-            self._timer_at = deadline
-
-    def _expire(self) -> None:
-        self._timer = None
-        self._timer_at = _INF
-        t = self.transport
-        if t is None or t.is_closing():
-            return
-        loop = self.core.loop
-        if loop.time() >= self.deadline:
-            t.abort()
-        else:
-            self._timer = loop.call_at(self.deadline, self._expire)
-            self._timer_at = self.deadline
-
     def _close(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():
@@ -147,10 +133,7 @@ class RedirectConnection(asyncio.Protocol):
         # The idle deadline after this answer, taken from the same clock reading (the answer
         # follows within microseconds unless a request body trickles in).
         self.idle_at = now + core.idle_timeout
-        deadline = now + core.header_timeout
-        self.deadline = deadline
-        if deadline < self._timer_at:
-            self._set_deadline(deadline)
+        self.deadline = now + core.header_timeout  # timers.arm, inlined (once per request)
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -174,10 +157,7 @@ class RedirectConnection(asyncio.Protocol):
         self._answer(close=not self.parser.should_keep_alive())
 
     def on_message_complete(self) -> None:
-        deadline = self.idle_at
-        self.deadline = deadline
-        if deadline < self._timer_at:
-            self._set_deadline(deadline)
+        self.deadline = self.idle_at
 
     # -- answers --------------------------------------------------------------------------------
 

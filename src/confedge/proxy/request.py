@@ -18,6 +18,7 @@ from confedge.proxy.paths import BadPath, canonical_path
 __all__ = [
     "ALLOWED_METHODS",
     "Refused",
+    "Request",
     "host_allowed",
     "normalise_target",
     "path_allowed",
@@ -126,3 +127,58 @@ def pin_alias(path: str) -> str | None:
         p = "/".join([seg.partition(";")[0] for seg in p.split("/")])
     m = _REQUEST_TOKEN.fullmatch(p)
     return m.group(1) if m else None
+
+
+class Request:
+    """One parsed request; body chunks are kept while a failover may still replay them."""
+
+    __slots__ = (
+        "body",
+        "body_size",
+        "chunked",
+        "complete",
+        "conn_tokens",
+        "content_length",
+        "expect_continue",
+        "header_bytes",
+        "headers",
+        "host",
+        "keep_alive",
+        "method",
+        "path",
+        "pin",
+        "referer",
+        "retain",
+        "session",
+        "target",
+        "ua",
+        "url",
+        "version",
+        "websocket",
+        "xff",
+    )
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes, bytes]] = []
+        self.header_bytes = 0
+        self.host: bytes | None = None
+        self.content_length: bytes | None = None
+        self.chunked = False
+        self.xff: bytes | None = None
+        self.pin: bytes | None = None
+        self.session = False
+        self.referer: bytes | None = None
+        self.ua: bytes | None = None
+        self.conn_tokens: bytes | None = None
+        self.websocket = False
+        self.expect_continue = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.complete = False
+        self.retain = True
+        self.keep_alive = True
+        self.method = b""
+        self.target = ""
+        self.path = ""
+        self.version = "1.1"

@@ -25,27 +25,53 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from confedge.proxy.exchange import T_BODY, T_HEAD, T_IDLE, T_NONE, T_TUNNEL, Exchange
+from confedge.guard.addresses import in_networks
+from confedge.proxy.exchange import (
+    A_ABORT_CLIENT,
+    A_ASK_SESSION,
+    A_CLOSE_CLIENT,
+    A_CONNECT,
+    A_FINISH,
+    A_LOCAL,
+    A_LOG,
+    A_MARK_FAILED,
+    A_NO_TUNNEL,
+    A_NODE_DONE,
+    A_NODE_TIMER,
+    A_RECORD_FAILURE,
+    A_REMEMBER,
+    A_RESERVE_PIN,
+    A_SETTLE_PIN,
+    A_TUNNEL,
+    BUFFERING,
+    CONNECTING,
+    Exchange,
+)
 from confedge.proxy.pages import error_response, retry_page_response, status_line
 from confedge.proxy.request import (
     ALLOWED_METHODS,
     NOT_ALLOWED_METHODS,
     Refused,
+    Request,
     path_allowed,
 )
 from confedge.proxy.turnshare import alpn_selects_turn
 from confedge.turn.portshare import FIRST_HTTP, FIRST_TURN, classify
 
 if TYPE_CHECKING:
-    from confedge.proxy.core import ProxyCore
+    from confedge.proxy.core import WorkerRuntime
+    from confedge.proxy.upstream import UpstreamConnection
 
-__all__ = ["ClientConnection", "Exchange", "RedirectConnection", "Request"]
+__all__ = ["T_BODY", "T_HEAD", "T_IDLE", "T_NONE", "T_TUNNEL", "ClientConnection"]
 
 log = logging.getLogger("confedge.proxy")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _INF = math.inf
+
+# client timer modes (ClientConnection.tmode; the timer scheme is proxy/timers.py)
+T_IDLE, T_HEAD, T_BODY, T_NONE, T_TUNNEL = range(5)
 
 # The request headers that steer the proxy (one dict lookup per header instead of a chain of
 # comparisons: a browser sends a dozen headers, nearly all of them passed through untouched).
@@ -81,66 +107,11 @@ _PAUSE_UPSTREAM = 1  # the node's write buffer is full (request body backpressur
 _PAUSE_PIPELINE = 2  # a pipelined request waits for the current one
 
 
-class Request:
-    """One parsed request; body chunks are kept while a failover may still replay them."""
-
-    __slots__ = (
-        "body",
-        "body_size",
-        "chunked",
-        "complete",
-        "conn_tokens",
-        "content_length",
-        "expect_continue",
-        "header_bytes",
-        "headers",
-        "host",
-        "keep_alive",
-        "method",
-        "path",
-        "pin",
-        "referer",
-        "retain",
-        "session",
-        "target",
-        "ua",
-        "url",
-        "version",
-        "websocket",
-        "xff",
-    )
-
-    def __init__(self) -> None:
-        self.url = b""
-        self.headers: list[tuple[bytes, bytes, bytes]] = []
-        self.header_bytes = 0
-        self.host: bytes | None = None
-        self.content_length: bytes | None = None
-        self.chunked = False
-        self.xff: bytes | None = None
-        self.pin: bytes | None = None
-        self.session = False
-        self.referer: bytes | None = None
-        self.ua: bytes | None = None
-        self.conn_tokens: bytes | None = None
-        self.websocket = False
-        self.expect_continue = False
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.complete = False
-        self.retain = True
-        self.keep_alive = True
-        self.method = b""
-        self.target = ""
-        self.path = ""
-        self.version = "1.1"
-
-
 class ClientConnection(asyncio.BufferedProtocol):
     """One client connection (TLS already terminated by the transport).
 
     A BufferedProtocol, so that the TLS transport decrypts straight into the worker's shared
-    read buffer (`ProxyCore.read_view`) instead of allocating a fresh bytes object per read:
+    read buffer (`WorkerRuntime.read_view`) instead of allocating a fresh bytes object per read:
     uvloop's SSL transport reads a plain Protocol's data with `SSLObject.read(256 KiB)`, which
     glibc serves with an mmap + mremap + munmap per request. Sharing one buffer per worker is
     safe because everything read is consumed synchronously in `buffer_updated` (httptools hands
@@ -169,15 +140,17 @@ class ClientConnection(asyncio.BufferedProtocol):
         "transport",
         "tunnel",
         "tunnel_buffer",
+        "up",
         "writing_paused",
     )
 
-    def __init__(self, core: ProxyCore) -> None:
+    def __init__(self, core: WorkerRuntime) -> None:
         self.core = core
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.cur: Request | None = None
         self.exchange: Exchange | None = None
+        self.up: UpstreamConnection | None = None  # the current exchange's node connection
         self.pending: deque[Request] = deque()
         self.peer = ""
         self.head_raw = 0
@@ -225,19 +198,20 @@ class ClientConnection(asyncio.BufferedProtocol):
         ex = self.exchange
         if ex is not None:
             self.exchange = None
-            ex.client_gone()
+            ex.client_lost(self.core.loop.time())
+            self.drive(ex)
 
     def pause_writing(self) -> None:
         self.writing_paused = True
-        ex = self.exchange
-        if ex is not None and ex.up is not None and ex.up.transport is not None:
-            ex.up.transport.pause_reading()
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        ex = self.exchange
-        if ex is not None and ex.up is not None and ex.up.transport is not None:
-            ex.up.transport.resume_reading()
+        up = self.up
+        if up is not None and up.transport is not None:
+            up.transport.resume_reading()
         if self.static_iter is not None:
             self._pump_static()
 
@@ -263,9 +237,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.activity = True
         if self.tunnel:
             chunk = bytes(data)  # the shared buffer is reused by the next read
-            ex = self.exchange
-            if ex is not None and ex.up is not None and ex.up.transport is not None:
-                self.core.send(ex.up.transport, chunk)
+            up = self.up
+            if up is not None and up.transport is not None and self.tunnel_buffer is None:
+                self.core.send(up.transport, chunk)
             elif self.tunnel_buffer is not None:
                 self.tunnel_buffer.append(chunk)
             return
@@ -424,18 +398,20 @@ class ClientConnection(asyncio.BufferedProtocol):
         if req.body_size > self.core.max_body:
             self.refusal = Refused(413, "request body too large")
             raise self.refusal
-        if req.retain:
-            req.body.append(body)
         ex = self.exchange
-        if ex is not None and ex.req is req:
-            if not ex.waiting_body:
-                ex.on_request_body(body)
-            elif req.body_size > self.core.request_buffer:
-                # Too big to hold back: stream from here (retained chunks go first), with the
-                # body timeout now an idle timeout between chunks.
-                ex.waiting_body = False
+        if ex is None or ex.req is not req:
+            if req.retain:
+                req.body.append(body)  # a pipelined request's, replayed when it starts
+            return
+        if ex.state == BUFFERING:
+            ex.request_body(body, self.core.loop.time())
+            if ex.state != BUFFERING:
+                # Too big to hold back: streamed from here, with the body timeout now an idle
+                # timeout between chunks.
                 self._set_timeout(T_BODY, self.core.body_timeout)
-                ex.attempt()
+        else:
+            ex.request_body(body, 0.0)
+        self.drive(ex)
 
     def on_message_complete(self) -> None:
         req = self.cur
@@ -443,7 +419,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         req.complete = True
         ex = self.exchange
         if ex is not None and ex.req is req:
-            ex.on_request_done()
+            if self.tmode == T_BODY:
+                self._set_timeout(T_NONE, 0.0)
+            # (the clock is read only when the end of the body starts the first attempt)
+            ex.request_end(self.core.loop.time() if ex.state == BUFFERING else 0.0)
+            self.drive(ex)
 
     # -- request vetting ------------------------------------------------------------------------
 
@@ -503,15 +483,143 @@ class ClientConnection(asyncio.BufferedProtocol):
         if core.allowlist and not path_allowed(path, core.allowlist):
             self.local_response(req, 404)
             return
-        ex = Exchange(self, req, client_ip)
+        # Without trusted_proxies (the usual case) the peer is never trusted.
+        trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
+        now = core.loop.time()
+        ex = Exchange(
+            core.exchange_settings,
+            req,
+            client_ip=client_ip,
+            peer=self.peer,
+            trusted=trusted,
+            now=now,
+        )
         ex.banned = banned
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
             core.send(self.transport, _CONTINUE)  # type: ignore[arg-type]  # RFC 9110 §10.1.1
-        if expecting and req.body_size <= core.request_buffer:
-            ex.waiting_body = True  # attempt() once the body is complete (or too big to wait)
+        # A small body is read whole first (attempt once it is complete or too big to wait).
+        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer)
+        self.drive(ex)
+
+    # -- the exchange core's decisions (exchange.py "Theory of operation") ----------------------
+
+    def drive(self, ex: Exchange) -> None:
+        """Carry out what the core queued: bytes to the client and the node (through the write
+        coalescing), then its decisions, in order."""
+        core = self.core
+        # (send never calls back into the core, so the byte outboxes are emptied in place; the
+        # decisions may (a pooled connection is ready at once), so that list is swapped.)
+        out = ex.to_client
+        if out:
+            t = self.transport
+            if t is not None:
+                for data in out:
+                    core.send(t, data)
+            out.clear()
+        out = ex.to_node
+        if out:
+            up = self.up
+            if up is not None and up.transport is not None:
+                for data in out:
+                    core.send(up.transport, data)
+            out.clear()
+        if ex.actions:
+            actions, ex.actions = ex.actions, []
+            for kind, arg in actions:
+                self._act(ex, kind, arg)
+
+    def _act(self, ex: Exchange, kind: int, arg: Any) -> None:
+        core = self.core
+        if kind == A_NODE_DONE:
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.owner = None
+                if arg:
+                    up.pool.release(up)
+                else:
+                    up.close()
+        elif kind == A_LOG:
+            core.log_exchange(ex, truncated=arg)
+        elif kind == A_FINISH:
+            core.log_exchange(ex)
+            self.finished(ex, close=arg)
+        elif kind == A_NODE_TIMER:
+            up = self.up
+            if up is not None:
+                up.timeout, up.deadline = arg
+                up.activity = False
+        elif kind == A_CONNECT:
+            i, timeout = arg
+            pool = core.pools[i]
+            conn = pool.take()
+            if conn is not None:
+                self.node_ready(ex, conn, reused=True)
+            else:
+                pool.connect(self, ex, timeout)
+        elif kind == A_MARK_FAILED:
+            i, reason, maintenance = arg
+            core.passive_failure(i, reason, maintenance=maintenance)
+        elif kind == A_LOCAL:
+            status, extra, retry_page = arg
+            if self.exchange is ex:
+                self.exchange = None
+            self.local_response(ex.req, status, extra=extra, retry_page=retry_page, ex=ex)
+        elif kind == A_ABORT_CLIENT:
+            self.abort()
+        elif kind == A_CLOSE_CLIENT:
+            if self.transport is not None:
+                core.close_after(self.transport)
+        elif kind == A_TUNNEL:
+            self.start_tunnel()
+        elif kind == A_NO_TUNNEL:
+            self.tunnel = False
+            self.tunnel_buffer = None
+        else:
+            self._act_guard(ex, kind, arg)
+
+    def _act_guard(self, ex: Exchange, kind: int, arg: Any) -> None:
+        guard = self.core.guard
+        if guard is None:
             return
-        ex.attempt()
+        ip = ex.client_ip
+        if kind == A_ASK_SESSION:
+            guard.session_known(ip, arg, lambda known: self._guard_session(ex, known))
+        elif kind == A_RESERVE_PIN:
+            alias, ttl = arg
+            guard.reserve_pin(ip, alias, ttl, lambda t, r: self._guard_admitted(ex, t, r))
+        elif kind == A_SETTLE_PIN:
+            ticket, alias, pin, failed = arg
+            guard.settle_pin(ticket, ip, alias, pin, failed)
+        elif kind == A_REMEMBER:
+            token, lifetime = arg
+            guard.remember_session(ip, token, lifetime)
+        elif kind == A_RECORD_FAILURE:
+            alias, pin = arg
+            guard.record_pin_failure(ip, alias, pin)
+
+    def _guard_session(self, ex: Exchange, known: bool) -> None:
+        ex.guard_session(known, self.core.loop.time())
+        self.drive(ex)
+
+    def _guard_admitted(self, ex: Exchange, ticket: str | None, retry_after: float) -> None:
+        ex.guard_admitted(ticket, retry_after, self.core.loop.time())
+        self.drive(ex)
+
+    def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
+        """A node connection for `ex` (from the pool or newly opened: NodePool.connect)."""
+        if self.exchange is not ex or ex.state != CONNECTING:
+            conn.pool.release(conn)  # the exchange ended meanwhile: keep it for the next
+            return
+        self.up = conn
+        conn.owner = self
+        ex.node_connected(self.core.loop.time(), reused=reused)
+        self.drive(ex)
+
+    def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None:
+        ex.node_connect_failed(i, reason, self.core.loop.time())
+        self.drive(ex)
 
     @staticmethod
     def _body_expected(req: Request) -> bool:
@@ -519,7 +627,8 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def finished(self, ex: Exchange, *, close: bool) -> None:
         """The response to `ex` is fully written: next request, keep-alive idle, or close."""
-        self.exchange = None
+        if self.exchange is ex:
+            self.exchange = None
         t = self.transport
         if t is None or t.is_closing():
             return
@@ -572,7 +681,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.abort()
             return
         if ex is not None:
-            ex.cancel()
+            ex.client_cancelled(self.core.loop.time())
+            self.drive(ex)
         req = self.cur
         # The reason goes to the log and into the answer's body; the target is logged as a
         # Python bytes literal (escaped), since it is the sender's text.
@@ -629,7 +739,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.abort()
             else:
                 if ex is not None:
-                    ex.cancel()
+                    ex.client_cancelled(self.core.loop.time())
+                    self.drive(ex)
                 self.local_response(self.cur, 408)
         elif mode == T_TUNNEL:
             self.abort()
@@ -639,7 +750,7 @@ class ClientConnection(asyncio.BufferedProtocol):
     def _upgrade(self, rest: bytes) -> None:
         """The parser stopped at an Upgrade request; bytes after it wait for the node's 101."""
         ex = self.exchange
-        if ex is not None and ex.upgrading and ex.req is self.cur:
+        if ex is not None and ex.req is self.cur and ex.client_upgrade():
             self.tunnel = True
             self.tunnel_buffer = [rest] if rest else []
             return
@@ -651,11 +762,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.discard = True
 
     def start_tunnel(self) -> None:
-        ex = self.exchange
-        assert ex is not None and ex.up is not None and ex.up.transport is not None
+        up = self.up
+        assert up is not None and up.transport is not None
+        up.tunnel = True
         buffered, self.tunnel_buffer = self.tunnel_buffer or [], None
         for chunk in buffered:
-            self.core.send(ex.up.transport, chunk)
+            self.core.send(up.transport, chunk)
         self._set_timeout(T_TUNNEL, self.core.ws_idle)
 
     # -- static mounts --------------------------------------------------------------------------
@@ -677,13 +789,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         t = self.transport
         assert t is not None
         core.send(t, b"".join(parts))
-        ex = Exchange(self, req, self.peer)
-        ex.status = resp.status
-        ex.committed = True
-        ex.static_length = resp.length
+        ex = Exchange(core.exchange_settings, req, client_ip=self.peer, peer=self.peer)
+        ex.served_locally(resp.status, resp.length)
         self.exchange = ex
         if req.method == b"HEAD" or resp.length == 0:
-            ex.finish_static(keep)
+            ex.finish_local(keep)
+            self.drive(ex)
             return
         self.static_iter = (resp.iter_body(), keep)
         self._pump_static()
@@ -703,7 +814,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                 chunk = next(it)
             except StopIteration:
                 self.static_iter = None
-                ex.finish_static(keep and ex.sent == ex.static_length)
+                ex.finish_local(keep and ex.sent == ex.static_length)
+                self.drive(ex)
                 return
             except OSError:
                 self.static_iter = None
@@ -711,6 +823,3 @@ class ClientConnection(asyncio.BufferedProtocol):
                 return
             ex.sent += len(chunk)
             t.write(chunk)
-
-
-from confedge.proxy.redirect import RedirectConnection  # noqa: E402  (re-export)

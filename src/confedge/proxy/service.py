@@ -25,9 +25,10 @@ from collections.abc import Callable
 from typing import Any
 
 from confedge.config import Config
+from confedge.guard.hook import GuardHook
 from confedge.proxy import build_kind
 from confedge.proxy.accesslog import RequestCounter
-from confedge.proxy.core import GuardHook, ProxyCore, reuse_port_socket
+from confedge.proxy.core import WorkerRuntime, reuse_port_socket
 from confedge.proxy.redirect import RedirectConnection
 from confedge.proxy.server import ClientConnection
 from confedge.proxy.turnshare import InProcessShare, RelayShare
@@ -60,7 +61,7 @@ def _url(scheme: str, host: str, port: int, default: int) -> str:
 
 
 class ProxyWorker:
-    """Everything one process serves: TLS listeners, the redirect listener, one ProxyCore."""
+    """Everything one process serves: TLS listeners, the redirect listener, one WorkerRuntime."""
 
     def __init__(
         self,
@@ -81,7 +82,7 @@ class ProxyWorker:
         # Answers by status class, for the status page: read in process (workers = 1) or
         # reported to the main process by each worker (workers > 1).
         self.counter: RequestCounter | None = None
-        self.core: ProxyCore | None = None
+        self.core: WorkerRuntime | None = None
         self.tls: TLSContextHolder | None = None
         self.guard: Any = None
         self.access: Any = None
@@ -107,7 +108,7 @@ class ProxyWorker:
         self.access = _make_access_log(cfg)
         self.static = _make_static(cfg)
         self.counter = RequestCounter(self.access)
-        core = ProxyCore(
+        core = WorkerRuntime(
             cfg,
             loop,
             guard=self.guard,
@@ -268,7 +269,7 @@ class ProxyService:
         self._retired: dict[str, int] = {}
 
     @property
-    def core(self) -> ProxyCore | None:
+    def core(self) -> WorkerRuntime | None:
         """The in-process core (workers = 1), for tests and the status page."""
         return self._worker.core if self._worker is not None else None
 

@@ -1,10 +1,11 @@
-"""Connections to the conferencing nodes: keep-alive pools and the response-side protocol.
+"""Connections to the conferencing nodes: keep-alive pools and the response-side adapter.
 
-Each `UpstreamConnection` is an asyncio Protocol with its own httptools HttpResponseParser. While
-an exchange owns it, parser callbacks go straight to that exchange (server.Exchange), which
-writes to the client transport; in between, the connection sits in its node's idle list (LIFO,
-so the warmest connection is reused and surplus ones age out). A connection is reused only when
-the previous response ended cleanly with keep-alive and the whole request had been sent.
+Each `UpstreamConnection` is an asyncio Protocol with its own httptools HttpResponseParser.
+While an exchange uses it, parser callbacks are events for that exchange's core (exchange.py),
+and its owner (server.ClientConnection) carries out what the core decided, once per read; in
+between, the connection sits in its node's idle list (LIFO, so the warmest connection is reused
+and surplus ones age out). A connection is reused only when the previous response ended
+cleanly with keep-alive and the whole request had been sent.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import httptools
 from confedge.config import NodeAddress
 
 if TYPE_CHECKING:
-    from confedge.proxy.core import ProxyCore
+    from confedge.proxy.core import WorkerRuntime
     from confedge.proxy.exchange import Exchange
+    from confedge.proxy.server import ClientConnection
 
 __all__ = ["NodePool", "UpstreamConnection"]
 
@@ -33,10 +35,10 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "activity",
         "deadline",
-        "exchange",
         "got_bytes",
         "headers",
-        "informational",
+        "now",
+        "owner",
         "parser",
         "pool",
         "reused",
@@ -50,11 +52,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        self.exchange: Exchange | None = None
+        # The client connection whose exchange uses this connection (None while pooled).
+        self.owner: ClientConnection | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.reused = False
         self.got_bytes = False
-        self.informational = False
+        self.now = 0.0  # the loop time of the read being parsed (one clock read per read)
         self.tunnel = False
         self.writing_paused = False
         self.activity = False
@@ -70,57 +73,60 @@ class UpstreamConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.activity = True
         self.got_bytes = True
-        ex = self.exchange
-        if self.tunnel:
-            if ex is not None:
-                ex.client.activity = True  # traffic either way keeps a WebSocket alive
-                self.pool.core.send(ex.client.transport, data)  # type: ignore[arg-type]
-            return
-        if ex is None:
+        owner = self.owner
+        if owner is None:
             # Bytes on an idle keep-alive connection: the node broke framing; never reuse it.
             self.close()
             return
+        if self.tunnel:
+            owner.activity = True  # traffic either way keeps a WebSocket alive
+            if owner.transport is not None:
+                self.pool.core.send(owner.transport, data)
+            return
+        ex = owner.exchange
+        if ex is None:
+            self.close()
+            return
+        self.now = self.pool.core.loop.time()
         try:
             self.parser.feed_data(data)
-            ex = self.exchange
-            if ex is not None and ex.head_out is not None:
+            if ex.head_out is not None:
                 ex.flush_head()  # the head arrived without body bytes in this read
         except httptools.HttpParserUpgrade as exc:
-            ex = self.exchange
-            if ex is not None and ex.upgrading:
-                ex.on_tunnel(self, data[exc.args[0] :])
-            else:
-                self.close()
+            ex.node_upgraded(data[exc.args[0] :], self.now)
         except httptools.HttpParserError as exc:
-            ex = self.exchange
+            owner.up = None
             self.close()
-            if ex is not None:
-                ex.upstream_failed(self, f"invalid response from node: {exc}")
+            ex.node_failed(f"invalid response from node: {exc}", self.now)
+        owner.drive(ex)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too (no half-open upstream connections)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.pool.forget(self)
-        ex = self.exchange
-        if ex is not None:
-            self.exchange = None
-            ex.upstream_lost(self)
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            if owner.up is self:
+                owner.up = None
+            ex = owner.exchange
+            if ex is not None:
+                ex.node_lost(self.pool.core.loop.time(), got_bytes=self.got_bytes)
+                owner.drive(ex)
 
     def pause_writing(self) -> None:
         # The node reads the request body slower than the client sends it.
         self.writing_paused = True
-        ex = self.exchange
-        if ex is not None:
-            ex.client.pause(1)
+        if self.owner is not None:
+            self.owner.pause(1)
 
     def resume_writing(self) -> None:
         self.writing_paused = False
-        ex = self.exchange
-        if ex is not None:
-            ex.client.resume(1)
+        if self.owner is not None:
+            self.owner.resume(1)
 
-    # -- httptools callbacks --------------------------------------------------------------------
+    # -- httptools callbacks: events for the owner's exchange (driven once per read) ------------
 
     # (No on_message_begin: httptools skips callbacks a protocol does not define, and the
     # header list is reset after each head instead; one Python call less per response.)
@@ -129,36 +135,35 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.on_response_head(self)
+        owner = self.owner
+        if owner is not None and owner.exchange is not None:
+            owner.exchange.response_head(self.parser.get_status_code(), self.headers, self.now)
         self.headers = []
 
     def on_body(self, body: bytes) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.on_response_body(body)
+        owner = self.owner
+        if owner is not None and owner.exchange is not None:
+            owner.exchange.response_body(body)
 
     def on_message_complete(self) -> None:
-        if self.informational:
-            self.informational = False
-            return
-        ex = self.exchange
-        if ex is not None:
-            ex.on_response_done(self)
+        owner = self.owner
+        if owner is not None and owner.exchange is not None:
+            owner.exchange.response_end(self.parser.should_keep_alive(), self.now)
 
     # -- helpers --------------------------------------------------------------------------------
 
     def on_timeout(self) -> None:
-        ex = self.exchange
-        if ex is None:
+        owner = self.owner
+        ex = owner.exchange if owner is not None else None
+        if owner is None or ex is None:
             self.close()  # idle in the pool too long
             return
         self.deadline = _INF
-        ex.upstream_timeout(self)
+        ex.node_timeout(self.pool.core.loop.time())
+        owner.drive(ex)
 
     def close(self) -> None:
-        self.exchange = None
+        self.owner = None
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
@@ -179,7 +184,7 @@ class NodePool:
         "ssl",
     )
 
-    def __init__(self, core: ProxyCore, index: int, node: NodeAddress) -> None:
+    def __init__(self, core: WorkerRuntime, index: int, node: NodeAddress) -> None:
         self.core = core
         self.index = index
         self.node = node
@@ -205,7 +210,7 @@ class NodePool:
         if len(self.idle) >= core.upstream_keepalive or core.closing:
             conn.close()
             return
-        conn.exchange = None
+        conn.owner = None
         conn.got_bytes = False
         conn.timeout = 0.0
         conn.activity = False
@@ -217,11 +222,11 @@ class NodePool:
         if conn in self.idle:
             self.idle.remove(conn)
 
-    def connect(self, ex: Exchange, timeout: float) -> None:
-        """Open a new connection for `ex`; calls ex.upstream_ready or ex.connect_failed."""
-        self.core.loop.create_task(self._connect(ex, timeout))
+    def connect(self, owner: ClientConnection, ex: Exchange, timeout: float) -> None:
+        """Open a new connection for `ex`: owner.node_ready or owner.node_connect_failed."""
+        self.core.loop.create_task(self._connect(owner, ex, timeout))
 
-    async def _connect(self, ex: Exchange, timeout: float) -> None:
+    async def _connect(self, owner: ClientConnection, ex: Exchange, timeout: float) -> None:
         loop = self.core.loop
         try:
             async with asyncio.timeout(timeout):
@@ -233,11 +238,11 @@ class NodePool:
                     server_hostname=self.server_hostname,
                 )
         except TimeoutError:
-            ex.connect_failed(self.index, f"connect timeout ({timeout:g} s)")
+            owner.node_connect_failed(ex, self.index, f"connect timeout ({timeout:g} s)")
             return
         except (OSError, ssl.SSLError) as exc:
-            ex.connect_failed(self.index, f"connect error: {exc.strerror or exc}")
+            owner.node_connect_failed(ex, self.index, f"connect error: {exc.strerror or exc}")
             return
         except asyncio.CancelledError:
             raise
-        ex.upstream_ready(proto)
+        owner.node_ready(ex, proto, reused=False)

@@ -36,9 +36,9 @@ import logging
 import os
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from confedge.config import Config, ConfigError
+from confedge.guard.hook import GuardHook
 from confedge.stun import (
     REASONS,
     Attr,
@@ -65,21 +65,13 @@ from .dataplane import CapacityError, ClientSink, DataPlane, RelayGrant
 from .framing import decode_channel_number
 from .policy import ClientPolicy, PeerPolicy
 
-__all__ = ["Allocation", "Client", "CoreSettings", "GuardLike", "TurnCore"]
+__all__ = ["Allocation", "Client", "CoreSettings", "TurnCore"]
 
 log = logging.getLogger("confedge.turn")
 
 UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §18.7)
 RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: "approximately 30 seconds"
 CHANNEL_COOLDOWN = 300.0  # RFC 8656 §11: 5 minutes before a channel/peer may be rebound
-
-
-class GuardLike(Protocol):
-    """The part of confedge.guard's hook TURN uses (notes/guard_api.md)."""
-
-    def check(self, client_ip: str) -> float | None: ...
-
-    def record_turn_auth_failure(self, client_ip: str) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +195,7 @@ class TurnCore:
         peer_policy: PeerPolicy,
         client_policy: ClientPolicy,
         nonces: NonceManager,
-        guard: GuardLike | None = None,
+        guard: GuardHook | None = None,
         wall_offset: float = 0.0,
     ) -> None:
         self.s = settings
@@ -238,7 +230,7 @@ class TurnCore:
         cfg: Config,
         dataplane: DataPlane,
         *,
-        guard: GuardLike | None = None,
+        guard: GuardHook | None = None,
         relay_addresses: tuple[str, ...] = (),
         wall_offset: float = 0.0,
         nonce_key: bytes | None = None,

@@ -24,9 +24,10 @@ from typing import Any
 import psutil
 
 from confedge.config import Config
+from confedge.guard.hook import GuardHook
 
 from .auth import RestCredentials
-from .core import GuardLike, TurnCore
+from .core import TurnCore
 from .dataplane import DataPlane, UdpDataPlane
 from .listeners import RelayedConnection, TcpConnection, UdpListener
 from .native import (
@@ -193,7 +194,7 @@ class TurnService:
         self,
         cfg: Config,
         *,
-        guard: GuardLike | None = None,
+        guard: GuardHook | None = None,
         host_addresses: HostAddressWatch | None = None,
         nonce_key: bytes | None = None,
     ) -> None:
