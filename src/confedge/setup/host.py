@@ -12,7 +12,7 @@ import ipaddress
 import socket
 from dataclasses import dataclass
 
-import ifaddr
+import psutil
 
 __all__ = ["HostAddress", "host_addresses", "host_names"]
 
@@ -34,16 +34,18 @@ def host_addresses() -> list[HostAddress]:
     client reaches, so they are left out.
     """
     found: list[HostAddress] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            raw = ip.ip if isinstance(ip.ip, str) else ip.ip[0]
+    # psutil, as TURN's own-address watch uses (turn/service.py): one library reads the NICs.
+    for name, addrs in psutil.net_if_addrs().items():
+        for entry in addrs:
+            if entry.family not in (socket.AF_INET, socket.AF_INET6):
+                continue
             try:
-                addr = ipaddress.ip_address(raw.split("%")[0])
+                addr = ipaddress.ip_address(entry.address.split("%")[0])
             except ValueError:
                 continue
             if addr.is_link_local or addr.is_multicast or addr.is_unspecified:
                 continue
-            found.append(HostAddress(str(addr), adapter.nice_name))
+            found.append(HostAddress(str(addr), name))
     found.sort(
         key=lambda h: (
             ipaddress.ip_address(h.address).is_loopback,
