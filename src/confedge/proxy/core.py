@@ -50,6 +50,7 @@ from confedge.proxy.exchange import Exchange, ExchangeSettings
 from confedge.proxy.health import HealthMonitor, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
+from confedge.proxy.pools import build_pools, route
 from confedge.proxy.request import Refused, Request, host_allowed, normalise_target
 from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
@@ -159,10 +160,13 @@ class WorkerRuntime:
         # The clients' shared read buffer (server.ClientConnection is a BufferedProtocol): one
         # per worker, not per connection, so 10,000 idle streams do not hold 10,000 buffers.
         self.read_view = memoryview(bytearray(64 * 1024))
-        self.nodes: list[NodeAddress] = p.node_addresses
-        self.health = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
-        self.balancer = Balancer(
-            [n.netloc for n in self.nodes], self.health.up, p.balance, self.health.serving
+        # Node pools (proxy/pools.py): one flat node list, each pool a slice of it.
+        self.pool_specs = build_pools(cfg)
+        self.nodes: list[NodeAddress] = [n for spec in self.pool_specs for n in spec.nodes]
+        self.health = HealthMonitor(
+            len(self.nodes),
+            rise=[spec.health_rise for spec in self.pool_specs for _ in spec.nodes],
+            fall=[spec.health_fall for spec in self.pool_specs for _ in spec.nodes],
         )
         self.upstream_ssl: ssl.SSLContext | None = None
         if any(n.scheme == "https" for n in self.nodes):
@@ -175,20 +179,39 @@ class WorkerRuntime:
         from confedge.proxy.upstream import NodePool
 
         self.pools: list[NodePool] = [NodePool(self, i, n) for i, n in enumerate(self.nodes)]
-        # What every exchange core (exchange.py) of this worker reads, as plain data.
-        self.exchange_settings = ExchangeSettings(
-            nodes=self.balancer,
-            netlocs=[n.netloc for n in self.nodes],
-            fqdn=cfg.server.fqdn.encode(),
-            connect_timeout=self.connect_timeout,
-            api_connect_timeout=self.api_connect_timeout,
-            read_timeout=self.read_timeout,
-            sse_lifetime=self.sse_lifetime,
-            csp_line=self.csp_line,
-            request_buffer=self.request_buffer,
-            guard=self.guard is not None,
-            ban_status=self.guard.ban_status if self.guard is not None else 429,
-        )
+        # Requests in flight per node, shared by every pool's Balancer (global indices).
+        self.active = [0] * len(self.nodes)
+        netlocs = [n.netloc for n in self.nodes]
+        # What every exchange core (exchange.py) of this worker reads, as plain data: one
+        # ExchangeSettings per pool, differing only in its Balancer.
+        self.pool_settings: list[ExchangeSettings] = []
+        for spec in self.pool_specs:
+            balancer = Balancer(
+                [n.netloc for n in spec.nodes],
+                self.health.up,
+                spec.balance,  # type: ignore[arg-type]  # validated by config.py
+                self.health.serving,
+                lo=spec.lo,
+                active=self.active,
+            )
+            self.pool_settings.append(
+                ExchangeSettings(
+                    nodes=balancer,
+                    netlocs=netlocs,
+                    fqdn=cfg.server.fqdn.encode(),
+                    connect_timeout=self.connect_timeout,
+                    api_connect_timeout=self.api_connect_timeout,
+                    read_timeout=self.read_timeout,
+                    sse_lifetime=self.sse_lifetime,
+                    csp_line=self.csp_line,
+                    request_buffer=self.request_buffer,
+                    guard=self.guard is not None,
+                    ban_status=self.guard.ban_status if self.guard is not None else 429,
+                )
+            )
+        self.exchange_settings = self.pool_settings[0]  # the default pool (proxy.nodes)
+        self.balancer = self.exchange_settings.nodes
+        self.pool_prefixes = [spec.prefix for spec in self.pool_specs[1:]]
         self.clients: set[ClientConnection] = set()
         # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
         # None keeps the HTTP path exactly as without the option.
@@ -248,13 +271,31 @@ class WorkerRuntime:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def settings_for(self, target: str) -> ExchangeSettings:
+        """The ExchangeSettings (so the node pool) of a request: the longest pool prefix of
+        its canonical target, else the default pool (proxy/pools.py). Every client adapter
+        calls this before it makes an Exchange."""
+        if not self.pool_prefixes:
+            return self.exchange_settings
+        return self.pool_settings[route(self.pool_prefixes, target)]
+
     def start(self, *, health_checks: bool = True) -> None:
         self._tasks.append(self.loop.create_task(self._sweeper()))
-        if health_checks and self.nodes:
-            checker = HealthChecker(
-                self.nodes, self.health, self.upstream_ssl, self.cfg.proxy, self.transition
-            )
-            self._tasks.append(self.loop.create_task(checker.run()))
+        if health_checks:
+            for spec in self.pool_specs:
+                if not spec.nodes:
+                    continue
+                checker = HealthChecker(
+                    self.nodes,
+                    self.health,
+                    self.upstream_ssl,
+                    self.cfg.proxy,
+                    self.transition,
+                    indices=spec.indices,
+                    interval=spec.health_interval,
+                    timeout=spec.health_timeout,
+                )
+                self._tasks.append(self.loop.create_task(checker.run()))
 
     async def close(self) -> None:
         self.closing = True

@@ -664,7 +664,7 @@ class Exchange:
         if self.pin_alias is not None:
             # The longest the proxy may wait for the answer (every node tried once): an
             # unanswered reservation lapses no earlier, so a late answer is still counted.
-            ttl = len(st.netlocs) * (st.api_connect_timeout + st.read_timeout)
+            ttl = (st.nodes.hi - st.nodes.lo) * (st.api_connect_timeout + st.read_timeout)
             self._go(GUARD)
             self.actions.append((A_RESERVE_PIN, (self.pin_alias, ttl)))
             return True

@@ -487,7 +487,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
         ex = Exchange(
-            core.exchange_settings,
+            core.settings_for(path),
             req,
             client_ip=client_ip,
             peer=self.peer,

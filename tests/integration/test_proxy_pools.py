@@ -1,0 +1,166 @@
+"""Node pools per path prefix (`[[proxy.pools]]`), over real HTTPS to two sets of recording
+nodes: prefix routing, longest match, balancing per pool, failover within a pool and never
+into another, a pool with every node down while other paths still work, health per pool, and
+the pools' counters on /metrics and the status snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import pytest
+import uvloop
+from proxy_upstream import Upstream, get, proxy_config
+
+from confedge.proxy.health import NodeState
+from confedge.proxy.service import ProxyService
+
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:Overriding the "event_loop_policy":DeprecationWarning'
+)
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+@pytest.fixture
+async def sets():
+    """Three sets of recording nodes: d0-d1 (proxy.nodes), s0-s1 (/scheduling/), a0-a1
+    (/scheduling/api/)."""
+    groups = {
+        name: [await Upstream(f"{name}{i}").start() for i in range(2)] for name in ("d", "s", "a")
+    }
+    yield groups
+    for ups in groups.values():
+        for u in ups:
+            await u.kill()
+
+
+def pools(sets: dict[str, list[Upstream]], **extra: Any) -> list[dict[str, Any]]:
+    return [
+        {"prefix": "/scheduling/", "nodes": [u.address for u in sets["s"]], **extra},
+        {"prefix": "/scheduling/api/", "nodes": [u.address for u in sets["a"]]},
+    ]
+
+
+async def start(sets, tmp_path, *, pool_extra: dict[str, Any] | None = None, **kw) -> ProxyService:
+    cfg = proxy_config(
+        [u.address for u in sets["d"]], str(tmp_path), pools=pools(sets, **(pool_extra or {})), **kw
+    )
+    svc = ProxyService(cfg)
+    await svc.start()
+    return svc
+
+
+async def nodes_of(port: int, target: str, n: int) -> Counter[str]:
+    seen: Counter[str] = Counter()
+    for _ in range(n):
+        r = await get(port, target)
+        assert r.status == 200, (target, r.status, r.body[:200])
+        assert r.json()["target"] == target
+        seen[r.json()["node"]] += 1
+    return seen
+
+
+async def test_prefix_routing_longest_match_and_balancing_per_pool(sets, tmp_path):
+    svc = await start(sets, tmp_path, health_interval=30, pool_extra={"balance": "round-robin"})
+    try:
+        assert await nodes_of(svc.https_port, "/webapp/home", 4) == {"d0": 2, "d1": 2}
+        assert await nodes_of(svc.https_port, "/scheduling/addin.html", 4) == {"s0": 2, "s1": 2}
+        assert await nodes_of(svc.https_port, "/scheduling/api/v1/meetings?x=1", 4) == {
+            "a0": 2,
+            "a1": 2,
+        }
+        # Not under a prefix (no trailing "/" segment, or only in the query): the default pool.
+        seen = await nodes_of(svc.https_port, "/scheduling", 2)
+        seen += await nodes_of(svc.https_port, "/api/client/v2/x?next=/scheduling/", 2)
+        assert set(seen) <= {"d0", "d1"}
+        # A spelling that is canonically under the prefix is routed by its canonical form.
+        r = await get(svc.https_port, "/scheduling/./%61ddin.html")
+        assert r.status == 200 and r.json()["node"] in ("s0", "s1")
+        # Nothing crossed: each set saw only its own paths.
+        assert all(x.target.startswith("/scheduling/api/") for u in sets["a"] for x in u.requests())
+        assert all(
+            x.target.startswith("/scheduling/") and not x.target.startswith("/scheduling/api/")
+            for u in sets["s"]
+            for x in u.requests()
+        )
+        assert not any(x.target.startswith("/scheduling/") for u in sets["d"] for x in u.requests())
+    finally:
+        await svc.close()
+
+
+async def test_failover_within_the_pool_never_into_another(sets, tmp_path):
+    svc = await start(sets, tmp_path, health_interval=30)
+    try:
+        await sets["s"][0].kill()
+        sets["d"][0].fail_status = 502
+        for _ in range(4):
+            r = await get(svc.https_port, "/scheduling/x", method="POST", body=b"payload")
+            assert r.status == 200 and r.json()["node"] == "s1"
+            r = await get(svc.https_port, "/webapp/x", method="POST", body=b"payload")
+            assert r.status == 200 and r.json()["node"] == "d1"
+        # Its whole pool failing: 502 from the pool, not an answer from another pool's node.
+        sets["s"][1].fail_status = 502
+        before = {u.name: len(u.requests()) for ups in sets.values() for u in ups}
+        r = await get(svc.https_port, "/scheduling/y")
+        assert r.status in (502, 503)
+        after = {u.name: len(u.requests()) for ups in sets.values() for u in ups}
+        assert {k for k in after if after[k] != before[k]} <= {"s1"}
+        idx = {u.name: i for i, u in enumerate(u for g in ("d", "s", "a") for u in sets[g])}
+        assert svc.core.health.states[idx["s0"]] is NodeState.DOWN
+        assert svc.core.health.states[idx["d1"]] is NodeState.UP
+        assert svc.core.health.states[idx["a0"]] is NodeState.UP
+    finally:
+        await svc.close()
+
+
+async def test_pool_all_down_gives_retrying_page_other_paths_work(sets, tmp_path):
+    svc = await start(sets, tmp_path, health_interval=30)
+    try:
+        for u in sets["s"]:
+            await u.kill()
+        r = await get(svc.https_port, "/scheduling/addin.html")
+        assert r.status == 502 and r.header("Retry-After") == "5"
+        assert b'http-equiv="refresh"' in r.body and b"location.reload" in r.body
+        r = await get(svc.https_port, "/scheduling/addin.html")
+        assert r.status == 503 and b"location.reload" in r.body  # known down: no attempt
+        assert (await get(svc.https_port, "/webapp/")).status == 200
+        assert (await get(svc.https_port, "/scheduling/api/v1")).status == 200
+    finally:
+        await svc.close()
+
+
+async def wait_state(svc: ProxyService, i: int, state: NodeState) -> None:
+    for _ in range(60):
+        if svc.core.health.states[i] is state:
+            return
+        await asyncio.sleep(0.05)
+    assert svc.core.health.states[i] is state
+
+
+async def test_health_per_pool_with_its_own_thresholds(sets, tmp_path):
+    # The /scheduling/ pool checks every 0.1 s and falls after 1 failure; the default pool
+    # checks every 30 s (so it sees nothing in this test).
+    svc = await start(
+        sets,
+        tmp_path,
+        health_interval=30,
+        pool_extra={"health_interval": 0.1, "health_fall": 1, "health_rise": 1},
+    )
+    try:
+        idx = {u.name: i for i, u in enumerate(u for g in ("d", "s", "a") for u in sets[g])}
+        await asyncio.sleep(0.3)
+        checks_d = sum(u.status_checks for u in sets["d"])
+        checks_s = sum(u.status_checks for u in sets["s"])
+        assert checks_s >= 4 and checks_d <= 2, (checks_s, checks_d)
+        sets["s"][1].maintenance = True
+        await wait_state(svc, idx["s1"], NodeState.MAINTENANCE)
+        assert set(await nodes_of(svc.https_port, "/scheduling/z", 4)) == {"s0"}
+        sets["s"][1].maintenance = False
+        await wait_state(svc, idx["s1"], NodeState.UP)
+    finally:
+        await svc.close()
