@@ -164,3 +164,56 @@ async def test_health_per_pool_with_its_own_thresholds(sets, tmp_path):
         await wait_state(svc, idx["s1"], NodeState.UP)
     finally:
         await svc.close()
+
+
+async def test_status_page_and_metrics_count_per_pool(sets, tmp_path):
+    """The management listener of a full runtime: one row per pool on /status and status.json,
+    one sample per pool in /metrics, nodes labelled with their pool."""
+    from admin_support import get as admin_get
+    from admin_support import metric, parse_metrics
+
+    from confedge.runtime import Runtime
+
+    data = proxy_config(
+        [u.address for u in sets["d"]], str(tmp_path), pools=pools(sets), health_interval=0.1
+    ).model_dump(mode="json")
+    data["management"] = {"port": 0, "networks": ["127.0.0.1/32"]}
+    data["server"]["internal_address"] = "127.0.0.1"
+    from confedge.config import parse_config
+
+    rt = Runtime(parse_config(data))
+    await rt.start()
+    try:
+        assert rt.admin is not None and rt.proxy is not None
+        port = int(rt.admin.port)
+        for u in sets["a"]:
+            await u.kill()
+        for _ in range(100):
+            j = (await admin_get(port, "/status.json")).json()
+            rows = {q["pool"]: q for q in j["proxy"]["pools"]}
+            if rows["/scheduling/api/"]["nodes_up"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert rows["default"] == {
+            "pool": "default",
+            "prefix": None,
+            "balance": "round-robin",
+            "nodes": 2,
+            "nodes_up": 2,
+            "in_flight": 0,
+        }
+        assert rows["/scheduling/"]["nodes_up"] == 2 and rows["/scheduling/"]["nodes"] == 2
+        assert rows["/scheduling/api/"]["nodes_up"] == 0
+        pool_of = {n["node"]: n["pool"] for n in j["proxy"]["nodes"]}
+        assert pool_of[sets["s"][0].address] == "/scheduling/"
+        assert pool_of[sets["d"][1].address] == "default"
+        fam = parse_metrics((await admin_get(port, "/metrics")).body.decode())
+        assert metric(fam, "confedge_proxy_pool_nodes_up", pool="default") == 2
+        assert metric(fam, "confedge_proxy_pool_nodes_up", pool="/scheduling/") == 2
+        assert metric(fam, "confedge_proxy_pool_nodes_up", pool="/scheduling/api/") == 0
+        assert metric(fam, "confedge_proxy_pool_nodes", pool="/scheduling/api/") == 2
+        assert metric(fam, "confedge_proxy_pool_requests_in_flight", pool="/scheduling/") == 0
+        page = (await admin_get(port, "/status")).body.decode()
+        assert "<th>pool</th>" in page and "<code>/scheduling/api/</code>" in page
+    finally:
+        await rt.close()
