@@ -36,7 +36,7 @@ from confedge.admin.procstats import child_pids, read_proc, self_stat
 from confedge.config import Config, NodeAddress
 from confedge.proxy import build_kind
 from confedge.proxy.health import HealthMonitor, NodeState, Transition
-from confedge.proxy.pools import PoolSpec, build_pools
+from confedge.proxy.pools import PoolSpec, build_pools, health_monitor
 
 __all__ = ["BAN_LIMIT", "RuntimeView", "StatusSource", "mask_url"]
 
@@ -86,11 +86,7 @@ class _OwnHealth:
         # Every pool's nodes, as the proxy workers number them (proxy/pools.py).
         self.specs = build_pools(cfg)
         self.nodes: list[NodeAddress] = [n for spec in self.specs for n in spec.nodes]
-        self.monitor = HealthMonitor(
-            len(self.nodes),
-            rise=[spec.health_rise for spec in self.specs for _ in spec.nodes],
-            fall=[spec.health_fall for spec in self.specs for _ in spec.nodes],
-        )
+        self.monitor = health_monitor(self.specs)
         self.record = record
         self._task: asyncio.Task[None] | None = None
 

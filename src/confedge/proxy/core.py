@@ -47,10 +47,10 @@ from confedge.guard.addresses import Networks, client_address, parse_networks
 from confedge.guard.hook import GuardHook
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
-from confedge.proxy.health import HealthMonitor, Transition
+from confedge.proxy.health import Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
-from confedge.proxy.pools import build_pools, route
+from confedge.proxy.pools import build_pools, health_monitor, route
 from confedge.proxy.request import Refused, Request, host_allowed, normalise_target
 from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
@@ -163,11 +163,7 @@ class WorkerRuntime:
         # Node pools (proxy/pools.py): one flat node list, each pool a slice of it.
         self.pool_specs = build_pools(cfg)
         self.nodes: list[NodeAddress] = [n for spec in self.pool_specs for n in spec.nodes]
-        self.health = HealthMonitor(
-            len(self.nodes),
-            rise=[spec.health_rise for spec in self.pool_specs for _ in spec.nodes],
-            fall=[spec.health_fall for spec in self.pool_specs for _ in spec.nodes],
-        )
+        self.health = health_monitor(self.pool_specs)
         self.upstream_ssl: ssl.SSLContext | None = None
         if any(n.scheme == "https" for n in self.nodes):
             self.upstream_ssl = client_context(p.verify_upstream)

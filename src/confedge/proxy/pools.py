@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from confedge.config import Config, NodeAddress
+from confedge.proxy.health import HealthMonitor
 
-__all__ = ["PoolSpec", "build_pools", "route"]
+__all__ = ["PoolSpec", "build_pools", "health_monitor", "route"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,16 @@ def build_pools(cfg: Config) -> list[PoolSpec]:
         )
         lo += len(nodes)
     return out
+
+
+def health_monitor(specs: list[PoolSpec]) -> HealthMonitor:
+    """One HealthMonitor over every pool's nodes (global indices), each node with its pool's
+    rise and fall thresholds."""
+    return HealthMonitor(
+        sum(len(spec.nodes) for spec in specs),
+        rise=[spec.health_rise for spec in specs for _ in spec.nodes],
+        fall=[spec.health_fall for spec in specs for _ in spec.nodes],
+    )
 
 
 def route(prefixes: list[str], path: str) -> int:
