@@ -814,6 +814,11 @@ def to_toml(data: dict[str, Any]) -> str:
         for key, items in tables:
             for item in items:
                 out.append(f"[[{section}.{key}]]")
-                out.extend(f"{k} = {_toml_value(x)}" for k, x in item.items())
+                out.extend(
+                    f"{k} = {_toml_value(x)}"
+                    if x is not None
+                    else f"# {k} is unset ([{section}]'s {k} applies)"
+                    for k, x in item.items()
+                )
                 out.append("")
     return "\n".join(out)

@@ -225,3 +225,36 @@ def test_pool_all_down_gives_503_while_default_serves() -> None:
     ok.start(2.0, buffer_body=False)
     _, _, actions = take(ok)
     assert next(a for kind, a in actions if kind == X.A_CONNECT)[0] in (0, 1)
+
+
+def test_check_prints_pools_and_its_output_parses_again(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[proxy]\nnodes = ["10.0.0.11"]\n[turn]\nenabled = false\n'
+        '[[proxy.pools]]\nprefix = "/scheduling/"\nnodes = ["10.0.0.21", "10.0.0.22"]\n'
+        'balance = "ip-hash"\n'
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "confedge", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert '[[proxy.pools]]\nprefix = "/scheduling/"\nnodes = ["10.0.0.21", "10.0.0.22"]\n' in (
+        out.stdout
+    )
+    assert "# health_rise is unset ([proxy]'s health_rise applies)" in out.stdout
+    again = tmp_path / "again.toml"
+    again.write_text(out.stdout)
+    out2 = subprocess.run(
+        [sys.executable, "-m", "confedge", "check", "--config", str(again)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out2.returncode == 0, out2.stderr
+    assert out2.stdout.split("\n", 1)[1] == out.stdout.split("\n", 1)[1]
