@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from confedge.config import Config, NodeAddress
 from confedge.guard.addresses import Networks, client_address, parse_networks
 from confedge.guard.hook import GuardHook
+from confedge.proxy.accesslog import remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
 from confedge.proxy.health import Transition
@@ -95,6 +96,7 @@ class AccessLogSink(Protocol):
         upstream_addr: str | None = None,
         upstream_status: str | None = None,
         upstream_response_time: str | None = None,
+        remote_user: str | None = None,
     ) -> None: ...
 
 
@@ -359,6 +361,7 @@ class WorkerRuntime:
             ", ".join(ex.addrs) or None,
             ", ".join(ex.statuses) or None,
             ", ".join(ex.times) or None,
+            None if req.auth is None else remote_user(req.auth),
         )
 
     def log_local(
@@ -376,9 +379,11 @@ class WorkerRuntime:
         if req is None or not req.method:
             line = "-" if req is None else req.url.decode("latin-1")
             ua = referer = None
+            user = None
         else:
             line = f"{req.method.decode()} {req.url.decode('latin-1')} HTTP/{req.version}"
             ua, referer = req.ua, req.referer
+            user = None if req.auth is None else remote_user(req.auth)
         sink.log(
             client.peer,
             time.time(),
@@ -390,6 +395,7 @@ class WorkerRuntime:
             ", ".join(ex.addrs) or None if ex else None,
             ", ".join(ex.statuses) or None if ex else None,
             ", ".join(ex.times) or None if ex else None,
+            user,
         )
 
     # -- memoised request checks -------------------------------------------------------------
