@@ -258,3 +258,20 @@ def test_check_prints_pools_and_its_output_parses_again(tmp_path: Any) -> None:
     )
     assert out2.returncode == 0, out2.stderr
     assert out2.stdout.split("\n", 1)[1] == out.stdout.split("\n", 1)[1]
+
+
+def test_setup_keeps_pools_it_does_not_ask_about() -> None:
+    """`confedge setup` has no question for pools; editing an existing file keeps them."""
+    from confedge.setup.document import ConfigDocument
+
+    text = (
+        '[proxy]\nnodes = ["10.0.0.11"]\n\n# the add-in\n[[proxy.pools]]\n'
+        'prefix = "/scheduling/"\nnodes = ["10.0.0.21"]\n\n[turn]\nenabled = false\n'
+    )
+    doc = ConfigDocument(text)
+    doc.set("proxy.nodes", ["10.0.0.12"])
+    out = doc.render()
+    assert '# the add-in\n[[proxy.pools]]\nprefix = "/scheduling/"\nnodes = ["10.0.0.21"]\n' in out
+    cfg = doc.validate()
+    assert [(p.prefix, p.nodes) for p in cfg.proxy.pools] == [("/scheduling/", ["10.0.0.21"])]
+    assert cfg.proxy.nodes == ["10.0.0.12"]
