@@ -186,6 +186,8 @@ async def test_status_page_and_metrics_count_per_pool(sets, tmp_path):
     try:
         assert rt.admin is not None and rt.proxy is not None
         port = int(rt.admin.port)
+        for target in ("/scheduling/a", "/scheduling/b", "/webapp/"):
+            assert (await get(rt.proxy.https_port, target)).status == 200
         for u in sets["a"]:
             await u.kill()
         for _ in range(100):
@@ -201,6 +203,7 @@ async def test_status_page_and_metrics_count_per_pool(sets, tmp_path):
             "nodes": 2,
             "nodes_up": 2,
             "in_flight": 0,
+            "requests": 1,
         }
         assert rows["/scheduling/"]["nodes_up"] == 2 and rows["/scheduling/"]["nodes"] == 2
         assert rows["/scheduling/api/"]["nodes_up"] == 0
@@ -213,7 +216,32 @@ async def test_status_page_and_metrics_count_per_pool(sets, tmp_path):
         assert metric(fam, "confedge_proxy_pool_nodes_up", pool="/scheduling/api/") == 0
         assert metric(fam, "confedge_proxy_pool_nodes", pool="/scheduling/api/") == 2
         assert metric(fam, "confedge_proxy_pool_requests_in_flight", pool="/scheduling/") == 0
+        assert metric(fam, "confedge_proxy_pool_requests_total", pool="/scheduling/") == 2
+        assert metric(fam, "confedge_proxy_pool_requests_total", pool="/scheduling/api/") == 0
         page = (await admin_get(port, "/status")).body.decode()
         assert "<th>pool</th>" in page and "<code>/scheduling/api/</code>" in page
     finally:
         await rt.close()
+
+
+async def test_two_workers_route_by_prefix_and_report_per_pool(sets, tmp_path):
+    """Worker processes (proxy.workers = 2) build the same pools; their reports to the main
+    process keep one in-flight count per node of every pool and one request count per pool."""
+    svc = await start(sets, tmp_path, workers=2, health_interval=30)
+    try:
+        for _ in range(6):
+            r = await get(svc.https_port, "/scheduling/api/x")
+            assert r.status == 200 and r.json()["node"] in ("a0", "a1")
+            r = await get(svc.https_port, "/webapp/")
+            assert r.status == 200 and r.json()["node"] in ("d0", "d1")
+        stats = None
+        for _ in range(60):  # workers report each second
+            stats = svc.worker_stats()
+            if stats is not None and sum(stats["pool_requests"]) >= 12:
+                break
+            await asyncio.sleep(0.1)
+        assert stats is not None
+        assert stats["pool_requests"] == [6, 0, 6]
+        assert len(stats["in_flight"]) == len(stats["idle_connections"]) == 6
+    finally:
+        await svc.close()

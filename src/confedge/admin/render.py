@@ -151,6 +151,12 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
             [({"pool": q["pool"]}, q["nodes_up"]) for q in pools],
         )
         m.family(
+            "confedge_proxy_pool_requests_total",
+            "counter",
+            "Requests finished that reached a node of each pool (not static files or refusals)",
+            [({"pool": q["pool"]}, q.get("requests")) for q in pools],
+        )
+        m.family(
             "confedge_proxy_pool_requests_in_flight",
             "gauge",
             "Requests being answered by each pool's nodes now",
@@ -377,10 +383,12 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
                 _e(q["nodes"]),
                 _e("-" if q["nodes_up"] is None else q["nodes_up"]),
                 _e("-" if q["in_flight"] is None else q["in_flight"]),
+                _e("-" if q.get("requests") is None else q["requests"]),
             ]
             for q in pools
         ]
-        out.append(_table(["pool", "balance", "nodes", "up", "in flight"], prows, {2, 3, 4}))
+        head = ["pool", "balance", "nodes", "up", "in flight", "requests"]
+        out.append(_table(head, prows, {2, 3, 4, 5}))
     rows = []
     for n in p["nodes"]:
         state = n["state"] or "unknown"

@@ -134,11 +134,13 @@ class _OwnHealth:
         )
 
 
-def _pool_rows(specs: list[PoolSpec], nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _pool_rows(
+    specs: list[PoolSpec], nodes: list[dict[str, Any]], requests: list[int] | None
+) -> list[dict[str, Any]]:
     """One row per node pool (proxy/pools.py), summed from its nodes' rows; node rows get
-    their pool's name too."""
+    their pool's name too. `requests`: proxied requests finished per pool, when known."""
     rows = []
-    for spec in specs:
+    for k, spec in enumerate(specs):
         mine = nodes[spec.lo : spec.lo + len(spec.nodes)]
         for r in mine:
             r["pool"] = spec.name
@@ -154,6 +156,7 @@ def _pool_rows(specs: list[PoolSpec], nodes: list[dict[str, Any]]) -> list[dict[
                     sum(1 for r in known if r["state"] == NodeState.UP.value) if known else None
                 ),
                 "in_flight": sum(flights) if flights else None,
+                "requests": requests[k] if requests is not None else None,
             }
         )
     return rows
@@ -281,7 +284,12 @@ class StatusSource:
         out["health_source"] = source
         out["nodes"] = nodes
         out["nodes_up"] = sum(1 for r in nodes if r["state"] == NodeState.UP.value)
-        out["pools"] = _pool_rows(specs, nodes)
+        pool_requests: list[int] | None = None
+        if core is not None:
+            pool_requests = list(core.pool_requests)
+        elif reports is not None and len(reports.get("pool_requests", ())) == len(specs):
+            pool_requests = reports["pool_requests"]
+        out["pools"] = _pool_rows(specs, nodes, pool_requests)
         if core is not None:
             out["client_connections"] = len(core.clients)
             out["upstream_connections"] = len(core.upstreams)

@@ -183,7 +183,9 @@ class WorkerRuntime:
         # What every exchange core (exchange.py) of this worker reads, as plain data: one
         # ExchangeSettings per pool, differing only in its Balancer.
         self.pool_settings: list[ExchangeSettings] = []
-        for spec in self.pool_specs:
+        # Requests finished per pool that reached one of its nodes (status page, /metrics).
+        self.pool_requests = [0] * len(self.pool_specs)
+        for k, spec in enumerate(self.pool_specs):
             balancer = Balancer(
                 [n.netloc for n in spec.nodes],
                 self.health.up,
@@ -205,6 +207,7 @@ class WorkerRuntime:
                     request_buffer=self.request_buffer,
                     guard=self.guard is not None,
                     ban_status=self.guard.ban_status if self.guard is not None else 429,
+                    pool=k,
                 )
             )
         self.exchange_settings = self.pool_settings[0]  # the default pool (proxy.nodes)
@@ -345,6 +348,8 @@ class WorkerRuntime:
 
     def log_exchange(self, ex: Exchange, *, truncated: bool = False) -> None:
         """One access-log line for a finished (or abandoned) exchange."""
+        if ex.addrs:  # it reached at least one node of its pool (not static, not refused)
+            self.pool_requests[ex.settings.pool] += 1
         sink = self.access_log
         if sink is None:
             return

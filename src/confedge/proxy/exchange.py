@@ -245,6 +245,7 @@ class ExchangeSettings:
         "guard",
         "netlocs",
         "nodes",
+        "pool",
         "read_timeout",
         "request_buffer",
         "sse_lifetime",
@@ -264,8 +265,10 @@ class ExchangeSettings:
         request_buffer: int = 64 * 1024,
         guard: bool = False,
         ban_status: int = 429,
+        pool: int = 0,
     ) -> None:
         self.nodes = nodes
+        self.pool = pool  # index of its node pool (proxy/pools.py), for per-pool counters
         self.netlocs = netlocs
         self.fqdn = fqdn
         self.connect_timeout = connect_timeout
