@@ -245,3 +245,30 @@ async def test_two_workers_route_by_prefix_and_report_per_pool(sets, tmp_path):
         assert len(stats["in_flight"]) == len(stats["idle_connections"]) == 6
     finally:
         await svc.close()
+
+
+async def test_install_pools_again_reroutes_new_requests(sets, tmp_path):
+    """What a reload of the node list does (WorkerRuntime.install_pools + start_health_checks,
+    both built from build_pools): new requests follow the new pools at once."""
+    svc = await start(sets, tmp_path, health_interval=30)
+    try:
+        assert set(await nodes_of(svc.https_port, "/scheduling/x", 2)) == {"s0", "s1"}
+        new = proxy_config(
+            [u.address for u in sets["d"]],
+            str(tmp_path),
+            pools=[{"prefix": "/scheduling/", "nodes": [sets["a"][1].address]}],
+            health_interval=0.1,
+        )
+        core = svc.core
+        assert core is not None
+        core.install_pools(new)
+        core.start_health_checks()
+        assert len(core._health_tasks) == 2
+        assert set(await nodes_of(svc.https_port, "/scheduling/x", 3)) == {"a1"}
+        assert set(await nodes_of(svc.https_port, "/scheduling/api/x", 2)) == {"a1"}
+        assert set(await nodes_of(svc.https_port, "/webapp/", 2)) == {"d0", "d1"}
+        checks = sets["a"][1].status_checks
+        await asyncio.sleep(0.35)
+        assert sets["a"][1].status_checks > checks  # the new pool's own checks run
+    finally:
+        await svc.close()

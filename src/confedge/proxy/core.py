@@ -162,7 +162,31 @@ class WorkerRuntime:
         # The clients' shared read buffer (server.ClientConnection is a BufferedProtocol): one
         # per worker, not per connection, so 10,000 idle streams do not hold 10,000 buffers.
         self.read_view = memoryview(bytearray(64 * 1024))
-        # Node pools (proxy/pools.py): one flat node list, each pool a slice of it.
+        self.install_pools(cfg)
+        self.clients: set[ClientConnection] = set()
+        # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
+        # None keeps the HTTP path exactly as without the option.
+        self.turn_share: TurnShare | None = None
+        self.upstreams: set[UpstreamConnection] = set()
+        self.on_transition: list[Callable[[Transition], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._health_tasks: list[asyncio.Task[None]] = []
+        self.redirects: set[RedirectConnection] = set()  # port 80 (proxy/redirect.py)
+        self.sweep_interval = sweep_interval(
+            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout
+        )
+        self.closing = False
+        self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
+        self.out_bytes = 0
+
+    def install_pools(self, cfg: Config) -> None:
+        """Build the node pools of `cfg` (proxy/pools.py build_pools): the flat node list, one
+        HealthMonitor, the connection pools, and one Balancer and ExchangeSettings per pool.
+        Called once at start; a reload of the node list calls it again (then restarts the
+        health checks with `start_health_checks`). Exchanges in flight keep the settings they
+        were made with."""
+        p = cfg.proxy
+        # One flat node list, each pool a slice of it.
         self.pool_specs = build_pools(cfg)
         self.nodes: list[NodeAddress] = [n for spec in self.pool_specs for n in spec.nodes]
         self.health = health_monitor(self.pool_specs)
@@ -213,20 +237,6 @@ class WorkerRuntime:
         self.exchange_settings = self.pool_settings[0]  # the default pool (proxy.nodes)
         self.balancer = self.exchange_settings.nodes
         self.pool_prefixes = [spec.prefix for spec in self.pool_specs[1:]]
-        self.clients: set[ClientConnection] = set()
-        # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
-        # None keeps the HTTP path exactly as without the option.
-        self.turn_share: TurnShare | None = None
-        self.upstreams: set[UpstreamConnection] = set()
-        self.on_transition: list[Callable[[Transition], None]] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self.redirects: set[RedirectConnection] = set()  # port 80 (proxy/redirect.py)
-        self.sweep_interval = sweep_interval(
-            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout
-        )
-        self.closing = False
-        self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
-        self.out_bytes = 0
 
     # -- write coalescing ---------------------------------------------------------------------
 
@@ -283,20 +293,30 @@ class WorkerRuntime:
     def start(self, *, health_checks: bool = True) -> None:
         self._tasks.append(self.loop.create_task(self._sweeper()))
         if health_checks:
-            for spec in self.pool_specs:
-                if not spec.nodes:
-                    continue
-                checker = HealthChecker(
-                    self.nodes,
-                    self.health,
-                    self.upstream_ssl,
-                    self.cfg.proxy,
-                    self.transition,
-                    indices=spec.indices,
-                    interval=spec.health_interval,
-                    timeout=spec.health_timeout,
-                )
-                self._tasks.append(self.loop.create_task(checker.run()))
+            self.start_health_checks()
+
+    def start_health_checks(self) -> None:
+        """One active health-check loop per pool, with its own interval and timeout."""
+        for t in self._health_tasks:
+            t.cancel()
+            self._tasks.remove(t)
+        self._health_tasks = []
+        for spec in self.pool_specs:
+            if not spec.nodes:
+                continue
+            checker = HealthChecker(
+                self.nodes,
+                self.health,
+                self.upstream_ssl,
+                self.cfg.proxy,
+                self.transition,
+                indices=spec.indices,
+                interval=spec.health_interval,
+                timeout=spec.health_timeout,
+            )
+            task = self.loop.create_task(checker.run())
+            self._health_tasks.append(task)
+            self._tasks.append(task)
 
     async def close(self) -> None:
         self.closing = True
