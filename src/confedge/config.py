@@ -251,6 +251,44 @@ class StaticMount(_Strict):
         return _path_prefix(v)
 
 
+class ProxyPool(_Strict):
+    """One `[[proxy.pools]]` entry: requests whose canonical path starts with `prefix` go to
+    these nodes instead of proxy.nodes (SPEC §2, e.g. the Outlook scheduling add-in). Unset
+    balancing and health settings are those of [proxy]."""
+
+    prefix: str
+    nodes: list[NodeStr]
+    balance: Literal["round-robin", "ip-hash", "least-conn"] | None = None
+    health_interval: float | None = Field(default=None, gt=0)
+    health_timeout: float | None = Field(default=None, gt=0)
+    health_rise: int | None = Field(default=None, ge=1)
+    health_fall: int | None = Field(default=None, ge=1)
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/") or not v.endswith("/"):
+            raise ValueError(
+                f'"{v}" is not a pool prefix (it must start and end with "/", e.g. "/scheduling/")'
+            )
+        if v == "/":
+            raise ValueError(
+                '"/" would take every request; list those nodes in proxy.nodes instead, and give '
+                'a pool a narrower prefix (e.g. "/scheduling/")'
+            )
+        return _path_prefix(v)
+
+    @field_validator("nodes")
+    @classmethod
+    def _nodes(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(
+                '[] is empty; list the nodes of this pool (e.g. nodes = ["10.0.0.21"]) or remove '
+                "the pool"
+            )
+        return v
+
+
 class ProxyConfig(_Strict):
     enabled: bool = True
     https_port: Port = 443
@@ -297,6 +335,21 @@ class ProxyConfig(_Strict):
     trusted_proxies: list[CIDR] = Field(default_factory=list)
     access_log: str = ""  # "" = standard error log stream; else a file path
     static: list[StaticMount] = Field(default_factory=list)
+    pools: list[ProxyPool] = Field(default_factory=list)  # node pools per path prefix
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_prefixes(cls, v: list[ProxyPool]) -> list[ProxyPool]:
+        seen: dict[str, int] = {}
+        for i, pool in enumerate(v):
+            if pool.prefix in seen:
+                raise ValueError(
+                    f'prefix "{pool.prefix}" of pools[{i}] is also the prefix of '
+                    f"pools[{seen[pool.prefix]}]; give each pool its own prefix (merge their "
+                    "nodes into one pool)"
+                )
+            seen[pool.prefix] = i
+        return v
 
     @property
     def node_addresses(self) -> list[NodeAddress]:
@@ -530,6 +583,12 @@ class Config(_Strict):
                 "proxy.nodes: [] is empty, but the proxy is enabled; list the conferencing nodes "
                 '(e.g. nodes = ["10.0.0.11"]) or set proxy.enabled = false'
             )
+        if self.proxy.pools and not self.proxy.enabled:
+            problems.append(
+                f"proxy.pools: {len(self.proxy.pools)} pool(s) configured, but "
+                "proxy.enabled = false, so no request would reach them; set proxy.enabled = true "
+                "or remove the [[proxy.pools]] entries"
+            )
         if self.turn.enabled and self.turn.mode == "restricted":
             if not self.turn.username:
                 problems.append('turn.username: "" is empty; restricted TURN needs a username')
@@ -755,6 +814,11 @@ def to_toml(data: dict[str, Any]) -> str:
         for key, items in tables:
             for item in items:
                 out.append(f"[[{section}.{key}]]")
-                out.extend(f"{k} = {_toml_value(x)}" for k, x in item.items())
+                out.extend(
+                    f"{k} = {_toml_value(x)}"
+                    if x is not None
+                    else f"# {k} is unset ([{section}]'s {k} applies)"
+                    for k, x in item.items()
+                )
                 out.append("")
     return "\n".join(out)

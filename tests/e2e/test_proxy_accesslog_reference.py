@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from confedge.proxy.accesslog import TimeLocal, format_line, request_line
+from confedge.proxy.accesslog import TimeLocal, format_line, remote_user, request_line
 from ports import free_port
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -130,29 +130,42 @@ CASES: list[tuple[bytes, bytes | None, bytes | None]] = [
 ]
 
 
+def _nginx_log(tmp: Path, raws: list[bytes]) -> list[tuple[str, float, int]]:
+    """Send each raw request to nginx (the reference's log_format); its log lines, each with
+    its time and body size (what format_line is given besides the request's own bytes)."""
+    with _nginx(tmp) as port:
+        for raw in raws:
+            _raw_request(port, raw)
+        deadline = time.monotonic() + 5
+        log = tmp / "access.log"
+        while len(log.read_bytes().splitlines()) < len(raws) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    lines = log.read_bytes().decode("ascii").splitlines()
+    assert len(lines) == len(raws)
+    out = []
+    for line in lines:
+        stamp = line.split("[", 1)[1].split("]", 1)[0]
+        now = dt.datetime.strptime(stamp, "%d/%b/%Y:%H:%M:%S %z").timestamp()
+        out.append((line, now, int(line.split('" ', 1)[1].split(" ")[1])))
+    return out
+
+
 @pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
 def test_line_is_byte_identical_to_nginx(tmp_path: Path) -> None:
-    with _nginx(tmp_path) as port:
-        for line, referer, ua in CASES:
-            raw = line + b"\r\nHost: edge\r\nConnection: close\r\n"
-            if referer is not None:
-                raw += b"Referer: " + referer + b"\r\n"
-            if ua is not None:
-                raw += b"User-Agent: " + ua + b"\r\n"
-            if line.startswith(b"POST"):
-                raw += b"Content-Length: 0\r\n"
-            _raw_request(port, raw + b"\r\n")
-        deadline = time.monotonic() + 5
-        log = tmp_path / "access.log"
-        while len(log.read_bytes().splitlines()) < len(CASES) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    nginx_lines = log.read_bytes().decode("ascii").splitlines()
-    assert len(nginx_lines) == len(CASES)
+    raws = []
+    for line, referer, ua in CASES:
+        raw = line + b"\r\nHost: edge\r\nConnection: close\r\n"
+        if referer is not None:
+            raw += b"Referer: " + referer + b"\r\n"
+        if ua is not None:
+            raw += b"User-Agent: " + ua + b"\r\n"
+        if line.startswith(b"POST"):
+            raw += b"Content-Length: 0\r\n"
+        raws.append(raw + b"\r\n")
     time_local = TimeLocal()  # nginx logs local time: same process environment, same zone
-    for nginx_line, (line, referer, ua) in zip(nginx_lines, CASES, strict=True):
-        stamp = nginx_line.split("[", 1)[1].split("]", 1)[0]
-        now = dt.datetime.strptime(stamp, "%d/%b/%Y:%H:%M:%S %z").timestamp()
-        body_bytes = int(nginx_line.split('" ', 1)[1].split(" ")[1])
+    for (nginx_line, now, body_bytes), (line, referer, ua) in zip(
+        _nginx_log(tmp_path, raws), CASES, strict=True
+    ):
         ours = format_line(
             "127.0.0.1",
             now,
@@ -167,6 +180,18 @@ def test_line_is_byte_identical_to_nginx(tmp_path: Path) -> None:
             time_local=time_local,
         )
         assert ours == nginx_line
+
+
+def _banned_ips(log: Path, conf: Path) -> list[str]:
+    """The addresses fail2ban-regex finds in `log` with the filter `conf`."""
+    assert FAIL2BAN_REGEX is not None
+    return subprocess.run(
+        [FAIL2BAN_REGEX, "-o", "ip", str(log), str(conf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.split()
 
 
 @pytest.mark.skipif(FAIL2BAN_REGEX is None, reason="fail2ban-regex (Debian fail2ban) is missing")
@@ -247,14 +272,7 @@ def test_reference_fail2ban_filter_matches_confedge_lines(tmp_path: Path) -> Non
     ]
     log = tmp_path / "access.log"
     log.write_text("\n".join(lines) + "\n")
-    out = subprocess.run(
-        [FAIL2BAN_REGEX, "-o", "ip", str(log), str(conf)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    ).stdout.split()
-    assert out == ["203.0.113.7", "2001:db8::7"]
+    assert _banned_ips(log, conf) == ["203.0.113.7", "2001:db8::7"]
     summary = subprocess.run(
         [FAIL2BAN_REGEX, str(log), str(conf)],
         capture_output=True,
@@ -263,3 +281,95 @@ def test_reference_fail2ban_filter_matches_confedge_lines(tmp_path: Path) -> Non
         check=True,
     ).stdout
     assert "Lines: 5 lines, 0 ignored, 2 matched, 3 missed" in summary
+
+
+def _b64(raw: bytes) -> bytes:
+    import base64
+
+    return base64.b64encode(raw)
+
+
+# Extra header lines, as they go on the wire: $remote_user and empty-versus-absent fields.
+HEADER_CASES: list[bytes] = [
+    b"User-Agent: \r\nReferer: \r\n",  # sent empty: nginx logs "" for both
+    b"Authorization: Basic " + _b64(b"alice:secret") + b"\r\n",
+    b"Authorization: Basic " + _b64(b'ev"il\\ \x01\xc3\xa9 x:pw') + b"\r\nUser-Agent: ua\r\n",
+    b"Authorization: Basic " + _b64(b"- -:pw") + b"\r\n",  # forges nothing: still escaped text
+    b"Authorization: Basic " + _b64(b":pw") + b"\r\n",
+    b"Authorization: Basic " + _b64(b"nocolon") + b"\r\n",
+    b"Authorization: Basic !!!notb64\r\n",
+    b"Authorization: basic   " + _b64(b"lower:pw") + b"\r\n",
+    b"Authorization: Basic " + _b64(b"bob:pw")[:-1] + b"\r\n",
+    b"Authorization: Basic " + _b64(b"bob:pw") + b" trailing\r\n",
+    b"Authorization: Basic " + _b64(b"pad:") + b"\r\n",
+    b"Authorization: Bearer abc\r\n",
+]
+
+
+def _header(raw: bytes, name: bytes) -> bytes | None:
+    for line in raw.split(b"\r\n"):
+        k, sep, v = line.partition(b":")
+        if sep and k.lower() == name:
+            return v.strip(b" ")
+    return None
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx is not installed")
+def test_remote_user_and_empty_fields_as_nginx_writes_them(tmp_path: Path) -> None:
+    """The same requests to nginx (the reference's log_format) and through format_line with
+    what the proxy reads from them: identical lines, so $remote_user is decoded, escaped and
+    left out exactly where nginx does, and an empty User-Agent is "" where an absent one is -."""
+    raws = [
+        b"GET /x HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n" + x + b"\r\n"
+        for x in HEADER_CASES
+    ]
+    time_local = TimeLocal()
+    nginx_lines = _nginx_log(tmp_path, raws)
+    for (nginx_line, now, body_bytes), extra in zip(nginx_lines, HEADER_CASES, strict=True):
+        ours = format_line(
+            "127.0.0.1",
+            now,
+            "GET /x HTTP/1.1",
+            403,
+            body_bytes,
+            _header(extra, b"referer"),
+            _header(extra, b"user-agent"),
+            remote_user=remote_user(_header(extra, b"authorization")),
+            time_local=time_local,
+        )
+        assert ours == nginx_line
+    assert "alice" in nginx_lines[1][0] and "secret" not in "".join(x[0] for x in nginx_lines)
+
+
+@pytest.mark.skipif(FAIL2BAN_REGEX is None, reason="fail2ban-regex (Debian fail2ban) is missing")
+def test_fail2ban_and_basic_auth_user(tmp_path: Path) -> None:
+    """A wrong PIN sent with a Basic header logs its user (as nginx does): the reference's
+    filter misses it, the variant docs/ACCESSLOG.md gives (any $remote_user) finds it."""
+    assert FAIL2BAN_REGEX is not None
+    token = request_line("POST", "/api/client/v2/conferences/meet.alice/request_token")
+    user = remote_user(b"Basic " + _b64(b"mallory:x"))
+    line = format_line(
+        "203.0.113.7",
+        time.time(),
+        token,
+        403,
+        56,
+        None,
+        None,
+        "10.0.0.11:443",
+        "403",
+        "0.004",
+        user,
+    )
+    assert line.startswith("203.0.113.7 - mallory [")
+    log = tmp_path / "access.log"
+    log.write_text(line + "\n")
+    found = {}
+    for name, conf_text in (
+        ("reference", PEXIPRP_CONF),
+        ("any-user", PEXIPRP_CONF.replace("^<HOST> - - .*  ", "^<HOST> - .*  ")),
+    ):
+        conf = tmp_path / f"{name}.conf"
+        conf.write_text(conf_text)
+        found[name] = _banned_ips(log, conf)
+    assert found == {"reference": [], "any-user": ["203.0.113.7"]}

@@ -201,6 +201,10 @@ def test_every_key_is_documented() -> None:
             )
     for key in StaticMount.model_fields:
         assert f"| `{key}` |" in doc
+    from confedge.config import ProxyPool
+
+    for key in ProxyPool.model_fields:
+        assert f"| `{key}` |" in doc
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,7 @@ from confedge.proxy.accesslog import (
     escape,
     filter_secrets,
     format_line,
+    remote_user,
     request_line,
 )
 
@@ -62,7 +63,49 @@ def test_empty_values_are_dashes() -> None:
     assert line == (
         '::1 - - [25/Nov/2026:12:00:00 +0000]  "GET / HTTP/1.1" 301 0 "" "-" "-" "-" "-"'
     )
-    assert format_line("::1", NOW, "", 400, 0, "", b"", time_local=UTC_TIME).count('"-"') == 5
+    # A User-Agent header sent empty is a found empty value: nginx logs nothing, not "-"
+    # (checked against real nginx in tests/e2e/test_proxy_accesslog_reference.py).
+    line = format_line("::1", NOW, "", 400, 0, "", b"", time_local=UTC_TIME)
+    assert line == '::1 - - [25/Nov/2026:12:00:00 +0000]  "-" 400 0 "" "" "-" "-" "-"'
+
+
+def b64(raw: bytes) -> bytes:
+    import base64
+
+    return base64.b64encode(raw)
+
+
+@pytest.mark.parametrize(
+    ("authorization", "user"),
+    [
+        (None, None),
+        (b"Basic " + b64(b"alice:secret"), "alice"),
+        (b"basic " + b64(b"lower:pw"), "lower"),  # the scheme is case-insensitive
+        (b"Basic    " + b64(b"spaces:pw"), "spaces"),
+        (b"Basic " + b64(b"a:b:c"), "a"),  # the name ends at the first ":"
+        (b"Basic " + b64(b"pad:"), "pad"),
+        (b"Basic " + b64(b"bob:pw")[:-1], "bob"),  # nginx decodes without padding
+        (b"Basic " + b64(b":pw"), None),  # an empty name
+        (b"Basic " + b64(b"nocolon"), None),
+        (b"Basic !!!notb64", None),
+        (b"Basic " + b64(b"bob:pw") + b" trailing", None),
+        (b"Basic ", None),
+        (b"Basic", None),
+        (b"Bearer abc", None),
+        (b"Basic " + b64(b'ev"il\\ \x01\xc3\xa9 x:pw'), 'ev"il\\ \x01\xc3\xa9 x'),
+    ],
+)
+def test_remote_user_as_nginx_decodes_it(authorization: bytes | None, user: str | None) -> None:
+    assert remote_user(authorization) == user
+
+
+def test_remote_user_is_escaped_and_never_the_password() -> None:
+    user = remote_user(b"Basic " + b64(b'x" 200 "\r\n1.2.3.4 - - [:hunter2'))
+    line = format_line(
+        "192.0.2.1", NOW, "GET / HTTP/1.1", 200, 0, remote_user=user, time_local=UTC_TIME
+    )
+    assert line.startswith("192.0.2.1 - x\\x22 200 \\x22\\x0D\\x0A1.2.3.4 - - [ [25/Nov/2026")
+    assert "hunter2" not in line and "\n" not in line
 
 
 def test_multiple_upstream_attempts_as_nginx_joins_them() -> None:

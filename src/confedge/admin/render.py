@@ -137,6 +137,31 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
             "Idle keep-alive connections to each node",
             [({"node": n["node"]}, n.get("idle_connections")) for n in nodes],
         )
+        pools = proxy.get("pools") or []
+        m.family(
+            "confedge_proxy_pool_nodes",
+            "gauge",
+            'Nodes of each node pool ("default" is proxy.nodes, else the [[proxy.pools]] prefix)',
+            [({"pool": q["pool"]}, q["nodes"]) for q in pools],
+        )
+        m.family(
+            "confedge_proxy_pool_nodes_up",
+            "gauge",
+            "Nodes of each pool that get new requests (health state up)",
+            [({"pool": q["pool"]}, q["nodes_up"]) for q in pools],
+        )
+        m.family(
+            "confedge_proxy_pool_requests_total",
+            "counter",
+            "Requests finished that reached a node of each pool (not static files or refusals)",
+            [({"pool": q["pool"]}, q.get("requests")) for q in pools],
+        )
+        m.family(
+            "confedge_proxy_pool_requests_in_flight",
+            "gauge",
+            "Requests being answered by each pool's nodes now",
+            [({"pool": q["pool"]}, q["in_flight"]) for q in pools],
+        )
         m.one(
             "confedge_proxy_client_connections",
             "gauge",
@@ -349,11 +374,27 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
             "workers run in separate processes).</p>"
         )
     counters = any("in_flight" in n for n in p["nodes"])  # once the proxy's counters are known
+    pools = p.get("pools") or []
+    if len(pools) > 1:  # [[proxy.pools]]: one row per pool, and a pool column for the nodes
+        prows = [
+            [
+                f"<code>{_e(q['pool'])}</code>",
+                _e(q["balance"]),
+                _e(q["nodes"]),
+                _e("-" if q["nodes_up"] is None else q["nodes_up"]),
+                _e("-" if q["in_flight"] is None else q["in_flight"]),
+                _e("-" if q.get("requests") is None else q["requests"]),
+            ]
+            for q in pools
+        ]
+        head = ["pool", "balance", "nodes", "up", "in flight", "requests"]
+        out.append(_table(head, prows, {2, 3, 4, 5}))
     rows = []
     for n in p["nodes"]:
         state = n["state"] or "unknown"
         since = n["since"]
         row = [
+            *([f"<code>{_e(n.get('pool', ''))}</code>"] if len(pools) > 1 else []),
             f"<code>{_e(n['node'])}</code>",
             f'<span class="{_e(state)}">{_e(state)}</span>',
             _e(f"{duration(now - since)} ago" if since is not None else "start"),
@@ -365,7 +406,11 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
     head = ["node", "state", "since", "last change"]
     if counters:
         head += ["in flight", "idle connections"]
-    out.append(_table(head, rows, {4, 5}))
+    if len(pools) > 1:
+        head.insert(0, "pool")
+        out.append(_table(head, rows, {5, 6}))
+    else:
+        out.append(_table(head, rows, {4, 5}))
     return "".join(out)
 
 

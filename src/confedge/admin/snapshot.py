@@ -36,6 +36,7 @@ from confedge.admin.procstats import child_pids, read_proc, self_stat
 from confedge.config import Config, NodeAddress
 from confedge.proxy import build_kind
 from confedge.proxy.health import HealthMonitor, NodeState, Transition
+from confedge.proxy.pools import PoolSpec, build_pools, health_monitor
 
 __all__ = ["BAN_LIMIT", "RuntimeView", "StatusSource", "mask_url"]
 
@@ -81,10 +82,11 @@ class _OwnHealth:
     """Status checks run by the management listener when the proxy's own are out of reach."""
 
     def __init__(self, cfg: Config, record: Callable[[Transition], None]) -> None:
-        p = cfg.proxy
         self.cfg = cfg
-        self.nodes: list[NodeAddress] = p.node_addresses
-        self.monitor = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
+        # Every pool's nodes, as the proxy workers number them (proxy/pools.py).
+        self.specs = build_pools(cfg)
+        self.nodes: list[NodeAddress] = [n for spec in self.specs for n in spec.nodes]
+        self.monitor = health_monitor(self.specs)
         self.record = record
         self._task: asyncio.Task[None] | None = None
 
@@ -113,8 +115,51 @@ class _OwnHealth:
             if t is not None:
                 self.record(t)
 
-        # The same loop as the proxy workers' (proxy/healthcheck.py).
-        await HealthChecker(self.nodes, self.monitor, ctx, p, record).run()
+        # The same loop as the proxy workers' (proxy/healthcheck.py), one per pool.
+        await asyncio.gather(
+            *(
+                HealthChecker(
+                    self.nodes,
+                    self.monitor,
+                    ctx,
+                    p,
+                    record,
+                    indices=spec.indices,
+                    interval=spec.health_interval,
+                    timeout=spec.health_timeout,
+                ).run()
+                for spec in self.specs
+                if spec.nodes
+            )
+        )
+
+
+def _pool_rows(
+    specs: list[PoolSpec], nodes: list[dict[str, Any]], requests: list[int] | None
+) -> list[dict[str, Any]]:
+    """One row per node pool (proxy/pools.py), summed from its nodes' rows; node rows get
+    their pool's name too. `requests`: proxied requests finished per pool, when known."""
+    rows = []
+    for k, spec in enumerate(specs):
+        mine = nodes[spec.lo : spec.lo + len(spec.nodes)]
+        for r in mine:
+            r["pool"] = spec.name
+        known = [r for r in mine if r["state"] is not None]
+        flights = [r["in_flight"] for r in mine if r.get("in_flight") is not None]
+        rows.append(
+            {
+                "pool": spec.name,
+                "prefix": spec.prefix or None,
+                "balance": spec.balance,
+                "nodes": len(mine),
+                "nodes_up": (
+                    sum(1 for r in known if r["state"] == NodeState.UP.value) if known else None
+                ),
+                "in_flight": sum(flights) if flights else None,
+                "requests": requests[k] if requests is not None else None,
+            }
+        )
+    return rows
 
 
 class StatusSource:
@@ -217,8 +262,9 @@ class StatusSource:
             monitor, source = self.own_health.monitor, "management"
         else:
             monitor, source = None, None
+        specs = build_pools(self.cfg)
         nodes = []
-        for i, node in enumerate(p.node_addresses):
+        for i, node in enumerate(n for spec in specs for n in spec.nodes):
             row: dict[str, Any] = {"node": node.url, "state": None, "since": None, "reason": None}
             if monitor is not None:
                 row["state"] = monitor.states[i].value
@@ -238,6 +284,12 @@ class StatusSource:
         out["health_source"] = source
         out["nodes"] = nodes
         out["nodes_up"] = sum(1 for r in nodes if r["state"] == NodeState.UP.value)
+        pool_requests: list[int] | None = None
+        if core is not None:
+            pool_requests = list(core.pool_requests)
+        elif reports is not None and len(reports.get("pool_requests", ())) == len(specs):
+            pool_requests = reports["pool_requests"]
+        out["pools"] = _pool_rows(specs, nodes, pool_requests)
         if core is not None:
             out["client_connections"] = len(core.clients)
             out["upstream_connections"] = len(core.upstreams)

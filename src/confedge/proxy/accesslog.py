@@ -18,9 +18,17 @@ also hit any parameter whose name ends in one (``access_token``); here every occ
 parameter whose name ends in one of the five (case-insensitive) is filtered, so nothing the
 reference hides is ever shown.
 
-``$remote_user`` is always ``-``: confedge authenticates nobody, and copying a client-supplied
-Basic-auth name into the log would both leak it and let a client dodge the reference's filter,
-which expects ``- -`` after the address.
+``$remote_user`` is what nginx puts there: the user name of an ``Authorization: Basic`` header
+when the client sends one (:func:`remote_user`, nginx's ``ngx_http_auth_basic_user``: the
+scheme case-insensitive, the base64 decoded as nginx's lenient decoder does, the name is
+everything before the first ``:`` and must not be empty), ``-`` otherwise; the password is
+never logged. confedge authenticates nobody: the name is what the client claims, escaped like
+every other field, so it can neither break the line nor carry bytes beyond ``\\xHH``.
+
+Empty versus absent, as nginx: an absent User-Agent is ``-``, a User-Agent header with an
+empty value is ``""`` (nginx logs a found empty variable as nothing); the Referer goes through
+the reference's filter maps, whose result is always a found value, so it is ``""`` when absent
+or empty.
 
 Strings are treated like nginx treats bytes: pass header values decoded as latin-1 (what HTTP
 parsers produce) or as bytes, and each byte >= 0x7F is escaped as that byte. Characters beyond
@@ -31,6 +39,7 @@ UTF-8 bytes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import re
 import sys
@@ -45,6 +54,7 @@ __all__ = [
     "escape",
     "filter_secrets",
     "format_line",
+    "remote_user",
     "request_line",
 ]
 
@@ -89,6 +99,43 @@ def escape(value: str | bytes | None) -> str:
     if not out.isascii():
         out = _WIDE_RE.sub(_wide, out)
     return out
+
+
+def _b64_lenient(data: bytes) -> bytes | None:
+    """nginx's ngx_decode_base64: characters up to the first "=", all from the base64
+    alphabet, a length that is not 1 modulo 4; missing padding is fine. None when invalid."""
+    end = data.find(b"=")
+    if end >= 0:
+        data = data[:end]
+    if len(data) % 4 == 1 or _B64_ALPHABET.fullmatch(data) is None:
+        return None
+    return base64.b64decode(data + b"=" * (-len(data) % 4))
+
+
+_B64_ALPHABET: Final = re.compile(rb"[A-Za-z0-9+/]*")
+
+
+def remote_user(authorization: bytes | None) -> str | None:
+    """``$remote_user``: the user name of an ``Authorization: Basic`` value (RFC 7617 §2),
+    exactly when nginx logs one, else None (logged as ``-``). Never the password."""
+    if authorization is None or len(authorization) < 6:
+        return None
+    if authorization[:6].lower() != b"basic ":
+        return None
+    decoded = _b64_lenient(authorization[6:].lstrip(b" "))
+    if not decoded:
+        return None
+    user, colon, _ = decoded.partition(b":")
+    if not colon or not user:
+        return None
+    return user.decode("latin-1")
+
+
+def _ua(user_agent: str | bytes | None) -> str:
+    """``$http_user_agent``: ``-`` when the header is absent, nothing when it is empty."""
+    if user_agent is None:
+        return "-"
+    return escape(user_agent) if user_agent else ""
 
 
 _MONTHS: Final = (
@@ -159,6 +206,7 @@ def format_line(
     upstream_addr: str | None = None,
     upstream_status: str | None = None,
     upstream_response_time: str | None = None,
+    remote_user: str | None = None,
     *,
     time_local: Callable[[float], str] = _default_time,
 ) -> str:
@@ -171,15 +219,17 @@ def format_line(
 
     A missing or empty Referer logs as ``""``, not ``"-"``: in the reference the Referer goes
     through the ``[FILTERED]`` maps, and a map's result is an empty *found* value, which nginx
-    logs as nothing. Every other empty field is ``-``.
+    logs as nothing. A User-Agent header sent empty logs as ``""`` too, an absent one as ``-``
+    (nginx's not-found value). ``remote_user``: see :func:`remote_user`. Every other empty
+    field is ``-``.
     """
     if isinstance(referer, bytes):
         referer = referer.decode("latin-1")
     return (
-        f"{escape(remote_addr)} - - [{time_local(now)}]  "
+        f"{escape(remote_addr)} - {escape(remote_user)} [{time_local(now)}]  "
         f'"{escape(filter_secrets(request))}" {status} {body_bytes_sent} '
         f'"{escape(filter_secrets(referer)) if referer else ""}" '
-        f'"{escape(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" '
+        f'"{_ua(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" '
         f'"{escape(upstream_response_time)}"'
     )
 
@@ -260,6 +310,7 @@ class AccessLog:
         upstream_addr: str | None = None,
         upstream_status: str | None = None,
         upstream_response_time: str | None = None,
+        remote_user: str | None = None,
     ) -> None:
         """Format and buffer one request's line; the same text as :func:`format_line`.
 
@@ -271,9 +322,12 @@ class AccessLog:
         address; both memos are bounded and simply emptied when full, so a client sending
         endless distinct URLs only turns them into the uncached path.
         """
-        addr = self._addrs.get(remote_addr)
-        if addr is None:
-            addr = self._remember_addr(remote_addr)
+        addr: str
+        if remote_user is not None:  # rare: not memoised (a client could vary it freely)
+            addr = f"{escape(remote_addr)} - {escape(remote_user)} ["
+        else:
+            memo = self._addrs.get(remote_addr)
+            addr = self._remember_addr(remote_addr) if memo is None else memo
         key = (request, referer, user_agent, upstream_addr, upstream_status)
         parts = self._parts.get(key)
         if parts is None:
@@ -304,7 +358,7 @@ class AccessLog:
         parts = (
             f']  "{escape(filter_secrets(request))}" ',
             f' "{escape(filter_secrets(referer)) if referer else ""}" '
-            f'"{escape(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" "',
+            f'"{_ua(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" "',
         )
         if len(self._parts) >= _PARTS_CACHE_SIZE:
             self._parts.clear()
@@ -407,6 +461,7 @@ class RequestCounter:
         upstream_addr: str | None = None,
         upstream_status: str | None = None,
         upstream_response_time: str | None = None,
+        remote_user: str | None = None,
     ) -> None:
         self.total += 1
         self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
@@ -423,6 +478,7 @@ class RequestCounter:
                 upstream_addr,
                 upstream_status,
                 upstream_response_time,
+                remote_user,
             )
 
     def to_json(self) -> dict[str, int]:

@@ -7,6 +7,12 @@ own clients move, and when it returns they move back, which keeps a client's SSE
 its REST calls on one node (SPEC §2 affinity); `pick_serving` also looks at nodes in maintenance,
 for token-bearing requests a node refused (exchange.py). crc32 rather than hash(): Python salts str
 hashes per process, and every worker process must pick the same node for one client.
+
+Pools (proxy/pools.py): node indices are global to a worker (its flat node list: the default
+pool's nodes first, then each `[[proxy.pools]]` entry's), and one Balancer per pool picks only
+in its slice `[lo, lo + len(keys))`. Health (`up`, `serving`) and `active` are the worker's
+global lists, shared by every pool's Balancer, so a pool's failover never leaves its slice and
+the adapters, health monitor and connection pools need no translation of indices.
 """
 
 from __future__ import annotations
@@ -23,15 +29,23 @@ class Balancer:
     """Picks node indices; `active[i]` is maintained by the caller (requests in flight)."""
 
     def __init__(
-        self, keys: list[str], up: list[bool], policy: Policy, serving: list[bool] | None = None
+        self,
+        keys: list[str],
+        up: list[bool],
+        policy: Policy,
+        serving: list[bool] | None = None,
+        *,
+        lo: int = 0,
+        active: list[int] | None = None,
     ) -> None:
-        self.n = len(keys)
+        self.lo = lo  # this pool's first global node index (see "Pools" above)
+        self.hi = lo + len(keys)  # one past its last
         self.up = up  # shared with HealthMonitor.up: health changes are seen at once
         # HealthMonitor.serving: UP or MAINTENANCE, i.e. nodes that still hold sessions.
         self.serving = up if serving is None else serving
         self.policy = policy
-        self.active = [0] * self.n
-        self._next = 0
+        self.active = [0] * self.hi if active is None else active
+        self._next = lo
         self._salts = [k.encode() + b"|" for k in keys]
 
     def pick(self, client_ip: str, tried: int) -> int | None:
@@ -48,16 +62,18 @@ class Balancer:
         return self._ip_hash(client_ip, tried, self.serving)
 
     def _round_robin(self, tried: int) -> int | None:
-        n = self.n
+        lo = self.lo
+        hi = self.hi
         start = self._next
         up = self.up
-        if start < n and up[start] and not tried >> start & 1:  # usual: the next node is fine
-            self._next = start + 1 if start + 1 < n else 0
+        if start < hi and up[start] and not tried >> start & 1:  # usual: the next node is fine
+            self._next = start + 1 if start + 1 < hi else lo
             return start
-        for k in range(n):
-            i = (start + k) % n
+        span = hi - lo
+        for k in range(span):
+            i = lo + (start - lo + k) % span
             if up[i] and not tried >> i & 1:
-                self._next = (i + 1) % n
+                self._next = i + 1 if i + 1 < hi else lo
                 return i
         return None
 
@@ -65,7 +81,9 @@ class Balancer:
         best = -1
         best_score = -1
         ip = client_ip.encode()
-        for i, salt in enumerate(self._salts):
+        lo = self.lo
+        for k, salt in enumerate(self._salts):
+            i = lo + k
             if up[i] and not tried >> i & 1:
                 score = zlib.crc32(salt + ip)
                 if score > best_score:
@@ -73,16 +91,18 @@ class Balancer:
         return best if best >= 0 else None
 
     def _least_conn(self, tried: int) -> int | None:
-        n = self.n
+        lo = self.lo
+        hi = self.hi
+        span = hi - lo
         start = self._next
         best = -1
         best_load = 0
         up, active = self.up, self.active
-        for k in range(n):
-            i = (start + k) % n
+        for k in range(span):
+            i = lo + (start - lo + k) % span
             if up[i] and not tried >> i & 1 and (best < 0 or active[i] < best_load):
                 best, best_load = i, active[i]
         if best < 0:
             return None
-        self._next = (best + 1) % n
+        self._next = best + 1 if best + 1 < hi else lo
         return best

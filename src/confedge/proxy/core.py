@@ -45,11 +45,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from confedge.config import Config, NodeAddress
 from confedge.guard.addresses import Networks, client_address, parse_networks
 from confedge.guard.hook import GuardHook
+from confedge.proxy.accesslog import remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
-from confedge.proxy.health import HealthMonitor, Transition
+from confedge.proxy.health import Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
+from confedge.proxy.pools import build_pools, health_monitor, route
 from confedge.proxy.request import Refused, Request, host_allowed, normalise_target
 from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
@@ -94,6 +96,7 @@ class AccessLogSink(Protocol):
         upstream_addr: str | None = None,
         upstream_status: str | None = None,
         upstream_response_time: str | None = None,
+        remote_user: str | None = None,
     ) -> None: ...
 
 
@@ -159,11 +162,34 @@ class WorkerRuntime:
         # The clients' shared read buffer (server.ClientConnection is a BufferedProtocol): one
         # per worker, not per connection, so 10,000 idle streams do not hold 10,000 buffers.
         self.read_view = memoryview(bytearray(64 * 1024))
-        self.nodes: list[NodeAddress] = p.node_addresses
-        self.health = HealthMonitor(len(self.nodes), rise=p.health_rise, fall=p.health_fall)
-        self.balancer = Balancer(
-            [n.netloc for n in self.nodes], self.health.up, p.balance, self.health.serving
+        self.install_pools(cfg)
+        self.clients: set[ClientConnection] = set()
+        # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
+        # None keeps the HTTP path exactly as without the option.
+        self.turn_share: TurnShare | None = None
+        self.upstreams: set[UpstreamConnection] = set()
+        self.on_transition: list[Callable[[Transition], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._health_tasks: list[asyncio.Task[None]] = []
+        self.redirects: set[RedirectConnection] = set()  # port 80 (proxy/redirect.py)
+        self.sweep_interval = sweep_interval(
+            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout
         )
+        self.closing = False
+        self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
+        self.out_bytes = 0
+
+    def install_pools(self, cfg: Config) -> None:
+        """Build the node pools of `cfg` (proxy/pools.py build_pools): the flat node list, one
+        HealthMonitor, the connection pools, and one Balancer and ExchangeSettings per pool.
+        Called once at start; a reload of the node list calls it again (then restarts the
+        health checks with `start_health_checks`). Exchanges in flight keep the settings they
+        were made with."""
+        p = cfg.proxy
+        # One flat node list, each pool a slice of it.
+        self.pool_specs = build_pools(cfg)
+        self.nodes: list[NodeAddress] = [n for spec in self.pool_specs for n in spec.nodes]
+        self.health = health_monitor(self.pool_specs)
         self.upstream_ssl: ssl.SSLContext | None = None
         if any(n.scheme == "https" for n in self.nodes):
             self.upstream_ssl = client_context(p.verify_upstream)
@@ -175,34 +201,42 @@ class WorkerRuntime:
         from confedge.proxy.upstream import NodePool
 
         self.pools: list[NodePool] = [NodePool(self, i, n) for i, n in enumerate(self.nodes)]
-        # What every exchange core (exchange.py) of this worker reads, as plain data.
-        self.exchange_settings = ExchangeSettings(
-            nodes=self.balancer,
-            netlocs=[n.netloc for n in self.nodes],
-            fqdn=cfg.server.fqdn.encode(),
-            connect_timeout=self.connect_timeout,
-            api_connect_timeout=self.api_connect_timeout,
-            read_timeout=self.read_timeout,
-            sse_lifetime=self.sse_lifetime,
-            csp_line=self.csp_line,
-            request_buffer=self.request_buffer,
-            guard=self.guard is not None,
-            ban_status=self.guard.ban_status if self.guard is not None else 429,
-        )
-        self.clients: set[ClientConnection] = set()
-        # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
-        # None keeps the HTTP path exactly as without the option.
-        self.turn_share: TurnShare | None = None
-        self.upstreams: set[UpstreamConnection] = set()
-        self.on_transition: list[Callable[[Transition], None]] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self.redirects: set[RedirectConnection] = set()  # port 80 (proxy/redirect.py)
-        self.sweep_interval = sweep_interval(
-            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout
-        )
-        self.closing = False
-        self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
-        self.out_bytes = 0
+        # Requests in flight per node, shared by every pool's Balancer (global indices).
+        self.active = [0] * len(self.nodes)
+        netlocs = [n.netloc for n in self.nodes]
+        # What every exchange core (exchange.py) of this worker reads, as plain data: one
+        # ExchangeSettings per pool, differing only in its Balancer.
+        self.pool_settings: list[ExchangeSettings] = []
+        # Requests finished per pool that reached one of its nodes (status page, /metrics).
+        self.pool_requests = [0] * len(self.pool_specs)
+        for k, spec in enumerate(self.pool_specs):
+            balancer = Balancer(
+                [n.netloc for n in spec.nodes],
+                self.health.up,
+                spec.balance,  # type: ignore[arg-type]  # validated by config.py
+                self.health.serving,
+                lo=spec.lo,
+                active=self.active,
+            )
+            self.pool_settings.append(
+                ExchangeSettings(
+                    nodes=balancer,
+                    netlocs=netlocs,
+                    fqdn=cfg.server.fqdn.encode(),
+                    connect_timeout=self.connect_timeout,
+                    api_connect_timeout=self.api_connect_timeout,
+                    read_timeout=self.read_timeout,
+                    sse_lifetime=self.sse_lifetime,
+                    csp_line=self.csp_line,
+                    request_buffer=self.request_buffer,
+                    guard=self.guard is not None,
+                    ban_status=self.guard.ban_status if self.guard is not None else 429,
+                    pool=k,
+                )
+            )
+        self.exchange_settings = self.pool_settings[0]  # the default pool (proxy.nodes)
+        self.balancer = self.exchange_settings.nodes
+        self.pool_prefixes = [spec.prefix for spec in self.pool_specs[1:]]
 
     # -- write coalescing ---------------------------------------------------------------------
 
@@ -248,13 +282,41 @@ class WorkerRuntime:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def settings_for(self, target: str) -> ExchangeSettings:
+        """The ExchangeSettings (so the node pool) of a request: the longest pool prefix of
+        its canonical target, else the default pool (proxy/pools.py). Every client adapter
+        calls this before it makes an Exchange."""
+        if not self.pool_prefixes:
+            return self.exchange_settings
+        return self.pool_settings[route(self.pool_prefixes, target)]
+
     def start(self, *, health_checks: bool = True) -> None:
         self._tasks.append(self.loop.create_task(self._sweeper()))
-        if health_checks and self.nodes:
+        if health_checks:
+            self.start_health_checks()
+
+    def start_health_checks(self) -> None:
+        """One active health-check loop per pool, with its own interval and timeout."""
+        for t in self._health_tasks:
+            t.cancel()
+            self._tasks.remove(t)
+        self._health_tasks = []
+        for spec in self.pool_specs:
+            if not spec.nodes:
+                continue
             checker = HealthChecker(
-                self.nodes, self.health, self.upstream_ssl, self.cfg.proxy, self.transition
+                self.nodes,
+                self.health,
+                self.upstream_ssl,
+                self.cfg.proxy,
+                self.transition,
+                indices=spec.indices,
+                interval=spec.health_interval,
+                timeout=spec.health_timeout,
             )
-            self._tasks.append(self.loop.create_task(checker.run()))
+            task = self.loop.create_task(checker.run())
+            self._health_tasks.append(task)
+            self._tasks.append(task)
 
     async def close(self) -> None:
         self.closing = True
@@ -306,6 +368,8 @@ class WorkerRuntime:
 
     def log_exchange(self, ex: Exchange, *, truncated: bool = False) -> None:
         """One access-log line for a finished (or abandoned) exchange."""
+        if ex.addrs:  # it reached at least one node of its pool (not static, not refused)
+            self.pool_requests[ex.settings.pool] += 1
         sink = self.access_log
         if sink is None:
             return
@@ -322,6 +386,7 @@ class WorkerRuntime:
             ", ".join(ex.addrs) or None,
             ", ".join(ex.statuses) or None,
             ", ".join(ex.times) or None,
+            None if req.auth is None else remote_user(req.auth),
         )
 
     def log_local(
@@ -339,9 +404,11 @@ class WorkerRuntime:
         if req is None or not req.method:
             line = "-" if req is None else req.url.decode("latin-1")
             ua = referer = None
+            user = None
         else:
             line = f"{req.method.decode()} {req.url.decode('latin-1')} HTTP/{req.version}"
             ua, referer = req.ua, req.referer
+            user = None if req.auth is None else remote_user(req.auth)
         sink.log(
             client.peer,
             time.time(),
@@ -353,6 +420,7 @@ class WorkerRuntime:
             ", ".join(ex.addrs) or None if ex else None,
             ", ".join(ex.statuses) or None if ex else None,
             ", ".join(ex.times) or None if ex else None,
+            user,
         )
 
     # -- memoised request checks -------------------------------------------------------------

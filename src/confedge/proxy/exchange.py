@@ -245,6 +245,7 @@ class ExchangeSettings:
         "guard",
         "netlocs",
         "nodes",
+        "pool",
         "read_timeout",
         "request_buffer",
         "sse_lifetime",
@@ -264,8 +265,10 @@ class ExchangeSettings:
         request_buffer: int = 64 * 1024,
         guard: bool = False,
         ban_status: int = 429,
+        pool: int = 0,
     ) -> None:
         self.nodes = nodes
+        self.pool = pool  # index of its node pool (proxy/pools.py), for per-pool counters
         self.netlocs = netlocs
         self.fqdn = fqdn
         self.connect_timeout = connect_timeout
@@ -664,7 +667,7 @@ class Exchange:
         if self.pin_alias is not None:
             # The longest the proxy may wait for the answer (every node tried once): an
             # unanswered reservation lapses no earlier, so a late answer is still counted.
-            ttl = len(st.netlocs) * (st.api_connect_timeout + st.read_timeout)
+            ttl = (st.nodes.hi - st.nodes.lo) * (st.api_connect_timeout + st.read_timeout)
             self._go(GUARD)
             self.actions.append((A_RESERVE_PIN, (self.pin_alias, ttl)))
             return True

@@ -41,9 +41,10 @@ class Transition:
 class HealthMonitor:
     """Health state of every node of one pool."""
 
-    def __init__(self, count: int, *, rise: int, fall: int) -> None:
-        self.rise = rise
-        self.fall = fall
+    def __init__(self, count: int, *, rise: int | list[int], fall: int | list[int]) -> None:
+        # One threshold for every node, or one per node (each pool its own, proxy/pools.py).
+        self.rise = [rise] * count if isinstance(rise, int) else list(rise)
+        self.fall = [fall] * count if isinstance(fall, int) else list(fall)
         self.states = [NodeState.UP] * count  # optimistic: serve at once after start
         self.up = [True] * count  # the hot path reads this list only
         self.serving = [True] * count  # UP or MAINTENANCE: still holds its sessions
@@ -77,8 +78,9 @@ class HealthMonitor:
             if state is NodeState.UP:
                 return None
             self._ok_streak[i] += 1
-            if self._ok_streak[i] >= self.rise:
-                return self._set(i, NodeState.UP, f"{self.rise} status checks passed", now)
+            rise = self.rise[i]
+            if self._ok_streak[i] >= rise:
+                return self._set(i, NodeState.UP, f"{rise} status checks passed", now)
             return None
         self._ok_streak[i] = 0
         if state is NodeState.MAINTENANCE:
@@ -86,8 +88,9 @@ class HealthMonitor:
         if state is NodeState.DOWN:
             return None
         self._fail_streak[i] += 1
-        if self._fail_streak[i] >= self.fall:
-            return self._set(i, NodeState.DOWN, f"{self.fall} status checks failed: {detail}", now)
+        fall = self.fall[i]
+        if self._fail_streak[i] >= fall:
+            return self._set(i, NodeState.DOWN, f"{fall} status checks failed: {detail}", now)
         return None
 
     def passive_failure(

@@ -31,17 +31,23 @@ class HealthChecker:
         ctx: ssl.SSLContext | None,
         proxy: ProxyConfig,
         on_transition: Callable[[Transition | None], None],
+        *,
+        indices: range | None = None,
+        interval: float | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.nodes = nodes
         self.monitor = monitor
         self.ctx = ctx
-        self.timeout = proxy.health_timeout
-        self.interval = proxy.health_interval
+        # One checker per node pool (proxy/pools.py): its slice of `nodes` and its own settings.
+        self.indices = range(len(nodes)) if indices is None else indices
+        self.timeout = proxy.health_timeout if timeout is None else timeout
+        self.interval = proxy.health_interval if interval is None else interval
         self.on_transition = on_transition
 
     async def run(self) -> None:
         while True:
-            await asyncio.gather(*(self._check(i) for i in range(len(self.nodes))))
+            await asyncio.gather(*(self._check(i) for i in self.indices))
             await asyncio.sleep(self.interval)
 
     async def _check(self, i: int) -> None:

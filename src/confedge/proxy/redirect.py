@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import httptools
 
+from confedge.proxy.accesslog import remote_user
 from confedge.proxy.core import MEMO_SIZE, normalise_peer
 from confedge.proxy.pages import status_line
 from confedge.proxy.request import Refused, host_allowed, normalise_target, split_host
@@ -42,6 +43,7 @@ class RedirectConnection(asyncio.Protocol):
         "_https_port",
         "activity",
         "answered",
+        "auth",
         "core",
         "deadline",
         "host",
@@ -67,6 +69,7 @@ class RedirectConnection(asyncio.Protocol):
         self.host: bytes | None = None
         self.ua: bytes | None = None
         self.referer: bytes | None = None
+        self.auth: bytes | None = None  # Authorization, for the access log's $remote_user
         self.peer = ""
         self.method = ""
         self.version = ""
@@ -125,7 +128,7 @@ class RedirectConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.url = b""
-        self.host = self.ua = self.referer = None
+        self.host = self.ua = self.referer = self.auth = None
         self.method = self.version = ""
         self.answered = False
         core = self.core
@@ -148,6 +151,8 @@ class RedirectConnection(asyncio.Protocol):
             self.ua = value
         elif n == b"referer":
             self.referer = value
+        elif n == b"authorization" and self.auth is None:
+            self.auth = value
 
     def on_headers_complete(self) -> None:
         # A request body (rare on port 80) is parsed and dropped; the answer goes out now.
@@ -215,4 +220,17 @@ class RedirectConnection(asyncio.Protocol):
                 line = f"{method} {self.url.decode('latin-1')} HTTP/{version}"
             else:
                 line = self.url.decode("latin-1") or "-"
-            sink.log(self.peer, time.time(), line, status, 0, self.referer, self.ua)
+            user = None if self.auth is None else remote_user(self.auth)
+            sink.log(
+                self.peer,
+                time.time(),
+                line,
+                status,
+                0,
+                self.referer,
+                self.ua,
+                None,
+                None,
+                None,
+                user,
+            )

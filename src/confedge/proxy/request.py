@@ -133,6 +133,7 @@ class Request:
     """One parsed request; body chunks are kept while a failover may still replay them."""
 
     __slots__ = (
+        "auth",
         "body",
         "body_size",
         "chunked",
@@ -170,6 +171,7 @@ class Request:
         self.session = False
         self.referer: bytes | None = None
         self.ua: bytes | None = None
+        self.auth: bytes | None = None  # the first Authorization value, for $remote_user only
         self.conn_tokens: bytes | None = None
         self.websocket = False
         self.expect_continue = False

@@ -87,7 +87,8 @@ T_IDLE, T_HEAD, T_BODY, T_NONE, T_TUNNEL = range(5)
     _H_REFERER,
     _H_PIN,
     _H_TOKEN,
-) = range(11)
+    _H_AUTHORIZATION,
+) = range(12)
 _STEER: dict[bytes, int] = {
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
@@ -100,6 +101,7 @@ _STEER: dict[bytes, int] = {
     b"referer": _H_REFERER,
     b"pin": _H_PIN,
     b"token": _H_TOKEN,  # a conference session (client API v2), see Exchange.seek_session
+    b"authorization": _H_AUTHORIZATION,  # only for the access log's $remote_user
 }
 
 # pause() reasons for client reading
@@ -370,6 +372,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             req.pin = value
         elif kind == _H_TOKEN:
             req.session = True
+        elif kind == _H_AUTHORIZATION and req.auth is None:
+            req.auth = value
 
     def on_headers_complete(self) -> None:
         req = self.cur
@@ -487,7 +491,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
         ex = Exchange(
-            core.exchange_settings,
+            core.settings_for(path),
             req,
             client_ip=client_ip,
             peer=self.peer,

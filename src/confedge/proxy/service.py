@@ -29,6 +29,7 @@ from confedge.guard.hook import GuardHook
 from confedge.proxy import build_kind
 from confedge.proxy.accesslog import RequestCounter
 from confedge.proxy.core import WorkerRuntime, reuse_port_socket
+from confedge.proxy.pools import build_pools
 from confedge.proxy.redirect import RedirectConnection
 from confedge.proxy.server import ClientConnection
 from confedge.proxy.turnshare import InProcessShare, RelayShare
@@ -157,6 +158,7 @@ class ProxyWorker:
             out["upstream_connections"] = len(core.upstreams)
             out["in_flight"] = list(core.balancer.active)
             out["idle_connections"] = [len(p.idle) for p in core.pools]
+            out["pool_requests"] = list(core.pool_requests)
         return out
 
     async def close(self, grace: float = 2.0) -> None:
@@ -371,16 +373,17 @@ class ProxyService:
         for r in reports:
             if r.get("requests"):
                 requests = RequestCounter.add(requests, r["requests"])
-        n = len(self.cfg.proxy.node_addresses)
+        n = sum(len(spec.nodes) for spec in build_pools(self.cfg))  # every pool's nodes
+        pools = len(self.cfg.proxy.pools) + 1
         out: dict[str, Any] = {
             "reporting": len(reports),
             "requests": requests or None,
             "client_connections": sum(r.get("client_connections", 0) for r in reports),
             "upstream_connections": sum(r.get("upstream_connections", 0) for r in reports),
         }
-        for key in ("in_flight", "idle_connections"):
+        for key, size in (("in_flight", n), ("idle_connections", n), ("pool_requests", pools)):
             out[key] = [
-                sum(r[key][i] for r in reports if len(r.get(key, ())) == n) for i in range(n)
+                sum(r[key][i] for r in reports if len(r.get(key, ())) == size) for i in range(size)
             ]
         return out
 
