@@ -134,11 +134,17 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, st
     return status, headers, body
 
 
-async def get(port: int, path: str, *, host: str = HOST) -> tuple[int, dict[str, str], bytes]:
-    """One GET over a fresh TLS connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_client())
+async def get(
+    port: int, path: str, *, method: str = "GET", extra: str = "", source: str = "127.0.0.1"
+) -> tuple[int, dict[str, str], bytes]:
+    """One request over a fresh TLS connection from `source` (a loopback address)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls_client(), local_addr=(source, 0)
+    )
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 0\r\n{extra}\r\n".encode()
+        )
         return await asyncio.wait_for(read_response(reader), 10)
     finally:
         writer.close()
@@ -146,13 +152,19 @@ async def get(port: int, path: str, *, host: str = HOST) -> tuple[int, dict[str,
             await writer.wait_closed()
 
 
-def admin_get(port: int, path: str) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+def admin_raw(port: int, path: str, source: str = "127.0.0.1") -> bytes:
+    """The management listener's whole answer (b"" when it refused the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
         s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
         data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                data += chunk
+    return data
+
+
+def admin_get(port: int, path: str) -> bytes:
+    head, _, body = admin_raw(port, path).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200"), head
     return body
 
@@ -235,14 +247,22 @@ class Relay:
     """A TURN allocation on the edge with a permission for a peer on loopback; `check()`
     sends a datagram from the peer to the relayed address and waits for it at the client."""
 
-    def __init__(self, turn_port: int, username: str = "turnuser", password: str = "turnpass"):
-        self.client = UdpTurnClient(("127.0.0.1", turn_port), username, password, "example.com")
+    def __init__(
+        self,
+        turn_port: int,
+        username: str = "turnuser",
+        password: str = "turnpass",
+        source: str = "127.0.0.1",
+    ) -> None:
+        self.client = UdpTurnClient(
+            ("127.0.0.1", turn_port), username, password, "example.com", local=(source, 0)
+        )
         self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.peer.bind(("127.0.0.1", 0))
         self.relayed: tuple[str, int] | None = None
         self.seq = 0
 
-    async def open(self) -> int:
+    async def open(self, peer: str = "127.0.0.1") -> int:
         msg = await self.client.allocate()
         assert msg is not None
         code = response_code(msg)
@@ -251,8 +271,7 @@ class Relay:
         value = msg.get(Attr.XOR_RELAYED_ADDRESS)
         assert value is not None
         self.relayed = decode_xor_address(value, msg.transaction_id)
-        assert await self.client.create_permission("127.0.0.1") == 200
-        return 200
+        return await self.client.create_permission(peer)
 
     async def check(self) -> bool:
         """Peer -> relay -> client: True when the datagram arrived within a second."""
