@@ -208,7 +208,7 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
             "confedge_proxy_guard_decisions_total",
             "counter",
             "Guard decisions about proxied requests (banned, pin_admitted, pin_held_back, "
-            "pin_failure, session_known, session_unknown)",
+            "pin_failure, pin_accepted, session_known, session_unknown)",
             [({"decision": k}, v) for k, v in sorted((proxy.get("guard_decisions") or {}).items())],
         )
         m.one(

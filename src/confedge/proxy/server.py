@@ -600,6 +600,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             guard.reserve_pin(ip, alias, ttl, lambda t, r: self._guard_admitted(ex, t, r))
         elif kind == A_SETTLE_PIN:
             ticket, alias, pin, failed = arg
+            self.core.guard_decided("pin_failure" if failed else "pin_accepted")
             guard.settle_pin(ticket, ip, alias, pin, failed)
         elif kind == A_REMEMBER:
             token, lifetime = arg
