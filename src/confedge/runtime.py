@@ -226,11 +226,11 @@ class Runtime:
             problems = getattr(exc, "problems", None)
             return "; ".join(problems) if problems else str(exc)
         for name, part, method in (
+            ("guard", self.guard, "reload"),  # first: the proxy reads its ban_status
             ("proxy", self.proxy, "reload_tls"),
             ("turn", self.turn, "reload_tls"),
             ("proxy", self.proxy, "reload_config"),
             ("turn", self.turn, "reload_config"),
-            ("guard", self.guard, "reload"),
             ("admin", self.admin, "reload"),
             ("cluster", self.cluster, "reload"),
         ):

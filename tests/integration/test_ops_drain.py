@@ -41,7 +41,7 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
     try:
         # Both workers answer, and the health endpoint says serving.
         assert (await get(edge.https, "/health"))[:1] == (200,)
-        for _ in range(3):
+        for _ in range(10):
             relay = Relay(edge.turn)
             assert await relay.open() == 200
             relays.append(relay)
@@ -66,10 +66,10 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
         snap = await asyncio.to_thread(status, edge.admin)
         assert snap["drain"]["phase"] == "draining"
         assert snap["drain"]["proxy_connections"] >= 1
-        assert snap["drain"]["turn_allocations"] == 3
+        assert snap["drain"]["turn_allocations"] == 10
         fams = await asyncio.to_thread(metrics, edge.admin)
         assert _sample(fams, "confedge_drain_state", phase="draining") == 1
-        assert _sample(fams, "confedge_drain_left", what="turn_allocations") == 3
+        assert _sample(fams, "confedge_drain_left", what="turn_allocations") == 10
         # The sessions table names the node the SSE stream is on.
         sessions = snap["proxy"]["sessions"]
         assert any(s["kind"] == "sse" and s["node"] == node.address[7:] for s in sessions), sessions

@@ -178,15 +178,14 @@ class ProxyWorker:
     def apply(self, cfg: Config) -> None:
         """A reloaded configuration (checked by the main process): the worker's core, its
         static mounts and its own guard's thresholds; certificates go through reload_tls."""
-        if self.core is not None:
-            self.core.apply(cfg)
-        self.static = _make_static(cfg)
-        if self.core is not None:
-            self.core.static = self.static
         if self.guard is not None and self.guard is not self.shared_guard:
             reload_guard = getattr(self.guard, "reload", None)
             if reload_guard is not None:
-                reload_guard(cfg)
+                reload_guard(cfg)  # first: the core reads its ban_status
+        self.static = _make_static(cfg)
+        if self.core is not None:
+            self.core.apply(cfg)
+            self.core.static = self.static
         self.cfg = cfg
 
     def reload_tls(self, cfg: Config | None = None) -> None:
