@@ -12,7 +12,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ops_support import Load, Relay, edge_config, get, metrics, sse, start_edge, status
+import websockets
+from ops_support import (
+    Load,
+    Relay,
+    edge_config,
+    get,
+    metrics,
+    sse,
+    start_edge,
+    status,
+    tls_client,
+)
 from proxy_upstream import Upstream
 
 GRACE = 3.0
@@ -47,7 +58,10 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
             relays.append(relay)
         assert all([await r.check() for r in relays])
 
-        load = Load(edge.https, rate=200, connections=4)
+        ws = await websockets.connect(f"wss://127.0.0.1:{edge.https}/ws", ssl=tls_client())
+        await ws.send("before")
+        assert await ws.recv() == "before"
+        load = Load(edge.https, rate=200, connections=8)
         stream = asyncio.create_task(sse(edge.https, n=70, interval=0.1))  # ~7 s
         load_task = asyncio.create_task(load.run(GRACE + 5))
         await asyncio.sleep(0.5)
@@ -97,6 +111,9 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
                 await get(edge.https, "/health")
         assert edge.proc.poll() is None  # the stream and the allocations hold it open
         assert all([await r.check() for r in relays])  # existing allocations keep relaying
+        await ws.send("after the listeners closed")  # the WebSocket goes on too
+        assert await ws.recv() == "after the listeners closed"
+        await ws.close()
 
         events = await asyncio.wait_for(stream, 20)
         assert len(events) == 70  # the SSE stream ran to its end
