@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,6 +19,8 @@ import pytest
 from ops_support import Edge, Load, Relay, admin_raw, edge_config, get, start_edge, status
 from proxy_upstream import Upstream
 
+from confedge.config import parse_config
+from confedge.runtime import restart_only_changes
 from confedge.turn.auth import RestCredentials
 
 
@@ -257,3 +261,45 @@ async def test_reload_reaches_every_worker(tmp_path: Path, workers: int) -> None
         edge.stop()
         await n1.kill()
         await n2.kill()
+
+
+def test_commands_say_when_nothing_runs_and_check_the_file_first(tmp_path: Path) -> None:
+    """No instance: one clear line and exit 1; a file that does not validate: its problems
+    and exit 2, and nothing is signalled."""
+    cfg = tmp_path / "confedge.toml"
+    cfg.write_text(edge_config(tmp_path, nodes=["http://127.0.0.1:9"]))
+    for args in (["drain"], ["drain", "--cancel"], ["reload"]):
+        out = subprocess.run(
+            [sys.executable, "-m", "confedge", *args, "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert out.returncode == 1, out
+        assert "no confedge is running with server.state_dir" in out.stderr
+    cfg.write_text(cfg.read_text().replace("health_interval = 0.5", "health_interval = -1"))
+    out = subprocess.run(
+        [sys.executable, "-m", "confedge", "reload", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert out.stderr.startswith("confedge: proxy.health_interval: -1"), out.stderr
+
+
+def test_restart_only_keys_are_named() -> None:
+    base = parse_config({"proxy": {"nodes": ["10.0.0.1"]}, "turn": {"enabled": False}})
+    moved = parse_config(
+        {
+            "proxy": {"nodes": ["10.0.0.2"], "https_port": 8443, "workers": 3},
+            "turn": {"enabled": False},
+            "server": {"state_dir": "/tmp/elsewhere"},
+        }
+    )
+    assert restart_only_changes(base, moved) == [
+        "server.state_dir",
+        "proxy.https_port",
+        "proxy.workers",
+    ]
+    assert restart_only_changes(base, base) == []
