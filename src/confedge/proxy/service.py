@@ -642,6 +642,19 @@ def _wait_ready(conn: multiprocessing.connection.Connection, proc: Any, timeout:
     return "no answer within 30 s"
 
 
+def _report_line(stats: dict[str, Any]) -> bytes:
+    """One report as a JSON line. When it would not fit one atomic write, the optional parts
+    go first (the sessions list, then the latency histograms), so that the counters and gauges
+    still arrive with many nodes."""
+    line = json.dumps(stats, separators=(",", ":")).encode() + b"\n"
+    for optional in ("sessions", "latency"):
+        if len(line) <= _STATS_MAX:
+            break
+        stats.pop(optional, None)
+        line = json.dumps(stats, separators=(",", ":")).encode() + b"\n"
+    return line
+
+
 async def _report(worker: ProxyWorker, pipe: multiprocessing.connection.Connection) -> None:
     """Send this worker's stats to the main process every STATS_INTERVAL, as JSON lines.
 
@@ -653,7 +666,7 @@ async def _report(worker: ProxyWorker, pipe: multiprocessing.connection.Connecti
     os.set_blocking(fd, False)
     while True:
         await asyncio.sleep(STATS_INTERVAL)
-        line = json.dumps(worker.stats(), separators=(",", ":")).encode() + b"\n"
+        line = _report_line(worker.stats())
         if len(line) > _STATS_MAX:
             log.warning("proxy worker report of %d bytes is too large; not sent", len(line))
             continue
