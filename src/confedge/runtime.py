@@ -83,6 +83,8 @@ class Runtime:
         self.drain = Drain(cfg.proxy.drain_grace, cfg.proxy.drain_timeout)
         self._drain_task: asyncio.Task[None] | None = None
         self.finished: asyncio.Future[str] | None = None
+        # The last reload, for the status page and /metrics: {"time", "ok", "reason"}.
+        self.last_reload: dict[str, Any] | None = None
 
     async def _start(self, name: str, part: Component) -> None:
         await part.start()
@@ -176,6 +178,7 @@ class Runtime:
             log.info("configuration reloaded from %s", self.config_path or "the running one")
             status = f"running; reloaded at {time.strftime('%H:%M:%S')}"
         self.notifier.send(READY=1, STATUS=status[:200])
+        self.last_reload = {"time": time.time(), "ok": not why, "reason": why}
         if self.config_path is not None:
             from confedge.opscli import write_reload_result
 

@@ -16,7 +16,18 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from ops_support import Edge, Load, Relay, admin_raw, edge_config, get, start_edge, status
+from ops_support import (
+    Edge,
+    Load,
+    Relay,
+    admin_get,
+    admin_raw,
+    edge_config,
+    get,
+    metrics,
+    start_edge,
+    status,
+)
 from proxy_upstream import Upstream
 
 from confedge.config import parse_config
@@ -192,6 +203,14 @@ async def test_reload_every_part_under_live_traffic(tmp_path: Path) -> None:
         )
         after = await asyncio.to_thread(status, edge.admin)
         assert after["config"] == before["config"]
+        assert before["reload"]["ok"] is True
+        assert after["reload"]["ok"] is False
+        assert after["reload"]["reason"].startswith("guard.maxretry: -1")
+        fams = await asyncio.to_thread(metrics, edge.admin)
+        (ok,) = fams["confedge_config_last_reload_successful"]
+        assert ok.value == 0
+        page = (await asyncio.to_thread(admin_get, edge.admin, "/status")).decode()
+        assert "<b>refused</b>" in page and "guard.maxretry" in page
         assert edge.proc.poll() is None
 
         await asyncio.sleep(0.5)

@@ -130,6 +130,20 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
     )
     m.one("confedge_uptime_seconds", "gauge", "Seconds since the runtime started", snap["uptime"])
 
+    reload = snap.get("reload")
+    if reload is not None:
+        m.one(
+            "confedge_config_last_reload_successful",
+            "gauge",
+            "1 if the last reload (SIGHUP, confedge reload) was applied, 0 if it was refused",
+            1 if reload["ok"] else 0,
+        )
+        m.one(
+            "confedge_config_last_reload_time_seconds",
+            "gauge",
+            "When the last reload was asked for (Unix time)",
+            reload["time"],
+        )
     drain = snap.get("drain") or {"phase": "serving"}
     m.family(
         "confedge_drain_state",
@@ -542,6 +556,15 @@ def _cluster_html(c: dict[str, Any], now: float) -> str:
     return cluster_html(c, now)
 
 
+def _reload_row(r: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The last reload: when, and the reason when it was refused."""
+    if r is None:
+        return []
+    when = _e(_utc(r["time"]))
+    text = f"applied at {when}" if r["ok"] else f"<b>refused</b> at {when}: {_e(r['reason'])}"
+    return [("last reload", text)]
+
+
 def _drain_html(d: dict[str, Any]) -> str:
     """A banner while draining: the phase and what is left (confedge/drain.py)."""
     if d.get("phase", "serving") == "serving":
@@ -598,6 +621,7 @@ def render_html(snap: dict[str, Any]) -> bytes:
                 ("internal", f"<code>{_e(srv['internal_address'])}</code>"),
                 ("external", f"<code>{_e(srv['external_address'])}</code>"),
                 ("management from", _e(", ".join(snap["management"]["networks"]))),
+                *_reload_row(snap.get("reload")),
             ]
         ),
         _drain_html(snap.get("drain") or {"phase": "serving"}),

@@ -187,6 +187,7 @@ class StatusSource:
                 "networks": list(self.cfg.management.networks),
             },
             "drain": self._drain(),
+            "reload": getattr(self.rt, "last_reload", None),
             "proxy": self._proxy(now),
             "turn": self._turn(),
             "guard": self._guard(now),
