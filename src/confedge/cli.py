@@ -111,7 +111,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if early_hup:
             rt.reload()
         try:
-            sig = await wait_for_signal(on_hup=rt.reload)
+            rt.finished = signal_loop.create_future()
+            sig = await wait_for_signal(
+                on_hup=rt.reload,
+                handlers={signal.SIGUSR1: rt.start_drain, signal.SIGUSR2: rt.cancel_drain},
+                until=rt.finished,
+            )
             logging.getLogger("confedge").info("%s received, stopping", sig)
             await rt.close()
         finally:
@@ -220,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="start what the configuration file enables",
         description="Start what the configuration file enables. SIGHUP reloads the "
-        "certificates, SIGTERM or Ctrl-C stops cleanly; the pid is kept in "
-        "STATE_DIR/confedge.pid for `confedge cert`.",
+        "configuration, SIGUSR1 drains (SIGUSR2 cancels), SIGTERM or Ctrl-C stops cleanly; "
+        "the pid is kept in STATE_DIR/confedge.pid for `confedge cert`, `reload`, `drain`.",
     )
     common(sp)
     sp = sub.add_parser(
@@ -319,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     from confedge.setup.command import register as register_setup
 
     register_setup(sub)  # setup, import-reference
+    from confedge.opscli import configure_parsers as register_ops
+
+    register_ops(sub)  # drain, reload
     return p
 
 
@@ -334,6 +342,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_cert(args, args.command_parser)
     if args.command == "cluster":
         return cmd_cluster(args, args.command_parser)
+    if args.command in ("drain", "reload"):
+        return int(args.handler(args))
     handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}
     handlers |= {"firewall": cmd_firewall, "install-service": cmd_install_service}
     if args.command in ("setup", "import-reference"):

@@ -351,6 +351,22 @@ class ProxyConfig(_Strict):
             seen[pool.prefix] = i
         return v
 
+    # Drain (`confedge drain`, SIGUSR1; docs/OPERATIONS.md): how long the health endpoint says
+    # "draining" before the listeners close, and the deadline for what is left in flight.
+    drain_grace: float = Field(default=30.0, ge=0, le=3600)
+    drain_timeout: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    health_path: str = "/health"  # GET answers 200 "serving" / 503 "draining"; "" = off
+
+    @field_validator("health_path")
+    @classmethod
+    def _health_path(cls, v: str) -> str:
+        if v and (not v.startswith("/") or any(c in v for c in "?# ")):
+            raise ValueError(
+                f'"{v}" is not an absolute path: use one such as "/health" (no query, no '
+                'spaces), or "" for none'
+            )
+        return v
+
     @property
     def node_addresses(self) -> list[NodeAddress]:
         return [NodeAddress.parse(n) for n in self.nodes]

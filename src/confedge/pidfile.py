@@ -15,7 +15,14 @@ import os
 import signal
 from pathlib import Path
 
-__all__ = ["PID_NAME", "remove_pidfile", "running_pid", "signal_reload", "write_pidfile"]
+__all__ = [
+    "PID_NAME",
+    "remove_pidfile",
+    "running_pid",
+    "signal_reload",
+    "signal_running",
+    "write_pidfile",
+]
 
 PID_NAME = "confedge.pid"
 
@@ -63,13 +70,19 @@ def running_pid(state_dir: str | os.PathLike[str]) -> int | None:
     return pid
 
 
-def signal_reload(state_dir: str | os.PathLike[str]) -> int | None:
-    """SIGHUP the running confedge of this state_dir; return its pid, or None if none runs."""
+def signal_running(state_dir: str | os.PathLike[str], sig: signal.Signals) -> int | None:
+    """Send `sig` to the running confedge of this state_dir; its pid, or None if none runs.
+    PermissionError goes to the caller (another user's process)."""
     pid = running_pid(state_dir)
     if pid is None:
         return None
     try:
-        os.kill(pid, signal.SIGHUP)
+        os.kill(pid, sig)
     except ProcessLookupError:
         return None
     return pid
+
+
+def signal_reload(state_dir: str | os.PathLike[str]) -> int | None:
+    """SIGHUP the running confedge of this state_dir; return its pid, or None if none runs."""
+    return signal_running(state_dir, signal.SIGHUP)

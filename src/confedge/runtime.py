@@ -17,9 +17,41 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from confedge.config import Config
+from confedge.drain import Drain, DrainAction, Phase
 from confedge.host.notify import Notifier
 
 log = logging.getLogger("confedge")
+
+# How often a drain looks at what is left (and updates sd_notify STATUS).
+DRAIN_TICK = 0.5
+
+# Keys a reload cannot change in a running process (docs/CONFIGURATION.md "Reload"): the
+# listeners' addresses and ports, the process model, where state lives, the relay's data plane,
+# what is started at all. A reloaded file that changes one is refused, naming it.
+RESTART_KEYS: dict[str, tuple[str, ...]] = {
+    "server": ("internal_address", "external_address", "state_dir"),
+    "proxy": ("enabled", "https_port", "http_port", "workers", "access_log"),
+    "turn": (
+        "enabled", "port", "tls_port", "relay_ports", "relay_address_v6", "tls_on_https",
+        "dataplane", "dataplane_threads", "mode",
+    ),
+    "guard": ("enabled", "store", "firewall"),
+    "management": ("enabled", "port"),
+    "cluster": ("store", "instance"),
+}  # fmt: skip
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """The restart-only keys whose value differs between two configurations ("section.key")."""
+    out = []
+    for section, keys in RESTART_KEYS.items():
+        a, b = getattr(old, section), getattr(new, section)
+        out += [f"{section}.{k}" for k in keys if getattr(a, k) != getattr(b, k)]
+    return out
+
+
+def _left_text(left: dict[str, int]) -> str:
+    return ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in left.items())
 
 
 class Component(Protocol):
@@ -43,9 +75,16 @@ class Runtime:
         self.state = "serving"
         self.started: float | None = None  # Unix time of start(), for the status page
         self.notifier = Notifier()  # sd_notify under systemd (Type=notify); no-op elsewhere
-        # The file the configuration came from: a reload reads its [tls] section again (after
-        # `confedge cert install` pointed it at new files). None: reload the same files.
+        # The file the configuration came from: a reload reads it again (`confedge reload`,
+        # SIGHUP; `confedge cert install` pointed it at new files). None: reload the same files.
         self.config_path: str | None = None
+        # Drain (confedge/drain.py): SIGUSR1 starts it, SIGUSR2 cancels it; `finished` is set
+        # with "drained" when the process should exit by itself.
+        self.drain = Drain(cfg.proxy.drain_grace, cfg.proxy.drain_timeout)
+        self._drain_task: asyncio.Task[None] | None = None
+        self.finished: asyncio.Future[str] | None = None
+        # The last reload, for the status page and /metrics: {"time", "ok", "reason"}.
+        self.last_reload: dict[str, Any] | None = None
 
     async def _start(self, name: str, part: Component) -> None:
         await part.start()
@@ -116,52 +155,175 @@ class Runtime:
         self.parts.append((name, part))
 
     def reload(self) -> None:
-        """SIGHUP: reload the TLS certificate of the proxy and of TURN over TLS (SPEC §5).
+        """SIGHUP or `confedge reload`: read the configuration file again and apply it.
 
-        With `config_path` set, the file's [tls] section is read again first (other sections
-        keep their running values). Connections in flight keep their session; a certificate
-        that fails its checks is refused with one clear log line and the old one stays in
-        service. One path through, no early return: whatever happens, the reload ends here.
+        Everything a running part can take without dropping a connection or an allocation is
+        applied (docs/CONFIGURATION.md "Reload"); a file that fails validation, or that changes
+        a key only a restart can change (RESTART_KEYS), is refused with the reason in one log
+        line and the running configuration stays whole. Certificates are checked before any
+        part is told (a bad one refuses the whole reload). One path through, no early return:
+        whatever happens, the reload ends with READY=1.
         """
-        from confedge.tls.certs import CertificateError
-
         self.notifier.reloading()  # systemd: RELOADING=1 ... READY=1 around the reload
-        cfg = self._reread_tls()
-        # Parts refusing the same files for the same reason make one line, not one per part.
-        refused: dict[str, list[str]] = {}
-        for name, part in (("proxy", self.proxy), ("turn", self.turn)):
-            reload_tls = getattr(part, "reload_tls", None)
-            if cfg is None or reload_tls is None:
-                continue
-            try:
-                reload_tls(cfg)
-            except CertificateError as exc:
-                refused.setdefault(str(exc), []).append(name)
-        if cfg is not None and not refused:
-            self.cfg = cfg
-        for reason, names in refused.items():
-            log.error(
-                "%s: certificate not reloaded, the old one stays in service: %s",
-                " and ".join(names),
-                reason,
-            )
-        self.notifier.send(READY=1, STATUS=f"running; reloaded at {time.strftime('%H:%M:%S')}")
+        cfg, why = self._reread()
+        if cfg is not None:
+            why = self._apply(cfg)
+        if why:
+            if "certificate not reloaded" in why:
+                log.error("%s", why)  # one line for every part that refused the same files
+            else:
+                log.error("configuration not reloaded, the running one stays: %s", why)
+            status = f"running; reload refused at {time.strftime('%H:%M:%S')}: {why}"
+        else:
+            log.info("configuration reloaded from %s", self.config_path or "the running one")
+            status = f"running; reloaded at {time.strftime('%H:%M:%S')}"
+        self.notifier.send(READY=1, STATUS=status[:200])
+        self.last_reload = {"time": time.time(), "ok": not why, "reason": why}
+        if self.config_path is not None:
+            from confedge.opscli import write_reload_result
 
-    def _reread_tls(self) -> Config | None:
-        """The running configuration with the file's current [tls] (the running one when no
-        file is known); None, with one log line, when the file is not valid now."""
+            write_reload_result(self.cfg.server.state_dir, not why, why)
+
+    def _reread(self) -> tuple[Config | None, str]:
+        """The file's configuration (the running one when no file is known), or the reason
+        it cannot be taken."""
         from confedge.config import ConfigError, load_config
 
         if self.config_path is None:
-            return self.cfg
+            return self.cfg, ""
         try:
             fresh = load_config(self.config_path)
         except ConfigError as exc:
-            log.error(
-                "configuration not reloaded, the running one stays: %s", "; ".join(exc.problems)
+            return None, "; ".join(exc.problems)
+        changed = restart_only_changes(self.cfg, fresh)
+        if changed:
+            return None, (
+                "only a restart can change " + ", ".join(changed) + " (restart confedge, or "
+                "put the running values back and reload)"
             )
-            return None
-        return self.cfg.model_copy(update={"tls": fresh.tls})
+        return fresh, ""
+
+    def _apply(self, cfg: Config) -> str:
+        """Hand `cfg` to every part; "" or the reason nothing was changed."""
+        from confedge.config import ConfigError
+        from confedge.tls.certs import CertificateError
+
+        try:
+            # Checked before any part changes: certificates, static roots, TURN credentials.
+            from confedge.tls.context import TLSContextHolder
+
+            if self.proxy is not None or self.turn is not None:
+                TLSContextHolder(cfg)
+            if cfg.proxy.static:
+                from confedge.proxy.static import StaticSite
+
+                StaticSite(cfg.proxy.static)
+            if self.turn is not None and getattr(self.turn, "core", None) is not None:
+                from confedge.turn.core import TurnCore
+
+                TurnCore.from_config(cfg, self.turn.dataplane)
+        except CertificateError as exc:
+            names = " and ".join(n for n, p in (("proxy", self.proxy), ("turn", self.turn)) if p)
+            return f"{names}: certificate not reloaded, the old one stays in service: {exc}"
+        except (ConfigError, OSError, ValueError) as exc:
+            problems = getattr(exc, "problems", None)
+            return "; ".join(problems) if problems else str(exc)
+        for name, part, method in (
+            ("guard", self.guard, "reload"),  # first: the proxy reads its ban_status
+            ("proxy", self.proxy, "reload_tls"),
+            ("turn", self.turn, "reload_tls"),
+            ("proxy", self.proxy, "reload_config"),
+            ("turn", self.turn, "reload_config"),
+            ("admin", self.admin, "reload"),
+            ("cluster", self.cluster, "reload"),
+        ):
+            fn = getattr(part, method, None)
+            if fn is None:
+                continue
+            try:
+                fn(cfg)
+            except (CertificateError, ConfigError, OSError, ValueError) as exc:
+                # Checked above, so only a file changed in between gets here.
+                log.error("%s: %s of the reloaded configuration failed: %s", name, method, exc)
+        self.cfg = cfg
+        self.drain.grace = cfg.proxy.drain_grace
+        self.drain.timeout = cfg.proxy.drain_timeout
+        return ""
+
+    # -- drain (confedge/drain.py) ------------------------------------------------------------
+
+    def start_drain(self) -> None:
+        """SIGUSR1 or `confedge drain`: stop taking new users, let the calls end, then exit."""
+        loop = asyncio.get_running_loop()
+        if not self.drain.start(loop.time()):
+            log.info("drain: already %s", self.drain.phase.value)
+            return
+        self.state = "draining"  # published to the other instances (cluster registry)
+        if self.proxy is not None:
+            self.proxy.set_drain(Phase.DRAINING.value)
+        start = getattr(self.turn, "start_drain", None)
+        if start is not None:
+            start(getattr(self.cfg.turn, "alternate_server", None) or None)
+        log.warning(
+            "drain: health endpoint says draining; listeners close in %g s, exit when nothing "
+            "is left or after %g s",
+            self.drain.grace,
+            self.drain.timeout,
+        )
+        self._drain_task = loop.create_task(self._drain_loop())
+
+    def cancel_drain(self) -> None:
+        """SIGUSR2 or `confedge drain --cancel`: back to service, listeners open again."""
+        if not self.drain.cancel():
+            log.info("drain: nothing to cancel (%s)", self.drain.phase.value)
+            return
+        if self._drain_task is not None:
+            self._drain_task.cancel()
+            self._drain_task = None
+        self.state = "serving"
+        if self.proxy is not None:
+            self.proxy.set_drain(Phase.SERVING.value)
+        cancel = getattr(self.turn, "cancel_drain", None)
+        if cancel is not None:
+            cancel()
+        log.warning("drain cancelled: serving again")
+        self.notifier.send(STATUS="running; drain cancelled")
+
+    def drain_left(self) -> dict[str, int]:
+        """What a drain still waits for: client connections and TURN allocations."""
+        out = {"proxy_connections": 0, "turn_allocations": 0}
+        if self.proxy is not None:
+            out["proxy_connections"] = self.proxy.left()
+        count = getattr(self.turn, "allocation_count", None)
+        if count is not None:
+            out["turn_allocations"] = count()
+        elif self.turn is not None and getattr(self.turn, "core", None) is not None:
+            out["turn_allocations"] = len(self.turn.core.allocations)
+        return out
+
+    def drain_status(self) -> dict[str, Any]:
+        """For the status page and /metrics: the phase, what is left, the time left."""
+        out: dict[str, Any] = {"phase": self.drain.phase.value}
+        if self.drain.phase is not Phase.SERVING:
+            out.update(self.drain_left())
+            out.update(self.drain.remaining(asyncio.get_running_loop().time()))
+        return out
+
+    async def _drain_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            left = self.drain_left()
+            action = self.drain.tick(loop.time(), sum(left.values()))
+            if action is DrainAction.CLOSE_LISTENERS and self.proxy is not None:
+                self.proxy.set_drain(Phase.CLOSING.value)
+                log.warning("drain: listeners closed; waiting for %s", _left_text(left))
+            elif action is DrainAction.EXIT:
+                log.warning("drain: done (%s left); stopping", _left_text(left))
+                if self.finished is not None and not self.finished.done():
+                    self.finished.set_result("drained")
+                return
+            self.notifier.send(STATUS=f"draining ({self.drain.phase.value}): {_left_text(left)}")
+            await asyncio.sleep(DRAIN_TICK)
 
     async def close(self) -> None:
         await self.notifier.stopping()
@@ -175,8 +337,15 @@ class Runtime:
                 log.info("%s stopped", name)
 
 
-async def wait_for_signal(on_hup: Callable[[], None] | None = None) -> str:
-    """Block until SIGINT or SIGTERM; return the signal's name. SIGHUP calls `on_hup`."""
+async def wait_for_signal(
+    on_hup: Callable[[], None] | None = None,
+    *,
+    handlers: dict[signal.Signals, Callable[[], None]] | None = None,
+    until: asyncio.Future[str] | None = None,
+) -> str:
+    """Block until SIGINT or SIGTERM (return the signal's name) or until `until` is done
+    (return its result: "drained"). SIGHUP calls `on_hup`; `handlers` maps more signals
+    (SIGUSR1 drain, SIGUSR2 cancel) to their calls."""
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[str] = loop.create_future()
 
@@ -187,11 +356,16 @@ async def wait_for_signal(on_hup: Callable[[], None] | None = None) -> str:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, on_signal, sig)
+    extra = dict(handlers or {})
     if on_hup is not None:
-        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        extra[signal.SIGHUP] = on_hup
+    for sig, call in extra.items():
+        loop.add_signal_handler(sig, call)
+    waits: list[asyncio.Future[str]] = [fut] if until is None else [fut, until]
     try:
-        return await fut
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        return next(iter(done)).result()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        for sig in (signal.SIGINT, signal.SIGTERM, *extra):
             with contextlib.suppress(NotImplementedError):
                 loop.remove_signal_handler(sig)

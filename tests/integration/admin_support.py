@@ -122,7 +122,15 @@ def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], floa
         m = _SAMPLE.match(line)
         assert m is not None, f"not a sample line: {line!r}"
         name = m["name"]
-        assert name == current and name in types, f"sample {name} outside its family"
+        if current is not None and types.get(current) == "histogram" and name != current:
+            # A histogram's samples are <family>_bucket/_sum/_count, each kept as its own key.
+            assert name[len(current) :] in ("_bucket", "_sum", "_count"), line
+            families.setdefault(name, {})
+            types.setdefault(name, "histogram")
+            current_sample = name
+        else:
+            current_sample = current
+        assert name == current_sample and name in types, f"sample {name} outside its family"
         labels: tuple[tuple[str, str], ...] = ()
         if m["labels"]:
             pairs = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"', m["labels"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -82,6 +83,16 @@ def test_run_sends_ready_watchdog_reloading_and_stopping(tmp_path: Path) -> None
         _recv_until(sock, "RELOADING=1", seen)
         assert any(line.startswith("MONOTONIC_USEC=") for line in seen[-1].splitlines())
         _recv_until(sock, "READY=1", seen)
+        # A drain (SIGUSR1) shows in STATUS with what is left; SIGUSR2 cancels it.
+        proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not any(ln.startswith("STATUS=draining (draining): ") for ln in seen[-1].split("\n")):
+            assert time.monotonic() < deadline, seen[-5:]
+            with contextlib.suppress(TimeoutError):
+                seen.append(sock.recv(4096).decode())
+        assert "turn allocations" in seen[-1]
+        proc.send_signal(signal.SIGUSR2)
+        _recv_until(sock, "STATUS=running; drain cancelled", seen)
         proc.send_signal(signal.SIGTERM)
         _recv_until(sock, "STOPPING=1", seen)
         assert proc.wait(timeout=20) == 0

@@ -165,6 +165,52 @@ def test_metrics_with_prometheus_client_parser() -> None:
     assert fams["process_cpu_seconds"].type == "counter"
 
 
+def test_drain_latency_and_sessions_render() -> None:
+    """While draining: the phase and what is left on the page and in /metrics; per-node latency
+    as a Prometheus histogram (cumulative buckets, +Inf = count); sessions by node, escaped."""
+    parser = pytest.importorskip("prometheus_client.parser")
+    snap = copy.deepcopy(SNAP)
+    snap["drain"] = {
+        "phase": "closing",
+        "proxy_connections": 2,
+        "turn_allocations": 7,
+        "grace_left": 0.0,
+        "deadline_left": 3500.0,
+    }
+    # 11 bounds: 3 answers under 5 ms, 1 under 250 ms, 1 over 10 s; 5 in all, 12.6 s in sum.
+    snap["proxy"]["latency"] = {"https://10.0.0.11:443": [3, 0, 0, 0, 0, 1] + [0] * 5 + [5, 12.6]}
+    snap["proxy"]["sessions"] = [
+        {
+            "client": "198.51.100.9",
+            "node": "10.0.0.11:443",
+            "path": "/a/<b>",
+            "kind": "sse",
+            "age": 90,
+        }
+    ]
+    snap["proxy"]["guard_decisions"] = {"banned": 4}
+    fams = {f.name: f for f in parser.text_string_to_metric_families(render_metrics(snap).decode())}
+    hist = fams["confedge_proxy_node_latency_seconds"]
+    assert hist.type == "histogram"
+    buckets = {s.labels["le"]: s.value for s in hist.samples if s.name.endswith("_bucket")}
+    assert buckets["0.005"] == 3 and buckets["0.1"] == 3 and buckets["0.25"] == 4
+    assert buckets["10.0"] == 4 and buckets["+Inf"] == 5
+    assert {s.labels["phase"]: s.value for s in fams["confedge_drain_state"].samples} == {
+        "serving": 0,
+        "draining": 0,
+        "closing": 1,
+        "drained": 0,
+    }
+    left = {s.labels["what"]: s.value for s in fams["confedge_drain_left"].samples}
+    assert left == {"proxy_connections": 2, "turn_allocations": 7}
+    assert fams["confedge_proxy_guard_decisions"].samples[0].value == 4
+    page = render_html(snap).decode()
+    assert "<h2>Drain</h2>" in page and "<b>closing</b>" in page
+    assert "turn allocations left" in page
+    assert "10.0.0.11:443" in page and "/a/&lt;b&gt;" in page and "1m 30s" in page
+    assert "<h2>Drain</h2>" not in render_html(SNAP).decode()  # serving: no banner
+
+
 def test_html_escapes_and_shows_state() -> None:
     page = render_html(SNAP).decode()
     assert "<script>alert(1)</script>" not in page

@@ -91,6 +91,14 @@ def test_unknown_key_is_an_error() -> None:
             },
             'guard.store: "mysql://x"',
         ),
+        (
+            {"proxy": {"health_path": "health", "nodes": ["a"]}, "turn": {"enabled": False}},
+            'proxy.health_path: "health" is not an absolute path',
+        ),
+        (
+            {"proxy": {"drain_grace": -1, "nodes": ["a"]}, "turn": {"enabled": False}},
+            "proxy.drain_grace: ",
+        ),
     ],
 )
 def test_bad_values(data: dict[str, object], expected: str) -> None:
@@ -256,3 +264,14 @@ def test_run_with_a_busy_port_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"turn.port: cannot listen for TURN/STUN (udp) on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_drain_and_health_keys() -> None:
+    cfg = parse_config(
+        {**MINIMAL, "proxy": {**MINIMAL["proxy"], "drain_grace": 5, "health_path": "/lb"}}
+    )
+    assert (cfg.proxy.drain_grace, cfg.proxy.drain_timeout, cfg.proxy.health_path) == (
+        5.0,
+        3600.0,
+        "/lb",
+    )

@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from confedge.proxy.health import LATENCY_BUCKETS
+
 __all__ = [
     "METRICS_CONTENT_TYPE",
     "REFRESH_SECONDS",
@@ -31,6 +33,7 @@ HTML_BAN_LIMIT = 200  # rows on the page; the JSON has up to snapshot.BAN_LIMIT
 
 # Prometheus text exposition format, version 0.0.4 (what every scraper accepts).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DRAIN_PHASES = ("serving", "draining", "closing", "drained")  # confedge/drain.py Phase
 
 
 # -- JSON ---------------------------------------------------------------------------------------
@@ -85,6 +88,28 @@ class _Metrics:
             else:
                 self.lines.append(f"{name} {_number(v)}")
 
+    def histogram(
+        self, name: str, doc: str, bounds: Iterable[float], rows: dict[str, list[float]]
+    ) -> None:
+        """A histogram family per node: `rows` maps node -> [count per bucket (not
+        cumulative) ..., +Inf-free total count, sum] (WorkerRuntime.observe_latency)."""
+        if not rows:
+            return
+        les = [_number(b) for b in bounds]
+        self.lines.append(f"# HELP {name} {doc}")
+        self.lines.append(f"# TYPE {name} histogram")
+        for node, h in sorted(rows.items()):
+            if len(h) != len(les) + 2:
+                continue
+            label = f'node="{_label_value(node)}"'
+            running = 0.0
+            for le, count in zip(les, h, strict=False):
+                running += count
+                self.lines.append(f'{name}_bucket{{{label},le="{le}"}} {_number(running)}')
+            self.lines.append(f'{name}_bucket{{{label},le="+Inf"}} {_number(h[-2])}')
+            self.lines.append(f"{name}_sum{{{label}}} {_number(h[-1])}")
+            self.lines.append(f"{name}_count{{{label}}} {_number(h[-2])}")
+
     def one(self, name: str, kind: str, doc: str, value: float | int | None) -> None:
         self.family(name, kind, doc, [({}, value)])
 
@@ -104,6 +129,44 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
         snap["started"],
     )
     m.one("confedge_uptime_seconds", "gauge", "Seconds since the runtime started", snap["uptime"])
+
+    reload = snap.get("reload")
+    if reload is not None:
+        m.one(
+            "confedge_config_last_reload_successful",
+            "gauge",
+            "1 if the last reload (SIGHUP, confedge reload) was applied, 0 if it was refused",
+            1 if reload["ok"] else 0,
+        )
+        m.one(
+            "confedge_config_last_reload_time_seconds",
+            "gauge",
+            "When the last reload was asked for (Unix time)",
+            reload["time"],
+        )
+    drain = snap.get("drain") or {"phase": "serving"}
+    m.family(
+        "confedge_drain_state",
+        "gauge",
+        "Drain phase (1 for the current one): serving, draining (grace), closing, drained",
+        [({"phase": ph}, 1 if drain["phase"] == ph else 0) for ph in DRAIN_PHASES],
+    )
+    m.family(
+        "confedge_drain_left",
+        "gauge",
+        "What a drain still waits for: proxy client connections and TURN allocations",
+        [
+            ({"what": k}, drain.get(k))
+            for k in ("proxy_connections", "turn_allocations")
+            if k in drain
+        ],
+    )
+    m.one(
+        "confedge_drain_deadline_seconds",
+        "gauge",
+        "Seconds until the drain's deadline (proxy.drain_timeout)",
+        drain.get("deadline_left"),
+    )
 
     proxy = snap["proxy"]
     if proxy.get("enabled"):
@@ -173,6 +236,25 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
             "gauge",
             "Open connections to nodes",
             proxy.get("upstream_connections"),
+        )
+        m.histogram(
+            "confedge_proxy_node_latency_seconds",
+            "Seconds from sending a request to a node to its response head (connect included)",
+            LATENCY_BUCKETS,
+            proxy.get("latency") or {},
+        )
+        m.family(
+            "confedge_proxy_guard_decisions_total",
+            "counter",
+            "Guard decisions about proxied requests (banned, pin_admitted, pin_held_back, "
+            "pin_failure, pin_accepted, session_known, session_unknown)",
+            [({"decision": k}, v) for k, v in sorted((proxy.get("guard_decisions") or {}).items())],
+        )
+        m.one(
+            "confedge_proxy_sessions",
+            "gauge",
+            "Proxied exchanges on a node now that are listed on the status page",
+            len(proxy["sessions"]) if "sessions" in proxy else None,
         )
         req = proxy.get("requests")
         if req is not None:
@@ -519,6 +601,49 @@ def _cluster_html(c: dict[str, Any], now: float) -> str:
     return cluster_html(c, now)
 
 
+def _reload_row(r: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The last reload: when, and the reason when it was refused."""
+    if r is None:
+        return []
+    when = _e(_utc(r["time"]))
+    text = f"applied at {when}" if r["ok"] else f"<b>refused</b> at {when}: {_e(r['reason'])}"
+    return [("last reload", text)]
+
+
+def _drain_html(d: dict[str, Any]) -> str:
+    """A banner while draining: the phase and what is left (confedge/drain.py)."""
+    if d.get("phase", "serving") == "serving":
+        return ""
+    pairs = [("phase", f"<b>{_e(d['phase'])}</b>")]
+    if "grace_left" in d:
+        pairs.append(("listeners close in", _e(duration(d["grace_left"]))))
+        pairs.append(("deadline in", _e(duration(d["deadline_left"]))))
+    for key in ("proxy_connections", "turn_allocations"):
+        if key in d:
+            pairs.append((key.replace("_", " ") + " left", _e(d[key])))
+    return "<h2>Drain</h2>" + _kv(pairs)
+
+
+def _sessions_html(p: dict[str, Any]) -> str:
+    """Which node each long-running proxied session (SSE, WebSocket, request) is on."""
+    rows = p.get("sessions")
+    if not rows:
+        return ""
+    body = [
+        [
+            _e(r["client"]),
+            f"<code>{_e(r['node'])}</code>",
+            _e(r["kind"]),
+            f"<code>{_e(r['path'])}</code>",
+            _e(duration(r["age"])),
+        ]
+        for r in rows
+    ]
+    return "<h3>Sessions on nodes (longest first)</h3>" + _table(
+        ["client", "node", "kind", "path", "for"], body
+    )
+
+
 def render_html(snap: dict[str, Any]) -> bytes:
     now = snap["time"]
     srv = snap["server"]
@@ -541,10 +666,13 @@ def render_html(snap: dict[str, Any]) -> bytes:
                 ("internal", f"<code>{_e(srv['internal_address'])}</code>"),
                 ("external", f"<code>{_e(srv['external_address'])}</code>"),
                 ("management from", _e(", ".join(snap["management"]["networks"]))),
+                *_reload_row(snap.get("reload")),
             ]
         ),
+        _drain_html(snap.get("drain") or {"phase": "serving"}),
         "<h2>Proxy</h2>",
         _proxy_html(snap["proxy"], now),
+        _sessions_html(snap["proxy"]),
         "<h2>TURN</h2>",
         _turn_html(snap["turn"]),
         "<h2>Guard</h2>",

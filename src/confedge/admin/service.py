@@ -103,6 +103,23 @@ class AdminService:
             "management listening on %s (from %s)", self.url, ", ".join(m.networks) or "nobody"
         )
 
+    def reload(self, cfg: Config) -> None:
+        """A reloaded configuration: management networks and Host names apply to the next
+        connection; the status page shows the new configuration (and checks the new node
+        list itself when the proxy runs in worker processes). The port is restart-only."""
+        self.cfg = cfg
+        self._warn_if_wide()
+        if self.http is not None:
+            m, s = cfg.management, cfg.server
+            self.http.access = AccessList(m.networks)
+            names = {s.hostname, s.fqdn, "localhost", *m.allowed_hosts}
+            self.http.allowed_hosts = frozenset(h.lower().rstrip(".") for h in names)
+        if self.source is not None:
+            old, self.source = self.source, StatusSource(cfg, self.runtime, management_url=self.url)
+            self.source.started = old.started
+            self.source.attach()
+            asyncio.get_running_loop().create_task(old.detach())
+
     def _warn_if_wide(self) -> None:
         m, s = self.cfg.management, self.cfg.server
         if any(ipaddress.ip_network(n).prefixlen == 0 for n in m.networks):

@@ -231,6 +231,8 @@ class StatusSource:
                 "url": self.management_url,
                 "networks": list(self.cfg.management.networks),
             },
+            "drain": self._drain(),
+            "reload": getattr(self.rt, "last_reload", None),
             "proxy": self._proxy(now),
             "turn": self._turn(),
             "guard": self._guard(now),
@@ -302,6 +304,19 @@ class StatusSource:
             out["workers_reporting"] = reports["reporting"]
         else:
             out["requests"] = None  # workers not heard from yet: unknown, not 0
+        for key in ("sessions", "latency", "guard_decisions"):
+            fn = getattr(proxy, key, None)
+            if callable(fn):
+                out[key] = fn()
+        if "latency" in out:  # by node URL, like the other per-node figures
+            urls = {n.netloc: n.url for n in p.node_addresses}
+            out["latency"] = {urls.get(k, k): v for k, v in out["latency"].items()}
+        return out
+
+    def _drain(self) -> dict[str, Any]:
+        """The drain's phase and what is left (Runtime.drain_status; confedge/drain.py)."""
+        status = getattr(self.rt, "drain_status", None)
+        out: dict[str, Any] = status() if callable(status) else {"phase": "serving"}
         return out
 
     def _turn(self) -> dict[str, Any]:

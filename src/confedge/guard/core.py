@@ -146,6 +146,11 @@ class GuardCore:
 
     # -- queries ---------------------------------------------------------------------------
 
+    def retune(self, cfg: GuardConfig) -> None:
+        """Reloaded thresholds and ignore list; windows and bans so far are kept."""
+        self.cfg = cfg
+        self._ignore = parse_networks(cfg.ignore)
+
     def ignored(self, ip: str) -> bool:
         return in_networks(ip, self._ignore)
 

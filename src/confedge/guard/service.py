@@ -35,7 +35,7 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from confedge.config import GuardConfig
+from confedge.config import Config, GuardConfig
 from confedge.guard.addresses import normalise_ip
 from confedge.guard.bantable import BanTable
 from confedge.guard.core import PIN, TURN, BanRecord, Failure, GuardCore
@@ -124,6 +124,16 @@ class Guard:
         self._tickets: dict[str, tuple[Reservation, bool]] = {}
         self.local = InFlight()  # outage fallback, and a cache of sessions seen here
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def reload(self, cfg: Config) -> None:
+        """New thresholds from a reloaded configuration (`confedge reload`): counts, bans and
+        sessions so far stay; the next decision uses the new limits. guard.enabled, store and
+        firewall are restart-only (runtime.py refuses a change)."""
+        g = cfg.guard
+        self.cfg = g
+        self.ban_status = g.ban_status
+        self.core.retune(g)
+        self._limits = Limits.of(g)
 
     # -- the hook (called from the proxy's and TURN's protocol callbacks) --------------------
 

@@ -48,7 +48,7 @@ from confedge.guard.hook import GuardHook
 from confedge.proxy.accesslog import remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
-from confedge.proxy.health import Transition
+from confedge.proxy.health import LATENCY_BUCKETS, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
 from confedge.proxy.pools import build_pools, health_monitor, route
@@ -64,6 +64,10 @@ if TYPE_CHECKING:
 __all__ = ["AccessLogSink", "TurnShare", "WorkerRuntime"]
 
 log = logging.getLogger("confedge.proxy")
+
+# Proxied sessions a worker reports for the status page (longest first), and their path's length.
+SESSIONS_SHOWN = 10
+SESSION_PATH_MAX = 80
 
 # Entries kept by WorkerRuntime's memos of Host checks and normalised targets.
 MEMO_SIZE = 2048
@@ -136,6 +140,45 @@ class WorkerRuntime:
         self.targets: dict[bytes, str] = {}
         # Port 80: (Host, target) -> the Location header line of the 301 (redirect.py).
         self.locations: dict[tuple[bytes | None, bytes], bytes] = {}
+        self.workers = workers
+        self.read_settings(cfg)
+        self.date = DateCache()
+        # The clients' shared read buffer (server.ClientConnection is a BufferedProtocol): one
+        # per worker, not per connection, so 10,000 idle streams do not hold 10,000 buffers.
+        self.read_view = memoryview(bytearray(64 * 1024))
+        self.fqdn = cfg.server.fqdn.encode()
+        self.previous: tuple[tuple[ExchangeSettings, ...], list[NodePool]] | None = None
+        self.install_pools(cfg)
+        # Drain (confedge/drain.py): "serving", "draining" (the health endpoint says so) or
+        # "closing" (listeners closed: idle keep-alive connections are closed by the sweep).
+        self.drain_phase = "serving"
+        self.health_target = p.health_path
+        # Per-node latency to the response head (connect + request + node's answer), by node
+        # netloc: [count per LATENCY_BUCKETS bound ..., count of all, sum], for /metrics.
+        self.latency: dict[str, list[float]] = {}
+        # Guard decisions about proxied requests, by kind (banned, pin_admitted, ...).
+        self.guard_decisions: dict[str, int] = {}
+        self.clients: set[ClientConnection] = set()
+        # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
+        # None keeps the HTTP path exactly as without the option.
+        self.turn_share: TurnShare | None = None
+        self.upstreams: set[UpstreamConnection] = set()
+        self.on_transition: list[Callable[[Transition], None]] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._health_tasks: list[asyncio.Task[None]] = []  # one health-check loop per pool
+        self._checks = False  # start(health_checks=...): whether reloads restart them
+        self.redirects: set[RedirectConnection] = set()  # port 80 (proxy/redirect.py)
+        self.sweep_interval = sweep_interval(
+            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout
+        )
+        self.closing = False
+        self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
+        self.out_bytes = 0
+
+    def read_settings(self, cfg: Config) -> None:
+        """The limits, time-outs and headers the hot path reads, as plain attributes (at start
+        and on reload)."""
+        p = cfg.proxy
         self.allowlist = tuple(p.path_allowlist)
         self.max_body = p.max_body_bytes
         self.max_header_bytes = p.max_header_bytes
@@ -150,7 +193,7 @@ class WorkerRuntime:
         self.api_connect_timeout = p.api_connect_timeout
         self.sse_lifetime = p.sse_max_lifetime
         self.ws_idle = p.websocket_idle_timeout
-        self.max_connections = max(1, math.ceil(p.max_connections / max(1, workers)))
+        self.max_connections = max(1, math.ceil(p.max_connections / max(1, self.workers)))
         self.upstream_keepalive = p.upstream_keepalive
         self.upstream_idle = p.upstream_idle_timeout
         self.csp_line = (
@@ -158,33 +201,17 @@ class WorkerRuntime:
         )
         # Parsed once: client_address() walks X-Forwarded-For against these per request.
         self.trusted: Networks = parse_networks(p.trusted_proxies)
-        self.date = DateCache()
-        # The clients' shared read buffer (server.ClientConnection is a BufferedProtocol): one
-        # per worker, not per connection, so 10,000 idle streams do not hold 10,000 buffers.
-        self.read_view = memoryview(bytearray(64 * 1024))
-        self.install_pools(cfg)
-        self.clients: set[ClientConnection] = set()
-        # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
-        # None keeps the HTTP path exactly as without the option.
-        self.turn_share: TurnShare | None = None
-        self.upstreams: set[UpstreamConnection] = set()
-        self.on_transition: list[Callable[[Transition], None]] = []
-        self._tasks: list[asyncio.Task[None]] = []
-        self._health_tasks: list[asyncio.Task[None]] = []
-        self.redirects: set[RedirectConnection] = set()  # port 80 (proxy/redirect.py)
-        self.sweep_interval = sweep_interval(
-            p.header_timeout, p.body_timeout, p.idle_timeout, p.read_timeout, p.health_timeout
-        )
-        self.closing = False
-        self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
-        self.out_bytes = 0
+
+    # -- node list and pools (built once here; a reload builds them again) --------------------
 
     def install_pools(self, cfg: Config) -> None:
         """Build the node pools of `cfg` (proxy/pools.py build_pools): the flat node list, one
         HealthMonitor, the connection pools, and one Balancer and ExchangeSettings per pool.
-        Called once at start; a reload of the node list calls it again (then restarts the
-        health checks with `start_health_checks`). Exchanges in flight keep the settings they
-        were made with."""
+        Called once at start; a reload of the node list or pools calls it again (then restarts
+        the health checks with `start_health_checks`). Exchanges in flight keep the settings
+        they were made with: `previous` keeps the last generation's settings and connection
+        pools so that an exchange that fails over after a reload still finds its node by index.
+        """
         p = cfg.proxy
         # One flat node list, each pool a slice of it.
         self.pool_specs = build_pools(cfg)
@@ -218,25 +245,140 @@ class WorkerRuntime:
                 lo=spec.lo,
                 active=self.active,
             )
-            self.pool_settings.append(
-                ExchangeSettings(
-                    nodes=balancer,
-                    netlocs=netlocs,
-                    fqdn=cfg.server.fqdn.encode(),
-                    connect_timeout=self.connect_timeout,
-                    api_connect_timeout=self.api_connect_timeout,
-                    read_timeout=self.read_timeout,
-                    sse_lifetime=self.sse_lifetime,
-                    csp_line=self.csp_line,
-                    request_buffer=self.request_buffer,
-                    guard=self.guard is not None,
-                    ban_status=self.guard.ban_status if self.guard is not None else 429,
-                    pool=k,
-                )
-            )
+            self.pool_settings.append(self.settings_over(balancer, netlocs, k))
         self.exchange_settings = self.pool_settings[0]  # the default pool (proxy.nodes)
         self.balancer = self.exchange_settings.nodes
         self.pool_prefixes = [spec.prefix for spec in self.pool_specs[1:]]
+
+    def pools_for(self, settings: ExchangeSettings) -> list[NodePool] | None:
+        """The connection pools of the node list an exchange started with (None: two reloads
+        ago; its node numbers mean nothing any more)."""
+        if self.is_current(settings):
+            return self.pools
+        prev = self.previous
+        if prev is not None and any(s is settings for s in prev[0]):
+            return prev[1]
+        return None
+
+    def is_current(self, settings: ExchangeSettings) -> bool:
+        """Whether `settings` belong to this generation of the node list (so its node numbers
+        index `self.nodes` and health failures may be charged to them)."""
+        return any(s is settings for s in self.pool_settings)
+
+    def apply(self, cfg: Config) -> None:
+        """Take a reloaded configuration (runtime.py checked it; restart-only keys are equal).
+
+        Limits, time-outs, CSP, trusted proxies and Host names apply to the next request; the
+        node list, pools, balancing and health settings rebuild the node set (install_pools)
+        and restart the health checks. Open client and node connections are kept.
+        """
+        old = self.cfg.proxy
+        p = cfg.proxy
+        self.cfg = cfg
+        self.allowed_hosts = _allowed_hosts(cfg)
+        self.host_ok.clear()
+        self.read_settings(cfg)
+        self.health_target = p.health_path
+        self.fqdn = cfg.server.fqdn.encode()
+        node_keys = (
+            "nodes", "pools", "balance", "verify_upstream", "health_interval", "health_timeout",
+            "health_rise", "health_fall",
+        )  # fmt: skip
+        previous = (tuple(self.pool_settings), self.pools)
+        if any(getattr(old, k) != getattr(p, k) for k in node_keys):
+            self.install_pools(cfg)
+            self.previous = previous
+            if self._checks:
+                self.start_health_checks()
+            log.info("proxy: node list reloaded: %s", ", ".join(p.nodes) or "no nodes")
+        else:
+            # Same nodes: keep their health and pools, the exchanges read the new settings.
+            self.build_settings_only()
+
+    def build_settings_only(self) -> None:
+        """New ExchangeSettings over the same balancers (CSP, time-outs changed)."""
+        previous = (tuple(self.pool_settings), self.pools)
+        self.pool_settings = [
+            self.settings_over(st.nodes, st.netlocs, k) for k, st in enumerate(self.pool_settings)
+        ]
+        self.exchange_settings = self.pool_settings[0]
+        self.previous = previous
+
+    def settings_over(self, nodes: Balancer, netlocs: list[str], pool: int) -> ExchangeSettings:
+        """The settings every exchange core reads, as plain data, over a node chooser."""
+        return ExchangeSettings(
+            nodes=nodes,
+            netlocs=netlocs,
+            fqdn=self.fqdn,
+            connect_timeout=self.connect_timeout,
+            api_connect_timeout=self.api_connect_timeout,
+            read_timeout=self.read_timeout,
+            sse_lifetime=self.sse_lifetime,
+            csp_line=self.csp_line,
+            request_buffer=self.request_buffer,
+            guard=self.guard is not None,
+            ban_status=self.guard.ban_status if self.guard is not None else 429,
+            pool=pool,
+        )
+
+    # -- drain (confedge/drain.py) ------------------------------------------------------------
+
+    def close_idle(self) -> None:
+        """Listeners closed (drain): close client connections with nothing in progress."""
+        from confedge.proxy.server import T_IDLE
+
+        for c in list(self.clients):
+            if (
+                c.exchange is None
+                and c.tmode == T_IDLE
+                and not c.pending
+                and c.static_iter is None
+                and c.transport is not None
+            ):
+                self.close_after(c.transport)
+
+    def sessions(self, limit: int = SESSIONS_SHOWN) -> list[dict[str, Any]]:
+        """The longest-running proxied exchanges now on a node (SSE streams, WebSockets, long
+        polls), with the node's name, for the status page: [{client, node, path, kind, age}]."""
+        now = self.loop.time()
+        rows: list[tuple[float, dict[str, Any]]] = []
+        for c in self.clients:
+            ex = c.exchange
+            if ex is None or ex.node < 0 or not ex.addrs:
+                continue
+            req = ex.req
+            kind = "websocket" if c.tunnel else ("sse" if ex.sse else "request")
+            age = now - ex.upstream_time
+            rows.append(
+                (
+                    age,
+                    {
+                        "client": ex.client_ip,
+                        "node": ex.addrs[-1],
+                        "path": req.target.partition("?")[0][:SESSION_PATH_MAX],
+                        "kind": kind,
+                        "age": round(age, 1),
+                    },
+                )
+            )
+        rows.sort(key=lambda r: r[0], reverse=True)
+        return [r for _, r in rows[:limit]]
+
+    def guard_decided(self, decision: str) -> None:
+        """Count one guard decision about a proxied request (for /metrics)."""
+        self.guard_decisions[decision] = self.guard_decisions.get(decision, 0) + 1
+
+    def observe_latency(self, netloc: str, seconds: float) -> None:
+        """One node answer's head arrived `seconds` after the attempt began (for /metrics)."""
+        h = self.latency.get(netloc)
+        if h is None:
+            h = self.latency[netloc] = [0.0] * (len(LATENCY_BUCKETS) + 2)
+        for i, bound in enumerate(LATENCY_BUCKETS):
+            if seconds <= bound:
+                h[i] += 1
+                break
+        h[-2] += 1
+        h[-1] += seconds
 
     # -- write coalescing ---------------------------------------------------------------------
 
@@ -292,11 +434,13 @@ class WorkerRuntime:
 
     def start(self, *, health_checks: bool = True) -> None:
         self._tasks.append(self.loop.create_task(self._sweeper()))
+        self._checks = health_checks
         if health_checks:
             self.start_health_checks()
 
     def start_health_checks(self) -> None:
-        """One active health-check loop per pool, with its own interval and timeout."""
+        """One active health-check loop per pool, with its own interval and timeout (again
+        after a reload of the node list)."""
         for t in self._health_tasks:
             t.cancel()
             self._tasks.remove(t)
@@ -359,6 +503,8 @@ class WorkerRuntime:
             await asyncio.sleep(self.sweep_interval)
             now = loop.time()
             self.date.refresh()
+            if self.drain_phase == "closing":
+                self.close_idle()
             sweep(list(self.clients), now)
             sweep(list(self.upstreams), now)
             if self.redirects:

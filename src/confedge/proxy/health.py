@@ -16,9 +16,13 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["CheckResult", "HealthMonitor", "NodeState", "Transition"]
+__all__ = ["LATENCY_BUCKETS", "CheckResult", "HealthMonitor", "NodeState", "Transition"]
 
 CheckResult = Literal["ok", "fail", "maintenance"]
+
+# Upper bounds (seconds) of the per-node latency histogram buckets (/metrics; +Inf is implied):
+# measured by each worker (WorkerRuntime.observe_latency), rendered by the management listener.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class NodeState(enum.Enum):

@@ -474,12 +474,16 @@ class ClientConnection(asyncio.BufferedProtocol):
         if guard is not None:
             banned = guard.check(client_ip)
             if banned is not None and not (req.session or b"token=" in req.url):
+                core.guard_decided("banned")
                 retry = b"Retry-After: %d\r\n" % max(1, math.ceil(banned))
                 self.local_response(req, guard.ban_status, extra=retry)
                 return
             # A banned address's token-bearing request may be an admitted participant's: the
             # exchange asks the guard before it goes anywhere (Exchange.attempt).
         path = req.target
+        if path == core.health_target and core.health_target:
+            self._health(req)
+            return
         static = core.static
         if banned is None and static is not None and static.match(path.partition("?")[0]):
             self._serve_static(req)
@@ -556,7 +560,11 @@ class ClientConnection(asyncio.BufferedProtocol):
                 up.activity = False
         elif kind == A_CONNECT:
             i, timeout = arg
-            pool = core.pools[i]
+            pools = core.pools_for(ex.settings)  # the node list it started with (reload)
+            if pools is None:
+                self.node_connect_failed(ex, i, "node list reloaded twice meanwhile")
+                return
+            pool = pools[i]
             conn = pool.take()
             if conn is not None:
                 self.node_ready(ex, conn, reused=True)
@@ -564,7 +572,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                 pool.connect(self, ex, timeout)
         elif kind == A_MARK_FAILED:
             i, reason, maintenance = arg
-            core.passive_failure(i, reason, maintenance=maintenance)
+            if core.is_current(ex.settings):  # not a node of a reloaded-away list
+                core.passive_failure(i, reason, maintenance=maintenance)
         elif kind == A_LOCAL:
             status, extra, retry_page = arg
             if self.exchange is ex:
@@ -595,19 +604,23 @@ class ClientConnection(asyncio.BufferedProtocol):
             guard.reserve_pin(ip, alias, ttl, lambda t, r: self._guard_admitted(ex, t, r))
         elif kind == A_SETTLE_PIN:
             ticket, alias, pin, failed = arg
+            self.core.guard_decided("pin_failure" if failed else "pin_accepted")
             guard.settle_pin(ticket, ip, alias, pin, failed)
         elif kind == A_REMEMBER:
             token, lifetime = arg
             guard.remember_session(ip, token, lifetime)
         elif kind == A_RECORD_FAILURE:
             alias, pin = arg
+            self.core.guard_decided("pin_failure")
             guard.record_pin_failure(ip, alias, pin)
 
     def _guard_session(self, ex: Exchange, known: bool) -> None:
+        self.core.guard_decided("session_known" if known else "session_unknown")
         ex.guard_session(known, self.core.loop.time())
         self.drive(ex)
 
     def _guard_admitted(self, ex: Exchange, ticket: str | None, retry_after: float) -> None:
+        self.core.guard_decided("pin_admitted" if ticket is not None else "pin_held_back")
         ex.guard_admitted(ticket, retry_after, self.core.loop.time())
         self.drive(ex)
 
@@ -773,6 +786,36 @@ class ClientConnection(asyncio.BufferedProtocol):
         for chunk in buffered:
             self.core.send(up.transport, chunk)
         self._set_timeout(T_TUNNEL, self.core.ws_idle)
+
+    def _health(self, req: Request) -> None:
+        """The health endpoint for a load balancer in front (proxy.health_path): 200 "serving",
+        or 503 "draining" from the moment a drain begins (confedge/drain.py), so the balancer
+        moves new users away during the grace period while this connection stays usable."""
+        core = self.core
+        serving = core.drain_phase == "serving"
+        body = b"serving\n" if serving else b"draining\n"
+        status = 200 if serving else 503
+        keep = req.keep_alive
+        t = self.transport
+        assert t is not None
+        core.send(
+            t,
+            b"".join(
+                (
+                    status_line(status),
+                    core.date.header,
+                    b"Content-Type: text/plain\r\nCache-Control: no-store\r\n",
+                    b"Content-Length: %d\r\n" % len(body),
+                    b"\r\n" if keep else b"Connection: close\r\n\r\n",
+                    b"" if req.method == b"HEAD" else body,
+                )
+            ),
+        )
+        ex = Exchange(core.exchange_settings, req, client_ip=self.peer, peer=self.peer)
+        ex.served_locally(status, len(body))
+        self.exchange = ex
+        ex.finish_local(keep)
+        self.drive(ex)
 
     # -- static mounts --------------------------------------------------------------------------
 

@@ -28,7 +28,7 @@ from confedge.config import Config
 from confedge.guard.hook import GuardHook
 from confedge.proxy import build_kind
 from confedge.proxy.accesslog import RequestCounter
-from confedge.proxy.core import WorkerRuntime, reuse_port_socket
+from confedge.proxy.core import SESSIONS_SHOWN, WorkerRuntime, reuse_port_socket
 from confedge.proxy.pools import build_pools
 from confedge.proxy.redirect import RedirectConnection
 from confedge.proxy.server import ClientConnection
@@ -120,6 +120,18 @@ class ProxyWorker:
         self.core = core
         core.turn_share = self.turn_share
         core.start()
+        self._https_addrs = [s.getsockname()[:2] for s in https_socks]
+        self._http_addrs = [s.getsockname()[:2] for s in http_socks]
+        await self._listen(https_socks, http_socks)
+
+    async def _listen(
+        self, https_socks: list[socket.socket], http_socks: list[socket.socket]
+    ) -> None:
+        """Serve the HTTPS and port-80 listeners on these sockets."""
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        core = self.core
+        assert core is not None and self.tls is not None
         ctx = self.tls.context
         for s in https_socks:
             self._servers.append(
@@ -138,6 +150,44 @@ class ProxyWorker:
                     lambda: RedirectConnection(core, https_port), sock=s, backlog=1024
                 )
             )
+
+    def set_drain(self, phase: str) -> None:
+        """Drain phase from the main process (confedge/drain.py): "draining" makes the health
+        endpoint answer 503; "closing" closes the listeners (connections in flight go on, idle
+        ones are closed by the sweep); "serving" opens the listeners again on the same ports."""
+        core = self.core
+        if core is None:
+            return
+        was = core.drain_phase
+        core.drain_phase = phase
+        if phase == "closing" and self._servers:
+            for srv in self._servers:
+                srv.close()
+            self._servers = []
+            core.close_idle()
+            log.info("proxy: listeners closed (drain); %d connection(s) left", len(core.clients))
+        elif phase == "serving" and was == "closing" and not self._servers:
+            asyncio.get_running_loop().create_task(self._reopen())
+
+    async def _reopen(self) -> None:
+        reuse = self.workers > 1
+        https = [reuse_port_socket(h, p, reuse_port=reuse) for h, p in self._https_addrs]
+        http = [reuse_port_socket(h, p, reuse_port=reuse) for h, p in self._http_addrs]
+        await self._listen(https, http)
+        log.info("proxy: listeners open again (drain cancelled)")
+
+    def apply(self, cfg: Config) -> None:
+        """A reloaded configuration (checked by the main process): the worker's core, its
+        static mounts and its own guard's thresholds; certificates go through reload_tls."""
+        if self.guard is not None and self.guard is not self.shared_guard:
+            reload_guard = getattr(self.guard, "reload", None)
+            if reload_guard is not None:
+                reload_guard(cfg)  # first: the core reads its ban_status
+        self.static = _make_static(cfg)
+        if self.core is not None:
+            self.core.apply(cfg)
+            self.core.static = self.static
+        self.cfg = cfg
 
     def reload_tls(self, cfg: Config | None = None) -> None:
         """Load the certificates again, from `cfg`'s [tls] when given (CertificateError keeps
@@ -159,6 +209,9 @@ class ProxyWorker:
             out["in_flight"] = list(core.balancer.active)
             out["idle_connections"] = [len(p.idle) for p in core.pools]
             out["pool_requests"] = list(core.pool_requests)
+            out["latency"] = core.latency
+            out["sessions"] = core.sessions()
+            out["guard_decisions"] = core.guard_decisions
         return out
 
     async def close(self, grace: float = 2.0) -> None:
@@ -264,6 +317,7 @@ class ProxyService:
         self._commands: dict[int, multiprocessing.connection.Connection] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        self.drain_phase = "serving"  # confedge/drain.py: what every worker is told
         # Worker reports (workers > 1): the last one of each worker, and the final request
         # counts of workers that exited, so that totals never go back when one is restarted.
         self._reports: dict[int, dict[str, Any]] = {}
@@ -347,11 +401,72 @@ class ProxyService:
         new = cfg or self.cfg
         TLSContextHolder(new)
         self.cfg = new
+        self._tell(new.tls)
+
+    def set_drain(self, phase: str) -> None:
+        """Tell every worker the drain phase (ProxyWorker.set_drain); a worker restarted later
+        gets it at start."""
+        self.drain_phase = phase
+        if self._worker is not None:
+            self._worker.set_drain(phase)
+            return
+        self._tell(("drain", phase))
+
+    def reload_config(self, cfg: Config) -> None:
+        """A reloaded configuration (runtime.py checked it, restart-only keys unchanged) for
+        every worker, over the command pipe; connections in flight are kept."""
+        self.cfg = cfg
+        if self._worker is not None:
+            self._worker.apply(cfg)
+            return
+        self._tell(("config", cfg))
+
+    def _tell(self, message: Any) -> None:
         for conn in list(self._commands.values()):
             try:
-                conn.send(new.tls)
+                conn.send(message)
             except OSError:  # the worker is gone; the supervisor restarts it with self.cfg
                 continue
+
+    def left(self) -> int:
+        """Client connections still open (in process, or as of the workers' last reports)."""
+        core = self.core
+        if core is not None:
+            return len(core.clients)
+        return sum(r.get("client_connections", 0) for r in self._reports.values())
+
+    def latency(self) -> dict[str, list[float]]:
+        """Per-node latency histograms (WorkerRuntime.observe_latency), summed over workers."""
+        core = self.core
+        if core is not None:
+            return core.latency
+        out: dict[str, list[float]] = {}
+        for r in self._reports.values():
+            for netloc, h in (r.get("latency") or {}).items():
+                cur = out.setdefault(netloc, [0.0] * len(h))
+                if len(cur) == len(h):
+                    out[netloc] = [a + b for a, b in zip(cur, h, strict=True)]
+        return out
+
+    def guard_decisions(self) -> dict[str, int]:
+        """Guard decisions about proxied requests, summed over workers."""
+        core = self.core
+        if core is not None:
+            return dict(core.guard_decisions)
+        out: dict[str, int] = {}
+        for r in self._reports.values():
+            for k, v in (r.get("guard_decisions") or {}).items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Proxied sessions on a node now, longest first (WorkerRuntime.sessions)."""
+        core = self.core
+        if core is not None:
+            return core.sessions()
+        rows = [row for r in self._reports.values() for row in r.get("sessions") or ()]
+        rows.sort(key=lambda row: row.get("age", 0), reverse=True)
+        return rows[:SESSIONS_SHOWN]
 
     def request_counts(self) -> dict[str, int] | None:
         """Answers by status class of the in-process proxy (workers = 1), else None (see
@@ -498,6 +613,8 @@ class ProxyService:
             parent_end.close()
             raise RuntimeError(f"proxy worker {index} failed to start: {ready}")
         self._watch_reports(index, parent_end)
+        if self.drain_phase != "serving":
+            command_out.send(("drain", self.drain_phase))
 
     async def _supervise(self) -> None:
         """Restart a worker that died (a crash must not halve capacity until someone notices)."""
@@ -528,6 +645,19 @@ def _wait_ready(conn: multiprocessing.connection.Connection, proc: Any, timeout:
     return "no answer within 30 s"
 
 
+def _report_line(stats: dict[str, Any]) -> bytes:
+    """One report as a JSON line. When it would not fit one atomic write, the optional parts
+    go first (the sessions list, then the latency histograms), so that the counters and gauges
+    still arrive with many nodes."""
+    line = json.dumps(stats, separators=(",", ":")).encode() + b"\n"
+    for optional in ("sessions", "latency"):
+        if len(line) <= _STATS_MAX:
+            break
+        stats.pop(optional, None)
+        line = json.dumps(stats, separators=(",", ":")).encode() + b"\n"
+    return line
+
+
 async def _report(worker: ProxyWorker, pipe: multiprocessing.connection.Connection) -> None:
     """Send this worker's stats to the main process every STATS_INTERVAL, as JSON lines.
 
@@ -539,7 +669,7 @@ async def _report(worker: ProxyWorker, pipe: multiprocessing.connection.Connecti
     os.set_blocking(fd, False)
     while True:
         await asyncio.sleep(STATS_INTERVAL)
-        line = json.dumps(worker.stats(), separators=(",", ":")).encode() + b"\n"
+        line = _report_line(worker.stats())
         if len(line) > _STATS_MAX:
             log.warning("proxy worker report of %d bytes is too large; not sent", len(line))
             continue
@@ -566,13 +696,19 @@ def _reload_worker_tls(worker: ProxyWorker, tls: Any = None) -> None:
 def _read_commands(
     worker: ProxyWorker, conn: multiprocessing.connection.Connection, stop: asyncio.Event
 ) -> None:
-    """The main process sent a new [tls] section (each message is one small pickle, written
-    whole): load it. End of file means the main process is gone (killed: a clean stop
-    SIGTERMs the workers first); the worker stops too rather than serve on as an orphan that
-    nobody reloads, restarts or stops."""
+    """The main process sent a new [tls] section, a ("drain", phase) or a ("config", Config)
+    (each message is one pickle, written whole): act on it. End of file means the main
+    process is gone (killed: a clean stop SIGTERMs the workers first); the worker stops too
+    rather than serve on as an orphan that nobody reloads, restarts or stops."""
     try:
         while conn.poll():
-            _reload_worker_tls(worker, conn.recv())
+            message = conn.recv()
+            if isinstance(message, tuple) and message[0] == "drain":
+                worker.set_drain(message[1])
+            elif isinstance(message, tuple) and message[0] == "config":
+                worker.apply(message[1])
+            else:
+                _reload_worker_tls(worker, message)
     except (EOFError, OSError):
         asyncio.get_running_loop().remove_reader(conn.fileno())
         if not stop.is_set():

@@ -137,7 +137,10 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         owner = self.owner
         if owner is not None and owner.exchange is not None:
-            owner.exchange.response_head(self.parser.get_status_code(), self.headers, self.now)
+            ex = owner.exchange
+            pool = self.pool
+            pool.core.observe_latency(pool.netloc, self.now - ex.upstream_time)
+            ex.response_head(self.parser.get_status_code(), self.headers, self.now)
         self.headers = []
 
     def on_body(self, body: bytes) -> None:

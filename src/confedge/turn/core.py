@@ -409,6 +409,10 @@ class TurnCore:
         were granted to an address before it became one of ours."""
         if not self.peers.set_host_addresses(addresses):
             return
+        self._withdraw_refused(now, "is now an address of this host")
+
+    def _withdraw_refused(self, now: float, why: str) -> None:
+        """Withdraw the permissions (and their channels) the peer policy now refuses."""
         for alloc in self.allocations.values():
             refused = [ip for ip in alloc.permissions if not self.peers.check(ip).allowed]
             for ip in refused:
@@ -418,13 +422,32 @@ class TurnCore:
                 self.dp.remove_permission(alloc.id, ip)
                 if self._loglimit.allow(now):
                     log.warning(
-                        "turn permission withdrawn: user=%s client=%s:%d peer=%s is now an "
-                        "address of this host",
+                        "turn permission withdrawn: user=%s client=%s:%d peer=%s %s",
                         alloc.username,
                         alloc.client.ip,
                         alloc.client.port,
                         ip,
+                        why,
                     )
+
+    def adopt(self, now: float, fresh: TurnCore, host_addresses: Iterable[str]) -> None:
+        """Take the settings, credentials and policies of `fresh` (built by from_config from a
+        reloaded configuration); allocations, permissions, channels and nonces stay.
+
+        A live allocation keeps its key (`_authenticate` accepts it for the allocation's own
+        client), so a REST secret or password rotated away never refuses a call in progress;
+        permissions to peers the new policy refuses are withdrawn like host addresses are.
+        """
+        self.s = fresh.s
+        self.creds = fresh.creds
+        self.peers = fresh.peers
+        self.clients = fresh.clients
+        self.budget = fresh.budget
+        self.node_budget = fresh.node_budget
+        self._realm_attr = fresh._realm_attr
+        self._software = fresh._software
+        self.peers.set_host_addresses(host_addresses)
+        self._withdraw_refused(now, "is refused by the reloaded peer policy")
 
     def shutdown(self, now: float) -> None:
         for alloc in list(self.allocations.values()):
@@ -537,6 +560,18 @@ class TurnCore:
             proven = state == "stale" and self._verify(msg, username, wall) is not None
             return self._challenge(now, client, msg, 438, fp, proven)
         found = self._verify(msg, username, wall)
+        if found is None:
+            # A reload may have rotated the secret or password away: the allocation this
+            # client already holds keeps the key it was created with (issue 15, "rotation
+            # without refusing the old secret's live allocations").
+            alloc = self._by_client.get(client.key)
+            if (
+                alloc is not None
+                and alloc.username == username
+                and not self.creds.expired(username, wall)
+                and check_integrity(msg, alloc.key)
+            ):
+                found = alloc.key
         if found is None:
             if self.guard is not None and not self.creds.expired(username, wall):
                 self.guard.record_turn_auth_failure(client.ip)

@@ -255,11 +255,7 @@ class TurnService:
             nonce_key=self.nonce_key,
         )
         self.core.set_host_addresses(loop.time(), self.host_addresses.start(loop.time()))
-        if isinstance(self.dataplane, NativeDataPlane):
-            peers = self.core.peers
-            self.dataplane.bind_policy(
-                lambda ip: (v := peers.check(ip)).allowed and not v.relay_ports_only
-            )
+        self._bind_native_policy(self.core)
         if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
             log.warning(
                 "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
@@ -413,6 +409,36 @@ class TurnService:
             ) from None
         self._tls = tls
         self.tls_port = tls.sockets[0].getsockname()[1]
+
+    def reload_config(self, cfg: Config) -> None:
+        """A reloaded configuration (runtime.py checked it; listeners, ports and the data plane
+        are restart-only): credentials and REST secrets, media node safelist, peer policy,
+        quotas and limits. Allocations, their permissions and channels stay (core.adopt);
+        ConfigError (an unusable password) leaves everything as it was."""
+        core, loop, dp = self.core, self._loop, self.dataplane
+        if core is None or loop is None or dp is None:
+            self.cfg = cfg
+            return
+        v4, v6 = self._relay_addresses()
+        fresh = TurnCore.from_config(
+            cfg,
+            dp,
+            guard=self.guard,
+            relay_addresses=tuple(a for a in (v4, v6) if a),
+            wall_offset=core.wall_offset,
+            nonce_key=self.nonce_key,
+        )
+        core.adopt(loop.time(), fresh, self.host_addresses.current or ())
+        self._bind_native_policy(core)
+        self.cfg = cfg
+
+    def _bind_native_policy(self, core: TurnCore) -> None:
+        """The native data plane forwards Sends in C to peers the core's policy allows."""
+        if isinstance(self.dataplane, NativeDataPlane):
+            peers = core.peers
+            self.dataplane.bind_policy(
+                lambda ip: (v := peers.check(ip)).allowed and not v.relay_ports_only
+            )
 
     def reload_tls(self, cfg: Config | None = None) -> None:
         """Reload the turns: certificate (SIGHUP), from `cfg`'s [tls] when given; new

@@ -1,0 +1,139 @@
+"""`confedge drain` and `confedge reload`: signal the running instance (docs/OPERATIONS.md).
+
+Why signals and not a management API call: the running `confedge run` is found the way `confedge
+cert install` finds it (the pid file `server.state_dir/confedge.pid`), and systemd's
+`systemctl reload` / `kill -s` reach the same handlers, so one mechanism serves both:
+
+- SIGUSR1: drain (confedge/drain.py); SIGUSR2: cancel the drain, back to service.
+- SIGHUP: reload the whole configuration file. The running process writes the outcome to
+  `state_dir/confedge.reload` (JSON: time, ok, reason), which `confedge reload` waits for and
+  prints, so a refused reload is reported where it was asked for, not only in the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+from confedge.config import ConfigError, load_config
+from confedge.pidfile import signal_running
+
+__all__ = ["RELOAD_RESULT", "cmd_drain", "cmd_reload", "configure_parsers", "write_reload_result"]
+
+RELOAD_RESULT = "confedge.reload"
+# How long `confedge reload` waits for the running process's answer.
+RELOAD_WAIT = 10.0
+
+
+def write_reload_result(state_dir: str, ok: bool, reason: str) -> None:
+    """The outcome of a reload, for `confedge reload` to print (best effort)."""
+    path = Path(state_dir) / RELOAD_RESULT
+    tmp = path.with_name(f".{RELOAD_RESULT}.tmp")
+    try:
+        tmp.write_text(
+            json.dumps({"time": time.time(), "ok": ok, "reason": reason}) + "\n", encoding="utf-8"
+        )
+        tmp.replace(path)
+    except OSError:
+        pass
+
+
+def _signal(state_dir: str, sig: signal.Signals) -> int | None:
+    try:
+        pid = signal_running(state_dir, sig)
+    except PermissionError:
+        print(
+            f"confedge: the running confedge could not be signalled (permission denied): run "
+            f"this as its user or root, or `kill -s {sig.name[3:]} PID`",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
+    if pid is None:
+        print(
+            f"confedge: no confedge is running with server.state_dir = {state_dir} "
+            "(no live pid in confedge.pid)",
+            file=sys.stderr,
+        )
+    return pid
+
+
+def _config(path: str) -> tuple[str, float, float]:
+    try:
+        cfg = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"confedge: {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return cfg.server.state_dir, cfg.proxy.drain_grace, cfg.proxy.drain_timeout
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    state_dir, grace, timeout = _config(args.config)
+    pid = _signal(state_dir, signal.SIGUSR2 if args.cancel else signal.SIGUSR1)
+    if pid is None:
+        return 1
+    if args.cancel:
+        print(f"drain cancelled (pid {pid}): listeners open, health endpoint serving")
+    else:
+        print(
+            f"draining (pid {pid}): health endpoint answers 503 for {grace:g} s, then the "
+            f"listeners close; it exits when the last connection and allocation end, at the "
+            f"latest after {timeout:g} s. `confedge drain --cancel` returns it to service."
+        )
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    state_dir, _, _ = _config(args.config)  # a file that does not validate is not sent
+    result = Path(state_dir) / RELOAD_RESULT
+    try:
+        before = result.stat().st_mtime_ns
+    except OSError:
+        before = 0
+    pid = _signal(state_dir, signal.SIGHUP)
+    if pid is None:
+        return 1
+    end = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < end:
+        try:
+            if result.stat().st_mtime_ns != before:
+                answer = json.loads(result.read_text(encoding="utf-8"))
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    else:
+        print(f"confedge: pid {pid} did not answer within {RELOAD_WAIT:g} s; see its log")
+        return 1
+    if answer.get("ok"):
+        print(f"reloaded the running confedge (pid {pid})")
+        return 0
+    print(f"confedge: reload refused, the running configuration stays: {answer.get('reason')}")
+    return 1
+
+
+def configure_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `drain` and `reload` (cli.py calls this)."""
+    sp = sub.add_parser(
+        "drain",
+        help="take the running instance out of service without cutting calls (--cancel)",
+        description="Drain the running confedge (SIGUSR1): its health endpoint says draining "
+        "for proxy.drain_grace seconds, then the listeners close, calls in flight and TURN "
+        "allocations go on, and it exits when they end or at proxy.drain_timeout. --cancel "
+        "(SIGUSR2) returns it to service.",
+    )
+    sp.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
+    sp.add_argument("--cancel", action="store_true", help="return to service")
+    sp.set_defaults(handler=cmd_drain)
+    sp = sub.add_parser(
+        "reload",
+        help="reload the running instance's configuration (SIGHUP) and say whether it took",
+        description="Validate the file, SIGHUP the running confedge and print its answer: "
+        "reloaded, or refused with the reason (the running configuration then stays).",
+    )
+    sp.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
+    sp.set_defaults(handler=cmd_reload)

@@ -1,0 +1,300 @@
+"""What the drain and reload tests share: `confedge run` as a process in front of a stand-in
+node, bounded keep-alive load, an SSE stream, TURN allocations relaying, and /metrics read
+with prometheus_client's own text parser."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from confedge.stun import Attr, Method, decode_xor_address
+from confedge.stun.attributes import encode_u32
+from confedge.turn.testing import UdpTurnClient, response_code
+from ports import ephemeral_port
+
+HOST = "edge.example.com"
+
+
+@dataclass
+class Edge:
+    """One `confedge run` process and where it listens."""
+
+    proc: subprocess.Popen[str]
+    config: Path
+    state: Path
+    https: int
+    turn: int
+    admin: int
+    log: Path
+
+    def confedge(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "confedge", *args, "--config", str(self.config)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        return self.log.read_text()
+
+
+def edge_config(tmp: Path, *, nodes: list[str], extra: str = "", workers: int = 1) -> str:
+    https, turn, admin, relay = (ephemeral_port() for _ in range(4))
+    return f"""
+[server]
+hostname = "edge"
+domain = "example.com"
+state_dir = "{tmp / "state"}"
+[proxy]
+https_port = {https}
+http_port = 0
+workers = {workers}
+nodes = {json.dumps(nodes)}
+health_interval = 0.5
+{extra}
+[turn]
+port = {turn}
+tls_port = 0
+relay_ports = "{relay}-{relay + 40}"
+username = "turnuser"
+password = "turnpass"
+media_nodes = ["127.0.0.0/8"]
+allowed_peers = ["127.0.0.1/32"]
+[management]
+port = {admin}
+"""
+
+
+def start_edge(tmp: Path, text: str) -> Edge:
+    """Write `text` as the configuration and start `confedge run`; returns once the pid file
+    exists (everything listens)."""
+    cfg = tmp / "confedge.toml"
+    cfg.write_text(text)
+    state = tmp / "state"
+    log = tmp / "confedge.log"
+    out = log.open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "confedge", "run", "--config", str(cfg)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    deadline = time.monotonic() + 30
+    while not (state / "confedge.pid").exists():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+
+    def port(key: str, section: str) -> int:
+        block = text.split(f"[{section}]", 1)[1]
+        return int(block.split(f"\n{key} = ", 1)[1].split("\n", 1)[0])
+
+    return Edge(
+        proc, cfg, state, port("https_port", "proxy"), port("port", "turn"),
+        port("port", "management"), log,
+    )  # fmt: skip
+
+
+def tls_client() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response with a Content-Length body."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return status, headers, body
+
+
+async def get(
+    port: int, path: str, *, method: str = "GET", extra: str = "", source: str = "127.0.0.1"
+) -> tuple[int, dict[str, str], bytes]:
+    """One request over a fresh TLS connection from `source` (a loopback address)."""
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls_client(), local_addr=(source, 0)
+    )
+    try:
+        writer.write(
+            f"{method} {path} HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 0\r\n{extra}\r\n".encode()
+        )
+        return await asyncio.wait_for(read_response(reader), 10)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+
+
+def admin_raw(port: int, path: str, source: str = "127.0.0.1") -> bytes:
+    """The management listener's whole answer (b"" when it refused the connection)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0)) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                data += chunk
+    return data
+
+
+def admin_get(port: int, path: str) -> bytes:
+    head, _, body = admin_raw(port, path).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return body
+
+
+def metrics(port: int) -> dict[str, list[Any]]:
+    """/metrics through prometheus_client's parser: family name -> its samples."""
+    text = admin_get(port, "/metrics").decode()
+    return {f.name: list(f.samples) for f in text_string_to_metric_families(text)}
+
+
+def status(port: int) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(admin_get(port, "/status.json"))
+    return out
+
+
+@dataclass
+class Load:
+    """Keep-alive requests at a bounded rate over a few connections; every answer checked."""
+
+    port: int
+    rate: float = 200.0
+    connections: int = 4
+    path: str = "/api/client/v2/conferences/meet/info"
+    ok: int = 0
+    failed: list[str] = field(default_factory=list)
+    running: bool = True
+
+    async def run(self, seconds: float) -> None:
+        end = asyncio.get_running_loop().time() + seconds
+        await asyncio.gather(*(self._one(end) for _ in range(self.connections)))
+
+    async def _one(self, end: float) -> None:
+        loop = asyncio.get_running_loop()
+        interval = self.connections / self.rate
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=tls_client())
+        try:
+            due = loop.time()
+            while self.running and loop.time() < end:
+                due += interval  # a fixed schedule: a late answer is caught up, not lost
+                writer.write(f"GET {self.path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+                try:
+                    st, _, _ = await asyncio.wait_for(read_response(reader), 10)
+                except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                    self.failed.append(f"{type(exc).__name__}: {exc}")
+                    return
+                if st == 200:
+                    self.ok += 1
+                else:
+                    self.failed.append(f"status {st}")
+                await asyncio.sleep(max(0.0, due - loop.time()))
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def sse(port: int, n: int, interval: float) -> list[bytes]:
+    """Read an SSE stream of `n` events through the proxy; the events received."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_client())
+    events: list[bytes] = []
+    try:
+        writer.write(
+            f"GET /sse?n={n}&interval={interval} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+            if size == 0:
+                break
+            events.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+    finally:
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+    return events
+
+
+class Relay:
+    """A TURN allocation on the edge with a permission for a peer on loopback; `check()`
+    sends a datagram from the peer to the relayed address and waits for it at the client."""
+
+    def __init__(
+        self,
+        turn_port: int,
+        username: str = "turnuser",
+        password: str = "turnpass",
+        source: str = "127.0.0.1",
+    ) -> None:
+        self.client = UdpTurnClient(
+            ("127.0.0.1", turn_port), username, password, "example.com", local=(source, 0)
+        )
+        self.peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.peer.bind(("127.0.0.1", 0))
+        self.relayed: tuple[str, int] | None = None
+        self.seq = 0
+
+    async def open(self, peer: str = "127.0.0.1") -> int:
+        msg = await self.client.allocate()
+        assert msg is not None
+        code = response_code(msg)
+        if code != 200:
+            return code
+        value = msg.get(Attr.XOR_RELAYED_ADDRESS)
+        assert value is not None
+        self.relayed = decode_xor_address(value, msg.transaction_id)
+        return await self.client.create_permission(peer)
+
+    async def check(self) -> bool:
+        """Peer -> relay -> client: True when the datagram arrived within a second."""
+        assert self.relayed is not None
+        loop = asyncio.get_running_loop()
+        self.seq += 1
+        payload = f"relay-check-{id(self)}-{self.seq}".encode()
+        self.peer.sendto(payload, self.relayed)
+        end = loop.time() + 1.0
+        while (left := end - loop.time()) > 0:
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(self.client.sock, 65535), left)
+            except TimeoutError:
+                return False
+            if payload in data:
+                return True
+        return False
+
+    async def refresh(self, lifetime: int) -> int:
+        msg = await self.client.request(Method.REFRESH, [(Attr.LIFETIME, encode_u32(lifetime))])
+        return 0 if msg is None else response_code(msg)
+
+    def close(self) -> None:
+        self.client.close()
+        self.peer.close()

@@ -1,0 +1,197 @@
+"""`confedge drain` on a running edge with real clients (issue 15, "Drain"): keep-alive load,
+an SSE stream and TURN allocations relaying; the health endpoint says draining for the grace
+period without failing a request, then the listeners close, the stream runs to its end, the
+allocations keep relaying, and the process exits by itself when they are gone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from ops_support import (
+    Load,
+    Relay,
+    edge_config,
+    get,
+    metrics,
+    sse,
+    start_edge,
+    status,
+    tls_client,
+)
+from proxy_upstream import Upstream
+
+GRACE = 3.0
+
+
+def _sample(fams: dict[str, list[Any]], name: str, **labels: str) -> float | None:
+    for s in fams.get(name, []):
+        if all(s.labels.get(k) == v for k, v in labels.items()):
+            return float(s.value)
+    return None
+
+
+@pytest.mark.parametrize("workers", [2])
+async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
+    node = await Upstream("n1").start()
+    edge = start_edge(
+        tmp_path,
+        edge_config(
+            tmp_path,
+            nodes=[node.address],
+            workers=workers,
+            extra=f"drain_grace = {GRACE}\ndrain_timeout = 60",
+        ),
+    )
+    relays: list[Relay] = []
+    try:
+        # Both workers answer, and the health endpoint says serving.
+        assert (await get(edge.https, "/health"))[:1] == (200,)
+        for _ in range(10):
+            relay = Relay(edge.turn)
+            assert await relay.open() == 200
+            relays.append(relay)
+        assert all([await r.check() for r in relays])
+
+        ws = await websockets.connect(f"wss://127.0.0.1:{edge.https}/ws", ssl=tls_client())
+        await ws.send("before")
+        assert await ws.recv() == "before"
+        load = Load(edge.https, rate=200, connections=8)
+        stream = asyncio.create_task(sse(edge.https, n=70, interval=0.1))  # ~7 s
+        load_task = asyncio.create_task(load.run(GRACE + 5))
+        await asyncio.sleep(0.5)
+
+        t0 = time.monotonic()
+        load_started = time.monotonic() - 0.5
+        # Blocking calls go to a thread: the load shares this event loop.
+        out = await asyncio.to_thread(edge.confedge, "drain")
+        assert out.returncode == 0, out.stderr
+        assert "draining (pid" in out.stdout
+
+        # During the grace period: the health endpoint says draining, everything works.
+        health = await get(edge.https, "/health")
+        assert health[0] == 503 and health[2] == b"draining\n"
+        await asyncio.sleep(1.0)  # the workers report each second
+        snap = await asyncio.to_thread(status, edge.admin)
+        assert snap["drain"]["phase"] == "draining"
+        assert snap["drain"]["proxy_connections"] >= 1
+        assert snap["drain"]["turn_allocations"] == 10
+        fams = await asyncio.to_thread(metrics, edge.admin)
+        assert _sample(fams, "confedge_drain_state", phase="draining") == 1
+        assert _sample(fams, "confedge_drain_left", what="turn_allocations") == 10
+        # The sessions table names the node the SSE stream is on.
+        sessions = snap["proxy"]["sessions"]
+        assert any(s["kind"] == "sse" and s["node"] == node.address[7:] for s in sessions), sessions
+        assert all([await r.check() for r in relays])
+
+        # Stop the load just before the listeners close: not one request failed meanwhile.
+        await asyncio.sleep(max(0.0, GRACE - 0.4 - (time.monotonic() - t0)))
+        load.running = False
+        await load_task
+        assert load.failed == [], load.failed[:5]
+        rate = load.ok / (time.monotonic() - load_started)
+        print(f"keep-alive load during the grace period: {load.ok} requests, {rate:.0f}/s")
+        # 200/s asked for; on a loaded 2-core test machine at least 60% of it is answered.
+        assert rate >= 120, rate
+
+        # After the grace: new connections are refused, on every worker.
+        deadline = time.monotonic() + 10
+        while (await asyncio.to_thread(status, edge.admin))["drain"]["phase"] != "closing":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        assert time.monotonic() - t0 >= GRACE  # never before the grace period is over
+        await asyncio.sleep(0.3)  # the command pipe reaches both workers
+        for _ in range(6):
+            with pytest.raises(OSError):
+                await get(edge.https, "/health")
+        assert edge.proc.poll() is None  # the stream and the allocations hold it open
+        assert all([await r.check() for r in relays])  # existing allocations keep relaying
+        await ws.send("after the listeners closed")  # the WebSocket goes on too
+        assert await ws.recv() == "after the listeners closed"
+        await ws.close()
+
+        events = await asyncio.wait_for(stream, 20)
+        assert len(events) == 70  # the SSE stream ran to its end
+        assert edge.proc.poll() is None  # allocations still live
+        for r in relays:
+            assert await r.refresh(0) == 200  # the clients end their allocations
+        rc = await asyncio.get_running_loop().run_in_executor(None, edge.proc.wait, 20)
+        assert rc == 0
+        assert time.monotonic() - t0 < 30
+        log = edge.log.read_text()
+        assert "drain: done" in log, log[-3000:]
+        assert "Traceback" not in log, log
+    finally:
+        for r in relays:
+            r.close()
+        edge.stop()
+        await node.kill()
+
+
+async def test_drain_cancel_reopens_the_listeners(tmp_path: Path) -> None:
+    node = await Upstream("n1").start()
+    edge = start_edge(
+        tmp_path,
+        edge_config(tmp_path, nodes=[node.address], extra="drain_grace = 0.5"),
+    )
+    relay = Relay(edge.turn)  # something left, so the drain waits instead of exiting
+    try:
+        assert await relay.open() == 200
+        assert edge.confedge("drain").returncode == 0
+        deadline = time.monotonic() + 10
+        while status(edge.admin)["drain"]["phase"] != "closing":
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        with pytest.raises(OSError):
+            await get(edge.https, "/health")
+        out = edge.confedge("drain", "--cancel")
+        assert out.returncode == 0, out.stderr
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError):
+                if (await get(edge.https, "/health"))[:1] == (200,):
+                    break
+            assert time.monotonic() < deadline, edge.log.read_text()[-2000:]
+            await asyncio.sleep(0.2)
+        assert status(edge.admin)["drain"]["phase"] == "serving"
+        assert (await get(edge.https, "/api/client/v2/conferences/x/info"))[0] == 200
+        assert await relay.check()
+        await asyncio.sleep(1.0)
+        assert edge.proc.poll() is None  # serving again: no exit when the drain's time passes
+    finally:
+        relay.close()
+        edge.stop()
+        await node.kill()
+
+
+async def test_drain_turn_answers_new_allocates_with_alternate(tmp_path: Path) -> None:
+    """TURN's side (RFC 8489 §10 300 Try Alternate) arrives with TurnService.start_drain
+    (h15-turn); this runs once it has."""
+    from confedge.turn.service import TurnService
+
+    if not hasattr(TurnService, "start_drain"):
+        pytest.skip("TurnService.start_drain not merged yet (h15-turn)")
+    edge = start_edge(
+        tmp_path,
+        edge_config(tmp_path, nodes=[], extra="drain_grace = 30")
+        .replace("[proxy]", "[proxy]\nenabled = false")
+        .replace('password = "turnpass"', 'password = "turnpass"\nalternate_server = "192.0.2.9"'),
+    )
+    try:
+        live = Relay(edge.turn)
+        assert await live.open() == 200
+        assert edge.confedge("drain").returncode == 0
+        await asyncio.sleep(0.5)
+        late = Relay(edge.turn)
+        assert await late.open() == 300
+        assert await live.check()
+        assert await live.refresh(600) == 200  # existing allocations can be refreshed
+        live.close()
+        late.close()
+    finally:
+        edge.stop()
