@@ -282,6 +282,35 @@ async def test_reload_reaches_every_worker(tmp_path: Path, workers: int) -> None
         await n2.kill()
 
 
+async def test_reload_adds_and_removes_a_node_pool_in_every_worker(tmp_path: Path) -> None:
+    """[[proxy.pools]] reload like the node list (WorkerRuntime.install_pools): a pool added by
+    `confedge reload` takes its prefix in both workers, other paths stay on proxy.nodes, and
+    removing it again sends the prefix back to the default nodes."""
+    n1, n2 = await Upstream("n1").start(), await Upstream("n2").start()
+    edge = start_edge(tmp_path, edge_config(tmp_path, nodes=[n1.address], workers=2))
+    text = edge.config.read_text()
+    pool = f'\n[[proxy.pools]]\nprefix = "/scheduling/"\nnodes = ["{n2.address}"]\n'
+    try:
+        edge.config.write_text(text + pool)
+        out = await asyncio.to_thread(edge.confedge, "reload")
+        assert "reloaded" in out.stdout + out.stderr, out
+        for _ in range(6):  # fresh connections, spread over both workers
+            _, headers, _ = await get(edge.https, "/scheduling/x")
+            assert headers.get("x-node") == "n2", headers
+            _, headers, _ = await get(edge.https, "/api/x")
+            assert headers.get("x-node") == "n1", headers
+        edge.config.write_text(text)
+        out = await asyncio.to_thread(edge.confedge, "reload")
+        assert "reloaded" in out.stdout + out.stderr, out
+        for _ in range(6):
+            _, headers, _ = await get(edge.https, "/scheduling/x")
+            assert headers.get("x-node") == "n1", headers
+    finally:
+        edge.stop()
+        await n1.kill()
+        await n2.kill()
+
+
 def test_commands_say_when_nothing_runs_and_check_the_file_first(tmp_path: Path) -> None:
     """No instance: one clear line and exit 1; a file that does not validate: its problems
     and exit 2, and nothing is signalled."""
