@@ -96,15 +96,30 @@ def _build_bpf(build_lib: str, inplace: bool) -> None:
     out = src[:-2] + ".o" if inplace else os.path.join(build_lib, "confedge/turn/bpf/relay.bpf.o")
     clang = shutil.which("clang")
     if clang is None or not os.path.exists(src):
-        print("confedge: no clang: the eBPF relay offload is not built (turn.offload stays in "
-              "user space; apt install clang libbpf-dev)", file=sys.stderr)
+        print(
+            "confedge: no clang: the eBPF relay offload is not built (turn.offload stays in "
+            "user space; apt install clang libbpf-dev)",
+            file=sys.stderr,
+        )
         return
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    cmd = [clang, "-O2", "-g", "-target", "bpf", "-I/usr/include/x86_64-linux-gnu", "-c", src,
-           "-o", out]
+    cmd = [
+        clang,
+        "-O2",
+        "-g",
+        "-target",
+        "bpf",
+        "-I/usr/include/x86_64-linux-gnu",
+        "-c",
+        src,
+        "-o",
+        out,
+    ]
     if subprocess.run(cmd, check=False).returncode != 0:
-        print("confedge: compiling the eBPF relay offload failed; turn.offload stays in user "
-              "space", file=sys.stderr)
+        print(
+            "confedge: compiling the eBPF relay offload failed; turn.offload stays in user space",
+            file=sys.stderr,
+        )
 
 
 class OptionalBuildExt(build_ext):

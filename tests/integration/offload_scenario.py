@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import sys
+from pathlib import Path
 from typing import Any
 
 from confedge.stun import Attr, Method, MsgClass, encode_channel_number, encode_xor_address
@@ -86,8 +87,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         allowed_peers=[args.peer_host, args.other_peer],
         media_nodes=[args.client_host + "/32"],
         offload="ebpf",
-        sections={"server": {"domain": "example.test", "internal_address": args.host,
-                             "state_dir": "/tmp", "external_address": args.host}},
+        sections={
+            "server": {
+                "domain": "example.test",
+                "internal_address": args.host,
+                "state_dir": "/tmp",
+                "external_address": args.host,
+            }
+        },
     )
     svc = TurnService(cfg)
     await svc.start()
@@ -104,7 +111,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         other.bind((args.other_peer, 0))
         cli = UdpTurnClient(
-            (args.host, svc.port), "turnuser", "turnpass", "example.test",
+            (args.host, svc.port),
+            "turnuser",
+            "turnpass",
+            "example.test",
             local=(args.client_host, 0),
         )
     finally:
@@ -175,7 +185,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cli.sock.send(struct.pack("!HH", 0x4001, 4) + b"late")
         out["expired_delivered"] = len(await _drain(peer, 0.5))
         out["final"] = _counts(svc)
-        out["udp_snmp"] = [line.split() for line in open("/proc/net/snmp") if line.startswith("Udp:")]
+        snmp = Path("/proc/net/snmp").read_text().splitlines()
+        out["udp_snmp"] = [line.split() for line in snmp if line.startswith("Udp:")]
     finally:
         cli.close()
         peer.close()

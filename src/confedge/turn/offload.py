@@ -103,7 +103,12 @@ def _libbpf() -> ctypes.CDLL:
     lib.bpf_program__fd.argtypes = [ctypes.c_void_p]
     lib.bpf_object__find_map_fd_by_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     for fn in ("bpf_map_update_elem",):
-        getattr(lib, fn).argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulonglong]
+        getattr(lib, fn).argtypes = [
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulonglong,
+        ]
     lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_char_p]
     lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p]
     for fn in ("bpf_tc_hook_create", "bpf_tc_hook_destroy"):
@@ -161,8 +166,8 @@ class BpfRelay:
             rc = lib.bpf_object__load(obj)
             if rc:
                 raise OffloadUnavailable(
-                    f"the kernel refused the BPF program: {_err(rc)} "
-                    "(needs CAP_BPF and CAP_NET_ADMIN, or root)"
+                    f"the kernel refused the BPF program: {_err(rc)} (it needs CAP_BPF and "
+                    "CAP_NET_ADMIN; a verifier rejection prints its log above)"
                 )
             prog = lib.bpf_object__find_program_by_name(obj, _PROG)
             self.prog_fd = lib.bpf_program__fd(prog)

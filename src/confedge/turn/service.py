@@ -29,7 +29,6 @@ from .auth import RestCredentials
 from .core import GuardLike, TurnCore
 from .dataplane import DataPlane, UdpDataPlane
 from .listeners import RelayedConnection, TcpConnection, UdpListener
-from .offload import OffloadDataPlane, OffloadUnavailable, start_offload
 from .native import (
     NativeDataPlane,
     NativeUdpListener,
@@ -37,6 +36,7 @@ from .native import (
     choose_backend,
     thread_count,
 )
+from .offload import OffloadDataPlane, OffloadUnavailable, start_offload
 
 __all__ = [
     "HostAddressWatch",
@@ -554,7 +554,7 @@ class TurnService:
         """Which data plane relays (``backend``), and for the native one its own counters:
         packets, syscalls, GSO use and every kind of drop (turn/native.py)."""
         dp = self.dataplane
-        extra = dp.stats() if isinstance(dp, NativeDataPlane) else {}
+        extra: dict[str, Any] = dp.stats() if isinstance(dp, NativeDataPlane) else {}
         if self.offload is not None:
             extra["offload"] = "ebpf"
             extra["offload_channels"] = self.offload.offloaded_channels()
