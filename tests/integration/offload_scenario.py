@@ -79,6 +79,47 @@ class AllocTotals:
             self.bytes_to_peer += k.bytes_to_peer
 
 
+async def _uclient(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
+    """coturn's turnutils_uclient (channels, -c: no RTCP pair) through the offloaded relay to
+    turnutils_peer (echo), both in ``--peer-netns`` when given; bounded by a timeout."""
+    pre = ["ip", "netns", "exec", args.peer_netns] if args.peer_netns else []
+    port = 47000 + os.getpid() % 1000
+    peer = await asyncio.create_subprocess_exec(
+        *pre, "turnutils_peer", "-p", str(port), "-L", args.peer_host,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(0.3)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *pre, "turnutils_uclient", "-c", "-p", str(svc.port), "-n", str(args.uclient),
+            "-u", "turnuser", "-w", "turnpass", "-e", args.peer_host, "-r", str(port), args.host,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            text, _ = await asyncio.wait_for(proc.communicate(), 40)
+        except TimeoutError:
+            proc.kill()
+            text, _ = await proc.communicate()
+        counts = _counts_all(svc)
+    finally:
+        peer.terminate()
+        await peer.wait()
+    return {"uclient": text.decode(errors="replace")[-3000:], "counts": counts}
+
+
+def _counts_all(svc: TurnService) -> dict[str, int]:
+    """User-space and kernel counters over every allocation (live ones; uclient keeps them)."""
+    assert svc.dataplane is not None and svc.offload is not None
+    user = svc.dataplane.totals()
+    kern = svc.offload.kernel_totals()
+    return {
+        "user_to_peer": user.pkts_to_peer,
+        "user_to_client": user.pkts_to_client,
+        "kernel_to_peer": kern.pkts_to_peer,
+        "kernel_to_client": kern.pkts_to_client,
+    }
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cfg = turn_config(
@@ -99,6 +140,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     svc = TurnService(cfg)
     await svc.start()
     assert svc.core is not None
+    if args.uclient:
+        try:
+            return await _uclient(svc, args)
+        finally:
+            await svc.close()
     # Short lifetimes so that expiry is observable in seconds (the same timers as in production).
     svc.core.s = dataclasses.replace(svc.core.s, channel_lifetime=3, permission_lifetime=3)
     home = "/proc/self/ns/net"
@@ -203,6 +249,7 @@ if __name__ == "__main__":
     p.add_argument("--other-peer", required=True)
     p.add_argument("--peer-netns", default="")
     p.add_argument("--count", type=int, default=200)
+    p.add_argument("--uclient", type=int, default=0, help="run turnutils_uclient with -n N")
     a = p.parse_args()
     try:
         result = asyncio.run(main(a))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -173,3 +174,50 @@ def test_offload_on_veth_with_capture(netns: list[str], tmp_path: Path) -> None:
         if ln in to_peer or ln in to_client[-n:]:
             assert "[udp sum ok]" in ln, ln
             assert "bad cksum" not in lines[i - 1], lines[i - 1]  # the IP header line
+
+
+_TOTALS = re.compile(r"tot_send_bytes ~ (\d+), tot_recv_bytes ~ (\d+)")
+
+
+def _veth_pair(netns: list[str]) -> tuple[str, str]:
+    relay_ns, far_ns = _new_ns(netns), _new_ns(netns)
+    tag = relay_ns.rsplit("-", 1)[1]
+    a, b = f"h17e{tag}a", f"h17e{tag}b"
+    _ip("link", "add", a, "netns", relay_ns, "type", "veth", "peer", "name", b, "netns", far_ns)
+    _ip("-n", relay_ns, "addr", "add", "10.117.0.1/24", "dev", a)
+    for addr in ("10.117.0.2/24", "10.117.0.3/24", "10.117.0.4/24"):
+        _ip("-n", far_ns, "addr", "add", addr, "dev", b)
+    _ip("-n", relay_ns, "link", "set", a, "up")
+    _ip("-n", far_ns, "link", "set", b, "up")
+    return relay_ns, far_ns
+
+
+@pytest.mark.coturn
+@pytest.mark.skipif(shutil.which("turnutils_uclient") is None, reason="coturn not installed")
+@pytest.mark.parametrize("where", ["lo", "veth"])
+def test_uclient_through_offload(netns: list[str], where: str) -> None:
+    """coturn's client relays every message with the offload on, and the kernel carried it."""
+    if where == "lo":
+        ns = _new_ns(netns)
+        hosts = ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2")
+        extra: tuple[str, ...] = ()
+    else:
+        ns, far = _veth_pair(netns)
+        hosts = ("10.117.0.1", "10.117.0.2", "10.117.0.3", "10.117.0.4")
+        extra = ("--peer-netns", far)
+    out = _run(
+        ns,
+        *("--host", hosts[0], "--client-host", hosts[1], "--peer-host", hosts[2]),
+        *("--other-peer", hosts[3], "--uclient", "5", *extra),
+    )
+    text = str(out["uclient"])
+    totals = _TOTALS.findall(text)
+    assert totals, text
+    sent, received = (int(x) for x in totals[-1])  # the last line is the whole run
+    assert sent > 0 and received == sent, text
+    counts = out["counts"]
+    assert isinstance(counts, dict)
+    # uclient sends through one relay to the echo peer, which answers through the other: all
+    # of it ChannelData, all of it in the kernel, none of it in user space.
+    assert counts["kernel_to_peer"] == 5 and counts["kernel_to_client"] == 5, counts
+    assert counts["user_to_peer"] == 0 and counts["user_to_client"] == 0, counts

@@ -333,6 +333,14 @@ class OffloadDataPlane(DataPlane):
             out.bytes_to_client += b2c
         return out
 
+    def kernel_totals(self) -> AllocationCounters:
+        """What the kernel forwarded since start (live and ended allocations)."""
+        t = AllocationCounters()
+        _add(t, self._ended)
+        for alloc_id in self._allocs:
+            _add(t, self.kernel_counters(alloc_id))
+        return t
+
     def offloaded_channels(self) -> int:
         return sum(len(a.live) for a in self._allocs.values())
 
@@ -434,9 +442,7 @@ class OffloadDataPlane(DataPlane):
 
     def totals(self) -> AllocationCounters:
         t = self.inner.totals()
-        _add(t, self._ended)
-        for alloc_id in self._allocs:
-            _add(t, self.kernel_counters(alloc_id))
+        _add(t, self.kernel_totals())
         return t
 
     def close(self) -> None:

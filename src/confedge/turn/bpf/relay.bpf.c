@@ -240,9 +240,10 @@ static __always_inline int to_peer(struct __sk_buff *skb, struct iphdr *ip, stru
 	__u32 cdword = *(__u32 *)cd;
 	__u16 n = bpf_ntohs(*(__u16 *)(cd + 2));
 	__u16 ulen = bpf_ntohs(udp->len);
-	/* §12.4: channel numbers 0x4000-0x4FFF; the length must cover exactly the datagram
-	 * (padded or malformed ChannelData goes to user space, which knows what to do). */
-	if ((bpf_ntohs(chan) & 0xF000) != 0x4000 || ulen != 8 + 4 + (__u32)n || n == 0 ||
+	/* A channel number's first two bits are 01 (0x4000-0x7FFF: the core accepts RFC 5766's
+	 * range too; the map lookup below is what decides); the length must cover exactly the
+	 * datagram (padded or malformed ChannelData goes to user space, which knows what to do). */
+	if ((bpf_ntohs(chan) & 0xC000) != 0x4000 || ulen != 8 + 4 + (__u32)n || n == 0 ||
 	    n >= MAX_PAYLOAD)
 		return PASS;
 	struct in_key k = {
