@@ -107,6 +107,22 @@ async def _uclient(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]
     return {"uclient": text.decode(errors="replace")[-3000:], "counts": counts}
 
 
+CHROMIUM_SECRET = "offload-chromium-secret"
+
+
+async def _chromium(svc: TurnService) -> dict[str, Any]:
+    """Chromium's DataChannel relay-to-relay through the offloaded relay (the e2e test's driver,
+    run in this namespace)."""
+    e2e = Path(__file__).resolve().parent.parent / "e2e"
+    sys.path.insert(0, str(e2e))
+    import test_turn_chromium as chromium_case  # the driver wrapper and the REST credential
+
+    username, credential = chromium_case.rest_credential(CHROMIUM_SECRET, "offload")
+    url = f"turn:127.0.0.1:{svc.port}?transport=udp"
+    report = await chromium_case._chromium(url, username, credential, timeout_ms=12000)
+    return {"report": report, "counts": _counts_all(svc)}
+
+
 def _counts_all(svc: TurnService) -> dict[str, int]:
     """User-space and kernel counters over every allocation (live ones; uclient keeps them)."""
     assert svc.dataplane is not None and svc.offload is not None
@@ -122,10 +138,19 @@ def _counts_all(svc: TurnService) -> dict[str, int]:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    if args.chromium:
+        # Browsers use REST credentials (permissive mode); each allocation's peer is the other's
+        # relay address on loopback (test_turn_chromium.py explains the set-up).
+        extra: dict[str, Any] = {"mode": "permissive", "secrets": [CHROMIUM_SECRET]}
+        peers = ["127.0.0.0/8"]
+    else:
+        extra = {}
+        peers = [args.peer_host, args.other_peer]
     cfg = turn_config(
+        **extra,
         host=args.host,
         relay_ports="40000-40999",
-        allowed_peers=[args.peer_host, args.other_peer],
+        allowed_peers=peers,
         media_nodes=[args.client_host + "/32"],
         offload="ebpf",
         sections={
@@ -143,6 +168,11 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.uclient:
         try:
             return await _uclient(svc, args)
+        finally:
+            await svc.close()
+    if args.chromium:
+        try:
+            return await _chromium(svc)
         finally:
             await svc.close()
     # Short lifetimes so that expiry is observable in seconds (the same timers as in production).
@@ -250,6 +280,7 @@ if __name__ == "__main__":
     p.add_argument("--peer-netns", default="")
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--uclient", type=int, default=0, help="run turnutils_uclient with -n N")
+    p.add_argument("--chromium", action="store_true", help="Chromium's DataChannel relay test")
     a = p.parse_args()
     try:
         result = asyncio.run(main(a))

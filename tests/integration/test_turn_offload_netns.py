@@ -221,3 +221,35 @@ def test_uclient_through_offload(netns: list[str], where: str) -> None:
     # of it ChannelData, all of it in the kernel, none of it in user space.
     assert counts["kernel_to_peer"] == 5 and counts["kernel_to_client"] == 5, counts
     assert counts["user_to_peer"] == 0 and counts["user_to_client"] == 0, counts
+
+
+@pytest.mark.chromium
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed")
+def test_chromium_through_offload(netns: list[str]) -> None:
+    """Chromium's TURN client (DataChannel, relay candidates only) with the offload on: the
+    message crosses, and its ChannelData to the peer was forwarded by the kernel.  Each
+    allocation's peer is the other's relay address, so the kernel's client -> peer leg ends at
+    a relay socket on this host and the second leg (peer -> client) is relayed by user space."""
+    ns = _new_ns(netns)
+    # Chromium gathers no candidate at all in a namespace whose only interface is loopback (it
+    # considers itself offline): a veth pair inside the namespace with a default route, used
+    # for nothing else (this kernel has no dummy interfaces).
+    tag = ns.rsplit("-", 1)[1]
+    a, b = f"h17e{tag}x", f"h17e{tag}y"
+    _ip("-n", ns, "link", "add", a, "type", "veth", "peer", "name", b)
+    _ip("-n", ns, "addr", "add", "10.118.0.1/24", "dev", a)
+    _ip("-n", ns, "link", "set", a, "up")
+    _ip("-n", ns, "link", "set", b, "up")
+    _ip("-n", ns, "route", "add", "default", "via", "10.118.0.2", "dev", a)
+    out = _run(
+        ns,
+        *("--host", "127.0.0.1", "--client-host", "127.0.0.1", "--peer-host", "127.0.0.1"),
+        *("--other-peer", "127.0.0.2", "--chromium"),
+    )
+    report = out["report"]
+    assert isinstance(report, dict)
+    assert report.get("ok"), json.dumps(report)[:3000]
+    assert report["message"] == "hello through confedge TURN"
+    counts = out["counts"]
+    assert isinstance(counts, dict)
+    assert counts["kernel_to_peer"] > 0, counts
