@@ -164,7 +164,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     svc = TurnService(cfg)
     await svc.start()
-    assert svc.core is not None
+    assert svc.core is not None and svc.offload is not None
     if args.uclient:
         try:
             return await _uclient(svc, args)
@@ -261,6 +261,16 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cli.sock.send(struct.pack("!HH", 0x4001, 4) + b"late")
         out["expired_delivered"] = len(await _drain(peer, 0.5))
         out["final"] = _counts(svc)
+        # Bound again: offloaded again.  Then taken out of the kernel for good (what a
+        # bandwidth cap does, docs/TURN.md): user space relays from the next packet on.
+        out["rebind"] = await bind(0x4001, paddr)
+        out["after_rebind"] = _counts(svc)
+        (alloc_id,) = list(svc.core.allocations)
+        svc.offload.keep_in_user_space(alloc_id)
+        for i in range(5):
+            cli.sock.send(struct.pack("!HH", 0x4001, 8) + struct.pack("!Q", i))
+        out["user_space_delivered"] = len(await _drain(peer))
+        out["after_keep_in_user_space"] = _counts(svc)
         snmp = Path("/proc/net/snmp").read_text().splitlines()
         out["udp_snmp"] = [line.split() for line in snmp if line.startswith("Udp:")]
     finally:

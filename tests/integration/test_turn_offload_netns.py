@@ -102,6 +102,15 @@ def _check(out: dict[str, object], n: int) -> None:
     expired = out["after_expiry"]
     assert isinstance(expired, dict) and expired["offloaded_channels"] == 0
     assert out["expired_delivered"] == 0
+    # Bound again: back in the map.  Taken out of the kernel for good (as for a bandwidth-capped
+    # allocation): user space relays, the kernel's counters stay.
+    assert out["rebind"] == 200
+    rebound, kept = out["after_rebind"], out["after_keep_in_user_space"]
+    assert isinstance(rebound, dict) and isinstance(kept, dict)
+    assert rebound["offloaded_channels"] == 1
+    assert out["user_space_delivered"] == 5
+    assert kept["offloaded_channels"] == 0
+    assert kept["user_to_peer"] == 5 and kept["kernel_to_peer"] == n
 
 
 def test_offload_on_loopback(netns: list[str]) -> None:
@@ -159,21 +168,18 @@ def test_offload_on_veth_with_capture(netns: list[str], tmp_path: Path) -> None:
     assert isinstance(relay, list) and isinstance(client, list) and isinstance(peer, list)
     assert isinstance(listener, list)
     r, c, p, li = (f"{x[0]}.{x[1]}" for x in (relay, client, peer, listener))
-    # Rewritten client -> peer: relay address to the peer, 8-byte payload (header stripped).
-    to_peer = [ln for ln in text.splitlines() if f"{r} > {p}:" in ln]
-    # Rewritten peer -> client: listener to the client, 4 + 9 bytes of ChannelData.
-    to_client = [ln for ln in text.splitlines() if f"{li} > {c}:" in ln]
-    assert len(to_peer) >= n, text[-2000:]
-    assert all("length 8" in ln for ln in to_peer), to_peer[:3]
-    assert all("length 13" in ln for ln in to_client[-n:]), to_client[-3:]
-    assert len(to_client) >= n
-    # Checksums of the rewritten packets (the relay's own STUN answers leave with
-    # CHECKSUM_PARTIAL, which tcpdump cannot verify, so only ours are checked).
     lines = text.splitlines()
-    for i, ln in enumerate(lines):
-        if ln in to_peer or ln in to_client[-n:]:
-            assert "[udp sum ok]" in ln, ln
-            assert "bad cksum" not in lines[i - 1], lines[i - 1]  # the IP header line
+    # Rewritten client -> peer: relay address to the peer, the 8-byte payload (header
+    # stripped).  The first n are the kernel's (the 5 after keep_in_user_space are user
+    # space's, sent with CHECKSUM_PARTIAL, which tcpdump cannot verify).
+    to_peer = [i for i, ln in enumerate(lines) if f"{r} > {p}:" in ln and "length 8" in ln]
+    # Rewritten peer -> client: listener to the client, 4 + 9 bytes of ChannelData.
+    to_client = [i for i, ln in enumerate(lines) if f"{li} > {c}:" in ln and "length 13" in ln]
+    assert len(to_peer) == n + 5, text[-2000:]
+    assert len(to_client) == n, text[-2000:]
+    for i in to_peer[:n] + to_client:
+        assert "[udp sum ok]" in lines[i], lines[i]
+        assert "bad cksum" not in lines[i - 1], lines[i - 1]  # the IP header line
 
 
 _TOTALS = re.compile(r"tot_send_bytes ~ (\d+), tot_recv_bytes ~ (\d+)")

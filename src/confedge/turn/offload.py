@@ -333,6 +333,17 @@ class OffloadDataPlane(DataPlane):
             out.bytes_to_client += b2c
         return out
 
+    def keep_in_user_space(self, alloc_id: int) -> None:
+        """Take this allocation's channels out of the kernel for good: for allocations whose
+        traffic user space must see packet by packet (a bandwidth cap, docs/TURN.md).  Its
+        packets take the wrapped data plane's path from the next one on."""
+        a = self._allocs.get(alloc_id)
+        if a is None:
+            return
+        for channel in list(a.live):
+            self._uninstall(a, channel)
+        a.client = None  # _install skips it from now on
+
     def kernel_totals(self) -> AllocationCounters:
         """What the kernel forwarded since start (live and ended allocations)."""
         t = AllocationCounters()
