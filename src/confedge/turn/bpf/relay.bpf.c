@@ -218,6 +218,7 @@ static __always_inline int set_headers(struct __sk_buff *skb, __u32 saddr, __u32
 	ip.saddr = saddr;
 	ip.daddr = daddr;
 	ip.tot_len = tot_len;
+	ip.ttl = 64; /* RFC 8656 §14 (IP header fields): the default TTL for outgoing packets */
 	ip.check = ip_checksum(&ip);
 	if (bpf_skb_store_bytes(skb, ETH_LEN, &ip, sizeof(ip), 0) < 0)
 		return -1;
