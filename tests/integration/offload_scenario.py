@@ -15,6 +15,7 @@ import ctypes
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -110,15 +111,21 @@ async def _uclient(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]
 CHROMIUM_SECRET = "offload-chromium-secret"
 
 
-async def _chromium(svc: TurnService) -> dict[str, Any]:
-    """Chromium's DataChannel relay-to-relay through the offloaded relay (the e2e test's driver,
-    run in this namespace)."""
+async def _chromium(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
+    """Chromium's DataChannel relay-to-relay through the offloaded relay (the e2e test's driver;
+    in ``--peer-netns`` when given, through a ``node`` wrapper that enters it)."""
     e2e = Path(__file__).resolve().parent.parent / "e2e"
     sys.path.insert(0, str(e2e))
     import test_turn_chromium as chromium_case  # the driver wrapper and the REST credential
 
+    if args.peer_netns:
+        node = shutil.which("node")
+        wrapper = Path(f"/tmp/{args.peer_netns}-node")
+        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {args.peer_netns} {node} "$@"\n')
+        wrapper.chmod(0o700)
+        chromium_case.shutil.which = lambda _name: str(wrapper)  # type: ignore[assignment]
     username, credential = chromium_case.rest_credential(CHROMIUM_SECRET, "offload")
-    url = f"turn:127.0.0.1:{svc.port}?transport=udp"
+    url = f"turn:{args.host}:{svc.port}?transport=udp"
     report = await chromium_case._chromium(url, username, credential, timeout_ms=12000)
     return {"report": report, "counts": _counts_all(svc)}
 
@@ -142,7 +149,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         # Browsers use REST credentials (permissive mode); each allocation's peer is the other's
         # relay address on loopback (test_turn_chromium.py explains the set-up).
         extra: dict[str, Any] = {"mode": "permissive", "secrets": [CHROMIUM_SECRET]}
-        peers = ["127.0.0.0/8"]
+        peers = ["127.0.0.0/8", f"{args.host}/32"]
     else:
         extra = {}
         peers = [args.peer_host, args.other_peer]
@@ -172,7 +179,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             await svc.close()
     if args.chromium:
         try:
-            return await _chromium(svc)
+            return await _chromium(svc, args)
         finally:
             await svc.close()
     # Short lifetimes so that expiry is observable in seconds (the same timers as in production).

@@ -232,11 +232,23 @@ def test_uclient_through_offload(netns: list[str], where: str) -> None:
 
 @pytest.mark.chromium
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed")
-def test_chromium_through_offload(netns: list[str]) -> None:
+@pytest.mark.parametrize("where", ["lo", "veth"])
+def test_chromium_through_offload(netns: list[str], where: str) -> None:
     """Chromium's TURN client (DataChannel, relay candidates only) with the offload on: the
     message crosses, and its ChannelData to the peer was forwarded by the kernel.  Each
     allocation's peer is the other's relay address, so the kernel's client -> peer leg ends at
     a relay socket on this host and the second leg (peer -> client) is relayed by user space."""
+    if where == "veth":
+        # Chromium in the far namespace (default route over the veth), the relay on 10.117.0.1.
+        relay_ns, far = _veth_pair(netns)
+        _ip("-n", far, "route", "add", "default", "via", "10.117.0.1")
+        out = _run(
+            relay_ns,
+            *("--host", "10.117.0.1", "--client-host", "10.117.0.2", "--peer-host", "10.117.0.3"),
+            *("--other-peer", "10.117.0.4", "--chromium", "--peer-netns", far),
+        )
+        _check_chromium(out)
+        return
     ns = _new_ns(netns)
     # Chromium gathers no candidate at all in a namespace whose only interface is loopback (it
     # considers itself offline): a veth pair inside the namespace with a default route, used
@@ -253,9 +265,13 @@ def test_chromium_through_offload(netns: list[str]) -> None:
         *("--host", "127.0.0.1", "--client-host", "127.0.0.1", "--peer-host", "127.0.0.1"),
         *("--other-peer", "127.0.0.2", "--chromium"),
     )
+    _check_chromium(out)
+
+
+def _check_chromium(out: dict[str, object]) -> None:
     report = out["report"]
     assert isinstance(report, dict)
-    assert report.get("ok"), json.dumps(report)[:3000]
+    assert report.get("ok"), (out["counts"], json.dumps(report)[:1500])
     assert report["message"] == "hello through confedge TURN"
     counts = out["counts"]
     assert isinstance(counts, dict)

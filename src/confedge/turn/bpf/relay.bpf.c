@@ -131,6 +131,13 @@ static __always_inline __u16 ip_checksum(struct iphdr *ip)
 static __always_inline int route(struct __sk_buff *skb, __u32 src, __u32 dst, __u32 *ifindex)
 {
 	__u32 in_if = skb->ingress_ifindex;
+	if (dst == src) {
+		/* To this host's own address (relay to relay between two allocations, or a client on
+		 * the relay's host): local.  Asked first because the FIB lookup below refuses to
+		 * answer (FWD_DISABLED) before it looks at the destination when forwarding is off. */
+		*ifindex = 0;
+		return 1;
+	}
 	struct bpf_fib_lookup fib = {};
 	fib.family = AF_INET;
 	fib.l4_protocol = IPPROTO_UDP;
@@ -154,10 +161,27 @@ static __always_inline int route(struct __sk_buff *skb, __u32 src, __u32 dst, __
 	return -1;
 }
 
+#define LOOPBACK_IFINDEX 1 /* lo, in every network namespace */
+#define LOCAL (-2)         /* rewritten, for this host: see confedge_relay() */
+
+/* A rewritten packet for this host.  On lo it just continues up the stack.  Arriving on another
+ * interface, a packet whose source is now one of this host's addresses would be dropped as a
+ * martian by the input route check, so it is handed to lo's ingress instead (destination MAC
+ * zeroed: lo's address, else it would be "for another host"). */
+static __always_inline int deliver_local(struct __sk_buff *skb)
+{
+	if (skb->ingress_ifindex == LOOPBACK_IFINDEX)
+		return TC_ACT_OK;
+	__u8 zero[6] = {};
+	if (bpf_skb_store_bytes(skb, 0, zero, sizeof(zero), 0) < 0)
+		return TC_ACT_SHOT;
+	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
+}
+
 static __always_inline int deliver(struct __sk_buff *skb, __u32 ifindex)
 {
 	if (ifindex == 0)
-		return TC_ACT_OK;
+		return LOCAL;
 	return bpf_redirect_neigh(ifindex, NULL, 0, 0);
 }
 
@@ -296,20 +320,20 @@ static __always_inline int to_client(struct __sk_buff *skb, struct iphdr *ip, st
 	};
 	struct out_val *v = bpf_map_lookup_elem(&cd_out, &k);
 	if (!v)
-		return TC_ACT_OK; /* no channel: a Data indication or a drop, in user space */
+		return PASS; /* no channel: a Data indication or a drop, in user space */
 	__u16 ulen = bpf_ntohs(udp->len);
 	__u16 n = ulen - 8;
 	if (ulen <= 8 || n >= MAX_PAYLOAD || skb->len != PAYLOAD_OFF + (__u32)n)
-		return TC_ACT_OK;
+		return PASS;
 	__u32 listener_ip = v->listener_ip, client_ip = v->client_ip, slot = v->slot;
 	__u16 listener_port = v->listener_port, client_port = v->client_port, chan = v->channel;
 	__u32 zero = 0;
 	struct scratch *sc = bpf_map_lookup_elem(&cd_scratch, &zero);
 	if (!sc)
-		return TC_ACT_OK;
+		return PASS;
 	__u32 ifindex;
 	if (route(skb, listener_ip, client_ip, &ifindex) < 0)
-		return TC_ACT_OK;
+		return PASS;
 
 	__u32 old_s = ip->saddr, old_d = ip->daddr, old_ports = *(__u32 *)udp;
 	__u16 old_len = udp->len, new_len = bpf_htons(ulen + 4);
@@ -350,16 +374,35 @@ int confedge_relay(struct __sk_buff *skb)
 	if (skb->gso_segs > 1)
 		return TC_ACT_OK;
 	int rc = to_peer(skb, ip, udp, data_end);
-	if (rc != PASS)
+	if (rc == PASS) {
+		/* Not client ChannelData: reload the pointers (nothing was changed) and try the peer
+		 * side. */
+		data = (void *)(long)skb->data;
+		data_end = (void *)(long)skb->data_end;
+		ip = data + ETH_LEN;
+		udp = data + UDP_OFF;
+		if ((void *)(udp + 1) > data_end)
+			return TC_ACT_OK;
+		rc = to_client(skb, ip, udp);
+		if (rc == PASS)
+			return TC_ACT_OK;
+		return rc == LOCAL ? deliver_local(skb) : rc;
+	}
+	if (rc != LOCAL)
 		return rc;
-	/* to_peer passed it on: reload the pointers (nothing was changed) and try the peer side. */
+	/* Client -> peer where the peer is on this host: when it is another allocation's relay
+	 * address (two clients of this server talking, relay to relay), its peer -> client leg is
+	 * done here at once. */
 	data = (void *)(long)skb->data;
 	data_end = (void *)(long)skb->data_end;
 	ip = data + ETH_LEN;
 	udp = data + UDP_OFF;
 	if ((void *)(udp + 1) > data_end)
-		return TC_ACT_OK;
-	return to_client(skb, ip, udp);
+		return TC_ACT_SHOT;
+	rc = to_client(skb, ip, udp);
+	if (rc == PASS || rc == LOCAL)
+		return deliver_local(skb);
+	return rc;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
