@@ -134,6 +134,13 @@ def interfaces_for(addresses: set[str]) -> dict[str, int]:
     for link in json.loads(out or "[]"):
         for a in link.get("addr_info", []):
             if a.get("local") in addresses:
+                if link.get("link_type") not in ("ether", "loopback"):
+                    # The program parses a 14-byte Ethernet header (lo has one too); on a
+                    # link without it (WireGuard, tun) it would read the IP header wrongly.
+                    raise OffloadUnavailable(
+                        f"{link['ifname']} holds {a['local']} but is a {link.get('link_type')} "
+                        "link; the offload needs an Ethernet interface (or lo)"
+                    )
                 found[link["ifname"]] = int(link["ifindex"])
     missing = addresses - {
         a.get("local") for link in json.loads(out or "[]") for a in link.get("addr_info", [])
