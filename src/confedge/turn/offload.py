@@ -126,7 +126,7 @@ def interfaces_for(addresses: set[str]) -> dict[str, int]:
     """The interfaces (name -> ifindex) in this network namespace that hold ``addresses``."""
     try:
         out = subprocess.run(
-            ["ip", "-j", "-4", "addr", "show"], capture_output=True, text=True, check=True
+            ["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         raise OffloadUnavailable(f"cannot list interfaces with `ip -j addr` ({exc})") from None
