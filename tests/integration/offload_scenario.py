@@ -65,6 +65,9 @@ def _counts(svc: TurnService) -> dict[str, int]:
         "kernel_to_client": kern.to_client,
         "kernel_bytes_to_peer": kern.bytes_to_peer,
         "offloaded_channels": svc.offload.offloaded_channels(),
+        # What the metrics (admin/render.py) and the stop line read: user space + kernel.
+        "stats_to_peer": svc.stats()["packets_to_peer"],
+        "stats_to_client": svc.stats()["packets_to_client"],
     }
 
 

@@ -94,6 +94,8 @@ def _check(out: dict[str, object], n: int) -> None:
     assert traffic["kernel_to_peer"] == n and traffic["kernel_to_client"] == n
     assert traffic["kernel_bytes_to_peer"] == 8 * n
     assert traffic["offloaded_channels"] == 1
+    # The service's stats (the metrics' source) include what the kernel forwarded.
+    assert traffic["stats_to_peer"] == n and traffic["stats_to_client"] == n
     # A peer without a permission: not forwarded (user space counts and drops it).
     other = out["other_peer_counts"]
     assert isinstance(other, dict)
