@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml
 	CONFEDGE_PURE=1 $(BIN)/pip install --quiet -e '.[dev,demo,redis]'
 	touch $(STAMP)
 
-$(NATIVE_EXT): src/confedge/turn/_native.c setup.py | $(STAMP)
+$(NATIVE_EXT): src/confedge/turn/_native.c src/confedge/turn/bpf/relay.bpf.c setup.py | $(STAMP)
 	@if command -v $${CC:-cc} >/dev/null 2>&1; then \
 		$(BIN)/python setup.py -q build_ext --inplace || true; \
 	else \

@@ -87,6 +87,41 @@ def _ext_modules() -> list[Any]:
         return []
 
 
+def _build_bpf(build_lib: str, inplace: bool) -> None:
+    """The kernel offload's eBPF object (turn.offload, docs/TURN.md), when clang is there."""
+    import shutil
+    import subprocess
+
+    src = "src/confedge/turn/bpf/relay.bpf.c"
+    out = src[:-2] + ".o" if inplace else os.path.join(build_lib, "confedge/turn/bpf/relay.bpf.o")
+    clang = shutil.which("clang")
+    if clang is None or not os.path.exists(src):
+        print(
+            "confedge: no clang: the eBPF relay offload is not built (turn.offload stays in "
+            "user space; apt install clang libbpf-dev)",
+            file=sys.stderr,
+        )
+        return
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    cmd = [
+        clang,
+        "-O2",
+        "-g",
+        "-target",
+        "bpf",
+        "-I/usr/include/x86_64-linux-gnu",
+        "-c",
+        src,
+        "-o",
+        out,
+    ]
+    if subprocess.run(cmd, check=False).returncode != 0:
+        print(
+            "confedge: compiling the eBPF relay offload failed; turn.offload stays in user space",
+            file=sys.stderr,
+        )
+
+
 class OptionalBuildExt(build_ext):
     """A failed C build leaves the pure-Python modules in place instead of failing the install."""
 
@@ -114,6 +149,7 @@ class OptionalBuildExt(build_ext):
         super().copy_extensions_to_source()
 
     def run(self) -> None:
+        _build_bpf(self.build_lib, self.inplace)
         try:
             super().run()
         except Exception as exc:  # CCompilerError, DistutilsExecError, PlatformError, OSError

@@ -27,6 +27,7 @@ import fcntl
 import functools
 import json
 import multiprocessing as mp
+import os
 import platform
 import shutil
 import statistics
@@ -151,9 +152,17 @@ def relay(
     for (_, conn), _ in zip(h.workers, parts, strict=False):
         conn.send(("blast", size, rate / k if rate else 0))
 
-    def sample() -> tuple[float, int, int, int, float, float]:
+    def sample() -> tuple[float, int, int, int, float, float, float]:
         user, system = server.cpu_times() if server else (0.0, 0.0)
-        return time.monotonic(), h.counts[0], h.counts[1], sum(h.sent[:k]), user, system
+        return (
+            time.monotonic(),
+            h.counts[0],
+            h.counts[1],
+            sum(h.sent[:k]),
+            user,
+            system,
+            machine_busy_s(),
+        )
 
     time.sleep(warmup)
     s0 = sample()
@@ -185,7 +194,23 @@ def relay(
         out["server_cpu_us_per_pkt"] = (user + system) * per if delivered else None
         out["server_user_us_per_pkt"] = user * per if delivered else None
         out["server_sys_us_per_pkt"] = system * per if delivered else None
+        # The whole machine (generator and sink included, the same for every server; softirq
+        # included, which is where the kernel offload's work is): what a packet costs in all.
+        busy = s1[6] - s0[6]
+        out["machine_cpu_util"] = busy / dt
+        out["machine_cpu_us_per_pkt"] = busy * per if delivered else None
     return out
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the whole machine since boot (/proc/stat: user, nice, system, irq,
+    softirq, steal; idle and iowait excluded)."""
+    f = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in f[1:9])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
 def allocation_rate(h: Harness, server: servers.Server, n: int, batches: int) -> dict[str, Any]:
@@ -289,7 +314,7 @@ def run_server(
         h.close()
         server.stop()
     result["loadavg_after"] = Path("/proc/loadavg").read_text().split()[0]
-    if name == "confedge":
+    if name.startswith("confedge"):
         result["server_exit_stats"] = _exit_stats(server.log)
         print(f"  {name} exit stats: {result['server_exit_stats']}", flush=True)
     return result
@@ -330,6 +355,9 @@ for _n in (1, 50):
         METRICS.append(("  server CPU µs/pkt", (_k, "server_cpu_us_per_pkt"), "{:.2f}", False))
         METRICS.append(("    of which user", (_k, "server_user_us_per_pkt"), "{:.2f}", False))
         METRICS.append(("    of which kernel", (_k, "server_sys_us_per_pkt"), "{:.2f}", False))
+        METRICS.append(
+            ("  whole-machine CPU µs/pkt", (_k, "machine_cpu_us_per_pkt"), "{:.2f}", False)
+        )
 METRICS += [
     ("allocations/s (401 + Allocate)", ("alloc_rate", "allocations_per_s"), "{:,.0f}", True),
     ("  server CPU µs/allocation", ("alloc_rate", "server_cpu_us_per_alloc"), "{:.0f}", False),
@@ -363,6 +391,7 @@ def paced_metrics(rates: list[int]) -> list[tuple[str, tuple[str, ...], str, boo
         out.append(
             ("  server CPU µs/pkt at that rate", (key, "server_cpu_us_per_pkt"), "{:.2f}", False)
         )
+        out.append(("  whole-machine CPU µs/pkt", (key, "machine_cpu_us_per_pkt"), "{:.2f}", False))
     return out
 
 
@@ -371,7 +400,7 @@ def table(results: dict[str, list[dict[str, Any]]], paced_rates: list[int]) -> s
         "| metric (median of rounds) | coturn | confedge | confedge/coturn |",
         "|---|---:|---:|---:|",
     ]
-    metrics = METRICS[:24] + paced_metrics(paced_rates) + METRICS[24:]
+    metrics = METRICS[:28] + paced_metrics(paced_rates) + METRICS[28:]
     for label, path, fmt, _higher in metrics:
         a = median_of(results.get("coturn", []), path)
         b = median_of(results.get("confedge", []), path)
@@ -379,6 +408,29 @@ def table(results: dict[str, list[dict[str, Any]]], paced_rates: list[int]) -> s
         fa = fmt.format(a) if a is not None else "-"
         fb = fmt.format(b) if b is not None else "-"
         lines.append(f"| {label} | {fa} | {fb} | {ratio} |")
+    if results.get(EBPF):
+        lines += ["", offload_table(results, metrics)]
+    return "\n".join(lines)
+
+
+EBPF = "confedge-ebpf"
+
+
+def offload_table(
+    results: dict[str, list[dict[str, Any]]], metrics: list[tuple[str, tuple[str, ...], str, bool]]
+) -> str:
+    """The kernel-offload variant beside coturn and confedge (native), same run (issue 17)."""
+    lines = [
+        f"| metric (median of rounds) | coturn | confedge | {EBPF} | ebpf/coturn |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, path, fmt, _higher in metrics:
+        if path[0] in ("alloc_rate", "memory", "rss_idle_mib", "rss_after_mib"):
+            continue
+        a, b, c = (median_of(results.get(n, []), path) for n in ("coturn", "confedge", EBPF))
+        ratio = f"{c / a:.2f}" if a and c is not None else "-"
+        cells = [fmt.format(v) if v is not None else "-" for v in (a, b, c)]
+        lines.append(f"| {label} | {' | '.join(cells)} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -399,7 +451,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="warm-up before the window, s (default 1; quick 0.5)",
     )
-    ap.add_argument("--servers", default="coturn,confedge", help="comma list: coturn, confedge")
+    ap.add_argument(
+        "--servers",
+        default="coturn,confedge",
+        help="comma list: coturn, confedge, confedge-ebpf (turn.offload = ebpf: attaches to lo "
+        "while it runs, needs root)",
+    )
     ap.add_argument(
         "--coturn-threads", type=int, default=2, help="coturn --relay-threads (default 2 = cores)"
     )
@@ -469,8 +526,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--paced-rates: {args.paced_rates!r} is not a comma list of integers")
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     for s in wanted:
-        if s not in ("coturn", "confedge"):
-            ap.error(f"--servers: unknown server {s!r} (expected coturn and/or confedge)")
+        if s not in ("coturn", "confedge", EBPF):
+            ap.error(f"--servers: unknown server {s!r} (expected coturn, confedge, {EBPF})")
     if "coturn" in wanted and not shutil.which("turnserver"):
         ap.error("coturn's turnserver is not installed (apt-get install coturn)")
 
@@ -515,7 +572,12 @@ def main(argv: list[str] | None = None) -> int:
             starters[s] = functools.partial(servers.start_coturn, COTURN, d, args.coturn_threads)
         else:
             starters[s] = functools.partial(
-                servers.start_confedge, CONFEDGE, d, args.dataplane, args.dataplane_threads
+                servers.start_confedge,
+                CONFEDGE,
+                d,
+                args.dataplane,
+                args.dataplane_threads,
+                "ebpf" if s == EBPF else "off",
             )
     for rnd in range(args.rounds):
         order = wanted if rnd % 2 == 0 else list(reversed(wanted))

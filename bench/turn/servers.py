@@ -202,7 +202,9 @@ def start_coturn(spec: ServerSpec, workdir: Path, relay_threads: int) -> Server:
     return server
 
 
-def confedge_config(spec: ServerSpec, workdir: Path, threads: int = 0) -> Path:
+def confedge_config(
+    spec: ServerSpec, workdir: Path, threads: int = 0, offload: str = "off"
+) -> Path:
     path = workdir / "confedge.toml"
     path.write_text(
         f"""\
@@ -230,6 +232,7 @@ max_allocations = 10000
 # otherwise cap the allocation-rate test, whose clients all come from 127.0.0.1.
 unauth_budget = 1000000
 dataplane_threads = {threads}  # native data plane: 0 = one per core
+offload = "{offload}"  # "ebpf": the kernel offload variant (attached to lo, removed at stop)
 
 [guard]
 enabled = false
@@ -250,12 +253,17 @@ def confedge_command(config: Path) -> list[str]:
 
 
 def start_confedge(
-    spec: ServerSpec, workdir: Path, dataplane: str | None = None, threads: int = 0
+    spec: ServerSpec,
+    workdir: Path,
+    dataplane: str | None = None,
+    threads: int = 0,
+    offload: str = "off",
 ) -> Server:
     """`dataplane`: turn.dataplane for this run ("auto", "native", "python"); None keeps what
-    CONFEDGE_DATAPLANE says (or the configuration's "auto"). `threads`: its relay threads."""
+    CONFEDGE_DATAPLANE says (or the configuration's "auto"). `threads`: its relay threads.
+    `offload`: turn.offload ("ebpf" for the kernel-offload variant)."""
     spec = pick_port(spec)
-    config = confedge_config(spec, workdir, threads)
+    config = confedge_config(spec, workdir, threads, offload)
     log = workdir / "confedge.log"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     if dataplane is not None:

@@ -405,6 +405,10 @@ class TurnConfig(_Strict):
     dataplane: Literal["auto", "native", "python"] = "auto"
     # Relay threads of the native data plane; 0 = one per core.
     dataplane_threads: int = Field(default=0, ge=0, le=256)
+    # Kernel offload of bound UDP ChannelData (eBPF at TC ingress, docs/TURN.md): "off" (the
+    # default: attaching to the host's interface is explicit), "ebpf" (fail start when it
+    # cannot load), "auto" (use it when the kernel and privileges allow, log why not otherwise).
+    offload: Literal["auto", "ebpf", "off"] = "off"
 
     @field_validator("relay_ports")
     @classmethod

@@ -37,6 +37,7 @@ from .native import (
     choose_backend,
     thread_count,
 )
+from .offload import OffloadDataPlane, OffloadUnavailable, start_offload
 
 __all__ = [
     "HostAddressWatch",
@@ -205,6 +206,7 @@ class TurnService:
         self.host_addresses = host_addresses or HostAddressWatch()
         self.core: TurnCore | None = None
         self.dataplane: DataPlane | None = None
+        self.offload: OffloadDataPlane | None = None  # turn.offload (turn/offload.py)
         self.backend = "python"  # or "native" (turn.dataplane; set by start())
         self.port: int = 0
         self.udp_port: int = 0
@@ -246,9 +248,16 @@ class TurnService:
         self.dataplane = plane(
             relay_v4=v4, relay_v6=v6, port_range=cfg.turn.relay_port_range, loop=loop
         )
+        try:
+            bpf = start_offload(cfg.turn.offload, {a for a in (v4, self.host) if a})
+        except OffloadUnavailable as exc:
+            raise TurnStartError(f"turn.offload = ebpf: {exc}; set it to auto or off") from None
+        if bpf is not None:
+            # The core drives the offload wrapper; the listeners keep the real data plane.
+            self.offload = OffloadDataPlane(self.dataplane, bpf, (self.host, 0))
         self.core = TurnCore.from_config(
             cfg,
-            self.dataplane,
+            self.offload or self.dataplane,
             guard=self.guard,
             relay_addresses=tuple(a for a in (v4, v6) if a),
             wall_offset=time.time() - loop.time(),
@@ -367,6 +376,8 @@ class TurnService:
                 _grow_buffers(udp.get_extra_info("socket"))
             self._tcp = tcp
             self.port = self.udp_port = self.tcp_port = port
+            if self.offload is not None:
+                self.offload.listener = (self.host, port)
             break
         else:
             raise OSError(errno.EADDRINUSE, "no port free for both UDP and TCP")
@@ -489,7 +500,9 @@ class TurnService:
         if self._relay_dir is not None:
             shutil.rmtree(self._relay_dir, ignore_errors=True)
             self._relay_dir = None
-        if self.dataplane is not None:
+        if self.offload is not None:
+            self.offload.close()  # closes the wrapped data plane too
+        elif self.dataplane is not None:
             self.dataplane.close()
 
     def stream_protocol(self, kind: str = "tls") -> asyncio.Protocol:
@@ -572,5 +585,8 @@ class TurnService:
         """Which data plane relays (``backend``), and for the native one its own counters:
         packets, syscalls, GSO use and every kind of drop (turn/native.py)."""
         dp = self.dataplane
-        extra = dp.stats() if isinstance(dp, NativeDataPlane) else {}
+        extra: dict[str, Any] = dp.stats() if isinstance(dp, NativeDataPlane) else {}
+        if self.offload is not None:
+            extra["offload"] = "ebpf"
+            extra["offload_channels"] = self.offload.offloaded_channels()
         return {"backend": self.backend, **extra}

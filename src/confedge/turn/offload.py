@@ -1,0 +1,499 @@
+"""Kernel offload of the relay: bound ChannelData over UDP forwarded by eBPF (docs/TURN.md).
+
+Why: even the batched native relay pays two syscalls' worth of kernel work per packet.  A TC
+ingress program (``bpf/relay.bpf.c``) on the interface holding the relay address rewrites bound
+ChannelData in the kernel -- header stripped or added, addresses and ports rewritten, checksums
+fixed -- and forwards it; user space never sees those packets.
+
+Who decides what: the control plane (``core.py``, unchanged) still decides permissions, channels,
+lifetimes and quotas, and calls the :class:`DataPlane` methods as before.
+:class:`OffloadDataPlane` wraps the real data plane (Python or native), forwards every call to it
+(so anything not offloaded takes the existing path) and mirrors into the kernel maps exactly the
+channels that are bound *and* whose peer IP holds a permission: a channel is removed from the map
+the moment the core removes it or its permission (RFC 8656 §9, §12).
+
+Loader: ctypes against Debian's ``libbpf.so.1`` (open/load the object, ``bpf_tc_hook_create`` +
+``bpf_tc_attach`` on clsact ingress, ``bpf_map_*_elem``).  No subprocess per channel bind (as
+the ``bpftool``/``tc`` CLI would need), no compiler at run time (as bcc needs), and no new Python
+dependency (pyroute2 would cover attaching but not the object loading).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import logging
+import os
+import socket
+import struct
+import subprocess
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .dataplane import AllocationCounters, ClientSink, DataPlane, RelayGrant
+
+__all__ = [
+    "BPF_OBJECT",
+    "BpfRelay",
+    "OffloadDataPlane",
+    "OffloadUnavailable",
+    "interfaces_for",
+    "start_offload",
+]
+
+log = logging.getLogger("confedge.turn")
+
+BPF_OBJECT = Path(__file__).with_name("bpf") / "relay.bpf.o"
+_PROG = b"confedge_relay"
+_TC_INGRESS = 1
+_TC_HANDLE = 0xCE17  # fixed handle + priority: a stale filter of a crashed run is replaced
+_TC_PRIORITY = 0xCE17
+_TC_F_REPLACE = 1
+_BPF_ANY = 0
+_MAX_SLOTS = 65536
+
+_IN_KEY = struct.Struct("=4s2s2s2sH")  # client ip, client port, listener port, channel, pad
+_IN_VAL = struct.Struct("=4s4s2s2sI")  # relay ip, peer ip, relay port, peer port, slot
+_OUT_KEY = struct.Struct("=4s4s2s2s")  # peer ip, relay ip, peer port, relay port
+_OUT_VAL = struct.Struct("=4s4s2s2s2sHI")  # listener ip, client ip, ports, channel, pad, slot
+_COUNTERS = struct.Struct("=QQQQ")  # pkts/bytes to peer, pkts/bytes to client
+
+
+class OffloadUnavailable(Exception):
+    """The kernel offload cannot run here; the message says why (logged by ``auto``)."""
+
+
+class _TcHook(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("ifindex", ctypes.c_int),
+        ("attach_point", ctypes.c_int),
+        ("parent", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class _TcOpts(ctypes.Structure):
+    _fields_ = [
+        ("sz", ctypes.c_size_t),
+        ("prog_fd", ctypes.c_int),
+        ("flags", ctypes.c_uint32),
+        ("prog_id", ctypes.c_uint32),
+        ("handle", ctypes.c_uint32),
+        ("priority", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+def _libbpf() -> ctypes.CDLL:
+    name = ctypes.util.find_library("bpf") or "libbpf.so.1"
+    try:
+        lib = ctypes.CDLL(name, use_errno=True)
+    except OSError as exc:
+        raise OffloadUnavailable(f"libbpf not found ({exc}); apt install libbpf1") from None
+    lib.bpf_object__open_file.restype = ctypes.c_void_p
+    lib.bpf_object__open_file.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+    lib.bpf_object__load.argtypes = [ctypes.c_void_p]
+    lib.bpf_object__close.argtypes = [ctypes.c_void_p]
+    lib.bpf_object__find_program_by_name.restype = ctypes.c_void_p
+    lib.bpf_object__find_program_by_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.bpf_program__fd.argtypes = [ctypes.c_void_p]
+    lib.bpf_object__find_map_fd_by_name.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    for fn in ("bpf_map_update_elem",):
+        getattr(lib, fn).argtypes = [
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulonglong,
+        ]
+    lib.bpf_map_delete_elem.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    lib.bpf_map_lookup_elem.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_char_p]
+    for fn in ("bpf_tc_hook_create", "bpf_tc_hook_destroy"):
+        getattr(lib, fn).argtypes = [ctypes.POINTER(_TcHook)]
+    for fn in ("bpf_tc_attach", "bpf_tc_detach"):
+        getattr(lib, fn).argtypes = [ctypes.POINTER(_TcHook), ctypes.POINTER(_TcOpts)]
+    return lib
+
+
+def _err(rc: int) -> str:
+    return os.strerror(-rc if rc < 0 else ctypes.get_errno())
+
+
+def interfaces_for(addresses: set[str]) -> dict[str, int]:
+    """The interfaces (name -> ifindex) in this network namespace that hold ``addresses``."""
+    try:
+        out = subprocess.run(
+            ["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise OffloadUnavailable(f"cannot list interfaces with `ip -j addr` ({exc})") from None
+    found: dict[str, int] = {}
+    for link in json.loads(out or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("local") in addresses:
+                if link.get("link_type") not in ("ether", "loopback"):
+                    # The program parses a 14-byte Ethernet header (lo has one too); on a
+                    # link without it (WireGuard, tun) it would read the IP header wrongly.
+                    raise OffloadUnavailable(
+                        f"{link['ifname']} holds {a['local']} but is a {link.get('link_type')} "
+                        "link; the offload needs an Ethernet interface (or lo)"
+                    )
+                found[link["ifname"]] = int(link["ifindex"])
+    missing = addresses - {
+        a.get("local") for link in json.loads(out or "[]") for a in link.get("addr_info", [])
+    }
+    if missing:
+        raise OffloadUnavailable(
+            f"no interface holds {', '.join(sorted(missing))} (a wildcard or NAT address); "
+            "the offload attaches to the interface of the relay and listener addresses"
+        )
+    return found
+
+
+class BpfRelay:
+    """The loaded program, its TC attachments and its maps (one per TURN service)."""
+
+    def __init__(self, ifaces: dict[str, int], obj_path: Path = BPF_OBJECT) -> None:
+        if not obj_path.is_file():
+            raise OffloadUnavailable(
+                f"{obj_path} was not built (clang missing at install time: apt install clang "
+                "libbpf-dev, then reinstall)"
+            )
+        self.lib = lib = _libbpf()
+        self.ifaces = dict(ifaces)
+        self._hooks: list[tuple[_TcHook, bool]] = []
+        obj = lib.bpf_object__open_file(str(obj_path).encode(), None)
+        if not obj:
+            raise OffloadUnavailable(f"cannot open {obj_path}: {_err(-1)}")
+        self._obj: int | None = obj
+        try:
+            rc = lib.bpf_object__load(obj)
+            if rc:
+                raise OffloadUnavailable(
+                    f"the kernel refused the BPF program: {_err(rc)} (it needs CAP_BPF and "
+                    "CAP_NET_ADMIN; a verifier rejection prints its log above)"
+                )
+            prog = lib.bpf_object__find_program_by_name(obj, _PROG)
+            self.prog_fd = lib.bpf_program__fd(prog)
+            self.fd_in = lib.bpf_object__find_map_fd_by_name(obj, b"cd_in")
+            self.fd_out = lib.bpf_object__find_map_fd_by_name(obj, b"cd_out")
+            self.fd_counters = lib.bpf_object__find_map_fd_by_name(obj, b"cd_counters")
+            for name, ifindex in ifaces.items():
+                self._attach(name, ifindex)
+        except BaseException:
+            self.close()
+            raise
+
+    def _attach(self, name: str, ifindex: int) -> None:
+        hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, _TC_INGRESS, 0, 0)
+        rc = self.lib.bpf_tc_hook_create(ctypes.byref(hook))
+        if rc and rc != -errno.EEXIST:
+            raise OffloadUnavailable(f"cannot add a clsact qdisc on {name}: {_err(rc)}")
+        created = rc == 0  # an existing clsact qdisc (someone else's) is left in place
+        opts = _TcOpts(
+            ctypes.sizeof(_TcOpts), self.prog_fd, _TC_F_REPLACE, 0, _TC_HANDLE, _TC_PRIORITY, 0
+        )
+        rc = self.lib.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+        if rc:
+            if created:
+                hook.attach_point = _TC_INGRESS | 2
+                self.lib.bpf_tc_hook_destroy(ctypes.byref(hook))
+            raise OffloadUnavailable(f"cannot attach the TC program on {name}: {_err(rc)}")
+        self._hooks.append((hook, created))
+
+    # -- maps ---------------------------------------------------------------------------------
+
+    def _update(self, fd: int, key: bytes, val: bytes) -> None:
+        rc = self.lib.bpf_map_update_elem(fd, key, val, _BPF_ANY)
+        if rc:
+            raise OSError(-rc, f"bpf map update: {_err(rc)}")
+
+    def _delete(self, fd: int, key: bytes) -> None:
+        self.lib.bpf_map_delete_elem(fd, key)
+
+    def install(self, ch: _Offloaded) -> None:
+        """Both directions of one channel (counters of ``ch.slot`` zeroed first)."""
+        slot = struct.pack("=I", ch.slot)
+        self._update(self.fd_counters, slot, bytes(_COUNTERS.size))
+        self._update(self.fd_out, ch.out_key, ch.out_val)
+        self._update(self.fd_in, ch.in_key, ch.in_val)
+
+    def uninstall(self, ch: _Offloaded) -> None:
+        self._delete(self.fd_in, ch.in_key)
+        self._delete(self.fd_out, ch.out_key)
+
+    def read_counters(self, slot: int) -> tuple[int, int, int, int]:
+        buf = ctypes.create_string_buffer(_COUNTERS.size)
+        rc = self.lib.bpf_map_lookup_elem(self.fd_counters, struct.pack("=I", slot), buf)
+        if rc:
+            return (0, 0, 0, 0)
+        a, b, c, d = _COUNTERS.unpack(buf.raw)
+        return (a, b, c, d)
+
+    def close(self) -> None:
+        """Detach from every interface (removing the clsact qdiscs this made) and free the
+        maps (they go with the last file descriptor)."""
+        for hook, created in self._hooks:
+            opts = _TcOpts(ctypes.sizeof(_TcOpts), 0, 0, 0, _TC_HANDLE, _TC_PRIORITY, 0)
+            self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+            if created:
+                hook.attach_point = _TC_INGRESS | 2
+                self.lib.bpf_tc_hook_destroy(ctypes.byref(hook))
+        self._hooks.clear()
+        if self._obj is not None:
+            self.lib.bpf_object__close(self._obj)
+            self._obj = None
+
+
+def _ip(s: str) -> bytes:
+    return socket.inet_aton(s)
+
+
+def _port(p: int) -> bytes:
+    return struct.pack("!H", p)
+
+
+@dataclass(slots=True)
+class _Offloaded:
+    slot: int
+    in_key: bytes
+    in_val: bytes
+    out_key: bytes
+    out_val: bytes
+
+
+@dataclass(slots=True)
+class _Alloc:
+    client: tuple[str, int] | None  # None: not offloadable (stream client, IPv6)
+    relay: tuple[str, int]
+    perms: set[str] = field(default_factory=set)
+    channels: dict[int, tuple[str, int]] = field(default_factory=dict)
+    live: dict[int, _Offloaded] = field(default_factory=dict)
+    done: AllocationCounters = field(default_factory=AllocationCounters)  # removed channels
+
+
+class OffloadDataPlane(DataPlane):
+    """A :class:`DataPlane` that forwards everything to ``inner`` and mirrors bound, permitted
+    UDP/IPv4 channels into the kernel (see the module docstring)."""
+
+    def __init__(self, inner: DataPlane, bpf: BpfRelay, listener: tuple[str, int]) -> None:
+        self.inner = inner
+        self.bpf = bpf
+        self.listener = listener  # the UDP TURN port's (address, port): source towards clients
+        self._allocs: dict[int, _Alloc] = {}
+        self._free = list(range(_MAX_SLOTS - 1, -1, -1))
+        self._ended = AllocationCounters()
+
+    # -- the mirror ---------------------------------------------------------------------------
+
+    def _install(self, a: _Alloc, channel: int, peer: tuple[str, int]) -> None:
+        if a.client is None or channel in a.live or not self._free:
+            return
+        slot = self._free.pop()
+        cip, cport = a.client
+        lip, lport = self.listener
+        rip, rport = a.relay
+        pip, pport = peer
+        ch = _Offloaded(
+            slot,
+            _IN_KEY.pack(_ip(cip), _port(cport), _port(lport), _port(channel), 0),
+            _IN_VAL.pack(_ip(rip), _ip(pip), _port(rport), _port(pport), slot),
+            _OUT_KEY.pack(_ip(pip), _ip(rip), _port(pport), _port(rport)),
+            _OUT_VAL.pack(_ip(lip), _ip(cip), _port(lport), _port(cport), _port(channel), 0, slot),
+        )
+        try:
+            self.bpf.install(ch)
+        except OSError as exc:
+            self._free.append(slot)
+            log.warning("kernel offload: channel %#x not offloaded: %s", channel, exc)
+            return
+        a.live[channel] = ch
+
+    def _uninstall(self, a: _Alloc, channel: int) -> None:
+        ch = a.live.pop(channel, None)
+        if ch is None:
+            return
+        self.bpf.uninstall(ch)
+        p2p, b2p, p2c, b2c = self.bpf.read_counters(ch.slot)
+        a.done.pkts_to_peer += p2p
+        a.done.bytes_to_peer += b2p
+        a.done.pkts_to_client += p2c
+        a.done.bytes_to_client += b2c
+        self._free.append(ch.slot)
+
+    def kernel_counters(self, alloc_id: int) -> AllocationCounters:
+        """What the kernel forwarded for this allocation (live channels and removed ones)."""
+        a = self._allocs.get(alloc_id)
+        if a is None:
+            return AllocationCounters()
+        out = AllocationCounters(
+            a.done.pkts_to_peer, a.done.bytes_to_peer, a.done.pkts_to_client, a.done.bytes_to_client
+        )
+        for ch in a.live.values():
+            p2p, b2p, p2c, b2c = self.bpf.read_counters(ch.slot)
+            out.pkts_to_peer += p2p
+            out.bytes_to_peer += b2p
+            out.pkts_to_client += p2c
+            out.bytes_to_client += b2c
+        return out
+
+    def keep_in_user_space(self, alloc_id: int) -> None:
+        """Take this allocation's channels out of the kernel for good: for allocations whose
+        traffic user space must see packet by packet (a bandwidth cap, docs/TURN.md).  Its
+        packets take the wrapped data plane's path from the next one on."""
+        a = self._allocs.get(alloc_id)
+        if a is None:
+            return
+        for channel in list(a.live):
+            self._uninstall(a, channel)
+        a.client = None  # _install skips it from now on
+
+    def kernel_totals(self) -> AllocationCounters:
+        """What the kernel forwarded since start (live and ended allocations)."""
+        t = AllocationCounters()
+        _add(t, self._ended)
+        for alloc_id in self._allocs:
+            _add(t, self.kernel_counters(alloc_id))
+        return t
+
+    def offloaded_channels(self) -> int:
+        return sum(len(a.live) for a in self._allocs.values())
+
+    # -- DataPlane ----------------------------------------------------------------------------
+
+    def families(self) -> set[int]:
+        return self.inner.families()
+
+    def add_allocation(
+        self,
+        alloc_id: int,
+        family: int,
+        client_key: Hashable,
+        sink: ClientSink,
+        *,
+        even_port: bool = False,
+        reserve_token: bytes | None = None,
+        use_token: bytes | None = None,
+        dont_fragment: bool = False,
+    ) -> RelayGrant:
+        grant = self.inner.add_allocation(
+            alloc_id,
+            family,
+            client_key,
+            sink,
+            even_port=even_port,
+            reserve_token=reserve_token,
+            use_token=use_token,
+            dont_fragment=dont_fragment,
+        )
+        client = sink.addr
+        if family != 4 or client is None or ":" in client[0]:
+            client = None  # TCP/TLS clients and IPv6 stay in user space
+        self._allocs[alloc_id] = _Alloc(
+            (client[0], client[1]) if client else None, (grant.ip, grant.port)
+        )
+        return grant
+
+    def release_reservation(self, token: bytes) -> None:
+        self.inner.release_reservation(token)
+
+    def remove_allocation(self, alloc_id: int) -> AllocationCounters:
+        a = self._allocs.get(alloc_id)
+        if a is not None:
+            for channel in list(a.live):
+                self._uninstall(a, channel)
+        k = self.kernel_counters(alloc_id)
+        self._allocs.pop(alloc_id, None)
+        c = self.inner.remove_allocation(alloc_id)
+        _add(self._ended, k)
+        _add(c, k)
+        return c
+
+    def add_permission(self, alloc_id: int, peer_ip: str) -> None:
+        self.inner.add_permission(alloc_id, peer_ip)
+        a = self._allocs.get(alloc_id)
+        if a is not None and peer_ip not in a.perms:
+            a.perms.add(peer_ip)
+            for channel, peer in a.channels.items():
+                if peer[0] == peer_ip:
+                    self._install(a, channel, peer)
+
+    def remove_permission(self, alloc_id: int, peer_ip: str) -> None:
+        # §9: without a permission nothing is relayed: out of the kernel's map at once.
+        a = self._allocs.get(alloc_id)
+        if a is not None:
+            a.perms.discard(peer_ip)
+            for channel, peer in list(a.channels.items()):
+                if peer[0] == peer_ip:
+                    self._uninstall(a, channel)
+        self.inner.remove_permission(alloc_id, peer_ip)
+
+    def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        self.inner.add_channel(alloc_id, channel, peer)
+        a = self._allocs.get(alloc_id)
+        if a is None:
+            return
+        a.channels[channel] = peer
+        if peer[0] in a.perms:
+            self._install(a, channel, peer)
+
+    def remove_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
+        a = self._allocs.get(alloc_id)
+        if a is not None:
+            a.channels.pop(channel, None)
+            self._uninstall(a, channel)
+        self.inner.remove_channel(alloc_id, channel, peer)
+
+    def send_to_peer(self, alloc_id: int, peer: tuple[str, int], payload: bytes) -> None:
+        self.inner.send_to_peer(alloc_id, peer, payload)
+
+    def client_channel_data(self, client_key: Hashable, data: bytes) -> bool:
+        return self.inner.client_channel_data(client_key, data)
+
+    def counters(self, alloc_id: int) -> AllocationCounters:
+        c = self.inner.counters(alloc_id)
+        _add(c, self.kernel_counters(alloc_id))
+        return c
+
+    def totals(self) -> AllocationCounters:
+        t = self.inner.totals()
+        _add(t, self.kernel_totals())
+        return t
+
+    def close(self) -> None:
+        for alloc_id in list(self._allocs):
+            a = self._allocs[alloc_id]
+            for channel in list(a.live):
+                self._uninstall(a, channel)
+        self._allocs.clear()
+        self.bpf.close()
+        self.inner.close()
+
+
+def _add(into: AllocationCounters, k: AllocationCounters) -> None:
+    into.pkts_to_peer += k.pkts_to_peer
+    into.bytes_to_peer += k.bytes_to_peer
+    into.pkts_to_client += k.pkts_to_client
+    into.bytes_to_client += k.bytes_to_client
+
+
+def start_offload(setting: str, addresses: set[str]) -> BpfRelay | None:
+    """The loaded offload for ``turn.offload`` (``"auto"``, ``"ebpf"``, ``"off"``), or None.
+
+    ``ebpf`` raises :class:`OffloadUnavailable` when it cannot run; ``auto`` logs why and
+    returns None (the relay works the same, in user space)."""
+    if setting == "off":
+        return None
+    try:
+        v4 = {a for a in addresses if ":" not in a}
+        if not v4:
+            raise OffloadUnavailable("no IPv4 relay address (the offload is IPv4 only)")
+        return BpfRelay(interfaces_for(v4))
+    except OffloadUnavailable as exc:
+        if setting == "ebpf":
+            raise
+        log.info("turn.offload = auto: relaying in user space: %s", exc)
+        return None

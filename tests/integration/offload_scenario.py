@@ -1,0 +1,310 @@
+"""The kernel-offload scenario, run inside a network namespace made by test_turn_offload_netns.py.
+
+Not a test module itself: it must run in its own process, because the relay has to live in the
+test's namespace (the offload attaches to that namespace's interfaces, never the host's).  It
+starts TurnService with ``turn.offload = "ebpf"`` on ``--host``, makes a client and a peer (in
+the namespace ``--peer-netns`` when given: the veth case), drives ChannelData both ways and
+prints one JSON object of what it saw; the test asserts on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+from confedge.stun import Attr, Method, MsgClass, encode_channel_number, encode_xor_address
+from confedge.turn.service import TurnService
+from confedge.turn.testing import UdpTurnClient, turn_config
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(path: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns {path}")
+    finally:
+        os.close(fd)
+
+
+async def _recv(sock: socket.socket, timeout: float) -> tuple[bytes, Any] | None:
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), timeout)
+    except TimeoutError:
+        return None
+
+
+async def _drain(sock: socket.socket, timeout: float = 0.3) -> list[tuple[bytes, Any]]:
+    got = []
+    while (r := await _recv(sock, timeout)) is not None:
+        got.append(r)
+    return got
+
+
+def _counts(svc: TurnService) -> dict[str, int]:
+    assert svc.dataplane is not None and svc.offload is not None
+    user = svc.dataplane.totals()
+    kern = AllocTotals(svc)
+    return {
+        "user_to_peer": user.pkts_to_peer,
+        "user_to_client": user.pkts_to_client,
+        "kernel_to_peer": kern.to_peer,
+        "kernel_to_client": kern.to_client,
+        "kernel_bytes_to_peer": kern.bytes_to_peer,
+        "offloaded_channels": svc.offload.offloaded_channels(),
+        # What the metrics (admin/render.py) and the stop line read: user space + kernel.
+        "stats_to_peer": svc.stats()["packets_to_peer"],
+        "stats_to_client": svc.stats()["packets_to_client"],
+    }
+
+
+class AllocTotals:
+    def __init__(self, svc: TurnService) -> None:
+        off = svc.offload
+        assert off is not None and svc.core is not None
+        self.to_peer = self.to_client = self.bytes_to_peer = 0
+        for alloc_id in svc.core.allocations:
+            k = off.kernel_counters(alloc_id)
+            self.to_peer += k.pkts_to_peer
+            self.to_client += k.pkts_to_client
+            self.bytes_to_peer += k.bytes_to_peer
+
+
+async def _uclient(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
+    """coturn's turnutils_uclient (channels, -c: no RTCP pair) through the offloaded relay to
+    turnutils_peer (echo), both in ``--peer-netns`` when given; bounded by a timeout."""
+    pre = ["ip", "netns", "exec", args.peer_netns] if args.peer_netns else []
+    port = 47000 + os.getpid() % 1000
+    peer = await asyncio.create_subprocess_exec(
+        *pre, "turnutils_peer", "-p", str(port), "-L", args.peer_host,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    await asyncio.sleep(0.3)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *pre, "turnutils_uclient", "-c", "-p", str(svc.port), "-n", str(args.uclient),
+            "-u", "turnuser", "-w", "turnpass", "-e", args.peer_host, "-r", str(port), args.host,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            text, _ = await asyncio.wait_for(proc.communicate(), 40)
+        except TimeoutError:
+            proc.kill()
+            text, _ = await proc.communicate()
+        counts = _counts_all(svc)
+    finally:
+        peer.terminate()
+        await peer.wait()
+    return {"uclient": text.decode(errors="replace")[-3000:], "counts": counts}
+
+
+CHROMIUM_SECRET = "offload-chromium-secret"
+
+
+async def _chromium(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
+    """Chromium's DataChannel relay-to-relay through the offloaded relay (the e2e test's driver;
+    in ``--peer-netns`` when given, through a ``node`` wrapper that enters it)."""
+    e2e = Path(__file__).resolve().parent.parent / "e2e"
+    sys.path.insert(0, str(e2e))
+    import test_turn_chromium as chromium_case  # the driver wrapper and the REST credential
+
+    if args.peer_netns:
+        node = shutil.which("node")
+        wrapper = Path(f"/tmp/{args.peer_netns}-node")
+        wrapper.write_text(f'#!/bin/sh\nexec ip netns exec {args.peer_netns} {node} "$@"\n')
+        wrapper.chmod(0o700)
+        chromium_case.shutil.which = lambda _name: str(wrapper)  # type: ignore[assignment]
+    username, credential = chromium_case.rest_credential(CHROMIUM_SECRET, "offload")
+    url = f"turn:{args.host}:{svc.port}?transport=udp"
+    report = await chromium_case._chromium(url, username, credential, timeout_ms=12000)
+    return {"report": report, "counts": _counts_all(svc)}
+
+
+def _counts_all(svc: TurnService) -> dict[str, int]:
+    """User-space and kernel counters over every allocation (live ones; uclient keeps them)."""
+    assert svc.dataplane is not None and svc.offload is not None
+    user = svc.dataplane.totals()
+    kern = svc.offload.kernel_totals()
+    return {
+        "user_to_peer": user.pkts_to_peer,
+        "user_to_client": user.pkts_to_client,
+        "kernel_to_peer": kern.pkts_to_peer,
+        "kernel_to_client": kern.pkts_to_client,
+    }
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.chromium:
+        # Browsers use REST credentials (permissive mode); each allocation's peer is the other's
+        # relay address on loopback (test_turn_chromium.py explains the set-up).
+        extra: dict[str, Any] = {"mode": "permissive", "secrets": [CHROMIUM_SECRET]}
+        peers = ["127.0.0.0/8", f"{args.host}/32"]
+    else:
+        extra = {}
+        peers = [args.peer_host, args.other_peer]
+    cfg = turn_config(
+        **extra,
+        host=args.host,
+        relay_ports="40000-40999",
+        allowed_peers=peers,
+        media_nodes=[args.client_host + "/32"],
+        offload="ebpf",
+        sections={
+            "server": {
+                "domain": "example.test",
+                "internal_address": args.host,
+                "state_dir": "/tmp",
+                "external_address": args.host,
+            }
+        },
+    )
+    svc = TurnService(cfg)
+    await svc.start()
+    assert svc.core is not None and svc.offload is not None
+    if args.uclient:
+        try:
+            return await _uclient(svc, args)
+        finally:
+            await svc.close()
+    if args.chromium:
+        try:
+            return await _chromium(svc, args)
+        finally:
+            await svc.close()
+    # Short lifetimes so that expiry is observable in seconds (the same timers as in production).
+    svc.core.s = dataclasses.replace(svc.core.s, channel_lifetime=3, permission_lifetime=3)
+    home = "/proc/self/ns/net"
+    home_fd = os.open(home, os.O_RDONLY)
+    try:
+        if args.peer_netns:
+            _setns(f"/run/netns/{args.peer_netns}")
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        peer.bind((args.peer_host, 0))
+        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other.bind((args.other_peer, 0))
+        cli = UdpTurnClient(
+            (args.host, svc.port),
+            "turnuser",
+            "turnpass",
+            "example.test",
+            local=(args.client_host, 0),
+        )
+    finally:
+        if args.peer_netns:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.setns(home_fd, _CLONE_NEWNET)
+        os.close(home_fd)
+    for s in (peer, other, cli.sock):
+        s.setblocking(False)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    paddr = peer.getsockname()
+    try:
+        resp = await cli.allocate()
+        assert resp is not None and resp.msg_class == MsgClass.SUCCESS, resp
+        from confedge.stun import decode_xor_address
+
+        raddr = decode_xor_address(resp.get(Attr.XOR_RELAYED_ADDRESS) or b"", resp.transaction_id)
+        out["relay"] = list(raddr)
+        out["client"] = list(cli.local)
+        out["peer"] = list(paddr)
+        out["listener"] = [args.host, svc.port]
+
+        async def bind(ch: int, addr: tuple[str, int]) -> int:
+            r = await cli.request(
+                Method.CHANNEL_BIND,
+                [
+                    (Attr.CHANNEL_NUMBER, encode_channel_number(ch)),
+                    (Attr.XOR_PEER_ADDRESS, encode_xor_address(addr[0], addr[1], bytes(12))),
+                ],
+            )
+            return 0 if r is None else (200 if r.msg_class == MsgClass.SUCCESS else 400)
+
+        loop = asyncio.get_running_loop()
+        # Unbound channel: never forwarded (user space drops it, RFC 8656 §12.4).
+        cli.sock.send(struct.pack("!HH", 0x4002, 4) + b"nope")
+        out["unbound_delivered"] = len(await _drain(peer))
+        out["bind"] = await bind(0x4001, paddr)
+        out["after_bind"] = _counts(svc)
+        n = args.count
+        for i in range(n):
+            cli.sock.send(struct.pack("!HH", 0x4001, 8) + struct.pack("!Q", i))
+        got = await _drain(peer)
+        out["to_peer_delivered"] = len(got)
+        out["to_peer_ok"] = all(src == tuple(raddr) for _, src in got) and sorted(
+            struct.unpack("!Q", d)[0] for d, _ in got
+        ) == list(range(n))
+        for i in range(n):
+            peer.sendto(struct.pack("!Q", i) + b"x", tuple(raddr))
+        back = []
+        while True:
+            try:
+                back.append(await asyncio.wait_for(loop.sock_recv(cli.sock, 65535), 0.3))
+            except TimeoutError:
+                break
+        out["to_client_delivered"] = len(back)
+        out["to_client_ok"] = sorted(back) == sorted(
+            struct.pack("!HH", 0x4001, 9) + struct.pack("!Q", i) + b"x" for i in range(n)
+        )
+        out["after_traffic"] = _counts(svc)
+        # A peer without a permission (another IP) sending to the relay: never forwarded.
+        other.sendto(b"intruder", tuple(raddr))
+        await asyncio.sleep(0.2)
+        out["other_peer_counts"] = _counts(svc)
+        # Expiry: nothing refreshes the channel; after its lifetime (3 s here) plus one timer
+        # tick the core removes it, and the kernel must stop forwarding.
+        await asyncio.sleep(5.0)
+        out["after_expiry"] = _counts(svc)
+        cli.sock.send(struct.pack("!HH", 0x4001, 4) + b"late")
+        out["expired_delivered"] = len(await _drain(peer, 0.5))
+        out["final"] = _counts(svc)
+        # Bound again: offloaded again.  Then taken out of the kernel for good (what a
+        # bandwidth cap does, docs/TURN.md): user space relays from the next packet on.
+        out["rebind"] = await bind(0x4001, paddr)
+        out["after_rebind"] = _counts(svc)
+        (alloc_id,) = list(svc.core.allocations)
+        svc.offload.keep_in_user_space(alloc_id)
+        for i in range(5):
+            cli.sock.send(struct.pack("!HH", 0x4001, 8) + struct.pack("!Q", i))
+        out["user_space_delivered"] = len(await _drain(peer))
+        out["after_keep_in_user_space"] = _counts(svc)
+        snmp = Path("/proc/net/snmp").read_text().splitlines()
+        out["udp_snmp"] = [line.split() for line in snmp if line.startswith("Udp:")]
+    finally:
+        cli.close()
+        peer.close()
+        other.close()
+        await svc.close()
+    return out
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--host", required=True)
+    p.add_argument("--client-host", required=True)
+    p.add_argument("--peer-host", required=True)
+    p.add_argument("--other-peer", required=True)
+    p.add_argument("--peer-netns", default="")
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--uclient", type=int, default=0, help="run turnutils_uclient with -n N")
+    p.add_argument("--chromium", action="store_true", help="Chromium's DataChannel relay test")
+    a = p.parse_args()
+    try:
+        result = asyncio.run(main(a))
+    except Exception as exc:  # reported to the test, which shows it
+        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        sys.exit(1)
+    print(json.dumps(result))
