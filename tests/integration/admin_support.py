@@ -122,6 +122,10 @@ def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], floa
         m = _SAMPLE.match(line)
         assert m is not None, f"not a sample line: {line!r}"
         name = m["name"]
+        if current is not None and types.get(current) == "histogram":
+            # a histogram's samples: <name>_bucket{le=...}, <name>_sum, <name>_count
+            assert name in (f"{current}_bucket", f"{current}_sum", f"{current}_count"), line
+            name = current
         assert name == current and name in types, f"sample {name} outside its family"
         labels: tuple[tuple[str, str], ...] = ()
         if m["labels"]:
@@ -129,6 +133,8 @@ def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], floa
             labels = tuple(sorted(pairs))
         value = float(m["value"])
         assert not math.isnan(value) or m["value"] == "NaN"
+        if m["name"] != name:  # histogram part: keep it apart from the other parts
+            labels = (("__part__", m["name"][len(name) + 1 :]), *labels)
         assert labels not in families[name], f"duplicate sample {line!r}"
         families[name][labels] = value
     return families

@@ -42,6 +42,7 @@ __all__ = ["BAN_LIMIT", "RuntimeView", "StatusSource", "mask_url"]
 log = logging.getLogger("confedge.admin")
 
 BAN_LIMIT = 1000  # bans listed in a snapshot (`confedge bans list` shows them all)
+TOP_ALLOCATIONS = 20  # busiest TURN allocations in a snapshot (status page, /metrics)
 MASK = "****"
 
 
@@ -277,7 +278,17 @@ class StatusSource:
             "listeners": listeners,
             "relay": {"addresses": relays, "ports": t.relay_ports},
             **turn.stats(),
+            **self._turn_live(turn),
         }
+
+    @staticmethod
+    def _turn_live(turn: Any) -> dict[str, Any]:
+        """TURN's live figures (throughput, busiest allocations, answers by cause, lifetimes,
+        caps, drain state: TurnService.live) under ``live``, when the service has them."""
+        live = getattr(turn, "live", None)
+        if live is None:
+            return {}
+        return {"live": live(TOP_ALLOCATIONS)}
 
     def _guard(self, now: float) -> dict[str, Any]:
         g = self.cfg.guard

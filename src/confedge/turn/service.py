@@ -598,6 +598,73 @@ class TurnService:
             "refused": d.refused,
         }
 
+    def live(self, top: int = 20) -> dict[str, Any]:
+        """Live figures for the status page and /metrics (issue 15), plain data:
+
+        * ``throughput``: bytes/s relayed to peers and to clients over the last second;
+        * ``top``: the ``top`` allocations moving the most now, each with user, client,
+          transport, relay address, bytes/s and bytes each way, packets dropped over a
+          bandwidth cap, and age in seconds (counters sampled once a second while it lives);
+        * ``answers``: error answers sent since start, as (code, cause, count) -- 401, 403,
+          438, 486, 508 and 300 by the check that gave them; code 0 counts unauthenticated
+          requests left unanswered because the ``unauth_budget`` was spent;
+        * ``lifetimes``: ended allocations' lifetimes as cumulative (le, count) buckets, with
+          ``sum`` and ``count``;
+        * ``bandwidth``: the caps in force (bytes/s each direction, 0 = unlimited) and the
+          policy; ``drain``: :meth:`drain_state`."""
+        core, loop = self.core, self._loop
+        if core is None or loop is None:
+            return {}
+        now = loop.time()
+        allocs = sorted(
+            core.allocations.values(),
+            key=lambda a: a.rate.to_peer + a.rate.to_client,
+            reverse=True,
+        )
+        rows = []
+        for a in allocs[:top]:
+            relay = a.relay
+            rows.append(
+                {
+                    "id": a.id,
+                    "user": a.username,
+                    "client": f"{a.client.ip}:{a.client.port}",
+                    "transport": a.client.transport,
+                    "relay": f"[{relay.ip}]:{relay.port}"
+                    if relay.family == 6
+                    else f"{relay.ip}:{relay.port}",
+                    "rate_to_peer": round(a.rate.to_peer),
+                    "rate_to_client": round(a.rate.to_client),
+                    "bytes_to_peer": a.rate.bytes_to_peer,
+                    "bytes_to_client": a.rate.bytes_to_client,
+                    "dropped_bandwidth": a.rate.dropped_bandwidth,
+                    "age": round(now - a.created, 1),
+                }
+            )
+        s = core.s
+        h = core.lifetimes
+        return {
+            "throughput": {
+                "to_peer": round(core.relay_rate[0]),
+                "to_client": round(core.relay_rate[1]),
+            },
+            "top": rows,
+            "answers": [[c, cause, n] for (c, cause), n in sorted(core.answers.counts.items())],
+            "lifetimes": {
+                # JSON has no infinity: the last bound is the string "+Inf"
+                "buckets": [[b if b != float("inf") else "+Inf", n] for b, n in h.cumulative()],
+                "sum": h.total,
+                "count": h.n,
+            },
+            "bandwidth": {
+                "per_allocation": s.bandwidth_per_allocation,
+                "per_user": s.bandwidth_per_user,
+                "total": s.bandwidth_total,
+                "policy": s.bandwidth_policy,
+            },
+            "drain": self.drain_state(),
+        }
+
     def stats(self) -> dict[str, int]:
         """Allocations now, and bytes/packets relayed each way since start."""
         if self.core is None:
