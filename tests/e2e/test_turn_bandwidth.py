@@ -1,6 +1,6 @@
 """Bandwidth caps with coturn's turnutils_uclient (issue 15 "done means").
 
-Two uclient flows through one confedge: flow A sends 1000-byte messages every 2 ms (about
+Two uclient flows through one confedge (UDP clients, and TCP clients with ``-t``): flow A sends 1000-byte messages every 2 ms (about
 500 kB/s each way) through an allocation capped at 100 kB/s; flow B sends 200-byte messages every
 20 ms (10 kB/s), well under the cap.  A must be held to the cap within 10% while it runs (read
 from the live per-allocation counters, as the metrics do), with its excess counted as drops on
@@ -71,7 +71,9 @@ def _steady_rate(samples: list[tuple[float, int]]) -> float:
     return (b2 - b1) / (t2 - t1)
 
 
-async def test_uclient_flow_above_the_cap_is_held_to_it() -> None:
+@pytest.mark.parametrize("transport", ["udp", "tcp"])
+async def test_uclient_flow_above_the_cap_is_held_to_it(transport: str) -> None:
+    tcp = ["-t"] if transport == "tcp" else []
     svc = TurnService(turn_config(bandwidth_per_allocation=CAP))
     await svc.start()
     peer_port = free_port(20500, 20999, shuffle=True, udp=True)
@@ -87,8 +89,8 @@ async def test_uclient_flow_above_the_cap_is_held_to_it() -> None:
     )
     try:
         await asyncio.sleep(0.2)
-        heavy = await _uclient(svc.port, peer_port, "-n", "2500", "-l", "1000", "-z", "2")
-        light = await _uclient(svc.port, peer_port, "-n", "250", "-l", "200", "-z", "20")
+        heavy = await _uclient(svc.port, peer_port, *tcp, "-n", "2500", "-l", "1000", "-z", "2")
+        light = await _uclient(svc.port, peer_port, *tcp, "-n", "250", "-l", "200", "-z", "20")
         core = svc.core
         assert core is not None
         samples: dict[int, list[tuple[float, int]]] = {}

@@ -790,6 +790,7 @@ class TurnCore:
                 reserve_token=new_token,
                 use_token=token,
                 dont_fragment=dont_fragment,
+                user=username,
             )
         except CapacityError as exc:
             log.warning("turn allocation failed (508): %s", exc)

@@ -130,6 +130,8 @@ class MemoryDataPlane(DataPlane):
         self.released: list[bytes] = []
         self._ended = AllocationCounters()
         self.bandwidth = (0, 0, 0)
+        # Traffic a test pretends was relayed, per allocation (counters() and totals() read it).
+        self.traffic: dict[int, AllocationCounters] = {}
 
     def families(self) -> set[int]:
         return {4, 6} if self.v6 else {4}
@@ -207,10 +209,14 @@ class MemoryDataPlane(DataPlane):
         return False
 
     def counters(self, alloc_id: int) -> AllocationCounters:
-        return AllocationCounters()
+        return self.traffic.get(alloc_id, AllocationCounters())
 
     def totals(self) -> AllocationCounters:
-        return AllocationCounters(pkts_to_peer=len(self.sent))
+        t = AllocationCounters(pkts_to_peer=len(self.sent))
+        for c in self.traffic.values():
+            t.bytes_to_peer += c.bytes_to_peer
+            t.bytes_to_client += c.bytes_to_client
+        return t
 
     def close(self) -> None:
         self.allocations.clear()
