@@ -278,17 +278,8 @@ class StatusSource:
             "listeners": listeners,
             "relay": {"addresses": relays, "ports": t.relay_ports},
             **turn.stats(),
-            **self._turn_live(turn),
+            **_turn_live(turn),
         }
-
-    @staticmethod
-    def _turn_live(turn: Any) -> dict[str, Any]:
-        """TURN's live figures (throughput, busiest allocations, answers by cause, lifetimes,
-        caps, drain state: TurnService.live) under ``live``, when the service has them."""
-        live = getattr(turn, "live", None)
-        if live is None:
-            return {}
-        return {"live": live(TOP_ALLOCATIONS)}
 
     def _guard(self, now: float) -> dict[str, Any]:
         g = self.cfg.guard
@@ -348,3 +339,12 @@ def _hostport(host: str, port: int) -> str:
         if ipaddress.ip_address(host).version == 6:
             return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def _turn_live(turn: Any) -> dict[str, Any]:
+    """TURN's live figures (throughput, busiest allocations, answers by cause, lifetimes, caps,
+    drain state: TurnService.live) under ``live``, when the service has them."""
+    live = getattr(turn, "live", None)
+    if live is None:
+        return {}
+    return {"live": live(TOP_ALLOCATIONS)}

@@ -617,22 +617,21 @@ class TurnCore:
             return self.node_budget.spend(now, (client.ip, client.port))
         return self.budget.spend(now, client.ip)
 
+    def _tallied(self, out: list[bytes], code: int, cause: str) -> list[bytes]:
+        """Count a challenge in the answer tally (code 0: left unanswered, budget spent)."""
+        if out:
+            self.answers.add(code, cause)
+        else:
+            self.answers.add(0, "unauth-budget")
+        return out
+
     def _challenge(
-        self,
-        now: float,
-        client: Client,
-        msg: Message,
-        code: int,
-        fp: bool,
-        proven: bool = False,
-        cause: str = "no-credentials",
+        self, now: float, client: Client, msg: Message, code: int, fp: bool, proven: bool = False
     ) -> list[bytes]:
         """401 / 438 with REALM and a fresh NONCE (RFC 8489 §9.2.4), within the budget unless
         ``proven`` (the request carried our nonce for this address and a valid integrity)."""
         if not proven and not self._may_answer(now, client):
-            self.answers.add(0, "unauth-budget")  # silently dropped (code 0: no answer)
             return []
-        self.answers.add(code, cause)
         nonce = self.nonces.issue(now, client.ip, client.port).encode()
         extra = [(Attr.REALM, self._realm_attr), (Attr.NONCE, nonce)]
         return [self._error(msg, code, None, fp, extra)]
@@ -642,7 +641,7 @@ class TurnCore:
     ) -> tuple[str, bytes] | list[bytes]:
         """RFC 8489 §9.2.4 long-term credential checks; (username, key) or the answer."""
         if msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
-            return self._challenge(now, client, msg, 401, fp)
+            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "no-credentials")
         raw_user = msg.get(Attr.USERNAME)
         realm = msg.get(Attr.REALM)
         nonce = msg.get(Attr.NONCE)
@@ -660,14 +659,15 @@ class TurnCore:
             # request whose integrity verifies, proves a client that heard our earlier answer:
             # its 438 is sent even when forged datagrams have spent the address's budget.
             proven = state == "stale" and self._verify(msg, username, wall) is not None
-            return self._challenge(now, client, msg, 438, fp, proven, "stale-nonce")
+            answer = self._challenge(now, client, msg, 438, fp, proven)
+            return self._tallied(answer, 438, "stale-nonce")
         found = self._verify(msg, username, wall)
         if found is None:
             if self.guard is not None and not self.creds.expired(username, wall):
                 self.guard.record_turn_auth_failure(client.ip)
             if self._loglimit.allow(now):
                 log.info("turn authentication failed: client %s:%d", client.ip, client.port)
-            return self._challenge(now, client, msg, 401, fp, cause="bad-credentials")
+            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "bad-credentials")
         return username, found
 
     def _verify(self, msg: Message, username: str, wall: float) -> bytes | None:
