@@ -527,38 +527,54 @@ static void bucket_set(bucket_t *b, uint64_t rate, uint64_t now_ns)
     __atomic_store_n(&b->rate, rate, __ATOMIC_RELEASE);
 }
 
-static inline void bucket_refill(bucket_t *b, uint64_t rate, uint64_t now)
+/* `shared`: the bucket is used by several relay threads (per-user, total) and is updated with
+ * atomic read-modify-writes; an allocation's own bucket has one writer, its relay thread, and is
+ * updated with plain loads and relaxed stores like the counters (no lock prefix: this is the
+ * per-packet path). The callers pass a constant, so each use compiles to one variant. */
+static inline void bucket_refill(bucket_t *b, uint64_t rate, uint64_t now, int shared)
 {
     uint64_t last = __atomic_load_n(&b->last_ns, __ATOMIC_RELAXED);
     if (now <= last)
-        return;
-    if (!__atomic_compare_exchange_n(&b->last_ns, &last, now, 0, __ATOMIC_RELAXED,
-                                     __ATOMIC_RELAXED))
+        return; /* refilled in this round already */
+    if (!shared)
+        __atomic_store_n(&b->last_ns, now, __ATOMIC_RELAXED);
+    else if (!__atomic_compare_exchange_n(&b->last_ns, &last, now, 0, __ATOMIC_RELAXED,
+                                          __ATOMIC_RELAXED))
         return; /* another thread refilled for this interval */
     int64_t burst = __atomic_load_n(&b->burst, __ATOMIC_RELAXED);
     unsigned __int128 add = (unsigned __int128)(now - last) * rate * BW_SCALE / 1000000000u;
     int64_t a = add > (unsigned __int128)burst ? burst : (int64_t)add;
+    if (!shared) {
+        int64_t t = __atomic_load_n(&b->tokens, __ATOMIC_RELAXED) + a;
+        __atomic_store_n(&b->tokens, t > burst ? burst : t, __ATOMIC_RELAXED);
+        return;
+    }
     int64_t t = __atomic_add_fetch(&b->tokens, a, __ATOMIC_RELAXED);
     if (t > burst)
         __atomic_fetch_sub(&b->tokens, t - burst, __ATOMIC_RELAXED);
 }
 
 /* Does bucket b (NULL or unlimited: yes) have n bytes? Refills it first. */
-static inline int bucket_has(bucket_t *b, uint64_t now, int64_t n)
+static inline int bucket_has(bucket_t *b, uint64_t now, int64_t n, int shared)
 {
     if (b == NULL)
         return 1;
     uint64_t rate = __atomic_load_n(&b->rate, __ATOMIC_ACQUIRE);
     if (rate == 0)
         return 1;
-    bucket_refill(b, rate, now);
+    bucket_refill(b, rate, now, shared);
     return __atomic_load_n(&b->tokens, __ATOMIC_RELAXED) >= n;
 }
 
-static inline void bucket_spend(bucket_t *b, int64_t n)
+static inline void bucket_spend(bucket_t *b, int64_t n, int shared)
 {
-    if (b != NULL && __atomic_load_n(&b->rate, __ATOMIC_RELAXED) != 0)
+    if (b == NULL || __atomic_load_n(&b->rate, __ATOMIC_RELAXED) == 0)
+        return;
+    if (shared)
         __atomic_fetch_sub(&b->tokens, n, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&b->tokens, __atomic_load_n(&b->tokens, __ATOMIC_RELAXED) - n,
+                         __ATOMIC_RELAXED);
 }
 
 /* Bandwidth caps for one relayed packet of len bytes on allocation al: 1 = send; 0 = over a cap
@@ -572,10 +588,11 @@ static inline int bw_admit(worker_t *w, alloc_t *al, uint32_t len, int dir)
     uint64_t now = w->now_ns;
     bucket_t *mine = &al->bw[dir], *tot = &w->eng->total[dir];
     bucket_t *user = al->ubw != NULL ? al->ubw + dir : NULL;
-    if (bucket_has(mine, now, n) && bucket_has(user, now, n) && bucket_has(tot, now, n)) {
-        bucket_spend(mine, n);
-        bucket_spend(user, n);
-        bucket_spend(tot, n);
+    if (bucket_has(mine, now, n, 0) && bucket_has(user, now, n, 1) &&
+        bucket_has(tot, now, n, 1)) {
+        bucket_spend(mine, n, 0);
+        bucket_spend(user, n, 1);
+        bucket_spend(tot, n, 1);
         return 1;
     }
     BUMP(al->dropped_bw, 1);
