@@ -122,19 +122,21 @@ def parse_metrics(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], floa
         m = _SAMPLE.match(line)
         assert m is not None, f"not a sample line: {line!r}"
         name = m["name"]
-        if current is not None and types.get(current) == "histogram":
-            # a histogram's samples: <name>_bucket{le=...}, <name>_sum, <name>_count
-            assert name in (f"{current}_bucket", f"{current}_sum", f"{current}_count"), line
-            name = current
-        assert name == current and name in types, f"sample {name} outside its family"
+        if current is not None and types.get(current) == "histogram" and name != current:
+            # A histogram's samples are <family>_bucket/_sum/_count, each kept as its own key.
+            assert name[len(current) :] in ("_bucket", "_sum", "_count"), line
+            families.setdefault(name, {})
+            types.setdefault(name, "histogram")
+            current_sample = name
+        else:
+            current_sample = current
+        assert name == current_sample and name in types, f"sample {name} outside its family"
         labels: tuple[tuple[str, str], ...] = ()
         if m["labels"]:
             pairs = re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"', m["labels"])
             labels = tuple(sorted(pairs))
         value = float(m["value"])
         assert not math.isnan(value) or m["value"] == "NaN"
-        if m["name"] != name:  # histogram part: keep it apart from the other parts
-            labels = (("__part__", m["name"][len(name) + 1 :]), *labels)
         assert labels not in families[name], f"duplicate sample {line!r}"
         families[name][labels] = value
     return families
