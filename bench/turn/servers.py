@@ -205,6 +205,8 @@ def start_coturn(spec: ServerSpec, workdir: Path, relay_threads: int) -> Server:
 def confedge_config(
     spec: ServerSpec, workdir: Path, threads: int = 0, offload: str = "off"
 ) -> Path:
+    """The benchmark's confedge.toml; CONFEDGE_BENCH_TURN_EXTRA (TOML lines) is appended to its
+    [turn] section, e.g. 'bandwidth_per_allocation = "10G"' to measure the bucket's cost."""
     path = workdir / "confedge.toml"
     path.write_text(
         f"""\
@@ -233,6 +235,7 @@ max_allocations = 10000
 unauth_budget = 1000000
 dataplane_threads = {threads}  # native data plane: 0 = one per core
 offload = "{offload}"  # "ebpf": the kernel offload variant (attached to lo, removed at stop)
+{os.environ.get("CONFEDGE_BENCH_TURN_EXTRA", "")}
 
 [guard]
 enabled = false

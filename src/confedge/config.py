@@ -94,6 +94,39 @@ def _ip(value: Any) -> str:
 IPAddr = Annotated[str, BeforeValidator(_ip)]
 
 
+def _bandwidth(value: Any) -> int | None:
+    """turn.bandwidth_*: bytes/s (0 = unlimited), from an integer or "10M" / "2.5Mbit"."""
+    if value is None:
+        return None
+    from confedge.turn.bandwidth import parse_rate
+
+    return parse_rate(value)
+
+
+Bandwidth = Annotated[int | None, BeforeValidator(_bandwidth)]
+
+
+def _host_port(value: Any) -> str | None:
+    """turn.alternate_server: "ip:port" or "[v6]:port" (ALTERNATE-SERVER carries an address,
+    not a name: RFC 8489 §14.15); the port defaults to 3478."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f'{_fmt_value(value)} is not an address ("203.0.113.6:3478")')
+    from confedge.turn.drain import parse_alternate
+
+    host, port = parse_alternate(value)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+HostPort = Annotated[str | None, BeforeValidator(_host_port)]
+
+# turn.bandwidth_* defaults in permissive mode (bytes/s): browsers, each its own username; 5 and
+# 10 Mbit/s carry a good video call. Restricted mode: the nodes carry many calls over one
+# credential, so no cap unless configured.
+_PERMISSIVE_BANDWIDTH = {"allocation": 625_000, "user": 1_250_000, "total": 0}
+
+
 def _cidr(value: Any) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{_fmt_value(value)} is not an address or CIDR network")
@@ -409,6 +442,17 @@ class TurnConfig(_Strict):
     # default: attaching to the host's interface is explicit), "ebpf" (fail start when it
     # cannot load), "auto" (use it when the kernel and privileges allow, log why not otherwise).
     offload: Literal["auto", "ebpf", "off"] = "off"
+    # Bandwidth caps (docs/TURN.md "Bandwidth caps"): bytes/s, or "10M" / "2.5Mbit"; 0 or
+    # "unlimited" = no cap; left out = the mode's default (effective_bandwidth_*).
+    bandwidth_per_allocation: Bandwidth = None
+    bandwidth_per_user: Bandwidth = None
+    bandwidth_total: Bandwidth = None
+    # When bandwidth_total is reached: "refuse" new allocations (508), or "degrade" every
+    # allocation evenly (each gets an equal share of the total).
+    bandwidth_policy: Literal["refuse", "degrade"] = "refuse"
+    # Drain (docs/TURN.md "Draining"): new Allocates get 300 Try Alternate naming this server
+    # ("ip:port"); unset = they get 508.
+    alternate_server: HostPort = None
 
     @field_validator("relay_ports")
     @classmethod
@@ -456,6 +500,26 @@ class TurnConfig(_Strict):
         if self.user_quota:
             return self.user_quota
         return self.max_allocations if self.mode == "restricted" else 10
+
+    def _bandwidth(self, which: str, value: int | None) -> int:
+        if value is not None:
+            return value
+        return 0 if self.mode == "restricted" else _PERMISSIVE_BANDWIDTH[which]
+
+    @property
+    def effective_bandwidth_per_allocation(self) -> int:
+        """bytes/s, 0 = unlimited; default: unlimited (restricted), 5 Mbit/s (permissive)."""
+        return self._bandwidth("allocation", self.bandwidth_per_allocation)
+
+    @property
+    def effective_bandwidth_per_user(self) -> int:
+        """bytes/s, 0 = unlimited; default: unlimited (restricted), 10 Mbit/s (permissive)."""
+        return self._bandwidth("user", self.bandwidth_per_user)
+
+    @property
+    def effective_bandwidth_total(self) -> int:
+        """bytes/s, 0 = unlimited (the default in both modes)."""
+        return self._bandwidth("total", self.bandwidth_total)
 
 
 class GuardConfig(_Strict):

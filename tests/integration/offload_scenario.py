@@ -151,7 +151,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.chromium:
         # Browsers use REST credentials (permissive mode); each allocation's peer is the other's
         # relay address on loopback (test_turn_chromium.py explains the set-up).
-        extra: dict[str, Any] = {"mode": "permissive", "secrets": [CHROMIUM_SECRET]}
+        # Permissive mode caps bandwidth by default, and a capped allocation is never offloaded
+        # (docs/TURN.md): lift the caps, as an operator offloading permissive media would.
+        extra: dict[str, Any] = {
+            "mode": "permissive",
+            "secrets": [CHROMIUM_SECRET],
+            "bandwidth_per_allocation": "unlimited",
+            "bandwidth_per_user": "unlimited",
+        }
         peers = ["127.0.0.0/8", f"{args.host}/32"]
     else:
         extra = {}

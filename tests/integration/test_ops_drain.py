@@ -170,12 +170,8 @@ async def test_drain_cancel_reopens_the_listeners(tmp_path: Path) -> None:
 
 
 async def test_drain_turn_answers_new_allocates_with_alternate(tmp_path: Path) -> None:
-    """TURN's side (RFC 8489 §10 300 Try Alternate) arrives with TurnService.start_drain
-    (h15-turn); this runs once it has."""
-    from confedge.turn.service import TurnService
-
-    if not hasattr(TurnService, "start_drain"):
-        pytest.skip("TurnService.start_drain not merged yet (h15-turn)")
+    """`confedge drain` reaches TURN (TurnService.start_drain): a new Allocate gets 300 Try
+    Alternate (RFC 8489 §10) while a live allocation goes on relaying and can be refreshed."""
     edge = start_edge(
         tmp_path,
         edge_config(tmp_path, nodes=[], extra="drain_grace = 30")

@@ -290,8 +290,12 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
             "confedge_turn_dropped_packets_total",
             "counter",
             "Packets from peers dropped, by reason",
-            [({"reason": "no_permission"}, turn["dropped_no_permission"])],
+            [
+                ({"reason": "no_permission"}, turn["dropped_no_permission"]),
+                ({"reason": "bandwidth"}, turn.get("dropped_bandwidth")),
+            ],
         )
+        _turn_live_metrics(m, turn.get("live") or {})
 
     guard = snap["guard"]
     m.one(
@@ -496,6 +500,142 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
     return "".join(out)
 
 
+def _turn_live_metrics(m: _Metrics, live: dict[str, Any]) -> None:
+    """TURN's live figures (TurnService.live): throughput, the busiest allocations' counters
+    (updated while they live), answers by cause, lifetimes, drain state."""
+    if not live:
+        return
+    tp = live["throughput"]
+    m.family(
+        "confedge_turn_relay_throughput_bytes_per_second",
+        "gauge",
+        "Bytes per second relayed over the last second, by direction",
+        [({"direction": "to_peer"}, tp["to_peer"]), ({"direction": "to_client"}, tp["to_client"])],
+    )
+    top = live["top"]
+    keys = [{"allocation": str(a["id"]), "user": a["user"], "client": a["client"]} for a in top]
+
+    def per_direction(field: str) -> list[tuple[dict[str, str], float | int | None]]:
+        return [
+            ({**k, "direction": d}, a[f"{field}_{d}"])
+            for k, a in zip(keys, top, strict=True)
+            for d in ("to_peer", "to_client")
+        ]
+
+    m.family(
+        "confedge_turn_allocation_bytes_total",
+        "counter",
+        "Bytes relayed by each of the busiest live allocations, by direction",
+        per_direction("bytes"),
+    )
+    m.family(
+        "confedge_turn_allocation_throughput_bytes_per_second",
+        "gauge",
+        "Bytes per second relayed by each of the busiest live allocations, by direction",
+        per_direction("rate"),
+    )
+    m.family(
+        "confedge_turn_allocation_dropped_bandwidth_total",
+        "counter",
+        "Packets of each of the busiest live allocations dropped over a bandwidth cap",
+        [(k, a["dropped_bandwidth"]) for k, a in zip(keys, top, strict=True)],
+    )
+    m.family(
+        "confedge_turn_error_responses_total",
+        "counter",
+        "TURN error answers by code and cause (code 0: left unanswered, unauth_budget spent)",
+        [({"code": str(code), "cause": cause}, n) for code, cause, n in live["answers"]],
+    )
+    life = live["lifetimes"]
+    name = "confedge_turn_allocation_lifetime_seconds"
+    m.lines.append(f"# HELP {name} Lifetimes of ended TURN allocations")
+    m.lines.append(f"# TYPE {name} histogram")
+    for le, n in life["buckets"]:
+        m.lines.append(f'{name}_bucket{{le="{le if isinstance(le, str) else _number(le)}"}} {n}')
+    m.lines.append(f"{name}_sum {_number(life['sum'])}")
+    m.lines.append(f"{name}_count {life['count']}")
+    drain = live["drain"]
+    m.one(
+        "confedge_turn_draining", "gauge", "1 while TURN is draining", 1 if drain["draining"] else 0
+    )
+    m.family(
+        "confedge_turn_drain_turned_away_total",
+        "counter",
+        "Allocates turned away while draining, by answer",
+        [
+            ({"answer": "300"}, drain.get("redirected")),
+            ({"answer": "508"}, drain.get("refused")),
+        ],
+    )
+
+
+def _rate(bps: float) -> str:
+    """bytes/s as kbit/s or Mbit/s."""
+    bits = bps * 8
+    return f"{bits / 1e6:.2f} Mbit/s" if bits >= 1e6 else f"{bits / 1e3:.0f} kbit/s"
+
+
+def _turn_live_html(t: dict[str, Any]) -> str:
+    """The TURN section's live part: throughput, caps, drain state, busiest allocations."""
+    live = t.get("live") if t.get("enabled") else None
+    if not live:
+        return ""
+    tp, bw, drain = live["throughput"], live["bandwidth"], live["drain"]
+
+    def cap(v: int) -> str:
+        return "unlimited" if not v else _rate(v)
+
+    pairs = [
+        (
+            "relaying now",
+            _e(f"{_rate(tp['to_peer'])} to peers, {_rate(tp['to_client'])} to clients"),
+        ),
+        (
+            "bandwidth caps",
+            _e(
+                f"per allocation {cap(bw['per_allocation'])}, per user {cap(bw['per_user'])}, "
+                f"total {cap(bw['total'])} (policy {bw['policy']}), each direction"
+            ),
+        ),
+    ]
+    if drain.get("draining"):
+        where = drain.get("alternate") or "none: new allocations get 508"
+        pairs.append(
+            (
+                "draining",
+                _e(
+                    f"since {duration(drain['since'])}, {drain['allocations']} allocations left, "
+                    f"alternate {where}, {drain['redirected']} redirected, "
+                    f"{drain['refused']} refused"
+                ),
+            )
+        )
+    rows = [
+        [
+            _e(a["user"]),
+            f"<code>{_e(a['client'])}</code>/{_e(a['transport'])}",
+            f"<code>{_e(a['relay'])}</code>",
+            _e(_rate(a["rate_to_peer"])),
+            _e(_rate(a["rate_to_client"])),
+            _e(human_bytes(a["bytes_to_peer"] + a["bytes_to_client"])),
+            _e(a["dropped_bandwidth"]),
+            _e(duration(a["age"])),
+        ]
+        for a in live["top"]
+    ]
+    table = (
+        "<h3>Busiest allocations now</h3>"
+        + _table(
+            ["user", "client", "relay", "to peer", "to client", "bytes", "over cap", "age"],
+            rows,
+            {3, 4, 5, 6},
+        )
+        if rows
+        else ""
+    )
+    return _kv(pairs) + table
+
+
 def _turn_html(t: dict[str, Any]) -> str:
     if not t.get("enabled"):
         return "<p>TURN is off (turn.enabled = false).</p>"
@@ -674,7 +814,7 @@ def render_html(snap: dict[str, Any]) -> bytes:
         _proxy_html(snap["proxy"], now),
         _sessions_html(snap["proxy"]),
         "<h2>TURN</h2>",
-        _turn_html(snap["turn"]),
+        _turn_html(snap["turn"]) + _turn_live_html(snap["turn"]),
         "<h2>Guard</h2>",
         _guard_html(snap["guard"], now),
         "<h2>Other instances</h2>",

@@ -43,6 +43,7 @@ __all__ = ["BAN_LIMIT", "RuntimeView", "StatusSource", "mask_url"]
 log = logging.getLogger("confedge.admin")
 
 BAN_LIMIT = 1000  # bans listed in a snapshot (`confedge bans list` shows them all)
+TOP_ALLOCATIONS = 20  # busiest TURN allocations in a snapshot (status page, /metrics)
 MASK = "****"
 
 
@@ -342,6 +343,7 @@ class StatusSource:
             "listeners": listeners,
             "relay": {"addresses": relays, "ports": t.relay_ports},
             **turn.stats(),
+            **_turn_live(turn),
         }
 
     def _cluster(self) -> dict[str, Any]:
@@ -409,3 +411,12 @@ def _hostport(host: str, port: int) -> str:
         if ipaddress.ip_address(host).version == 6:
             return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+def _turn_live(turn: Any) -> dict[str, Any]:
+    """TURN's live figures (throughput, busiest allocations, answers by cause, lifetimes, caps,
+    drain state: TurnService.live) under ``live``, when the service has them."""
+    live = getattr(turn, "live", None)
+    if live is None:
+        return {}
+    return {"live": live(TOP_ALLOCATIONS)}

@@ -86,6 +86,22 @@
 /* Single-writer counter: a plain add published with a relaxed store (no lock prefix). */
 #define BUMP(x, v) __atomic_store_n(&(x), (x) + (v), __ATOMIC_RELAXED)
 
+/* A token bucket (bandwidth caps; bandwidth.py has the why). Tokens are bytes scaled by
+ * BW_SCALE so that frequent small refills lose no fraction of a byte. The per-allocation bucket
+ * is written only by its relay thread; the per-user and total ones are shared by every thread:
+ * all fields are accessed with atomics, refills are claimed by a CAS on last_ns, and a packet
+ * that races another may push tokens slightly below zero (bounded by one packet per thread). */
+#define BW_SCALE 1024
+#define USER_SLOTS 65536 /* per-user bucket pairs, indexed by a slot the control plane assigns */
+#define BW_TO_PEER 0
+#define BW_TO_CLIENT 1
+typedef struct {
+    int64_t tokens; /* bytes x BW_SCALE */
+    uint64_t last_ns;
+    uint64_t rate;  /* bytes/s; 0 = unlimited */
+    int64_t burst;  /* bytes x BW_SCALE */
+} bucket_t;
+
 typedef union {
     struct sockaddr sa;
     struct sockaddr_in v4;
@@ -130,6 +146,11 @@ typedef struct alloc {
     /* written by the worker */
     uint64_t pkts_to_peer, bytes_to_peer, pkts_to_client, bytes_to_client, dropped;
     uint64_t kernel_drops; /* of the relay socket when it was closed (see kernel_drops()) */
+    uint64_t dropped_bw; /* over a bandwidth cap, either direction */
+    /* turn.bandwidth_per_allocation (or the degrade policy's share), one bucket per direction
+     * (BW_TO_PEER, BW_TO_CLIENT), as coturn's max-bps counts each direction separately */
+    bucket_t bw[2];
+    bucket_t *ubw; /* the username's two buckets (engine->ubw + 2 * slot) or NULL */
     /* written by the Python thread (Send indications forwarded by the core) */
     uint64_t py_pkts_to_peer, py_bytes_to_peer;
     struct alloc *hnext;  /* worker's client table chain */
@@ -172,6 +193,7 @@ typedef struct worker {
     int nap_us;  /* coalescing pause after a round that moved only a few packets (0 = off) */
     uint64_t win_start_ns, win_pkts; /* packet-rate estimate over ~1 ms windows */
     uint64_t pkts_per_ms;
+    uint64_t now_ns; /* monotonic time of this epoll round (bandwidth buckets) */
     alloc_t **htab;
     size_t hcap, hcount;
     alloc_t *graveyard;
@@ -218,8 +240,11 @@ typedef struct engine {
     size_t idcap, idcount;
     int own_lfds; /* the listener sockets are ours to close (set once the engine is built) */
     uint64_t py_send_errors;
-    /* counters of ended allocations */
-    uint64_t ended[5];
+    /* counters of ended allocations (5: bandwidth drops) */
+    uint64_t ended[6];
+    int bw_on;      /* any bandwidth cap ever set: the one test the hot path pays otherwise */
+    bucket_t total[2]; /* turn.bandwidth_total, per direction */
+    bucket_t *ubw;     /* USER_SLOTS x 2 per-user buckets (pages touched only when used) */
 } engine_t;
 
 /* ---------------------------------------------------------------------------------------------
@@ -489,6 +514,97 @@ static inline perm_t *perm_find(alloc_t *al, uint8_t fam, const uint8_t *ip)
 /* ---------------------------------------------------------------------------------------------
  * the up-queue: packets for the Python control plane, in arrival order
  */
+
+static void bucket_set(bucket_t *b, uint64_t rate, uint64_t now_ns)
+{
+    /* burst: 100 ms of the rate, at least 64 KiB (bandwidth.py BURST_SECONDS, MIN_BURST) */
+    int64_t burst = (int64_t)(rate / 10 > 65536 ? rate / 10 : 65536) * BW_SCALE;
+    __atomic_store_n(&b->burst, burst, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->last_ns, now_ns, __ATOMIC_RELAXED);
+    int64_t t = __atomic_load_n(&b->tokens, __ATOMIC_RELAXED);
+    if (t > burst || __atomic_load_n(&b->rate, __ATOMIC_RELAXED) == 0)
+        __atomic_store_n(&b->tokens, burst, __ATOMIC_RELAXED);
+    __atomic_store_n(&b->rate, rate, __ATOMIC_RELEASE);
+}
+
+/* `shared`: the bucket is used by several relay threads (per-user, total) and is updated with
+ * atomic read-modify-writes; an allocation's own bucket has one writer, its relay thread, and is
+ * updated with plain loads and relaxed stores like the counters (no lock prefix: this is the
+ * per-packet path). The callers pass a constant, so each use compiles to one variant. */
+static inline void bucket_refill(bucket_t *b, uint64_t rate, uint64_t now, int shared)
+{
+    uint64_t last = __atomic_load_n(&b->last_ns, __ATOMIC_RELAXED);
+    if (now <= last)
+        return; /* refilled in this round already */
+    if (!shared)
+        __atomic_store_n(&b->last_ns, now, __ATOMIC_RELAXED);
+    else if (!__atomic_compare_exchange_n(&b->last_ns, &last, now, 0, __ATOMIC_RELAXED,
+                                          __ATOMIC_RELAXED))
+        return; /* another thread refilled for this interval */
+    int64_t burst = __atomic_load_n(&b->burst, __ATOMIC_RELAXED);
+    unsigned __int128 add = (unsigned __int128)(now - last) * rate * BW_SCALE / 1000000000u;
+    int64_t a = add > (unsigned __int128)burst ? burst : (int64_t)add;
+    if (!shared) {
+        int64_t t = __atomic_load_n(&b->tokens, __ATOMIC_RELAXED) + a;
+        __atomic_store_n(&b->tokens, t > burst ? burst : t, __ATOMIC_RELAXED);
+        return;
+    }
+    int64_t t = __atomic_add_fetch(&b->tokens, a, __ATOMIC_RELAXED);
+    if (t > burst)
+        __atomic_fetch_sub(&b->tokens, t - burst, __ATOMIC_RELAXED);
+}
+
+/* Does bucket b (NULL or unlimited: yes) have n bytes? Refills it first. */
+static inline int bucket_has(bucket_t *b, uint64_t now, int64_t n, int shared)
+{
+    if (b == NULL)
+        return 1;
+    uint64_t rate = __atomic_load_n(&b->rate, __ATOMIC_ACQUIRE);
+    if (rate == 0)
+        return 1;
+    bucket_refill(b, rate, now, shared);
+    return __atomic_load_n(&b->tokens, __ATOMIC_RELAXED) >= n;
+}
+
+static inline void bucket_spend(bucket_t *b, int64_t n, int shared)
+{
+    if (b == NULL || __atomic_load_n(&b->rate, __ATOMIC_RELAXED) == 0)
+        return;
+    if (shared)
+        __atomic_fetch_sub(&b->tokens, n, __ATOMIC_RELAXED);
+    else
+        __atomic_store_n(&b->tokens, __atomic_load_n(&b->tokens, __ATOMIC_RELAXED) - n,
+                         __ATOMIC_RELAXED);
+}
+
+/* Bandwidth caps for one relayed packet of len bytes on allocation al: 1 = send; 0 = over a cap
+ * (counted as a drop on the allocation). Allocation, user and total buckets must all have the
+ * tokens; a refused packet takes none. */
+static inline int bw_admit(worker_t *w, alloc_t *al, uint32_t len, int dir)
+{
+    if (!__atomic_load_n(&w->eng->bw_on, __ATOMIC_RELAXED))
+        return 1;
+    int64_t n = (int64_t)len * BW_SCALE;
+    uint64_t now = w->now_ns;
+    bucket_t *mine = &al->bw[dir], *tot = &w->eng->total[dir];
+    bucket_t *user = al->ubw != NULL ? al->ubw + dir : NULL;
+    if (bucket_has(mine, now, n, 0) && bucket_has(user, now, n, 1) &&
+        bucket_has(tot, now, n, 1)) {
+        bucket_spend(mine, n, 0);
+        bucket_spend(user, n, 1);
+        bucket_spend(tot, n, 1);
+        return 1;
+    }
+    BUMP(al->dropped_bw, 1);
+    return 0;
+}
+
+static inline uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* vDSO: no syscall */
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 static void upcall(worker_t *w, const addr_t *src, const uint8_t *data, uint32_t n1,
                    const uint8_t *data2, uint32_t n2)
@@ -854,6 +970,8 @@ static void on_client_packets(worker_t *w, int first, int n)
                 BUMP(w->st.drop_short, 1); /* §12.4: shorter than its length field */
                 continue;
             }
+            if (!bw_admit(w, al, dlen, BW_TO_PEER))
+                continue;
             /* anything after the length (padding, junk) is not relayed */
             uint32_t n1 = dlen <= SMALL - 4 ? dlen : SMALL - 4;
             queue_out(w, al->fd, p + 4, n1, p2, dlen - n1, &ch->peer_sa, ch->peer_salen);
@@ -872,6 +990,8 @@ static void on_client_packets(worker_t *w, int first, int n)
             }
             perm_t *pm = perm_find(al, peer.fam, peer.ip);
             if (pm != NULL && pm->fast_send) {
+                if (!bw_admit(w, al, dlen, BW_TO_PEER))
+                    continue;
                 sockaddr_u sa;
                 socklen_t salen = sa_from_addr(&sa, &peer);
                 queue_out(w, al->fd, (uint8_t *)data, dlen, NULL, 0, &sa, salen);
@@ -915,6 +1035,12 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
             continue;
         }
         chan_t *ch = chan_by_peer(al, &src);
+        if (ch == NULL && perm_find(al, src.fam, src.ip) == NULL) {
+            BUMP(al->dropped, 1); /* §9: no permission for this peer */
+            continue;
+        }
+        if (!bw_admit(w, al, len, BW_TO_CLIENT))
+            continue;
         if (ch != NULL) {
             /* RFC 8656 §12.4: ChannelData, header written in place in front of the payload;
              * no padding over UDP */
@@ -927,8 +1053,8 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
             p[-2] = (uint8_t)(len >> 8);
             p[-1] = (uint8_t)len;
             queue_out(w, w->lfd, p - 4, len1 + 4, p2, len2, &al->client_sa, al->client_salen);
-        } else if (perm_find(al, src.fam, src.ip) != NULL) {
-            /* §10.3: Data indication = header, XOR-PEER-ADDRESS, DATA (padded) */
+        } else {
+            /* §10.3: Data indication (a permission exists: checked above) = header, XOR-PEER-ADDRESS, DATA (padded) */
             uint32_t xlen = src.fam == 4 ? 12 : 24;
             uint32_t pad = (4 - (len & 3)) & 3;
             uint32_t hlen = 20 + xlen + 4;
@@ -974,9 +1100,6 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
                 queue_out(w, w->lfd, h, hlen + len1, p2, len2 + pad, &al->client_sa,
                           al->client_salen);
             }
-        } else {
-            BUMP(al->dropped, 1); /* §9: no permission for this peer */
-            continue;
         }
         BUMP(al->pkts_to_client, 1);
         BUMP(al->bytes_to_client, len);
@@ -1007,6 +1130,8 @@ static void *worker_main(void *arg)
         for (int spin = 0; spin < 200 && __atomic_load_n(&w->writers, __ATOMIC_ACQUIRE); spin++)
             sched_yield();
         pthread_mutex_lock(&w->lock);
+        if (__atomic_load_n(&w->eng->bw_on, __ATOMIC_RELAXED))
+            w->now_ns = mono_ns();
         uint64_t before = w->st.rx_client + w->st.rx_peer;
         for (int i = 0; i < n; i++) {
             int kind = *(int *)ev[i].data.ptr;
@@ -1131,6 +1256,9 @@ static void engine_free_all(engine_t *e)
     }
     free(e->idtab);
     e->idtab = NULL;
+    free(e->ubw);
+    e->ubw = NULL;
+    e->idtab = NULL;
     e->idcap = e->idcount = 0;
     if (e->workers != NULL) {
         for (int k = 0; k < e->nworkers; k++) {
@@ -1214,7 +1342,8 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
     e->qlimit = (size_t)qlimit;
     e->nworkers = (int)n;
     e->workers = calloc((size_t)n, sizeof *e->workers);
-    if (e->efd < 0 || e->workers == NULL) {
+    e->ubw = calloc(2 * USER_SLOTS, sizeof *e->ubw);
+    if (e->efd < 0 || e->workers == NULL || e->ubw == NULL) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
     }
@@ -1395,10 +1524,16 @@ static alloc_t *alloc_arg(engine_t *e, long long id)
 static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
 {
     long long id;
-    int k, fd, family;
+    int k, fd, family, user_slot = -1;
+    unsigned long long rate = 0;
     PyObject *client;
-    if (!PyArg_ParseTuple(args, "LiiiO", &id, &k, &fd, &family, &client))
+    if (!PyArg_ParseTuple(args, "LiiiO|iK", &id, &k, &fd, &family, &client, &user_slot, &rate))
         return NULL;
+    if (user_slot >= USER_SLOTS) {
+        PyErr_Format(PyExc_ValueError, "user slot %d out of range", user_slot);
+        close(fd);
+        return NULL;
+    }
     worker_t *w;
     alloc_t *al = NULL;
     if (check_open(e) < 0 || (w = worker_arg(e, k)) == NULL)
@@ -1420,6 +1555,11 @@ static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
     if (addr_from_py(client, &al->client) < 0)
         goto fail;
     al->client_salen = sa_from_addr(&al->client_sa, &al->client);
+    al->ubw = user_slot >= 0 ? &e->ubw[2 * user_slot] : NULL;
+    bucket_set(&al->bw[0], rate, mono_ns());
+    bucket_set(&al->bw[1], rate, mono_ns());
+    if (rate != 0)
+        __atomic_store_n(&e->bw_on, 1, __ATOMIC_RELEASE);
     set_bufs(fd, 1024 * 1024);
     wlock(w);
     if (client_find(w, &al->client) != NULL) {
@@ -1458,13 +1598,14 @@ fail:
 
 static PyObject *counters_tuple(alloc_t *al)
 {
-    return Py_BuildValue("(KKKKKK)", (unsigned long long)(LOAD(al->pkts_to_peer) + al->py_pkts_to_peer),
+    return Py_BuildValue("(KKKKKKK)", (unsigned long long)(LOAD(al->pkts_to_peer) + al->py_pkts_to_peer),
                          (unsigned long long)(LOAD(al->bytes_to_peer) + al->py_bytes_to_peer),
                          (unsigned long long)LOAD(al->pkts_to_client),
                          (unsigned long long)LOAD(al->bytes_to_client),
                          (unsigned long long)LOAD(al->dropped),
                          (unsigned long long)(al->fd >= 0 ? kernel_drops(al->fd)
-                                                           : al->kernel_drops));
+                                                           : al->kernel_drops),
+                         (unsigned long long)LOAD(al->dropped_bw));
 }
 
 /* The allocation named by the only argument: 0 with *out set (NULL if unknown), -1 on error. */
@@ -1501,6 +1642,7 @@ static PyObject *Engine_remove_allocation(engine_t *e, PyObject *args)
     e->ended[2] += LOAD(al->pkts_to_client);
     e->ended[3] += LOAD(al->bytes_to_client);
     e->ended[4] += LOAD(al->dropped);
+    e->ended[5] += LOAD(al->dropped_bw);
     wunlock(w);
     /* the worker frees the memory at the end of its next round: wake it */
     uint64_t one = 1;
@@ -1643,7 +1785,7 @@ static PyObject *Engine_counters(engine_t *e, PyObject *args)
 
 static PyObject *Engine_totals(engine_t *e, PyObject *unused)
 {
-    uint64_t t[5];
+    uint64_t t[6];
     memcpy(t, e->ended, sizeof t);
     for (size_t i = 0; i < e->idcap; i++) {
         for (alloc_t *x = e->idtab[i]; x != NULL; x = x->idnext) {
@@ -1652,11 +1794,64 @@ static PyObject *Engine_totals(engine_t *e, PyObject *unused)
             t[2] += LOAD(x->pkts_to_client);
             t[3] += LOAD(x->bytes_to_client);
             t[4] += LOAD(x->dropped);
+            t[5] += LOAD(x->dropped_bw);
         }
     }
-    return Py_BuildValue("(KKKKK)", (unsigned long long)t[0], (unsigned long long)t[1],
+    return Py_BuildValue("(KKKKKK)", (unsigned long long)t[0], (unsigned long long)t[1],
                          (unsigned long long)t[2], (unsigned long long)t[3],
-                         (unsigned long long)t[4]);
+                         (unsigned long long)t[4], (unsigned long long)t[5]);
+}
+
+/* Bandwidth caps (bytes/s, 0 = unlimited). Setting any cap turns the per-packet check on. */
+static void bw_enable(engine_t *e, unsigned long long rate)
+{
+    if (rate != 0)
+        __atomic_store_n(&e->bw_on, 1, __ATOMIC_RELEASE);
+}
+
+static PyObject *Engine_set_total_rate(engine_t *e, PyObject *args)
+{
+    unsigned long long rate;
+    if (!PyArg_ParseTuple(args, "K", &rate) || check_open(e) < 0)
+        return NULL;
+    bw_enable(e, rate);
+    bucket_set(&e->total[0], rate, mono_ns());
+    bucket_set(&e->total[1], rate, mono_ns());
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_set_user_rate(engine_t *e, PyObject *args)
+{
+    int slot;
+    unsigned long long rate;
+    if (!PyArg_ParseTuple(args, "iK", &slot, &rate) || check_open(e) < 0)
+        return NULL;
+    if (slot < 0 || slot >= USER_SLOTS)
+        return PyErr_Format(PyExc_ValueError, "user slot %d out of range", slot);
+    bw_enable(e, rate);
+    for (int d = 0; d < 2; d++) {
+        bucket_t *b = &e->ubw[2 * slot + d];
+        bucket_set(b, rate, mono_ns());
+        /* a slot may be reused for another user: start full, whatever the last one left */
+        __atomic_store_n(&b->tokens, __atomic_load_n(&b->burst, __ATOMIC_RELAXED),
+                         __ATOMIC_RELAXED);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Engine_set_allocation_rate(engine_t *e, PyObject *args)
+{
+    long long id;
+    unsigned long long rate;
+    if (!PyArg_ParseTuple(args, "LK", &id, &rate) || check_open(e) < 0)
+        return NULL;
+    alloc_t *al = id_find(e, id);
+    if (al != NULL) {
+        bw_enable(e, rate);
+        bucket_set(&al->bw[0], rate, mono_ns());
+        bucket_set(&al->bw[1], rate, mono_ns());
+    }
+    Py_RETURN_NONE;
 }
 
 static PyObject *Engine_stats(engine_t *e, PyObject *unused)
@@ -1718,7 +1913,9 @@ static PyMethodDef Engine_methods[] = {
     {"send", (PyCFunction)Engine_send, METH_VARARGS,
      "send(thread, data, addr): a control-plane answer from that thread's listener socket."},
     {"add_allocation", (PyCFunction)Engine_add_allocation, METH_VARARGS,
-     "add_allocation(id, thread, relay_fd, family, client_addr); takes ownership of relay_fd."},
+     "add_allocation(id, thread, relay_fd, family, client_addr, user_slot=-1, rate=0); takes "
+     "ownership of relay_fd; user_slot: the per-user bandwidth bucket, rate: the allocation's "
+     "cap in bytes/s."},
     {"remove_allocation", (PyCFunction)Engine_remove_allocation, METH_VARARGS,
      "remove_allocation(id) -> counters or None; closes the relay socket."},
     {"add_permission", (PyCFunction)Engine_add_permission, METH_VARARGS,
@@ -1733,10 +1930,16 @@ static PyMethodDef Engine_methods[] = {
      "send_to_peer(id, (ip, port), payload)"},
     {"counters", (PyCFunction)Engine_counters, METH_VARARGS,
      "counters(id) -> (pkts_to_peer, bytes_to_peer, pkts_to_client, bytes_to_client, dropped, "
-     "kernel_drops) or None"},
+     "kernel_drops, dropped_bandwidth) or None"},
     {"totals", (PyCFunction)Engine_totals, METH_NOARGS,
      "Counters over live and ended allocations (without kernel drops)."},
     {"stats", (PyCFunction)Engine_stats, METH_NOARGS, "Data-plane counters (dict)."},
+    {"set_total_rate", (PyCFunction)Engine_set_total_rate, METH_VARARGS,
+     "set_total_rate(bytes_per_s): turn.bandwidth_total (0 = unlimited)."},
+    {"set_user_rate", (PyCFunction)Engine_set_user_rate, METH_VARARGS,
+     "set_user_rate(slot, bytes_per_s): the per-user bucket in that slot (refilled to full)."},
+    {"set_allocation_rate", (PyCFunction)Engine_set_allocation_rate, METH_VARARGS,
+     "set_allocation_rate(id, bytes_per_s): one allocation's cap (0 = unlimited)."},
     {"worker_of", (PyCFunction)Engine_worker_of, METH_VARARGS,
      "The relay thread an allocation lives on (None if unknown)."},
     {NULL, NULL, 0, NULL},

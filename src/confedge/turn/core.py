@@ -34,7 +34,7 @@ from __future__ import annotations
 import heapq
 import logging
 import os
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from confedge.config import Config, ConfigError
@@ -54,6 +54,7 @@ from confedge.stun import (
     decode_reservation_token,
     decode_u32,
     decode_xor_address,
+    encode_address,
     encode_u32,
     encode_unknown_attributes,
     parse_message,
@@ -62,7 +63,9 @@ from confedge.stun import (
 
 from .auth import Credentials, LongTermCredentials, NonceManager, RestCredentials, UnauthBudget
 from .dataplane import CapacityError, ClientSink, DataPlane, RelayGrant
+from .drain import Drain, parse_alternate
 from .framing import decode_channel_number
+from .metrics import AnswerTally, Histogram, Rate
 from .policy import ClientPolicy, PeerPolicy
 
 __all__ = ["Allocation", "Client", "CoreSettings", "TurnCore"]
@@ -106,6 +109,12 @@ class CoreSettings:
     max_lifetime: int = 3600  # RFC 8656 §7.2 recommends 3600 s as the maximum
     permission_lifetime: int = 300  # RFC 8656 §9
     channel_lifetime: int = 600  # RFC 8656 §12
+    # Bandwidth caps, bytes/s each direction, 0 = unlimited (bandwidth.py)
+    bandwidth_per_allocation: int = 0
+    bandwidth_per_user: int = 0
+    bandwidth_total: int = 0
+    bandwidth_policy: str = "refuse"  # or "degrade"
+    alternate_server: tuple[str, int] | None = None  # drain: 300 Try Alternate to here
 
     @classmethod
     def from_config(cls, cfg: Config) -> CoreSettings:
@@ -120,6 +129,11 @@ class CoreSettings:
             unauth_budget=t.unauth_budget,
             software=t.software,
             reason_phrases=t.reason_phrases,
+            bandwidth_per_allocation=t.effective_bandwidth_per_allocation,
+            bandwidth_per_user=t.effective_bandwidth_per_user,
+            bandwidth_total=t.effective_bandwidth_total,
+            bandwidth_policy=t.bandwidth_policy,
+            alternate_server=parse_alternate(t.alternate_server) if t.alternate_server else None,
         )
 
 
@@ -151,16 +165,25 @@ class Allocation:
     # RFC 8656 §11 cool-down after a binding expires: number -> (peer, until), peer -> number.
     cool_number: dict[int, tuple[tuple[str, int], float]] = field(default_factory=dict)
     cool_peer: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
+    rate: Rate = field(default_factory=Rate)  # live throughput, from TurnCore.sample
+    cap: int = -1  # bandwidth cap last given to the data plane by the degrade policy
 
 
 class _Reject(Exception):
     """Internal: answer the current request with this error code."""
 
-    def __init__(self, code: int, where: str = "", extra: Sequence[tuple[int, bytes]] = ()) -> None:
+    def __init__(
+        self,
+        code: int,
+        where: str = "",
+        extra: Sequence[tuple[int, bytes]] = (),
+        cause: str = "protocol",
+    ) -> None:
         super().__init__(code)
         self.code = code
         self.where = where  # for the debug log: which check refused
         self.extra = extra
+        self.cause = cause  # for the answer tally (metrics label)
 
 
 class _LogLimiter:
@@ -223,6 +246,16 @@ class TurnCore:
         self._loglimit = _LogLimiter()
         self._realm_attr = settings.realm.encode()
         self._software = settings.software.encode() if settings.software else b""
+        # Live figures (metrics.py) and drain state (drain.py).
+        self.answers = AnswerTally()
+        self.lifetimes = Histogram()
+        self.relay_rate = (0.0, 0.0)  # bytes/s to peers, to clients (last sample)
+        self._sampled: tuple[float, int, int] | None = None
+        self.drain = Drain(alternate=settings.alternate_server)
+        self.on_drained: Callable[[], None] | None = None
+        dataplane.set_bandwidth(
+            settings.bandwidth_per_allocation, settings.bandwidth_per_user, settings.bandwidth_total
+        )
 
     @classmethod
     def from_config(
@@ -308,6 +341,7 @@ class TurnCore:
                     "turn request refused: client %s is not in turn.media_nodes (restricted mode)",
                     client.ip,
                 )
+            self.answers.add(403, "not-media-node")
             return [self._error(msg, 403, None, fp)]
         auth = self._authenticate(now, client, msg, fp)
         if isinstance(auth, list):
@@ -342,6 +376,7 @@ class TurnCore:
                 rej.code,
                 rej.where,
             )
+            self.answers.add(rej.code, rej.cause)
             return [self._error(msg, rej.code, key, fp, rej.extra)]
 
     def tick(self, now: float) -> None:
@@ -456,6 +491,80 @@ class TurnCore:
             self.dp.release_reservation(token)
         self._reservations.clear()
 
+    # -- drain (drain.py) -----------------------------------------------------------------------
+
+    def start_drain(self, now: float, alternate: tuple[str, int] | None = None) -> None:
+        """From now on answer new Allocates with 300 (to ``alternate``, else the configured
+        ``turn.alternate_server``) or, with neither, 508; everything else goes on.  Calling it
+        again while draining changes the alternate."""
+        d = self.drain
+        if not d.active:
+            d.active, d.since, d.redirected, d.refused = True, now, 0, 0
+        if alternate is not None:
+            d.alternate = alternate
+        if not self.allocations and self.on_drained is not None:
+            self.on_drained()
+
+    def cancel_drain(self) -> None:
+        """Back in service: Allocates are answered again."""
+        self.drain.active = False
+        self.drain.alternate = self.s.alternate_server
+
+    def _drain_refusal(self) -> None:
+        """Raise the answer to an Allocate while draining (RFC 8489 §10, RFC 8656 §7.2)."""
+        alt = self.drain.alternate
+        if alt is None:
+            self.drain.refused += 1
+            raise _Reject(508, "draining, no turn.alternate_server", cause="draining")
+        self.drain.redirected += 1
+        # RFC 8489 §14.15: ALTERNATE-SERVER has the MAPPED-ADDRESS format (not XOR'ed); the
+        # 300 carries MESSAGE-INTEGRITY like any answer to an authenticated request (§10).
+        raise _Reject(
+            300,
+            "draining",
+            [(Attr.ALTERNATE_SERVER, encode_address(alt[0], alt[1]))],
+            cause="draining",
+        )
+
+    # -- live figures (metrics.py) --------------------------------------------------------------
+
+    def sample(self, now: float) -> None:
+        """Read every allocation's counters from the data plane and update its throughput,
+        the relay's total, and (``bandwidth_policy = "degrade"``) each allocation's share.
+
+        Called about once a second by the service; both data planes read their counters
+        without stopping the relay."""
+        for alloc in self.allocations.values():
+            c = self.dp.counters(alloc.id)
+            alloc.rate.update(now, c.bytes_to_peer, c.bytes_to_client, c.dropped_bandwidth)
+        t = self.dp.totals()
+        prev = self._sampled
+        if prev is not None and now > prev[0]:
+            dt = now - prev[0]
+            self.relay_rate = (
+                max(0.0, (t.bytes_to_peer - prev[1]) / dt),
+                max(0.0, (t.bytes_to_client - prev[2]) / dt),
+            )
+        self._sampled = (now, t.bytes_to_peer, t.bytes_to_client)
+        if self.s.bandwidth_total and self.s.bandwidth_policy == "degrade":
+            self._degrade()
+
+    def _degrade(self) -> None:
+        """``bandwidth_policy = "degrade"``: when the relay runs at its total cap, every
+        allocation that is moving media gets the same share of it (capped by the
+        per-allocation cap), so a few heavy flows cannot starve the rest; below the cap each
+        allocation has its own cap only."""
+        total = self.s.bandwidth_total
+        own = self.s.bandwidth_per_allocation
+        busy = [a for a in self.allocations.values() if a.rate.to_peer > 0 or a.rate.to_client > 0]
+        saturated = max(self.relay_rate) >= 0.9 * total
+        share = max(1, total // max(1, len(busy))) if saturated else 0
+        for alloc in self.allocations.values():
+            rate = min(own, share) if own and share else (share or own)
+            if rate != alloc.cap:
+                alloc.cap = rate
+                self.dp.set_allocation_rate(alloc.id, rate)
+
     def stats(self) -> dict[str, int]:
         t = self.dp.totals()
         return {
@@ -465,6 +574,7 @@ class TurnCore:
             "bytes_to_client": t.bytes_to_client,
             "packets_to_client": t.pkts_to_client,
             "dropped_no_permission": t.dropped,
+            "dropped_bandwidth": t.dropped_bandwidth,
         }
 
     # -- helpers --------------------------------------------------------------------------------
@@ -522,6 +632,14 @@ class TurnCore:
             return self.node_budget.spend(now, (client.ip, client.port))
         return self.budget.spend(now, client.ip)
 
+    def _tallied(self, out: list[bytes], code: int, cause: str) -> list[bytes]:
+        """Count a challenge in the answer tally (code 0: left unanswered, budget spent)."""
+        if out:
+            self.answers.add(code, cause)
+        else:
+            self.answers.add(0, "unauth-budget")
+        return out
+
     def _challenge(
         self, now: float, client: Client, msg: Message, code: int, fp: bool, proven: bool = False
     ) -> list[bytes]:
@@ -540,7 +658,7 @@ class TurnCore:
     ) -> tuple[str, bytes] | list[bytes]:
         """RFC 8489 §9.2.4 long-term credential checks; (username, key) or the answer."""
         if msg.integrity_offset < 0 and msg.integrity_sha256_offset < 0:
-            return self._challenge(now, client, msg, 401, fp)
+            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "no-credentials")
         raw_user = msg.get(Attr.USERNAME)
         realm = msg.get(Attr.REALM)
         nonce = msg.get(Attr.NONCE)
@@ -558,7 +676,8 @@ class TurnCore:
             # request whose integrity verifies, proves a client that heard our earlier answer:
             # its 438 is sent even when forged datagrams have spent the address's budget.
             proven = state == "stale" and self._verify(msg, username, wall) is not None
-            return self._challenge(now, client, msg, 438, fp, proven)
+            answer = self._challenge(now, client, msg, 438, fp, proven)
+            return self._tallied(answer, 438, "stale-nonce")
         found = self._verify(msg, username, wall)
         if found is None:
             # A reload may have rotated the secret or password away: the allocation this
@@ -577,7 +696,7 @@ class TurnCore:
                 self.guard.record_turn_auth_failure(client.ip)
             if self._loglimit.allow(now):
                 log.info("turn authentication failed: client %s:%d", client.ip, client.port)
-            return self._challenge(now, client, msg, 401, fp)
+            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "bad-credentials")
         return username, found
 
     def _verify(self, msg: Message, username: str, wall: float) -> bytes | None:
@@ -625,7 +744,7 @@ class TurnCore:
                     verdict.address,
                     rule,
                 )
-            raise _Reject(403, f"peer policy: {rule}")
+            raise _Reject(403, f"peer policy: {rule}", cause="peer-policy")
         if (6 if ":" in ip else 4) != alloc.relay.family:
             raise _Reject(443, "peer family differs from relay")  # RFC 8656 §9.2, RFC 6156 §6
         return ip, port
@@ -641,6 +760,8 @@ class TurnCore:
             if existing.create_tid == msg.transaction_id:
                 return existing.create_response  # retransmission: same answer
             raise _Reject(437, "5-tuple already has an allocation")
+        if self.drain.active:
+            self._drain_refusal()
         rt = msg.get(Attr.REQUESTED_TRANSPORT)
         if rt is None:
             raise _Reject(400, "REQUESTED-TRANSPORT missing")
@@ -667,15 +788,20 @@ class TurnCore:
         reserve = decode_even_port(raw_even) if raw_even is not None else False
         held = self._reservations.get(token) if token is not None else None
         if token is not None and held is None:
-            raise _Reject(508, "unknown RESERVATION-TOKEN")  # RFC 8656 §7.2
+            raise _Reject(508, "unknown RESERVATION-TOKEN", cause="reservation-token")  # §7.2
         # A held port about to become this allocation is already counted; a new reservation
         # (EVEN-PORT with R) will count too.
         extra = (1 if reserve else 0) - (1 if held is not None else 0)
         mine = 1 if held is not None and held[1] == username else 0
         if len(self.allocations) + len(self._reservations) + extra >= self.s.max_allocations:
-            raise _Reject(508, "turn.max_allocations reached")
+            raise _Reject(508, "turn.max_allocations reached", cause="max-allocations")
         if self._per_user.get(username, 0) + (1 if reserve else 0) - mine >= self.s.user_quota:
-            raise _Reject(486, "per-user quota reached")
+            raise _Reject(486, "per-user quota reached", cause="user-quota")
+        total = self.s.bandwidth_total
+        if total and self.s.bandwidth_policy == "refuse" and max(self.relay_rate) >= 0.95 * total:
+            # turn.bandwidth_policy = "refuse": the relay runs at its total cap; a new call would
+            # only take from the ones in progress.
+            raise _Reject(508, "turn.bandwidth_total reached", cause="bandwidth-total")
         if token is not None and held is not None:
             del self._reservations[token]
             self._count_user(held[1], -1)
@@ -693,10 +819,11 @@ class TurnCore:
                 reserve_token=new_token,
                 use_token=token,
                 dont_fragment=dont_fragment,
+                user=username,
             )
         except CapacityError as exc:
             log.warning("turn allocation failed (508): %s", exc)
-            raise _Reject(508, str(exc)) from None
+            raise _Reject(508, str(exc), cause="relay-ports") from None
         if new_token is not None:
             self._reservations[new_token] = (now + RESERVATION_LIFETIME, username, family)
             self._count_user(username, +1)
@@ -762,7 +889,7 @@ class TurnCore:
     def _install_permissions(self, now: float, alloc: Allocation, ips: list[str]) -> None:
         new = {ip for ip in ips if ip not in alloc.permissions}
         if len(alloc.permissions) + len(new) > self.s.max_permissions:
-            raise _Reject(508, "turn.max_permissions reached")
+            raise _Reject(508, "turn.max_permissions reached", cause="max-permissions")
         expires = now + self.s.permission_lifetime
         for ip in ips:
             alloc.permissions[ip] = expires
@@ -808,7 +935,7 @@ class TurnCore:
             if coolp is not None and coolp[0] != number:
                 raise _Reject(400, "peer cooling down after its channel expired")
             if len(alloc.channels) >= self.s.max_channels:
-                raise _Reject(508, "turn.max_channels reached")
+                raise _Reject(508, "turn.max_channels reached", cause="max-channels")
         # §11.2: binding also installs or refreshes the permission for the peer's IP.
         self._install_permissions(now, alloc, [peer[0]])
         expires = now + self.s.channel_lifetime
@@ -871,13 +998,14 @@ class TurnCore:
             del self._by_client[alloc.client.key]
         self._count_user(alloc.username, -1)
         c = self.dp.remove_allocation(alloc.id)
+        self.lifetimes.observe(now - alloc.created)
         relay = alloc.relay
         relay_txt = (
             f"[{relay.ip}]:{relay.port}" if relay.family == 6 else f"{relay.ip}:{relay.port}"
         )
         log.info(
             "allocation ended: user=%s client=%s:%d/%s relay=%s to_peer=%d bytes/%d pkts "
-            "to_client=%d bytes/%d pkts dropped=%d duration=%.0fs reason=%s",
+            "to_client=%d bytes/%d pkts dropped=%d over_cap=%d duration=%.0fs reason=%s",
             alloc.username,
             alloc.client.ip,
             alloc.client.port,
@@ -888,9 +1016,12 @@ class TurnCore:
             c.bytes_to_client,
             c.pkts_to_client,
             c.dropped,
+            c.dropped_bandwidth,
             now - alloc.created,
             reason,
         )
+        if self.drain.active and not self.allocations and self.on_drained is not None:
+            self.on_drained()
 
 
 _METHOD_NAMES = {m.value: m.name for m in Method}

@@ -28,9 +28,12 @@ import os
 import random
 import socket
 import struct
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
+
+from .bandwidth import TokenBucket
 
 __all__ = [
     "AllocationCounters",
@@ -53,6 +56,11 @@ _IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 _IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 _IPV6_DONTFRAG = getattr(socket, "IPV6_DONTFRAG", 62)
 _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by len % 4
+# Bandwidth directions (bandwidth.py): each has its own buckets, as coturn's max-bps counts
+# input and output separately.
+TO_PEER = 0
+TO_CLIENT = 1
+Buckets = tuple[TokenBucket | None, ...]
 _CD_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
 STREAM_HIGH_WATER = 256 * 1024  # bytes queued to a TCP client beyond which relayed packets drop
 
@@ -93,6 +101,7 @@ class AllocationCounters:
     pkts_to_client: int = 0
     bytes_to_client: int = 0
     dropped: int = 0  # peer packets without a permission
+    dropped_bandwidth: int = 0  # packets (either direction) over a bandwidth cap
 
 
 class DataPlane(abc.ABC):
@@ -115,10 +124,21 @@ class DataPlane(abc.ABC):
         reserve_token: bytes | None = None,
         use_token: bytes | None = None,
         dont_fragment: bool = False,
+        user: str = "",
     ) -> RelayGrant:
         """Bind a relay port.  ``even_port``: RFC 8656 §7.2 EVEN-PORT; ``reserve_token``: also
         hold port+1 under that token (EVEN-PORT R bit); ``use_token``: take the port held by an
-        earlier reservation.  Raises :class:`CapacityError`."""
+        earlier reservation.  ``user``: the username, whose allocations share the per-user
+        bandwidth bucket.  Raises :class:`CapacityError`."""
+
+    @abc.abstractmethod
+    def set_bandwidth(self, per_allocation: int, per_user: int, total: int) -> None:
+        """Bandwidth caps in bytes/s (0 = unlimited), each direction on its own, for every
+        allocation, live and future (bandwidth.py explains the buckets)."""
+
+    @abc.abstractmethod
+    def set_allocation_rate(self, alloc_id: int, rate: int) -> None:
+        """Change one allocation's cap (the "degrade" policy's even share); 0 = unlimited."""
 
     @abc.abstractmethod
     def release_reservation(self, token: bytes) -> None:
@@ -216,6 +236,26 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         self.bytes_to_peer = 0
         self.dropped = 0
         self.closed = False
+        # Bandwidth caps: the (allocation, user, total) buckets of each direction, without the
+        # unlimited ones; ``limited`` is the one test the hot path pays when no cap applies.
+        self.buckets: tuple[tuple[TokenBucket, ...], tuple[TokenBucket, ...]] = ((), ())
+        self.limited = False
+        self.dropped_bw = 0
+
+    def set_buckets(self, to_peer: Buckets, to_client: Buckets) -> None:
+        self.buckets = (
+            tuple(b for b in to_peer if b is not None and b.rate > 0),
+            tuple(b for b in to_client if b is not None and b.rate > 0),
+        )
+        self.limited = bool(self.buckets[0] or self.buckets[1])
+
+    def admit(self, n: int, direction: int) -> bool:
+        """Spend ``n`` bytes on every bucket of this allocation in ``direction`` (TO_PEER,
+        TO_CLIENT), or count a drop."""
+        if TokenBucket.take_all(time.monotonic(), n, self.buckets[direction]):
+            return True
+        self.dropped_bw += 1
+        return False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -248,6 +288,8 @@ class _RelayProtocol(asyncio.DatagramProtocol):
             out = self._data_indication(addr, data, n)  # §10.3
         else:
             self.dropped += 1  # §9: no permission for this peer IP
+            return
+        if self.limited and not self.admit(n, TO_CLIENT):
             return
         if self.client_addr is None:
             if self.client_transport.get_write_buffer_size() > STREAM_HIGH_WATER:
@@ -288,6 +330,8 @@ class _UdpV4RelayProtocol(_RelayProtocol):
             _RelayProtocol.datagram_received(self, data, addr)
             return
         n = len(data)
+        if self.limited and not self.admit(n, TO_CLIENT):
+            return
         self._client_sendto(_CD_HEAD(ch, n) + data, self.client_addr)
         self.pkts_to_client += 1
         self.bytes_to_client += n
@@ -325,6 +369,68 @@ class UdpDataPlane(DataPlane):
         self._reservations: dict[bytes, _Reservation] = {}
         self._ended = AllocationCounters()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Bandwidth caps (bytes/s, 0 = unlimited): see set_bandwidth.
+        self._per_allocation = 0
+        self._per_user = 0
+        self._total = (TokenBucket(0), TokenBucket(0))
+        # user -> [(to_peer, to_client) buckets, allocations]
+        self._user_buckets: dict[str, list[Any]] = {}
+        self._alloc_buckets: dict[int, tuple[TokenBucket, TokenBucket]] = {}
+        self._user_of: dict[int, str] = {}
+
+    # -- bandwidth caps -----------------------------------------------------------------------
+
+    def set_bandwidth(self, per_allocation: int, per_user: int, total: int) -> None:
+        self._per_allocation, self._per_user = per_allocation, per_user
+        for b in self._total:
+            b.set_rate(total)
+        for entry in self._user_buckets.values():
+            for b in entry[0]:
+                b.set_rate(per_user)
+        for alloc_id, pair in self._alloc_buckets.items():
+            for b in pair:
+                b.set_rate(per_allocation)
+            self._rebucket(alloc_id)
+
+    def set_allocation_rate(self, alloc_id: int, rate: int) -> None:
+        pair = self._alloc_buckets.get(alloc_id)
+        if pair is not None and pair[0].rate != rate:
+            for b in pair:
+                b.set_rate(rate)
+            self._rebucket(alloc_id)
+
+    def _rebucket(self, alloc_id: int) -> None:
+        proto = self._relays.get(alloc_id)
+        if proto is None:
+            return
+        mine = self._alloc_buckets[alloc_id]
+        entry = self._user_buckets.get(self._user_of.get(alloc_id, ""))
+        user = entry[0] if entry else (None, None)
+        proto.set_buckets(
+            (mine[TO_PEER], user[TO_PEER], self._total[TO_PEER]),
+            (mine[TO_CLIENT], user[TO_CLIENT], self._total[TO_CLIENT]),
+        )
+
+    def _attach_buckets(self, alloc_id: int, user: str) -> None:
+        now = time.monotonic()
+        rate = self._per_allocation
+        self._alloc_buckets[alloc_id] = (TokenBucket(rate, now=now), TokenBucket(rate, now=now))
+        entry = self._user_buckets.get(user)
+        if entry is None:
+            pair = (TokenBucket(self._per_user, now=now), TokenBucket(self._per_user, now=now))
+            entry = self._user_buckets[user] = [pair, 0]
+        entry[1] += 1
+        self._user_of[alloc_id] = user
+        self._rebucket(alloc_id)
+
+    def _detach_buckets(self, alloc_id: int) -> None:
+        self._alloc_buckets.pop(alloc_id, None)
+        user = self._user_of.pop(alloc_id, None)
+        entry = self._user_buckets.get(user) if user is not None else None
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] <= 0:
+                del self._user_buckets[user]  # type: ignore[arg-type]
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -386,6 +492,7 @@ class UdpDataPlane(DataPlane):
         reserve_token: bytes | None = None,
         use_token: bytes | None = None,
         dont_fragment: bool = False,
+        user: str = "",
     ) -> RelayGrant:
         sock = self.relay_socket(
             family,
@@ -398,6 +505,7 @@ class UdpDataPlane(DataPlane):
         proto = cls(alloc_id, family, sink, sock)
         self._relays[alloc_id] = proto
         self._client_of[alloc_id] = client_key
+        self._attach_buckets(alloc_id, user)
         # The loop adopts the already-bound socket asynchronously; the grant is valid right away
         # (packets that arrive meanwhile wait in the kernel buffer).
         task = self.loop.create_task(self._adopt(proto))
@@ -457,6 +565,7 @@ class UdpDataPlane(DataPlane):
     def remove_allocation(self, alloc_id: int) -> AllocationCounters:
         proto = self._relays.pop(alloc_id, None)
         key = self._client_of.pop(alloc_id, None)
+        self._detach_buckets(alloc_id)
         if proto is None:
             return AllocationCounters()
         for ch in list(proto.routes):
@@ -473,6 +582,7 @@ class UdpDataPlane(DataPlane):
         e.pkts_to_client += c.pkts_to_client
         e.bytes_to_client += c.bytes_to_client
         e.dropped += c.dropped
+        e.dropped_bandwidth += c.dropped_bandwidth
         return c
 
     # -- tables -------------------------------------------------------------------------------
@@ -510,7 +620,7 @@ class UdpDataPlane(DataPlane):
 
     def send_to_peer(self, alloc_id: int, peer: tuple[str, int], payload: bytes) -> None:
         proto = self._relays.get(alloc_id)
-        if proto is None:
+        if proto is None or (proto.limited and not proto.admit(len(payload), TO_PEER)):
             return
         proto.sendto(payload, peer)
         proto.pkts_to_peer += 1
@@ -525,6 +635,9 @@ class UdpDataPlane(DataPlane):
         n = data[2] << 8 | data[3]
         if n + 4 > len(data):
             return False  # §12.4: shorter than its length field: discard
+        relay = route.relay
+        if relay.limited and not relay.admit(n, TO_PEER):
+            return True  # over a bandwidth cap: dropped (and counted)
         route.send(data[4 : 4 + n], route.peer)
         route.pkts += 1
         route.bytes += n
@@ -540,6 +653,7 @@ class UdpDataPlane(DataPlane):
             proto.pkts_to_client,
             proto.bytes_to_client,
             proto.dropped,
+            proto.dropped_bw,
         )
         for r in proto.routes.values():
             out.pkts_to_peer += r.pkts
@@ -557,6 +671,7 @@ class UdpDataPlane(DataPlane):
             self._ended.pkts_to_client,
             self._ended.bytes_to_client,
             self._ended.dropped,
+            self._ended.dropped_bandwidth,
         )
         for proto in self._relays.values():
             c = self._counters_of(proto)
@@ -565,6 +680,7 @@ class UdpDataPlane(DataPlane):
             t.pkts_to_client += c.pkts_to_client
             t.bytes_to_client += c.bytes_to_client
             t.dropped += c.dropped
+            t.dropped_bandwidth += c.dropped_bandwidth
         return t
 
     def close(self) -> None:

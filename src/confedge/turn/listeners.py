@@ -69,6 +69,9 @@ class UdpListener(asyncio.DatagramProtocol):
             if route is not None:  # unknown channel: dropped (RFC 8656 §12.4)
                 n = data[2] << 8 | data[3]
                 if n + 4 <= len(data):  # shorter than its length field: dropped
+                    relay = route.relay
+                    if relay.limited and not relay.admit(n, 0):  # over a cap (bandwidth.py)
+                        return
                     route.send(data[4 : 4 + n], route.peer)
                     route.pkts += 1
                     route.bytes += n

@@ -72,6 +72,7 @@ QUEUE_LIMIT = 4096  # packets waiting for the control plane; beyond: dropped and
 # packet (interrupt coalescing; adds at most this much latency, far below any jitter buffer).
 # docs/BENCHMARKS.md has the effect at 100,000 pkt/s.
 COALESCE_US = 30
+USER_SLOTS = 65536  # per-user bandwidth buckets in the engine (_native.c USER_SLOTS)
 
 
 def native_available() -> tuple[bool, str]:
@@ -181,6 +182,13 @@ class NativeDataPlane(DataPlane):
         # Which peer IPs the C side may forward Send indications to by itself: those the peer
         # policy allows on every port (see bind_policy).  Until bound: none (all via the core).
         self._send_fast: Callable[[str], bool] = lambda ip: False
+        # Bandwidth caps (bytes/s, 0 = unlimited).  Per-user buckets live in the engine's slot
+        # array; a username holds a slot while it has native allocations.
+        self._caps = (0, 0, 0)
+        self._user_slot: dict[str, list[int]] = {}  # user -> [slot, allocations]
+        self._slot_of: dict[int, str] = {}  # alloc_id -> user
+        self._free_slots: list[int] = []
+        self._next_slot = 0
 
     def start(self, listeners: Sequence[socket.socket]) -> None:
         """Take ownership of the listener sockets (one per relay thread) and start the threads."""
@@ -195,6 +203,8 @@ class NativeDataPlane(DataPlane):
             s.detach()  # the engine closes them
         engine.start()
         self.engine = engine
+        if self._caps[2]:
+            engine.set_total_rate(self._caps[2])
         self.transports = [NativeTransport(engine, k) for k in range(len(listeners))]
 
     def bind_policy(self, allowed_on_every_port: Callable[[str], bool]) -> None:
@@ -218,6 +228,7 @@ class NativeDataPlane(DataPlane):
         reserve_token: bytes | None = None,
         use_token: bytes | None = None,
         dont_fragment: bool = False,
+        user: str = "",
     ) -> RelayGrant:
         t = sink.transport
         if not isinstance(t, NativeTransport) or t.engine is not self.engine or sink.addr is None:
@@ -230,6 +241,7 @@ class NativeDataPlane(DataPlane):
                 reserve_token=reserve_token,
                 use_token=use_token,
                 dont_fragment=dont_fragment,
+                user=user,
             )
         sock = self._py.relay_socket(
             family,
@@ -239,7 +251,11 @@ class NativeDataPlane(DataPlane):
             dont_fragment=dont_fragment,
         )
         ip, port = sock.getsockname()[:2]
-        self.engine.add_allocation(alloc_id, t.thread, sock.detach(), family, sink.addr)
+        slot = self._take_slot(user)
+        self.engine.add_allocation(
+            alloc_id, t.thread, sock.detach(), family, sink.addr, slot, self._caps[0]
+        )
+        self._slot_of[alloc_id] = user
         self._native.add(alloc_id)
         return RelayGrant(family, ip, port)
 
@@ -251,10 +267,55 @@ class NativeDataPlane(DataPlane):
             return self._py.remove_allocation(alloc_id)
         self._native.discard(alloc_id)
         c = self.engine.remove_allocation(alloc_id)
+        self._give_slot(self._slot_of.pop(alloc_id, None))
         if c is None:
             return AllocationCounters()
         self._ended_kernel += c[5]
-        return AllocationCounters(*c[:5])
+        return AllocationCounters(c[0], c[1], c[2], c[3], c[4], c[6])
+
+    # -- bandwidth caps -------------------------------------------------------------------
+
+    def set_bandwidth(self, per_allocation: int, per_user: int, total: int) -> None:
+        self._caps = (per_allocation, per_user, total)
+        self._py.set_bandwidth(per_allocation, per_user, total)
+        if self.engine is None:
+            return
+        self.engine.set_total_rate(total)
+        for slot, _ in self._user_slot.values():
+            self.engine.set_user_rate(slot, per_user)
+        for alloc_id in self._native:
+            self.engine.set_allocation_rate(alloc_id, per_allocation)
+
+    def set_allocation_rate(self, alloc_id: int, rate: int) -> None:
+        if alloc_id in self._native:
+            self.engine.set_allocation_rate(alloc_id, rate)
+        else:
+            self._py.set_allocation_rate(alloc_id, rate)
+
+    def _take_slot(self, user: str) -> int:
+        """The engine slot of ``user``'s bucket (a fresh, full one for a new user); -1 when
+        every slot is taken (that user's allocations then have no per-user cap)."""
+        entry = self._user_slot.get(user)
+        if entry is None:
+            if self._free_slots:
+                slot = self._free_slots.pop()
+            elif self._next_slot < USER_SLOTS:
+                slot, self._next_slot = self._next_slot, self._next_slot + 1
+            else:
+                return -1
+            self.engine.set_user_rate(slot, self._caps[1])
+            entry = self._user_slot[user] = [slot, 0]
+        entry[1] += 1
+        return entry[0]
+
+    def _give_slot(self, user: str | None) -> None:
+        entry = self._user_slot.get(user) if user is not None else None
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self._user_slot[user]  # type: ignore[arg-type]
+            self._free_slots.append(entry[0])
 
     def add_permission(self, alloc_id: int, peer_ip: str) -> None:
         if alloc_id in self._native:
@@ -294,7 +355,9 @@ class NativeDataPlane(DataPlane):
         if alloc_id not in self._native:
             return self._py.counters(alloc_id)
         c = self.engine.counters(alloc_id)
-        return AllocationCounters(*c[:5]) if c is not None else AllocationCounters()
+        if c is None:
+            return AllocationCounters()
+        return AllocationCounters(c[0], c[1], c[2], c[3], c[4], c[6])
 
     def totals(self) -> AllocationCounters:
         t = self._py.totals()
@@ -305,6 +368,7 @@ class NativeDataPlane(DataPlane):
             t.pkts_to_client += n[2]
             t.bytes_to_client += n[3]
             t.dropped += n[4]
+            t.dropped_bandwidth += n[5]
         return t
 
     def stats(self) -> dict[str, int]:

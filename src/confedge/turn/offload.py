@@ -284,6 +284,7 @@ class OffloadDataPlane(DataPlane):
         self.bpf = bpf
         self.listener = listener  # the UDP TURN port's (address, port): source towards clients
         self._allocs: dict[int, _Alloc] = {}
+        self._capped = False  # a bandwidth cap is set: nothing is offloaded (set_bandwidth)
         self._free = list(range(_MAX_SLOTS - 1, -1, -1))
         self._ended = AllocationCounters()
 
@@ -378,6 +379,7 @@ class OffloadDataPlane(DataPlane):
         reserve_token: bytes | None = None,
         use_token: bytes | None = None,
         dont_fragment: bool = False,
+        user: str = "",
     ) -> RelayGrant:
         grant = self.inner.add_allocation(
             alloc_id,
@@ -388,14 +390,31 @@ class OffloadDataPlane(DataPlane):
             reserve_token=reserve_token,
             use_token=use_token,
             dont_fragment=dont_fragment,
+            user=user,
         )
         client = sink.addr
-        if family != 4 or client is None or ":" in client[0]:
-            client = None  # TCP/TLS clients and IPv6 stay in user space
+        if family != 4 or client is None or ":" in client[0] or self._capped:
+            # TCP/TLS clients and IPv6 stay in user space; so does everything while a
+            # bandwidth cap is set (the kernel program has no token bucket: docs/TURN.md).
+            client = None
         self._allocs[alloc_id] = _Alloc(
             (client[0], client[1]) if client else None, (grant.ip, grant.port)
         )
         return grant
+
+    def set_bandwidth(self, per_allocation: int, per_user: int, total: int) -> None:
+        """Caps apply packet by packet in the wrapped data plane, which the kernel path would
+        bypass: while any cap is set, no channel is offloaded (live ones come out at once)."""
+        self.inner.set_bandwidth(per_allocation, per_user, total)
+        self._capped = bool(per_allocation or per_user or total)
+        if self._capped:
+            for alloc_id in list(self._allocs):
+                self.keep_in_user_space(alloc_id)
+
+    def set_allocation_rate(self, alloc_id: int, rate: int) -> None:
+        self.inner.set_allocation_rate(alloc_id, rate)
+        if rate:
+            self.keep_in_user_space(alloc_id)
 
     def release_reservation(self, token: bytes) -> None:
         self.inner.release_reservation(token)

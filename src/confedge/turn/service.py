@@ -29,6 +29,7 @@ from confedge.guard.hook import GuardHook
 from .auth import RestCredentials
 from .core import TurnCore
 from .dataplane import DataPlane, UdpDataPlane
+from .drain import parse_alternate
 from .listeners import RelayedConnection, TcpConnection, UdpListener
 from .native import (
     NativeDataPlane,
@@ -220,6 +221,7 @@ class TurnService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._relay: asyncio.AbstractServer | None = None
         self._relay_dir: str | None = None
+        self._drained: asyncio.Future[None] | None = None
 
     @property
     def host(self) -> str:
@@ -263,6 +265,7 @@ class TurnService:
             wall_offset=time.time() - loop.time(),
             nonce_key=self.nonce_key,
         )
+        self.core.on_drained = self._on_drained
         self.core.set_host_addresses(loop.time(), self.host_addresses.start(loop.time()))
         self._bind_native_policy(self.core)
         if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
@@ -465,6 +468,7 @@ class TurnService:
             if self.core is not None:
                 try:
                     self.core.tick(loop.time())
+                    self.core.sample(loop.time())
                     self._refresh_host_addresses(loop.time())
                 except Exception:  # a bug here must not stop expiry forever
                     log.exception("TURN timer sweep failed")
@@ -568,6 +572,143 @@ class TurnService:
             "realm": realm,
         }
 
+    # -- drain ----------------------------------------------------------------------------------
+
+    def start_drain(self, alternate: str | None = None) -> asyncio.Future[None]:
+        """Take this TURN server out of service without cutting a call (SPEC §9, issue 15).
+
+        From now on a new Allocate is answered with 300 Try Alternate and ALTERNATE-SERVER
+        (RFC 8489 §10, RFC 8656 §6.2) naming ``alternate`` ("ip:port", "[v6]:port" or "ip"
+        for port 3478; None = ``turn.alternate_server``), or, with neither, 508 Insufficient
+        Capacity (RFC 8656 §7.2, the client tries another server).  Existing allocations keep
+        relaying and may be refreshed, get permissions and channels, until they end (refresh
+        to 0, expiry, TCP close).
+
+        Returns a future that is resolved when the last allocation has ended (at once if there
+        are none); the same future until :meth:`cancel_drain`.  ``drain_state()`` says what is
+        left.  Raises ValueError for an ``alternate`` that is not an address.  Calling it again
+        while draining changes the alternate and returns the same future.  The caller decides
+        what to do at the end (``confedge drain`` exits the process) and about a deadline
+        (``drain_timeout``): this method never ends an allocation itself."""
+        core, loop = self.core, self._loop
+        if core is None or loop is None:
+            raise RuntimeError("TurnService.start_drain() before start()")
+        alt = parse_alternate(alternate) if alternate is not None else None
+        if self._drained is None or (self._drained.done() and not core.drain.active):
+            self._drained = loop.create_future()
+        was = core.drain.active
+        core.start_drain(loop.time(), alt)
+        if not was:
+            where = core.drain.alternate
+            log.info(
+                "TURN draining: %d allocations left; new Allocates get %s",
+                len(core.allocations),
+                f"300 Try Alternate to {where[0]}:{where[1]}" if where else "508",
+            )
+        return self._drained
+
+    def cancel_drain(self) -> None:
+        """Back in service: new Allocates are answered again.  A pending future from
+        :meth:`start_drain` is cancelled."""
+        if self.core is not None and self.core.drain.active:
+            self.core.cancel_drain()
+            log.info("TURN drain cancelled: accepting allocations again")
+        if self._drained is not None and not self._drained.done():
+            self._drained.cancel()
+        self._drained = None
+
+    def _on_drained(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            log.info("TURN drained: the last allocation has ended")
+            self._drained.set_result(None)
+
+    def drain_state(self) -> dict[str, Any]:
+        """``draining`` (bool), ``since`` (seconds ago), ``alternate`` ("ip:port" or None),
+        ``allocations`` left, and Allocates ``redirected`` (300) and ``refused`` (508) since
+        draining began: for the status page, /metrics and ``confedge drain``."""
+        core, loop = self.core, self._loop
+        if core is None or loop is None:
+            return {"draining": False, "allocations": 0}
+        d = core.drain
+        alt = d.alternate
+        return {
+            "draining": d.active,
+            "since": round(loop.time() - d.since, 1) if d.active else None,
+            "alternate": (f"[{alt[0]}]:{alt[1]}" if ":" in alt[0] else f"{alt[0]}:{alt[1]}")
+            if alt
+            else None,
+            "allocations": len(core.allocations),
+            "redirected": d.redirected,
+            "refused": d.refused,
+        }
+
+    def live(self, top: int = 20) -> dict[str, Any]:
+        """Live figures for the status page and /metrics (issue 15), plain data:
+
+        * ``throughput``: bytes/s relayed to peers and to clients over the last second;
+        * ``top``: the ``top`` allocations moving the most now, each with user, client,
+          transport, relay address, bytes/s and bytes each way, packets dropped over a
+          bandwidth cap, and age in seconds (counters sampled once a second while it lives);
+        * ``answers``: error answers sent since start, as (code, cause, count) -- 401, 403,
+          438, 486, 508 and 300 by the check that gave them; code 0 counts unauthenticated
+          requests left unanswered because the ``unauth_budget`` was spent;
+        * ``lifetimes``: ended allocations' lifetimes as cumulative (le, count) buckets, with
+          ``sum`` and ``count``;
+        * ``bandwidth``: the caps in force (bytes/s each direction, 0 = unlimited) and the
+          policy; ``drain``: :meth:`drain_state`."""
+        core, loop = self.core, self._loop
+        if core is None or loop is None:
+            return {}
+        now = loop.time()
+        allocs = sorted(
+            core.allocations.values(),
+            key=lambda a: a.rate.to_peer + a.rate.to_client,
+            reverse=True,
+        )
+        rows = []
+        for a in allocs[:top]:
+            relay = a.relay
+            rows.append(
+                {
+                    "id": a.id,
+                    "user": a.username,
+                    "client": f"{a.client.ip}:{a.client.port}",
+                    "transport": a.client.transport,
+                    "relay": f"[{relay.ip}]:{relay.port}"
+                    if relay.family == 6
+                    else f"{relay.ip}:{relay.port}",
+                    "rate_to_peer": round(a.rate.to_peer),
+                    "rate_to_client": round(a.rate.to_client),
+                    "bytes_to_peer": a.rate.bytes_to_peer,
+                    "bytes_to_client": a.rate.bytes_to_client,
+                    "dropped_bandwidth": a.rate.dropped_bandwidth,
+                    "age": round(now - a.created, 1),
+                }
+            )
+        s = core.s
+        h = core.lifetimes
+        return {
+            "throughput": {
+                "to_peer": round(core.relay_rate[0]),
+                "to_client": round(core.relay_rate[1]),
+            },
+            "top": rows,
+            "answers": [[c, cause, n] for (c, cause), n in sorted(core.answers.counts.items())],
+            "lifetimes": {
+                # JSON has no infinity: the last bound is the string "+Inf"
+                "buckets": [[b if b != float("inf") else "+Inf", n] for b, n in h.cumulative()],
+                "sum": h.total,
+                "count": h.n,
+            },
+            "bandwidth": {
+                "per_allocation": s.bandwidth_per_allocation,
+                "per_user": s.bandwidth_per_user,
+                "total": s.bandwidth_total,
+                "policy": s.bandwidth_policy,
+            },
+            "drain": self.drain_state(),
+        }
+
     def stats(self) -> dict[str, int]:
         """Allocations now, and bytes/packets relayed each way since start."""
         if self.core is None:
@@ -578,6 +719,7 @@ class TurnService:
                 "bytes_to_client": 0,
                 "packets_to_client": 0,
                 "dropped_no_permission": 0,
+                "dropped_bandwidth": 0,
             }
         return self.core.stats()
 

@@ -129,6 +129,9 @@ class MemoryDataPlane(DataPlane):
         self.sent: list[tuple[int, tuple[str, int], bytes]] = []
         self.released: list[bytes] = []
         self._ended = AllocationCounters()
+        self.bandwidth = (0, 0, 0)
+        # Traffic a test pretends was relayed, per allocation (counters() and totals() read it).
+        self.traffic: dict[int, AllocationCounters] = {}
 
     def families(self) -> set[int]:
         return {4, 6} if self.v6 else {4}
@@ -144,6 +147,7 @@ class MemoryDataPlane(DataPlane):
         reserve_token: bytes | None = None,
         use_token: bytes | None = None,
         dont_fragment: bool = False,
+        user: str = "",
     ) -> RelayGrant:
         if len(self.allocations) >= self.capacity:
             raise CapacityError("memory data plane full")
@@ -164,6 +168,8 @@ class MemoryDataPlane(DataPlane):
             "client": client_key,
             "port": port,
             "dont_fragment": dont_fragment,
+            "user": user,
+            "rate": None,
             "perms": set(),
             "channels": {},
         }
@@ -172,6 +178,13 @@ class MemoryDataPlane(DataPlane):
     def release_reservation(self, token: bytes) -> None:
         self.released.append(token)
         self.reservations.pop(token, None)
+
+    def set_bandwidth(self, per_allocation: int, per_user: int, total: int) -> None:
+        self.bandwidth = (per_allocation, per_user, total)
+
+    def set_allocation_rate(self, alloc_id: int, rate: int) -> None:
+        if alloc_id in self.allocations:
+            self.allocations[alloc_id]["rate"] = rate
 
     def remove_allocation(self, alloc_id: int) -> AllocationCounters:
         self.allocations.pop(alloc_id, None)
@@ -196,10 +209,14 @@ class MemoryDataPlane(DataPlane):
         return False
 
     def counters(self, alloc_id: int) -> AllocationCounters:
-        return AllocationCounters()
+        return self.traffic.get(alloc_id, AllocationCounters())
 
     def totals(self) -> AllocationCounters:
-        return AllocationCounters(pkts_to_peer=len(self.sent))
+        t = AllocationCounters(pkts_to_peer=len(self.sent))
+        for c in self.traffic.values():
+            t.bytes_to_peer += c.bytes_to_peer
+            t.bytes_to_client += c.bytes_to_client
+        return t
 
     def close(self) -> None:
         self.allocations.clear()
