@@ -297,6 +297,8 @@ class ProxyConfig(_Strict):
     trusted_proxies: list[CIDR] = Field(default_factory=list)
     access_log: str = ""  # "" = standard error log stream; else a file path
     static: list[StaticMount] = Field(default_factory=list)
+    http2: bool = True  # ALPN "h2" to clients (docs/PROXY.md "HTTP/2"); nodes stay HTTP/1.1
+    http2_max_streams: int = Field(default=100, ge=1, le=1000)  # SETTINGS_MAX_CONCURRENT_STREAMS
 
     @property
     def node_addresses(self) -> list[NodeAddress]:

@@ -252,3 +252,14 @@ def test_run_with_a_busy_port_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert f"turn.port: cannot listen for TURN/STUN (udp) on 127.0.0.1:{port}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_http2_keys() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.proxy.http2 is True and cfg.proxy.http2_max_streams == 100
+    off = parse_config({**MINIMAL, "proxy": {**MINIMAL["proxy"], "http2": False}})
+    assert off.proxy.http2 is False
+    (problem,) = errors({**MINIMAL, "proxy": {**MINIMAL["proxy"], "http2_max_streams": 0}})
+    assert problem.startswith("proxy.http2_max_streams: 0")
+    (problem,) = errors({**MINIMAL, "proxy": {**MINIMAL["proxy"], "http2": "yes"}})
+    assert problem.startswith("proxy.http2:")

@@ -55,6 +55,7 @@ from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
 
 if TYPE_CHECKING:
+    from confedge.proxy.h2 import H2Client
     from confedge.proxy.redirect import RedirectConnection
     from confedge.proxy.server import ClientConnection
     from confedge.proxy.upstream import NodePool, UpstreamConnection
@@ -189,7 +190,10 @@ class WorkerRuntime:
             guard=self.guard is not None,
             ban_status=self.guard.ban_status if self.guard is not None else 429,
         )
-        self.clients: set[ClientConnection] = set()
+        self.clients: set[ClientConnection | H2Client] = set()
+        # proxy.http2: the HTTP/2 adapter's shared part (proxy/h2.py H2Runtime), set by
+        # ProxyWorker when ALPN offers "h2"; None keeps every connection on HTTP/1.1.
+        self.h2: Any = None
         # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
         # None keeps the HTTP path exactly as without the option.
         self.turn_share: TurnShare | None = None

@@ -191,6 +191,13 @@ class ClientConnection(asyncio.BufferedProtocol):
                 return
             self.sniff = b""
             self.in_head = True
+        h2 = core.h2
+        if h2 is not None and h2.selected(transport):
+            # ALPN "h2" (RFC 9113 §3.2): proxy/h2.py takes the connection over.
+            self.sniff = None
+            self._set_timeout(T_NONE, 0.0)
+            self.transport = None
+            h2.take(self, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.clients.discard(self)
