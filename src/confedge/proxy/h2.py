@@ -321,7 +321,7 @@ class H2Client(asyncio.Protocol):
         conn = self.conn
         try:
             conn.acknowledge_received_data(n, sid)
-        except h2.exceptions.StreamClosedError:
+        except h2.exceptions.ProtocolError:  # the stream is closed: the connection's share
             conn.increment_flow_control_window(n)
         self.flush()
 
@@ -746,7 +746,8 @@ class H2Stream:
                 self.client.conn.send_headers(
                     self.sid, [(b":status", b"%d" % status), *headers], end_stream=False
                 )
-            except h2.exceptions.StreamClosedError:
+            except h2.exceptions.ProtocolError:
+                # the stream is gone already (reset by the client in the same read)
                 self.done = True
                 return
             data = rest
@@ -785,7 +786,7 @@ class H2Stream:
                 conn.end_stream(sid)
                 self.done = True
                 client.stream_done(self)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        except h2.exceptions.ProtocolError:  # (StreamClosedError included)
             self.done = True
             self.static_iter = None
             self.pending.clear()
@@ -838,7 +839,7 @@ class H2Stream:
         self.done = True
         self.static_iter = None
         client = self.client
-        with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+        with contextlib.suppress(h2.exceptions.ProtocolError):
             client.conn.reset_stream(self.sid, error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
         client.stream_done(self)
         client.flush()
@@ -909,7 +910,10 @@ class H2Stream:
         ex.served_locally(resp.status, resp.length)
         self.exchange = ex
         empty = req.method == b"HEAD" or resp.length == 0
-        self.client.conn.send_headers(self.sid, h2_headers, end_stream=empty)
+        try:
+            self.client.conn.send_headers(self.sid, h2_headers, end_stream=empty)
+        except h2.exceptions.ProtocolError:
+            empty = True  # the stream is gone already
         if empty:
             self.done = True
             core.log_exchange(ex)
