@@ -56,7 +56,6 @@ import httptools
 from confedge.guard.addresses import in_networks
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
-    A_ASK_SESSION,
     A_CLOSE_CLIENT,
     A_CONNECT,
     A_FINISH,
@@ -65,14 +64,11 @@ from confedge.proxy.exchange import (
     A_MARK_FAILED,
     A_NODE_DONE,
     A_NODE_TIMER,
-    A_RECORD_FAILURE,
-    A_REMEMBER,
-    A_RESERVE_PIN,
-    A_SETTLE_PIN,
     BUFFERING,
     CONNECTING,
     Exchange,
 )
+from confedge.proxy.guardcalls import carry_guard
 from confedge.proxy.pages import error_response, retry_page_response
 from confedge.proxy.request import (
     ALLOWED_METHODS,
@@ -184,8 +180,15 @@ class H2Client(asyncio.Protocol):
         self.core = rt.core
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
+        # Inbound headers are validated (RFC 9113 §8.2: pseudo-headers, connection-specific
+        # fields, case); outbound ones are built here already lower-case from values httptools
+        # parsed, so hyper-h2's outbound checks are skipped (a third of its per-request cost).
         cfg = h2.config.H2Configuration(
-            client_side=False, header_encoding=None, validate_inbound_headers=True
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
         )
         self.conn = h2.connection.H2Connection(config=cfg)
         self.streams: dict[int, H2Stream] = {}
@@ -193,6 +196,7 @@ class H2Client(asyncio.Protocol):
         self.resets: collections.deque[float] = collections.deque()
         self.writing_paused = False
         self.closed = False
+        self.reading = False  # in data_received: one flush at its end
         # timers (proxy/timers.py): the preface within header_timeout, then idle_timeout
         # whenever no stream is open
         self.activity = False
@@ -235,10 +239,15 @@ class H2Client(asyncio.Protocol):
             self.flush()
             self.close()
             return
-        for ev in events:
-            self.event(ev)
-            if self.closed:
-                return
+        # Everything this read causes goes out as one write (one TLS record where it fits).
+        self.reading = True
+        try:
+            for ev in events:
+                self.event(ev)
+                if self.closed:
+                    break
+        finally:
+            self.reading = False
         self.flush()
 
     def event(self, ev: h2.events.Event) -> None:
@@ -309,6 +318,8 @@ class H2Client(asyncio.Protocol):
     # -- helpers --------------------------------------------------------------------------------
 
     def flush(self) -> None:
+        if self.reading:
+            return  # data_received flushes once at its end
         data = self.conn.data_to_send()
         t = self.transport
         if data and t is not None and not t.is_closing():
@@ -326,6 +337,8 @@ class H2Client(asyncio.Protocol):
         self.flush()
 
     def close(self) -> None:
+        self.reading = False
+        self.flush()  # a GOAWAY queued by hyper-h2 goes first
         self.closed = True
         t = self.transport
         if t is not None:
@@ -639,35 +652,7 @@ class H2Stream:
         elif kind in (A_ABORT_CLIENT, A_CLOSE_CLIENT):
             self.reset()
         else:
-            self.act_guard(ex, kind, arg)
-
-    def act_guard(self, ex: Exchange, kind: int, arg: Any) -> None:
-        guard = self.core.guard
-        if guard is None:
-            return
-        ip = ex.client_ip
-        if kind == A_ASK_SESSION:
-            guard.session_known(ip, arg, lambda known: self.guard_session(ex, known))
-        elif kind == A_RESERVE_PIN:
-            alias, ttl = arg
-            guard.reserve_pin(ip, alias, ttl, lambda t, r: self.guard_admitted(ex, t, r))
-        elif kind == A_SETTLE_PIN:
-            ticket, alias, pin, failed = arg
-            guard.settle_pin(ticket, ip, alias, pin, failed)
-        elif kind == A_REMEMBER:
-            token, lifetime = arg
-            guard.remember_session(ip, token, lifetime)
-        elif kind == A_RECORD_FAILURE:
-            alias, pin = arg
-            guard.record_pin_failure(ip, alias, pin)
-
-    def guard_session(self, ex: Exchange, known: bool) -> None:
-        ex.guard_session(known, self.core.loop.time())
-        self.drive(ex)
-
-    def guard_admitted(self, ex: Exchange, ticket: str | None, retry_after: float) -> None:
-        ex.guard_admitted(ticket, retry_after, self.core.loop.time())
-        self.drive(ex)
+            carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time)
 
     # -- node connections -----------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ import httptools
 from confedge.guard.addresses import in_networks
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
-    A_ASK_SESSION,
     A_CLOSE_CLIENT,
     A_CONNECT,
     A_FINISH,
@@ -38,15 +37,12 @@ from confedge.proxy.exchange import (
     A_NO_TUNNEL,
     A_NODE_DONE,
     A_NODE_TIMER,
-    A_RECORD_FAILURE,
-    A_REMEMBER,
-    A_RESERVE_PIN,
-    A_SETTLE_PIN,
     A_TUNNEL,
     BUFFERING,
     CONNECTING,
     Exchange,
 )
+from confedge.proxy.guardcalls import carry_guard
 from confedge.proxy.pages import error_response, retry_page_response, status_line
 from confedge.proxy.request import (
     ALLOWED_METHODS,
@@ -584,35 +580,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.tunnel = False
             self.tunnel_buffer = None
         else:
-            self._act_guard(ex, kind, arg)
-
-    def _act_guard(self, ex: Exchange, kind: int, arg: Any) -> None:
-        guard = self.core.guard
-        if guard is None:
-            return
-        ip = ex.client_ip
-        if kind == A_ASK_SESSION:
-            guard.session_known(ip, arg, lambda known: self._guard_session(ex, known))
-        elif kind == A_RESERVE_PIN:
-            alias, ttl = arg
-            guard.reserve_pin(ip, alias, ttl, lambda t, r: self._guard_admitted(ex, t, r))
-        elif kind == A_SETTLE_PIN:
-            ticket, alias, pin, failed = arg
-            guard.settle_pin(ticket, ip, alias, pin, failed)
-        elif kind == A_REMEMBER:
-            token, lifetime = arg
-            guard.remember_session(ip, token, lifetime)
-        elif kind == A_RECORD_FAILURE:
-            alias, pin = arg
-            guard.record_pin_failure(ip, alias, pin)
-
-    def _guard_session(self, ex: Exchange, known: bool) -> None:
-        ex.guard_session(known, self.core.loop.time())
-        self.drive(ex)
-
-    def _guard_admitted(self, ex: Exchange, ticket: str | None, retry_after: float) -> None:
-        ex.guard_admitted(ticket, retry_after, self.core.loop.time())
-        self.drive(ex)
+            carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time)
 
     def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
         """A node connection for `ex` (from the pool or newly opened: NodePool.connect)."""
