@@ -19,7 +19,7 @@ import httpx
 import hyperframe.frame as hf
 import pytest
 import uvloop
-from proxy_upstream import Upstream, client_ssl, proxy_config
+from proxy_upstream import Upstream, client_ssl, guarded_config, proxy_config
 
 from confedge.proxy.h2 import RESET_LIMIT
 from confedge.proxy.service import ProxyService
@@ -350,3 +350,60 @@ async def test_h2load(proxy):
     assert "Application protocol: h2" in text
     assert "200 succeeded, 0 failed, 0 errored" in text, text
     assert "status codes: 200 2xx" in text, text
+
+
+async def test_guard_counts_pin_guesses_over_h2(nodes, tmp_path):
+    """The guard on HTTP/2: PIN guesses on several streams of one connection (sent at once, so
+    the in-flight reservations cap them) are counted, then the address is banned."""
+    from confedge.guard import create_guard
+
+    svc = ProxyService(
+        guarded_config([nodes[0].address], str(tmp_path)), guard_factory=create_guard
+    )
+    await svc.start()
+    try:
+        path = "/api/client/v2/conferences/meet/request_token"
+        async with _client(svc.https_port) as c:
+            r = await c.post(path, headers={"pin": "1234"}, content=b"{}")
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
+            rs = await asyncio.gather(
+                *[c.post(path, headers={"pin": f"99{i:02d}"}, content=b"{}") for i in range(6)]
+            )
+            codes = sorted(x.status_code for x in rs)
+            assert set(codes) <= {403, 429} and 429 in codes, codes
+            before = len(nodes[0].requests())
+            r = await c.post(path, headers={"pin": "1234"}, content=b"{}")
+            assert r.status_code == 429 and "retry-after" in r.headers
+            r = await c.get("/api/client/v2/echo")
+            assert r.status_code == 429
+            assert len(nodes[0].requests()) == before  # banned: nothing reaches the node
+    finally:
+        await svc.close()
+
+
+async def test_stalled_request_body_times_out_over_h2(nodes, tmp_path):
+    """body_timeout on HTTP/2: a stream that announces a body and never sends it gets 408,
+    and nothing reaches a node."""
+    svc = await _proxy(nodes, tmp_path, body_timeout=0.5)
+    try:
+        port = svc.https_port
+        reader, writer, conn = await _raw_h2(port)
+        hdrs = [*_req("/api/client/v2/echo", port), ("content-length", "100")]
+        hdrs[0] = (":method", "POST")
+        conn.send_headers(1, hdrs, end_stream=False)
+        conn.send_data(1, b"x" * 10)
+        writer.write(conn.data_to_send())
+        status = 0
+        start = time.monotonic()
+        while not status and time.monotonic() - start < 5:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+            writer.write(conn.data_to_send())
+        assert status == 408
+        assert 0.4 < time.monotonic() - start < 3
+        assert [r for n in nodes for r in n.requests()] == []
+        writer.close()
+    finally:
+        await svc.close()
