@@ -407,3 +407,55 @@ async def test_stalled_request_body_times_out_over_h2(nodes, tmp_path):
         writer.close()
     finally:
         await svc.close()
+
+
+async def test_fast_upload_to_a_slow_node_is_held_back(nodes, tmp_path):
+    """Request-body backpressure on HTTP/2: while the node does not read (/slowupload waits
+    1 s), the proxy stops giving the client window once the node connection's buffers are
+    full, so the client cannot push the whole 32 MB into the proxy's memory."""
+    size = 32 * 1024 * 1024
+    svc = await _proxy(
+        nodes, tmp_path, max_body_bytes=size, request_buffer_bytes=65536, read_timeout=10
+    )
+    try:
+        port = svc.https_port
+        reader, writer, conn = await _raw_h2(port)
+        hdrs = [*_req("/slowupload", port), ("content-length", str(size))]
+        hdrs[0] = (":method", "POST")
+        conn.send_headers(1, hdrs, end_stream=False)
+        writer.write(conn.data_to_send())
+        sent = 0
+        sent_while_waiting = 0
+        status = 0
+        body = b""
+        chunk = b"u" * 16384
+        start = time.monotonic()
+        while not status or body[-1:] != b"}":
+            window = conn.local_flow_control_window(1) if sent < size else 0
+            if window > 0:
+                n = min(window, len(chunk), size - sent)
+                sent += n
+                conn.send_data(1, chunk[:n], end_stream=sent == size)
+                writer.write(conn.data_to_send())
+                await writer.drain()
+                if any(n.slow_upload_waiting for n in nodes):
+                    sent_while_waiting = sent
+                continue
+            data = await asyncio.wait_for(reader.read(65536), 10)
+            assert data, "connection closed"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    body += ev.data
+                    conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+            writer.write(conn.data_to_send())
+            if any(n.slow_upload_waiting for n in nodes):
+                sent_while_waiting = sent
+            assert time.monotonic() - start < 30
+        assert status == 200 and json.loads(body)["body_len"] == size
+        # held back: window + node connection buffers (a few MB), not the 32 MB
+        assert 0 < sent_while_waiting < 12 * 1024 * 1024, sent_while_waiting
+        writer.close()
+    finally:
+        await svc.close()
