@@ -459,3 +459,33 @@ async def test_fast_upload_to_a_slow_node_is_held_back(nodes, tmp_path):
         writer.close()
     finally:
         await svc.close()
+
+
+async def test_static_mount_and_head_over_h2(nodes, tmp_path):
+    """Static mounts (a file bigger than the stream window, read as the window opens), HEAD
+    (headers only, END_STREAM on HEADERS) and 304 revalidation over HTTP/2."""
+    www = tmp_path / "www"
+    www.mkdir()
+    big = bytes(range(256)) * 4096  # 1 MiB
+    (www / "big.bin").write_bytes(big)
+    (www / "index.html").write_bytes(b"<!doctype html><title>brand</title>")
+    svc = await _proxy(nodes, tmp_path, static=[{"prefix": "/branding/", "path": str(www)}])
+    try:
+        async with _client(svc.https_port) as c:
+            r = await c.get("/branding/big.bin")
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
+            assert r.content == big
+            r = await c.get("/branding/")
+            assert b"<title>brand</title>" in r.content
+            etag = r.headers.get("etag")
+            if etag:
+                r = await c.get("/branding/", headers={"If-None-Match": etag})
+                assert r.status_code == 304 and r.content == b""
+            r = await c.head("/branding/big.bin")
+            assert r.status_code == 200 and r.content == b""
+            assert r.headers["content-length"] == str(len(big))
+            r = await c.head("/api/client/v2/echo")
+            assert r.status_code == 200 and r.content == b""
+        assert [x for n in nodes for x in n.requests() if "branding" in x.target] == []
+    finally:
+        await svc.close()

@@ -465,6 +465,7 @@ class H2Stream:
         self.exchange: Exchange | None = None
         self.up: NodeConn | None = None
         self.head: bytes | None = b""  # the core's HTTP/1.1 head until it is complete
+        self.out_head: list[tuple[bytes, bytes]] | None = None  # HEADERS not yet sent
         self.pending: collections.deque[bytes] = collections.deque()
         self.pending_bytes = 0
         self.ending = False  # END_STREAM once pending is sent
@@ -596,7 +597,6 @@ class H2Stream:
             for data in out:
                 self.write(data)
             out.clear()
-            self.pump()
         out = ex.to_node
         if out:
             up = self.up
@@ -608,6 +608,9 @@ class H2Stream:
             actions, ex.actions = ex.actions, []
             for kind, arg in actions:
                 self.act(ex, kind, arg)
+        # Once, after the decisions: a complete response goes out as HEADERS + DATA with
+        # END_STREAM on the last frame (no empty DATA frame to end it).
+        self.pump()
         self.client.flush()
 
     def act(self, ex: Exchange, kind: int, arg: Any) -> None:
@@ -727,14 +730,7 @@ class H2Stream:
                 return
             self.head = None
             status, headers, rest = parsed
-            try:
-                self.client.conn.send_headers(
-                    self.sid, [(b":status", b"%d" % status), *headers], end_stream=False
-                )
-            except h2.exceptions.ProtocolError:
-                # the stream is gone already (reset by the client in the same read)
-                self.done = True
-                return
+            self.out_head = [(b":status", b"%d" % status), *headers]
             data = rest
         if data:
             self.pending.append(data)
@@ -750,6 +746,17 @@ class H2Stream:
         sid = self.sid
         pending = self.pending
         try:
+            head = self.out_head
+            if head is not None:
+                self.out_head = None
+                last = self.ending and not pending and self.static_iter is None
+                conn.send_headers(sid, head, end_stream=last)
+                if last:
+                    self.ending = False
+                    self.done = True
+                    client.stream_done(self)
+                    client.flush()
+                    return
             while not client.writing_paused:
                 if not pending:
                     if self.static_iter is None or not self.read_static():
@@ -765,7 +772,13 @@ class H2Stream:
                 else:
                     pending.popleft()
                 self.pending_bytes -= len(chunk)
-                conn.send_data(sid, chunk)
+                last = self.ending and not pending and self.static_iter is None
+                conn.send_data(sid, chunk, end_stream=last)
+                if last:
+                    self.ending = False
+                    self.done = True
+                    client.stream_done(self)
+                    break
             if not pending and self.ending and self.static_iter is None:
                 self.ending = False
                 conn.end_stream(sid)
@@ -811,11 +824,7 @@ class H2Stream:
         """The response is complete: END_STREAM after what is pending."""
         if self.done:
             return
-        if self.head is not None:
-            # a response without body bytes yet: the head is all there is
-            self.write(b"")
-        self.ending = True
-        self.pump()
+        self.ending = True  # (drive pumps after its decisions)
 
     def reset(self) -> None:
         """A truncated response (or a stalled client): RST_STREAM, so the client notices."""
