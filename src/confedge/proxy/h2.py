@@ -867,6 +867,12 @@ class H2Stream:
         self.exchange = None
         self.client.rt.timed.discard(self)
         self.pump()
+        if self.done and not req.complete:
+            # RFC 9113 §8.1: the answer is complete, the request body is not wanted; without
+            # this the client could go on sending it (acknowledged and dropped) indefinitely.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.client.conn.reset_stream(self.sid, error_code=h2.errors.ErrorCodes.NO_ERROR)
+            self.client.flush()
         self.log_local(status, len(data), ex)
 
     def log_local(self, status: int, nbytes: int, ex: Exchange | None) -> None:
