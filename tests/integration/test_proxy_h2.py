@@ -489,3 +489,35 @@ async def test_static_mount_and_head_over_h2(nodes, tmp_path):
         assert [x for n in nodes for x in n.requests() if "branding" in x.target] == []
     finally:
         await svc.close()
+
+
+async def test_body_over_the_limit_stops_the_upload(nodes, tmp_path):
+    """A chunked (no Content-Length) upload past max_body_bytes: 413, then RST_STREAM
+    NO_ERROR so the client stops sending; the connection serves the next stream."""
+    svc = await _proxy(nodes, tmp_path, max_body_bytes=50000)
+    try:
+        port = svc.https_port
+        reader, writer, conn = await _raw_h2(port)
+        hdrs = [*_req("/api/client/v2/echo", port)]
+        hdrs[0] = (":method", "POST")
+        conn.send_headers(1, hdrs, end_stream=False)
+        for _ in range(4):
+            conn.send_data(1, b"z" * 16000)  # 64000 bytes, within the initial window
+        writer.write(conn.data_to_send())
+        status, reset = 0, None
+        while reset is None:
+            data = await asyncio.wait_for(reader.read(65536), 5)
+            assert data
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.StreamReset):
+                    reset = ev.error_code
+            writer.write(conn.data_to_send())
+        assert status == 413 and reset == 0  # NO_ERROR
+        writer.close()
+        assert [r for n in nodes for r in n.requests()] == []
+        async with _client(port) as c:
+            assert (await c.get("/api/client/v2/echo")).status_code == 200
+    finally:
+        await svc.close()
