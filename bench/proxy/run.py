@@ -52,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
+H2LOAD = shutil.which("h2load") or "/usr/bin/h2load"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 # The listeners' ports; _pick_ports() replaces them with ports free at start in PORT_RANGE, so
@@ -136,7 +137,8 @@ _MAPS = "\n".join(
 # Differences, all forced by the bench host: paths under the work dir, worker_rlimit_nofile and
 # worker_connections raised to fit --sse streams (the reference's 8192 per worker would cap it),
 # round-robin instead of the template's ip_hash (wrk comes from one address: ip_hash would send
-# everything to one node), no http2 (wrk speaks HTTP/1.1 only).
+# everything to one node), http2 on the TLS listener (the h2-* scenarios; wrk offers no ALPN, so
+# the wrk scenarios stay on HTTP/1.1 exactly as before).
 REFERENCE_NGINX = """
 worker_processes auto;
 daemon off;
@@ -179,7 +181,7 @@ http {{
         return 301 https://$host$request_uri;
     }}
     server {{
-        listen 127.0.0.1:{https_port} ssl default_server;
+        listen 127.0.0.1:{https_port} ssl http2 default_server;
         ssl_certificate {w}/cert.pem;
         ssl_certificate_key {w}/key.pem;
         ssl_session_timeout 5m;
@@ -467,6 +469,66 @@ def run_wrk(url: str, duration: int, connections: int, threads: int, pid: int) -
     }
 
 
+def run_h2load(
+    url: str, duration: int, connections: int, threads: int, pid: int, streams: int = 10
+) -> dict[str, Any]:
+    """h2load (nghttp2-client) over TLS with ALPN h2: `connections` clients with up to `streams`
+    requests in flight each. p50/p99 come from its per-request log (h2load itself prints only
+    mean and sd); the same fields as run_wrk."""
+    with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".tsv") as logf:
+        cpu0 = cpu_seconds(pid)
+        out = subprocess.run(
+            [
+                H2LOAD,
+                "-t",
+                str(threads),
+                "-c",
+                str(connections),
+                "-m",
+                str(streams),
+                "-D",
+                str(duration),
+                "--log-file",
+                logf.name,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=duration + 60,
+            check=True,
+        ).stdout
+        cpu = cpu_seconds(pid) - cpu0
+        rows = [line.split("\t") for line in Path(logf.name).read_text().splitlines() if line]
+    if "Application protocol: h2" not in out:
+        raise SystemExit(f"h2load did not negotiate h2 with {url}:\n{out}")
+    m = re.search(
+        r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        out,
+    )
+    assert m is not None, out
+    done, _ok, failed, errored, timeouts = (int(x) for x in m.groups())
+    rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)[1])  # type: ignore[index]
+    durations = sorted(int(r[2]) for r in rows if len(r) >= 3 and r[1] != "-1")
+    status_bad = sum(1 for r in rows if len(r) >= 2 and not ("200" <= r[1] < "400"))
+
+    def pct(q: float) -> float:
+        return (
+            durations[min(len(durations) - 1, int(q * len(durations)))] / 1000 if durations else 0
+        )
+
+    return {
+        "requests": done,
+        "rps": rps,
+        "p50_ms": pct(0.50),
+        "p99_ms": pct(0.99),
+        "cpu_s": round(cpu, 3),
+        "cpu_us_per_req": round(cpu / done * 1e6, 2) if done else None,
+        "non_2xx_3xx": status_bad,
+        "socket_errors": failed + errored + timeouts,
+    }
+
+
 SCENARIOS = {
     # name: (scheme, path, description)
     "https-status": (
@@ -476,7 +538,18 @@ SCENARIOS = {
     ),
     "https-1k": ("https", "/webapp/home", "TLS, GET /webapp/home (1 KB body)"),
     "http-redirect": ("http", "/webapp/home", "plain HTTP port: 301 to https (no upstream)"),
+    # HTTP/2 to the client (ALPN h2), HTTP/1.1 to the nodes; h2load, 10 streams per connection.
+    "h2-status": ("h2", "/api/client/v2/status", "TLS + HTTP/2 (h2load), GET status"),
+    "h2-1k": ("h2", "/webapp/home", "TLS + HTTP/2 (h2load), GET /webapp/home (1 KB body)"),
 }
+
+
+def _load(scheme: str, http: int, https: int, path: str) -> tuple[Any, str]:
+    """The load tool and URL for a scenario's scheme (h2: h2load over https)."""
+    if scheme == "h2":
+        return run_h2load, f"https://127.0.0.1:{https}{path}"
+    port = https if scheme == "https" else http
+    return run_wrk, f"{scheme}://127.0.0.1:{port}{path}"
 
 
 def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
@@ -493,20 +566,18 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
             runs: dict[str, list[dict[str, Any]]] = {srv: [] for srv in ports}
             for server in ports:  # warm-up: pools, TLS sessions, caches
                 http, https, pid = ports[server]
-                port = https if scheme == "https" else http
-                run_wrk(
-                    f"{scheme}://127.0.0.1:{port}{path}", 2, args.connections, args.threads, pid
-                )
+                tool, url = _load(scheme, http, https, path)
+                tool(url, 2, args.connections, args.threads, pid)
             for rnd in range(args.rounds):
                 order = list(ports) if rnd % 2 == 0 else list(reversed(ports))
                 for server in order:
                     http, https, pid = ports[server]
-                    port = https if scheme == "https" else http
+                    tool, url = _load(scheme, http, https, path)
                     spy = None
                     if args.profile and server == "confedge" and rnd == 0:
                         spy = _start_profile(args.profile, name, pid, args.duration)
-                    r = run_wrk(
-                        f"{scheme}://127.0.0.1:{port}{path}",
+                    r = tool(
+                        url,
                         args.duration,
                         args.connections,
                         args.threads,

@@ -400,6 +400,9 @@ class ProxyConfig(_Strict):
             )
         return v
 
+    http2: bool = True  # ALPN "h2" to clients (docs/PROXY.md "HTTP/2"); nodes stay HTTP/1.1
+    http2_max_streams: int = Field(default=100, ge=1, le=1000)  # SETTINGS_MAX_CONCURRENT_STREAMS
+
     @property
     def node_addresses(self) -> list[NodeAddress]:
         return [NodeAddress.parse(n) for n in self.nodes]

@@ -5,7 +5,8 @@
 // through the proxy. Each event carries the node's send time; the page notes its arrival time.
 //
 // Usage: node proxy_chromium_driver.mjs '<json>' where json = {url, count, timeoutMs, chromium}.
-// Prints one JSON line: {ok, status, title, why, got: [{seq, sent, recv}], error}.
+// Prints one JSON line: {ok, status, title, protocols: {nav, sse}, why,
+// got: [{seq, sent, recv}], error}.
 
 import fs from 'node:fs';
 import os from 'node:os';
@@ -31,7 +32,14 @@ try {
   const resp = await page.goto(cfg.url + '/page.html');
   const title = await page.title();
   const r = await page.evaluate(([n, t]) => collect(n, t), [cfg.count, cfg.timeoutMs]);
-  out = { ok: r.why === 'ok', status: resp ? resp.status() : null, title, ...r };
+  // The protocol each load used ("h2" over HTTP/2, "http/1.1"): the page's navigation, and
+  // the EventSource's stream once it has ended (a resource entry appears when a fetch ends).
+  const protocols = await page.evaluate(() => ({
+    nav: performance.getEntriesByType('navigation')[0].nextHopProtocol,
+    sse: performance.getEntriesByType('resource')
+      .filter((e) => e.name.includes('/events')).map((e) => e.nextHopProtocol),
+  }));
+  out = { ok: r.why === 'ok', status: resp ? resp.status() : null, title, protocols, ...r };
 } catch (err) {
   out = { ok: false, error: String((err && err.stack) || err) };
 } finally {

@@ -36,11 +36,12 @@ pytestmark = [
 
 
 @pytest.mark.timeout(60)
-async def test_page_and_event_source_through_proxy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("http2", [True, False], ids=["h2", "http1.1"])
+async def test_page_and_event_source_through_proxy(tmp_path: Path, http2: bool) -> None:
     up = Upstream(events=EVENTS, interval=0.1)
     await up.start()
     try:
-        async with running_proxy(tmp_path, [up.port], PORTS) as info:
+        async with running_proxy(tmp_path, [up.port], PORTS, http2=http2) as info:
             await wait_healthy(info["https"])
             cfg = {
                 "url": info["https"].rstrip("/"),
@@ -61,6 +62,12 @@ async def test_page_and_event_source_through_proxy(tmp_path: Path) -> None:
     worst = max(delays)
     print(f"SSE event delays through the proxy: max {worst:.1f} ms, all {delays}")
     assert worst < MAX_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
+    # proxy.http2 (on by default): the page and its EventSource came over h2 (ALPN), or over
+    # HTTP/1.1 with the option off.
+    proto = "h2" if http2 else "http/1.1"
+    assert out["protocols"]["nav"] == proto, out["protocols"]
+    assert out["protocols"]["sse"], out["protocols"]
+    assert set(out["protocols"]["sse"]) == {proto}, out["protocols"]
     # The page and the stream really went through the proxy to the node.
     assert any(t.startswith(b"/page.html") for t in up.requests)
     assert any(t.startswith(b"/api/client/v2/conferences/e2e/events") for t in up.requests)

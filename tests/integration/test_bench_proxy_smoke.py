@@ -36,6 +36,7 @@ def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
             "--scenarios",
             "https-status",
             "http-redirect",
+            *(["h2-status"] if shutil.which("h2load") else []),
             f"--out={out}",
         ],
         capture_output=True,
@@ -47,7 +48,10 @@ def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["build"] in ("interpreted", "compiled (mypyc)")
     assert "| scenario | req/s confedge/nginx |" in proc.stdout
-    for scenario in ("https-status", "http-redirect"):
+    scenarios = ["https-status", "http-redirect"]
+    if shutil.which("h2load"):
+        scenarios.append("h2-status")  # HTTP/2 to clients (proxy/h2.py) against nginx's http2
+    for scenario in scenarios:
         for server in ("nginx", "confedge"):
             m = data["throughput"][scenario][server]["median"]
             assert m["rps"] > 100, (scenario, server, m)

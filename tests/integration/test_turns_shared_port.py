@@ -381,3 +381,19 @@ async def test_ipv6_client_address_reaches_turn(tmp_path: Path, workers: int) ->
     async with running(tmp_path, workers=workers, host="::1") as (rt, _):
         mapped, me = await binding_over_tls(rt.proxy.https_port, None, host="::1")
     assert mapped == ("::1", me[1])
+
+
+async def test_h2_alongside_turn_on_the_https_port(tmp_path: Path) -> None:
+    """With turn.tls_on_https, ALPN is stun.turn, h2, http/1.1: a browser offering h2 gets
+    HTTP/2 (never sniffed as TURN: "PRI * HTTP/2.0" is neither STUN nor ChannelData), and
+    TURN by first bytes keeps working next to it."""
+    import httpx
+
+    assert classify(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") != FIRST_TURN
+    async with running(tmp_path) as (rt, _node):
+        port = rt.proxy.https_port
+        async with httpx.AsyncClient(http2=True, verify=client_ssl()) as c:
+            r = await c.get(f"https://localhost:{port}/api/client/v2/echo")
+        assert r.status_code == 200 and r.http_version == "HTTP/2"
+        mapped, _ = await binding_over_tls(port, None)
+        assert mapped[0] == "127.0.0.1"

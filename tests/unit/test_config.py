@@ -275,3 +275,14 @@ def test_drain_and_health_keys() -> None:
         3600.0,
         "/lb",
     )
+
+
+def test_http2_keys() -> None:
+    cfg = parse_config(MINIMAL)
+    assert cfg.proxy.http2 is True and cfg.proxy.http2_max_streams == 100
+    off = parse_config({**MINIMAL, "proxy": {**MINIMAL["proxy"], "http2": False}})
+    assert off.proxy.http2 is False
+    (problem,) = errors({**MINIMAL, "proxy": {**MINIMAL["proxy"], "http2_max_streams": 0}})
+    assert problem.startswith("proxy.http2_max_streams: 0")
+    (problem,) = errors({**MINIMAL, "proxy": {**MINIMAL["proxy"], "http2": "yes"}})
+    assert problem.startswith("proxy.http2:")

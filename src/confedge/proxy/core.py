@@ -57,6 +57,7 @@ from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
 
 if TYPE_CHECKING:
+    from confedge.proxy.h2 import H2Client
     from confedge.proxy.redirect import RedirectConnection
     from confedge.proxy.server import ClientConnection
     from confedge.proxy.upstream import NodePool, UpstreamConnection
@@ -158,7 +159,10 @@ class WorkerRuntime:
         self.latency: dict[str, list[float]] = {}
         # Guard decisions about proxied requests, by kind (banned, pin_admitted, ...).
         self.guard_decisions: dict[str, int] = {}
-        self.clients: set[ClientConnection] = set()
+        self.clients: set[ClientConnection | H2Client] = set()
+        # proxy.http2: the HTTP/2 adapter's shared part (proxy/h2.py H2Runtime), set by
+        # ProxyWorker when ALPN offers "h2"; None keeps every connection on HTTP/1.1.
+        self.h2: Any = None
         # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
         # None keeps the HTTP path exactly as without the option.
         self.turn_share: TurnShare | None = None
@@ -324,10 +328,15 @@ class WorkerRuntime:
     # -- drain (confedge/drain.py) ------------------------------------------------------------
 
     def close_idle(self) -> None:
-        """Listeners closed (drain): close client connections with nothing in progress."""
-        from confedge.proxy.server import T_IDLE
+        """Listeners closed (drain): close client connections with nothing in progress (an
+        HTTP/2 connection without open streams gets a GOAWAY first, RFC 9113 §6.8)."""
+        from confedge.proxy.server import T_IDLE, ClientConnection
 
         for c in list(self.clients):
+            if not isinstance(c, ClientConnection):
+                if not c.streams and not c.closed:
+                    c.on_timeout()  # GOAWAY, then close
+                continue
             if (
                 c.exchange is None
                 and c.tmode == T_IDLE
@@ -340,27 +349,33 @@ class WorkerRuntime:
     def sessions(self, limit: int = SESSIONS_SHOWN) -> list[dict[str, Any]]:
         """The longest-running proxied exchanges now on a node (SSE streams, WebSockets, long
         polls), with the node's name, for the status page: [{client, node, path, kind, age}]."""
+        from confedge.proxy.server import ClientConnection
+
         now = self.loop.time()
         rows: list[tuple[float, dict[str, Any]]] = []
         for c in self.clients:
-            ex = c.exchange
-            if ex is None or ex.node < 0 or not ex.addrs:
-                continue
-            req = ex.req
-            kind = "websocket" if c.tunnel else ("sse" if ex.sse else "request")
-            age = now - ex.upstream_time
-            rows.append(
-                (
-                    age,
-                    {
-                        "client": ex.client_ip,
-                        "node": ex.addrs[-1],
-                        "path": req.target.partition("?")[0][:SESSION_PATH_MAX],
-                        "kind": kind,
-                        "age": round(age, 1),
-                    },
+            if isinstance(c, ClientConnection):
+                found = [(c.exchange, c.tunnel)]
+            else:  # HTTP/2: one exchange per stream, no tunnels
+                found = [(st.exchange, False) for st in c.streams.values()]
+            for ex, tunnel in found:
+                if ex is None or ex.node < 0 or not ex.addrs:
+                    continue
+                req = ex.req
+                kind = "websocket" if tunnel else ("sse" if ex.sse else "request")
+                age = now - ex.upstream_time
+                rows.append(
+                    (
+                        age,
+                        {
+                            "client": ex.client_ip,
+                            "node": ex.addrs[-1],
+                            "path": req.target.partition("?")[0][:SESSION_PATH_MAX],
+                            "kind": kind,
+                            "age": round(age, 1),
+                        },
+                    )
                 )
-            )
         rows.sort(key=lambda r: r[0], reverse=True)
         return [r for _, r in rows[:limit]]
 

@@ -20,8 +20,9 @@ queued:
 `state` is one `State`; every change goes through `_go`, which checks `TRANSITIONS` (a change
 the table does not allow is a bug and raises `ExchangeError`). The adapters in this package are
 server.py (HTTP/1.1 client side, httptools) and upstream.py (HTTP/1.1 node side); an HTTP/2
-adapter drives one Exchange per stream the same way (it writes `to_client` as DATA frames: the
-core's HTTP/1.1 framing is off for it with `h1_client=False`... see `plan_response`).
+adapter (proxy/h2.py) drives one Exchange per stream the same way: its requests have version
+"2.0", for which `plan_response` frames nothing (no chunked coding), and it turns the head in
+`to_client` into a HEADERS frame and the body bytes into DATA frames.
 
 Failover (SPEC §2, `may_retry`): the request head for the nodes is built once as bytes; body
 chunks are written through as they arrive *and* retained until the response head is committed,
@@ -422,7 +423,7 @@ def plan_response(
         until_close = not chunked_in
         if version == "1.0":
             close = True
-        else:
+        elif version != "2.0":  # HTTP/2 (proxy/h2.py) frames the body itself: DATA frames
             chunked = True
             parts.append(b"Transfer-Encoding: chunked\r\n")
     if close or not keep_alive:

@@ -28,7 +28,6 @@ import httptools
 from confedge.guard.addresses import in_networks
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
-    A_ASK_SESSION,
     A_CLOSE_CLIENT,
     A_CONNECT,
     A_FINISH,
@@ -38,15 +37,12 @@ from confedge.proxy.exchange import (
     A_NO_TUNNEL,
     A_NODE_DONE,
     A_NODE_TIMER,
-    A_RECORD_FAILURE,
-    A_REMEMBER,
-    A_RESERVE_PIN,
-    A_SETTLE_PIN,
     A_TUNNEL,
     BUFFERING,
     CONNECTING,
     Exchange,
 )
+from confedge.proxy.guardcalls import carry_guard
 from confedge.proxy.pages import error_response, retry_page_response, status_line
 from confedge.proxy.request import (
     ALLOWED_METHODS,
@@ -193,6 +189,13 @@ class ClientConnection(asyncio.BufferedProtocol):
                 return
             self.sniff = b""
             self.in_head = True
+        h2 = core.h2
+        if h2 is not None and h2.selected(transport):
+            # ALPN "h2" (RFC 9113 §3.2): proxy/h2.py takes the connection over.
+            self.sniff = None
+            self._set_timeout(T_NONE, 0.0)
+            self.transport = None
+            h2.take(self, transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.core.clients.discard(self)
@@ -590,39 +593,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.tunnel = False
             self.tunnel_buffer = None
         else:
-            self._act_guard(ex, kind, arg)
-
-    def _act_guard(self, ex: Exchange, kind: int, arg: Any) -> None:
-        guard = self.core.guard
-        if guard is None:
-            return
-        ip = ex.client_ip
-        if kind == A_ASK_SESSION:
-            guard.session_known(ip, arg, lambda known: self._guard_session(ex, known))
-        elif kind == A_RESERVE_PIN:
-            alias, ttl = arg
-            guard.reserve_pin(ip, alias, ttl, lambda t, r: self._guard_admitted(ex, t, r))
-        elif kind == A_SETTLE_PIN:
-            ticket, alias, pin, failed = arg
-            self.core.guard_decided("pin_failure" if failed else "pin_accepted")
-            guard.settle_pin(ticket, ip, alias, pin, failed)
-        elif kind == A_REMEMBER:
-            token, lifetime = arg
-            guard.remember_session(ip, token, lifetime)
-        elif kind == A_RECORD_FAILURE:
-            alias, pin = arg
-            self.core.guard_decided("pin_failure")
-            guard.record_pin_failure(ip, alias, pin)
-
-    def _guard_session(self, ex: Exchange, known: bool) -> None:
-        self.core.guard_decided("session_known" if known else "session_unknown")
-        ex.guard_session(known, self.core.loop.time())
-        self.drive(ex)
-
-    def _guard_admitted(self, ex: Exchange, ticket: str | None, retry_after: float) -> None:
-        self.core.guard_decided("pin_admitted" if ticket is not None else "pin_held_back")
-        ex.guard_admitted(ticket, retry_after, self.core.loop.time())
-        self.drive(ex)
+            carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time, core.guard_decided)
 
     def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
         """A node connection for `ex` (from the pool or newly opened: NodePool.connect)."""

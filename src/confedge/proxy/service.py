@@ -98,6 +98,8 @@ class ProxyWorker:
         # RFC 7443 §4: with TURN on this port, "stun.turn" is offered too, first, so that a
         # client offering it gets it (OpenSSL picks in the server's order).
         alpn = ("http/1.1",) if self.turn_share is None else (ALPN_STUN_TURN, "http/1.1")
+        if cfg.proxy.http2:
+            alpn = (*alpn[:-1], "h2", "http/1.1")  # RFC 9113 §3.2: h2 preferred to http/1.1
         self.tls = TLSContextHolder(cfg, alpn=alpn)
         if self.shared_guard is not None:
             self.guard = self.shared_guard
@@ -119,6 +121,10 @@ class ProxyWorker:
         )
         self.core = core
         core.turn_share = self.turn_share
+        if cfg.proxy.http2:
+            from confedge.proxy.h2 import H2Runtime
+
+            core.h2 = H2Runtime(core, max_streams=cfg.proxy.http2_max_streams)
         core.start()
         self._https_addrs = [s.getsockname()[:2] for s in https_socks]
         self._http_addrs = [s.getsockname()[:2] for s in http_socks]

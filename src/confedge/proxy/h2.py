@@ -1,0 +1,1031 @@
+"""HTTP/2 to clients (RFC 9113): the second client adapter on the exchange core.
+
+Theory of operation
+-------------------
+A TLS connection whose handshake selected ALPN ``h2`` (RFC 9113 §3.2) is handed, in
+`ClientConnection.connection_made`, to an `H2Client`: hyper-h2 (`h2.connection.H2Connection`,
+itself sans-I/O) turns the bytes into events, and each request stream becomes one `H2Stream`
+driving one `exchange.Exchange`, exactly as the HTTP/1.1 adapter drives one per request. The
+nodes keep speaking HTTP/1.1: every stream gets its own node connection (`NodeConn`, from a
+small keep-alive list per client connection), so one slow stream never blocks another.
+
+The core is told the request is HTTP "2.0"; `plan_response` then frames nothing (no chunked
+coding, no Connection header) and the adapter turns the head the core queued into a HEADERS
+frame (hop-by-hop fields dropped, RFC 9113 §8.2.2) and the body bytes into DATA frames.
+
+Every per-request protection of the HTTP/1.1 path applies here too, through the same code:
+the canonical target and Host checks (`WorkerRuntime.target`/`check_host`, on ``:path`` and
+``:authority``), header limits (also advertised as SETTINGS_MAX_HEADER_LIST_SIZE and
+SETTINGS_MAX_CONCURRENT_STREAMS), forwarding-header stripping and the guard (in the core),
+body limits, the body timeout, and the access log. Extended CONNECT (RFC 8441) is not offered,
+so WebSockets use HTTP/1.1 (browsers open a separate HTTP/1.1 connection for them).
+
+Flow control (RFC 9113 §5.2): response bytes go out only as far as the stream's and the
+connection's send windows allow; the rest waits in the stream's `pending` list. When that
+passes `STREAM_BUFFER` bytes the stream's node connection stops being read (TCP backpressure
+on the node), and reading resumes once the client opened the window and the backlog drained
+below half. Nothing buffers a whole response. Request bodies are acknowledged (WINDOW_UPDATE)
+only once written on to the node; while the node's write buffer is full they are not, so a
+client that uploads faster than the node reads runs out of window.
+
+Rapid reset (CVE-2023-44487): the client's RST_STREAMs are counted per connection in a
+sliding window; past `RESET_LIMIT` in `RESET_WINDOW` seconds the connection gets GOAWAY
+ENHANCE_YOUR_CALM and is closed. CONTINUATION floods are bounded by hyper-h2 (at most 64
+CONTINUATION frames per header block) and by SETTINGS_MAX_HEADER_LIST_SIZE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import httptools
+
+from confedge.guard.addresses import in_networks
+from confedge.proxy.exchange import (
+    A_ABORT_CLIENT,
+    A_CLOSE_CLIENT,
+    A_CONNECT,
+    A_FINISH,
+    A_LOCAL,
+    A_LOG,
+    A_MARK_FAILED,
+    A_NODE_DONE,
+    A_NODE_TIMER,
+    BUFFERING,
+    CONNECTING,
+    Exchange,
+)
+from confedge.proxy.guardcalls import carry_guard
+from confedge.proxy.pages import error_response, retry_page_response
+from confedge.proxy.request import (
+    ALLOWED_METHODS,
+    NOT_ALLOWED_METHODS,
+    Refused,
+    Request,
+    path_allowed,
+)
+from confedge.timers import Sweeper, arm, arm_idle, disarm
+
+if TYPE_CHECKING:
+    from confedge.proxy.core import WorkerRuntime
+    from confedge.proxy.upstream import NodePool
+
+__all__ = [
+    "ALPN_H2",
+    "RESET_LIMIT",
+    "RESET_WINDOW",
+    "STREAM_BUFFER",
+    "H2Client",
+    "H2Runtime",
+    "H2Stream",
+    "NodeConn",
+    "h1_head",
+    "h2_selected",
+]
+
+log = logging.getLogger("confedge.proxy")
+
+ALPN_H2 = "h2"
+STREAM_BUFFER = 256 * 1024  # response bytes held per stream before its node is paused
+RESET_LIMIT = 200  # client RST_STREAMs allowed per connection within RESET_WINDOW seconds
+RESET_WINDOW = 10.0
+_INF = math.inf
+
+# RFC 9113 §8.2.2: connection-specific fields must not appear in HTTP/2 (hyper-h2 refuses them
+# on the way in; on the way out the node's are dropped here).
+_H2_DROP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+    }
+)
+# Request headers the proxy reads (the HTTP/1.1 adapter's _STEER, for what HTTP/2 can carry).
+_STEER = frozenset({b"host", b"content-length", b"x-forwarded-for", b"user-agent", b"referer"})
+
+
+def h2_selected(transport: Any) -> bool:
+    """True when the TLS handshake selected ALPN "h2" (RFC 9113 §3.2)."""
+    ssl_object = transport.get_extra_info("ssl_object")
+    return ssl_object is not None and ssl_object.selected_alpn_protocol() == ALPN_H2
+
+
+def h1_head(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
+    """Split an HTTP/1.1 response head the core (or pages.py) produced into status, headers
+    for HTTP/2 (lower-case names, connection-specific fields dropped) and the bytes after it;
+    None while the head is incomplete."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = data[:end].split(b"\r\n")
+    status = int(lines[0][9:12])
+    headers: list[tuple[bytes, bytes]] = []
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        lname = name.strip().lower()
+        if lname in _H2_DROP:
+            continue
+        headers.append((lname, value.strip()))
+    return status, headers, data[end + 4 :]
+
+
+class H2Runtime:
+    """What the HTTP/2 connections of one worker share: their settings and one timer sweep
+    over their streams and node connections (proxy/timers.py)."""
+
+    def __init__(self, core: WorkerRuntime, *, max_streams: int) -> None:
+        self.core = core
+        self.max_streams = max_streams
+        self.timed: set[Any] = set()
+        self.sweeper = Sweeper(lambda: self.timed, core.sweep_interval)
+
+    @staticmethod
+    def selected(transport: Any) -> bool:
+        return h2_selected(transport)
+
+    def take(self, old: Any, transport: asyncio.Transport) -> None:
+        """Give `transport` (ALPN h2) to a new H2Client; `old` is the HTTP/1.1 protocol."""
+        core = self.core
+        core.clients.discard(old)
+        client = H2Client(self, transport, old.peer)
+        transport.set_protocol(client)
+        client.start()
+
+    def watch(self, c: Any) -> None:
+        self.timed.add(c)
+        self.sweeper.ensure()
+
+
+class H2Client(asyncio.Protocol):
+    """One HTTP/2 client connection (TLS terminated by the transport)."""
+
+    def __init__(self, rt: H2Runtime, transport: asyncio.Transport, peer: str) -> None:
+        self.rt = rt
+        self.core = rt.core
+        self.transport: asyncio.Transport | None = transport
+        self.peer = peer
+        # Inbound headers are validated (RFC 9113 §8.2: pseudo-headers, connection-specific
+        # fields, case); outbound ones are built here already lower-case from values httptools
+        # parsed, so hyper-h2's outbound checks are skipped (a third of its per-request cost).
+        cfg = h2.config.H2Configuration(
+            client_side=False,
+            header_encoding=None,
+            validate_inbound_headers=True,
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self.conn = h2.connection.H2Connection(config=cfg)
+        self.streams: dict[int, H2Stream] = {}
+        self.idle_nodes: dict[int, list[NodeConn]] = {}
+        self.resets: collections.deque[float] = collections.deque()
+        self.writing_paused = False
+        self.closed = False
+        self.reading = False  # in data_received: one flush at its end
+        # timers (proxy/timers.py): the preface within header_timeout, then idle_timeout
+        # whenever no stream is open
+        self.activity = False
+        self.deadline = _INF
+        self.timeout = 0.0
+
+    @property
+    def exchange(self) -> Any:
+        """Something in progress (ProxyWorker's drain waits while this is not None)."""
+        return self.streams or None
+
+    def start(self) -> None:
+        core = self.core
+        core.clients.add(self)
+        conn = self.conn
+        s = h2.settings.SettingCodes
+        conn.local_settings = h2.settings.Settings(
+            client=False,
+            initial_values={
+                s.MAX_CONCURRENT_STREAMS: self.rt.max_streams,
+                s.MAX_HEADER_LIST_SIZE: core.max_header_bytes,
+                s.ENABLE_PUSH: 0,
+            },
+        )
+        # hpack refuses a header block that decodes to more than this (RFC 9113 §6.5.2).
+        conn.decoder.max_header_list_size = core.max_header_bytes
+        conn.initiate_connection()
+        self.flush()
+        arm(self, core.loop.time(), core.header_timeout)
+
+    # -- asyncio callbacks ----------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        self.activity = True
+        try:
+            events = self.conn.receive_data(data)
+        except h2.exceptions.ProtocolError as exc:
+            # hyper-h2 has queued GOAWAY with the matching error code.
+            log.info("HTTP/2 protocol error from %s: %s", self.peer, exc)
+            self.flush()
+            self.close()
+            return
+        # Everything this read causes goes out as one write (one TLS record where it fits).
+        self.reading = True
+        try:
+            for ev in events:
+                self.event(ev)
+                if self.closed:
+                    break
+        finally:
+            self.reading = False
+        self.flush()
+
+    def event(self, ev: h2.events.Event) -> None:
+        if isinstance(ev, h2.events.RequestReceived):
+            self.request(ev.stream_id, ev.headers or [], ev.stream_ended is not None)
+        elif isinstance(ev, h2.events.DataReceived):
+            st = self.streams.get(ev.stream_id or 0)
+            if st is None:
+                self.ack(ev.stream_id or 0, ev.flow_controlled_length or 0)
+            else:
+                st.body(ev.data or b"", ev.flow_controlled_length or 0)
+        elif isinstance(ev, h2.events.StreamEnded):
+            st = self.streams.get(ev.stream_id or 0)
+            if st is not None:
+                st.end()
+        elif isinstance(ev, h2.events.StreamReset):
+            st = self.streams.pop(ev.stream_id or 0, None)
+            if st is not None:
+                st.lost()
+            if ev.remote_reset:
+                self.count_reset()
+        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            for st in list(self.streams.values()):
+                st.pump()
+        elif isinstance(ev, h2.events.ConnectionTerminated):
+            self.close()
+
+    def count_reset(self) -> None:
+        """Rapid reset (CVE-2023-44487): at most RESET_LIMIT client resets per RESET_WINDOW."""
+        now = self.core.loop.time()
+        q = self.resets
+        q.append(now)
+        while q and q[0] < now - RESET_WINDOW:
+            q.popleft()
+        if len(q) > RESET_LIMIT:
+            log.warning("HTTP/2 rapid reset from %s: connection closed", self.peer)
+            self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.flush()
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.core.clients.discard(self)
+        self.rt.timed.discard(self)
+        streams, self.streams = self.streams, {}
+        for st in streams.values():
+            st.lost()
+        for conns in self.idle_nodes.values():
+            for c in conns:
+                c.close()
+        self.idle_nodes.clear()
+        self.transport = None
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def pause_writing(self) -> None:
+        # The TLS write buffer is full: stop reading every stream's node.
+        self.writing_paused = True
+        for st in self.streams.values():
+            st.pause_node()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        for st in list(self.streams.values()):
+            st.pump()
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        if self.reading:
+            return  # data_received flushes once at its end
+        data = self.conn.data_to_send()
+        t = self.transport
+        if data and t is not None and not t.is_closing():
+            self.core.send(t, data)
+
+    def ack(self, sid: int, n: int) -> None:
+        """Give `n` bytes of receive window back (connection, and the stream if still open)."""
+        if n <= 0 or self.closed:
+            return
+        conn = self.conn
+        try:
+            conn.acknowledge_received_data(n, sid)
+        except h2.exceptions.ProtocolError:  # the stream is closed: the connection's share
+            conn.increment_flow_control_window(n)
+        self.flush()
+
+    def close(self) -> None:
+        self.reading = False
+        self.flush()  # a GOAWAY queued by hyper-h2 goes first
+        self.closed = True
+        t = self.transport
+        if t is not None:
+            self.core.close_after(t)
+
+    def abort(self) -> None:
+        t = self.transport
+        if t is not None:
+            t.abort()
+
+    def on_timeout(self) -> None:
+        # Idle (or no preface in time): a polite GOAWAY, then close.
+        self.conn.close_connection()
+        self.flush()
+        self.close()
+
+    def stream_done(self, st: H2Stream) -> None:
+        if self.streams.get(st.sid) is st:
+            del self.streams[st.sid]
+        if not self.streams:
+            arm_idle(self, self.core.loop.time(), self.core.idle_timeout)
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def request(self, sid: int, headers: list[tuple[bytes, bytes]], ended: bool) -> None:
+        disarm(self)
+        req = Request()
+        req.version = "2.0"
+        st = H2Stream(self, sid, req)
+        self.streams[sid] = st
+        try:
+            self.vet(req, headers)
+        except Refused as exc:
+            log.info(
+                "refused %d from %s: %s (target %r)", exc.status, self.peer, exc.reason, req.url
+            )
+            st.local(exc.status, detail=exc.reason)
+            return
+        if ended:
+            req.complete = True
+        st.start()
+
+    def vet(self, req: Request, headers: list[tuple[bytes, bytes]]) -> None:
+        """The HTTP/2 form of ClientConnection._vet: pseudo-headers to the request line and
+        Host (RFC 9113 §8.3.1), the same limits, target and Host checks."""
+        core = self.core
+        authority: bytes | None = None
+        cookies: list[bytes] = []
+        size = 0
+        for name, value in headers:
+            size += len(name) + len(value) + 32  # RFC 9113 §6.5.2's accounting
+            if name[:1] == b":":
+                if name == b":method":
+                    req.method = value
+                elif name == b":path":
+                    req.url = value
+                elif name == b":authority":
+                    authority = value
+                continue
+            if len(req.headers) >= core.max_headers:
+                raise Refused(431, "request headers too large or too many")
+            if name == b"cookie":
+                cookies.append(value)  # RFC 9113 §8.2.3: joined again for HTTP/1.1
+                continue
+            req.headers.append((name, name, value))
+            if name in _STEER:
+                if name == b"host":
+                    if req.host is not None:
+                        raise Refused(400, "more than one Host header")
+                    req.host = value
+                elif name == b"content-length":
+                    req.content_length = value
+                elif name == b"x-forwarded-for":
+                    req.xff = value if req.xff is None else req.xff + b", " + value
+                elif name == b"user-agent":
+                    req.ua = value
+                else:
+                    req.referer = value
+            elif name == b"pin":
+                req.pin = value
+            elif name == b"token":
+                req.session = True
+        if cookies:
+            req.headers.append((b"cookie", b"cookie", b"; ".join(cookies)))
+        req.header_bytes = size
+        if size > core.max_header_bytes:
+            raise Refused(431, "request headers too large or too many")
+        if len(req.url) > core.max_url_bytes:
+            raise Refused(414, "request target too long")
+        method = req.method
+        if method not in ALLOWED_METHODS:
+            # CONNECT (also RFC 8441's extended CONNECT, which is not offered) and TRACE: 405.
+            if method in NOT_ALLOWED_METHODS:
+                raise Refused(405, f"method {method.decode('latin-1')} refused")
+            raise Refused(501, f"method {method.decode('latin-1')} not implemented")
+        req.target = core.target(req.url)
+        if authority is not None:
+            if req.host is not None and req.host != authority:
+                raise Refused(400, "Host and :authority differ")
+            if req.host is None:
+                req.host = authority
+                req.headers.append((b"host", b"host", authority))
+        if req.host is None:
+            raise Refused(400, "missing :authority")
+        if not core.check_host(req.host):
+            raise Refused(400, "Host names another server")
+        cl = req.content_length
+        if cl is not None:
+            if not cl.isdigit():
+                raise Refused(400, "invalid Content-Length")
+            if int(cl) > core.max_body:
+                raise Refused(413, "request body too large")
+
+
+class H2Stream:
+    """One request stream: the owner of its exchange and of its node connection."""
+
+    def __init__(self, client: H2Client, sid: int, req: Request) -> None:
+        self.client = client
+        self.core = client.core
+        self.sid = sid
+        self.req = req
+        self.peer = client.peer
+        self.exchange: Exchange | None = None
+        self.up: NodeConn | None = None
+        self.head: bytes | None = b""  # the core's HTTP/1.1 head until it is complete
+        self.out_head: list[tuple[bytes, bytes]] | None = None  # HEADERS not yet sent
+        self.pending: collections.deque[bytes] = collections.deque()
+        self.pending_bytes = 0
+        self.ending = False  # END_STREAM once pending is sent
+        self.done = False
+        self.node_paused = False
+        self.unacked = 0  # request body bytes not yet acknowledged (node write buffer full)
+        self.body_paused = False
+        self.static_iter: Any = None
+        self.activity = False
+        self.deadline = _INF
+        self.timeout = 0.0
+
+    # -- request side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        core = self.core
+        req = self.req
+        expecting = not req.complete and req.content_length != b"0"
+        if expecting and req.content_length is None:
+            req.chunked = True  # a body of unknown length goes to the node chunked
+        client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
+        guard = core.guard
+        banned: float | None = None
+        if guard is not None:
+            banned = guard.check(client_ip)
+            if banned is not None and not (req.session or b"token=" in req.url):
+                retry = b"Retry-After: %d\r\n" % max(1, math.ceil(banned))
+                self.local(guard.ban_status, extra=retry)
+                return
+        path = req.target
+        static = core.static
+        if banned is None and static is not None and static.match(path.partition("?")[0]):
+            self.serve_static()
+            return
+        if core.allowlist and not path_allowed(path, core.allowlist):
+            self.local(404)
+            return
+        trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
+        now = core.loop.time()
+        ex = Exchange(
+            core.exchange_settings,
+            req,
+            client_ip=client_ip,
+            peer=self.peer,
+            trusted=trusted,
+            now=now,
+        )
+        ex.banned = banned
+        self.exchange = ex
+        if expecting:
+            # The whole body within body_timeout while it is buffered (as on HTTP/1.1).
+            arm(self, now, core.body_timeout)
+            self.client.rt.watch(self)
+        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer)
+        self.drive(ex)
+
+    def body(self, data: bytes, flow: int) -> None:
+        req = self.req
+        self.activity = True
+        req.body_size += len(data)
+        ex = self.exchange
+        if req.body_size > self.core.max_body:
+            if ex is not None:
+                ex.client_cancelled(self.core.loop.time())
+                self.drive(ex)
+            self.local(413, detail="request body too large")
+            self.client.ack(self.sid, flow)
+            return
+        if ex is None or ex.dead:
+            self.client.ack(self.sid, flow)
+            return
+        if ex.state == BUFFERING:
+            ex.request_body(data, self.core.loop.time())
+            if ex.state != BUFFERING:
+                arm_idle(self, self.core.loop.time(), self.core.body_timeout)
+        else:
+            ex.request_body(data, 0.0)
+        self.drive(ex)
+        if self.body_paused:
+            self.unacked += flow
+        else:
+            self.client.ack(self.sid, flow)
+
+    def end(self) -> None:
+        req = self.req
+        req.complete = True
+        ex = self.exchange
+        if ex is not None and not ex.dead:
+            disarm(self)
+            ex.request_end(self.core.loop.time())
+            self.drive(ex)
+
+    def pause(self, reason: int) -> None:
+        """The node's write buffer is full: stop giving the client request-body window."""
+        self.body_paused = True
+
+    def resume(self, reason: int) -> None:
+        self.body_paused = False
+        n, self.unacked = self.unacked, 0
+        self.client.ack(self.sid, n)
+
+    def lost(self) -> None:
+        """The client reset the stream or the connection went away."""
+        self.done = True
+        self.static_iter = None
+        self.client.rt.timed.discard(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.client_lost(self.core.loop.time())
+            self.drive(ex)
+
+    def on_timeout(self) -> None:
+        ex = self.exchange
+        if ex is not None and ex.committed:
+            self.reset()
+            return
+        if ex is not None:
+            ex.client_cancelled(self.core.loop.time())
+            self.drive(ex)
+        self.local(408)
+
+    # -- the exchange core's decisions ----------------------------------------------------------
+
+    def drive(self, ex: Exchange) -> None:
+        core = self.core
+        out = ex.to_client
+        if out:
+            for data in out:
+                self.write(data)
+            out.clear()
+        out = ex.to_node
+        if out:
+            up = self.up
+            if up is not None and up.transport is not None:
+                for data in out:
+                    core.send(up.transport, data)
+            out.clear()
+        if ex.actions:
+            actions, ex.actions = ex.actions, []
+            for kind, arg in actions:
+                self.act(ex, kind, arg)
+        # Once, after the decisions: a complete response goes out as HEADERS + DATA with
+        # END_STREAM on the last frame (no empty DATA frame to end it).
+        self.pump()
+        self.client.flush()
+
+    def act(self, ex: Exchange, kind: int, arg: Any) -> None:
+        core = self.core
+        if kind == A_NODE_DONE:
+            up = self.up
+            if up is not None:
+                self.up = None
+                up.owner = None
+                if arg:
+                    self.client_release(up)
+                else:
+                    up.close()
+        elif kind == A_LOG:
+            core.log_exchange(ex, truncated=arg)
+        elif kind == A_FINISH:
+            core.log_exchange(ex)
+            self.exchange = None
+            self.client.rt.timed.discard(self)
+            self.finish()
+        elif kind == A_NODE_TIMER:
+            up = self.up
+            if up is not None:
+                up.timeout, up.deadline = arg
+                up.activity = False
+        elif kind == A_CONNECT:
+            i, timeout = arg
+            idle = self.client.idle_nodes.get(i)
+            while idle:
+                conn = idle.pop()
+                if conn.transport is not None and not conn.transport.is_closing():
+                    self.node_ready(ex, conn, reused=True)
+                    return
+            core.loop.create_task(self.connect(ex, core.pools[i], timeout))
+        elif kind == A_MARK_FAILED:
+            i, reason, maintenance = arg
+            core.passive_failure(i, reason, maintenance=maintenance)
+        elif kind == A_LOCAL:
+            status, extra, retry_page = arg
+            self.exchange = None
+            self.local(status, extra=extra, retry_page=retry_page, ex=ex)
+        elif kind in (A_ABORT_CLIENT, A_CLOSE_CLIENT):
+            self.reset()
+        else:
+            carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time, core.guard_decided)
+
+    # -- node connections -----------------------------------------------------------------------
+
+    async def connect(self, ex: Exchange, pool: NodePool, timeout: float) -> None:
+        loop = self.core.loop
+        try:
+            async with asyncio.timeout(timeout):
+                _, proto = await loop.create_connection(
+                    lambda: NodeConn(self.client, pool.index),
+                    pool.host,
+                    pool.port,
+                    ssl=pool.ssl,
+                    server_hostname=pool.server_hostname,
+                )
+        except TimeoutError:
+            self.node_connect_failed(ex, pool.index, f"connect timeout ({timeout:g} s)")
+            return
+        except (OSError, ssl.SSLError) as exc:
+            self.node_connect_failed(ex, pool.index, f"connect error: {exc.strerror or exc}")
+            return
+        self.node_ready(ex, proto, reused=False)
+
+    def node_ready(self, ex: Exchange, conn: NodeConn, *, reused: bool) -> None:
+        if self.exchange is not ex or ex.state != CONNECTING:
+            self.client_release(conn)
+            return
+        self.up = conn
+        conn.owner = self
+        conn.reused = reused
+        ex.node_connected(self.core.loop.time(), reused=reused)
+        self.drive(ex)
+
+    def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None:
+        ex.node_connect_failed(i, reason, self.core.loop.time())
+        self.drive(ex)
+
+    def client_release(self, conn: NodeConn) -> None:
+        client = self.client
+        idle = client.idle_nodes.setdefault(conn.index, [])
+        if client.closed or len(idle) >= self.core.upstream_keepalive:
+            conn.close()
+            return
+        conn.owner = None
+        conn.got_bytes = False
+        arm(conn, self.core.loop.time(), self.core.upstream_idle)
+        idle.append(conn)
+
+    def pause_node(self) -> None:
+        up = self.up
+        if not self.node_paused and up is not None and up.transport is not None:
+            self.node_paused = True
+            up.transport.pause_reading()
+
+    def resume_node(self) -> None:
+        up = self.up
+        if self.node_paused:
+            self.node_paused = False
+            if up is not None and up.transport is not None:
+                up.transport.resume_reading()
+
+    # -- response side --------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Bytes from the core: the HTTP/1.1-style head first (to HEADERS), then body."""
+        if self.done:
+            return
+        head = self.head
+        if head is not None:
+            parsed = h1_head(head + data)
+            if parsed is None:
+                self.head = head + data
+                return
+            self.head = None
+            status, headers, rest = parsed
+            self.out_head = [(b":status", b"%d" % status), *headers]
+            data = rest
+        if data:
+            self.pending.append(data)
+            self.pending_bytes += len(data)
+
+    def pump(self) -> None:
+        """Send pending body bytes as far as the flow-control windows allow (RFC 9113 §5.2);
+        a static file is read a chunk at a time as the window takes it."""
+        if self.done:
+            return
+        client = self.client
+        conn = client.conn
+        sid = self.sid
+        pending = self.pending
+        try:
+            head = self.out_head
+            if head is not None:
+                self.out_head = None
+                last = self.ending and not pending and self.static_iter is None
+                conn.send_headers(sid, head, end_stream=last)
+                if last:
+                    self.ending = False
+                    self.done = True
+                    client.stream_done(self)
+                    client.flush()
+                    return
+            while not client.writing_paused:
+                if not pending:
+                    if self.static_iter is None or not self.read_static():
+                        break
+                    continue
+                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                if window <= 0:
+                    break
+                chunk = pending[0]
+                if len(chunk) > window:
+                    pending[0] = chunk[window:]
+                    chunk = chunk[:window]
+                else:
+                    pending.popleft()
+                self.pending_bytes -= len(chunk)
+                last = self.ending and not pending and self.static_iter is None
+                conn.send_data(sid, chunk, end_stream=last)
+                if last:
+                    self.ending = False
+                    self.done = True
+                    client.stream_done(self)
+                    break
+            if not pending and self.ending and self.static_iter is None:
+                self.ending = False
+                conn.end_stream(sid)
+                self.done = True
+                client.stream_done(self)
+        except h2.exceptions.ProtocolError:  # (StreamClosedError included)
+            self.done = True
+            self.static_iter = None
+            self.pending.clear()
+            self.pending_bytes = 0
+            client.stream_done(self)
+            return
+        if self.pending_bytes > STREAM_BUFFER or client.writing_paused:
+            self.pause_node()
+        elif self.pending_bytes < STREAM_BUFFER // 2:
+            self.resume_node()
+        client.flush()
+
+    def read_static(self) -> bool:
+        """One chunk of a static file into pending; False at its end (or a read error)."""
+        ex = self.exchange
+        try:
+            chunk = next(self.static_iter)
+        except StopIteration:
+            self.static_iter = None
+            self.exchange = None
+            if ex is not None:
+                self.core.log_exchange(ex)
+            self.ending = True
+            return False
+        except OSError:
+            self.static_iter = None
+            self.ending = False
+            self.reset()
+            return False
+        if ex is not None:
+            ex.sent += len(chunk)
+        self.pending.append(chunk)
+        self.pending_bytes += len(chunk)
+        return True
+
+    def finish(self) -> None:
+        """The response is complete: END_STREAM after what is pending."""
+        if self.done:
+            return
+        self.ending = True  # (drive pumps after its decisions)
+
+    def reset(self) -> None:
+        """A truncated response (or a stalled client): RST_STREAM, so the client notices."""
+        if self.done:
+            return
+        self.done = True
+        self.static_iter = None
+        client = self.client
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            client.conn.reset_stream(self.sid, error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
+        client.stream_done(self)
+        client.flush()
+
+    def local(
+        self,
+        status: int,
+        *,
+        extra: bytes = b"",
+        retry_page: bool = False,
+        ex: Exchange | None = None,
+        detail: str = "",
+    ) -> None:
+        """Answer from the proxy itself and end the stream (the connection stays)."""
+        if self.done:
+            return
+        core = self.core
+        req = self.req
+        date = core.date.header
+        head_only = req.method == b"HEAD"
+        if retry_page:
+            data = retry_page_response(status, date, close=False, head_only=head_only)
+        else:
+            data = error_response(
+                status, date, extra=extra, close=False, head_only=head_only, detail=detail
+            )
+        self.head = b""
+        self.pending.clear()
+        self.write(data)
+        self.ending = True
+        self.exchange = None
+        self.client.rt.timed.discard(self)
+        self.pump()
+        if self.done and not req.complete:
+            # RFC 9113 §8.1: the answer is complete, the request body is not wanted; without
+            # this the client could go on sending it (acknowledged and dropped) indefinitely.
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self.client.conn.reset_stream(self.sid, error_code=h2.errors.ErrorCodes.NO_ERROR)
+            self.client.flush()
+        self.log_local(status, len(data), ex)
+
+    def log_local(self, status: int, nbytes: int, ex: Exchange | None) -> None:
+        sink = self.core.access_log
+        if sink is None:
+            return
+        req = self.req
+        line = f"{req.method.decode('latin-1')} {req.url.decode('latin-1')} HTTP/2.0"
+        sink.log(
+            self.peer,
+            time.time(),
+            line,
+            status,
+            nbytes,
+            req.referer,
+            req.ua,
+            ", ".join(ex.addrs) or None if ex else None,
+            ", ".join(ex.statuses) or None if ex else None,
+            ", ".join(ex.times) or None if ex else None,
+        )
+
+    # -- static mounts --------------------------------------------------------------------------
+
+    def serve_static(self) -> None:
+        core = self.core
+        req = self.req
+        headers = {lname.decode("latin-1"): v.decode("latin-1") for lname, _, v in req.headers}
+        resp = core.static.respond(req.method.decode(), req.target, headers)
+        h2_headers = [(b":status", b"%d" % resp.status)]
+        h2_headers.append((b"date", core.date.header.partition(b":")[2].strip()))
+        for name, value in resp.headers:
+            h2_headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
+        self.head = None
+        ex = Exchange(core.exchange_settings, req, client_ip=self.peer, peer=self.peer)
+        ex.served_locally(resp.status, resp.length)
+        self.exchange = ex
+        empty = req.method == b"HEAD" or resp.length == 0
+        try:
+            self.client.conn.send_headers(self.sid, h2_headers, end_stream=empty)
+        except h2.exceptions.ProtocolError:
+            empty = True  # the stream is gone already
+        if empty:
+            self.done = True
+            core.log_exchange(ex)
+            self.client.stream_done(self)
+            self.client.flush()
+            return
+        self.static_iter = resp.iter_body()
+        self.pump()
+
+
+class NodeConn(asyncio.Protocol):
+    """One HTTP/1.1 connection to a node for HTTP/2 streams (the response-side adapter:
+    httptools events for the owning stream's exchange, as upstream.UpstreamConnection does for
+    HTTP/1.1 clients). Kept alive per client connection between its streams."""
+
+    def __init__(self, client: H2Client, index: int) -> None:
+        self.client = client
+        self.index = index
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.owner: H2Stream | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reused = False
+        self.got_bytes = False
+        self.now = 0.0
+        self.activity = False
+        self.deadline = _INF
+        self.timeout = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.client.rt.watch(self)
+
+    def data_received(self, data: bytes) -> None:
+        self.activity = True
+        self.got_bytes = True
+        owner = self.owner
+        ex = owner.exchange if owner is not None else None
+        if owner is None or ex is None:
+            self.close()  # bytes on an idle connection: the node broke framing
+            return
+        self.now = owner.core.loop.time()
+        try:
+            self.parser.feed_data(data)
+            if ex.head_out is not None:
+                ex.flush_head()
+        except httptools.HttpParserUpgrade:
+            owner.up = None
+            self.close()
+            ex.node_failed("unexpected upgrade from node", self.now)
+        except httptools.HttpParserError as exc:
+            owner.up = None
+            self.close()
+            ex.node_failed(f"invalid response from node: {exc}", self.now)
+        owner.drive(ex)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        rt = self.client.rt
+        rt.timed.discard(self)
+        idle = self.client.idle_nodes.get(self.index)
+        if idle is not None and self in idle:
+            idle.remove(self)
+        owner = self.owner
+        if owner is not None:
+            self.owner = None
+            if owner.up is self:
+                owner.up = None
+            ex = owner.exchange
+            if ex is not None:
+                ex.node_lost(rt.core.loop.time(), got_bytes=self.got_bytes)
+                owner.drive(ex)
+
+    def pause_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.pause(1)
+
+    def resume_writing(self) -> None:
+        if self.owner is not None:
+            self.owner.resume(1)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        owner = self.owner
+        if owner is not None and owner.exchange is not None:
+            owner.exchange.response_head(self.parser.get_status_code(), self.headers, self.now)
+        self.headers = []
+
+    def on_body(self, body: bytes) -> None:
+        owner = self.owner
+        if owner is not None and owner.exchange is not None:
+            owner.exchange.response_body(body)
+
+    def on_message_complete(self) -> None:
+        owner = self.owner
+        if owner is not None and owner.exchange is not None:
+            owner.exchange.response_end(self.parser.should_keep_alive(), self.now)
+
+    def on_timeout(self) -> None:
+        owner = self.owner
+        ex = owner.exchange if owner is not None else None
+        if owner is None or ex is None:
+            self.close()
+            return
+        ex.node_timeout(owner.core.loop.time())
+        owner.drive(ex)
+
+    def close(self) -> None:
+        self.owner = None
+        if self.transport is not None:
+            self.transport.abort()
