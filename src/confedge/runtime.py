@@ -30,14 +30,15 @@ DRAIN_TICK = 0.5
 # what is started at all. A reloaded file that changes one is refused, naming it.
 RESTART_KEYS: dict[str, tuple[str, ...]] = {
     "server": ("internal_address", "external_address", "state_dir"),
-    "proxy": ("enabled", "https_port", "http_port", "workers", "access_log"),
+    "proxy": ("enabled", "https_port", "http_port", "workers", "access_log", "http2",
+              "http2_max_streams"),
     "turn": (
         "enabled", "port", "tls_port", "relay_ports", "relay_address_v6", "tls_on_https",
-        "dataplane", "dataplane_threads", "mode",
+        "dataplane", "dataplane_threads", "mode", "offload",
     ),
     "guard": ("enabled", "store", "firewall"),
     "management": ("enabled", "port"),
-    "cluster": ("store", "instance"),
+    "cluster": ("store", "instance", "interval", "ttl"),
 }  # fmt: skip
 
 

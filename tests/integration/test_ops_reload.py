@@ -351,3 +351,18 @@ def test_restart_only_keys_are_named() -> None:
         "proxy.workers",
     ]
     assert restart_only_changes(base, base) == []
+    # Set up once at start (ALPN list, eBPF program, cluster publisher): refused, not ignored.
+    started_once = parse_config(
+        {
+            "proxy": {"nodes": ["10.0.0.1"], "http2": False, "http2_max_streams": 10},
+            "turn": {"enabled": False, "offload": "auto"},
+            "cluster": {"interval": 2.0, "ttl": 10.0},
+        }
+    )
+    assert restart_only_changes(base, started_once) == [
+        "proxy.http2",
+        "proxy.http2_max_streams",
+        "turn.offload",
+        "cluster.interval",
+        "cluster.ttl",
+    ]

@@ -219,3 +219,17 @@ def test_outbound_restricted_admits_media_nodes_dns_ntp_only() -> None:
     v4 = iptables_ruleset(CONFIGS["outbound"])[4]
     assert ":OUTPUT DROP [0:0]" in v4
     assert "-A OUTPUT -s 203.0.113.5 -p udp -m udp --sport 49152:65535" in v4
+
+
+def test_outbound_restricted_admits_pool_nodes_and_the_cluster_store() -> None:
+    """[[proxy.pools]] nodes are reached like proxy.nodes, and a [cluster] store on its own
+    host (or with the guard off) is reached like the guard's."""
+    cfg = _cfg(
+        proxy={"pools": [{"prefix": "/scheduling/", "nodes": ["10.0.1.7:8443"]}]},
+        cluster={"store": "redis://10.0.0.30:6379/1"},
+        firewall={"outbound": "restricted"},
+    )
+    text = nft_table(cfg)
+    assert 'ip daddr 10.0.0.11 tcp dport 443 accept comment "node"' in text
+    assert 'ip daddr 10.0.1.7 tcp dport 8443 accept comment "node"' in text
+    assert 'ip daddr 10.0.0.30 tcp dport 6379 accept comment "cluster store"' in text

@@ -37,8 +37,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
-from confedge.config import Config
+from confedge.config import Config, NodeAddress
 
 __all__ = [
     "BAN_SETS",
@@ -187,11 +188,14 @@ def _plan_outbound(cfg: Config, p: Plan) -> list[Outbound]:
     targets: list[tuple[str, str, int]] = []
     if cfg.proxy.enabled:
         targets += [("node", n.host, n.port) for n in cfg.proxy.node_addresses]
-    if cfg.guard.enabled and cfg.guard.store.startswith(("redis://", "rediss://")):
-        from urllib.parse import urlsplit
-
-        url = urlsplit(cfg.guard.store)
-        targets.append(("guard store", url.hostname or "127.0.0.1", url.port or 6379))
+        for pool in cfg.proxy.pools:  # [[proxy.pools]]: their nodes are reached the same way
+            targets += [("node", n.host, n.port) for n in map(NodeAddress.parse, pool.nodes)]
+    stores = [("guard store", cfg.guard.store if cfg.guard.enabled else "")]
+    stores.append(("cluster store", cfg.cluster.store))
+    for name, store in stores:
+        if store.startswith(("redis://", "rediss://")):
+            url = urlsplit(store)
+            targets.append((name, url.hostname or "127.0.0.1", url.port or 6379))
     for name, host, port in dict.fromkeys(targets):
         try:
             daddrs: dict[int, list[str]] | None = _daddrs([host])
