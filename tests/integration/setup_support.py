@@ -54,9 +54,9 @@ def confedge(*args: str, stdin: str | None = None) -> subprocess.CompletedProces
 def on_loopback(state: Path, **more: str) -> tuple[int, int, list[str]]:
     """`--set` flags that move the listeners to free loopback ports (keys the wizard does not
     ask); returns (HTTPS port, TURN port, flags)."""
-    from ports import ephemeral_port, free_port
+    from ports import free_port
 
-    https_port, turn_port = ephemeral_port(), free_port(45100, 45200, udp=True)
+    https_port, turn_port = free_port(45700, 45800, shuffle=True), free_port(45100, 45200, udp=True)
     settings = {
         "server.state_dir": str(state),
         "proxy.https_port": str(https_port),
