@@ -105,6 +105,7 @@ nodes = ["{node}"]
 mode = "permissive"
 secrets = ["{SECRET}"]
 port = {turn}
+tls_port = 0
 relay_ports = "{relay}-{relay + 20}"
 allowed_peers = ["127.0.0.0/8"]
 [guard]

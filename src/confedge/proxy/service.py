@@ -722,6 +722,10 @@ def _read_commands(
             stop.set()
 
 
+def _exit_while_starting(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _worker_main(
     cfg: Config,
     guard_factory: GuardFactory | None,
@@ -733,6 +737,10 @@ def _worker_main(
     turn_relay: str | None = None,
 ) -> None:
     """Entry point of a worker process; `turn_relay` is TURN's local socket (tls_on_https)."""
+    # A stop (SIGTERM) that arrives while this worker is still starting (a restarted worker
+    # during shutdown) ends it cleanly, exit code 0, instead of by the signal's default action;
+    # the event loop's handler below replaces this one once the worker serves.
+    signal.signal(signal.SIGTERM, _exit_while_starting)
     import uvloop
 
     logging.basicConfig(
