@@ -533,6 +533,15 @@ def test_send_indication_needs_permission() -> None:
     assert len(dp.sent) == 1
 
 
+def test_channel_0x7fff_binds_as_coturn_clients_pick_it() -> None:
+    """coturn's uclient picks channels uniformly in 0x4000-0x7FFF (RFC 5766 §11's range, 0x7FFF
+    included): one bind in 16,384 used to get 400 and fail the client's run."""
+    core, _ = make_core()
+    cli = Cli(core)
+    cli.allocate(T0)
+    assert code(cli.channel(T0, 0x7FFF, PEER, 5000)) == 200
+
+
 def test_channel_bind_lifetime_and_rebinding_rules() -> None:
     core, dp = make_core()
     cli = Cli(core)
@@ -544,7 +553,7 @@ def test_channel_bind_lifetime_and_rebinding_rules() -> None:
     assert code(cli.channel(T0 + 1, 0x4000, PEER, 5001)) == 400  # number bound to another peer
     assert code(cli.channel(T0 + 1, 0x4001, PEER, 5000)) == 400  # peer bound to another number
     assert code(cli.channel(T0 + 1, 0x3FFF, PEER, 5002)) == 400  # below the channel range
-    assert code(cli.channel(T0 + 1, 0x7FFF, PEER, 5002)) == 400  # above it
+    assert code(cli.channel(T0 + 1, 0x8000, PEER, 5002)) == 400  # above it
     assert code(cli.channel(T0 + 1, 0x5000, PEER, 5002)) == 200  # RFC 5766 range accepted
     assert code(cli.channel(T0 + 500, 0x4000, PEER, 5000)) == 200  # refresh
     assert code(cli.refresh(T0 + 500, 3600)) == 200  # keep the allocation itself alive

@@ -47,7 +47,7 @@ def test_stun_needs_the_magic_cookie() -> None:
     assert classify(BINDING[:4] + b"\x00\x00\x00\x00" + BINDING[8:]) == FIRST_HTTP
 
 
-@pytest.mark.parametrize("channel", [0x4000, 0x4FFF, 0x5123, 0x7FFE])
+@pytest.mark.parametrize("channel", [0x4000, 0x4FFF, 0x5123, 0x7FFE, 0x7FFF])
 def test_channel_data_is_turn(channel: int) -> None:
     """RFC 8656 §12: first two bits 01; the length's high byte is no token character."""
     assert classify(encode_channel_data(channel, b"x" * 100)) == FIRST_TURN

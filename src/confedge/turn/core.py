@@ -917,7 +917,7 @@ class TurnCore:
         raw_peer = msg.get(Attr.XOR_PEER_ADDRESS)
         if raw_ch is None or raw_peer is None:
             raise _Reject(400, "CHANNEL-NUMBER or XOR-PEER-ADDRESS missing")
-        number = decode_channel_number(raw_ch)  # 400 outside 0x4000-0x7FFE (RFC 5766 range)
+        number = decode_channel_number(raw_ch)  # 400 outside 0x4000-0x7FFF (RFC 5766 range)
         peer = self._peer(now, alloc, raw_peer, msg.transaction_id, with_port=True)
         bound = alloc.channels.get(number)
         if bound is not None and bound.peer != peer:

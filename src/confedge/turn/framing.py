@@ -1,8 +1,9 @@
 """Channel numbers and TCP framing as the TURN *server* accepts them.
 
 RFC 8656 §12 narrowed channel numbers to 0x4000-0x4FFF, but RFC 5766 §11 allowed
-0x4000-0x7FFE, and deployed clients still use the wider range (coturn's ``turnutils_uclient``
-4.6 picks channels such as 0x54EE; coturn accepts them).  On a TURN port the first bytes
+0x4000-0x7FFF, and deployed clients still use the wider range: coturn's ``turnutils_uclient``
+4.6 picks a channel uniformly in 0x4000-0x7FFF (0x7FFF included, about one bind in 16,384), and
+coturn accepts them all.  On a TURN port the first bytes
 0x50-0x7F are not used by anything else (RFC 7983 §7: STUN 0-3, ZRTP 16-19, DTLS 20-63, TURN
 channels 64-79, RTP/RTCP 128-191), so accepting them costs nothing and keeps those clients
 working.  confedge.stun implements the strict RFC 8656 range; these helpers are the lenient
@@ -23,7 +24,7 @@ __all__ = [
 ]
 
 CHANNEL_MIN = 0x4000
-CHANNEL_MAX = 0x7FFE  # RFC 5766 §11
+CHANNEL_MAX = 0x7FFF  # RFC 5766 §11 (as coturn reads it: STUN_VALID_CHANNEL)
 
 
 def is_channel_byte(first: int) -> bool:
@@ -32,12 +33,12 @@ def is_channel_byte(first: int) -> bool:
 
 
 def decode_channel_number(value: bytes) -> int:
-    """CHANNEL-NUMBER value -> channel; StunError(400) outside 0x4000-0x7FFE (RFC 8656 §11.2)."""
+    """CHANNEL-NUMBER value -> channel; StunError(400) outside 0x4000-0x7FFF (RFC 8656 §11.2)."""
     if len(value) != 4:
         raise StunError(400, f"CHANNEL-NUMBER has length {len(value)}, expected 4")
     ch = value[0] << 8 | value[1]
     if not CHANNEL_MIN <= ch <= CHANNEL_MAX:
-        raise StunError(400, f"channel number {ch:#06x} outside 0x4000-0x7FFE")
+        raise StunError(400, f"channel number {ch:#06x} outside 0x4000-0x7FFF")
     return ch
 
 
