@@ -170,3 +170,30 @@ async def test_h2_requests_feed_the_node_latency_histogram(tmp_path: Path) -> No
         edge.stop()
         await fast.kill()
         await slow.kill()
+
+
+async def test_h2_requests_follow_node_pools(tmp_path: Path) -> None:
+    """[[proxy.pools]] over HTTP/2: a request under a pool's prefix goes to that pool's
+    nodes, fails over within it and never into the default pool, like on HTTP/1.1."""
+    d0 = await Upstream("d0").start()
+    s0, s1 = await Upstream("s0").start(), await Upstream("s1").start()
+    pools = [{"prefix": "/scheduling/", "nodes": [s0.address, s1.address]}]
+    svc = ProxyService(proxy_config([d0.address], str(tmp_path), health_interval=30, pools=pools))
+    await svc.start()
+    core = svc.core
+    assert core is not None
+    try:
+        async with _h2(svc.https_port) as c:
+            seen = {(await c.get(f"/scheduling/addin.html?i={i}")).json()["node"] for i in range(4)}
+            assert seen == {"s0", "s1"}
+            assert (await c.get("/webapp/home")).json()["node"] == "d0"
+            await s0.kill()
+            for i in range(4):
+                r = await c.get(f"/scheduling/api?k={i}")
+                assert r.status_code == 200 and r.json()["node"] == "s1"
+        assert core.health.states[1] is NodeState.DOWN  # s0: the flat list is d0, s0, s1
+        assert core.health.states[0] is NodeState.UP
+    finally:
+        await svc.close()
+        for u in (d0, s1):
+            await u.kill()
