@@ -2,12 +2,14 @@
 for both client adapters): failover when a node is down, node-failure marking, the read
 timeout, keep-alive pooling shared with HTTP/1.1 clients, the access log's upstream fields and
 the `confedge_proxy_node_latency_seconds` histogram, all for requests that arrive over real
-TLS with ALPN h2 (httpx with hyper-h2 underneath as the client)."""
+TLS with ALPN h2 (httpx with hyper-h2 underneath, and h2load, as the clients)."""
 
 from __future__ import annotations
 
 import asyncio
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import httpx
@@ -148,6 +150,18 @@ async def test_h2_requests_feed_the_node_latency_histogram(tmp_path: Path) -> No
             for i in range(8):
                 r = await c.get(f"/x?i={i}")
                 assert r.status_code == 200 and r.http_version == "HTTP/2"
+        # And as load tools send them: h2load's streams, several at once per connection.
+        h2load = 0
+        if shutil.which("h2load") is not None:
+            h2load = 40
+            out = await asyncio.to_thread(
+                subprocess.run,
+                ["h2load", "-n", str(h2load), "-c", "2", "-m", "4",
+                 "-H", f":authority: {HOST}", f"https://127.0.0.1:{edge.https}/x"],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert "Application protocol: h2" in out.stdout, out.stdout + out.stderr
+            assert f"{h2load} succeeded, 0 failed" in out.stdout, out.stdout
         fams = await asyncio.to_thread(metrics, edge.admin)
         hist = fams["confedge_proxy_node_latency_seconds"]
 
@@ -160,7 +174,7 @@ async def test_h2_requests_feed_the_node_latency_histogram(tmp_path: Path) -> No
 
         counts = by_node("confedge_proxy_node_latency_seconds_count")
         assert set(counts) == {fast.address, slow.address}, counts
-        assert sum(counts.values()) == 8, counts
+        assert sum(counts.values()) == 8 + h2load, counts
         sums = by_node("confedge_proxy_node_latency_seconds_sum")
         assert sums[slow.address] >= 0.3 * counts[slow.address] * 0.9
         under_100ms = by_node("confedge_proxy_node_latency_seconds_bucket", le="0.1")
