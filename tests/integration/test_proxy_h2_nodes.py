@@ -7,6 +7,7 @@ TLS with ALPN h2 (httpx with hyper-h2 underneath, and h2load, as the clients).""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 import shutil
 import subprocess
@@ -211,3 +212,26 @@ async def test_h2_requests_follow_node_pools(tmp_path: Path) -> None:
         await svc.close()
         for u in (d0, s1):
             await u.kill()
+
+
+async def test_h2_access_log_remote_user(tmp_path: Path) -> None:
+    """$remote_user over HTTP/2 as over HTTP/1.1: the Basic-auth user name (never the
+    password) on a proxied request's line and on the proxy's own answer's line."""
+    node = await Upstream("n0").start()
+    svc = ProxyService(
+        proxy_config([node.address], str(tmp_path), health_interval=30, path_allowlist=["/ok/"])
+    )
+    await svc.start()
+    auth = {"Authorization": "Basic " + base64.b64encode(b"alice:s3cret-pw").decode()}
+    try:
+        async with _h2(svc.https_port) as c:
+            assert (await c.get("/ok/a", headers=auth)).status_code == 200
+            assert (await c.get("/denied", headers=auth)).status_code == 404
+    finally:
+        await svc.close()
+        await node.kill()
+    text = (tmp_path / "access.log").read_text()
+    assert "s3cret" not in text
+    for path in ("/ok/a", "/denied"):
+        (line,) = [x for x in text.splitlines() if f"GET {path} HTTP/2.0" in x]
+        assert line.split(" ")[2] == "alice", line

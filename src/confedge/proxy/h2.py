@@ -56,6 +56,7 @@ import h2.exceptions
 import h2.settings
 
 from confedge.guard.addresses import in_networks
+from confedge.proxy.accesslog import remote_user
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
     A_CLOSE_CLIENT,
@@ -119,7 +120,9 @@ _H2_DROP = frozenset(
     }
 )
 # Request headers the proxy reads (the HTTP/1.1 adapter's _STEER, for what HTTP/2 can carry).
-_STEER = frozenset({b"host", b"content-length", b"x-forwarded-for", b"user-agent", b"referer"})
+_STEER = frozenset(
+    {b"host", b"content-length", b"x-forwarded-for", b"user-agent", b"referer", b"authorization"}
+)
 
 
 def h2_selected(transport: Any) -> bool:
@@ -413,8 +416,10 @@ class H2Client(asyncio.Protocol):
                     req.xff = value if req.xff is None else req.xff + b", " + value
                 elif name == b"user-agent":
                     req.ua = value
-                else:
+                elif name == b"referer":
                     req.referer = value
+                elif req.auth is None:  # authorization: only for the access log's $remote_user
+                    req.auth = value
             elif name == b"pin":
                 req.pin = value
             elif name == b"token":
@@ -860,6 +865,7 @@ class H2Stream:
             ", ".join(ex.addrs) or None if ex else None,
             ", ".join(ex.statuses) or None if ex else None,
             ", ".join(ex.times) or None if ex else None,
+            None if req.auth is None else remote_user(req.auth),
         )
 
     # -- static mounts --------------------------------------------------------------------------
