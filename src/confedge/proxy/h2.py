@@ -6,8 +6,12 @@ A TLS connection whose handshake selected ALPN ``h2`` (RFC 9113 §3.2) is handed
 `ClientConnection.connection_made`, to an `H2Client`: hyper-h2 (`h2.connection.H2Connection`,
 itself sans-I/O) turns the bytes into events, and each request stream becomes one `H2Stream`
 driving one `exchange.Exchange`, exactly as the HTTP/1.1 adapter drives one per request. The
-nodes keep speaking HTTP/1.1: every stream gets its own node connection (`NodeConn`, from a
-small keep-alive list per client connection), so one slow stream never blocks another.
+nodes keep speaking HTTP/1.1: every stream gets its own node connection, so one slow stream
+never blocks another. That connection is the one node-side adapter of the package,
+`upstream.UpstreamConnection`, taken from the worker's keep-alive pools (`upstream.NodePool`,
+shared with HTTP/1.1 clients); the stream is its owner (`upstream.NodeOwner`). So failover,
+node-failure marking, node timers, the latency histogram and the access log's upstream fields
+are the same code for both client protocols.
 
 The core is told the request is HTTP "2.0"; `plan_response` then frames nothing (no chunked
 coding, no Connection header) and the adapter turns the head the core queued into a HEADERS
@@ -41,7 +45,6 @@ import collections
 import contextlib
 import logging
 import math
-import ssl
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -51,9 +54,9 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
-import httptools
 
 from confedge.guard.addresses import in_networks
+from confedge.proxy.accesslog import remote_user
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
     A_CLOSE_CLIENT,
@@ -77,11 +80,12 @@ from confedge.proxy.request import (
     Request,
     path_allowed,
 )
+from confedge.proxy.upstream import connect_node
 from confedge.timers import Sweeper, arm, arm_idle, disarm
 
 if TYPE_CHECKING:
     from confedge.proxy.core import WorkerRuntime
-    from confedge.proxy.upstream import NodePool
+    from confedge.proxy.upstream import UpstreamConnection
 
 __all__ = [
     "ALPN_H2",
@@ -91,7 +95,6 @@ __all__ = [
     "H2Client",
     "H2Runtime",
     "H2Stream",
-    "NodeConn",
     "h1_head",
     "h2_selected",
 ]
@@ -117,7 +120,9 @@ _H2_DROP = frozenset(
     }
 )
 # Request headers the proxy reads (the HTTP/1.1 adapter's _STEER, for what HTTP/2 can carry).
-_STEER = frozenset({b"host", b"content-length", b"x-forwarded-for", b"user-agent", b"referer"})
+_STEER = frozenset(
+    {b"host", b"content-length", b"x-forwarded-for", b"user-agent", b"referer", b"authorization"}
+)
 
 
 def h2_selected(transport: Any) -> bool:
@@ -147,7 +152,8 @@ def h1_head(data: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes] | None:
 
 class H2Runtime:
     """What the HTTP/2 connections of one worker share: their settings and one timer sweep
-    over their streams and node connections (proxy/timers.py)."""
+    over their connections and streams (proxy/timers.py; node connections are swept with the
+    worker's, WorkerRuntime.upstreams)."""
 
     def __init__(self, core: WorkerRuntime, *, max_streams: int) -> None:
         self.core = core
@@ -192,7 +198,6 @@ class H2Client(asyncio.Protocol):
         )
         self.conn = h2.connection.H2Connection(config=cfg)
         self.streams: dict[int, H2Stream] = {}
-        self.idle_nodes: dict[int, list[NodeConn]] = {}
         self.resets: collections.deque[float] = collections.deque()
         self.writing_paused = False
         self.closed = False
@@ -295,10 +300,6 @@ class H2Client(asyncio.Protocol):
         streams, self.streams = self.streams, {}
         for st in streams.values():
             st.lost()
-        for conns in self.idle_nodes.values():
-            for c in conns:
-                c.close()
-        self.idle_nodes.clear()
         self.transport = None
 
     def eof_received(self) -> bool | None:
@@ -415,8 +416,10 @@ class H2Client(asyncio.Protocol):
                     req.xff = value if req.xff is None else req.xff + b", " + value
                 elif name == b"user-agent":
                     req.ua = value
-                else:
+                elif name == b"referer":
                     req.referer = value
+                elif req.auth is None:  # authorization: only for the access log's $remote_user
+                    req.auth = value
             elif name == b"pin":
                 req.pin = value
             elif name == b"token":
@@ -454,7 +457,8 @@ class H2Client(asyncio.Protocol):
 
 
 class H2Stream:
-    """One request stream: the owner of its exchange and of its node connection."""
+    """One request stream: the owner of its exchange and of its node connection (an
+    `upstream.NodeOwner`, as an HTTP/1.1 client connection is)."""
 
     def __init__(self, client: H2Client, sid: int, req: Request) -> None:
         self.client = client
@@ -463,7 +467,8 @@ class H2Stream:
         self.req = req
         self.peer = client.peer
         self.exchange: Exchange | None = None
-        self.up: NodeConn | None = None
+        self.up: UpstreamConnection | None = None
+        self.transport: asyncio.Transport | None = None  # NodeOwner: a stream never tunnels
         self.head: bytes | None = b""  # the core's HTTP/1.1 head until it is complete
         self.out_head: list[tuple[bytes, bytes]] | None = None  # HEADERS not yet sent
         self.pending: collections.deque[bytes] = collections.deque()
@@ -506,7 +511,7 @@ class H2Stream:
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
         ex = Exchange(
-            core.exchange_settings,
+            core.settings_for(path),  # the request's node pool ([[proxy.pools]])
             req,
             client_ip=client_ip,
             peer=self.peer,
@@ -618,10 +623,11 @@ class H2Stream:
         if kind == A_NODE_DONE:
             up = self.up
             if up is not None:
+                self.resume_node()  # never pooled with its reading paused
                 self.up = None
                 up.owner = None
                 if arg:
-                    self.client_release(up)
+                    up.pool.release(up)
                 else:
                     up.close()
         elif kind == A_LOG:
@@ -638,16 +644,13 @@ class H2Stream:
                 up.activity = False
         elif kind == A_CONNECT:
             i, timeout = arg
-            idle = self.client.idle_nodes.get(i)
-            while idle:
-                conn = idle.pop()
-                if conn.transport is not None and not conn.transport.is_closing():
-                    self.node_ready(ex, conn, reused=True)
-                    return
-            core.loop.create_task(self.connect(ex, core.pools[i], timeout))
+            conn = connect_node(core, self, ex, i, timeout)
+            if conn is not None:
+                self.node_ready(ex, conn, reused=True)
         elif kind == A_MARK_FAILED:
             i, reason, maintenance = arg
-            core.passive_failure(i, reason, maintenance=maintenance)
+            if core.is_current(ex.settings):  # not a node of a reloaded-away list
+                core.passive_failure(i, reason, maintenance=maintenance)
         elif kind == A_LOCAL:
             status, extra, retry_page = arg
             self.exchange = None
@@ -657,51 +660,21 @@ class H2Stream:
         else:
             carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time, core.guard_decided)
 
-    # -- node connections -----------------------------------------------------------------------
+    # -- node connections (upstream.NodeOwner) --------------------------------------------------
 
-    async def connect(self, ex: Exchange, pool: NodePool, timeout: float) -> None:
-        loop = self.core.loop
-        try:
-            async with asyncio.timeout(timeout):
-                _, proto = await loop.create_connection(
-                    lambda: NodeConn(self.client, pool.index),
-                    pool.host,
-                    pool.port,
-                    ssl=pool.ssl,
-                    server_hostname=pool.server_hostname,
-                )
-        except TimeoutError:
-            self.node_connect_failed(ex, pool.index, f"connect timeout ({timeout:g} s)")
-            return
-        except (OSError, ssl.SSLError) as exc:
-            self.node_connect_failed(ex, pool.index, f"connect error: {exc.strerror or exc}")
-            return
-        self.node_ready(ex, proto, reused=False)
-
-    def node_ready(self, ex: Exchange, conn: NodeConn, *, reused: bool) -> None:
+    def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
+        """A node connection for `ex` (pooled, or newly opened by NodePool.connect)."""
         if self.exchange is not ex or ex.state != CONNECTING:
-            self.client_release(conn)
+            conn.pool.release(conn)  # the stream ended meanwhile: keep it for the next
             return
         self.up = conn
         conn.owner = self
-        conn.reused = reused
         ex.node_connected(self.core.loop.time(), reused=reused)
         self.drive(ex)
 
     def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None:
         ex.node_connect_failed(i, reason, self.core.loop.time())
         self.drive(ex)
-
-    def client_release(self, conn: NodeConn) -> None:
-        client = self.client
-        idle = client.idle_nodes.setdefault(conn.index, [])
-        if client.closed or len(idle) >= self.core.upstream_keepalive:
-            conn.close()
-            return
-        conn.owner = None
-        conn.got_bytes = False
-        arm(conn, self.core.loop.time(), self.core.upstream_idle)
-        idle.append(conn)
 
     def pause_node(self) -> None:
         up = self.up
@@ -892,6 +865,7 @@ class H2Stream:
             ", ".join(ex.addrs) or None if ex else None,
             ", ".join(ex.statuses) or None if ex else None,
             ", ".join(ex.times) or None if ex else None,
+            None if req.auth is None else remote_user(req.auth),
         )
 
     # -- static mounts --------------------------------------------------------------------------
@@ -922,110 +896,3 @@ class H2Stream:
             return
         self.static_iter = resp.iter_body()
         self.pump()
-
-
-class NodeConn(asyncio.Protocol):
-    """One HTTP/1.1 connection to a node for HTTP/2 streams (the response-side adapter:
-    httptools events for the owning stream's exchange, as upstream.UpstreamConnection does for
-    HTTP/1.1 clients). Kept alive per client connection between its streams."""
-
-    def __init__(self, client: H2Client, index: int) -> None:
-        self.client = client
-        self.index = index
-        self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        self.owner: H2Stream | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.reused = False
-        self.got_bytes = False
-        self.now = 0.0
-        self.activity = False
-        self.deadline = _INF
-        self.timeout = 0.0
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.client.rt.watch(self)
-
-    def data_received(self, data: bytes) -> None:
-        self.activity = True
-        self.got_bytes = True
-        owner = self.owner
-        ex = owner.exchange if owner is not None else None
-        if owner is None or ex is None:
-            self.close()  # bytes on an idle connection: the node broke framing
-            return
-        self.now = owner.core.loop.time()
-        try:
-            self.parser.feed_data(data)
-            if ex.head_out is not None:
-                ex.flush_head()
-        except httptools.HttpParserUpgrade:
-            owner.up = None
-            self.close()
-            ex.node_failed("unexpected upgrade from node", self.now)
-        except httptools.HttpParserError as exc:
-            owner.up = None
-            self.close()
-            ex.node_failed(f"invalid response from node: {exc}", self.now)
-        owner.drive(ex)
-
-    def eof_received(self) -> bool | None:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        rt = self.client.rt
-        rt.timed.discard(self)
-        idle = self.client.idle_nodes.get(self.index)
-        if idle is not None and self in idle:
-            idle.remove(self)
-        owner = self.owner
-        if owner is not None:
-            self.owner = None
-            if owner.up is self:
-                owner.up = None
-            ex = owner.exchange
-            if ex is not None:
-                ex.node_lost(rt.core.loop.time(), got_bytes=self.got_bytes)
-                owner.drive(ex)
-
-    def pause_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.pause(1)
-
-    def resume_writing(self) -> None:
-        if self.owner is not None:
-            self.owner.resume(1)
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        owner = self.owner
-        if owner is not None and owner.exchange is not None:
-            owner.exchange.response_head(self.parser.get_status_code(), self.headers, self.now)
-        self.headers = []
-
-    def on_body(self, body: bytes) -> None:
-        owner = self.owner
-        if owner is not None and owner.exchange is not None:
-            owner.exchange.response_body(body)
-
-    def on_message_complete(self) -> None:
-        owner = self.owner
-        if owner is not None and owner.exchange is not None:
-            owner.exchange.response_end(self.parser.should_keep_alive(), self.now)
-
-    def on_timeout(self) -> None:
-        owner = self.owner
-        ex = owner.exchange if owner is not None else None
-        if owner is None or ex is None:
-            self.close()
-            return
-        ex.node_timeout(owner.core.loop.time())
-        owner.drive(ex)
-
-    def close(self) -> None:
-        self.owner = None
-        if self.transport is not None:
-            self.transport.abort()

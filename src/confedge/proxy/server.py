@@ -52,6 +52,7 @@ from confedge.proxy.request import (
     path_allowed,
 )
 from confedge.proxy.turnshare import alpn_selects_turn
+from confedge.proxy.upstream import connect_node
 from confedge.turn.portshare import FIRST_HTTP, FIRST_TURN, classify
 
 if TYPE_CHECKING:
@@ -563,16 +564,9 @@ class ClientConnection(asyncio.BufferedProtocol):
                 up.activity = False
         elif kind == A_CONNECT:
             i, timeout = arg
-            pools = core.pools_for(ex.settings)  # the node list it started with (reload)
-            if pools is None:
-                self.node_connect_failed(ex, i, "node list reloaded twice meanwhile")
-                return
-            pool = pools[i]
-            conn = pool.take()
+            conn = connect_node(core, self, ex, i, timeout)
             if conn is not None:
                 self.node_ready(ex, conn, reused=True)
-            else:
-                pool.connect(self, ex, timeout)
         elif kind == A_MARK_FAILED:
             i, reason, maintenance = arg
             if core.is_current(ex.settings):  # not a node of a reloaded-away list

@@ -2,10 +2,17 @@
 
 Each `UpstreamConnection` is an asyncio Protocol with its own httptools HttpResponseParser.
 While an exchange uses it, parser callbacks are events for that exchange's core (exchange.py),
-and its owner (server.ClientConnection) carries out what the core decided, once per read; in
-between, the connection sits in its node's idle list (LIFO, so the warmest connection is reused
-and surplus ones age out). A connection is reused only when the previous response ended
-cleanly with keep-alive and the whole request had been sent.
+and its owner carries out what the core decided, once per read; in between, the connection
+sits in its node's idle list (LIFO, so the warmest connection is reused and surplus ones age
+out). A connection is reused only when the previous response ended cleanly with keep-alive and
+the whole request had been sent.
+
+The owner is the client side the exchange belongs to, whatever protocol the client speaks: an
+HTTP/1.1 connection (server.ClientConnection) or one HTTP/2 stream (h2.H2Stream). Both meet
+the small `NodeOwner` protocol below, so both get the same node side: the worker's keep-alive
+pools, the node timers of the core's sweep, the latency histogram (/metrics), the node's
+address, status and time in the access log, failover and node-failure marking. The nodes
+always speak HTTP/1.1; only the client side differs.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import httptools
 
@@ -22,11 +29,38 @@ from confedge.config import NodeAddress
 if TYPE_CHECKING:
     from confedge.proxy.core import WorkerRuntime
     from confedge.proxy.exchange import Exchange
-    from confedge.proxy.server import ClientConnection
 
-__all__ = ["NodePool", "UpstreamConnection"]
+__all__ = ["NodeOwner", "NodePool", "UpstreamConnection"]
 
 _INF = math.inf
+
+
+class NodeOwner(Protocol):
+    """The client side a node connection reports to while an exchange uses it: an HTTP/1.1
+    client connection (server.ClientConnection) or an HTTP/2 stream (h2.H2Stream).
+
+    The node connection feeds the owner's `exchange` (the core) and then calls `drive` once
+    per read, so that the owner carries out what the core decided; `pause`/`resume` (reason 1)
+    hold back the client's request body while the node's write buffer is full. `up` is the
+    owner's current node connection (cleared here when it fails). `transport` and `activity`
+    are used only by a WebSocket tunnel (HTTP/1.1: an HTTP/2 stream never tunnels, its
+    `transport` is None). `node_ready`/`node_connect_failed` answer `NodePool.connect`.
+    """
+
+    exchange: Exchange | None
+    up: UpstreamConnection | None
+    transport: asyncio.Transport | None
+    activity: bool
+
+    def drive(self, ex: Exchange) -> None: ...
+
+    def pause(self, reason: int) -> None: ...
+
+    def resume(self, reason: int) -> None: ...
+
+    def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None: ...
+
+    def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None: ...
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -35,6 +69,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "activity",
         "deadline",
+        "ex",
         "got_bytes",
         "headers",
         "now",
@@ -52,8 +87,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
-        # The client connection whose exchange uses this connection (None while pooled).
-        self.owner: ClientConnection | None = None
+        # The client side whose exchange uses this connection (None while pooled).
+        self.owner: NodeOwner | None = None
+        # The owner's exchange while a read is parsed (the parser callbacks' target; the owner
+        # drives only after the read, so it cannot change in between).
+        self.ex: Exchange | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.reused = False
         self.got_bytes = False
@@ -88,6 +126,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.now = self.pool.core.loop.time()
+        self.ex = ex
         try:
             self.parser.feed_data(data)
             if ex.head_out is not None:
@@ -98,6 +137,7 @@ class UpstreamConnection(asyncio.Protocol):
             owner.up = None
             self.close()
             ex.node_failed(f"invalid response from node: {exc}", self.now)
+        self.ex = None
         owner.drive(ex)
 
     def eof_received(self) -> bool | None:
@@ -135,23 +175,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        owner = self.owner
-        if owner is not None and owner.exchange is not None:
-            ex = owner.exchange
+        ex = self.ex
+        if ex is not None:
             pool = self.pool
             pool.core.observe_latency(pool.netloc, self.now - ex.upstream_time)
             ex.response_head(self.parser.get_status_code(), self.headers, self.now)
         self.headers = []
 
     def on_body(self, body: bytes) -> None:
-        owner = self.owner
-        if owner is not None and owner.exchange is not None:
-            owner.exchange.response_body(body)
+        ex = self.ex
+        if ex is not None:
+            ex.response_body(body)
 
     def on_message_complete(self) -> None:
-        owner = self.owner
-        if owner is not None and owner.exchange is not None:
-            owner.exchange.response_end(self.parser.should_keep_alive(), self.now)
+        ex = self.ex
+        if ex is not None:
+            ex.response_end(self.parser.should_keep_alive(), self.now)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -170,6 +209,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
+
+
+def connect_node(
+    core: WorkerRuntime, owner: NodeOwner, ex: Exchange, i: int, timeout: float
+) -> UpstreamConnection | None:
+    """Carry out the core's A_CONNECT for `owner` (node `i` of the list `ex` started with,
+    within `timeout`), the same for both client adapters: a pooled connection to use at once
+    (the caller passes it to its `node_ready`), or None: a new connection is being opened and
+    `owner.node_ready` or `owner.node_connect_failed` follows."""
+    pools = core.pools_for(ex.settings)  # the node list it started with (reload)
+    if pools is None:
+        owner.node_connect_failed(ex, i, "node list reloaded twice meanwhile")
+        return None
+    pool = pools[i]
+    conn = pool.take()
+    if conn is None:
+        pool.connect(owner, ex, timeout)
+    return conn
 
 
 class NodePool:
@@ -225,11 +282,11 @@ class NodePool:
         if conn in self.idle:
             self.idle.remove(conn)
 
-    def connect(self, owner: ClientConnection, ex: Exchange, timeout: float) -> None:
+    def connect(self, owner: NodeOwner, ex: Exchange, timeout: float) -> None:
         """Open a new connection for `ex`: owner.node_ready or owner.node_connect_failed."""
         self.core.loop.create_task(self._connect(owner, ex, timeout))
 
-    async def _connect(self, owner: ClientConnection, ex: Exchange, timeout: float) -> None:
+    async def _connect(self, owner: NodeOwner, ex: Exchange, timeout: float) -> None:
         loop = self.core.loop
         try:
             async with asyncio.timeout(timeout):
