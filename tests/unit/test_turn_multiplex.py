@@ -1,0 +1,67 @@
+"""turn/multiplex.py: the demultiplexing rules of shared relay sockets (turn.relay_multiplex).
+
+The same rules are mirrored in C (``_native.c``); tests/integration/test_turn_multiplex.py
+drives both data planes through real sockets.
+"""
+
+from __future__ import annotations
+
+from confedge.turn.multiplex import CHANNEL, SEND, PeerMux
+
+P = ("192.0.2.7", 5000)
+P2 = ("192.0.2.7", 5002)
+
+
+def test_claims_are_exclusive_per_socket() -> None:
+    mux: PeerMux[str] = PeerMux()
+    assert mux.claim("a", P, CHANNEL) is None
+    assert mux.claim("a", P, SEND) is None  # its own again: fine
+    assert mux.claim("b", P, CHANNEL) == "a"  # conflict: nothing changes
+    assert mux.claim("b", P, SEND) == "a"
+    assert mux.owner_of(P) == "a"
+    assert mux.claim("b", P2, CHANNEL) is None  # another port of the same IP is another peer
+    assert mux.route(P) == "a"
+    assert mux.route(P2) == "b"
+
+
+def test_unknown_peer_delivered_only_when_unambiguous() -> None:
+    mux: PeerMux[str] = PeerMux()
+    assert mux.route(P) is None
+    assert (mux.unknown, mux.ambiguous) == (1, 0)  # nobody has a permission (§9)
+    mux.add_permission("a", P[0])
+    assert mux.route(P) == "a"  # one allocation may receive from this IP: it gets it
+    mux.add_permission("b", P[0])
+    assert mux.route(P) is None  # two: whose is it? dropped, counted
+    assert (mux.unknown, mux.ambiguous) == (1, 1)
+    mux.claim("b", P, SEND)
+    assert mux.route(P) == "b"  # a claim decides
+    assert mux.route(P2) is None
+    mux.remove_permission("a", P[0])
+    assert mux.route(P2) == "b"  # unambiguous again
+
+
+def test_permission_expiry_releases_send_claims_only() -> None:
+    mux: PeerMux[str] = PeerMux()
+    mux.add_permission("a", P[0])
+    mux.claim("a", P, SEND)
+    mux.claim("a", P2, SEND | CHANNEL)
+    mux.remove_permission("a", P[0])  # §9: the permission lapsed
+    assert mux.owner_of(P) is None  # free for another allocation
+    assert mux.claim("b", P, CHANNEL) is None
+    assert mux.owner_of(P2) == "a"  # its channel still holds it
+    mux.release("a", P2, CHANNEL)  # the channel expired (§11)
+    assert mux.owner_of(P2) is None
+    assert mux.owned == {"b": {P}}
+
+
+def test_allocation_end_frees_everything() -> None:
+    mux: PeerMux[str] = PeerMux()
+    mux.add_permission("a", P[0])
+    mux.add_permission("b", P[0])
+    mux.claim("a", P, CHANNEL)
+    mux.claim("a", P2, SEND)
+    mux.remove("a", [P[0]])
+    assert mux.claims == {}
+    assert mux.perms == {P[0]: {"b"}}
+    assert mux.route(("192.0.2.7", 9)) == "b"
+    assert mux.claim("b", P, CHANNEL) is None
