@@ -541,7 +541,7 @@ class UdpDataPlane(DataPlane):
         dont_fragment: bool = False,
         user: str = "",
     ) -> RelayGrant:
-        if self.multiplex and not (even_port or reserve_token or use_token or dont_fragment):
+        if self.multiplex and not (reserve_token or use_token or dont_fragment):
             return self._add_shared(alloc_id, family, client_key, sink, user)
         sock = self.relay_socket(
             family,
@@ -570,8 +570,8 @@ class UdpDataPlane(DataPlane):
             raise CapacityError(f"no IPv{family} relay address")
         socks: list[socket.socket] = []
         try:
-            for _ in range(count):
-                socks.append(self._pick(family, False, False)[0])
+            for _ in range(count):  # even ports: EVEN-PORT allocations (§7.2) fit on them too
+                socks.append(self._pick(family, True, False)[0])
         except CapacityError:
             for s in socks:
                 s.close()
@@ -582,14 +582,14 @@ class UdpDataPlane(DataPlane):
         self, alloc_id: int, family: int, client_key: Hashable, sink: ClientSink, user: str
     ) -> RelayGrant:
         """An allocation on the shared socket with the fewest allocations (turn/multiplex.py);
-        EVEN-PORT, RESERVATION-TOKEN and DONT-FRAGMENT allocations keep a port of their own
-        (a port pair, or DF set on the socket, cannot be shared)."""
+        the shared ports are even, so EVEN-PORT (RFC 8656 §7.2) is met; an EVEN-PORT with the
+        R bit (a reserved port pair), a RESERVATION-TOKEN or DONT-FRAGMENT (DF is set on the
+        socket) keeps a port of its own."""
         shared = self._shared.get(family)
-        if shared is None:
-            shared = self._shared[family] = []
-            for sock in self.shared_sockets(family, self.multiplex):
-                relay = _SharedRelay(family, sock)
-                shared.append(relay)
+        if shared is None:  # the first allocation binds them (CapacityError: 508, try again)
+            shared = [_SharedRelay(family, s) for s in self.shared_sockets(family, self.multiplex)]
+            self._shared[family] = shared
+            for relay in shared:
                 task = self.loop.create_task(self._adopt_shared(relay))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)

@@ -276,9 +276,10 @@ class NativeDataPlane(DataPlane):
                 user=user,
             )
         shared = self._mux.get((family, t.thread))
-        if shared and not (even_port or reserve_token or use_token or dont_fragment):
+        if shared and not (reserve_token or use_token or dont_fragment):
             # turn/multiplex.py: the thread's shared socket with the fewest allocations
-            # (EVEN-PORT, RESERVATION-TOKEN and DONT-FRAGMENT keep a port of their own)
+            # (an even port: EVEN-PORT is met; a reserved pair, a RESERVATION-TOKEN and
+            # DONT-FRAGMENT keep a port of their own)
             entry = min(shared, key=lambda m: m[3])
             slot = self._take_slot(user)
             self.engine.add_allocation(
