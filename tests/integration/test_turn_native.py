@@ -345,19 +345,31 @@ def _mutate(rng: random.Random, seed: bytes) -> bytes:
 
 
 @pytest.mark.slow
-async def test_fuzz_native_path_then_relay_still_works() -> None:
+@pytest.mark.parametrize("multiplex", [0, 1], ids=["own-ports", "relay_multiplex"])
+async def test_fuzz_native_path_then_relay_still_works(multiplex: int) -> None:
     """CONFEDGE_FUZZ_COUNT (default 10**6) mutated ChannelData / STUN datagrams from the
     allocated client and from a peer at its relay: no crash, every drop accounted, and the
     relay works afterwards.  (Run once under ASan: docs/TURN.md, "Testing the native data
-    plane".)"""
+    plane".)  With turn.relay_multiplex the relay socket is shared with a second allocation
+    that has a permission for the peer's IP too, and the peer's datagrams also come from a
+    port nobody named and from an IP nobody permitted: the demultiplexing (claims made and
+    refused by mutated Send indications, unknown and ambiguous peers) is fuzzed as well."""
     count = int(os.environ.get("CONFEDGE_FUZZ_COUNT", str(10**6)))
-    svc = await _service(dataplane_threads=2)
+    svc = await _service(dataplane_threads=1 if multiplex else 2, relay_multiplex=multiplex)
     client, peer = _sock(), _sock()
     cli = UdpTurn(*await _adopt(client, svc.port))
+    others = [peer, _sock(), _sock("127.0.0.2")] if multiplex else [peer]
+    cli2 = await UdpTurn.open(svc.port)
     try:
         relay = await cli.allocate()
         paddr = peer.getsockname()
         await _bind_channel(cli, paddr)
+        if multiplex:
+            assert await cli2.allocate() == relay  # the same shared socket
+            resp = await cli2.request(
+                Method.CREATE_PERMISSION, [(Attr.XOR_PEER_ADDRESS, _peer_attr(("127.0.0.1", 9)))]
+            )
+            assert resp.msg_class == MsgClass.SUCCESS
         tid = new_transaction_id()
         seeds_client = [
             struct.pack("!HH", 0x4000, 8) + b"payload!",
@@ -382,13 +394,18 @@ async def test_fuzz_native_path_then_relay_still_works() -> None:
                     cli.t.sendto(_mutate(rng, rng.choice(seeds_client)))
                 else:
                     with contextlib.suppress(BlockingIOError):  # peer buffer full: skip one
-                        peer.sendto(_mutate(rng, rng.choice(seeds_peer)), relay)
+                        rng.choice(others).sendto(_mutate(rng, rng.choice(seeds_peer)), relay)
             sent += 2000
             await asyncio.sleep(0)  # let the control plane drain its queue
             _discard(peer, cli)  # keep the receive queues short
+            while not cli2.p.q.empty():
+                cli2.p.q.get_nowait()
         await asyncio.sleep(0.5)
         _discard(peer, cli)
         st = _dp(svc).stats()
+        if multiplex:
+            assert st["mux_sockets"] == 1 and st["drop_mux_unknown"] > 0, st
+            assert st["drop_mux_ambiguous"] > 0, st
         print("native data plane after the fuzz run:", st)  # shown with pytest -s
         assert st["rx_client"] + st["kernel_drops_listener"] > 0.5 * 0.8 * count
         # Still relaying, both ways, on the same allocation.
@@ -403,7 +420,9 @@ async def test_fuzz_native_path_then_relay_still_works() -> None:
         assert data == struct.pack("!HH", 0x4000, 4) + b"back"
     finally:
         cli.t.close()
-        peer.close()
+        cli2.t.close()
+        for s_ in others:
+            s_.close()
         await svc.close()
 
 

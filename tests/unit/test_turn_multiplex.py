@@ -6,7 +6,7 @@ drives both data planes through real sockets.
 
 from __future__ import annotations
 
-from confedge.turn.multiplex import CHANNEL, SEND, PeerMux
+from confedge.turn.multiplex import CHANNEL, MAX_CLAIMS, SEND, PeerMux
 
 P = ("192.0.2.7", 5000)
 P2 = ("192.0.2.7", 5002)
@@ -14,12 +14,12 @@ P2 = ("192.0.2.7", 5002)
 
 def test_claims_are_exclusive_per_socket() -> None:
     mux: PeerMux[str] = PeerMux()
-    assert mux.claim("a", P, CHANNEL) is None
-    assert mux.claim("a", P, SEND) is None  # its own again: fine
-    assert mux.claim("b", P, CHANNEL) == "a"  # conflict: nothing changes
-    assert mux.claim("b", P, SEND) == "a"
+    assert mux.claim("a", P, CHANNEL) == ""
+    assert mux.claim("a", P, SEND) == ""  # its own again: fine
+    assert mux.claim("b", P, CHANNEL) == "in use by another allocation"  # nothing changes
+    assert mux.claim("b", P, SEND) == "in use by another allocation"
     assert mux.owner_of(P) == "a"
-    assert mux.claim("b", P2, CHANNEL) is None  # another port of the same IP is another peer
+    assert mux.claim("b", P2, CHANNEL) == ""  # another port of the same IP is another peer
     assert mux.route(P) == "a"
     assert mux.route(P2) == "b"
 
@@ -47,7 +47,7 @@ def test_permission_expiry_releases_send_claims_only() -> None:
     mux.claim("a", P2, SEND | CHANNEL)
     mux.remove_permission("a", P[0])  # §9: the permission lapsed
     assert mux.owner_of(P) is None  # free for another allocation
-    assert mux.claim("b", P, CHANNEL) is None
+    assert mux.claim("b", P, CHANNEL) == ""
     assert mux.owner_of(P2) == "a"  # its channel still holds it
     mux.release("a", P2, CHANNEL)  # the channel expired (§11)
     assert mux.owner_of(P2) is None
@@ -64,4 +64,19 @@ def test_allocation_end_frees_everything() -> None:
     assert mux.claims == {}
     assert mux.perms == {P[0]: {"b"}}
     assert mux.route(("192.0.2.7", 9)) == "b"
-    assert mux.claim("b", P, CHANNEL) is None
+    assert mux.claim("b", P, CHANNEL) == ""
+
+
+def test_claims_per_allocation_are_capped() -> None:
+    """A client spraying Send indications over a permitted IP's ports cannot grow the table
+    without bound: beyond MAX_CLAIMS it is refused like a conflict, until claims end."""
+    mux: PeerMux[str] = PeerMux()
+    mux.add_permission("a", P[0])
+    for port in range(MAX_CLAIMS):
+        assert mux.claim("a", (P[0], port), SEND) == ""
+    assert "already uses 1024 peer addresses" in mux.claim("a", (P[0], 65000), SEND)
+    assert mux.claim("a", (P[0], 7), CHANNEL) == ""  # one it holds: still fine
+    assert mux.claim("b", (P[0], 65000), SEND) == ""  # the cap is per allocation
+    mux.remove_permission("a", P[0])  # the Send claims end with the permission
+    assert len(mux.owned["a"]) == 1
+    assert mux.claim("a", (P[0], 65001), SEND) == ""

@@ -86,6 +86,7 @@
  * socket (turn/multiplex.py has the rules; this file mirrors them) */
 #define CLAIM_CHANNEL 1
 #define CLAIM_SEND 2
+#define MUX_MAX_CLAIMS 1024 /* per allocation (turn/multiplex.py MAX_CLAIMS) */
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 /* Single-writer counter: a plain add published with a relaxed store (no lock prefix). */
@@ -196,6 +197,7 @@ typedef struct alloc {
     uint64_t py_pkts_to_peer, py_bytes_to_peer;
     mux_t *mux;       /* turn.relay_multiplex: the shared socket it relays on, or NULL */
     mnode_t *claims;  /* its claims on that socket */
+    int nclaims;
     struct alloc *hnext;  /* worker's client table chain */
     struct alloc *idnext; /* engine's id table chain */
     struct alloc *gnext;  /* graveyard */
@@ -629,7 +631,8 @@ static void mtab_free(mtab_t *t)
 }
 
 /* Claim peer for al on its shared socket: 0 = claimed (or already its own), 1 = another
- * allocation holds it (nothing changed), -1 = out of memory. */
+ * allocation holds it, 2 = al holds MUX_MAX_CLAIMS already, -1 = out of memory (nothing changed
+ * unless 0). */
 static int mux_claim(alloc_t *al, const addr_t *peer, uint8_t how)
 {
     mux_t *m = al->mux;
@@ -640,6 +643,8 @@ static int mux_claim(alloc_t *al, const addr_t *peer, uint8_t how)
         c->how |= how;
         return 0;
     }
+    if (al->nclaims >= MUX_MAX_CLAIMS)
+        return 2;
     c = calloc(1, sizeof *c);
     if (c == NULL)
         return -1;
@@ -652,6 +657,7 @@ static int mux_claim(alloc_t *al, const addr_t *peer, uint8_t how)
     }
     c->anext = al->claims;
     al->claims = c;
+    al->nclaims++;
     return 0;
 }
 
@@ -664,6 +670,7 @@ static void mux_unclaim(alloc_t *al, mnode_t *c)
             break;
         }
     }
+    al->nclaims--;
     free(c);
 }
 
@@ -2077,12 +2084,12 @@ static PyObject *Engine_add_channel(engine_t *e, PyObject *args)
     worker_t *w = e->workers[al->worker];
     wlock(w);
     int r = al->mux != NULL ? mux_claim(al, &ch.peer, CLAIM_CHANNEL) : 0;
-    if (r == 1) {
+    if (r == 1 || r == 2) {
         wunlock(w);
-        char buf[INET6_ADDRSTRLEN];
-        inet_ntop(ch.peer.fam == 4 ? AF_INET : AF_INET6, ch.peer.ip, buf, sizeof buf);
-        return PyErr_Format(PeerTaken, "peer %s:%d is in use by another allocation on the "
-                            "shared relay socket (turn.relay_multiplex)", buf, (int)ch.peer.port);
+        if (r == 1)
+            return PyErr_Format(PeerTaken, "in use by another allocation");
+        return PyErr_Format(PeerTaken, "the allocation already uses %d peer addresses",
+                            MUX_MAX_CLAIMS);
     }
     if (r == 0)
         r = put_elem((void **)&al->chans, &al->nchans, &al->capchans, sizeof ch,

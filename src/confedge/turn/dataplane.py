@@ -192,10 +192,10 @@ class DataPlane(abc.ABC):
         """Close every relay socket."""
 
 
-def _taken(peer: tuple[str, int], relay: tuple[str, int]) -> str:
+def _taken(peer: tuple[str, int], relay: tuple[str, int], why: str) -> str:
     return (
-        f"peer {peer[0]}:{peer[1]} is in use by another allocation on the shared relay socket "
-        f"{relay[0]}:{relay[1]} (turn.relay_multiplex)"
+        f"peer {peer[0]}:{peer[1]} on the shared relay socket {relay[0]}:{relay[1]}: {why} "
+        "(turn.relay_multiplex)"
     )
 
 
@@ -714,8 +714,8 @@ class UdpDataPlane(DataPlane):
 
     def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
         proto = self._relays[alloc_id]
-        if proto.shared is not None and proto.shared.mux.claim(proto, peer, CHANNEL) is not None:
-            raise PeerTaken(_taken(peer, proto.shared.addr))
+        if proto.shared is not None and (why := proto.shared.mux.claim(proto, peer, CHANNEL)):
+            raise PeerTaken(_taken(peer, proto.shared.addr, why))
         proto.channels[peer] = channel
         old = proto.routes.get(channel)
         route = _Route(proto, peer)
@@ -743,7 +743,7 @@ class UdpDataPlane(DataPlane):
         proto = self._relays.get(alloc_id)
         if proto is None:
             return
-        if proto.shared is not None and proto.shared.mux.claim(proto, peer, SEND) is not None:
+        if proto.shared is not None and proto.shared.mux.claim(proto, peer, SEND):
             proto.shared.mux.conflicts += 1  # another allocation's peer: dropped (§10.2)
             return
         if proto.limited and not proto.admit(len(payload), TO_PEER):

@@ -19,6 +19,9 @@ The rules, implemented here for the Python data plane and mirrored in C (``_nati
   allocation on the socket has a permission for its IP (a peer answering from a port the client
   has not named yet, e.g. an ICE check from a peer-reflexive address), else dropped and counted
   (``unknown``: no allocation has a permission, §9; ``ambiguous``: several have).
+* **Limit.** An allocation holds at most :data:`MAX_CLAIMS` claims (a client spraying Send
+  indications over a permitted IP's 65,535 ports must not grow the table without bound, as
+  coturn's ``--multiplex-peer-max-peers``); beyond it, as for a conflict.
 * **Expiry.** A Send claim lasts while its permission does (§9: the permission is what allowed
   the Send); a channel claim while its channel does (§11). A permission's expiry releases the
   Send claims for its IP, a channel's expiry its channel claim, the allocation's end all of its
@@ -32,10 +35,11 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Generic, TypeVar
 
-__all__ = ["CHANNEL", "SEND", "PeerMux"]
+__all__ = ["CHANNEL", "MAX_CLAIMS", "SEND", "PeerMux"]
 
 CHANNEL = 1  # claimed by a ChannelBind
 SEND = 2  # claimed by a Send indication
+MAX_CLAIMS = 1024  # peer transport addresses one allocation may claim (_native.c MUX_MAX_CLAIMS)
 
 Owner = TypeVar("Owner", bound=Hashable)
 Peer = tuple[str, int]
@@ -58,17 +62,20 @@ class PeerMux(Generic[Owner]):
         entry = self.claims.get(peer)
         return entry[0] if entry is not None else None
 
-    def claim(self, owner: Owner, peer: Peer, how: int) -> Owner | None:
-        """Claim ``peer`` for ``owner``; returns the other owner when it is taken (no change)."""
+    def claim(self, owner: Owner, peer: Peer, how: int) -> str:
+        """Claim ``peer`` for ``owner``: "" when done, else why not (nothing changes then)."""
         entry = self.claims.get(peer)
         if entry is None:
+            mine = self.owned.setdefault(owner, set())
+            if len(mine) >= MAX_CLAIMS:
+                return f"the allocation already uses {MAX_CLAIMS} peer addresses"
             self.claims[peer] = (owner, how)
-            self.owned.setdefault(owner, set()).add(peer)
-            return None
+            mine.add(peer)
+            return ""
         if entry[0] is not owner:
-            return entry[0]
+            return "in use by another allocation"
         self.claims[peer] = (owner, entry[1] | how)
-        return None
+        return ""
 
     def release(self, owner: Owner, peer: Peer, how: int) -> None:
         """Drop ``how`` from ``owner``'s claim of ``peer``; the claim ends with its last reason."""

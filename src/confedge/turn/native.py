@@ -383,9 +383,9 @@ class NativeDataPlane(DataPlane):
         if alloc_id in self._native:
             try:
                 self.engine.add_channel(alloc_id, channel, peer)
-            except _native.PeerTaken:
+            except _native.PeerTaken as exc:
                 entry = self._mux_of[alloc_id]
-                raise PeerTaken(_taken(peer, (entry[1], entry[2]))) from None
+                raise PeerTaken(_taken(peer, (entry[1], entry[2]), str(exc))) from None
         else:
             self._py.add_channel(alloc_id, channel, peer)
 
