@@ -167,6 +167,10 @@ async def test_peer_wanted_by_two_allocations() -> None:
         assert _payload_to_client(await a.recv(2)) == b"to-a"
         assert await _nothing(b.p.q)
         assert svc.dataplane_stats()["drop_mux_conflict"] == 1
+        # Relaying to each other on one shared socket: each is the other's peer at the one
+        # relayed address; the second to name it is refused (docs/TURN.md: the trade-off).
+        assert await _bind(a, 0x4003, relay) == 200
+        assert await _bind(b, 0x4003, relay) == 508
     finally:
         a.t.close()
         b.t.close()
