@@ -234,3 +234,33 @@ async def test_claims_end_with_permission_and_channel_expiry() -> None:
         for t in (a.t, b.t, p1, p2):
             t.close()
         await svc.close()
+
+
+async def test_bandwidth_cap_per_allocation_on_a_shared_socket() -> None:
+    """turn.bandwidth_per_allocation holds each allocation of a shared socket on its own: a
+    burst of 100 x 1000 bytes from each of two allocations passes about a full bucket (64 KiB)
+    per allocation, and each counts its own drops."""
+    svc = TurnService(turn_config(bandwidth_per_allocation=100_000, **ONE_SOCKET))
+    await svc.start()
+    a, b, _ = await _two_clients(svc)
+    sinks = [await _peer(), await _peer()]
+    assert svc.core is not None
+    try:
+        for c, (_, _, addr) in zip((a, b), sinks, strict=True):
+            assert await _permit(c, "127.0.0.1")
+            for _ in range(100):
+                _send_indication(c, addr, b"d" * 1000)
+        await asyncio.sleep(0.5)
+        burst = 65536 // 1000
+        got = [q.q.qsize() for _, q, _ in sinks]
+        for n in got:
+            assert burst - 2 <= n <= burst + 8, got
+        dropped = sorted(
+            svc.core.dp.counters(alloc.id).dropped_bandwidth
+            for alloc in svc.core.allocations.values()
+        )
+        assert dropped == sorted(100 - n for n in got), (dropped, got)
+    finally:
+        for t in (a.t, b.t, *(s[0] for s in sinks)):
+            t.close()
+        await svc.close()
