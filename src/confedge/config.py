@@ -121,11 +121,12 @@ def _host_port(value: Any) -> str | None:
 
 HostPort = Annotated[str | None, BeforeValidator(_host_port)]
 
+# turn.relay_multiplex: shared relay sockets per relay address, at most (docs/TURN.md).
+RELAY_MULTIPLEX_MAX = 64
+
 # turn.bandwidth_* defaults in permissive mode (bytes/s): browsers, each its own username; 5 and
 # 10 Mbit/s carry a good video call. Restricted mode: the nodes carry many calls over one
 # credential, so no cap unless configured.
-# turn.relay_multiplex: shared relay sockets per relay address, at most (docs/TURN.md).
-RELAY_MULTIPLEX_MAX = 64
 _PERMISSIVE_BANDWIDTH = {"allocation": 625_000, "user": 1_250_000, "total": 0}
 
 

@@ -6,7 +6,11 @@ drives both data planes through real sockets.
 
 from __future__ import annotations
 
+import pytest
+
+from confedge.config import ConfigError
 from confedge.turn.multiplex import CHANNEL, MAX_CLAIMS, SEND, PeerMux
+from confedge.turn.testing import turn_config
 
 P = ("192.0.2.7", 5000)
 P2 = ("192.0.2.7", 5002)
@@ -80,3 +84,24 @@ def test_claims_per_allocation_are_capped() -> None:
     mux.remove_permission("a", P[0])  # the Send claims end with the permission
     assert len(mux.owned["a"]) == 1
     assert mux.claim("a", (P[0], 65001), SEND) == ""
+
+
+def test_config_errors_name_key_value_and_fix() -> None:
+
+    assert turn_config().turn.relay_multiplex == 0  # off by default
+    assert turn_config(relay_multiplex=8).turn.relay_multiplex == 8
+    for value, words in (
+        (True, "true is not a number of shared relay sockets"),
+        ("4", "'4' is not a number of shared relay sockets"),
+        (65, "65 is out of range; use 0 (off) or 1-64"),
+        (-1, "-1 is out of range"),
+    ):
+        with pytest.raises(ConfigError, match=r"turn\.relay_multiplex") as err:
+            turn_config(relay_multiplex=value)
+        assert words in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        turn_config(relay_multiplex=3, relay_ports="50000-50001")
+    assert (
+        'turn.relay_multiplex: 3 shared sockets do not fit in turn.relay_ports "50000-50001" '
+        "(2 ports)"
+    ) in str(err.value)
