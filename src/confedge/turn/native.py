@@ -21,6 +21,10 @@ the same thread, and the allocation it makes lives on that thread (its relay soc
 there too).  TCP/TLS clients stay on the Python listeners; their allocations use the embedded
 :class:`UdpDataPlane` (their relayed packets must be written to a Python stream transport).
 
+Shared relay sockets (``turn.relay_multiplex``, turn/multiplex.py): each thread polls its share
+of the shared sockets, and an allocation relays on one of its thread's, so one ``sendmmsg``
+carries the round's packets of every allocation on that socket.
+
 Backend choice: ``turn.dataplane`` ("auto", "native", "python"), overridden by the environment
 variable ``CONFEDGE_DATAPLANE`` (the test suites run once per backend with it).
 """
