@@ -42,6 +42,15 @@ class Target:
     username: str
     password: str
     peer: tuple[str, int]
+    # Each allocation its own peer address (spread_peer(), the sink's port): with confedge's
+    # turn.relay_multiplex (or coturn's --multiplex-peer) a peer transport address can serve one
+    # allocation per shared socket, so 50 allocations cannot all name the one sink address.
+    spread_peers: bool = False
+
+
+def spread_peer(worker: int, j: int) -> str:
+    """The loopback address of allocation ``j`` of worker ``worker`` (the sink binds 0.0.0.0)."""
+    return f"127.{100 + worker}.{j // 250}.{j % 250 + 1}"
 
 
 @dataclass
@@ -58,6 +67,7 @@ class _Alloc:
     relay: tuple[str, int] | None = None
     done: bool = False
     failed: str = ""
+    peer_value: bytes = b""  # its own XOR-PEER-ADDRESS (Target.spread_peers)
 
 
 # Steps of one allocation's setup: 401 probe, authenticated Allocate, then optional
@@ -92,12 +102,12 @@ class Engine:
                 attrs = [(sm.ATTR_REQUESTED_TRANSPORT, b"\x11\x00\x00\x00"), *auth]
             elif step == PERMISSION:
                 method = sm.CREATE_PERMISSION
-                attrs = [(sm.ATTR_XOR_PEER_ADDRESS, self.peer_value), *auth]
+                attrs = [(sm.ATTR_XOR_PEER_ADDRESS, a.peer_value or self.peer_value), *auth]
             elif step == CHANNEL:
                 method = sm.CHANNEL_BIND
                 attrs = [
                     (sm.ATTR_CHANNEL_NUMBER, bytes([CHANNEL_NUMBER >> 8, 0, 0, 0])),
-                    (sm.ATTR_XOR_PEER_ADDRESS, self.peer_value),
+                    (sm.ATTR_XOR_PEER_ADDRESS, a.peer_value or self.peer_value),
                     *auth,
                 ]
             else:  # "release": Refresh with LIFETIME 0 (RFC 8656 §7.2)
@@ -235,6 +245,9 @@ def worker_main(
         if op == "alloc":
             _, n, steps, window, timeout, source_ip = cmd
             fresh = [_Alloc(_new_socket(target.server, source_ip)) for _ in range(n)]
+            if target.spread_peers:
+                for j, a in enumerate(fresh, start=len(allocs)):
+                    a.peer_value = sm.xor_address_value(spread_peer(idx, j), target.peer[1])
             c0, t0 = _cpu(), time.monotonic()
             engine.run(fresh, steps, window, t0 + timeout)
             t1 = time.monotonic()
@@ -307,7 +320,7 @@ def _blast(sends: list[Any], frame: bytes, rate: float, idx: int, sent: Any, sto
 
 
 def sink_main(
-    port: int, counts: Any, stop: Any, ready: Any
+    port: int, counts: Any, stop: Any, ready: Any, host: str = "127.0.0.1"
 ) -> None:  # pragma: no cover - runs in a child process
     """Count packets and bytes arriving at the peer address until stop[0].
 
@@ -316,7 +329,7 @@ def sink_main(
     """
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    s.bind(("127.0.0.1", port))
+    s.bind((host, port))  # "0.0.0.0" for spread peers: every 127.x.y.z at this port
     # A blocking socket with SO_RCVTIMEO, not settimeout(): CPython polls before every recv on a
     # socket with a timeout, which would double the sink's syscalls per packet.
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 50_000))

@@ -58,14 +58,22 @@ FULL_STEPS = [loadgen.PROBE, loadgen.ALLOCATE, loadgen.PERMISSION, loadgen.CHANN
 class Harness:
     """The sink and the worker processes, shared by every scenario of one server session."""
 
-    def __init__(self, ctx: Any, n_workers: int) -> None:
+    def __init__(self, ctx: Any, n_workers: int, spread_peers: bool = False) -> None:
         (self.sink_port,) = servers.free_udp_ports(SINK_PORTS, 1)
+        self.spread_peers = spread_peers
         self.ctx = ctx
         self.counts = ctx.RawArray("q", 2)
         self.sink_stop = ctx.RawArray("q", 1)
         ready = ctx.Event()
         self.sink = ctx.Process(
-            target=loadgen.sink_main, args=(self.sink_port, self.counts, self.sink_stop, ready)
+            target=loadgen.sink_main,
+            args=(
+                self.sink_port,
+                self.counts,
+                self.sink_stop,
+                ready,
+                "0.0.0.0" if spread_peers else "127.0.0.1",  # spread peers: 127.x.y.z
+            ),
         )
         self.sink.start()
         if not ready.wait(10):
@@ -271,7 +279,7 @@ def run_server(
     ctx: Any,
 ) -> dict[str, Any]:
     server = start()
-    h = Harness(ctx, args.workers)
+    h = Harness(ctx, args.workers, args.spread_peers)
     h.settle = args.settle
     result: dict[str, Any] = {
         "rss_idle_mib": server.rss_bytes() / 2**20,
@@ -280,7 +288,11 @@ def run_server(
     try:
         h.spawn(
             loadgen.Target(
-                server.address, servers.USERNAME, servers.PASSWORD, ("127.0.0.1", h.sink_port)
+                server.address,
+                servers.USERNAME,
+                servers.PASSWORD,
+                ("127.0.0.1", h.sink_port),
+                spread_peers=args.spread_peers,
             )
         )
         # Memory first, on the fresh server, so "per allocation" is not blurred by what the
@@ -472,6 +484,19 @@ def main(argv: list[str] | None = None) -> int:
         default=0,
         help="confedge's turn.dataplane_threads (default 0 = one per core, as coturn's 2 here)",
     )
+    ap.add_argument(
+        "--relay-multiplex",
+        type=int,
+        default=0,
+        help="confedge's turn.relay_multiplex: shared relay sockets per relay address (default 0 "
+        "= one port per allocation); implies --spread-peers, for both servers",
+    )
+    ap.add_argument(
+        "--spread-peers",
+        action="store_true",
+        help="each allocation sends to its own peer address (127.100+w.x.y at the sink's port) "
+        "instead of all to 127.0.0.1: shared relay sockets serve a peer address once per socket",
+    )
     ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     ap.add_argument(
         "--senders", type=int, default=1, help="workers that offer relay traffic (default 1)"
@@ -515,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         help="JSON output (default bench/results/turn-<time>.json)",
     )
     args = ap.parse_args(argv)
+    args.spread_peers = args.spread_peers or args.relay_multiplex > 0
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.window = args.window or (1.5 if args.quick else 4.0)
     args.warmup = args.warmup or (0.5 if args.quick else 1.0)
@@ -578,6 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.dataplane,
                 args.dataplane_threads,
                 "ebpf" if s == EBPF else "off",
+                args.relay_multiplex,
             )
     for rnd in range(args.rounds):
         order = wanted if rnd % 2 == 0 else list(reversed(wanted))

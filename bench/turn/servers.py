@@ -203,7 +203,7 @@ def start_coturn(spec: ServerSpec, workdir: Path, relay_threads: int) -> Server:
 
 
 def confedge_config(
-    spec: ServerSpec, workdir: Path, threads: int = 0, offload: str = "off"
+    spec: ServerSpec, workdir: Path, threads: int = 0, offload: str = "off", multiplex: int = 0
 ) -> Path:
     """The benchmark's confedge.toml; CONFEDGE_BENCH_TURN_EXTRA (TOML lines) is appended to its
     [turn] section, e.g. 'bandwidth_per_allocation = "10G"' to measure the bucket's cost."""
@@ -235,6 +235,7 @@ max_allocations = 10000
 unauth_budget = 1000000
 dataplane_threads = {threads}  # native data plane: 0 = one per core
 offload = "{offload}"  # "ebpf": the kernel offload variant (attached to lo, removed at stop)
+relay_multiplex = {multiplex}  # shared relay sockets per relay address; 0 = a port each
 {os.environ.get("CONFEDGE_BENCH_TURN_EXTRA", "")}
 
 [guard]
@@ -261,12 +262,14 @@ def start_confedge(
     dataplane: str | None = None,
     threads: int = 0,
     offload: str = "off",
+    multiplex: int = 0,
 ) -> Server:
     """`dataplane`: turn.dataplane for this run ("auto", "native", "python"); None keeps what
     CONFEDGE_DATAPLANE says (or the configuration's "auto"). `threads`: its relay threads.
-    `offload`: turn.offload ("ebpf" for the kernel-offload variant)."""
+    `offload`: turn.offload ("ebpf" for the kernel-offload variant). `multiplex`:
+    turn.relay_multiplex (shared relay sockets)."""
     spec = pick_port(spec)
-    config = confedge_config(spec, workdir, threads, offload)
+    config = confedge_config(spec, workdir, threads, offload, multiplex)
     log = workdir / "confedge.log"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     if dataplane is not None:

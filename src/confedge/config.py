@@ -121,6 +121,9 @@ def _host_port(value: Any) -> str | None:
 
 HostPort = Annotated[str | None, BeforeValidator(_host_port)]
 
+# turn.relay_multiplex: shared relay sockets per relay address, at most (docs/TURN.md).
+RELAY_MULTIPLEX_MAX = 64
+
 # turn.bandwidth_* defaults in permissive mode (bytes/s): browsers, each its own username; 5 and
 # 10 Mbit/s carry a good video call. Restricted mode: the nodes carry many calls over one
 # credential, so no cap unless configured.
@@ -441,6 +444,9 @@ class TurnConfig(_Strict):
     dataplane: Literal["auto", "native", "python"] = "auto"
     # Relay threads of the native data plane; 0 = one per core.
     dataplane_threads: int = Field(default=0, ge=0, le=256)
+    # Relay through this many shared UDP sockets per relay address instead of one port per
+    # allocation (coturn's --multiplex-peer; docs/TURN.md "Shared relay sockets"); 0 = off.
+    relay_multiplex: int = 0
     # Kernel offload of bound UDP ChannelData (eBPF at TC ingress, docs/TURN.md): "off" (the
     # default: attaching to the host's interface is explicit), "ebpf" (fail start when it
     # cannot load), "auto" (use it when the kernel and privileges allow, log why not otherwise).
@@ -461,6 +467,22 @@ class TurnConfig(_Strict):
     @classmethod
     def _relay_ports(cls, v: str) -> str:
         parse_port_range(v)
+        return v
+
+    @field_validator("relay_multiplex", mode="before")
+    @classmethod
+    def _relay_multiplex(cls, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(
+                f"{v!r} is not a number of shared relay sockets; use 0 (off, one port per "
+                "allocation) or 1-64 (e.g. relay_multiplex = 4)"
+            )
+        if not 0 <= v <= RELAY_MULTIPLEX_MAX:
+            raise ValueError(
+                f"{v} is out of range; use 0 (off) or 1-{RELAY_MULTIPLEX_MAX} shared sockets "
+                "per relay address (more sockets make peer-address conflicts rarer, a few "
+                "suffice: docs/TURN.md)"
+            )
         return v
 
     @field_validator("password")
@@ -681,6 +703,13 @@ class Config(_Strict):
                 problems.append('turn.username: "" is empty; restricted TURN needs a username')
             if not self.turn.password:
                 problems.append('turn.password: "" is empty; restricted TURN needs a password')
+        lo, hi = self.turn.relay_port_range
+        if self.turn.relay_multiplex > hi - lo + 1:
+            problems.append(
+                f"turn.relay_multiplex: {self.turn.relay_multiplex} shared sockets do not fit in "
+                f'turn.relay_ports "{self.turn.relay_ports}" ({hi - lo + 1} ports); widen '
+                "relay_ports or lower relay_multiplex"
+            )
         if self.turn.enabled and self.turn.mode == "permissive" and not self.turn.secrets:
             problems.append(
                 "turn.secrets: [] is empty; permissive TURN needs at least one shared secret"

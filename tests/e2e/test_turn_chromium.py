@@ -53,8 +53,9 @@ pytestmark = [
 ]
 
 
-def _config(tmp_path: Path, mode: str) -> Config:
+def _config(tmp_path: Path, mode: str, **extra: Any) -> Config:
     turn: dict[str, Any] = {
+        **extra,
         "enabled": True,
         "mode": mode,
         "port": 0,
@@ -127,7 +128,11 @@ async def _chromium(url: str, username: str, credential: str, timeout_ms: int) -
 
 @pytest.fixture
 async def turn_server(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    svc = TurnService(_config(tmp_path, request.param))
+    # "permissive-multiplex": turn.relay_multiplex = 4 (docs/TURN.md "Shared relay sockets"),
+    # at least 2 sockets per relay thread: the two allocations, each the other's peer, land on
+    # different shared sockets (on one socket relay-to-relay cannot work: the trade-off).
+    mode, _, multiplex = request.param.partition("-")
+    svc = TurnService(_config(tmp_path, mode, relay_multiplex=4 if multiplex else 0))
     await svc.start()
     try:
         yield svc
@@ -136,7 +141,7 @@ async def turn_server(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("turn_server", ["permissive"], indirect=True)
+@pytest.mark.parametrize("turn_server", ["permissive", "permissive-multiplex"], indirect=True)
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_chromium_datachannel_relay_to_relay(
     turn_server: TurnService, transport: str

@@ -143,6 +143,40 @@ async def test_uclient_relays_every_message(echo_peer: int) -> None:
         assert stats["bytes_to_client"] >= sent, name
 
 
+async def test_uclient_relays_every_message_multiplexed(echo_peer: int) -> None:
+    """turn.relay_multiplex = 1 with a relay range of 4 ports: two even ones go to the shared
+    sockets (the native plane's for UDP clients, the Python plane's for TCP clients), so
+    uclient's two EVEN-PORT allocations fit only on a shared socket; every message comes back
+    (docs/TURN.md "Shared relay sockets")."""
+    n = 3
+    names = (
+        "udp-channel-longterm",
+        "udp-send-longterm",
+        "tcp-channel-longterm",
+        "udp-channel-rest",
+    )
+    cases = [c for c in CASES if c[0] in names]
+    jobs = []
+    for _, mode, flags in cases:
+        port = 4 * (free_port(23000, 23896, shuffle=True, udp=True) // 4)
+        cfg = {
+            "mode": mode,
+            "relay_multiplex": 1,
+            "relay_ports": f"{port}-{port + 3}",
+            "dataplane_threads": 1,
+        }
+        args = ["-n", str(n), "-e", "127.0.0.1", "-r", str(echo_peer), *flags]
+        jobs.append(_case(cfg, args))
+    results = await asyncio.gather(*jobs)
+    for (name, _, _), (out, stats) in zip(cases, results, strict=True):
+        totals = _TOTALS.findall(out)
+        assert totals, f"{name}: uclient printed no totals:\n{out[-2000:]}"
+        sent, received = map(int, totals[-1])
+        assert sent == n * 100, f"{name}: sent {sent}\n{out[-2000:]}"
+        assert received == sent, f"{name}: received {received} of {sent}\n{out[-2000:]}"
+        assert stats["bytes_to_client"] >= sent, name
+
+
 @pytest.mark.skipif(not has_ipv6_loopback(), reason="host has no IPv6 loopback (::1)")
 async def test_uclient_ipv6_relay() -> None:
     """RFC 6156: uclient -x asks for an IPv6 relay; peer on ::1 (listed in allowed_peers)."""

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.timeout(120)
-def test_turn_benchmark_smoke(tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [[], ["--relay-multiplex=4"]], ids=["own-ports", "multiplex"])
+def test_turn_benchmark_smoke(tmp_path: Path, extra: list[str]) -> None:
     servers = "coturn,confedge" if shutil.which("turnserver") else "confedge"
     out = tmp_path / "turn.json"
     proc = subprocess.run(
@@ -39,6 +40,7 @@ def test_turn_benchmark_smoke(tmp_path: Path) -> None:
             "--settle=0.2",
             "--lock-timeout=30",
             f"--out={out}",
+            *extra,
         ],
         capture_output=True,
         text=True,
@@ -65,3 +67,7 @@ def test_turn_benchmark_smoke(tmp_path: Path) -> None:
         assert r["alloc_rate"]["completed"] == 40, (name, r["alloc_rate"])
         assert r["memory"]["allocations"] == 40, (name, r["memory"])
         assert r["memory"]["rss_mib"] > 1
+    if extra:  # confedge relayed through its shared sockets, and every peer had one owner
+        dataplane = data["results"]["confedge"][0]["server_exit_stats"]["dataplane"]
+        assert dataplane["mux_sockets"] >= 4, dataplane
+        assert dataplane["drop_mux_conflict"] == dataplane["drop_mux_ambiguous"] == 0, dataplane

@@ -70,11 +70,12 @@ async def _relay_both_ways(svc: TurnService, transport: str, username: str, pass
     assert svc.stats()["allocations"] == 0
 
 
+@pytest.mark.parametrize("multiplex", [0, 2], ids=["own-ports", "relay_multiplex"])
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 async def test_aioice_restricted_long_term(
-    transport: str, caplog: pytest.LogCaptureFixture
+    transport: str, multiplex: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    svc = TurnService(turn_config())
+    svc = TurnService(turn_config(relay_multiplex=multiplex))
     await svc.start()
     try:
         with caplog.at_level(logging.INFO, logger="confedge.turn"):

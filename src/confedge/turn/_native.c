@@ -81,6 +81,12 @@
 #define KIND_LISTENER 1
 #define KIND_WAKE 2
 #define KIND_ALLOC 3
+#define KIND_MUX 4
+/* turn.relay_multiplex: why an allocation claims a peer transport address on a shared relay
+ * socket (turn/multiplex.py has the rules; this file mirrors them) */
+#define CLAIM_CHANNEL 1
+#define CLAIM_SEND 2
+#define MUX_MAX_CLAIMS 1024 /* per allocation (turn/multiplex.py MAX_CLAIMS) */
 
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_RELAXED)
 /* Single-writer counter: a plain add published with a relaxed store (no lock prefix). */
@@ -101,6 +107,8 @@ typedef struct {
     uint64_t rate;  /* bytes/s; 0 = unlimited */
     int64_t burst;  /* bytes x BW_SCALE */
 } bucket_t;
+
+static PyObject *PeerTaken; /* add_channel: the peer is claimed by another allocation */
 
 typedef union {
     struct sockaddr sa;
@@ -129,9 +137,43 @@ typedef struct {
     uint8_t ip[16];
 } perm_t;
 
+struct alloc;
+
+/* A node of a shared relay socket's tables (turn.relay_multiplex). In `claims` the key is a peer
+ * transport address and `al` its owner; in `perms` the key is a peer IP (port 0), `count` the
+ * allocations holding a permission for it and `x` the XOR of their pointers, which is the one
+ * holder itself when count == 1 (so "exactly one allocation may receive from this IP" is one
+ * lookup, whatever the order of adds and removals). */
+typedef struct mnode {
+    addr_t key;
+    struct alloc *al;
+    uintptr_t x;
+    uint32_t count;
+    uint8_t how;          /* claims: CLAIM_* bits */
+    struct mnode *next;   /* hash chain */
+    struct mnode *anext;  /* claims: the owner's own list (release in O(own claims)) */
+} mnode_t;
+
+typedef struct {
+    mnode_t **tab;
+    size_t cap, count;
+} mtab_t;
+
+/* One shared relay socket: polled by one worker, like an allocation's own socket, and used by
+ * the allocations of that worker that were placed on it. Tables changed under the worker's
+ * lock (by Python) or by the worker itself (Send claims), like an allocation's tables. */
+typedef struct mux {
+    int kind; /* KIND_MUX: first member, epoll data.ptr points here */
+    int fd;
+    int family;
+    int worker;
+    int nallocs;
+    mtab_t claims, perms;
+} mux_t;
+
 typedef struct alloc {
     int kind; /* KIND_ALLOC: first member, epoll data.ptr points here */
-    int fd;
+    int fd;   /* its own relay socket, or its shared socket's (mux != NULL; not its to close) */
     int family;
     int worker;
     long long id;
@@ -153,6 +195,9 @@ typedef struct alloc {
     bucket_t *ubw; /* the username's two buckets (engine->ubw + 2 * slot) or NULL */
     /* written by the Python thread (Send indications forwarded by the core) */
     uint64_t py_pkts_to_peer, py_bytes_to_peer;
+    mux_t *mux;       /* turn.relay_multiplex: the shared socket it relays on, or NULL */
+    mnode_t *claims;  /* its claims on that socket */
+    int nclaims;
     struct alloc *hnext;  /* worker's client table chain */
     struct alloc *idnext; /* engine's id table chain */
     struct alloc *gnext;  /* graveyard */
@@ -177,6 +222,7 @@ typedef struct {
     uint64_t recv_calls, send_calls, gso_msgs, gso_segments;
     uint64_t drop_unknown_channel, drop_short, drop_truncated, drop_send, drop_queue;
     uint64_t drop_no_allocation, drop_too_big;
+    uint64_t drop_mux_unknown, drop_mux_ambiguous, drop_mux_conflict;
 } wstats_t;
 
 typedef struct worker {
@@ -208,6 +254,7 @@ typedef struct worker {
     /* flush: packets grouped by (socket, destination), each group in arrival order */
     int ghash[GHASH];
     int gfirst[SLOTS], glast[SLOTS], onext[SLOTS], order[SLOTS];
+    int fslot[GHASH], ffd[SLOTS], fhead[SLOTS], ftail[SLOTS], gnextf[SLOTS]; /* flows by socket */
     struct mmsghdr smsg[SLOTS];
     struct iovec siov[2 * SLOTS];
     char sctl[SLOTS][CMSG_SPACE(sizeof(uint16_t))];
@@ -245,6 +292,9 @@ typedef struct engine {
     int bw_on;      /* any bandwidth cap ever set: the one test the hot path pays otherwise */
     bucket_t total[2]; /* turn.bandwidth_total, per direction */
     bucket_t *ubw;     /* USER_SLOTS x 2 per-user buckets (pages touched only when used) */
+    mux_t **muxes;     /* turn.relay_multiplex: shared relay sockets, by index */
+    int nmux, capmux;
+    uint64_t py_mux_conflict; /* Send indications from the core refused by another's claim */
 } engine_t;
 
 /* ---------------------------------------------------------------------------------------------
@@ -512,6 +562,194 @@ static inline perm_t *perm_find(alloc_t *al, uint8_t fam, const uint8_t *ip)
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * shared relay sockets (turn.relay_multiplex): which allocation a peer's datagram is for
+ */
+
+static mnode_t *mtab_find(const mtab_t *t, const addr_t *key)
+{
+    if (t->cap == 0)
+        return NULL;
+    mnode_t *x = t->tab[addr_hash(key) & (t->cap - 1)];
+    while (x != NULL && memcmp(&x->key, key, sizeof *key) != 0)
+        x = x->next;
+    return x;
+}
+
+static int mtab_insert(mtab_t *t, mnode_t *node)
+{
+    if (t->count + 1 > t->cap / 2) {
+        size_t ncap = t->cap ? t->cap * 2 : 16;
+        mnode_t **nt = calloc(ncap, sizeof *nt);
+        if (nt == NULL)
+            return -1;
+        for (size_t i = 0; i < t->cap; i++) {
+            mnode_t *x = t->tab[i];
+            while (x != NULL) {
+                mnode_t *nx = x->next;
+                size_t b = addr_hash(&x->key) & (ncap - 1);
+                x->next = nt[b];
+                nt[b] = x;
+                x = nx;
+            }
+        }
+        free(t->tab);
+        t->tab = nt;
+        t->cap = ncap;
+    }
+    size_t b = addr_hash(&node->key) & (t->cap - 1);
+    node->next = t->tab[b];
+    t->tab[b] = node;
+    t->count++;
+    return 0;
+}
+
+static void mtab_unlink(mtab_t *t, mnode_t *node)
+{
+    for (mnode_t **pp = &t->tab[addr_hash(&node->key) & (t->cap - 1)]; *pp != NULL;
+         pp = &(*pp)->next) {
+        if (*pp == node) {
+            *pp = node->next;
+            t->count--;
+            return;
+        }
+    }
+}
+
+static void mtab_free(mtab_t *t)
+{
+    for (size_t i = 0; i < t->cap; i++) {
+        mnode_t *x = t->tab[i];
+        while (x != NULL) {
+            mnode_t *nx = x->next;
+            free(x);
+            x = nx;
+        }
+    }
+    free(t->tab);
+    t->tab = NULL;
+    t->cap = t->count = 0;
+}
+
+/* Claim peer for al on its shared socket: 0 = claimed (or already its own), 1 = another
+ * allocation holds it, 2 = al holds MUX_MAX_CLAIMS already, -1 = out of memory (nothing changed
+ * unless 0). */
+static int mux_claim(alloc_t *al, const addr_t *peer, uint8_t how)
+{
+    mux_t *m = al->mux;
+    mnode_t *c = mtab_find(&m->claims, peer);
+    if (c != NULL) {
+        if (c->al != al)
+            return 1;
+        c->how |= how;
+        return 0;
+    }
+    if (al->nclaims >= MUX_MAX_CLAIMS)
+        return 2;
+    c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return -1;
+    c->key = *peer;
+    c->al = al;
+    c->how = how;
+    if (mtab_insert(&m->claims, c) != 0) {
+        free(c);
+        return -1;
+    }
+    c->anext = al->claims;
+    al->claims = c;
+    al->nclaims++;
+    return 0;
+}
+
+static void mux_unclaim(alloc_t *al, mnode_t *c)
+{
+    mtab_unlink(&al->mux->claims, c);
+    for (mnode_t **pp = &al->claims; *pp != NULL; pp = &(*pp)->anext) {
+        if (*pp == c) {
+            *pp = c->anext;
+            break;
+        }
+    }
+    al->nclaims--;
+    free(c);
+}
+
+/* Drop `how` from al's claim of peer; the claim ends with its last reason. */
+static void mux_release(alloc_t *al, const addr_t *peer, uint8_t how)
+{
+    mnode_t *c = mtab_find(&al->mux->claims, peer);
+    if (c == NULL || c->al != al)
+        return;
+    c->how &= (uint8_t)~how;
+    if (c->how == 0)
+        mux_unclaim(al, c);
+}
+
+static addr_t ip_key(uint8_t fam, const uint8_t *ip)
+{
+    addr_t k;
+    memset(&k, 0, sizeof k);
+    k.fam = fam;
+    memcpy(k.ip, ip, fam == 4 ? 4 : 16);
+    return k;
+}
+
+/* al got a permission for ip (a new one: callers add each IP once). */
+static int mux_perm_add(alloc_t *al, uint8_t fam, const uint8_t *ip)
+{
+    addr_t k = ip_key(fam, ip);
+    mnode_t *p = mtab_find(&al->mux->perms, &k);
+    if (p == NULL) {
+        p = calloc(1, sizeof *p);
+        if (p == NULL)
+            return -1;
+        p->key = k;
+        if (mtab_insert(&al->mux->perms, p) != 0) {
+            free(p);
+            return -1;
+        }
+    }
+    p->count++;
+    p->x ^= (uintptr_t)al;
+    return 0;
+}
+
+/* al's permission for ip lapsed (RFC 8656 §9): its Send claims for that IP go with it. */
+static void mux_perm_del(alloc_t *al, uint8_t fam, const uint8_t *ip)
+{
+    addr_t k = ip_key(fam, ip);
+    mnode_t *p = mtab_find(&al->mux->perms, &k);
+    if (p != NULL) {
+        p->x ^= (uintptr_t)al;
+        if (--p->count == 0) {
+            mtab_unlink(&al->mux->perms, p);
+            free(p);
+        }
+    }
+    size_t n = fam == 4 ? 4 : 16;
+    mnode_t *c = al->claims;
+    while (c != NULL) {
+        mnode_t *nx = c->anext;
+        if (c->key.fam == fam && memcmp(c->key.ip, ip, n) == 0 && (c->how & CLAIM_SEND)) {
+            c->how &= (uint8_t)~CLAIM_SEND;
+            if (c->how == 0)
+                mux_unclaim(al, c);
+        }
+        c = nx;
+    }
+}
+
+/* The allocation leaves its shared socket: every claim and permission of it goes. */
+static void mux_leave(alloc_t *al)
+{
+    while (al->claims != NULL)
+        mux_unclaim(al, al->claims);
+    for (int i = 0; i < al->nperms; i++)
+        mux_perm_del(al, al->perms[i].fam, al->perms[i].ip);
+    al->mux->nallocs--;
+}
+
+/* ---------------------------------------------------------------------------------------------
  * the up-queue: packets for the Python control plane, in arrival order
  */
 
@@ -772,12 +1010,34 @@ static int group_flows(worker_t *w)
         w->glast[g] = i;
         w->onext[i] = -1;
     }
+    /* the flows of each socket together (a shared relay socket carries many allocations'
+     * flows: one run, one sendmmsg), sockets in order of first use, the listener's first */
+    int nf = 0;
+    memset(w->fslot, 0xff, sizeof w->fslot);
+    for (int g = 0; g < ng; g++) {
+        int fd = w->out[w->gfirst[g]].fd;
+        unsigned h = ((unsigned)fd * 2654435761u >> 7) & (GHASH - 1);
+        int f;
+        while ((f = w->fslot[h]) >= 0 && w->ffd[f] != fd)
+            h = (h + 1) & (GHASH - 1);
+        if (f < 0) {
+            f = nf++;
+            w->fslot[h] = f;
+            w->ffd[f] = fd;
+            w->fhead[f] = g;
+        } else {
+            w->gnextf[w->ftail[f]] = g;
+        }
+        w->ftail[f] = g;
+        w->gnextf[g] = -1;
+    }
     int n = 0;
     for (int pass = 0; pass < 2; pass++)
-        for (int g = 0; g < ng; g++)
-            if ((w->out[w->gfirst[g]].fd == w->lfd) == (pass == 0))
-                for (int i = w->gfirst[g]; i >= 0; i = w->onext[i])
-                    w->order[n++] = i;
+        for (int f = 0; f < nf; f++)
+            if ((w->ffd[f] == w->lfd) == (pass == 0))
+                for (int g = w->fhead[f]; g >= 0; g = w->gnextf[g])
+                    for (int i = w->gfirst[g]; i >= 0; i = w->onext[i])
+                        w->order[n++] = i;
     return n;
 }
 
@@ -990,6 +1250,12 @@ static void on_client_packets(worker_t *w, int first, int n)
             }
             perm_t *pm = perm_find(al, peer.fam, peer.ip);
             if (pm != NULL && pm->fast_send) {
+                if (al->mux != NULL && mux_claim(al, &peer, CLAIM_SEND) != 0) {
+                    /* another allocation's peer on this shared socket (or no memory to note
+                     * the claim): dropped, as Send indications are (§10.2) */
+                    BUMP(w->st.drop_mux_conflict, 1);
+                    continue;
+                }
                 if (!bw_admit(w, al, dlen, BW_TO_PEER))
                     continue;
                 sockaddr_u sa;
@@ -1020,33 +1286,60 @@ static uint8_t *random12(worker_t *w)
     return w->rnd + w->rnd_left;
 }
 
-static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
+/* Received datagram i of a relay socket: its source in *src (0), or -1 when truncated or of an
+ * unknown family (counted). */
+static int peer_source(worker_t *w, int i, addr_t *src)
 {
-    for (int i = 0; i < n; i++) {
-        struct msghdr *mh = &w->rmsg[i].msg_hdr;
+    BUMP(w->st.rx_peer, 1);
+    if ((w->rmsg[i].msg_hdr.msg_flags & MSG_TRUNC) || addr_from_sa(src, &w->raddr[i]) != 0) {
+        BUMP(w->st.drop_truncated, 1);
+        return -1;
+    }
+    return 0;
+}
+
+/* The allocation a datagram from src on shared socket m is for (turn/multiplex.py): the one
+ * that claimed src, else the only one with a permission for its IP; else none (counted). */
+static inline alloc_t *mux_route(worker_t *w, mux_t *m, const addr_t *src)
+{
+    mnode_t *c = mtab_find(&m->claims, src);
+    if (c != NULL)
+        return c->al;
+    addr_t k = ip_key(src->fam, src->ip);
+    mnode_t *p = mtab_find(&m->perms, &k);
+    if (p == NULL) {
+        BUMP(w->st.drop_mux_unknown, 1); /* §9: nobody has a permission for this peer */
+        return NULL;
+    }
+    if (p->count != 1) {
+        BUMP(w->st.drop_mux_ambiguous, 1);
+        return NULL;
+    }
+    return (alloc_t *)p->x;
+}
+
+/* One datagram from peer src (slot `slot`, received as message i) for allocation al. */
+static void peer_packet(worker_t *w, alloc_t *al, int i, int slot, const addr_t *src0)
+{
+    {
         uint32_t len = w->rmsg[i].msg_len;
-        uint8_t *p = slot_data(w, first + i);
-        uint8_t *p2 = slot_big(w, first + i);
+        uint8_t *p = slot_data(w, slot);
+        uint8_t *p2 = slot_big(w, slot);
         uint32_t len2 = len > SMALL ? len - SMALL : 0, len1 = len - len2;
-        addr_t src;
-        BUMP(w->st.rx_peer, 1);
-        if ((mh->msg_flags & MSG_TRUNC) || addr_from_sa(&src, &w->raddr[i]) != 0) {
-            BUMP(w->st.drop_truncated, 1);
-            continue;
-        }
+        addr_t src = *src0;
         chan_t *ch = chan_by_peer(al, &src);
         if (ch == NULL && perm_find(al, src.fam, src.ip) == NULL) {
             BUMP(al->dropped, 1); /* §9: no permission for this peer */
-            continue;
+            return;
         }
         if (!bw_admit(w, al, len, BW_TO_CLIENT))
-            continue;
+            return;
         if (ch != NULL) {
             /* RFC 8656 §12.4: ChannelData, header written in place in front of the payload;
              * no padding over UDP */
             if (len > 0xFFFF - 4) {
                 BUMP(w->st.drop_too_big, 1);
-                continue;
+                return;
             }
             p[-4] = (uint8_t)(ch->number >> 8);
             p[-3] = (uint8_t)ch->number;
@@ -1061,7 +1354,7 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
             uint32_t mlen = xlen + 4 + len + pad;
             if (20 + mlen > 65507) {
                 BUMP(w->st.drop_too_big, 1);
-                continue;
+                return;
             }
             uint8_t *h = p - hlen;
             const uint8_t *tid = random12(w);
@@ -1106,6 +1399,27 @@ static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
     }
 }
 
+static void on_peer_packets(worker_t *w, alloc_t *al, int first, int n)
+{
+    for (int i = 0; i < n; i++) {
+        addr_t src;
+        if (peer_source(w, i, &src) == 0)
+            peer_packet(w, al, i, first + i, &src);
+    }
+}
+
+/* A shared relay socket's datagrams: many allocations' peers in one recvmmsg batch, and their
+ * packets to clients leave in one sendmmsg on the listener. */
+static void on_mux_packets(worker_t *w, mux_t *m, int first, int n)
+{
+    for (int i = 0; i < n; i++) {
+        addr_t src;
+        alloc_t *al;
+        if (peer_source(w, i, &src) == 0 && (al = mux_route(w, m, &src)) != NULL)
+            peer_packet(w, al, i, first + i, &src);
+    }
+}
+
 static void free_alloc(alloc_t *al)
 {
     free(al->chans);
@@ -1143,6 +1457,14 @@ static void *worker_main(void *arg)
                 for (int round = 0; round < MAX_ROUNDS; round++) {
                     int first, got = recv_batch(w, w->lfd, &first);
                     on_client_packets(w, first, got);
+                    if (got < BATCH)
+                        break;
+                }
+            } else if (kind == KIND_MUX) {
+                mux_t *m = (mux_t *)ev[i].data.ptr;
+                for (int round = 0; round < MAX_ROUNDS; round++) {
+                    int first, got = recv_batch(w, m->fd, &first);
+                    on_mux_packets(w, m, first, got);
                     if (got < BATCH)
                         break;
                 }
@@ -1248,7 +1570,7 @@ static void engine_free_all(engine_t *e)
         alloc_t *x = e->idtab[i];
         while (x != NULL) {
             alloc_t *nx = x->idnext;
-            if (x->fd >= 0)
+            if (x->fd >= 0 && x->mux == NULL)
                 close(x->fd);
             free_alloc(x);
             x = nx;
@@ -1256,6 +1578,17 @@ static void engine_free_all(engine_t *e)
     }
     free(e->idtab);
     e->idtab = NULL;
+    for (int i = 0; i < e->nmux; i++) {
+        mux_t *m = e->muxes[i];
+        if (m->fd >= 0)
+            close(m->fd);
+        mtab_free(&m->claims); /* the nodes of every allocation's claims */
+        mtab_free(&m->perms);
+        free(m);
+    }
+    free(e->muxes);
+    e->muxes = NULL;
+    e->nmux = e->capmux = 0;
     free(e->ubw);
     e->ubw = NULL;
     e->idtab = NULL;
@@ -1524,14 +1857,27 @@ static alloc_t *alloc_arg(engine_t *e, long long id)
 static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
 {
     long long id;
-    int k, fd, family, user_slot = -1;
+    int k, fd, family, user_slot = -1, mux = -1;
     unsigned long long rate = 0;
     PyObject *client;
-    if (!PyArg_ParseTuple(args, "LiiiO|iK", &id, &k, &fd, &family, &client, &user_slot, &rate))
+    if (!PyArg_ParseTuple(args, "LiiiO|iKi", &id, &k, &fd, &family, &client, &user_slot, &rate,
+                          &mux))
         return NULL;
+    mux_t *m = NULL;
+    if (mux >= 0) {
+        /* on a shared relay socket: relay_fd is not used (and not ours) */
+        if (mux >= e->nmux || e->muxes[mux]->worker != k || e->muxes[mux]->family != family) {
+            return PyErr_Format(PyExc_ValueError,
+                                "shared relay socket %d is not one of thread %d, IPv%d", mux, k,
+                                family);
+        }
+        m = e->muxes[mux];
+        fd = -1;
+    }
     if (user_slot >= USER_SLOTS) {
         PyErr_Format(PyExc_ValueError, "user slot %d out of range", user_slot);
-        close(fd);
+        if (fd >= 0)
+            close(fd);
         return NULL;
     }
     worker_t *w;
@@ -1548,7 +1894,8 @@ static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
         goto fail;
     }
     al->kind = KIND_ALLOC;
-    al->fd = fd;
+    al->fd = m != NULL ? m->fd : fd;
+    al->mux = m;
     al->family = family;
     al->worker = k;
     al->id = id;
@@ -1560,7 +1907,8 @@ static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
     bucket_set(&al->bw[1], rate, mono_ns());
     if (rate != 0)
         __atomic_store_n(&e->bw_on, 1, __ATOMIC_RELEASE);
-    set_bufs(fd, 1024 * 1024);
+    if (m == NULL)
+        set_bufs(fd, 1024 * 1024);
     wlock(w);
     if (client_find(w, &al->client) != NULL) {
         wunlock(w);
@@ -1573,18 +1921,23 @@ static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
         PyErr_NoMemory();
         goto fail;
     }
-    if (epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
+    if (m == NULL && epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev) != 0) {
         client_remove(w, al);
         wunlock(w);
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
     }
+    if (m != NULL)
+        m->nallocs++;
     wunlock(w);
     if (id_insert(e, al) != 0) {
         /* cannot really happen (tiny table); undo */
         wlock(w);
         client_remove(w, al);
-        epoll_ctl(w->epfd, EPOLL_CTL_DEL, fd, NULL);
+        if (m != NULL)
+            m->nallocs--;
+        else
+            epoll_ctl(w->epfd, EPOLL_CTL_DEL, fd, NULL);
         wunlock(w);
         PyErr_NoMemory();
         goto fail;
@@ -1592,7 +1945,8 @@ static PyObject *Engine_add_allocation(engine_t *e, PyObject *args)
     Py_RETURN_NONE;
 fail:
     free(al);
-    close(fd); /* the fd was handed over: never leak it */
+    if (fd >= 0)
+        close(fd); /* the fd was handed over: never leak it */
     return NULL;
 }
 
@@ -1603,8 +1957,9 @@ static PyObject *counters_tuple(alloc_t *al)
                          (unsigned long long)LOAD(al->pkts_to_client),
                          (unsigned long long)LOAD(al->bytes_to_client),
                          (unsigned long long)LOAD(al->dropped),
-                         (unsigned long long)(al->fd >= 0 ? kernel_drops(al->fd)
-                                                           : al->kernel_drops),
+                         (unsigned long long)(al->fd >= 0 && al->mux == NULL
+                                                  ? kernel_drops(al->fd)
+                                                  : al->kernel_drops),
                          (unsigned long long)LOAD(al->dropped_bw));
 }
 
@@ -1629,9 +1984,13 @@ static PyObject *Engine_remove_allocation(engine_t *e, PyObject *args)
     id_remove(e, al);
     wlock(w);
     client_remove(w, al);
-    epoll_ctl(w->epfd, EPOLL_CTL_DEL, al->fd, NULL);
-    al->kernel_drops = kernel_drops(al->fd);
-    close(al->fd); /* the relay port is free from here on */
+    if (al->mux != NULL) {
+        mux_leave(al); /* its peers are free for other allocations on the socket */
+    } else {
+        epoll_ctl(w->epfd, EPOLL_CTL_DEL, al->fd, NULL);
+        al->kernel_drops = kernel_drops(al->fd);
+        close(al->fd); /* the relay port is free from here on */
+    }
     al->fd = -1;
     al->dead = 1;
     al->gnext = w->graveyard;
@@ -1668,8 +2027,12 @@ static PyObject *Engine_add_permission(engine_t *e, PyObject *args)
     pm.fast_send = (uint8_t)fast;
     worker_t *w = e->workers[al->worker];
     wlock(w);
-    int r = put_elem((void **)&al->perms, &al->nperms, &al->capperms, sizeof pm,
-                     perm_find(al, pm.fam, pm.ip), &pm);
+    perm_t *old = perm_find(al, pm.fam, pm.ip);
+    int r = al->mux != NULL && old == NULL ? mux_perm_add(al, pm.fam, pm.ip) : 0;
+    if (r == 0)
+        r = put_elem((void **)&al->perms, &al->nperms, &al->capperms, sizeof pm, old, &pm);
+    if (r != 0 && al->mux != NULL && old == NULL)
+        mux_perm_del(al, pm.fam, pm.ip);
     wunlock(w);
     if (r != 0)
         return PyErr_NoMemory();
@@ -1691,8 +2054,11 @@ static PyObject *Engine_remove_permission(engine_t *e, PyObject *args)
     worker_t *w = e->workers[al->worker];
     wlock(w);
     perm_t *pm = perm_find(al, fam, raw);
-    if (pm != NULL)
+    if (pm != NULL) {
         *pm = al->perms[--al->nperms];
+        if (al->mux != NULL)
+            mux_perm_del(al, fam, raw);
+    }
     wunlock(w);
     Py_RETURN_NONE;
 }
@@ -1717,7 +2083,16 @@ static PyObject *Engine_add_channel(engine_t *e, PyObject *args)
     ch.peer_salen = sa_from_addr(&ch.peer_sa, &ch.peer);
     worker_t *w = e->workers[al->worker];
     wlock(w);
-    int r = put_elem((void **)&al->chans, &al->nchans, &al->capchans, sizeof ch,
+    int r = al->mux != NULL ? mux_claim(al, &ch.peer, CLAIM_CHANNEL) : 0;
+    if (r == 1 || r == 2) {
+        wunlock(w);
+        if (r == 1)
+            return PyErr_Format(PeerTaken, "in use by another allocation");
+        return PyErr_Format(PeerTaken, "the allocation already uses %d peer addresses",
+                            MUX_MAX_CLAIMS);
+    }
+    if (r == 0)
+        r = put_elem((void **)&al->chans, &al->nchans, &al->capchans, sizeof ch,
                      chan_by_number(al, ch.number), &ch);
     wunlock(w);
     if (r != 0)
@@ -1739,8 +2114,11 @@ static PyObject *Engine_remove_channel(engine_t *e, PyObject *args)
     worker_t *w = e->workers[al->worker];
     wlock(w);
     chan_t *ch = chan_by_number(al, (uint16_t)number);
-    if (ch != NULL)
+    if (ch != NULL) {
+        if (al->mux != NULL)
+            mux_release(al, &ch->peer, CLAIM_CHANNEL);
         *ch = al->chans[--al->nchans];
+    }
     wunlock(w);
     Py_RETURN_NONE;
 }
@@ -1760,6 +2138,16 @@ static PyObject *Engine_send_to_peer(engine_t *e, PyObject *args)
         return NULL;
     }
     al = id_find(e, id);
+    if (al != NULL && al->mux != NULL) {
+        worker_t *w = e->workers[al->worker];
+        wlock(w);
+        int r = mux_claim(al, &a, CLAIM_SEND);
+        wunlock(w);
+        if (r != 0) {
+            e->py_mux_conflict++; /* another allocation's peer: dropped (§10.2) */
+            al = NULL;
+        }
+    }
     if (al != NULL) {
         socklen_t salen = sa_from_addr(&sa, &a);
         /* the fd stays open while the allocation is in the id table (closed only by Python) */
@@ -1874,8 +2262,11 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
         kernel_listener += kernel_drops(e->workers[k]->lfd);
     for (size_t i = 0; i < e->idcap; i++)
         for (alloc_t *x = e->idtab[i]; x != NULL; x = x->idnext)
-            kernel_relay += kernel_drops(x->fd);
-    return Py_BuildValue(
+            if (x->mux == NULL)
+                kernel_relay += kernel_drops(x->fd);
+    for (int i = 0; i < e->nmux; i++)
+        kernel_relay += kernel_drops(e->muxes[i]->fd);
+    PyObject *d = Py_BuildValue(
         "{s:i,s:i,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:n}",
         "threads", e->nworkers, "gso", gso, "rx_client", (unsigned long long)s.rx_client,
         "rx_peer", (unsigned long long)s.rx_peer, "upcalls", (unsigned long long)s.upcalls,
@@ -1890,6 +2281,70 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
         (unsigned long long)kernel_listener, "kernel_drops_relay",
         (unsigned long long)kernel_relay, "tx_client", (unsigned long long)s.tx_client, "tx_peer",
         (unsigned long long)s.tx_peer, "allocations", (Py_ssize_t)e->idcount);
+    if (d == NULL)
+        return NULL;
+    /* turn.relay_multiplex (turn/multiplex.py): shared sockets and their drops */
+    PyObject *extra = Py_BuildValue(
+        "{s:i,s:K,s:K,s:K}", "mux_sockets", e->nmux, "drop_mux_unknown",
+        (unsigned long long)s.drop_mux_unknown, "drop_mux_ambiguous",
+        (unsigned long long)s.drop_mux_ambiguous, "drop_mux_conflict",
+        (unsigned long long)(s.drop_mux_conflict + e->py_mux_conflict));
+    if (extra == NULL || PyDict_Update(d, extra) != 0) {
+        Py_XDECREF(extra);
+        Py_DECREF(d);
+        return NULL;
+    }
+    Py_DECREF(extra);
+    return d;
+}
+
+static PyObject *Engine_add_mux(engine_t *e, PyObject *args)
+{
+    int fd, k, family, bufbytes = 4 * 1024 * 1024;
+    if (!PyArg_ParseTuple(args, "iii|i", &fd, &k, &family, &bufbytes))
+        return NULL;
+    worker_t *w;
+    mux_t *m = NULL;
+    if (check_open(e) < 0 || (w = worker_arg(e, k)) == NULL)
+        goto fail;
+    if (family != 4 && family != 6) {
+        PyErr_Format(PyExc_ValueError, "not an address family: %d", family);
+        goto fail;
+    }
+    if (e->nmux == e->capmux) {
+        int ncap = e->capmux ? e->capmux * 2 : 8;
+        mux_t **nm = realloc(e->muxes, (size_t)ncap * sizeof *nm);
+        if (nm == NULL) {
+            PyErr_NoMemory();
+            goto fail;
+        }
+        e->muxes = nm;
+        e->capmux = ncap;
+    }
+    m = calloc(1, sizeof *m);
+    if (m == NULL) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    m->kind = KIND_MUX;
+    m->fd = fd;
+    m->family = family;
+    m->worker = k;
+    set_bufs(fd, bufbytes); /* many allocations' bursts: sized like a listener */
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = m};
+    wlock(w);
+    int r = epoll_ctl(w->epfd, EPOLL_CTL_ADD, fd, &ev);
+    wunlock(w);
+    if (r != 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto fail;
+    }
+    e->muxes[e->nmux] = m;
+    return PyLong_FromLong(e->nmux++);
+fail:
+    free(m);
+    close(fd); /* the fd was handed over: never leak it */
+    return NULL;
 }
 
 static PyObject *Engine_worker_of(engine_t *e, PyObject *args)
@@ -1913,9 +2368,9 @@ static PyMethodDef Engine_methods[] = {
     {"send", (PyCFunction)Engine_send, METH_VARARGS,
      "send(thread, data, addr): a control-plane answer from that thread's listener socket."},
     {"add_allocation", (PyCFunction)Engine_add_allocation, METH_VARARGS,
-     "add_allocation(id, thread, relay_fd, family, client_addr, user_slot=-1, rate=0); takes "
-     "ownership of relay_fd; user_slot: the per-user bandwidth bucket, rate: the allocation's "
-     "cap in bytes/s."},
+     "add_allocation(id, thread, relay_fd, family, client_addr, user_slot=-1, rate=0, mux=-1); "
+     "takes ownership of relay_fd; user_slot: the per-user bandwidth bucket, rate: the "
+     "allocation's cap in bytes/s; mux: relay on that shared socket instead (relay_fd -1)."},
     {"remove_allocation", (PyCFunction)Engine_remove_allocation, METH_VARARGS,
      "remove_allocation(id) -> counters or None; closes the relay socket."},
     {"add_permission", (PyCFunction)Engine_add_permission, METH_VARARGS,
@@ -1940,6 +2395,9 @@ static PyMethodDef Engine_methods[] = {
      "set_user_rate(slot, bytes_per_s): the per-user bucket in that slot (refilled to full)."},
     {"set_allocation_rate", (PyCFunction)Engine_set_allocation_rate, METH_VARARGS,
      "set_allocation_rate(id, bytes_per_s): one allocation's cap (0 = unlimited)."},
+    {"add_mux", (PyCFunction)Engine_add_mux, METH_VARARGS,
+     "add_mux(fd, thread, family, buffer_bytes=4 MiB) -> index: a shared relay socket "
+     "(turn.relay_multiplex) polled by that thread; takes ownership of fd."},
     {"worker_of", (PyCFunction)Engine_worker_of, METH_VARARGS,
      "The relay thread an allocation lives on (None if unknown)."},
     {NULL, NULL, 0, NULL},
@@ -1974,5 +2432,13 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     }
     PyModule_AddIntConstant(m, "BATCH", BATCH);
+    PeerTaken = PyErr_NewExceptionWithDoc(
+        "confedge.turn._native.PeerTaken",
+        "add_channel on a shared relay socket: another allocation claimed that peer.",
+        PyExc_ValueError, NULL);
+    if (PeerTaken == NULL || PyModule_AddObject(m, "PeerTaken", Py_NewRef(PeerTaken)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

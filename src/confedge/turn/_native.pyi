@@ -5,6 +5,9 @@ from typing import Any
 
 BATCH: int
 
+class PeerTaken(ValueError):
+    """add_channel on a shared relay socket: another allocation claimed that peer."""
+
 class Engine:
     """The native TURN relay: threads, sockets and forwarding tables."""
 
@@ -30,7 +33,9 @@ class Engine:
         client: tuple[Any, ...],
         user_slot: int = ...,
         rate: int = ...,
+        mux: int = ...,
     ) -> None: ...
+    def add_mux(self, fd: int, thread: int, family: int, buffer_bytes: int = ...) -> int: ...
     def remove_allocation(
         self, alloc_id: int
     ) -> tuple[int, int, int, int, int, int, int] | None: ...

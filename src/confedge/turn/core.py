@@ -940,11 +940,14 @@ class TurnCore:
         self._install_permissions(now, alloc, [peer[0]])
         expires = now + self.s.channel_lifetime
         if bound is None:
+            try:
+                self.dp.add_channel(alloc.id, number, peer)
+            except CapacityError as exc:  # PeerTaken: turn.relay_multiplex (turn/multiplex.py)
+                raise _Reject(508, str(exc), cause="relay-multiplex") from None
             alloc.channels[number] = _Channel(number, peer, expires)
             alloc.peer_channel[peer] = number
             alloc.cool_number.pop(number, None)
             alloc.cool_peer.pop(peer, None)
-            self.dp.add_channel(alloc.id, number, peer)
             self._timer(expires, "chan", alloc.id, number)
         else:
             bound.expires = expires

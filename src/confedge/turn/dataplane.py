@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from .bandwidth import TokenBucket
+from .multiplex import CHANNEL, SEND, PeerMux
 
 __all__ = [
     "AllocationCounters",
     "CapacityError",
     "ClientSink",
     "DataPlane",
+    "PeerTaken",
     "RelayGrant",
     "UdpDataPlane",
 ]
@@ -69,6 +71,12 @@ class CapacityError(Exception):
     """No relay port could be bound (range exhausted, EVEN-PORT pair unavailable, bad token).
 
     The core answers 508 Insufficient Capacity (RFC 8656 §7.2)."""
+
+
+class PeerTaken(CapacityError):
+    """Shared relay sockets (``turn.relay_multiplex``): another allocation on the same socket
+    has claimed this peer transport address, so its datagrams could not be told apart
+    (turn/multiplex.py).  The core answers the ChannelBind 508."""
 
 
 @dataclass(slots=True)
@@ -184,6 +192,13 @@ class DataPlane(abc.ABC):
         """Close every relay socket."""
 
 
+def _taken(peer: tuple[str, int], relay: tuple[str, int], why: str) -> str:
+    return (
+        f"peer {peer[0]}:{peer[1]} on the shared relay socket {relay[0]}:{relay[1]}: {why} "
+        "(turn.relay_multiplex)"
+    )
+
+
 def _xor_peer_v4(ip: str, port: int) -> bytes:
     # RFC 8489 §14.2: X-Port = port ^ (cookie >> 16); X-Address = address ^ cookie.
     raw = socket.inet_aton(ip)
@@ -241,6 +256,7 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         self.buckets: tuple[tuple[TokenBucket, ...], tuple[TokenBucket, ...]] = ((), ())
         self.limited = False
         self.dropped_bw = 0
+        self.shared: _SharedRelay | None = None  # turn.relay_multiplex: the socket it is on
 
     def set_buckets(self, to_peer: Buckets, to_client: Buckets) -> None:
         self.buckets = (
@@ -337,6 +353,32 @@ class _UdpV4RelayProtocol(_RelayProtocol):
         self.bytes_to_client += n
 
 
+class _SharedRelay(asyncio.DatagramProtocol):
+    """One shared relay socket (``turn.relay_multiplex``): hands each peer datagram to the
+    allocation :class:`PeerMux` routes it to, whose own ``datagram_received`` relays it."""
+
+    def __init__(self, family: int, sock: socket.socket) -> None:
+        self.family = family
+        self.sock = sock
+        self.addr: tuple[str, int] = sock.getsockname()[:2]
+        self.transport: asyncio.DatagramTransport | None = None
+        self.mux: PeerMux[_RelayProtocol] = PeerMux()
+        self.members: set[_RelayProtocol] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        for proto in self.members:
+            proto.connection_made(transport)
+
+    def error_received(self, exc: Exception) -> None:
+        pass  # ICMP errors from peers, as on a relay port of its own
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        proto = self.mux.route((addr[0], addr[1]))
+        if proto is not None:
+            proto.datagram_received(data, addr)
+
+
 @dataclass(slots=True)
 class _Reservation:
     sock: socket.socket
@@ -357,8 +399,13 @@ class UdpDataPlane(DataPlane):
         port_range: tuple[int, int],
         loop: asyncio.AbstractEventLoop | None = None,
         rng: random.Random | None = None,
+        multiplex: int = 0,
     ) -> None:
         self.relay_ip = {4: relay_v4, 6: relay_v6}
+        # turn.relay_multiplex: shared relay sockets per family (bound at the first allocation
+        # that uses them); 0 = one port per allocation.
+        self.multiplex = multiplex
+        self._shared: dict[int, list[_SharedRelay]] = {}
         self.port_range = port_range
         self._loop = loop
         self._rng = rng or random.SystemRandom()
@@ -494,6 +541,8 @@ class UdpDataPlane(DataPlane):
         dont_fragment: bool = False,
         user: str = "",
     ) -> RelayGrant:
+        if self.multiplex and not (reserve_token or use_token or dont_fragment):
+            return self._add_shared(alloc_id, family, client_key, sink, user)
         sock = self.relay_socket(
             family,
             even_port=even_port,
@@ -513,6 +562,66 @@ class UdpDataPlane(DataPlane):
         task.add_done_callback(self._tasks.discard)
         ip, port = sock.getsockname()[:2]
         return RelayGrant(family, ip, port)
+
+    def shared_sockets(self, family: int, count: int) -> list[socket.socket]:
+        """``count`` fresh relay sockets of ``family`` to share (``turn.relay_multiplex``; the
+        native plane owns and polls its own).  Raises :class:`CapacityError`."""
+        if not self.relay_ip.get(family):
+            raise CapacityError(f"no IPv{family} relay address")
+        socks: list[socket.socket] = []
+        try:
+            for _ in range(count):  # even ports: EVEN-PORT allocations (§7.2) fit on them too
+                socks.append(self._pick(family, True, False)[0])
+        except CapacityError:
+            for s in socks:
+                s.close()
+            raise
+        return socks
+
+    def _add_shared(
+        self, alloc_id: int, family: int, client_key: Hashable, sink: ClientSink, user: str
+    ) -> RelayGrant:
+        """An allocation on the shared socket with the fewest allocations (turn/multiplex.py);
+        the shared ports are even, so EVEN-PORT (RFC 8656 §7.2) is met; an EVEN-PORT with the
+        R bit (a reserved port pair), a RESERVATION-TOKEN or DONT-FRAGMENT (DF is set on the
+        socket) keeps a port of its own."""
+        shared = self._shared.get(family)
+        if shared is None:  # the first allocation binds them (CapacityError: 508, try again)
+            shared = [_SharedRelay(family, s) for s in self.shared_sockets(family, self.multiplex)]
+            self._shared[family] = shared
+            for relay in shared:
+                task = self.loop.create_task(self._adopt_shared(relay))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        relay = min(shared, key=lambda r: len(r.members))
+        cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
+        proto = cls(alloc_id, family, sink, relay.sock)
+        proto.shared = relay
+        if relay.transport is not None:
+            proto.connection_made(relay.transport)
+        relay.members.add(proto)
+        self._relays[alloc_id] = proto
+        self._client_of[alloc_id] = client_key
+        self._attach_buckets(alloc_id, user)
+        return RelayGrant(family, relay.addr[0], relay.addr[1])
+
+    async def _adopt_shared(self, relay: _SharedRelay) -> None:
+        try:
+            await self.loop.create_datagram_endpoint(lambda: relay, sock=relay.sock)
+        except (OSError, ValueError) as exc:
+            log.warning("shared relay socket adoption failed: %s", exc)
+
+    def mux_stats(self) -> dict[str, int]:
+        """Shared sockets: datagrams dropped because no allocation (``unknown``) or more than
+        one (``ambiguous``) could take them, and Send indications refused by a claim of
+        another allocation (``conflict``)."""
+        relays = [r for rs in self._shared.values() for r in rs]
+        return {
+            "mux_sockets": len(relays),
+            "drop_mux_unknown": sum(r.mux.unknown for r in relays),
+            "drop_mux_ambiguous": sum(r.mux.ambiguous for r in relays),
+            "drop_mux_conflict": sum(r.mux.conflicts for r in relays),
+        }
 
     def relay_socket(
         self,
@@ -572,7 +681,10 @@ class UdpDataPlane(DataPlane):
             self.routes.pop((key, ch.to_bytes(2, "big")), None)
         c = self._counters_of(proto)
         proto.closed = True
-        if proto.transport is not None:
+        if proto.shared is not None:
+            proto.shared.mux.remove(proto, proto.perms)
+            proto.shared.members.discard(proto)
+        elif proto.transport is not None:
             proto.transport.close()
         else:
             proto.sock.close()
@@ -588,15 +700,22 @@ class UdpDataPlane(DataPlane):
     # -- tables -------------------------------------------------------------------------------
 
     def add_permission(self, alloc_id: int, peer_ip: str) -> None:
-        self._relays[alloc_id].perms.add(peer_ip)
+        proto = self._relays[alloc_id]
+        proto.perms.add(peer_ip)
+        if proto.shared is not None:
+            proto.shared.mux.add_permission(proto, peer_ip)
 
     def remove_permission(self, alloc_id: int, peer_ip: str) -> None:
         proto = self._relays.get(alloc_id)
         if proto is not None:
             proto.perms.discard(peer_ip)
+            if proto.shared is not None:
+                proto.shared.mux.remove_permission(proto, peer_ip)
 
     def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
         proto = self._relays[alloc_id]
+        if proto.shared is not None and (why := proto.shared.mux.claim(proto, peer, CHANNEL)):
+            raise PeerTaken(_taken(peer, proto.shared.addr, why))
         proto.channels[peer] = channel
         old = proto.routes.get(channel)
         route = _Route(proto, peer)
@@ -610,6 +729,8 @@ class UdpDataPlane(DataPlane):
         if proto is None:
             return
         proto.channels.pop(peer, None)
+        if proto.shared is not None:
+            proto.shared.mux.release(proto, peer, CHANNEL)
         route = proto.routes.pop(channel, None)
         if route is not None:  # keep its traffic in the allocation's totals
             proto.pkts_to_peer += route.pkts
@@ -620,7 +741,12 @@ class UdpDataPlane(DataPlane):
 
     def send_to_peer(self, alloc_id: int, peer: tuple[str, int], payload: bytes) -> None:
         proto = self._relays.get(alloc_id)
-        if proto is None or (proto.limited and not proto.admit(len(payload), TO_PEER)):
+        if proto is None:
+            return
+        if proto.shared is not None and proto.shared.mux.claim(proto, peer, SEND):
+            proto.shared.mux.conflicts += 1  # another allocation's peer: dropped (§10.2)
+            return
+        if proto.limited and not proto.admit(len(payload), TO_PEER):
             return
         proto.sendto(payload, peer)
         proto.pkts_to_peer += 1
@@ -690,3 +816,10 @@ class UdpDataPlane(DataPlane):
             self.release_reservation(token)
         for task in list(self._tasks):
             task.cancel()
+        for relays in self._shared.values():
+            for relay in relays:
+                if relay.transport is not None:
+                    relay.transport.close()
+                else:
+                    relay.sock.close()
+        self._shared.clear()

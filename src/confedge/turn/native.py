@@ -21,6 +21,10 @@ the same thread, and the allocation it makes lives on that thread (its relay soc
 there too).  TCP/TLS clients stay on the Python listeners; their allocations use the embedded
 :class:`UdpDataPlane` (their relayed packets must be written to a Python stream transport).
 
+Shared relay sockets (``turn.relay_multiplex``, turn/multiplex.py): each thread polls its share
+of the shared sockets, and an allocation relays on one of its thread's, so one ``sendmmsg``
+carries the round's packets of every allocation on that socket.
+
 Backend choice: ``turn.dataplane`` ("auto", "native", "python"), overridden by the environment
 variable ``CONFEDGE_DATAPLANE`` (the test suites run once per backend with it).
 """
@@ -37,10 +41,13 @@ from typing import Any
 
 from .dataplane import (
     AllocationCounters,
+    CapacityError,
     ClientSink,
     DataPlane,
+    PeerTaken,
     RelayGrant,
     UdpDataPlane,
+    _taken,
 )
 
 try:
@@ -166,14 +173,24 @@ class NativeDataPlane(DataPlane):
         port_range: tuple[int, int],
         loop: asyncio.AbstractEventLoop | None = None,
         gso: bool = True,
+        multiplex: int = 0,
     ) -> None:
         ok, why = native_available()
         if not ok:
             raise RuntimeError(why)
         # Stream clients (TCP/TLS) and the relay port picking / EVEN-PORT reservations.
         self._py = UdpDataPlane(
-            relay_v4=relay_v4, relay_v6=relay_v6, port_range=port_range, loop=loop
+            relay_v4=relay_v4,
+            relay_v6=relay_v6,
+            port_range=port_range,
+            loop=loop,
+            multiplex=multiplex,
         )
+        # turn.relay_multiplex: (family, thread) -> that thread's shared sockets, each
+        # [engine index, ip, port, allocations]; alloc_id -> its entry.
+        self.multiplex = multiplex
+        self._mux: dict[tuple[int, int], list[list[Any]]] = {}
+        self._mux_of: dict[int, list[Any]] = {}
         self._gso = gso
         self.engine: Any = None
         self.transports: list[NativeTransport] = []
@@ -206,6 +223,25 @@ class NativeDataPlane(DataPlane):
         if self._caps[2]:
             engine.set_total_rate(self._caps[2])
         self.transports = [NativeTransport(engine, k) for k in range(len(listeners))]
+        if self.multiplex:
+            self._start_mux(len(listeners))
+
+    def _start_mux(self, threads: int) -> None:
+        """turn.relay_multiplex shared sockets per relay address, spread over the relay threads
+        (each socket polled by one; at least one per thread, as an allocation relays on a
+        socket of the thread its client reaches).  Raises CapacityError naming the key."""
+        count = max(self.multiplex, threads)
+        for family in sorted(self.families()):
+            try:
+                socks = self._py.shared_sockets(family, count)
+            except CapacityError as exc:
+                raise CapacityError(
+                    f"turn.relay_multiplex: cannot bind {count} shared relay sockets: {exc}"
+                ) from None
+            for k, sock in enumerate(socks):
+                ip, port = sock.getsockname()[:2]
+                index = self.engine.add_mux(sock.detach(), k % threads, family)
+                self._mux.setdefault((family, k % threads), []).append([index, ip, port, 0])
 
     def bind_policy(self, allowed_on_every_port: Callable[[str], bool]) -> None:
         """Let Send indications to peers for which ``allowed_on_every_port(ip)`` holds be
@@ -243,6 +279,21 @@ class NativeDataPlane(DataPlane):
                 dont_fragment=dont_fragment,
                 user=user,
             )
+        shared = self._mux.get((family, t.thread))
+        if shared and not (reserve_token or use_token or dont_fragment):
+            # turn/multiplex.py: the thread's shared socket with the fewest allocations
+            # (an even port: EVEN-PORT is met; a reserved pair, a RESERVATION-TOKEN and
+            # DONT-FRAGMENT keep a port of their own)
+            entry = min(shared, key=lambda m: m[3])
+            slot = self._take_slot(user)
+            self.engine.add_allocation(
+                alloc_id, t.thread, -1, family, sink.addr, slot, self._caps[0], entry[0]
+            )
+            entry[3] += 1
+            self._mux_of[alloc_id] = entry
+            self._slot_of[alloc_id] = user
+            self._native.add(alloc_id)
+            return RelayGrant(family, entry[1], entry[2])
         sock = self._py.relay_socket(
             family,
             even_port=even_port,
@@ -266,6 +317,9 @@ class NativeDataPlane(DataPlane):
         if alloc_id not in self._native:
             return self._py.remove_allocation(alloc_id)
         self._native.discard(alloc_id)
+        entry = self._mux_of.pop(alloc_id, None)
+        if entry is not None:
+            entry[3] -= 1
         c = self.engine.remove_allocation(alloc_id)
         self._give_slot(self._slot_of.pop(alloc_id, None))
         if c is None:
@@ -331,7 +385,11 @@ class NativeDataPlane(DataPlane):
 
     def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
         if alloc_id in self._native:
-            self.engine.add_channel(alloc_id, channel, peer)
+            try:
+                self.engine.add_channel(alloc_id, channel, peer)
+            except _native.PeerTaken as exc:
+                entry = self._mux_of[alloc_id]
+                raise PeerTaken(_taken(peer, (entry[1], entry[2]), str(exc))) from None
         else:
             self._py.add_channel(alloc_id, channel, peer)
 
@@ -379,6 +437,9 @@ class NativeDataPlane(DataPlane):
             return {}
         s: dict[str, int] = self.engine.stats()
         s["kernel_drops_relay"] += self._ended_kernel
+        if self._py.multiplex:  # stream clients' shared sockets (the Python plane's)
+            for key, value in self._py.mux_stats().items():
+                s[key] += value
         return s
 
     def close(self) -> None:

@@ -28,7 +28,7 @@ from confedge.guard.hook import GuardHook
 
 from .auth import RestCredentials
 from .core import TurnCore
-from .dataplane import DataPlane, UdpDataPlane
+from .dataplane import CapacityError, DataPlane, UdpDataPlane
 from .drain import parse_alternate
 from .listeners import RelayedConnection, TcpConnection, UdpListener
 from .native import (
@@ -248,7 +248,11 @@ class TurnService:
             raise TurnStartError(str(exc)) from None
         plane = NativeDataPlane if self.backend == "native" else UdpDataPlane
         self.dataplane = plane(
-            relay_v4=v4, relay_v6=v6, port_range=cfg.turn.relay_port_range, loop=loop
+            relay_v4=v4,
+            relay_v6=v6,
+            port_range=cfg.turn.relay_port_range,
+            loop=loop,
+            multiplex=cfg.turn.relay_multiplex,
         )
         try:
             bpf = start_offload(cfg.turn.offload, {a for a in (v4, self.host) if a})
@@ -280,7 +284,7 @@ class TurnService:
             await self.close()
             raise
         lo, hi = cfg.turn.relay_port_range
-        if hi - lo + 1 < cfg.turn.max_allocations:
+        if hi - lo + 1 < cfg.turn.max_allocations and not cfg.turn.relay_multiplex:
             log.info(
                 "turn.relay_ports %s holds %d ports: at most that many allocations at once "
                 "(turn.max_allocations = %d); beyond them clients get 508",
@@ -372,7 +376,11 @@ class TurnService:
                     "turn.port", "TURN/STUN (tcp)", self.host, port, exc, socket.SOCK_STREAM
                 ) from None
             if isinstance(dp, NativeDataPlane):
-                dp.start(socks)  # the relay threads own the UDP port from here on
+                try:
+                    dp.start(socks)  # the relay threads own the UDP port from here on
+                except CapacityError as exc:  # turn.relay_multiplex: no room for its sockets
+                    tcp.close()
+                    raise TurnStartError(str(exc)) from None
                 self._udp = NativeUdpListener(core, dp, loop)
             else:
                 self._udp = udp
@@ -728,6 +736,8 @@ class TurnService:
         packets, syscalls, GSO use and every kind of drop (turn/native.py)."""
         dp = self.dataplane
         extra: dict[str, Any] = dp.stats() if isinstance(dp, NativeDataPlane) else {}
+        if isinstance(dp, UdpDataPlane) and dp.multiplex:
+            extra.update(dp.mux_stats())  # turn.relay_multiplex (turn/multiplex.py)
         if self.offload is not None:
             extra["offload"] = "ebpf"
             extra["offload_channels"] = self.offload.offloaded_channels()
