@@ -182,7 +182,13 @@ def status(port: int) -> dict[str, Any]:
 
 @dataclass
 class Load:
-    """Keep-alive requests at a bounded rate over a few connections; every answer checked."""
+    """Keep-alive requests at a bounded rate over a few connections; every answer checked.
+
+    Each connection keeps a fixed schedule (`interval` = connections / rate, the next request
+    due one interval after the previous one was due, so a late answer is caught up, not lost)
+    and the rate is measured over the time the schedule ran: from the first request sent after
+    every connection's TLS handshake to the last answer, not over handshakes or the wind-down.
+    """
 
     port: int
     rate: float = 200.0
@@ -191,19 +197,49 @@ class Load:
     ok: int = 0
     failed: list[str] = field(default_factory=list)
     running: bool = True
+    # When each answer arrived, when the schedule started, and how late the latest request
+    # was sent behind its due time (a server or generator that cannot keep up shows here).
+    answered: list[float] = field(default_factory=list)
+    started: float | None = None
+    late: float = 0.0
 
     async def run(self, seconds: float) -> None:
-        end = asyncio.get_running_loop().time() + seconds
-        await asyncio.gather(*(self._one(end) for _ in range(self.connections)))
-
-    async def _one(self, end: float) -> None:
         loop = asyncio.get_running_loop()
+        conns = await asyncio.gather(
+            *(
+                asyncio.open_connection("127.0.0.1", self.port, ssl=tls_client())
+                for _ in range(self.connections)
+            )
+        )
+        # Every connection starts its schedule at once, spread evenly over one interval.
         interval = self.connections / self.rate
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=tls_client())
+        self.started = start = loop.time()
+        end = start + seconds
+        await asyncio.gather(
+            *(self._one(r, w, start + i * interval / self.connections, end, interval)
+              for i, (r, w) in enumerate(conns))
+        )  # fmt: skip
+
+    def measured(self) -> float:
+        """Answers per second from the schedule's start to the last answer."""
+        if self.started is None or not self.answered:
+            return 0.0
+        span = self.answered[-1] - self.started
+        return len(self.answered) / span if span > 0 else 0.0
+
+    async def _one(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        due: float,
+        end: float,
+        interval: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            due = loop.time()
-            while self.running and loop.time() < end:
-                due += interval  # a fixed schedule: a late answer is caught up, not lost
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            while self.running and due < end:
+                self.late = max(self.late, loop.time() - due)
                 writer.write(f"GET {self.path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
                 try:
                     st, _, _ = await asyncio.wait_for(read_response(reader), 10)
@@ -212,8 +248,10 @@ class Load:
                     return
                 if st == 200:
                     self.ok += 1
+                    self.answered.append(loop.time())
                 else:
                     self.failed.append(f"status {st}")
+                due += interval  # a fixed schedule: never drifts by the answer's latency
                 await asyncio.sleep(max(0.0, due - loop.time()))
         finally:
             writer.close()
