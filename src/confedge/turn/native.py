@@ -33,6 +33,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Hashable, Sequence
+from functools import partial
 from typing import Any
 
 from .dataplane import (
@@ -232,7 +233,7 @@ class NativeDataPlane(DataPlane):
     ) -> RelayGrant:
         t = sink.transport
         if not isinstance(t, NativeTransport) or t.engine is not self.engine or sink.addr is None:
-            return self._py.add_allocation(
+            grant = self._py.add_allocation(
                 alloc_id,
                 family,
                 client_key,
@@ -243,6 +244,12 @@ class NativeDataPlane(DataPlane):
                 dont_fragment=dont_fragment,
                 user=user,
             )
+            if self.engine is not None:
+                # A stream client, relayed in Python: its username's and the relay's budget
+                # are the engine's buckets, the ones its UDP clients spend (one cap each).
+                self._py.share_buckets(alloc_id, partial(self.engine.charge, self._take_slot(user)))
+                self._slot_of[alloc_id] = user
+            return grant
         sock = self._py.relay_socket(
             family,
             even_port=even_port,
@@ -264,6 +271,8 @@ class NativeDataPlane(DataPlane):
 
     def remove_allocation(self, alloc_id: int) -> AllocationCounters:
         if alloc_id not in self._native:
+            if alloc_id in self._slot_of:
+                self._give_slot(self._slot_of.pop(alloc_id))
             return self._py.remove_allocation(alloc_id)
         self._native.discard(alloc_id)
         c = self.engine.remove_allocation(alloc_id)
