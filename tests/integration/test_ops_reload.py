@@ -27,10 +27,12 @@ from ops_support import (
     edge_config,
     get,
     metrics,
+    peer_cn,
     read_response,
     start_edge,
     status,
     tls_client,
+    write_cert,
 )
 from proxy_upstream import Upstream
 
@@ -94,6 +96,9 @@ async def test_reload_every_part_under_live_traffic(tmp_path: Path) -> None:
     text = edge_config(tmp_path, nodes=[n1.address], extra="csp_policy = \"default-src 'self'\"")
     text = text.replace('media_nodes = ["127.0.0.0/8"]', 'media_nodes = ["127.0.0.1/32"]')
     text += '\nnetworks = ["127.0.0.1/32"]\n[guard]\nenabled = true\nmaxretry = 10\n'
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_cert(cert, key, "first.example.com")
+    text += f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
     edge = start_edge(tmp_path, text)
     relay = Relay(edge.turn)
     traffic: Traffic | None = None
@@ -190,6 +195,14 @@ async def test_reload_every_part_under_live_traffic(tmp_path: Path) -> None:
         stale.close()
         async with traffic.lock:
             assert await relay.refresh(600) == 200
+
+        # Certificates: new files at [tls] cert/key are served to new connections (the load's
+        # keep-alive connections go on with their sessions).
+        assert await asyncio.to_thread(peer_cn, edge.https) == "first.example.com"
+        write_cert(cert, key, "second.example.com")
+        out = await asyncio.to_thread(edge.confedge, "reload")
+        assert "reloaded" in out.stdout + out.stderr, out
+        assert await asyncio.to_thread(peer_cn, edge.https) == "second.example.com"
 
         # Refused: a restart-only key (named), then a file that does not validate (SIGHUP).
         before = await asyncio.to_thread(status, edge.admin)
