@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -18,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from confedge.stun import Attr, Method, decode_xor_address
@@ -124,6 +129,47 @@ def tls_client() -> ssl.SSLContext:
     return ctx
 
 
+def write_cert(cert_path: Path, key_path: Path, cn: str) -> None:
+    """A self-signed certificate for `cn` (and edge.example.com) and its key, as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName(cn), x509.DNSName("edge.example.com")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def peer_cn(port: int) -> str:
+    """The common name of the certificate a TLS listener serves."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        tls_client().wrap_socket(raw, server_hostname="edge.example.com") as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
     """One HTTP/1.1 response with a Content-Length body."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -182,7 +228,13 @@ def status(port: int) -> dict[str, Any]:
 
 @dataclass
 class Load:
-    """Keep-alive requests at a bounded rate over a few connections; every answer checked."""
+    """Keep-alive requests at a bounded rate over a few connections; every answer checked.
+
+    Each connection keeps a fixed schedule (`interval` = connections / rate, the next request
+    due one interval after the previous one was due, so a late answer is caught up, not lost)
+    and the rate is measured over the time the schedule ran: from the first request sent after
+    every connection's TLS handshake to the last answer, not over handshakes or the wind-down.
+    """
 
     port: int
     rate: float = 200.0
@@ -191,19 +243,49 @@ class Load:
     ok: int = 0
     failed: list[str] = field(default_factory=list)
     running: bool = True
+    # When each answer arrived, when the schedule started, and how late the latest request
+    # was sent behind its due time (a server or generator that cannot keep up shows here).
+    answered: list[float] = field(default_factory=list)
+    started: float | None = None
+    late: float = 0.0
 
     async def run(self, seconds: float) -> None:
-        end = asyncio.get_running_loop().time() + seconds
-        await asyncio.gather(*(self._one(end) for _ in range(self.connections)))
-
-    async def _one(self, end: float) -> None:
         loop = asyncio.get_running_loop()
+        conns = await asyncio.gather(
+            *(
+                asyncio.open_connection("127.0.0.1", self.port, ssl=tls_client())
+                for _ in range(self.connections)
+            )
+        )
+        # Every connection starts its schedule at once, spread evenly over one interval.
         interval = self.connections / self.rate
-        reader, writer = await asyncio.open_connection("127.0.0.1", self.port, ssl=tls_client())
+        self.started = start = loop.time()
+        end = start + seconds
+        await asyncio.gather(
+            *(self._one(r, w, start + i * interval / self.connections, end, interval)
+              for i, (r, w) in enumerate(conns))
+        )  # fmt: skip
+
+    def measured(self) -> float:
+        """Answers per second from the schedule's start to the last answer."""
+        if self.started is None or not self.answered:
+            return 0.0
+        span = self.answered[-1] - self.started
+        return len(self.answered) / span if span > 0 else 0.0
+
+    async def _one(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        due: float,
+        end: float,
+        interval: float,
+    ) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            due = loop.time()
-            while self.running and loop.time() < end:
-                due += interval  # a fixed schedule: a late answer is caught up, not lost
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            while self.running and due < end:
+                self.late = max(self.late, loop.time() - due)
                 writer.write(f"GET {self.path} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
                 try:
                     st, _, _ = await asyncio.wait_for(read_response(reader), 10)
@@ -212,8 +294,10 @@ class Load:
                     return
                 if st == 200:
                     self.ok += 1
+                    self.answered.append(loop.time())
                 else:
                     self.failed.append(f"status {st}")
+                due += interval  # a fixed schedule: never drifts by the answer's latency
                 await asyncio.sleep(max(0.0, due - loop.time()))
         finally:
             writer.close()

@@ -1,7 +1,9 @@
 """`confedge drain` on a running edge with real clients (issue 15, "Drain"): keep-alive load,
 an SSE stream and TURN allocations relaying; the health endpoint says draining for the grace
-period without failing a request, then the listeners close, the stream runs to its end, the
-allocations keep relaying, and the process exits by itself when they are gone."""
+period without failing a request (200 requests/s answered), a new Allocate is sent to the
+alternate TURN server with 300 and the client follows it, then the listeners close, the stream
+runs to its end, the allocations keep relaying, and the process exits by itself when they are
+gone."""
 
 from __future__ import annotations
 
@@ -26,6 +28,10 @@ from ops_support import (
 )
 from proxy_upstream import Upstream
 
+from confedge.stun import Attr, check_integrity, decode_address
+from confedge.turn.service import TurnService
+from confedge.turn.testing import UdpTurnClient, response_code, turn_config
+
 GRACE = 3.0
 
 
@@ -39,6 +45,9 @@ def _sample(fams: dict[str, list[Any]], name: str, **labels: str) -> float | Non
 @pytest.mark.parametrize("workers", [2])
 async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
     node = await Upstream("n1").start()
+    # The alternate TURN server new Allocates are sent to (RFC 8489 §10).
+    alt = TurnService(turn_config(domain="example.com"))
+    await alt.start()
     edge = start_edge(
         tmp_path,
         edge_config(
@@ -46,6 +55,9 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
             nodes=[node.address],
             workers=workers,
             extra=f"drain_grace = {GRACE}\ndrain_timeout = 60",
+        ).replace(
+            'password = "turnpass"',
+            f'password = "turnpass"\nalternate_server = "127.0.0.1:{alt.port}"',
         ),
     )
     relays: list[Relay] = []
@@ -67,7 +79,6 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
         await asyncio.sleep(0.5)
 
         t0 = time.monotonic()
-        load_started = time.monotonic() - 0.5
         # Blocking calls go to a thread: the load shares this event loop.
         out = await asyncio.to_thread(edge.confedge, "drain")
         assert out.returncode == 0, out.stderr
@@ -76,6 +87,20 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
         # During the grace period: the health endpoint says draining, everything works.
         health = await get(edge.https, "/health")
         assert health[0] == 503 and health[2] == b"draining\n"
+        # A new Allocate is answered 300 Try Alternate, and the client follows it.
+        late = UdpTurnClient(("127.0.0.1", edge.turn), "turnuser", "turnpass", "example.com")
+        msg = await late.allocate()
+        late.close()
+        assert msg is not None and response_code(msg) == 300
+        assert check_integrity(msg, late.key)
+        raw = msg.get(Attr.ALTERNATE_SERVER)
+        assert raw is not None and decode_address(raw) == ("127.0.0.1", alt.port)
+        follower = Relay(decode_address(raw)[1])
+        try:
+            assert await follower.open() == 200
+            assert await follower.check()
+        finally:
+            follower.close()
         await asyncio.sleep(1.0)  # the workers report each second
         snap = await asyncio.to_thread(status, edge.admin)
         assert snap["drain"]["phase"] == "draining"
@@ -94,10 +119,12 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
         load.running = False
         await load_task
         assert load.failed == [], load.failed[:5]
-        rate = load.ok / (time.monotonic() - load_started)
-        print(f"keep-alive load during the grace period: {load.ok} requests, {rate:.0f}/s")
-        # 200/s asked for; on a loaded 2-core test machine at least 60% of it is answered.
-        assert rate >= 120, rate
+        rate = load.measured()
+        print(
+            f"keep-alive load during the grace period: {load.ok} requests, {rate:.0f}/s "
+            f"(asked {load.rate:.0f}/s; latest request {load.late * 1000:.0f} ms behind)"
+        )
+        assert rate >= 0.95 * load.rate, rate  # the issue's 200 proxied requests/s, answered
 
         # After the grace: new connections are refused, on every worker.
         deadline = time.monotonic() + 10
@@ -131,6 +158,7 @@ async def test_drain_with_live_traffic(tmp_path: Path, workers: int) -> None:
             r.close()
         edge.stop()
         await node.kill()
+        await alt.close()
 
 
 async def test_drain_cancel_reopens_the_listeners(tmp_path: Path) -> None:

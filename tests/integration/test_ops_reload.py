@@ -7,6 +7,7 @@ service goes on unchanged."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from ops_support import (
+    HOST,
     Edge,
     Load,
     Relay,
@@ -25,8 +27,12 @@ from ops_support import (
     edge_config,
     get,
     metrics,
+    peer_cn,
+    read_response,
     start_edge,
     status,
+    tls_client,
+    write_cert,
 )
 from proxy_upstream import Upstream
 
@@ -90,6 +96,9 @@ async def test_reload_every_part_under_live_traffic(tmp_path: Path) -> None:
     text = edge_config(tmp_path, nodes=[n1.address], extra="csp_policy = \"default-src 'self'\"")
     text = text.replace('media_nodes = ["127.0.0.0/8"]', 'media_nodes = ["127.0.0.1/32"]')
     text += '\nnetworks = ["127.0.0.1/32"]\n[guard]\nenabled = true\nmaxretry = 10\n'
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    write_cert(cert, key, "first.example.com")
+    text += f'[tls]\ncert = "{cert}"\nkey = "{key}"\n'
     edge = start_edge(tmp_path, text)
     relay = Relay(edge.turn)
     traffic: Traffic | None = None
@@ -187,6 +196,14 @@ async def test_reload_every_part_under_live_traffic(tmp_path: Path) -> None:
         async with traffic.lock:
             assert await relay.refresh(600) == 200
 
+        # Certificates: new files at [tls] cert/key are served to new connections (the load's
+        # keep-alive connections go on with their sessions).
+        assert await asyncio.to_thread(peer_cn, edge.https) == "first.example.com"
+        write_cert(cert, key, "second.example.com")
+        out = await asyncio.to_thread(edge.confedge, "reload")
+        assert "reloaded" in out.stdout + out.stderr, out
+        assert await asyncio.to_thread(peer_cn, edge.https) == "second.example.com"
+
         # Refused: a restart-only key (named), then a file that does not validate (SIGHUP).
         before = await asyncio.to_thread(status, edge.admin)
         https = f"https_port = {edge.https}"
@@ -226,6 +243,89 @@ async def test_reload_every_part_under_live_traffic(tmp_path: Path) -> None:
         edge.stop()
         await n1.kill()
         await n2.kill()
+
+
+def _accepting_pid(https: int, client_port: int) -> int:
+    """The process that holds the server side of a connection (`ss -p`): which proxy worker
+    the kernel's SO_REUSEPORT choice gave it to."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{https} and dport = :{client_port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    return int(out.split("pid=", 1)[1].split(",", 1)[0])
+
+
+@pytest.mark.parametrize("workers", [2])
+async def test_reload_guard_thresholds_reach_every_proxy_worker(
+    tmp_path: Path, workers: int
+) -> None:
+    """Guard thresholds reloaded under keep-alive load with proxy.workers > 1: each worker's
+    own guard (ProxyWorker.apply -> Guard.reload) bans after the new maxretry (3, was 10) and
+    lifts the ban after the new bantime (2 s, was 300), while not one ordinary request fails.
+
+    The guesses go back to back on one keep-alive connection, so the worker that holds it
+    decides on its own count (the main process's guard, which also reads the store, is far too
+    slow to ban in between); connections from new addresses are opened until both workers
+    (told apart with `ss -p`) have judged one."""
+    node = await Upstream("n1").start()
+    text = edge_config(tmp_path, nodes=[node.address], workers=workers)
+    text += "\n[guard]\nenabled = true\nmaxretry = 10\nbantime = 300\njitter = 0\n"
+    edge = start_edge(tmp_path, text)
+    guess = (
+        f"POST /api/client/v2/conferences/meet/request_token HTTP/1.1\r\nHost: {HOST}\r\n"
+        "pin: 9\r\nContent-Length: 0\r\n\r\n"
+    ).encode()
+
+    async def guesses(source: str, n: int) -> tuple[int, list[int]]:
+        """`n` wrong PINs on one connection from `source`: (worker pid, statuses)."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", edge.https, ssl=tls_client(), local_addr=(source, 0)
+        )
+        try:
+            port = writer.get_extra_info("sockname")[1]
+            pid = await asyncio.to_thread(_accepting_pid, edge.https, port)
+            out = []
+            for _ in range(n):
+                writer.write(guess)
+                out.append((await asyncio.wait_for(read_response(reader), 10))[0])
+            return pid, out
+        finally:
+            writer.close()
+
+    load = Load(edge.https, rate=60, connections=2)
+    loading = asyncio.create_task(load.run(60))
+    try:
+        await asyncio.sleep(0.5)
+        # The old threshold: four wrong PINs are four 403s from the node, no ban.
+        assert (await guesses("127.0.0.2", 4))[1] == [403] * 4
+        out = await _reload(edge, "maxretry = 10\nbantime = 300", "maxretry = 3\nbantime = 2")
+        assert "reloaded the running confedge" in out, out
+        await asyncio.sleep(0.5)  # the command pipe reaches both workers
+        judged: set[int] = set()
+        for last in range(3, 40):
+            pid, statuses = await guesses(f"127.0.0.{last}", 4)
+            assert statuses == [403, 403, 403, 429], (pid, statuses)
+            judged.add(pid)
+            if len(judged) == workers:
+                break
+        assert len(judged) == workers, judged
+        # The new bantime: two seconds later the address reaches the node again.
+        await asyncio.sleep(2.5)
+        assert (await guesses("127.0.0.3", 1))[1] == [403]
+        load.running = False
+        await loading
+        assert load.failed == [], load.failed[:5]
+        assert load.ok > 100
+        log = edge.log.read_text()
+        assert "Traceback" not in log, log[-3000:]
+    finally:
+        load.running = False
+        with contextlib.suppress(Exception):
+            await loading
+        edge.stop()
+        await node.kill()
 
 
 async def test_reload_rotates_rest_secrets_without_refusing_live_allocations(

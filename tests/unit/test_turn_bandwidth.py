@@ -3,13 +3,15 @@ policies (refuse, degrade), drain answers and answer tallies, in simulated time.
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 from test_turn_core import T0, Cli, code, make_core
 
 from confedge.config import ConfigError
 from confedge.stun import Attr, check_integrity, decode_address
 from confedge.turn.bandwidth import TokenBucket, burst_for, format_rate, parse_rate
-from confedge.turn.dataplane import AllocationCounters
+from confedge.turn.dataplane import TO_PEER, AllocationCounters, ClientSink, _RelayProtocol
 from confedge.turn.testing import turn_config
 
 
@@ -63,6 +65,32 @@ def test_bucket_unlimited_and_take_all_is_all_or_nothing() -> None:
     assert big.tokens == big.burst  # the refused packet took nothing from the other bucket
     assert TokenBucket.take_all(T0, 800, (big, small, None))
     assert small.tokens == 200
+
+
+def test_relay_with_shared_buckets_spends_its_own_only_when_they_say_yes() -> None:
+    """A stream client's allocation under the native plane (UdpDataPlane.share_buckets): its
+    own bucket is judged first, then the engine's shared ones; a packet they refuse takes
+    nothing from its own bucket and counts as a drop."""
+    answers: list[bool] = []
+    charged: list[tuple[int, int]] = []
+
+    def charge(direction: int, n: int) -> bool:
+        charged.append((direction, n))
+        return answers.pop(0)
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        relay = _RelayProtocol(1, 4, ClientSink(None, None), sock)
+        mine = TokenBucket(10**6, now=T0)
+        relay.set_buckets((mine,), (None,), charge)
+        assert relay.limited
+        answers[:] = [False, True]
+        assert not relay.admit(1000, TO_PEER)
+        assert mine.tokens == mine.burst and relay.dropped_bw == 1
+        assert relay.admit(1000, TO_PEER)
+        assert mine.tokens == mine.burst - 1000
+        assert charged == [(TO_PEER, 1000), (TO_PEER, 1000)]
+        relay.set_buckets((None,), (None,), None)
+        assert not relay.limited  # no cap anywhere: the hot path skips admit
 
 
 def test_config_defaults_by_mode_and_explicit_values() -> None:

@@ -2242,6 +2242,31 @@ static PyObject *Engine_set_allocation_rate(engine_t *e, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* The Python plane's stream (TCP/TLS) clients under the native data plane: charge n bytes in
+ * direction dir to the user slot's bucket (slot < 0: none) and the total bucket, the ones the
+ * relay threads use for UDP clients, so one username and the whole relay have one budget
+ * whatever the client's transport (docs/TURN.md "Bandwidth caps"). All or nothing, as
+ * bw_admit: True = send; False = over a cap and nothing taken. */
+static PyObject *Engine_charge(engine_t *e, PyObject *args)
+{
+    int slot, dir;
+    unsigned long long len;
+    if (!PyArg_ParseTuple(args, "iiK", &slot, &dir, &len) || check_open(e) < 0)
+        return NULL;
+    if (slot >= USER_SLOTS || dir < 0 || dir > 1)
+        return PyErr_Format(PyExc_ValueError, "charge(%d, %d): slot or direction out of range",
+                            slot, dir);
+    int64_t n = (int64_t)len * BW_SCALE;
+    uint64_t now = mono_ns();
+    bucket_t *tot = &e->total[dir], *user = slot >= 0 ? &e->ubw[2 * slot + dir] : NULL;
+    if (bucket_has(user, now, n, 1) && bucket_has(tot, now, n, 1)) {
+        bucket_spend(user, n, 1);
+        bucket_spend(tot, n, 1);
+        Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyObject *Engine_stats(engine_t *e, PyObject *unused)
 {
     if (check_open(e) < 0)
@@ -2393,6 +2418,9 @@ static PyMethodDef Engine_methods[] = {
      "set_total_rate(bytes_per_s): turn.bandwidth_total (0 = unlimited)."},
     {"set_user_rate", (PyCFunction)Engine_set_user_rate, METH_VARARGS,
      "set_user_rate(slot, bytes_per_s): the per-user bucket in that slot (refilled to full)."},
+    {"charge", (PyCFunction)Engine_charge, METH_VARARGS,
+     "charge(user_slot, direction, nbytes) -> bool: take nbytes from that user slot's and the "
+     "total bucket (stream clients relayed in Python); False = over a cap, nothing taken."},
     {"set_allocation_rate", (PyCFunction)Engine_set_allocation_rate, METH_VARARGS,
      "set_allocation_rate(id, bytes_per_s): one allocation's cap (0 = unlimited)."},
     {"add_mux", (PyCFunction)Engine_add_mux, METH_VARARGS,

@@ -13,8 +13,10 @@ send 5 and receive 5 (coturn's ``max-bps`` counts input and output separately to
 passes only if all three have the tokens; a refused packet takes none and is counted as a drop
 on its allocation.
 
-The same algorithm runs in C in the native data plane (``_native.c``, ``bucket_take``), with
-per-user and total buckets shared by the relay threads through atomics.
+The same algorithm runs in C in the native data plane (``_native.c``, ``bw_admit``), with
+per-user and total buckets shared by the relay threads through atomics.  Stream (TCP/TLS)
+clients are relayed in Python there too, and charge those same C per-user and total buckets
+(``Engine.charge``), so a username or the relay has one budget whatever the transport.
 
 ``now`` is injected (seconds, monotonic) like everywhere in the cores.
 """
@@ -111,11 +113,25 @@ class TokenBucket:
 
     @staticmethod
     def take_all(now: float, n: int, buckets: tuple[TokenBucket | None, ...]) -> bool:
-        live = [b for b in buckets if b is not None and b.rate > 0]
-        for b in live:
-            b._refill(now)
-            if b.tokens < n:
-                return False
-        for b in live:
-            b.tokens -= n
+        if not TokenBucket.has_all(now, n, buckets):
+            return False
+        TokenBucket.spend_all(n, buckets)
         return True
+
+    @staticmethod
+    def has_all(now: float, n: int, buckets: tuple[TokenBucket | None, ...]) -> bool:
+        """Do all of ``buckets`` (refilled to ``now``) hold ``n`` bytes?  Spends nothing: a
+        caller that must also ask another budget (the native engine's shared buckets) spends
+        with spend_all only once that one said yes."""
+        for b in buckets:
+            if b is not None and b.rate > 0:
+                b._refill(now)
+                if b.tokens < n:
+                    return False
+        return True
+
+    @staticmethod
+    def spend_all(n: int, buckets: tuple[TokenBucket | None, ...]) -> None:
+        for b in buckets:
+            if b is not None and b.rate > 0:
+                b.tokens -= n

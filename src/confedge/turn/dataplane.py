@@ -29,7 +29,7 @@ import random
 import socket
 import struct
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,8 @@ _PAD = (b"", b"\0\0\0", b"\0\0", b"\0")  # indexed by len % 4
 TO_PEER = 0
 TO_CLIENT = 1
 Buckets = tuple[TokenBucket | None, ...]
+# charge(direction, nbytes) -> sent?: another plane's shared buckets (native.py).
+Charge = Callable[[int, int], bool]
 _CD_HEAD = struct.Struct("!HH").pack  # ChannelData header: channel number, length
 STREAM_HIGH_WATER = 256 * 1024  # bytes queued to a TCP client beyond which relayed packets drop
 
@@ -254,21 +256,32 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         # Bandwidth caps: the (allocation, user, total) buckets of each direction, without the
         # unlimited ones; ``limited`` is the one test the hot path pays when no cap applies.
         self.buckets: tuple[tuple[TokenBucket, ...], tuple[TokenBucket, ...]] = ((), ())
+        # Under the native data plane: charge(direction, n) on the engine's per-user and total
+        # buckets, which replace this plane's own (UdpDataPlane.share_buckets).
+        self.shared: Charge | None = None
         self.limited = False
         self.dropped_bw = 0
         self.shared: _SharedRelay | None = None  # turn.relay_multiplex: the socket it is on
 
-    def set_buckets(self, to_peer: Buckets, to_client: Buckets) -> None:
+    def set_buckets(
+        self, to_peer: Buckets, to_client: Buckets, shared: Charge | None = None
+    ) -> None:
         self.buckets = (
             tuple(b for b in to_peer if b is not None and b.rate > 0),
             tuple(b for b in to_client if b is not None and b.rate > 0),
         )
-        self.limited = bool(self.buckets[0] or self.buckets[1])
+        self.shared = shared
+        self.limited = bool(self.buckets[0] or self.buckets[1] or shared)
 
     def admit(self, n: int, direction: int) -> bool:
         """Spend ``n`` bytes on every bucket of this allocation in ``direction`` (TO_PEER,
-        TO_CLIENT), or count a drop."""
-        if TokenBucket.take_all(time.monotonic(), n, self.buckets[direction]):
+        TO_CLIENT), or count a drop (a refused packet takes no tokens anywhere)."""
+        now, mine, shared = time.monotonic(), self.buckets[direction], self.shared
+        if shared is None:
+            if TokenBucket.take_all(now, n, mine):
+                return True
+        elif TokenBucket.has_all(now, n, mine) and shared(direction, n):
+            TokenBucket.spend_all(n, mine)
             return True
         self.dropped_bw += 1
         return False
@@ -424,6 +437,8 @@ class UdpDataPlane(DataPlane):
         self._user_buckets: dict[str, list[Any]] = {}
         self._alloc_buckets: dict[int, tuple[TokenBucket, TokenBucket]] = {}
         self._user_of: dict[int, str] = {}
+        # alloc_id -> the native engine's per-user and total buckets (share_buckets).
+        self._shared: dict[int, Charge] = {}
 
     # -- bandwidth caps -----------------------------------------------------------------------
 
@@ -446,11 +461,22 @@ class UdpDataPlane(DataPlane):
                 b.set_rate(rate)
             self._rebucket(alloc_id)
 
+    def share_buckets(self, alloc_id: int, charge: Charge) -> None:
+        """The native data plane's stream clients: this allocation's per-user and total caps
+        are ``charge`` (the engine's buckets, shared with its UDP clients), not this plane's."""
+        self._shared[alloc_id] = charge
+        self._rebucket(alloc_id)
+
     def _rebucket(self, alloc_id: int) -> None:
         proto = self._relays.get(alloc_id)
         if proto is None:
             return
         mine = self._alloc_buckets[alloc_id]
+        charge = self._shared.get(alloc_id)
+        if charge is not None:
+            capped = self._per_user or self._total[TO_PEER].rate
+            proto.set_buckets((mine[TO_PEER],), (mine[TO_CLIENT],), charge if capped else None)
+            return
         entry = self._user_buckets.get(self._user_of.get(alloc_id, ""))
         user = entry[0] if entry else (None, None)
         proto.set_buckets(
@@ -472,6 +498,7 @@ class UdpDataPlane(DataPlane):
 
     def _detach_buckets(self, alloc_id: int) -> None:
         self._alloc_buckets.pop(alloc_id, None)
+        self._shared.pop(alloc_id, None)
         user = self._user_of.pop(alloc_id, None)
         entry = self._user_buckets.get(user) if user is not None else None
         if entry is not None:

@@ -37,6 +37,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Hashable, Sequence
+from functools import partial
 from typing import Any
 
 from .dataplane import (
@@ -268,7 +269,7 @@ class NativeDataPlane(DataPlane):
     ) -> RelayGrant:
         t = sink.transport
         if not isinstance(t, NativeTransport) or t.engine is not self.engine or sink.addr is None:
-            return self._py.add_allocation(
+            grant = self._py.add_allocation(
                 alloc_id,
                 family,
                 client_key,
@@ -279,6 +280,12 @@ class NativeDataPlane(DataPlane):
                 dont_fragment=dont_fragment,
                 user=user,
             )
+            if self.engine is not None:
+                # A stream client, relayed in Python: its username's and the relay's budget
+                # are the engine's buckets, the ones its UDP clients spend (one cap each).
+                self._py.share_buckets(alloc_id, partial(self.engine.charge, self._take_slot(user)))
+                self._slot_of[alloc_id] = user
+            return grant
         shared = self._mux.get((family, t.thread))
         if shared and not (reserve_token or use_token or dont_fragment):
             # turn/multiplex.py: the thread's shared socket with the fewest allocations
@@ -315,6 +322,8 @@ class NativeDataPlane(DataPlane):
 
     def remove_allocation(self, alloc_id: int) -> AllocationCounters:
         if alloc_id not in self._native:
+            if alloc_id in self._slot_of:
+                self._give_slot(self._slot_of.pop(alloc_id))
             return self._py.remove_allocation(alloc_id)
         self._native.discard(alloc_id)
         entry = self._mux_of.pop(alloc_id, None)
