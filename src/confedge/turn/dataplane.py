@@ -258,29 +258,29 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         self.buckets: tuple[tuple[TokenBucket, ...], tuple[TokenBucket, ...]] = ((), ())
         # Under the native data plane: charge(direction, n) on the engine's per-user and total
         # buckets, which replace this plane's own (UdpDataPlane.share_buckets).
-        self.shared: Charge | None = None
+        self.charge: Charge | None = None
         self.limited = False
         self.dropped_bw = 0
         self.shared: _SharedRelay | None = None  # turn.relay_multiplex: the socket it is on
 
     def set_buckets(
-        self, to_peer: Buckets, to_client: Buckets, shared: Charge | None = None
+        self, to_peer: Buckets, to_client: Buckets, charge: Charge | None = None
     ) -> None:
         self.buckets = (
             tuple(b for b in to_peer if b is not None and b.rate > 0),
             tuple(b for b in to_client if b is not None and b.rate > 0),
         )
-        self.shared = shared
-        self.limited = bool(self.buckets[0] or self.buckets[1] or shared)
+        self.charge = charge
+        self.limited = bool(self.buckets[0] or self.buckets[1] or charge)
 
     def admit(self, n: int, direction: int) -> bool:
         """Spend ``n`` bytes on every bucket of this allocation in ``direction`` (TO_PEER,
         TO_CLIENT), or count a drop (a refused packet takes no tokens anywhere)."""
-        now, mine, shared = time.monotonic(), self.buckets[direction], self.shared
-        if shared is None:
+        now, mine, charge = time.monotonic(), self.buckets[direction], self.charge
+        if charge is None:
             if TokenBucket.take_all(now, n, mine):
                 return True
-        elif TokenBucket.has_all(now, n, mine) and shared(direction, n):
+        elif TokenBucket.has_all(now, n, mine) and charge(direction, n):
             TokenBucket.spend_all(n, mine)
             return True
         self.dropped_bw += 1
@@ -438,7 +438,7 @@ class UdpDataPlane(DataPlane):
         self._alloc_buckets: dict[int, tuple[TokenBucket, TokenBucket]] = {}
         self._user_of: dict[int, str] = {}
         # alloc_id -> the native engine's per-user and total buckets (share_buckets).
-        self._shared: dict[int, Charge] = {}
+        self._charges: dict[int, Charge] = {}
 
     # -- bandwidth caps -----------------------------------------------------------------------
 
@@ -464,7 +464,7 @@ class UdpDataPlane(DataPlane):
     def share_buckets(self, alloc_id: int, charge: Charge) -> None:
         """The native data plane's stream clients: this allocation's per-user and total caps
         are ``charge`` (the engine's buckets, shared with its UDP clients), not this plane's."""
-        self._shared[alloc_id] = charge
+        self._charges[alloc_id] = charge
         self._rebucket(alloc_id)
 
     def _rebucket(self, alloc_id: int) -> None:
@@ -472,7 +472,7 @@ class UdpDataPlane(DataPlane):
         if proto is None:
             return
         mine = self._alloc_buckets[alloc_id]
-        charge = self._shared.get(alloc_id)
+        charge = self._charges.get(alloc_id)
         if charge is not None:
             capped = self._per_user or self._total[TO_PEER].rate
             proto.set_buckets((mine[TO_PEER],), (mine[TO_CLIENT],), charge if capped else None)
@@ -498,7 +498,7 @@ class UdpDataPlane(DataPlane):
 
     def _detach_buckets(self, alloc_id: int) -> None:
         self._alloc_buckets.pop(alloc_id, None)
-        self._shared.pop(alloc_id, None)
+        self._charges.pop(alloc_id, None)
         user = self._user_of.pop(alloc_id, None)
         entry = self._user_buckets.get(user) if user is not None else None
         if entry is not None:
