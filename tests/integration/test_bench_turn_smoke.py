@@ -19,9 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(120)
-def test_turn_benchmark_smoke(tmp_path: Path) -> None:
-    servers = "coturn,confedge" if shutil.which("turnserver") else "confedge"
+def _run_toy(
+    tmp_path: Path, servers: str, *extra: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """run.py at toy size; skips when a full run holds the benchmark lock."""
     out = tmp_path / "turn.json"
     proc = subprocess.run(
         [
@@ -29,6 +30,7 @@ def test_turn_benchmark_smoke(tmp_path: Path) -> None:
             str(REPO / "bench/turn/run.py"),
             "--servers",
             servers,
+            *extra,
             "--rounds=1",
             "--window=0.3",
             "--warmup=0.2",
@@ -48,7 +50,15 @@ def test_turn_benchmark_smoke(tmp_path: Path) -> None:
     if proc.returncode == 75:
         pytest.skip("a full TURN benchmark run holds the host's benchmark lock (it owns the ports)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out
+
+
+@pytest.mark.timeout(120)
+def test_turn_benchmark_smoke(tmp_path: Path) -> None:
+    servers = "coturn,confedge" if shutil.which("turnserver") else "confedge"
+    proc, out = _run_toy(tmp_path, servers, "--generator=python")
     data = json.loads(out.read_text())
+    assert data["generator"] == "python"
     assert "| metric (median of rounds) | coturn | confedge | confedge/coturn |" in proc.stdout
     for name in servers.split(","):
         (r,) = data["results"][name]
@@ -65,3 +75,36 @@ def test_turn_benchmark_smoke(tmp_path: Path) -> None:
         assert r["alloc_rate"]["completed"] == 40, (name, r["alloc_rate"])
         assert r["memory"]["allocations"] == 40, (name, r["memory"])
         assert r["memory"]["rss_mib"] > 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler (cc) for bench/turn/turnload.c")
+def test_turn_benchmark_c_generator_smoke(tmp_path: Path) -> None:
+    """The C sender and sink (turnload.c, built by the bench) drive every relay scenario.
+
+    Why: the kernel-offload comparison (issue 17) rests on this generator; a break in its build,
+    its fd hand-over or its shared counters must fail here, not in the lead's release run.
+    """
+    proc, out = _run_toy(tmp_path, "confedge", "--generator=c")
+    assert "load generator: c" in proc.stdout
+    data = json.loads(out.read_text())
+    assert data["generator"] == "c"
+    for size in ("200", "1200"):
+        ceiling = data["generator_ceiling"][size]
+        assert ceiling["delivered_pps"] > 0, ceiling
+        assert ceiling["delivered_mean_bytes"] == int(size), ceiling
+    (r,) = data["results"]["confedge"]
+    for key in ("relay_1x200", "relay_1x1200", "relay_50x200", "relay_50x1200"):
+        sc = r[key]
+        assert "error" not in sc, (key, sc)
+        assert sc["delivered_pps"] > 0, (key, sc)
+        # ChannelData came through the server: the sink saw exactly the payload, not the frame.
+        assert sc["delivered_mean_bytes"] == sc["payload"], (key, sc)
+        # The C processes' CPU is found and subtracted: attributable <= whole machine.
+        assert sc["loadgen_cpu_util"] > 0, (key, sc)
+        assert sc["generator_cpu_s"] > 0, (key, sc)
+        assert 0 <= sc["attributable_cpu_us_per_pkt"] <= sc["machine_cpu_us_per_pkt"], (key, sc)
+    paced = r["paced_50x200_2000"]
+    assert "error" not in paced, paced
+    assert 1000 < paced["offered_pps"] < 3000, paced
+    assert "server-attributable CPU µs/pkt" in proc.stdout
