@@ -32,6 +32,7 @@ import subprocess
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .dataplane import AllocationCounters, ClientSink, DataPlane, RelayGrant
 
@@ -182,17 +183,79 @@ class BpfRelay:
             self.fd_out = lib.bpf_object__find_map_fd_by_name(obj, b"cd_out")
             self.fd_counters = lib.bpf_object__find_map_fd_by_name(obj, b"cd_counters")
             for name, ifindex in ifaces.items():
-                self._attach(name, ifindex)
+                leftover_qdisc = self._remove_stale(name, ifindex)
+                self._attach(name, ifindex, leftover_qdisc)
         except BaseException:
             self.close()
             raise
 
-    def _attach(self, name: str, ifindex: int) -> None:
+    def _remove_stale(self, name: str, ifindex: int) -> bool:
+        """Remove confedge relay filters on ``name`` that no running process owns.
+
+        Why: a confedge killed with SIGKILL (or crashing) never detaches, and its program stays
+        on the interface, still forwarding the channels its maps held for allocations that no
+        longer exist.  Such a filter is recognised by the program's name (``confedge_relay``,
+        any handle and priority, so an older version's too) and by no process holding the
+        program (the only reference left is the filter's).  A filter a running confedge owns is
+        left alone.  Returns whether the clsact qdisc is now empty, i.e. a leftover of the dead
+        process as well (then this process removes it when it stops).
+        """
+        filters = _tc_filters(name)
+        removed = 0
+        for f in filters:
+            opts = f.get("options") or {}
+            prog = opts.get("prog") or {}
+            if prog.get("name") != _PROG.decode() or "handle" not in opts:
+                continue
+            prog_id = int(prog.get("id", 0))
+            holders = _prog_holders(prog_id)
+            if holders:
+                log.warning(
+                    "kernel offload: %s already has a confedge relay program (id %d) held by "
+                    "running process(es) %s; not removing it",
+                    name,
+                    prog_id,
+                    ", ".join(map(str, holders)),
+                )
+                continue
+            handle, pref = int(str(opts["handle"]), 16), int(f["pref"])
+            hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, _TC_INGRESS, 0, 0)
+            o = _TcOpts(ctypes.sizeof(_TcOpts), 0, 0, 0, handle, pref, 0)
+            rc = self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(o))
+            if rc:
+                log.warning(
+                    "kernel offload: cannot remove the stale confedge filter on %s "
+                    "(program id %d, handle %#x, pref %d): %s",
+                    name,
+                    prog_id,
+                    handle,
+                    pref,
+                    _err(rc),
+                )
+                continue
+            removed += 1
+            log.warning(
+                "kernel offload: removed a stale confedge TC filter from %s ingress (program id "
+                "%d, tag %s, handle %#x, pref %d), left by a confedge that did not stop cleanly "
+                "(killed?)",
+                name,
+                prog_id,
+                prog.get("tag", "?"),
+                handle,
+                pref,
+            )
+        if not removed:
+            return False
+        return not any("options" in f for d in ("ingress", "egress") for f in _tc_filters(name, d))
+
+    def _attach(self, name: str, ifindex: int, leftover_qdisc: bool = False) -> None:
         hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, _TC_INGRESS, 0, 0)
         rc = self.lib.bpf_tc_hook_create(ctypes.byref(hook))
         if rc and rc != -errno.EEXIST:
             raise OffloadUnavailable(f"cannot add a clsact qdisc on {name}: {_err(rc)}")
-        created = rc == 0  # an existing clsact qdisc (someone else's) is left in place
+        # An existing clsact qdisc (someone else's) is left in place, unless it is the empty
+        # leftover of a killed confedge (_remove_stale): then it goes when this one stops.
+        created = rc == 0 or leftover_qdisc
         opts = _TcOpts(
             ctypes.sizeof(_TcOpts), self.prog_fd, _TC_F_REPLACE, 0, _TC_HANDLE, _TC_PRIORITY, 0
         )
@@ -246,6 +309,45 @@ class BpfRelay:
         if self._obj is not None:
             self.lib.bpf_object__close(self._obj)
             self._obj = None
+
+
+def _tc_filters(name: str, direction: str = "ingress") -> list[dict[str, Any]]:
+    """``tc -j filter show dev NAME DIRECTION`` (empty when tc is missing or fails: then no
+    stale filter can be found, and attaching still replaces one at our handle and priority)."""
+    try:
+        out = subprocess.run(
+            ["tc", "-j", "filter", "show", "dev", name, direction],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        parsed = json.loads(out or "[]")
+    except (OSError, subprocess.CalledProcessError, ValueError) as exc:
+        log.debug("kernel offload: cannot list the TC filters on %s: %s", name, exc)
+        return []
+    return [f for f in parsed if isinstance(f, dict)]
+
+
+def _prog_holders(prog_id: int) -> list[int]:
+    """The processes holding a file descriptor of BPF program ``prog_id`` (/proc/*/fdinfo)."""
+    holders: list[int] = []
+    want = f"prog_id:\t{prog_id}\n"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+            except OSError:
+                continue
+            if want in info:
+                holders.append(int(pid))
+                break
+    return holders
 
 
 def _ip(s: str) -> bytes:
