@@ -16,6 +16,13 @@ shared machine's load does not favour either):
 * allocations/s: full Allocate exchanges (401 challenge + authenticated Allocate), pipelined;
 * RSS with 1,000 allocations (each with a permission and a channel).
 
+Relay load comes from the C sender and sink (bench/turn/turnload.c: sendmmsg/recvmmsg
+batches), built at start with the system C compiler into bench/turn/build/, or, with
+`--generator python` or no compiler, from the Python loops in loadgen.py; the TURN handshakes
+are Python either way. Besides the server's own CPU, each relay scenario reports whole-machine
+CPU per delivered packet (/proc/stat) and a "server-attributable" figure: the machine minus the
+generator's and the sink's process CPU.
+
 It prints a markdown table of medians with confedge/coturn ratios and writes every sample to
 bench/results/turn-<timestamp>.json (gitignored).
 """
