@@ -21,7 +21,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "turnload.c"
-BUILD = HERE / "build"
+# TURNLOAD_BUILD_DIR: another build directory (the tests use a fresh one to see a first build,
+# or the fallback when there is no compiler, without touching the shared one).
+BUILD = Path(os.environ.get("TURNLOAD_BUILD_DIR") or HERE / "build")
 BINARY = BUILD / "turnload"
 
 # Slot layout of the shared counter file.
@@ -35,7 +37,7 @@ def build() -> tuple[Path | None, str]:
     cc = os.environ.get("CC", "cc")
     if not shutil.which(cc):
         return None, f"no C compiler ({cc!r} not on PATH; apt-get install gcc, or set CC)"
-    BUILD.mkdir(exist_ok=True)
+    BUILD.mkdir(parents=True, exist_ok=True)
     # Build to a private name, then rename: two runs building at once never see half a binary.
     fd, tmp = tempfile.mkstemp(dir=BUILD, prefix=".turnload-")
     os.close(fd)

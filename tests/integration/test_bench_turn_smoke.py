@@ -9,6 +9,7 @@ and checks that each one produced real, well-formed measurements.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run_toy(
-    tmp_path: Path, servers: str, *extra: str
+    tmp_path: Path, servers: str, *extra: str, env: dict[str, str] | None = None
 ) -> tuple[subprocess.CompletedProcess[str], Path]:
     """run.py at toy size; skips when a full run holds the benchmark lock."""
     out = tmp_path / "turn.json"
@@ -46,6 +47,7 @@ def _run_toy(
         text=True,
         timeout=110,
         cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if proc.returncode == 75:
         pytest.skip("a full TURN benchmark run holds the host's benchmark lock (it owns the ports)")
@@ -85,8 +87,12 @@ def test_turn_benchmark_c_generator_smoke(tmp_path: Path) -> None:
     Why: the kernel-offload comparison (issue 17) rests on this generator; a break in its build,
     its fd hand-over or its shared counters must fail here, not in the lead's release run.
     """
-    proc, out = _run_toy(tmp_path, "confedge", "--generator=c")
+    build = tmp_path / "build"  # a fresh build directory: the bench compiles turnload itself
+    proc, out = _run_toy(
+        tmp_path, "confedge", "--generator=c", env={"TURNLOAD_BUILD_DIR": str(build)}
+    )
     assert "load generator: c" in proc.stdout
+    assert (build / "turnload").is_file()
     data = json.loads(out.read_text())
     assert data["generator"] == "c"
     for size in ("200", "1200"):
@@ -108,3 +114,25 @@ def test_turn_benchmark_c_generator_smoke(tmp_path: Path) -> None:
     assert "error" not in paced, paced
     assert 1000 < paced["offered_pps"] < 3000, paced
     assert "server-attributable CPU µs/pkt" in proc.stdout
+
+
+def test_without_a_compiler_the_bench_says_so_and_uses_python(tmp_path: Path) -> None:
+    """No C compiler: the default falls back to the Python generator with a message naming
+    the fix; `--generator c` refuses to start with the same reason.  (`--servers nope` stops
+    the run right after the generator is chosen, so no server is started.)"""
+    env = {
+        **os.environ,
+        "TURNLOAD_BUILD_DIR": str(tmp_path / "build"),
+        "CC": str(tmp_path / "no-such-cc"),
+    }
+    run = [sys.executable, str(REPO / "bench/turn/run.py"), "--servers", "nope"]
+    fallback = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert "C load generator unavailable, using the Python one: no C compiler" in fallback.stdout
+    assert "apt-get install gcc, or set CC" in fallback.stdout
+    assert "load generator: python" in fallback.stdout
+    forced = subprocess.run(
+        [*run, "--generator", "c"], capture_output=True, text=True, timeout=60, env=env, cwd=REPO
+    )
+    assert forced.returncode == 2
+    assert "--generator c: no C compiler" in forced.stderr
+    assert not (tmp_path / "build" / "turnload").exists()
