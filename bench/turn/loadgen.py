@@ -22,12 +22,14 @@ import os
 import selectors
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+import cgen
 import stunmini as sm
 
 RTO = 0.5  # first retransmission timeout; RFC 8489 §6.2.1 suggests 500 ms
@@ -264,9 +266,13 @@ def worker_main(
             direct = True
             conn.send(("direct", cmd[1]))
         elif op == "blast":
-            _, size, rate = cmd
+            _, size, rate, *c_sender = cmd
             payload = os.urandom(size)
             frame = payload if direct else sm.channel_data(CHANNEL_NUMBER, payload)
+            if c_sender and c_sender[0] is not None:
+                n_sent, c_cpu = _blast_c(c_sender[0], [a.sock for a in allocs], frame, rate, idx)
+                conn.send(("blast", n_sent, c_cpu))
+                continue
             sends = [a.sock.send for a in allocs]
             c0 = _cpu()
             n_sent = _blast(sends, frame, rate, idx, sent, stop)
@@ -280,6 +286,57 @@ def worker_main(
             direct = False
             conn.send(("release",))
     conn.close()
+
+
+@dataclass(frozen=True)
+class CSender:
+    """How a worker runs the C sender (bench/turn/turnload.c) instead of its own loop."""
+
+    binary: str
+    slots: str  # the shared counter file (cgen.Slots.path)
+    stop_slot: int
+    sent0_slot: int  # worker idx counts into sent0_slot + idx
+    threads: int = 1
+    cpus: str = ""  # comma list to pin the sender threads to, "" = no pinning
+
+
+def _blast_c(
+    c: CSender, socks: list[socket.socket], frame: bytes, rate: float, idx: int
+) -> tuple[int, float]:
+    """Blast `frame` on the allocations' sockets from the C sender until the stop slot is set.
+
+    The sockets (connected, already bound to their channel by this worker's handshake) are
+    inherited as file descriptors; the C process counts into this worker's `sent` slot itself.
+    Returns (packets offered, the C process's CPU seconds).
+    """
+    if not socks:
+        return 0, 0.0
+    fds = [s.fileno() for s in socks]
+    cmd = [
+        c.binary,
+        "send",
+        "--shm",
+        c.slots,
+        "--stop",
+        str(c.stop_slot),
+        "--count",
+        str(c.sent0_slot + idx),
+        "--frame",
+        frame.hex(),
+        "--rate",
+        str(rate),
+        "--threads",
+        str(c.threads),
+    ]
+    if c.cpus:
+        cmd += ["--cpus", c.cpus]
+    proc = subprocess.run(
+        [*cmd, *map(str, fds)], pass_fds=fds, capture_output=True, text=True, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"turnload send failed ({proc.returncode}): {proc.stderr.strip()}")
+    summary = cgen.parse_exit_line(proc.stdout)
+    return int(summary["packets"]), summary["utime"] + summary["stime"]
 
 
 def _blast(sends: list[Any], frame: bytes, rate: float, idx: int, sent: Any, stop: Any) -> int:

@@ -16,6 +16,13 @@ shared machine's load does not favour either):
 * allocations/s: full Allocate exchanges (401 challenge + authenticated Allocate), pipelined;
 * RSS with 1,000 allocations (each with a permission and a channel).
 
+Relay load comes from the C sender and sink (bench/turn/turnload.c: sendmmsg/recvmmsg
+batches), built at start with the system C compiler into bench/turn/build/, or, with
+`--generator python` or no compiler, from the Python loops in loadgen.py; the TURN handshakes
+are Python either way. Besides the server's own CPU, each relay scenario reports whole-machine
+CPU per delivered packet (/proc/stat) and a "server-attributable" figure: the machine minus the
+generator's and the sink's process CPU.
+
 It prints a markdown table of medians with confedge/coturn ratios and writes every sample to
 bench/results/turn-<timestamp>.json (gitignored).
 """
@@ -36,10 +43,12 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import cgen
 import loadgen
 import servers
 
@@ -55,35 +64,92 @@ EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
 FULL_STEPS = [loadgen.PROBE, loadgen.ALLOCATE, loadgen.PERMISSION, loadgen.CHANNEL]
 
 
-class Harness:
-    """The sink and the worker processes, shared by every scenario of one server session."""
+@dataclass(frozen=True)
+class CGenerator:
+    """Use the C sender and sink (turnload.c) with these threads and pinning."""
 
-    def __init__(self, ctx: Any, n_workers: int, spread_peers: bool = False) -> None:
+    binary: Path
+    threads: int = 1
+    sink_threads: int = 1
+    cpus: str = ""  # comma list the C threads are pinned to, "" = the scheduler decides
+
+
+class Harness:
+    """The sink and the worker processes, shared by every scenario of one server session.
+
+    With `gen` (the C generator) the workers still do every TURN handshake in Python, then each
+    sending worker hands its allocation sockets to a C sender, and the sink is the C sink. The
+    counters are the same shared slots either way (cgen.Slots).
+    """
+
+    def __init__(
+        self,
+        ctx: Any,
+        n_workers: int,
+        gen: CGenerator | None = None,
+        spread_peers: bool = False,
+    ) -> None:
         (self.sink_port,) = servers.free_udp_ports(SINK_PORTS, 1)
         self.spread_peers = spread_peers
         self.ctx = ctx
-        self.counts = ctx.RawArray("q", 2)
-        self.sink_stop = ctx.RawArray("q", 1)
-        ready = ctx.Event()
-        self.sink = ctx.Process(
-            target=loadgen.sink_main,
-            args=(
-                self.sink_port,
-                self.counts,
-                self.sink_stop,
-                ready,
-                "0.0.0.0" if spread_peers else "127.0.0.1",  # spread peers: 127.x.y.z
-            ),
-        )
-        self.sink.start()
-        if not ready.wait(10):
-            raise RuntimeError("the peer sink did not start")
+        self.gen = gen
+        self.slots = cgen.Slots(n_workers)
+        self.counts = self.slots.counts
+        self.sink_stop = self.slots.sink_stop
+        self.sink: Any
+        self.c_sender: loadgen.CSender | None = None
+        if gen is None:
+            ready = ctx.Event()
+            self.sink = ctx.Process(
+                target=loadgen.sink_main,
+                args=(
+                    self.sink_port,
+                    self.counts,
+                    self.sink_stop,
+                    ready,
+                    "0.0.0.0" if spread_peers else "127.0.0.1",  # spread peers: 127.x.y.z
+                ),
+            )
+            self.sink.start()
+            if not ready.wait(10):
+                raise RuntimeError("the peer sink did not start")
+        else:
+            self.c_sender = loadgen.CSender(
+                str(gen.binary), self.slots.path, cgen.SEND_STOP, cgen.SENT0, gen.threads, gen.cpus
+            )
+            cmd = [
+                str(gen.binary),
+                "sink",
+                "--shm",
+                self.slots.path,
+                "--stop",
+                str(cgen.SINK_STOP),
+                "--count",
+                str(cgen.SINK_PACKETS),
+                "--port",
+                str(self.sink_port),
+                "--threads",
+                str(gen.sink_threads),
+            ]
+            if gen.cpus:
+                cmd += ["--cpus", gen.cpus]
+            if spread_peers:
+                cmd.append("--any")  # spread peers: 127.x.y.z
+            self.sink = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            assert self.sink.stdout is not None
+            if self.sink.stdout.readline().strip() != "ready":
+                self.sink.kill()
+                raise RuntimeError("the C peer sink did not start")
         self.n_workers = n_workers
-        self.sent = ctx.RawArray("q", n_workers)
-        self.stop = ctx.RawArray("q", 1)
+        self.sent = self.slots.sent
+        self.stop = self.slots.stop
         self.workers: list[tuple[Any, Connection]] = []
         self._source = 0
         self.settle = SETTLE
+
+    def loadgen_pids(self) -> list[int]:
+        """The generator's and the sink's processes (workers, their C senders, the sink)."""
+        return servers.tree_pids(self.sink.pid, *(p.pid for p, _ in self.workers))
 
     def source_ip(self) -> str:
         """A fresh loopback source address per setup batch.
@@ -118,7 +184,15 @@ class Harness:
     def close(self) -> None:
         self.reap()
         self.sink_stop[0] = 1
-        self.sink.join(5)
+        if self.gen is None:
+            self.sink.join(5)
+        else:
+            try:
+                self.sink.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.sink.kill()
+                self.sink.communicate()
+        self.slots.close()
 
     def ask(self, cmds: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """Send one command per worker (in parallel) and gather the replies."""
@@ -158,9 +232,9 @@ def relay(
         h.sent[i] = 0
     h.stop[0] = 0
     for (_, conn), _ in zip(h.workers, parts, strict=False):
-        conn.send(("blast", size, rate / k if rate else 0))
+        conn.send(("blast", size, rate / k if rate else 0, h.c_sender))
 
-    def sample() -> tuple[float, int, int, int, float, float, float]:
+    def sample() -> tuple[float, int, int, int, float, float, float, float]:
         user, system = server.cpu_times() if server else (0.0, 0.0)
         return (
             time.monotonic(),
@@ -170,9 +244,11 @@ def relay(
             user,
             system,
             machine_busy_s(),
+            sum(servers.cpu_times_of(gen_pids)),
         )
 
     time.sleep(warmup)
+    gen_pids = h.loadgen_pids()  # walked once, before the window: the set does not change
     s0 = sample()
     time.sleep(window)
     s1 = sample()
@@ -194,6 +270,8 @@ def relay(
         else 0.0,
         "delivered_mean_bytes": (s1[2] - s0[2]) / delivered if delivered else 0,
         "generator_cpu_s": sum(g[2] for g in gen),
+        # generator + sink processes (C or Python), in the window, from /proc/<pid>/stat
+        "loadgen_cpu_util": (s1[7] - s0[7]) / dt,
     }
     if server is not None:
         user, system = s1[4] - s0[4], s1[5] - s0[5]
@@ -207,6 +285,11 @@ def relay(
         busy = s1[6] - s0[6]
         out["machine_cpu_util"] = busy / dt
         out["machine_cpu_us_per_pkt"] = busy * per if delivered else None
+        # "Server-attributable": the whole machine minus the generator's and the sink's own
+        # process CPU. It keeps the softirq the relay causes wherever it is accounted, but a
+        # loopback send also charges the receive path to the sender, so it is an estimate.
+        attributable = max(0.0, busy - (s1[7] - s0[7]))
+        out["attributable_cpu_us_per_pkt"] = attributable * per if delivered else None
     return out
 
 
@@ -279,7 +362,7 @@ def run_server(
     ctx: Any,
 ) -> dict[str, Any]:
     server = start()
-    h = Harness(ctx, args.workers, args.spread_peers)
+    h = Harness(ctx, args.workers, args.c_generator, args.spread_peers)
     h.settle = args.settle
     result: dict[str, Any] = {
         "rss_idle_mib": server.rss_bytes() / 2**20,
@@ -351,6 +434,11 @@ def _brief(r: dict[str, Any]) -> str:
             f", {r['server_cpu_us_per_pkt']:.2f} us CPU/pkt (user {r['server_user_us_per_pkt']:.2f}"
             f" + sys {r['server_sys_us_per_pkt']:.2f}; {r['server_cpu_util']:.2f} cores)"
         )
+    if r.get("machine_cpu_us_per_pkt") is not None:
+        s += (
+            f", machine {r['machine_cpu_us_per_pkt']:.2f} us/pkt"
+            f" (server-attributable {r['attributable_cpu_us_per_pkt']:.2f})"
+        )
     return s
 
 
@@ -370,6 +458,15 @@ for _n in (1, 50):
         METRICS.append(
             ("  whole-machine CPU µs/pkt", (_k, "machine_cpu_us_per_pkt"), "{:.2f}", False)
         )
+        METRICS.append(
+            (
+                "  server-attributable CPU µs/pkt (machine minus generator+sink)",
+                (_k, "attributable_cpu_us_per_pkt"),
+                "{:.2f}",
+                False,
+            )
+        )
+RELAY_ROWS = len(METRICS)
 METRICS += [
     ("allocations/s (401 + Allocate)", ("alloc_rate", "allocations_per_s"), "{:,.0f}", True),
     ("  server CPU µs/allocation", ("alloc_rate", "server_cpu_us_per_alloc"), "{:.0f}", False),
@@ -404,6 +501,14 @@ def paced_metrics(rates: list[int]) -> list[tuple[str, tuple[str, ...], str, boo
             ("  server CPU µs/pkt at that rate", (key, "server_cpu_us_per_pkt"), "{:.2f}", False)
         )
         out.append(("  whole-machine CPU µs/pkt", (key, "machine_cpu_us_per_pkt"), "{:.2f}", False))
+        out.append(
+            (
+                "  server-attributable CPU µs/pkt",
+                (key, "attributable_cpu_us_per_pkt"),
+                "{:.2f}",
+                False,
+            )
+        )
     return out
 
 
@@ -412,7 +517,7 @@ def table(results: dict[str, list[dict[str, Any]]], paced_rates: list[int]) -> s
         "| metric (median of rounds) | coturn | confedge | confedge/coturn |",
         "|---|---:|---:|---:|",
     ]
-    metrics = METRICS[:28] + paced_metrics(paced_rates) + METRICS[28:]
+    metrics = METRICS[:RELAY_ROWS] + paced_metrics(paced_rates) + METRICS[RELAY_ROWS:]
     for label, path, fmt, _higher in metrics:
         a = median_of(results.get("coturn", []), path)
         b = median_of(results.get("confedge", []), path)
@@ -499,6 +604,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--workers", type=int, default=2, help="load-generator processes (default 2)")
     ap.add_argument(
+        "--generator",
+        choices=["c", "python"],
+        default=None,
+        help="relay load: the C sender and sink (bench/turn/turnload.c, built now with the "
+        "system compiler) or the Python loop; default c when it builds, else python",
+    )
+    ap.add_argument(
+        "--gen-threads", type=int, default=1, help="threads per C sender process (default 1)"
+    )
+    ap.add_argument("--sink-threads", type=int, default=1, help="C sink threads (default 1)")
+    ap.add_argument(
+        "--gen-cpus",
+        default="",
+        help="comma list of CPUs to pin the C sender and sink threads to (default: no pinning)",
+    )
+    ap.add_argument(
         "--senders", type=int, default=1, help="workers that offer relay traffic (default 1)"
     )
     ap.add_argument(
@@ -550,6 +671,19 @@ def main(argv: list[str] | None = None) -> int:
         args.paced_rates = [int(r) for r in args.paced_rates.split(",") if r.strip()]
     except ValueError:
         ap.error(f"--paced-rates: {args.paced_rates!r} is not a comma list of integers")
+    args.c_generator = None
+    if args.generator != "python":
+        binary, why = cgen.build()
+        if binary is not None:
+            args.c_generator = CGenerator(
+                binary, args.gen_threads, args.sink_threads, args.gen_cpus
+            )
+        elif args.generator == "c":
+            ap.error(f"--generator c: {why}")
+        else:
+            print(f"C load generator unavailable, using the Python one: {why}", flush=True)
+    args.generator = "c" if args.c_generator else "python"
+    print(f"load generator: {args.generator}", flush=True)
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     for s in wanted:
         if s not in ("coturn", "confedge", EBPF):
@@ -579,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
 
     # Generator ceiling: the same send loop straight into the sink, no server in between.
-    h = Harness(ctx, args.workers)
+    h = Harness(ctx, args.workers, args.c_generator)
     ceiling: dict[str, Any] = {}
     try:
         h.spawn(loadgen.Target(("127.0.0.1", 9), "", "", ("127.0.0.1", h.sink_port)))
@@ -650,6 +784,7 @@ def main(argv: list[str] | None = None) -> int:
                     "python": sys.version,
                 },
                 "elapsed_s": elapsed,
+                "generator": args.generator,
                 "commit": commit,
                 "turn_worktree_changes": turn_dirty,
                 "generator_ceiling": ceiling,

@@ -81,6 +81,40 @@ def free_udp_ports(ports: range, count: int) -> list[int]:
     raise SystemExit(f"fewer than {count} free UDP ports in {ports.start}-{ports.stop - 1}")
 
 
+def tree_pids(*roots: int) -> list[int]:
+    """The given processes and every live descendant of theirs."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out = list(roots)
+    i = 0
+    while i < len(out):
+        out.extend(children.get(out[i], []))
+        i += 1
+    return out
+
+
+def cpu_times_of(pids: list[int]) -> tuple[float, float]:
+    """(utime, stime) summed over `pids` in seconds, from /proc/<pid>/stat (all threads)."""
+    user = system = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        user += int(fields[11])  # utime (field 14 of proc(5))
+        system += int(fields[12])  # stime (field 15)
+    return user / CLK_TCK, system / CLK_TCK
+
+
 class Server:
     """One running TURN server process (and its descendants)."""
 
@@ -95,35 +129,11 @@ class Server:
 
     def pids(self) -> list[int]:
         """The server process and every descendant (a multi-process server counts whole)."""
-        children: dict[int, list[int]] = {}
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-        out = [self.proc.pid]
-        i = 0
-        while i < len(out):
-            out.extend(children.get(out[i], []))
-            i += 1
-        return out
+        return tree_pids(self.proc.pid)
 
     def cpu_times(self) -> tuple[float, float]:
         """(utime, stime) of the process tree in seconds, from /proc/<pid>/stat (all threads)."""
-        user = system = 0
-        for pid in self.pids():
-            try:
-                stat = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2 :].split()
-            user += int(fields[11])  # utime (field 14 of proc(5))
-            system += int(fields[12])  # stime (field 15)
-        return user / CLK_TCK, system / CLK_TCK
+        return cpu_times_of(self.pids())
 
     def cpu_seconds(self) -> float:
         """utime+stime of the process tree."""

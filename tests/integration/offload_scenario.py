@@ -22,7 +22,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from confedge.stun import Attr, Method, MsgClass, encode_channel_number, encode_xor_address
+from confedge.stun import (
+    Attr,
+    Method,
+    MsgClass,
+    encode_channel_number,
+    encode_xor_address,
+    new_transaction_id,
+)
 from confedge.turn.service import TurnService
 from confedge.turn.testing import UdpTurnClient, turn_config
 
@@ -163,12 +170,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         extra = {}
         peers = [args.peer_host, args.other_peer]
+    v6 = ":" in args.host  # IPv6 end to end: a v6 listener, relay address, client and peers
     cfg = turn_config(
         **extra,
         host=args.host,
         relay_ports="40000-40999",
         allowed_peers=peers,
-        media_nodes=[args.client_host + "/32"],
+        media_nodes=[args.client_host + ("/128" if v6 else "/32")],
         offload="ebpf",
         sections={
             "server": {
@@ -199,9 +207,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         if args.peer_netns:
             _setns(f"/run/netns/{args.peer_netns}")
-        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        peer = socket.socket(family, socket.SOCK_DGRAM)
         peer.bind((args.peer_host, 0))
-        other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        other = socket.socket(family, socket.SOCK_DGRAM)
         other.bind((args.other_peer, 0))
         cli = UdpTurnClient(
             (args.host, svc.port),
@@ -218,9 +227,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     for s in (peer, other, cli.sock):
         s.setblocking(False)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    paddr = peer.getsockname()
+    paddr = peer.getsockname()[:2]  # (host, port) of either family
     try:
-        resp = await cli.allocate()
+        resp = await cli.allocate(6 if v6 else 4)
         assert resp is not None and resp.msg_class == MsgClass.SUCCESS, resp
         from confedge.stun import decode_xor_address
 
@@ -231,13 +240,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["listener"] = [args.host, svc.port]
 
         async def bind(ch: int, addr: tuple[str, int]) -> int:
-            r = await cli.request(
-                Method.CHANNEL_BIND,
-                [
+            # XOR-PEER-ADDRESS of an IPv6 peer is XORed with the transaction ID too (RFC 8489
+            # §14.2), so the request is built here with its ID (a 438 retry needs a new one).
+            r = None
+            for _ in range(2):
+                tid = new_transaction_id()
+                attrs = [
                     (Attr.CHANNEL_NUMBER, encode_channel_number(ch)),
-                    (Attr.XOR_PEER_ADDRESS, encode_xor_address(addr[0], addr[1], bytes(12))),
-                ],
-            )
+                    (Attr.XOR_PEER_ADDRESS, encode_xor_address(addr[0], addr[1], tid)),
+                ]
+                r = await cli.transact(cli.build(Method.CHANNEL_BIND, attrs, tid, True), tid)
+                if r is None or r.msg_class == MsgClass.SUCCESS or r.get(Attr.NONCE) is None:
+                    break
+                cli.nonce = r.get(Attr.NONCE)
             return 0 if r is None else (200 if r.msg_class == MsgClass.SUCCESS else 400)
 
         loop = asyncio.get_running_loop()
@@ -251,7 +266,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             cli.sock.send(struct.pack("!HH", 0x4001, 8) + struct.pack("!Q", i))
         got = await _drain(peer)
         out["to_peer_delivered"] = len(got)
-        out["to_peer_ok"] = all(src == tuple(raddr) for _, src in got) and sorted(
+        out["to_peer_ok"] = all(src[:2] == tuple(raddr) for _, src in got) and sorted(
             struct.unpack("!Q", d)[0] for d, _ in got
         ) == list(range(n))
         for i in range(n):

@@ -9,6 +9,7 @@ and checks that each one produced real, well-formed measurements.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("extra", [[], ["--relay-multiplex=4"]], ids=["own-ports", "multiplex"])
-def test_turn_benchmark_smoke(tmp_path: Path, extra: list[str]) -> None:
-    servers = "coturn,confedge" if shutil.which("turnserver") else "confedge"
+def _run_toy(
+    tmp_path: Path, servers: str, *extra: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """run.py at toy size; skips when a full run holds the benchmark lock."""
     out = tmp_path / "turn.json"
     proc = subprocess.run(
         [
@@ -30,6 +31,7 @@ def test_turn_benchmark_smoke(tmp_path: Path, extra: list[str]) -> None:
             str(REPO / "bench/turn/run.py"),
             "--servers",
             servers,
+            *extra,
             "--rounds=1",
             "--window=0.3",
             "--warmup=0.2",
@@ -40,17 +42,26 @@ def test_turn_benchmark_smoke(tmp_path: Path, extra: list[str]) -> None:
             "--settle=0.2",
             "--lock-timeout=30",
             f"--out={out}",
-            *extra,
         ],
         capture_output=True,
         text=True,
         timeout=110,
         cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
     if proc.returncode == 75:
         pytest.skip("a full TURN benchmark run holds the host's benchmark lock (it owns the ports)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, out
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("extra", [[], ["--relay-multiplex=4"]], ids=["own-ports", "multiplex"])
+def test_turn_benchmark_smoke(tmp_path: Path, extra: list[str]) -> None:
+    servers = "coturn,confedge" if shutil.which("turnserver") else "confedge"
+    proc, out = _run_toy(tmp_path, servers, "--generator=python", *extra)
     data = json.loads(out.read_text())
+    assert data["generator"] == "python"
     assert "| metric (median of rounds) | coturn | confedge | confedge/coturn |" in proc.stdout
     for name in servers.split(","):
         (r,) = data["results"][name]
@@ -71,3 +82,62 @@ def test_turn_benchmark_smoke(tmp_path: Path, extra: list[str]) -> None:
         dataplane = data["results"]["confedge"][0]["server_exit_stats"]["dataplane"]
         assert dataplane["mux_sockets"] >= 4, dataplane
         assert dataplane["drop_mux_conflict"] == dataplane["drop_mux_ambiguous"] == 0, dataplane
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not shutil.which("cc"), reason="no C compiler (cc) for bench/turn/turnload.c")
+def test_turn_benchmark_c_generator_smoke(tmp_path: Path) -> None:
+    """The C sender and sink (turnload.c, built by the bench) drive every relay scenario.
+
+    Why: the kernel-offload comparison (issue 17) rests on this generator; a break in its build,
+    its fd hand-over or its shared counters must fail here, not in the lead's release run.
+    """
+    build = tmp_path / "build"  # a fresh build directory: the bench compiles turnload itself
+    proc, out = _run_toy(
+        tmp_path, "confedge", "--generator=c", env={"TURNLOAD_BUILD_DIR": str(build)}
+    )
+    assert "load generator: c" in proc.stdout
+    assert (build / "turnload").is_file()
+    data = json.loads(out.read_text())
+    assert data["generator"] == "c"
+    for size in ("200", "1200"):
+        ceiling = data["generator_ceiling"][size]
+        assert ceiling["delivered_pps"] > 0, ceiling
+        assert ceiling["delivered_mean_bytes"] == int(size), ceiling
+    (r,) = data["results"]["confedge"]
+    for key in ("relay_1x200", "relay_1x1200", "relay_50x200", "relay_50x1200"):
+        sc = r[key]
+        assert "error" not in sc, (key, sc)
+        assert sc["delivered_pps"] > 0, (key, sc)
+        # ChannelData came through the server: the sink saw exactly the payload, not the frame.
+        assert sc["delivered_mean_bytes"] == sc["payload"], (key, sc)
+        # The C processes' CPU is found and subtracted: attributable <= whole machine.
+        assert sc["loadgen_cpu_util"] > 0, (key, sc)
+        assert sc["generator_cpu_s"] > 0, (key, sc)
+        assert 0 <= sc["attributable_cpu_us_per_pkt"] <= sc["machine_cpu_us_per_pkt"], (key, sc)
+    paced = r["paced_50x200_2000"]
+    assert "error" not in paced, paced
+    assert 1000 < paced["offered_pps"] < 3000, paced
+    assert "server-attributable CPU µs/pkt" in proc.stdout
+
+
+def test_without_a_compiler_the_bench_says_so_and_uses_python(tmp_path: Path) -> None:
+    """No C compiler: the default falls back to the Python generator with a message naming
+    the fix; `--generator c` refuses to start with the same reason.  (`--servers nope` stops
+    the run right after the generator is chosen, so no server is started.)"""
+    env = {
+        **os.environ,
+        "TURNLOAD_BUILD_DIR": str(tmp_path / "build"),
+        "CC": str(tmp_path / "no-such-cc"),
+    }
+    run = [sys.executable, str(REPO / "bench/turn/run.py"), "--servers", "nope"]
+    fallback = subprocess.run(run, capture_output=True, text=True, timeout=60, env=env, cwd=REPO)
+    assert "C load generator unavailable, using the Python one: no C compiler" in fallback.stdout
+    assert "apt-get install gcc, or set CC" in fallback.stdout
+    assert "load generator: python" in fallback.stdout
+    forced = subprocess.run(
+        [*run, "--generator", "c"], capture_output=True, text=True, timeout=60, env=env, cwd=REPO
+    )
+    assert forced.returncode == 2
+    assert "--generator c: no C compiler" in forced.stderr
+    assert not (tmp_path / "build" / "turnload").exists()

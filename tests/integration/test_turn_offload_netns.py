@@ -56,8 +56,8 @@ def netns() -> Iterator[list[str]]:
         subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
-def _new_ns(made: list[str]) -> str:
-    name = f"h17ebpf-{secrets.token_hex(3)}"
+def _new_ns(made: list[str], prefix: str = "h17ebpf") -> str:
+    name = f"{prefix}-{secrets.token_hex(3)}"
     _ip("netns", "add", name)
     made.append(name)
     _ip("-n", name, "link", "set", "lo", "up")
@@ -129,48 +129,71 @@ def test_offload_on_loopback(netns: list[str]) -> None:
     assert "clsact" not in _ns(ns, "tc", "qdisc", "show", "dev", "lo").stdout
 
 
-@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump not installed")
-def test_offload_on_veth_with_capture(netns: list[str], tmp_path: Path) -> None:
-    relay_ns, far_ns = _new_ns(netns), _new_ns(netns)
+V4_HOSTS = ("10.117.0.1", "10.117.0.2", "10.117.0.3", "10.117.0.4")
+V6_HOSTS = ("fd18::1", "fd18::2", "fd18::3", "fd18::4")
+
+
+def _veth_pair(
+    netns: list[str], hosts: tuple[str, ...] = V4_HOSTS, prefix: str = "h17ebpf"
+) -> tuple[str, str]:
+    """Relay namespace (hosts[0]) and far namespace (the others) joined by a veth pair."""
+    relay_ns, far_ns = _new_ns(netns, prefix), _new_ns(netns, prefix)
     tag = relay_ns.rsplit("-", 1)[1]
-    a, b = f"h17e{tag}a", f"h17e{tag}b"
+    a, b = f"{prefix[:4]}{tag}a", f"{prefix[:4]}{tag}b"
     _ip("link", "add", a, "netns", relay_ns, "type", "veth", "peer", "name", b, "netns", far_ns)
-    _ip("-n", relay_ns, "addr", "add", "10.117.0.1/24", "dev", a)
-    for addr in ("10.117.0.2/24", "10.117.0.3/24", "10.117.0.4/24"):
-        _ip("-n", far_ns, "addr", "add", addr, "dev", b)
+    plen, extra = ("/64", ["nodad"]) if ":" in hosts[0] else ("/24", [])
+    _ip("-n", relay_ns, "addr", "add", hosts[0] + plen, "dev", a, *extra)
+    for addr in hosts[1:]:
+        _ip("-n", far_ns, "addr", "add", addr + plen, "dev", b, *extra)
     _ip("-n", relay_ns, "link", "set", a, "up")
     _ip("-n", far_ns, "link", "set", b, "up")
+    return relay_ns, far_ns
+
+
+def _captured_run(
+    netns: list[str], tmp_path: Path, hosts: tuple[str, ...], n: int, prefix: str
+) -> tuple[dict[str, object], list[str], str, str, str, str]:
+    """The scenario across a veth pair with tcpdump on the relay side: its report, the capture's
+    lines (tcpdump -vv) and the relay, client, peer and listener as tcpdump writes them."""
+    relay_ns, far_ns = _veth_pair(netns, hosts, prefix)
+    a = f"{prefix[:4]}{relay_ns.rsplit('-', 1)[1]}"
     if shutil.which("ethtool"):
         # Full checksums from the senders (no CHECKSUM_PARTIAL), so the capture checks ours.
-        _ns(far_ns, "ethtool", "-K", b, "tx", "off")
+        _ns(far_ns, "ethtool", "-K", a + "b", "tx", "off")
     pcap = tmp_path / "relay.pcap"
+    tcpdump = ["tcpdump", "-i", a + "a", "-n", "-U", "-w", str(pcap), "udp"]
     dump = subprocess.Popen(
-        ["ip", "netns", "exec", relay_ns, "tcpdump", "-i", a, "-n", "-U", "-w", str(pcap), "udp"],
+        ["ip", "netns", "exec", relay_ns, *tcpdump],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
         time.sleep(1.0)
-        n = 50
         out = _run(
             relay_ns,
-            *("--host", "10.117.0.1", "--client-host", "10.117.0.2"),
-            *("--peer-host", "10.117.0.3", "--other-peer", "10.117.0.4", "--count", str(n)),
+            *("--host", hosts[0], "--client-host", hosts[1]),
+            *("--peer-host", hosts[2], "--other-peer", hosts[3], "--count", str(n)),
             *("--peer-netns", far_ns),
         )
         time.sleep(0.5)
     finally:
         dump.terminate()
         dump.wait(5)
-    _check(out, n)
     text = subprocess.run(
         ["tcpdump", "-r", str(pcap), "-n", "-vv"], capture_output=True, text=True
     ).stdout
-    relay, client, peer, listener = (out[k] for k in ("relay", "client", "peer", "listener"))
-    assert isinstance(relay, list) and isinstance(client, list) and isinstance(peer, list)
-    assert isinstance(listener, list)
-    r, c, p, li = (f"{x[0]}.{x[1]}" for x in (relay, client, peer, listener))
-    lines = text.splitlines()
+    ends = [out[k] for k in ("relay", "client", "peer", "listener")]
+    assert all(isinstance(x, list) for x in ends), out
+    r, c, p, li = (f"{x[0]}.{x[1]}" for x in ends if isinstance(x, list))
+    return out, text.splitlines(), r, c, p, li
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump not installed")
+def test_offload_on_veth_with_capture(netns: list[str], tmp_path: Path) -> None:
+    n = 50
+    out, lines, r, c, p, li = _captured_run(netns, tmp_path, V4_HOSTS, n, "h17ebpf")
+    _check(out, n)
+    text = "\n".join(lines)
     # Rewritten client -> peer: relay address to the peer, the 8-byte payload (header
     # stripped).  The first n are the kernel's (the 5 after keep_in_user_space are user
     # space's, sent with CHECKSUM_PARTIAL, which tcpdump cannot verify, and by the native data
@@ -185,20 +208,42 @@ def test_offload_on_veth_with_capture(netns: list[str], tmp_path: Path) -> None:
         assert "bad cksum" not in lines[i - 1], lines[i - 1]  # the IP header line
 
 
+def test_offload_ipv6_on_loopback(netns: list[str]) -> None:
+    """The IPv6 half of the program (maps cd_in6/cd_out6): the same checks as over IPv4, with
+    listener, relay, client and peers on ULA addresses of the namespace's loopback."""
+    ns = _new_ns(netns, "i17gen")
+    for addr in ("fd17::1", "fd17::2", "fd17::3", "fd17::4"):
+        _ip("-n", ns, "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
+    n = 50
+    out = _run(
+        ns,
+        *("--host", "fd17::1", "--client-host", "fd17::2"),
+        *("--peer-host", "fd17::3", "--other-peer", "fd17::4", "--count", str(n)),
+    )
+    assert isinstance(out["relay"], list) and out["relay"][0] == "fd17::1"
+    _check(out, n)
+    assert "clsact" not in _ns(ns, "tc", "qdisc", "show", "dev", "lo").stdout
+
+
+@pytest.mark.skipif(shutil.which("tcpdump") is None, reason="tcpdump not installed")
+def test_offload_ipv6_on_veth_with_capture(netns: list[str], tmp_path: Path) -> None:
+    """IPv6 across a veth pair: forwarded both ways by the kernel, and the capture on the relay
+    side shows the rewritten addresses, ports, lengths, hop limit and a correct UDP checksum
+    (mandatory over IPv6, RFC 8200 §8.1) on every rewritten packet."""
+    n = 50
+    out, lines, r, c, p, li = _captured_run(netns, tmp_path, V6_HOSTS, n, "i17gen")
+    _check(out, n)
+    text = "\n".join(lines)
+    # tcpdump -vv prints an IPv6 packet on one line (header fields, then UDP).
+    to_peer = [ln for ln in lines if f"{r} > {p}:" in ln and "length 8" in ln]
+    to_client = [ln for ln in lines if f"{li} > {c}:" in ln and "length 13" in ln]
+    assert len(to_peer) >= n, text[-2000:]
+    assert len(to_client) == n, text[-2000:]
+    for ln in to_peer[:n] + to_client:
+        assert "[udp sum ok]" in ln and "hlim 64" in ln, ln
+
+
 _TOTALS = re.compile(r"tot_send_bytes ~ (\d+), tot_recv_bytes ~ (\d+)")
-
-
-def _veth_pair(netns: list[str]) -> tuple[str, str]:
-    relay_ns, far_ns = _new_ns(netns), _new_ns(netns)
-    tag = relay_ns.rsplit("-", 1)[1]
-    a, b = f"h17e{tag}a", f"h17e{tag}b"
-    _ip("link", "add", a, "netns", relay_ns, "type", "veth", "peer", "name", b, "netns", far_ns)
-    _ip("-n", relay_ns, "addr", "add", "10.117.0.1/24", "dev", a)
-    for addr in ("10.117.0.2/24", "10.117.0.3/24", "10.117.0.4/24"):
-        _ip("-n", far_ns, "addr", "add", addr, "dev", b)
-    _ip("-n", relay_ns, "link", "set", a, "up")
-    _ip("-n", far_ns, "link", "set", b, "up")
-    return relay_ns, far_ns
 
 
 @pytest.mark.coturn

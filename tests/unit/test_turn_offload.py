@@ -44,10 +44,13 @@ def test_auto_logs_why_and_relays_in_user_space(caplog: pytest.LogCaptureFixture
     assert "relaying in user space" in caplog.text
 
 
-def test_auto_ipv6_only_says_ipv4(caplog: pytest.LogCaptureFixture) -> None:
+def test_ipv6_addresses_are_looked_up_too(caplog: pytest.LogCaptureFixture) -> None:
+    """IPv6 is offloaded as well (maps cd_in6/cd_out6): a v6 address is looked for on the
+    interfaces like a v4 one, and one no interface holds is named (RFC 3849 documentation
+    prefix: on no host)."""
     with caplog.at_level(logging.INFO, logger="confedge.turn"):
-        assert start_offload("auto", {"::1"}) is None
-    assert "IPv4 only" in caplog.text
+        assert start_offload("auto", {"2001:db8::77"}) is None
+    assert "no interface holds 2001:db8::77" in caplog.text
 
 
 def test_ebpf_raises_with_the_reason() -> None:

@@ -32,6 +32,7 @@ import subprocess
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .dataplane import AllocationCounters, ClientSink, DataPlane, RelayGrant
 
@@ -59,6 +60,11 @@ _IN_KEY = struct.Struct("=4s2s2s2sH")  # client ip, client port, listener port, 
 _IN_VAL = struct.Struct("=4s4s2s2sI")  # relay ip, peer ip, relay port, peer port, slot
 _OUT_KEY = struct.Struct("=4s4s2s2s")  # peer ip, relay ip, peer port, relay port
 _OUT_VAL = struct.Struct("=4s4s2s2s2sHI")  # listener ip, client ip, ports, channel, pad, slot
+# The same for IPv6 (maps cd_in6, cd_out6): 16-byte addresses.
+_IN6_KEY = struct.Struct("=16s2s2s2sH")
+_IN6_VAL = struct.Struct("=16s16s2s2sI")
+_OUT6_KEY = struct.Struct("=16s16s2s2s")
+_OUT6_VAL = struct.Struct("=16s16s2s2s2sHI")
 _COUNTERS = struct.Struct("=QQQQ")  # pkts/bytes to peer, pkts/bytes to client
 
 
@@ -181,18 +187,82 @@ class BpfRelay:
             self.fd_in = lib.bpf_object__find_map_fd_by_name(obj, b"cd_in")
             self.fd_out = lib.bpf_object__find_map_fd_by_name(obj, b"cd_out")
             self.fd_counters = lib.bpf_object__find_map_fd_by_name(obj, b"cd_counters")
+            self.fd_in6 = lib.bpf_object__find_map_fd_by_name(obj, b"cd_in6")
+            self.fd_out6 = lib.bpf_object__find_map_fd_by_name(obj, b"cd_out6")
             for name, ifindex in ifaces.items():
-                self._attach(name, ifindex)
+                leftover_qdisc = self._remove_stale(name, ifindex)
+                self._attach(name, ifindex, leftover_qdisc)
         except BaseException:
             self.close()
             raise
 
-    def _attach(self, name: str, ifindex: int) -> None:
+    def _remove_stale(self, name: str, ifindex: int) -> bool:
+        """Remove confedge relay filters on ``name`` that no running process owns.
+
+        Why: a confedge killed with SIGKILL (or crashing) never detaches, and its program stays
+        on the interface, still forwarding the channels its maps held for allocations that no
+        longer exist.  Such a filter is recognised by the program's name (``confedge_relay``,
+        any handle and priority, so an older version's too) and by no process holding the
+        program (the only reference left is the filter's).  A filter a running confedge owns is
+        left alone.  Returns whether the clsact qdisc is now empty, i.e. a leftover of the dead
+        process as well (then this process removes it when it stops).
+        """
+        filters = _tc_filters(name)
+        removed = 0
+        for f in filters:
+            opts = f.get("options") or {}
+            prog = opts.get("prog") or {}
+            if prog.get("name") != _PROG.decode() or "handle" not in opts:
+                continue
+            prog_id = int(prog.get("id", 0))
+            holders = _prog_holders(prog_id)
+            if holders:
+                log.warning(
+                    "kernel offload: %s already has a confedge relay program (id %d) held by "
+                    "running process(es) %s; not removing it",
+                    name,
+                    prog_id,
+                    ", ".join(map(str, holders)),
+                )
+                continue
+            handle, pref = int(str(opts["handle"]), 16), int(f["pref"])
+            hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, _TC_INGRESS, 0, 0)
+            o = _TcOpts(ctypes.sizeof(_TcOpts), 0, 0, 0, handle, pref, 0)
+            rc = self.lib.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(o))
+            if rc:
+                log.warning(
+                    "kernel offload: cannot remove the stale confedge filter on %s "
+                    "(program id %d, handle %#x, pref %d): %s",
+                    name,
+                    prog_id,
+                    handle,
+                    pref,
+                    _err(rc),
+                )
+                continue
+            removed += 1
+            log.warning(
+                "kernel offload: removed a stale confedge TC filter from %s ingress (program id "
+                "%d, tag %s, handle %#x, pref %d), left by a confedge that did not stop cleanly "
+                "(killed?)",
+                name,
+                prog_id,
+                prog.get("tag", "?"),
+                handle,
+                pref,
+            )
+        if not removed:
+            return False
+        return not any("options" in f for d in ("ingress", "egress") for f in _tc_filters(name, d))
+
+    def _attach(self, name: str, ifindex: int, leftover_qdisc: bool = False) -> None:
         hook = _TcHook(ctypes.sizeof(_TcHook), ifindex, _TC_INGRESS, 0, 0)
         rc = self.lib.bpf_tc_hook_create(ctypes.byref(hook))
         if rc and rc != -errno.EEXIST:
             raise OffloadUnavailable(f"cannot add a clsact qdisc on {name}: {_err(rc)}")
-        created = rc == 0  # an existing clsact qdisc (someone else's) is left in place
+        # An existing clsact qdisc (someone else's) is left in place, unless it is the empty
+        # leftover of a killed confedge (_remove_stale): then it goes when this one stops.
+        created = rc == 0 or leftover_qdisc
         opts = _TcOpts(
             ctypes.sizeof(_TcOpts), self.prog_fd, _TC_F_REPLACE, 0, _TC_HANDLE, _TC_PRIORITY, 0
         )
@@ -217,13 +287,15 @@ class BpfRelay:
     def install(self, ch: _Offloaded) -> None:
         """Both directions of one channel (counters of ``ch.slot`` zeroed first)."""
         slot = struct.pack("=I", ch.slot)
+        fd_in, fd_out = (self.fd_in6, self.fd_out6) if ch.v6 else (self.fd_in, self.fd_out)
         self._update(self.fd_counters, slot, bytes(_COUNTERS.size))
-        self._update(self.fd_out, ch.out_key, ch.out_val)
-        self._update(self.fd_in, ch.in_key, ch.in_val)
+        self._update(fd_out, ch.out_key, ch.out_val)
+        self._update(fd_in, ch.in_key, ch.in_val)
 
     def uninstall(self, ch: _Offloaded) -> None:
-        self._delete(self.fd_in, ch.in_key)
-        self._delete(self.fd_out, ch.out_key)
+        fd_in, fd_out = (self.fd_in6, self.fd_out6) if ch.v6 else (self.fd_in, self.fd_out)
+        self._delete(fd_in, ch.in_key)
+        self._delete(fd_out, ch.out_key)
 
     def read_counters(self, slot: int) -> tuple[int, int, int, int]:
         buf = ctypes.create_string_buffer(_COUNTERS.size)
@@ -248,8 +320,47 @@ class BpfRelay:
             self._obj = None
 
 
+def _tc_filters(name: str, direction: str = "ingress") -> list[dict[str, Any]]:
+    """``tc -j filter show dev NAME DIRECTION`` (empty when tc is missing or fails: then no
+    stale filter can be found, and attaching still replaces one at our handle and priority)."""
+    try:
+        out = subprocess.run(
+            ["tc", "-j", "filter", "show", "dev", name, direction],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        parsed = json.loads(out or "[]")
+    except (OSError, subprocess.CalledProcessError, ValueError) as exc:
+        log.debug("kernel offload: cannot list the TC filters on %s: %s", name, exc)
+        return []
+    return [f for f in parsed if isinstance(f, dict)]
+
+
+def _prog_holders(prog_id: int) -> list[int]:
+    """The processes holding a file descriptor of BPF program ``prog_id`` (/proc/*/fdinfo)."""
+    holders: list[int] = []
+    want = f"prog_id:\t{prog_id}\n"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+            except OSError:
+                continue
+            if want in info:
+                holders.append(int(pid))
+                break
+    return holders
+
+
 def _ip(s: str) -> bytes:
-    return socket.inet_aton(s)
+    return socket.inet_pton(socket.AF_INET6 if ":" in s else socket.AF_INET, s)
 
 
 def _port(p: int) -> bytes:
@@ -263,11 +374,12 @@ class _Offloaded:
     in_val: bytes
     out_key: bytes
     out_val: bytes
+    v6: bool = False
 
 
 @dataclass(slots=True)
 class _Alloc:
-    client: tuple[str, int] | None  # None: not offloadable (stream client, IPv6)
+    client: tuple[str, int] | None  # None: not offloadable (stream client, other family)
     relay: tuple[str, int]
     perms: set[str] = field(default_factory=set)
     channels: dict[int, tuple[str, int]] = field(default_factory=dict)
@@ -277,7 +389,7 @@ class _Alloc:
 
 class OffloadDataPlane(DataPlane):
     """A :class:`DataPlane` that forwards everything to ``inner`` and mirrors bound, permitted
-    UDP/IPv4 channels into the kernel (see the module docstring)."""
+    UDP channels (IPv4 and IPv6) into the kernel (see the module docstring)."""
 
     def __init__(self, inner: DataPlane, bpf: BpfRelay, listener: tuple[str, int]) -> None:
         self.inner = inner
@@ -293,17 +405,26 @@ class OffloadDataPlane(DataPlane):
     def _install(self, a: _Alloc, channel: int, peer: tuple[str, int]) -> None:
         if a.client is None or channel in a.live or not self._free:
             return
-        slot = self._free.pop()
         cip, cport = a.client
         lip, lport = self.listener
         rip, rport = a.relay
         pip, pport = peer
+        v6 = ":" in cip
+        if any((":" in ip) != v6 for ip in (lip, rip, pip)):
+            return  # one family end to end only (the program rewrites headers in place)
+        slot = self._free.pop()
+        in_key, in_val, out_key, out_val = (
+            (_IN6_KEY, _IN6_VAL, _OUT6_KEY, _OUT6_VAL)
+            if v6
+            else (_IN_KEY, _IN_VAL, _OUT_KEY, _OUT_VAL)
+        )
         ch = _Offloaded(
             slot,
-            _IN_KEY.pack(_ip(cip), _port(cport), _port(lport), _port(channel), 0),
-            _IN_VAL.pack(_ip(rip), _ip(pip), _port(rport), _port(pport), slot),
-            _OUT_KEY.pack(_ip(pip), _ip(rip), _port(pport), _port(rport)),
-            _OUT_VAL.pack(_ip(lip), _ip(cip), _port(lport), _port(cport), _port(channel), 0, slot),
+            in_key.pack(_ip(cip), _port(cport), _port(lport), _port(channel), 0),
+            in_val.pack(_ip(rip), _ip(pip), _port(rport), _port(pport), slot),
+            out_key.pack(_ip(pip), _ip(rip), _port(pport), _port(rport)),
+            out_val.pack(_ip(lip), _ip(cip), _port(lport), _port(cport), _port(channel), 0, slot),
+            v6,
         )
         try:
             self.bpf.install(ch)
@@ -393,9 +514,18 @@ class OffloadDataPlane(DataPlane):
             user=user,
         )
         client = sink.addr
-        if family != 4 or client is None or ":" in client[0] or self._capped:
-            # TCP/TLS clients and IPv6 stay in user space; so does everything while a
-            # bandwidth cap is set (the kernel program has no token bucket: docs/TURN.md).
+        v6 = family == 6
+        if (
+            client is None
+            or (":" in client[0]) != v6
+            or (":" in self.listener[0]) != v6
+            or "%" in client[0]
+            or self._capped
+        ):
+            # TCP/TLS clients, clients of the other family than the listener or the relay
+            # address, and link-local (scoped) clients stay in user space; so does everything
+            # while a bandwidth cap is set (the kernel program has no token bucket:
+            # docs/TURN.md).
             client = None
         self._allocs[alloc_id] = _Alloc(
             (client[0], client[1]) if client else None, (grant.ip, grant.port)
@@ -507,10 +637,9 @@ def start_offload(setting: str, addresses: set[str]) -> BpfRelay | None:
     if setting == "off":
         return None
     try:
-        v4 = {a for a in addresses if ":" not in a}
-        if not v4:
-            raise OffloadUnavailable("no IPv4 relay address (the offload is IPv4 only)")
-        return BpfRelay(interfaces_for(v4))
+        if not addresses:
+            raise OffloadUnavailable("no relay or listener address")
+        return BpfRelay(interfaces_for(addresses))
     except OffloadUnavailable as exc:
         if setting == "ebpf":
             raise

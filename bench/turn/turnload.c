@@ -1,0 +1,321 @@
+/*
+ * turnload: the TURN benchmark's C load generator (sender) and peer sink.
+ *
+ * Why it exists: the Python generator tops out near 0.44 M packets/s straight into the sink,
+ * below what the kernel-offloaded relay forwards, and its own CPU dominates the whole-machine
+ * CPU figure (docs/BENCHMARKS.md, "Kernel offload"). This program does only the hot loops, in
+ * batches (sendmmsg/recvmmsg: one syscall per batch, not per packet); the allocation handshake
+ * (Allocate, CreatePermission, ChannelBind) stays in Python (bench/turn/loadgen.py), which hands
+ * the already-connected allocation sockets over as inherited file descriptors.
+ *
+ * Counters live in a shared file of int64 slots (mmap'd by bench/turn/cgen.py too), so the
+ * orchestrator samples them at the window edges without any messaging on the hot path, exactly
+ * as with the Python generator. On exit each mode prints one line the harness parses:
+ *     turnload send packets=<n> utime=<s> stime=<s>
+ *     turnload sink packets=<n> bytes=<n> utime=<s> stime=<s>
+ *
+ * Usage:
+ *     turnload send --shm PATH --stop SLOT --count SLOT --frame HEX [--rate PPS]
+ *                   [--threads N] [--cpus 0,1] [--batch B] FD...
+ *     turnload sink --shm PATH --stop SLOT --count SLOT --port PORT [--threads N]
+ *                   [--cpus 0,1] [--batch B] [--any]
+ * The sink binds 127.0.0.1:PORT (0.0.0.0:PORT with --any, so that every 127.x.y.z peer of
+ * run.py --spread-peers lands on it; SO_REUSEPORT, one socket per thread), writes packets to slot
+ * COUNT and bytes to COUNT+1, and prints "ready" once bound. Both stop when slot STOP != 0.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define MAX_BATCH 256
+#define MAX_THREADS 64
+#define MAX_CPUS 256
+#define RECV_BUF 2048
+
+static int64_t *g_slots;
+static int g_stop_slot, g_count_slot;
+static int g_cpus[MAX_CPUS], g_ncpus;
+static int g_batch = 64;
+
+static int64_t slot_load(int i) { return __atomic_load_n(&g_slots[i], __ATOMIC_RELAXED); }
+static void slot_add(int i, int64_t v) { __atomic_fetch_add(&g_slots[i], v, __ATOMIC_RELAXED); }
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static void die(const char *what) {
+    fprintf(stderr, "turnload: %s: %s\n", what, strerror(errno));
+    exit(2);
+}
+
+static void usage(const char *why) {
+    fprintf(stderr, "turnload: %s (see the comment at the top of turnload.c)\n", why);
+    exit(2);
+}
+
+static void pin(int thread_index) {
+    if (!g_ncpus) return;
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(g_cpus[thread_index % g_ncpus], &set);
+    /* A refused pin (a CPU outside our cpuset) is reported, not fatal: the run is still valid. */
+    int rc = pthread_setaffinity_np(pthread_self(), sizeof set, &set);
+    if (rc) fprintf(stderr, "turnload: pinning to CPU %d: %s\n", g_cpus[thread_index % g_ncpus], strerror(rc));
+}
+
+static void parse_cpus(const char *s) {
+    while (*s && g_ncpus < MAX_CPUS) {
+        char *end;
+        long c = strtol(s, &end, 10);
+        if (end == s || c < 0) usage("--cpus wants a comma list of CPU numbers");
+        g_cpus[g_ncpus++] = (int)c;
+        s = *end == ',' ? end + 1 : end;
+    }
+}
+
+static void map_slots(const char *path) {
+    int fd = open(path, O_RDWR);
+    if (fd < 0) die(path);
+    struct stat st;
+    if (fstat(fd, &st) < 0) die("fstat");
+    if (st.st_size < (off_t)(8 * (g_count_slot + 2)) || st.st_size < (off_t)(8 * (g_stop_slot + 1)))
+        usage("the --shm file is smaller than the slots named");
+    g_slots = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (g_slots == MAP_FAILED) die("mmap");
+    close(fd);
+}
+
+static void print_rusage(void) {
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf(" utime=%.6f stime=%.6f\n", ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6,
+           ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6);
+}
+
+/* ---- sender ---- */
+
+struct sender {
+    pthread_t tid;
+    int index;
+    int *fds;
+    int nfds;
+    double rate; /* packets/s for this thread, 0 = as fast as possible */
+    unsigned char *frame;
+    size_t frame_len;
+    int64_t sent;
+};
+
+static void *send_loop(void *arg) {
+    struct sender *s = arg;
+    pin(s->index);
+    struct mmsghdr msgs[MAX_BATCH];
+    struct iovec iov = {.iov_base = s->frame, .iov_len = s->frame_len};
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < g_batch; i++) {
+        msgs[i].msg_hdr.msg_iov = &iov; /* connected sockets: no msg_name */
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    double t0 = now_s();
+    int next = 0;
+    int64_t published = 0;
+    while (!slot_load(g_stop_slot)) {
+        int want = g_batch;
+        if (s->rate > 0) {
+            /* Paced: the number due since the start, so a slow tick is caught up, but the
+             * offered rate never exceeds the target over a window (as loadgen._blast). */
+            int64_t due = (int64_t)(s->rate * (now_s() - t0)) - s->sent;
+            if (due <= 0) {
+                struct timespec pause = {0, 200000};
+                nanosleep(&pause, NULL);
+                continue;
+            }
+            if (due < want) want = (int)due;
+        }
+        int r = sendmmsg(s->fds[next], msgs, (unsigned)want, 0);
+        /* EAGAIN (a full socket buffer) or ECONNREFUSED (an ICMP from an earlier packet): the
+         * packets were not offered; they are not counted. */
+        if (r > 0) s->sent += r;
+        next = next + 1 < s->nfds ? next + 1 : 0;
+        if (s->sent - published >= 256 || next == 0) {
+            slot_add(g_count_slot, s->sent - published);
+            published = s->sent;
+        }
+    }
+    slot_add(g_count_slot, s->sent - published);
+    return NULL;
+}
+
+static int hexval(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* Options of both modes (each mode checks that it got the ones it needs). */
+struct opts {
+    const char *shm, *hex;
+    double rate;
+    int threads, port, any;
+    int fds[4096], nfds;
+};
+
+static void parse_opts(struct opts *o, int argc, char **argv) {
+    *o = (struct opts){.threads = 1, .port = -1};
+    g_stop_slot = g_count_slot = -1;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i];
+        int more = i + 1 < argc;
+        if (!strcmp(a, "--shm") && more) o->shm = argv[++i];
+        else if (!strcmp(a, "--stop") && more) g_stop_slot = atoi(argv[++i]);
+        else if (!strcmp(a, "--count") && more) g_count_slot = atoi(argv[++i]);
+        else if (!strcmp(a, "--frame") && more) o->hex = argv[++i];
+        else if (!strcmp(a, "--rate") && more) o->rate = atof(argv[++i]);
+        else if (!strcmp(a, "--port") && more) o->port = atoi(argv[++i]);
+        else if (!strcmp(a, "--threads") && more) o->threads = atoi(argv[++i]);
+        else if (!strcmp(a, "--cpus") && more) parse_cpus(argv[++i]);
+        else if (!strcmp(a, "--batch") && more) g_batch = atoi(argv[++i]);
+        else if (!strcmp(a, "--any")) o->any = 1;
+        else if (a[0] != '-' && o->nfds < 4096) o->fds[o->nfds++] = atoi(a);
+        else usage("unknown or incomplete option");
+    }
+    if (!o->shm || g_stop_slot < 0 || g_count_slot < 0) usage("--shm, --stop and --count are required");
+    if (o->threads < 1 || o->threads > MAX_THREADS) usage("--threads must be 1..64");
+    if (g_batch < 1 || g_batch > MAX_BATCH) usage("--batch must be 1..256");
+}
+
+static int run_send(int argc, char **argv) {
+    static struct opts o;
+    parse_opts(&o, argc, argv);
+    const char *hex = o.hex;
+    int threads = o.threads, nfds = o.nfds, *fds = o.fds;
+    double rate = o.rate;
+    if (!hex) usage("send needs --frame");
+    if (!nfds) usage("send needs at least one socket file descriptor");
+    size_t hl = strlen(hex);
+    if (hl % 2 || hl == 0 || hl > 2 * 65536) usage("--frame must be an even number of hex digits");
+    unsigned char *frame = malloc(hl / 2);
+    for (size_t i = 0; i < hl / 2; i++) {
+        int hi = hexval(hex[2 * i]), lo = hexval(hex[2 * i + 1]);
+        if (hi < 0 || lo < 0) usage("--frame is not hex");
+        frame[i] = (unsigned char)(hi << 4 | lo);
+    }
+    map_slots(o.shm);
+    struct sender s[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        s[t] = (struct sender){.index = t, .rate = rate / threads, .frame = frame, .frame_len = hl / 2};
+        /* Sockets split round-robin over threads; with fewer sockets than threads, threads share. */
+        s[t].fds = malloc(sizeof(int) * (size_t)(nfds / threads + 1));
+        if (nfds >= threads) {
+            for (int i = t; i < nfds; i += threads) s[t].fds[s[t].nfds++] = fds[i];
+        } else {
+            s[t].fds[s[t].nfds++] = fds[t % nfds];
+        }
+        if (pthread_create(&s[t].tid, NULL, send_loop, &s[t])) die("pthread_create");
+    }
+    int64_t total = 0;
+    for (int t = 0; t < threads; t++) {
+        pthread_join(s[t].tid, NULL);
+        total += s[t].sent;
+    }
+    printf("turnload send packets=%lld", (long long)total);
+    print_rusage();
+    return 0;
+}
+
+/* ---- sink ---- */
+
+struct sink {
+    pthread_t tid;
+    int index;
+    int fd;
+    int64_t packets, bytes;
+};
+
+static void *sink_loop(void *arg) {
+    struct sink *k = arg;
+    pin(k->index);
+    unsigned char (*bufs)[RECV_BUF] = malloc((size_t)MAX_BATCH * RECV_BUF);
+    if (!bufs) die("malloc");
+    struct mmsghdr msgs[MAX_BATCH];
+    struct iovec iovs[MAX_BATCH];
+    memset(msgs, 0, sizeof msgs);
+    for (int i = 0; i < g_batch; i++) {
+        iovs[i] = (struct iovec){.iov_base = bufs[i], .iov_len = RECV_BUF};
+        msgs[i].msg_hdr.msg_iov = &iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    while (!slot_load(g_stop_slot)) {
+        /* Blocks (SO_RCVTIMEO bounds it) for the first datagram, then takes what is queued. */
+        int r = recvmmsg(k->fd, msgs, (unsigned)g_batch, MSG_WAITFORONE, NULL);
+        if (r <= 0) continue;
+        int64_t b = 0;
+        for (int i = 0; i < r; i++) b += msgs[i].msg_len;
+        k->packets += r;
+        k->bytes += b;
+        slot_add(g_count_slot, r);
+        slot_add(g_count_slot + 1, b);
+    }
+    return NULL;
+}
+
+static int run_sink(int argc, char **argv) {
+    static struct opts o;
+    parse_opts(&o, argc, argv);
+    int port = o.port, threads = o.threads;
+    if (port < 0 || port > 65535) usage("sink needs --port 0..65535");
+    if (o.nfds || o.hex) usage("sink takes no --frame and no descriptors");
+    map_slots(o.shm);
+    struct sink k[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        int fd = socket(AF_INET, SOCK_DGRAM, 0);
+        if (fd < 0) die("socket");
+        int one = 1, rcvbuf = 4 << 20;
+        struct timeval tv = {0, 50000};
+        setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
+        sa.sin_addr.s_addr = htonl(o.any ? INADDR_ANY : INADDR_LOOPBACK);
+        if (bind(fd, (struct sockaddr *)&sa, sizeof sa) < 0) die("bind");
+        k[t] = (struct sink){.index = t, .fd = fd};
+    }
+    printf("ready\n");
+    fflush(stdout);
+    for (int t = 0; t < threads; t++)
+        if (pthread_create(&k[t].tid, NULL, sink_loop, &k[t])) die("pthread_create");
+    int64_t packets = 0, bytes = 0;
+    for (int t = 0; t < threads; t++) {
+        pthread_join(k[t].tid, NULL);
+        packets += k[t].packets;
+        bytes += k[t].bytes;
+    }
+    printf("turnload sink packets=%lld bytes=%lld", (long long)packets, (long long)bytes);
+    print_rusage();
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) usage("missing mode: send or sink");
+    if (!strcmp(argv[1], "send")) return run_send(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "sink")) return run_sink(argc - 2, argv + 2);
+    usage("unknown mode (send or sink)");
+    return 2;
+}
