@@ -51,7 +51,9 @@ demo: $(STAMP) $(NATIVE_EXT)
 # The compiled build as a wheel install makes it (setup.py), into $(NATIVE): put first on
 # PYTHONPATH, it replaces the editable install's interpreted modules.
 native: $(STAMP)
-	rm -rf $(NATIVE)
+	# build/lib.*: setuptools' staging area; a module dropped from the compiled list would
+	# otherwise come back from it as a stale .so.
+	rm -rf $(NATIVE) build/lib.*
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps --target $(NATIVE) .
 
 # Every suite on the interpreted source (TURN on the pure-Python data plane), then the proxy's
