@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .bandwidth import TokenBucket
+from .portdraw import PortDraw
 
 __all__ = [
     "AllocationCounters",
@@ -361,7 +362,7 @@ class UdpDataPlane(DataPlane):
         self.relay_ip = {4: relay_v4, 6: relay_v6}
         self.port_range = port_range
         self._loop = loop
-        self._rng = rng or random.SystemRandom()
+        self._rng = rng or PortDraw()  # random.SystemRandom's randint, drawn in bulk
         self._relays: dict[int, _RelayProtocol] = {}
         self._client_of: dict[int, Hashable] = {}
         # (client_key, channel number as the 2 header bytes) -> route; see client_channel_data.
