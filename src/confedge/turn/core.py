@@ -77,19 +77,40 @@ RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: "approximately 30 seconds"
 CHANNEL_COOLDOWN = 300.0  # RFC 8656 §11: 5 minutes before a channel/peer may be rebound
 
 
-@dataclass(frozen=True, slots=True)
 class Client:
-    """One client 5-tuple as the listener sees it.
+    """One client 5-tuple as the listener sees it (never changed once made).
 
     ``key`` is the listener's own hashable for this 5-tuple (the data plane routes ChannelData by
     it); ``transport`` is "udp", "tcp" or "tls" (for logs); ``sink`` is how relayed data reaches
-    the client."""
+    the client.
 
-    key: Hashable
-    ip: str
-    port: int
-    transport: str
-    sink: ClientSink
+    A plain class, not a frozen dataclass: the UDP listener makes one per request, and a frozen
+    dataclass's ``__init__`` (interpreted even under mypyc) sets each field through
+    ``object.__setattr__``."""
+
+    __slots__ = ("ip", "key", "port", "sink", "transport")
+
+    def __init__(self, key: Hashable, ip: str, port: int, transport: str, sink: ClientSink) -> None:
+        self.key = key
+        self.ip = ip
+        self.port = port
+        self.transport = transport
+        self.sink = sink
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Client) and (
+            self.key,
+            self.ip,
+            self.port,
+            self.transport,
+            self.sink,
+        ) == (other.key, other.ip, other.port, other.transport, other.sink)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.ip, self.port, self.transport))
+
+    def __repr__(self) -> str:
+        return f"Client({self.transport} {self.ip}:{self.port})"
 
 
 @dataclass(frozen=True, slots=True)

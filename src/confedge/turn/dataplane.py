@@ -447,9 +447,10 @@ class UdpDataPlane(DataPlane):
     def _bind(self, family: int, port: int) -> socket.socket | None:
         ip = self.relay_ip[family]
         assert ip is not None
-        sock = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_DGRAM)
+        # Non-blocking from socket(2) on (SOCK_NONBLOCK): one syscall less per Allocate.
+        fam = socket.AF_INET if family == 4 else socket.AF_INET6
+        sock = socket.socket(fam, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
         try:
-            sock.setblocking(False)
             sock.bind((ip, port))
         except OSError as exc:
             sock.close()
