@@ -19,7 +19,7 @@ NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py \
 	tests/integration/test_admin_*.py tests/integration/test_demo.py \
 	tests/integration/test_run_reload.py tests/integration/test_ops_*.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
 	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py \
-	tests/unit/test_turn_*.py tests/unit/test_qa_turn.py tests/integration/test_turn_*.py \
+	tests/unit/test_turn_*.py tests/unit/test_stun_*.py tests/unit/test_qa_turn.py tests/integration/test_turn_*.py \
 	tests/integration/test_qa_turn_hostile.py tests/integration/test_guard_turn.py \
 	tests/e2e/test_turn_*.py
 
@@ -51,7 +51,9 @@ demo: $(STAMP) $(NATIVE_EXT)
 # The compiled build as a wheel install makes it (setup.py), into $(NATIVE): put first on
 # PYTHONPATH, it replaces the editable install's interpreted modules.
 native: $(STAMP)
-	rm -rf $(NATIVE)
+	# build/lib.*: setuptools' staging area; a module dropped from the compiled list would
+	# otherwise come back from it as a stale .so.
+	rm -rf $(NATIVE) build/lib.*
 	$(BIN)/pip install --quiet --no-build-isolation --no-deps --target $(NATIVE) .
 
 # Every suite on the interpreted source (TURN on the pure-Python data plane), then the proxy's

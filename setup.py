@@ -77,7 +77,14 @@ def _ext_modules() -> list[Any]:
         print("confedge: mypyc is missing; building without compiled modules", file=sys.stderr)
         return []
     try:
-        return list(mypycify([f"src/confedge/{m}" for m in modules], opt_level="3"))
+        # Two groups, each its own shared library: the TURN server (`python -m confedge.turn`,
+        # or `confedge run` with the proxy off) then maps only the TURN control plane's code,
+        # not the proxy's (about 1.6 MiB of resident pages, docs/BENCHMARKS.md).
+        paths = [f"src/confedge/{m}" for m in modules]
+        turn = [p for p in paths if p.startswith(("src/confedge/turn/", "src/confedge/stun/"))]
+        rest = [p for p in paths if p not in turn]
+        groups = [(g, name) for g, name in ((rest, "confedge_proxy"), (turn, "confedge_turn")) if g]
+        return list(mypycify(paths, opt_level="3", separate=groups))
     except (Exception, SystemExit) as exc:  # mypy's type check failed (it exits) or mypyc broke
         print(
             f"confedge: preparing the compiled hot path failed ({exc!r}); "

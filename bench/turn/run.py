@@ -60,6 +60,8 @@ COTURN = servers.ServerSpec("coturn", 40200, 42800, 44599)
 # After Refresh(lifetime 0) coturn frees relay ports on its next timer tick (~1 s); both servers
 # get the same pause so that every scenario starts with the full range free.
 SETTLE = 1.5
+# --only: what run_server measures, in this order ("rss" first, on the fresh server).
+SCENARIOS = ("rss", "relay", "paced", "alloc")
 EXIT_BUSY = 75  # EX_TEMPFAIL: another run holds the lock
 FULL_STEPS = [loadgen.PROBE, loadgen.ALLOCATE, loadgen.PERMISSION, loadgen.CHANNEL]
 
@@ -380,30 +382,32 @@ def run_server(
         )
         # Memory first, on the fresh server, so "per allocation" is not blurred by what the
         # allocator kept from earlier scenarios.
-        result["memory"] = memory(h, server, args.rss_allocs)
-        mem = result["memory"]
-        print(
-            f"  {name} rss: {mem['rss_mib']:.1f} MiB with {mem['allocations']} allocations",
-            flush=True,
-        )
-        for n_allocs in (1, 50):
+        if "rss" in args.only:
+            result["memory"] = memory(h, server, args.rss_allocs)
+            mem = result["memory"]
+            print(
+                f"  {name} rss: {mem['rss_mib']:.1f} MiB with {mem['allocations']} allocations",
+                flush=True,
+            )
+        for n_allocs in (1, 50) if "relay" in args.only else ():
             for size in (200, 1200):
                 key = f"relay_{n_allocs}x{size}"
                 result[key] = relay(
                     h, server, n_allocs, size, 0, args.senders, args.warmup, args.window
                 )
                 print(f"  {name} {key}: {_brief(result[key])}", flush=True)
-        for rate in args.paced_rates:
+        for rate in args.paced_rates if "paced" in args.only else ():
             key = f"paced_50x200_{rate}"
             result[key] = relay(h, server, 50, 200, rate, args.senders, args.warmup, args.window)
             print(f"  {name} {key}: {_brief(result[key])}", flush=True)
-        result["alloc_rate"] = allocation_rate(h, server, args.alloc_count, args.alloc_batches)
-        ar = result["alloc_rate"]
-        print(
-            f"  {name} alloc_rate: {ar['allocations_per_s']:.0f}/s"
-            f" ({ar['completed']}/{ar['requested']} completed) {' '.join(ar['errors'])}",
-            flush=True,
-        )
+        if "alloc" in args.only:
+            result["alloc_rate"] = allocation_rate(h, server, args.alloc_count, args.alloc_batches)
+            ar = result["alloc_rate"]
+            print(
+                f"  {name} alloc_rate: {ar['allocations_per_s']:.0f}/s"
+                f" ({ar['completed']}/{ar['requested']} completed) {' '.join(ar['errors'])}",
+                flush=True,
+            )
         result["rss_after_mib"] = server.rss_bytes() / 2**20
     finally:
         h.close()
@@ -643,6 +647,11 @@ def main(argv: list[str] | None = None) -> int:
         "--rss-allocs", type=int, default=1000, help="allocations held for the RSS test"
     )
     ap.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help="comma list of scenarios to run (default all): " + ", ".join(SCENARIOS),
+    )
+    ap.add_argument(
         "--lock-timeout",
         type=float,
         default=3600.0,
@@ -671,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
         args.paced_rates = [int(r) for r in args.paced_rates.split(",") if r.strip()]
     except ValueError:
         ap.error(f"--paced-rates: {args.paced_rates!r} is not a comma list of integers")
+    args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    for s in args.only:
+        if s not in SCENARIOS:
+            ap.error(f"--only: unknown scenario {s!r} (expected {', '.join(SCENARIOS)})")
     args.c_generator = None
     if args.generator != "python":
         binary, why = cgen.build()
@@ -717,7 +730,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling: dict[str, Any] = {}
     try:
         h.spawn(loadgen.Target(("127.0.0.1", 9), "", "", ("127.0.0.1", h.sink_port)))
-        for size in (200, 1200):
+        for size in (200, 1200) if {"relay", "paced"} & set(args.only) else ():
             ceiling[str(size)] = relay(h, None, 1, size, 0, 1, args.warmup, args.window)
             print(f"generator ceiling {size} B: {_brief(ceiling[str(size)])}", flush=True)
     finally:
@@ -783,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
                     "platform": platform.platform(),
                     "python": sys.version,
                 },
+                "pythonpath": os.environ.get("PYTHONPATH", ""),  # build/native: compiled
                 "elapsed_s": elapsed,
                 "generator": args.generator,
                 "commit": commit,

@@ -281,7 +281,11 @@ def start_confedge(
     spec = pick_port(spec)
     config = confedge_config(spec, workdir, threads, offload, multiplex)
     log = workdir / "confedge.log"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    # A PYTHONPATH already set comes first: PYTHONPATH=build/native runs the compiled build
+    # (`make native`: mypyc control plane + C data plane), as a wheel install would.
+    paths = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    paths.append(str(REPO / "src"))  # the server runs in its work directory: absolute paths
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths))
     if dataplane is not None:
         env["CONFEDGE_DATAPLANE"] = dataplane
     with log.open("wb") as fh:

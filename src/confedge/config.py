@@ -27,8 +27,6 @@ from pydantic import (
     model_validator,
 )
 
-from confedge.proxy.paths import BadPath, canonical_path
-
 __all__ = [
     "Config",
     "ConfigError",
@@ -149,6 +147,10 @@ def _path_prefix(value: Any) -> str:
     prefix never silently fails to match (or matches more) because of its spelling."""
     if not isinstance(value, str) or not value.startswith("/"):
         raise ValueError(f'{_fmt_value(value)} is not a path prefix (it must start with "/")')
+    # Imported here: the TURN server alone (python -m confedge.turn) then never loads the
+    # proxy's (compiled) modules.
+    from confedge.proxy.paths import BadPath, canonical_path
+
     try:
         canonical = canonical_path(value)
     except BadPath as exc:

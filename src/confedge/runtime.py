@@ -148,6 +148,9 @@ class Runtime:
         except BaseException:
             await self.close()
             raise
+        from confedge.heap import settle_heap
+
+        settle_heap()  # start-up garbage back to the kernel, survivors out of the GC's way
         # Every enabled part listens now: tell systemd (READY=1, and start the watchdog).
         self.notifier.ready("running: " + ", ".join(name for name, _ in self.parts))
 

@@ -21,6 +21,13 @@ COMPILED = (
     "confedge.proxy.redirect",
     "confedge.proxy.paths",
     "confedge.proxy.accesslog",
+    # The TURN control plane's Allocate path (issue 14)
+    "confedge.stun.message",
+    "confedge.stun.integrity",
+    "confedge.stun.mac",
+    "confedge.turn.auth",
+    "confedge.turn.core",
+    "confedge.turn.portdraw",
 )
 
 

@@ -35,6 +35,7 @@ import struct
 import zlib
 
 from .constants import FINGERPRINT_XOR
+from .mac import hmac_digest
 from .message import Message
 from .saslprep import saslprep
 
@@ -97,11 +98,11 @@ def check_integrity(msg: Message, key: bytes) -> bool:
     off = msg.integrity_sha256_offset
     if off >= 0 and raw:
         alen = raw[off + 2] << 8 | raw[off + 3]
-        mac = hmac.digest(key, _covered(raw, off, alen), "sha256")[:alen]
+        mac = hmac_digest(key, _covered(raw, off, alen), "sha256")[:alen]
         return hmac.compare_digest(mac, raw[off + 4 : off + 4 + alen])
     off = msg.integrity_offset
     if off >= 0 and raw:
-        mac = hmac.digest(key, _covered(raw, off, 20), "sha1")
+        mac = hmac_digest(key, _covered(raw, off, 20), "sha1")
         return hmac.compare_digest(mac, raw[off + 4 : off + 24])
     return False
 

@@ -40,12 +40,10 @@ answered and only the server knows which class it is handling.
 
 from __future__ import annotations
 
-import hmac
 import os
 import struct
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from .attributes import encode_error_code, encode_xor_address
 from .constants import (
@@ -56,6 +54,7 @@ from .constants import (
     MAX_MESSAGE_SIZE,
     StunError,
 )
+from .mac import hmac_digest
 
 __all__ = [
     "Message",
@@ -97,23 +96,68 @@ def decode_message_type(mtype: int) -> tuple[int, int]:
     )
 
 
-@dataclass(slots=True)
 class Message:
     """A parsed (or hand-made) STUN message.
 
     ``attributes`` holds raw values without padding in wire order. The three offsets locate
     MESSAGE-INTEGRITY, MESSAGE-INTEGRITY-SHA256 and FINGERPRINT (their TLV header) in ``raw``,
     -1 when absent; :mod:`confedge.stun.integrity` needs them to know what the HMAC covers.
+
+    A plain class rather than a dataclass: one is built per request, and a dataclass's
+    generated ``__init__`` stays interpreted even when mypyc compiles this module.
     """
 
-    method: int
-    msg_class: int
-    transaction_id: bytes
-    attributes: list[tuple[int, bytes]]
-    raw: bytes = b""
-    integrity_offset: int = -1
-    integrity_sha256_offset: int = -1
-    fingerprint_offset: int = -1
+    __slots__ = (
+        "attributes",
+        "fingerprint_offset",
+        "integrity_offset",
+        "integrity_sha256_offset",
+        "method",
+        "msg_class",
+        "raw",
+        "transaction_id",
+    )
+
+    def __init__(
+        self,
+        method: int,
+        msg_class: int,
+        transaction_id: bytes,
+        attributes: list[tuple[int, bytes]],
+        raw: bytes = b"",
+        integrity_offset: int = -1,
+        integrity_sha256_offset: int = -1,
+        fingerprint_offset: int = -1,
+    ) -> None:
+        self.method = method
+        self.msg_class = msg_class
+        self.transaction_id = transaction_id
+        self.attributes = attributes
+        self.raw = raw
+        self.integrity_offset = integrity_offset
+        self.integrity_sha256_offset = integrity_sha256_offset
+        self.fingerprint_offset = fingerprint_offset
+
+    def _fields(self) -> tuple[object, ...]:
+        return (
+            self.method,
+            self.msg_class,
+            self.transaction_id,
+            self.attributes,
+            self.raw,
+            self.integrity_offset,
+            self.integrity_sha256_offset,
+            self.fingerprint_offset,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Message) and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return (
+            f"Message(method={self.method:#x}, msg_class={self.msg_class}, "
+            f"transaction_id={self.transaction_id!r}, attributes={self.attributes!r})"
+        )
 
     def get(self, attr: int) -> bytes | None:
         """Value of the first occurrence of ``attr`` (RFC 8489 §14: later duplicates are
@@ -154,7 +198,7 @@ def is_stun(data: bytes) -> bool:
 
 
 def parse_message(
-    data: bytes,
+    raw: bytes | bytearray | memoryview,
     *,
     max_size: int = MAX_MESSAGE_SIZE,
     max_attributes: int = DEFAULT_MAX_ATTRIBUTES,
@@ -163,8 +207,9 @@ def parse_message(
 
     Raises only :class:`StunError`; see the module docstring for the rules and codes.
     """
-    if type(data) is not bytes:
-        data = bytes(data)
+    # One typed local (mypyc compiles this module: a bytes variable, not a union, on the hot
+    # path); a bytearray or memoryview (a TCP frame) is copied once.
+    data = raw if type(raw) is bytes else bytes(raw)
     n = len(data)
     if n < 20:
         raise StunError(None, f"{n} bytes is shorter than the 20-byte STUN header")
@@ -327,7 +372,7 @@ class MessageBuilder:
             else:
                 attr, ilen, digest = _MI, 20, "sha1"
             length += 4 + ilen
-            mac = hmac.digest(key, _HEADER.pack(mtype, length, MAGIC_COOKIE, tid) + body, digest)
+            mac = hmac_digest(key, _HEADER.pack(mtype, length, MAGIC_COOKIE, tid) + body, digest)
             body += _TL.pack(attr, ilen) + mac
         if fingerprint:
             length += 8

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from confedge.config import ConfigError, load_config
+from confedge.heap import settle_heap
 
 from .service import TurnService
 
@@ -29,6 +30,7 @@ async def _serve(path: str) -> int:
     cfg = load_config(path)
     svc = TurnService(cfg)
     await svc.start()
+    settle_heap()
     print(json.dumps(svc.info()), flush=True)
     loop = asyncio.get_running_loop()
     stop = loop.create_future()

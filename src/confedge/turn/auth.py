@@ -24,6 +24,7 @@ import os
 from collections.abc import Hashable, Sequence
 
 from confedge.stun import long_term_key
+from confedge.stun.mac import hmac_digest
 
 __all__ = [
     "Credentials",
@@ -32,6 +33,9 @@ __all__ = [
     "RestCredentials",
     "UnauthBudget",
 ]
+
+
+KEY_CACHE = 4096  # RestCredentials: usernames whose derived keys are kept
 
 
 class Credentials(abc.ABC):
@@ -73,6 +77,10 @@ class RestCredentials(Credentials):
             raise ValueError("RestCredentials needs at least one secret")
         self.realm = realm
         self._secrets = [s.encode() for s in secrets]
+        # username -> its keys: deriving one (HMAC, base64, SASLprep, MD5) costs more than the
+        # rest of an Allocate, and a client signs every request of its allocation with the same
+        # username.  Bounded: cleared when full (a flood of made-up usernames only empties it).
+        self._keys: dict[str, list[bytes]] = {}
 
     @staticmethod
     def expiry_of(username: str) -> int | None:
@@ -103,10 +111,16 @@ class RestCredentials(Credentials):
         expiry = self.expiry_of(username)
         if expiry is None or expiry < wall_now:
             return []  # malformed or expired: refused like an unknown user
-        return [
-            long_term_key(username, self.realm, self.password_for(sec, username))
-            for sec in self._secrets
-        ]
+        keys = self._keys.get(username)
+        if keys is None:
+            keys = [
+                long_term_key(username, self.realm, self.password_for(sec, username))
+                for sec in self._secrets
+            ]
+            if len(self._keys) >= KEY_CACHE:
+                self._keys.clear()
+            self._keys[username] = keys
+        return keys
 
 
 class NonceManager:
@@ -118,7 +132,8 @@ class NonceManager:
 
     def _mac(self, ts: int, ip: str, port: int) -> str:
         msg = f"{ts:x}|{ip}|{port}".encode()
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:24]
+        # The process's nonce key, twice per Allocate: its pads are hashed once (stun/mac.py).
+        return hmac_digest(self._key, msg, "sha256").hex()[:24]
 
     def issue(self, now: float, ip: str, port: int) -> str:
         ts = max(int(now), 0)

@@ -35,7 +35,7 @@ import heapq
 import logging
 import os
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from confedge.config import Config, ConfigError
 from confedge.guard.hook import GuardHook
@@ -77,19 +77,40 @@ RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: "approximately 30 seconds"
 CHANNEL_COOLDOWN = 300.0  # RFC 8656 §11: 5 minutes before a channel/peer may be rebound
 
 
-@dataclass(frozen=True, slots=True)
 class Client:
-    """One client 5-tuple as the listener sees it.
+    """One client 5-tuple as the listener sees it (never changed once made).
 
     ``key`` is the listener's own hashable for this 5-tuple (the data plane routes ChannelData by
     it); ``transport`` is "udp", "tcp" or "tls" (for logs); ``sink`` is how relayed data reaches
-    the client."""
+    the client.
 
-    key: Hashable
-    ip: str
-    port: int
-    transport: str
-    sink: ClientSink
+    A plain class, not a frozen dataclass: the UDP listener makes one per request, and a frozen
+    dataclass's ``__init__`` (interpreted even under mypyc) sets each field through
+    ``object.__setattr__``."""
+
+    __slots__ = ("ip", "key", "port", "sink", "transport")
+
+    def __init__(self, key: Hashable, ip: str, port: int, transport: str, sink: ClientSink) -> None:
+        self.key = key
+        self.ip = ip
+        self.port = port
+        self.transport = transport
+        self.sink = sink
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Client) and (
+            self.key,
+            self.ip,
+            self.port,
+            self.transport,
+            self.sink,
+        ) == (other.key, other.ip, other.port, other.transport, other.sink)
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.ip, self.port, self.transport))
+
+    def __repr__(self) -> str:
+        return f"Client({self.transport} {self.ip}:{self.port})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,29 +165,64 @@ class _Channel:
     expires: float
 
 
-@dataclass(slots=True)
 class Allocation:
     """Control-plane state of one allocation (RFC 8656 §3.2); traffic counters live in the
-    data plane."""
+    data plane.
 
-    id: int
-    client: Client
-    username: str
-    key: bytes
-    relay: RelayGrant
-    created: float
-    expires: float
-    create_tid: bytes
-    create_response: bytes
-    timer_at: float = 0.0  # when the pending expiry timer fires
-    permissions: dict[str, float] = field(default_factory=dict)
-    channels: dict[int, _Channel] = field(default_factory=dict)
-    peer_channel: dict[tuple[str, int], int] = field(default_factory=dict)
-    # RFC 8656 §11 cool-down after a binding expires: number -> (peer, until), peer -> number.
-    cool_number: dict[int, tuple[tuple[str, int], float]] = field(default_factory=dict)
-    cool_peer: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
-    rate: Rate = field(default_factory=Rate)  # live throughput, from TurnCore.sample
-    cap: int = -1  # bandwidth cap last given to the data plane by the degrade policy
+    A plain class, not a dataclass: its constructor runs once per Allocate, and a dataclass's
+    generated ``__init__`` stays interpreted Python even when mypyc compiles this module."""
+
+    __slots__ = (
+        "cap",
+        "channels",
+        "client",
+        "cool_number",
+        "cool_peer",
+        "create_response",
+        "create_tid",
+        "created",
+        "expires",
+        "id",
+        "key",
+        "peer_channel",
+        "permissions",
+        "rate",
+        "relay",
+        "timer_at",
+        "username",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: int,
+        client: Client,
+        username: str,
+        key: bytes,
+        relay: RelayGrant,
+        created: float,
+        expires: float,
+        create_tid: bytes,
+        create_response: bytes,
+    ) -> None:
+        self.id = id
+        self.client = client
+        self.username = username
+        self.key = key
+        self.relay = relay
+        self.created = created
+        self.expires = expires
+        self.create_tid = create_tid
+        self.create_response = create_response
+        self.timer_at = 0.0  # when the pending expiry timer fires
+        self.permissions: dict[str, float] = {}
+        self.channels: dict[int, _Channel] = {}
+        self.peer_channel: dict[tuple[str, int], int] = {}
+        # RFC 8656 §11 cool-down after a binding expires: number -> (peer, until), peer -> number.
+        self.cool_number: dict[int, tuple[tuple[str, int], float]] = {}
+        self.cool_peer: dict[tuple[str, int], tuple[int, float]] = {}
+        self.rate = Rate()  # live throughput, from TurnCore.sample
+        self.cap = -1  # bandwidth cap last given to the data plane by the degrade policy
 
 
 class _Reject(Exception):
