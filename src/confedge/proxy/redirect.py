@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -30,10 +30,10 @@ if TYPE_CHECKING:
 
 __all__ = ["RedirectConnection"]
 
-_INF = math.inf
-_TAIL_KEEP = b"Content-Length: 0\r\n\r\n"
-_TAIL_KEEP_10 = b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"  # RFC 9112 §9.3
-_TAIL_CLOSE = b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+_INF: Final = math.inf
+_TAIL_KEEP: Final = b"Content-Length: 0\r\n\r\n"
+_TAIL_KEEP_10: Final = b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"  # RFC 9112 §9.3
+_TAIL_CLOSE: Final = b"Content-Length: 0\r\nConnection: close\r\n\r\n"
 
 
 class RedirectConnection(asyncio.Protocol):
