@@ -184,6 +184,7 @@ class WorkerRuntime:
         self.closing = False
         self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
         self.out_bytes = 0
+        self.flush_cb = self.flush_writes  # (bound once, not per batch)
 
     def read_settings(self, cfg: Config) -> None:
         """The limits, time-outs and headers the hot path reads, as plain attributes (at start
@@ -413,7 +414,7 @@ class WorkerRuntime:
             return
         out = self.out
         if not out:
-            self.loop.call_soon(self.flush_writes)
+            self.loop.call_soon(self.flush_cb)
         out.append((t, data))
         queued = self.out_bytes + len(data)
         if queued > COALESCE_BATCH:

@@ -574,7 +574,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             pool = pools[i]
             conn = pool.take()
             if conn is not None:
-                self.node_ready(ex, conn, reused=True)
+                # (attempt() read the clock for this connect a moment ago, in this same call)
+                self.node_ready(ex, conn, reused=True, now=ex.upstream_time)
             else:
                 pool.connect(self, ex, timeout)
         elif kind == A_MARK_FAILED:
@@ -599,14 +600,17 @@ class ClientConnection(asyncio.BufferedProtocol):
         else:
             carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time, core.guard_decided)
 
-    def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
-        """A node connection for `ex` (from the pool or newly opened: NodePool.connect)."""
+    def node_ready(
+        self, ex: Exchange, conn: UpstreamConnection, *, reused: bool, now: float = -1.0
+    ) -> None:
+        """A node connection for `ex` (from the pool or newly opened: NodePool.connect);
+        `now`: the loop time when the caller has just read it."""
         if self.exchange is not ex or ex.state != CONNECTING:
             conn.pool.release(conn)  # the exchange ended meanwhile: keep it for the next
             return
         self.up = conn
         conn.owner = self
-        ex.node_connected(self.core.loop.time(), reused=reused)
+        ex.node_connected(now if now >= 0.0 else self.core.loop.time(), reused=reused)
         self.drive(ex)
 
     def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None:
