@@ -65,21 +65,27 @@ NGX_HTTP, NGX_HTTPS = 32010, 32011
 CE_HTTP, CE_HTTPS, CE_MGMT = 32020, 32021, 32022
 
 
-def _pick_ports() -> None:
-    """Choose this run's 11 listener ports among those free now in PORT_RANGE."""
-    global UP_PORTS, SSE_PORTS, NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT
+def free_ports(n: int, taken: frozenset[int] = frozenset()) -> list[int]:
+    """The first `n` ports of PORT_RANGE free now and not in `taken`."""
     free: list[int] = []
     for port in PORT_RANGE:
+        if port in taken:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
         free.append(port)
-        if len(free) == 11:
-            break
-    else:
-        raise SystemExit(f"fewer than 11 free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+        if len(free) == n:
+            return free
+    raise SystemExit(f"fewer than {n} free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+
+
+def _pick_ports() -> None:
+    """Choose this run's 11 listener ports among those free now in PORT_RANGE."""
+    global UP_PORTS, SSE_PORTS, NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT
+    free = free_ports(11)
     UP_PORTS, SSE_PORTS = tuple(free[0:3]), tuple(free[3:6])
     NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT = free[6:11]
 
