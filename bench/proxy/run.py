@@ -7,8 +7,9 @@ What runs (all on loopback, on ports free at start within 32000-32767):
   ``/api/client/v2/status`` with a small JSON and anything else with a 1 KB body, so the nodes
   are never the bottleneck;
 * reference: nginx with the reference appliance's settings (rp-turn's nginx.conf, proxy-defaults
-  and site template: ``worker_processes auto``, TLS 1.2/1.3 with its cipher list and
-  ``ssl_ecdh_curve secp384r1``, the ``pexapplog`` access log with the ``[FILTERED]`` maps,
+  and site template: ``worker_processes auto``, TLS 1.2/1.3 with its cipher list,
+  ``ssl_ecdh_curve`` (prime256v1 here, the group confedge offers; the reference sets
+  secp384r1), the ``pexapplog`` access log with the ``[FILTERED]`` maps,
   ``keepalive 1024`` upstream pool, ``proxy_next_upstream ... non_idempotent``), balancing
   round-robin over the three upstreams, port 80 answering 301;
 * confedge: ``confedge run`` with the same three nodes, round-robin, access log to a file.
@@ -64,21 +65,27 @@ NGX_HTTP, NGX_HTTPS = 32010, 32011
 CE_HTTP, CE_HTTPS, CE_MGMT = 32020, 32021, 32022
 
 
-def _pick_ports() -> None:
-    """Choose this run's 11 listener ports among those free now in PORT_RANGE."""
-    global UP_PORTS, SSE_PORTS, NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT
+def free_ports(n: int, taken: frozenset[int] = frozenset()) -> list[int]:
+    """The first `n` ports of PORT_RANGE free now and not in `taken`."""
     free: list[int] = []
     for port in PORT_RANGE:
+        if port in taken:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
         free.append(port)
-        if len(free) == 11:
-            break
-    else:
-        raise SystemExit(f"fewer than 11 free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+        if len(free) == n:
+            return free
+    raise SystemExit(f"fewer than {n} free ports in {PORT_RANGE.start}-{PORT_RANGE.stop - 1}")
+
+
+def _pick_ports() -> None:
+    """Choose this run's 11 listener ports among those free now in PORT_RANGE."""
+    global UP_PORTS, SSE_PORTS, NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT
+    free = free_ports(11)
     UP_PORTS, SSE_PORTS = tuple(free[0:3]), tuple(free[3:6])
     NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT = free[6:11]
 
@@ -138,7 +145,9 @@ _MAPS = "\n".join(
 # worker_connections raised to fit --sse streams (the reference's 8192 per worker would cap it),
 # round-robin instead of the template's ip_hash (wrk comes from one address: ip_hash would send
 # everything to one node), http2 on the TLS listener (the h2-* scenarios; wrk offers no ALPN, so
-# the wrk scenarios stay on HTTP/1.1 exactly as before).
+# the wrk scenarios stay on HTTP/1.1 exactly as before), and ssl_ecdh_curve prime256v1 instead of
+# secp384r1: confedge offers P-256 only (tls/context.py), so both servers negotiate the same
+# protocol, cipher and key-exchange group (TLS 1.3, TLS_AES_256_GCM_SHA384, P-256) in the bench.
 REFERENCE_NGINX = """
 worker_processes auto;
 daemon off;
@@ -187,7 +196,7 @@ http {{
         ssl_session_timeout 5m;
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_ciphers !eNULL:!EXP:!DES:!3DES:!RC4:!RC2:!IDEA:!CAMELLIA:!SEED:!MD5:!aNULL:!ADH:!SRP:!PSK:EECDH+AESGCM:EDH+AESGCM;
-        ssl_ecdh_curve secp384r1;
+        ssl_ecdh_curve prime256v1;
         ssl_prefer_server_ciphers on;
         ssl_session_cache shared:SSL:10m;
         ssl_session_tickets off;

@@ -169,6 +169,10 @@ class TimeLocal:
         self._text = ""
 
     def __call__(self, now: float) -> str:
+        return self.text(now)
+
+    def text(self, now: float) -> str:
+        """The same as calling it (a plain method: a direct call in the compiled build)."""
         sec = int(now)
         if sec != self._sec:
             tm = time.gmtime(sec) if self._utc else time.localtime(sec)
@@ -262,6 +266,10 @@ class AccessLog:
         self.flush_interval = flush_interval
         self.buffer_bytes = buffer_bytes
         self.time_local: Callable[[float], str] = time_local or TimeLocal()
+        # The usual clock, called through its method rather than as any callable.
+        self._clock: TimeLocal | None = (
+            self.time_local if isinstance(self.time_local, TimeLocal) else None
+        )
         self._buf: list[str] = []
         self._size = 0
         self._parts: dict[
@@ -337,9 +345,9 @@ class AccessLog:
             t = "-"
         elif _NEEDS_ESCAPE_RE.search(t) is not None:
             t = escape(t)
-        self.write_line(
-            f'{addr}{self.time_local(now)}{parts[0]}{status} {body_bytes_sent}{parts[1]}{t}"'
-        )
+        clock = self._clock
+        stamp = clock.text(now) if clock is not None else self.time_local(now)
+        self.write_line(f'{addr}{stamp}{parts[0]}{status} {body_bytes_sent}{parts[1]}{t}"')
 
     def _remember_addr(self, remote_addr: str) -> str:
         text = f"{escape(remote_addr)} - - ["

@@ -40,7 +40,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from confedge.config import Config, NodeAddress
 from confedge.guard.addresses import Networks, client_address, parse_networks
@@ -48,7 +48,7 @@ from confedge.guard.hook import GuardHook
 from confedge.proxy.accesslog import remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
-from confedge.proxy.health import LATENCY_BUCKETS, Transition
+from confedge.proxy.health import LATENCY_BOUNDS, LATENCY_BUCKETS, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
 from confedge.proxy.pools import build_pools, health_monitor, route
@@ -66,17 +66,21 @@ __all__ = ["AccessLogSink", "TurnShare", "WorkerRuntime"]
 
 log = logging.getLogger("confedge.proxy")
 
+# The wall clock for access-log lines, held as a constant (the compiled build then calls it
+# without looking `time` and its attribute up per request).
+_wall_clock: Final = time.time
+
 # Proxied sessions a worker reports for the status page (longest first), and their path's length.
-SESSIONS_SHOWN = 10
-SESSION_PATH_MAX = 80
+SESSIONS_SHOWN: Final = 10
+SESSION_PATH_MAX: Final = 80
 
 # Entries kept by WorkerRuntime's memos of Host checks and normalised targets.
-MEMO_SIZE = 2048
+MEMO_SIZE: Final = 2048
 
 # Writes up to this size are coalesced per event-loop iteration (see "Write coalescing"), and
 # at most this many bytes wait in the queue before it is flushed early.
-COALESCE_MAX = 32 * 1024
-COALESCE_BATCH = 256 * 1024
+COALESCE_MAX: Final = 32 * 1024
+COALESCE_BATCH: Final = 256 * 1024
 
 
 class TurnShare(Protocol):
@@ -139,6 +143,8 @@ class WorkerRuntime:
         # Bounded and emptied when full, so a client inventing values only loses the shortcut.
         self.host_ok: dict[bytes, bool] = {}
         self.targets: dict[bytes, str] = {}
+        # Raw target -> (method, version, access-log request line): see request_line.
+        self.lines: dict[bytes, tuple[bytes, str, str]] = {}
         # Port 80: (Host, target) -> the Location header line of the 301 (redirect.py).
         self.locations: dict[tuple[bytes | None, bytes], bytes] = {}
         self.workers = workers
@@ -178,6 +184,7 @@ class WorkerRuntime:
         self.closing = False
         self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
         self.out_bytes = 0
+        self.flush_cb = self.flush_writes  # (bound once, not per batch)
 
     def read_settings(self, cfg: Config) -> None:
         """The limits, time-outs and headers the hot path reads, as plain attributes (at start
@@ -388,8 +395,9 @@ class WorkerRuntime:
         h = self.latency.get(netloc)
         if h is None:
             h = self.latency[netloc] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        for i, bound in enumerate(LATENCY_BUCKETS):
-            if seconds <= bound:
+        bounds = LATENCY_BOUNDS
+        for i in range(len(bounds)):  # (an indexed loop over a list: no iterator per answer)
+            if seconds <= bounds[i]:
                 h[i] += 1
                 break
         h[-2] += 1
@@ -406,7 +414,7 @@ class WorkerRuntime:
             return
         out = self.out
         if not out:
-            self.loop.call_soon(self.flush_writes)
+            self.loop.call_soon(self.flush_cb)
         out.append((t, data))
         queued = self.out_bytes + len(data)
         if queued > COALESCE_BATCH:
@@ -536,19 +544,34 @@ class WorkerRuntime:
             return
         req = ex.req
         status = ex.status or 499  # nginx's "client closed the request" code
+        # (one node tried, the usual case: its fields as they are, no join)
+        addrs, statuses, times = ex.addrs, ex.statuses, ex.times
         sink.log(
             ex.peer,
-            time.time(),
-            f"{req.method.decode()} {req.url.decode('latin-1')} HTTP/{req.version}",
+            _wall_clock(),
+            self.request_line(req.method, req.url, req.version),
             status,
             ex.sent,
             req.referer,
             req.ua,
-            ", ".join(ex.addrs) or None,
-            ", ".join(ex.statuses) or None,
-            ", ".join(ex.times) or None,
+            addrs[0] if len(addrs) == 1 else ", ".join(addrs) or None,
+            statuses[0] if len(statuses) == 1 else ", ".join(statuses) or None,
+            times[0] if len(times) == 1 else ", ".join(times) or None,
             None if req.auth is None else remote_user(req.auth),
         )
+
+    def request_line(self, method: bytes, url: bytes, version: str) -> str:
+        """``$request`` ("GET /path?q HTTP/1.1") for the access log, memoised by target: the
+        same str object for a repeated request, so the log's memo of escaped fields finds it
+        by the hash the string already carries instead of hashing a new one."""
+        memo = self.lines.get(url)
+        if memo is not None and memo[0] == method and memo[1] == version:
+            return memo[2]
+        line = f"{method.decode()} {url.decode('latin-1')} HTTP/{version}"
+        if len(self.lines) >= MEMO_SIZE:
+            self.lines.clear()
+        self.lines[url] = (method, version, line)
+        return line
 
     def log_local(
         self,

@@ -68,7 +68,7 @@ __all__ = [
     "plan_response",
 ]
 
-_INF = math.inf
+_INF: Final = math.inf
 
 
 # The states as plain int constants (mypyc inlines Final ints: a state test is one machine
@@ -136,7 +136,7 @@ A_NO_TUNNEL: Final = 16  # None — the node declined the client's upgrade
 # RFC 9110 §7.6.1 / RFC 9112 §9.6: hop-by-hop fields, never forwarded. Content-Length is
 # handled separately (re-emitted from the parsed value). X-Real-IP/X-Forwarded-Proto from the
 # client are dropped because the proxy sets them (a client must not choose its own address).
-_REQ_DROP = frozenset(
+_REQ_DROP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -159,7 +159,7 @@ _REQ_DROP = frozenset(
 # headers some back ends route on instead of the request target: a client that is not in
 # trusted_proxies would be choosing what the node believes about host, scheme and path, so
 # they are dropped unless the peer is a trusted balancer (then they pass as it sent them).
-_FORWARDING = frozenset(
+_FORWARDING: Final = frozenset(
     {
         b"forwarded",
         b"x-forwarded-host",
@@ -175,10 +175,10 @@ _FORWARDING = frozenset(
 # Guard (SPEC §4): a request_token call must come back uncompressed so that its 403 "Invalid
 # PIN" can be read and counted; forwarding the client's Accept-Encoding would let an attacker
 # ask for gzip and hide every failure from the guard.
-_REQ_DROP_PIN = _REQ_DROP | {b"accept-encoding"}
-_REQ_DROP_UNTRUSTED = _REQ_DROP | _FORWARDING
-_REQ_DROP_PIN_UNTRUSTED = _REQ_DROP_PIN | _FORWARDING
-_RESP_DROP = frozenset(
+_REQ_DROP_PIN: Final = _REQ_DROP | {b"accept-encoding"}
+_REQ_DROP_UNTRUSTED: Final = _REQ_DROP | _FORWARDING
+_REQ_DROP_PIN_UNTRUSTED: Final = _REQ_DROP_PIN | _FORWARDING
+_RESP_DROP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -194,10 +194,17 @@ _RESP_DROP = frozenset(
 # What plan_response does with each response header, by its name as the node spelt it
 # (memoised: nodes send the same dozen names in the same spelling on every response, so one
 # dict lookup replaces a lower() and a chain of comparisons).
-_R_PASS, _R_DROP, _R_TRANSFER_ENCODING, _R_CONNECTION, _R_CONTENT_LENGTH = range(5)
-_R_CONTENT_TYPE, _R_CSP = 5, 6
-_RESP_KINDS: dict[bytes, int] = {}
-_RESP_SPECIAL = {
+# (Final, as every module constant of the compiled modules: read from a C static or inlined
+# instead of looked up in the module's dict on each use.)
+_R_PASS: Final = 0
+_R_DROP: Final = 1
+_R_TRANSFER_ENCODING: Final = 2
+_R_CONNECTION: Final = 3
+_R_CONTENT_LENGTH: Final = 4
+_R_CONTENT_TYPE: Final = 5
+_R_CSP: Final = 6
+_RESP_KINDS: Final[dict[bytes, int]] = {}
+_RESP_SPECIAL: Final = {
     b"transfer-encoding": _R_TRANSFER_ENCODING,
     b"connection": _R_CONNECTION,
     b"content-length": _R_CONTENT_LENGTH,
@@ -217,8 +224,38 @@ def _resp_kind(name: bytes) -> int:
     return kind
 
 
+# The node statuses as the access log shows them, one str object per status: the log's memo of
+# formatted fields (accesslog.AccessLog.log) then hashes a string it has seen before.
+_STATUS_TEXT: Final[list[str]] = [str(i) for i in range(600)]
+
+
+def _status_text(status: int) -> str:
+    return _STATUS_TEXT[status] if 0 <= status < 600 else str(status)
+
+
+# $upstream_response_time texts by whole milliseconds (nginx logs seconds with three decimals),
+# made once each (at most 10,001 of them: longer attempts, SSE streams and long polls, are
+# formatted each time): formatting a float per attempt cost as much as the access-log line.
+_MS_TEXT: Final[dict[int, str]] = {}
+
+
+def seconds_text(seconds: float) -> str:
+    """`seconds` as nginx's $upstream_response_time: "0.012" (milliseconds, rounded)."""
+    x = seconds * 1000.0
+    whole = int(x)
+    frac = x - whole
+    # (near a tie, x's own rounding error could round the other way than "%.3f" does)
+    if not 0.0 <= seconds < 10.0 or 0.499999 < frac < 0.500001:
+        return f"{seconds:.3f}"
+    ms = whole + 1 if frac > 0.5 else whole
+    text = _MS_TEXT.get(ms)
+    if text is None:
+        text = _MS_TEXT[ms] = f"{ms // 1000}.{ms % 1000:03d}"
+    return text
+
+
 RETRY_STATUSES: Final = frozenset({500, 502, 503, 504})
-_PIN_BUFFER_LIMIT = 64 * 1024
+_PIN_BUFFER_LIMIT: Final = 64 * 1024
 
 
 class NodeChooser(Protocol):
@@ -740,7 +777,7 @@ class Exchange:
     def _release_attempt(self, now: float) -> None:
         if self.node >= 0:
             self.settings.nodes.active[self.node] -= 1
-            self.times.append(f"{now - self.upstream_time:.3f}")
+            self.times.append(seconds_text(now - self.upstream_time))
             self.node = -1
 
     def _retry(self, reason_status: str, now: float) -> None:
@@ -885,7 +922,7 @@ class Exchange:
             return
         self._go(STREAMING)
         self.status = status
-        self.statuses.append(str(status))
+        self.statuses.append(_status_text(status))
         self.committed = True
         req.retain = False
         if req.complete:

@@ -10,10 +10,11 @@ import html
 import http
 import time
 from email.utils import formatdate
+from typing import Final
 
 __all__ = ["DateCache", "error_response", "retry_page_response", "status_line"]
 
-_STATUS_LINES: dict[int, bytes] = {
+_STATUS_LINES: Final[dict[int, bytes]] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
 }
 

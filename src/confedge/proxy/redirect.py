@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -30,10 +30,11 @@ if TYPE_CHECKING:
 
 __all__ = ["RedirectConnection"]
 
-_INF = math.inf
-_TAIL_KEEP = b"Content-Length: 0\r\n\r\n"
-_TAIL_KEEP_10 = b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"  # RFC 9112 §9.3
-_TAIL_CLOSE = b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+_INF: Final = math.inf
+_TAIL_KEEP: Final = b"Content-Length: 0\r\n\r\n"
+_TAIL_KEEP_10: Final = b"Content-Length: 0\r\nConnection: keep-alive\r\n\r\n"  # RFC 9112 §9.3
+_TAIL_CLOSE: Final = b"Content-Length: 0\r\nConnection: close\r\n\r\n"
+_wall_clock: Final = time.time  # (a constant: no lookup of `time` and its attribute per line)
 
 
 class RedirectConnection(asyncio.Protocol):
@@ -49,6 +50,7 @@ class RedirectConnection(asyncio.Protocol):
         "host",
         "idle_at",
         "method",
+        "method_raw",
         "parser",
         "peer",
         "referer",
@@ -72,6 +74,7 @@ class RedirectConnection(asyncio.Protocol):
         self.auth: bytes | None = None  # Authorization, for the access log's $remote_user
         self.peer = ""
         self.method = ""
+        self.method_raw = b""
         self.version = ""
         self.answered = False
         self.deadline = _INF
@@ -113,7 +116,8 @@ class RedirectConnection(asyncio.Protocol):
                     # A bad header after a complete request line: nginx logs that line.
                     version = self.parser.get_http_version()
                     if version != "0.0":
-                        self.method = self.parser.get_method().decode("latin-1")
+                        self.method_raw = self.parser.get_method()
+                        self.method = self.method_raw.decode("latin-1")
                         self.version = version
                 too_long = len(self.url) > self.core.max_url_bytes
                 self._send(414 if too_long else 400, b"", close=True)
@@ -130,6 +134,7 @@ class RedirectConnection(asyncio.Protocol):
         self.url = b""
         self.host = self.ua = self.referer = self.auth = None
         self.method = self.version = ""
+        self.method_raw = b""
         self.answered = False
         core = self.core
         now = core.loop.time()
@@ -157,7 +162,8 @@ class RedirectConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         # A request body (rare on port 80) is parsed and dropped; the answer goes out now.
         parser = self.parser
-        self.method = parser.get_method().decode("latin-1")
+        self.method_raw = method = parser.get_method()
+        self.method = method.decode("latin-1")
         self.version = parser.get_http_version()
         self._answer(close=not self.parser.should_keep_alive())
 
@@ -208,7 +214,7 @@ class RedirectConnection(asyncio.Protocol):
             tail = _TAIL_KEEP_10
         else:
             tail = _TAIL_KEEP
-        data = status_line(status) + self.core.date.header + extra + tail
+        data = b"".join((status_line(status), self.core.date.header, extra, tail))
         if close:
             self.core.close_after(t, data)
         else:
@@ -217,13 +223,13 @@ class RedirectConnection(asyncio.Protocol):
         if sink is not None:
             # nginx logs `return 301` answers like any other request (SPEC §2 access log).
             if method:
-                line = f"{method} {self.url.decode('latin-1')} HTTP/{version}"
+                line = self.core.request_line(self.method_raw, self.url, version)  # memoised
             else:
                 line = self.url.decode("latin-1") or "-"
             user = None if self.auth is None else remote_user(self.auth)
             sink.log(
                 self.peer,
-                time.time(),
+                _wall_clock(),
                 line,
                 status,
                 0,

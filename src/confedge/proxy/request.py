@@ -11,6 +11,7 @@ once, in paths.py (`canonical_path`); this module adds the request-target forms 
 from __future__ import annotations
 
 import re
+from typing import Final
 from urllib.parse import unquote
 
 from confedge.proxy.paths import BadPath, canonical_path
@@ -29,8 +30,10 @@ __all__ = [
 # RFC 9110 §9: the methods a conferencing web app and its REST API use. CONNECT (a tunnel, §9.3.6)
 # and TRACE (§9.3.8, reflects headers such as cookies) are refused with 405; anything else that
 # the parser knows (WebDAV, PURGE, ...) with 501 (§15.6.2: method not recognised/implemented).
-ALLOWED_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"})
-NOT_ALLOWED_METHODS = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
+ALLOWED_METHODS: Final = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"}
+)
+NOT_ALLOWED_METHODS: Final = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
 
 # The query may hold "?" and "\\" (only the path is read as a file-system-like name).
 _QUERY_CHARS = re.compile(r'[!"$-~]*')

@@ -21,7 +21,7 @@ import asyncio
 import logging
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import httptools
 
@@ -63,30 +63,34 @@ __all__ = ["T_BODY", "T_HEAD", "T_IDLE", "T_NONE", "T_TUNNEL", "ClientConnection
 
 log = logging.getLogger("confedge.proxy")
 
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-_INF = math.inf
+_INF: Final = math.inf
 
-# client timer modes (ClientConnection.tmode; the timer scheme is proxy/timers.py)
-T_IDLE, T_HEAD, T_BODY, T_NONE, T_TUNNEL = range(5)
+# client timer modes (ClientConnection.tmode; the timer scheme is proxy/timers.py). Module
+# constants are Final throughout the compiled modules: mypyc then reads them from a C static
+# (or inlines them) instead of looking the name up in the module's dict on every use.
+T_IDLE: Final = 0
+T_HEAD: Final = 1
+T_BODY: Final = 2
+T_NONE: Final = 3
+T_TUNNEL: Final = 4
 
 # The request headers that steer the proxy (one dict lookup per header instead of a chain of
 # comparisons: a browser sends a dozen headers, nearly all of them passed through untouched).
-(
-    _H_HOST,
-    _H_CONTENT_LENGTH,
-    _H_TRANSFER_ENCODING,
-    _H_CONNECTION,
-    _H_XFF,
-    _H_UPGRADE,
-    _H_EXPECT,
-    _H_USER_AGENT,
-    _H_REFERER,
-    _H_PIN,
-    _H_TOKEN,
-    _H_AUTHORIZATION,
-) = range(12)
-_STEER: dict[bytes, int] = {
+_H_HOST: Final = 0
+_H_CONTENT_LENGTH: Final = 1
+_H_TRANSFER_ENCODING: Final = 2
+_H_CONNECTION: Final = 3
+_H_XFF: Final = 4
+_H_UPGRADE: Final = 5
+_H_EXPECT: Final = 6
+_H_USER_AGENT: Final = 7
+_H_REFERER: Final = 8
+_H_PIN: Final = 9
+_H_TOKEN: Final = 10
+_H_AUTHORIZATION: Final = 11
+_STEER: Final[dict[bytes, int]] = {
     b"host": _H_HOST,
     b"content-length": _H_CONTENT_LENGTH,
     b"transfer-encoding": _H_TRANSFER_ENCODING,
@@ -102,8 +106,8 @@ _STEER: dict[bytes, int] = {
 }
 
 # pause() reasons for client reading
-_PAUSE_UPSTREAM = 1  # the node's write buffer is full (request body backpressure)
-_PAUSE_PIPELINE = 2  # a pipelined request waits for the current one
+_PAUSE_UPSTREAM: Final = 1  # the node's write buffer is full (request body backpressure)
+_PAUSE_PIPELINE: Final = 2  # a pipelined request waits for the current one
 
 
 class ClientConnection(asyncio.BufferedProtocol):
@@ -566,7 +570,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             i, timeout = arg
             conn = connect_node(core, self, ex, i, timeout)
             if conn is not None:
-                self.node_ready(ex, conn, reused=True)
+                # (attempt() read the clock for this connect a moment ago, in this same call)
+                self.node_ready(ex, conn, reused=True, now=ex.upstream_time)
         elif kind == A_MARK_FAILED:
             i, reason, maintenance = arg
             if core.is_current(ex.settings):  # not a node of a reloaded-away list
@@ -589,14 +594,17 @@ class ClientConnection(asyncio.BufferedProtocol):
         else:
             carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time, core.guard_decided)
 
-    def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
-        """A node connection for `ex` (from the pool or newly opened: NodePool.connect)."""
+    def node_ready(
+        self, ex: Exchange, conn: UpstreamConnection, *, reused: bool, now: float = -1.0
+    ) -> None:
+        """A node connection for `ex` (from the pool or newly opened: NodePool.connect);
+        `now`: the loop time when the caller has just read it."""
         if self.exchange is not ex or ex.state != CONNECTING:
             conn.pool.release(conn)  # the exchange ended meanwhile: keep it for the next
             return
         self.up = conn
         conn.owner = self
-        ex.node_connected(self.core.loop.time(), reused=reused)
+        ex.node_connected(now if now >= 0.0 else self.core.loop.time(), reused=reused)
         self.drive(ex)
 
     def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None:
