@@ -282,12 +282,15 @@ def test_uclient_through_offload(netns: list[str], where: str, mux: int) -> None
 
 @pytest.mark.chromium
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed")
+@pytest.mark.parametrize("mux", [0, 4], ids=["own-ports", "relay_multiplex=4"])
 @pytest.mark.parametrize("where", ["lo", "veth"])
-def test_chromium_through_offload(netns: list[str], where: str) -> None:
+def test_chromium_through_offload(netns: list[str], where: str, mux: int) -> None:
     """Chromium's TURN client (DataChannel, relay candidates only) with the offload on: the
     message crosses, and its ChannelData to the peer was forwarded by the kernel.  Each
     allocation's peer is the other's relay address, so the kernel's client -> peer leg ends at
-    a relay socket on this host and the second leg (peer -> client) is relayed by user space."""
+    a relay socket on this host and the second leg (peer -> client) is relayed by user space.
+    With turn.relay_multiplex the two relay addresses are two shared sockets."""
+    m = ("--multiplex", str(mux))
     if where == "veth":
         # Chromium in the far namespace (default route over the veth), the relay on 10.117.0.1.
         relay_ns, far = _veth_pair(netns)
@@ -295,7 +298,7 @@ def test_chromium_through_offload(netns: list[str], where: str) -> None:
         out = _run(
             relay_ns,
             *("--host", "10.117.0.1", "--client-host", "10.117.0.2", "--peer-host", "10.117.0.3"),
-            *("--other-peer", "10.117.0.4", "--chromium", "--peer-netns", far),
+            *("--other-peer", "10.117.0.4", "--chromium", "--peer-netns", far, *m),
         )
         _check_chromium(out)
         return
@@ -313,7 +316,7 @@ def test_chromium_through_offload(netns: list[str], where: str) -> None:
     out = _run(
         ns,
         *("--host", "127.0.0.1", "--client-host", "127.0.0.1", "--peer-host", "127.0.0.1"),
-        *("--other-peer", "127.0.0.2", "--chromium"),
+        *("--other-peer", "127.0.0.2", "--chromium", *m),
     )
     _check_chromium(out)
 
