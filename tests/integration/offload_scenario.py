@@ -32,6 +32,7 @@ from confedge.stun import (
     encode_channel_number,
     encode_xor_address,
     new_transaction_id,
+    parse_message,
 )
 from confedge.turn.service import TurnService
 from confedge.turn.testing import UdpTurnClient, response_code, turn_config
@@ -90,6 +91,17 @@ async def _recv(sock: socket.socket, timeout: float) -> tuple[bytes, Any] | None
         return await asyncio.wait_for(loop.sock_recvfrom(sock, 65535), timeout)
     except TimeoutError:
         return None
+
+
+async def _recv_all(sock: socket.socket, timeout: float) -> list[bytes]:
+    """Every datagram on a connected socket until none came for ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    got = []
+    while True:
+        try:
+            got.append(await asyncio.wait_for(loop.sock_recv(sock, 65535), timeout))
+        except TimeoutError:
+            return got
 
 
 async def _drain(sock: socket.socket, timeout: float = 0.3) -> list[tuple[bytes, Any]]:
@@ -218,19 +230,13 @@ async def _mux(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
     for s in socks:
         s.setblocking(False)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-    loop = asyncio.get_running_loop()
     paddr = [p.getsockname()[:2] for p in peers]
 
     async def from_relay(i: int, timeout: float = 0.2) -> list[tuple[bytes, Any]]:
         return await _drain(peers[i], timeout)
 
     async def at_client(j: int, timeout: float = 0.2) -> list[bytes]:
-        got = []
-        while True:
-            try:
-                got.append(await asyncio.wait_for(loop.sock_recv(clis[j].sock, 65535), timeout))
-            except TimeoutError:
-                return got
+        return await _recv_all(clis[j].sock, timeout)
 
     try:
         relay: list[tuple[str, int]] = []
@@ -351,6 +357,41 @@ def core_id(svc: TurnService, cli: UdpTurnClient) -> int:
     raise LookupError(cli.local)
 
 
+async def _local_peer(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
+    """Client A's channel to client B's relayed address (relay to relay), while B has only a
+    permission (no channel: Data indications, user space).  The kernel may take A's ChannelData
+    only if it can also deliver it; B must get every datagram either way."""
+    v6 = ":" in args.host
+    with _in_netns(args.peer_netns):
+        server, local = (args.host, svc.port), (args.client_host, 0)
+        a = UdpTurnClient(server, "turnuser", "turnpass", "example.test", local=local)
+        b = UdpTurnClient(server, "turnuser", "turnpass", "example.test", local=local)
+    out: dict[str, Any] = {}
+    try:
+        relays = []
+        for c in (a, b):
+            r = await c.allocate(6 if v6 else 4)
+            assert r is not None and r.msg_class == MsgClass.SUCCESS, r
+            relays.append(
+                decode_xor_address(r.get(Attr.XOR_RELAYED_ADDRESS) or b"", r.transaction_id)
+            )
+        out["bind"] = await _bind(a, 0x4001, relays[1])
+        out["perm"] = await b.create_permission(args.host)
+        n = args.count
+        for i in range(n):
+            a.sock.send(struct.pack("!HH", 0x4001, 8) + struct.pack("!Q", i))
+        got = await _recv_all(b.sock, 0.5)
+        data = [m.get(Attr.DATA) for m in map(parse_message, got) if m.method == Method.DATA]
+        out["b_got"] = len(got)
+        out["b_ok"] = sorted(data) == sorted(struct.pack("!Q", i) for i in range(n))
+        out["counts"] = _counts_all(svc)
+    finally:
+        a.close()
+        b.close()
+        await svc.close()
+    return out
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if args.chromium:
@@ -367,7 +408,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         peers = ["127.0.0.0/8", f"{args.host}/32"]
     else:
         extra = {}
-        peers = [args.peer_host, args.other_peer]
+        peers = [args.peer_host, args.other_peer] + ([args.host] if args.local_peer else [])
     v6 = ":" in args.host  # IPv6 end to end: a v6 listener, relay address, client and peers
     cfg = turn_config(
         **extra,
@@ -400,6 +441,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             return await _chromium(svc, args)
         finally:
             await svc.close()
+    if args.local_peer:
+        return await _local_peer(svc, args)
     if args.multiplex:
         return await _mux(svc, args)
     # Short lifetimes so that expiry is observable in seconds (the same timers as in production).
@@ -433,7 +476,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         async def bind(ch: int, addr: tuple[str, int]) -> int:
             return await _bind(cli, ch, addr)
 
-        loop = asyncio.get_running_loop()
         # Unbound channel: never forwarded (user space drops it, RFC 8656 §12.4).
         cli.sock.send(struct.pack("!HH", 0x4002, 4) + b"nope")
         out["unbound_delivered"] = len(await _drain(peer))
@@ -449,12 +491,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         ) == list(range(n))
         for i in range(n):
             peer.sendto(struct.pack("!Q", i) + b"x", tuple(raddr))
-        back = []
-        while True:
-            try:
-                back.append(await asyncio.wait_for(loop.sock_recv(cli.sock, 65535), 0.3))
-            except TimeoutError:
-                break
+        back = await _recv_all(cli.sock, 0.3)
         out["to_client_delivered"] = len(back)
         out["to_client_ok"] = sorted(back) == sorted(
             struct.pack("!HH", 0x4001, 9) + struct.pack("!Q", i) + b"x" for i in range(n)
@@ -501,6 +538,7 @@ if __name__ == "__main__":
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--uclient", type=int, default=0, help="run turnutils_uclient with -n N")
     p.add_argument("--multiplex", type=int, default=0, help="turn.relay_multiplex: _mux()")
+    p.add_argument("--local-peer", action="store_true", help="relay to relay: _local_peer()")
     p.add_argument("--dataplane", default="auto", help="turn.dataplane")
     p.add_argument("--chromium", action="store_true", help="Chromium's DataChannel relay test")
     a = p.parse_args()

@@ -432,3 +432,29 @@ def test_offload_with_relay_multiplex_on_veth(netns: list[str], hosts: tuple[str
         *("--peer-netns", far_ns),
     )
     _check_mux(out, 20)
+
+
+@pytest.mark.parametrize("mux", [0, 4], ids=["own-ports", "relay_multiplex=4"])
+@pytest.mark.parametrize("where", ["lo", "veth"])
+def test_offload_relay_to_relay_with_user_space_peer(
+    netns: list[str], where: str, mux: int
+) -> None:
+    """Client A's channel points at client B's relayed address; B has a permission but no
+    channel (Data indications, relayed by user space).  On the veth, the kernel must not
+    rewrite A's ChannelData into a packet from this host's own address that it cannot finish
+    (handed to lo, it is dropped as a martian source): user space relays those, and B gets
+    every one (what made Chromium's relay-to-relay test through the offload flaky)."""
+    if where == "lo":
+        ns, extra = _new_ns(netns, "i17mux"), ()
+        hosts = ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2")
+    else:
+        ns, far = _veth_pair(netns, V4_HOSTS, "i17mux")
+        hosts, extra = V4_HOSTS, ("--peer-netns", far)
+    out = _run(
+        ns,
+        *("--host", hosts[0], "--client-host", hosts[1], "--peer-host", hosts[2]),
+        *("--other-peer", hosts[3], "--count", "10", "--local-peer", "--multiplex", str(mux)),
+        *extra,
+    )
+    assert out["bind"] == 200 and out["perm"] == 200
+    assert out["b_got"] == 10 and out["b_ok"] is True, out
