@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -248,9 +249,11 @@ _TOTALS = re.compile(r"tot_send_bytes ~ (\d+), tot_recv_bytes ~ (\d+)")
 
 @pytest.mark.coturn
 @pytest.mark.skipif(shutil.which("turnutils_uclient") is None, reason="coturn not installed")
+@pytest.mark.parametrize("mux", [0, 4], ids=["own-ports", "relay_multiplex=4"])
 @pytest.mark.parametrize("where", ["lo", "veth"])
-def test_uclient_through_offload(netns: list[str], where: str) -> None:
-    """coturn's client relays every message with the offload on, and the kernel carried it."""
+def test_uclient_through_offload(netns: list[str], where: str, mux: int) -> None:
+    """coturn's client relays every message with the offload on, and the kernel carried it
+    (also through shared relay sockets, turn.relay_multiplex)."""
     if where == "lo":
         ns = _new_ns(netns)
         hosts = ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2")
@@ -262,7 +265,7 @@ def test_uclient_through_offload(netns: list[str], where: str) -> None:
     out = _run(
         ns,
         *("--host", hosts[0], "--client-host", hosts[1], "--peer-host", hosts[2]),
-        *("--other-peer", hosts[3], "--uclient", "5", *extra),
+        *("--other-peer", hosts[3], "--uclient", "5", "--multiplex", str(mux), *extra),
     )
     text = str(out["uclient"])
     totals = _TOTALS.findall(text)
@@ -279,12 +282,15 @@ def test_uclient_through_offload(netns: list[str], where: str) -> None:
 
 @pytest.mark.chromium
 @pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="chromium not installed")
+@pytest.mark.parametrize("mux", [0, 4], ids=["own-ports", "relay_multiplex=4"])
 @pytest.mark.parametrize("where", ["lo", "veth"])
-def test_chromium_through_offload(netns: list[str], where: str) -> None:
+def test_chromium_through_offload(netns: list[str], where: str, mux: int) -> None:
     """Chromium's TURN client (DataChannel, relay candidates only) with the offload on: the
     message crosses, and its ChannelData to the peer was forwarded by the kernel.  Each
     allocation's peer is the other's relay address, so the kernel's client -> peer leg ends at
-    a relay socket on this host and the second leg (peer -> client) is relayed by user space."""
+    a relay socket on this host and the second leg (peer -> client) is relayed by user space.
+    With turn.relay_multiplex the two relay addresses are two shared sockets."""
+    m = ("--multiplex", str(mux))
     if where == "veth":
         # Chromium in the far namespace (default route over the veth), the relay on 10.117.0.1.
         relay_ns, far = _veth_pair(netns)
@@ -292,7 +298,7 @@ def test_chromium_through_offload(netns: list[str], where: str) -> None:
         out = _run(
             relay_ns,
             *("--host", "10.117.0.1", "--client-host", "10.117.0.2", "--peer-host", "10.117.0.3"),
-            *("--other-peer", "10.117.0.4", "--chromium", "--peer-netns", far),
+            *("--other-peer", "10.117.0.4", "--chromium", "--peer-netns", far, *m),
         )
         _check_chromium(out)
         return
@@ -310,7 +316,7 @@ def test_chromium_through_offload(netns: list[str], where: str) -> None:
     out = _run(
         ns,
         *("--host", "127.0.0.1", "--client-host", "127.0.0.1", "--peer-host", "127.0.0.1"),
-        *("--other-peer", "127.0.0.2", "--chromium"),
+        *("--other-peer", "127.0.0.2", "--chromium", *m),
     )
     _check_chromium(out)
 
@@ -323,3 +329,132 @@ def _check_chromium(out: dict[str, object]) -> None:
     counts = out["counts"]
     assert isinstance(counts, dict)
     assert counts["kernel_to_peer"] > 0, counts
+
+
+# -- offload + turn.relay_multiplex (shared relay sockets) ------------------------------------
+
+
+def _check_mux(out: dict[str, Any], n: int) -> None:
+    """What offload_scenario._mux() saw: 9 allocations on 4 shared sockets, n packets each way
+    per allocation, then the 508, stray peers, a channel kept in user space, an allocation's
+    end, a freed peer claimed again and a lapsed permission."""
+    k = 9
+    assert out["sockets"] == 4 and out["largest_group"] >= 3
+    assert out["binds"] == [200] * k and out["after_bind"]["offloaded"] == k
+    # Every allocation's ChannelData both ways, from its shared relayed address, all by the
+    # kernel: user space counted none of it.
+    assert out["to_peer_ok"] is True and out["to_client_ok"] is True, out
+    t = out["after_traffic"]
+    assert (t["kernel_to_peer"], t["kernel_to_client"]) == (k * n, k * n), t
+    assert (t["user_to_peer"], t["user_to_client"]) == (0, 0), t
+    # 508 for a peer claimed by another allocation on the same socket: nothing in the map, the
+    # channel not forwarded, the claimed peer still reaching its owner alone (by the kernel).
+    assert out["conflict_bind"] == 508
+    assert out["after_conflict"] == {**t, "offloaded": k}
+    assert out["conflict_leaked"] == 0
+    assert out["claimed_to_a"] == 5 and out["claimed_to_b"] == 0
+    # An unclaimed port of a permitted IP (ambiguous on the socket) and an unpermitted IP: the
+    # kernel forwards neither, user space delivers neither.
+    before, after = out["stray_counts"]
+    assert out["stray_delivered"] == 0 and before == after
+    # A channel kept out of the kernel on a shared socket: its peer's packets pass the TC
+    # program and user space demultiplexes them (both ways); C on the same socket stays in
+    # the kernel.
+    before, after = out["user_space_counts"]
+    assert out["user_space_b"] == [5, 5] and out["kernel_c"] == 5
+    assert after["user_to_client"] - before["user_to_client"] == 5
+    assert after["user_to_peer"] - before["user_to_peer"] == 5
+    assert after["kernel_to_client"] - before["kernel_to_client"] == 5  # C's
+    # A's allocation ends: its channel leaves the map (B's was already out), the shared socket
+    # keeps serving C by the kernel; A's peer, now free, is bound by C and offloaded for C.
+    assert out["refresh0"] == 200
+    assert out["after_end"] == {"offloaded": k - 2, "allocs": k - 1}
+    assert out["c_after_end"] == 5
+    assert out["rebind_freed"] == 200
+    before, after, offloaded = out["freed_counts"]
+    assert out["freed_to_c"] == [5, True] and offloaded == k - 1
+    assert after["kernel_to_client"] - before["kernel_to_client"] == 5
+    assert after["user_to_client"] == before["user_to_client"]
+    # E's permission lapses (3 s): its channel leaves the map at once; the kernel forwards
+    # nothing more for it, while D on another socket is still forwarded by the kernel.
+    assert out["e_shares"] is True and out["e_bind"] == 200
+    assert out["e_before"] == [1, k] and out["e_after_offloaded"] == k - 1
+    assert out["d_still"] == 5
+    before, after = out["e_counts"]
+    assert after["kernel_to_peer"] == before["kernel_to_peer"]
+    assert after["kernel_to_client"] - before["kernel_to_client"] == 5  # D's only
+
+
+@pytest.mark.parametrize("dataplane", ["native", "python"])
+def test_offload_with_relay_multiplex_on_loopback(netns: list[str], dataplane: str) -> None:
+    """turn.offload = "ebpf" with turn.relay_multiplex = 4 on the namespace's loopback, on both
+    data planes (each demultiplexes what the kernel leaves to it)."""
+    if dataplane == "native":
+        from confedge.turn.native import native_available
+
+        ok, why = native_available()
+        if not ok:
+            pytest.skip(f"native data plane: {why}")
+    ns = _new_ns(netns, "i17mux")
+    _ip("-n", ns, "addr", "add", "127.0.0.2/8", "dev", "lo")
+    out = _run(
+        ns,
+        *("--host", "127.0.0.1", "--client-host", "127.0.0.1", "--peer-host", "127.0.0.1"),
+        *("--other-peer", "127.0.0.2", "--count", "20", "--multiplex", "4"),
+        *("--dataplane", dataplane),
+    )
+    _check_mux(out, 20)
+    assert "clsact" not in _ns(ns, "tc", "qdisc", "show", "dev", "lo").stdout
+
+
+def _settle_ipv6(*namespaces: str) -> None:
+    """Wait (at most 5 s) until no address of the just-made veth is tentative: a neighbour
+    solicitation sent before (the link-local addresses still in DAD) goes unanswered, and the
+    first packets to a new neighbour wait for the retransmission 1 s later, in the kernel or in
+    user space alike.  A host's real interfaces are up long before the relay starts."""
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if not any(_ns(ns, "ip", "-6", "addr", "show", "tentative").stdout for ns in namespaces):
+            return
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("hosts", [V4_HOSTS, V6_HOSTS], ids=["ipv4", "ipv6"])
+def test_offload_with_relay_multiplex_on_veth(netns: list[str], hosts: tuple[str, ...]) -> None:
+    """The same across a veth pair (client and peers in the far namespace), IPv4 and IPv6."""
+    relay_ns, far_ns = _veth_pair(netns, hosts, "i17mux")
+    if ":" in hosts[0]:
+        _settle_ipv6(relay_ns, far_ns)
+    out = _run(
+        relay_ns,
+        *("--host", hosts[0], "--client-host", hosts[1], "--peer-host", hosts[2]),
+        *("--other-peer", hosts[3], "--count", "20", "--multiplex", "4"),
+        *("--peer-netns", far_ns),
+    )
+    _check_mux(out, 20)
+
+
+@pytest.mark.parametrize("mux", [0, 4], ids=["own-ports", "relay_multiplex=4"])
+@pytest.mark.parametrize("where", ["lo", "veth"])
+def test_offload_relay_to_relay_with_user_space_peer(
+    netns: list[str], where: str, mux: int
+) -> None:
+    """Client A's channel points at client B's relayed address; B has a permission but no
+    channel (Data indications, relayed by user space).  On the veth, the kernel must not
+    rewrite A's ChannelData into a packet from this host's own address that it cannot finish
+    (handed to lo, it is dropped as a martian source): user space relays those, and B gets
+    every one (what made Chromium's relay-to-relay test through the offload flaky)."""
+    if where == "lo":
+        ns, extra = _new_ns(netns, "i17mux"), ()
+        hosts = ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2")
+    else:
+        ns, far = _veth_pair(netns, V4_HOSTS, "i17mux")
+        hosts, extra = V4_HOSTS, ("--peer-netns", far)
+    out = _run(
+        ns,
+        *("--host", hosts[0], "--client-host", hosts[1], "--peer-host", hosts[2]),
+        *("--other-peer", hosts[3], "--count", "10", "--local-peer", "--multiplex", str(mux)),
+        *extra,
+    )
+    assert out["bind"] == 200 and out["perm"] == 200
+    assert out["b_got"] == 10 and out["b_ok"] is True, out

@@ -456,6 +456,34 @@ struct rewrite {
 
 static __always_inline __u32 w0(const struct in6_addr *a) { return a->in6_u.u6_addr32[0]; }
 
+/* A rewritten packet for this host that arrived on another interface than lo can only be
+ * delivered by finishing it here: handed to lo (deliver_local()), a packet from one of this
+ * host's own addresses is dropped as a martian source by the input route check (unless
+ * accept_local, which a host does not set).  So relay to relay (client -> peer, the peer being
+ * another allocation's relayed address) is taken only when that allocation's peer -> client
+ * leg is in the map too and leads off this host; anything else stays with user space, whose
+ * sockets deliver locally (Data indications, a client on this host). */
+static __always_inline int finishes_off_host(struct __sk_buff *skb, struct rewrite *rw, int v6)
+{
+	struct in6_addr *a = rw->addrs;
+	__u16 sport = (__u16)rw->new_ports, dport = (__u16)(rw->new_ports >> 16);
+	__u32 ifindex = 0;
+	if (v6) {
+		struct out6_key k = {.peer_ip = a[2], .relay_ip = a[3], .peer_port = sport,
+				     .relay_port = dport};
+		struct out6_val *v = bpf_map_lookup_elem(&cd_out6, &k);
+		if (!v || route6(skb, &v->listener_ip, &v->client_ip, &ifindex) < 0)
+			return 0;
+	} else {
+		struct out_key k = {.peer_ip = w0(&a[2]), .relay_ip = w0(&a[3]), .peer_port = sport,
+				    .relay_port = dport};
+		struct out_val *v = bpf_map_lookup_elem(&cd_out, &k);
+		if (!v || route(skb, v->listener_ip, v->client_ip, &ifindex) < 0)
+			return 0;
+	}
+	return ifindex != 0;
+}
+
 /* The steps after the lookup, the same for both families and directions: route (before
  * anything is changed), checksum, headers, the ChannelData header removed (to_peer) or added,
  * counters, delivery.  `v6` and `to_peer` are constants where it is inlined. */
@@ -468,6 +496,9 @@ static __always_inline int apply(struct __sk_buff *skb, struct rewrite *rw, int 
 	__u32 ifindex;
 	if ((v6 ? route6(skb, &a[2], &a[3], &ifindex) : route(skb, w0(&a[2]), w0(&a[3]), &ifindex)) < 0)
 		return PASS;
+	if (ifindex == 0 && skb->ingress_ifindex != LOOPBACK_IFINDEX &&
+	    (!to_peer || !finishes_off_host(skb, rw, v6)))
+		return PASS; /* for this host, arrived on another interface: user space delivers it */
 	if (v6 ? csum_fix6(skb, a, rw->old_len, rw->new_len, rw->old_ports, rw->new_ports,
 			   rw->old_word, rw->new_word)
 	       : csum_fix(skb, w0(&a[0]), w0(&a[2]), w0(&a[1]), w0(&a[3]), rw->old_len, rw->new_len,
