@@ -341,6 +341,13 @@ async def _mux(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
             peers[d].sendto(b"D%d" % i, relay[d])
         out["d_still"] = len(await at_client(d))
         out["e_counts"] = [before, _counts_all(svc)]
+        # The channel is still bound (600 s): a CreatePermission for the peer's IP renews it,
+        # back in the map and relayed by the kernel both ways.
+        out["e_renew"] = await clis[e].create_permission(paddr[k + 1][0])
+        out["e_renewed_offloaded"] = off.offloaded_channels()
+        peers[k + 1].sendto(b"e3", relay_e)
+        clis[e].sock.send(struct.pack("!HH", 0x4001, 2) + b"e4")
+        out["e_renewed_delivered"] = [len(await at_client(e)), len(await from_relay(k + 1))]
     finally:
         for s in socks:
             s.close()

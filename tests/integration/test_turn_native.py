@@ -353,7 +353,8 @@ async def test_fuzz_native_path_then_relay_still_works(multiplex: int) -> None:
     plane".)  With turn.relay_multiplex the relay socket is shared with a second allocation
     that has a permission for the peer's IP too, and the peer's datagrams also come from a
     port nobody named and from an IP nobody permitted: the demultiplexing (claims made and
-    refused by mutated Send indications, unknown and ambiguous peers) is fuzzed as well."""
+    refused by mutated Send indications, unknown and ambiguous peers) is fuzzed as well.  The
+    channel's permission lapses and returns every 100,000 datagrams (its channel held aside)."""
     count = int(os.environ.get("CONFEDGE_FUZZ_COUNT", str(10**6)))
     svc = await _service(dataplane_threads=1 if multiplex else 2, relay_multiplex=multiplex)
     client, peer = _sock(), _sock()
@@ -388,7 +389,16 @@ async def test_fuzz_native_path_then_relay_still_works(multiplex: int) -> None:
         rng = random.Random(1406)
         sent = 0
         peer.setblocking(False)
+        # The channel's permission lapses and returns while the threads relay (RFC 8656 §9:
+        # its channel moves out of the tables and back), as the core's timers would do it.
+        alloc_id = next(iter(svc.core.allocations.values())).id
+        lapsed = False
         while sent < count:
+            if sent % 100_000 == 0 and svc.stats()["allocations"]:
+                toggle = _dp(svc).add_permission if lapsed else _dp(svc).remove_permission
+                with contextlib.suppress(KeyError):  # a mutated Refresh ended the allocation
+                    toggle(alloc_id, paddr[0])
+                lapsed = not lapsed
             for _ in range(2000):
                 if rng.random() < 0.8:
                     cli.t.sendto(_mutate(rng, rng.choice(seeds_client)))
@@ -400,6 +410,9 @@ async def test_fuzz_native_path_then_relay_still_works(multiplex: int) -> None:
             _discard(peer, cli)  # keep the receive queues short
             while not cli2.p.q.empty():
                 cli2.p.q.get_nowait()
+        if lapsed and svc.stats()["allocations"]:
+            with contextlib.suppress(KeyError):
+                _dp(svc).add_permission(alloc_id, paddr[0])
         await asyncio.sleep(0.5)
         _discard(peer, cli)
         st = _dp(svc).stats()

@@ -375,14 +375,24 @@ def _check_mux(out: dict[str, Any], n: int) -> None:
     assert out["freed_to_c"] == [5, True] and offloaded == k - 1
     assert after["kernel_to_client"] - before["kernel_to_client"] == 5
     assert after["user_to_client"] == before["user_to_client"]
-    # E's permission lapses (3 s): its channel leaves the map at once; the kernel forwards
-    # nothing more for it, while D on another socket is still forwarded by the kernel.
+    # E's permission lapses (3 s): its channel leaves the map at once; nothing more is relayed
+    # on it either way, by the kernel or by user space (RFC 8656 §9, §12: the channel is still
+    # bound, but its peer has no permission), while D on another socket is still forwarded by
+    # the kernel.
     assert out["e_shares"] is True and out["e_bind"] == 200
     assert out["e_before"] == [1, k] and out["e_after_offloaded"] == k - 1
+    assert out["e_after_delivered"] == [0, 0]
     assert out["d_still"] == 5
     before, after = out["e_counts"]
     assert after["kernel_to_peer"] == before["kernel_to_peer"]
     assert after["kernel_to_client"] - before["kernel_to_client"] == 5  # D's only
+    assert (after["user_to_peer"], after["user_to_client"]) == (
+        before["user_to_peer"],
+        before["user_to_client"],
+    )
+    # A CreatePermission renews it: the bound channel is offloaded and relayed again.
+    assert out["e_renew"] == 200 and out["e_renewed_offloaded"] == k
+    assert out["e_renewed_delivered"] == [1, 1]
 
 
 @pytest.mark.parametrize("dataplane", ["native", "python"])

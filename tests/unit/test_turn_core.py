@@ -533,6 +533,44 @@ def test_send_indication_needs_permission() -> None:
     assert len(dp.sent) == 1
 
 
+def _relaying(alloc: dict[str, Any]) -> set[int]:
+    """The channels a data plane relays under the DataPlane contract: bound, and their peer IP
+    holding a permission (RFC 8656 §9, §12)."""
+    return {ch for ch, peer in alloc["channels"].items() if peer[0] in alloc["perms"]}
+
+
+def test_lapsed_permission_suspends_bound_channel_until_renewed() -> None:
+    """A permission lasts 300 s, a channel 600 s: a client refreshing neither keeps its channel
+    bound for 300 s more, but nothing may be relayed on it (§9); a CreatePermission or a
+    ChannelBind refresh for the IP makes it relay again, with the same number and peer."""
+    core, dp = make_core()
+    cli = Cli(core)
+    cli.allocate(T0)
+    assert code(cli.refresh(T0, 3600)) == 200
+    assert code(cli.channel(T0, 0x4000, PEER, 5000)) == 200
+    assert code(cli.channel(T0, 0x4001, "198.51.100.21", 5000)) == 200
+    (alloc,) = dp.allocations.values()
+    assert _relaying(alloc) == {0x4000, 0x4001}
+    assert code(cli.permission(T0 + 200, "198.51.100.21")) == 200  # keeps 0x4001's to T0+500
+    core.tick(T0 + 299.9)
+    assert _relaying(alloc) == {0x4000, 0x4001}
+    core.tick(T0 + 300)
+    assert alloc["perms"] == {"198.51.100.21"} and alloc["channels"][0x4000] == (PEER, 5000)
+    assert _relaying(alloc) == {0x4001}
+    assert code(cli.permission(T0 + 310, PEER)) == 200  # CreatePermission renews it
+    assert _relaying(alloc) == {0x4000, 0x4001}
+    core.tick(T0 + 500)
+    assert _relaying(alloc) == {0x4000}
+    assert code(cli.channel(T0 + 510, 0x4001, "198.51.100.21", 5000)) == 200  # bind refresh
+    assert _relaying(alloc) == {0x4000, 0x4001}
+    core.tick(T0 + 610)  # PEER's renewed permission lapses; 0x4000 bound until T0+600 only
+    assert 0x4000 not in alloc["channels"] and _relaying(alloc) == {0x4001}
+    core.tick(T0 + 810)  # 0x4001's permission (T0+510) lapses; the channel stays to T0+1110
+    assert alloc["channels"] == {0x4001: ("198.51.100.21", 5000)} and _relaying(alloc) == set()
+    core.tick(T0 + 1110)
+    assert alloc["channels"] == {}
+
+
 def test_channel_0x7fff_binds_as_coturn_clients_pick_it() -> None:
     """coturn's uclient picks channels uniformly in 0x4000-0x7FFF (RFC 5766 §11's range, 0x7FFF
     included): one bind in 16,384 used to get 400 and fail the client's run."""

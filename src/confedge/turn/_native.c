@@ -181,8 +181,13 @@ typedef struct alloc {
     addr_t client;
     sockaddr_u client_sa;
     socklen_t client_salen;
-    chan_t *chans;
+    chan_t *chans; /* bound channels whose peer IP has a permission: the only ones relayed */
     int nchans, capchans;
+    /* bound channels whose permission lapsed (RFC 8656 §9, §12: nothing relayed either way);
+     * back in chans when the permission is installed again. Kept apart so that the per-packet
+     * lookups in chans need no permission check. */
+    chan_t *held;
+    int nheld, capheld;
     perm_t *perms;
     int nperms, capperms;
     /* written by the worker */
@@ -550,6 +555,34 @@ static inline chan_t *chan_by_peer(alloc_t *al, const addr_t *peer)
         if (memcmp(&al->chans[i].peer, peer, sizeof *peer) == 0)
             return &al->chans[i];
     return NULL;
+}
+
+static inline chan_t *held_by_number(alloc_t *al, uint16_t number)
+{
+    for (int i = 0; i < al->nheld; i++)
+        if (al->held[i].number == number)
+            return &al->held[i];
+    return NULL;
+}
+
+/* Move every channel bound to peer IP (fam, ip) from one array to the other (chans -> held when
+ * its permission lapses, held -> chans when it is installed again); -1 when out of memory (the
+ * channels moved so far stay moved). Called with the worker's lock held. */
+static int chans_move(chan_t **from, int *nfrom, chan_t **to, int *nto, int *capto, uint8_t fam,
+                      const uint8_t *ip)
+{
+    size_t n = fam == 4 ? 4 : 16;
+    for (int i = 0; i < *nfrom;) {
+        chan_t *c = &(*from)[i];
+        if (c->peer.fam != fam || memcmp(c->peer.ip, ip, n) != 0) {
+            i++;
+            continue;
+        }
+        if (put_elem((void **)to, nto, capto, sizeof *c, NULL, c) != 0)
+            return -1;
+        (*from)[i] = (*from)[--*nfrom];
+    }
+    return 0;
 }
 
 static inline perm_t *perm_find(alloc_t *al, uint8_t fam, const uint8_t *ip)
@@ -1423,6 +1456,7 @@ static void on_mux_packets(worker_t *w, mux_t *m, int first, int n)
 static void free_alloc(alloc_t *al)
 {
     free(al->chans);
+    free(al->held);
     free(al->perms);
     free(al);
 }
@@ -2033,6 +2067,10 @@ static PyObject *Engine_add_permission(engine_t *e, PyObject *args)
         r = put_elem((void **)&al->perms, &al->nperms, &al->capperms, sizeof pm, old, &pm);
     if (r != 0 && al->mux != NULL && old == NULL)
         mux_perm_del(al, pm.fam, pm.ip);
+    /* channels suspended when this IP's permission lapsed relay again (RFC 8656 §9) */
+    if (r == 0)
+        r = chans_move(&al->held, &al->nheld, &al->chans, &al->nchans, &al->capchans, pm.fam,
+                       pm.ip);
     wunlock(w);
     if (r != 0)
         return PyErr_NoMemory();
@@ -2054,12 +2092,18 @@ static PyObject *Engine_remove_permission(engine_t *e, PyObject *args)
     worker_t *w = e->workers[al->worker];
     wlock(w);
     perm_t *pm = perm_find(al, fam, raw);
+    int r = 0;
     if (pm != NULL) {
         *pm = al->perms[--al->nperms];
         if (al->mux != NULL)
             mux_perm_del(al, fam, raw);
+        /* RFC 8656 §9, §12: without a permission nothing is relayed, also on a bound channel;
+         * the channel stays bound (held) until its own expiry or the permission's return */
+        r = chans_move(&al->chans, &al->nchans, &al->held, &al->nheld, &al->capheld, fam, raw);
     }
     wunlock(w);
+    if (r != 0)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 
@@ -2091,9 +2135,15 @@ static PyObject *Engine_add_channel(engine_t *e, PyObject *args)
         return PyErr_Format(PeerTaken, "the allocation already uses %d peer addresses",
                             MUX_MAX_CLAIMS);
     }
-    if (r == 0)
-        r = put_elem((void **)&al->chans, &al->nchans, &al->capchans, sizeof ch,
-                     chan_by_number(al, ch.number), &ch);
+    if (r == 0) {
+        /* relayed only while its peer IP has a permission (the core installs it first) */
+        if (perm_find(al, ch.peer.fam, ch.peer.ip) != NULL)
+            r = put_elem((void **)&al->chans, &al->nchans, &al->capchans, sizeof ch,
+                         chan_by_number(al, ch.number), &ch);
+        else
+            r = put_elem((void **)&al->held, &al->nheld, &al->capheld, sizeof ch,
+                         held_by_number(al, ch.number), &ch);
+    }
     wunlock(w);
     if (r != 0)
         return PyErr_NoMemory();
@@ -2118,6 +2168,10 @@ static PyObject *Engine_remove_channel(engine_t *e, PyObject *args)
         if (al->mux != NULL)
             mux_release(al, &ch->peer, CLAIM_CHANNEL);
         *ch = al->chans[--al->nchans];
+    } else if ((ch = held_by_number(al, (uint16_t)number)) != NULL) {
+        if (al->mux != NULL)
+            mux_release(al, &ch->peer, CLAIM_CHANNEL);
+        *ch = al->held[--al->nheld];
     }
     wunlock(w);
     Py_RETURN_NONE;

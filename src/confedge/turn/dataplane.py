@@ -15,6 +15,11 @@ Directions:
 * client -> peer, ChannelData: :meth:`UdpDataPlane.client_channel_data` (called by the
   listeners before any STUN parsing) finds the route by (client, channel number) and sends.
 * client -> peer, Send indication: the core parses and checks, then calls :meth:`send_to_peer`.
+
+A channel relays only while its peer IP holds a permission (RFC 8656 §9, §12): when the core
+calls :meth:`DataPlane.remove_permission` (the permission lapsed), the channels bound to that IP
+leave the two hot-path tables but stay bound; :meth:`DataPlane.add_permission` (a CreatePermission
+or a ChannelBind refresh) puts them back.  So neither direction checks permissions per packet.
 """
 
 from __future__ import annotations
@@ -167,7 +172,10 @@ class DataPlane(abc.ABC):
     def add_permission(self, alloc_id: int, peer_ip: str) -> None: ...
 
     @abc.abstractmethod
-    def remove_permission(self, alloc_id: int, peer_ip: str) -> None: ...
+    def remove_permission(self, alloc_id: int, peer_ip: str) -> None:
+        """The permission lapsed: nothing to or from ``peer_ip`` is relayed, also on channels
+        bound to it (RFC 8656 §9, §12), which stay bound and relay again after
+        :meth:`add_permission` for the same IP."""
 
     @abc.abstractmethod
     def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None: ...
@@ -733,6 +741,9 @@ class UdpDataPlane(DataPlane):
         proto.perms.add(peer_ip)
         if proto.shared is not None:
             proto.shared.mux.add_permission(proto, peer_ip)
+        for channel, route in proto.routes.items():
+            if route.peer[0] == peer_ip:  # a channel suspended when the permission lapsed
+                self._route_live(proto, channel, route)
 
     def remove_permission(self, alloc_id: int, peer_ip: str) -> None:
         proto = self._relays.get(alloc_id)
@@ -740,18 +751,31 @@ class UdpDataPlane(DataPlane):
             proto.perms.discard(peer_ip)
             if proto.shared is not None:
                 proto.shared.mux.remove_permission(proto, peer_ip)
+            # RFC 8656 §9, §12: no relaying either way without a permission, even on a bound
+            # channel. The channel stays bound (proto.routes) until its own expiry; only its
+            # hot-path entries go, so the per-packet lookups need no permission check.
+            key = self._client_of[alloc_id]
+            for channel, route in proto.routes.items():
+                if route.peer[0] == peer_ip:
+                    proto.channels.pop(route.peer, None)
+                    self.routes.pop((key, channel.to_bytes(2, "big")), None)
+
+    def _route_live(self, proto: _RelayProtocol, channel: int, route: _Route) -> None:
+        """Put a bound channel in both hot-path tables (its peer IP has a permission)."""
+        proto.channels[route.peer] = channel
+        self.routes[(self._client_of[proto.alloc_id], channel.to_bytes(2, "big"))] = route
 
     def add_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
         proto = self._relays[alloc_id]
         if proto.shared is not None and (why := proto.shared.mux.claim(proto, peer, CHANNEL)):
             raise PeerTaken(_taken(peer, proto.shared.addr, why))
-        proto.channels[peer] = channel
         old = proto.routes.get(channel)
         route = _Route(proto, peer)
         if old is not None:  # refresh: keep the counters
             route.pkts, route.bytes = old.pkts, old.bytes
         proto.routes[channel] = route
-        self.routes[(self._client_of[alloc_id], channel.to_bytes(2, "big"))] = route
+        if peer[0] in proto.perms:  # else suspended until add_permission (§9)
+            self._route_live(proto, channel, route)
 
     def remove_channel(self, alloc_id: int, channel: int, peer: tuple[str, int]) -> None:
         proto = self._relays.get(alloc_id)
