@@ -149,14 +149,17 @@ def test_turn_benchmark_packet_generator_smoke(tmp_path: Path) -> None:
     for size in ("200", "1200"):
         ceiling = data["generator_ceiling"][size]
         assert ceiling["delivered_pps"] > 0, ceiling
-        assert ceiling["delivered_mean_bytes"] == int(size), ceiling
+        # approx: the sink adds a batch's packets and bytes to two slots one after the other,
+        # so a window edge can fall between them (off by a fraction of a packet, not 4 bytes).
+        assert ceiling["delivered_mean_bytes"] == pytest.approx(int(size), rel=1e-3), ceiling
     for name in servers.split(","):
         (r,) = data["results"][name]
         for key in ("relay_1x200", "relay_1x1200", "relay_50x200", "relay_50x1200"):
             sc = r[key]
             assert "error" not in sc, (name, key, sc)
             assert sc["offered_pps"] > 0 and sc["delivered_pps"] > 0, (name, key, sc)
-            assert sc["delivered_mean_bytes"] == sc["payload"], (name, key, sc)
+            # ChannelData header stripped from every packet (204 B would fail; approx as above)
+            assert sc["delivered_mean_bytes"] == pytest.approx(sc["payload"], rel=1e-3), sc
 
 
 def test_without_a_compiler_the_bench_says_so_and_uses_python(tmp_path: Path) -> None:
