@@ -298,6 +298,7 @@ class CSender:
     sent0_slot: int  # worker idx counts into sent0_slot + idx
     threads: int = 1
     cpus: str = ""  # comma list to pin the sender threads to, "" = no pinning
+    packet: bool = False  # AF_PACKET frames into lo with the sockets' 5-tuples (turnload --packet)
 
 
 def _blast_c(
@@ -330,6 +331,8 @@ def _blast_c(
     ]
     if c.cpus:
         cmd += ["--cpus", c.cpus]
+    if c.packet:
+        cmd.append("--packet")
     proc = subprocess.run(
         [*cmd, *map(str, fds)], pass_fds=fds, capture_output=True, text=True, check=False
     )

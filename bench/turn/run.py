@@ -23,6 +23,15 @@ are Python either way. Besides the server's own CPU, each relay scenario reports
 CPU per delivered packet (/proc/stat) and a "server-attributable" figure: the machine minus the
 generator's and the sink's process CPU.
 
+`--gen-packet` makes the C sender cheaper: instead of a UDP sendmmsg per batch on each
+allocation's socket (socket, route and netfilter output path per packet, in the sender's
+context), it writes the same ChannelData as whole Ethernet/IPv4/UDP frames, carrying each
+socket's own 5-tuple and a valid checksum, into lo with an AF_PACKET socket (sendmmsg,
+PACKET_QDISC_BYPASS; needs CAP_NET_RAW). Every server then sees the allocation's packets arrive
+on lo's receive path exactly as from a NIC (TC ingress, IP input, UDP socket), so the comparison
+stays fair; delivered packets are still counted at the sink. UDP GSO was rejected for this: on lo
+the GSO super-packet reaches TC ingress unsegmented, so the offload would not recognise it.
+
 It prints a markdown table of medians with confedge/coturn ratios and writes every sample to
 bench/results/turn-<timestamp>.json (gitignored).
 """
@@ -74,6 +83,7 @@ class CGenerator:
     threads: int = 1
     sink_threads: int = 1
     cpus: str = ""  # comma list the C threads are pinned to, "" = the scheduler decides
+    packet: bool = False  # the sender writes frames into lo with AF_PACKET (--gen-packet)
 
 
 class Harness:
@@ -117,7 +127,13 @@ class Harness:
                 raise RuntimeError("the peer sink did not start")
         else:
             self.c_sender = loadgen.CSender(
-                str(gen.binary), self.slots.path, cgen.SEND_STOP, cgen.SENT0, gen.threads, gen.cpus
+                str(gen.binary),
+                self.slots.path,
+                cgen.SEND_STOP,
+                cgen.SENT0,
+                gen.threads,
+                gen.cpus,
+                gen.packet,
             )
             cmd = [
                 str(gen.binary),
@@ -555,6 +571,36 @@ def offload_table(
     return "\n".join(lines)
 
 
+NETNS_ENV = "CONFEDGE_TURNBENCH_NETNS"  # set in the re-executed run: it is in its own netns
+
+
+def _reexec_in_netns(argv: list[str]) -> int:
+    """Run this benchmark again inside a private network namespace (--gen-packet).
+
+    Why: frames written into lo with AF_PACKET arrive without the route the output path gives
+    loopback packets, so the input route check drops 127.0.0.0/8 as martian, and a packet the
+    offload rewrote to come from the relay's (local) address as a local source. The fix is two
+    sysctls on lo (route_localnet, accept_local) that must not be changed on the host's lo; a
+    namespace of our own (unshare --net, anonymous, gone when the run ends) holds every server,
+    the generator and the sink, so all three still meet the same kernel path. The lock and the
+    results file are on the shared filesystem as usual.
+    """
+    if not shutil.which("unshare"):
+        print(
+            "--gen-packet needs unshare(1) (util-linux) for its network namespace", file=sys.stderr
+        )
+        return 2
+    setup = (
+        "ip link set lo up && "
+        "sysctl -qw net.ipv4.conf.lo.route_localnet=1 net.ipv4.conf.lo.accept_local=1 && "
+        'exec "$@"'
+    )
+    script = [sys.executable, str(Path(__file__).resolve()), *argv]
+    cmd = ["unshare", "--net", "--", "sh", "-c", setup, "sh", *script]
+    print("--gen-packet: running in a private network namespace (unshare --net)", flush=True)
+    return subprocess.run(cmd, env={**os.environ, NETNS_ENV: "1"}, check=False).returncode
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -624,6 +670,13 @@ def main(argv: list[str] | None = None) -> int:
         help="comma list of CPUs to pin the C sender and sink threads to (default: no pinning)",
     )
     ap.add_argument(
+        "--gen-packet",
+        action="store_true",
+        help="the C sender writes each allocation's ChannelData as whole Ethernet/IPv4/UDP "
+        "frames into lo with an AF_PACKET socket (same 5-tuple, same receive path for every "
+        "server) instead of UDP sendmmsg: a cheaper source; needs CAP_NET_RAW",
+    )
+    ap.add_argument(
         "--senders", type=int, default=1, help="workers that offer relay traffic (default 1)"
     )
     ap.add_argument(
@@ -689,14 +742,20 @@ def main(argv: list[str] | None = None) -> int:
         binary, why = cgen.build()
         if binary is not None:
             args.c_generator = CGenerator(
-                binary, args.gen_threads, args.sink_threads, args.gen_cpus
+                binary, args.gen_threads, args.sink_threads, args.gen_cpus, args.gen_packet
             )
         elif args.generator == "c":
             ap.error(f"--generator c: {why}")
         else:
             print(f"C load generator unavailable, using the Python one: {why}", flush=True)
     args.generator = "c" if args.c_generator else "python"
+    if args.gen_packet and args.c_generator is None:
+        ap.error(
+            "--gen-packet needs the C generator (turnload.c); it did not build or was not chosen"
+        )
     print(f"load generator: {args.generator}", flush=True)
+    if args.gen_packet and os.environ.get(NETNS_ENV) != "1":
+        return _reexec_in_netns(sys.argv[1:] if argv is None else argv)
     wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
     for s in wanted:
         if s not in ("coturn", "confedge", EBPF):

@@ -16,16 +16,31 @@
  *
  * Usage:
  *     turnload send --shm PATH --stop SLOT --count SLOT --frame HEX [--rate PPS]
- *                   [--threads N] [--cpus 0,1] [--batch B] FD...
+ *                   [--threads N] [--cpus 0,1] [--batch B] [--packet] FD...
  *     turnload sink --shm PATH --stop SLOT --count SLOT --port PORT [--threads N]
  *                   [--cpus 0,1] [--batch B] [--any]
  * The sink binds 127.0.0.1:PORT (0.0.0.0:PORT with --any, so that every 127.x.y.z peer of
  * run.py --spread-peers lands on it; SO_REUSEPORT, one socket per thread), writes packets to slot
  * COUNT and bytes to COUNT+1, and prints "ready" once bound. Both stop when slot STOP != 0.
+ *
+ * --packet (send): the datagrams do not go through the UDP sockets but are written, as whole
+ * Ethernet/IPv4/UDP frames, into the loopback device with an AF_PACKET socket (sendmmsg, one
+ * frame per message, PACKET_QDISC_BYPASS). Why: on loopback a UDP sendmsg pays the socket,
+ * route and netfilter output path per packet in the sender's own context, which made the
+ * generator, not the kernel offload, the limit (docs/BENCHMARKS.md, "Kernel offload"). The
+ * frames carry each socket's own 5-tuple (getsockname/getpeername), so to every server they
+ * are the allocation's client packets arriving on lo, exactly as a NIC would hand them up: the
+ * same receive path (TC ingress, IP, UDP socket lookup) for coturn, confedge and the offload.
+ * The UDP checksum is computed (a wire packet's), the IP header's too. IPv4 loopback only;
+ * needs CAP_NET_RAW.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <arpa/inet.h>
+#include <linux/if_packet.h>
+#include <net/ethernet.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <sched.h>
@@ -50,6 +65,7 @@ static int64_t *g_slots;
 static int g_stop_slot, g_count_slot;
 static int g_cpus[MAX_CPUS], g_ncpus;
 static int g_batch = 64;
+static int g_packet; /* --packet: AF_PACKET frames into lo instead of UDP sendmmsg */
 
 static int64_t slot_load(int i) { return __atomic_load_n(&g_slots[i], __ATOMIC_RELAXED); }
 static void slot_add(int i, int64_t v) { __atomic_fetch_add(&g_slots[i], v, __ATOMIC_RELAXED); }
@@ -120,7 +136,76 @@ struct sender {
     unsigned char *frame;
     size_t frame_len;
     int64_t sent;
+    unsigned char **frames; /* --packet: one Ethernet frame per socket, built by build_frame() */
+    size_t frames_len;
 };
+
+/* ---- --packet: whole frames into lo ---- */
+
+static uint32_t csum_add(uint32_t sum, const unsigned char *p, size_t n) {
+    for (size_t i = 0; i + 1 < n; i += 2) sum += (uint32_t)(p[i] << 8 | p[i + 1]);
+    if (n & 1) sum += (uint32_t)(p[n - 1] << 8);
+    return sum;
+}
+
+static uint16_t csum_fold(uint32_t sum) {
+    while (sum >> 16) sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)~sum;
+}
+
+/* Ethernet (zero MACs, as lo uses) + IPv4 (RFC 791, DF, TTL 64) + UDP (RFC 768, checksum over
+ * the pseudo-header) around `payload`, from the socket's local address to its peer. */
+static unsigned char *build_frame(int fd, const unsigned char *payload, size_t n, size_t *out_len) {
+    struct sockaddr_in src, dst;
+    socklen_t sl = sizeof src, dl = sizeof dst;
+    if (getsockname(fd, (struct sockaddr *)&src, &sl) < 0 || getpeername(fd, (struct sockaddr *)&dst, &dl) < 0)
+        die("--packet: getsockname/getpeername of a sender socket (it must be connected)");
+    if (src.sin_family != AF_INET || dst.sin_family != AF_INET)
+        usage("--packet builds IPv4 frames only; a sender socket is not IPv4");
+    if ((ntohl(dst.sin_addr.s_addr) >> 24) != 127)
+        usage("--packet writes frames into lo; a sender socket's peer is not a 127.0.0.0/8 address");
+    size_t len = 14 + 20 + 8 + n;
+    if (len > 65535) usage("--packet: the frame is too large");
+    unsigned char *f = calloc(1, len);
+    if (!f) die("malloc");
+    f[12] = 0x08; /* ethertype IPv4; both MACs zero */
+    unsigned char *ip = f + 14, *udp = ip + 20;
+    ip[0] = 0x45;
+    ip[2] = (unsigned char)((20 + 8 + n) >> 8);
+    ip[3] = (unsigned char)(20 + 8 + n);
+    ip[6] = 0x40; /* DF */
+    ip[8] = 64;
+    ip[9] = IPPROTO_UDP;
+    memcpy(ip + 12, &src.sin_addr, 4);
+    memcpy(ip + 16, &dst.sin_addr, 4);
+    uint16_t c = csum_fold(csum_add(0, ip, 20));
+    ip[10] = (unsigned char)(c >> 8);
+    ip[11] = (unsigned char)c;
+    memcpy(udp, &src.sin_port, 2);
+    memcpy(udp + 2, &dst.sin_port, 2);
+    udp[4] = (unsigned char)((8 + n) >> 8);
+    udp[5] = (unsigned char)(8 + n);
+    memcpy(udp + 8, payload, n);
+    uint32_t sum = csum_add(0, ip + 12, 8) + IPPROTO_UDP + (uint32_t)(8 + n);
+    c = csum_fold(csum_add(sum, udp, 8 + n));
+    if (c == 0) c = 0xffff; /* RFC 768: a computed zero is sent as all ones */
+    udp[6] = (unsigned char)(c >> 8);
+    udp[7] = (unsigned char)c;
+    *out_len = len;
+    return f;
+}
+
+static int packet_socket(void) {
+    int fd = socket(AF_PACKET, SOCK_RAW, 0); /* protocol 0: sends only, receives nothing */
+    if (fd < 0) die("--packet: socket(AF_PACKET) (needs CAP_NET_RAW)");
+    struct sockaddr_ll ll = {.sll_family = AF_PACKET, .sll_ifindex = (int)if_nametoindex("lo")};
+    if (!ll.sll_ifindex) die("--packet: if_nametoindex(lo)");
+    if (bind(fd, (struct sockaddr *)&ll, sizeof ll) < 0) die("--packet: bind to lo");
+    int one = 1; /* straight to the device's xmit: lo has no queue worth modelling */
+    if (setsockopt(fd, SOL_PACKET, PACKET_QDISC_BYPASS, &one, sizeof one) < 0)
+        die("--packet: PACKET_QDISC_BYPASS");
+    return fd;
+}
 
 static void *send_loop(void *arg) {
     struct sender *s = arg;
@@ -132,6 +217,7 @@ static void *send_loop(void *arg) {
         msgs[i].msg_hdr.msg_iov = &iov; /* connected sockets: no msg_name */
         msgs[i].msg_hdr.msg_iovlen = 1;
     }
+    int pfd = g_packet ? packet_socket() : -1;
     double t0 = now_s();
     int next = 0;
     int64_t published = 0;
@@ -148,7 +234,14 @@ static void *send_loop(void *arg) {
             }
             if (due < want) want = (int)due;
         }
-        int r = sendmmsg(s->fds[next], msgs, (unsigned)want, 0);
+        int r;
+        if (pfd >= 0) {
+            iov.iov_base = s->frames[next];
+            iov.iov_len = s->frames_len;
+            r = sendmmsg(pfd, msgs, (unsigned)want, 0);
+        } else {
+            r = sendmmsg(s->fds[next], msgs, (unsigned)want, 0);
+        }
         /* EAGAIN (a full socket buffer) or ECONNREFUSED (an ICMP from an earlier packet): the
          * packets were not offered; they are not counted. */
         if (r > 0) s->sent += r;
@@ -159,6 +252,7 @@ static void *send_loop(void *arg) {
         }
     }
     slot_add(g_count_slot, s->sent - published);
+    if (pfd >= 0) close(pfd);
     return NULL;
 }
 
@@ -193,6 +287,7 @@ static void parse_opts(struct opts *o, int argc, char **argv) {
         else if (!strcmp(a, "--cpus") && more) parse_cpus(argv[++i]);
         else if (!strcmp(a, "--batch") && more) g_batch = atoi(argv[++i]);
         else if (!strcmp(a, "--any")) o->any = 1;
+        else if (!strcmp(a, "--packet")) g_packet = 1;
         else if (a[0] != '-' && o->nfds < 4096) o->fds[o->nfds++] = atoi(a);
         else usage("unknown or incomplete option");
     }
@@ -227,6 +322,12 @@ static int run_send(int argc, char **argv) {
             for (int i = t; i < nfds; i += threads) s[t].fds[s[t].nfds++] = fds[i];
         } else {
             s[t].fds[s[t].nfds++] = fds[t % nfds];
+        }
+        if (g_packet) {
+            s[t].frames = malloc(sizeof(unsigned char *) * (size_t)s[t].nfds);
+            if (!s[t].frames) die("malloc");
+            for (int i = 0; i < s[t].nfds; i++)
+                s[t].frames[i] = build_frame(s[t].fds[i], frame, hl / 2, &s[t].frames_len);
         }
         if (pthread_create(&s[t].tid, NULL, send_loop, &s[t])) die("pthread_create");
     }
@@ -281,7 +382,7 @@ static int run_sink(int argc, char **argv) {
     parse_opts(&o, argc, argv);
     int port = o.port, threads = o.threads;
     if (port < 0 || port > 65535) usage("sink needs --port 0..65535");
-    if (o.nfds || o.hex) usage("sink takes no --frame and no descriptors");
+    if (o.nfds || o.hex || g_packet) usage("sink takes no --frame, --packet or descriptors");
     map_slots(o.shm);
     struct sink k[MAX_THREADS];
     for (int t = 0; t < threads; t++) {
