@@ -339,7 +339,10 @@ def _check_mux(out: dict[str, Any], n: int) -> None:
     per allocation, then the 508, stray peers, a channel kept in user space, an allocation's
     end, a freed peer claimed again and a lapsed permission."""
     k = 9
-    assert out["sockets"] == 4 and out["largest_group"] >= 3
+    # The native plane puts an allocation on its relay thread's least-used socket, and the
+    # thread follows the client's 5-tuple hash: 9 allocations use 2 to 4 of the 4 sockets
+    # (each thread has 2), so some socket holds 3 or more, and another exists for D.
+    assert 2 <= out["sockets"] <= 4 and out["largest_group"] >= 3, out
     assert out["binds"] == [200] * k and out["after_bind"]["offloaded"] == k
     # Every allocation's ChannelData both ways, from its shared relayed address, all by the
     # kernel: user space counted none of it.
