@@ -69,10 +69,21 @@ async function relayTest(cfg) {
       local: pick(stats.get(pair.localCandidateId)), remote: pick(stats.get(pair.remoteCandidateId)),
     };
   }
+  // The controlled side can use its nominated pair (and the message cross it) before its own
+  // check on that pair has been answered, so getStats may still say "in-progress" for a few
+  // hundred milliseconds: give each side up to 3 s to report the pair's final state.
+  async function settled(pc) {
+    for (let i = 0; message !== null && i < 30; i++) {
+      const p = await selected(pc);
+      if (p && p.state === 'succeeded') return p;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    return selected(pc);
+  }
   const result = {
     message, candidates, errors,
     iceState: [pc1.iceConnectionState, pc2.iceConnectionState],
-    pair: await selected(pc1), pair2: await selected(pc2),
+    pair: await settled(pc1), pair2: await settled(pc2),
   };
   pc1.close();
   pc2.close();
