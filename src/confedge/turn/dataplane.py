@@ -30,7 +30,6 @@ import contextlib
 import errno
 import logging
 import os
-import random
 import socket
 import struct
 import time
@@ -40,7 +39,7 @@ from typing import Any
 
 from .bandwidth import TokenBucket
 from .multiplex import CHANNEL, SEND, PeerMux
-from .portdraw import PortDraw
+from .portdraw import PortDraw, PortTable
 
 __all__ = [
     "AllocationCounters",
@@ -246,6 +245,7 @@ class _RelayProtocol(asyncio.DatagramProtocol):
         self.alloc_id = alloc_id
         self.family = family
         self.sock = sock
+        self.port = 0  # its own relay port (0 on a shared socket): freed in the port table
         self.transport: asyncio.DatagramTransport | None = None
         self.stream = sink.addr is None
         self.client_transport = sink.transport
@@ -420,7 +420,7 @@ class UdpDataPlane(DataPlane):
         relay_v6: str | None,
         port_range: tuple[int, int],
         loop: asyncio.AbstractEventLoop | None = None,
-        rng: random.Random | None = None,
+        rng: PortDraw | None = None,
         multiplex: int = 0,
     ) -> None:
         self.relay_ip = {4: relay_v4, 6: relay_v6}
@@ -431,6 +431,7 @@ class UdpDataPlane(DataPlane):
         self.port_range = port_range
         self._loop = loop
         self._rng = rng or PortDraw()  # random.SystemRandom's randint, drawn in bulk
+        self._ports: dict[int, PortTable] = {}  # family -> the relay ports our sockets hold
         self._relays: dict[int, _RelayProtocol] = {}
         self._client_of: dict[int, Hashable] = {}
         # (client_key, channel number as the 2 header bytes) -> route; see client_channel_data.
@@ -541,29 +542,57 @@ class UdpDataPlane(DataPlane):
             raise CapacityError(f"cannot bind relay {ip}:{port}: {exc.strerror}") from None
         return sock
 
+    def _table(self, family: int) -> PortTable:
+        table = self._ports.get(family)
+        if table is None:
+            table = self._ports[family] = PortTable(*self.port_range, self._rng)
+        return table
+
+    def release_port(self, family: int, port: int) -> None:
+        """A relay socket of ours on ``port`` was closed (here, or by the native engine)."""
+        table = self._ports.get(family)
+        if table is not None:
+            table.free(port)
+
     def _pick(
         self, family: int, even: bool, pair: bool
     ) -> tuple[socket.socket, socket.socket | None]:
-        """Random port within turn.relay_ports; retry on EADDRINUSE (one port per allocation)."""
-        lo, hi = self.port_range
-        for _ in range(self.MAX_BIND_TRIES):
-            port = self._rng.randint(lo, hi)
-            if even and port % 2:
-                port -= 1
-                if port < lo:
+        """A random port of turn.relay_ports that none of our sockets holds (turn/portdraw.py
+        PortTable); a port another program holds (EADDRINUSE) is skipped for the rest of this
+        search.  ``pair``: port + 1 bound too (EVEN-PORT's R bit)."""
+        table = self._table(family)
+        foreign: list[int] = []
+        try:
+            for _ in range(self.MAX_BIND_TRIES):
+                port = table.candidate(even, pair)
+                if port < 0:
+                    break
+                sock = self._bind(family, port)
+                if sock is None:
+                    table.hold(port)
+                    foreign.append(port)
                     continue
-            if pair and port + 1 > hi:
-                continue
-            sock = self._bind(family, port)
-            if sock is None:
-                continue
-            if not pair:
-                return sock, None
-            nxt = self._bind(family, port + 1)
-            if nxt is not None:
-                return sock, nxt
-            sock.close()
-        raise CapacityError(f"no free relay port in {lo}-{hi} after {self.MAX_BIND_TRIES} tries")
+                if not pair:
+                    table.hold(port)
+                    return sock, None
+                nxt = self._bind(family, port + 1)
+                if nxt is not None:
+                    table.hold(port)
+                    table.hold(port + 1)
+                    return sock, nxt
+                sock.close()
+                table.hold(port + 1)
+                foreign.append(port + 1)
+        finally:
+            for port in foreign:
+                table.free(port)
+        lo, hi = self.port_range
+        if foreign:
+            raise CapacityError(
+                f"no free relay port in {lo}-{hi}: {table.count} held by allocations, "
+                f"{len(foreign)} tried and found bound by other programs"
+            )
+        raise CapacityError(f"no free relay port in {lo}-{hi}: all {table.count} held")
 
     def add_allocation(
         self,
@@ -589,6 +618,8 @@ class UdpDataPlane(DataPlane):
         )
         cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
         proto = cls(alloc_id, family, sink, sock)
+        ip, port = sock.getsockname()[:2]
+        proto.port = port
         self._relays[alloc_id] = proto
         self._client_of[alloc_id] = client_key
         self._attach_buckets(alloc_id, user)
@@ -597,7 +628,6 @@ class UdpDataPlane(DataPlane):
         task = self.loop.create_task(self._adopt(proto))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        ip, port = sock.getsockname()[:2]
         return RelayGrant(family, ip, port)
 
     def shared_sockets(self, family: int, count: int) -> list[socket.socket]:
@@ -678,6 +708,7 @@ class UdpDataPlane(DataPlane):
                 raise CapacityError("unknown or expired RESERVATION-TOKEN")
             if res.family != family:
                 res.sock.close()
+                self.release_port(res.family, res.port)
                 raise CapacityError("RESERVATION-TOKEN is for another address family")
             sock = res.sock
         else:
@@ -707,6 +738,7 @@ class UdpDataPlane(DataPlane):
         res = self._reservations.pop(token, None)
         if res is not None:
             res.sock.close()
+            self.release_port(res.family, res.port)
 
     def remove_allocation(self, alloc_id: int) -> AllocationCounters:
         proto = self._relays.pop(alloc_id, None)
@@ -721,10 +753,12 @@ class UdpDataPlane(DataPlane):
         if proto.shared is not None:
             proto.shared.mux.remove(proto, proto.perms)
             proto.shared.members.discard(proto)
-        elif proto.transport is not None:
-            proto.transport.close()
         else:
-            proto.sock.close()
+            if proto.transport is not None:
+                proto.transport.close()
+            else:
+                proto.sock.close()
+            self.release_port(proto.family, proto.port)
         e = self._ended
         e.pkts_to_peer += c.pkts_to_peer
         e.bytes_to_peer += c.bytes_to_peer

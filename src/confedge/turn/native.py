@@ -205,6 +205,8 @@ class NativeDataPlane(DataPlane):
         self._caps = (0, 0, 0)
         self._user_slot: dict[str, list[int]] = {}  # user -> [slot, allocations]
         self._slot_of: dict[int, str] = {}  # alloc_id -> user
+        # alloc_id -> (family, its own relay port): freed in the port table at its end
+        self._port_of: dict[int, tuple[int, int]] = {}
         self._free_slots: list[int] = []
         self._next_slot = 0
 
@@ -310,9 +312,16 @@ class NativeDataPlane(DataPlane):
         )
         ip, port = sock.getsockname()[:2]
         slot = self._take_slot(user)
-        self.engine.add_allocation(
-            alloc_id, t.thread, sock.detach(), family, sink.addr, slot, self._caps[0]
-        )
+        try:
+            # the engine owns the descriptor from here on (it closes it if this fails)
+            self.engine.add_allocation(
+                alloc_id, t.thread, sock.detach(), family, sink.addr, slot, self._caps[0]
+            )
+        except BaseException:
+            self._py.release_port(family, port)
+            self._give_slot(user)
+            raise
+        self._port_of[alloc_id] = (family, port)
         self._slot_of[alloc_id] = user
         self._native.add(alloc_id)
         return RelayGrant(family, ip, port)
@@ -330,6 +339,9 @@ class NativeDataPlane(DataPlane):
         if entry is not None:
             entry[3] -= 1
         c = self.engine.remove_allocation(alloc_id)
+        own = self._port_of.pop(alloc_id, None)
+        if own is not None:
+            self._py.release_port(*own)
         self._give_slot(self._slot_of.pop(alloc_id, None))
         if c is None:
             return AllocationCounters()
