@@ -446,6 +446,10 @@ class TurnConfig(_Strict):
     dataplane: Literal["auto", "native", "python"] = "auto"
     # Relay threads of the native data plane; 0 = one per core.
     dataplane_threads: int = Field(default=0, ge=0, le=256)
+    # Native relay threads: after a wake-up that moved only a few media packets while media
+    # arrives faster than one packet per this many microseconds, pause this long so the next
+    # ones are moved in one batch (interrupt coalescing; docs/TURN.md); 0 = never pause.
+    dataplane_coalesce_us: int = Field(default=100, ge=0, le=1000)
     # Relay through this many shared UDP sockets per relay address instead of one port per
     # allocation (coturn's --multiplex-peer; docs/TURN.md "Shared relay sockets"); 0 = off.
     relay_multiplex: int = 0

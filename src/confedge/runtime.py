@@ -34,7 +34,8 @@ RESTART_KEYS: dict[str, tuple[str, ...]] = {
               "http2_max_streams"),
     "turn": (
         "enabled", "port", "tls_port", "relay_ports", "relay_address_v6", "tls_on_https",
-        "dataplane", "dataplane_threads", "mode", "offload", "relay_multiplex",
+        "dataplane", "dataplane_threads", "dataplane_coalesce_us", "mode", "offload",
+        "relay_multiplex",
     ),
     "guard": ("enabled", "store", "firewall"),
     "management": ("enabled", "port"),

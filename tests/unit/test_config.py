@@ -286,3 +286,16 @@ def test_http2_keys() -> None:
     assert problem.startswith("proxy.http2_max_streams: 0")
     (problem,) = errors({**MINIMAL, "proxy": {**MINIMAL["proxy"], "http2": "yes"}})
     assert problem.startswith("proxy.http2:")
+
+
+def test_dataplane_coalesce_us_default_and_bounds() -> None:
+    """turn.dataplane_coalesce_us: 100 µs unless set; 0 turns it off; over 1000 is refused
+    with the key named (a longer pause would be audible latency, not coalescing)."""
+
+    def turn(**extra: object) -> dict[str, object]:
+        return {**MINIMAL, "turn": {"username": "turnuser", "password": "secret", **extra}}
+
+    assert parse_config(MINIMAL).turn.dataplane_coalesce_us == 100
+    assert parse_config(turn(dataplane_coalesce_us=0)).turn.dataplane_coalesce_us == 0
+    (problem,) = errors(turn(dataplane_coalesce_us=5000))
+    assert "turn.dataplane_coalesce_us" in problem and "1000" in problem

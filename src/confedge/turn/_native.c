@@ -1480,7 +1480,9 @@ static void *worker_main(void *arg)
         pthread_mutex_lock(&w->lock);
         if (__atomic_load_n(&w->eng->bw_on, __ATOMIC_RELAXED))
             w->now_ns = mono_ns();
-        uint64_t before = w->st.rx_client + w->st.rx_peer;
+        /* media moved (STUN requests, sent up to the control plane, do not count: a burst of
+         * Allocates is answered as fast as it comes, never paused for) */
+        uint64_t before = w->st.rx_client + w->st.rx_peer - w->st.upcalls;
         for (int i = 0; i < n; i++) {
             int kind = *(int *)ev[i].data.ptr;
             if (kind == KIND_WAKE) {
@@ -1519,7 +1521,7 @@ static void *worker_main(void *arg)
             free_alloc(g);
         }
         pthread_mutex_unlock(&w->lock);
-        uint64_t moved = w->st.rx_client + w->st.rx_peer - before;
+        uint64_t moved = w->st.rx_client + w->st.rx_peer - w->st.upcalls - before;
         if (w->nap_us > 0 && moved > 0) {
             struct timespec now;
             clock_gettime(CLOCK_MONOTONIC, &now); /* vDSO: no syscall */
@@ -1533,8 +1535,9 @@ static void *worker_main(void *arg)
             /* Steady traffic of tens of thousands of packets a second wakes the thread for one
              * or two packets at a time; a short pause lets the next ones queue up, so one
              * wake-up and one syscall each way serve several (interrupt coalescing; adds at
-             * most nap_us of latency). Slower traffic gains nothing from it: no pause. */
-            if (moved < BATCH / 4 && w->pkts_per_ms * (uint64_t)w->nap_us >= 1000u) {
+             * most nap_us of latency). Traffic too slow to bring two packets within the pause
+             * gains nothing from it (one timer wake-up instead of one epoll wake-up): no pause. */
+            if (moved < BATCH / 4 && w->pkts_per_ms * (uint64_t)w->nap_us >= 2000u) {
                 struct timespec ts = {0, (long)w->nap_us * 1000L};
                 nanosleep(&ts, NULL);
             }

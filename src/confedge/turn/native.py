@@ -74,12 +74,12 @@ log = logging.getLogger("confedge.turn")
 ENV = "CONFEDGE_DATAPLANE"
 LISTENER_BUFFER = 4 * 1024 * 1024  # per listener socket: room for bursts (drops are counted)
 QUEUE_LIMIT = 4096  # packets waiting for the control plane; beyond: dropped and counted
-# A relay thread that woke for only a few packets (< 16) while its traffic runs at one packet per
-# this many microseconds or faster pauses this long before it waits again, so that steady
-# moderate traffic is moved in batches rather than one wake-up and one syscall each way per
-# packet (interrupt coalescing; adds at most this much latency, far below any jitter buffer).
-# docs/BENCHMARKS.md has the effect at 100,000 pkt/s.
-COALESCE_US = 30
+# turn.dataplane_coalesce_us: a relay thread that woke for only a few media packets (< 16) while
+# its media runs at one packet per this many microseconds or faster pauses this long before it
+# waits again, so that steady moderate traffic is moved in batches rather than one wake-up and
+# one syscall each way per packet (interrupt coalescing; adds at most this much latency, far
+# below any jitter buffer). docs/BENCHMARKS.md has the effect at 100,000 pkt/s.
+COALESCE_US = 100
 USER_SLOTS = 65536  # per-user bandwidth buckets in the engine (_native.c USER_SLOTS)
 
 
@@ -175,6 +175,7 @@ class NativeDataPlane(DataPlane):
         loop: asyncio.AbstractEventLoop | None = None,
         gso: bool = True,
         multiplex: int = 0,
+        coalesce_us: int = COALESCE_US,
     ) -> None:
         ok, why = native_available()
         if not ok:
@@ -193,6 +194,7 @@ class NativeDataPlane(DataPlane):
         self._mux: dict[tuple[int, int], list[list[Any]]] = {}
         self._mux_of: dict[int, list[Any]] = {}
         self._gso = gso
+        self._coalesce_us = coalesce_us
         self.engine: Any = None
         self.transports: list[NativeTransport] = []
         self._native: set[int] = set()
@@ -217,7 +219,7 @@ class NativeDataPlane(DataPlane):
             queue_limit=QUEUE_LIMIT,
             buffer_bytes=LISTENER_BUFFER,
             gso=self._gso,
-            coalesce_us=COALESCE_US,
+            coalesce_us=self._coalesce_us,
         )
         for s in listeners:
             s.detach()  # the engine closes them
