@@ -246,23 +246,17 @@ class TurnService:
             self.backend = choose_backend(cfg.turn.dataplane)
         except ValueError as exc:
             raise TurnStartError(str(exc)) from None
+        common: dict[str, Any] = {
+            "relay_v4": v4,
+            "relay_v6": v6,
+            "port_range": cfg.turn.relay_port_range,
+            "loop": loop,
+            "multiplex": cfg.turn.relay_multiplex,
+        }
         if self.backend == "native":
-            self.dataplane = NativeDataPlane(
-                relay_v4=v4,
-                relay_v6=v6,
-                port_range=cfg.turn.relay_port_range,
-                loop=loop,
-                multiplex=cfg.turn.relay_multiplex,
-                coalesce_us=cfg.turn.dataplane_coalesce_us,
-            )
+            self.dataplane = NativeDataPlane(**common, coalesce_us=cfg.turn.dataplane_coalesce_us)
         else:
-            self.dataplane = UdpDataPlane(
-                relay_v4=v4,
-                relay_v6=v6,
-                port_range=cfg.turn.relay_port_range,
-                loop=loop,
-                multiplex=cfg.turn.relay_multiplex,
-            )
+            self.dataplane = UdpDataPlane(**common)
         try:
             bpf = start_offload(cfg.turn.offload, {a for a in (v4, self.host) if a})
         except OffloadUnavailable as exc:
