@@ -14,12 +14,10 @@ import errno
 import ipaddress
 import logging
 import os
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 
@@ -38,7 +36,6 @@ from .native import (
     choose_backend,
     thread_count,
 )
-from .offload import OffloadDataPlane, OffloadUnavailable, start_offload
 
 __all__ = [
     "HostAddressWatch",
@@ -47,6 +44,9 @@ __all__ = [
     "host_peer_entries",
     "read_host_addresses",
 ]
+
+if TYPE_CHECKING:
+    from .offload import OffloadDataPlane
 
 log = logging.getLogger("confedge.turn")
 
@@ -257,13 +257,18 @@ class TurnService:
             self.dataplane = NativeDataPlane(**common, coalesce_us=cfg.turn.dataplane_coalesce_us)
         else:
             self.dataplane = UdpDataPlane(**common)
-        try:
-            bpf = start_offload(cfg.turn.offload, {a for a in (v4, self.host) if a})
-        except OffloadUnavailable as exc:
-            raise TurnStartError(f"turn.offload = ebpf: {exc}; set it to auto or off") from None
-        if bpf is not None:
-            # The core drives the offload wrapper; the listeners keep the real data plane.
-            self.offload = OffloadDataPlane(self.dataplane, bpf, (self.host, 0))
+        if cfg.turn.offload != "off":
+            # Imported only here: a relay that does not offload never loads ctypes and the
+            # BPF loader (memory: every module a process imports stays resident).
+            from .offload import OffloadDataPlane, OffloadUnavailable, start_offload
+
+            try:
+                bpf = start_offload(cfg.turn.offload, {a for a in (v4, self.host) if a})
+            except OffloadUnavailable as exc:
+                raise TurnStartError(f"turn.offload = ebpf: {exc}; set it to auto or off") from None
+            if bpf is not None:
+                # The core drives the offload wrapper; the listeners keep the real data plane.
+                self.offload = OffloadDataPlane(self.dataplane, bpf, (self.host, 0))
         self.core = TurnCore.from_config(
             cfg,
             self.offload or self.dataplane,
@@ -513,6 +518,8 @@ class TurnService:
                 await asyncio.wait_for(srv.wait_closed(), 2.0)
         self._tcp = self._tls = self._relay = None
         if self._relay_dir is not None:
+            import shutil  # (as tempfile below: only a relay that opened this listener)
+
             shutil.rmtree(self._relay_dir, ignore_errors=True)
             self._relay_dir = None
         if self.offload is not None:
@@ -552,6 +559,8 @@ class TurnService:
             raise RuntimeError("TurnService.open_relay_listener() before start()")
         if self._relay is not None and self._relay_dir is not None:
             return os.path.join(self._relay_dir, "turn.sock")
+        import tempfile
+
         self._relay_dir = tempfile.mkdtemp(prefix="confedge-turn-")
         path = os.path.join(self._relay_dir, "turn.sock")
         cap = self.cfg.turn.max_allocations + 256
