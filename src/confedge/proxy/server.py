@@ -214,14 +214,14 @@ class ClientConnection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         up = self.up
-        if up is not None and up.transport is not None:
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         up = self.up
-        if up is not None and up.transport is not None:
-            up.transport.resume_reading()
+        if up is not None:
+            up.resume_reading()
         if self.static_iter is not None:
             self._pump_static()
 

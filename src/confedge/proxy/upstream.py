@@ -76,6 +76,7 @@ class UpstreamConnection(asyncio.Protocol):
         "owner",
         "parser",
         "pool",
+        "reading_paused",
         "reused",
         "timeout",
         "transport",
@@ -98,6 +99,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.now = 0.0  # the loop time of the read being parsed (one clock read per read)
         self.tunnel = False
         self.writing_paused = False
+        # Reading paused for the owner's flow control (its client cannot take more yet).
+        self.reading_paused = False
         self.activity = False
         self.deadline = _INF
         self.timeout = 0.0
@@ -165,6 +168,22 @@ class UpstreamConnection(asyncio.Protocol):
         self.writing_paused = False
         if self.owner is not None:
             self.owner.resume(1)
+
+    # -- flow control towards the client (the owner's) -------------------------------------------
+
+    def pause_reading(self) -> None:
+        """Stop reading the response: the owner's client cannot take more yet."""
+        t = self.transport
+        if not self.reading_paused and t is not None:
+            self.reading_paused = True
+            t.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused:
+            self.reading_paused = False
+            t = self.transport
+            if t is not None:
+                t.resume_reading()
 
     # -- httptools callbacks: events for the owner's exchange (driven once per read) ------------
 
@@ -271,6 +290,12 @@ class NodePool:
             conn.close()
             return
         conn.owner = None
+        if conn.reading_paused:
+            # Never pooled with its reading paused: the owner that paused it (a slow client)
+            # no longer resumes it, and the next exchange on it would wait for its response
+            # until proxy.read_timeout. (The read that ended the response can be the one whose
+            # write filled the client's buffer: pause_writing, then A_NODE_DONE, in one drive.)
+            conn.resume_reading()
         conn.got_bytes = False
         conn.timeout = 0.0
         conn.activity = False
