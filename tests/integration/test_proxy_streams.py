@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import shutil
+import socket
 import ssl
 import time
 
@@ -430,3 +431,48 @@ async def test_tls_versions(proxy):
             writer.close()
         except (ssl.SSLError, ConnectionResetError):
             assert not ok, f"{version} was refused"
+
+
+async def test_node_connection_paused_for_a_slow_client_is_not_pooled_paused(tmp_path):
+    """A slow client makes the proxy pause reading from the node (pause_writing); when the read
+    that completes the response is also the one that fills the client's write buffer again, the
+    exchange ends with the node connection paused. It goes back to the keep-alive pool, and the
+    next request on it must be answered at once, not hang until read_timeout because nobody
+    resumes its reading (issue 16)."""
+    node = await Upstream("n0").start()  # one node: the next request reuses its pooled connection
+    svc = ProxyService(
+        proxy_config([node.address], str(tmp_path), read_timeout=5, health_interval=30)
+    )
+    await svc.start()
+    try:
+        size = 8 * 1024 * 1024
+        # A small receive buffer, so that what the client has not read yet stays in the proxy's
+        # write buffer (loopback's autotuned buffers would otherwise absorb megabytes).
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", svc.https_port))
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=client_ssl(), server_hostname="localhost", limit=1 << 16
+        )
+        writer.write(b"GET /big?size=%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % size)
+        await reader.readuntil(b"\r\n\r\n")
+        got = 0
+        while got < size:  # a slow reader to the end: the proxy's node reading stays throttled
+            data = await reader.read(32 * 1024)
+            assert data
+            got += len(data)
+            await asyncio.sleep(0.002)
+        assert got == size
+        await asyncio.sleep(0.05)  # the proxy's last write drains; the exchange is over
+        pooled = [c for p in svc.core.pools for c in p.idle]
+        assert pooled, "the node connection was not kept alive"
+        assert all(c.transport.is_reading() for c in pooled), "pooled with its reading paused"
+        # The next request (same client connection, keep-alive) takes that pooled connection.
+        writer.write(b"GET /api/next HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        r = await asyncio.wait_for(read_response(reader), 2)
+        assert r.status == 200
+        writer.close()
+    finally:
+        await svc.close()
+        await node.kill()

@@ -120,6 +120,9 @@ A_CONNECT: Final = 1  # (node index, connect timeout): take a pooled connection 
 A_MARK_FAILED: Final = 2  # (node index, reason, maintenance): passive health failure
 A_NODE_DONE: Final = 3  # keep: bool — release the current node connection to its pool, or close
 A_NODE_TIMER: Final = 4  # (idle timeout or 0, absolute deadline): the node connection's timer
+# The node side's decisions are the kinds 1..A_NODE_LAST, carried out by upstream.node_action
+# for both client adapters (one comparison tells them from the client side's).
+A_NODE_LAST: Final = 4
 A_LOCAL: Final = 5  # (status, extra header bytes, retry_page): answer from the proxy and close
 A_FINISH: Final = 6  # close: bool — complete: one access-log line, then next request or close
 A_ABORT_CLIENT: Final = 7  # None — cut the client connection (truncated response)

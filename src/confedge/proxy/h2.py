@@ -60,13 +60,11 @@ from confedge.proxy.accesslog import remote_user
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
     A_CLOSE_CLIENT,
-    A_CONNECT,
     A_FINISH,
     A_LOCAL,
     A_LOG,
-    A_MARK_FAILED,
     A_NODE_DONE,
-    A_NODE_TIMER,
+    A_NODE_LAST,
     BUFFERING,
     CONNECTING,
     Exchange,
@@ -80,7 +78,7 @@ from confedge.proxy.request import (
     Request,
     path_allowed,
 )
-from confedge.proxy.upstream import connect_node
+from confedge.proxy.upstream import node_action
 from confedge.timers import Sweeper, arm, arm_idle, disarm
 
 if TYPE_CHECKING:
@@ -475,7 +473,6 @@ class H2Stream:
         self.pending_bytes = 0
         self.ending = False  # END_STREAM once pending is sent
         self.done = False
-        self.node_paused = False
         self.unacked = 0  # request body bytes not yet acknowledged (node write buffer full)
         self.body_paused = False
         self.static_iter: Any = None
@@ -620,37 +617,20 @@ class H2Stream:
 
     def act(self, ex: Exchange, kind: int, arg: Any) -> None:
         core = self.core
-        if kind == A_NODE_DONE:
+        if kind <= A_NODE_LAST:  # the node side, shared with HTTP/1.1 (upstream.py)
             up = self.up
-            if up is not None:
-                self.resume_node()  # never pooled with its reading paused
-                self.up = None
-                up.owner = None
-                if arg:
-                    up.pool.release(up)
-                else:
-                    up.close()
-        elif kind == A_LOG:
-            core.log_exchange(ex, truncated=arg)
+            if kind == A_NODE_DONE:
+                self.up = None  # (node_action's caller's part: see there)
+            conn = node_action(self, up, core, ex, kind, arg)
+            if conn is not None:  # a pooled connection (attempt() read the clock just now)
+                self.node_ready(ex, conn, reused=True, now=ex.upstream_time)
         elif kind == A_FINISH:
             core.log_exchange(ex)
             self.exchange = None
             self.client.rt.timed.discard(self)
             self.finish()
-        elif kind == A_NODE_TIMER:
-            up = self.up
-            if up is not None:
-                up.timeout, up.deadline = arg
-                up.activity = False
-        elif kind == A_CONNECT:
-            i, timeout = arg
-            conn = connect_node(core, self, ex, i, timeout)
-            if conn is not None:
-                self.node_ready(ex, conn, reused=True)
-        elif kind == A_MARK_FAILED:
-            i, reason, maintenance = arg
-            if core.is_current(ex.settings):  # not a node of a reloaded-away list
-                core.passive_failure(i, reason, maintenance=maintenance)
+        elif kind == A_LOG:
+            core.log_exchange(ex, truncated=arg)
         elif kind == A_LOCAL:
             status, extra, retry_page = arg
             self.exchange = None
@@ -662,14 +642,17 @@ class H2Stream:
 
     # -- node connections (upstream.NodeOwner) --------------------------------------------------
 
-    def node_ready(self, ex: Exchange, conn: UpstreamConnection, *, reused: bool) -> None:
-        """A node connection for `ex` (pooled, or newly opened by NodePool.connect)."""
+    def node_ready(
+        self, ex: Exchange, conn: UpstreamConnection, *, reused: bool, now: float = -1.0
+    ) -> None:
+        """A node connection for `ex` (pooled, or newly opened by NodePool.connect); `now`:
+        the loop time when the caller has just read it."""
         if self.exchange is not ex or ex.state != CONNECTING:
             conn.pool.release(conn)  # the stream ended meanwhile: keep it for the next
             return
         self.up = conn
         conn.owner = self
-        ex.node_connected(self.core.loop.time(), reused=reused)
+        ex.node_connected(now if now >= 0.0 else self.core.loop.time(), reused=reused)
         self.drive(ex)
 
     def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None:
@@ -678,16 +661,13 @@ class H2Stream:
 
     def pause_node(self) -> None:
         up = self.up
-        if not self.node_paused and up is not None and up.transport is not None:
-            self.node_paused = True
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause_reading()
 
     def resume_node(self) -> None:
         up = self.up
-        if self.node_paused:
-            self.node_paused = False
-            if up is not None and up.transport is not None:
-                up.transport.resume_reading()
+        if up is not None:
+            up.resume_reading()  # (NodePool.release resumes one released while paused)
 
     # -- response side --------------------------------------------------------------------------
 

@@ -29,14 +29,12 @@ from confedge.guard.addresses import in_networks
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
     A_CLOSE_CLIENT,
-    A_CONNECT,
     A_FINISH,
     A_LOCAL,
     A_LOG,
-    A_MARK_FAILED,
     A_NO_TUNNEL,
     A_NODE_DONE,
-    A_NODE_TIMER,
+    A_NODE_LAST,
     A_TUNNEL,
     BUFFERING,
     CONNECTING,
@@ -52,7 +50,7 @@ from confedge.proxy.request import (
     path_allowed,
 )
 from confedge.proxy.turnshare import alpn_selects_turn
-from confedge.proxy.upstream import connect_node
+from confedge.proxy.upstream import node_action
 from confedge.turn.portshare import FIRST_HTTP, FIRST_TURN, classify
 
 if TYPE_CHECKING:
@@ -214,14 +212,14 @@ class ClientConnection(asyncio.BufferedProtocol):
     def pause_writing(self) -> None:
         self.writing_paused = True
         up = self.up
-        if up is not None and up.transport is not None:
-            up.transport.pause_reading()
+        if up is not None:
+            up.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
         up = self.up
-        if up is not None and up.transport is not None:
-            up.transport.resume_reading()
+        if up is not None:
+            up.resume_reading()
         if self.static_iter is not None:
             self._pump_static()
 
@@ -547,35 +545,18 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def _act(self, ex: Exchange, kind: int, arg: Any) -> None:
         core = self.core
-        if kind == A_NODE_DONE:
+        if kind <= A_NODE_LAST:  # the node side, shared with HTTP/2 (upstream.py)
             up = self.up
-            if up is not None:
-                self.up = None
-                up.owner = None
-                if arg:
-                    up.pool.release(up)
-                else:
-                    up.close()
-        elif kind == A_LOG:
-            core.log_exchange(ex, truncated=arg)
+            if kind == A_NODE_DONE:
+                self.up = None  # (node_action's caller's part: see there)
+            conn = node_action(self, up, core, ex, kind, arg)
+            if conn is not None:  # a pooled connection (attempt() read the clock just now)
+                self.node_ready(ex, conn, reused=True, now=ex.upstream_time)
         elif kind == A_FINISH:
             core.log_exchange(ex)
             self.finished(ex, close=arg)
-        elif kind == A_NODE_TIMER:
-            up = self.up
-            if up is not None:
-                up.timeout, up.deadline = arg
-                up.activity = False
-        elif kind == A_CONNECT:
-            i, timeout = arg
-            conn = connect_node(core, self, ex, i, timeout)
-            if conn is not None:
-                # (attempt() read the clock for this connect a moment ago, in this same call)
-                self.node_ready(ex, conn, reused=True, now=ex.upstream_time)
-        elif kind == A_MARK_FAILED:
-            i, reason, maintenance = arg
-            if core.is_current(ex.settings):  # not a node of a reloaded-away list
-                core.passive_failure(i, reason, maintenance=maintenance)
+        elif kind == A_LOG:
+            core.log_exchange(ex, truncated=arg)
         elif kind == A_LOCAL:
             status, extra, retry_page = arg
             if self.exchange is ex:
