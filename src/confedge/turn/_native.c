@@ -1466,6 +1466,12 @@ static void *worker_main(void *arg)
     worker_t *w = arg;
     struct epoll_event ev[64];
     for (;;) {
+        /* Checked before every wait, not only after it: engine_stop() sets `stop` and then
+         * writes the wake eventfd, but a round that was already reading the eventfd for another
+         * wake-up (a control-plane change) consumes that write too, and a wait after it would
+         * block for good (seen as a hang in Engine.close under load). */
+        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE))
+            break;
         int n = epoll_wait(w->epfd, ev, 64, -1);
         if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE))
             break;
