@@ -33,7 +33,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -616,19 +616,36 @@ class UdpDataPlane(DataPlane):
             use_token=use_token,
             dont_fragment=dont_fragment,
         )
-        cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
-        proto = cls(alloc_id, family, sink, sock)
+        proto = self._new_relay(alloc_id, family, client_key, sink, sock, user)
         ip, port = sock.getsockname()[:2]
         proto.port = port
+        # The loop adopts the already-bound socket asynchronously; the grant is valid right away
+        # (packets that arrive meanwhile wait in the kernel buffer).
+        self._spawn(self._adopt(proto))
+        return RelayGrant(family, ip, port)
+
+    def _new_relay(
+        self,
+        alloc_id: int,
+        family: int,
+        client_key: Hashable,
+        sink: ClientSink,
+        sock: socket.socket,
+        user: str,
+    ) -> _RelayProtocol:
+        """The allocation's relay protocol on ``sock`` (its own or a shared one), registered."""
+        cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
+        proto = cls(alloc_id, family, sink, sock)
         self._relays[alloc_id] = proto
         self._client_of[alloc_id] = client_key
         self._attach_buckets(alloc_id, user)
-        # The loop adopts the already-bound socket asynchronously; the grant is valid right away
-        # (packets that arrive meanwhile wait in the kernel buffer).
-        task = self.loop.create_task(self._adopt(proto))
+        return proto
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` on the loop, kept referenced until done (cancelled by :meth:`close`)."""
+        task = self.loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return RelayGrant(family, ip, port)
 
     def shared_sockets(self, family: int, count: int) -> list[socket.socket]:
         """``count`` fresh relay sockets of ``family`` to share (``turn.relay_multiplex``; the
@@ -657,19 +674,13 @@ class UdpDataPlane(DataPlane):
             shared = [_SharedRelay(family, s) for s in self.shared_sockets(family, self.multiplex)]
             self._shared[family] = shared
             for relay in shared:
-                task = self.loop.create_task(self._adopt_shared(relay))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn(self._adopt_shared(relay))
         relay = min(shared, key=lambda r: len(r.members))
-        cls = _UdpV4RelayProtocol if family == 4 and sink.addr is not None else _RelayProtocol
-        proto = cls(alloc_id, family, sink, relay.sock)
+        proto = self._new_relay(alloc_id, family, client_key, sink, relay.sock, user)
         proto.shared = relay
         if relay.transport is not None:
             proto.connection_made(relay.transport)
         relay.members.add(proto)
-        self._relays[alloc_id] = proto
-        self._client_of[alloc_id] = client_key
-        self._attach_buckets(alloc_id, user)
         return RelayGrant(family, relay.addr[0], relay.addr[1])
 
     async def _adopt_shared(self, relay: _SharedRelay) -> None:

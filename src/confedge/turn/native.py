@@ -291,39 +291,47 @@ class NativeDataPlane(DataPlane):
                 self._slot_of[alloc_id] = user
             return grant
         shared = self._mux.get((family, t.thread))
+        entry: list[Any] | None = None
+        sock: socket.socket | None = None
         if shared and not (reserve_token or use_token or dont_fragment):
             # turn/multiplex.py: the thread's shared socket with the fewest allocations
             # (an even port: EVEN-PORT is met; a reserved pair, a RESERVATION-TOKEN and
             # DONT-FRAGMENT keep a port of their own)
             entry = min(shared, key=lambda m: m[3])
-            slot = self._take_slot(user)
-            self.engine.add_allocation(
-                alloc_id, t.thread, -1, family, sink.addr, slot, self._caps[0], entry[0]
+            ip, port = entry[1], entry[2]
+        else:
+            sock = self._py.relay_socket(
+                family,
+                even_port=even_port,
+                reserve_token=reserve_token,
+                use_token=use_token,
+                dont_fragment=dont_fragment,
             )
-            entry[3] += 1
-            self._mux_of[alloc_id] = entry
-            self._slot_of[alloc_id] = user
-            self._native.add(alloc_id)
-            return RelayGrant(family, entry[1], entry[2])
-        sock = self._py.relay_socket(
-            family,
-            even_port=even_port,
-            reserve_token=reserve_token,
-            use_token=use_token,
-            dont_fragment=dont_fragment,
-        )
-        ip, port = sock.getsockname()[:2]
+            ip, port = sock.getsockname()[:2]
         slot = self._take_slot(user)
         try:
-            # the engine owns the descriptor from here on (it closes it if this fails)
+            # A port of its own: the engine owns the descriptor from here on (it closes it if
+            # this fails). On a shared socket: no descriptor, the socket's engine index.
             self.engine.add_allocation(
-                alloc_id, t.thread, sock.detach(), family, sink.addr, slot, self._caps[0]
+                alloc_id,
+                t.thread,
+                sock.detach() if sock is not None else -1,
+                family,
+                sink.addr,
+                slot,
+                self._caps[0],
+                entry[0] if entry is not None else -1,
             )
         except BaseException:
-            self._py.release_port(family, port)
+            if entry is None:
+                self._py.release_port(family, port)
             self._give_slot(user)
             raise
-        self._port_of[alloc_id] = (family, port)
+        if entry is None:
+            self._port_of[alloc_id] = (family, port)
+        else:
+            entry[3] += 1
+            self._mux_of[alloc_id] = entry
         self._slot_of[alloc_id] = user
         self._native.add(alloc_id)
         return RelayGrant(family, ip, port)
