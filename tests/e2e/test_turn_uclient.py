@@ -125,6 +125,16 @@ CASES = [
 ]
 
 
+def _every_message_back(name: str, out: str, n: int) -> int:
+    """uclient's last totals line: it sent n * 100 messages and received every one; the count."""
+    totals = _TOTALS.findall(out)
+    assert totals, f"{name}: uclient printed no totals:\n{out[-2000:]}"
+    sent, received = map(int, totals[-1])
+    assert sent == n * 100, f"{name}: sent {sent}\n{out[-2000:]}"
+    assert received == sent, f"{name}: received {received} of {sent}\n{out[-2000:]}"
+    return sent
+
+
 async def test_uclient_relays_every_message(echo_peer: int) -> None:
     n = 3
     jobs = [
@@ -133,11 +143,7 @@ async def test_uclient_relays_every_message(echo_peer: int) -> None:
     ]
     results = await asyncio.gather(*jobs)
     for (name, _, _), (out, stats) in zip(CASES, results, strict=True):
-        totals = _TOTALS.findall(out)
-        assert totals, f"{name}: uclient printed no totals:\n{out[-2000:]}"
-        sent, received = map(int, totals[-1])
-        assert sent == n * 100, f"{name}: sent {sent}\n{out[-2000:]}"
-        assert received == sent, f"{name}: received {received} of {sent}\n{out[-2000:]}"
+        sent = _every_message_back(name, out, n)
         # Both directions went through confedge (the echo comes back via the second relay).
         assert stats["bytes_to_peer"] >= sent, name
         assert stats["bytes_to_client"] >= sent, name
@@ -169,11 +175,7 @@ async def test_uclient_relays_every_message_multiplexed(echo_peer: int) -> None:
         jobs.append(_case(cfg, args))
     results = await asyncio.gather(*jobs)
     for (name, _, _), (out, stats) in zip(cases, results, strict=True):
-        totals = _TOTALS.findall(out)
-        assert totals, f"{name}: uclient printed no totals:\n{out[-2000:]}"
-        sent, received = map(int, totals[-1])
-        assert sent == n * 100, f"{name}: sent {sent}\n{out[-2000:]}"
-        assert received == sent, f"{name}: received {received} of {sent}\n{out[-2000:]}"
+        sent = _every_message_back(name, out, n)
         assert stats["bytes_to_client"] >= sent, name
 
 
@@ -187,9 +189,7 @@ async def test_uclient_ipv6_relay() -> None:
             _case(cfg, flags), _case(cfg, [*flags, "-s"]), _case(cfg, [*flags, "-t"])
         )
     for out, stats in results:
-        totals = _TOTALS.findall(out)
-        assert totals, out[-2000:]
-        assert totals[-1] == ("300", "300"), out[-2000:]
+        _every_message_back("IPv6", out, 3)
         assert stats["bytes_to_peer"] >= 300
 
 
@@ -312,5 +312,4 @@ async def test_uclient_over_tls(echo_peer: int, tmp_path: Any) -> None:
             await svc.close()
 
     for out in await asyncio.gather(one([]), one(["-s"])):
-        totals = _TOTALS.findall(out)
-        assert totals and totals[-1] == ("300", "300"), out[-2000:]
+        _every_message_back("uclient", out, 3)
