@@ -70,7 +70,7 @@ def test_turn_benchmark_smoke(tmp_path: Path, extra: list[str]) -> None:
             assert "error" not in sc, (name, key, sc)
             assert sc["delivered_pps"] > 0, (name, key, sc)
             # Every packet counted at the sink carried exactly the offered payload.
-            assert sc["delivered_mean_bytes"] == sc["payload"], (name, key, sc)
+            assert abs(sc["delivered_mean_bytes"] - sc["payload"]) < 1, (name, key, sc)
             assert sc["server_cpu_us_per_pkt"] is not None
         paced = r["paced_50x200_2000"]
         assert "error" not in paced, (name, paced)
@@ -103,14 +103,15 @@ def test_turn_benchmark_c_generator_smoke(tmp_path: Path) -> None:
     for size in ("200", "1200"):
         ceiling = data["generator_ceiling"][size]
         assert ceiling["delivered_pps"] > 0, ceiling
-        assert ceiling["delivered_mean_bytes"] == int(size), ceiling
+        assert abs(ceiling["delivered_mean_bytes"] - int(size)) < 1, ceiling
     (r,) = data["results"]["confedge"]
     for key in ("relay_1x200", "relay_1x1200", "relay_50x200", "relay_50x1200"):
         sc = r[key]
         assert "error" not in sc, (key, sc)
         assert sc["delivered_pps"] > 0, (key, sc)
-        # ChannelData came through the server: the sink saw exactly the payload, not the frame.
-        assert sc["delivered_mean_bytes"] == sc["payload"], (key, sc)
+        # ChannelData came through the server: the sink saw the payload, not the 4 bytes longer
+        # frame (within a byte: the counters are sampled while the sink adds to them).
+        assert abs(sc["delivered_mean_bytes"] - sc["payload"]) < 1, (key, sc)
         # The C processes' CPU is found and subtracted: attributable <= whole machine.
         assert sc["loadgen_cpu_util"] > 0, (key, sc)
         assert sc["generator_cpu_s"] > 0, (key, sc)

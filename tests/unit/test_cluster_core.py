@@ -3,6 +3,7 @@ status page and /metrics show other instances."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -166,3 +167,66 @@ def test_metrics_parse() -> None:
     empty = _Metrics()
     cluster_metrics(empty, {"enabled": False})
     assert empty.lines == []
+
+
+class _Pipe:
+    """A Redis pipeline whose first execute() waits on a future the test resolves."""
+
+    def __init__(self, owner: _StoreAtTheTestsPace) -> None:
+        self.owner = owner
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *a, **kw: self
+
+    async def execute(self) -> list[Any]:
+        self.owner.executes += 1
+        if self.owner.gate is not None:
+            gate, self.owner.gate = self.owner.gate, None
+            return await gate
+        return [True, 1, 0, []]
+
+
+class _StoreAtTheTestsPace:
+    def __init__(self) -> None:
+        self.gate: asyncio.Future[list[Any]] | None = None
+        self.executes = 0
+
+    def pipeline(self, transaction: bool = True) -> _Pipe:
+        return _Pipe(self)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def test_close_while_a_publication_completes_does_not_hang() -> None:
+    """close() cancels the registry loop in the same loop turn as its Redis reply arrives.
+
+    Why: Python 3.11's asyncio.wait_for returns the inner result and drops the cancel when both
+    land together; the loop then ran on and close() awaited it forever (a CI run hung 120 s in
+    test_cluster_registry.py). The loop now bounds its round trip with asyncio.timeout.
+    """
+    from confedge.cluster.service import ClusterService
+
+    async def main() -> None:
+        cfg = parse_config(
+            {
+                "proxy": {"enabled": False},
+                "turn": {"enabled": False},
+                "cluster": {"store": "redis://127.0.0.1:1/0", "instance": "a", "interval": 0.2},
+            }
+        )
+        svc = ClusterService(cfg, object())
+        store = _StoreAtTheTestsPace()
+        gate: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        store.gate = gate
+        svc._r = store
+        svc._task = asyncio.create_task(svc._run())
+        while store.executes == 0:
+            await asyncio.sleep(0)
+        gate.set_result([True, 1, 0, []])
+        # The reply and the cancel in one turn: close() must return, and leave the registry.
+        await asyncio.wait_for(svc.close(), 2.0)
+        # The publication, then the clean leave; more means the loop ran on past its cancel.
+        assert store.executes == 2, f"{store.executes} pipeline runs"
+
+    asyncio.run(main())

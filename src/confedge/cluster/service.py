@@ -90,7 +90,8 @@ class ClusterService:
         from redis.exceptions import RedisError
 
         try:
-            self.nonce_key = await asyncio.wait_for(self._shared_nonce_key(), 2.0)
+            async with asyncio.timeout(2.0):
+                self.nonce_key = await self._shared_nonce_key()
             self.nonce_shared = True
         except (RedisError, OSError, TimeoutError, ValueError, TypeError) as exc:
             self.error = str(exc) or type(exc).__name__
@@ -128,7 +129,8 @@ class ClusterService:
             pipe = r.pipeline(transaction=False)
             pipe.delete(self._key(self.name))
             pipe.zrem(self._prefix + "instances", self.name)
-            await asyncio.wait_for(pipe.execute(), 1.0)
+            async with asyncio.timeout(1.0):
+                await pipe.execute()
         with contextlib.suppress(Exception):
             await r.aclose()
 
@@ -205,7 +207,10 @@ class ClusterService:
         interval = self.cfg.cluster.interval
         while True:
             try:
-                await asyncio.wait_for(self.publish_once(), max(1.0, interval))
+                # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that
+                # lands as the inner call finishes, and close() then waited on this loop forever.
+                async with asyncio.timeout(max(1.0, interval)):
+                    await self.publish_once()
             except (RedisError, OSError, TimeoutError) as exc:
                 self.failures += 1
                 if self.up or not self.error:

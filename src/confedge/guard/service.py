@@ -409,7 +409,8 @@ class Guard:
         assert self._wake is not None
         while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.cfg.refresh_interval)
+                async with asyncio.timeout(self.cfg.refresh_interval):  # not wait_for (3.11)
+                    await self._wake.wait()
                 await asyncio.sleep(0.005)  # gather a burst of failures into one write
             self._wake.clear()
             try:

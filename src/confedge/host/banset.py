@@ -153,7 +153,8 @@ class KernelBanSet:
     async def _run(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), VERIFY_EVERY)
+                async with asyncio.timeout(VERIFY_EVERY):  # not wait_for: see cluster/service.py
+                    await self._wake.wait()
             await asyncio.sleep(0.01)  # gather a burst of bans into one nft run
             woken = self._wake.is_set()
             self._wake.clear()

@@ -331,7 +331,8 @@ class NodeHttpProtocol(asyncio.Protocol):
                     if self.transport is not None and self.transport.can_write_eof():
                         self.transport.write_eof()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._closed.wait(), LINGER)
+                        async with asyncio.timeout(LINGER):
+                            await self._closed.wait()
                     break
                 assert item is not None
                 req, keep = item
