@@ -9,12 +9,28 @@ from __future__ import annotations
 import random
 import socket
 
+# Ports for tests that name a port and bind it later (often in a subprocess). Below the kernel's
+# ephemeral range (32768-60999): a port the kernel gave out for bind(0) and took back was often
+# handed to another test's socket before the subprocess bound it ("Address already in use" in
+# test_cluster.py). Here nothing binds but a test that picked the port, at random among ~1000.
+SPARE_PORTS = range(31000, 32000)
 
-def ephemeral_port() -> int:
-    """A TCP port the kernel considers free now (bind to port 0, then let go)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+def spare_port() -> int:
+    """A port free for TCP and UDP on 127.0.0.1 now, drawn at random from SPARE_PORTS."""
+    return spare_ports(1)[0]
+
+
+def spare_ports(n: int) -> list[int]:
+    """`n` different ports from SPARE_PORTS, each free for TCP and UDP now."""
+    ports = list(SPARE_PORTS)
+    random.shuffle(ports)
+    found = [p for p in ports[: 4 * n + 50] if _free(p)][:n]
+    if len(found) < n:
+        found = [p for p in ports if _free(p)][:n]
+    if len(found) < n:
+        raise RuntimeError(f"fewer than {n} free ports in {SPARE_PORTS}")
+    return found
 
 
 def free_port(lo: int, hi: int, *, shuffle: bool = False, udp: bool = False) -> int:

@@ -35,7 +35,7 @@ from confedge.demo import Demo, _print_banner, turns_url
 from confedge.nodesim import Conference, NodeSim
 from confedge.runtime import Runtime
 from confedge.turn.testing import shared_port_config
-from ports import ephemeral_port
+from ports import spare_port, spare_ports
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -136,7 +136,7 @@ async def test_uclient_tls_client_hello_offers_stun_turn() -> None:
 @contextlib.asynccontextmanager
 async def demo_on_free_ports(state: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Demo]:
     """`confedge demo`'s composition (demo.toml: tls_on_https on), moved to free ports."""
-    monkeypatch.setattr(demo_mod, "NODE_PORTS", tuple(ephemeral_port() for _ in range(3)))
+    monkeypatch.setattr(demo_mod, "NODE_PORTS", tuple(spare_ports(3)))
     demo = Demo(state)
     c = demo.cfg
     assert c.turn.tls_on_https, "the demo shows TURN over TLS on the HTTPS port"
@@ -267,7 +267,7 @@ async def _uclient(port: int, peer: int, flags: list[str]) -> str:
 @pytest.mark.parametrize("workers", [1, 2])
 async def test_uclient_relays_through_the_https_port(tmp_path: Path, workers: int) -> None:
     assert PEER is not None
-    peer_port = ephemeral_port()
+    peer_port = spare_port()
     peer = await asyncio.create_subprocess_exec(
         PEER, "-p", str(peer_port), "-L", "127.0.0.1",
         stdout=asyncio.subprocess.DEVNULL,

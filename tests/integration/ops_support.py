@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from confedge.stun import Attr, Method, decode_xor_address
 from confedge.stun.attributes import encode_u32
 from confedge.turn.testing import UdpTurnClient, response_code
-from ports import ephemeral_port
+from ports import spare_ports
 
 HOST = "edge.example.com"
 
@@ -65,7 +65,7 @@ class Edge:
 
 
 def edge_config(tmp: Path, *, nodes: list[str], extra: str = "", workers: int = 1) -> str:
-    https, turn, admin, relay = (ephemeral_port() for _ in range(4))
+    https, turn, admin, relay = spare_ports(4)
     return f"""
 [server]
 hostname = "edge"

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
-from ports import ephemeral_port
+from ports import spare_port
 
 NOW = dt.datetime.now(dt.UTC)
 FQDN = "edge.example.com"
@@ -116,7 +116,7 @@ def _der(pem: bytes) -> bytes:
 def edge(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A `confedge run` serving the generated self-signed certificate on an ephemeral port."""
     tmp = tmp_path_factory.mktemp("edge")
-    port = ephemeral_port()
+    port = spare_port()
     cfg = tmp / "confedge.toml"
     cfg.write_text(
         f"""# the operator's file: comments and order must survive `cert install`

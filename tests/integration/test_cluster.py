@@ -35,7 +35,7 @@ from confedge.stun import (
 )
 from confedge.turn.auth import RestCredentials
 from confedge.turn.testing import UdpTurnClient, response_code
-from ports import ephemeral_port
+from ports import spare_ports
 
 SECRET = "cluster-test-secret"
 REALM = "example.com"
@@ -88,7 +88,7 @@ class Edge:
 
 
 def _write_config(tmp: Path, name: str, ip: str, url: str, node: str) -> tuple[Path, int, int, int]:
-    https, turn, mgmt, relay = (ephemeral_port() for _ in range(4))
+    https, turn, mgmt, relay = spare_ports(4)
     path = tmp / f"{name}.toml"
     path.write_text(
         f"""

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from confedge.host.notify import Notifier
-from ports import ephemeral_port
+from ports import spare_ports
 
 CONFEDGE = str(Path(sys.executable).with_name("confedge"))
 
@@ -48,7 +48,7 @@ def test_run_sends_ready_watchdog_reloading_and_stopping(tmp_path: Path) -> None
     name = f"h13host-notify-{secrets.token_hex(4)}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind("\0" + name)  # abstract namespace: NOTIFY_SOCKET="@name"
-    https, mgmt = ephemeral_port(), ephemeral_port()
+    https, mgmt = spare_ports(2)
     cfg = tmp_path / "confedge.toml"
     cfg.write_text(
         f'[server]\nstate_dir = "{tmp_path / "state"}"\n'

@@ -12,7 +12,7 @@ import uvloop
 from proxy_upstream import Upstream, get, proxy_config
 
 from confedge.proxy.service import ProxyService
-from ports import ephemeral_port
+from ports import spare_port
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
@@ -30,7 +30,7 @@ def basic(userpass: bytes) -> str:
 
 async def test_remote_user_in_access_log_lines(tmp_path):
     node = await Upstream("n0").start()
-    http_port = ephemeral_port()
+    http_port = spare_port()
     svc = ProxyService(
         proxy_config([node.address], str(tmp_path), http_port=http_port, path_allowlist=["/ok/"])
     )

@@ -23,7 +23,7 @@ from proxy_upstream import Upstream, client_ssl, guarded_config, proxy_config
 
 from confedge.proxy.h2 import RESET_LIMIT
 from confedge.proxy.service import ProxyService
-from ports import ephemeral_port
+from ports import spare_port
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
@@ -45,7 +45,7 @@ async def nodes():
 
 async def _proxy(nodes, tmp_path, **kw):
     svc = ProxyService(
-        proxy_config([u.address for u in nodes], str(tmp_path), http_port=ephemeral_port(), **kw)
+        proxy_config([u.address for u in nodes], str(tmp_path), http_port=spare_port(), **kw)
     )
     await svc.start()
     return svc

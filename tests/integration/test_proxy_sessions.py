@@ -18,7 +18,7 @@ import pytest
 from confedge.config import parse_config
 from confedge.nodesim import Conference, NodeSim
 from confedge.proxy.service import ProxyService
-from ports import ephemeral_port
+from ports import spare_port
 
 API = "/api/client/v2/conferences/open"
 
@@ -57,7 +57,7 @@ async def cluster(tmp_path: Path) -> Any:
     nodes = [NodeSim(conferences=confs, node_name=f"node{i}") for i in (1, 2)]
     for node in nodes:
         await node.start("127.0.0.1", 0)
-    port = ephemeral_port()
+    port = spare_port()
     cfg = parse_config(
         {
             "server": {"state_dir": str(tmp_path)},

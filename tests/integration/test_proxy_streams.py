@@ -17,7 +17,7 @@ import websockets
 from proxy_upstream import Upstream, client_ssl, get, proxy_config, read_response
 
 from confedge.proxy.service import ProxyService
-from ports import ephemeral_port
+from ports import spare_port
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
@@ -43,7 +43,7 @@ async def proxy(nodes, tmp_path):
         proxy_config(
             [u.address for u in nodes],
             str(tmp_path),
-            http_port=ephemeral_port(),
+            http_port=spare_port(),
             idle_timeout=0.5,
             read_timeout=0.5,
         )
@@ -374,7 +374,7 @@ async def test_http_redirect_connection_timeouts(nodes, tmp_path):
         proxy_config(
             [u.address for u in nodes],
             str(tmp_path),
-            http_port=ephemeral_port(),
+            http_port=spare_port(),
             idle_timeout=0.5,
             header_timeout=1.0,
         )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ports import ephemeral_port
+from ports import spare_port
 
 CONFEDGE = [sys.executable, "-m", "confedge"]
 
@@ -188,7 +188,7 @@ def test_run_certificate_problems_are_one_line(tmp_path: Path) -> None:
     ):
         cert.write_bytes(content)
         path = _run_config(tmp_path, turn="")
-        text = path.read_text().replace("tls_port = 0", f"tls_port = {ephemeral_port()}")
+        text = path.read_text().replace("tls_port = 0", f"tls_port = {spare_port()}")
         path.write_text(text + f'\n[tls]\ncert = "{cert}"\n')
         line = _start_failure(path)
         assert f"tls.cert ({cert})" in line and want in line, line

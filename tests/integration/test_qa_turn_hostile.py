@@ -41,7 +41,7 @@ from confedge.turn import listeners
 from confedge.turn.auth import RestCredentials
 from confedge.turn.service import TurnService
 from confedge.turn.testing import turn_config
-from ports import ephemeral_port, free_port
+from ports import free_port, spare_port
 
 REALM = "example.test"
 ATTACKER = "127.0.0.2"
@@ -559,7 +559,7 @@ async def test_start_errors_name_the_key(tmp_path: Path) -> None:
     # TURN over TLS with an unusable certificate.
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate\n")
-    cfg = turn_config(relay_ports="38400-38409", tls_port=ephemeral_port(), state_dir=str(tmp_path))
+    cfg = turn_config(relay_ports="38400-38409", tls_port=spare_port(), state_dir=str(tmp_path))
     cfg = cfg.model_copy(update={"tls": cfg.tls.model_copy(update={"cert": str(bad)})})
     svc = TurnService(cfg)
     with pytest.raises(
@@ -582,7 +582,7 @@ async def test_tls_port_stalled_and_garbage_handshakes(
 
     monkeypatch.setattr(service, "TLS_HANDSHAKE_TIMEOUT", 0.5)
     caplog.set_level(logging.DEBUG)
-    cfg = turn_config(relay_ports="38500-38509", tls_port=ephemeral_port(), state_dir=str(tmp_path))
+    cfg = turn_config(relay_ports="38500-38509", tls_port=spare_port(), state_dir=str(tmp_path))
     svc = TurnService(cfg)
     await svc.start()
     try:

@@ -16,7 +16,7 @@ import pytest
 from ops_support import peer_cn as _peer_cn
 from ops_support import write_cert as _write_cert
 
-from ports import ephemeral_port
+from ports import spare_ports
 
 
 def _wait_port(port: int, proc: subprocess.Popen[str]) -> None:
@@ -36,7 +36,7 @@ def _start(tmp_path: Path, workers: int) -> tuple[subprocess.Popen[str], Path, P
     the certificate "first.example.com"; returns once fully started (its pid file exists)."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     _write_cert(cert, key, "first.example.com")
-    https, turn, turns, relay = (ephemeral_port() for _ in range(4))
+    https, turn, turns, relay = spare_ports(4)
     cfg = tmp_path / "confedge.toml"
     cfg.write_text(
         f"""

@@ -144,7 +144,7 @@ def test_ban_sets_are_dropped_first_and_policy_is_drop() -> None:
     assert rules[start + 4] == "ct state established,related accept"
 
 
-def test_ipv6_and_ephemeral_ports() -> None:
+def test_ipv6_and_spare_ports() -> None:
     rules = _rules(CONFIGS["single-nic-v6"])
     assert any(
         r.startswith("ip6 daddr 2001:db8::5 udp dport 3478 ip6 saddr @media_nodes_v6")
