@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import random
 import socket
+import time
+from collections.abc import Callable
 
 # Ports for tests that name a port and bind it later (often in a subprocess). Below the kernel's
 # ephemeral range (32768-60999): a port the kernel gave out for bind(0) and took back was often
@@ -88,3 +90,28 @@ def _free(port: int, *, udp: bool = True) -> bool:
     except OSError:
         return False
     return True
+
+
+def udp_echo_ready(
+    host: str, port: int, proc_alive: Callable[[], bool], timeout: float = 5.0
+) -> None:
+    """Wait until the UDP echo server on host:port (turnutils_peer) answers a probe.
+
+    Why: a fixed sleep after starting it passed a peer that had not bound yet, or had exited
+    because its port was taken (it reports that on its stderr only), and the TURN test then
+    failed as "0 messages back" with no hint. Raises RuntimeError naming which.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.1)
+        while time.monotonic() < deadline:
+            if not proc_alive():
+                raise RuntimeError(f"the UDP echo peer on {host}:{port} exited (port taken?)")
+            s.sendto(b"ready?", (host, port))
+            try:
+                if s.recv(64) == b"ready?":
+                    return
+            except OSError:  # timeout, or ICMP port unreachable: not bound yet
+                continue
+    raise RuntimeError(f"the UDP echo peer on {host}:{port} did not answer in {timeout:g} s")

@@ -23,7 +23,7 @@ import pytest
 
 from confedge.turn.service import TurnService
 from confedge.turn.testing import turn_config
-from ports import free_port, has_ipv6_loopback
+from ports import free_port, has_ipv6_loopback, udp_echo_ready
 
 UCLIENT = shutil.which("turnutils_uclient")
 PEER = shutil.which("turnutils_peer")
@@ -67,8 +67,8 @@ async def _turnutils_peer(host: str) -> AsyncIterator[int]:
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,
     )
-    await asyncio.sleep(0.2)
     try:
+        await asyncio.to_thread(udp_echo_ready, host, port, lambda: proc.returncode is None)
         yield port
     finally:
         proc.terminate()

@@ -35,7 +35,7 @@ from confedge.demo import Demo, _print_banner, turns_url
 from confedge.nodesim import Conference, NodeSim
 from confedge.runtime import Runtime
 from confedge.turn.testing import shared_port_config
-from ports import spare_port, spare_ports
+from ports import spare_port, spare_ports, udp_echo_ready
 
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
@@ -274,7 +274,9 @@ async def test_uclient_relays_through_the_https_port(tmp_path: Path, workers: in
         stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        await asyncio.sleep(0.2)
+        await asyncio.to_thread(
+            udp_echo_ready, "127.0.0.1", peer_port, lambda: peer.returncode is None
+        )
 
         async def one(flags: list[str], sub: str) -> tuple[str, dict[str, int], int]:
             # A fresh server per case: uclient never releases one allocation and reuses ports.
