@@ -9,6 +9,7 @@ the events in bursts, hundreds of milliseconds late.
 from __future__ import annotations
 
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,13 @@ DRIVER = HERE / "proxy_chromium_driver.mjs"
 PLAYWRIGHT = HERE / "node_modules" / "playwright-core"
 PORTS = (32400, 32450)
 EVENTS = 20
-MAX_DELAY_MS = 50.0
+INTERVAL_S = 0.1  # the node writes an event this often
+# A proxy that buffers a stream holds each event until the next write or a flush: delays near
+# INTERVAL_S for most events. One event late by tens of milliseconds is the 2-core CI host's
+# scheduler (52 ms seen beside a full test run), not buffering: so the typical event must be
+# prompt and none may be held a whole interval.
+MEDIAN_DELAY_MS = 20.0
+WORST_DELAY_MS = 0.9 * 1000 * INTERVAL_S
 
 pytestmark = [
     pytest.mark.chromium,
@@ -38,7 +45,7 @@ pytestmark = [
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("http2", [True, False], ids=["h2", "http1.1"])
 async def test_page_and_event_source_through_proxy(tmp_path: Path, http2: bool) -> None:
-    up = Upstream(events=EVENTS, interval=0.1)
+    up = Upstream(events=EVENTS, interval=INTERVAL_S)
     await up.start()
     try:
         async with running_proxy(tmp_path, [up.port], PORTS, http2=http2) as info:
@@ -61,7 +68,8 @@ async def test_page_and_event_source_through_proxy(tmp_path: Path, http2: bool) 
     delays = [e["recv"] - e["sent"] for e in got]
     worst = max(delays)
     print(f"SSE event delays through the proxy: max {worst:.1f} ms, all {delays}")
-    assert worst < MAX_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
+    assert statistics.median(delays) < MEDIAN_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
+    assert worst < WORST_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
     # proxy.http2 (on by default): the page and its EventSource came over h2 (ALPN), or over
     # HTTP/1.1 with the option off.
     proto = "h2" if http2 else "http/1.1"

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from guard_upstream import PinNode
-from test_guard_proxy import TOKEN, _raw, attempt, config, send, two_instances
+from test_guard_proxy import TOKEN, _raw, _ssl, attempt, config, send, two_instances
 
 from confedge.guard import create_guard
 from confedge.proxy.service import ProxyService
@@ -41,8 +41,9 @@ async def node() -> Any:
 
 async def _attack(ports: list[int], n: int, source: str) -> list[int]:
     """n guesses at once, each on its own connection (spread over `ports`)."""
+    ctx = _ssl()  # one for all n (see send)
     results = await asyncio.gather(
-        *(send(ports[i % len(ports)], [_raw(TOKEN, f"{i:04d}")], source) for i in range(n))
+        *(send(ports[i % len(ports)], [_raw(TOKEN, f"{i:04d}")], source, ctx) for i in range(n))
     )
     return [r[0][0] if r else 0 for r in results]
 

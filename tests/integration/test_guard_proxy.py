@@ -64,10 +64,16 @@ async def send(
     port: int,
     raws: list[bytes],
     source: str = "127.0.0.1",
+    ctx: ssl.SSLContext | None = None,
 ) -> list[tuple[int, dict[str, str], bytes]]:
-    """Write all requests at once (pipelined when several), read as many answers as come."""
+    """Write all requests at once (pipelined when several), read as many answers as come.
+
+    `ctx`: a client context to share between many parallel calls (test_guard_inflight_proxy's
+    attacks): building one per connection loads the system's CA file, tens of milliseconds on
+    a loaded 2-core host, and 200 of them delayed the first connections' TLS handshakes past
+    the proxy's handshake timeout (proxy.header_timeout, 10 s), which then closed them."""
     reader, writer = await asyncio.open_connection(
-        "127.0.0.1", port, ssl=_ssl(), local_addr=(source, 0)
+        "127.0.0.1", port, ssl=ctx or _ssl(), local_addr=(source, 0)
     )
     out = []
     try:
