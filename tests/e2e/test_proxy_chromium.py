@@ -68,7 +68,9 @@ async def test_page_and_event_source_through_proxy(tmp_path: Path, http2: bool) 
     delays = [e["recv"] - e["sent"] for e in got]
     worst = max(delays)
     print(f"SSE event delays through the proxy: max {worst:.1f} ms, all {delays}")
-    assert statistics.median(delays) < MEDIAN_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
+    assert statistics.median(delays) < MEDIAN_DELAY_MS, (
+        f"event delays (ms) through the proxy: {delays}"
+    )
     assert worst < WORST_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
     # proxy.http2 (on by default): the page and its EventSource came over h2 (ALPN), or over
     # HTTP/1.1 with the option off.
