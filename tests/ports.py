@@ -1,7 +1,8 @@
 """Loopback ports for tests.
 
 Each test area has its own port range (so areas running side by side, or a running demo, never
-collide); tests that can use any port take an ephemeral one from the kernel.
+collide); tests that can use any port and bind it themselves bind port 0; tests that must name
+a port before something binds it (a subprocess, a config file) take a spare one (spare_port).
 """
 
 from __future__ import annotations
