@@ -88,8 +88,11 @@ def rest_credential(secret: str, user: str, ttl: int = 600) -> tuple[str, str]:
     return username, base64.b64encode(mac).decode()
 
 
-async def _chromium(url: str, username: str, credential: str, timeout_ms: int) -> dict[str, Any]:
-    """Run the page in headless Chromium (via playwright-core) and return its JSON report."""
+async def _chromium(
+    url: str, username: str, credential: str, timeout_ms: int, follow_ups: int = 0
+) -> dict[str, Any]:
+    """Run the page in headless Chromium (via playwright-core) and return its JSON report;
+    `follow_ups` more DataChannel messages after the first (turn_chromium_driver.mjs)."""
     node = shutil.which("node")
     if node is None or not (HERE / "node_modules" / "playwright-core").is_dir():
         pytest.fail(
@@ -103,6 +106,7 @@ async def _chromium(url: str, username: str, credential: str, timeout_ms: int) -
             "credential": credential,
             "timeoutMs": timeout_ms,
             "chromium": CHROMIUM,
+            "followUps": follow_ups,
         }
     )
     # A subprocess awaited on this loop: the TURN server under test runs on the same loop.

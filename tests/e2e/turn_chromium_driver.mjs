@@ -6,7 +6,10 @@
 // exactly the path a browser behind a restrictive firewall takes in a conference.
 //
 // Usage: node turn_chromium_driver.mjs '<json>' where json = {url, username, credential,
-// timeoutMs, chromium}. Prints one JSON line: {ok, message, pair, candidates, error}.
+// timeoutMs, chromium, followUps?}. Prints one JSON line: {ok, message, pair, candidates, error,
+// followUps}. followUps (default 0): after the first message, send that many more, 50 ms apart,
+// and count those that arrive -- traffic that keeps flowing after Chromium has bound its TURN
+// channels (its first packets go as Send indications), for the kernel-offload test.
 
 import http from 'node:http';
 import fs from 'node:fs';
@@ -36,8 +39,14 @@ async function relayTest(cfg) {
     me.onicecandidateerror = (e) =>
       errors.push(name + ' icecandidateerror ' + e.errorCode + ' ' + e.errorText + ' ' + e.url);
   }
+  let later = 0;
   const got = new Promise((resolve) => {
-    pc2.ondatachannel = (e) => { e.channel.onmessage = (m) => resolve(m.data); };
+    pc2.ondatachannel = (e) => {
+      e.channel.onmessage = (m) => {
+        if (m.data.startsWith('follow-up ')) later++;
+        else resolve(m.data);
+      };
+    };
   });
   const dc = pc1.createDataChannel('confedge');
   dc.onopen = () => dc.send('hello through confedge TURN');
@@ -47,6 +56,14 @@ async function relayTest(cfg) {
   await pc1.setRemoteDescription(pc2.localDescription);
   const timeout = new Promise((resolve) => setTimeout(() => resolve(null), cfg.timeoutMs));
   const message = await Promise.race([got, timeout]);
+  const followUps = cfg.followUps || 0;
+  for (let i = 0; message !== null && i < followUps; i++) {
+    dc.send('follow-up ' + i);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+  for (let i = 0; message !== null && later < followUps && i < 40; i++) {
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
 
   // The selected pair, as getStats reports it (transport.selectedCandidatePairId).
   async function selected(pc) {
@@ -81,7 +98,7 @@ async function relayTest(cfg) {
     return selected(pc);
   }
   const result = {
-    message, candidates, errors,
+    message, candidates, errors, followUps: later,
     iceState: [pc1.iceConnectionState, pc2.iceConnectionState],
     pair: await settled(pc1), pair2: await settled(pc2),
   };

@@ -186,7 +186,12 @@ async def _chromium(svc: TurnService, args: argparse.Namespace) -> dict[str, Any
         chromium_case.shutil.which = lambda _name: str(wrapper)  # type: ignore[assignment]
     username, credential = chromium_case.rest_credential(CHROMIUM_SECRET, "offload")
     url = f"turn:{args.host}:{svc.port}?transport=udp"
-    report = await chromium_case._chromium(url, username, credential, timeout_ms=12000)
+    # 20 more messages after the first: Chromium sends its first packets to a peer as Send
+    # indications until its ChannelBind is answered, and under load a session of one message
+    # could end before any ChannelData (what the kernel forwards) was sent.
+    report = await chromium_case._chromium(
+        url, username, credential, timeout_ms=12000, follow_ups=20
+    )
     return {"report": report, "counts": _counts_all(svc)}
 
 

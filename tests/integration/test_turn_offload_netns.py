@@ -326,6 +326,7 @@ def _check_chromium(out: dict[str, object]) -> None:
     assert isinstance(report, dict)
     assert report.get("ok"), (out["counts"], json.dumps(report)[:1500])
     assert report["message"] == "hello through confedge TURN"
+    assert report["followUps"] == 20, report  # the messages after the first crossed too
     counts = out["counts"]
     assert isinstance(counts, dict)
     assert counts["kernel_to_peer"] > 0, counts
