@@ -7,6 +7,7 @@ a port before something binds it (a subprocess, a config file) take a spare one 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import time
@@ -28,9 +29,9 @@ def spare_ports(n: int) -> list[int]:
     """`n` different ports from SPARE_PORTS, each free for TCP and UDP now."""
     ports = list(SPARE_PORTS)
     random.shuffle(ports)
-    found = [p for p in ports[: 4 * n + 50] if _free(p)][:n]
+    found = [p for p in ports[: 4 * n + 50] if port_free(p)][:n]
     if len(found) < n:
-        found = [p for p in ports if _free(p)][:n]
+        found = [p for p in ports if port_free(p)][:n]
     if len(found) < n:
         raise RuntimeError(f"fewer than {n} free ports in {SPARE_PORTS}")
     return found
@@ -46,7 +47,7 @@ def free_port(lo: int, hi: int, *, shuffle: bool = False, udp: bool = False) -> 
     if shuffle:
         random.shuffle(ports)
     for port in ports:
-        if _free(port, udp=udp):
+        if port_free(port, udp=udp):
             return port
     raise RuntimeError(f"no free port in {lo}-{hi - 1}")
 
@@ -75,19 +76,20 @@ def demo_port_base() -> int:
     bases = list(DEMO_BASES)
     random.shuffle(bases)
     for base in bases:
-        if all(_free(p) for p in range(base, base + DEMO_SERVICE_PORTS)):
+        if all(port_free(p) for p in range(base, base + DEMO_SERVICE_PORTS)):
             return base
     raise RuntimeError(f"no demo port base free in {DEMO_BASES}")
 
 
-def _free(port: int, *, udp: bool = True) -> bool:
-    """Whether `port` can be bound on 127.0.0.1 now, for TCP (and UDP when `udp`)."""
+def port_free(port: int, *, tcp: bool = True, udp: bool = True) -> bool:
+    """Whether `port` can be bound on 127.0.0.1 now, for TCP when `tcp` and UDP when `udp`."""
     try:
-        with socket.socket() as t:
-            t.bind(("127.0.0.1", port))
+        with contextlib.ExitStack() as held:
+            if tcp:
+                held.enter_context(socket.socket()).bind(("127.0.0.1", port))
             if udp:
-                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                    u.bind(("127.0.0.1", port))
+                u = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+                u.bind(("127.0.0.1", port))
     except OSError:
         return False
     return True

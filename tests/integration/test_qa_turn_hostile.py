@@ -41,7 +41,7 @@ from confedge.turn import listeners
 from confedge.turn.auth import RestCredentials
 from confedge.turn.service import TurnService
 from confedge.turn.testing import turn_config
-from ports import free_port, spare_port
+from ports import free_port, port_free, spare_port
 
 REALM = "example.test"
 ATTACKER = "127.0.0.2"
@@ -436,21 +436,12 @@ async def test_relay_range_exhaustion_508_then_recovery() -> None:
         await svc.close()
 
 
-def _port_free(port: int) -> bool:
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-            u.bind(("127.0.0.1", port))
-    except OSError:
-        return False
-    return True
-
-
 def _free_run(n: int, lo: int = 24000, hi: int = 32000) -> int:
     """The first port of ``n`` consecutive UDP ports on 127.0.0.1 that are all free now, below
     the kernel's ephemeral range (32768-60999): the test's own client sockets, bound to port
     0, can then never land on one of them."""
     for base in range(lo, hi - n):
-        if all(_port_free(p) for p in range(base, base + n)):
+        if all(port_free(p, tcp=False) for p in range(base, base + n)):
             return base
     pytest.skip(f"no {n} consecutive free UDP ports in {lo}-{hi}")
 
