@@ -19,15 +19,12 @@ from typing import Any
 
 from confedge import __version__
 from confedge.config import Config, ConfigError, load_config, to_toml
+from confedge.logsetup import setup_service_logging
 from confedge.proxy import build_kind
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_service_logging(level, "%(asctime)s %(levelname)s %(name)s: %(message)s", sys.stderr)
 
 
 def _run_loop(coro: Any) -> int:

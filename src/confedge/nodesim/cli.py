@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
+
+from confedge.logsetup import setup_service_logging
 
 from .core import Conference, TurnInfo
 from .node import NodeSim
@@ -133,9 +134,7 @@ def nodesim_command(argv: list[str]) -> int:
     elif args.turn_user or args.turn_password:
         print("confedge nodesim: --turn-user/--turn-password need --turn", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    setup_service_logging(args.log_level, "%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         node = NodeSim(conferences, turn, args.name)
     except ValueError as exc:

@@ -26,6 +26,7 @@ from typing import Any
 
 from confedge.config import Config
 from confedge.guard.hook import GuardHook
+from confedge.logsetup import setup_service_logging
 from confedge.proxy import build_kind
 from confedge.proxy.accesslog import RequestCounter
 from confedge.proxy.core import SESSIONS_SHOWN, WorkerRuntime, reuse_port_socket
@@ -743,8 +744,8 @@ def _worker_main(
     signal.signal(signal.SIGTERM, _exit_while_starting)
     import uvloop
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
+    setup_service_logging(
+        logging.INFO, "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s"
     )
 
     async def run() -> None:

@@ -11,12 +11,12 @@ import argparse
 import asyncio
 import contextlib
 import json
-import logging
 import signal
 import sys
 
 from confedge.config import ConfigError, load_config
 from confedge.heap import settle_heap
+from confedge.logsetup import setup_service_logging
 
 from .service import TurnService
 
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", required=True, help="confedge TOML configuration file")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+    setup_service_logging(args.log_level, "%(asctime)s %(name)s %(message)s")
     import uvloop
 
     try:
