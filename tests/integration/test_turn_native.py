@@ -16,6 +16,7 @@ import random
 import socket
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,6 +116,27 @@ async def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     svc = await _service(dataplane="auto")
     assert svc.backend == "python"
     await svc.close()
+
+
+def _thread_names() -> list[str]:
+    return sorted(
+        (Path("/proc/self/task") / t / "comm").read_text().strip()
+        for t in os.listdir("/proc/self/task")
+    )
+
+
+async def test_relay_threads_are_named_for_operators() -> None:
+    """`top -H`, `ps -L` and perf show which threads relay media: confedge-relay0..N-1,
+    started with the engine and gone after close."""
+    before = _thread_names()
+    svc = await _service(dataplane_threads=3)
+    try:
+        relays = [n for n in _thread_names() if n.startswith("confedge-rel")]
+        assert relays == ["confedge-relay0", "confedge-relay1", "confedge-relay2"]
+    finally:
+        await svc.close()
+    assert not [n for n in _thread_names() if n.startswith("confedge-rel")]
+    assert [n for n in before if n.startswith("confedge-rel")] == []
 
 
 async def test_clients_spread_over_threads_each_on_its_own() -> None:
