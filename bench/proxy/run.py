@@ -23,6 +23,11 @@ requests/s, p50/p99 latency and CPU per request (utime+stime of every process of
 raised RLIMIT_NOFILE; Python upstreams that answer text/event-stream and keep the stream open)
 and reports the summed RSS and PSS of the server's processes.
 
+``--perf DIR`` records every process of each server with ``perf record`` during the first round
+of each scenario and adds, per scenario, the CPU µs per request by where it ran (kernel, TLS,
+libpython, the compiled proxy, uvloop, httptools, nginx's own code, libc): the profile that says
+where confedge's CPU per request goes against nginx's.
+
 Results: a JSON file under bench/results/ and a markdown table on standard output.
 """
 
@@ -582,9 +587,11 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
                 for server in order:
                     http, https, pid = ports[server]
                     tool, url = _load(scheme, http, https, path)
-                    spy = None
+                    spy = perf = None
                     if args.profile and server == "confedge" and rnd == 0:
                         spy = _start_profile(args.profile, name, pid, args.duration)
+                    if args.perf and rnd == 0:
+                        perf = _start_perf(args.perf, f"{name}-{server}", pid, args.duration)
                     r = tool(
                         url,
                         args.duration,
@@ -594,6 +601,11 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
                     )
                     if spy is not None:
                         spy.wait(30)
+                    if perf is not None:
+                        perf.wait(60)
+                        r["perf_us_per_req"] = summarize_perf(
+                            args.perf / f"{name}-{server}.data", r["requests"]
+                        )
                     runs[server].append(r)
                     print(f"  {name} round {rnd + 1} {server}: {r}", file=sys.stderr)
             results[name] = {srv: {"runs": rs, "median": _median(rs)} for srv, rs in runs.items()}
@@ -615,6 +627,72 @@ def _start_profile(out: Path, name: str, pid: int, duration: int) -> subprocess.
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+PERF_HZ = 2000
+
+# Where a server's CPU goes, by the shared object a perf sample landed in: the buckets of
+# docs/BENCHMARKS.md "CPU per request toward nginx's" (first match wins).
+PERF_BUCKETS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("kernel", ("[kernel", "[unknown]")),
+    ("TLS (libcrypto, libssl, _ssl)", ("libcrypto", "libssl", "_ssl.")),
+    ("libpython", ("libpython",)),
+    ("compiled proxy (mypyc)", ("__mypyc",)),
+    ("uvloop", ("uvloop", "loop.cpython")),
+    ("httptools", ("httptools", "parser.cpython", "url_parser")),
+    ("nginx", ("nginx",)),
+    ("libc, vdso, pcre", ("libc.", "libc-", "[vdso]", "libpcre", "ld-linux", "libm.")),
+)
+
+
+def _start_perf(out: Path, name: str, pid: int, duration: int) -> subprocess.Popen[bytes]:
+    """`perf record` on every process of one server (master and workers) for one round."""
+    out.mkdir(parents=True, exist_ok=True)
+    pids = ",".join(str(p) for p in _tree(pid))
+    return subprocess.Popen(
+        ["perf", "record", "-q", "-e", "cpu-clock", "-F", str(PERF_HZ), "-p", pids,
+         "-o", str(out / f"{name}.data"), "--", "sleep", str(duration)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def summarize_perf(path: Path, requests: int) -> dict[str, float]:
+    """CPU µs per request by bucket (PERF_BUCKETS) from a `_start_perf` recording: samples in
+    the bucket / PERF_HZ / requests the load tool completed in the same window."""
+    report = subprocess.run(
+        ["perf", "report", "-i", str(path), "--stdio", "-n", "--sort", "dso", "-g", "none"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    out: dict[str, float] = {}
+    for line in report.splitlines():
+        m = re.match(r"\s*[\d.]+%\s+(\d+)\s+(.+?)\s*$", line)
+        if m is None:
+            continue
+        dso = m[2]
+        bucket = next((b for b, keys in PERF_BUCKETS if any(k in dso for k in keys)), "other")
+        us = int(m[1]) / PERF_HZ / requests * 1e6 if requests else 0.0
+        out[bucket] = out.get(bucket, 0.0) + us
+    out["total"] = sum(out.values())
+    return {k: round(v, 2) for k, v in out.items()}
+
+
+def perf_table(profiles: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown: per scenario, µs per request by bucket for each server."""
+    lines = []
+    for scenario, by_server in profiles.items():
+        servers = list(by_server)
+        lines += [f"\nperf, {scenario}: CPU µs per request by where it ran", "",
+                  "| | " + " | ".join(servers) + " |", "|---|" + "---:|" * len(servers)]  # fmt: skip
+        buckets = [b for b, _ in PERF_BUCKETS] + ["other", "total"]
+        for b in buckets:
+            if any(b in by_server[srv] for srv in servers):
+                cells = [f"{by_server[srv].get(b, 0.0):.1f}" for srv in servers]
+                lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def summarize_profile(path: Path, top: int = 25) -> str:
@@ -888,6 +966,11 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=Path, default=None, metavar="DIR",
         help="py-spy one confedge worker during the first round of each scenario (needs py-spy)",
     )  # fmt: skip
+    ap.add_argument(
+        "--perf", type=Path, default=None, metavar="DIR",
+        help="perf record every process of each server during the first round of each scenario "
+        "and report CPU µs per request by where it ran (kernel, TLS, libpython, ...)",
+    )  # fmt: skip
     # Internal roles: the same file runs the SSE upstreams and the SSE client as subprocesses.
     ap.add_argument("--role", choices=["sse-upstream", "sse-client"], help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -941,6 +1024,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(markdown(results))
+    if args.perf and "throughput" in results:
+        profiles = {
+            name: {srv: r["runs"][0]["perf_us_per_req"] for srv, r in by_server.items()}
+            for name, by_server in results["throughput"].items()
+        }
+        print(perf_table(profiles))
     if args.profile:
         for f in sorted(args.profile.glob("*.txt")):
             print("\n" + summarize_profile(f), file=sys.stderr)
