@@ -112,5 +112,6 @@ def test_status_page_build_kind_imports_no_adapter() -> None:
         "assert s.build_kind() in ('compiled (mypyc)', 'interpreted')"
     )
     assert _loaded(code) == []
-    code_upstream = code + "\nimport sys\nassert 'confedge.proxy.upstream' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code_upstream], check=True, timeout=60)
+    for module in ("confedge.proxy.upstream", "confedge.proxy.core"):
+        check = code + f"\nimport sys\nassert {module!r} not in sys.modules, {module!r}"
+        subprocess.run([sys.executable, "-c", check], check=True, timeout=60)
