@@ -16,7 +16,13 @@ def build_kind() -> str:
     A wheel build compiles the modules listed under [tool.confedge] compiled in pyproject.toml;
     an editable install or CONFEDGE_PURE=1 leaves them interpreted. Operators see it in the
     start-up log and in `confedge check`, because it changes CPU per request (not behaviour).
-    """
-    from confedge.proxy import server
 
-    return "compiled (mypyc)" if server.__file__.endswith((".so", ".pyd")) else "interpreted"
+    It asks the import system where `proxy.server` would load from (`find_spec` locates the
+    file, as `import` would, without executing it), so the status page (admin/) can report
+    the build without importing a proxy adapter.
+    """
+    from importlib.util import find_spec
+
+    spec = find_spec("confedge.proxy.server")
+    origin = spec.origin if spec is not None else None
+    return "compiled (mypyc)" if origin and origin.endswith((".so", ".pyd")) else "interpreted"

@@ -52,17 +52,16 @@ from confedge.proxy.health import LATENCY_BOUNDS, LATENCY_BUCKETS, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
 from confedge.proxy.pools import build_pools, health_monitor, route
-from confedge.proxy.request import Refused, Request, host_allowed, normalise_target
+from confedge.proxy.request import MEMO_SIZE, Refused, Request, host_allowed, normalise_target
 from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
 
 if TYPE_CHECKING:
-    from confedge.proxy.h2 import H2Client
     from confedge.proxy.redirect import RedirectConnection
     from confedge.proxy.server import ClientConnection
     from confedge.proxy.upstream import NodePool, UpstreamConnection
 
-__all__ = ["AccessLogSink", "TurnShare", "WorkerRuntime"]
+__all__ = ["AccessLogSink", "ClientSide", "TurnShare", "WorkerRuntime"]
 
 log = logging.getLogger("confedge.proxy")
 
@@ -74,13 +73,35 @@ _wall_clock: Final = time.time
 SESSIONS_SHOWN: Final = 10
 SESSION_PATH_MAX: Final = 80
 
-# Entries kept by WorkerRuntime's memos of Host checks and normalised targets.
-MEMO_SIZE: Final = 2048
-
 # Writes up to this size are coalesced per event-loop iteration (see "Write coalescing"), and
 # at most this many bytes wait in the queue before it is flushed early.
 COALESCE_MAX: Final = 32 * 1024
 COALESCE_BATCH: Final = 256 * 1024
+
+
+class ClientSide(Protocol):
+    """A client connection as the worker sees it: the HTTP/1.1 `server.ClientConnection` or
+    the HTTP/2 `h2.H2Client`. The worker keeps them in `clients`, sweeps their timers
+    (timers.py), drains and lists them only through these members, so it never imports (or
+    tests the class of) an adapter."""
+
+    activity: bool
+    timeout: float
+    deadline: float
+
+    @property
+    def exchange(self) -> Any:
+        """Something in progress (not None): the drain waits for it to end."""
+
+    def on_timeout(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def close_if_idle(self) -> None:
+        """Drain, listeners closed: close the connection now if nothing is in progress on it."""
+
+    def in_progress(self) -> list[tuple[Exchange, bool]]:
+        """The exchanges in progress on it, each with whether it is a tunnel (WebSocket)."""
 
 
 class TurnShare(Protocol):
@@ -165,7 +186,7 @@ class WorkerRuntime:
         self.latency: dict[str, list[float]] = {}
         # Guard decisions about proxied requests, by kind (banned, pin_admitted, ...).
         self.guard_decisions: dict[str, int] = {}
-        self.clients: set[ClientConnection | H2Client] = set()
+        self.clients: set[ClientSide] = set()
         # proxy.http2: the HTTP/2 adapter's shared part (proxy/h2.py H2Runtime), set by
         # ProxyWorker when ALPN offers "h2"; None keeps every connection on HTTP/1.1.
         self.h2: Any = None
@@ -316,7 +337,7 @@ class WorkerRuntime:
         self.previous = previous
 
     def settings_over(self, nodes: Balancer, netlocs: list[str], pool: int) -> ExchangeSettings:
-        """The settings every exchange core reads, as plain data, over a node chooser."""
+        """The settings every exchange core reads, as plain data, over one pool's Balancer."""
         return ExchangeSettings(
             nodes=nodes,
             netlocs=netlocs,
@@ -337,36 +358,17 @@ class WorkerRuntime:
     def close_idle(self) -> None:
         """Listeners closed (drain): close client connections with nothing in progress (an
         HTTP/2 connection without open streams gets a GOAWAY first, RFC 9113 §6.8)."""
-        from confedge.proxy.server import T_IDLE, ClientConnection
-
         for c in list(self.clients):
-            if not isinstance(c, ClientConnection):
-                if not c.streams and not c.closed:
-                    c.on_timeout()  # GOAWAY, then close
-                continue
-            if (
-                c.exchange is None
-                and c.tmode == T_IDLE
-                and not c.pending
-                and c.static_iter is None
-                and c.transport is not None
-            ):
-                self.close_after(c.transport)
+            c.close_if_idle()
 
     def sessions(self, limit: int = SESSIONS_SHOWN) -> list[dict[str, Any]]:
         """The longest-running proxied exchanges now on a node (SSE streams, WebSockets, long
         polls), with the node's name, for the status page: [{client, node, path, kind, age}]."""
-        from confedge.proxy.server import ClientConnection
-
         now = self.loop.time()
         rows: list[tuple[float, dict[str, Any]]] = []
         for c in self.clients:
-            if isinstance(c, ClientConnection):
-                found = [(c.exchange, c.tunnel)]
-            else:  # HTTP/2: one exchange per stream, no tunnels
-                found = [(st.exchange, False) for st in c.streams.values()]
-            for ex, tunnel in found:
-                if ex is None or ex.node < 0 or not ex.addrs:
+            for ex, tunnel in c.in_progress():
+                if ex.node < 0 or not ex.addrs:
                     continue
                 req = ex.req
                 kind = "websocket" if tunnel else ("sse" if ex.sse else "request")
@@ -645,14 +647,6 @@ class WorkerRuntime:
         if not self.trusted or xff is None:
             return peer
         return client_address(peer, xff.decode("latin-1"), self.trusted)
-
-
-def normalise_peer(peer: Any) -> str:
-    """Peer address text; IPv4-mapped IPv6 (dual-stack sockets) shown as IPv4."""
-    host = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-    if host.startswith("::ffff:") and "." in host:
-        return host[7:]
-    return host
 
 
 def reuse_port_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:

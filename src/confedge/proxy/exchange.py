@@ -30,8 +30,10 @@ so a failed attempt (connect error/timeout, a 500/502/503/504 head, a lost conne
 head and body on the next node, POST included, as long as the body was fully buffered and
 nothing reached the client. After commit the retained copy is dropped.
 
-Node choice goes through `ExchangeSettings.nodes` (a `NodeChooser`: the balancer today; a pool
-per path prefix plugs in there). Response planning (framing, header filtering, CSP, SSE) is the
+Node choice goes through `ExchangeSettings.nodes`, a concrete `Balancer` (mypyc calls it
+natively); node pools per path prefix each have their own ExchangeSettings (their own Balancer
+and netlocs), which the adapter picks before it makes the Exchange
+(`WorkerRuntime.settings_for`). Response planning (framing, header filtering, CSP, SSE) is the
 pure function `plan_response`.
 """
 
@@ -40,7 +42,7 @@ from __future__ import annotations
 import enum
 import json
 import math
-from typing import Any, Final, Protocol
+from typing import Any, Final
 
 from confedge.guard.inflight import issued_token, session_token, token_call
 from confedge.proxy.balancer import Balancer
@@ -60,7 +62,6 @@ __all__ = [
     "Exchange",
     "ExchangeError",
     "ExchangeSettings",
-    "NodeChooser",
     "ResponsePlan",
     "State",
     "build_request_head",
@@ -259,19 +260,6 @@ def seconds_text(seconds: float) -> str:
 
 RETRY_STATUSES: Final = frozenset({500, 502, 503, 504})
 _PIN_BUFFER_LIMIT: Final = 64 * 1024
-
-
-class NodeChooser(Protocol):
-    """The node-choice point, as the core uses it. `ExchangeSettings.nodes` is a concrete
-    `Balancer` (mypyc calls it natively, a Protocol would cost a Python call per pick); node
-    pools per path prefix plug in by giving each prefix its own ExchangeSettings (its own
-    Balancer and netlocs), chosen by the adapter before the Exchange is made."""
-
-    active: list[int]
-
-    def pick(self, client_ip: str, tried: int) -> int | None: ...
-
-    def pick_serving(self, client_ip: str, tried: int) -> int | None: ...
 
 
 class ExchangeSettings:

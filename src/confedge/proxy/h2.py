@@ -354,6 +354,18 @@ class H2Client(asyncio.Protocol):
         self.flush()
         self.close()
 
+    # -- what the worker asks of a client connection (core.ClientSide) ------------------------
+
+    def close_if_idle(self) -> None:
+        """Drain, listeners closed: with no stream open, GOAWAY (RFC 9113 §6.8), then close."""
+        if not self.streams and not self.closed:
+            self.on_timeout()
+
+    def in_progress(self) -> list[tuple[Exchange, bool]]:
+        """One exchange per open stream (HTTP/2 streams never tunnel), for the status page's
+        sessions table."""
+        return [(st.exchange, False) for st in self.streams.values() if st.exchange is not None]
+
     def stream_done(self, st: H2Stream) -> None:
         if self.streams.get(st.sid) is st:
             del self.streams[st.sid]

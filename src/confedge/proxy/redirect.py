@@ -20,9 +20,15 @@ from typing import TYPE_CHECKING, Final
 import httptools
 
 from confedge.proxy.accesslog import remote_user
-from confedge.proxy.core import MEMO_SIZE, normalise_peer
 from confedge.proxy.pages import status_line
-from confedge.proxy.request import Refused, host_allowed, normalise_target, split_host
+from confedge.proxy.request import (
+    MEMO_SIZE,
+    Refused,
+    host_allowed,
+    normalise_peer,
+    normalise_target,
+    split_host,
+)
 from confedge.timers import arm, disarm
 
 if TYPE_CHECKING:

@@ -11,16 +11,18 @@ once, in paths.py (`canonical_path`); this module adds the request-target forms 
 from __future__ import annotations
 
 import re
-from typing import Final
+from typing import Any, Final
 from urllib.parse import unquote
 
 from confedge.proxy.paths import BadPath, canonical_path
 
 __all__ = [
     "ALLOWED_METHODS",
+    "MEMO_SIZE",
     "Refused",
     "Request",
     "host_allowed",
+    "normalise_peer",
     "normalise_target",
     "path_allowed",
     "pin_alias",
@@ -34,6 +36,11 @@ ALLOWED_METHODS: Final = frozenset(
     {b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH"}
 )
 NOT_ALLOWED_METHODS: Final = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
+
+# Entries kept by each memo of a pure check that every request repeats (the worker's Host checks,
+# normalised targets and access-log request lines; the port-80 redirect's Location lines):
+# bounded and emptied when full, so a client inventing values only loses the shortcut.
+MEMO_SIZE: Final = 2048
 
 # The query may hold "?" and "\\" (only the path is read as a file-system-like name).
 _QUERY_CHARS = re.compile(r'[!"$-~]*')
@@ -187,3 +194,12 @@ class Request:
         self.target = ""
         self.path = ""
         self.version = "1.1"
+
+
+def normalise_peer(peer: Any) -> str:
+    """Peer address text (a transport's "peername"); IPv4-mapped IPv6 (dual-stack sockets)
+    shown as IPv4, so the access log, the guard and X-Real-IP see one form of an address."""
+    host = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host

@@ -47,6 +47,7 @@ from confedge.proxy.request import (
     NOT_ALLOWED_METHODS,
     Refused,
     Request,
+    normalise_peer,
     path_allowed,
 )
 from confedge.proxy.turnshare import alpn_selects_turn
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
     from confedge.proxy.core import WorkerRuntime
     from confedge.proxy.upstream import UpstreamConnection
 
-__all__ = ["T_BODY", "T_HEAD", "T_IDLE", "T_NONE", "T_TUNNEL", "ClientConnection"]
+__all__ = ["ClientConnection"]
 
 log = logging.getLogger("confedge.proxy")
 
@@ -173,8 +174,6 @@ class ClientConnection(asyncio.BufferedProtocol):
     # -- asyncio callbacks ----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        from confedge.proxy.core import normalise_peer
-
         core = self.core
         self.transport = transport  # type: ignore[assignment]
         if len(core.clients) >= core.max_connections or core.closing:
@@ -665,6 +664,27 @@ class ClientConnection(asyncio.BufferedProtocol):
             req.url[:200] if req is not None else b"",
         )
         self.local_response(req, status, detail=reason)
+
+    # -- what the worker asks of a client connection (core.ClientSide) ------------------------
+
+    def close_if_idle(self) -> None:
+        """Drain, listeners closed: close now if no request is in progress, queued, or being
+        answered from a static file (a keep-alive connection waiting for its next request)."""
+        t = self.transport
+        if (
+            self.exchange is None
+            and self.tmode == T_IDLE
+            and not self.pending
+            and self.static_iter is None
+            and t is not None
+        ):
+            self.core.close_after(t)
+
+    def in_progress(self) -> list[tuple[Exchange, bool]]:
+        """The exchange in progress (at most one: pipelined requests wait), and whether it
+        became a tunnel (WebSocket), for the status page's sessions table."""
+        ex = self.exchange
+        return [] if ex is None else [(ex, self.tunnel)]
 
     def abort(self) -> None:
         if self.transport is not None:

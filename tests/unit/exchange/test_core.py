@@ -17,22 +17,31 @@ def test_core_imports_no_asyncio() -> None:
 
 
 def test_core_imports_no_adapter() -> None:
-    adapters = ["server", "upstream", "core", "redirect", "service", "healthcheck"]
+    adapters = [
+        "server",
+        "h2",
+        "upstream",
+        "core",
+        "redirect",
+        "service",
+        "healthcheck",
+        "guardcalls",
+        "turnshare",
+    ]
     code = (
         "import sys, confedge.proxy.exchange; "
         f"print([m for m in {adapters!r} if 'confedge.proxy.' + m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert (
-        "httptools"
-        not in subprocess.run(
-            [sys.executable, "-c", "import sys, confedge.proxy.exchange; print(list(sys.modules))"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, confedge.proxy.exchange; print(list(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "httptools" not in loaded
+    assert "'h2'" not in loaded  # hyper-h2, the HTTP/2 adapter's framing library
 
 
 def test_every_state_has_a_row_and_done_is_final() -> None:
