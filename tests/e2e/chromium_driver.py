@@ -53,3 +53,22 @@ async def run_driver(
     assert lines, f"driver printed nothing; stderr: {err.decode()[-2000:]}"
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def assert_loaded_over(result: dict[str, Any], origin: str, proto: str) -> set[str]:
+    """The driver's Resource Timing (`nav`, `resources`, see driver_common.mjs): the page and
+    every load from `origin` came over `proto` ("h2" or "http/1.1"), the web app's event stream
+    among them. Returns the paths loaded from `origin`, for the caller's own checks.
+
+    Why the browser's view: ALPN picks the protocol per connection, and only the browser knows
+    which connection each load used (a page over h2 with its EventSource on a second HTTP/1.1
+    connection would pass a server-side count).
+    """
+    diag = json.dumps({k: result.get(k) for k in ("nav", "resources", "error")}, indent=1)
+    assert result["nav"]["name"].startswith(origin + "/"), diag
+    assert result["nav"]["nextHopProtocol"] == proto, diag
+    ours = [r for r in result["resources"] if r["name"].startswith(origin + "/")]
+    paths = {r["name"][len(origin) :].split("?")[0] for r in ours}
+    assert any(p.endswith("/events") for p in paths), diag
+    assert {r["nextHopProtocol"] for r in ours} == {proto}, diag
+    return paths

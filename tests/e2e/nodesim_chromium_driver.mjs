@@ -15,11 +15,13 @@
 // rtcConfig (tests/e2e/test_turns_on_https_port.py): merged over the page's own RTCPeerConnection
 // configuration, e.g. {iceServers: [{urls: 'turns:...'}], iceTransportPolicy: 'relay'}, as a
 // web app configured with a TURN server would pass it.
+// The output also has nav and resources (after leaving): the navigation entry and the resource
+// entries of Resource Timing, each {name, initiatorType, nextHopProtocol}.
 
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium, resourceProtocols } from './driver_common.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 const deadline = Date.now() + (cfg.timeoutMs || 30000);
@@ -30,19 +32,11 @@ let context;
 const out = { ok: false, steps: [] };
 const consoleLines = [];
 try {
-  context = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: cfg.chromium,
-    headless: true,
-    ignoreHTTPSErrors: !!cfg.ignoreHttpsErrors,
-    viewport: { width: 1100, height: 760 },
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--no-first-run', '--disable-quic',
-      '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
-      '--autoplay-policy=no-user-gesture-required',
-      ...(cfg.args || []),
-    ],
-  });
+  context = await launchChromium(cfg.chromium, userDataDir, [
+    '--use-fake-device-for-media-stream', '--use-fake-ui-for-media-stream',
+    '--autoplay-policy=no-user-gesture-required',
+    ...(cfg.args || []),
+  ], { ignoreHTTPSErrors: !!cfg.ignoreHttpsErrors, viewport: { width: 1100, height: 760 } });
   if (cfg.rtcConfig) {
     await context.addInitScript((conf) => {
       const Native = window.RTCPeerConnection;
@@ -127,6 +121,10 @@ try {
   await page.waitForFunction(() => document.getElementById('state').textContent === 'idle',
     null, { timeout: left() });
   out.steps.push('left');
+  // 4b. Which protocol each load used ("h2" or "http/1.1"), from Resource Timing: the page's
+  // navigation entry and every resource entry (script, style sheet, API calls, and the event
+  // stream, whose entry appears once leaving has closed the EventSource).
+  Object.assign(out, await resourceProtocols(page, '/events?', left()));
 
   // 5. Optional: keep guessing a wrong PIN, as an attacker would, until the edge blocks us.
   if (cfg.guessPin != null) {

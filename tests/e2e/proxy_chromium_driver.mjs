@@ -11,23 +11,15 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './driver_common.mjs';
 
 const cfg = JSON.parse(process.argv[2]);
 const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'confedge-chromium-'));
 let browser;
 let out;
 try {
-  browser = await chromium.launchPersistentContext(userDataDir, {
-    executablePath: cfg.chromium,
-    headless: true,
-    ignoreHTTPSErrors: true,
-    args: [
-      '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-      '--disable-component-update', '--no-first-run', '--disable-quic',
-      '--ignore-certificate-errors',
-    ],
-  });
+  browser = await launchChromium(cfg.chromium, userDataDir, ['--ignore-certificate-errors'],
+    { ignoreHTTPSErrors: true });
   const page = browser.pages()[0] || (await browser.newPage());
   const resp = await page.goto(cfg.url + '/page.html');
   const title = await page.title();

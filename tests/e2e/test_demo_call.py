@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chromium_driver import CHROMIUM, require_browser, run_driver
+from chromium_driver import CHROMIUM, assert_loaded_over, require_browser, run_driver
 
 from confedge.demo import DemoPorts
 from ports import demo_port_base
@@ -234,6 +234,8 @@ async def test_demo_call(variant: str, tmp_path: Path) -> None:
             timeout=50,
         )
         _check_call(first, "Alice (you) [chair]", ports.relays)
+        # The web app and its event stream came over HTTP/2 (the demo's proxy.http2 default).
+        assert_loaded_over(first, origin, "h2")
         assert first["wrongPinError"] == "Invalid PIN" and first["wrongPinVisible"], first
         assert first["errorHiddenAfterJoin"] is True
         served = first["tokenNodes"][-1]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chromium_driver import CHROMIUM, require_browser, run_driver
+from chromium_driver import CHROMIUM, assert_loaded_over, require_browser, run_driver
 
 pytest.importorskip("aiortc")
 
@@ -132,6 +132,9 @@ async def test_join_with_pin_call_through_turn(
                 timeout=70,
             )
             check_result(result, relay_lo, relay_hi)
+            # The web app (page, script, style sheet, API calls, event stream) over HTTP/2
+            # through the proxy (proxy.http2 is on by default); straight from the node, 1.1.
+            assert_loaded_over(result, base, "h2" if path == "proxy" else "http/1.1")
         # The media really crossed confedge's TURN server, both ways.
         stats = service.stats()
         assert stats["bytes_to_peer"] > 10_000 and stats["bytes_to_client"] > 10_000, stats
