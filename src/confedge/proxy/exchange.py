@@ -400,7 +400,7 @@ class ResponsePlan:
         self.head = head  # the complete head for the client (HTTP/1.1 bytes)
         self.chunked = chunked  # re-frame the body as chunked to the client
         self.until_close = until_close  # the node delimits the body by closing (RFC 9112 §6.3)
-        self.close = close  # close the client connection after this response
+        self.close = close  # close the client connection after this response (it says so)
         self.sse = sse  # text/event-stream: no read timeout, a lifetime instead
 
 
@@ -475,6 +475,7 @@ def plan_response(
             chunked = True
             parts.append(b"Transfer-Encoding: chunked\r\n")
     if close or not keep_alive:
+        close = True  # (A_FINISH then says so: the core decides, not only the head)
         parts.append(b"Connection: close\r\n\r\n")
     elif version == "1.0":
         parts.append(b"Connection: keep-alive\r\n\r\n")  # RFC 9112 §9.3: 1.0 must be told
