@@ -10,7 +10,9 @@ queued:
   events in (methods, each with `now` where time matters)
       start, request_body, request_end, guard_session, guard_admitted, node_connected,
       node_connect_failed, response_head, response_body, response_end, node_upgraded,
-      node_lost, node_failed, node_timeout, client_lost, client_cancelled
+      node_lost, node_failed, node_timeout, client_lost, client_cancelled, client_upgrade,
+      flush_head; for an answer the proxy makes itself (health, static file):
+      served_locally, local_body_sent, finish_local
   out (read and cleared by the adapter after every event)
       `to_client` / `to_node`: bytes to write, in order, to the client and to the current node;
       `actions`: decisions, each `(kind, argument)` with kind one of the A_* constants below
@@ -18,7 +20,11 @@ queued:
       timer, answer locally, finish or abort the client, start a tunnel, ask the guard, log).
 
 `state` is one `State`; every change goes through `_go`, which checks `TRANSITIONS` (a change
-the table does not allow is a bug and raises `ExchangeError`). The adapters in this package are
+the table does not allow is a bug and raises `ExchangeError`). The adapters read `state` and
+the log fields but write none of the core's fields: what they learn reaches the core as an
+event (the guard's ban verdict as `start(banned=)`, static-file bytes as `local_body_sent`).
+tests/unit/exchange/test_transitions.py holds both rules (a source check and, interpreted, a
+guard on every write of `state`). The adapters in this package are
 server.py (HTTP/1.1 client side, httptools) and upstream.py (HTTP/1.1 node side); an HTTP/2
 adapter (proxy/h2.py) drives one Exchange per stream the same way: its requests have version
 "2.0", for which `plan_response` frames nothing (no chunked coding), and it turns the head in
@@ -79,7 +85,7 @@ BUFFERING: Final = 1  # the request body is read before the first attempt (failo
 GUARD: Final = 2  # waiting for the guard's answer (reservation or session check)
 CONNECTING: Final = 3  # a node was chosen; waiting for a connection to it
 WAITING: Final = 4  # the request went to the node; waiting for its response head
-STREAMING: Final = 5  # the response head is committed; body bytes flow to the client
+STREAMING: Final = 5  # the response head is committed (by a node or the proxy itself)
 TUNNEL: Final = 6  # 101 Switching Protocols: bytes are piped both ways
 DONE: Final = 7  # finished, refused, failed or abandoned: events are ignored
 
@@ -99,7 +105,8 @@ class State(enum.IntEnum):
 
 S = State
 TRANSITIONS: Final[dict[State, frozenset[State]]] = {
-    S.START: frozenset({S.BUFFERING, S.GUARD, S.CONNECTING, S.DONE}),
+    # START -> STREAMING: an answer the proxy makes itself (served_locally: health, static).
+    S.START: frozenset({S.BUFFERING, S.GUARD, S.CONNECTING, S.STREAMING, S.DONE}),
     S.BUFFERING: frozenset({S.GUARD, S.CONNECTING, S.DONE}),
     S.GUARD: frozenset({S.CONNECTING, S.DONE}),
     S.CONNECTING: frozenset({S.WAITING, S.CONNECTING, S.DONE}),
@@ -381,7 +388,7 @@ class ResponsePlan:
         self.head = head  # the complete head for the client (HTTP/1.1 bytes)
         self.chunked = chunked  # re-frame the body as chunked to the client
         self.until_close = until_close  # the node delimits the body by closing (RFC 9112 §6.3)
-        self.close = close  # close the client connection after this response
+        self.close = close  # close the client connection after this response (it says so)
         self.sse = sse  # text/event-stream: no read timeout, a lifetime instead
 
 
@@ -437,7 +444,8 @@ def plan_response(
             if kind == _R_CONTENT_LENGTH:
                 length = value
             elif kind == _R_CONTENT_TYPE:
-                if value.startswith(b"text/event-stream"):
+                # RFC 9110 §8.3.1: the type and subtype are case-insensitive.
+                if value[:17].lower() == b"text/event-stream":
                     sse = True
             else:  # _R_CSP
                 has_csp = True
@@ -455,6 +463,7 @@ def plan_response(
             chunked = True
             parts.append(b"Transfer-Encoding: chunked\r\n")
     if close or not keep_alive:
+        close = True  # (A_FINISH then says so: the core decides, not only the head)
         parts.append(b"Connection: close\r\n\r\n")
     elif version == "1.0":
         parts.append(b"Connection: keep-alive\r\n\r\n")  # RFC 9112 §9.3: 1.0 must be told
@@ -594,12 +603,18 @@ class Exchange:
         self.state = new
 
     def _end(self) -> None:
-        self.state = DONE  # allowed from every state but DONE (TRANSITIONS)
+        # Every state may end (TRANSITIONS); ending twice is no change (a 101 nobody asked for
+        # ends the exchange at its head, then the parser's upgrade ends it again).
+        if self.state != DONE:
+            self._go(DONE)
 
     # -- request side ---------------------------------------------------------------------------
 
-    def start(self, now: float, *, buffer_body: bool) -> None:
-        """The request head was vetted: wait for a small body (`buffer_body`) or attempt."""
+    def start(self, now: float, *, buffer_body: bool, banned: float | None = None) -> None:
+        """The request head was vetted: wait for a small body (`buffer_body`) or attempt.
+        `banned`: the guard's verdict on the client's address, seconds of ban left (None: not
+        banned); a banned address's token-bearing request is checked with the guard first."""
+        self.banned = banned
         if buffer_body:
             self._go(BUFFERING)
             return
@@ -1052,11 +1067,17 @@ class Exchange:
     # -- answers the proxy makes itself ---------------------------------------------------------
 
     def served_locally(self, status: int, length: int) -> None:
-        """A static file (proxy/static.py) answers this request: only logging remains."""
-        self.state = STREAMING
+        """The proxy answers this request itself (health, a static file: proxy/static.py) with
+        `length` body bytes: committed at once, no node; only counting and logging remain."""
+        self._go(STREAMING)
         self.status = status
         self.committed = True
         self.static_length = length
+
+    def local_body_sent(self, nbytes: int) -> None:
+        """The adapter wrote `nbytes` more of a local answer's body (the access log's size;
+        a short count at the end means a truncated file). No `now`: nothing is timed."""
+        self.sent += nbytes
 
     def finish_local(self, keep: bool) -> None:
         self._end()

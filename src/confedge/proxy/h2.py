@@ -527,13 +527,12 @@ class H2Stream:
             trusted=trusted,
             now=now,
         )
-        ex.banned = banned
         self.exchange = ex
         if expecting:
             # The whole body within body_timeout while it is buffered (as on HTTP/1.1).
             arm(self, now, core.body_timeout)
             self.client.rt.watch(self)
-        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer)
+        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer, banned=banned)
         self.drive(ex)
 
     def body(self, data: bytes, flow: int) -> None:
@@ -780,7 +779,7 @@ class H2Stream:
             self.reset()
             return False
         if ex is not None:
-            ex.sent += len(chunk)
+            ex.local_body_sent(len(chunk))
         self.pending.append(chunk)
         self.pending_bytes += len(chunk)
         return True

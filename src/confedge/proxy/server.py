@@ -507,12 +507,11 @@ class ClientConnection(asyncio.BufferedProtocol):
             trusted=trusted,
             now=now,
         )
-        ex.banned = banned
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
             core.send(self.transport, _CONTINUE)  # type: ignore[arg-type]  # RFC 9110 §10.1.1
         # A small body is read whole first (attempt once it is complete or too big to wait).
-        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer)
+        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer, banned=banned)
         self.drive(ex)
 
     # -- the exchange core's decisions (exchange.py "Theory of operation") ----------------------
@@ -842,5 +841,5 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.static_iter = None
                 self.abort()
                 return
-            ex.sent += len(chunk)
+            ex.local_body_sent(len(chunk))
             t.write(chunk)
