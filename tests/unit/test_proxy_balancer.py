@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.health import HealthMonitor, NodeState
 
@@ -88,3 +90,9 @@ def test_pick_serving_includes_maintenance_not_down() -> None:
     h.check_result(1, "fail", 2.0, "connection refused")
     assert h.states[1] is NodeState.DOWN
     assert b.pick_serving("c", 0b101) is None
+
+
+def test_an_unknown_policy_is_refused_not_replaced() -> None:
+    """A typo in a caller ("round_robin") used to fall through to least-conn silently."""
+    with pytest.raises(ValueError, match="unknown balancing policy 'round_robin'"):
+        Balancer(["a", "b"], [True, True], "round_robin")  # type: ignore[arg-type]

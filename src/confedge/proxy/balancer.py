@@ -18,11 +18,12 @@ the adapters, health monitor and connection pools need no translation of indices
 from __future__ import annotations
 
 import zlib
-from typing import Literal
+from typing import Final, Literal
 
 __all__ = ["Balancer"]
 
 Policy = Literal["round-robin", "ip-hash", "least-conn"]
+_POLICIES: Final = ("round-robin", "ip-hash", "least-conn")
 
 
 class Balancer:
@@ -43,6 +44,8 @@ class Balancer:
         self.up = up  # shared with HealthMonitor.up: health changes are seen at once
         # HealthMonitor.serving: UP or MAINTENANCE, i.e. nodes that still hold sessions.
         self.serving = up if serving is None else serving
+        if policy not in _POLICIES:  # config.py validates the key; this catches a caller's typo
+            raise ValueError(f"unknown balancing policy {policy!r} (one of {', '.join(_POLICIES)})")
         self.policy = policy
         self.active = [0] * self.hi if active is None else active
         self._next = lo

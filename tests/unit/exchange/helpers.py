@@ -14,7 +14,7 @@ NETLOCS = ["10.0.0.1:443", "10.0.0.2:443", "10.0.0.3:443"]
 
 def settings(nodes: int = 3, **kw: Any) -> ExchangeSettings:
     up = [True] * nodes
-    bal = Balancer(NETLOCS[:nodes], up, "round_robin", [True] * nodes)
+    bal = Balancer(NETLOCS[:nodes], up, "round-robin", [True] * nodes)
     return ExchangeSettings(nodes=bal, netlocs=NETLOCS[:nodes], fqdn=b"edge.example", **kw)
 
 
