@@ -521,3 +521,28 @@ async def test_body_over_the_limit_stops_the_upload(nodes, tmp_path):
             assert (await c.get("/api/client/v2/echo")).status_code == 200
     finally:
         await svc.close()
+
+
+async def test_health_endpoint_answered_by_the_proxy_over_h2(proxy, nodes, tmp_path):
+    """proxy.health_path over HTTP/2 is the proxy's own answer, as over HTTP/1.1: 200
+    "serving", 503 "draining" once a drain begins; no node sees it."""
+    before = sum(len(n.requests()) for n in nodes)
+    async with _client(proxy.https_port) as c:
+        r = await c.get("/health")
+        assert (r.http_version, r.status_code, r.content) == ("HTTP/2", 200, b"serving\n")
+        assert r.headers["cache-control"] == "no-store"
+        r = await c.head("/health")
+        assert (r.status_code, r.content) == (200, b"")
+        proxy.set_drain("grace")
+        for _ in range(50):  # the workers hear of the drain through their command pipe
+            r = await c.get("/health")
+            if r.status_code == 503:
+                break
+            await asyncio.sleep(0.05)
+        assert (r.http_version, r.status_code, r.content) == ("HTTP/2", 503, b"draining\n")
+    assert sum(len(n.requests()) for n in nodes) == before
+    await proxy.close()
+    lines = [x for x in (tmp_path / "access.log").read_text().splitlines() if "/health" in x]
+    # $body_bytes_sent is the body alone, as nginx logs it ("serving\n" is 8 bytes)
+    assert '"GET /health HTTP/2.0" 200 8 ' in lines[0]
+    assert '"HEAD /health HTTP/2.0" 200 0 ' in lines[1]

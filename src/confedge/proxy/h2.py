@@ -70,7 +70,7 @@ from confedge.proxy.exchange import (
     Exchange,
 )
 from confedge.proxy.guardcalls import carry_guard
-from confedge.proxy.pages import error_response, retry_page_response
+from confedge.proxy.pages import error_response, health_response, retry_page_response
 from confedge.proxy.request import (
     ALLOWED_METHODS,
     NOT_ALLOWED_METHODS,
@@ -506,10 +506,14 @@ class H2Stream:
         if guard is not None:
             banned = guard.check(client_ip)
             if banned is not None and not (req.session or b"token=" in req.url):
+                core.guard_decided("banned")  # /metrics, as over HTTP/1.1
                 retry = b"Retry-After: %d\r\n" % max(1, math.ceil(banned))
                 self.local(guard.ban_status, extra=retry)
                 return
         path = req.target
+        if path == core.health_target and core.health_target:
+            self.health()
+            return
         static = core.static
         if banned is None and static is not None and static.match(path.partition("?")[0]):
             self.serve_static()
@@ -824,6 +828,25 @@ class H2Stream:
             data = error_response(
                 status, date, extra=extra, close=False, head_only=head_only, detail=detail
             )
+        self.answer(status, data, ex)
+
+    def health(self) -> None:
+        """proxy.health_path, answered by the proxy as over HTTP/1.1 (server.py `_health`):
+        200 while serving, 503 once a drain begins; never sent to a node."""
+        core = self.core
+        status, data, _ = health_response(
+            core.drain_phase == "serving",
+            core.date.header,
+            close=False,
+            head_only=self.req.method == b"HEAD",
+        )
+        self.answer(status, data, None)
+
+    def answer(self, status: int, data: bytes, ex: Exchange | None) -> None:
+        """Send a whole HTTP/1.1-style response made by the proxy and end the stream."""
+        if self.done:
+            return
+        req = self.req
         self.head = b""
         self.pending.clear()
         self.write(data)
@@ -837,7 +860,8 @@ class H2Stream:
             with contextlib.suppress(h2.exceptions.ProtocolError):
                 self.client.conn.reset_stream(self.sid, error_code=h2.errors.ErrorCodes.NO_ERROR)
             self.client.flush()
-        self.log_local(status, len(data), ex)
+        # $body_bytes_sent: the body only, as nginx counts it (the head became HEADERS)
+        self.log_local(status, len(data) - data.find(b"\r\n\r\n") - 4, ex)
 
     def log_local(self, status: int, nbytes: int, ex: Exchange | None) -> None:
         sink = self.core.access_log

@@ -111,6 +111,28 @@ def error_response(
 RETRY_SECONDS = 5
 
 
+def health_response(
+    serving: bool, date: bytes, *, close: bool, head_only: bool = False
+) -> tuple[int, bytes, int]:
+    """The health endpoint's answer (proxy.health_path, for a load balancer in front): 200
+    "serving", or 503 "draining" from the moment a drain begins (confedge/drain.py), so the
+    balancer moves new users away during the grace period. (status, response bytes, body
+    length); the same for HTTP/1.1 and HTTP/2 clients."""
+    body = b"serving\n" if serving else b"draining\n"
+    status = 200 if serving else 503
+    data = b"".join(
+        (
+            status_line(status),
+            date,
+            b"Content-Type: text/plain\r\nCache-Control: no-store\r\n",
+            b"Content-Length: %d\r\n" % len(body),
+            b"Connection: close\r\n\r\n" if close else b"\r\n",
+            b"" if head_only else body,
+        )
+    )
+    return status, data, len(body)
+
+
 def retry_page_response(status: int, date: bytes, *, close: bool, head_only: bool = False) -> bytes:
     """SPEC §2: when every node fails, a 502/503 page that retries by itself."""
     body = _html(status, _REASONS.get(status, ""), retry=RETRY_SECONDS)

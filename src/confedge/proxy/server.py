@@ -41,7 +41,7 @@ from confedge.proxy.exchange import (
     Exchange,
 )
 from confedge.proxy.guardcalls import carry_guard
-from confedge.proxy.pages import error_response, retry_page_response, status_line
+from confedge.proxy.pages import error_response, health_response, retry_page_response, status_line
 from confedge.proxy.request import (
     ALLOWED_METHODS,
     NOT_ALLOWED_METHODS,
@@ -765,27 +765,18 @@ class ClientConnection(asyncio.BufferedProtocol):
         or 503 "draining" from the moment a drain begins (confedge/drain.py), so the balancer
         moves new users away during the grace period while this connection stays usable."""
         core = self.core
-        serving = core.drain_phase == "serving"
-        body = b"serving\n" if serving else b"draining\n"
-        status = 200 if serving else 503
         keep = req.keep_alive
         t = self.transport
         assert t is not None
-        core.send(
-            t,
-            b"".join(
-                (
-                    status_line(status),
-                    core.date.header,
-                    b"Content-Type: text/plain\r\nCache-Control: no-store\r\n",
-                    b"Content-Length: %d\r\n" % len(body),
-                    b"\r\n" if keep else b"Connection: close\r\n\r\n",
-                    b"" if req.method == b"HEAD" else body,
-                )
-            ),
+        status, data, length = health_response(
+            core.drain_phase == "serving",
+            core.date.header,
+            close=not keep,
+            head_only=req.method == b"HEAD",
         )
+        core.send(t, data)
         ex = Exchange(core.exchange_settings, req, client_ip=self.peer, peer=self.peer)
-        ex.served_locally(status, len(body))
+        ex.served_locally(status, length)
         self.exchange = ex
         ex.finish_local(keep)
         self.drive(ex)
