@@ -697,3 +697,41 @@ def test_engine_close_right_after_removals_never_hangs() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) > 1000, out.stdout
+
+
+def test_send_many_answers_in_order_from_each_threads_listener() -> None:
+    """Engine.send_many (the control plane's answers to one drain): every answer leaves from
+    its relay thread's listener (a client sees its replies come from the address it sent to),
+    in order; an item that is not (thread, bytes, addr) raises after the ones before it went."""
+    from confedge.turn import _native
+
+    listeners = [_sock(), _sock()]
+    ports = [s.getsockname()[1] for s in listeners]
+    e = _native.Engine([s.detach() for s in listeners], coalesce_us=0)
+    a, b = _sock(), _sock()
+    try:
+        e.start()
+        to_a, to_b = a.getsockname(), b.getsockname()
+        items = [(i % 2, f"answer {i}".encode(), to_a if i % 3 else to_b) for i in range(150)]
+        e.send_many(items)
+        got: dict[tuple[str, int], list[tuple[bytes, int]]] = {to_a: [], to_b: []}
+        for sock, addr in ((a, to_a), (b, to_b)):
+            want = sum(1 for it in items if it[2] == addr)
+            for _ in range(want):
+                data, src = sock.recvfrom(100)
+                got[addr].append((data, src[1]))
+        for addr in (to_a, to_b):
+            assert got[addr] == [(d, ports[t]) for t, d, dst in items if dst == addr]
+        with pytest.raises(TypeError):
+            e.send_many([(0, b"before", to_a), (1, "not bytes", to_a), (0, b"after", to_a)])
+        assert a.recvfrom(100)[0] == b"before"
+        a.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            a.recvfrom(100)
+        with pytest.raises(ValueError, match="no relay thread 2"):
+            e.send_many([(2, b"x", to_a)])
+        e.send_many([])
+    finally:
+        e.close()
+        a.close()
+        b.close()

@@ -1894,6 +1894,74 @@ static PyObject *Engine_send(engine_t *e, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* send_many's batch: sendmmsg takes at most this many answers per call */
+#define SEND_MANY_MAX 64
+
+/* Send the prepared answers mm[0..m) on fd; one the kernel refuses is counted like a lost
+ * datagram and the rest still go. */
+static void send_answers(engine_t *e, int fd, struct mmsghdr *mm, int m)
+{
+    int k = 0;
+    while (k < m) {
+        int r = sendmmsg(fd, &mm[k], (unsigned)(m - k), MSG_DONTWAIT);
+        if (r > 0) {
+            k += r;
+        } else if (!(r < 0 && errno == EINTR)) {
+            e->py_send_errors++;
+            k++;
+        }
+    }
+}
+
+/* send_many([(thread, data, addr), ...]): the answers to one drain of control-plane requests,
+ * in order, one sendmmsg per run of the same relay thread's listener instead of a sendto each
+ * (an Allocate burst answers many clients per drain). */
+static PyObject *Engine_send_many(engine_t *e, PyObject *items)
+{
+    if (check_open(e) < 0)
+        return NULL;
+    PyObject *seq = PySequence_Fast(items, "send_many takes a list of (thread, data, addr)");
+    if (seq == NULL)
+        return NULL;
+    struct mmsghdr mm[SEND_MANY_MAX];
+    struct iovec iov[SEND_MANY_MAX];
+    sockaddr_u sa[SEND_MANY_MAX];
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i = 0;
+    int failed = 0;
+    while (i < n && !failed) {
+        int m = 0, fd = -1;
+        while (i < n && m < SEND_MANY_MAX) {
+            int k;
+            PyObject *data, *addr;
+            worker_t *w;
+            addr_t a;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iSO", &k, &data, &addr) ||
+                (w = worker_arg(e, k)) == NULL || addr_from_py(addr, &a) < 0) {
+                failed = 1; /* what was prepared still goes, then the error is raised */
+                break;
+            }
+            if (fd >= 0 && w->lfd != fd)
+                break; /* another thread's listener: the next sendmmsg */
+            fd = w->lfd;
+            iov[m].iov_base = PyBytes_AS_STRING(data);
+            iov[m].iov_len = (size_t)PyBytes_GET_SIZE(data);
+            memset(&mm[m], 0, sizeof mm[m]);
+            mm[m].msg_hdr.msg_name = &sa[m];
+            mm[m].msg_hdr.msg_namelen = sa_from_addr(&sa[m], &a);
+            mm[m].msg_hdr.msg_iov = &iov[m];
+            mm[m].msg_hdr.msg_iovlen = 1;
+            m++;
+            i++;
+        }
+        if (m > 0)
+            send_answers(e, fd, mm, m);
+    }
+    Py_DECREF(seq);
+    if (failed)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
 static alloc_t *alloc_arg(engine_t *e, long long id)
 {
     alloc_t *al = id_find(e, id);
@@ -2460,6 +2528,9 @@ static PyMethodDef Engine_methods[] = {
      "Take every queued (data, client address, thread) for the control plane, in order."},
     {"send", (PyCFunction)Engine_send, METH_VARARGS,
      "send(thread, data, addr): a control-plane answer from that thread's listener socket."},
+    {"send_many", (PyCFunction)Engine_send_many, METH_O,
+     "send_many([(thread, data, addr), ...]): answers in order, one sendmmsg per run of a "
+     "thread's listener."},
     {"add_allocation", (PyCFunction)Engine_add_allocation, METH_VARARGS,
      "add_allocation(id, thread, relay_fd, family, client_addr, user_slot=-1, rate=0, mux=-1); "
      "takes ownership of relay_fd; user_slot: the per-user bandwidth bucket, rate: the "

@@ -499,9 +499,11 @@ class NativeUdpListener:
     def _ready(self) -> None:
         now = self._loop.time()
         handle = self.core.handle
-        send = self._engine.send
         transports = self.dp.transports
         client_cls = self._client
+        # The answers leave together after the drain: one sendmmsg per relay thread's listener
+        # instead of a sendto each (a burst of Allocates has many per drain).
+        outs: list[tuple[int, bytes, tuple[Any, ...]]] = []
         for data, addr, thread in self._engine.drain():
             client = client_cls(addr, addr[0], addr[1], "udp", ClientSink(transports[thread], addr))
             try:
@@ -510,7 +512,9 @@ class NativeUdpListener:
                 log.exception("TURN request from %s:%d failed", addr[0], addr[1])
                 continue
             for out in answers:
-                send(thread, out, addr)
+                outs.append((thread, out, addr))
+        if outs:
+            self._engine.send_many(outs)
 
     def close(self) -> None:
         if self._fd >= 0:
