@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import operator
 import os
 import re
@@ -982,8 +983,9 @@ def _check(tp: Any, value: Any, loc: tuple[int | str, ...], errors: list[_Error]
         return _check(inner, value, loc, errors)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if any(type(value) is type(c) and value == c for c in choices):
-            return value
+        for choice in choices:  # a bool is not the literal 1, nor 429.0 the literal 429
+            if isinstance(value, type(choice)) and not isinstance(value, bool) and value == choice:
+                return choice
         errors.append((loc, "literal_error", f"Input should be {_literal_words(choices)}", value))
         return _INVALID
     if origin is list:
@@ -996,18 +998,22 @@ def _check(tp: Any, value: Any, loc: tuple[int | str, ...], errors: list[_Error]
     if isinstance(tp, type) and issubclass(tp, Struct):
         return _check_struct(tp, value, loc, errors)
     if tp is float:
+        # Subclasses (tomlkit's Integer, Float, String) become the plain type, as pydantic did.
         if isinstance(value, int) and not isinstance(value, bool):
-            return float(value)  # strict, but an integer is a number (`findtime = 300`)
+            return float(int.__int__(value))  # strict, but an integer is a number (`ttl = 5`)
         if isinstance(value, float):
-            if value != value or value in (float("inf"), float("-inf")):
+            if not math.isfinite(value):
                 errors.append((loc, "finite_number", "Input should be a finite number", value))
                 return _INVALID
-            return value
+            return float.__float__(value)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is bool or tp is str:
-        if isinstance(value, tp):
+            return int.__int__(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return str.__str__(value)
+    elif tp is bool:
+        if isinstance(value, bool):
             return value
     else:
         raise TypeError(f"config.py: no validation for the type {tp!r}")

@@ -336,3 +336,19 @@ def test_defaults_are_valid_and_already_normalised() -> None:
     assert parse_section(StaticMount, {"prefix": "/a/", "path": "/x"}).cache_control
     assert parse_section(ProxyPool, {"prefix": "/a/", "nodes": ["n"]}).balance is None
     assert parse_section(TLSCertificate, {"cert": "c.pem"}).key == ""
+
+
+def test_values_from_tomlkit_become_plain_types() -> None:
+    """The setup wizard edits files with tomlkit, whose values are str/int/float/list
+    subclasses: the configuration holds the plain types (as with `tomllib`), which pickle to
+    proxy workers as themselves and compare as usual."""
+    import tomlkit
+
+    doc = tomlkit.parse(
+        '[proxy]\nnodes = ["10.0.0.1"]\nhttps_port = 8443\nheader_timeout = 2.5\n'
+        'balance = "ip-hash"\n[turn]\nusername = "u"\npassword = "p"\nmode = "restricted"\n'
+    )
+    cfg = parse_config({name: dict(section) for name, section in doc.items()})
+    values = [cfg.proxy.https_port, cfg.proxy.header_timeout, cfg.proxy.nodes[0], cfg.turn.mode]
+    assert [type(v) for v in values] == [int, float, str, str]
+    assert type(cfg.proxy.nodes) is list and cfg.proxy.balance == "ip-hash"
