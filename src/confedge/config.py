@@ -37,8 +37,11 @@ __all__ = [
     "StaticMount",
     "TLSConfig",
     "TurnConfig",
+    "field_types",
     "load_config",
     "parse_config",
+    "parse_section",
+    "to_builtins",
     "to_toml",
 ]
 
@@ -54,7 +57,7 @@ class ConfigError(Exception):
 class _Strict(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # Frozen msgspec structs (not pydantic models): every process imports the configuration, and
     # pydantic's import and schema building cost about 12 MiB of each one's resident set.
-    # Validation is parse_config's (_validate below), with the rules pydantic's strict mode had:
+    # Validation is parse_config's (_check below), with the rules pydantic's strict mode had:
     # unknown keys are errors: a typo ("relay_port") must not pass silently (SPEC §8).
     # strict: TOML has types, so `enabled = "no"` (which lax parsing reads as False, and "yes"
     # as True) or `port = "443"` is a mistake to point at, not to guess at. No inf/nan: a
@@ -92,6 +95,8 @@ class _ModelValidator:
 
 
 def field_validator(*names: str, mode: str = "after") -> Callable[[Any], Any]:
+    assert mode in ("before", "after")
+
     def deco(fn: Any) -> Any:
         return _FieldValidator(names, mode, fn)
 
