@@ -95,7 +95,7 @@ def _pick_ports() -> None:
     NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT = free[6:11]
 
 
-CSP_POLICY = ProxyConfig.model_fields["csp_policy"].default  # confedge's default, the reference's
+CSP_POLICY = ProxyConfig().csp_policy  # confedge's default, the reference's
 STATUS_JSON = '{"status": "success", "result": {"version": "bench"}}'
 BODY_1K = "x" * 1023 + "\n"
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import uvloop
 from aioice.turn import create_turn_endpoint
+from msgspec.structs import replace
 
 from confedge.runtime import Runtime
 from confedge.turn.testing import shared_port_config
@@ -86,8 +87,8 @@ async def one(way: str, n: int) -> float:
             with socket.socket() as s:  # a free port for the dedicated listener
                 s.bind(("127.0.0.1", 0))
                 free = s.getsockname()[1]
-            turn = cfg.turn.model_copy(update={"tls_port": free, "tls_on_https": False})
-            cfg = cfg.model_copy(update={"turn": turn})
+            turn = replace(cfg.turn, tls_port=free, tls_on_https=False)
+            cfg = replace(cfg, turn=turn)
         rt = Runtime(cfg)
         await rt.start()
         try:

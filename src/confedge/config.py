@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
+import operator
 import os
 import re
 import tomllib
-from collections.abc import Iterable
+import types
+import typing
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from msgspec import Meta, Struct, field
+from msgspec import to_builtins as _to_builtins
+from msgspec.structs import fields as struct_fields
 
 __all__ = [
     "Config",
@@ -39,8 +37,11 @@ __all__ = [
     "StaticMount",
     "TLSConfig",
     "TurnConfig",
+    "field_types",
     "load_config",
     "parse_config",
+    "parse_section",
+    "to_builtins",
     "to_toml",
 ]
 
@@ -53,14 +54,62 @@ class ConfigError(Exception):
         super().__init__("\n".join(problems))
 
 
-class _Strict(BaseModel):
-    # Unknown keys are errors: a typo ("relay_port") must not pass silently (SPEC §8).
+class _Strict(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    # Frozen msgspec structs (not pydantic models): every process imports the configuration, and
+    # pydantic's import and schema building cost about 12 MiB of each one's resident set.
+    # Validation is parse_config's (_check below), with the rules pydantic's strict mode had:
+    # unknown keys are errors: a typo ("relay_port") must not pass silently (SPEC §8).
     # strict: TOML has types, so `enabled = "no"` (which lax parsing reads as False, and "yes"
     # as True) or `port = "443"` is a mistake to point at, not to guess at. No inf/nan: a
-    # timeout of `inf` would reach the event loop's timers.
-    model_config = ConfigDict(
-        extra="forbid", validate_default=True, frozen=True, strict=True, allow_inf_nan=False
-    )
+    # timeout of `inf` would reach the event loop's timers. Constructing a struct directly
+    # (`TurnConfig(port=0)`, tests, defaults) validates nothing: data from outside goes through
+    # parse_config or parse_section.
+    pass
+
+
+class _Before:
+    """`Annotated[T, _Before(f)]`: f checks (and may normalise) the raw value before its type is
+    checked; a ValueError it raises is the key's error."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+
+class _FieldValidator:
+    """What `@field_validator` makes: a check on some fields of its class, run on the typed
+    value ("after") or on the raw one ("before"). Shaped like pydantic's decorator, which this
+    module used before, so the checks read the same."""
+
+    def __init__(self, names: tuple[str, ...], mode: str, fn: Any) -> None:
+        self.names, self.mode, self.fn = names, mode, fn
+
+
+class _ModelValidator:
+    """What `@model_validator(mode="after")` makes: a check on the whole section, run once
+    every key of it is valid; a ValueError's text is the problem."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+
+def field_validator(*names: str, mode: str = "after") -> Callable[[Any], Any]:
+    assert mode in ("before", "after")
+
+    def deco(fn: Any) -> Any:
+        return _FieldValidator(names, mode, fn)
+
+    return deco
+
+
+def model_validator(*, mode: str) -> Callable[[Any], Any]:
+    assert mode == "after"
+
+    def deco(fn: Callable[[Any], Any]) -> Any:
+        return _ModelValidator(fn)
+
+    return deco
 
 
 def _port(value: Any) -> int:
@@ -73,7 +122,7 @@ def _port(value: Any) -> int:
     return value
 
 
-Port = Annotated[int, BeforeValidator(_port)]
+Port = Annotated[int, _Before(_port)]
 
 
 def _ip(value: Any) -> str:
@@ -89,7 +138,7 @@ def _ip(value: Any) -> str:
         ) from None
 
 
-IPAddr = Annotated[str, BeforeValidator(_ip)]
+IPAddr = Annotated[str, _Before(_ip)]
 
 
 def _bandwidth(value: Any) -> int | None:
@@ -101,7 +150,7 @@ def _bandwidth(value: Any) -> int | None:
     return parse_rate(value)
 
 
-Bandwidth = Annotated[int | None, BeforeValidator(_bandwidth)]
+Bandwidth = Annotated[int | None, _Before(_bandwidth)]
 
 
 def _host_port(value: Any) -> str | None:
@@ -117,7 +166,7 @@ def _host_port(value: Any) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-HostPort = Annotated[str | None, BeforeValidator(_host_port)]
+HostPort = Annotated[str | None, _Before(_host_port)]
 
 # turn.relay_multiplex: shared relay sockets per relay address, at most (docs/TURN.md).
 RELAY_MULTIPLEX_MAX = 64
@@ -139,7 +188,7 @@ def _cidr(value: Any) -> str:
         ) from None
 
 
-CIDR = Annotated[str, BeforeValidator(_cidr)]
+CIDR = Annotated[str, _Before(_cidr)]
 
 
 def _path_prefix(value: Any) -> str:
@@ -160,7 +209,7 @@ def _path_prefix(value: Any) -> str:
     return value
 
 
-PathPrefix = Annotated[str, BeforeValidator(_path_prefix)]
+PathPrefix = Annotated[str, _Before(_path_prefix)]
 
 
 def parse_port_range(text: str) -> tuple[int, int]:
@@ -178,10 +227,9 @@ def parse_port_range(text: str) -> tuple[int, int]:
 _DNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*")
 
 
-class NodeAddress(BaseModel):
+class NodeAddress(Struct, frozen=True, kw_only=True):
     """One conferencing node: scheme, host and port (https and 443 unless given)."""
 
-    model_config = ConfigDict(frozen=True)
     scheme: Literal["http", "https"]
     host: str
     port: int
@@ -238,10 +286,10 @@ def _node(value: Any) -> str:
     return value
 
 
-NodeStr = Annotated[str, BeforeValidator(_node)]
+NodeStr = Annotated[str, _Before(_node)]
 
 
-class ServerConfig(_Strict):
+class ServerConfig(_Strict, frozen=True):
     hostname: str = "edge"
     domain: str = "localdomain"
     internal_address: IPAddr = "127.0.0.1"
@@ -276,7 +324,7 @@ class ServerConfig(_Strict):
         return self.external_address or self.internal_address
 
 
-class StaticMount(_Strict):
+class StaticMount(_Strict, frozen=True):
     prefix: str
     path: str
     cache_control: str = "public, max-age=300"
@@ -289,7 +337,7 @@ class StaticMount(_Strict):
         return _path_prefix(v)
 
 
-class ProxyPool(_Strict):
+class ProxyPool(_Strict, frozen=True):
     """One `[[proxy.pools]]` entry: requests whose canonical path starts with `prefix` go to
     these nodes instead of proxy.nodes (SPEC §2, e.g. the Outlook scheduling add-in). Unset
     balancing and health settings are those of [proxy]."""
@@ -297,10 +345,10 @@ class ProxyPool(_Strict):
     prefix: str
     nodes: list[NodeStr]
     balance: Literal["round-robin", "ip-hash", "least-conn"] | None = None
-    health_interval: float | None = Field(default=None, gt=0)
-    health_timeout: float | None = Field(default=None, gt=0)
-    health_rise: int | None = Field(default=None, ge=1)
-    health_fall: int | None = Field(default=None, ge=1)
+    health_interval: Annotated[float, Meta(gt=0)] | None = None
+    health_timeout: Annotated[float, Meta(gt=0)] | None = None
+    health_rise: Annotated[int, Meta(ge=1)] | None = None
+    health_fall: Annotated[int, Meta(ge=1)] | None = None
 
     @field_validator("prefix")
     @classmethod
@@ -327,11 +375,11 @@ class ProxyPool(_Strict):
         return v
 
 
-class ProxyConfig(_Strict):
+class ProxyConfig(_Strict, frozen=True):
     enabled: bool = True
     https_port: Port = 443
     http_port: Port = 80
-    nodes: list[NodeStr] = Field(default_factory=list)  # each checked: one line per bad node
+    nodes: list[NodeStr] = field(default_factory=list)  # each checked: one line per bad node
     balance: Literal["round-robin", "ip-hash", "least-conn"] = "round-robin"
     csp: bool = True
     csp_policy: str = (
@@ -343,37 +391,37 @@ class ProxyConfig(_Strict):
         "img-src 'self' data: blob:; media-src 'self' blob:; connect-src 'self' wss: https:; "
         "object-src 'none'"
     )
-    workers: int = Field(default=0, ge=0, le=64)
+    workers: Annotated[int, Meta(ge=0, le=64)] = 0
     verify_upstream: bool = False
-    path_allowlist: list[PathPrefix] = Field(default_factory=list)
-    max_body_bytes: int = Field(default=15 * 1024 * 1024, ge=0)
-    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
-    max_headers: int = Field(default=100, ge=8)
-    header_timeout: float = Field(default=10.0, gt=0)
-    idle_timeout: float = Field(default=75.0, gt=0)
-    max_connections: int = Field(default=10000, ge=1)
-    connect_timeout: float = Field(default=3.0, gt=0)
-    api_connect_timeout: float = Field(default=20.0, gt=0)
-    sse_max_lifetime: float = Field(default=86400.0, gt=0)
-    read_timeout: float = Field(default=120.0, gt=0)  # node silent while a response is due
-    body_timeout: float = Field(default=30.0, gt=0)  # client silent while sending a body
+    path_allowlist: list[PathPrefix] = field(default_factory=list)
+    max_body_bytes: Annotated[int, Meta(ge=0)] = 15 * 1024 * 1024
+    max_header_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024
+    max_headers: Annotated[int, Meta(ge=8)] = 100
+    header_timeout: Annotated[float, Meta(gt=0)] = 10.0
+    idle_timeout: Annotated[float, Meta(gt=0)] = 75.0
+    max_connections: Annotated[int, Meta(ge=1)] = 10000
+    connect_timeout: Annotated[float, Meta(gt=0)] = 3.0
+    api_connect_timeout: Annotated[float, Meta(gt=0)] = 20.0
+    sse_max_lifetime: Annotated[float, Meta(gt=0)] = 86400.0
+    read_timeout: Annotated[float, Meta(gt=0)] = 120.0  # node silent while a response is due
+    body_timeout: Annotated[float, Meta(gt=0)] = 30.0  # client silent while sending a body
     # Bodies up to this size are received whole before a node is chosen, within body_timeout
     # in total (slow-body attacks never reach a node, and failover can resend them, POST
     # included); larger ones stream once this much arrived. The default is the body limit, as
     # the issue asks; lower it on memory-tight hosts with many concurrent uploads.
-    request_buffer_bytes: int = Field(default=15 * 1024 * 1024, ge=0)
-    allowed_hosts: list[str] = Field(default_factory=list)  # extra Host names besides the FQDN
-    upstream_keepalive: int = Field(default=32, ge=0)  # idle connections kept per node/worker
-    upstream_idle_timeout: float = Field(default=60.0, gt=0)
-    websocket_idle_timeout: float = Field(default=3600.0, gt=0)
-    health_interval: float = Field(default=5.0, gt=0)
-    health_timeout: float = Field(default=3.0, gt=0)
-    health_rise: int = Field(default=2, ge=1)
-    health_fall: int = Field(default=2, ge=1)
-    trusted_proxies: list[CIDR] = Field(default_factory=list)
+    request_buffer_bytes: Annotated[int, Meta(ge=0)] = 15 * 1024 * 1024
+    allowed_hosts: list[str] = field(default_factory=list)  # extra Host names besides the FQDN
+    upstream_keepalive: Annotated[int, Meta(ge=0)] = 32  # idle connections kept per node/worker
+    upstream_idle_timeout: Annotated[float, Meta(gt=0)] = 60.0
+    websocket_idle_timeout: Annotated[float, Meta(gt=0)] = 3600.0
+    health_interval: Annotated[float, Meta(gt=0)] = 5.0
+    health_timeout: Annotated[float, Meta(gt=0)] = 3.0
+    health_rise: Annotated[int, Meta(ge=1)] = 2
+    health_fall: Annotated[int, Meta(ge=1)] = 2
+    trusted_proxies: list[CIDR] = field(default_factory=list)
     access_log: str = ""  # "" = standard error log stream; else a file path
-    static: list[StaticMount] = Field(default_factory=list)
-    pools: list[ProxyPool] = Field(default_factory=list)  # node pools per path prefix
+    static: list[StaticMount] = field(default_factory=list)
+    pools: list[ProxyPool] = field(default_factory=list)  # node pools per path prefix
 
     @field_validator("pools")
     @classmethod
@@ -391,8 +439,8 @@ class ProxyConfig(_Strict):
 
     # Drain (`confedge drain`, SIGUSR1; docs/OPERATIONS.md): how long the health endpoint says
     # "draining" before the listeners close, and the deadline for what is left in flight.
-    drain_grace: float = Field(default=30.0, ge=0, le=3600)
-    drain_timeout: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    drain_grace: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    drain_timeout: Annotated[float, Meta(gt=0, le=7 * 86400)] = 3600.0
     health_path: str = "/health"  # GET answers 200 "serving" / 503 "draining"; "" = off
 
     @field_validator("health_path")
@@ -406,33 +454,33 @@ class ProxyConfig(_Strict):
         return v
 
     http2: bool = True  # ALPN "h2" to clients (docs/PROXY.md "HTTP/2"); nodes stay HTTP/1.1
-    http2_max_streams: int = Field(default=100, ge=1, le=1000)  # SETTINGS_MAX_CONCURRENT_STREAMS
+    http2_max_streams: Annotated[int, Meta(ge=1, le=1000)] = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
 
     @property
     def node_addresses(self) -> list[NodeAddress]:
         return [NodeAddress.parse(n) for n in self.nodes]
 
 
-class TurnConfig(_Strict):
+class TurnConfig(_Strict, frozen=True):
     enabled: bool = True
     mode: Literal["restricted", "permissive"] = "restricted"
     port: Port = 3478
     tls_port: Port = 5349  # TURN over TLS (turns:); 0 = off
     relay_ports: str = "49152-65535"
     username: str = ""
-    password: str = Field(default="", repr=False)
-    secrets: list[str] = Field(default_factory=list, repr=False)
-    media_nodes: list[CIDR] = Field(default_factory=list)
-    allowed_peers: list[CIDR] = Field(default_factory=list)
-    denied_peers: list[CIDR] = Field(default_factory=list)
-    nonce_lifetime: int = Field(default=600, ge=10, le=86400)
-    max_allocations: int = Field(default=10000, ge=1)
-    user_quota: int = Field(
-        default=0, ge=0
-    )  # 0 = mode default (total in restricted, 10 permissive)
-    max_permissions: int = Field(default=64, ge=1)
-    max_channels: int = Field(default=64, ge=1)
-    unauth_budget: int = Field(default=50, ge=1)  # 401 answers per source per 10 s
+    password: str = ""  # never in repr() (TurnConfig.__repr__), nor are the secrets
+    secrets: list[str] = field(default_factory=list)
+    media_nodes: list[CIDR] = field(default_factory=list)
+    allowed_peers: list[CIDR] = field(default_factory=list)
+    denied_peers: list[CIDR] = field(default_factory=list)
+    nonce_lifetime: Annotated[int, Meta(ge=10, le=86400)] = 600
+    max_allocations: Annotated[int, Meta(ge=1)] = 10000
+    user_quota: Annotated[int, Meta(ge=0)] = (
+        0  # 0 = mode default (total in restricted, 10 permissive)
+    )
+    max_permissions: Annotated[int, Meta(ge=1)] = 64
+    max_channels: Annotated[int, Meta(ge=1)] = 64
+    unauth_budget: Annotated[int, Meta(ge=1)] = 50  # 401 answers per source per 10 s
     software: str = ""  # SOFTWARE attribute; "" = none (smaller reflection)
     reason_phrases: bool = False
     # RFC 6156 IPv6 relay address; None = server.external_address when that is IPv6, else no
@@ -445,11 +493,11 @@ class TurnConfig(_Strict):
     # (confedge.turn._native), "python" = uvloop callbacks, "auto" = native when built.
     dataplane: Literal["auto", "native", "python"] = "auto"
     # Relay threads of the native data plane; 0 = one per core.
-    dataplane_threads: int = Field(default=0, ge=0, le=256)
+    dataplane_threads: Annotated[int, Meta(ge=0, le=256)] = 0
     # Native relay threads: after a wake-up that moved only a few media packets while media
     # arrives faster than one packet per this many microseconds, pause this long so the next
     # ones are moved in one batch (interrupt coalescing; docs/TURN.md); 0 = never pause.
-    dataplane_coalesce_us: int = Field(default=100, ge=0, le=1000)
+    dataplane_coalesce_us: Annotated[int, Meta(ge=0, le=1000)] = 100
     # Relay through this many shared UDP sockets per relay address instead of one port per
     # allocation (coturn's --multiplex-peer; docs/TURN.md "Shared relay sockets"); 0 = off.
     relay_multiplex: int = 0
@@ -552,26 +600,34 @@ class TurnConfig(_Strict):
         """bytes/s, 0 = unlimited (the default in both modes)."""
         return self._bandwidth("total", self.bandwidth_total)
 
+    def __repr__(self) -> str:
+        # The password and the shared secrets never reach a log line through repr().
+        shown = (f"{k}={getattr(self, k)!r}" for k in self.__struct_fields__ if k not in _SECRET)
+        return f"TurnConfig({', '.join(shown)})"
 
-class GuardConfig(_Strict):
+
+_SECRET = ("password", "secrets")
+
+
+class GuardConfig(_Strict, frozen=True):
     enabled: bool = False
-    maxretry: int = Field(default=10, ge=1)
-    findtime: float = Field(default=300, gt=0)
-    bantime: float = Field(default=300, gt=0)
-    ignore: list[CIDR] = Field(default_factory=lambda: ["127.0.0.1/32"])
+    maxretry: Annotated[int, Meta(ge=1)] = 10
+    findtime: Annotated[float, Meta(gt=0)] = 300.0
+    bantime: Annotated[float, Meta(gt=0)] = 300.0
+    ignore: list[CIDR] = field(default_factory=lambda: ["127.0.0.1/32"])
     store: str = "sqlite"
     ban_status: Literal[429, 403] = 429
-    escalation: float = Field(default=2.0, ge=1.0)
-    max_bantime: float = Field(default=86400.0, gt=0)
-    jitter: float = Field(default=0.1, ge=0, le=1)
-    conference_maxretry: int = Field(default=50, ge=1)
-    prefix_maxretry: int = Field(default=30, ge=1)
-    turn_maxretry: int = Field(default=20, ge=1)
+    escalation: Annotated[float, Meta(ge=1.0)] = 2.0
+    max_bantime: Annotated[float, Meta(gt=0)] = 86400.0
+    jitter: Annotated[float, Meta(ge=0, le=1)] = 0.1
+    conference_maxretry: Annotated[int, Meta(ge=1)] = 50
+    prefix_maxretry: Annotated[int, Meta(ge=1)] = 30
+    turn_maxretry: Annotated[int, Meta(ge=1)] = 20
     # Added by the guard (docs/GUARD.md): how often each worker refreshes its ban table from the
     # shared store (bans reach every worker within about two intervals), how long a past ban
     # still counts for escalation, and whether a repeated identical wrong PIN counts once.
-    refresh_interval: float = Field(default=0.25, ge=0.05, le=1.0)
-    ban_memory: float = Field(default=86400.0, ge=0)
+    refresh_interval: Annotated[float, Meta(ge=0.05, le=1.0)] = 0.25
+    ban_memory: Annotated[float, Meta(ge=0)] = 86400.0
     distinct_pins: bool = False
     # Added by the host integration (docs/DEPLOY.md): bans also go into the kernel's
     # confedge_banned_v4/_v6 nft sets (loaded by `confedge firewall --apply`), so a banned
@@ -579,8 +635,8 @@ class GuardConfig(_Strict):
     firewall: bool = False
     # Added for PIN guesses in flight (docs/GUARD.md "Guesses in flight"): request_token calls
     # forwarded and not yet answered, per client address and per conference, across workers.
-    inflight_per_address: int = Field(default=4, ge=1)
-    inflight_per_conference: int = Field(default=32, ge=1)
+    inflight_per_address: Annotated[int, Meta(ge=1)] = 4
+    inflight_per_conference: Annotated[int, Meta(ge=1)] = 32
 
     @field_validator("store")
     @classmethod
@@ -592,7 +648,7 @@ class GuardConfig(_Strict):
         return v
 
 
-class TLSCertificate(_Strict):
+class TLSCertificate(_Strict, frozen=True):
     # One more certificate, served to clients whose SNI names one of its DNS names (SPEC §5
     # "several certificates chosen by SNI"); [tls] cert/key stays the default for the rest.
     cert: str
@@ -606,36 +662,36 @@ class TLSCertificate(_Strict):
         return v
 
 
-class TLSConfig(_Strict):
+class TLSConfig(_Strict, frozen=True):
     cert: str = ""
     key: str = ""
-    certificates: list[TLSCertificate] = Field(default_factory=list)
+    certificates: list[TLSCertificate] = field(default_factory=list)
 
 
-class ManagementConfig(_Strict):
+class ManagementConfig(_Strict, frozen=True):
     # Added by the management listener (docs/MANAGEMENT.md): `enabled` switches it off (port 0
     # binds an ephemeral port, as turn.port and proxy.https_port do, for tests); host names
     # other than the server's own that browsers may use to reach it (DNS-rebinding defence).
     enabled: bool = True
     port: Port = 9090
-    networks: list[CIDR] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
-    allowed_hosts: list[str] = Field(default_factory=list)
+    networks: list[CIDR] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+    allowed_hosts: list[str] = field(default_factory=list)
 
 
-class FirewallConfig(_Strict):
+class FirewallConfig(_Strict, frozen=True):
     # Added by the host integration (docs/DEPLOY.md): what `confedge firewall` opens besides
     # confedge's own ports. SSH stays open by default because a generated ruleset that locks
     # the operator out of the host is worse than none; narrow it with ssh_networks.
     ssh_port: Port = 22  # 0 = not opened
-    ssh_networks: list[CIDR] = Field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
-    rate_limit: int = Field(default=50, ge=0, le=100_000)  # per source and second; 0 = off
+    ssh_networks: list[CIDR] = field(default_factory=lambda: ["0.0.0.0/0", "::/0"])
+    rate_limit: Annotated[int, Meta(ge=0, le=100_000)] = 50  # per source and second; 0 = off
     # "restricted": new outbound flows only for relayed media (from relay_ports), to the nodes,
     # the guard's Redis, DNS and NTP (the reference's "outbound from relay ports"); opt-in
     # because it also stops package updates and anything else the host itself initiates.
     outbound: Literal["any", "restricted"] = "any"
 
 
-class ClusterConfig(_Strict):
+class ClusterConfig(_Strict, frozen=True):
     # Added for several instances (docs/SCALING.md): the Redis that edges behind one name share
     # besides the guard's bans -- the TURN nonce key, a registry of each instance's live
     # allocations and state, and a fingerprint of its REST secret. "" = this edge is alone.
@@ -645,8 +701,8 @@ class ClusterConfig(_Strict):
     instance: str = ""
     # How often this instance publishes its record, and how long a record outlives its last
     # publication (a dead instance's allocations vanish from the others' pages after this).
-    interval: float = Field(default=1.0, ge=0.2, le=60)
-    ttl: float = Field(default=5.0, ge=1, le=600)
+    interval: Annotated[float, Meta(ge=0.2, le=60)] = 1.0
+    ttl: Annotated[float, Meta(ge=1, le=600)] = 5.0
 
     @field_validator("store")
     @classmethod
@@ -679,15 +735,15 @@ class ClusterConfig(_Strict):
         return self
 
 
-class Config(_Strict):
-    server: ServerConfig = Field(default_factory=ServerConfig)
-    proxy: ProxyConfig = Field(default_factory=ProxyConfig)
-    turn: TurnConfig = Field(default_factory=TurnConfig)
-    guard: GuardConfig = Field(default_factory=GuardConfig)
-    tls: TLSConfig = Field(default_factory=TLSConfig)
-    management: ManagementConfig = Field(default_factory=ManagementConfig)
-    firewall: FirewallConfig = Field(default_factory=FirewallConfig)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+class Config(_Strict, frozen=True):
+    server: ServerConfig = field(default_factory=ServerConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    turn: TurnConfig = field(default_factory=TurnConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    management: ManagementConfig = field(default_factory=ManagementConfig)
+    firewall: FirewallConfig = field(default_factory=FirewallConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     @model_validator(mode="after")
     def _requirements(self) -> Config:
@@ -802,12 +858,230 @@ class Config(_Strict):
 
     def masked(self) -> dict[str, Any]:
         """The effective configuration as plain data, with every secret replaced by "****"."""
-        data = self.model_dump(mode="json")
+        data = to_builtins(self)
         mask = "****"
         if data["turn"]["password"]:
             data["turn"]["password"] = mask
         data["turn"]["secrets"] = [mask for _ in data["turn"]["secrets"]]
         return data
+
+
+# Validation: the rules of pydantic's strict mode, which this module used (and whose error kinds
+# and texts _format_errors words for operators), applied by walking the structs' annotations.
+# Every problem is collected, not only the first, so that `confedge check` lists them all.
+
+_S = typing.TypeVar("_S", bound=Struct)
+# (where, kind, text, the value given): kind as pydantic named it ("int_type", "value_error", ...)
+_Error = tuple[tuple[int | str, ...], str, str, Any]
+
+
+class _Invalid:
+    """The result of a value that failed (its errors are already recorded)."""
+
+
+_INVALID = _Invalid()
+
+_TYPE_MESSAGES = {
+    bool: ("bool_type", "Input should be a valid boolean"),
+    int: ("int_type", "Input should be a valid integer"),
+    float: ("float_type", "Input should be a valid number"),
+    str: ("string_type", "Input should be a valid string"),
+}
+
+
+class _Plan:
+    """One struct's fields, as validation needs them (built once per class, on first use)."""
+
+    def __init__(self, cls: type[Struct]) -> None:
+        hints = typing.get_type_hints(cls, include_extras=True)
+        self.fields = [(f.name, hints[f.name], f.required) for f in struct_fields(cls)]
+        self.names = {f[0] for f in self.fields}
+        self.before: dict[str, list[Callable[[Any], Any]]] = {}
+        self.after: dict[str, list[Callable[[Any], Any]]] = {}
+        self.model: list[Callable[[Any], Any]] = []
+        for klass in reversed(cls.__mro__):
+            for attr in vars(klass).values():
+                if isinstance(attr, _FieldValidator):
+                    fn = attr.fn.__get__(None, cls)
+                    for name in attr.names:
+                        (self.before if attr.mode == "before" else self.after).setdefault(
+                            name, []
+                        ).append(fn)
+                elif isinstance(attr, _ModelValidator):
+                    self.model.append(attr.fn)
+
+
+_PLANS: dict[type[Struct], _Plan] = {}
+
+
+def _plan(cls: type[Struct]) -> _Plan:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _Plan(cls)
+    return plan
+
+
+def _call(
+    fns: Iterable[Callable[[Any], Any]],
+    value: Any,
+    loc: tuple[int | str, ...],
+    errors: list[_Error],
+    given: Any = _INVALID,
+) -> Any:
+    """Run checks in turn, each on the previous one's result; a ValueError is the key's error,
+    reported with the value as the file gave it (`given`, else the value passed in)."""
+    if given is _INVALID:
+        given = value
+    for fn in fns:
+        try:
+            value = fn(value)
+        except ValueError as exc:
+            errors.append((loc, "value_error", str(exc), given))
+            return _INVALID
+    return value
+
+
+def _limit(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _constraints(
+    meta: Meta, value: Any, loc: tuple[int | str, ...], errors: list[_Error], given: Any
+) -> Any:
+    for bound, within, kind, words in (
+        (meta.gt, operator.gt, "greater_than", "greater than"),
+        (meta.ge, operator.ge, "greater_than_equal", "greater than or equal to"),
+        (meta.lt, operator.lt, "less_than", "less than"),
+        (meta.le, operator.le, "less_than_equal", "less than or equal to"),
+    ):
+        if bound is not None and not within(value, bound):
+            errors.append((loc, kind, f"Input should be {words} {_limit(bound)}", given))
+            return _INVALID
+    return value
+
+
+def _literal_words(choices: tuple[Any, ...]) -> str:
+    shown = [repr(c) for c in choices]
+    return shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
+
+
+def _check(tp: Any, value: Any, loc: tuple[int | str, ...], errors: list[_Error]) -> Any:
+    """The validated (and normalised) value of type tp, or _INVALID with errors recorded."""
+    origin = typing.get_origin(tp)
+    if origin is Annotated:
+        inner, *extras = typing.get_args(tp)
+        given = value
+        value = _call(
+            [m.fn for m in reversed(extras) if isinstance(m, _Before)], value, loc, errors
+        )
+        if value is not _INVALID:
+            value = _check(inner, value, loc, errors)
+        for meta in extras:
+            if value is not _INVALID and isinstance(meta, Meta):
+                value = _constraints(meta, value, loc, errors, given)
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = (a for a in args if a is not type(None))  # only `T | None` is used
+        return _check(inner, value, loc, errors)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        for choice in choices:  # a bool is not the literal 1, nor 429.0 the literal 429
+            if isinstance(value, type(choice)) and not isinstance(value, bool) and value == choice:
+                return choice
+        errors.append((loc, "literal_error", f"Input should be {_literal_words(choices)}", value))
+        return _INVALID
+    if origin is list:
+        if not isinstance(value, list):
+            errors.append((loc, "list_type", "Input should be a valid list", value))
+            return _INVALID
+        (item,) = typing.get_args(tp)
+        out = [_check(item, v, (*loc, i), errors) for i, v in enumerate(value)]
+        return _INVALID if any(v is _INVALID for v in out) else out
+    if isinstance(tp, type) and issubclass(tp, Struct):
+        return _check_struct(tp, value, loc, errors)
+    if tp is float:
+        # Subclasses (tomlkit's Integer, Float, String) become the plain type, as pydantic did.
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(int.__int__(value))  # strict, but an integer is a number (`ttl = 5`)
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                errors.append((loc, "finite_number", "Input should be a finite number", value))
+                return _INVALID
+            return float.__float__(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return int.__int__(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return str.__str__(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    else:
+        raise TypeError(f"config.py: no validation for the type {tp!r}")
+    kind, text = _TYPE_MESSAGES[tp]
+    errors.append((loc, kind, text, value))
+    return _INVALID
+
+
+def _check_struct(
+    cls: type[Struct], value: Any, loc: tuple[int | str, ...], errors: list[_Error]
+) -> Any:
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        text = f"Input should be a valid dictionary or instance of {cls.__name__}"
+        errors.append((loc, "model_type", text, value))
+        return _INVALID
+    plan = _plan(cls)
+    before = len(errors)
+    given: dict[str, Any] = {}
+    for name, tp, required in plan.fields:
+        if name not in value:
+            if required:
+                errors.append(((*loc, name), "missing", "Field required", value))
+            continue
+        where = (*loc, name)
+        v = _call(plan.before.get(name, ()), value[name], where, errors)
+        if v is not _INVALID:
+            v = _check(tp, v, where, errors)
+        if v is not _INVALID:
+            v = _call(plan.after.get(name, ()), v, where, errors, value[name])
+        given[name] = v
+    for key in value:
+        if key not in plan.names:
+            errors.append(
+                ((*loc, key), "extra_forbidden", "Extra inputs are not permitted", value[key])
+            )
+    if len(errors) > before:
+        return _INVALID
+    obj = cls(**given)
+    try:
+        for fn in plan.model:
+            fn(obj)
+    except ValueError as exc:
+        errors.append((loc, "value_error", str(exc), value))
+        return _INVALID
+    return obj
+
+
+def to_builtins(cfg: Struct) -> dict[str, Any]:
+    """A configuration (or one section) as plain data: dicts, lists, str, int, float, bool and
+    None, in the keys' order (what to_toml renders and the status page shows)."""
+    data = _to_builtins(cfg)
+    assert isinstance(data, dict)
+    return data
+
+
+def field_types(cls: type[Struct]) -> dict[str, Any]:
+    """Each key of a section (or of Config: each section) and its type, without the validation
+    markers (`list[str]`, `int | None`, `Literal[...]`, a section's class): what the setup
+    wizard reads to know how to ask for a key."""
+    hints = typing.get_type_hints(cls)
+    return {name: hints[name] for name in cls.__struct_fields__}
 
 
 def _loc(loc: Iterable[int | str]) -> str:
@@ -838,22 +1112,16 @@ _TYPE_WORDS = {
 }
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
+def _format_errors(errors: list[_Error]) -> list[str]:
     problems: list[str] = []
-    for err in exc.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+    for loc, typ, msg, value in errors:
         key = _loc(loc)
-        msg = str(err.get("msg", ""))
-        typ = err.get("type", "")
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
         if typ == "extra_forbidden":
             problems.append(f"{key}: unknown key (check its spelling; see docs/CONFIGURATION.md)")
             continue
         if typ == "value_error" and not key:
             problems.extend(msg.split("\n"))
             continue
-        value = err.get("input")
         if key == "turn.password" or key.startswith("turn.secrets["):
             problems.append(f"{key}: {msg}")  # never echo a secret, not even a bad one
             continue
@@ -885,10 +1153,18 @@ def _format_errors(exc: ValidationError) -> list[str]:
 
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate already-parsed TOML data; raise ConfigError with one line per problem."""
-    try:
-        return Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
+    return parse_section(Config, data)
+
+
+def parse_section(cls: type[_S], data: Any) -> _S:
+    """Validate data into one section (`GuardConfig`, ...) or the whole Config; raise
+    ConfigError with one line per problem, keys named from that section down."""
+    errors: list[_Error] = []
+    value = _check(cls, data, (), errors)
+    if errors:
+        raise ConfigError(_format_errors(errors))
+    assert isinstance(value, cls)
+    return value
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from confedge.config import Config, parse_config, to_toml
+from confedge.config import Config, parse_config, to_builtins, to_toml
 from confedge.runtime import Runtime, wait_for_signal
 from confedge.turn.service import host_peer_entries
 
@@ -131,7 +131,7 @@ class Demo:
         fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write("# Written by `confedge demo` at start: its effective configuration.\n")
-            f.write(to_toml(self.cfg.model_dump(mode="json")))
+            f.write(to_toml(to_builtins(self.cfg)))
         self.runtime.config_path = str(self.config_path)  # SIGHUP reads its [tls] again
         self.nodes: list[Any] = []
 

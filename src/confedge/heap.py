@@ -1,7 +1,7 @@
 """Settle the process heap once start-up is over (TURN server, ``confedge run``).
 
-Why: start-up imports and validates (pydantic builds the configuration's schemas, the standard
-library's metadata scans run) and then drops most of what it allocated; the memory stays in
+Why: start-up imports and validates (the configuration's checks run, the standard library's
+metadata scans run) and then drops most of what it allocated; the memory stays in
 the C allocator's free lists and counts in the resident set for the process's whole life.
 Returning it to the kernel once (``malloc_trim(3)``) cuts the TURN server's idle RSS by about
 1.7 MiB (docs/BENCHMARKS.md, "Native data plane").  The start-up objects that do stay (modules,

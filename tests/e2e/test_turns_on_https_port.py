@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from chromium_driver import CHROMIUM, require_browser, run_driver
+from msgspec.structs import replace
 
 import confedge.demo as demo_mod
 from confedge.demo import Demo, _print_banner, turns_url
@@ -140,14 +141,11 @@ async def demo_on_free_ports(state: Path, monkeypatch: pytest.MonkeyPatch) -> As
     demo = Demo(state)
     c = demo.cfg
     assert c.turn.tls_on_https, "the demo shows TURN over TLS on the HTTPS port"
-    demo.cfg = c.model_copy(
-        update={
-            "proxy": c.proxy.model_copy(update={"https_port": 0, "http_port": 0}),
-            "turn": c.turn.model_copy(
-                update={"port": 0, "tls_port": 0, "relay_ports": f"{RELAY_LO}-{RELAY_HI}"}
-            ),
-            "management": c.management.model_copy(update={"port": 0}),
-        }
+    demo.cfg = replace(
+        c,
+        proxy=replace(c.proxy, https_port=0, http_port=0),
+        turn=replace(c.turn, port=0, tls_port=0, relay_ports=f"{RELAY_LO}-{RELAY_HI}"),
+        management=replace(c.management, port=0),
     )
     demo.runtime = Runtime(demo.cfg)
     try:

@@ -310,9 +310,9 @@ def proxy_config(nodes: list[str], state_dir: str, **proxy: Any) -> Any:
 
 def guarded_config(nodes: list[str], state_dir: str, **guard: Any) -> Any:
     """proxy_config with the guard on (memory store, 3 failures ban for 60 s, no ignore list)."""
-    from confedge.config import parse_config
+    from confedge.config import parse_config, to_builtins
 
-    data = proxy_config(nodes, state_dir, health_interval=30).model_dump(mode="json")
+    data = to_builtins(proxy_config(nodes, state_dir, health_interval=30))
     data["guard"] = {
         "enabled": True,
         "store": "memory",

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from guard_redis import redis_server
 from guard_upstream import PinNode
+from msgspec.structs import replace
 
 from confedge.config import Config, parse_config
 from confedge.guard import create_guard
@@ -309,7 +310,7 @@ async def test_in_process_proxy_and_turn_share_one_guard(node: PinNode, tmp_path
 
     cfg = config(node, tmp_path, store="memory", bantime=60)
     # The management listener's default port is the demo's 9090: an ephemeral one here.
-    cfg = cfg.model_copy(update={"management": cfg.management.model_copy(update={"port": 0})})
+    cfg = replace(cfg, management=replace(cfg.management, port=0))
     rt = Runtime(cfg)
     await rt.start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from guard_redis import free_port, redis_server
 
-from confedge.config import Config, GuardConfig
+from confedge.config import Config, GuardConfig, parse_config, parse_section
 from confedge.guard import Guard, create_guard
 from confedge.guard.cli import bans_command, parse_duration
 from confedge.guard.redis_store import RedisStore
@@ -30,7 +30,7 @@ def gcfg(**kw: object) -> GuardConfig:
         "refresh_interval": 0.25,
     }
     base.update(kw)
-    return GuardConfig.model_validate(base)
+    return parse_section(GuardConfig, base)
 
 
 async def wait_banned(g: Guard, ip: str, within: float = 1.0) -> float:
@@ -168,7 +168,7 @@ async def test_redis_unreachable_at_start_is_not_fatal(caplog: pytest.LogCapture
 
 
 def _cfg(tmp_path: Path, store: str = "sqlite") -> Config:
-    return Config.model_validate(
+    return parse_config(
         {
             "server": {"state_dir": str(tmp_path)},
             "proxy": {"enabled": False},

@@ -172,14 +172,16 @@ async def test_status_page_and_metrics_count_per_pool(sets, tmp_path):
     from admin_support import get as admin_get
     from admin_support import metric, parse_metrics
 
+    from confedge.config import parse_config, to_builtins
     from confedge.runtime import Runtime
 
-    data = proxy_config(
-        [u.address for u in sets["d"]], str(tmp_path), pools=pools(sets), health_interval=0.1
-    ).model_dump(mode="json")
+    data = to_builtins(
+        proxy_config(
+            [u.address for u in sets["d"]], str(tmp_path), pools=pools(sets), health_interval=0.1
+        )
+    )
     data["management"] = {"port": 0, "networks": ["127.0.0.1/32"]}
     data["server"]["internal_address"] = "127.0.0.1"
-    from confedge.config import parse_config
 
     rt = Runtime(parse_config(data))
     await rt.start()

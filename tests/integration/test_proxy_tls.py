@@ -10,7 +10,7 @@ import uvloop
 from cryptography import x509
 from proxy_upstream import Upstream, client_ssl, proxy_config, read_response
 
-from confedge.config import parse_config
+from confedge.config import parse_config, to_builtins
 from confedge.proxy.service import ProxyService
 from confedge.tls.certs import CertificateError, generate_self_signed
 
@@ -25,7 +25,7 @@ def event_loop_policy() -> uvloop.EventLoopPolicy:
 
 
 def _with_tls(cfg, cert: str, key: str = ""):
-    data = cfg.model_dump(mode="json")
+    data = to_builtins(cfg)
     data["tls"] = {"cert": cert, "key": key}
     return parse_config(data)
 

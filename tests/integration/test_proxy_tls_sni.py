@@ -16,7 +16,7 @@ import uvloop
 from cryptography import x509
 from proxy_upstream import Upstream, proxy_config, read_response
 
-from confedge.config import parse_config
+from confedge.config import parse_config, to_builtins
 from confedge.proxy.service import ProxyService
 from confedge.tls.certs import CertificateError, check_tls_config, generate_self_signed
 
@@ -39,7 +39,7 @@ def _pem(path: Path, name: str, extra: list[str] | None = None, **kw: Any) -> st
 
 
 def _config(tmp_path: Path, node: Upstream, tls: dict[str, Any]) -> Any:
-    data = proxy_config([node.address], str(tmp_path), health_interval=30).model_dump(mode="json")
+    data = to_builtins(proxy_config([node.address], str(tmp_path), health_interval=30))
     data["tls"] = tls
     return parse_config(data)
 

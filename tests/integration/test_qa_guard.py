@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from msgspec.structs import replace
 
 from confedge.config import Config, parse_config
 from confedge.guard import create_guard
@@ -202,7 +203,7 @@ async def test_redis_with_undecodable_records_still_loads(
     srv.start()
     try:
         url = srv.url
-        gcfg = _cfg(tmp_path).guard.model_copy(update={"store": url})
+        gcfg = replace(_cfg(tmp_path).guard, store=url)
         r = redis.Redis.from_url(url)
         r.hset(PREFIX + "bans", "junk", b"{not json")
         r.hset(PREFIX + "bans", "list", b"[1, 2]")

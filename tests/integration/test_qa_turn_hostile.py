@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from aioice.turn import create_turn_endpoint
+from msgspec import structs
 
 from confedge.stun import (
     Attr,
@@ -540,8 +541,8 @@ async def test_start_errors_name_the_key(tmp_path: Path) -> None:
             await svc.start()
     # Relay address not on this host (a NAT's public address): refused at start, not 508 later.
     cfg = turn_config(relay_ports="38400-38409", sections={})
-    server = cfg.server.model_copy(update={"external_address": "192.0.2.55"})
-    svc = TurnService(cfg.model_copy(update={"server": server}))
+    server = structs.replace(cfg.server, external_address="192.0.2.55")
+    svc = TurnService(structs.replace(cfg, server=server))
     with pytest.raises(
         TurnStartError,
         match=r"^server.external_address: cannot bind TURN relay sockets on 192.0.2.55: the address is not an address of this host",
@@ -551,7 +552,7 @@ async def test_start_errors_name_the_key(tmp_path: Path) -> None:
     bad = tmp_path / "bad.pem"
     bad.write_text("not a certificate\n")
     cfg = turn_config(relay_ports="38400-38409", tls_port=spare_port(), state_dir=str(tmp_path))
-    cfg = cfg.model_copy(update={"tls": cfg.tls.model_copy(update={"cert": str(bad)})})
+    cfg = structs.replace(cfg, tls=structs.replace(cfg.tls, cert=str(bad)))
     svc = TurnService(cfg)
     with pytest.raises(
         TurnStartError,

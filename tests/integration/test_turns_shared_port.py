@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import uvloop
 from aioice.turn import create_turn_endpoint
+from msgspec.structs import replace
 from proxy_upstream import Upstream, client_ssl, get
 
 from confedge.runtime import Runtime
@@ -296,7 +297,7 @@ async def test_hostile_first_bytes_cost_one_connection(tmp_path: Path, first: by
     incomplete frame; the port keeps serving both services meanwhile."""
     node = await Upstream("n0").start()
     cfg = shared_port_config(str(tmp_path), [node.address], relay_ports=RELAY_PORTS)
-    cfg = cfg.model_copy(update={"proxy": cfg.proxy.model_copy(update={"header_timeout": 1.0})})
+    cfg = replace(cfg, proxy=replace(cfg.proxy, header_timeout=1.0))
     rt = Runtime(cfg)
     try:
         await rt.start()

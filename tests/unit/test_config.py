@@ -197,21 +197,20 @@ def test_unreadable_and_invalid_toml(tmp_path: Path) -> None:
 
 
 def test_every_key_is_documented() -> None:
-    from confedge.config import Config, StaticMount
+    from confedge.config import Config, StaticMount, field_types
 
     doc = (Path(__file__).parents[2] / "docs" / "CONFIGURATION.md").read_text()
-    for section, field in Config.model_fields.items():
+    for section, model in field_types(Config).items():
         assert f"## [{section}]" in doc
-        model = field.annotation
-        for key in model.model_fields:  # type: ignore[union-attr]
+        for key in model.__struct_fields__:
             assert f"| `{key}` |" in doc, (
                 f"{section}.{key} is not documented in docs/CONFIGURATION.md"
             )
-    for key in StaticMount.model_fields:
+    for key in StaticMount.__struct_fields__:
         assert f"| `{key}` |" in doc
     from confedge.config import ProxyPool
 
-    for key in ProxyPool.model_fields:
+    for key in ProxyPool.__struct_fields__:
         assert f"| `{key}` |" in doc
 
 
@@ -299,3 +298,57 @@ def test_dataplane_coalesce_us_default_and_bounds() -> None:
     assert parse_config(turn(dataplane_coalesce_us=0)).turn.dataplane_coalesce_us == 0
     (problem,) = errors(turn(dataplane_coalesce_us=5000))
     assert "turn.dataplane_coalesce_us" in problem and "1000" in problem
+
+
+def test_config_and_turn_server_import_no_pydantic() -> None:
+    """Every process imports the configuration (the TURN server alone, each proxy worker):
+    pydantic's import and schema building cost about 12 MiB of resident memory in each, so the
+    configuration is msgspec structs and pydantic is never imported at run time."""
+    code = (
+        "import sys, confedge.config, confedge.turn.service\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pydantic'))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_defaults_are_valid_and_already_normalised() -> None:
+    """Defaults are not validated when a key is left out (as pydantic's validate_default did),
+    so each one must already be what validating it gives (e.g. a float key's default a float,
+    which `confedge config` would otherwise print as 300 instead of 300.0)."""
+    from confedge.config import (
+        Config,
+        ProxyPool,
+        StaticMount,
+        TLSCertificate,
+        field_types,
+        parse_section,
+        to_builtins,
+    )
+
+    for section in field_types(Config).values():
+        defaults = section()
+        assert parse_section(section, to_builtins(defaults)) == defaults
+        for key, value in to_builtins(defaults).items():
+            again = to_builtins(parse_section(section, {key: value}))[key]
+            assert type(again) is type(value), f"{section.__name__}.{key}"
+    assert parse_section(StaticMount, {"prefix": "/a/", "path": "/x"}).cache_control
+    assert parse_section(ProxyPool, {"prefix": "/a/", "nodes": ["n"]}).balance is None
+    assert parse_section(TLSCertificate, {"cert": "c.pem"}).key == ""
+
+
+def test_values_from_tomlkit_become_plain_types() -> None:
+    """The setup wizard edits files with tomlkit, whose values are str/int/float/list
+    subclasses: the configuration holds the plain types (as with `tomllib`), which pickle to
+    proxy workers as themselves and compare as usual."""
+    import tomlkit
+
+    doc = tomlkit.parse(
+        '[proxy]\nnodes = ["10.0.0.1"]\nhttps_port = 8443\nheader_timeout = 2.5\n'
+        'balance = "ip-hash"\n[turn]\nusername = "u"\npassword = "p"\nmode = "restricted"\n'
+    )
+    cfg = parse_config({name: dict(section) for name, section in doc.items()})
+    values = [cfg.proxy.https_port, cfg.proxy.header_timeout, cfg.proxy.nodes[0], cfg.turn.mode]
+    assert [type(v) for v in values] == [int, float, str, str]
+    assert type(cfg.proxy.nodes) is list and cfg.proxy.balance == "ip-hash"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from confedge.config import GuardConfig
+from confedge.config import GuardConfig, parse_section
 from confedge.guard.bantable import BanTable
 from confedge.guard.core import BanRecord, Failure, GuardCore, ban_duration
 
@@ -14,7 +14,7 @@ T0 = 1_700_000_000.0
 def cfg(**kw: object) -> GuardConfig:
     base: dict[str, object] = {"enabled": True, "jitter": 0.0, "ignore": []}
     base.update(kw)
-    return GuardConfig.model_validate(base)
+    return parse_section(GuardConfig, base)
 
 
 def pin(ip: str, t: float, alias: str = "meet", p: str = "") -> Failure:

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from test_guard_service import T0, Clock
 
-from confedge.config import ConfigError, GuardConfig, parse_config
+from confedge.config import ConfigError, GuardConfig, parse_config, parse_section
 from confedge.guard import Guard
 from confedge.guard.inflight import (
     Admission,
@@ -37,7 +37,7 @@ def gcfg(**kw: object) -> GuardConfig:
         "inflight_per_conference": 1000,
     }
     base.update(kw)
-    return GuardConfig.model_validate(base)
+    return parse_section(GuardConfig, base)
 
 
 async def guards(store: MemoryStore, clock: Clock, n: int = 2, **kw: object) -> list[Guard]:

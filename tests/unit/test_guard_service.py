@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from confedge.config import Config, GuardConfig
+from confedge.config import GuardConfig, parse_config, parse_section
 from confedge.guard import Guard, NullGuard, create_guard
 from confedge.guard.store import MemoryStore
 
@@ -26,7 +26,7 @@ class Clock:
 def gcfg(**kw: object) -> GuardConfig:
     base: dict[str, object] = {"enabled": True, "jitter": 0.0, "ignore": [], "bantime": 60}
     base.update(kw)
-    return GuardConfig.model_validate(base)
+    return parse_section(GuardConfig, base)
 
 
 async def pair(store: MemoryStore, clock: Clock, **kw: object) -> tuple[Guard, Guard]:
@@ -190,7 +190,7 @@ async def test_background_task_propagates_within_one_second() -> None:
 
 
 async def test_factory_and_null_guard() -> None:
-    off = Config.model_validate({"proxy": {"enabled": False}, "turn": {"enabled": False}})
+    off = parse_config({"proxy": {"enabled": False}, "turn": {"enabled": False}})
     g = create_guard(off)
     assert isinstance(g, NullGuard) and not g.enabled and g.ban_status == 429
     await g.start()
@@ -198,7 +198,7 @@ async def test_factory_and_null_guard() -> None:
     g.record_turn_auth_failure("192.0.2.1")
     assert g.check("192.0.2.1") is None
     await g.close()
-    on = Config.model_validate(
+    on = parse_config(
         {
             "proxy": {"enabled": False},
             "turn": {"enabled": False},

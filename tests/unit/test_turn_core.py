@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from msgspec import structs
 
 from confedge.stun import (
     Attr,
@@ -803,9 +804,7 @@ def test_unusable_password_is_a_config_error() -> None:
     assert "bad" not in str(info.value)  # ... without echoing the secret
     # ... and still by the core for a Config built past validation.
     cfg = turn_config()
-    cfg = cfg.model_copy(
-        update={"turn": cfg.turn.model_copy(update={"password": "bad\x07password"})}
-    )
+    cfg = structs.replace(cfg, turn=structs.replace(cfg.turn, password="bad\x07password"))
     with pytest.raises(ConfigError, match=r"turn\.password"):
         TurnCore.from_config(cfg, MemoryDataPlane())
 

@@ -2,7 +2,7 @@
 
 One `WorkerRuntime` lives in each worker process and is shared by all its connections. It turns the
 configuration into the constants the hot path reads (bytes, frozensets, floats) once, so a
-request never looks anything up in the pydantic model, never calls logging.getLogger, and never
+request never looks anything up in the configuration, never calls logging.getLogger, and never
 formats a date more than once a second.
 
 Timers (confedge/timers.py, the scheme every hand-written HTTP/1.1 protocol shares): instead

@@ -692,10 +692,12 @@ def _reload_worker_tls(worker: ProxyWorker, tls: Any = None) -> None:
     """Reload a worker's certificates: on SIGHUP sent to the worker itself (same [tls]), or
     when the main process sends a new [tls] section. The main process checked the files first,
     so a refusal here means they changed in between: one line, never a traceback."""
+    import msgspec
+
     from confedge.tls.certs import CertificateError
 
     try:
-        worker.reload_tls(None if tls is None else worker.cfg.model_copy(update={"tls": tls}))
+        worker.reload_tls(None if tls is None else msgspec.structs.replace(worker.cfg, tls=tls))
     except CertificateError as exc:
         log.error("certificate not reloaded in this worker, the old one stays in service: %s", exc)
 

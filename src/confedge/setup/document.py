@@ -30,7 +30,7 @@ __all__ = [
 
 # Keys never printed in full (summary screen, --dry-run): masked as "****".
 SECRET_KEYS = ("turn.password", "turn.secrets")
-_SECTIONS = tuple(Config.model_fields)
+_SECTIONS = Config.__struct_fields__
 
 
 class ConfigDocument:

@@ -413,7 +413,7 @@ def by_key(key: str) -> Question | None:
 
 def initial_state(doc_get: Callable[[str], Any], host: list[HostAddress]) -> State:
     """Every asked key's effective value: the file's, else a default fitted to this host."""
-    defaults = Config.model_construct()
+    defaults = Config()  # the defaults, unvalidated (proxy.nodes is empty)
     values: dict[str, Any] = {}
     for q in QUESTIONS[1:]:
         section, name = q.key.split(".")

@@ -16,9 +16,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel
+from msgspec import Struct
 
-from confedge.config import Config, ConfigError, parse_config
+from confedge.config import Config, ConfigError, field_types, parse_config
 
 __all__ = ["AnswerError", "check_key", "convert", "field_kind", "fmt", "parse_bool", "split_list"]
 
@@ -71,13 +71,13 @@ def split_list(text: str) -> list[str]:
     return [p for p in t.replace(",", " ").split() if p]
 
 
-def _model_field(key: str) -> tuple[type[BaseModel], str]:
+def _model_field(key: str) -> tuple[type[Struct], str]:
     parts = key.split(".")
-    if len(parts) != 2 or parts[0] not in Config.model_fields:
+    if len(parts) != 2 or parts[0] not in Config.__struct_fields__:
         raise AnswerError(key, "unknown key (check its spelling; see docs/CONFIGURATION.md)")
-    section = Config.model_fields[parts[0]].annotation
-    assert isinstance(section, type) and issubclass(section, BaseModel)
-    if parts[1] not in section.model_fields:
+    section = field_types(Config)[parts[0]]
+    assert isinstance(section, type) and issubclass(section, Struct)
+    if parts[1] not in section.__struct_fields__:
         raise AnswerError(key, "unknown key (check its spelling; see docs/CONFIGURATION.md)")
     return section, parts[1]
 
@@ -85,13 +85,13 @@ def _model_field(key: str) -> tuple[type[BaseModel], str]:
 def field_kind(key: str) -> str:
     """ "bool", "int", "float", "str", "list", "optional" (a str that may be unset) or "table"."""
     section, name = _model_field(key)
-    ann = section.model_fields[name].annotation
+    ann = field_types(section)[name]
     args = typing.get_args(ann)
     if typing.get_origin(ann) in (typing.Union, types.UnionType) and type(None) in args:
         return "optional"
     if typing.get_origin(ann) is list:
         inner = args[0] if args else str
-        return "table" if isinstance(inner, type) and issubclass(inner, BaseModel) else "list"
+        return "table" if isinstance(inner, type) and issubclass(inner, Struct) else "list"
     if ann is bool:
         return "bool"
     if ann is int:
