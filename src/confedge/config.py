@@ -168,6 +168,13 @@ def _host_port(value: Any) -> str | None:
 
 HostPort = Annotated[str | None, _Before(_host_port)]
 
+# The bounds most keys share (msgspec constraints, checked by parse_config like any Meta):
+# a duration in seconds that must be positive, a count of at least one, and an amount (bytes,
+# connections, a quota) where 0 has a meaning of its own.
+Seconds = Annotated[float, Meta(gt=0)]
+Count = Annotated[int, Meta(ge=1)]
+Amount = Annotated[int, Meta(ge=0)]
+
 # turn.relay_multiplex: shared relay sockets per relay address, at most (docs/TURN.md).
 RELAY_MULTIPLEX_MAX = 64
 
@@ -345,10 +352,10 @@ class ProxyPool(_Strict, frozen=True):
     prefix: str
     nodes: list[NodeStr]
     balance: Literal["round-robin", "ip-hash", "least-conn"] | None = None
-    health_interval: Annotated[float, Meta(gt=0)] | None = None
-    health_timeout: Annotated[float, Meta(gt=0)] | None = None
-    health_rise: Annotated[int, Meta(ge=1)] | None = None
-    health_fall: Annotated[int, Meta(ge=1)] | None = None
+    health_interval: Seconds | None = None
+    health_timeout: Seconds | None = None
+    health_rise: Count | None = None
+    health_fall: Count | None = None
 
     @field_validator("prefix")
     @classmethod
@@ -394,30 +401,30 @@ class ProxyConfig(_Strict, frozen=True):
     workers: Annotated[int, Meta(ge=0, le=64)] = 0
     verify_upstream: bool = False
     path_allowlist: list[PathPrefix] = field(default_factory=list)
-    max_body_bytes: Annotated[int, Meta(ge=0)] = 15 * 1024 * 1024
+    max_body_bytes: Amount = 15 * 1024 * 1024
     max_header_bytes: Annotated[int, Meta(ge=1024)] = 16 * 1024
     max_headers: Annotated[int, Meta(ge=8)] = 100
-    header_timeout: Annotated[float, Meta(gt=0)] = 10.0
-    idle_timeout: Annotated[float, Meta(gt=0)] = 75.0
-    max_connections: Annotated[int, Meta(ge=1)] = 10000
-    connect_timeout: Annotated[float, Meta(gt=0)] = 3.0
-    api_connect_timeout: Annotated[float, Meta(gt=0)] = 20.0
-    sse_max_lifetime: Annotated[float, Meta(gt=0)] = 86400.0
-    read_timeout: Annotated[float, Meta(gt=0)] = 120.0  # node silent while a response is due
-    body_timeout: Annotated[float, Meta(gt=0)] = 30.0  # client silent while sending a body
+    header_timeout: Seconds = 10.0
+    idle_timeout: Seconds = 75.0
+    max_connections: Count = 10000
+    connect_timeout: Seconds = 3.0
+    api_connect_timeout: Seconds = 20.0
+    sse_max_lifetime: Seconds = 86400.0
+    read_timeout: Seconds = 120.0  # node silent while a response is due
+    body_timeout: Seconds = 30.0  # client silent while sending a body
     # Bodies up to this size are received whole before a node is chosen, within body_timeout
     # in total (slow-body attacks never reach a node, and failover can resend them, POST
     # included); larger ones stream once this much arrived. The default is the body limit, as
     # the issue asks; lower it on memory-tight hosts with many concurrent uploads.
-    request_buffer_bytes: Annotated[int, Meta(ge=0)] = 15 * 1024 * 1024
+    request_buffer_bytes: Amount = 15 * 1024 * 1024
     allowed_hosts: list[str] = field(default_factory=list)  # extra Host names besides the FQDN
-    upstream_keepalive: Annotated[int, Meta(ge=0)] = 32  # idle connections kept per node/worker
-    upstream_idle_timeout: Annotated[float, Meta(gt=0)] = 60.0
-    websocket_idle_timeout: Annotated[float, Meta(gt=0)] = 3600.0
-    health_interval: Annotated[float, Meta(gt=0)] = 5.0
-    health_timeout: Annotated[float, Meta(gt=0)] = 3.0
-    health_rise: Annotated[int, Meta(ge=1)] = 2
-    health_fall: Annotated[int, Meta(ge=1)] = 2
+    upstream_keepalive: Amount = 32  # idle connections kept per node/worker
+    upstream_idle_timeout: Seconds = 60.0
+    websocket_idle_timeout: Seconds = 3600.0
+    health_interval: Seconds = 5.0
+    health_timeout: Seconds = 3.0
+    health_rise: Count = 2
+    health_fall: Count = 2
     trusted_proxies: list[CIDR] = field(default_factory=list)
     access_log: str = ""  # "" = standard error log stream; else a file path
     static: list[StaticMount] = field(default_factory=list)
@@ -474,13 +481,11 @@ class TurnConfig(_Strict, frozen=True):
     allowed_peers: list[CIDR] = field(default_factory=list)
     denied_peers: list[CIDR] = field(default_factory=list)
     nonce_lifetime: Annotated[int, Meta(ge=10, le=86400)] = 600
-    max_allocations: Annotated[int, Meta(ge=1)] = 10000
-    user_quota: Annotated[int, Meta(ge=0)] = (
-        0  # 0 = mode default (total in restricted, 10 permissive)
-    )
-    max_permissions: Annotated[int, Meta(ge=1)] = 64
-    max_channels: Annotated[int, Meta(ge=1)] = 64
-    unauth_budget: Annotated[int, Meta(ge=1)] = 50  # 401 answers per source per 10 s
+    max_allocations: Count = 10000
+    user_quota: Amount = 0  # 0 = mode default (total in restricted, 10 permissive)
+    max_permissions: Count = 64
+    max_channels: Count = 64
+    unauth_budget: Count = 50  # 401 answers per source per 10 s
     software: str = ""  # SOFTWARE attribute; "" = none (smaller reflection)
     reason_phrases: bool = False
     # RFC 6156 IPv6 relay address; None = server.external_address when that is IPv6, else no
@@ -611,18 +616,18 @@ _SECRET = ("password", "secrets")
 
 class GuardConfig(_Strict, frozen=True):
     enabled: bool = False
-    maxretry: Annotated[int, Meta(ge=1)] = 10
-    findtime: Annotated[float, Meta(gt=0)] = 300.0
-    bantime: Annotated[float, Meta(gt=0)] = 300.0
+    maxretry: Count = 10
+    findtime: Seconds = 300.0
+    bantime: Seconds = 300.0
     ignore: list[CIDR] = field(default_factory=lambda: ["127.0.0.1/32"])
     store: str = "sqlite"
     ban_status: Literal[429, 403] = 429
     escalation: Annotated[float, Meta(ge=1.0)] = 2.0
-    max_bantime: Annotated[float, Meta(gt=0)] = 86400.0
+    max_bantime: Seconds = 86400.0
     jitter: Annotated[float, Meta(ge=0, le=1)] = 0.1
-    conference_maxretry: Annotated[int, Meta(ge=1)] = 50
-    prefix_maxretry: Annotated[int, Meta(ge=1)] = 30
-    turn_maxretry: Annotated[int, Meta(ge=1)] = 20
+    conference_maxretry: Count = 50
+    prefix_maxretry: Count = 30
+    turn_maxretry: Count = 20
     # Added by the guard (docs/GUARD.md): how often each worker refreshes its ban table from the
     # shared store (bans reach every worker within about two intervals), how long a past ban
     # still counts for escalation, and whether a repeated identical wrong PIN counts once.
@@ -635,8 +640,8 @@ class GuardConfig(_Strict, frozen=True):
     firewall: bool = False
     # Added for PIN guesses in flight (docs/GUARD.md "Guesses in flight"): request_token calls
     # forwarded and not yet answered, per client address and per conference, across workers.
-    inflight_per_address: Annotated[int, Meta(ge=1)] = 4
-    inflight_per_conference: Annotated[int, Meta(ge=1)] = 32
+    inflight_per_address: Count = 4
+    inflight_per_conference: Count = 32
 
     @field_validator("store")
     @classmethod
