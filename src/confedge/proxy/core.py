@@ -52,7 +52,19 @@ from confedge.proxy.health import LATENCY_BOUNDS, LATENCY_BUCKETS, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
 from confedge.proxy.pools import build_pools, health_monitor, route
-from confedge.proxy.request import MEMO_SIZE, Refused, Request, host_allowed, normalise_target
+from confedge.proxy.request import (
+    LOCAL_BANNED,
+    LOCAL_HEALTH,
+    LOCAL_NOT_ALLOWED,
+    LOCAL_STATIC,
+    MEMO_SIZE,
+    TO_NODE,
+    Refused,
+    Request,
+    host_allowed,
+    normalise_target,
+    path_allowed,
+)
 from confedge.timers import sweep, sweep_interval
 from confedge.tls.context import client_context
 
@@ -387,6 +399,34 @@ class WorkerRuntime:
                 )
         rows.sort(key=lambda r: r[0], reverse=True)
         return [r for _, r in rows[:limit]]
+
+    def triage(self, req: Request, client_ip: str) -> tuple[int, float | None]:
+        """Where a vetted request is answered, for the HTTP/1.1 and HTTP/2 adapters alike:
+        (TO_NODE or a LOCAL_* kind, seconds of ban left for the client's address or None).
+        A banned address's token-bearing request may be an admitted participant's: it goes on
+        (TO_NODE), and the exchange asks the guard before it goes anywhere (Exchange.attempt);
+        such a request is not served from a static mount either."""
+        banned: float | None = None
+        guard = self.guard
+        if guard is not None:
+            banned = guard.check(client_ip)
+            if banned is not None and not (req.session or b"token=" in req.url):
+                self.guard_decided("banned")
+                return LOCAL_BANNED, banned
+        path = req.target
+        if path == self.health_target and self.health_target:
+            return LOCAL_HEALTH, banned
+        static = self.static
+        if banned is None and static is not None and static.match(path.partition("?")[0]):
+            return LOCAL_STATIC, banned
+        if self.allowlist and not path_allowed(path, self.allowlist):
+            return LOCAL_NOT_ALLOWED, banned
+        return TO_NODE, banned
+
+    def ban_answer(self, banned: float) -> tuple[int, bytes]:
+        """The status and the Retry-After header line of the answer to a banned address."""
+        assert self.guard is not None
+        return self.guard.ban_status, b"Retry-After: %d\r\n" % max(1, math.ceil(banned))
 
     def guard_decided(self, decision: str) -> None:
         """Count one guard decision about a proxied request (for /metrics)."""

@@ -73,10 +73,13 @@ from confedge.proxy.guardcalls import carry_guard
 from confedge.proxy.pages import error_response, health_response, retry_page_response
 from confedge.proxy.request import (
     ALLOWED_METHODS,
+    LOCAL_BANNED,
+    LOCAL_HEALTH,
+    LOCAL_STATIC,
     NOT_ALLOWED_METHODS,
+    TO_NODE,
     Refused,
     Request,
-    path_allowed,
 )
 from confedge.proxy.upstream import node_action
 from confedge.timers import Sweeper, arm, arm_idle, disarm
@@ -501,26 +504,20 @@ class H2Stream:
         if expecting and req.content_length is None:
             req.chunked = True  # a body of unknown length goes to the node chunked
         client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
-        guard = core.guard
-        banned: float | None = None
-        if guard is not None:
-            banned = guard.check(client_ip)
-            if banned is not None and not (req.session or b"token=" in req.url):
-                core.guard_decided("banned")  # /metrics, as over HTTP/1.1
-                retry = b"Retry-After: %d\r\n" % max(1, math.ceil(banned))
-                self.local(guard.ban_status, extra=retry)
-                return
+        where, banned = core.triage(req, client_ip)
+        if where != TO_NODE:
+            if where == LOCAL_BANNED:
+                assert banned is not None
+                status, retry = core.ban_answer(banned)
+                self.local(status, extra=retry)
+            elif where == LOCAL_HEALTH:
+                self.health()
+            elif where == LOCAL_STATIC:
+                self.serve_static()
+            else:  # LOCAL_NOT_ALLOWED
+                self.local(404)
+            return
         path = req.target
-        if path == core.health_target and core.health_target:
-            self.health()
-            return
-        static = core.static
-        if banned is None and static is not None and static.match(path.partition("?")[0]):
-            self.serve_static()
-            return
-        if core.allowlist and not path_allowed(path, core.allowlist):
-            self.local(404)
-            return
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
         ex = Exchange(

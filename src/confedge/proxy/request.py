@@ -18,7 +18,12 @@ from confedge.proxy.paths import BadPath, canonical_path
 
 __all__ = [
     "ALLOWED_METHODS",
+    "LOCAL_BANNED",
+    "LOCAL_HEALTH",
+    "LOCAL_NOT_ALLOWED",
+    "LOCAL_STATIC",
     "MEMO_SIZE",
+    "TO_NODE",
     "Refused",
     "Request",
     "host_allowed",
@@ -41,6 +46,13 @@ NOT_ALLOWED_METHODS: Final = frozenset({b"CONNECT", b"TRACE", b"TRACK"})
 # normalised targets and access-log request lines; the port-80 redirect's Location lines):
 # bounded and emptied when full, so a client inventing values only loses the shortcut.
 MEMO_SIZE: Final = 2048
+
+# WorkerRuntime.triage: where a vetted request is answered (the same for both client adapters).
+TO_NODE: Final = 0  # an exchange with a node
+LOCAL_BANNED: Final = 1  # the guard's ban answer (WorkerRuntime.ban_answer)
+LOCAL_HEALTH: Final = 2  # proxy.health_path (pages.health_response)
+LOCAL_STATIC: Final = 3  # a [[proxy.static]] mount
+LOCAL_NOT_ALLOWED: Final = 4  # 404: outside proxy.path_allowlist
 
 # The query may hold "?" and "\\" (only the path is read as a file-system-like name).
 _QUERY_CHARS = re.compile(r'[!"$-~]*')

@@ -44,11 +44,14 @@ from confedge.proxy.guardcalls import carry_guard
 from confedge.proxy.pages import error_response, health_response, retry_page_response, status_line
 from confedge.proxy.request import (
     ALLOWED_METHODS,
+    LOCAL_BANNED,
+    LOCAL_HEALTH,
+    LOCAL_STATIC,
     NOT_ALLOWED_METHODS,
+    TO_NODE,
     Refused,
     Request,
     normalise_peer,
-    path_allowed,
 )
 from confedge.proxy.turnshare import alpn_selects_turn
 from confedge.proxy.upstream import node_action
@@ -474,28 +477,20 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.timeout = 0.0
             self.deadline = _INF
         client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
-        guard = core.guard
-        banned: float | None = None
-        if guard is not None:
-            banned = guard.check(client_ip)
-            if banned is not None and not (req.session or b"token=" in req.url):
-                core.guard_decided("banned")
-                retry = b"Retry-After: %d\r\n" % max(1, math.ceil(banned))
-                self.local_response(req, guard.ban_status, extra=retry)
-                return
-            # A banned address's token-bearing request may be an admitted participant's: the
-            # exchange asks the guard before it goes anywhere (Exchange.attempt).
+        where, banned = core.triage(req, client_ip)
+        if where != TO_NODE:
+            if where == LOCAL_BANNED:
+                assert banned is not None
+                status, retry = core.ban_answer(banned)
+                self.local_response(req, status, extra=retry)
+            elif where == LOCAL_HEALTH:
+                self._health(req)
+            elif where == LOCAL_STATIC:
+                self._serve_static(req)
+            else:  # LOCAL_NOT_ALLOWED
+                self.local_response(req, 404)
+            return
         path = req.target
-        if path == core.health_target and core.health_target:
-            self._health(req)
-            return
-        static = core.static
-        if banned is None and static is not None and static.match(path.partition("?")[0]):
-            self._serve_static(req)
-            return
-        if core.allowlist and not path_allowed(path, core.allowlist):
-            self.local_response(req, 404)
-            return
         # Without trusted_proxies (the usual case) the peer is never trusted.
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
