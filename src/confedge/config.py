@@ -503,6 +503,10 @@ class TurnConfig(_Strict, frozen=True):
     # arrives faster than one packet per this many microseconds, pause this long so the next
     # ones are moved in one batch (interrupt coalescing; docs/TURN.md); 0 = never pause.
     dataplane_coalesce_us: Annotated[int, Meta(ge=0, le=1000)] = 100
+    # Native relay threads: while all of them together move fewer media packets a second than
+    # this, one thread serves every thread's sockets and the others sleep; above twice this
+    # they split again (docs/TURN.md "Folding"); 0 = never fold.
+    dataplane_fold_pps: Annotated[int, Meta(ge=0, le=100_000_000)] = 150_000
     # Relay through this many shared UDP sockets per relay address instead of one port per
     # allocation (coturn's --multiplex-peer; docs/TURN.md "Shared relay sockets"); 0 = off.
     relay_multiplex: int = 0

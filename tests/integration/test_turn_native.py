@@ -139,6 +139,20 @@ async def test_relay_threads_are_named_for_operators() -> None:
     assert [n for n in before if n.startswith("confedge-rel")] == []
 
 
+async def _round_trip(
+    clients: list[UdpTurn], relays: list[tuple[str, int]], pt: Any, peer: Any, tag: str
+) -> None:
+    """Every client's ChannelData reaches the peer from its relayed address, and the peer's
+    answer comes back on the channel."""
+    for i, cli in enumerate(clients):
+        payload = f"{tag}{i}".encode()
+        cli.t.sendto(struct.pack("!HH", 0x4000, len(payload)) + payload)
+        data, src = await asyncio.wait_for(peer.q.get(), 2)
+        assert (data, src) == (payload, relays[i])
+        pt.sendto(b"back" + payload, relays[i])
+        assert await cli.recv() == struct.pack("!HH", 0x4000, len(payload) + 4) + b"back" + payload
+
+
 async def test_clients_spread_over_threads_each_on_its_own() -> None:
     """24 clients on 4 relay threads: each allocation lives on the thread whose listener socket
     the kernel hashes its client to, and relays both ways from there (were a client's packets
@@ -154,21 +168,168 @@ async def test_clients_spread_over_threads_each_on_its_own() -> None:
         threads = {_dp(svc).engine.worker_of(a) for a in svc.core.allocations}  # type: ignore[union-attr]
         assert len(threads) > 1 and threads <= {0, 1, 2, 3}
         for round_ in range(3):
-            for i, cli in enumerate(clients):
-                payload = f"c{i}r{round_}".encode()
-                cli.t.sendto(struct.pack("!HH", 0x4000, len(payload)) + payload)
-                data, src = await asyncio.wait_for(peer.q.get(), 2)
-                assert (data, src) == (payload, relays[i])
-                pt.sendto(b"back" + payload, relays[i])
-                assert await cli.recv() == struct.pack("!HH", 0x4000, len(payload) + 4) + (
-                    b"back" + payload
-                )
+            await _round_trip(clients, relays, pt, peer, f"r{round_}c")
         assert svc.stats()["packets_to_peer"] == 72 and svc.stats()["packets_to_client"] == 72
     finally:
         for cli in clients:
             cli.t.close()
         pt.close()
         await svc.close()
+
+
+async def test_threads_fold_at_low_rates_and_split_under_load() -> None:
+    """turn.dataplane_fold_pps: while the relay threads together move fewer packets a second
+    than the threshold, relay thread 0 serves every thread's sockets and the others sleep; above
+    twice the threshold each serves its own again. Media and control-plane changes keep
+    working through every transition, and close() wakes the sleeping threads."""
+    svc = await _service(dataplane_threads=4, dataplane_fold_pps=2000, dataplane_coalesce_us=0)
+    pt, peer, paddr = await _peer()
+    clients: list[UdpTurn] = []
+    relays: list[tuple[str, int]] = []
+    try:
+        engine = _dp(svc).engine
+        # Clients until thread 0 (which decides) and at least one other hold allocations.
+        while len(clients) < 64:
+            cli = await UdpTurn.open(svc.port)
+            clients.append(cli)
+            relays.append(await cli.allocate())
+            await _bind_channel(cli, paddr)
+            threads = {engine.worker_of(a) for a in svc.core.allocations}  # type: ignore[union-attr]
+            if len(clients) >= 8 and 0 in threads and len(threads) > 1:
+                break
+        assert engine.stats()["folded"] == 0
+        # ~1,000 packets/s for a while: below 2,000, so the threads fold.
+        deadline = time.monotonic() + 5
+        sent = 0
+        while engine.stats()["folded"] == 0 and time.monotonic() < deadline:
+            for cli in clients:
+                cli.t.sendto(struct.pack("!HH", 0x4000, 4) + b"slow")
+                sent += 1
+            await asyncio.sleep(len(clients) / 1000)
+        st = engine.stats()
+        assert st["folded"] == 1 and st["folds"] == 1, st
+        while not peer.q.empty():
+            peer.q.get_nowait()
+        await _round_trip(clients, relays, pt, peer, "folded")
+        # A new allocation and a removed one while folded (control plane against thread 0).
+        extra = await UdpTurn.open(svc.port)
+        await extra.allocate()
+        await _bind_channel(extra, paddr)
+        extra.t.close()
+        # A burst far above 4,000 packets/s: the threads split again.
+        for _ in range(40):
+            for cli in clients:
+                for _ in range(25):
+                    cli.t.sendto(struct.pack("!HH", 0x4000, 5) + b"flood")
+            await asyncio.sleep(0.002)
+            if engine.stats()["unfolds"]:
+                break
+        st = engine.stats()
+        assert st["unfolds"] == 1, st
+        await asyncio.sleep(0.2)
+        while not peer.q.empty():
+            peer.q.get_nowait()
+        await _round_trip(clients, relays, pt, peer, "split")
+        assert engine.stats()["folded"] == 0
+        # Slow again: folds a second time; still relays.
+        deadline = time.monotonic() + 5
+        while engine.stats()["folds"] < 2 and time.monotonic() < deadline:
+            for cli in clients:
+                cli.t.sendto(struct.pack("!HH", 0x4000, 4) + b"slow")
+            await asyncio.sleep(len(clients) / 1000)
+        assert engine.stats()["folds"] == 2
+        while not peer.q.empty():
+            peer.q.get_nowait()
+        await _round_trip(clients, relays, pt, peer, "again")
+    finally:
+        for cli in clients:
+            cli.t.close()
+        pt.close()
+        # close() with three threads asleep: must return (a hang fails the test's timeout)
+        await asyncio.wait_for(svc.close(), 10)
+
+
+@pytest.mark.slow
+async def test_fold_transitions_under_allocation_churn() -> None:
+    """Folding and splitting many times while allocations come and go on every thread (each
+    removal frees memory at the end of the next round of whichever thread serves the set):
+    run once under AddressSanitizer (docs/TURN.md has the command). Media still relays after."""
+    svc = await _service(dataplane_threads=4, dataplane_fold_pps=2000, dataplane_coalesce_us=0)
+    pt, peer, paddr = await _peer()
+    clients = [await UdpTurn.open(svc.port) for _ in range(16)]
+    relays = [await cli.allocate() for cli in clients]
+    for cli in clients:
+        await _bind_channel(cli, paddr)
+    engine = _dp(svc).engine
+    stop = time.monotonic() + 6
+
+    async def churn() -> int:
+        n = 0
+        while time.monotonic() < stop and n < 2000:
+            cli = await UdpTurn.open(svc.port)
+            try:
+                await cli.allocate()
+                await _bind_channel(cli, paddr)
+                cli.t.sendto(struct.pack("!HH", 0x4000, 5) + b"churn")
+                ended = await cli.request(Method.REFRESH, [(Attr.LIFETIME, struct.pack("!I", 0))])
+                assert ended.msg_class == MsgClass.SUCCESS
+            finally:
+                cli.t.close()
+            n += 1
+        return n
+
+    task = asyncio.ensure_future(churn())
+    try:
+        while time.monotonic() < stop:
+            for _ in range(8):  # a burst (far above 4,000 pkt/s)
+                for cli in clients:
+                    for _ in range(10):
+                        cli.t.sendto(struct.pack("!HH", 0x4000, 5) + b"burst")
+                await asyncio.sleep(0.001)
+            for _ in range(30):  # then slow (~1,000 pkt/s)
+                for cli in clients[:2]:
+                    cli.t.sendto(struct.pack("!HH", 0x4000, 4) + b"slow")
+                await asyncio.sleep(0.002)
+        churned = await task
+        st = engine.stats()
+        assert churned > 20 and st["folds"] >= 3 and st["unfolds"] >= 3, (churned, st)
+        await asyncio.sleep(0.3)
+        while not peer.q.empty():
+            peer.q.get_nowait()
+        await _round_trip(clients, relays, pt, peer, "after")
+    finally:
+        task.cancel()
+        for cli in clients:
+            cli.t.close()
+        pt.close()
+        await asyncio.wait_for(svc.close(), 10)
+
+
+async def test_threads_never_fold_when_turned_off_or_single() -> None:
+    """dataplane_fold_pps = 0, or one relay thread: nothing folds however slow the media."""
+    for turn in ({"dataplane_threads": 2, "dataplane_fold_pps": 0}, {"dataplane_threads": 1}):
+        svc = await _service(**turn, dataplane_coalesce_us=0)
+        pt, peer, paddr = await _peer()
+        clients = [await UdpTurn.open(svc.port) for _ in range(6)]
+        try:
+            relays = [await cli.allocate() for cli in clients]
+            for cli in clients:
+                await _bind_channel(cli, paddr)
+            for _ in range(30):
+                for cli in clients:
+                    cli.t.sendto(struct.pack("!HH", 0x4000, 4) + b"slow")
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.1)
+            while not peer.q.empty():
+                peer.q.get_nowait()
+            await _round_trip(clients, relays, pt, peer, "x")
+            st = _dp(svc).engine.stats()
+            assert st["folded"] == 0 and st["folds"] == 0, (turn, st)
+        finally:
+            for cli in clients:
+                cli.t.close()
+            pt.close()
+            await svc.close()
 
 
 async def test_send_indication_and_data_indication_stay_in_c() -> None:

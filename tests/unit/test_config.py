@@ -300,6 +300,18 @@ def test_dataplane_coalesce_us_default_and_bounds() -> None:
     assert "turn.dataplane_coalesce_us" in problem and "1000" in problem
 
 
+def test_dataplane_fold_pps_default_and_bounds() -> None:
+    """turn.dataplane_fold_pps: 150,000 unless set; 0 turns folding off; negative is refused
+    with the key named."""
+    turn = {**MINIMAL, "turn": {"username": "turnuser", "password": "secret"}}
+    assert parse_config(MINIMAL).turn.dataplane_fold_pps == 150_000
+    off = {**turn, "turn": {**turn["turn"], "dataplane_fold_pps": 0}}  # type: ignore[dict-item]
+    assert parse_config(off).turn.dataplane_fold_pps == 0
+    bad = {**turn, "turn": {**turn["turn"], "dataplane_fold_pps": -1}}  # type: ignore[dict-item]
+    (problem,) = errors(bad)
+    assert problem.startswith("turn.dataplane_fold_pps")
+
+
 def test_config_and_turn_server_import_no_pydantic() -> None:
     """Every process imports the configuration (the TURN server alone, each proxy worker):
     pydantic's import and schema building cost about 12 MiB of resident memory in each, so the

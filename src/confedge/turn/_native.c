@@ -16,6 +16,10 @@
  * one thread: client -> peer (recv on L_k, send on the relay socket) and peer -> client (recv on
  * the relay socket, send on L_k).
  *
+ * Folding (turn.dataplane_fold_pps): at moderate total rates worker 0's thread serves every
+ * worker's epoll set (one round per worker, under that worker's lock, with its buffers) and the
+ * other threads sleep; see fold_main for why and park for the rule that keeps it safe.
+ *
  * Tables (client address -> allocation, per-allocation permissions and channels) are changed by
  * the Python thread under the worker's mutex; the worker holds that mutex while it processes
  * the events of one epoll_wait (never while it sleeps), and yields to a waiting control-plane
@@ -243,7 +247,9 @@ typedef struct worker {
     int gso;     /* UDP GSO usable (turned off at the first failure) */
     int nap_us;  /* coalescing pause after a round that moved only a few packets (0 = off) */
     uint64_t win_start_ns, win_pkts; /* packet-rate estimate over ~1 ms windows */
-    uint64_t pkts_per_ms;
+    uint64_t pkts_per_ms;            /* published (relaxed) for the folding decision */
+    int in_fold;   /* this worker's epoll set is in the engine's fold set (under fold_lock) */
+    int no_fold;   /* adding it to the fold set failed once: it never parks */
     uint64_t now_ns; /* monotonic time of this epoll round (bandwidth buckets) */
     alloc_t **htab;
     size_t hcap, hcount;
@@ -300,6 +306,14 @@ typedef struct engine {
     mux_t **muxes;     /* turn.relay_multiplex: shared relay sockets, by index */
     int nmux, capmux;
     uint64_t py_mux_conflict; /* Send indications from the core refused by another's claim */
+    /* Folding (see fold_main): below fold_ppms packets per ms in total, worker 0's thread serves
+     * every worker's epoll set through fold_epfd and the other threads park. */
+    uint64_t fold_ppms;         /* 0 = never fold */
+    int fold_epfd;
+    pthread_mutex_t fold_lock;
+    pthread_cond_t fold_cond;
+    int folded;                 /* written by worker 0's thread under fold_lock, read anywhere */
+    uint64_t folds, unfolds;    /* transitions (worker 0's thread writes, stats() reads) */
 } engine_t;
 
 /* ---------------------------------------------------------------------------------------------
@@ -1461,9 +1475,140 @@ static void free_alloc(alloc_t *al)
     free(al);
 }
 
+/* One round of worker w: the n events an epoll_wait returned from w's epoll set, processed under
+ * w's lock, then the flush and the graveyard. Runs on w's own thread, or on worker 0's while
+ * folded (never on two threads at once: see fold_main). Returns the media packets moved. */
+static uint64_t run_round(worker_t *w, struct epoll_event *ev, int n)
+{
+    /* let a waiting control-plane change in first (bounded) */
+    for (int spin = 0; spin < 200 && __atomic_load_n(&w->writers, __ATOMIC_ACQUIRE); spin++)
+        sched_yield();
+    pthread_mutex_lock(&w->lock);
+    if (__atomic_load_n(&w->eng->bw_on, __ATOMIC_RELAXED))
+        w->now_ns = mono_ns();
+    /* media moved (STUN requests, sent up to the control plane, do not count: a burst of
+     * Allocates is answered as fast as it comes, never paused for) */
+    uint64_t before = w->st.rx_client + w->st.rx_peer - w->st.upcalls;
+    for (int i = 0; i < n; i++) {
+        int kind = *(int *)ev[i].data.ptr;
+        if (kind == KIND_WAKE) {
+            uint64_t v;
+            ssize_t r = read(w->wakefd, &v, sizeof v);
+            (void)r;
+        } else if (kind == KIND_LISTENER) {
+            for (int round = 0; round < MAX_ROUNDS; round++) {
+                int first, got = recv_batch(w, w->lfd, &first);
+                on_client_packets(w, first, got);
+                if (got < BATCH)
+                    break;
+            }
+        } else if (kind == KIND_MUX) {
+            mux_t *m = (mux_t *)ev[i].data.ptr;
+            for (int round = 0; round < MAX_ROUNDS; round++) {
+                int first, got = recv_batch(w, m->fd, &first);
+                on_mux_packets(w, m, first, got);
+                if (got < BATCH)
+                    break;
+            }
+        } else {
+            alloc_t *al = (alloc_t *)ev[i].data.ptr;
+            for (int round = 0; round < MAX_ROUNDS && !al->dead; round++) {
+                int first, got = recv_batch(w, al->fd, &first);
+                on_peer_packets(w, al, first, got);
+                if (got < BATCH)
+                    break;
+            }
+        }
+    }
+    flush(w);
+    while (w->graveyard != NULL) {
+        alloc_t *g = w->graveyard;
+        w->graveyard = g->gnext;
+        free_alloc(g);
+    }
+    pthread_mutex_unlock(&w->lock);
+    return w->st.rx_client + w->st.rx_peer - w->st.upcalls - before;
+}
+
+/* Packet-rate estimate over windows of at least 1 ms, kept by whichever thread runs w's rounds;
+ * published with a relaxed store for worker 0's folding decision. */
+static void rate_update(worker_t *w, uint64_t moved, uint64_t ns)
+{
+    w->win_pkts += moved;
+    if (ns - w->win_start_ns >= 1000000u) {
+        uint64_t r = w->win_pkts * 1000000u / (ns - w->win_start_ns);
+        /* a window that spans an idle gap says little: no packets for > 10 ms is rate 0 */
+        __atomic_store_n(&w->pkts_per_ms, ns - w->win_start_ns > 10000000u ? 0 : r,
+                         __ATOMIC_RELAXED);
+        __atomic_store_n(&w->win_start_ns, ns, __ATOMIC_RELAXED);
+        w->win_pkts = 0;
+    }
+}
+
+/* Steady traffic of tens of thousands of packets a second wakes a thread for one or two packets
+ * at a time; a short pause lets the next ones queue up, so one wake-up and one syscall each way
+ * serve several (interrupt coalescing; adds at most nap_us of latency). Traffic too slow to
+ * bring two packets within the pause gains nothing from it (one timer wake-up instead of one
+ * epoll wake-up): no pause. */
+static int maybe_nap(int nap_us, uint64_t moved, uint64_t pkts_per_ms)
+{
+    if (nap_us > 0 && moved > 0 && moved < BATCH / 4 && pkts_per_ms * (uint64_t)nap_us >= 2000u) {
+        struct timespec ts = {0, (long)nap_us * 1000L};
+        nanosleep(&ts, NULL);
+        return 1;
+    }
+    return 0;
+}
+
+static uint64_t now_ns_vdso(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now); /* vDSO: no syscall */
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
+/* A worker other than 0 while the engine is folded: its epoll set joins the fold set (worker 0's
+ * thread serves it from then on) and the thread sleeps until the engine unfolds or stops. The
+ * invariant that makes this safe: a worker's epoll set is in the fold set only while its own
+ * thread is inside this function, so its events are never taken by two threads (a stale event
+ * could otherwise name an allocation the other thread has already freed). Only worker 0's
+ * thread removes a set from the fold set, under fold_lock, before it sets `folded` to 0. */
+static void park(worker_t *w)
+{
+    engine_t *e = w->eng;
+    pthread_mutex_lock(&e->fold_lock);
+    while (e->folded && !__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE)) {
+        if (!w->in_fold) {
+            struct epoll_event fe = {.events = EPOLLIN, .data.ptr = w};
+            if (epoll_ctl(e->fold_epfd, EPOLL_CTL_ADD, w->epfd, &fe) != 0) {
+                w->no_fold = 1; /* cannot be served from there: keep running on its own */
+                break;
+            }
+            __atomic_store_n(&w->in_fold, 1, __ATOMIC_RELEASE);
+        }
+        pthread_cond_wait(&e->fold_cond, &e->fold_lock);
+    }
+    pthread_mutex_unlock(&e->fold_lock);
+}
+
+/* Block in epoll_wait on epfd for thread `w`: the number of events, WAIT_AGAIN (a signal:
+ * wait again) or WAIT_EXIT (stopping, or epoll failed: the thread ends). */
+#define WAIT_AGAIN (-1)
+#define WAIT_EXIT (-2)
+static int wait_events(worker_t *w, int epfd, struct epoll_event *ev)
+{
+    int n = epoll_wait(epfd, ev, 64, -1);
+    if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE))
+        return WAIT_EXIT;
+    if (n < 0)
+        return errno == EINTR ? WAIT_AGAIN : WAIT_EXIT;
+    return n;
+}
+
 static void *worker_main(void *arg)
 {
     worker_t *w = arg;
+    engine_t *e = w->eng;
     struct epoll_event ev[64];
     for (;;) {
         /* Checked before every wait, not only after it: engine_stop() sets `stop` and then
@@ -1472,82 +1617,130 @@ static void *worker_main(void *arg)
          * block for good (seen as a hang in Engine.close under load). */
         if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE))
             break;
-        int n = epoll_wait(w->epfd, ev, 64, -1);
-        if (__atomic_load_n(&w->stop, __ATOMIC_ACQUIRE))
+        if (!w->no_fold && __atomic_load_n(&e->folded, __ATOMIC_ACQUIRE)) {
+            park(w);
+            continue;
+        }
+        int n = wait_events(w, w->epfd, ev);
+        if (n == WAIT_EXIT)
             break;
-        if (n < 0) {
-            if (errno == EINTR)
+        if (n == WAIT_AGAIN)
+            continue;
+        uint64_t moved = run_round(w, ev, n);
+        if (moved > 0 && (w->nap_us > 0 || e->fold_ppms > 0)) {
+            rate_update(w, moved, now_ns_vdso());
+            maybe_nap(w->nap_us, moved, w->pkts_per_ms);
+        }
+    }
+    return NULL;
+}
+
+/* Worker 0's thread when the engine may fold (turn.dataplane_fold_pps, more than one worker).
+ *
+ * Why fold: one thread per core is what a flood needs, but at moderate rates each thread wakes
+ * for its own share of the packets, so every wake-up, epoll_wait, recvmmsg, sendmmsg and
+ * coalescing pause serves half (a quarter...) as many packets as one thread's would, and the CPU
+ * per packet rises (docs/BENCHMARKS.md: 0.57x coturn's at 100,000 pkt/s with two threads, 0.44-
+ * 0.51x with one). So while the total rate stays below fold_ppms, this thread serves every
+ * worker's epoll set through one epoll set of epoll sets (fold_epfd) and the others park;
+ * above twice that it hands them back. Nothing else changes: the sockets stay in their
+ * worker's epoll set, each round still runs under that worker's lock with that worker's
+ * buffers, so the control plane cannot tell. */
+static void *fold_main(void *arg)
+{
+    worker_t *w0 = arg;
+    engine_t *e = w0->eng;
+    struct epoll_event ev[64], fev[64];
+    int low = 0; /* consecutive rate windows below the fold threshold */
+    uint64_t last_win = 0;
+    int napped = 0; /* the last round ended in a coalescing pause */
+    for (;;) {
+        if (__atomic_load_n(&w0->stop, __ATOMIC_ACQUIRE))
+            break;
+        uint64_t moved = 0;
+        int folded = e->folded; /* only this thread writes it */
+        if (!folded) {
+            int n = wait_events(w0, w0->epfd, ev);
+            if (n == WAIT_EXIT)
+                break;
+            if (n == WAIT_AGAIN)
                 continue;
-            break;
-        }
-        /* let a waiting control-plane change in first (bounded) */
-        for (int spin = 0; spin < 200 && __atomic_load_n(&w->writers, __ATOMIC_ACQUIRE); spin++)
-            sched_yield();
-        pthread_mutex_lock(&w->lock);
-        if (__atomic_load_n(&w->eng->bw_on, __ATOMIC_RELAXED))
-            w->now_ns = mono_ns();
-        /* media moved (STUN requests, sent up to the control plane, do not count: a burst of
-         * Allocates is answered as fast as it comes, never paused for) */
-        uint64_t before = w->st.rx_client + w->st.rx_peer - w->st.upcalls;
-        for (int i = 0; i < n; i++) {
-            int kind = *(int *)ev[i].data.ptr;
-            if (kind == KIND_WAKE) {
-                uint64_t v;
-                ssize_t r = read(w->wakefd, &v, sizeof v);
-                (void)r;
-            } else if (kind == KIND_LISTENER) {
-                for (int round = 0; round < MAX_ROUNDS; round++) {
-                    int first, got = recv_batch(w, w->lfd, &first);
-                    on_client_packets(w, first, got);
-                    if (got < BATCH)
-                        break;
-                }
-            } else if (kind == KIND_MUX) {
-                mux_t *m = (mux_t *)ev[i].data.ptr;
-                for (int round = 0; round < MAX_ROUNDS; round++) {
-                    int first, got = recv_batch(w, m->fd, &first);
-                    on_mux_packets(w, m, first, got);
-                    if (got < BATCH)
-                        break;
-                }
-            } else {
-                alloc_t *al = (alloc_t *)ev[i].data.ptr;
-                for (int round = 0; round < MAX_ROUNDS && !al->dead; round++) {
-                    int first, got = recv_batch(w, al->fd, &first);
-                    on_peer_packets(w, al, first, got);
-                    if (got < BATCH)
-                        break;
-                }
+            moved = run_round(w0, ev, n);
+        } else if (napped) {
+            /* After a pause packets are waiting almost surely: ask each set directly rather
+             * than the set of sets first (one system call less per wake-up). A set whose
+             * thread is still on its way to park (in_fold 0) is left to the fold set. Only
+             * this thread clears in_fold, so a set read as in is really in. */
+            for (int k = 0; k < e->nworkers; k++) {
+                worker_t *w = e->workers[k];
+                if (k != 0 && !__atomic_load_n(&w->in_fold, __ATOMIC_ACQUIRE))
+                    continue;
+                int n = epoll_wait(w->epfd, ev, 64, 0);
+                if (n > 0)
+                    moved += run_round(w, ev, n);
+            }
+        } else {
+            int nf = wait_events(w0, e->fold_epfd, fev);
+            if (nf == WAIT_EXIT)
+                break;
+            if (nf == WAIT_AGAIN)
+                continue;
+            for (int j = 0; j < nf; j++) {
+                worker_t *w = fev[j].data.ptr;
+                int n = epoll_wait(w->epfd, ev, 64, 0);
+                if (n > 0)
+                    moved += run_round(w, ev, n);
             }
         }
-        flush(w);
-        while (w->graveyard != NULL) {
-            alloc_t *g = w->graveyard;
-            w->graveyard = g->gnext;
-            free_alloc(g);
-        }
-        pthread_mutex_unlock(&w->lock);
-        uint64_t moved = w->st.rx_client + w->st.rx_peer - w->st.upcalls - before;
-        if (w->nap_us > 0 && moved > 0) {
-            struct timespec now;
-            clock_gettime(CLOCK_MONOTONIC, &now); /* vDSO: no syscall */
-            uint64_t ns = (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
-            w->win_pkts += moved;
-            if (ns - w->win_start_ns >= 1000000u) {
-                w->pkts_per_ms = w->win_pkts * 1000000u / (ns - w->win_start_ns);
-                w->win_start_ns = ns;
-                w->win_pkts = 0;
+        napped = 0;
+        if (moved == 0)
+            continue;
+        uint64_t ns = now_ns_vdso();
+        /* folded, this thread moves every packet: one estimate (kept in w0) is the total */
+        rate_update(w0, moved, ns);
+        uint64_t total = w0->pkts_per_ms;
+        if (!folded)
+            for (int k = 1; k < e->nworkers; k++) {
+                worker_t *w = e->workers[k];
+                /* a thread whose media stopped keeps its last estimate: not counted after 10 ms */
+                if ((int64_t)(ns - LOAD(w->win_start_ns)) < 10000000)
+                    total += LOAD(w->pkts_per_ms);
             }
-            /* Steady traffic of tens of thousands of packets a second wakes the thread for one
-             * or two packets at a time; a short pause lets the next ones queue up, so one
-             * wake-up and one syscall each way serve several (interrupt coalescing; adds at
-             * most nap_us of latency). Traffic too slow to bring two packets within the pause
-             * gains nothing from it (one timer wake-up instead of one epoll wake-up): no pause. */
-            if (moved < BATCH / 4 && w->pkts_per_ms * (uint64_t)w->nap_us >= 2000u) {
-                struct timespec ts = {0, (long)w->nap_us * 1000L};
-                nanosleep(&ts, NULL);
+        if (w0->win_start_ns != last_win) { /* a new window: judge the rate */
+            last_win = w0->win_start_ns;
+            low = total < e->fold_ppms ? low + 1 : 0;
+            if (!folded && low >= 10) {
+                /* fold: worker 0's own set first, then wake the others so that they park */
+                pthread_mutex_lock(&e->fold_lock);
+                struct epoll_event fe = {.events = EPOLLIN, .data.ptr = w0};
+                if (epoll_ctl(e->fold_epfd, EPOLL_CTL_ADD, w0->epfd, &fe) == 0) {
+                    __atomic_store_n(&e->folded, 1, __ATOMIC_RELEASE);
+                    __atomic_store_n(&e->folds, e->folds + 1, __ATOMIC_RELAXED);
+                }
+                pthread_mutex_unlock(&e->fold_lock);
+                for (int k = 1; k < e->nworkers; k++) {
+                    uint64_t one = 1;
+                    ssize_t r = write(e->workers[k]->wakefd, &one, sizeof one);
+                    (void)r;
+                }
+            } else if (folded && total > 2 * e->fold_ppms) {
+                /* unfold: take every parked set out before the threads may wait on them */
+                pthread_mutex_lock(&e->fold_lock);
+                for (int k = 0; k < e->nworkers; k++) {
+                    worker_t *w = e->workers[k];
+                    if (k == 0 || w->in_fold) {
+                        epoll_ctl(e->fold_epfd, EPOLL_CTL_DEL, w->epfd, NULL);
+                        __atomic_store_n(&w->in_fold, 0, __ATOMIC_RELEASE);
+                    }
+                }
+                __atomic_store_n(&e->folded, 0, __ATOMIC_RELEASE);
+                __atomic_store_n(&e->unfolds, e->unfolds + 1, __ATOMIC_RELAXED);
+                pthread_cond_broadcast(&e->fold_cond);
+                pthread_mutex_unlock(&e->fold_lock);
+                low = 0;
             }
         }
+        napped = maybe_nap(w0->nap_us, moved, folded ? total : w0->pkts_per_ms) && folded;
     }
     return NULL;
 }
@@ -1595,6 +1788,10 @@ static void engine_stop(engine_t *e)
         ssize_t r = write(w->wakefd, &one, sizeof one);
         (void)r;
     }
+    /* parked threads (folding) sleep on the condition, not on their epoll set */
+    pthread_mutex_lock(&e->fold_lock);
+    pthread_cond_broadcast(&e->fold_cond);
+    pthread_mutex_unlock(&e->fold_lock);
     Py_BEGIN_ALLOW_THREADS
     for (int k = 0; k < e->nworkers; k++) {
         worker_t *w = e->workers[k];
@@ -1675,6 +1872,10 @@ static void engine_free_all(engine_t *e)
         close(e->efd);
         e->efd = -1;
     }
+    if (e->fold_epfd >= 0) {
+        close(e->fold_epfd);
+        e->fold_epfd = -1;
+    }
     e->closed = 1;
 }
 
@@ -1682,21 +1883,28 @@ static void Engine_dealloc(engine_t *e)
 {
     engine_free_all(e);
     pthread_mutex_destroy(&e->qlock);
+    pthread_mutex_destroy(&e->fold_lock);
+    pthread_cond_destroy(&e->fold_cond);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"listener_fds", "queue_limit", "buffer_bytes", "gso", "coalesce_us",
-                             NULL};
+                             "fold_pps", NULL};
     PyObject *fds;
     Py_ssize_t qlimit = 4096;
     int bufbytes = 4 * 1024 * 1024, gso = 1, coalesce_us = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nipi", kwlist, &fds, &qlimit, &bufbytes, &gso,
-                                     &coalesce_us))
+    long long fold_pps = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nipiL", kwlist, &fds, &qlimit, &bufbytes, &gso,
+                                     &coalesce_us, &fold_pps))
         return NULL;
     if (coalesce_us < 0 || coalesce_us > 1000) {
         PyErr_SetString(PyExc_ValueError, "coalesce_us must be 0-1000");
+        return NULL;
+    }
+    if (fold_pps < 0 || fold_pps > 100000000LL) {
+        PyErr_SetString(PyExc_ValueError, "fold_pps must be 0-100000000");
         return NULL;
     }
     PyObject *seq = PySequence_Fast(fds, "listener_fds must be a sequence of file descriptors");
@@ -1714,12 +1922,17 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         return NULL;
     }
     pthread_mutex_init(&e->qlock, NULL);
+    pthread_mutex_init(&e->fold_lock, NULL);
+    pthread_cond_init(&e->fold_cond, NULL);
+    /* packets per ms, at least 1 when folding is on at all */
+    e->fold_ppms = fold_pps > 0 ? (uint64_t)(fold_pps + 999) / 1000 : 0;
+    e->fold_epfd = epoll_create1(EPOLL_CLOEXEC);
     e->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     e->qlimit = (size_t)qlimit;
     e->nworkers = (int)n;
     e->workers = calloc((size_t)n, sizeof *e->workers);
     e->ubw = calloc(2 * USER_SLOTS, sizeof *e->ubw);
-    if (e->efd < 0 || e->workers == NULL || e->ubw == NULL) {
+    if (e->efd < 0 || e->fold_epfd < 0 || e->workers == NULL || e->ubw == NULL) {
         PyErr_SetFromErrno(PyExc_OSError);
         goto fail;
     }
@@ -1794,7 +2007,9 @@ static PyObject *Engine_start(engine_t *e, PyObject *unused)
     int err = 0;
     for (int k = 0; k < e->nworkers; k++) {
         worker_t *w = e->workers[k];
-        err = pthread_create(&w->thread, NULL, worker_main, w);
+        /* worker 0's thread decides folding (and serves everyone while folded) */
+        int fold = k == 0 && e->nworkers > 1 && e->fold_ppms > 0;
+        err = pthread_create(&w->thread, NULL, fold ? fold_main : worker_main, w);
         if (err != 0)
             break;
         w->started = 1;
@@ -2444,9 +2659,12 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
         (unsigned long long)s.tx_peer, "allocations", (Py_ssize_t)e->idcount);
     if (d == NULL)
         return NULL;
-    /* turn.relay_multiplex (turn/multiplex.py): shared sockets and their drops */
+    /* turn.relay_multiplex (turn/multiplex.py): shared sockets and their drops; folding */
     PyObject *extra = Py_BuildValue(
-        "{s:i,s:K,s:K,s:K}", "mux_sockets", e->nmux, "drop_mux_unknown",
+        "{s:i,s:K,s:K,s:i,s:K,s:K,s:K}", "folded",
+        __atomic_load_n(&e->folded, __ATOMIC_ACQUIRE), "folds",
+        (unsigned long long)LOAD(e->folds), "unfolds", (unsigned long long)LOAD(e->unfolds),
+        "mux_sockets", e->nmux, "drop_mux_unknown",
         (unsigned long long)s.drop_mux_unknown, "drop_mux_ambiguous",
         (unsigned long long)s.drop_mux_ambiguous, "drop_mux_conflict",
         (unsigned long long)(s.drop_mux_conflict + e->py_mux_conflict));

@@ -80,6 +80,9 @@ QUEUE_LIMIT = 4096  # packets waiting for the control plane; beyond: dropped and
 # one syscall each way per packet (interrupt coalescing; adds at most this much latency, far
 # below any jitter buffer). docs/BENCHMARKS.md has the effect at 100,000 pkt/s.
 COALESCE_US = 100
+# turn.dataplane_fold_pps: below this many media packets a second in total, one relay thread
+# serves every thread's sockets (fewer, fuller wake-ups); above twice this, each its own.
+FOLD_PPS = 150_000
 USER_SLOTS = 65536  # per-user bandwidth buckets in the engine (_native.c USER_SLOTS)
 
 
@@ -176,6 +179,7 @@ class NativeDataPlane(DataPlane):
         gso: bool = True,
         multiplex: int = 0,
         coalesce_us: int = COALESCE_US,
+        fold_pps: int = FOLD_PPS,
     ) -> None:
         ok, why = native_available()
         if not ok:
@@ -195,6 +199,7 @@ class NativeDataPlane(DataPlane):
         self._mux_of: dict[int, list[Any]] = {}
         self._gso = gso
         self._coalesce_us = coalesce_us
+        self._fold_pps = fold_pps
         self.engine: Any = None
         self.transports: list[NativeTransport] = []
         self._native: set[int] = set()
@@ -220,6 +225,7 @@ class NativeDataPlane(DataPlane):
             buffer_bytes=LISTENER_BUFFER,
             gso=self._gso,
             coalesce_us=self._coalesce_us,
+            fold_pps=self._fold_pps,
         )
         for s in listeners:
             s.detach()  # the engine closes them

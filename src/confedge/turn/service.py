@@ -254,7 +254,11 @@ class TurnService:
             "multiplex": cfg.turn.relay_multiplex,
         }
         if self.backend == "native":
-            self.dataplane = NativeDataPlane(**common, coalesce_us=cfg.turn.dataplane_coalesce_us)
+            self.dataplane = NativeDataPlane(
+                **common,
+                coalesce_us=cfg.turn.dataplane_coalesce_us,
+                fold_pps=cfg.turn.dataplane_fold_pps,
+            )
         else:
             self.dataplane = UdpDataPlane(**common)
         if cfg.turn.offload != "off":
