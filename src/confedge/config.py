@@ -283,7 +283,32 @@ class NodeAddress(Struct, frozen=True, kw_only=True):
             host = rest
         if not host or not 1 <= port <= 65535:
             raise bad
+        if not _host_ok(host):
+            raise ValueError(
+                f'"{text}" is not a node address: "{host}" is neither an IP address nor a host '
+                'name (letters, digits, hyphens and dots, e.g. "node1.example.com")'
+            )
         return cls(scheme=scheme, host=host, port=port)  # type: ignore[arg-type]
+
+
+# A DNS label (RFC 1123 §2.1: letters, digits, hyphens, not at either end; underscores too, as
+# internal zones often have them). A node's host goes into the Host header and the upstream
+# connection as it is, so a space or a "!" would only fail later, per request.
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _host_ok(host: str) -> bool:
+    """An IP address or a host name (a trailing dot allowed); digits and dots alone that are
+    not an IPv4 address (10.0.0.300) are a typo, not a name."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    name = host[:-1] if host.endswith(".") else host
+    if not name or len(name) > 253 or re.fullmatch(r"[0-9.]+", name):
+        return False
+    return all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
 def _node(value: Any) -> str:

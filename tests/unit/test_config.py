@@ -141,6 +141,17 @@ def test_node_addresses(text: str, url: str) -> None:
     assert NodeAddress.parse(text).url == url
 
 
+@pytest.mark.parametrize(
+    "text", ["bad host!", "node one", "10.0.0.300", "-node", "node-.example", "a..b", "fd00::zz"]
+)
+def test_node_hosts_must_be_ip_addresses_or_host_names(text: str) -> None:
+    """A node's host is sent as it is (Host header, upstream connection): anything that is not
+    an IP address or a host name is refused when the configuration is read, naming it."""
+    (problem,) = errors({**MINIMAL, "proxy": {**MINIMAL["proxy"], "nodes": [text]}})
+    assert problem.startswith("proxy.nodes") and f'"{text}" is not a node address' in problem
+    assert NodeAddress.parse("node_1.internal.").host == "node_1.internal."
+
+
 def test_masked_hides_secrets() -> None:
     cfg = parse_config(
         {
