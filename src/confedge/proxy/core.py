@@ -443,10 +443,14 @@ class WorkerRuntime:
         if h is None:
             h = self.latency[netloc] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         bounds = LATENCY_BOUNDS
-        for i in range(len(bounds)):  # (an indexed loop over a list: no iterator per answer)
+        # (an indexed loop over a list: no iterator per answer, nor a range object)
+        i = 0
+        n = len(bounds)
+        while i < n:
             if seconds <= bounds[i]:
                 h[i] += 1
                 break
+            i += 1
         h[-2] += 1
         h[-1] += seconds
 

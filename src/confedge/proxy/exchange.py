@@ -332,13 +332,12 @@ def build_request_head(
         drop = _REQ_DROP_PIN if trusted else _REQ_DROP_PIN_UNTRUSTED
     else:
         drop = _REQ_DROP if trusted else _REQ_DROP_UNTRUSTED
-    extra: frozenset[bytes] | None = None
     if req.conn_tokens is not None:
         # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
-        extra = frozenset(t.strip() for t in req.conn_tokens.split(b","))
+        drop = drop | frozenset(t.strip() for t in req.conn_tokens.split(b","))
     parts = [req.method, b" ", req.target.encode(), b" HTTP/1.1\r\n"]
     for lname, name, value in req.headers:
-        if lname in drop or (extra is not None and lname in extra):
+        if lname in drop:
             continue
         parts += (name, b": ", value, b"\r\n")
     if req.host is None:
