@@ -597,10 +597,16 @@ class WorkerRuntime:
         status = ex.status or 499  # nginx's "client closed the request" code
         # (one node tried, the usual case: its fields as they are, no join)
         addrs, statuses, times = ex.addrs, ex.statuses, ex.times
+        method, url, version = req.method, req.url, req.version
+        memo = self.lines.get(url)  # (request_line's usual case, without the call)
+        if memo is not None and memo[0] == method and memo[1] == version:
+            line = memo[2]
+        else:
+            line = self.request_line(method, url, version)
         sink.log(
             ex.peer,
             _wall_clock(),
-            self.request_line(req.method, req.url, req.version),
+            line,
             status,
             ex.sent,
             req.referer,

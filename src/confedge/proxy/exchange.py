@@ -115,8 +115,11 @@ TRANSITIONS: Final[dict[State, frozenset[State]]] = {
     S.TUNNEL: frozenset({S.DONE}),
     S.DONE: frozenset(),
 }
-# TRANSITIONS as one bit mask of allowed next states per state (what _go tests).
-_ALLOWED: Final[list[int]] = [sum(1 << int(n) for n in TRANSITIONS[State(i)]) for i in range(8)]
+# TRANSITIONS as a table of allowed[state][next] (what _go tests: two indexings, which the
+# interpreter specialises, where a bit mask's shift and "and" are two generic number calls).
+_ALLOWED: Final[tuple[tuple[bool, ...], ...]] = tuple(
+    tuple(State(n) in TRANSITIONS[State(i)] for n in range(8)) for i in range(8)
+)
 
 
 class ExchangeError(Exception):
@@ -605,7 +608,7 @@ class Exchange:
         return self.state == DONE
 
     def _go(self, new: int) -> None:
-        if not (_ALLOWED[self.state] >> new) & 1:
+        if not _ALLOWED[self.state][new]:
             raise ExchangeError(
                 f"exchange: {State(self.state).name} -> {State(new).name} is not allowed"
             )

@@ -35,6 +35,7 @@ from confedge.proxy.exchange import (
     A_NO_TUNNEL,
     A_NODE_DONE,
     A_NODE_LAST,
+    A_NODE_TIMER,
     A_TUNNEL,
     BUFFERING,
     CONNECTING,
@@ -106,6 +107,22 @@ _STEER: Final[dict[bytes, int]] = {
     b"token": _H_TOKEN,  # a conference session (client API v2), see Exchange.seek_session
     b"authorization": _H_AUTHORIZATION,  # only for the access log's $remote_user
 }
+_H_OTHER: Final = -1  # passed through untouched
+# Header names as clients spell them -> (lower-cased name, _STEER kind or _H_OTHER), memoised:
+# clients send the same few names in the same spelling on every request, so one lookup
+# replaces a lower() (a new bytes object) and a second lookup per header. Bounded, and emptied
+# when full, so a client inventing names only loses the shortcut (as exchange._RESP_KINDS).
+_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {}
+
+
+def _name_kind(name: bytes) -> tuple[bytes, int]:
+    lname = name.lower()
+    known = (lname, _STEER.get(lname, _H_OTHER))
+    if len(_NAMES) >= 1024:
+        _NAMES.clear()
+    _NAMES[name] = known
+    return known
+
 
 # pause() reasons for client reading
 _PAUSE_UPSTREAM: Final = 1  # the node's write buffer is full (request body backpressure)
@@ -343,11 +360,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         if req.header_bytes > core.max_header_bytes or len(req.headers) >= core.max_headers:
             self.refusal = Refused(431, "request headers too large or too many")
             raise self.refusal
-        lname = name.lower()
+        known = _NAMES.get(name)
+        if known is None:
+            known = _name_kind(name)
+        lname, kind = known
         req.headers.append((lname, name, value))
         # Note the few headers that steer the proxy; everything else passes untouched.
-        kind = _STEER.get(lname)
-        if kind is None:
+        if kind == _H_OTHER:
             return
         # (the kinds nearly every request has first: Host, and a browser's User-Agent and
         # Referer; each comparison passed is a few bytecodes per header, interpreted)
@@ -450,12 +469,17 @@ class ClientConnection(asyncio.BufferedProtocol):
             if method in NOT_ALLOWED_METHODS:
                 raise Refused(405, f"method {method.decode()} refused")
             raise Refused(501, f"method {method.decode()} not implemented")
-        req.target = core.target(req.url)
-        if req.host is None:
+        # (the memos' usual hit without the call to core.target / core.check_host)
+        target = core.targets.get(req.url)
+        req.target = target if target is not None else core.target(req.url)
+        host = req.host
+        if host is None:
             if req.version != "1.0":
                 raise Refused(400, "missing Host header")  # RFC 9112 §3.2
-        elif not core.check_host(req.host):
-            raise Refused(400, "Host names another server")
+        else:
+            ok = core.host_ok.get(host)
+            if not (ok if ok is not None else core.check_host(host)):
+                raise Refused(400, "Host names another server")
         if req.chunked and req.version == "1.0":
             raise Refused(400, "chunked body in an HTTP/1.0 request")
         if req.content_length is not None and int(req.content_length) > core.max_body:
@@ -498,7 +522,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
         # (positional arguments, here and below: the cheaper call in the interpreted build)
-        ex = Exchange(core.settings_for(path), req, client_ip, self.peer, trusted, now)
+        # (settings_for's usual case, no [[proxy.pools]], without the call)
+        settings = core.settings_for(path) if core.pool_prefixes else core.exchange_settings
+        ex = Exchange(settings, req, client_ip, self.peer, trusted, now)
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
             core.send(self.transport, _CONTINUE)  # type: ignore[arg-type]  # RFC 9110 §10.1.1
@@ -532,15 +558,22 @@ class ClientConnection(asyncio.BufferedProtocol):
         if not actions:
             return
         ex.actions = []
-        # The decisions every proxied request has (the node side's, and A_FINISH) are carried
-        # out here, the rest by _act: a method call per decision cost the interpreted build
-        # four calls per request.
+        # The decisions every proxied request has (the node timer, the node connection done,
+        # A_FINISH) are carried out here, the rest by node_action (upstream.py, shared with
+        # HTTP/2) and _act: a call per decision cost the interpreted build six calls a request.
         for kind, arg in actions:
-            if kind <= A_NODE_LAST:  # the node side, shared with HTTP/2 (upstream.py)
+            if kind == A_NODE_TIMER:
                 up = self.up
-                if kind == A_NODE_DONE:
-                    self.up = None  # (node_action's caller's part: see there)
-                conn = node_action(self, up, core, ex, kind, arg)
+                if up is not None:  # (UpstreamConnection.arm, inlined)
+                    up.timeout, up.deadline = arg
+                    up.activity = False
+            elif kind == A_NODE_DONE:
+                up = self.up
+                self.up = None  # (node_action's caller's part: see there)
+                if up is not None:
+                    up.done(arg)
+            elif kind <= A_NODE_LAST:  # A_CONNECT, A_MARK_FAILED
+                conn = node_action(self, self.up, core, ex, kind, arg)
                 if conn is not None:  # a pooled connection (attempt() read the clock just now)
                     self.node_ready(ex, conn, True, ex.upstream_time)
             elif kind == A_FINISH:
