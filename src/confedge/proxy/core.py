@@ -458,7 +458,8 @@ class WorkerRuntime:
 
     def send(self, t: asyncio.Transport, data: bytes) -> None:
         """Write `data` (bytes, never a view of a reused buffer) at the end of this iteration."""
-        if len(data) > COALESCE_MAX:
+        n = len(data)
+        if n > COALESCE_MAX:
             if self.out:
                 self.flush_writes()
             t.write(data)
@@ -467,7 +468,7 @@ class WorkerRuntime:
         if not out:
             self.loop.call_soon(self.flush_cb)
         out.append((t, data))
-        queued = self.out_bytes + len(data)
+        queued = self.out_bytes + n
         if queued > COALESCE_BATCH:
             self.flush_writes()  # now, so that pause_writing can still stop the reading
         else:

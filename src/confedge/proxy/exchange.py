@@ -943,7 +943,7 @@ class Exchange:
         self.statuses.append(_STATUS_TEXT[status] if 0 <= status < 600 else str(status))
         self.committed = True
         req.retain = False
-        if req.complete:
+        if req.complete and req.body:  # (an empty list stays: no new one per response)
             req.body = []
         if status == 101:
             if not self.upgrading:

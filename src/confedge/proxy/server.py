@@ -356,15 +356,17 @@ class ClientConnection(asyncio.BufferedProtocol):
         req = self.cur
         assert req is not None
         core = self.core
-        req.header_bytes += len(name) + len(value) + 4
-        if req.header_bytes > core.max_header_bytes or len(req.headers) >= core.max_headers:
+        headers = req.headers
+        size = req.header_bytes + len(name) + len(value) + 4
+        req.header_bytes = size
+        if size > core.max_header_bytes or len(headers) >= core.max_headers:
             self.refusal = Refused(431, "request headers too large or too many")
             raise self.refusal
         known = _NAMES.get(name)
         if known is None:
             known = _name_kind(name)
         lname, kind = known
-        req.headers.append((lname, name, value))
+        headers.append((lname, name, value))
         # Note the few headers that steer the proxy; everything else passes untouched.
         if kind == _H_OTHER:
             return
