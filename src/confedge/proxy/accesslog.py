@@ -346,8 +346,19 @@ class AccessLog:
         elif _NEEDS_ESCAPE_RE.search(t) is not None:
             t = escape(t)
         clock = self._clock
-        stamp = clock.text(now) if clock is not None else self.time_local(now)
-        self.write_line(f'{addr}{stamp}{parts[0]}{status} {body_bytes_sent}{parts[1]}{t}"')
+        if clock is None:
+            stamp = self.time_local(now)
+        elif int(now) == clock._sec:  # (TimeLocal.text's usual case, without the call)
+            stamp = clock._text
+        else:
+            stamp = clock.text(now)
+        line = f'{addr}{stamp}{parts[0]}{status} {body_bytes_sent}{parts[1]}{t}"'
+        # write_line's buffering, without the call: once per proxied request
+        self._buf.append(line)
+        size = self._size + len(line) + 1
+        self._size = size
+        if size >= self.buffer_bytes or self._timer is None:
+            self._written()
 
     def _remember_addr(self, remote_addr: str) -> str:
         text = f"{escape(remote_addr)} - - ["
@@ -376,7 +387,13 @@ class AccessLog:
     def write_line(self, line: str) -> None:
         """Buffer an already formatted line; flushes when the buffer is full."""
         self._buf.append(line)
-        self._size += len(line) + 1
+        size = self._size + len(line) + 1
+        self._size = size
+        if size >= self.buffer_bytes or self._timer is None:
+            self._written()
+
+    def _written(self) -> None:
+        """After a line was buffered: flush a full buffer, or arm the flush timer."""
         if self._size >= self.buffer_bytes:
             self.flush()
         elif self._timer is None:

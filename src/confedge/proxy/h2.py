@@ -655,7 +655,7 @@ class H2Stream:
     # -- node connections (upstream.NodeOwner) --------------------------------------------------
 
     def node_ready(
-        self, ex: Exchange, conn: UpstreamConnection, *, reused: bool, now: float = -1.0
+        self, ex: Exchange, conn: UpstreamConnection, reused: bool, now: float = -1.0
     ) -> None:
         """A node connection for `ex` (pooled, or newly opened by NodePool.connect); `now`:
         the loop time when the caller has just read it."""

@@ -35,6 +35,7 @@ from confedge.proxy.exchange import (
     A_NO_TUNNEL,
     A_NODE_DONE,
     A_NODE_LAST,
+    A_NODE_TIMER,
     A_TUNNEL,
     BUFFERING,
     CONNECTING,
@@ -106,6 +107,22 @@ _STEER: Final[dict[bytes, int]] = {
     b"token": _H_TOKEN,  # a conference session (client API v2), see Exchange.seek_session
     b"authorization": _H_AUTHORIZATION,  # only for the access log's $remote_user
 }
+_H_OTHER: Final = -1  # passed through untouched
+# Header names as clients spell them -> (lower-cased name, _STEER kind or _H_OTHER), memoised:
+# clients send the same few names in the same spelling on every request, so one lookup
+# replaces a lower() (a new bytes object) and a second lookup per header. Bounded, and emptied
+# when full, so a client inventing names only loses the shortcut (as exchange._RESP_KINDS).
+_NAMES: Final[dict[bytes, tuple[bytes, int]]] = {}
+
+
+def _name_kind(name: bytes) -> tuple[bytes, int]:
+    lname = name.lower()
+    known = (lname, _STEER.get(lname, _H_OTHER))
+    if len(_NAMES) >= 1024:
+        _NAMES.clear()
+    _NAMES[name] = known
+    return known
+
 
 # pause() reasons for client reading
 _PAUSE_UPSTREAM: Final = 1  # the node's write buffer is full (request body backpressure)
@@ -339,21 +356,31 @@ class ClientConnection(asyncio.BufferedProtocol):
         req = self.cur
         assert req is not None
         core = self.core
-        req.header_bytes += len(name) + len(value) + 4
-        if req.header_bytes > core.max_header_bytes or len(req.headers) >= core.max_headers:
+        headers = req.headers
+        size = req.header_bytes + len(name) + len(value) + 4
+        req.header_bytes = size
+        if size > core.max_header_bytes or len(headers) >= core.max_headers:
             self.refusal = Refused(431, "request headers too large or too many")
             raise self.refusal
-        lname = name.lower()
-        req.headers.append((lname, name, value))
+        known = _NAMES.get(name)
+        if known is None:
+            known = _name_kind(name)
+        lname, kind = known
+        headers.append((lname, name, value))
         # Note the few headers that steer the proxy; everything else passes untouched.
-        kind = _STEER.get(lname)
-        if kind is None:
+        if kind == _H_OTHER:
             return
+        # (the kinds nearly every request has first: Host, and a browser's User-Agent and
+        # Referer; each comparison passed is a few bytecodes per header, interpreted)
         if kind == _H_HOST:
             if req.host is not None:
                 self.refusal = Refused(400, "more than one Host header")  # RFC 9112 §3.2
                 raise self.refusal
             req.host = value
+        elif kind == _H_USER_AGENT:
+            req.ua = value
+        elif kind == _H_REFERER:
+            req.referer = value
         elif kind == _H_CONTENT_LENGTH:
             req.content_length = value
         elif kind == _H_TRANSFER_ENCODING:
@@ -372,10 +399,6 @@ class ClientConnection(asyncio.BufferedProtocol):
             req.websocket = value.strip().lower() == b"websocket"
         elif kind == _H_EXPECT:
             req.expect_continue = value.strip().lower() == b"100-continue"
-        elif kind == _H_USER_AGENT:
-            req.ua = value
-        elif kind == _H_REFERER:
-            req.referer = value
         elif kind == _H_PIN:
             req.pin = value
         elif kind == _H_TOKEN:
@@ -435,7 +458,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self._set_timeout(T_NONE, 0.0)
             # (the clock is read only when the end of the body starts the first attempt)
             ex.request_end(self.core.loop.time() if ex.state == BUFFERING else 0.0)
-            self.drive(ex)
+            if ex.to_node or ex.actions:  # (usually nothing: the head went out whole)
+                self.drive(ex)
 
     # -- request vetting ------------------------------------------------------------------------
 
@@ -447,12 +471,17 @@ class ClientConnection(asyncio.BufferedProtocol):
             if method in NOT_ALLOWED_METHODS:
                 raise Refused(405, f"method {method.decode()} refused")
             raise Refused(501, f"method {method.decode()} not implemented")
-        req.target = core.target(req.url)
-        if req.host is None:
+        # (the memos' usual hit without the call to core.target / core.check_host)
+        target = core.targets.get(req.url)
+        req.target = target if target is not None else core.target(req.url)
+        host = req.host
+        if host is None:
             if req.version != "1.0":
                 raise Refused(400, "missing Host header")  # RFC 9112 §3.2
-        elif not core.check_host(req.host):
-            raise Refused(400, "Host names another server")
+        else:
+            ok = core.host_ok.get(host)
+            if not (ok if ok is not None else core.check_host(host)):
+                raise Refused(400, "Host names another server")
         if req.chunked and req.version == "1.0":
             raise Refused(400, "chunked body in an HTTP/1.0 request")
         if req.content_length is not None and int(req.content_length) > core.max_body:
@@ -494,19 +523,15 @@ class ClientConnection(asyncio.BufferedProtocol):
         # Without trusted_proxies (the usual case) the peer is never trusted.
         trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
-        ex = Exchange(
-            core.settings_for(path),
-            req,
-            client_ip=client_ip,
-            peer=self.peer,
-            trusted=trusted,
-            now=now,
-        )
+        # (positional arguments, here and below: the cheaper call in the interpreted build)
+        # (settings_for's usual case, no [[proxy.pools]], without the call)
+        settings = core.settings_for(path) if core.pool_prefixes else core.exchange_settings
+        ex = Exchange(settings, req, client_ip, self.peer, trusted, now)
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
             core.send(self.transport, _CONTINUE)  # type: ignore[arg-type]  # RFC 9110 §10.1.1
         # A small body is read whole first (attempt once it is complete or too big to wait).
-        ex.start(now, buffer_body=expecting and req.body_size <= core.request_buffer, banned=banned)
+        ex.start(now, expecting and req.body_size <= core.request_buffer, banned)
         self.drive(ex)
 
     # -- the exchange core's decisions (exchange.py "Theory of operation") ----------------------
@@ -531,24 +556,38 @@ class ClientConnection(asyncio.BufferedProtocol):
                 for data in out:
                     core.send(up.transport, data)
             out.clear()
-        if ex.actions:
-            actions, ex.actions = ex.actions, []
-            for kind, arg in actions:
+        actions = ex.actions
+        if not actions:
+            return
+        ex.actions = []
+        # The decisions every proxied request has (the node timer, the node connection done,
+        # A_FINISH) are carried out here, the rest by node_action (upstream.py, shared with
+        # HTTP/2) and _act: a call per decision cost the interpreted build six calls a request.
+        for kind, arg in actions:
+            if kind == A_NODE_TIMER:
+                up = self.up
+                if up is not None:  # (UpstreamConnection.arm, inlined)
+                    up.timeout, up.deadline = arg
+                    up.activity = False
+            elif kind == A_NODE_DONE:
+                up = self.up
+                self.up = None  # (node_action's caller's part: see there)
+                if up is not None:
+                    up.done(arg)
+            elif kind <= A_NODE_LAST:  # A_CONNECT, A_MARK_FAILED
+                conn = node_action(self, self.up, core, ex, kind, arg)
+                if conn is not None:  # a pooled connection (attempt() read the clock just now)
+                    self.node_ready(ex, conn, True, ex.upstream_time)
+            elif kind == A_FINISH:
+                core.log_exchange(ex)
+                self.finished(ex, arg)
+            else:
                 self._act(ex, kind, arg)
 
     def _act(self, ex: Exchange, kind: int, arg: Any) -> None:
+        """The core's rarer client-side decisions (drive carries out the usual ones)."""
         core = self.core
-        if kind <= A_NODE_LAST:  # the node side, shared with HTTP/2 (upstream.py)
-            up = self.up
-            if kind == A_NODE_DONE:
-                self.up = None  # (node_action's caller's part: see there)
-            conn = node_action(self, up, core, ex, kind, arg)
-            if conn is not None:  # a pooled connection (attempt() read the clock just now)
-                self.node_ready(ex, conn, reused=True, now=ex.upstream_time)
-        elif kind == A_FINISH:
-            core.log_exchange(ex)
-            self.finished(ex, close=arg)
-        elif kind == A_LOG:
+        if kind == A_LOG:
             core.log_exchange(ex, truncated=arg)
         elif kind == A_LOCAL:
             status, extra, retry_page = arg
@@ -569,7 +608,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             carry_guard(core.guard, ex, kind, arg, self.drive, core.loop.time, core.guard_decided)
 
     def node_ready(
-        self, ex: Exchange, conn: UpstreamConnection, *, reused: bool, now: float = -1.0
+        self, ex: Exchange, conn: UpstreamConnection, reused: bool, now: float = -1.0
     ) -> None:
         """A node connection for `ex` (from the pool or newly opened: NodePool.connect);
         `now`: the loop time when the caller has just read it."""
@@ -578,7 +617,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         self.up = conn
         conn.owner = self
-        ex.node_connected(now if now >= 0.0 else self.core.loop.time(), reused=reused)
+        ex.node_connected(now if now >= 0.0 else self.core.loop.time(), reused)
         self.drive(ex)
 
     def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None:
@@ -589,7 +628,7 @@ class ClientConnection(asyncio.BufferedProtocol):
     def _body_expected(req: Request) -> bool:
         return req.chunked or (req.content_length is not None and req.content_length != b"0")
 
-    def finished(self, ex: Exchange, *, close: bool) -> None:
+    def finished(self, ex: Exchange, close: bool) -> None:
         """The response to `ex` is fully written: next request, keep-alive idle, or close."""
         if self.exchange is ex:
             self.exchange = None
@@ -608,7 +647,12 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.resume(_PAUSE_PIPELINE)
             self._start(nxt)
             return
-        self._set_timeout(T_IDLE, self.core.idle_timeout)
+        # _set_timeout(T_IDLE, idle_timeout), inlined (once per request)
+        core = self.core
+        self.tmode = T_IDLE
+        self.timeout = core.idle_timeout
+        self.activity = False
+        self.deadline = core.loop.time() + core.idle_timeout
 
     def local_response(
         self,

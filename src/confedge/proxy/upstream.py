@@ -61,7 +61,7 @@ class NodeOwner(Protocol):
     def resume(self, reason: int) -> None: ...
 
     def node_ready(
-        self, ex: Exchange, conn: UpstreamConnection, *, reused: bool, now: float = -1.0
+        self, ex: Exchange, conn: UpstreamConnection, reused: bool, now: float = -1.0
     ) -> None: ...
 
     def node_connect_failed(self, ex: Exchange, i: int, reason: str) -> None: ...
@@ -215,6 +215,22 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is not None:
             ex.response_end(self.parser.should_keep_alive(), self.now)
 
+    # -- the core's decisions about this connection (node_action) -------------------------------
+
+    def done(self, keep: bool) -> None:
+        """A_NODE_DONE: the exchange is finished with this connection: back to its node's pool
+        (`keep`) or closed."""
+        self.owner = None
+        if keep:
+            self.pool.release(self)  # (resumes its reading if the owner's client paused it)
+        else:
+            self.close()
+
+    def arm(self, timer: tuple[float, float]) -> None:
+        """A_NODE_TIMER: (idle timeout or 0, absolute deadline) for the sweep (timers.py)."""
+        self.timeout, self.deadline = timer
+        self.activity = False
+
     # -- helpers --------------------------------------------------------------------------------
 
     def on_timeout(self) -> None:
@@ -257,19 +273,16 @@ def node_action(
     every proxied request has A_NODE_DONE and A_NODE_TIMER, then A_CONNECT."""
     if kind == A_NODE_DONE:
         if up is not None:
-            up.owner = None
-            if arg:
-                up.pool.release(up)  # (resumes its reading if the owner's client paused it)
-            else:
-                up.close()
+            up.done(arg)
     elif kind == A_NODE_TIMER:
         if up is not None:
-            up.timeout, up.deadline = arg
-            up.activity = False
+            up.arm(arg)
     elif kind == A_CONNECT:
         # Node i of the node list `ex` started with (a reload may have replaced it since).
         i: int = arg[0]
-        pools = core.pools_for(ex.settings)
+        st = ex.settings
+        # (the default pool's settings are always the current generation's: no call)
+        pools = core.pools if st is core.exchange_settings else core.pools_for(st)
         if pools is None:
             owner.node_connect_failed(ex, i, "node list reloaded twice meanwhile")
             return None
