@@ -56,7 +56,10 @@ def on_loopback(state: Path, **more: str) -> tuple[int, int, list[str]]:
     ask); returns (HTTPS port, TURN port, flags)."""
     from ports import free_port
 
-    https_port, turn_port = free_port(45700, 45800, shuffle=True), free_port(45100, 45200, shuffle=True, udp=True)
+    https_port, turn_port = (
+        free_port(45700, 45800, shuffle=True),
+        free_port(45100, 45200, shuffle=True, udp=True),
+    )
     settings = {
         "server.state_dir": str(state),
         "proxy.https_port": str(https_port),

@@ -172,7 +172,10 @@ def test_two_nic_wizard_permissive_generated_secret_keeps_comments_and_runs(
     tmp_path: Path,
 ) -> None:
     config = tmp_path / "confedge.toml"
-    https_port, turn_port = free_port(45700, 45800, shuffle=True), free_port(45100, 45200, shuffle=True, udp=True)
+    https_port, turn_port = (
+        free_port(45700, 45800, shuffle=True),
+        free_port(45100, 45200, shuffle=True, udp=True),
+    )
     with recording_node() as node:
         config.write_text(
             SEEDED.format(state=tmp_path / "state", https=https_port, node=node.url, turn=turn_port)
