@@ -489,6 +489,13 @@ async def test_static_mount_and_head_over_h2(nodes, tmp_path):
         assert [x for n in nodes for x in n.requests() if "branding" in x.target] == []
     finally:
         await svc.close()
+    # One access-log line per static answer, with the bytes that went out (the exchange is
+    # ended through the core, as over HTTP/1.1).
+    lines = [ln for ln in (tmp_path / "access.log").read_text().splitlines() if "branding" in ln]
+    got = [(ln.split('"')[1], ln.split('"')[2].split()[:2]) for ln in lines]
+    assert got[0] == ("GET /branding/big.bin HTTP/2.0", ["200", str(len(big))]), got
+    assert ("HEAD /branding/big.bin HTTP/2.0", ["200", "0"]) in got, got
+    assert len(got) == (4 if etag else 3), got
 
 
 async def test_body_over_the_limit_stops_the_upload(nodes, tmp_path):

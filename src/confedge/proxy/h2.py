@@ -769,10 +769,10 @@ class H2Stream:
             chunk = next(self.static_iter)
         except StopIteration:
             self.static_iter = None
-            self.exchange = None
             if ex is not None:
-                self.core.log_exchange(ex)
-            self.ending = True
+                self.end_local(ex)  # logs it and ends the stream after what is pending
+            else:
+                self.ending = True
             return False
         except OSError:
             self.static_iter = None
@@ -784,6 +784,15 @@ class H2Stream:
         self.pending.append(chunk)
         self.pending_bytes += len(chunk)
         return True
+
+    def end_local(self, ex: Exchange) -> None:
+        """A local answer (a static file) is complete: ended through the core's transition
+        table (DONE), whose A_FINISH logs it and ends the stream, as a proxied answer's does.
+        Carried out here rather than by drive, which pumps: this runs inside pump."""
+        ex.finish_local(True)
+        actions, ex.actions = ex.actions, []
+        for kind, arg in actions:
+            self.act(ex, kind, arg)
 
     def finish(self) -> None:
         """The response is complete: END_STREAM after what is pending."""
@@ -902,7 +911,7 @@ class H2Stream:
             empty = True  # the stream is gone already
         if empty:
             self.done = True
-            core.log_exchange(ex)
+            self.end_local(ex)
             self.client.stream_done(self)
             self.client.flush()
             return
