@@ -135,6 +135,17 @@ async def test_status_shows_turn_allocation_and_relayed_bytes(stack: Stack) -> N
         assert metric(fam, "confedge_turn_relayed_bytes_total", direction="to_peer") == 700
         assert metric(fam, "confedge_turn_relayed_bytes_total", direction="to_client") == 420
         assert metric(fam, "confedge_turn_relayed_packets_total", direction="to_client") == 7
+        # The data plane: the native one's relay threads and drops; the Python one has neither.
+        dp = t["dataplane"]
+        if dp["backend"] == "native":
+            assert metric(fam, "confedge_turn_relay_threads") == dp["threads"] >= 1
+            assert metric(fam, "confedge_turn_relay_threads_folded") in (0, 1)
+            drops = "confedge_turn_dataplane_dropped_packets_total"
+            assert metric(fam, drops, reason="kernel_drops_listener") == 0
+        else:
+            assert dp == {"backend": "python"}
+            assert "confedge_turn_relay_threads" not in fam
+        assert b"data plane" in page.body
         _assert_no_secret(
             page.body, metrics.body, json_body := (await get(stack.port, "/status.json")).body
         )

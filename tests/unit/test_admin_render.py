@@ -81,6 +81,14 @@ SNAP: dict[str, Any] = {
         "bytes_to_client": 42,
         "packets_to_client": 1,
         "dropped_no_permission": 7,
+        "dataplane": {
+            "backend": "native",
+            "threads": 2,
+            "folded": 1,
+            "folds": 3,
+            "unfolds": 2,
+            "drops": {"unknown_channel": 5, "kernel_drops_listener": 11},
+        },
     },
     "guard": {
         "enabled": True,
@@ -125,6 +133,12 @@ def test_metrics_parse_and_carry_the_snapshot() -> None:
     assert metric(fam, "confedge_turn_allocations") == 4
     assert metric(fam, "confedge_turn_relayed_bytes_total", direction="to_peer") == 123456789
     assert metric(fam, "confedge_turn_dropped_packets_total", reason="no_permission") == 7
+    assert metric(fam, "confedge_turn_relay_threads") == 2
+    assert metric(fam, "confedge_turn_relay_threads_folded") == 1
+    assert metric(fam, "confedge_turn_relay_fold_changes_total", to="split") == 2
+    drops = "confedge_turn_dataplane_dropped_packets_total"
+    assert metric(fam, drops, reason="kernel_drops_listener") == 11
+    assert metric(fam, drops, reason="unknown_channel") == 5
     assert metric(fam, "confedge_proxy_node_up", node="https://10.0.0.11:443") == 1
     # The label value is escaped in the text and reads back as the original.
     assert metric(fam, "confedge_proxy_node_up", node='https://evil\\"node\\\\:443') == 0
@@ -360,3 +374,15 @@ def test_absurd_ban_expiry_does_not_break_the_page() -> None:
 
     assert _utc(1e300) == "never"
     assert _utc(0.0).startswith("1970-01-01")
+
+
+def test_status_page_says_how_the_relay_runs() -> None:
+    """The TURN section names the data plane, its relay threads, whether they are folded and
+    the packets it dropped; the Python plane shows its name only."""
+    page = render_html(SNAP).decode()
+    assert "native, 2 relay threads (folded into one: moderate traffic), 16 packets dropped" in page
+    python = {**SNAP, "turn": {**SNAP["turn"], "dataplane": {"backend": "python"}}}
+    page = render_html(python).decode()
+    assert "data plane" in page and "relay threads" not in page
+    fam = parse_metrics(render_metrics(python).decode())
+    assert "confedge_turn_relay_threads" not in fam

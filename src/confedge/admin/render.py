@@ -296,6 +296,7 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
             ],
         )
         _turn_live_metrics(m, turn.get("live") or {})
+        _turn_dataplane_metrics(m, turn.get("dataplane") or {})
 
     guard = snap["guard"]
     m.one(
@@ -500,6 +501,38 @@ def _proxy_html(p: dict[str, Any], now: float) -> str:
     return "".join(out)
 
 
+def _turn_dataplane_metrics(m: _Metrics, dp: dict[str, Any]) -> None:
+    """The native data plane: relay threads, whether they are folded into one (docs/TURN.md
+    "Folding") and how often that changed, and packets it dropped, by cause."""
+    if "threads" not in dp:
+        return
+    m.one(
+        "confedge_turn_relay_threads",
+        "gauge",
+        "Relay threads of the native data plane",
+        dp["threads"],
+    )
+    m.one(
+        "confedge_turn_relay_threads_folded",
+        "gauge",
+        "1 while one relay thread serves every thread's sockets (moderate rates)",
+        dp.get("folded", 0),
+    )
+    m.family(
+        "confedge_turn_relay_fold_changes_total",
+        "counter",
+        "Times the relay threads folded into one, and split again",
+        [({"to": "folded"}, dp.get("folds", 0)), ({"to": "split"}, dp.get("unfolds", 0))],
+    )
+    drops = dp.get("drops") or {}
+    m.family(
+        "confedge_turn_dataplane_dropped_packets_total",
+        "counter",
+        "Packets the native data plane dropped, by cause (kernel_*: socket receive buffers full)",
+        [({"reason": k}, v) for k, v in sorted(drops.items())],
+    )
+
+
 def _turn_live_metrics(m: _Metrics, live: dict[str, Any]) -> None:
     """TURN's live figures (TurnService.live): throughput, the busiest allocations' counters
     (updated while they live), answers by cause, lifetimes, drain state."""
@@ -654,6 +687,16 @@ def _turn_html(t: dict[str, Any]) -> str:
         ),
         ("allocations", _e(t["allocations"])),
     ]
+    dp = t.get("dataplane")
+    if dp:
+        plane = _e(dp["backend"])
+        if "threads" in dp:
+            plane += f", {_e(dp['threads'])} relay threads"
+            if dp.get("folded"):
+                plane += " (folded into one: moderate traffic)"
+            dropped = sum((dp.get("drops") or {}).values())
+            plane += f", {_e(dropped)} packets dropped"
+        pairs.append(("data plane", plane))
     traffic = _table(
         ["direction", "bytes", "packets"],
         [

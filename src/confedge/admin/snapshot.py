@@ -344,6 +344,7 @@ class StatusSource:
             "relay": {"addresses": relays, "ports": t.relay_ports},
             **turn.stats(),
             **_turn_live(turn),
+            **_turn_dataplane(turn),
         }
 
     def _cluster(self) -> dict[str, Any]:
@@ -411,6 +412,42 @@ def _hostport(host: str, port: int) -> str:
         if ipaddress.ip_address(host).version == 6:
             return f"[{host}]:{port}"
     return f"{host}:{port}"
+
+
+# The native data plane's counters that an operator watches (TurnService.dataplane_stats):
+# whether the relay threads are folded, and every place the relay drops a packet (issue 14:
+# "drops counted, not silent"), by the engine's key names.
+_DATAPLANE_DROPS = (
+    "drop_unknown_channel",
+    "drop_short",
+    "drop_truncated",
+    "drop_send",
+    "drop_queue",
+    "drop_no_allocation",
+    "drop_too_big",
+    "drop_mux_unknown",
+    "drop_mux_ambiguous",
+    "drop_mux_conflict",
+    "kernel_drops_listener",
+    "kernel_drops_relay",
+)
+
+
+def _turn_dataplane(turn: Any) -> dict[str, Any]:
+    """The relay's data plane under ``dataplane``: backend, relay threads and folding, drops
+    by cause (native only; the Python plane has just its backend name)."""
+    stats = getattr(turn, "dataplane_stats", None)
+    if stats is None:
+        return {}
+    s = stats()
+    out: dict[str, Any] = {"backend": s.get("backend", "python")}
+    for key in ("threads", "folded", "folds", "unfolds"):
+        if key in s:
+            out[key] = s[key]
+    drops = {k.removeprefix("drop_"): s[k] for k in _DATAPLANE_DROPS if k in s}
+    if drops:
+        out["drops"] = drops
+    return {"dataplane": out}
 
 
 def _turn_live(turn: Any) -> dict[str, Any]:
