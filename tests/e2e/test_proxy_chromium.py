@@ -25,11 +25,12 @@ PORTS = (32400, 32450)
 EVENTS = 20
 INTERVAL_S = 0.1  # the node writes an event this often
 # A proxy that buffers a stream holds each event until the next write or a flush: delays near
-# INTERVAL_S for most events. One event late by tens of milliseconds is the 2-core CI host's
-# scheduler (52 ms seen beside a full test run), not buffering: so the typical event must be
-# prompt and none may be held a whole interval.
+# INTERVAL_S for most events. One event late is the 2-core CI host's scheduler, not buffering
+# (52 ms seen beside a full test run, and once 97 ms, with every other event under 6 ms): so the
+# typical event must be prompt, and at most one of the 20 may come as late as a whole interval.
 MEDIAN_DELAY_MS = 20.0
 WORST_DELAY_MS = 0.9 * 1000 * INTERVAL_S
+LATE_EVENTS_ALLOWED = 1
 
 pytestmark = [
     pytest.mark.chromium,
@@ -71,7 +72,8 @@ async def test_page_and_event_source_through_proxy(tmp_path: Path, http2: bool) 
     assert statistics.median(delays) < MEDIAN_DELAY_MS, (
         f"event delays (ms) through the proxy: {delays}"
     )
-    assert worst < WORST_DELAY_MS, f"event delays (ms) through the proxy: {delays}"
+    late = [d for d in delays if d >= WORST_DELAY_MS]
+    assert len(late) <= LATE_EVENTS_ALLOWED, f"event delays (ms) through the proxy: {delays}"
     # proxy.http2 (on by default): the page and its EventSource came over h2 (ALPN), or over
     # HTTP/1.1 with the option off.
     proto = "h2" if http2 else "http/1.1"
