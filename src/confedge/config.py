@@ -331,11 +331,7 @@ class ServerConfig(_Strict, frozen=True):
     @field_validator("hostname", "domain")
     @classmethod
     def _dns_name(cls, v: str) -> str:
-        import re
-
-        if not re.fullmatch(
-            r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*", v
-        ):
+        if not _DNS_NAME.fullmatch(v):
             raise ValueError(f'"{v}" is not a DNS name (letters, digits, "-" and ".")')
         return v
 
