@@ -414,23 +414,7 @@ def _hostport(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
-# The native data plane's counters that an operator watches (TurnService.dataplane_stats):
-# whether the relay threads are folded, and every place the relay drops a packet (issue 14:
-# "drops counted, not silent"), by the engine's key names.
-_DATAPLANE_DROPS = (
-    "drop_unknown_channel",
-    "drop_short",
-    "drop_truncated",
-    "drop_send",
-    "drop_queue",
-    "drop_no_allocation",
-    "drop_too_big",
-    "drop_mux_unknown",
-    "drop_mux_ambiguous",
-    "drop_mux_conflict",
-    "kernel_drops_listener",
-    "kernel_drops_relay",
-)
+_DROP_KEYS = ("drop_", "kernel_drops_")
 
 
 def _turn_dataplane(turn: Any) -> dict[str, Any]:
@@ -444,7 +428,9 @@ def _turn_dataplane(turn: Any) -> dict[str, Any]:
     for key in ("threads", "folded", "folds", "unfolds"):
         if key in s:
             out[key] = s[key]
-    drops = {k.removeprefix("drop_"): s[k] for k in _DATAPLANE_DROPS if k in s}
+    # every place the relay drops a packet (issue 14: "drops counted, not silent"), as the
+    # engine names its counters: drop_<cause> and kernel_drops_<socket>
+    drops = {k.removeprefix("drop_"): v for k, v in s.items() if k.startswith(_DROP_KEYS)}
     if drops:
         out["drops"] = drops
     return {"dataplane": out}
