@@ -339,7 +339,9 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
-def allocation_rate(h: Harness, server: servers.Server, n: int, batches: int) -> dict[str, Any]:
+def allocation_rate(
+    h: Harness, server: servers.Server, n: int, batches: int, window: int = 32
+) -> dict[str, Any]:
     """Complete n Allocate exchanges (challenge + authenticated request) per batch, pipelined.
 
     Several batches (each released before the next) give a longer timed interval than one batch
@@ -350,12 +352,24 @@ def allocation_rate(h: Harness, server: servers.Server, n: int, batches: int) ->
     elapsed = 0.0
     cpu = 0.0
     gen_cpu = 0.0
+    busy = 0.0
+    wall = 0.0
+    per_thread: dict[int, float] = {}
     errors: set[str] = set()
     for _ in range(batches):
         src = h.source_ip()
-        c0 = server.cpu_seconds()
-        replies = h.ask([("alloc", m, steps, 32, 60.0, src) for m in split(n, h.n_workers)])
+        c0, m0, w0, t0 = (
+            server.cpu_seconds(),
+            machine_busy_s(),
+            time.monotonic(),
+            server.thread_cpu(),
+        )
+        replies = h.ask([("alloc", m, steps, window, 60.0, src) for m in split(n, h.n_workers)])
         cpu += server.cpu_seconds() - c0
+        busy += machine_busy_s() - m0
+        wall += time.monotonic() - w0
+        for tid, s in server.thread_cpu().items():
+            per_thread[tid] = per_thread.get(tid, 0.0) + s - t0.get(tid, 0.0)
         ok += sum(r[1] for r in replies)
         elapsed += max(r[4] for r in replies) - min(r[3] for r in replies)
         gen_cpu += sum(r[5] for r in replies)
@@ -367,6 +381,11 @@ def allocation_rate(h: Harness, server: servers.Server, n: int, batches: int) ->
         "allocations_per_s": ok / elapsed,
         "server_cpu_us_per_alloc": cpu / ok * 1e6 if ok else None,
         "generator_cpu_s": gen_cpu,
+        # The whole machine's busy CPUs over the batches (2.0 = both cores of this host):
+        # below the core count, the pipeline waits on latency rather than on CPU.
+        "machine_busy_cpus": busy / wall if wall > 0 else None,
+        # The server's busiest thread's share of one CPU (1.0: that thread is the limit).
+        "busiest_thread_cpu": max(per_thread.values()) / wall if per_thread and wall > 0 else None,
         "elapsed_s": elapsed,
         "errors": sorted(errors),
     }
@@ -434,7 +453,9 @@ def run_server(
             result[key] = relay(h, server, 50, 200, rate, args.senders, args.warmup, args.window)
             print(f"  {name} {key}: {_brief(result[key])}", flush=True)
         if "alloc" in args.only:
-            result["alloc_rate"] = allocation_rate(h, server, args.alloc_count, args.alloc_batches)
+            result["alloc_rate"] = allocation_rate(
+                h, server, args.alloc_count, args.alloc_batches, args.alloc_window
+            )
             ar = result["alloc_rate"]
             print(
                 f"  {name} alloc_rate: {ar['allocations_per_s']:.0f}/s"
@@ -507,6 +528,13 @@ RELAY_ROWS = len(METRICS)
 METRICS += [
     ("allocations/s (401 + Allocate)", ("alloc_rate", "allocations_per_s"), "{:,.0f}", True),
     ("  server CPU µs/allocation", ("alloc_rate", "server_cpu_us_per_alloc"), "{:.0f}", False),
+    ("  whole machine's busy CPUs meanwhile", ("alloc_rate", "machine_busy_cpus"), "{:.2f}", False),
+    (
+        "  server's busiest thread, share of a CPU",
+        ("alloc_rate", "busiest_thread_cpu"),
+        "{:.2f}",
+        False,
+    ),
     ("RSS idle (MiB)", ("rss_idle_mib",), "{:.1f}", False),
     ("RSS with 1,000 allocations (MiB)", ("memory", "rss_mib"), "{:.1f}", False),
     ("  KiB per allocation (over idle)", ("memory", "rss_kib_per_alloc"), "{:.1f}", False),
@@ -712,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="batches of the rate test (default 20; quick 1)",
+    )
+    ap.add_argument(
+        "--alloc-window",
+        type=int,
+        default=32,
+        help="allocations each load-generator worker keeps in flight in the rate test (default 32)",
     )
     ap.add_argument(
         "--rss-allocs", type=int, default=1000, help="allocations held for the RSS test"

@@ -139,6 +139,19 @@ class Server:
         """utime+stime of the process tree."""
         return sum(self.cpu_times())
 
+    def thread_cpu(self) -> dict[int, float]:
+        """utime+stime of each thread of the process tree, by thread id, seconds."""
+        out: dict[int, float] = {}
+        for pid in self.pids():
+            for task in Path(f"/proc/{pid}/task").glob("*"):
+                try:
+                    stat = (task / "stat").read_text()
+                except OSError:
+                    continue
+                f = stat.rpartition(")")[2].split()
+                out[int(task.name)] = (int(f[11]) + int(f[12])) / CLK_TCK
+        return out
+
     def rss_bytes(self) -> int:
         total = 0
         for pid in self.pids():

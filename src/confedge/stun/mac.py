@@ -1,10 +1,10 @@
 """HMAC with the key's pads hashed once per key (RFC 2104 §2), for the few keys a server uses.
 
-Why: every Allocate costs four HMACs (the 401's nonce, the nonce check, the request's
-MESSAGE-INTEGRITY, the response's).  ``hmac.digest`` with OpenSSL 3 looks the digest up by
-name and builds a fresh HMAC context on every call: about 3-4 µs each on the benchmark host,
-a fifth of the server's CPU per allocation (docs/BENCHMARKS.md).  The keys are few and
-long-lived (the nonce key of the process; the long-term key of a user, RFC 8489 §9.2.2), so
+Why: every Allocate costs two HMACs (the request's MESSAGE-INTEGRITY and the response's;
+its nonce is a keyed BLAKE2s, turn/auth.py).  ``hmac.digest`` with OpenSSL 3 looks the digest
+up by name and builds a fresh HMAC context on every call: about 3-4 µs each on the benchmark
+host (docs/BENCHMARKS.md).  The keys are few and long-lived (the long-term key of a user,
+RFC 8489 §9.2.2; a REST username's, cached), so
 the two hash states after absorbing ``key XOR ipad`` and ``key XOR opad`` are computed once and
 copied per message: the same bytes as ``hmac.digest``, in about a quarter of the time.
 

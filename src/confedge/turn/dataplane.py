@@ -164,7 +164,7 @@ class DataPlane(abc.ABC):
         """Close the relay port; return the final counters."""
 
     @abc.abstractmethod
-    def families(self) -> set[int]:
+    def families(self) -> frozenset[int]:
         """Address families (4, 6) this backend can relay on (RFC 6156)."""
 
     @abc.abstractmethod
@@ -424,6 +424,7 @@ class UdpDataPlane(DataPlane):
         multiplex: int = 0,
     ) -> None:
         self.relay_ip = {4: relay_v4, 6: relay_v6}
+        self._families = frozenset(f for f, ip in self.relay_ip.items() if ip)  # every Allocate
         # turn.relay_multiplex: shared relay sockets per family (bound at the first allocation
         # that uses them); 0 = one port per allocation.
         self.multiplex = multiplex
@@ -522,8 +523,8 @@ class UdpDataPlane(DataPlane):
             self._loop = asyncio.get_running_loop()
         return self._loop
 
-    def families(self) -> set[int]:
-        return {f for f, ip in self.relay_ip.items() if ip}
+    def families(self) -> frozenset[int]:
+        return self._families
 
     # -- relay sockets ------------------------------------------------------------------------
 

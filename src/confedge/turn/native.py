@@ -261,7 +261,7 @@ class NativeDataPlane(DataPlane):
         addresses) keep going through :meth:`TurnCore.handle`."""
         self._send_fast = allowed_on_every_port
 
-    def families(self) -> set[int]:
+    def families(self) -> frozenset[int]:
         return self._py.families()
 
     def add_allocation(

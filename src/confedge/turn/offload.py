@@ -486,7 +486,7 @@ class OffloadDataPlane(DataPlane):
 
     # -- DataPlane ----------------------------------------------------------------------------
 
-    def families(self) -> set[int]:
+    def families(self) -> frozenset[int]:
         return self.inner.families()
 
     def add_allocation(

@@ -133,8 +133,8 @@ class MemoryDataPlane(DataPlane):
         # Traffic a test pretends was relayed, per allocation (counters() and totals() read it).
         self.traffic: dict[int, AllocationCounters] = {}
 
-    def families(self) -> set[int]:
-        return {4, 6} if self.v6 else {4}
+    def families(self) -> frozenset[int]:
+        return frozenset({4, 6}) if self.v6 else frozenset({4})
 
     def add_allocation(
         self,
