@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -142,6 +144,37 @@ def test_redis_unreachable_at_start_does_not_stop_the_edge(
 
     asyncio.run(main())
     assert "unreachable at start" in caplog.text and "438" in caplog.text
+
+
+def test_a_hung_redis_is_named_and_does_not_hold_up_the_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis stops answering without closing the connection (SIGSTOP: a hung server, or a
+    path that drops packets): the log and the status page say so, and close() still returns
+    within its one-second budget instead of waiting on the stuck connection."""
+
+    async def main(redis: RedisServer) -> None:
+        assert redis.proc is not None
+        svc = _service(_cfg(redis.url, "edge-a"))
+        await svc.start()
+        try:
+            await _until(lambda: svc.up)
+            os.kill(redis.proc.pid, signal.SIGSTOP)
+            try:
+                await _until(lambda: not svc.up)
+                assert svc.snapshot()["error"] == "no answer within 1 s"
+                loop = asyncio.get_running_loop()
+                t0 = loop.time()
+                await asyncio.wait_for(svc.close(), 5.0)
+                assert loop.time() - t0 < 2.0
+            finally:
+                os.kill(redis.proc.pid, signal.SIGCONT)
+        finally:
+            await svc.close()
+
+    with redis_server() as redis:
+        asyncio.run(main(redis))
+    assert "(no answer within 1 s)" in caplog.text
 
 
 def test_malformed_url_is_a_config_error() -> None:

@@ -94,13 +94,13 @@ class ClusterService:
                 self.nonce_key = await self._shared_nonce_key()
             self.nonce_shared = True
         except (RedisError, OSError, TimeoutError, ValueError, TypeError) as exc:
-            self.error = str(exc) or type(exc).__name__
+            self.error = _why(exc, 2.0)
             log.warning(
                 "cluster: %s unreachable at start (%s); TURN nonces are this instance's own "
                 "until a restart, so a client moved here from another instance gets one more "
                 "438 (Stale Nonce); the registry retries every %gs",
                 _redact(self.url),
-                exc,
+                self.error,
                 self.cfg.cluster.interval,
             )
         self._task = asyncio.create_task(self._run(), name="cluster-registry")
@@ -205,23 +205,25 @@ class ClusterService:
         from redis.exceptions import RedisError
 
         interval = self.cfg.cluster.interval
+        limit = max(1.0, interval)
         while True:
             try:
                 # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancel that
                 # lands as the inner call finishes, and close() then waited on this loop forever.
-                async with asyncio.timeout(max(1.0, interval)):
+                async with asyncio.timeout(limit):
                     await self.publish_once()
             except (RedisError, OSError, TimeoutError) as exc:
                 self.failures += 1
+                why = _why(exc, limit)
                 if self.up or not self.error:
                     log.warning(
                         "cluster: cannot reach %s (%s); other instances' allocations are shown "
                         "as of the last contact, bans and nonces keep working locally",
                         _redact(self.url),
-                        exc or type(exc).__name__,
+                        why,
                     )
                 self.up = False
-                self.error = str(exc) or type(exc).__name__
+                self.error = why
             else:
                 if not self.up and self.failures:
                     log.info("cluster: %s reachable again", _redact(self.url))
@@ -292,6 +294,14 @@ async def read_registry(url: str, prefix: str = PREFIX) -> list[InstanceRecord]:
     finally:
         with contextlib.suppress(Exception):
             await r.aclose()
+
+
+def _why(exc: BaseException, limit: float) -> str:
+    """What went wrong, for the log and the status page. A hung Redis (stopped, or a path that
+    drops packets) ends in a bare TimeoutError, whose text is empty: say so instead."""
+    if str(exc):
+        return str(exc)
+    return f"no answer within {limit:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__
 
 
 def _redact(url: str) -> str:
