@@ -48,7 +48,7 @@ from confedge.guard.hook import GuardHook
 from confedge.proxy.accesslog import remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
-from confedge.proxy.health import LATENCY_BOUNDS, LATENCY_BUCKETS, Transition
+from confedge.proxy.health import LATENCY_BUCKETS, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
 from confedge.proxy.pools import build_pools, health_monitor, route
@@ -437,22 +437,14 @@ class WorkerRuntime:
         """Count one guard decision about a proxied request (for /metrics)."""
         self.guard_decisions[decision] = self.guard_decisions.get(decision, 0) + 1
 
-    def observe_latency(self, netloc: str, seconds: float) -> None:
-        """One node answer's head arrived `seconds` after the attempt began (for /metrics)."""
+    def latency_row(self, netloc: str) -> list[float]:
+        """The latency histogram of node `netloc` (/metrics), made at its first answer; a
+        NodePool keeps a reference (upstream.py observes into it), so pools rebuilt by a
+        reload keep counting into the same row."""
         h = self.latency.get(netloc)
         if h is None:
             h = self.latency[netloc] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        bounds = LATENCY_BOUNDS
-        # (an indexed loop over a list: no iterator per answer, nor a range object)
-        i = 0
-        n = len(bounds)
-        while i < n:
-            if seconds <= bounds[i]:
-                h[i] += 1
-                break
-            i += 1
-        h[-2] += 1
-        h[-1] += seconds
+        return h
 
     # -- write coalescing ---------------------------------------------------------------------
 
