@@ -580,33 +580,33 @@ class WorkerRuntime:
     # -- access log ---------------------------------------------------------------------------
 
     def log_exchange(self, ex: Exchange, *, truncated: bool = False) -> None:
-        """One access-log line for a finished (or abandoned) exchange."""
-        if ex.addrs:  # it reached at least one node of its pool (not static, not refused)
+        """One access-log line for a finished (or abandoned) exchange (`truncated` is what the
+        core said; the line is the same)."""
+        addrs = ex.addrs
+        if addrs:  # it reached at least one node of its pool (not static, not refused)
             self.pool_requests[ex.settings.pool] += 1
         sink = self.access_log
         if sink is None:
             return
         req = ex.req
-        status = ex.status or 499  # nginx's "client closed the request" code
-        # (one node tried, the usual case: its fields as they are, no join)
-        addrs, statuses, times = ex.addrs, ex.statuses, ex.times
-        method, url, version = req.method, req.url, req.version
+        url = req.url
         memo = self.lines.get(url)  # (request_line's usual case, without the call)
-        if memo is not None and memo[0] == method and memo[1] == version:
+        if memo is not None and memo[0] == req.method and memo[1] == req.version:
             line = memo[2]
         else:
-            line = self.request_line(method, url, version)
+            line = self.request_line(req.method, url, req.version)
+        # (one node tried, the usual case: str.join hands back the one field as it is)
         sink.log(
             ex.peer,
             _wall_clock(),
             line,
-            status,
+            ex.status or 499,  # nginx's "client closed the request" code
             ex.sent,
             req.referer,
             req.ua,
-            addrs[0] if len(addrs) == 1 else ", ".join(addrs) or None,
-            statuses[0] if len(statuses) == 1 else ", ".join(statuses) or None,
-            times[0] if len(times) == 1 else ", ".join(times) or None,
+            ", ".join(addrs) or None,
+            ", ".join(ex.statuses) or None,
+            ", ".join(ex.times) or None,
             None if req.auth is None else remote_user(req.auth),
         )
 

@@ -355,18 +355,14 @@ class ClientConnection(asyncio.BufferedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.cur
         assert req is not None
-        core = self.core
-        headers = req.headers
         size = req.header_bytes + len(name) + len(value) + 4
         req.header_bytes = size
-        if size > core.max_header_bytes or len(headers) >= core.max_headers:
+        core = self.core
+        if size > core.max_header_bytes or len(req.headers) >= core.max_headers:
             self.refusal = Refused(431, "request headers too large or too many")
             raise self.refusal
-        known = _NAMES.get(name)
-        if known is None:
-            known = _name_kind(name)
-        lname, kind = known
-        headers.append((lname, name, value))
+        lname, kind = _NAMES.get(name) or _name_kind(name)
+        req.headers.append((lname, name, value))
         # Note the few headers that steer the proxy; everything else passes untouched.
         if kind == _H_OTHER:
             return
@@ -505,7 +501,13 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.tmode = T_NONE  # _set_timeout(T_NONE), inlined
             self.timeout = 0.0
             self.deadline = _INF
-        client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
+        # Without trusted_proxies (the usual case) the client is the peer, never trusted.
+        if core.trusted:
+            client_ip = core.client_ip(self.peer, req.xff)
+            trusted = in_networks(self.peer, core.trusted)
+        else:
+            client_ip = self.peer
+            trusted = False
         where, banned = core.triage(req, client_ip)
         if where != TO_NODE:
             if where == LOCAL_BANNED:
@@ -519,13 +521,10 @@ class ClientConnection(asyncio.BufferedProtocol):
             else:  # LOCAL_NOT_ALLOWED
                 self.local_response(req, 404)
             return
-        path = req.target
-        # Without trusted_proxies (the usual case) the peer is never trusted.
-        trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
         # (positional arguments, here and below: the cheaper call in the interpreted build)
         # (settings_for's usual case, no [[proxy.pools]], without the call)
-        settings = core.settings_for(path) if core.pool_prefixes else core.exchange_settings
+        settings = core.settings_for(req.target) if core.pool_prefixes else core.exchange_settings
         ex = Exchange(settings, req, client_ip, self.peer, trusted, now)
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
