@@ -1052,7 +1052,11 @@ class Exchange:
     def _complete(self, now: float, reuse: bool) -> None:
         """The response is complete: the node connection back to its pool (`reuse`, when the
         whole request went out too) or closed, the guard's part, then A_FINISH."""
-        self._release_attempt(now)
+        node = self.node
+        if node >= 0:  # (_release_attempt, without the call: once per proxied response)
+            self.settings.nodes.active[node] -= 1
+            self.times.append(seconds_text(now - self.upstream_time))
+            self.node = -1
         self.actions.append((A_NODE_DONE, reuse and self.req.complete))
         if self.pin_buf is not None or self.ticket is not None:
             self._check_pin()

@@ -575,8 +575,11 @@ class ClientConnection(asyncio.BufferedProtocol):
                 elif kind == A_NODE_DONE:
                     up = self.up
                     self.up = None  # (node_action's caller's part: see there)
-                    if up is not None:
-                        up.done(arg)
+                    if up is not None:  # (UpstreamConnection.done, inlined)
+                        if arg:
+                            up.pool.release(up)  # (which also clears its owner)
+                        else:
+                            up.close()
                 elif kind <= A_NODE_LAST:  # A_CONNECT, A_MARK_FAILED
                     conn = node_action(self, self.up, core, ex, kind, arg)
                     if conn is not None:

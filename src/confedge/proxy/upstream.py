@@ -297,10 +297,15 @@ def node_action(
             owner.node_connect_failed(ex, i, "node list reloaded twice meanwhile")
             return None
         pool = pools[i]
-        conn = pool.take()
-        if conn is None:
-            pool.connect(owner, ex, arg[1])  # (the connect timeout)
-        return conn
+        idle = pool.idle
+        while idle:  # the warmest idle connection still open (LIFO), marked reused
+            conn = idle.pop()
+            t = conn.transport
+            if t is not None and not t.is_closing():
+                conn.reused = True
+                return conn
+        pool.connect(owner, ex, arg[1])  # (the connect timeout)
+        return None
     elif kind == A_NODE_DONE:
         if up is not None:
             up.done(arg)
@@ -342,16 +347,6 @@ class NodePool:
         self.idle: list[UpstreamConnection] = []
         # This node's latency histogram (WorkerRuntime.latency_row), from its first answer.
         self.latency: list[float] | None = None
-
-    def take(self) -> UpstreamConnection | None:
-        idle = self.idle
-        while idle:
-            conn = idle.pop()
-            t = conn.transport
-            if t is not None and not t.is_closing():
-                conn.reused = True
-                return conn
-        return None
 
     def release(self, conn: UpstreamConnection) -> None:
         core = self.core
