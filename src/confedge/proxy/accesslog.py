@@ -190,6 +190,10 @@ class TimeLocal:
 
 _default_time = TimeLocal()
 
+# A second no wall clock reaches (int(time.time()) is never this): AccessLog's "no $time_local
+# kept" (a plain int, which the compiled build compares natively).
+_NO_SECOND: Final = -(2**62)
+
 # Distinct request shapes whose escaped text AccessLog keeps (see AccessLog.log).
 _PARTS_CACHE_SIZE: Final = 4096
 
@@ -267,10 +271,10 @@ class AccessLog:
         self.buffer_bytes = buffer_bytes
         self.time_local: Callable[[float], str] = time_local or TimeLocal()
         # $time_local of the second `_sec` (int(now)), when the clock is a TimeLocal, whose
-        # text changes only from one second to the next; None for another clock, which is
-        # then asked for every line.
+        # text changes only from one second to the next; another clock is asked for every
+        # line (its `_sec` stays _NO_SECOND).
         self._per_second = isinstance(self.time_local, TimeLocal)
-        self._sec: int | None = None
+        self._sec = _NO_SECOND
         self._stamp = ""
         self._buf: list[str] = []
         self._size = 0

@@ -595,7 +595,8 @@ class WorkerRuntime:
             line = memo[2]
         else:
             line = self.request_line(req.method, url, req.version)
-        # (one node tried, the usual case: str.join hands back the one field as it is)
+        # (one node tried, the usual case: its fields as they are, no join)
+        statuses, times = ex.statuses, ex.times
         sink.log(
             ex.peer,
             _wall_clock(),
@@ -604,9 +605,9 @@ class WorkerRuntime:
             ex.sent,
             req.referer,
             req.ua,
-            ", ".join(addrs) or None,
-            ", ".join(ex.statuses) or None,
-            ", ".join(ex.times) or None,
+            addrs[0] if len(addrs) == 1 else ", ".join(addrs) or None,
+            statuses[0] if len(statuses) == 1 else ", ".join(statuses) or None,
+            times[0] if len(times) == 1 else ", ".join(times) or None,
             None if req.auth is None else remote_user(req.auth),
         )
 

@@ -240,7 +240,7 @@ def _resp_kind(name: bytes) -> int:
 
 # The node statuses as the access log shows them, one str object per status: the log's memo of
 # formatted fields (accesslog.AccessLog.log) then hashes a string it has seen before.
-_STATUS_TEXT: Final[dict[int, str]] = {i: str(i) for i in range(600)}
+_STATUS_TEXT: Final[list[str]] = [str(i) for i in range(600)]
 
 
 # $upstream_response_time texts by whole milliseconds (nginx logs seconds with three decimals),
@@ -951,7 +951,7 @@ class Exchange:
             return
         self._go(STREAMING)
         self.status = status
-        self.statuses.append(_STATUS_TEXT.get(status) or str(status))
+        self.statuses.append(_STATUS_TEXT[status] if 0 <= status < 600 else str(status))
         self.committed = True
         req.retain = False
         if req.complete and req.body:  # (an empty list stays: no new one per response)

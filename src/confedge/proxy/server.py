@@ -355,14 +355,18 @@ class ClientConnection(asyncio.BufferedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.cur
         assert req is not None
+        headers = req.headers
         size = req.header_bytes + len(name) + len(value) + 4
         req.header_bytes = size
         core = self.core
-        if size > core.max_header_bytes or len(req.headers) >= core.max_headers:
+        if size > core.max_header_bytes or len(headers) >= core.max_headers:
             self.refusal = Refused(431, "request headers too large or too many")
             raise self.refusal
-        lname, kind = _NAMES.get(name) or _name_kind(name)
-        req.headers.append((lname, name, value))
+        known = _NAMES.get(name)
+        if known is None:
+            known = _name_kind(name)
+        lname, kind = known
+        headers.append((lname, name, value))
         # Note the few headers that steer the proxy; everything else passes untouched.
         if kind == _H_OTHER:
             return
