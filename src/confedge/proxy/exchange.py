@@ -909,12 +909,14 @@ class Exchange:
         self.got_bytes = True
         st = self.settings
         req = self.req
+        # (`text`: the status as the access log shows it, taken with the tests made anyway)
         if status < 200:
             if status >= 100 and status != 101:
                 self.informational = True  # RFC 9110 §15.2: 1xx are not forwarded
                 return
+            text = str(status)
         elif status < 300:
-            pass  # (the usual answer: one test fewer than the failure statuses' below)
+            text = _STATUS_TEXT[status]  # (the usual answer: one test fewer than below)
         elif status in RETRY_STATUSES:
             if status != 500:
                 self.actions.append(
@@ -949,9 +951,11 @@ class Exchange:
             self.seek_session = True
             self._retry("403", now)
             return
+        if status >= 300:
+            text = _STATUS_TEXT[status] if status < 600 else str(status)
         self._go(STREAMING)
         self.status = status
-        self.statuses.append(_STATUS_TEXT[status] if 0 <= status < 600 else str(status))
+        self.statuses.append(text)
         self.committed = True
         req.retain = False
         if req.complete and req.body:  # (an empty list stays: no new one per response)
