@@ -92,7 +92,7 @@ class _Metrics:
         self, name: str, doc: str, bounds: Iterable[float], rows: dict[str, list[float]]
     ) -> None:
         """A histogram family per node: `rows` maps node -> [count per bucket (not
-        cumulative) ..., +Inf-free total count, sum] (WorkerRuntime.observe_latency)."""
+        cumulative) ..., +Inf-free total count, sum] (WorkerRuntime.latency_row)."""
         if not rows:
             return
         les = [_number(b) for b in bounds]

@@ -190,6 +190,10 @@ class TimeLocal:
 
 _default_time = TimeLocal()
 
+# A second no wall clock reaches (int(time.time()) is never this): AccessLog's "no $time_local
+# kept" (a plain int, which the compiled build compares natively).
+_NO_SECOND: Final = -(2**62)
+
 # Distinct request shapes whose escaped text AccessLog keeps (see AccessLog.log).
 _PARTS_CACHE_SIZE: Final = 4096
 
@@ -266,17 +270,25 @@ class AccessLog:
         self.flush_interval = flush_interval
         self.buffer_bytes = buffer_bytes
         self.time_local: Callable[[float], str] = time_local or TimeLocal()
-        # The usual clock, called through its method rather than as any callable.
-        self._clock: TimeLocal | None = (
-            self.time_local if isinstance(self.time_local, TimeLocal) else None
-        )
+        # $time_local of the second `_sec` (int(now)), when the clock is a TimeLocal, whose
+        # text changes only from one second to the next; another clock is asked for every
+        # line (its `_sec` stays _NO_SECOND).
+        self._per_second = isinstance(self.time_local, TimeLocal)
+        self._sec = _NO_SECOND
+        self._stamp = ""
         self._buf: list[str] = []
         self._size = 0
+        # The buffered size at which a line calls _written: buffer_bytes while the flush timer
+        # is armed, 0 when not (the next line arms it): one test per line instead of two.
+        self._limit = 0
         self._parts: dict[
             tuple[str, str | bytes | None, str | bytes | None, str | None, str | None],
             tuple[str, str],
         ] = {}
         self._addrs: dict[str, str] = {}
+        # $upstream_response_time texts as logged (escaped, "-" for none): the same few
+        # hundred millisecond texts (exchange.seconds_text) come back line after line.
+        self._times: dict[str | None, str] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._fd = -1
         self._own_fd = False
@@ -326,39 +338,42 @@ class AccessLog:
         paths with the same User-Agent through the same node), and escaping and secret
         filtering of those fields is most of the cost of a line. So the escaped text around
         the per-request values (time, status, bytes, response time) is kept per distinct
-        (request line, Referer, User-Agent, node, node status), and the escaped address per
-        address; both memos are bounded and simply emptied when full, so a client sending
-        endless distinct URLs only turns them into the uncached path.
+        (request line, Referer, User-Agent, node, node status), the escaped address per
+        address and the response time's text per text; the memos are bounded and simply
+        emptied when full, so a client sending endless distinct URLs only turns them into the
+        uncached path.
         """
         addr: str
         if remote_user is not None:  # rare: not memoised (a client could vary it freely)
             addr = f"{escape(remote_addr)} - {escape(remote_user)} ["
         else:
-            memo = self._addrs.get(remote_addr)
-            addr = self._remember_addr(remote_addr) if memo is None else memo
+            addr = self._addrs.get(remote_addr) or self._remember_addr(remote_addr)
         key = (request, referer, user_agent, upstream_addr, upstream_status)
-        parts = self._parts.get(key)
-        if parts is None:
-            parts = self._make_parts(key)
-        t = upstream_response_time
-        if not t:
-            t = "-"
-        elif _NEEDS_ESCAPE_RE.search(t) is not None:
-            t = escape(t)
-        clock = self._clock
-        if clock is None:
-            stamp = self.time_local(now)
-        elif int(now) == clock._sec:  # (TimeLocal.text's usual case, without the call)
-            stamp = clock._text
-        else:
-            stamp = clock.text(now)
+        parts = self._parts.get(key) or self._make_parts(key)
+        t = self._times.get(upstream_response_time) or self._remember_time(upstream_response_time)
+        stamp = self._stamp if int(now) == self._sec else self._stamp_at(now)
         line = f'{addr}{stamp}{parts[0]}{status} {body_bytes_sent}{parts[1]}{t}"'
-        # write_line's buffering, without the call: once per proxied request
+        # (write_line, without the call: once per proxied request)
         self._buf.append(line)
         size = self._size + len(line) + 1
         self._size = size
-        if size >= self.buffer_bytes or self._timer is None:
+        if size >= self._limit:
             self._written()
+
+    def _stamp_at(self, now: float) -> str:
+        """$time_local for `now`, kept for the rest of its second when the clock allows."""
+        stamp = self.time_local(now)
+        if self._per_second:
+            self._sec = int(now)
+            self._stamp = stamp
+        return stamp
+
+    def _remember_time(self, upstream_response_time: str | None) -> str:
+        text = escape(upstream_response_time)
+        if len(self._times) >= _PARTS_CACHE_SIZE:
+            self._times.clear()
+        self._times[upstream_response_time] = text
+        return text
 
     def _remember_addr(self, remote_addr: str) -> str:
         text = f"{escape(remote_addr)} - - ["
@@ -389,7 +404,7 @@ class AccessLog:
         self._buf.append(line)
         size = self._size + len(line) + 1
         self._size = size
-        if size >= self.buffer_bytes or self._timer is None:
+        if size >= self._limit:
             self._written()
 
     def _written(self) -> None:
@@ -403,12 +418,14 @@ class AccessLog:
                 self.flush()  # no loop (a script, a test): write through
                 return
             self._timer = loop.call_later(self.flush_interval, self.flush)
+            self._limit = self.buffer_bytes
 
     def flush(self) -> None:
         """Write every buffered line now."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._limit = 0
         if not self._buf:
             return
         self._buf.append("")

@@ -48,7 +48,7 @@ from confedge.guard.hook import GuardHook
 from confedge.proxy.accesslog import remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
-from confedge.proxy.health import LATENCY_BOUNDS, LATENCY_BUCKETS, Transition
+from confedge.proxy.health import LATENCY_BUCKETS, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
 from confedge.proxy.pools import build_pools, health_monitor, route
@@ -437,22 +437,14 @@ class WorkerRuntime:
         """Count one guard decision about a proxied request (for /metrics)."""
         self.guard_decisions[decision] = self.guard_decisions.get(decision, 0) + 1
 
-    def observe_latency(self, netloc: str, seconds: float) -> None:
-        """One node answer's head arrived `seconds` after the attempt began (for /metrics)."""
+    def latency_row(self, netloc: str) -> list[float]:
+        """The latency histogram of node `netloc` (/metrics), made at its first answer; a
+        NodePool keeps a reference (upstream.py observes into it), so pools rebuilt by a
+        reload keep counting into the same row."""
         h = self.latency.get(netloc)
         if h is None:
             h = self.latency[netloc] = [0.0] * (len(LATENCY_BUCKETS) + 2)
-        bounds = LATENCY_BOUNDS
-        # (an indexed loop over a list: no iterator per answer, nor a range object)
-        i = 0
-        n = len(bounds)
-        while i < n:
-            if seconds <= bounds[i]:
-                h[i] += 1
-                break
-            i += 1
-        h[-2] += 1
-        h[-1] += seconds
+        return h
 
     # -- write coalescing ---------------------------------------------------------------------
 
@@ -588,27 +580,28 @@ class WorkerRuntime:
     # -- access log ---------------------------------------------------------------------------
 
     def log_exchange(self, ex: Exchange, *, truncated: bool = False) -> None:
-        """One access-log line for a finished (or abandoned) exchange."""
-        if ex.addrs:  # it reached at least one node of its pool (not static, not refused)
+        """One access-log line for a finished (or abandoned) exchange (`truncated` is what the
+        core said; the line is the same)."""
+        addrs = ex.addrs
+        if addrs:  # it reached at least one node of its pool (not static, not refused)
             self.pool_requests[ex.settings.pool] += 1
         sink = self.access_log
         if sink is None:
             return
         req = ex.req
-        status = ex.status or 499  # nginx's "client closed the request" code
-        # (one node tried, the usual case: its fields as they are, no join)
-        addrs, statuses, times = ex.addrs, ex.statuses, ex.times
-        method, url, version = req.method, req.url, req.version
+        url = req.url
         memo = self.lines.get(url)  # (request_line's usual case, without the call)
-        if memo is not None and memo[0] == method and memo[1] == version:
+        if memo is not None and memo[0] == req.method and memo[1] == req.version:
             line = memo[2]
         else:
-            line = self.request_line(method, url, version)
+            line = self.request_line(req.method, url, req.version)
+        # (one node tried, the usual case: its fields as they are, no join)
+        statuses, times = ex.statuses, ex.times
         sink.log(
             ex.peer,
             _wall_clock(),
             line,
-            status,
+            ex.status or 499,  # nginx's "client closed the request" code
             ex.sent,
             req.referer,
             req.ua,

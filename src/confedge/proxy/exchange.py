@@ -52,7 +52,7 @@ from typing import Any, Final
 
 from confedge.guard.inflight import issued_token, session_token, token_call
 from confedge.proxy.balancer import Balancer
-from confedge.proxy.pages import status_line
+from confedge.proxy.pages import STATUS_LINES, status_line
 from confedge.proxy.request import Request, pin_alias
 
 __all__ = [
@@ -252,16 +252,15 @@ _MS_TEXT: Final[dict[int, str]] = {}
 def seconds_text(seconds: float) -> str:
     """`seconds` as nginx's $upstream_response_time: "0.012" (milliseconds, rounded)."""
     x = seconds * 1000.0
-    whole = int(x)
-    frac = x - whole
-    # (near a tie, x's own rounding error could round the other way than "%.3f" does)
-    if not 0.0 <= seconds < 10.0 or 0.499999 < frac < 0.500001:
-        return f"{seconds:.3f}"
-    ms = whole + 1 if frac > 0.5 else whole
-    text = _MS_TEXT.get(ms)
-    if text is None:
-        text = _MS_TEXT[ms] = f"{ms // 1000}.{ms % 1000:03d}"
-    return text
+    ms = int(x + 0.5)  # (x rounded half up; ms - x is then in (-0.5, 0.5])
+    # Near a tie (within a millionth of a millisecond) x's own rounding error could round the
+    # other way than "%.3f" does: formatted exactly, as is anything outside 0-10 s.
+    if 0.0 <= x < 10000.0 and -0.499999 <= ms - x <= 0.499999:
+        text = _MS_TEXT.get(ms)
+        if text is None:
+            text = _MS_TEXT[ms] = f"{ms // 1000}.{ms % 1000:03d}"
+        return text
+    return f"{seconds:.3f}"
 
 
 RETRY_STATUSES: Final = frozenset({500, 502, 503, 504})
@@ -439,7 +438,7 @@ def _plan(
     """plan_response as a tuple (head, chunked, until_close, close, sse), which is what
     Exchange.response_head calls: positional arguments and no ResponsePlan object are two
     calls fewer per proxied response in the interpreted build."""
-    parts = [status_line(status)]
+    parts = [STATUS_LINES.get(status) or status_line(status)]
     has_csp = False
     chunked_in = False
     sse = False
@@ -643,17 +642,18 @@ class Exchange:
     def attempt(self, now: float) -> None:
         """Send the request to the next node, or answer the error page when none is left."""
         st = self.settings
+        req = self.req
         if not self.head:
-            path = self.req.target
-            if self.req.method == b"POST" and st.guard and "_token" in path.lower():
+            path = req.target
+            if st.guard and req.method == b"POST" and "_token" in path.lower():
                 self.pin_alias = pin_alias(path)
                 self.token_call = token_call(path) is not None
             self.head = build_request_head(  # (positional: the cheaper call, interpreted)
-                self.req,
+                req,
                 self.client_ip,
                 self.peer,
                 self.trusted,
-                self.pin_alias is not None or self.token_call,
+                st.guard and (self.pin_alias is not None or self.token_call),
                 self.upgrading,
                 st.fqdn,
             )
@@ -679,8 +679,7 @@ class Exchange:
         nodes.active[i] += 1
         self.addrs.append(st.netlocs[i])
         self.upstream_time = now
-        path = self.req.target
-        timeout = st.api_connect_timeout if path.startswith("/api") else st.connect_timeout
+        timeout = st.api_connect_timeout if req.target.startswith("/api") else st.connect_timeout
         self.actions.append((A_CONNECT, (i, timeout)))
 
     def request_body(self, body: bytes, now: float) -> None:
@@ -801,8 +800,9 @@ class Exchange:
     # -- failures -------------------------------------------------------------------------------
 
     def _release_attempt(self, now: float) -> None:
-        if self.node >= 0:
-            self.settings.nodes.active[self.node] -= 1
+        node = self.node
+        if node >= 0:
+            self.settings.nodes.active[node] -= 1
             self.times.append(seconds_text(now - self.upstream_time))
             self.node = -1
 
@@ -907,12 +907,17 @@ class Exchange:
         if self.state != WAITING:
             return
         self.got_bytes = True
-        if status < 200 and status >= 100 and status != 101:  # (a 2xx fails the first test)
-            self.informational = True  # RFC 9110 §15.2: 1xx are not forwarded
-            return
         st = self.settings
         req = self.req
-        if status in RETRY_STATUSES:
+        # (`text`: the status as the access log shows it, taken with the tests made anyway)
+        if status < 200:
+            if status >= 100 and status != 101:
+                self.informational = True  # RFC 9110 §15.2: 1xx are not forwarded
+                return
+            text = str(status)
+        elif status < 300:
+            text = _STATUS_TEXT[status]  # (the usual answer: one test fewer than below)
+        elif status in RETRY_STATUSES:
             if status != 500:
                 self.actions.append(
                     (A_MARK_FAILED, (self.node, f"answered {status}", status == 503))
@@ -927,7 +932,7 @@ class Exchange:
                 self.actions.append((A_NODE_DONE, False))
                 self._retry(str(status), now)
                 return
-        if (
+        elif (
             status == 403
             and req.complete
             and req.retain
@@ -946,9 +951,11 @@ class Exchange:
             self.seek_session = True
             self._retry("403", now)
             return
+        if status >= 300:
+            text = _STATUS_TEXT[status] if status < 600 else str(status)
         self._go(STREAMING)
         self.status = status
-        self.statuses.append(_STATUS_TEXT[status] if 0 <= status < 600 else str(status))
+        self.statuses.append(text)
         self.committed = True
         req.retain = False
         if req.complete and req.body:  # (an empty list stays: no new one per response)
@@ -970,19 +977,18 @@ class Exchange:
             status, headers, self.head_only, req.version, req.keep_alive, st.csp_line, declined
         )
         self.sse = sse
-        if self.head_only:
-            self.to_client.append(head)
-        else:
-            # Held back until the body's first bytes or the end of this read (flush_head).
-            self.head_out = head
         if sse:
             self.actions.append((A_NODE_TIMER, (0.0, now + st.sse_lifetime)))
         if (self.pin_alias is not None and status == 403) or (self.token_call and status == 200):
             self.pin_buf = bytearray()
         if self.head_only:
+            self.to_client.append(head)
             # httptools cannot be told a response answers HEAD, so it would wait for a body
             # of Content-Length bytes: finish now and retire the connection.
-            self._complete(now, reuse=False)
+            self._complete(now, False)
+        else:
+            # Held back until the body's first bytes or the end of this read (flush_head).
+            self.head_out = head
 
     def client_upgrade(self) -> bool:
         """The client's parser stopped at an Upgrade request; True when it is this exchange's
@@ -1025,12 +1031,13 @@ class Exchange:
             return
         if self.state != STREAMING or self.status == 101:
             return  # a tunnel starts with node_upgraded
-        head, self.head_out = self.head_out, None
+        head = self.head_out  # (usually None: the body's first bytes took it)
         if head is not None:
+            self.head_out = None
             self.to_client.append(head + b"0\r\n\r\n" if self.chunked_out else head)
         elif self.chunked_out:
             self.to_client.append(b"0\r\n\r\n")
-        self._complete(now, reuse=not self.until_close and keep_alive)
+        self._complete(now, not self.until_close and keep_alive)
 
     def node_upgraded(self, rest: bytes, now: float) -> None:
         """The node switched protocols (101): pipe bytes both ways from now on."""
@@ -1046,8 +1053,14 @@ class Exchange:
         self.actions.append((A_TUNNEL, None))
         self.actions.append((A_LOG, False))
 
-    def _complete(self, now: float, *, reuse: bool) -> None:
-        self._release_attempt(now)
+    def _complete(self, now: float, reuse: bool) -> None:
+        """The response is complete: the node connection back to its pool (`reuse`, when the
+        whole request went out too) or closed, the guard's part, then A_FINISH."""
+        node = self.node
+        if node >= 0:  # (_release_attempt, without the call: once per proxied response)
+            self.settings.nodes.active[node] -= 1
+            self.times.append(seconds_text(now - self.upstream_time))
+            self.node = -1
         self.actions.append((A_NODE_DONE, reuse and self.req.complete))
         if self.pin_buf is not None or self.ticket is not None:
             self._check_pin()

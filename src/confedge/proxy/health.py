@@ -21,7 +21,8 @@ __all__ = ["LATENCY_BUCKETS", "CheckResult", "HealthMonitor", "NodeState", "Tran
 CheckResult = Literal["ok", "fail", "maintenance"]
 
 # Upper bounds (seconds) of the per-node latency histogram buckets (/metrics; +Inf is implied):
-# measured by each worker (WorkerRuntime.observe_latency), rendered by the management listener.
+# measured by each worker (upstream.UpstreamConnection.on_headers_complete), rendered by the
+# management listener.
 # (As a list too, which a compiled loop indexes natively per answer.)
 LATENCY_BOUNDS: Final[list[float]] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 LATENCY_BUCKETS: Final = tuple(LATENCY_BOUNDS)

@@ -12,16 +12,18 @@ import time
 from email.utils import formatdate
 from typing import Final
 
-__all__ = ["DateCache", "error_response", "retry_page_response", "status_line"]
+__all__ = ["STATUS_LINES", "DateCache", "error_response", "retry_page_response", "status_line"]
 
-_STATUS_LINES: Final[dict[int, bytes]] = {
+# The status lines of the codes Python knows (what status_line returns for them; a hot caller
+# may look one up here first, a dictionary lookup instead of a call).
+STATUS_LINES: Final[dict[int, bytes]] = {
     s.value: f"HTTP/1.1 {s.value} {s.phrase}\r\n".encode() for s in http.HTTPStatus
 }
 
 
 def status_line(status: int) -> bytes:
     """The HTTP/1.1 status line; an unknown code gets an empty reason (RFC 9112 §4 allows it)."""
-    line = _STATUS_LINES.get(status)
+    line = STATUS_LINES.get(status)
     if line is None:
         line = b"HTTP/1.1 %d \r\n" % status
     return line
@@ -62,7 +64,7 @@ _REASONS = {
 
 
 def _html(status: int, text: str, retry: int = 0) -> bytes:
-    phrase = http.HTTPStatus(status).phrase if status in _STATUS_LINES else ""
+    phrase = http.HTTPStatus(status).phrase if status in STATUS_LINES else ""
     refresh = ""
     if retry:
         refresh = (

@@ -168,7 +168,6 @@ class Request:
         "host",
         "keep_alive",
         "method",
-        "path",
         "pin",
         "referer",
         "retain",
@@ -204,7 +203,6 @@ class Request:
         self.keep_alive = True
         self.method = b""
         self.target = ""
-        self.path = ""
         self.version = "1.1"
 
 

@@ -355,10 +355,10 @@ class ClientConnection(asyncio.BufferedProtocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.cur
         assert req is not None
-        core = self.core
         headers = req.headers
         size = req.header_bytes + len(name) + len(value) + 4
         req.header_bytes = size
+        core = self.core
         if size > core.max_header_bytes or len(headers) >= core.max_headers:
             self.refusal = Refused(431, "request headers too large or too many")
             raise self.refusal
@@ -505,7 +505,13 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.tmode = T_NONE  # _set_timeout(T_NONE), inlined
             self.timeout = 0.0
             self.deadline = _INF
-        client_ip = core.client_ip(self.peer, req.xff) if core.trusted else self.peer
+        # Without trusted_proxies (the usual case) the client is the peer, never trusted.
+        if core.trusted:
+            client_ip = core.client_ip(self.peer, req.xff)
+            trusted = in_networks(self.peer, core.trusted)
+        else:
+            client_ip = self.peer
+            trusted = False
         where, banned = core.triage(req, client_ip)
         if where != TO_NODE:
             if where == LOCAL_BANNED:
@@ -519,13 +525,10 @@ class ClientConnection(asyncio.BufferedProtocol):
             else:  # LOCAL_NOT_ALLOWED
                 self.local_response(req, 404)
             return
-        path = req.target
-        # Without trusted_proxies (the usual case) the peer is never trusted.
-        trusted = bool(core.trusted) and in_networks(self.peer, core.trusted)
         now = core.loop.time()
         # (positional arguments, here and below: the cheaper call in the interpreted build)
         # (settings_for's usual case, no [[proxy.pools]], without the call)
-        settings = core.settings_for(path) if core.pool_prefixes else core.exchange_settings
+        settings = core.settings_for(req.target) if core.pool_prefixes else core.exchange_settings
         ex = Exchange(settings, req, client_ip, self.peer, trusted, now)
         self.exchange = ex
         if req.expect_continue and not req.complete and req.version != "1.0":
@@ -538,51 +541,70 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     def drive(self, ex: Exchange) -> None:
         """Carry out what the core queued: bytes to the client and the node (through the write
-        coalescing), then its decisions, in order."""
+        coalescing), then its decisions, in order; again while they produce more (a pooled node
+        connection is ready at once: its head and timer are carried out in the same call)."""
         core = self.core
-        # (send never calls back into the core, so the byte outboxes are emptied in place; the
-        # decisions may (a pooled connection is ready at once), so that list is swapped.)
-        out = ex.to_client
-        if out:
-            t = self.transport
-            if t is not None:
-                for data in out:
-                    core.send(t, data)
-            out.clear()
-        out = ex.to_node
-        if out:
-            up = self.up
-            if up is not None and up.transport is not None:
-                for data in out:
-                    core.send(up.transport, data)
-            out.clear()
-        actions = ex.actions
-        if not actions:
-            return
-        ex.actions = []
-        # The decisions every proxied request has (the node timer, the node connection done,
-        # A_FINISH) are carried out here, the rest by node_action (upstream.py, shared with
-        # HTTP/2) and _act: a call per decision cost the interpreted build six calls a request.
-        for kind, arg in actions:
-            if kind == A_NODE_TIMER:
+        while True:
+            # (send never calls back into the core, so the byte outboxes are emptied in place;
+            # the decisions may, so that list is swapped.)
+            out = ex.to_client
+            if out:
+                t = self.transport
+                if t is not None:
+                    for data in out:
+                        core.send(t, data)
+                out.clear()
+            out = ex.to_node
+            if out:
                 up = self.up
-                if up is not None:  # (UpstreamConnection.arm, inlined)
-                    up.timeout, up.deadline = arg
-                    up.activity = False
-            elif kind == A_NODE_DONE:
-                up = self.up
-                self.up = None  # (node_action's caller's part: see there)
-                if up is not None:
-                    up.done(arg)
-            elif kind <= A_NODE_LAST:  # A_CONNECT, A_MARK_FAILED
-                conn = node_action(self, self.up, core, ex, kind, arg)
-                if conn is not None:  # a pooled connection (attempt() read the clock just now)
-                    self.node_ready(ex, conn, True, ex.upstream_time)
-            elif kind == A_FINISH:
-                core.log_exchange(ex)
-                self.finished(ex, arg)
-            else:
-                self._act(ex, kind, arg)
+                if up is not None and up.transport is not None:
+                    for data in out:
+                        core.send(up.transport, data)
+                out.clear()
+            actions = ex.actions
+            if not actions:
+                return
+            ex.actions = []
+            # The decisions every proxied request has (A_CONNECT on a pooled connection, the
+            # node timer, the node connection done, A_FINISH) are carried out here, the rest by
+            # node_action (upstream.py, shared with HTTP/2) and _act: a call per decision cost
+            # the interpreted build several calls a request.
+            again = False
+            for kind, arg in actions:
+                if kind == A_NODE_TIMER:
+                    up = self.up
+                    if up is not None:  # (UpstreamConnection.arm, inlined)
+                        up.timeout, up.deadline = arg
+                        up.activity = False
+                elif kind == A_NODE_DONE:
+                    up = self.up
+                    self.up = None  # (node_action's caller's part: see there)
+                    if up is not None:  # (UpstreamConnection.done, inlined)
+                        if arg:
+                            up.pool.release(up)  # (which also clears its owner)
+                        else:
+                            up.close()
+                elif kind <= A_NODE_LAST:  # A_CONNECT, A_MARK_FAILED
+                    conn = node_action(self, self.up, core, ex, kind, arg)
+                    if conn is not None:
+                        # A pooled connection: node_ready without its drive (attempt() read
+                        # the clock just now); what node_connected queues is carried out by
+                        # the next turn of this loop (A_CONNECT is the last decision of the
+                        # event that made it).
+                        if self.exchange is not ex or ex.state != CONNECTING:
+                            conn.pool.release(conn)
+                        else:
+                            self.up = conn
+                            conn.owner = self
+                            ex.node_connected(ex.upstream_time, True)
+                            again = True
+                elif kind == A_FINISH:
+                    core.log_exchange(ex)
+                    self.finished(ex, arg)
+                else:
+                    self._act(ex, kind, arg)
+            if not again:
+                return
 
     def _act(self, ex: Exchange, kind: int, arg: Any) -> None:
         """The core's rarer client-side decisions (drive carries out the usual ones)."""

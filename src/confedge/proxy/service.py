@@ -443,7 +443,7 @@ class ProxyService:
         return sum(r.get("client_connections", 0) for r in self._reports.values())
 
     def latency(self) -> dict[str, list[float]]:
-        """Per-node latency histograms (WorkerRuntime.observe_latency), summed over workers."""
+        """Per-node latency histograms (WorkerRuntime.latency), summed over workers."""
         core = self.core
         if core is not None:
             return core.latency
