@@ -1560,11 +1560,11 @@ static int maybe_nap(int nap_us, uint64_t moved, uint64_t pkts_per_ms)
     return 0;
 }
 
-static uint64_t now_ns_vdso(void)
+/* While folded: take w's ready events without blocking and run its round (0 when none). */
+static uint64_t poll_round(worker_t *w, struct epoll_event *ev)
 {
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now); /* vDSO: no syscall */
-    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    int n = epoll_wait(w->epfd, ev, 64, 0);
+    return n > 0 ? run_round(w, ev, n) : 0;
 }
 
 /* A worker other than 0 while the engine is folded: its epoll set joins the fold set (worker 0's
@@ -1628,7 +1628,7 @@ static void *worker_main(void *arg)
             continue;
         uint64_t moved = run_round(w, ev, n);
         if (moved > 0 && (w->nap_us > 0 || e->fold_ppms > 0)) {
-            rate_update(w, moved, now_ns_vdso());
+            rate_update(w, moved, mono_ns());
             maybe_nap(w->nap_us, moved, w->pkts_per_ms);
         }
     }
@@ -1675,9 +1675,7 @@ static void *fold_main(void *arg)
                 worker_t *w = e->workers[k];
                 if (k != 0 && !__atomic_load_n(&w->in_fold, __ATOMIC_ACQUIRE))
                     continue;
-                int n = epoll_wait(w->epfd, ev, 64, 0);
-                if (n > 0)
-                    moved += run_round(w, ev, n);
+                moved += poll_round(w, ev);
             }
         } else {
             int nf = wait_events(w0, e->fold_epfd, fev);
@@ -1685,17 +1683,13 @@ static void *fold_main(void *arg)
                 break;
             if (nf == WAIT_AGAIN)
                 continue;
-            for (int j = 0; j < nf; j++) {
-                worker_t *w = fev[j].data.ptr;
-                int n = epoll_wait(w->epfd, ev, 64, 0);
-                if (n > 0)
-                    moved += run_round(w, ev, n);
-            }
+            for (int j = 0; j < nf; j++)
+                moved += poll_round((worker_t *)fev[j].data.ptr, ev);
         }
         napped = 0;
         if (moved == 0)
             continue;
-        uint64_t ns = now_ns_vdso();
+        uint64_t ns = mono_ns();
         /* folded, this thread moves every packet: one estimate (kept in w0) is the total */
         rate_update(w0, moved, ns);
         uint64_t total = w0->pkts_per_ms;
