@@ -101,17 +101,24 @@ def tree_pids(*roots: int) -> list[int]:
     return out
 
 
+def stat_ticks(path: Path) -> tuple[int, int]:
+    """(utime, stime) in clock ticks from a proc(5) stat file (a process's or a thread's);
+    (0, 0) when it is gone."""
+    try:
+        stat = path.read_text()
+    except OSError:
+        return 0, 0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]), int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
+
+
 def cpu_times_of(pids: list[int]) -> tuple[float, float]:
     """(utime, stime) summed over `pids` in seconds, from /proc/<pid>/stat (all threads)."""
     user = system = 0
     for pid in pids:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        user += int(fields[11])  # utime (field 14 of proc(5))
-        system += int(fields[12])  # stime (field 15)
+        u, s = stat_ticks(Path(f"/proc/{pid}/stat"))
+        user += u
+        system += s
     return user / CLK_TCK, system / CLK_TCK
 
 
@@ -144,12 +151,7 @@ class Server:
         out: dict[int, float] = {}
         for pid in self.pids():
             for task in Path(f"/proc/{pid}/task").glob("*"):
-                try:
-                    stat = (task / "stat").read_text()
-                except OSError:
-                    continue
-                f = stat.rpartition(")")[2].split()
-                out[int(task.name)] = (int(f[11]) + int(f[12])) / CLK_TCK
+                out[int(task.name)] = sum(stat_ticks(task / "stat")) / CLK_TCK
         return out
 
     def rss_bytes(self) -> int:
