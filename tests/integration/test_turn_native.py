@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import random
+import select
 import socket
 import struct
 import time
@@ -153,10 +155,18 @@ async def _round_trip(
         assert await cli.recv() == struct.pack("!HH", 0x4000, len(payload) + 4) + b"back" + payload
 
 
-async def test_clients_spread_over_threads_each_on_its_own() -> None:
+@pytest.mark.parametrize("steer", ["1", "0"], ids=["steered", "hashed"])
+async def test_clients_spread_over_threads_each_on_its_own(
+    steer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """24 clients on 4 relay threads: each allocation lives on the thread whose listener socket
-    the kernel hashes its client to, and relays both ways from there (were a client's packets
-    to reach another thread, its ChannelData would find no channel and be dropped)."""
+    the kernel sends its client's media to, and relays both ways from there (were a client's
+    packets to reach another thread, its ChannelData would find no channel and be dropped).
+
+    Steered (the default): the kernel's program picks thread (source port % 4) for media and
+    the control socket for every request, so no request crosses a relay thread; hashed
+    (CONFEDGE_DATAPLANE_STEER=0): the kernel's own hash, requests through the threads' queue."""
+    monkeypatch.setenv(native.STEER_ENV, steer)
     svc = await _service(dataplane_threads=4)
     pt, peer, paddr = await _peer()
     clients = [await UdpTurn.open(svc.port) for _ in range(24)]
@@ -165,16 +175,85 @@ async def test_clients_spread_over_threads_each_on_its_own() -> None:
         for cli in clients:
             relays.append(await cli.allocate())
             await _bind_channel(cli, paddr)
-        threads = {_dp(svc).engine.worker_of(a) for a in svc.core.allocations}  # type: ignore[union-attr]
+        engine = _dp(svc).engine
+        threads = {engine.worker_of(a) for a in svc.core.allocations}
         assert len(threads) > 1 and threads <= {0, 1, 2, 3}
         for round_ in range(3):
             await _round_trip(clients, relays, pt, peer, f"r{round_}c")
         assert svc.stats()["packets_to_peer"] == 72 and svc.stats()["packets_to_client"] == 72
+        st = engine.stats()
+        if steer == "1":
+            assert st["steered"] == 1 and st["upcalls"] == 0
+            assert st["control_rx"] >= 24 * 3  # 401, Allocate, ChannelBind per client
+            for alloc_id, a in svc.core.allocations.items():
+                assert engine.worker_of(alloc_id) == a.client.port % 4
+        else:
+            assert st["steered"] == 0 and st["control_rx"] == 0 and st["upcalls"] >= 24 * 3
     finally:
         for cli in clients:
             cli.t.close()
         pt.close()
         await svc.close()
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_steering_program_picks_the_socket_by_first_bytes_and_source_port(host: str) -> None:
+    """The kernel runs _native.steer's program on every datagram to the port: ChannelData and
+    Send indications reach worker socket (source port % 2), requests, other indications and
+    junk the control socket (the group's third), over IPv4 and IPv6."""
+    socks, control = native.bind_listeners(host, 0, 2)
+    assert control is not None
+    group = [*socks, control]
+    port = socks[0].getsockname()[1]
+    cookie = b"\x21\x12\xa4\x42"
+    kinds = {
+        "channel data": (struct.pack("!HH", 0x4000, 4) + b"abcd", True),
+        "send indication": (b"\x00\x16\x00\x00" + cookie + b"t" * 12, True),
+        "binding request": (b"\x00\x01\x00\x00" + cookie + b"t" * 12, False),
+        "allocate request": (b"\x00\x03\x00\x00" + cookie + b"t" * 12, False),
+        "rtp-looking junk": (b"\x80\x00" + b"j" * 10, False),
+    }
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        for _ in range(8):  # clients on various source ports
+            with socket.socket(family, socket.SOCK_DGRAM) as c:
+                c.bind((host, 0))
+                cport = c.getsockname()[1]
+                for kind, (wire, media) in kinds.items():
+                    c.sendto(wire, (host, port))
+                    ready, _, _ = select.select(group, [], [], 2)
+                    assert len(ready) == 1, kind
+                    assert ready[0].recvfrom(2048)[0] == wire
+                    want = socks[cport % 2] if media else control
+                    assert ready[0] is want, (kind, cport)
+    finally:
+        for s in group:
+            s.close()
+
+
+def test_steering_refused_by_the_kernel_leaves_the_hash(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A kernel without SO_ATTACH_REUSEPORT_CBPF (or a seccomp profile that refuses it): no
+    control socket, the relay threads' sockets alone, one INFO line that says why."""
+
+    def refuse(fd: int, threads: int) -> None:
+        raise OSError(errno.ENOPROTOOPT, os.strerror(errno.ENOPROTOOPT))
+
+    monkeypatch.setattr(native._native, "steer", refuse)
+    caplog.set_level("INFO", logger="confedge.turn")
+    socks, control = native.bind_listeners("127.0.0.1", 0, 2)
+    try:
+        assert control is None and len(socks) == 2
+        assert "refused the steering program (Protocol not available)" in caplog.text
+        monkeypatch.setenv(native.STEER_ENV, "0")  # and the switch for comparisons
+        more, none = native.bind_listeners("127.0.0.1", 0, 3)
+        assert none is None and len(more) == 3
+        for s in more:
+            s.close()
+    finally:
+        for s in socks:
+            s.close()
 
 
 async def test_threads_fold_at_low_rates_and_split_under_load() -> None:
@@ -439,20 +518,29 @@ async def test_counters_read_while_traffic_flows() -> None:
     assert svc.stats()["allocations"] == 0
 
 
-async def test_control_plane_queue_overflow_is_counted_and_recovers() -> None:
+@pytest.mark.parametrize("steer", ["1", "0"], ids=["steered", "hashed"])
+async def test_control_plane_overflow_is_counted_and_recovers(
+    steer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flood of requests while the event loop is busy: what does not fit is dropped and
+    counted (the control socket's receive buffer, steered; the relay threads' queue, hashed),
+    and the next request is answered."""
+    monkeypatch.setenv(native.STEER_ENV, steer)
     svc = await _service(dataplane_threads=1)
     s = _sock()
+    counter = "kernel_drops_listener" if steer == "1" else "drop_queue"
     try:
         wire = MessageBuilder(Method.BINDING, MsgClass.REQUEST, new_transaction_id()).build()
-        # The event loop is busy here (sending), so nothing drains the queue: beyond
-        # native.QUEUE_LIMIT requests wait, the rest is dropped and counted.
+        # The event loop is busy here (sending), so nothing reads the requests: beyond
+        # native.QUEUE_LIMIT (or LISTENER_BUFFER's worth) they wait, the rest is dropped and
+        # counted.
         for _ in range(3 * native.QUEUE_LIMIT):
             s.sendto(wire, ("127.0.0.1", svc.port))
         deadline = time.monotonic() + 1
-        while time.monotonic() < deadline and _dp(svc).stats()["drop_queue"] == 0:
+        while time.monotonic() < deadline and _dp(svc).stats()[counter] == 0:
             time.sleep(0.01)  # the relay threads run without the GIL meanwhile
         st = _dp(svc).stats()
-        assert st["drop_queue"] > 0
+        assert st[counter] > 0
         await asyncio.sleep(0.3)
         _discard(s)  # the answers
         s.settimeout(2)

@@ -16,6 +16,14 @@
  * one thread: client -> peer (recv on L_k, send on the relay socket) and peer -> client (recv on
  * the relay socket, send on L_k).
  *
+ * The control socket (steering): one more SO_REUSEPORT socket, C, joins the group after the
+ * workers' and a classic BPF program (SO_ATTACH_REUSEPORT_CBPF, built by steer()) picks the
+ * socket for each datagram: ChannelData and Send indications go to L_(source port % N), every
+ * other datagram (STUN requests) to C, which the Python thread reads itself (receive()). A
+ * request then wakes one thread, the one that answers it, instead of a relay thread that
+ * queues it and wakes Python through the eventfd. Python computes the same port % N to know
+ * which worker the client's allocation must live on.
+ *
  * Folding (turn.dataplane_fold_pps): at moderate total rates worker 0's thread serves every
  * worker's epoll set (one round per worker, under that worker's lock, with its buffers) and the
  * other threads sleep; see fold_main for why and park for the rule that keeps it safe.
@@ -55,6 +63,7 @@
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/random.h>
+#include <linux/filter.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
@@ -64,6 +73,9 @@
 #endif
 #ifndef SO_MEMINFO
 #define SO_MEMINFO 55
+#endif
+#ifndef SO_ATTACH_REUSEPORT_CBPF
+#define SO_ATTACH_REUSEPORT_CBPF 51
 #endif
 #define MEMINFO_VARS 9  /* SK_MEMINFO_VARS */
 #define MEMINFO_DROPS 8 /* SK_MEMINFO_DROPS: datagrams the kernel dropped (receive buffer full) */
@@ -78,6 +90,9 @@
 #define MAX_ROUNDS 7        /* recvmmsg rounds per socket per epoll round (fairness; 7 x BATCH fit SLOTS) */
 #define GSO_MAX_SEGS 64     /* UDP_MAX_SEGMENTS on older kernels */
 #define GSO_MAX_BYTES 64000 /* below the 65507 limit of one UDP datagram */
+#define CTL_BATCH 32        /* datagrams per recvmmsg on the control socket */
+#define CTL_ROUNDS 4        /* recvmmsg calls per receive(): a burst, without starving the loop */
+#define CTL_SLOT 65536      /* a control slot holds any UDP datagram (pages touched on use) */
 #define GSO_MAX_SEG 1400    /* segments must fit the path MTU; larger packets go one by one */
 #define SEND_FAST_MAX_ATTRS 16
 
@@ -297,6 +312,9 @@ typedef struct engine {
     alloc_t **idtab;
     size_t idcap, idcount;
     int own_lfds; /* the listener sockets are ours to close (set once the engine is built) */
+    int cfd;      /* the control socket (steer()), -1 without; the Python thread reads it */
+    uint8_t *cbuf; /* CTL_BATCH x CTL_SLOT receive slots for it (mmap, MAP_NORESERVE) */
+    uint64_t ctl_rx, ctl_recv_calls, ctl_truncated;
     uint64_t py_send_errors;
     /* counters of ended allocations (5: bandwidth drops) */
     uint64_t ended[6];
@@ -1866,6 +1884,14 @@ static void engine_free_all(engine_t *e)
         close(e->efd);
         e->efd = -1;
     }
+    if (e->cfd >= 0) {
+        close(e->cfd);
+        e->cfd = -1;
+    }
+    if (e->cbuf != NULL) {
+        munmap(e->cbuf, (size_t)CTL_BATCH * CTL_SLOT);
+        e->cbuf = NULL;
+    }
     if (e->fold_epfd >= 0) {
         close(e->fold_epfd);
         e->fold_epfd = -1;
@@ -1885,13 +1911,13 @@ static void Engine_dealloc(engine_t *e)
 static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"listener_fds", "queue_limit", "buffer_bytes", "gso", "coalesce_us",
-                             "fold_pps", NULL};
+                             "fold_pps", "control_fd", NULL};
     PyObject *fds;
     Py_ssize_t qlimit = 4096;
-    int bufbytes = 4 * 1024 * 1024, gso = 1, coalesce_us = 0;
+    int bufbytes = 4 * 1024 * 1024, gso = 1, coalesce_us = 0, cfd = -1;
     long long fold_pps = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nipiL", kwlist, &fds, &qlimit, &bufbytes, &gso,
-                                     &coalesce_us, &fold_pps))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|nipiLi", kwlist, &fds, &qlimit, &bufbytes, &gso,
+                                     &coalesce_us, &fold_pps, &cfd))
         return NULL;
     if (coalesce_us < 0 || coalesce_us > 1000) {
         PyErr_SetString(PyExc_ValueError, "coalesce_us must be 0-1000");
@@ -1915,6 +1941,7 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         Py_DECREF(seq);
         return NULL;
     }
+    e->cfd = -1; /* set once the engine is built, with the listeners (owned from then on) */
     pthread_mutex_init(&e->qlock, NULL);
     pthread_mutex_init(&e->fold_lock, NULL);
     pthread_cond_init(&e->fold_cond, NULL);
@@ -1978,6 +2005,18 @@ static PyObject *Engine_new(PyTypeObject *type, PyObject *args, PyObject *kw)
         }
     }
     Py_DECREF(seq);
+    if (cfd >= 0) {
+        e->cbuf = mmap(NULL, (size_t)CTL_BATCH * CTL_SLOT, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (e->cbuf == MAP_FAILED) {
+            e->cbuf = NULL;
+            PyErr_SetFromErrno(PyExc_OSError);
+            Py_DECREF(e);
+            return NULL;
+        }
+        set_bufs(cfd, bufbytes);
+        e->cfd = cfd;
+    }
     e->own_lfds = 1;
     return (PyObject *)e;
 fail:
@@ -2069,6 +2108,71 @@ static PyObject *Engine_drain(engine_t *e, PyObject *unused)
         }
         free(u);
         u = nx;
+    }
+    return list;
+}
+
+static PyObject *Engine_control_fileno(engine_t *e, PyObject *unused)
+{
+    return PyLong_FromLong(e->cfd);
+}
+
+/* The worker a client lands on for its ChannelData and Send indications: what steer()'s
+ * program computes from the UDP source port (so the client's allocation is made there). */
+static inline int worker_for_port(const engine_t *e, uint16_t port)
+{
+    return (int)(port % (uint16_t)e->nworkers);
+}
+
+/* receive() -> [(data, client address, thread), ...]: the datagrams waiting on the control
+ * socket (STUN requests, steered there by steer()'s program), read by the Python thread
+ * itself -- CTL_ROUNDS recvmmsg calls at most, without blocking.  A datagram longer than a
+ * slot cannot be: CTL_SLOT is the largest UDP payload; MSG_TRUNC is still checked and counted. */
+static PyObject *Engine_receive(engine_t *e, PyObject *unused)
+{
+    if (check_open(e) < 0)
+        return NULL;
+    PyObject *list = PyList_New(0);
+    if (list == NULL || e->cfd < 0)
+        return list;
+    struct mmsghdr mm[CTL_BATCH];
+    struct iovec iov[CTL_BATCH];
+    sockaddr_u sa[CTL_BATCH];
+    for (int round = 0; round < CTL_ROUNDS; round++) {
+        for (int i = 0; i < CTL_BATCH; i++) {
+            iov[i].iov_base = e->cbuf + (size_t)i * CTL_SLOT;
+            iov[i].iov_len = CTL_SLOT;
+            memset(&mm[i], 0, sizeof mm[i]);
+            mm[i].msg_hdr.msg_name = &sa[i];
+            mm[i].msg_hdr.msg_namelen = sizeof sa[i];
+            mm[i].msg_hdr.msg_iov = &iov[i];
+            mm[i].msg_hdr.msg_iovlen = 1;
+        }
+        int n = recvmmsg(e->cfd, mm, CTL_BATCH, MSG_DONTWAIT, NULL);
+        if (n <= 0)
+            break; /* EAGAIN: drained (any other error: as if nothing waited, like recvfrom) */
+        e->ctl_recv_calls++;
+        for (int i = 0; i < n; i++) {
+            addr_t a;
+            if ((mm[i].msg_hdr.msg_flags & MSG_TRUNC) != 0) {
+                e->ctl_truncated++;
+                continue;
+            }
+            if (addr_from_sa(&a, &sa[i]) != 0)
+                continue;
+            e->ctl_rx++;
+            PyObject *item = Py_BuildValue("(y#Ni)", (const char *)iov[i].iov_base,
+                                           (Py_ssize_t)mm[i].msg_len, addr_to_py(&a),
+                                           worker_for_port(e, a.port));
+            if (item == NULL || PyList_Append(list, item) != 0) {
+                Py_XDECREF(item);
+                Py_DECREF(list);
+                return NULL;
+            }
+            Py_DECREF(item);
+        }
+        if (n < CTL_BATCH)
+            break;
     }
     return list;
 }
@@ -2630,6 +2734,8 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
     uint64_t kernel_relay = 0, kernel_listener = 0;
     for (int k = 0; k < e->nworkers; k++)
         kernel_listener += kernel_drops(e->workers[k]->lfd);
+    kernel_listener += kernel_drops(e->cfd);
+    s.drop_truncated += e->ctl_truncated;
     for (size_t i = 0; i < e->idcap; i++)
         for (alloc_t *x = e->idtab[i]; x != NULL; x = x->idnext)
             if (x->mux == NULL)
@@ -2655,13 +2761,15 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
         return NULL;
     /* turn.relay_multiplex (turn/multiplex.py): shared sockets and their drops; folding */
     PyObject *extra = Py_BuildValue(
-        "{s:i,s:K,s:K,s:i,s:K,s:K,s:K}", "folded",
+        "{s:i,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:K,s:K}", "folded",
         __atomic_load_n(&e->folded, __ATOMIC_ACQUIRE), "folds",
         (unsigned long long)LOAD(e->folds), "unfolds", (unsigned long long)LOAD(e->unfolds),
         "mux_sockets", e->nmux, "drop_mux_unknown",
         (unsigned long long)s.drop_mux_unknown, "drop_mux_ambiguous",
         (unsigned long long)s.drop_mux_ambiguous, "drop_mux_conflict",
-        (unsigned long long)(s.drop_mux_conflict + e->py_mux_conflict));
+        (unsigned long long)(s.drop_mux_conflict + e->py_mux_conflict), "steered",
+        e->cfd >= 0, "control_rx", (unsigned long long)e->ctl_rx, "control_recv_calls",
+        (unsigned long long)e->ctl_recv_calls);
     if (extra == NULL || PyDict_Update(d, extra) != 0) {
         Py_XDECREF(extra);
         Py_DECREF(d);
@@ -2738,6 +2846,10 @@ static PyMethodDef Engine_methods[] = {
      "The eventfd that becomes readable when packets wait for the control plane."},
     {"drain", (PyCFunction)Engine_drain, METH_NOARGS,
      "Take every queued (data, client address, thread) for the control plane, in order."},
+    {"control_fileno", (PyCFunction)Engine_control_fileno, METH_NOARGS,
+     "The control socket (readable when STUN requests wait for receive()), -1 without one."},
+    {"receive", (PyCFunction)Engine_receive, METH_NOARGS,
+     "Read the waiting datagrams of the control socket: [(data, client address, thread)]."},
     {"send", (PyCFunction)Engine_send, METH_VARARGS,
      "send(thread, data, addr): a control-plane answer from that thread's listener socket."},
     {"send_many", (PyCFunction)Engine_send_many, METH_O,
@@ -2792,9 +2904,67 @@ static PyTypeObject EngineType = {
     .tp_methods = Engine_methods,
 };
 
+/* steer(fd, threads): attach to the SO_REUSEPORT group of fd (the TURN port: `threads` worker
+ * sockets bound first, then the control socket, so the group's socket i is worker i and socket
+ * `threads` the control socket) the classic BPF program that picks a socket per datagram.
+ * The program sees the UDP payload at offset 0 and the IP header at SKF_NET_OFF:
+ *
+ *   - first byte 0b01xxxxxx: ChannelData (RFC 8656 §12.4; RFC 7983 §7 demultiplexing), and
+ *     STUN type 0x0016: a Send indication (§10.2) -> worker (UDP source port % threads);
+ *   - anything else (STUN requests, other indications, junk) -> the control socket.
+ *
+ * The source port is read from the UDP header after the IPv4 header (its IHL) or after the
+ * fixed 40-byte IPv6 header; an IPv6 datagram with extension headers before UDP (not seen on
+ * media paths) reads another field, lands on some worker, and is dropped there as from an
+ * unknown client (drop_no_allocation), never misdelivered. A datagram too short for a load
+ * ends the program with 0: worker 0, which drops it as short. */
+static PyObject *native_steer(PyObject *mod, PyObject *args)
+{
+    int fd, n;
+    if (!PyArg_ParseTuple(args, "ii", &fd, &n))
+        return NULL;
+    if (n < 1 || n > 1024) {
+        PyErr_SetString(PyExc_ValueError, "threads must be 1-1024");
+        return NULL;
+    }
+    const uint32_t net = (uint32_t)SKF_NET_OFF;
+    struct sock_filter code[] = {
+        /* 0 */ BPF_STMT(BPF_LD | BPF_B | BPF_ABS, 0),
+        /* 1 */ BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x80, 3, 0), /* 1x: not ours -> 5 */
+        /* 2 */ BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, 0x40, 3, 0), /* 01: ChannelData -> 6 */
+        /* 3 */ BPF_STMT(BPF_LD | BPF_H | BPF_ABS, 0),
+        /* 4 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 0x0016, 1, 0), /* Send indication -> 6 */
+        /* 5 */ BPF_STMT(BPF_RET | BPF_K, (uint32_t)n),             /* the control socket */
+        /* 6 */ BPF_STMT(BPF_LD | BPF_B | BPF_ABS, net),            /* IP version */
+        /* 7 */ BPF_STMT(BPF_ALU | BPF_RSH | BPF_K, 4),
+        /* 8 */ BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 4, 2, 0),       /* IPv4 -> 11 */
+        /* 9 */ BPF_STMT(BPF_LD | BPF_H | BPF_ABS, net + 40),       /* IPv6: UDP source port */
+        /* 10 */ BPF_STMT(BPF_JMP | BPF_JA, 5),                     /* -> 16 */
+        /* 11 */ BPF_STMT(BPF_LD | BPF_B | BPF_ABS, net),
+        /* 12 */ BPF_STMT(BPF_ALU | BPF_AND | BPF_K, 0x0f),         /* IHL, in 32-bit words */
+        /* 13 */ BPF_STMT(BPF_ALU | BPF_LSH | BPF_K, 2),
+        /* 14 */ BPF_STMT(BPF_MISC | BPF_TAX, 0),
+        /* 15 */ BPF_STMT(BPF_LD | BPF_H | BPF_IND, net),           /* IPv4: UDP source port */
+        /* 16 */ BPF_STMT(BPF_ALU | BPF_MOD | BPF_K, (uint32_t)n),  /* = worker_for_port() */
+        /* 17 */ BPF_STMT(BPF_RET | BPF_A, 0),
+    };
+    struct sock_fprog prog = {.len = sizeof code / sizeof code[0], .filter = code};
+    if (setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof prog) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef native_functions[] = {
+    {"steer", native_steer, METH_VARARGS,
+     "steer(fd, threads): attach the program that sends ChannelData and Send indications to "
+     "worker socket (source port % threads) and everything else to socket `threads` (the "
+     "control socket) of fd's SO_REUSEPORT group."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT, "_native",
-    "Native TURN data plane (see turn/native.py for the Python side).", -1, NULL,
+    "Native TURN data plane (see turn/native.py for the Python side).", -1, native_functions,
 };
 
 PyMODINIT_FUNC PyInit__native(void)

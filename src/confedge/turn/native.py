@@ -11,15 +11,27 @@ forward, without Python, everything the control plane has installed:
   counted drop (§9).
 
 Everything else a UDP client sends (STUN requests, Send indications the C side does not judge)
-reaches :class:`NativeUdpListener` through the engine's queue, in arrival order, and goes to
-:meth:`TurnCore.handle` exactly as from the Python listener.  The core is unchanged: it calls
+reaches :class:`NativeUdpListener` -- from the control socket (see Steering) or through the
+engine's queue, each in arrival order -- and goes to :meth:`TurnCore.handle` exactly as from the
+Python listener.  The core is unchanged: it calls
 the same :class:`DataPlane` methods, and this class forwards them to the engine's tables.
 
 Threads: the TURN port is N ``SO_REUSEPORT`` UDP sockets bound to the same address, one per
-relay thread; the kernel hashes a client's address to one of them, so a client always reaches
-the same thread, and the allocation it makes lives on that thread (its relay socket is polled
-there too).  TCP/TLS clients stay on the Python listeners; their allocations use the embedded
-:class:`UdpDataPlane` (their relayed packets must be written to a Python stream transport).
+relay thread; the steering program below (else the kernel's hash) picks one per client, so a
+client always reaches the same thread, and the allocation it makes lives on that thread (its
+relay socket is polled there too).  TCP/TLS clients stay on the Python listeners; their
+allocations use the embedded :class:`UdpDataPlane` (their relayed packets must be written to a
+Python stream transport).
+
+Steering: one more socket joins the port's ``SO_REUSEPORT`` group, the control socket, and a
+classic BPF program in the kernel (``_native.steer``) sends each datagram to a socket by its
+first bytes: ChannelData and Send indications to the relay thread of its UDP source port
+(port % N), everything else (STUN requests) to the control socket, which the event loop's
+thread reads itself.  Why: a request then wakes the one thread that answers it; through a
+relay thread it woke that thread, then Python through the engine's eventfd, and paid the
+hand-over's latency on every Allocate (docs/BENCHMARKS.md, "Allocation rate").  Without the
+program (a kernel that refuses it, or ``CONFEDGE_DATAPLANE_STEER=0``) the kernel hashes each
+client to a relay thread and every request takes the relay thread's queue, as before.
 
 Shared relay sockets (``turn.relay_multiplex``, turn/multiplex.py): each thread polls its share
 of the shared sockets, and an allocation relays on one of its thread's, so one ``sendmmsg``
@@ -64,6 +76,7 @@ __all__ = [
     "NativeDataPlane",
     "NativeTransport",
     "NativeUdpListener",
+    "bind_listeners",
     "bind_reuseport",
     "choose_backend",
     "native_available",
@@ -72,6 +85,8 @@ __all__ = [
 log = logging.getLogger("confedge.turn")
 
 ENV = "CONFEDGE_DATAPLANE"
+# "0": no control socket, every STUN request through a relay thread's queue (for comparison)
+STEER_ENV = "CONFEDGE_DATAPLANE_STEER"
 LISTENER_BUFFER = 4 * 1024 * 1024  # per listener socket: room for bursts (drops are counted)
 QUEUE_LIMIT = 4096  # packets waiting for the control plane; beyond: dropped and counted
 # turn.dataplane_coalesce_us: a relay thread that woke for only a few media packets (< 16) while
@@ -149,6 +164,31 @@ def bind_reuseport(host: str, port: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def bind_listeners(
+    host: str, port: int, threads: int
+) -> tuple[list[socket.socket], socket.socket | None]:
+    """The TURN port for ``threads`` relay threads: their sockets and, when the kernel takes the
+    steering program, the control socket (see the module docstring); else None.
+
+    Raises OSError from the first failing bind; no socket is left open then."""
+    if os.environ.get(STEER_ENV, "1") == "0" or _native is None:
+        return bind_reuseport(host, port, threads), None
+    socks = bind_reuseport(host, port, threads + 1)
+    control = socks.pop()  # bound last: the group's socket number `threads`, as steer() expects
+    try:
+        _native.steer(socks[0].fileno(), threads)
+    except OSError as exc:
+        # Closing the last member leaves the others' numbers as they were.
+        control.close()
+        log.info(
+            "TURN: the kernel refused the steering program (%s): STUN requests reach the "
+            "control plane through the relay threads",
+            exc.strerror or exc,
+        )
+        return socks, None
+    return socks, control
+
+
 class NativeTransport:
     """``ClientSink.transport`` of a UDP client reached through relay thread ``thread``: answers
     go out of that thread's listener socket (same address and port as the client wrote to)."""
@@ -217,8 +257,11 @@ class NativeDataPlane(DataPlane):
         self._free_slots: list[int] = []
         self._next_slot = 0
 
-    def start(self, listeners: Sequence[socket.socket]) -> None:
-        """Take ownership of the listener sockets (one per relay thread) and start the threads."""
+    def start(
+        self, listeners: Sequence[socket.socket], control: socket.socket | None = None
+    ) -> None:
+        """Take ownership of the listener sockets (one per relay thread) and of the control
+        socket (:func:`bind_listeners`), and start the threads."""
         engine = _native.Engine(
             [s.fileno() for s in listeners],
             queue_limit=QUEUE_LIMIT,
@@ -226,9 +269,12 @@ class NativeDataPlane(DataPlane):
             gso=self._gso,
             coalesce_us=self._coalesce_us,
             fold_pps=self._fold_pps,
+            control_fd=control.fileno() if control is not None else -1,
         )
         for s in listeners:
             s.detach()  # the engine closes them
+        if control is not None:
+            control.detach()
         engine.start()
         self.engine = engine
         if self._caps[2]:
@@ -488,8 +534,9 @@ class NativeDataPlane(DataPlane):
 
 
 class NativeUdpListener:
-    """The UDP TURN port in native mode: wakes on the engine's eventfd and feeds what the relay
-    threads queued (STUN requests, unjudged indications) to the core, in order."""
+    """The UDP TURN port in native mode: feeds the core what the control socket holds (STUN
+    requests, steered there by the kernel) and what the relay threads queued (everything, without
+    steering; Send indications they do not judge), each source in its arrival order."""
 
     def __init__(self, core: Any, dataplane: NativeDataPlane, loop: asyncio.AbstractEventLoop):
         from .core import Client
@@ -501,16 +548,25 @@ class NativeUdpListener:
         self._engine = dataplane.engine
         self._fd: int = self._engine.fileno()
         loop.add_reader(self._fd, self._ready)
+        self._cfd: int = self._engine.control_fileno()
+        if self._cfd >= 0:
+            loop.add_reader(self._cfd, self._ready_control)
 
     def _ready(self) -> None:
+        self._serve(self._engine.drain())
+
+    def _ready_control(self) -> None:
+        self._serve(self._engine.receive())
+
+    def _serve(self, items: list[tuple[bytes, tuple[Any, ...], int]]) -> None:
         now = self._loop.time()
         handle = self.core.handle
         transports = self.dp.transports
         client_cls = self._client
-        # The answers leave together after the drain: one sendmmsg per relay thread's listener
-        # instead of a sendto each (a burst of Allocates has many per drain).
+        # The answers leave together after the batch: one sendmmsg per relay thread's listener
+        # instead of a sendto each (a burst of Allocates has many per batch).
         outs: list[tuple[int, bytes, tuple[Any, ...]]] = []
-        for data, addr, thread in self._engine.drain():
+        for data, addr, thread in items:
             client = client_cls(addr, addr[0], addr[1], "udp", ClientSink(transports[thread], addr))
             try:
                 answers = handle(now, client, data)
@@ -526,3 +582,6 @@ class NativeUdpListener:
         if self._fd >= 0:
             self._loop.remove_reader(self._fd)
             self._fd = -1
+        if self._cfd >= 0:
+            self._loop.remove_reader(self._cfd)
+            self._cfd = -1

@@ -32,7 +32,7 @@ from .listeners import RelayedConnection, TcpConnection, UdpListener
 from .native import (
     NativeDataPlane,
     NativeUdpListener,
-    bind_reuseport,
+    bind_listeners,
     choose_backend,
     thread_count,
 )
@@ -356,13 +356,15 @@ class TurnService:
         native = isinstance(dp, NativeDataPlane)
         for _attempt in range(20 if want == 0 else 1):
             socks: list[socket.socket] = []
+            control: socket.socket | None = None
             try:
                 if native:
-                    # One SO_REUSEPORT socket per relay thread (turn/native.py).
-                    socks = bind_reuseport(
+                    # One SO_REUSEPORT socket per relay thread and the control socket
+                    # (turn/native.py).
+                    socks, control = bind_listeners(
                         self.host, want, thread_count(self.cfg.turn.dataplane_threads)
                     )
-                    udp: Any = _SocketGroup(socks)
+                    udp: Any = _SocketGroup(socks + ([control] if control else []))
                     port = socks[0].getsockname()[1]
                 else:
                     udp, _ = await loop.create_datagram_endpoint(
@@ -389,7 +391,8 @@ class TurnService:
                 ) from None
             if isinstance(dp, NativeDataPlane):
                 try:
-                    dp.start(socks)  # the relay threads own the UDP port from here on
+                    # the relay threads (and the control socket's reader) own the UDP port
+                    dp.start(socks, control)
                 except CapacityError as exc:  # turn.relay_multiplex: no room for its sockets
                     tcp.close()
                     raise TurnStartError(str(exc)) from None
