@@ -140,6 +140,9 @@ async def test_status_shows_turn_allocation_and_relayed_bytes(stack: Stack) -> N
         if dp["backend"] == "native":
             assert metric(fam, "confedge_turn_relay_threads") == dp["threads"] >= 1
             assert metric(fam, "confedge_turn_relay_threads_folded") in (0, 1)
+            # requests on the control socket: the kernel here takes the steering program
+            assert dp["steered"] == 1 and metric(fam, "confedge_turn_requests_steered") == 1
+            assert b"requests on the control socket" in page.body
             drops = "confedge_turn_dataplane_dropped_packets_total"
             assert metric(fam, drops, reason="kernel_drops_listener") == 0
         else:

@@ -87,6 +87,7 @@ SNAP: dict[str, Any] = {
             "folded": 1,
             "folds": 3,
             "unfolds": 2,
+            "steered": 1,
             "drops": {"unknown_channel": 5, "kernel_drops_listener": 11},
         },
     },
@@ -136,6 +137,7 @@ def test_metrics_parse_and_carry_the_snapshot() -> None:
     assert metric(fam, "confedge_turn_relay_threads") == 2
     assert metric(fam, "confedge_turn_relay_threads_folded") == 1
     assert metric(fam, "confedge_turn_relay_fold_changes_total", to="split") == 2
+    assert metric(fam, "confedge_turn_requests_steered") == 1
     drops = "confedge_turn_dataplane_dropped_packets_total"
     assert metric(fam, drops, reason="kernel_drops_listener") == 11
     assert metric(fam, drops, reason="unknown_channel") == 5
@@ -380,7 +382,10 @@ def test_status_page_says_how_the_relay_runs() -> None:
     """The TURN section names the data plane, its relay threads, whether they are folded and
     the packets it dropped; the Python plane shows its name only."""
     page = render_html(SNAP).decode()
-    assert "native, 2 relay threads (folded into one: moderate traffic), 16 packets dropped" in page
+    assert (
+        "native, 2 relay threads (folded into one: moderate traffic), requests on the control "
+        "socket, 16 packets dropped"
+    ) in page
     python = {**SNAP, "turn": {**SNAP["turn"], "dataplane": {"backend": "python"}}}
     page = render_html(python).decode()
     assert "data plane" in page and "relay threads" not in page

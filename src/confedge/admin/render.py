@@ -518,6 +518,13 @@ def _turn_dataplane_metrics(m: _Metrics, dp: dict[str, Any]) -> None:
         "1 while one relay thread serves every thread's sockets (moderate rates)",
         dp.get("folded", 0),
     )
+    m.one(
+        "confedge_turn_requests_steered",
+        "gauge",
+        "1 when TURN requests reach the control plane on their own socket (the kernel's "
+        "steering program), 0 when through the relay threads",
+        dp.get("steered", 0),
+    )
     m.family(
         "confedge_turn_relay_fold_changes_total",
         "counter",
@@ -694,6 +701,11 @@ def _turn_html(t: dict[str, Any]) -> str:
             plane += f", {_e(dp['threads'])} relay threads"
             if dp.get("folded"):
                 plane += " (folded into one: moderate traffic)"
+            plane += (
+                ", requests on the control socket"
+                if dp.get("steered")
+                else ", requests through the relay threads"
+            )
             dropped = sum((dp.get("drops") or {}).values())
             plane += f", {_e(dropped)} packets dropped"
         pairs.append(("data plane", plane))

@@ -418,14 +418,15 @@ _DROP_KEYS = ("drop_", "kernel_drops_")
 
 
 def _turn_dataplane(turn: Any) -> dict[str, Any]:
-    """The relay's data plane under ``dataplane``: backend, relay threads and folding, drops
-    by cause (native only; the Python plane has just its backend name)."""
+    """The relay's data plane under ``dataplane``: backend, relay threads and folding, whether
+    requests take the control socket (``steered``), drops by cause (native only; the Python
+    plane has just its backend name)."""
     stats = getattr(turn, "dataplane_stats", None)
     if stats is None:
         return {}
     s = stats()
     out: dict[str, Any] = {"backend": s.get("backend", "python")}
-    for key in ("threads", "folded", "folds", "unfolds"):
+    for key in ("threads", "folded", "folds", "unfolds", "steered"):
         if key in s:
             out[key] = s[key]
     # every place the relay drops a packet (issue 14: "drops counted, not silent"), as the
