@@ -747,6 +747,30 @@ async def test_datagrams_larger_than_a_slot() -> None:
         await svc.close()
 
 
+async def test_large_requests_reach_the_control_plane_whole() -> None:
+    """The control socket's slots hold any UDP datagram: a 60,000-byte Binding request (an
+    unknown comprehension-optional attribute, RFC 8489 §15: ignored) is answered, as a
+    1,500-byte one is; nothing is counted as truncated."""
+    svc = await _service()
+    s = _sock()
+    try:
+        for size in (1500, 60000):
+            tid = new_transaction_id()
+            wire = (
+                MessageBuilder(Method.BINDING, MsgClass.REQUEST, tid)
+                .add(0x8123, bytes(size))
+                .build()
+            )
+            s.sendto(wire, ("127.0.0.1", svc.port))
+            resp = parse_message(await asyncio.to_thread(s.recv, 65536))
+            assert resp.transaction_id == tid and resp.msg_class == MsgClass.SUCCESS
+        st = _dp(svc).stats()
+        assert st["steered"] == 1 and st["control_rx"] == 2 and st["drop_truncated"] == 0
+    finally:
+        s.close()
+        await svc.close()
+
+
 def test_config_errors_name_the_key() -> None:
     from confedge.config import ConfigError
 
