@@ -2916,8 +2916,9 @@ static PyTypeObject EngineType = {
  * The source port is read from the UDP header after the IPv4 header (its IHL) or after the
  * fixed 40-byte IPv6 header; an IPv6 datagram with extension headers before UDP (not seen on
  * media paths) reads another field, lands on some worker, and is dropped there as from an
- * unknown client (drop_no_allocation), never misdelivered. A datagram too short for a load
- * ends the program with 0: worker 0, which drops it as short. */
+ * unknown client, never misdelivered. A datagram too short for a load (under 2 bytes) ends
+ * the program with 0: worker 0, which handles it as every worker did before steering (too
+ * short for ChannelData: up through the queue, where the core ignores it). */
 static PyObject *native_steer(PyObject *mod, PyObject *args)
 {
     int fd, n;
