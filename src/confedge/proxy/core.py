@@ -40,6 +40,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from confedge.config import Config, NodeAddress
@@ -217,7 +218,8 @@ class WorkerRuntime:
         self.closing = False
         self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
         self.out_bytes = 0
-        self.flush_cb = self.flush_writes  # (bound once, not per batch)
+        # The flush of a batch scheduled with one call (bound once, not per batch).
+        self.flush_soon: Callable[[], object] = partial(loop.call_soon, self.flush_writes)
 
     def read_settings(self, cfg: Config) -> None:
         """The limits, time-outs and headers the hot path reads, as plain attributes (at start
@@ -458,7 +460,7 @@ class WorkerRuntime:
             return
         out = self.out
         if not out:
-            self.loop.call_soon(self.flush_cb)
+            self.flush_soon()
         out.append((t, data))
         queued = self.out_bytes + n
         if queued > COALESCE_BATCH:

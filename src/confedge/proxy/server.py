@@ -29,6 +29,7 @@ from confedge.guard.addresses import in_networks
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
     A_CLOSE_CLIENT,
+    A_CONNECT,
     A_FINISH,
     A_LOCAL,
     A_LOG,
@@ -557,9 +558,10 @@ class ClientConnection(asyncio.BufferedProtocol):
             out = ex.to_node
             if out:
                 up = self.up
-                if up is not None and up.transport is not None:
+                t = up.transport if up is not None else None
+                if t is not None:
                     for data in out:
-                        core.send(up.transport, data)
+                        core.send(t, data)
                 out.clear()
             actions = ex.actions
             if not actions:
@@ -584,8 +586,15 @@ class ClientConnection(asyncio.BufferedProtocol):
                             up.pool.release(up)  # (which also clears its owner)
                         else:
                             up.close()
-                elif kind <= A_NODE_LAST:  # A_CONNECT, A_MARK_FAILED
-                    conn = node_action(self, self.up, core, ex, kind, arg)
+                elif kind == A_CONNECT:
+                    # The default pool's warmest idle connection without node_action's call
+                    # (its settings are always the current generation's); else node_action:
+                    # another pool, or a new connection (node_ready / node_connect_failed).
+                    conn = (
+                        core.pools[arg[0]].take() if ex.settings is core.exchange_settings else None
+                    )
+                    if conn is None:
+                        conn = node_action(self, self.up, core, ex, kind, arg)
                     if conn is not None:
                         # A pooled connection: node_ready without its drive (attempt() read
                         # the clock just now); what node_connected queues is carried out by
@@ -601,6 +610,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                 elif kind == A_FINISH:
                     core.log_exchange(ex)
                     self.finished(ex, arg)
+                elif kind <= A_NODE_LAST:  # A_MARK_FAILED
+                    node_action(self, self.up, core, ex, kind, arg)
                 else:
                     self._act(ex, kind, arg)
             if not again:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import httptools
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = ["NodeOwner", "NodePool", "UpstreamConnection", "node_action"]
 
 _INF = math.inf
+_FIRST_BOUND: Final = LATENCY_BOUNDS[0]
 
 
 class NodeOwner(Protocol):
@@ -133,7 +134,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             self.close()
             return
-        self.now = self.pool.core.loop.time()
+        self.now = self.pool.clock()
         self.ex = ex
         try:
             self.parser.feed_data(data)
@@ -210,10 +211,13 @@ class UpstreamConnection(asyncio.Protocol):
             if h is None:
                 h = pool.latency = pool.core.latency_row(pool.netloc)
             seconds = now - ex.upstream_time
-            for i, bound in enumerate(LATENCY_BOUNDS):
-                if seconds <= bound:
-                    h[i] += 1
-                    break
+            if seconds <= _FIRST_BOUND:  # (a node nearby, the usual answer: no loop)
+                h[0] += 1
+            else:
+                for i, bound in enumerate(LATENCY_BOUNDS):
+                    if seconds <= bound:
+                        h[i] += 1
+                        break
             h[-2] += 1
             h[-1] += seconds
             ex.response_head(self.parser.get_status_code(), self.headers, now)
@@ -286,7 +290,9 @@ def node_action(
     a new connection is being opened, and `owner.node_ready` or `owner.node_connect_failed`
     follows). Every proxied request has one each of A_CONNECT, A_NODE_DONE and A_NODE_TIMER
     (the rare A_MARK_FAILED last); A_CONNECT first, as server.py's `drive` hands over only
-    A_CONNECT and A_MARK_FAILED."""
+    A_CONNECT and A_MARK_FAILED (A_CONNECT only when the default pool has no idle connection
+    for it, or for another pool's node: it takes the default pool's own with `NodePool.take`,
+    the call node_action makes too)."""
     if kind == A_CONNECT:
         # Node i of the node list `ex` started with (a reload may have replaced it since).
         i: int = arg[0]
@@ -297,15 +303,10 @@ def node_action(
             owner.node_connect_failed(ex, i, "node list reloaded twice meanwhile")
             return None
         pool = pools[i]
-        idle = pool.idle
-        while idle:  # the warmest idle connection still open (LIFO), marked reused
-            conn = idle.pop()
-            t = conn.transport
-            if t is not None and not t.is_closing():
-                conn.reused = True
-                return conn
-        pool.connect(owner, ex, arg[1])  # (the connect timeout)
-        return None
+        conn = pool.take()
+        if conn is None:
+            pool.connect(owner, ex, arg[1])  # (the connect timeout)
+        return conn
     elif kind == A_NODE_DONE:
         if up is not None:
             up.done(arg)
@@ -323,6 +324,7 @@ class NodePool:
     """Idle keep-alive connections to one node, and new connections on demand."""
 
     __slots__ = (
+        "clock",
         "core",
         "host",
         "idle",
@@ -337,6 +339,7 @@ class NodePool:
 
     def __init__(self, core: WorkerRuntime, index: int, node: NodeAddress) -> None:
         self.core = core
+        self.clock = core.loop.time  # (bound once: read per response and per release)
         self.index = index
         self.node = node
         self.host = node.host
@@ -347,6 +350,17 @@ class NodePool:
         self.idle: list[UpstreamConnection] = []
         # This node's latency histogram (WorkerRuntime.latency_row), from its first answer.
         self.latency: list[float] | None = None
+
+    def take(self) -> UpstreamConnection | None:
+        """The warmest idle connection still open (LIFO), marked reused; None: none left."""
+        idle = self.idle
+        while idle:
+            conn = idle.pop()
+            t = conn.transport
+            if t is not None and not t.is_closing():
+                conn.reused = True
+                return conn
+        return None
 
     def release(self, conn: UpstreamConnection) -> None:
         core = self.core
@@ -363,7 +377,7 @@ class NodePool:
         conn.got_bytes = False
         conn.timeout = 0.0
         conn.activity = False
-        conn.deadline = core.loop.time() + core.upstream_idle
+        conn.deadline = self.clock() + core.upstream_idle
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
