@@ -8,8 +8,12 @@ UpstreamConnection, and the coalesced writes are flushed, with the access log wr
 the mypyc-compiled) work per request: parsing callbacks, vetting, header rebuilding, balancing,
 bookkeeping and the access-log line. No TLS, no syscalls per request.
 
+`--distinct K` cycles through K requests that differ (a query string and an X-Request-Id each)
+and K node answers (an ETag each), as real traffic does: a memo of whole requests or answers
+finds nothing there, where the default (one request, repeated) finds everything.
+
 Usage:
-    .venv/bin/python bench/proxy/hotpath.py [--requests N] [--path /webapp/home]
+    .venv/bin/python bench/proxy/hotpath.py [--requests N] [--path /webapp/home] [--distinct K]
     PYTHONPATH=build/native .venv/bin/python bench/proxy/hotpath.py     # after `make native`
 """
 
@@ -27,7 +31,11 @@ import uvloop
 from confedge.config import parse_config
 from confedge.proxy import build_kind
 from confedge.proxy.accesslog import AccessLog
-from confedge.proxy.core import WorkerRuntime
+
+try:
+    from confedge.proxy.core import WorkerRuntime
+except ImportError:  # the tree before the sans-I/O exchange (3278fe5^), for A/B runs
+    from confedge.proxy.core import ProxyCore as WorkerRuntime  # type: ignore[attr-defined,no-redef]
 from confedge.proxy.server import ClientConnection
 from confedge.proxy.upstream import UpstreamConnection
 
@@ -66,15 +74,29 @@ class NullTransport:
         self.closing = True
 
 
-def answer(body: bytes) -> bytes:
+def answer(body: bytes, etag: bytes = b"") -> bytes:
     return (
         b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 25 Nov 2026 15:00:00 GMT\r\n"
-        b"Content-Type: text/plain\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s"
-        % (len(body), body)
+        b"Content-Type: text/plain\r\n%sContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s"
+        % (etag, len(body), body)
     )
 
 
-async def run(requests: int, path: bytes, body: bytes) -> float:
+def exchanges(path: bytes, body: bytes, distinct: int) -> list[tuple[bytes, bytes]]:
+    """(request, node answer) pairs: one, or `distinct` that differ from one another."""
+    if distinct <= 1:
+        return [(REQUEST % path, answer(body))]
+    return [
+        (
+            REQUEST.replace(b"\r\n\r\n", b"\r\nX-Request-Id: %d-%d\r\n\r\n" % (i, i * 7919))
+            % (path + b"?n=%d" % i),
+            answer(body, b'ETag: "%d"\r\n' % i),
+        )
+        for i in range(distinct)
+    ]
+
+
+async def run(requests: int, path: bytes, body: bytes, distinct: int = 1) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config(
             {
@@ -94,28 +116,29 @@ async def run(requests: int, path: bytes, body: bytes) -> float:
             ups.append(up)
         client = ClientConnection(core)
         client.connection_made(NullTransport())  # type: ignore[arg-type]
-        raw = REQUEST % path
-        resp = answer(body)
+        pairs = exchanges(path, body, distinct)
         view = core.read_view
-        n = len(raw)
 
-        def one() -> None:
+        def one(i: int) -> None:
+            raw, resp = pairs[i % len(pairs)]
+            n = len(raw)
             view[:n] = raw
             client.buffer_updated(n)
             core.flush_writes()
-            up = client.up
+            # (before the sans-I/O exchange the node connection hung off the exchange)
+            up = client.up if hasattr(client, "up") else client.exchange.up  # type: ignore[attr-defined]
             assert up is not None
             up.data_received(resp)
             core.flush_writes()
 
-        for _ in range(2000):  # warm the memos, as a running worker has
-            one()
+        for i in range(2000):  # warm the memos, as a running worker has
+            one(i)
         await asyncio.sleep(0)
         best = float("inf")
         for _ in range(5):
             t0 = time.perf_counter()
             for i in range(requests):
-                one()
+                one(i)
                 if i % 256 == 0:
                     await asyncio.sleep(0)  # run the queued flush callbacks (each finds nothing)
             best = min(best, (time.perf_counter() - t0) / requests)
@@ -128,9 +151,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--path", default="/webapp/home")
     ap.add_argument("--body", type=int, default=1024, help="response body bytes")
+    ap.add_argument(
+        "--distinct",
+        type=int,
+        default=1,
+        help="cycle through this many different requests and answers (default 1: one, repeated)",
+    )
     args = ap.parse_args(argv)
-    us = uvloop.run(run(args.requests, args.path.encode(), b"x" * args.body))
-    print(f"{build_kind()}: {us:.2f} us of proxy work per request (best of 5 x {args.requests})")
+    us = uvloop.run(run(args.requests, args.path.encode(), b"x" * args.body, args.distinct))
+    shape = f", {args.distinct} distinct" if args.distinct > 1 else ""
+    print(
+        f"{build_kind()}: {us:.2f} us of proxy work per request "
+        f"(best of 5 x {args.requests}{shape})"
+    )
     return 0
 
 

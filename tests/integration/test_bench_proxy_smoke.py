@@ -61,9 +61,10 @@ def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_hotpath_benchmark_smoke() -> None:
+@pytest.mark.parametrize("shape", [[], ["--distinct=64"]], ids=["repeated", "distinct"])
+def test_hotpath_benchmark_smoke(shape: list[str]) -> None:
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench/proxy/hotpath.py"), "--requests=300"],
+        [sys.executable, str(REPO / "bench/proxy/hotpath.py"), "--requests=300", *shape],
         capture_output=True,
         text=True,
         timeout=50,
