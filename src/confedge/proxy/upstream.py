@@ -161,7 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
                 owner.up = None
             ex = owner.exchange
             if ex is not None:
-                ex.node_lost(self.pool.core.loop.time(), got_bytes=self.got_bytes)
+                ex.node_lost(self.pool.clock(), got_bytes=self.got_bytes)
                 owner.drive(ex)
 
     def pause_writing(self) -> None:
@@ -258,7 +258,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # idle in the pool too long
             return
         self.deadline = _INF
-        ex.node_timeout(self.pool.core.loop.time())
+        ex.node_timeout(self.pool.clock())
         owner.drive(ex)
 
     def close(self) -> None:
@@ -339,7 +339,7 @@ class NodePool:
 
     def __init__(self, core: WorkerRuntime, index: int, node: NodeAddress) -> None:
         self.core = core
-        self.clock = core.loop.time  # (bound once: read per response and per release)
+        self.clock = core.loop.time  # (bound once: every read of the loop's clock here)
         self.index = index
         self.node = node
         self.host = node.host
