@@ -144,6 +144,22 @@ class TestEscape:
         m = LINE_RE.match(line)
         assert m and m["addr"] == "5.6.7.8" and m["status"] == "200"
 
+    @given(st.text(max_size=40))
+    def test_shortcut_agrees_with_the_pattern(self, s: str) -> None:
+        """escape's printable-ASCII shortcut returns a value unchanged only where the
+        pattern finds nothing to escape, for every character class."""
+        from confedge.proxy.accesslog import _NEEDS_ESCAPE_RE
+
+        assert (escape(s) == s) == (bool(s) and _NEEDS_ESCAPE_RE.search(s) is None)
+
+    def test_every_latin1_character(self) -> None:
+        from confedge.proxy.accesslog import _NEEDS_ESCAPE_RE
+
+        for c in map(chr, range(256)):
+            plain = _NEEDS_ESCAPE_RE.search(c) is None
+            assert (escape(c) == c) == plain, repr(c)
+            assert escape("ab" + c) == ("ab" + c if plain else "ab" + f"\\x{ord(c):02X}")
+
     @given(st.text(max_size=60))
     def test_fuzz_one_field_stays_one_field(self, s: str) -> None:
         line = format_line("1.2.3.4", NOW, s, 200, 0, s, s, s, s, s, time_local=UTC_TIME)
@@ -175,6 +191,51 @@ class TestFilter:
     )
     def test_filter(self, before: str, after: str) -> None:
         assert filter_secrets(before) == after
+
+    # Targets built from the pieces that matter to the pattern: separators, the secret names
+    # in any case, names that merely contain them, and characters whose Unicode case folding
+    # meets an ASCII letter (U+017F long s, U+212A Kelvin sign, U+0130 dotted I).
+    @given(
+        st.lists(
+            st.sampled_from(
+                [
+                    "?",
+                    "&",
+                    ";",
+                    "=",
+                    " ",
+                    "/",
+                    "a",
+                    "x",
+                    "code",
+                    "CoDe",
+                    "state",
+                    "sTaTe",
+                    "token",
+                    "TOKEN",
+                    "pin",
+                    "Pin",
+                    "data",
+                    "postcode",
+                    "access_token",
+                    "pinned",
+                    "\u017ftate",
+                    "to\u212aen",
+                    "p\u0130n",
+                    "\xe9",
+                    "\t",
+                    "%3D",
+                ]
+            ),
+            max_size=14,
+        )
+    )
+    def test_shortcuts_agree_with_the_pattern(self, pieces: list[str]) -> None:
+        """filter_secrets' substring tests skip only what the pattern would leave alone."""
+        from confedge.proxy.accesslog import _SECRET_RE
+
+        text = "".join(pieces)
+        assert filter_secrets(text) == _SECRET_RE.sub(r"\1=[FILTERED]", text)
 
     def test_filtered_in_request_and_referer_not_in_user_agent(self) -> None:
         line = format_line(

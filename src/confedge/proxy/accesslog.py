@@ -69,9 +69,27 @@ _SECRET_RE: Final = re.compile(
 
 
 def filter_secrets(text: str) -> str:
-    """Replace the values of secret query parameters with ``[FILTERED]``."""
+    """Replace the values of secret query parameters with ``[FILTERED]``.
+
+    Why the tests before the substitution: the pattern's look-behind is tried at every
+    position, about 2.5 µs for an ordinary API target with a query string, on every logged
+    request; a target that names none of the secrets (the usual case) is answered by a few
+    substring tests instead (0.3 µs). They only skip what cannot match: for ASCII text,
+    lower() is exactly the pattern's IGNORECASE; other text (Unicode case folding has more
+    pairs, e.g. U+017F for "s") always takes the pattern.
+    """
     if "=" not in text:
         return text
+    if text.isascii():
+        low = text.lower()
+        if (
+            "code" not in low
+            and "state" not in low
+            and "token" not in low
+            and "pin" not in low
+            and "data" not in low
+        ):
+            return text
     return _SECRET_RE.sub(r"\1=[FILTERED]", text)
 
 
@@ -93,6 +111,10 @@ def escape(value: str | bytes | None) -> str:
         return "-"
     if isinstance(value, bytes):
         value = value.decode("latin-1")
+    # Printable ASCII without '"' and '\\' needs nothing: four C-level tests, cheaper than
+    # the regular expression's search (which stays the definition, for everything else).
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return value
     if _NEEDS_ESCAPE_RE.search(value) is None:
         return value
     out = value.translate(_ESCAPES)
@@ -281,9 +303,12 @@ class AccessLog:
         # The buffered size at which a line calls _written: buffer_bytes while the flush timer
         # is armed, 0 when not (the next line arms it): one test per line instead of two.
         self._limit = 0
-        self._parts: dict[
-            tuple[str, str | bytes | None, str | bytes | None, str | None, str | None],
-            tuple[str, str],
+        # The escaped request line by line, and the escaped Referer, User-Agent, node and
+        # node status by their values: apart, because the second repeats where the first does
+        # not (one browser's many distinct targets and query strings behind the same page).
+        self._requests: dict[str, str] = {}
+        self._tails: dict[
+            tuple[str | bytes | None, str | bytes | None, str | None, str | None], str
         ] = {}
         self._addrs: dict[str, str] = {}
         # $upstream_response_time texts as logged (escaped, "-" for none): the same few
@@ -337,8 +362,8 @@ class AccessLog:
         Why a cache: a proxy's traffic repeats itself (the same client polling the same API
         paths with the same User-Agent through the same node), and escaping and secret
         filtering of those fields is most of the cost of a line. So the escaped text around
-        the per-request values (time, status, bytes, response time) is kept per distinct
-        (request line, Referer, User-Agent, node, node status), the escaped address per
+        the per-request values (time, status, bytes, response time) is kept per request line
+        and per distinct (Referer, User-Agent, node, node status), the escaped address per
         address and the response time's text per text; the memos are bounded and simply
         emptied when full, so a client sending endless distinct URLs only turns them into the
         uncached path.
@@ -348,11 +373,12 @@ class AccessLog:
             addr = f"{escape(remote_addr)} - {escape(remote_user)} ["
         else:
             addr = self._addrs.get(remote_addr) or self._remember_addr(remote_addr)
-        key = (request, referer, user_agent, upstream_addr, upstream_status)
-        parts = self._parts.get(key) or self._make_parts(key)
+        head = self._requests.get(request) or self._remember_request(request)
+        key = (referer, user_agent, upstream_addr, upstream_status)
+        tail = self._tails.get(key) or self._make_tail(key)
         t = self._times.get(upstream_response_time) or self._remember_time(upstream_response_time)
         stamp = self._stamp if int(now) == self._sec else self._stamp_at(now)
-        line = f'{addr}{stamp}{parts[0]}{status} {body_bytes_sent}{parts[1]}{t}"'
+        line = f'{addr}{stamp}{head}{status} {body_bytes_sent}{tail}{t}"'
         # (write_line, without the call: once per proxied request)
         self._buf.append(line)
         size = self._size + len(line) + 1
@@ -382,22 +408,27 @@ class AccessLog:
         self._addrs[remote_addr] = text
         return text
 
-    def _make_parts(
-        self,
-        key: tuple[str, str | bytes | None, str | bytes | None, str | None, str | None],
-    ) -> tuple[str, str]:
-        request, referer, user_agent, upstream_addr, upstream_status = key
+    def _remember_request(self, request: str) -> str:
+        text = f']  "{escape(filter_secrets(request))}" '
+        if len(self._requests) >= _PARTS_CACHE_SIZE:
+            self._requests.clear()
+        self._requests[request] = text
+        return text
+
+    def _make_tail(
+        self, key: tuple[str | bytes | None, str | bytes | None, str | None, str | None]
+    ) -> str:
+        referer, user_agent, upstream_addr, upstream_status = key
         if isinstance(referer, bytes):
             referer = referer.decode("latin-1")
-        parts = (
-            f']  "{escape(filter_secrets(request))}" ',
+        text = (
             f' "{escape(filter_secrets(referer)) if referer else ""}" '
-            f'"{_ua(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" "',
+            f'"{_ua(user_agent)}" "{escape(upstream_addr)}" "{escape(upstream_status)}" "'
         )
-        if len(self._parts) >= _PARTS_CACHE_SIZE:
-            self._parts.clear()
-        self._parts[key] = parts
-        return parts
+        if len(self._tails) >= _PARTS_CACHE_SIZE:
+            self._tails.clear()
+        self._tails[key] = text
+        return text
 
     def write_line(self, line: str) -> None:
         """Buffer an already formatted line; flushes when the buffer is full."""
