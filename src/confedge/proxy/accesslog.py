@@ -519,6 +519,9 @@ class RequestCounter:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        # The usual sink, the access-log file, as its own class: the compiled build then calls
+        # its `log` natively (a generic call with eleven arguments otherwise, per request).
+        self.file: AccessLog | None = inner if type(inner) is AccessLog else None
         self.total = 0
         self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for out-of-range)
 
@@ -538,6 +541,22 @@ class RequestCounter:
     ) -> None:
         self.total += 1
         self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+        file = self.file
+        if file is not None:
+            file.log(
+                remote_addr,
+                now,
+                request,
+                status,
+                body_bytes_sent,
+                referer,
+                user_agent,
+                upstream_addr,
+                upstream_status,
+                upstream_response_time,
+                remote_user,
+            )
+            return
         inner = self.inner
         if inner is not None:
             inner.log(
