@@ -338,28 +338,36 @@ def build_request_head(
         # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
         drop = drop | frozenset(t.strip() for t in req.conn_tokens.split(b","))
     parts = [req.method, b" ", req.target.encode(), b" HTTP/1.1\r\n"]
+    # (one append per part, here and in _plan: the compiled build appends natively, where
+    # `parts += (a, b, c, d)` makes a tuple and extends through the generic sequence protocol;
+    # the interpreter specialises list.append too)
     for lname, name, value in req.headers:
         if lname in drop:
             continue
-        parts += (name, b": ", value, b"\r\n")
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     if req.host is None:
         parts.append(b"Host: " + fqdn + b"\r\n")
     # (without trusted_proxies the client's address is the peer's: encoded once)
     peer_b = peer.encode()
-    parts += (
-        b"X-Real-IP: ",
-        peer_b if client_ip is peer else client_ip.encode(),
-        b"\r\nX-Forwarded-For: ",
-    )
+    parts.append(b"X-Real-IP: ")
+    parts.append(peer_b if client_ip is peer else client_ip.encode())
+    parts.append(b"\r\nX-Forwarded-For: ")
     if req.xff is not None:
-        parts += (req.xff, b", ")
-    parts += (peer_b, b"\r\nX-Forwarded-Proto: https\r\n")
+        parts.append(req.xff)
+        parts.append(b", ")
+    parts.append(peer_b)
+    parts.append(b"\r\nX-Forwarded-Proto: https\r\n")
     if upgrading:
         parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     if req.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif req.content_length is not None:
-        parts += (b"Content-Length: ", req.content_length.strip(), b"\r\n")
+        parts.append(b"Content-Length: ")
+        parts.append(req.content_length.strip())
+        parts.append(b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -452,25 +460,44 @@ def _plan(
         # (the kinds in the order of how often a response has them: each comparison passed
         # is a few bytecodes per header in the interpreted build)
         if kind == _R_PASS:
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         elif kind == _R_CONTENT_LENGTH:
             length = value
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         elif kind == _R_CONTENT_TYPE:
-            # RFC 9110 §8.3.1: the type and subtype are case-insensitive.
-            if value[:17].lower() == b"text/event-stream":
+            # RFC 9110 §8.3.1: the type and subtype are case-insensitive. (Its sixth byte
+            # first, "e" or "E": no slice and lower() for text/html, application/json, ...)
+            if (
+                len(value) >= 17
+                and value[5] | 0x20 == 0x65
+                and value[:17].lower() == b"text/event-stream"
+            ):
                 sse = True
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         elif kind == _R_CONNECTION:
-            v = value.lower()
-            if v != b"keep-alive" and v != b"close":  # the usual values: nothing named
-                toks = frozenset(x.strip() for x in v.split(b","))
-                extra = toks if extra is None else extra | toks
+            # (the usual values, as nodes spell them, without a lower() first)
+            if value != b"keep-alive" and value != b"close":
+                v = value.lower()
+                if v != b"keep-alive" and v != b"close":  # the usual values: nothing named
+                    toks = frozenset(x.strip() for x in v.split(b","))
+                    extra = toks if extra is None else extra | toks
         elif kind == _R_TRANSFER_ENCODING:
             chunked_in = True
         elif kind == _R_CSP:
             has_csp = True
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         # (else _R_DROP: hop-by-hop, never forwarded)
     if extra is not None and extra - {b"keep-alive", b"close", b"upgrade"}:
         parts = _filter(status, headers, extra)
