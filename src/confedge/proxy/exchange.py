@@ -146,6 +146,12 @@ A_SETTLE_PIN: Final = 13  # (ticket, alias, pin, failed)
 A_REMEMBER: Final = 14  # (token, lifetime)
 A_RECORD_FAILURE: Final = 15  # (alias, pin)
 A_NO_TUNNEL: Final = 16  # None — the node declined the client's upgrade
+# The two decisions every proxied response ends with, made once: equal to the tuples they
+# stand for, without building two tuples per response.
+_DONE_KEEP: Final = (A_NODE_DONE, True)
+_DONE_CLOSE: Final = (A_NODE_DONE, False)
+_FINISH_KEEP: Final = (A_FINISH, False)
+_FINISH_CLOSE: Final = (A_FINISH, True)
 
 # RFC 9110 §7.6.1 / RFC 9112 §9.6: hop-by-hop fields, never forwarded. Content-Length is
 # handled separately (re-emitted from the parsed value). X-Real-IP/X-Forwarded-Proto from the
@@ -1088,11 +1094,11 @@ class Exchange:
             self.settings.nodes.active[node] -= 1
             self.times.append(seconds_text(now - self.upstream_time))
             self.node = -1
-        self.actions.append((A_NODE_DONE, reuse and self.req.complete))
+        self.actions.append(_DONE_KEEP if reuse and self.req.complete else _DONE_CLOSE)
         if self.pin_buf is not None or self.ticket is not None:
             self._check_pin()
         self._go(DONE)  # (from STREAMING, always: _end's test is not needed)
-        self.actions.append((A_FINISH, self.close_after))
+        self.actions.append(_FINISH_CLOSE if self.close_after else _FINISH_KEEP)
 
     def _check_pin(self) -> None:
         """Guard API: a 403 "Invalid PIN" on request_token is a PIN failure (SPEC §4); a 200
