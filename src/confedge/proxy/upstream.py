@@ -102,7 +102,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.reused = False
         self.got_bytes = False
-        self.now = 0.0  # the loop time of the read being parsed (one clock read per read)
+        # The loop time of the read being parsed and driven (one clock read per read); -1.0
+        # outside a read.
+        self.now = -1.0
         self.tunnel = False
         self.writing_paused = False
         # Reading paused for the owner's flow control (its client cannot take more yet).
@@ -148,6 +150,7 @@ class UpstreamConnection(asyncio.Protocol):
             ex.node_failed(f"invalid response from node: {exc}", self.now)
         self.ex = None
         owner.drive(ex)
+        self.now = -1.0  # (good for this read only: see NodePool.release)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too (no half-open upstream connections)
@@ -362,7 +365,9 @@ class NodePool:
                 return conn
         return None
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection, now: float = -1.0) -> None:
+        """Back to the idle list (or closed when it is full); `now`: the loop time when the
+        caller has just read it (else read here)."""
         core = self.core
         if len(self.idle) >= core.upstream_keepalive or core.closing:
             conn.close()
@@ -377,7 +382,7 @@ class NodePool:
         conn.got_bytes = False
         conn.timeout = 0.0
         conn.activity = False
-        conn.deadline = self.clock() + core.upstream_idle
+        conn.deadline = (now if now >= 0.0 else self.clock()) + core.upstream_idle
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
