@@ -191,7 +191,8 @@ class WorkerRuntime:
         self.date = DateCache()
         # The clients' shared read buffer (server.ClientConnection is a BufferedProtocol): one
         # per worker, not per connection, so 10,000 idle streams do not hold 10,000 buffers.
-        self.read_view = memoryview(bytearray(64 * 1024))
+        self.read_buffer = bytearray(64 * 1024)
+        self.read_view = memoryview(self.read_buffer)
         self.fqdn = cfg.server.fqdn.encode()
         self.previous: tuple[tuple[ExchangeSettings, ...], list[NodePool]] | None = None
         self.install_pools(cfg)

@@ -68,6 +68,8 @@ __all__ = ["ClientConnection"]
 log = logging.getLogger("confedge.proxy")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The end of an HTTP/1.1 request line (see on_headers_complete).
+_LINE_END_11: Final = b" HTTP/1.1\r\n"
 
 _INF: Final = math.inf
 
@@ -144,6 +146,7 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     __slots__ = (
         "activity",
+        "at0",
         "core",
         "cur",
         "deadline",
@@ -182,6 +185,9 @@ class ClientConnection(asyncio.BufferedProtocol):
         # The loop time read when a request began in the read being parsed (-1.0 outside a
         # read): its exchange starts with the same reading, one clock call per request fewer.
         self.now = -1.0
+        # The read being parsed is in the worker's read buffer from its first byte, and began
+        # between two requests (False outside such a read, and once its first head is done).
+        self.at0 = False
         self.paused = 0
         self.writing_paused = False
         self.refusal: Refused | None = None
@@ -257,6 +263,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         # The common case, a new request (or several) in this read: straight to the parser.
         self.activity = True
+        cur = self.cur
+        self.at0 = cur is None or cur.complete
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -264,10 +272,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
         self.now = -1.0  # (a reading is good for the read that made it only)
+        self.at0 = False
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the client (a view of the shared buffer, or bytes from a hand-off)."""
         self.activity = True
+        self.at0 = False  # (not necessarily the read buffer: see on_headers_complete)
         if self.tunnel:
             chunk = bytes(data)  # the shared buffer is reused by the next read
             up = self.up
@@ -420,8 +430,24 @@ class ClientConnection(asyncio.BufferedProtocol):
         assert req is not None
         self.in_head = False
         parser = self.parser
-        req.method = parser.get_method()
-        req.version = parser.get_http_version()
+        method = parser.get_method()
+        req.method = method
+        # HTTP/1.1 (Request's default) read off the request line itself when this read began
+        # with it: httptools' get_http_version formats a new string with str.format, the
+        # largest single cost of a head. This read (the worker's read buffer from byte 0)
+        # holds the whole line, METHOD SP+ URL SP+ HTTP/x.y CRLF, after at most some blank
+        # lines, and llhttp accepted it, so it has no CR or LF before its end: 11 bytes at
+        # len(METHOD) + 1 + len(URL) that read " HTTP/1.1\r\n" can only be its end, and the
+        # version is 1.1. Anything else (a head split over reads, a pipelined request, blank
+        # lines before it, extra spaces, 1.0) asks the parser.
+        at0 = self.at0
+        self.at0 = False
+        if not at0:
+            req.version = parser.get_http_version()
+        else:
+            p = len(method) + 1 + len(req.url)
+            if self.core.read_buffer[p : p + 11] != _LINE_END_11:
+                req.version = parser.get_http_version()
         req.keep_alive = parser.should_keep_alive()
         try:
             self._vet(req)
