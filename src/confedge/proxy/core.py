@@ -168,6 +168,8 @@ class WorkerRuntime:
         p = cfg.proxy
         self.cfg = cfg
         self.loop = loop
+        # The loop's clock, bound once (the request path reads it without a method lookup).
+        self.clock: Callable[[], float] = loop.time
         self.guard = guard if guard is not None and getattr(guard, "enabled", True) else None
         self.access_log = access_log
         # The sinks the service and the benchmarks use, by their own class: the compiled build

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import httptools
@@ -152,6 +153,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         "deadline",
         "discard",
         "exchange",
+        "feed",
+        "get_method",
         "head_raw",
         "in_head",
         "now",
@@ -160,6 +163,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         "peer",
         "pending",
         "refusal",
+        "should_keep_alive",
         "sniff",
         "static_iter",
         "timeout",
@@ -175,6 +179,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.core = core
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # The parser's methods of every request, bound once: a call each without the method
+        # lookup on the parser's type (generic in the compiled build too).
+        self.feed: Callable[[bytes | memoryview], None] = self.parser.feed_data
+        self.get_method: Callable[[], bytes] = self.parser.get_method
+        self.should_keep_alive: Callable[[], bool] = self.parser.should_keep_alive
         self.cur: Request | None = None
         self.exchange: Exchange | None = None
         self.up: UpstreamConnection | None = None  # the current exchange's node connection
@@ -266,7 +275,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         cur = self.cur
         self.at0 = cur is None or cur.complete
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(bytes(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
@@ -300,7 +309,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.refuse(431, "request head too large")
                 return
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(bytes(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
@@ -359,7 +368,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.timeout = 0.0
             self.activity = False
             core = self.core
-            now = core.loop.time()
+            now = core.clock()
             self.now = now  # (for _start, if the head completes in this read)
             self.deadline = now + core.header_timeout
 
@@ -429,8 +438,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         req = self.cur
         assert req is not None
         self.in_head = False
-        parser = self.parser
-        method = parser.get_method()
+        method = self.get_method()
         req.method = method
         # HTTP/1.1 (Request's default) read off the request line itself when this read began
         # with it: httptools' get_http_version formats a new string with str.format, the
@@ -443,12 +451,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         at0 = self.at0
         self.at0 = False
         if not at0:
-            req.version = parser.get_http_version()
+            req.version = self.parser.get_http_version()
         else:
             p = len(method) + 1 + len(req.url)
             if self.core.read_buffer[p : p + 11] != _LINE_END_11:
-                req.version = parser.get_http_version()
-        req.keep_alive = parser.should_keep_alive()
+                req.version = self.parser.get_http_version()
+        req.keep_alive = self.should_keep_alive()
         try:
             self._vet(req)
         except Refused as exc:
@@ -562,7 +570,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         now = self.now  # (on_message_begin's reading, in the same read)
         if now < 0.0:
-            now = core.loop.time()
+            now = core.clock()
         # (positional arguments, here and below: the cheaper call in the interpreted build)
         # (settings_for's usual case, no [[proxy.pools]], without the call)
         settings = core.settings_for(req.target) if core.pool_prefixes else core.exchange_settings
@@ -615,7 +623,10 @@ class ClientConnection(asyncio.BufferedProtocol):
                 if kind == A_NODE_TIMER:
                     up = self.up
                     if up is not None:  # (UpstreamConnection.arm, inlined)
-                        up.timeout, up.deadline = arg
+                        # (typed: the compiled build reads the pair natively, not through
+                        # the generic item access of an Any)
+                        timer: tuple[float, float] = arg
+                        up.timeout, up.deadline = timer
                         up.activity = False
                 elif kind == A_NODE_DONE:
                     up = self.up
@@ -630,9 +641,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                     # The default pool's warmest idle connection without node_action's call
                     # (its settings are always the current generation's); else node_action:
                     # another pool, or a new connection (node_ready / node_connect_failed).
-                    conn = (
-                        core.pools[arg[0]].take() if ex.settings is core.exchange_settings else None
-                    )
+                    i: int = arg[0]  # (typed: a native call to NodePool.take)
+                    conn = core.pools[i].take() if ex.settings is core.exchange_settings else None
                     if conn is None:
                         conn = node_action(self, self.up, core, ex, kind, arg)
                     if conn is not None:
@@ -645,6 +655,7 @@ class ClientConnection(asyncio.BufferedProtocol):
                         else:
                             self.up = conn
                             conn.owner = self
+                            conn.h1 = self
                             ex.node_connected(ex.upstream_time, True)
                             again = True
                 elif kind == A_FINISH:
@@ -690,6 +701,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         self.up = conn
         conn.owner = self
+        conn.h1 = self
         ex.node_connected(now if now >= 0.0 else self.core.loop.time(), reused)
         self.drive(ex)
 
@@ -726,7 +738,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.tmode = T_IDLE
         self.timeout = core.idle_timeout
         self.activity = False
-        self.deadline = (now if now >= 0.0 else core.loop.time()) + core.idle_timeout
+        self.deadline = (now if now >= 0.0 else core.clock()) + core.idle_timeout
 
     def local_response(
         self,

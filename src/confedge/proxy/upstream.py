@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import httptools
@@ -31,6 +32,7 @@ from confedge.proxy.health import LATENCY_BOUNDS
 if TYPE_CHECKING:
     from confedge.proxy.core import WorkerRuntime
     from confedge.proxy.exchange import Exchange
+    from confedge.proxy.server import ClientConnection
 
 __all__ = ["NodeOwner", "NodePool", "UpstreamConnection", "node_action"]
 
@@ -76,7 +78,10 @@ class UpstreamConnection(asyncio.Protocol):
         "activity",
         "deadline",
         "ex",
+        "feed",
+        "get_status_code",
         "got_bytes",
+        "h1",
         "headers",
         "now",
         "owner",
@@ -84,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "reading_paused",
         "reused",
+        "should_keep_alive",
         "timeout",
         "transport",
         "tunnel",
@@ -94,8 +100,17 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # The parser's methods of every response, bound once (see server.ClientConnection).
+        self.feed: Callable[[bytes], None] = self.parser.feed_data
+        self.get_status_code: Callable[[], int] = self.parser.get_status_code
+        self.should_keep_alive: Callable[[], bool] = self.parser.should_keep_alive
         # The client side whose exchange uses this connection (None while pooled).
         self.owner: NodeOwner | None = None
+        # The owner again when it is an HTTP/1.1 client connection (server.py sets both), by
+        # its own class: the compiled build reads its exchange and calls its drive natively
+        # once per read, where through the NodeOwner protocol both are generic Python calls.
+        # Used only while it `is` the owner; cleared with it.
+        self.h1: ClientConnection | None = None
         # The owner's exchange while a read is parsed (the parser callbacks' target; the owner
         # drives only after the read, so it cannot change in between).
         self.ex: Exchange | None = None
@@ -132,14 +147,17 @@ class UpstreamConnection(asyncio.Protocol):
             if owner.transport is not None:
                 self.pool.core.send(owner.transport, data)
             return
-        ex = owner.exchange
+        h1 = self.h1
+        if h1 is not None and h1 is not owner:
+            h1 = None  # (an HTTP/2 stream's: see h1)
+        ex = owner.exchange if h1 is None else h1.exchange
         if ex is None:
             self.close()
             return
         self.now = self.pool.clock()
         self.ex = ex
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
             if ex.head_out is not None:
                 ex.flush_head()  # the head arrived without body bytes in this read
         except httptools.HttpParserUpgrade as exc:
@@ -149,7 +167,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             ex.node_failed(f"invalid response from node: {exc}", self.now)
         self.ex = None
-        owner.drive(ex)
+        if h1 is None:
+            owner.drive(ex)
+        else:
+            h1.drive(ex)
         self.now = -1.0  # (good for this read only: see NodePool.release)
 
     def eof_received(self) -> bool | None:
@@ -160,6 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         if owner is not None:
             self.owner = None
+            self.h1 = None
             if owner.up is self:
                 owner.up = None
             ex = owner.exchange
@@ -223,7 +245,7 @@ class UpstreamConnection(asyncio.Protocol):
                         break
             h[-2] += 1
             h[-1] += seconds
-            ex.response_head(self.parser.get_status_code(), self.headers, now)
+            ex.response_head(self.get_status_code(), self.headers, now)
         self.headers = []
 
     def on_body(self, body: bytes) -> None:
@@ -234,7 +256,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.response_end(self.parser.should_keep_alive(), self.now)
+            ex.response_end(self.should_keep_alive(), self.now)
 
     # -- the core's decisions about this connection (node_action) -------------------------------
 
@@ -242,6 +264,7 @@ class UpstreamConnection(asyncio.Protocol):
         """A_NODE_DONE: the exchange is finished with this connection: back to its node's pool
         (`keep`) or closed."""
         self.owner = None
+        self.h1 = None
         if keep:
             self.pool.release(self)  # (resumes its reading if the owner's client paused it)
         else:
@@ -266,6 +289,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.owner = None
+        self.h1 = None
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
@@ -373,6 +397,7 @@ class NodePool:
             conn.close()
             return
         conn.owner = None
+        conn.h1 = None
         if conn.reading_paused:
             # Never pooled with its reading paused: the owner that paused it (a slow client)
             # no longer resumes it, and the next exchange on it would wait for its response
