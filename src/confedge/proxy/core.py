@@ -40,7 +40,6 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from confedge.config import Config, NodeAddress
@@ -226,8 +225,10 @@ class WorkerRuntime:
         self.closing = False
         self.out: list[tuple[asyncio.Transport, bytes]] = []  # see "Write coalescing"
         self.out_bytes = 0
-        # The flush of a batch scheduled with one call (bound once, not per batch).
-        self.flush_soon: Callable[[], object] = partial(loop.call_soon, self.flush_writes)
+        # The flush of a batch scheduled with one call of the loop's call_soon on the bound
+        # flush (both bound once, not per batch; no functools.partial in between).
+        self.call_soon: Callable[[Callable[[], None]], object] = loop.call_soon
+        self.flush_cb: Callable[[], None] = self.flush_writes
 
     def read_settings(self, cfg: Config) -> None:
         """The limits, time-outs and headers the hot path reads, as plain attributes (at start
@@ -468,7 +469,7 @@ class WorkerRuntime:
             return
         out = self.out
         if not out:
-            self.flush_soon()
+            self.call_soon(self.flush_cb)
         out.append((t, data))
         queued = self.out_bytes + n
         if queued > COALESCE_BATCH:

@@ -233,6 +233,18 @@ _RESP_SPECIAL: Final = {
 }
 
 
+# Whether a name of each length may be one _resp_kind does not pass through as it is: a name
+# of any other length is _R_PASS without the memo's lookup, which hashes the name (a new bytes
+# object per header): Server, Date, ETag, Vary... as nodes send them. (A tuple indexed by the
+# length: cheap in both builds, where a set lookup costs the compiled build nearly what it
+# saves and a bit mask's shift is a generic long operation, interpreted.)
+_KIND_LENGTHS: Final[tuple[bool, ...]] = tuple(
+    any(len(k) == n for k in (*_RESP_SPECIAL, *_RESP_DROP))
+    for n in range(1 + max(len(k) for k in (*_RESP_SPECIAL, *_RESP_DROP)))
+)
+_KIND_LENGTHS_N: Final = len(_KIND_LENGTHS)
+
+
 def _resp_kind(name: bytes) -> int:
     lname = name.lower()
     kind = _RESP_SPECIAL.get(lname)
@@ -460,9 +472,13 @@ def _plan(
     extra: frozenset[bytes] | None = None
     kinds = _RESP_KINDS
     for name, value in headers:
-        kind = kinds.get(name)
-        if kind is None:
-            kind = _resp_kind(name)
+        n = len(name)
+        if n < _KIND_LENGTHS_N and _KIND_LENGTHS[n]:
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _resp_kind(name)
+        else:
+            kind = _R_PASS
         # (the kinds in the order of how often a response has them: each comparison passed
         # is a few bytecodes per header in the interpreted build)
         if kind == _R_PASS:

@@ -236,14 +236,15 @@ class UpstreamConnection(asyncio.Protocol):
             if h is None:
                 h = pool.latency = pool.core.latency_row(pool.netloc)
             seconds = now - ex.upstream_time
+            # (float increments: native in the compiled build, where += 1 is a generic add)
             if seconds <= _FIRST_BOUND:  # (a node nearby, the usual answer: no loop)
-                h[0] += 1
+                h[0] += 1.0
             else:
                 for i, bound in enumerate(LATENCY_BOUNDS):
                     if seconds <= bound:
-                        h[i] += 1
+                        h[i] += 1.0
                         break
-            h[-2] += 1
+            h[-2] += 1.0
             h[-1] += seconds
             ex.response_head(self.get_status_code(), self.headers, now)
         self.headers = []
