@@ -216,6 +216,9 @@ _default_time = TimeLocal()
 # kept" (a plain int, which the compiled build compares natively).
 _NO_SECOND: Final = -(2**62)
 
+# "$status " for the statuses an HTTP server answers, made once (AccessLog.log).
+_STATUS_FIELD: Final[list[str]] = [f"{i} " for i in range(600)]
+
 # Distinct request shapes whose escaped text AccessLog keeps (see AccessLog.log).
 _PARTS_CACHE_SIZE: Final = 4096
 
@@ -378,7 +381,8 @@ class AccessLog:
         tail = self._tails.get(key) or self._make_tail(key)
         t = self._times.get(upstream_response_time) or self._remember_time(upstream_response_time)
         stamp = self._stamp if int(now) == self._sec else self._stamp_at(now)
-        line = f'{addr}{stamp}{head}{status} {body_bytes_sent}{tail}{t}"'
+        st = _STATUS_FIELD[status] if 0 <= status < 600 else f"{status} "
+        line = f'{addr}{stamp}{head}{st}{body_bytes_sent}{tail}{t}"'
         # (write_line, without the call: once per proxied request)
         self._buf.append(line)
         size = self._size + len(line) + 1

@@ -247,7 +247,7 @@ class UpstreamConnection(asyncio.Protocol):
             h[-2] += 1.0
             h[-1] += seconds
             ex.response_head(self.get_status_code(), self.headers, now)
-        self.headers = []
+        self.headers.clear()  # (the core keeps no reference to it: the same list again)
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
