@@ -30,7 +30,7 @@ import uvloop
 
 from confedge.config import parse_config
 from confedge.proxy import build_kind
-from confedge.proxy.accesslog import AccessLog
+from confedge.proxy.accesslog import AccessLog, RequestCounter
 
 try:
     from confedge.proxy.core import WorkerRuntime
@@ -96,7 +96,9 @@ def exchanges(path: bytes, body: bytes, distinct: int) -> list[tuple[bytes, byte
     ]
 
 
-async def run(requests: int, path: bytes, body: bytes, distinct: int = 1) -> float:
+async def run(
+    requests: int, path: bytes, body: bytes, distinct: int = 1, counted: bool = False
+) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = parse_config(
             {
@@ -107,7 +109,10 @@ async def run(requests: int, path: bytes, body: bytes, distinct: int = 1) -> flo
             }
         )
         log = AccessLog("/dev/null")
-        core = WorkerRuntime(cfg, asyncio.get_running_loop(), access_log=log)
+        # --counted: the sink as the service passes it (proxy/service.py), the log behind the
+        # status page's counter of answers by class.
+        sink: Any = RequestCounter(log) if counted else log
+        core = WorkerRuntime(cfg, asyncio.get_running_loop(), access_log=sink)
         ups = []
         for pool in core.pools:
             up = UpstreamConnection(pool)
@@ -159,8 +164,15 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="cycle through this many different requests and answers (default 1: one, repeated)",
     )
+    ap.add_argument(
+        "--counted",
+        action="store_true",
+        help="log through the status page's RequestCounter, as the service does",
+    )
     args = ap.parse_args(argv)
-    us = uvloop.run(run(args.requests, args.path.encode(), b"x" * args.body, args.distinct))
+    us = uvloop.run(
+        run(args.requests, args.path.encode(), b"x" * args.body, args.distinct, args.counted)
+    )
     shape = f", {args.distinct} distinct" if args.distinct > 1 else ""
     print(
         f"{build_kind()}: {us:.2f} us of proxy work per request "

@@ -216,6 +216,9 @@ _default_time = TimeLocal()
 # kept" (a plain int, which the compiled build compares natively).
 _NO_SECOND: Final = -(2**62)
 
+# "$status " for the statuses an HTTP server answers, made once (AccessLog.log).
+_STATUS_FIELD: Final[list[str]] = [f"{i} " for i in range(600)]
+
 # Distinct request shapes whose escaped text AccessLog keeps (see AccessLog.log).
 _PARTS_CACHE_SIZE: Final = 4096
 
@@ -378,7 +381,8 @@ class AccessLog:
         tail = self._tails.get(key) or self._make_tail(key)
         t = self._times.get(upstream_response_time) or self._remember_time(upstream_response_time)
         stamp = self._stamp if int(now) == self._sec else self._stamp_at(now)
-        line = f'{addr}{stamp}{head}{status} {body_bytes_sent}{tail}{t}"'
+        st = _STATUS_FIELD[status] if 0 <= status < 600 else f"{status} "
+        line = f'{addr}{stamp}{head}{st}{body_bytes_sent}{tail}{t}"'
         # (write_line, without the call: once per proxied request)
         self._buf.append(line)
         size = self._size + len(line) + 1
@@ -519,6 +523,9 @@ class RequestCounter:
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
+        # The usual sink, the access-log file, as its own class: the compiled build then calls
+        # its `log` natively (a generic call with eleven arguments otherwise, per request).
+        self.file: AccessLog | None = inner if type(inner) is AccessLog else None
         self.total = 0
         self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for out-of-range)
 
@@ -538,6 +545,22 @@ class RequestCounter:
     ) -> None:
         self.total += 1
         self.by_class[status // 100 if 100 <= status < 600 else 0] += 1
+        file = self.file
+        if file is not None:
+            file.log(
+                remote_addr,
+                now,
+                request,
+                status,
+                body_bytes_sent,
+                referer,
+                user_agent,
+                upstream_addr,
+                upstream_status,
+                upstream_response_time,
+                remote_user,
+            )
+            return
         inner = self.inner
         if inner is not None:
             inner.log(

@@ -146,6 +146,12 @@ A_SETTLE_PIN: Final = 13  # (ticket, alias, pin, failed)
 A_REMEMBER: Final = 14  # (token, lifetime)
 A_RECORD_FAILURE: Final = 15  # (alias, pin)
 A_NO_TUNNEL: Final = 16  # None — the node declined the client's upgrade
+# The two decisions every proxied response ends with, made once: equal to the tuples they
+# stand for, without building two tuples per response.
+_DONE_KEEP: Final = (A_NODE_DONE, True)
+_DONE_CLOSE: Final = (A_NODE_DONE, False)
+_FINISH_KEEP: Final = (A_FINISH, False)
+_FINISH_CLOSE: Final = (A_FINISH, True)
 
 # RFC 9110 §7.6.1 / RFC 9112 §9.6: hop-by-hop fields, never forwarded. Content-Length is
 # handled separately (re-emitted from the parsed value). X-Real-IP/X-Forwarded-Proto from the
@@ -225,6 +231,18 @@ _RESP_SPECIAL: Final = {
     b"content-type": _R_CONTENT_TYPE,
     b"content-security-policy": _R_CSP,
 }
+
+
+# Whether a name of each length may be one _resp_kind does not pass through as it is: a name
+# of any other length is _R_PASS without the memo's lookup, which hashes the name (a new bytes
+# object per header): Server, Date, ETag, Vary... as nodes send them. (A tuple indexed by the
+# length: cheap in both builds, where a set lookup costs the compiled build nearly what it
+# saves and a bit mask's shift is a generic long operation, interpreted.)
+_KIND_LENGTHS: Final[tuple[bool, ...]] = tuple(
+    any(len(k) == n for k in (*_RESP_SPECIAL, *_RESP_DROP))
+    for n in range(1 + max(len(k) for k in (*_RESP_SPECIAL, *_RESP_DROP)))
+)
+_KIND_LENGTHS_N: Final = len(_KIND_LENGTHS)
 
 
 def _resp_kind(name: bytes) -> int:
@@ -338,28 +356,36 @@ def build_request_head(
         # RFC 9110 §7.6.1: headers named in Connection are hop-by-hop too.
         drop = drop | frozenset(t.strip() for t in req.conn_tokens.split(b","))
     parts = [req.method, b" ", req.target.encode(), b" HTTP/1.1\r\n"]
+    # (one append per part, here and in _plan: the compiled build appends natively, where
+    # `parts += (a, b, c, d)` makes a tuple and extends through the generic sequence protocol;
+    # the interpreter specialises list.append too)
     for lname, name, value in req.headers:
         if lname in drop:
             continue
-        parts += (name, b": ", value, b"\r\n")
+        parts.append(name)
+        parts.append(b": ")
+        parts.append(value)
+        parts.append(b"\r\n")
     if req.host is None:
         parts.append(b"Host: " + fqdn + b"\r\n")
     # (without trusted_proxies the client's address is the peer's: encoded once)
     peer_b = peer.encode()
-    parts += (
-        b"X-Real-IP: ",
-        peer_b if client_ip is peer else client_ip.encode(),
-        b"\r\nX-Forwarded-For: ",
-    )
+    parts.append(b"X-Real-IP: ")
+    parts.append(peer_b if client_ip is peer else client_ip.encode())
+    parts.append(b"\r\nX-Forwarded-For: ")
     if req.xff is not None:
-        parts += (req.xff, b", ")
-    parts += (peer_b, b"\r\nX-Forwarded-Proto: https\r\n")
+        parts.append(req.xff)
+        parts.append(b", ")
+    parts.append(peer_b)
+    parts.append(b"\r\nX-Forwarded-Proto: https\r\n")
     if upgrading:
         parts.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n")
     if req.chunked:
         parts.append(b"Transfer-Encoding: chunked\r\n")
     elif req.content_length is not None:
-        parts += (b"Content-Length: ", req.content_length.strip(), b"\r\n")
+        parts.append(b"Content-Length: ")
+        parts.append(req.content_length.strip())
+        parts.append(b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -446,31 +472,54 @@ def _plan(
     extra: frozenset[bytes] | None = None
     kinds = _RESP_KINDS
     for name, value in headers:
-        kind = kinds.get(name)
-        if kind is None:
-            kind = _resp_kind(name)
+        n = len(name)
+        if n < _KIND_LENGTHS_N and _KIND_LENGTHS[n]:
+            kind = kinds.get(name)
+            if kind is None:
+                kind = _resp_kind(name)
+        else:
+            kind = _R_PASS
         # (the kinds in the order of how often a response has them: each comparison passed
         # is a few bytecodes per header in the interpreted build)
         if kind == _R_PASS:
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         elif kind == _R_CONTENT_LENGTH:
             length = value
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         elif kind == _R_CONTENT_TYPE:
-            # RFC 9110 §8.3.1: the type and subtype are case-insensitive.
-            if value[:17].lower() == b"text/event-stream":
+            # RFC 9110 §8.3.1: the type and subtype are case-insensitive. (Its sixth byte
+            # first, "e" or "E": no slice and lower() for text/html, application/json, ...)
+            if (
+                len(value) >= 17
+                and value[5] | 0x20 == 0x65
+                and value[:17].lower() == b"text/event-stream"
+            ):
                 sse = True
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         elif kind == _R_CONNECTION:
-            v = value.lower()
-            if v != b"keep-alive" and v != b"close":  # the usual values: nothing named
-                toks = frozenset(x.strip() for x in v.split(b","))
-                extra = toks if extra is None else extra | toks
+            # (the usual values, as nodes spell them, without a lower() first)
+            if value != b"keep-alive" and value != b"close":
+                v = value.lower()
+                if v != b"keep-alive" and v != b"close":  # the usual values: nothing named
+                    toks = frozenset(x.strip() for x in v.split(b","))
+                    extra = toks if extra is None else extra | toks
         elif kind == _R_TRANSFER_ENCODING:
             chunked_in = True
         elif kind == _R_CSP:
             has_csp = True
-            parts += (name, b": ", value, b"\r\n")
+            parts.append(name)
+            parts.append(b": ")
+            parts.append(value)
+            parts.append(b"\r\n")
         # (else _R_DROP: hop-by-hop, never forwarded)
     if extra is not None and extra - {b"keep-alive", b"close", b"upgrade"}:
         parts = _filter(status, headers, extra)
@@ -1061,11 +1110,11 @@ class Exchange:
             self.settings.nodes.active[node] -= 1
             self.times.append(seconds_text(now - self.upstream_time))
             self.node = -1
-        self.actions.append((A_NODE_DONE, reuse and self.req.complete))
+        self.actions.append(_DONE_KEEP if reuse and self.req.complete else _DONE_CLOSE)
         if self.pin_buf is not None or self.ticket is not None:
             self._check_pin()
         self._go(DONE)  # (from STREAMING, always: _end's test is not needed)
-        self.actions.append((A_FINISH, self.close_after))
+        self.actions.append(_FINISH_CLOSE if self.close_after else _FINISH_KEEP)
 
     def _check_pin(self) -> None:
         """Guard API: a 403 "Invalid PIN" on request_token is a PIN failure (SPEC §4); a 200

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
 import httptools
@@ -68,6 +69,8 @@ __all__ = ["ClientConnection"]
 log = logging.getLogger("confedge.proxy")
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+# The end of an HTTP/1.1 request line (see on_headers_complete).
+_LINE_END_11: Final = b" HTTP/1.1\r\n"
 
 _INF: Final = math.inf
 
@@ -144,18 +147,23 @@ class ClientConnection(asyncio.BufferedProtocol):
 
     __slots__ = (
         "activity",
+        "at0",
         "core",
         "cur",
         "deadline",
         "discard",
         "exchange",
+        "feed",
+        "get_method",
         "head_raw",
         "in_head",
+        "now",
         "parser",
         "paused",
         "peer",
         "pending",
         "refusal",
+        "should_keep_alive",
         "sniff",
         "static_iter",
         "timeout",
@@ -171,6 +179,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.core = core
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        # The parser's methods of every request, bound once: a call each without the method
+        # lookup on the parser's type (generic in the compiled build too).
+        self.feed: Callable[[bytes | memoryview], None] = self.parser.feed_data
+        self.get_method: Callable[[], bytes] = self.parser.get_method
+        self.should_keep_alive: Callable[[], bool] = self.parser.should_keep_alive
         self.cur: Request | None = None
         self.exchange: Exchange | None = None
         self.up: UpstreamConnection | None = None  # the current exchange's node connection
@@ -178,6 +191,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.peer = ""
         self.head_raw = 0
         self.in_head = False
+        # The loop time read when a request began in the read being parsed (-1.0 outside a
+        # read): its exchange starts with the same reading, one clock call per request fewer.
+        self.now = -1.0
+        # The read being parsed is in the worker's read buffer from its first byte, and began
+        # between two requests (False outside such a read, and once its first head is done).
+        self.at0 = False
         self.paused = 0
         self.writing_paused = False
         self.refusal: Refused | None = None
@@ -253,16 +272,21 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         # The common case, a new request (or several) in this read: straight to the parser.
         self.activity = True
+        cur = self.cur
+        self.at0 = cur is None or cur.complete
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(bytes(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
+        self.now = -1.0  # (a reading is good for the read that made it only)
+        self.at0 = False
 
     def data_received(self, data: bytes | memoryview) -> None:
         """Bytes from the client (a view of the shared buffer, or bytes from a hand-off)."""
         self.activity = True
+        self.at0 = False  # (not necessarily the read buffer: see on_headers_complete)
         if self.tunnel:
             chunk = bytes(data)  # the shared buffer is reused by the next read
             up = self.up
@@ -285,11 +309,12 @@ class ClientConnection(asyncio.BufferedProtocol):
                 self.refuse(431, "request head too large")
                 return
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
         except httptools.HttpParserUpgrade as exc:
             self._upgrade(bytes(data[exc.args[0] :]))
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
+        self.now = -1.0
 
     def _sniffed(self, data: bytes | memoryview) -> bytes | memoryview:
         """turn.tls_on_https: what to parse as HTTP, once the first bytes say it is HTTP; b""
@@ -343,7 +368,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             self.timeout = 0.0
             self.activity = False
             core = self.core
-            self.deadline = core.loop.time() + core.header_timeout
+            now = core.clock()
+            self.now = now  # (for _start, if the head completes in this read)
+            self.deadline = now + core.header_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.cur
@@ -411,10 +438,25 @@ class ClientConnection(asyncio.BufferedProtocol):
         req = self.cur
         assert req is not None
         self.in_head = False
-        parser = self.parser
-        req.method = parser.get_method()
-        req.version = parser.get_http_version()
-        req.keep_alive = parser.should_keep_alive()
+        method = self.get_method()
+        req.method = method
+        # HTTP/1.1 (Request's default) read off the request line itself when this read began
+        # with it: httptools' get_http_version formats a new string with str.format, the
+        # largest single cost of a head. This read (the worker's read buffer from byte 0)
+        # holds the whole line, METHOD SP+ URL SP+ HTTP/x.y CRLF, after at most some blank
+        # lines, and llhttp accepted it, so it has no CR or LF before its end: 11 bytes at
+        # len(METHOD) + 1 + len(URL) that read " HTTP/1.1\r\n" can only be its end, and the
+        # version is 1.1. Anything else (a head split over reads, a pipelined request, blank
+        # lines before it, extra spaces, 1.0) asks the parser.
+        at0 = self.at0
+        self.at0 = False
+        if not at0:
+            req.version = self.parser.get_http_version()
+        else:
+            p = len(method) + 1 + len(req.url)
+            if self.core.read_buffer[p : p + 11] != _LINE_END_11:
+                req.version = self.parser.get_http_version()
+        req.keep_alive = self.should_keep_alive()
         try:
             self._vet(req)
         except Refused as exc:
@@ -526,7 +568,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             else:  # LOCAL_NOT_ALLOWED
                 self.local_response(req, 404)
             return
-        now = core.loop.time()
+        now = self.now  # (on_message_begin's reading, in the same read)
+        if now < 0.0:
+            now = core.clock()
         # (positional arguments, here and below: the cheaper call in the interpreted build)
         # (settings_for's usual case, no [[proxy.pools]], without the call)
         settings = core.settings_for(req.target) if core.pool_prefixes else core.exchange_settings
@@ -572,27 +616,33 @@ class ClientConnection(asyncio.BufferedProtocol):
             # node_action (upstream.py, shared with HTTP/2) and _act: a call per decision cost
             # the interpreted build several calls a request.
             again = False
+            # The loop time of the node read that finished the response (UpstreamConnection
+            # .now), for the pooled connection's and this connection's idle deadlines.
+            now = -1.0
             for kind, arg in actions:
                 if kind == A_NODE_TIMER:
                     up = self.up
                     if up is not None:  # (UpstreamConnection.arm, inlined)
-                        up.timeout, up.deadline = arg
+                        # (typed: the compiled build reads the pair natively, not through
+                        # the generic item access of an Any)
+                        timer: tuple[float, float] = arg
+                        up.timeout, up.deadline = timer
                         up.activity = False
                 elif kind == A_NODE_DONE:
                     up = self.up
                     self.up = None  # (node_action's caller's part: see there)
                     if up is not None:  # (UpstreamConnection.done, inlined)
                         if arg:
-                            up.pool.release(up)  # (which also clears its owner)
+                            now = up.now
+                            up.pool.release(up, now)  # (which also clears its owner)
                         else:
                             up.close()
                 elif kind == A_CONNECT:
                     # The default pool's warmest idle connection without node_action's call
                     # (its settings are always the current generation's); else node_action:
                     # another pool, or a new connection (node_ready / node_connect_failed).
-                    conn = (
-                        core.pools[arg[0]].take() if ex.settings is core.exchange_settings else None
-                    )
+                    i: int = arg[0]  # (typed: a native call to NodePool.take)
+                    conn = core.pools[i].take() if ex.settings is core.exchange_settings else None
                     if conn is None:
                         conn = node_action(self, self.up, core, ex, kind, arg)
                     if conn is not None:
@@ -605,11 +655,12 @@ class ClientConnection(asyncio.BufferedProtocol):
                         else:
                             self.up = conn
                             conn.owner = self
+                            conn.h1 = self
                             ex.node_connected(ex.upstream_time, True)
                             again = True
                 elif kind == A_FINISH:
                     core.log_exchange(ex)
-                    self.finished(ex, arg)
+                    self.finished(ex, arg, now)
                 elif kind <= A_NODE_LAST:  # A_MARK_FAILED
                     node_action(self, self.up, core, ex, kind, arg)
                 else:
@@ -650,6 +701,7 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         self.up = conn
         conn.owner = self
+        conn.h1 = self
         ex.node_connected(now if now >= 0.0 else self.core.loop.time(), reused)
         self.drive(ex)
 
@@ -661,8 +713,9 @@ class ClientConnection(asyncio.BufferedProtocol):
     def _body_expected(req: Request) -> bool:
         return req.chunked or (req.content_length is not None and req.content_length != b"0")
 
-    def finished(self, ex: Exchange, close: bool) -> None:
-        """The response to `ex` is fully written: next request, keep-alive idle, or close."""
+    def finished(self, ex: Exchange, close: bool, now: float = -1.0) -> None:
+        """The response to `ex` is fully written: next request, keep-alive idle, or close.
+        `now`: the loop time when the caller has just read it (else read here)."""
         if self.exchange is ex:
             self.exchange = None
         t = self.transport
@@ -685,7 +738,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.tmode = T_IDLE
         self.timeout = core.idle_timeout
         self.activity = False
-        self.deadline = core.loop.time() + core.idle_timeout
+        self.deadline = (now if now >= 0.0 else core.clock()) + core.idle_timeout
 
     def local_response(
         self,

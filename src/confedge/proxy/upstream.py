@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import httptools
@@ -31,6 +32,7 @@ from confedge.proxy.health import LATENCY_BOUNDS
 if TYPE_CHECKING:
     from confedge.proxy.core import WorkerRuntime
     from confedge.proxy.exchange import Exchange
+    from confedge.proxy.server import ClientConnection
 
 __all__ = ["NodeOwner", "NodePool", "UpstreamConnection", "node_action"]
 
@@ -76,7 +78,10 @@ class UpstreamConnection(asyncio.Protocol):
         "activity",
         "deadline",
         "ex",
+        "feed",
+        "get_status_code",
         "got_bytes",
+        "h1",
         "headers",
         "now",
         "owner",
@@ -84,6 +89,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "reading_paused",
         "reused",
+        "should_keep_alive",
         "timeout",
         "transport",
         "tunnel",
@@ -94,15 +100,26 @@ class UpstreamConnection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # The parser's methods of every response, bound once (see server.ClientConnection).
+        self.feed: Callable[[bytes], None] = self.parser.feed_data
+        self.get_status_code: Callable[[], int] = self.parser.get_status_code
+        self.should_keep_alive: Callable[[], bool] = self.parser.should_keep_alive
         # The client side whose exchange uses this connection (None while pooled).
         self.owner: NodeOwner | None = None
+        # The owner again when it is an HTTP/1.1 client connection (server.py sets both), by
+        # its own class: the compiled build reads its exchange and calls its drive natively
+        # once per read, where through the NodeOwner protocol both are generic Python calls.
+        # Used only while it `is` the owner; cleared with it.
+        self.h1: ClientConnection | None = None
         # The owner's exchange while a read is parsed (the parser callbacks' target; the owner
         # drives only after the read, so it cannot change in between).
         self.ex: Exchange | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.reused = False
         self.got_bytes = False
-        self.now = 0.0  # the loop time of the read being parsed (one clock read per read)
+        # The loop time of the read being parsed and driven (one clock read per read); -1.0
+        # outside a read.
+        self.now = -1.0
         self.tunnel = False
         self.writing_paused = False
         # Reading paused for the owner's flow control (its client cannot take more yet).
@@ -130,14 +147,17 @@ class UpstreamConnection(asyncio.Protocol):
             if owner.transport is not None:
                 self.pool.core.send(owner.transport, data)
             return
-        ex = owner.exchange
+        h1 = self.h1
+        if h1 is not None and h1 is not owner:
+            h1 = None  # (an HTTP/2 stream's: see h1)
+        ex = owner.exchange if h1 is None else h1.exchange
         if ex is None:
             self.close()
             return
         self.now = self.pool.clock()
         self.ex = ex
         try:
-            self.parser.feed_data(data)
+            self.feed(data)
             if ex.head_out is not None:
                 ex.flush_head()  # the head arrived without body bytes in this read
         except httptools.HttpParserUpgrade as exc:
@@ -147,7 +167,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             ex.node_failed(f"invalid response from node: {exc}", self.now)
         self.ex = None
-        owner.drive(ex)
+        if h1 is None:
+            owner.drive(ex)
+        else:
+            h1.drive(ex)
+        self.now = -1.0  # (good for this read only: see NodePool.release)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too (no half-open upstream connections)
@@ -157,6 +181,7 @@ class UpstreamConnection(asyncio.Protocol):
         owner = self.owner
         if owner is not None:
             self.owner = None
+            self.h1 = None
             if owner.up is self:
                 owner.up = None
             ex = owner.exchange
@@ -211,17 +236,18 @@ class UpstreamConnection(asyncio.Protocol):
             if h is None:
                 h = pool.latency = pool.core.latency_row(pool.netloc)
             seconds = now - ex.upstream_time
+            # (float increments: native in the compiled build, where += 1 is a generic add)
             if seconds <= _FIRST_BOUND:  # (a node nearby, the usual answer: no loop)
-                h[0] += 1
+                h[0] += 1.0
             else:
                 for i, bound in enumerate(LATENCY_BOUNDS):
                     if seconds <= bound:
-                        h[i] += 1
+                        h[i] += 1.0
                         break
-            h[-2] += 1
+            h[-2] += 1.0
             h[-1] += seconds
-            ex.response_head(self.parser.get_status_code(), self.headers, now)
-        self.headers = []
+            ex.response_head(self.get_status_code(), self.headers, now)
+        self.headers.clear()  # (the core keeps no reference to it: the same list again)
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
@@ -231,7 +257,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         ex = self.ex
         if ex is not None:
-            ex.response_end(self.parser.should_keep_alive(), self.now)
+            ex.response_end(self.should_keep_alive(), self.now)
 
     # -- the core's decisions about this connection (node_action) -------------------------------
 
@@ -239,6 +265,7 @@ class UpstreamConnection(asyncio.Protocol):
         """A_NODE_DONE: the exchange is finished with this connection: back to its node's pool
         (`keep`) or closed."""
         self.owner = None
+        self.h1 = None
         if keep:
             self.pool.release(self)  # (resumes its reading if the owner's client paused it)
         else:
@@ -263,6 +290,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.owner = None
+        self.h1 = None
         self.pool.forget(self)
         if self.transport is not None:
             self.transport.abort()
@@ -362,12 +390,15 @@ class NodePool:
                 return conn
         return None
 
-    def release(self, conn: UpstreamConnection) -> None:
+    def release(self, conn: UpstreamConnection, now: float = -1.0) -> None:
+        """Back to the idle list (or closed when it is full); `now`: the loop time when the
+        caller has just read it (else read here)."""
         core = self.core
         if len(self.idle) >= core.upstream_keepalive or core.closing:
             conn.close()
             return
         conn.owner = None
+        conn.h1 = None
         if conn.reading_paused:
             # Never pooled with its reading paused: the owner that paused it (a slow client)
             # no longer resumes it, and the next exchange on it would wait for its response
@@ -377,7 +408,7 @@ class NodePool:
         conn.got_bytes = False
         conn.timeout = 0.0
         conn.activity = False
-        conn.deadline = self.clock() + core.upstream_idle
+        conn.deadline = (now if now >= 0.0 else self.clock()) + core.upstream_idle
         self.idle.append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
