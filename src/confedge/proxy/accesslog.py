@@ -45,7 +45,7 @@ import re
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, Final
+from typing import Final
 
 __all__ = [
     "AccessLog",
@@ -521,11 +521,10 @@ class RequestCounter:
     process reports its own to the main process (proxy/service.py) when workers > 1.
     """
 
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-        # The usual sink, the access-log file, as its own class: the compiled build then calls
-        # its `log` natively (a generic call with eleven arguments otherwise, per request).
-        self.file: AccessLog | None = inner if type(inner) is AccessLog else None
+    def __init__(self, file: AccessLog | None) -> None:
+        # The access-log file (None: access logging off), by its own class: the compiled build
+        # then calls its `log` natively (a generic call with eleven arguments otherwise).
+        self.file = file
         self.total = 0
         self.by_class = [0, 0, 0, 0, 0, 0]  # index = status // 100 (0 for out-of-range)
 
@@ -548,22 +547,6 @@ class RequestCounter:
         file = self.file
         if file is not None:
             file.log(
-                remote_addr,
-                now,
-                request,
-                status,
-                body_bytes_sent,
-                referer,
-                user_agent,
-                upstream_addr,
-                upstream_status,
-                upstream_response_time,
-                remote_user,
-            )
-            return
-        inner = self.inner
-        if inner is not None:
-            inner.log(
                 remote_addr,
                 now,
                 request,

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from confedge.config import Config, NodeAddress
 from confedge.guard.addresses import Networks, client_address, parse_networks
 from confedge.guard.hook import GuardHook
-from confedge.proxy.accesslog import AccessLog, RequestCounter, remote_user
+from confedge.proxy.accesslog import RequestCounter, remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
 from confedge.proxy.health import LATENCY_BUCKETS, Transition
@@ -171,11 +171,10 @@ class WorkerRuntime:
         self.clock: Callable[[], float] = loop.time
         self.guard = guard if guard is not None and getattr(guard, "enabled", True) else None
         self.access_log = access_log
-        # The sinks the service and the benchmarks use, by their own class: the compiled build
-        # calls their `log` natively, where a call through the AccessLogSink protocol is a
-        # generic Python call with eleven arguments, once per request.
+        # The sink the service passes, by its own class: the compiled build calls its `log`
+        # natively, where a call through the AccessLogSink protocol is a generic Python call
+        # with eleven arguments, once per request.
         self.log_counter = access_log if type(access_log) is RequestCounter else None
-        self.log_file = access_log if type(access_log) is AccessLog else None
         self.static = static
         self.allowed_hosts = _allowed_hosts(cfg)
         # Memos of two pure checks every request repeats (clients send the same few Host values
@@ -619,13 +618,6 @@ class WorkerRuntime:
         counter = self.log_counter
         if counter is not None and counter is sink:
             counter.log(
-                peer, now, line, status, ex.sent, req.referer, req.ua, addr, node_status,
-                node_time, user,
-            )  # fmt: skip
-            return
-        file = self.log_file
-        if file is not None and file is sink:
-            file.log(
                 peer, now, line, status, ex.sent, req.referer, req.ua, addr, node_status,
                 node_time, user,
             )  # fmt: skip
