@@ -229,7 +229,7 @@ async def _mux(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
         server, local = (args.host, svc.port), (args.client_host, 0)
         clis = [
             UdpTurnClient(server, "turnuser", "turnpass", "example.test", local=local)
-            for _ in range(k + 1)
+            for _ in range(k + 3)  # k, then E and up to two more tries at a shared socket
         ]
     socks = [*peers, intruder, *(c.sock for c in clis)]
     for s in socks:
@@ -328,11 +328,21 @@ async def _mux(svc: TurnService, args: argparse.Namespace) -> dict[str, Any]:
         # A permission that lapses (3 s for this allocation only) takes its channel out of the
         # map at once; D's on another socket and C's stay.
         core.s = dataclasses.replace(core.s, permission_lifetime=3)
-        e = k
-        resp = await clis[e].allocate(6 if v6 else 4)
-        assert resp is not None and resp.msg_class == MsgClass.SUCCESS, resp
-        relay_e = decode_xor_address(resp.get(Attr.XOR_RELAYED_ADDRESS) or b"", resp.transaction_id)
-        out["e_shares"] = relay_e in groups
+        # E must land on a socket that already holds an allocation. Its thread follows its
+        # client's 5-tuple hash, and a thread that got at most one of the k allocations still
+        # has an empty socket (its fewest-allocations pick). Such a try stays allocated, so it
+        # fills that socket; at most 4 - sockets (<= 2) tries can miss, so the third shares.
+        seen = set(groups)
+        e, relay_e = -1, ("", 0)
+        for e in range(k, k + 3):
+            resp = await clis[e].allocate(6 if v6 else 4)
+            assert resp is not None and resp.msg_class == MsgClass.SUCCESS, resp
+            tid = resp.transaction_id
+            relay_e = decode_xor_address(resp.get(Attr.XOR_RELAYED_ADDRESS) or b"", tid)
+            if relay_e in seen:
+                break
+            seen.add(relay_e)
+        out["e_shares"] = relay_e in seen
         out["e_bind"] = await _bind(clis[e], 0x4001, paddr[k + 1])
         peers[k + 1].sendto(b"e0", relay_e)
         out["e_before"] = [len(await at_client(e)), off.offloaded_channels()]
