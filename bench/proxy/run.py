@@ -1040,6 +1040,10 @@ def main(argv: list[str] | None = None) -> int:
 def build_compiled(out: Path) -> Path:
     """Install this tree as a wheel install would (mypyc-compiled hot path) into `out`."""
     t0 = time.monotonic()
+    # setuptools' staging area, as `make native` clears it: a module dropped from the compiled
+    # list would otherwise come back from it as a stale .so that imports a missing symbol.
+    for staged in ROOT.glob("build/lib.*"):
+        shutil.rmtree(staged)
     proc = subprocess.run(
         [str(VENV_BIN / "pip"), "install", "--quiet", "--no-build-isolation", "--no-deps",
          "--target", str(out), str(ROOT)],
