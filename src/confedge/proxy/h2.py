@@ -179,6 +179,21 @@ class H2Runtime:
         self.sweeper.ensure()
 
 
+def server_config() -> h2.config.H2Configuration:
+    """hyper-h2's settings for a client connection (also bench/proxy/h2floor.py's).
+
+    Inbound headers are validated (RFC 9113 §8.2: pseudo-headers, connection-specific fields,
+    case); outbound ones are built here already lower-case from values httptools parsed, so
+    hyper-h2's outbound checks are skipped (a third of its per-request cost)."""
+    return h2.config.H2Configuration(
+        client_side=False,
+        header_encoding=None,
+        validate_inbound_headers=True,
+        validate_outbound_headers=False,
+        normalize_outbound_headers=False,
+    )
+
+
 class H2Client(asyncio.Protocol):
     """One HTTP/2 client connection (TLS terminated by the transport)."""
 
@@ -187,17 +202,7 @@ class H2Client(asyncio.Protocol):
         self.core = rt.core
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
-        # Inbound headers are validated (RFC 9113 §8.2: pseudo-headers, connection-specific
-        # fields, case); outbound ones are built here already lower-case from values httptools
-        # parsed, so hyper-h2's outbound checks are skipped (a third of its per-request cost).
-        cfg = h2.config.H2Configuration(
-            client_side=False,
-            header_encoding=None,
-            validate_inbound_headers=True,
-            validate_outbound_headers=False,
-            normalize_outbound_headers=False,
-        )
-        self.conn = h2.connection.H2Connection(config=cfg)
+        self.conn = h2.connection.H2Connection(config=server_config())
         self.streams: dict[int, H2Stream] = {}
         self.resets: collections.deque[float] = collections.deque()
         self.writing_paused = False
