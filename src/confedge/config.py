@@ -439,7 +439,12 @@ class ProxyConfig(_Strict, frozen=True):
     # the issue asks; lower it on memory-tight hosts with many concurrent uploads.
     request_buffer_bytes: Amount = 15 * 1024 * 1024
     allowed_hosts: list[str] = field(default_factory=list)  # extra Host names besides the FQDN
-    upstream_keepalive: Amount = 32  # idle connections kept per node/worker
+    # Idle connections kept per node and worker. An HTTP/2 client has up to http2_max_streams
+    # requests in flight, each on a node connection of its own: with a small pool the ones
+    # beyond it are closed after each burst and opened again for the next (at 32, h2load's
+    # 640 streams made 7% of requests connect anew and cost 20% more CPU per request,
+    # docs/BENCHMARKS.md). The reference's nginx keeps up to 1024 per worker.
+    upstream_keepalive: Amount = 256
     upstream_idle_timeout: Seconds = 60.0
     websocket_idle_timeout: Seconds = 3600.0
     health_interval: Seconds = 5.0

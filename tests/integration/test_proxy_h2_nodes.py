@@ -235,3 +235,45 @@ async def test_h2_access_log_remote_user(tmp_path: Path) -> None:
     for path in ("/ok/a", "/denied"):
         (line,) = [x for x in text.splitlines() if f"GET {path} HTTP/2.0" in x]
         assert line.split(" ")[2] == "alice", line
+
+
+async def test_h2_bursts_reuse_the_node_connections_they_opened(tmp_path: Path) -> None:
+    """60 requests in flight on one HTTP/2 connection need 60 node connections (one per
+    stream); after the burst all of them wait in the pool (proxy.upstream_keepalive, 256 by
+    default), and the next burst of 60 opens none. With a pool smaller than a client's streams
+    in flight, every burst closed and reopened the excess (docs/BENCHMARKS.md: 20% more CPU
+    per HTTP/2 request under h2load)."""
+    node = Upstream("n0", delay=0.3)
+    accepted = 0
+    handle = node._handle
+
+    async def counting(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        await handle(reader, writer)
+
+    node._handle = counting  # type: ignore[method-assign]
+    await node.start()
+    svc = ProxyService(proxy_config([node.address], str(tmp_path), health_interval=30))
+    await svc.start()
+    core = svc.core
+    assert core is not None
+    try:
+        async with _h2(svc.https_port) as c:
+
+            async def burst(tag: str) -> None:
+                rs = await asyncio.gather(
+                    *(c.get(f"/api/client/v2/echo?{tag}={i}") for i in range(60))
+                )
+                assert all(r.status_code == 200 and r.http_version == "HTTP/2" for r in rs)
+
+            await burst("a")
+            opened = accepted
+            assert opened >= 60  # (plus the health checks' own connections)
+            assert len(core.pools[0].idle) == 60
+            await burst("b")
+            assert accepted == opened, "the second burst opened node connections anew"
+            assert len(core.pools[0].idle) == 60
+    finally:
+        await svc.close()
+        await node.kill()
