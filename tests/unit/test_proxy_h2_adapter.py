@@ -175,6 +175,42 @@ async def test_host_and_authority_must_agree(tmp_path: Path) -> None:
     assert peer.t.closing
 
 
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [*_req("/"), ("X-Upper", "1")],
+        [*_req("/"), ("connection", "close")],
+        [*_req("/"), ("transfer-encoding", "chunked")],
+        [*_req("/"), ("te", "gzip")],
+        [*_req("/"), ("x-a", "a\x00b")],
+        [*_req("/"), ("x-a", " padded")],
+        [("accept", "*/*"), *_req("/")],
+        [*_req("/"), (":foo", "x")],
+        [*_req("/"), (":status", "200")],
+        _req("/")[:3],
+    ],
+    ids=[
+        "uppercase", "connection", "transfer-encoding", "te", "nul", "whitespace",
+        "pseudo-after-regular", "unknown-pseudo", "status-in-request", "no-path",
+    ],
+)  # fmt: skip
+async def test_malformed_request_is_a_connection_error(
+    tmp_path: Path, headers: list[tuple[str, str]]
+) -> None:
+    """RFC 9113 §8.1.1, §8.2, §8.3: a malformed header block ends the connection with GOAWAY
+    PROTOCOL_ERROR (request.h2_fields_problem, as hyper-h2's own validation did), and no
+    exchange starts for it: no answer on the stream, no node connection."""
+    peer = await _peer(tmp_path)
+    core = peer.server.core
+    peer.conn.config.normalize_outbound_headers = False  # send the block exactly as written
+    status, _ = await peer.get(headers)
+    assert status == 0
+    ends = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert ends and ends[0].error_code == 1  # PROTOCOL_ERROR
+    assert peer.t.closing
+    assert not peer.server.streams and not core.upstreams
+
+
 async def test_rapid_reset_gets_goaway(tmp_path: Path) -> None:
     peer = await _peer(tmp_path)
     for _ in range(RESET_LIMIT + 1):

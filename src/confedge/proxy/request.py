@@ -26,6 +26,7 @@ __all__ = [
     "TO_NODE",
     "Refused",
     "Request",
+    "h2_fields_problem",
     "host_allowed",
     "normalise_peer",
     "normalise_target",
@@ -204,6 +205,95 @@ class Request:
         self.method = b""
         self.target = ""
         self.version = "1.1"
+
+
+# RFC 9113 §8.2.1: a field name is lower-case visible ASCII (0x21-0x7e without 0x41-0x5a); these
+# are the bytes bytes.translate deletes, so what is left of a name is what it may not contain.
+_H2_NAME_CHARS: Final = bytes(c for c in range(0x21, 0x7F) if not 0x41 <= c <= 0x5A)
+# RFC 9113 §8.2.2: connection-specific fields, malformed in HTTP/2 (TE is handled apart).
+_H2_CONNECTION_FIELDS: Final = frozenset(
+    {b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade"}
+)
+# RFC 9113 §8.3.1 (and RFC 8441 §4's :protocol, which only a CONNECT request may carry).
+_H2_REQUEST_PSEUDO: Final = frozenset(
+    {b":method", b":scheme", b":authority", b":path", b":protocol"}
+)
+
+
+def h2_fields_problem(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """What makes an HTTP/2 request's header block malformed (RFC 9113 §8.1.1), or None.
+
+    Why here and not in hyper-h2: its inbound validation checks every byte of every name and
+    value in a Python loop, a sixth of its CPU per request (bench/proxy/h2floor.py); this does
+    the same checks with bytes methods, compiled, and the adapter turns a problem into the same
+    connection error (GOAWAY PROTOCOL_ERROR) hyper-h2 sent. The rules are those hyper-h2 4.4
+    enforces for a request; tests/unit/test_proxy_h2_fields.py compares the two verdicts on
+    generated header blocks.
+    """
+    seen: set[bytes] = set()
+    regular = False
+    method: bytes | None = None
+    authority: bytes | None = None
+    host: bytes | None = None
+    for name, value in headers:
+        # §8.2.1: names
+        if not name:
+            return "empty field name"
+        if name.translate(None, _H2_NAME_CHARS):
+            return f"invalid character in field name {name!r}"
+        if name[0] == 0x3A:  # ":" -- §8.3: pseudo-header fields
+            if name.find(0x3A, 1) != -1:
+                return f"invalid character in field name {name!r}"
+            if regular:
+                return f"pseudo-header field {name!r} after regular fields"
+            if name in seen:
+                return f"duplicate pseudo-header field {name!r}"
+            if name not in _H2_REQUEST_PSEUDO:
+                return f"pseudo-header field {name!r} not allowed in a request"
+            seen.add(name)
+            if name == b":method":
+                method = value
+            elif name == b":authority":
+                authority = value
+            elif name == b":path" and not value:
+                return "empty :path"
+        else:
+            regular = True
+            if 0x3A in name:
+                return f"invalid character in field name {name!r}"
+            if name in _H2_CONNECTION_FIELDS:
+                return f"connection-specific field {name!r}"  # §8.2.2
+            if name == b"te" and value.lower() != b"trailers":
+                return f"TE other than trailers: {value!r}"  # §8.2.2
+            if name == b"host":
+                if host is not None:
+                    return "more than one Host field"
+                host = value
+        # §8.2.1: values (an empty value is allowed)
+        if value:
+            # (ints: memchr; a one-byte bytes operand goes through the buffer protocol)
+            if 0 in value or 0x0A in value or 0x0D in value:
+                return f"invalid character in the value of {name!r}"
+            first, last = value[0], value[-1]
+            if first == 0x20 or first == 0x09 or last == 0x20 or last == 0x09:
+                return f"whitespace around the value of {name!r}"
+    # §8.3.1: the pseudo-header fields a request must (not) have
+    if b":method" not in seen:
+        return "no :method"
+    if method == b"CONNECT" and b":protocol" not in seen:
+        if b":scheme" in seen or b":path" in seen:
+            return "CONNECT with :scheme or :path"
+    else:
+        if b":scheme" not in seen or b":path" not in seen:
+            return "no :scheme or no :path"
+        if b":protocol" in seen and method != b"CONNECT":
+            return ":protocol in a request other than CONNECT"
+    # §8.3.1: :authority or Host, and the same when both are sent
+    if authority is None and host is None:
+        return "neither :authority nor Host"
+    if authority is not None and host is not None and authority != host:
+        return ":authority and Host differ"
+    return None
 
 
 def normalise_peer(peer: Any) -> str:
