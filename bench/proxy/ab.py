@@ -13,18 +13,22 @@ Each of BASE and NEW is put first on PYTHONPATH of its own `confedge run`: a com
     .venv/bin/python bench/proxy/ab.py --base /tmp/base/build/native --new build/native \\
         --rounds 3 --duration 10 --scenarios https-status https-1k http-redirect
 
-Prints one line per round and the medians with their ratio to nginx.
+Prints one line per round and the medians with their ratio to nginx, and writes every round
+and the medians to a JSON file (`--out`, default bench/results/proxy-ab-<time>.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # bench/proxy/run.py
@@ -37,7 +41,20 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--scenarios", nargs="*", default=["https-status", "https-1k", "http-redirect"])
+    ap.add_argument("--out", type=Path, help="results JSON (default bench/results/proxy-ab-*.json)")
     args = ap.parse_args()
+    unknown = [sc for sc in args.scenarios if sc not in bench.SCENARIOS]
+    if unknown or args.rounds < 1 or args.duration < 1:
+        ap.error(
+            f"unknown scenario(s) {unknown} (known: {', '.join(bench.SCENARIOS)})"
+            if unknown
+            else "--rounds and --duration must be at least 1"
+        )
+    for tree in (args.base, args.new):
+        if not (tree / "confedge" / "__init__.py").exists():
+            ap.error(f"{tree} holds no confedge package (a build/native copy or a src tree)")
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rounds: list[dict[str, Any]] = []
 
     bench._pick_ports()
     work = Path(tempfile.mkdtemp(prefix="confedge-bench-ab-"))
@@ -74,20 +91,36 @@ def main() -> int:
                     tool, url = bench._load(scheme, http, https, path)
                     r = tool(url, args.duration, 64, 2, pid)
                     cpu.setdefault((sc, name), []).append(r["cpu_us_per_req"])
+                    rounds.append({"scenario": sc, "round": rnd + 1, "server": name, **r})
                     print(
                         f"{sc} round {rnd + 1} {name}: {r['cpu_us_per_req']} µs/req, "
                         f"{r['rps']:.0f} req/s, errors {r['non_2xx_3xx'] + r['socket_errors']}",
                         flush=True,
                     )
         print(f"load average {os.getloadavg()}")
+        medians: dict[str, dict[str, float]] = {}
         for sc in args.scenarios:
             ngx = statistics.median(cpu[(sc, "nginx")])
-            cells = [
-                f"{name} {statistics.median(cpu[(sc, name)]):.2f} "
-                f"({statistics.median(cpu[(sc, name)]) / ngx:.2f}x)"
-                for name in servers
-            ]
+            medians[sc] = {name: statistics.median(cpu[(sc, name)]) for name in servers}
+            cells = [f"{name} {m:.2f} ({m / ngx:.2f}x)" for name, m in medians[sc].items()]
             print(f"{sc}: " + ", ".join(cells))
+        out = args.out or (
+            bench.ROOT / "bench" / "results" / f"proxy-ab-{time.strftime('%Y%m%d-%H%M%S')}.json"
+        )
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result = {
+            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "started": started,
+            "host": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+            "load_average": os.getloadavg(),
+            "rounds": rounds,
+            "median_cpu_us_per_req": medians,
+            "ratio_to_nginx": {
+                sc: {name: m / by["nginx"] for name, m in by.items()} for sc, by in medians.items()
+            },
+        }
+        out.write_text(json.dumps(result, indent=2))
+        print(f"results: {out}", file=sys.stderr)
     finally:
         s.stop_all()
         for p in procs:

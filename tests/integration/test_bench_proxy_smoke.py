@@ -106,3 +106,48 @@ def test_h2floor_benchmark_smoke() -> None:
         cwd=REPO,
     )
     assert bad.returncode == 2 and "--streams must be 1-100" in bad.stderr
+
+
+@pytest.mark.timeout(150)
+def test_ab_benchmark_smoke(tmp_path: Path) -> None:
+    """ab.py, the same-run A/B, at toy size: the source tree against itself, every server's
+    rounds and medians in its JSON; a tree without confedge is refused with a clear error."""
+    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"):
+        pytest.skip("needs nginx and wrk (apt-get install nginx-light wrk)")
+    out = tmp_path / "ab.json"
+    src = str(REPO / "src")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench/proxy/ab.py"),
+            f"--base={src}",
+            f"--new={src}",
+            "--rounds=1",
+            "--duration=1",
+            "--scenarios",
+            "https-status",
+            "http-redirect",
+            f"--out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=140,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    seen = {(r["scenario"], r["server"]) for r in data["rounds"]}
+    for scenario in ("https-status", "http-redirect"):
+        for server in ("nginx", "base", "new"):
+            assert (scenario, server) in seen
+            assert data["median_cpu_us_per_req"][scenario][server] > 0
+        assert data["ratio_to_nginx"][scenario]["nginx"] == 1.0
+    assert all(r["non_2xx_3xx"] == 0 and r["socket_errors"] == 0 for r in data["rounds"])
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "bench/proxy/ab.py"), f"--base={tmp_path}", f"--new={src}"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=REPO,
+    )
+    assert bad.returncode == 2 and "holds no confedge package" in bad.stderr
