@@ -415,7 +415,9 @@ class H2Client(asyncio.Protocol):
 
     def vet(self, req: Request, headers: list[tuple[bytes, bytes]]) -> None:
         """The HTTP/2 form of ClientConnection._vet: pseudo-headers to the request line and
-        Host (RFC 9113 §8.3.1), the same limits, target and Host checks."""
+        Host (RFC 9113 §8.3.1), the same limits, target and Host checks. The block is well
+        formed (`event` ran `request.h2_fields_problem` first): one :method and :path, at
+        most one Host, and :authority or Host, the same when both are sent."""
         core = self.core
         authority: bytes | None = None
         cookies: list[bytes] = []
@@ -438,8 +440,6 @@ class H2Client(asyncio.Protocol):
             req.headers.append((name, name, value))
             if name in _STEER:
                 if name == b"host":
-                    if req.host is not None:
-                        raise Refused(400, "more than one Host header")
                     req.host = value
                 elif name == b"content-length":
                     req.content_length = value
@@ -469,14 +469,10 @@ class H2Client(asyncio.Protocol):
                 raise Refused(405, f"method {method.decode('latin-1')} refused")
             raise Refused(501, f"method {method.decode('latin-1')} not implemented")
         req.target = core.target(req.url)
-        if authority is not None:
-            if req.host is not None and req.host != authority:
-                raise Refused(400, "Host and :authority differ")
-            if req.host is None:
-                req.host = authority
-                req.headers.append((b"host", b"host", authority))
         if req.host is None:
-            raise Refused(400, "missing :authority")
+            assert authority is not None  # (h2_fields_problem: :authority or Host)
+            req.host = authority
+            req.headers.append((b"host", b"host", authority))
         if not core.check_host(req.host):
             raise Refused(400, "Host names another server")
         cl = req.content_length
