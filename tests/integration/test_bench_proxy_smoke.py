@@ -20,10 +20,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(150)
-def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
+def _need_nginx_and_wrk() -> None:
     if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"):
         pytest.skip("needs nginx and wrk (apt-get install nginx-light wrk)")
+
+
+@pytest.mark.timeout(150)
+def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
+    _need_nginx_and_wrk()
     out = tmp_path / "proxy.json"
     proc = subprocess.run(
         [
@@ -112,8 +116,7 @@ def test_h2floor_benchmark_smoke() -> None:
 def test_ab_benchmark_smoke(tmp_path: Path) -> None:
     """ab.py, the same-run A/B, at toy size: the source tree against itself, every server's
     rounds and medians in its JSON; a tree without confedge is refused with a clear error."""
-    if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"):
-        pytest.skip("needs nginx and wrk (apt-get install nginx-light wrk)")
+    _need_nginx_and_wrk()
     out = tmp_path / "ab.json"
     src = str(REPO / "src")
     proc = subprocess.run(
