@@ -9,8 +9,9 @@ STAMP  := $(VENV)/.installed
 NODE_STAMP := tests/e2e/node_modules/.installed
 
 NATIVE := build/native
-# The native TURN data plane built in place for the editable install (setup.py), when a C
-# compiler is there; without one TURN runs on the pure-Python data plane.
+# The native TURN data plane and the HTTP/2 engine on libnghttp2, built in place for the
+# editable install (setup.py), when a C compiler (and libnghttp2-dev) is there; without them TURN
+# runs on the pure-Python data plane and HTTP/2 on hyper-h2.
 NATIVE_EXT := $(VENV)/.native-ext
 # The suites that run again against the compiled build (the modules setup.py compiles and what
 # drives them end to end), the TURN suites there on the native data plane.
@@ -21,7 +22,7 @@ NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py \
 	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py \
 	tests/unit/test_turn_*.py tests/unit/test_stun_*.py tests/unit/test_qa_turn.py tests/integration/test_turn_*.py \
 	tests/integration/test_qa_turn_hostile.py tests/integration/test_guard_turn.py \
-	tests/e2e/test_turn_*.py
+	tests/e2e/test_turn_*.py tests/e2e/test_webapp_h2.py
 
 .PHONY: demo test test-pure test-native test-slow lint format bench venv native clean
 
@@ -31,11 +32,12 @@ $(STAMP): pyproject.toml
 	CONFEDGE_PURE=1 $(BIN)/pip install --quiet -e '.[dev,demo,redis]'
 	touch $(STAMP)
 
-$(NATIVE_EXT): src/confedge/turn/_native.c src/confedge/turn/bpf/relay.bpf.c setup.py | $(STAMP)
+$(NATIVE_EXT): src/confedge/turn/_native.c src/confedge/proxy/_h2native.c \
+		src/confedge/turn/bpf/relay.bpf.c setup.py | $(STAMP)
 	@if command -v $${CC:-cc} >/dev/null 2>&1; then \
 		$(BIN)/python setup.py -q build_ext --inplace || true; \
 	else \
-		echo "confedge: no C compiler: TURN will use the pure-Python data plane"; \
+		echo "confedge: no C compiler: TURN will use the pure-Python data plane, HTTP/2 hyper-h2"; \
 	fi
 	touch $(NATIVE_EXT)
 
@@ -67,10 +69,11 @@ PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
 
 test-pure: $(STAMP) $(NATIVE_EXT) $(NODE_STAMP)
-	CONFEDGE_DATAPLANE=python $(BIN)/pytest -q $(XDIST)
+	CONFEDGE_DATAPLANE=python CONFEDGE_H2_ENGINE=python $(BIN)/pytest -q $(XDIST)
 
 test-native: native $(NODE_STAMP)
-	CONFEDGE_EXPECT_BUILD=compiled CONFEDGE_DATAPLANE=native PYTHONPATH=$(NATIVE) \
+	CONFEDGE_EXPECT_BUILD=compiled CONFEDGE_DATAPLANE=native CONFEDGE_H2_ENGINE=native \
+		PYTHONPATH=$(NATIVE) \
 		$(BIN)/pytest -q $(XDIST) $(NATIVE_TESTS)
 
 test-slow: $(STAMP) $(NODE_STAMP)

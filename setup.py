@@ -38,6 +38,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 NATIVE = "confedge.turn._native"
+H2NATIVE = "confedge.proxy._h2native"
 
 
 def _wanted() -> bool:
@@ -55,7 +56,7 @@ def _native_ext() -> list[Any]:
         return []
     flags = ["-O2", "-std=gnu11", "-Wall", "-fno-strict-aliasing"]
     flags += os.environ.get("CONFEDGE_NATIVE_CFLAGS", "").split()
-    return [
+    exts = [
         Extension(
             NATIVE,
             ["src/confedge/turn/_native.c"],
@@ -63,6 +64,34 @@ def _native_ext() -> list[Any]:
             extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
         )
     ]
+    # HTTP/2 framing on libnghttp2 (proxy/h2engine.py); hyper-h2 serves when it is not built.
+    if _have_nghttp2():
+        exts.append(
+            Extension(
+                H2NATIVE,
+                ["src/confedge/proxy/_h2native.c"],
+                extra_compile_args=flags,
+                extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
+                libraries=["nghttp2"],
+            )
+        )
+    else:
+        print(
+            "confedge: libnghttp2-dev is missing: HTTP/2 to clients uses hyper-h2 (pure Python, "
+            "several times the CPU per request; apt install libnghttp2-dev, then reinstall)",
+            file=sys.stderr,
+        )
+    return exts
+
+
+def _have_nghttp2() -> bool:
+    """libnghttp2's header is there (Debian: libnghttp2-dev; the library itself, libnghttp2-14,
+    is on every Debian system that has curl)."""
+    import sysconfig
+
+    dirs = ["/usr/include", "/usr/local/include", sysconfig.get_paths().get("include", "")]
+    dirs += os.environ.get("CPATH", "").split(os.pathsep)
+    return any(d and os.path.exists(os.path.join(d, "nghttp2", "nghttp2.h")) for d in dirs)
 
 
 def _ext_modules() -> list[Any]:
@@ -132,27 +161,28 @@ def _build_bpf(build_lib: str, inplace: bool) -> None:
 class OptionalBuildExt(build_ext):
     """A failed C build leaves the pure-Python modules in place instead of failing the install."""
 
-    failed_native = False
+    failed: set[str] = set()
 
     def build_extension(self, ext: Any) -> None:
-        if ext.name != NATIVE:
+        if ext.name not in (NATIVE, H2NATIVE):
             super().build_extension(ext)  # mypyc: a failure drops them all (run() below)
             return
         try:
             super().build_extension(ext)
         except Exception as exc:  # CCompilerError, DistutilsExecError, PlatformError, OSError
-            self.failed_native = True
-            print(
-                f"confedge: compiling the native TURN data plane failed ({exc}); "
-                'turn.dataplane = "auto" will use the pure-Python relay (same behaviour, '
-                "more CPU per packet)",
-                file=sys.stderr,
+            self.failed = self.failed | {ext.name}
+            fallback = (
+                'turn.dataplane = "auto" will use the pure-Python relay (same behaviour, more '
+                "CPU per packet)"
+                if ext.name == NATIVE
+                else 'proxy.http2_engine = "auto" will use hyper-h2 (same behaviour, more CPU '
+                "per request)"
             )
+            print(f"confedge: compiling {ext.name} failed ({exc}); {fallback}", file=sys.stderr)
 
     def copy_extensions_to_source(self) -> None:
         # `build_ext --inplace`: a native extension that failed to build has nothing to copy.
-        if self.failed_native:
-            self.extensions = [e for e in self.extensions if e.name != NATIVE]
+        self.extensions = [e for e in self.extensions if e.name not in self.failed]
         super().copy_extensions_to_source()
 
     def run(self) -> None:

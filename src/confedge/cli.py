@@ -60,11 +60,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in problems:
             print(f"confedge: {line}", file=sys.stderr)
         return 2
+    h2 = None
+    if cfg.proxy.http2:  # proxy.http2_engine = "native" where the extension is not built
+        from confedge.proxy import h2engine
+
+        try:
+            kind = h2engine.choose(cfg.proxy.http2_engine)
+        except ValueError as exc:
+            print(f"confedge: {exc}", file=sys.stderr)
+            return 2
+        h2 = h2engine.library() if kind == "native" else "hyper-h2 (pure Python)"
     if args.json:
         print(json.dumps(cfg.masked(), indent=2))
     else:
         print(f"# {args.config}: configuration is valid; effective values (secrets masked)")
         print(f"# proxy hot path: {build_kind()}")
+        if h2 is not None:
+            print(f"# HTTP/2 framing: {h2}")
         for line in warnings:
             print(f"# warning: {line}")
         print(to_toml(cfg.masked()))

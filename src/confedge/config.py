@@ -488,6 +488,9 @@ class ProxyConfig(_Strict, frozen=True):
 
     http2: bool = True  # ALPN "h2" to clients (docs/PROXY.md "HTTP/2"); nodes stay HTTP/1.1
     http2_max_streams: Annotated[int, Meta(ge=1, le=1000)] = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
+    # HTTP/2 framing (proxy/h2engine.py): "native" is libnghttp2 (built when libnghttp2-dev is
+    # there at install), "python" is hyper-h2, "auto" the first that is there.
+    http2_engine: Literal["auto", "native", "python"] = "auto"
 
     @property
     def node_addresses(self) -> list[NodeAddress]:

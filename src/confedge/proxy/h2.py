@@ -3,15 +3,15 @@
 Theory of operation
 -------------------
 A TLS connection whose handshake selected ALPN ``h2`` (RFC 9113 §3.2) is handed, in
-`ClientConnection.connection_made`, to an `H2Client`: hyper-h2 (`h2.connection.H2Connection`,
-itself sans-I/O) turns the bytes into events, and each request stream becomes one `H2Stream`
-driving one `exchange.Exchange`, exactly as the HTTP/1.1 adapter drives one per request. The
-nodes keep speaking HTTP/1.1: every stream gets its own node connection, so one slow stream
-never blocks another. That connection is the one node-side adapter of the package,
-`upstream.UpstreamConnection`, taken from the worker's keep-alive pools (`upstream.NodePool`,
-shared with HTTP/1.1 clients); the stream is its owner (`upstream.NodeOwner`). So failover,
-node-failure marking, node timers, the latency histogram and the access log's upstream fields
-are the same code for both client protocols.
+`ClientConnection.connection_made`, to an `H2Client`: an HTTP/2 engine (proxy/h2engine.py:
+libnghttp2 when built, else hyper-h2; both sans-I/O) turns the bytes into events, and each
+request stream becomes one `H2Stream` driving one `exchange.Exchange`, exactly as the HTTP/1.1
+adapter drives one per request. The nodes keep speaking HTTP/1.1: every stream gets its own node
+connection, so one slow stream never blocks another. That connection is the one node-side
+adapter of the package, `upstream.UpstreamConnection`, taken from the worker's keep-alive pools
+(`upstream.NodePool`, shared with HTTP/1.1 clients); the stream is its owner
+(`upstream.NodeOwner`). So failover, node-failure marking, node timers, the latency histogram
+and the access log's upstream fields are the same code for both client protocols.
 
 The core is told the request is HTTP "2.0"; `plan_response` then frames nothing (no chunked
 coding, no Connection header) and the adapter turns the head the core queued into a HEADERS
@@ -34,8 +34,9 @@ client that uploads faster than the node reads runs out of window.
 
 Rapid reset (CVE-2023-44487): the client's RST_STREAMs are counted per connection in a
 sliding window; past `RESET_LIMIT` in `RESET_WINDOW` seconds the connection gets GOAWAY
-ENHANCE_YOUR_CALM and is closed. CONTINUATION floods are bounded by hyper-h2 (at most 64
-CONTINUATION frames per header block) and by SETTINGS_MAX_HEADER_LIST_SIZE.
+ENHANCE_YOUR_CALM and is closed. CONTINUATION floods are bounded by the engine (hyper-h2: at
+most 64 CONTINUATION frames per header block; libnghttp2: its CVE-2024-28182 limit) and by
+SETTINGS_MAX_HEADER_LIST_SIZE, which both enforce as a connection error.
 """
 
 from __future__ import annotations
@@ -47,13 +48,6 @@ import logging
 import math
 import time
 from typing import TYPE_CHECKING, Any
-
-import h2.config
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 
 from confedge.guard.addresses import in_networks
 from confedge.proxy.accesslog import remote_user
@@ -70,6 +64,23 @@ from confedge.proxy.exchange import (
     Exchange,
 )
 from confedge.proxy.guardcalls import carry_guard
+from confedge.proxy.h2engine import (
+    CLOSED,
+    DATA,
+    END,
+    ENHANCE_YOUR_CALM,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    PROTOCOL_ERROR,
+    REQUEST,
+    RESET,
+    WINDOW,
+    Engine,
+    EngineError,
+    choose,
+    new_engine,
+    server_config,
+)
 from confedge.proxy.pages import error_response, health_response, retry_page_response
 from confedge.proxy.request import (
     ALLOWED_METHODS,
@@ -99,6 +110,7 @@ __all__ = [
     "H2Stream",
     "h1_head",
     "h2_selected",
+    "server_config",
 ]
 
 log = logging.getLogger("confedge.proxy")
@@ -157,9 +169,12 @@ class H2Runtime:
     over their connections and streams (proxy/timers.py; node connections are swept with the
     worker's, WorkerRuntime.upstreams)."""
 
-    def __init__(self, core: WorkerRuntime, *, max_streams: int) -> None:
+    def __init__(self, core: WorkerRuntime, *, max_streams: int, engine: str = "auto") -> None:
         self.core = core
         self.max_streams = max_streams
+        # proxy.http2_engine (h2engine.choose): "native" (libnghttp2) or "python" (hyper-h2);
+        # ProxyService.start has checked and logged it
+        self.engine = choose(engine)
         self.timed: set[Any] = set()
         self.sweeper = Sweeper(lambda: self.timed, core.sweep_interval)
 
@@ -180,24 +195,6 @@ class H2Runtime:
         self.sweeper.ensure()
 
 
-def server_config() -> h2.config.H2Configuration:
-    """hyper-h2's settings for a client connection (also bench/proxy/h2floor.py's).
-
-    Inbound request headers are validated by `request.h2_fields_problem` in `H2Client.event`
-    (RFC 9113 §8.2, §8.3: the same rules hyper-h2 checks, without its Python loop over every
-    byte, a sixth of its CPU per request); hyper-h2 still normalises them (Cookie fields joined)
-    and enforces the header list size and CONTINUATION limits. Outbound ones are built here
-    already lower-case from values httptools parsed, so its outbound checks are skipped too.
-    Trailers are not validated by either: the adapter drops them unread."""
-    return h2.config.H2Configuration(
-        client_side=False,
-        header_encoding=None,
-        validate_inbound_headers=False,
-        validate_outbound_headers=False,
-        normalize_outbound_headers=False,
-    )
-
-
 class H2Client(asyncio.Protocol):
     """One HTTP/2 client connection (TLS terminated by the transport)."""
 
@@ -206,7 +203,10 @@ class H2Client(asyncio.Protocol):
         self.core = rt.core
         self.transport: asyncio.Transport | None = transport
         self.peer = peer
-        self.conn = h2.connection.H2Connection(config=server_config())
+        core = rt.core
+        self.conn: Engine = new_engine(
+            rt.engine, max_streams=rt.max_streams, max_header_list=core.max_header_bytes
+        )
         self.streams: dict[int, H2Stream] = {}
         self.resets: collections.deque[float] = collections.deque()
         self.writing_paused = False
@@ -226,19 +226,9 @@ class H2Client(asyncio.Protocol):
     def start(self) -> None:
         core = self.core
         core.clients.add(self)
-        conn = self.conn
-        s = h2.settings.SettingCodes
-        conn.local_settings = h2.settings.Settings(
-            client=False,
-            initial_values={
-                s.MAX_CONCURRENT_STREAMS: self.rt.max_streams,
-                s.MAX_HEADER_LIST_SIZE: core.max_header_bytes,
-                s.ENABLE_PUSH: 0,
-            },
-        )
-        # hpack refuses a header block that decodes to more than this (RFC 9113 §6.5.2).
-        conn.decoder.max_header_list_size = core.max_header_bytes
-        conn.initiate_connection()
+        # SETTINGS: MAX_CONCURRENT_STREAMS, MAX_HEADER_LIST_SIZE (a block that decodes to more
+        # is a connection error, RFC 9113 §6.5.2), ENABLE_PUSH 0
+        self.conn.initiate()
         self.flush()
         arm(self, core.loop.time(), core.header_timeout)
 
@@ -247,9 +237,9 @@ class H2Client(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.activity = True
         try:
-            events = self.conn.receive_data(data)
-        except h2.exceptions.ProtocolError as exc:
-            # hyper-h2 has queued GOAWAY with the matching error code.
+            events = self.conn.receive(data)
+        except EngineError as exc:
+            # The engine has queued GOAWAY with the matching error code.
             log.info("HTTP/2 protocol error from %s: %s", self.peer, exc)
             self.flush()
             self.close()
@@ -257,46 +247,47 @@ class H2Client(asyncio.Protocol):
         # Everything this read causes goes out as one write (one TLS record where it fits).
         self.reading = True
         try:
-            for ev in events:
-                self.event(ev)
+            for kind, sid, a, b in events:
+                self.event(kind, sid, a, b)
                 if self.closed:
                     break
         finally:
             self.reading = False
         self.flush()
 
-    def event(self, ev: h2.events.Event) -> None:
-        if isinstance(ev, h2.events.RequestReceived):
-            headers = ev.headers or []
+    def event(self, kind: int, sid: int, a: Any, b: Any) -> None:
+        """One engine event (h2engine's module docstring has the tuples)."""
+        if kind == REQUEST:
+            headers: list[tuple[bytes, bytes]] = a
             problem = h2_fields_problem(headers)
             if problem is not None:
                 # RFC 9113 §8.1.1: a malformed request; a connection error, as hyper-h2's own
                 # validation made it (GOAWAY PROTOCOL_ERROR), so nothing of it reaches a node.
                 log.info("HTTP/2 malformed request from %s: %s", self.peer, problem)
-                self.conn.close_connection(error_code=h2.errors.ErrorCodes.PROTOCOL_ERROR)
+                self.conn.goaway(PROTOCOL_ERROR)
                 self.close()
                 return
-            self.request(ev.stream_id, headers, ev.stream_ended is not None)
-        elif isinstance(ev, h2.events.DataReceived):
-            st = self.streams.get(ev.stream_id or 0)
+            self.request(sid, headers, bool(b))
+        elif kind == DATA:
+            st = self.streams.get(sid)
             if st is None:
-                self.ack(ev.stream_id or 0, ev.flow_controlled_length or 0)
+                self.ack(sid, b)
             else:
-                st.body(ev.data or b"", ev.flow_controlled_length or 0)
-        elif isinstance(ev, h2.events.StreamEnded):
-            st = self.streams.get(ev.stream_id or 0)
+                st.body(a, b)
+        elif kind == END:
+            st = self.streams.get(sid)
             if st is not None:
                 st.end()
-        elif isinstance(ev, h2.events.StreamReset):
-            st = self.streams.pop(ev.stream_id or 0, None)
+        elif kind == RESET:
+            st = self.streams.pop(sid, None)
             if st is not None:
                 st.lost()
-            if ev.remote_reset:
+            if a:  # the client's RST_STREAM
                 self.count_reset()
-        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+        elif kind == WINDOW:
             for st in list(self.streams.values()):
                 st.pump()
-        elif isinstance(ev, h2.events.ConnectionTerminated):
+        elif kind == CLOSED:
             self.close()
 
     def count_reset(self) -> None:
@@ -308,7 +299,7 @@ class H2Client(asyncio.Protocol):
             q.popleft()
         if len(q) > RESET_LIMIT:
             log.warning("HTTP/2 rapid reset from %s: connection closed", self.peer)
-            self.conn.close_connection(error_code=h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+            self.conn.goaway(ENHANCE_YOUR_CALM)
             self.flush()
             self.close()
 
@@ -340,7 +331,7 @@ class H2Client(asyncio.Protocol):
     def flush(self) -> None:
         if self.reading:
             return  # data_received flushes once at its end
-        data = self.conn.data_to_send()
+        data = self.conn.output()
         t = self.transport
         if data and t is not None and not t.is_closing():
             self.core.send(t, data)
@@ -349,11 +340,7 @@ class H2Client(asyncio.Protocol):
         """Give `n` bytes of receive window back (connection, and the stream if still open)."""
         if n <= 0 or self.closed:
             return
-        conn = self.conn
-        try:
-            conn.acknowledge_received_data(n, sid)
-        except h2.exceptions.ProtocolError:  # the stream is closed: the connection's share
-            conn.increment_flow_control_window(n)
+        self.conn.consume(sid, n)  # (the connection's share only, once the stream is closed)
         self.flush()
 
     def close(self) -> None:
@@ -371,7 +358,7 @@ class H2Client(asyncio.Protocol):
 
     def on_timeout(self) -> None:
         # Idle (or no preface in time): a polite GOAWAY, then close.
-        self.conn.close_connection()
+        self.conn.goaway(NO_ERROR)
         self.flush()
         self.close()
 
@@ -729,7 +716,7 @@ class H2Stream:
             if head is not None:
                 self.out_head = None
                 last = self.ending and not pending and self.static_iter is None
-                conn.send_headers(sid, head, end_stream=last)
+                conn.respond(sid, head, last)
                 if last:
                     self.ending = False
                     self.done = True
@@ -741,7 +728,7 @@ class H2Stream:
                     if self.static_iter is None or not self.read_static():
                         break
                     continue
-                window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                window = min(conn.window(sid), conn.max_frame())
                 if window <= 0:
                     break
                 chunk = pending[0]
@@ -752,7 +739,7 @@ class H2Stream:
                     pending.popleft()
                 self.pending_bytes -= len(chunk)
                 last = self.ending and not pending and self.static_iter is None
-                conn.send_data(sid, chunk, end_stream=last)
+                conn.send(sid, chunk, last)
                 if last:
                     self.ending = False
                     self.done = True
@@ -760,10 +747,10 @@ class H2Stream:
                     break
             if not pending and self.ending and self.static_iter is None:
                 self.ending = False
-                conn.end_stream(sid)
+                conn.end(sid)
                 self.done = True
                 client.stream_done(self)
-        except h2.exceptions.ProtocolError:  # (StreamClosedError included)
+        except EngineError:  # (StreamGone included)
             self.done = True
             self.static_iter = None
             self.pending.clear()
@@ -821,8 +808,8 @@ class H2Stream:
         self.done = True
         self.static_iter = None
         client = self.client
-        with contextlib.suppress(h2.exceptions.ProtocolError):
-            client.conn.reset_stream(self.sid, error_code=h2.errors.ErrorCodes.INTERNAL_ERROR)
+        with contextlib.suppress(EngineError):
+            client.conn.reset(self.sid, INTERNAL_ERROR)
         client.stream_done(self)
         client.flush()
 
@@ -877,8 +864,8 @@ class H2Stream:
         if self.done and not req.complete:
             # RFC 9113 §8.1: the answer is complete, the request body is not wanted; without
             # this the client could go on sending it (acknowledged and dropped) indefinitely.
-            with contextlib.suppress(h2.exceptions.ProtocolError):
-                self.client.conn.reset_stream(self.sid, error_code=h2.errors.ErrorCodes.NO_ERROR)
+            with contextlib.suppress(EngineError):
+                self.client.conn.reset(self.sid, NO_ERROR)
             self.client.flush()
         # $body_bytes_sent: the body only, as nginx counts it (the head became HEADERS)
         self.log_local(status, len(data) - data.find(b"\r\n\r\n") - 4, ex)
@@ -920,8 +907,8 @@ class H2Stream:
         self.exchange = ex
         empty = req.method == b"HEAD" or resp.length == 0
         try:
-            self.client.conn.send_headers(self.sid, h2_headers, end_stream=empty)
-        except h2.exceptions.ProtocolError:
+            self.client.conn.respond(self.sid, h2_headers, empty)
+        except EngineError:
             empty = True  # the stream is gone already
         if empty:
             self.done = True

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from confedge.config import Config
+from confedge.config import Config, ConfigError
 from confedge.guard.hook import GuardHook
 from confedge.logsetup import setup_service_logging
 from confedge.proxy import build_kind
@@ -125,7 +125,9 @@ class ProxyWorker:
         if cfg.proxy.http2:
             from confedge.proxy.h2 import H2Runtime
 
-            core.h2 = H2Runtime(core, max_streams=cfg.proxy.http2_max_streams)
+            core.h2 = H2Runtime(
+                core, max_streams=cfg.proxy.http2_max_streams, engine=cfg.proxy.http2_engine
+            )
         core.start()
         self._https_addrs = [s.getsockname()[:2] for s in https_socks]
         self._http_addrs = [s.getsockname()[:2] for s in http_socks]
@@ -339,7 +341,16 @@ class ProxyService:
     async def start(self) -> None:
         cfg = self.cfg
         hosts = _listen_hosts(cfg)
-        log.info("proxy: %d worker(s), hot path %s", self.workers, build_kind())
+        h2 = "off"
+        if cfg.proxy.http2:
+            from confedge.proxy import h2engine
+
+            try:  # proxy.http2_engine = "native" without the extension: say so before listening
+                kind = h2engine.choose(cfg.proxy.http2_engine)
+            except ValueError as exc:
+                raise ConfigError([str(exc)]) from None
+            h2 = h2engine.library() if kind == "native" else "hyper-h2 (pure Python)"
+        log.info("proxy: %d worker(s), hot path %s, HTTP/2 %s", self.workers, build_kind(), h2)
         # Check/generate the certificate once, in the parent, before any worker races for it.
         TLSContextHolder(cfg)
         if cfg.turn.tls_on_https:

@@ -52,6 +52,8 @@ from collections.abc import Callable, Hashable, Sequence
 from functools import partial
 from typing import Any
 
+from confedge import backends
+
 from .dataplane import (
     AllocationCounters,
     CapacityError,
@@ -118,19 +120,10 @@ def choose_backend(setting: str) -> str:
     """The backend, "native" or "python", for ``turn.dataplane`` (or CONFEDGE_DATAPLANE).
 
     Raises ValueError naming the key when "native" is asked for and not available."""
-    value = os.environ.get(ENV) or setting
-    if value not in ("auto", "native", "python"):
-        raise ValueError(f'{ENV}={value!r}: expected "auto", "native" or "python"')
-    if value == "python":
-        return "python"
-    ok, why = native_available()
-    if ok:
-        return "native"
-    if value == "native":
-        key = ENV if os.environ.get(ENV) else "turn.dataplane"
-        raise ValueError(f'{key} = "native": {why}')
-    log.info("TURN data plane: pure Python (%s)", why)
-    return "python"
+    backend = backends.choose(setting, env=ENV, key="turn.dataplane", available=native_available)
+    if backend == "python" and (os.environ.get(ENV) or setting) == "auto":
+        log.info("TURN data plane: pure Python (%s)", native_available()[1])
+    return backend
 
 
 def thread_count(setting: int) -> int:
