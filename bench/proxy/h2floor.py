@@ -11,6 +11,10 @@ DATA it read) and answering each stream with HEADERS and one DATA frame that end
 `proxy.request.h2_fields_problem`, as `H2Client.event` does (RFC 9113 §8.2, §8.3). Only the
 server side's calls are timed.
 
+It then runs the same load through `proxy.h2engine`, the interface the adapter calls, once on
+each engine: hyper-h2 ("python") and libnghttp2 ("native", when built), so the two framing
+costs can be compared directly.
+
 Whatever this prints per request is CPU that confedge spends on HTTP/2 before any of its own
 work, so it bounds from below what tuning the adapter can reach. `--hyper-h2-validation` also
 measures the way the adapter validated requests before: hyper-h2's own inbound validation,
@@ -31,7 +35,8 @@ import h2.config
 import h2.connection
 import h2.events
 
-from confedge.proxy.h2 import server_config
+from confedge.proxy import h2engine
+from confedge.proxy.h2engine import library, native_available, new_engine, server_config
 from confedge.proxy.request import h2_fields_problem
 
 # What h2load sends (nghttp2 1.52, Debian 12) and what a node's status answer carries on the
@@ -51,6 +56,19 @@ RESPONSE = [
     (b"date", b"Sun, 06 Dec 2026 17:00:00 GMT"),
     (b"content-type", b"application/json"),
 ]
+
+
+def _client_reads(client: h2.connection.H2Connection, wire: bytes, streams: int) -> bytes:
+    """The client's side of one batch (not timed): read the `streams` responses, check that
+    each ended, give back the window their DATA used; returns the WINDOW_UPDATEs to send."""
+    ended = 0
+    for ev in client.receive_data(wire):
+        ended += isinstance(ev, h2.events.StreamEnded)
+        if isinstance(ev, h2.events.DataReceived):
+            client.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
+    if ended != streams:
+        raise SystemExit(f"the client saw {ended} of {streams} responses end")
+    return client.data_to_send()
 
 
 def run(requests: int, streams: int, body: bytes, in_hyper_h2: bool) -> float:
@@ -102,17 +120,54 @@ def run(requests: int, streams: int, body: bytes, in_hyper_h2: bool) -> float:
             spent += time.perf_counter() - t0
             if len(out) != streams:
                 raise SystemExit(f"hyper-h2 answered {len(out)} of {streams} requests")
-            ended = 0
-            for ev in client.receive_data(b"".join(out)):
-                ended += isinstance(ev, h2.events.StreamEnded)
-                if isinstance(ev, h2.events.DataReceived):
-                    client.acknowledge_received_data(ev.flow_controlled_length or 0, ev.stream_id)
-            if ended != streams:
-                raise SystemExit(f"the client saw {ended} of {streams} responses end")
-            acks = client.data_to_send()
+            acks = _client_reads(client, b"".join(out), streams)
             t0 = time.perf_counter()
             server.receive_data(acks)
             server.data_to_send()
+            spent += time.perf_counter() - t0
+        best = min(best, spent / (max(1, requests // streams) * streams))
+    return best * 1e6
+
+
+def run_engine(kind: str, requests: int, streams: int, body: bytes) -> float:
+    """The same load through `proxy.h2engine` (what the adapter calls), engine `kind`
+    ("python": hyper-h2, "native": libnghttp2): server-side µs per request, best of 5."""
+    response = [*RESPONSE, (b"content-length", b"%d" % len(body))]
+    best = float("inf")
+    for _ in range(5):
+        client = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        server = new_engine(kind, max_streams=100, max_header_list=32768)
+        client.initiate_connection()
+        server.initiate()
+        server.receive(client.data_to_send())
+        client.receive_data(server.output())
+        server.receive(client.data_to_send())
+        spent = 0.0
+        for _batch in range(max(1, requests // streams)):
+            for _ in range(streams):
+                client.send_headers(client.get_next_available_stream_id(), REQUEST, end_stream=True)
+            wire = client.data_to_send()
+            t0 = time.perf_counter()
+            answered = 0
+            for kind_, sid, headers, _ended in server.receive(wire):
+                if kind_ == h2engine.REQUEST:
+                    if h2_fields_problem(headers) is not None:
+                        raise SystemExit(f"a request refused: {headers!r}")
+                    server.respond(sid, response, False)
+                    if min(server.window(sid), server.max_frame()) < len(body):
+                        raise SystemExit(f"stream {sid}: send window < {len(body)} B")
+                    server.send(sid, body, True)
+                    answered += 1
+            out = server.output()
+            spent += time.perf_counter() - t0
+            if answered != streams:
+                raise SystemExit(f"the {kind} engine answered {answered} of {streams} requests")
+            acks = _client_reads(client, out, streams)
+            t0 = time.perf_counter()
+            server.receive(acks)
+            server.output()
             spent += time.perf_counter() - t0
         best = min(best, spent / (max(1, requests // streams) * streams))
     return best * 1e6
@@ -145,6 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.hyper_h2_validation:
         old = run(args.requests, args.streams, body, in_hyper_h2=True)
         print(f"  validated by hyper-h2 itself instead: {old:.1f} us per request")
+    for kind in ("python", "native"):
+        ok, why = native_available()
+        if kind == "native" and not ok:
+            print(f"engine native: not built ({why})")
+            continue
+        us = run_engine(kind, args.requests, args.streams, body)
+        name = library() if kind == "native" else "hyper-h2"
+        print(f"engine {kind} ({name}), through proxy.h2engine: {us:.1f} us per request")
     return 0
 
 

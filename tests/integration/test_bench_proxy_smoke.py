@@ -102,6 +102,16 @@ def test_h2floor_benchmark_smoke() -> None:
     off = re.search(r"by hyper-h2 itself instead: ([\d.]+) us per request", proc.stdout)
     assert on and off, proc.stdout
     assert 0 < float(on[1]) < 5000 and 0 < float(off[1]) < 5000
+    engine = re.search(
+        r"^engine python \(hyper-h2\), through proxy.h2engine: ([\d.]+) us", proc.stdout, re.M
+    )
+    assert engine and 0 < float(engine[1]) < 5000, proc.stdout
+    native = re.search(
+        r"^engine native (\(libnghttp2 [\d.]+\), through proxy.h2engine: ([\d.]+) us|: not built)",
+        proc.stdout,
+        re.M,
+    )
+    assert native, proc.stdout
     bad = subprocess.run(
         [sys.executable, str(REPO / "bench/proxy/h2floor.py"), "--streams=0"],
         capture_output=True,
