@@ -223,6 +223,23 @@ def test_oversized_header_list_is_a_connection_error(kind: str) -> None:
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
 
 
+def test_trailers_end_the_stream_and_count_against_the_limit(kind: str) -> None:
+    """Request trailers are not passed on (the adapter drops them), but they end the stream
+    and their block is held to SETTINGS_MAX_HEADER_LIST_SIZE like the head's."""
+    p = Pair(kind, max_header_list=1000)
+    p.get(1, end=False)
+    p.client.send_data(1, b"x")
+    p.client.send_headers(1, [("x-checksum", "abc")], end_stream=True)
+    events = p.to_server()
+    assert [e[0] for e in events if e[1] == 1] == [DATA, END]
+    p.get(3, end=False)
+    p.client.send_headers(3, [(f"x-t{i}", "v" * 40) for i in range(40)], end_stream=True)
+    with pytest.raises(EngineError):
+        p.to_server()
+    events = p.client.receive_data(p.engine.output())
+    assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
 def test_a_bad_preface_is_an_error(kind: str) -> None:
     engine = new_engine(kind, max_streams=10, max_header_list=8192)
     engine.initiate()

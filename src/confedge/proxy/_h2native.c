@@ -138,8 +138,15 @@ static stream_t *stream_of(Session *self, int32_t sid)
 static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *ud)
 {
     Session *self = (Session *)ud;
-    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
-        return 0; /* trailers: the stream exists; their fields are dropped (on_header) */
+    if (frame->hd.type != NGHTTP2_HEADERS)
+        return 0;
+    if (frame->headers.cat != NGHTTP2_HCAT_REQUEST) {
+        /* trailers: the stream exists; their fields are dropped, but counted (on_header) */
+        stream_t *st = stream_of(self, frame->hd.stream_id);
+        if (st != NULL)
+            st->header_size = 0;
+        return 0;
+    }
     stream_t *st = PyMem_Calloc(1, sizeof *st);
     if (st == NULL) {
         self->pyerr = 1;
@@ -171,10 +178,10 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
 {
     (void)flags;
     Session *self = (Session *)ud;
-    if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST)
-        return 0; /* trailers are not passed on */
+    if (frame->hd.type != NGHTTP2_HEADERS)
+        return 0;
     stream_t *st = stream_of(self, frame->hd.stream_id);
-    if (st == NULL || st->headers == NULL)
+    if (st == NULL)
         return 0;
     st->header_size += namelen + valuelen + 32;
     if (st->header_size > self->max_header_list) {
@@ -184,6 +191,8 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
         nghttp2_session_terminate_session(session, NGHTTP2_PROTOCOL_ERROR);
         return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     }
+    if (frame->headers.cat != NGHTTP2_HCAT_REQUEST || st->headers == NULL)
+        return 0; /* trailers: bounded above, not passed on */
     PyObject *t = Py_BuildValue("(y#y#)", (const char *)name, (Py_ssize_t)namelen,
                                 (const char *)value, (Py_ssize_t)valuelen);
     if (t == NULL || PyList_Append(st->headers, t) != 0) {
