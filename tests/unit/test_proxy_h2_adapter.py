@@ -12,6 +12,7 @@ from typing import Any
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.settings
 import hyperframe.frame as hf
@@ -246,6 +247,24 @@ async def test_continuation_flood_closes(tmp_path: Path) -> None:
     await peer.send(raw)
     assert peer.t.closing
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in peer.events)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        bytes.fromhex("000004080000000000") + bytes(4),  # WINDOW_UPDATE of 0 on the connection
+        bytes.fromhex("000005000000000000") + b"hello",  # DATA on stream 0
+    ],
+    ids=["window-update-0", "data-on-stream-0"],
+)
+async def test_connection_errors_close(tmp_path: Path, raw: bytes) -> None:
+    """RFC 9113 §6.9, §6.1: connection errors; whether the engine raises (hyper-h2) or answers
+    them itself (libnghttp2), the client gets GOAWAY PROTOCOL_ERROR and the connection closes."""
+    peer = await _peer(tmp_path)
+    await peer.send(raw)
+    assert peer.t.closing
+    (term,) = [e for e in peer.events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert term.error_code == h2.errors.ErrorCodes.PROTOCOL_ERROR
 
 
 async def test_no_node_reachable_answers_on_the_stream(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ CONFEDGE_H2_ENGINE=native asks for it (then its absence fails)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
@@ -230,14 +231,27 @@ def test_trailers_end_the_stream_and_count_against_the_limit(kind: str) -> None:
     p.get(1, end=False)
     p.client.send_data(1, b"x")
     p.client.send_headers(1, [("x-checksum", "abc")], end_stream=True)
-    events = p.to_server()
-    assert [e[0] for e in events if e[1] == 1] == [DATA, END]
+    got = p.to_server()
+    assert [e[0] for e in got if e[1] == 1] == [DATA, END]
     p.get(3, end=False)
     p.client.send_headers(3, [(f"x-t{i}", "v" * 40) for i in range(40)], end_stream=True)
     with pytest.raises(EngineError):
         p.to_server()
     events = p.client.receive_data(p.engine.output())
     assert any(isinstance(e, h2.events.ConnectionTerminated) for e in events)
+
+
+def test_a_connection_error_ends_the_session(kind: str) -> None:
+    """A WINDOW_UPDATE of 0 on the connection (RFC 9113 §6.9): hyper-h2 raises, libnghttp2
+    queues GOAWAY itself; either way GOAWAY PROTOCOL_ERROR goes out and want_io() is False."""
+    p = Pair(kind)
+    assert p.engine.want_io()
+    with contextlib.suppress(EngineError):
+        p.engine.receive(bytes.fromhex("000004080000000000") + bytes(4))
+    events = p.client.receive_data(p.engine.output())
+    (term,) = [e for e in events if isinstance(e, h2.events.ConnectionTerminated)]
+    assert term.error_code == PROTOCOL_ERROR
+    assert not p.engine.want_io()
 
 
 def test_a_bad_preface_is_an_error(kind: str) -> None:

@@ -254,6 +254,11 @@ class H2Client(asyncio.Protocol):
         finally:
             self.reading = False
         self.flush()
+        if not self.closed and not self.conn.want_io():
+            # A connection error the engine answered itself (libnghttp2: GOAWAY queued, no
+            # exception), or the session is otherwise over: what it queued has gone out.
+            log.info("HTTP/2 connection from %s ended by the protocol engine", self.peer)
+            self.close()
 
     def event(self, kind: int, sid: int, a: Any, b: Any) -> None:
         """One engine event (h2engine's module docstring has the tuples)."""

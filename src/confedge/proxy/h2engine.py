@@ -26,7 +26,9 @@ frames.
 Response bodies are handed over at most `window(sid)` bytes at a time, so neither engine holds
 more than the client's windows take (nghttp2 queues what it is given until its next `output`).
 Errors: `EngineError` for a connection error (GOAWAY is queued: flush `output()`, then close),
-`StreamGone` (a subclass) when the stream is already closed.
+`StreamGone` (a subclass) when the stream is already closed. libnghttp2 answers many connection
+errors itself (GOAWAY queued, no exception); `want_io()` turns False then, and the adapter closes
+after sending what is queued.
 
 ``proxy.http2_engine`` ("auto", "native", "python") chooses; the environment variable
 CONFEDGE_H2_ENGINE overrides it (the test suites run once per engine with it).
@@ -105,6 +107,7 @@ class Engine(Protocol):
     def reset(self, sid: int, code: int) -> None: ...
     def goaway(self, code: int) -> None: ...
     def consume(self, sid: int, n: int) -> None: ...
+    def want_io(self) -> bool: ...
 
 
 def native_available() -> tuple[bool, str]:
@@ -268,6 +271,9 @@ class PyEngine:
 
     def goaway(self, code: int) -> None:
         self.conn.close_connection(error_code=code)
+
+    def want_io(self) -> bool:
+        return bool(self.conn.state_machine.state != h2.connection.ConnectionState.CLOSED)
 
     def consume(self, sid: int, n: int) -> None:
         if n <= 0:
