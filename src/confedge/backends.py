@@ -18,10 +18,10 @@ CHOICES = ("auto", "native", "python")
 
 
 def choose(setting: str, *, env: str, key: str, available: Callable[[], tuple[bool, str]]) -> str:
-    """"native" or "python" for the config value `setting` (config key `key`), or the
-    environment variable `env` when set; `available()` says whether the native one is built and
-    why not. Raises ValueError naming the key (or the variable) when "native" is asked for and
-    not available, or the value is none of CHOICES."""
+    """The implementation, "native" or "python", for the config value `setting` (config key
+    `key`), or the environment variable `env` when set; `available()` says whether the native
+    one is built and why not. Raises ValueError naming the key (or the variable) when "native"
+    is asked for and not available, or the value is none of CHOICES."""
     value = os.environ.get(env) or setting
     if value not in CHOICES:
         raise ValueError(f'{env}={value!r}: expected "auto", "native" or "python"')
