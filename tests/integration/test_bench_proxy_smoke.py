@@ -20,6 +20,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def _bench(script: str, *args: str, timeout: float = 50) -> subprocess.CompletedProcess[str]:
+    """Run bench/proxy/`script` with `args` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench/proxy" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
 def _need_nginx_and_wrk() -> None:
     if not (shutil.which("nginx") or Path("/usr/sbin/nginx").exists()) or not shutil.which("wrk"):
         pytest.skip("needs nginx and wrk (apt-get install nginx-light wrk)")
@@ -29,24 +40,18 @@ def _need_nginx_and_wrk() -> None:
 def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
     _need_nginx_and_wrk()
     out = tmp_path / "proxy.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench/proxy/run.py"),
-            "--build=interpreted",  # the compiled build has its own suite run (make test-native)
-            "--rounds=1",
-            "--duration=1",
-            "--sse=0",
-            "--scenarios",
-            "https-status",
-            "http-redirect",
-            *(["h2-status"] if shutil.which("h2load") else []),
-            f"--out={out}",
-        ],
-        capture_output=True,
-        text=True,
+    proc = _bench(
+        "run.py",
+        "--build=interpreted",  # the compiled build has its own suite run (make test-native)
+        "--rounds=1",
+        "--duration=1",
+        "--sse=0",
+        "--scenarios",
+        "https-status",
+        "http-redirect",
+        *(["h2-status"] if shutil.which("h2load") else []),
+        f"--out={out}",
         timeout=140,
-        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -67,13 +72,7 @@ def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("shape", [[], ["--distinct=64"]], ids=["repeated", "distinct"])
 def test_hotpath_benchmark_smoke(shape: list[str]) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench/proxy/hotpath.py"), "--requests=300", *shape],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        cwd=REPO,
-    )
+    proc = _bench("hotpath.py", "--requests=300", *shape)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     m = re.search(r"^(interpreted|compiled \(mypyc\)): ([\d.]+) us of proxy work", proc.stdout)
     assert m, proc.stdout
@@ -85,18 +84,7 @@ def test_h2floor_benchmark_smoke() -> None:
     """h2floor.py drives hyper-h2 with the adapter's own settings (proxy.h2.server_config):
     it must answer every request it sends (it exits non-zero otherwise) and print a
     per-request figure with confedge's field checks and with hyper-h2's own."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench/proxy/h2floor.py"),
-            "--requests=200",
-            "--hyper-h2-validation",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        cwd=REPO,
-    )
+    proc = _bench("h2floor.py", "--requests=200", "--hyper-h2-validation")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     on = re.search(r"^hyper-h2 server side: ([\d.]+) us per request", proc.stdout, re.M)
     off = re.search(r"by hyper-h2 itself instead: ([\d.]+) us per request", proc.stdout)
@@ -112,13 +100,7 @@ def test_h2floor_benchmark_smoke() -> None:
         re.M,
     )
     assert native, proc.stdout
-    bad = subprocess.run(
-        [sys.executable, str(REPO / "bench/proxy/h2floor.py"), "--streams=0"],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        cwd=REPO,
-    )
+    bad = _bench("h2floor.py", "--streams=0")
     assert bad.returncode == 2 and "--streams must be 1-100" in bad.stderr
 
 
@@ -129,23 +111,17 @@ def test_ab_benchmark_smoke(tmp_path: Path) -> None:
     _need_nginx_and_wrk()
     out = tmp_path / "ab.json"
     src = str(REPO / "src")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench/proxy/ab.py"),
-            f"--base={src}",
-            f"--new={src}",
-            "--rounds=1",
-            "--duration=1",
-            "--scenarios",
-            "https-status",
-            "http-redirect",
-            f"--out={out}",
-        ],
-        capture_output=True,
-        text=True,
+    proc = _bench(
+        "ab.py",
+        f"--base={src}",
+        f"--new={src}",
+        "--rounds=1",
+        "--duration=1",
+        "--scenarios",
+        "https-status",
+        "http-redirect",
+        f"--out={out}",
         timeout=140,
-        cwd=REPO,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -156,11 +132,5 @@ def test_ab_benchmark_smoke(tmp_path: Path) -> None:
             assert data["median_cpu_us_per_req"][scenario][server] > 0
         assert data["ratio_to_nginx"][scenario]["nginx"] == 1.0
     assert all(r["non_2xx_3xx"] == 0 and r["socket_errors"] == 0 for r in data["rounds"])
-    bad = subprocess.run(
-        [sys.executable, str(REPO / "bench/proxy/ab.py"), f"--base={tmp_path}", f"--new={src}"],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        cwd=REPO,
-    )
+    bad = _bench("ab.py", f"--base={tmp_path}", f"--new={src}")
     assert bad.returncode == 2 and "holds no confedge package" in bad.stderr
