@@ -36,7 +36,7 @@ import h2.connection
 import h2.events
 
 from confedge.proxy import h2engine
-from confedge.proxy.h2engine import library, native_available, new_engine, server_config
+from confedge.proxy.h2engine import describe, native_available, new_engine, server_config
 from confedge.proxy.request import h2_fields_problem
 
 # What h2load sends (nghttp2 1.52, Debian 12) and what a node's status answer carries on the
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"engine native: not built ({why})")
             continue
         us = run_engine(kind, args.requests, args.streams, body)
-        name = library() if kind == "native" else "hyper-h2"
+        name = describe(kind) if kind == "native" else "hyper-h2"
         print(f"engine {kind} ({name}), through proxy.h2engine: {us:.1f} us per request")
     return 0
 

@@ -69,7 +69,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"confedge: {exc}", file=sys.stderr)
             return 2
-        h2 = h2engine.library() if kind == "native" else "hyper-h2 (pure Python)"
+        h2 = h2engine.describe(kind)
     if args.json:
         print(json.dumps(cfg.masked(), indent=2))
     else:

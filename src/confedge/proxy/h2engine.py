@@ -128,17 +128,12 @@ def choose(setting: str) -> str:
     return backends.choose(setting, env=ENV, key="proxy.http2_engine", available=native_available)
 
 
-def library() -> str:
-    """What frames HTTP/2 here, for logs and `confedge check`."""
-    if _h2native is not None:
+def describe(kind: str) -> str:
+    """What frames HTTP/2 for engine `kind` (from `choose`), for the start-up log, `confedge
+    check` and bench/proxy/h2floor.py."""
+    if kind == "native" and _h2native is not None:
         return f"libnghttp2 {_h2native.library_version()}"
-    return f"hyper-h2 {_hyper_version()}"
-
-
-def _hyper_version() -> str:
-    import h2 as _h2
-
-    return str(getattr(_h2, "__version__", "?"))
+    return "hyper-h2 (pure Python)"
 
 
 def new_engine(kind: str, *, max_streams: int, max_header_list: int) -> Engine:

@@ -349,7 +349,7 @@ class ProxyService:
                 kind = h2engine.choose(cfg.proxy.http2_engine)
             except ValueError as exc:
                 raise ConfigError([str(exc)]) from None
-            h2 = h2engine.library() if kind == "native" else "hyper-h2 (pure Python)"
+            h2 = h2engine.describe(kind)
         log.info("proxy: %d worker(s), hot path %s, HTTP/2 %s", self.workers, build_kind(), h2)
         # Check/generate the certificate once, in the parent, before any worker races for it.
         TLSContextHolder(cfg)
