@@ -17,11 +17,19 @@ __all__ = ["choose"]
 CHOICES = ("auto", "native", "python")
 
 
-def choose(setting: str, *, env: str, key: str, available: Callable[[], tuple[bool, str]]) -> str:
+def choose(
+    setting: str,
+    *,
+    env: str,
+    key: str,
+    available: Callable[[], tuple[bool, str]],
+    fell_back: Callable[[str], None] | None = None,
+) -> str:
     """The implementation, "native" or "python", for the config value `setting` (config key
     `key`), or the environment variable `env` when set; `available()` says whether the native
-    one is built and why not. Raises ValueError naming the key (or the variable) when "native"
-    is asked for and not available, or the value is none of CHOICES."""
+    one is built and why not, and `fell_back(why)` hears of an "auto" that had to take Python.
+    Raises ValueError naming the key (or the variable) when "native" is asked for and not
+    available, or the value is none of CHOICES."""
     value = os.environ.get(env) or setting
     if value not in CHOICES:
         raise ValueError(f'{env}={value!r}: expected "auto", "native" or "python"')
@@ -32,4 +40,6 @@ def choose(setting: str, *, env: str, key: str, available: Callable[[], tuple[bo
         return "native"
     if value == "native":
         raise ValueError(f'{env if os.environ.get(env) else key} = "native": {why}')
+    if fell_back is not None:
+        fell_back(why)
     return "python"

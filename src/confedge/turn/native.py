@@ -120,10 +120,13 @@ def choose_backend(setting: str) -> str:
     """The backend, "native" or "python", for ``turn.dataplane`` (or CONFEDGE_DATAPLANE).
 
     Raises ValueError naming the key when "native" is asked for and not available."""
-    backend = backends.choose(setting, env=ENV, key="turn.dataplane", available=native_available)
-    if backend == "python" and (os.environ.get(ENV) or setting) == "auto":
-        log.info("TURN data plane: pure Python (%s)", native_available()[1])
-    return backend
+    return backends.choose(
+        setting,
+        env=ENV,
+        key="turn.dataplane",
+        available=native_available,
+        fell_back=lambda why: log.info("TURN data plane: pure Python (%s)", why),
+    )
 
 
 def thread_count(setting: int) -> int:
