@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -340,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one confedge command; its exit status.
+
+    A reader that stops early (`confedge check | head`, `confedge bans list | sed -n 3p`) closes
+    the pipe: the rest of the output has nowhere to go, which is not an error worth a traceback.
+    Python's documented recipe (the "signal" module's notes on SIGPIPE): point stdout at
+    /dev/null so the interpreter's final flush cannot raise again, and exit 1.
+    """
+    try:
+        return _dispatch(argv)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _dispatch(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "nodesim":
         return cmd_nodesim(argv[1:])

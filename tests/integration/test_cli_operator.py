@@ -185,3 +185,24 @@ def test_demo_port_base_out_of_range_is_a_usage_error() -> None:
         res = _run("demo", "--port-base", base)
         assert res.returncode == 2 and res.stdout == ""
         assert f"confedge demo: error: argument --port-base: {why}" in res.stderr
+
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(
+    tmp_path: Path, json_out: bool
+) -> None:
+    """`confedge check --config F | head -1`: once the reader has gone, writing raises
+    BrokenPipeError; the command must end quietly (exit 1) rather than print a traceback over
+    the operator's screen."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[proxy]\nenabled = false\n[turn]\nenabled = false\n")
+    r, w = os.pipe()
+    os.close(r)  # the reader is gone before the first write, as after `head -1` has its line
+    argv = ["check", "--config", str(cfg)] + (["--json"] if json_out else [])
+    try:
+        res = subprocess.run([*CONFEDGE, *argv], stdout=w, stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(w)
+    assert res.returncode == 1
+    assert res.stderr == ""
