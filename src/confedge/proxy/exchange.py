@@ -445,7 +445,8 @@ def plan_response(
     """The client's response head for a node's non-1xx, non-101 head: hop-by-hop fields dropped
     (RFC 9110 §7.6.1, including those Connection names), the CSP added when the node sent none,
     framing chosen (RFC 9112 §6.3: Content-Length kept; else chunked to 1.1 clients, or close
-    to 1.0 ones), Connection for the client's keep-alive."""
+    to 1.0 ones), Connection for the client's keep-alive. An empty head: the node used a
+    transfer coding other than chunked, which cannot be passed on (Exchange: 502)."""
     head, chunked, until_close, close, sse = _plan(
         status, headers, head_only, version, keep_alive, csp_line, close
     )
@@ -505,6 +506,8 @@ def _plan(
                     extra = toks if extra is None else extra | toks
             continue
         elif kind == _R_TRANSFER_ENCODING:
+            if value != b"chunked" and value.strip().lower() != b"chunked":
+                return b"", False, False, close, False  # (response_head refuses it)
             chunked_in = True
             continue
         elif kind == _R_CSP:
@@ -896,7 +899,10 @@ class Exchange:
 
     def node_failed(self, reason: str, now: float) -> None:
         """The node's response could not be parsed (the adapter closed the connection)."""
-        if self.state == DONE:
+        if self.state in (DONE, CONNECTING):
+            # CONNECTING: the exchange already left this connection in the same read (a
+            # 5xx or 403 retried, an invalid head) and the bytes after that head were bad;
+            # the next attempt's node did nothing wrong.
             return
         if self.committed:
             self._end()
@@ -957,9 +963,20 @@ class Exchange:
             if status >= 100 and status != 101:
                 self.informational = True  # RFC 9110 §15.2: 1xx are not forwarded
                 return
-            text = str(status)
+            if status != 101 or not self.upgrading:
+                # RFC 9110 §15: a status outside 100-599 is invalid; §15.2.2: a server must
+                # not switch protocols unless the request asked (Upgrade).
+                self._invalid_response(
+                    "101 without an upgrade request" if status == 101 else f"status {status}",
+                    now,
+                )
+                return
+            text = "101"
         elif status < 300:
             text = _STATUS_TEXT[status]  # (the usual answer: one test fewer than below)
+        elif status > 599:
+            self._invalid_response(f"status {status}", now)
+            return
         elif status in RETRY_STATUSES:
             if status != 500:
                 self.actions.append(
@@ -995,7 +1012,21 @@ class Exchange:
             self._retry("403", now)
             return
         if status >= 300:
-            text = _STATUS_TEXT[status] if status < 600 else str(status)
+            text = _STATUS_TEXT[status]
+        if status == 101:  # (asked for: see above)
+            self._commit(status, text)
+            self.to_client.append(_upgrade_head(status, headers, st.csp_line))
+            return
+        declined = self.upgrade_requested
+        head, chunked_out, until_close, close_after, sse = _plan(
+            status, headers, self.head_only, req.version, req.keep_alive, st.csp_line, declined
+        )
+        if not head:
+            # RFC 9112 §6.1: a transfer coding other than chunked, which the proxy cannot
+            # take off and must not pass on as if the body were not coded (nginx: 502).
+            self._invalid_response("a transfer coding other than chunked", now)
+            return
+        # (_commit, inlined: once per proxied response)
         self._go(STREAMING)
         self.status = status
         self.statuses.append(text)
@@ -1003,22 +1034,14 @@ class Exchange:
         req.retain = False
         if req.complete and req.body:  # (an empty list stays: no new one per response)
             req.body = []
-        if status == 101:
-            if not self.upgrading:
-                self._end()
-                self.actions.append((A_ABORT_CLIENT, None))
-                return
-            self.to_client.append(_upgrade_head(status, headers, st.csp_line))
-            return
+        self.chunked_out = chunked_out
+        self.until_close = until_close
+        self.close_after = close_after
         self.upgrading = False
-        declined = self.upgrade_requested
         if declined:
             # An upgrade the node declined: the client's stream is unusable after this.
             self.upgrade_requested = False
             self.actions.append((A_NO_TUNNEL, None))
-        head, self.chunked_out, self.until_close, self.close_after, sse = _plan(
-            status, headers, self.head_only, req.version, req.keep_alive, st.csp_line, declined
-        )
         self.sse = sse
         if sse:
             self.actions.append((A_NODE_TIMER, (0.0, now + st.sse_lifetime)))
@@ -1032,6 +1055,23 @@ class Exchange:
         else:
             # Held back until the body's first bytes or the end of this read (flush_head).
             self.head_out = head
+
+    def _commit(self, status: int, text: str) -> None:
+        """The node's final head is accepted: it goes to the client, so no failover now."""
+        self._go(STREAMING)
+        self.status = status
+        self.statuses.append(text)
+        self.committed = True
+        req = self.req
+        req.retain = False
+        if req.complete and req.body:  # (an empty list stays: no new one per response)
+            req.body = []
+
+    def _invalid_response(self, reason: str, now: float) -> None:
+        """A response head the proxy must not pass on: like a response that cannot be parsed
+        (node_failed: failover or 502), and the connection is closed (the adapter still has it)."""
+        self.actions.append((A_NODE_DONE, False))
+        self.node_failed(f"invalid response from node: {reason}", now)
 
     def client_upgrade(self) -> bool:
         """The client's parser stopped at an Upgrade request; True when it is this exchange's
@@ -1084,6 +1124,8 @@ class Exchange:
 
     def node_upgraded(self, rest: bytes, now: float) -> None:
         """The node switched protocols (101): pipe bytes both ways from now on."""
+        if self.state in (DONE, CONNECTING):
+            return  # (a 101 refused at its head: _invalid_response closed the connection)
         if self.status != 101 or not self.upgrade_requested or self.state != STREAMING:
             self._end()
             self.actions.append((A_NODE_DONE, False))

@@ -73,6 +73,10 @@ async def check_node(
             line = await reader.readline()
     except TimeoutError:
         return "fail", f"no answer within {timeout:g} s"
+    except ValueError:
+        # StreamReader's line limit (64 KiB) without a line end: this escaped, and the
+        # checker's task ended, so that no node of its pool was ever checked again.
+        return "fail", "not an HTTP answer (no line end in the first 64 KiB)"
     except (OSError, ssl.SSLError) as exc:
         return "fail", exc.strerror or str(exc) or type(exc).__name__
     finally:

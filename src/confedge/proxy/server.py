@@ -131,6 +131,7 @@ def _name_kind(name: bytes) -> tuple[bytes, int]:
 # pause() reasons for client reading
 _PAUSE_UPSTREAM: Final = 1  # the node's write buffer is full (request body backpressure)
 _PAUSE_PIPELINE: Final = 2  # a pipelined request waits for the current one
+_PAUSE_TUNNEL: Final = 4  # bytes after a WebSocket upgrade request wait for the node's 101
 
 
 class ClientConnection(asyncio.BufferedProtocol):
@@ -293,7 +294,11 @@ class ClientConnection(asyncio.BufferedProtocol):
             if up is not None and up.transport is not None and self.tunnel_buffer is None:
                 self.core.send(up.transport, chunk)
             elif self.tunnel_buffer is not None:
+                # RFC 6455 §4.1: a client waits for the handshake's answer before it sends
+                # more; one that does not is held to this read until the 101 (else it could
+                # fill the worker's memory while the node takes its time: read_timeout).
                 self.tunnel_buffer.append(chunk)
+                self.pause(_PAUSE_TUNNEL)
             return
         if self.discard:
             return
@@ -867,7 +872,11 @@ class ClientConnection(asyncio.BufferedProtocol):
         ex = self.exchange
         if ex is not None and ex.req is self.cur and ex.client_upgrade():
             self.tunnel = True
-            self.tunnel_buffer = [rest] if rest else []
+            if rest:
+                self.tunnel_buffer = [rest]
+                self.pause(_PAUSE_TUNNEL)  # (see data_received)
+            else:
+                self.tunnel_buffer = []
             return
         # Not a WebSocket upgrade (h2c, ...): the parser cannot go on after it, so that request
         # is served without the upgrade and the connection closes after it; later input is
@@ -883,6 +892,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         buffered, self.tunnel_buffer = self.tunnel_buffer or [], None
         for chunk in buffered:
             self.core.send(up.transport, chunk)
+        self.resume(_PAUSE_TUNNEL)
         self._set_timeout(T_TUNNEL, self.core.ws_idle)
 
     def _health(self, req: Request) -> None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import httptools
 
 from confedge.config import NodeAddress
-from confedge.proxy.exchange import A_CONNECT, A_NODE_DONE, A_NODE_TIMER
+from confedge.proxy.exchange import A_CONNECT, A_NODE_DONE, A_NODE_TIMER, DONE, WAITING
 from confedge.proxy.health import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
@@ -34,10 +34,22 @@ if TYPE_CHECKING:
     from confedge.proxy.exchange import Exchange
     from confedge.proxy.server import ClientConnection
 
-__all__ = ["NodeOwner", "NodePool", "UpstreamConnection", "node_action"]
+__all__ = ["MAX_RESPONSE_HEAD", "NodeOwner", "NodePool", "UpstreamConnection", "node_action"]
 
 _INF = math.inf
 _FIRST_BOUND: Final = LATENCY_BOUNDS[0]
+# The most a node may send before its final response head is complete: that head and any 1xx
+# heads before it, in all (nginx's proxy_buffer_size is 4-8 KiB). More: an invalid response
+# (502 or failover). httptools has no limit of its own: without one, a node sending an endless
+# head grew the worker without bound (1.5 GB in 4 s), and a 1xx flood held the request forever.
+MAX_RESPONSE_HEAD: Final = 64 * 1024
+
+
+def _fields_size(headers: list[tuple[bytes, bytes]]) -> int:
+    n = 0
+    for name, value in headers:
+        n += len(name) + len(value) + 4
+    return n
 
 
 class NodeOwner(Protocol):
@@ -82,15 +94,19 @@ class UpstreamConnection(asyncio.Protocol):
         "get_status_code",
         "got_bytes",
         "h1",
+        "head_bytes",
         "headers",
         "now",
+        "oversize",
         "owner",
         "parser",
         "pool",
+        "read_len",
         "reading_paused",
         "reused",
         "should_keep_alive",
         "timeout",
+        "trailing",
         "transport",
         "tunnel",
         "writing_paused",
@@ -127,6 +143,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.activity = False
         self.deadline = _INF
         self.timeout = 0.0
+        # Bytes of the reads that ended with the exchange still waiting for its final head
+        # (MAX_RESPONSE_HEAD), the length of the read being parsed, and whether its final head
+        # was found over the limit (then not handed to the exchange).
+        self.head_bytes = 0
+        self.read_len = 0
+        self.oversize = False
+        # A message began after the exchange's response had ended, in the same read: the node
+        # sent more than it was asked for (a body after a 204/304, a second response), so the
+        # parser is no longer at a message boundary we know of; never reused (NodePool.release).
+        self.trailing = False
 
     # -- asyncio callbacks ----------------------------------------------------------------------
 
@@ -156,10 +182,21 @@ class UpstreamConnection(asyncio.Protocol):
             return
         self.now = self.pool.clock()
         self.ex = ex
+        self.read_len = len(data)
         try:
             self.feed(data)
             if ex.head_out is not None:
                 ex.flush_head()  # the head arrived without body bytes in this read
+            if ex.state == WAITING:  # (still no final head: rare, a head split over reads)
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_RESPONSE_HEAD:
+                    self.oversize = True
+            if self.oversize:
+                owner.up = None
+                self.close()
+                ex.node_failed(
+                    f"invalid response from node: head over {MAX_RESPONSE_HEAD} bytes", self.now
+                )
         except httptools.HttpParserUpgrade as exc:
             ex.node_upgraded(data[exc.args[0] :], self.now)
         except httptools.HttpParserError as exc:
@@ -218,14 +255,24 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks: events for the owner's exchange (driven once per read) ------------
 
-    # (No on_message_begin: httptools skips callbacks a protocol does not define, and the
-    # header list is reset after each head instead; one Python call less per response.)
+    def on_message_begin(self) -> None:
+        # (The header list is reset after each head, not here.) A message that begins when
+        # the exchange is done began in the read that ended its response: see `trailing`.
+        ex = self.ex
+        if ex is not None and ex.state == DONE:
+            self.trailing = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         ex = self.ex
+        if (
+            self.head_bytes + self.read_len > MAX_RESPONSE_HEAD
+            and _fields_size(self.headers) > MAX_RESPONSE_HEAD
+        ):
+            self.oversize = True  # (data_received fails the exchange after this read)
+            ex = None
         if ex is not None:
             now = self.now
             # The node's latency to this head, into its histogram (/metrics: [count per
@@ -394,7 +441,7 @@ class NodePool:
         """Back to the idle list (or closed when it is full); `now`: the loop time when the
         caller has just read it (else read here)."""
         core = self.core
-        if len(self.idle) >= core.upstream_keepalive or core.closing:
+        if len(self.idle) >= core.upstream_keepalive or core.closing or conn.trailing:
             conn.close()
             return
         conn.owner = None
@@ -406,6 +453,7 @@ class NodePool:
             # write filled the client's buffer: pause_writing, then A_NODE_DONE, in one drive.)
             conn.resume_reading()
         conn.got_bytes = False
+        conn.head_bytes = 0
         conn.timeout = 0.0
         conn.activity = False
         conn.deadline = (now if now >= 0.0 else self.clock()) + core.upstream_idle

@@ -36,9 +36,17 @@ def test_declined_upgrade_closes_after_response() -> None:
     assert (X.A_NO_TUNNEL, None) in actions and actions[-1] == (X.A_FINISH, True)
 
 
-def test_unrequested_101_aborts() -> None:
+def test_unrequested_101_is_an_invalid_response() -> None:
+    """RFC 9110 §15.2.2: no Upgrade asked, so a 101 is invalid: the connection is closed and
+    the request fails over (or gets the 502 page), as for a response that cannot be parsed;
+    it used to cut the client with no answer at all."""
     ex = start(request())
     connect(ex)
     ex.response_head(101, [], 1.0)
-    _, _, actions = take(ex)
-    assert (X.A_ABORT_CLIENT, None) in actions and ex.state == State.DONE
+    to_client, _, actions = take(ex)
+    assert to_client == [] and actions[0] == (X.A_NODE_DONE, False)
+    assert actions[1][0] == X.A_MARK_FAILED and "101 without an upgrade" in actions[1][1][1]
+    assert actions[2][0] == X.A_CONNECT and ex.state == State.CONNECTING
+    # the parser's upgrade stop that follows is about the connection already left
+    ex.node_upgraded(b"hello", 1.0)
+    assert take(ex) == ([], [], []) and ex.state == State.CONNECTING
