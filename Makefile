@@ -15,7 +15,7 @@ NATIVE := build/native
 NATIVE_EXT := $(VENV)/.native-ext
 # The suites that run again against the compiled build (the modules setup.py compiles and what
 # drives them end to end), the TURN suites there on the native data plane.
-NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py \
+NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py tests/unit/exchange \
 	tests/integration/test_proxy_*.py tests/integration/test_guard_proxy.py \
 	tests/integration/test_admin_*.py tests/integration/test_demo.py \
 	tests/integration/test_run_reload.py tests/integration/test_ops_*.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
