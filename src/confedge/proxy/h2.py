@@ -139,6 +139,10 @@ _STEER = frozenset(
 )
 
 
+class _Malformed(Exception):
+    """A request `H2Client.vet` finds malformed (RFC 9113 §8.1.1): a connection error."""
+
+
 def h2_selected(transport: Any) -> bool:
     """True when the TLS handshake selected ALPN "h2" (RFC 9113 §3.2)."""
     ssl_object = transport.get_extra_info("ssl_object")
@@ -266,11 +270,7 @@ class H2Client(asyncio.Protocol):
             headers: list[tuple[bytes, bytes]] = a
             problem = h2_fields_problem(headers)
             if problem is not None:
-                # RFC 9113 §8.1.1: a malformed request; a connection error, as hyper-h2's own
-                # validation made it (GOAWAY PROTOCOL_ERROR), so nothing of it reaches a node.
-                log.info("HTTP/2 malformed request from %s: %s", self.peer, problem)
-                self.conn.goaway(PROTOCOL_ERROR)
-                self.close()
+                self.malformed(problem)
                 return
             self.request(sid, headers, bool(b))
         elif kind == DATA:
@@ -294,6 +294,14 @@ class H2Client(asyncio.Protocol):
                 st.pump()
         elif kind == CLOSED:
             self.close()
+
+    def malformed(self, problem: str) -> None:
+        """RFC 9113 §8.1.1: a malformed request; a connection error, as hyper-h2's own
+        validation made it (GOAWAY PROTOCOL_ERROR, §5.4.2 allows it for a stream error), so
+        nothing more of it reaches a node."""
+        log.info("HTTP/2 malformed request from %s: %s", self.peer, problem)
+        self.conn.goaway(PROTOCOL_ERROR)
+        self.close()
 
     def count_reset(self) -> None:
         """Rapid reset (CVE-2023-44487): at most RESET_LIMIT client resets per RESET_WINDOW."""
@@ -395,13 +403,21 @@ class H2Client(asyncio.Protocol):
         self.streams[sid] = st
         try:
             self.vet(req, headers)
+        except _Malformed as bad:  # (its own name: mypyc gives `exc` one type per function)
+            self.malformed(str(bad))
+            return
         except Refused as exc:
             log.info(
                 "refused %d from %s: %s (target %r)", exc.status, self.peer, exc.reason, req.url
             )
             st.local(exc.status, detail=exc.reason)
             return
+        if req.content_length is not None:  # (vet: digits only)
+            st.expect = int(req.content_length)
         if ended:
+            if st.expect > 0:
+                self.malformed("Content-Length without the body it announces")
+                return
             req.complete = True
         st.start()
 
@@ -434,6 +450,11 @@ class H2Client(asyncio.Protocol):
                 if name == b"host":
                     req.host = value
                 elif name == b"content-length":
+                    # RFC 9110 §8.6: 1*DIGIT, and repeated only with the same value (hyper-h2
+                    # makes anything else a connection error; the adapter does, for libnghttp2)
+                    cl = req.content_length
+                    if not value.isdigit() or (cl is not None and int(cl) != int(value)):
+                        raise _Malformed(f"invalid Content-Length {value!r}")
                     req.content_length = value
                 elif name == b"x-forwarded-for":
                     req.xff = value if req.xff is None else req.xff + b", " + value
@@ -468,11 +489,8 @@ class H2Client(asyncio.Protocol):
         if not core.check_host(req.host):
             raise Refused(400, "Host names another server")
         cl = req.content_length
-        if cl is not None:
-            if not cl.isdigit():
-                raise Refused(400, "invalid Content-Length")
-            if int(cl) > core.max_body:
-                raise Refused(413, "request body too large")
+        if cl is not None and int(cl) > core.max_body:
+            raise Refused(413, "request body too large")
 
 
 class H2Stream:
@@ -496,6 +514,10 @@ class H2Stream:
         self.done = False
         self.unacked = 0  # request body bytes not yet acknowledged (node write buffer full)
         self.body_paused = False
+        # Content-Length as announced (-1: none): the DATA frames must add up to it exactly
+        # (RFC 9113 §8.1.1), else the bytes beyond it would reach the node's HTTP/1.1
+        # connection as the start of another request (request smuggling).
+        self.expect = -1
         self.static_iter: Any = None
         self.activity = False
         self.deadline = _INF
@@ -544,6 +566,9 @@ class H2Stream:
 
     def body(self, data: bytes, flow: int) -> None:
         req = self.req
+        if 0 <= self.expect < req.body_size + len(data):
+            self.client.malformed("DATA beyond the announced Content-Length")
+            return
         self.activity = True
         req.body_size += len(data)
         ex = self.exchange
@@ -571,6 +596,9 @@ class H2Stream:
 
     def end(self) -> None:
         req = self.req
+        if 0 <= self.expect != req.body_size:
+            self.client.malformed("request body shorter than its Content-Length")
+            return
         req.complete = True
         ex = self.exchange
         if ex is not None and not ex.dead:

@@ -1,0 +1,246 @@
+"""Hostile HTTP/2 clients against the real proxy (TLS, ALPN h2), frames written by hand
+(hyperframe, hpack) so that nothing on the client side corrects them: what the adapter and
+either engine (CONFEDGE_H2_ENGINE; `make test` runs this file once per engine) do with request
+bodies that contradict their Content-Length, floods of frames the engine answers by itself, flow
+control overflows, streams that were never opened, HPACK table games, and the HTTP/2 preface
+where HTTP/2 was not negotiated. Each case ends with a normal request on a new connection.
+docs/QA.md ("HTTP/2") lists what was tried and what was seen."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import time
+from typing import Any
+
+import hpack
+import hyperframe.frame as hf
+import pytest
+import uvloop
+from proxy_upstream import Upstream, client_ssl, proxy_config
+
+from confedge.proxy.service import ProxyService
+from ports import spare_port
+
+pytestmark = pytest.mark.filterwarnings(
+    'ignore:Overriding the "event_loop_policy":DeprecationWarning'
+)
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+PROTOCOL_ERROR = 1
+FLOW_CONTROL_ERROR = 3
+COMPRESSION_ERROR = 9
+
+
+@pytest.fixture(scope="module")
+def event_loop_policy() -> uvloop.EventLoopPolicy:
+    return uvloop.EventLoopPolicy()
+
+
+@pytest.fixture
+async def node():
+    up = await Upstream("n0").start()
+    yield up
+    await up.kill()
+
+
+@pytest.fixture
+async def proxy(node, tmp_path):
+    svc = ProxyService(
+        proxy_config([node.address], str(tmp_path), http_port=spare_port(), read_timeout=5.0)
+    )
+    await svc.start()
+    yield svc
+    await svc.close()
+
+
+class Raw:
+    """One TLS connection speaking HTTP/2 frame by frame."""
+
+    def __init__(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.port = port
+        self.reader = reader
+        self.writer = writer
+        self.enc = hpack.Encoder()
+        self.dec = hpack.Decoder()
+        self.buf = b""
+        self.frames: list[Any] = []
+        self.eof = False
+
+    @classmethod
+    async def open(cls, port: int, settings: dict[int, int] | None = None) -> Raw:
+        ctx = client_ssl()
+        ctx.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        raw = cls(port, reader, writer)
+        f = hf.SettingsFrame(0)
+        f.settings = settings or {}
+        raw.send(PREFACE + f.serialize())
+        await raw.read_until(lambda f: isinstance(f, hf.SettingsFrame) and "ACK" in f.flags)
+        return raw
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    def fields(self, path: str, method: str = "GET", *extra: tuple[str, str]) -> list[Any]:
+        return [
+            (":method", method),
+            (":scheme", "https"),
+            (":authority", f"localhost:{self.port}"),
+            (":path", path),
+            *extra,
+        ]
+
+    def headers(
+        self, sid: int, fields: list[Any], *, end: bool, block: bytes | None = None
+    ) -> None:
+        f = hf.HeadersFrame(sid)
+        f.data = self.enc.encode(fields) if block is None else block
+        f.flags.add("END_HEADERS")
+        if end:
+            f.flags.add("END_STREAM")
+        self.send(f.serialize())
+
+    def data(self, sid: int, payload: bytes, *, end: bool = False) -> None:
+        f = hf.DataFrame(sid)
+        f.data = payload
+        if end:
+            f.flags.add("END_STREAM")
+        self.send(f.serialize())
+
+    async def read_until(self, done: Any, timeout: float = 5.0) -> bool:
+        """Read frames (answering SETTINGS, giving DATA its window back) until done(frame),
+        EOF or `timeout`; True when done(frame) was seen."""
+        end = time.monotonic() + timeout
+        while not self.eof:
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), left)
+            except TimeoutError:
+                return False
+            except (ConnectionError, ssl.SSLError):
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                return False
+            self.buf += chunk
+            while len(self.buf) >= 9:
+                n = int.from_bytes(self.buf[:3], "big")
+                if len(self.buf) < 9 + n:
+                    break
+                f, _ = hf.Frame.parse_frame_header(memoryview(self.buf[:9]))
+                f.parse_body(memoryview(self.buf[9 : 9 + n]))
+                self.buf = self.buf[9 + n :]
+                self.frames.append(f)
+                if isinstance(f, hf.SettingsFrame) and "ACK" not in f.flags:
+                    ack = hf.SettingsFrame(0)
+                    ack.flags.add("ACK")
+                    self.send(ack.serialize())
+                elif isinstance(f, hf.DataFrame) and f.flow_controlled_length:
+                    for sid in (0, f.stream_id):
+                        w = hf.WindowUpdateFrame(sid)
+                        w.window_increment = f.flow_controlled_length
+                        self.send(w.serialize())
+                if done(f):
+                    return True
+        return False
+
+    async def goaway(self, timeout: float = 5.0) -> int | None:
+        """The error code of the GOAWAY the proxy sends; it must then close."""
+        await self.read_until(lambda f: isinstance(f, hf.GoAwayFrame), timeout)
+        codes = [f.error_code for f in self.frames if isinstance(f, hf.GoAwayFrame)]
+        if codes:
+            await self.read_until(lambda f: False, timeout)  # then EOF
+            assert self.eof, "GOAWAY but the connection stayed open"
+        return codes[0] if codes else None
+
+    def status(self, sid: int) -> int | None:
+        for f in self.frames:
+            if isinstance(f, hf.HeadersFrame) and f.stream_id == sid:
+                return int(dict(self.dec.decode(f.data))[":status"])
+        return None
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _still_serves(
+    port: int, node: Upstream, target: str = "/api/client/v2/echo?ok=1"
+) -> None:
+    """A normal request on a new connection gets the node's own answer to it."""
+    raw = await Raw.open(port)
+    raw.headers(1, raw.fields(target), end=True)
+    body = b""
+    ended = await raw.read_until(
+        lambda f: f.stream_id == 1 and "END_STREAM" in f.flags, timeout=5.0
+    )
+    for f in raw.frames:
+        if isinstance(f, hf.DataFrame) and f.stream_id == 1:
+            body += f.data
+    raw.close()
+    assert ended and raw.status(1) == 200
+    assert json.loads(body)["target"] == target
+
+
+def _node_targets(node: Upstream) -> list[str]:
+    return [r.target for r in node.requests()]
+
+
+# -- request bodies that contradict their Content-Length (RFC 9113 §8.1.1) ----------------------
+
+
+async def test_data_beyond_content_length_never_reaches_the_node(proxy, node):
+    """HTTP/2-to-HTTP/1.1 request smuggling: DATA past the announced Content-Length would go
+    on to the node's keep-alive connection as the start of a second request. It is a
+    malformed request: GOAWAY PROTOCOL_ERROR, and nothing of the extra bytes reaches a node."""
+    port = proxy.https_port
+    raw = await Raw.open(port)
+    raw.headers(1, raw.fields("/api/client/v2/echo", "POST", ("content-length", "5")), end=False)
+    smuggled = b"GET /api/client/v2/echo?SMUGGLED=1 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    raw.data(1, b"12345")  # (separate frames: the body is already streaming to the node)
+    raw.data(1, smuggled[:20])
+    raw.data(1, smuggled[20:], end=True)
+    assert await raw.goaway() == PROTOCOL_ERROR
+    raw.close()
+    await _still_serves(port, node)
+    assert not [t for t in _node_targets(node) if "SMUGGLED" in t]
+
+
+async def test_body_shorter_than_content_length_is_refused_at_once(proxy, node):
+    """END_STREAM before the announced length: refused at once (a node would otherwise wait
+    for the rest until read_timeout, answer nothing and be marked down)."""
+    port = proxy.https_port
+    raw = await Raw.open(port)
+    raw.headers(1, raw.fields("/api/client/v2/echo", "POST", ("content-length", "10")), end=False)
+    raw.data(1, b"12345", end=True)
+    start = time.monotonic()
+    assert await raw.goaway() == PROTOCOL_ERROR
+    assert time.monotonic() - start < 2.0
+    raw.close()
+    await _still_serves(port, node)
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [("content-length", "5")],  # END_STREAM on HEADERS: a body announced, none sent
+        [("content-length", "5, 5")],
+        [("content-length", "+5")],
+        [("content-length", "5"), ("content-length", "6")],
+    ],
+    ids=["announced-none-sent", "list", "sign", "conflicting"],
+)
+async def test_bad_content_length_is_a_connection_error(proxy, node, fields):
+    """The same answer from both engines (hyper-h2 checks these itself, the adapter for
+    libnghttp2), and nothing reaches the node."""
+    port = proxy.https_port
+    raw = await Raw.open(port)
+    raw.headers(1, raw.fields("/api/client/v2/echo?BAD=1", "POST", *fields), end=True)
+    assert await raw.goaway() == PROTOCOL_ERROR
+    raw.close()
+    await _still_serves(port, node)
+    assert not [t for t in _node_targets(node) if "BAD" in t]
