@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import ssl
 import time
 from typing import Any
@@ -20,6 +21,7 @@ import pytest
 import uvloop
 from proxy_upstream import Upstream, client_ssl, proxy_config
 
+from confedge.proxy.h2 import H2Client
 from confedge.proxy.service import ProxyService
 from ports import spare_port
 
@@ -244,3 +246,54 @@ async def test_bad_content_length_is_a_connection_error(proxy, node, fields):
     raw.close()
     await _still_serves(port, node)
     assert not [t for t in _node_targets(node) if "BAD" in t]
+
+
+# -- floods of frames the engine answers itself (CVE-2019-9512, -9515) ---------------------------
+
+
+async def test_ping_flood_without_reading_holds_no_backlog(node, tmp_path):
+    """PING frames sent without ever reading the ACKs: the proxy stops reading the client
+    once its write buffer is full (or libnghttp2 calls it a flood and closes), instead of
+    queueing ACKs without bound; and a connection whose client reads nothing is dropped when
+    its timer runs out (a GOAWAY and a close would wait for ever on the full buffer)."""
+    svc = ProxyService(
+        proxy_config([node.address], str(tmp_path), header_timeout=2.0, idle_timeout=1.0)
+    )
+    await svc.start()
+    try:
+        port = svc.https_port
+        core = svc.core
+        assert core is not None
+        ctx = client_ssl()
+        ctx.set_alpn_protocols(["h2"])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # (before connect)
+        sock.connect(("127.0.0.1", port))
+        _, writer = await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname="localhost")
+        ping = hf.PingFrame(0)
+        ping.opaque_data = b"12345678"
+        burst = ping.serialize() * 500
+        writer.write(PREFACE + hf.SettingsFrame(0).serialize())
+        most = 0
+        end = time.monotonic() + 6.0
+        while time.monotonic() < end:
+            writer.write(burst)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.5)
+            except TimeoutError:
+                break  # the proxy no longer reads us
+            except (ConnectionError, ssl.SSLError):
+                break  # (libnghttp2: flood detected, GOAWAY and close)
+            for c in list(core.clients):
+                t = getattr(c, "transport", None)
+                if t is not None:
+                    most = max(most, t.get_write_buffer_size())
+        assert most < 1024 * 1024, most  # about the transport's high-water mark, not megabytes
+        end = time.monotonic() + 5.0
+        while [c for c in core.clients if isinstance(c, H2Client)]:
+            assert time.monotonic() < end, "the connection of a client that reads nothing stays"
+            await asyncio.sleep(0.1)
+        writer.transport.abort()
+        await _still_serves(port, node)
+    finally:
+        await svc.close()

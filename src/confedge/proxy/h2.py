@@ -329,13 +329,22 @@ class H2Client(asyncio.Protocol):
         return False
 
     def pause_writing(self) -> None:
-        # The TLS write buffer is full: stop reading every stream's node.
+        # The TLS write buffer is full: stop reading every stream's node, and the client too.
+        # A client that sends PING, SETTINGS or anything else answered by the engine but never
+        # reads the answers (CVE-2019-9512, -9515) would otherwise grow the write buffer
+        # without bound; libnghttp2 notices only what piles up within one read, hyper-h2 never.
         self.writing_paused = True
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
         for st in self.streams.values():
             st.pause_node()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
         for st in list(self.streams.values()):
             st.pump()
 
@@ -363,6 +372,9 @@ class H2Client(asyncio.Protocol):
         t = self.transport
         if t is not None:
             self.core.close_after(t)
+            # The close waits for the write buffer to drain: a client that reads nothing would
+            # hold the connection for ever. on_timeout aborts it if it is still here then.
+            arm(self, self.core.loop.time(), self.core.idle_timeout)
 
     def abort(self) -> None:
         t = self.transport
@@ -370,6 +382,11 @@ class H2Client(asyncio.Protocol):
             t.abort()
 
     def on_timeout(self) -> None:
+        if self.closed or self.writing_paused:
+            # The client reads nothing (a close that never completed, or a full write buffer
+            # when idle): a GOAWAY would never reach it either.
+            self.abort()
+            return
         # Idle (or no preface in time): a polite GOAWAY, then close.
         self.conn.goaway(NO_ERROR)
         self.flush()
