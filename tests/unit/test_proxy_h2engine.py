@@ -422,3 +422,26 @@ def test_check_reports_the_engine_and_refuses_a_missing_one(
         "confedge: proxy.http2_engine: \"fast\" is not valid: input should be 'auto', 'native' "
         "or 'python'\n"
     )
+
+
+def test_the_response_header_table_stays_small_whatever_the_client_allows(kind: str) -> None:
+    """SETTINGS_HEADER_TABLE_SIZE is the most the client lets the proxy's HPACK encoder use
+    (RFC 9113 §6.5.2, RFC 7541 §4.2), not a size to take: a client announcing 2^32-1 must not
+    make the proxy keep every field it ever sent for the life of the connection. Both engines
+    stay at the default 4096 bytes (libnghttp2's own cap)."""
+    p = Pair(kind)
+    p.client.update_settings({h2.settings.SettingCodes.HEADER_TABLE_SIZE: 2**32 - 1})
+    p.to_server()
+    p.to_client()
+    p.to_server()
+    for sid in (1, 3, 5):
+        p.get(sid)
+        p.engine.respond(sid, [(b":status", b"200"), (b"x-n", b"%d" % sid * 1500)], True)
+        p.to_client()
+    # what the proxy's encoder keeps is what the client's decoder mirrors (RFC 7541 §2.3.2)
+    assert p.client.decoder.header_table._current_size <= 4096
+    assert [e.stream_id for e in p.client_events if isinstance(e, h2.events.StreamEnded)] == [
+        1,
+        3,
+        5,
+    ]

@@ -70,6 +70,8 @@ ENHANCE_YOUR_CALM: Final = 11
 
 Event = tuple[int, int, Any, Any]
 
+HEADER_TABLE_MAX: Final = 4096  # bytes of HPACK table the response encoder uses at most
+
 _h2native: ModuleType | None
 try:
     from confedge.proxy import _h2native as _built
@@ -223,12 +225,23 @@ class PyEngine:
                     (RESET, ev.stream_id or 0, bool(ev.remote_reset), int(ev.error_code or 0))
                 )
             elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+                if isinstance(ev, h2.events.RemoteSettingsChanged):
+                    self._cap_table(ev)
                 if not window:
                     window = True
                     out.append((WINDOW, 0, None, None))
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 out.append((CLOSED, 0, ev.last_stream_id, int(ev.error_code or 0)))
         return out
+
+    def _cap_table(self, ev: h2.events.RemoteSettingsChanged) -> None:
+        """The client's SETTINGS_HEADER_TABLE_SIZE is the most the response encoder may use
+        (RFC 9113 §6.5.2, RFC 7541 §4.2); hyper-h2 takes all of it, so a client announcing
+        2^32-1 made the proxy keep every field it sent for the life of the connection. Capped
+        at the default, as libnghttp2 does."""
+        changed = ev.changed_settings.get(h2.settings.SettingCodes.HEADER_TABLE_SIZE)
+        if changed is not None and changed.new_value > HEADER_TABLE_MAX:
+            self.conn.encoder.header_table_size = HEADER_TABLE_MAX
 
     def output(self) -> bytes:
         return self.conn.data_to_send()
