@@ -21,7 +21,7 @@ import pytest
 import uvloop
 from proxy_upstream import Upstream, client_ssl, proxy_config
 
-from confedge.proxy.h2 import H2Client
+from confedge.proxy.h2 import STREAM_BUFFER, H2Client
 from confedge.proxy.service import ProxyService
 from ports import spare_port
 
@@ -116,21 +116,8 @@ class Raw:
         """Read frames (answering SETTINGS, giving DATA its window back) until done(frame),
         EOF or `timeout`; True when done(frame) was seen."""
         end = time.monotonic() + timeout
-        while not self.eof:
-            left = end - time.monotonic()
-            if left <= 0:
-                return False
-            try:
-                chunk = await asyncio.wait_for(self.reader.read(65536), left)
-            except TimeoutError:
-                return False
-            except (ConnectionError, ssl.SSLError):
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                return False
-            self.buf += chunk
-            while len(self.buf) >= 9:
+        while True:
+            while len(self.buf) >= 9:  # (frames left over from the last call first)
                 n = int.from_bytes(self.buf[:3], "big")
                 if len(self.buf) < 9 + n:
                     break
@@ -149,7 +136,19 @@ class Raw:
                         self.send(w.serialize())
                 if done(f):
                     return True
-        return False
+            left = end - time.monotonic()
+            if self.eof or left <= 0:
+                return False
+            try:
+                chunk = await asyncio.wait_for(self.reader.read(65536), left)
+            except TimeoutError:
+                return False
+            except (ConnectionError, ssl.SSLError):
+                chunk = b""
+            if not chunk:
+                self.eof = True
+                return False
+            self.buf += chunk
 
     async def goaway(self, timeout: float = 5.0) -> int | None:
         """The error code of the GOAWAY the proxy sends; it must then close."""
@@ -294,6 +293,127 @@ async def test_ping_flood_without_reading_holds_no_backlog(node, tmp_path):
             assert time.monotonic() < end, "the connection of a client that reads nothing stays"
             await asyncio.sleep(0.1)
         writer.transport.abort()
+        await _still_serves(port, node)
+    finally:
+        await svc.close()
+
+
+# -- flow control (RFC 9113 §6.9.1) -------------------------------------------------------------
+
+
+async def test_window_update_overflow(proxy, node):
+    """A stream window past 2^31-1: RST_STREAM FLOW_CONTROL_ERROR on that stream, the others
+    go on; the connection window past it: GOAWAY FLOW_CONTROL_ERROR."""
+    port = proxy.https_port
+    raw = await Raw.open(port)
+    raw.headers(1, raw.fields("/sse?n=50&interval=0.2"), end=True)
+    await raw.read_until(lambda f: isinstance(f, hf.DataFrame) and f.stream_id == 1)
+    w = hf.WindowUpdateFrame(1)
+    w.window_increment = 2**31 - 1
+    raw.send(w.serialize())
+    raw.headers(3, raw.fields("/api/client/v2/echo?s=3"), end=True)
+    assert await raw.read_until(lambda f: f.stream_id == 3 and "END_STREAM" in f.flags)
+    resets = [f.error_code for f in raw.frames if isinstance(f, hf.RstStreamFrame)]
+    assert resets == [FLOW_CONTROL_ERROR]
+    w = hf.WindowUpdateFrame(0)
+    w.window_increment = 2**31 - 1
+    raw.send(w.serialize())
+    assert await raw.goaway() == FLOW_CONTROL_ERROR
+    raw.close()
+    await _still_serves(port, node)
+
+
+# -- stream states, HPACK ------------------------------------------------------------------------
+
+
+async def test_rst_stream_on_an_idle_stream_is_a_connection_error(proxy, node):
+    """RFC 9113 §6.4: RST_STREAM for a stream never opened: GOAWAY PROTOCOL_ERROR."""
+    raw = await Raw.open(proxy.https_port)
+    r = hf.RstStreamFrame(99)
+    r.error_code = 8
+    raw.send(r.serialize())
+    assert await raw.goaway() == PROTOCOL_ERROR
+    raw.close()
+    await _still_serves(proxy.https_port, node)
+
+
+async def test_hpack_table_games(proxy, node):
+    """RFC 7541 §4.2, §6.3: a dynamic table size update above the proxy's
+    SETTINGS_HEADER_TABLE_SIZE (4096) is a decoding error (libnghttp2: COMPRESSION_ERROR as
+    RFC 9113 §4.3 says; hyper-h2 reports PROTOCOL_ERROR); a field referenced again and again
+    from the table (an HPACK bomb) stops at SETTINGS_MAX_HEADER_LIST_SIZE. Nothing reaches
+    the node."""
+    port = proxy.https_port
+    raw = await Raw.open(port)
+    update = b"\x3f\xe1\xff\x3f"  # size update to 2^20 (RFC 7541 §6.3)
+    raw.headers(1, [], end=True, block=update + raw.enc.encode(raw.fields("/x?T=1")))
+    assert await raw.goaway() in (COMPRESSION_ERROR, PROTOCOL_ERROR)
+    raw.close()
+    raw = await Raw.open(port)
+    big = ("x-big", "a" * 4000)
+    raw.headers(1, raw.fields("/api/client/v2/echo?T=2", "GET", big), end=True)
+    assert await raw.read_until(lambda f: f.stream_id == 1 and "END_STREAM" in f.flags)
+    block = raw.enc.encode(raw.fields("/api/client/v2/echo?T=3", "GET", *[big] * 2000))
+    assert len(block) < 16384  # ~2 bytes per 4 KB field: 8 MB once decoded
+    raw.headers(3, [], end=True, block=block)
+    assert await raw.goaway() is not None
+    raw.close()
+    await _still_serves(port, node)
+    assert not [t for t in _node_targets(node) if "T=1" in t or "T=3" in t]
+
+
+# -- the preface where HTTP/2 was not negotiated (RFC 9113 §3.3, §3.4) --------------------------
+
+
+async def test_h2_preface_without_h2_is_refused(proxy, node):
+    """On the plain-HTTP port, and over TLS without ALPN h2: an HTTP/1.1 400, then close."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.http_port)
+    writer.write(PREFACE + hf.SettingsFrame(0).serialize())
+    reply = await asyncio.wait_for(reader.read(), 5)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    writer.close()
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.https_port, ssl=client_ssl())
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() is None
+    writer.write(PREFACE + hf.SettingsFrame(0).serialize())
+    reply = await asyncio.wait_for(reader.read(), 5)
+    assert reply.startswith(b"HTTP/1.1 400 "), reply[:80]
+    writer.close()
+    await _still_serves(proxy.https_port, node)
+
+
+# -- a client that opens many streams and no window (RFC 9113 §5.2) -----------------------------
+
+
+async def test_zero_window_on_many_streams_is_bounded_and_released(node, tmp_path):
+    """SETTINGS_INITIAL_WINDOW_SIZE 0 and 20 large responses asked for at once: the proxy
+    holds at most about STREAM_BUFFER per stream (the nodes are no longer read), resets the
+    streams when read_timeout passes without progress, and closes their node connections."""
+    svc = ProxyService(proxy_config([node.address], str(tmp_path), read_timeout=1.0))
+    await svc.start()
+    try:
+        port = svc.https_port
+        core = svc.core
+        assert core is not None
+        raw = await Raw.open(port, settings={hf.SettingsFrame.INITIAL_WINDOW_SIZE: 0})
+        n = 20
+        for i in range(n):
+            raw.headers(1 + 2 * i, raw.fields("/big?size=4194304"), end=True)
+        held = 0
+        end = time.monotonic() + 6.0
+        resets: set[int] = set()
+        while len(resets) < n and time.monotonic() < end:
+            await raw.read_until(lambda f: isinstance(f, hf.RstStreamFrame), timeout=0.2)
+            resets = {f.stream_id for f in raw.frames if isinstance(f, hf.RstStreamFrame)}
+            for c in list(core.clients):
+                if isinstance(c, H2Client):
+                    held = max(held, sum(st.pending_bytes for st in c.streams.values()))
+        assert len(resets) == n  # each stream ended (INTERNAL_ERROR: the response was cut)
+        assert held <= n * 2 * STREAM_BUFFER, held
+        raw.close()
+        end = time.monotonic() + 3.0
+        while len(node.writers) > 1:  # (a health check may hold one)
+            assert time.monotonic() < end, len(node.writers)
+            await asyncio.sleep(0.1)
         await _still_serves(port, node)
     finally:
         await svc.close()
