@@ -417,3 +417,22 @@ async def test_zero_window_on_many_streams_is_bounded_and_released(node, tmp_pat
         await _still_serves(port, node)
     finally:
         await svc.close()
+
+
+async def test_a_refused_complete_request_gets_no_rst_stream(proxy, node):
+    """A request refused by the proxy (a space in :path, a lower-case method) whose HEADERS
+    carried END_STREAM: its 400/501 ends the stream both ways, and then no RST_STREAM (RFC 9113
+    §5.1: nothing but PRIORITY on a closed stream; libnghttp2 sent RST_STREAM NO_ERROR there,
+    hyper-h2 did not). Nothing reaches the node, the connection serves on."""
+    raw = await Raw.open(proxy.https_port)
+    fields = raw.fields("/api/client/v2/echo HTTP/1.1")
+    raw.headers(1, fields, end=True)
+    lower = [(k, "get" if k == ":method" else v) for k, v in raw.fields("/api/client/v2/echo")]
+    raw.headers(3, lower, end=True)
+    raw.headers(5, raw.fields("/api/client/v2/echo?after=1"), end=True)
+    assert await raw.read_until(lambda f: f.stream_id == 5 and "END_STREAM" in f.flags)
+    await raw.read_until(lambda f: False, timeout=0.3)
+    assert (raw.status(1), raw.status(3), raw.status(5)) == (400, 501, 200)
+    assert [f.stream_id for f in raw.frames if isinstance(f, hf.RstStreamFrame)] == []
+    raw.close()
+    assert _node_targets(node) == ["/api/client/v2/echo?after=1"]

@@ -418,6 +418,10 @@ class H2Client(asyncio.Protocol):
         req.version = "2.0"
         st = H2Stream(self, sid, req)
         self.streams[sid] = st
+        if ended:
+            # (before vet: a refusal's answer then knows there is no body to stop with
+            # RST_STREAM, which on a stream closed both ways RFC 9113 §5.1 does not allow)
+            req.complete = True
         try:
             self.vet(req, headers)
         except _Malformed as bad:  # (its own name: mypyc gives `exc` one type per function)
@@ -431,11 +435,9 @@ class H2Client(asyncio.Protocol):
             return
         if req.content_length is not None:  # (vet: digits only)
             st.expect = int(req.content_length)
-        if ended:
-            if st.expect > 0:
-                self.malformed("Content-Length without the body it announces")
-                return
-            req.complete = True
+        if ended and st.expect > 0:
+            self.malformed("Content-Length without the body it announces")
+            return
         st.start()
 
     def vet(self, req: Request, headers: list[tuple[bytes, bytes]]) -> None:
