@@ -296,3 +296,40 @@ def test_wizard_killed_by_a_closing_terminal_leaves_nothing(tmp_path: Path) -> N
     assert child.signalstatus == signal.SIGHUP
     assert config.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
+
+
+# --- firewall: the operator's own SSH
+
+
+@pytest.mark.parametrize(
+    ("firewall", "session", "expected"),
+    [
+        ("", "192.0.2.7 50000 10.0.0.5 2222", "firewall.ssh_port = 22, but this session came in on 2222"),
+        ("ssh_port = 0", "192.0.2.7 50000 10.0.0.5 22", "firewall.ssh_port = 0 closes SSH"),
+        ('ssh_networks = ["10.0.8.0/24"]', "192.0.2.7 50000 10.0.0.5 22", "does not include 192.0.2.7"),
+        ('ssh_networks = ["10.0.8.0/24"]', "10.0.8.7 50000 10.0.0.5 22", None),
+        ("", "2001:db8::7 50000 2001:db8::5 22", None),
+    ],
+)  # fmt: skip
+def test_firewall_warns_when_it_would_drop_the_next_ssh_login_like_this_one(
+    tmp_path: Path, firewall: str, session: str, expected: str | None
+) -> None:
+    # The table's policy is drop; the session that applies it survives (established), so a
+    # wrong SSH port or network shows only at the next login, unless it is said now.
+    config = tmp_path / "c.toml"
+    config.write_text(f"{VALID}[firewall]\n{firewall}\n")
+    proc = subprocess.run(
+        [*CONFEDGE, "firewall", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "SSH_CONNECTION": session},
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr
+    last = proc.stdout.rstrip("\n").rsplit("\n", 1)[-1]
+    if expected is None:
+        assert "warning" not in proc.stdout
+    else:
+        assert last.startswith("# warning: ") and expected in last
+        assert "a new SSH login like it will be dropped" in last
