@@ -333,3 +333,29 @@ def test_firewall_warns_when_it_would_drop_the_next_ssh_login_like_this_one(
     else:
         assert last.startswith("# warning: ") and expected in last
         assert "a new SSH login like it will be dropped" in last
+
+
+# --- a configuration that is a symbolic link
+
+
+def test_setup_and_cert_install_write_through_a_linked_configuration(tmp_path: Path) -> None:
+    # /etc/confedge/confedge.toml -> a file kept in a repository: the change must land in the
+    # real file; replacing the link with a new file left the target as it was.
+    real = tmp_path / "repo" / "confedge.toml"
+    real.parent.mkdir()
+    real.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n{VALID}')
+    link = tmp_path / "confedge.toml"
+    link.symlink_to(real)
+    proc = _confedge("setup", "--config", str(link), "--set", "proxy.balance=ip-hash")
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and 'balance = "ip-hash"' in real.read_text()
+    assert (real.parent / "confedge.toml.bak").exists()
+    assert _confedge("cert", "--config", str(link), "self-signed").returncode == 0
+    generated = tmp_path / "state" / "tls" / "selfsigned.pem"
+    proc = _confedge("cert", "--config", str(link), "install", "--cert", str(generated))
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink()
+    assert tomllib.loads(real.read_text())["tls"]["cert"] == str(
+        tmp_path / "state" / "tls" / "server.pem"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["confedge.toml", "repo", "state"]
