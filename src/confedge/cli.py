@@ -298,7 +298,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a simulated conferencing node (`confedge nodesim --help` for its options)",
         add_help=False,
     )
-    sp = sub.add_parser("firewall", help="print, load or check the host firewall (docs/DEPLOY.md)")
+    sp = sub.add_parser(
+        "firewall",
+        help="print, load or check the host firewall (docs/DEPLOY.md)",
+        description="Print the nftables ruleset the configuration needs (or, with --format, the "
+        "iptables-restore form), load it with --apply, or compare the loaded one with --check. "
+        "It is one table, inet confedge, replaced in one transaction; no other table is "
+        "touched. Its input policy is drop: besides confedge's ports it admits SSH on "
+        "firewall.ssh_port (22) from firewall.ssh_networks (anywhere), so check those before "
+        "--apply on a host whose SSH listens elsewhere. To remove it: nft delete table inet "
+        "confedge.",
+    )
     sp.add_argument(
         "--config",
         "-c",
@@ -315,7 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     how = sp.add_mutually_exclusive_group()
     how.add_argument("--apply", action="store_true", help="load it now (nft -f, atomically)")
     how.add_argument("--check", action="store_true", help="diff the loaded table; exit 1 if stale")
-    sp = sub.add_parser("install-service", help="install the systemd unit, user and directories")
+    sp = sub.add_parser(
+        "install-service",
+        help="install the systemd unit, user and directories",
+        description="Create the system user (--user, never root), server.state_dir and the log "
+        "directory owned by it, give the configuration file to its group (mode 0640), and "
+        "write the hardened confedge.service for this configuration into --unit-dir. Needs "
+        "root; --dry-run prints every step and the unit instead. Then: confedge firewall "
+        "--apply, systemctl enable --now confedge (docs/DEPLOY.md).",
+    )
     sp.add_argument(
         "--config",
         "-c",

@@ -8,6 +8,7 @@ a DMZ host at 2 a.m. needs the fix, not a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import math
@@ -321,6 +322,27 @@ def _node(value: Any) -> str:
 NodeStr = Annotated[str, _Before(_node)]
 
 
+def _distinct_nodes(nodes: list[str]) -> list[str]:
+    """Each node once: "10.0.0.11", "10.0.0.11:443" and "https://10.0.0.11" are one node, and
+    listing it twice would double its share of new clients, check its health twice and let
+    failover "retry on another node" on the same one."""
+    seen: dict[tuple[str, str, int], int] = {}
+    for i, text in enumerate(nodes):
+        node = NodeAddress.parse(text)
+        host = node.host.lower().rstrip(".")
+        with contextlib.suppress(ValueError):
+            host = str(ipaddress.ip_address(host))
+        key = (node.scheme, host, node.port)
+        if key in seen:
+            j = seen[key]
+            raise ValueError(
+                f'"{text}" (item {i}) is the same node as "{nodes[j]}" (item {j}); list each '
+                "node once"
+            )
+        seen[key] = i
+    return nodes
+
+
 class ServerConfig(_Strict, frozen=True):
     hostname: str = "edge"
     domain: str = "localdomain"
@@ -400,7 +422,7 @@ class ProxyPool(_Strict, frozen=True):
                 '[] is empty; list the nodes of this pool (e.g. nodes = ["10.0.0.21"]) or remove '
                 "the pool"
             )
-        return v
+        return _distinct_nodes(v)
 
 
 class ProxyConfig(_Strict, frozen=True):
@@ -455,6 +477,11 @@ class ProxyConfig(_Strict, frozen=True):
     access_log: str = ""  # "" = standard error log stream; else a file path
     static: list[StaticMount] = field(default_factory=list)
     pools: list[ProxyPool] = field(default_factory=list)  # node pools per path prefix
+
+    @field_validator("nodes")
+    @classmethod
+    def _distinct(cls, v: list[str]) -> list[str]:
+        return _distinct_nodes(v)
 
     @field_validator("pools")
     @classmethod

@@ -220,3 +220,18 @@ def test_run_with_a_damaged_guard_database_starts(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(10)
     assert list(state.glob("guard.sqlite3.damaged-*"))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_access_log_that_cannot_be_opened_is_one_line(tmp_path: Path, workers: int) -> None:
+    # A directory as proxy.access_log: in process (1 worker) it was a ValueError traceback, in
+    # worker processes a RuntimeError traceback from the parent.
+    path = tmp_path / "run.toml"
+    path.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[proxy]\nnodes = ["127.0.0.1:9"]\nhttps_port = 0\nhttp_port = 0\nworkers = {workers}\n'
+        f'access_log = "{tmp_path}"\n[turn]\nenabled = false\n[management]\nenabled = false\n'
+    )
+    line = _start_failure(path)
+    assert line.startswith("confedge: cannot start: ")
+    assert f'proxy.access_log: cannot open "{tmp_path}" for appending: Is a directory' in line

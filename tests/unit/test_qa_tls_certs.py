@@ -135,6 +135,19 @@ def test_wrong_chain_order(pki: dict[str, object], tmp_path: Path) -> None:
     assert "chain order" in msg
 
 
+def test_intermediate_with_the_right_name_but_another_key(
+    pki: dict[str, object], tmp_path: Path
+) -> None:
+    # A re-keyed (or wrongly downloaded) intermediate: same subject, another key. The signature
+    # check fails with cryptography's InvalidSignature, whose text is empty: the message must
+    # still say what is wrong and what to do.
+    other = _cert("Intermediate", _key(), "Root", _key(), ca=True)
+    key = _write(tmp_path, "k.pem", _key_pem(pki["leaf_k"]))
+    msg = _problem(_write(tmp_path, "c.pem", _pem(pki["leaf"], other)), key)  # type: ignore[arg-type]
+    assert "c.pem" in msg and "certificate 2 (CN=Intermediate) did not sign certificate 1" in msg
+    assert "()" not in msg and "another key" in msg and "intermediate" in msg
+
+
 def test_cert_only_no_key(pki: dict[str, object], tmp_path: Path) -> None:
     msg = _problem(_write(tmp_path, "c.pem", _pem(pki["leaf"])))  # type: ignore[arg-type]
     assert "c.pem" in msg and "no private key" in msg and "tls.key" in msg

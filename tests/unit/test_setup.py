@@ -131,6 +131,16 @@ def test_fail2ban_durations() -> None:
     assert _seconds("2d") == 172800
     with pytest.raises(ValueError):
         _seconds("soon")
+    # fail2ban's other words and sums: "mo" is a month and "y" a year, never minutes or bare
+    # seconds (they were read as 60 s and 1 s); "-1" is its permanent ban.
+    assert _seconds("1mo") == round(365.2425 * 86400 / 12, 3) and _seconds("1y") > 365 * 86400
+    assert (
+        _seconds("1h 30m") == 5400 and _seconds("10min") == 600 and _seconds("2 weeks") == 1209600
+    )
+    assert _seconds(" 600 ") == 600 and _seconds("2.5h") == 9000 and _seconds("-1") == -1
+    for bad in ("1e400", "", "5 fortnights", "1h x"):
+        with pytest.raises(ValueError):
+            _seconds(bad)
 
 
 def test_a_bad_value_in_the_file_is_reasked_not_kept() -> None:

@@ -12,16 +12,19 @@ configuration, and are left out of the comparison.
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import os
 import re
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 
 from confedge.config import Config
 from confedge.host.banset import nft_binary, read_banned
 from confedge.host.ruleset import BAN_SETS, TABLE, iptables_ruleset, nft_ruleset, nft_table
 
-__all__ = ["apply", "check", "firewall_command", "normalise"]
+__all__ = ["apply", "check", "firewall_command", "normalise", "ssh_lockout"]
 
 _STATEFUL_SETS = {*BAN_SETS.values(), "conn_rate_v4", "conn_rate_v6", "stun_rate_v4"}
 _STATEFUL_SETS |= {"stun_rate_v6"}
@@ -61,6 +64,38 @@ def loaded_table(nft: str | None = None) -> str | None:
         raise
 
 
+def ssh_lockout(cfg: Config, env: Mapping[str, str] = os.environ) -> str | None:
+    """Why the table would drop a new SSH login like the one this command runs in, or None.
+
+    The table's policy is drop and it admits SSH only on firewall.ssh_port from
+    firewall.ssh_networks; the operator's own session survives an --apply (established flows
+    pass), so the mistake shows only at the next login. SSH_CONNECTION ("client port server
+    port") says where this session came from and to which port."""
+    parts = env.get("SSH_CONNECTION", "").split()
+    if len(parts) != 4 or not parts[3].isdigit():
+        return None
+    client, port, fw = parts[0], int(parts[3]), cfg.firewall
+    if fw.ssh_port == 0:
+        why = "firewall.ssh_port = 0 closes SSH"
+    elif fw.ssh_port != port:
+        why = (
+            f"it opens SSH on firewall.ssh_port = {fw.ssh_port}, but this session came in on {port}"
+        )
+    else:
+        try:
+            ip = ipaddress.ip_address(client.split("%", 1)[0])
+        except ValueError:
+            return None
+        nets = [ipaddress.ip_network(n, strict=False) for n in fw.ssh_networks]
+        if any(ip.version == n.version and ip in n for n in nets):
+            return None
+        why = f"firewall.ssh_networks does not include {client}, where this session comes from"
+    return (
+        f"{why}: this session stays open, but a new SSH login like it will be dropped; set "
+        "[firewall] ssh_port / ssh_networks and apply again"
+    )
+
+
 def apply(cfg: Config, source: str = "", nft: str | None = None) -> int:
     """Replace the table in one `nft -f` transaction, keeping the guard's current bans."""
     banned: dict[int, list[str]] = {}
@@ -70,6 +105,9 @@ def apply(cfg: Config, source: str = "", nft: str | None = None) -> int:
     _nft(["-f", "-"], script, nft)
     kept = sum(len(v) for v in banned.values())
     print(f"confedge: table inet {TABLE} loaded ({kept} banned address(es) kept)")
+    lockout = ssh_lockout(cfg)
+    if lockout:
+        print(f"confedge: warning: {lockout}", file=sys.stderr)
     return 0
 
 
@@ -164,6 +202,9 @@ def firewall_command(cfg: Config, path: str, fmt: str, do_apply: bool, do_check:
             print(
                 "# note: guard.firewall is set but guard.enabled is false: nothing fills the sets"
             )
+        lockout = ssh_lockout(cfg)
+        if lockout:
+            print(f"# warning: {lockout}")
         return 0
     sys.stdout.write(iptables_ruleset(cfg, source=path)[6 if fmt == "ip6tables" else 4])
     if cfg.guard.firewall:

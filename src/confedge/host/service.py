@@ -16,6 +16,7 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -58,9 +59,79 @@ def log_dir(cfg: Config) -> str:
     return "/var/log/confedge"
 
 
-def _quote(path: str) -> str:
-    # systemd unquotes like a shell for ExecStart; paths with spaces need quotes.
-    return shlex.quote(path) if any(c in path for c in " \t\"'\\") else path
+def _quote(path: str, *, exec_line: bool = False) -> str:
+    """`path` as one word of a unit setting: quoted like a shell word when it has blanks or
+    quotes (systemd unquotes ExecStart= and ReadWritePaths= that way), "%" doubled (systemd
+    expands "%n", "%h", ... in both), and on ExecStart= "$" doubled (environment expansion)."""
+    word = shlex.quote(path) if any(c in path for c in " \t\"'\\") else path
+    word = word.replace("%", "%%")
+    return word.replace("$", "$$") if exec_line else word
+
+
+# A user name useradd accepts (Debian's default NAME_REGEX, with the system-user "$" suffix).
+_USER_NAME = re.compile(r"[a-z_][a-z0-9_-]{0,30}\$?")
+# Where the unit's sandbox hides files from the service: PrivateTmp= and ProtectHome=.
+_HIDDEN = (
+    ("/tmp", "PrivateTmp=yes gives the service an empty /tmp of its own"),
+    ("/var/tmp", "PrivateTmp=yes gives the service an empty /var/tmp of its own"),
+    ("/home", "ProtectHome=yes hides /home from the service"),
+    ("/root", "ProtectHome=yes hides /root from the service"),
+    ("/run/user", "ProtectHome=yes hides /run/user from the service"),
+)
+
+
+def check_install(cfg: Config, config_path: str, user: str) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of installing `cfg` as a service run by `user`.
+
+    Problems stop the installation (nothing is done): a user that is root (the unit's
+    sandbox assumes an unprivileged user) or not a valid name, a relative state_dir or log path
+    (the service runs from "/", and systemd ignores a relative ReadWritePaths=). Warnings are
+    files the sandbox will hide from the service, so it would fail at start."""
+    problems: list[str] = []
+    if user == "root" or _uid(user) == 0:
+        problems.append(
+            f"--user {user}: the service must not run as root (the unit gives an unprivileged "
+            'user the two capabilities it needs); use the default "confedge" or another '
+            "system user"
+        )
+    elif not _USER_NAME.fullmatch(user):
+        problems.append(
+            f'--user "{user}": not a valid user name (lower-case letters, digits, "-" and "_", '
+            'e.g. "confedge")'
+        )
+    for key, path in (
+        ("server.state_dir", cfg.server.state_dir),
+        ("proxy.access_log", cfg.proxy.access_log),
+    ):
+        if path and not os.path.isabs(path):
+            problems.append(
+                f'{key}: "{path}" is a relative path; the service runs from "/" and systemd '
+                "ignores relative ReadWritePaths=; give an absolute path (e.g. "
+                '"/var/lib/confedge")'
+            )
+    warnings: list[str] = []
+    named = [
+        ("the configuration file", config_path),
+        ("server.state_dir", cfg.server.state_dir),
+        ("the log directory", log_dir(cfg)),
+        ("tls.cert", cfg.tls.cert),
+        ("tls.key", cfg.tls.key),
+    ]
+    for what, path in named:
+        for top, why in _HIDDEN:
+            if path and (path == top or path.startswith(top + "/")):
+                warnings.append(
+                    f"{what} {path} is under {top}: {why}, so it will not find it there; move it "
+                    "(e.g. to /etc/confedge or /var/lib/confedge)"
+                )
+    return problems, warnings
+
+
+def _uid(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
 
 
 def user_group(user: str) -> str:
@@ -80,8 +151,8 @@ def render_unit(cfg: Config, config_path: str, *, user: str, exec_path: str) -> 
         ambient += " CAP_NET_ADMIN"
     rw = " ".join(_quote(p) for p in dict.fromkeys([cfg.server.state_dir, log_dir(cfg)]))
     return Template(template).substitute(
-        config=_quote(config_path),
-        exec=_quote(exec_path),
+        config=_quote(config_path, exec_line=True),
+        exec=_quote(exec_path, exec_line=True),
         user=user,
         group=user_group(user),
         nofile=nofile,
@@ -178,6 +249,13 @@ def install_service_command(
 ) -> int:
     """The subcommand: print (--dry-run) or perform the installation; one line per step."""
     config_abs = str(Path(config_path).resolve())
+    problems, warnings = check_install(cfg, config_abs, user)
+    for line in problems:
+        print(f"confedge: {line}", file=sys.stderr)
+    if problems:
+        return 2
+    for line in warnings:
+        print(f"confedge: warning: {line}", file=sys.stderr)
     steps = plan_install(cfg, config_abs, user=user, unit_dir=unit_dir, exec_path=confedge_binary())
     if dry_run:
         for step in steps:

@@ -256,7 +256,10 @@ def _make_access_log(cfg: Config) -> Any:
         from confedge.proxy.accesslog import AccessLog
     except ImportError:  # pragma: no cover - the module ships with confedge
         return None
-    return AccessLog(cfg.proxy.access_log)
+    try:
+        return AccessLog(cfg.proxy.access_log)
+    except ValueError as exc:  # a directory, a missing parent, no permission: one line at start
+        raise ConfigError([str(exc)]) from None
 
 
 def _make_static(cfg: Config) -> Any:
@@ -629,7 +632,10 @@ class ProxyService:
         ready = await loop.run_in_executor(None, _wait_ready, parent_end, proc, 30.0)
         if ready != "ready":
             parent_end.close()
-            raise RuntimeError(f"proxy worker {index} failed to start: {ready}")
+            # The worker's one line (an access log it cannot open, ...): `confedge run` says it
+            # as `confedge: cannot start: ...`, as it does for the same problem in process.
+            why = ready.removeprefix("ConfigError: ")
+            raise ConfigError([f"proxy worker {index} failed to start: {why}"])
         self._watch_reports(index, parent_end)
         if self.drain_phase != "serving":
             command_out.send(("drain", self.drain_phase))
@@ -650,7 +656,7 @@ class ProxyService:
                 try:
                     await self._spawn(i)
                     backoff[i] = 1.0
-                except (RuntimeError, OSError) as exc:
+                except (RuntimeError, OSError, ConfigError) as exc:
                     log.error("proxy worker %d restart failed: %s", i, exc)
 
 

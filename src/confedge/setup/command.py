@@ -302,6 +302,12 @@ def setup_command(args: argparse.Namespace) -> int:
             return 2
         return _finish(doc, path, args.dry_run, state)
 
+    if sys.stdin is None:  # `confedge setup <&-`: no terminal, no pipe, nobody to ask
+        _err(
+            "standard input is closed, so the questions cannot be answered; give the answers "
+            "with --answers FILE or --set KEY=VALUE (nothing written)"
+        )
+        return 2
     host_defaults(state, doc.get, host_names())
     before = dict(state.values)
     print("confedge setup: " + ("a new configuration" if first_run else f"changing {path}"))

@@ -139,8 +139,12 @@ def atomic_write(path: Path, text: str) -> Path | None:
 
     The temporary file lives in the same directory (rename is only atomic within a file
     system), is fsynced before the rename and the directory after it, so a crash leaves either
-    the old file or the new one, never half of either.
+    the old file or the new one, never half of either. A symbolic link (a configuration kept in
+    a repository and linked into /etc/confedge) is followed: its target is replaced, not the
+    link, which would leave the real file as it was.
     """
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     backup: Path | None = None
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -44,7 +44,7 @@ import tomlkit
 from confedge.config import ConfigError
 
 from .document import ConfigDocument
-from .values import AnswerError
+from .values import AnswerError, parse_bool
 
 __all__ = ["Imported", "import_reference", "read_reference"]
 
@@ -86,6 +86,27 @@ def _rel(root: Path, p: Path) -> str:
     return str(p.relative_to(root))
 
 
+def _flag(value: Any, what: str, out: Imported) -> bool | None:
+    """A saved yes/no: JSON true/false (or 0/1, "yes"/"no"); anything else is listed and
+    skipped, never read as Python truth (the text "false" is not yes)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and parse_bool(value) is not None:
+        return parse_bool(value)
+    out.skip(what, f"{json.dumps(value)} is not true or false")
+    return None
+
+
+def _texts(value: Any, what: str, out: Imported) -> list[str] | None:
+    """A saved list of addresses: a JSON list of strings; anything else is listed and skipped."""
+    if isinstance(value, list) and all(isinstance(v, str | int) for v in value):
+        return [str(v) for v in value]
+    out.skip(what, f"{json.dumps(value)[:80]} is not a list of addresses")
+    return None
+
+
 # --- the wizard's saved answers
 
 
@@ -99,41 +120,72 @@ def _answers(root: Path, out: Imported) -> None:
     except (OSError, ValueError) as exc:
         out.skip(src, f"not readable as JSON ({exc})")
         return
+    if not isinstance(data, dict):
+        out.skip(src, "not the wizard's saved answers (expected a JSON object)")
+        return
     out.read.append(src)
     for key, name in (("server.hostname", "hostname"), ("server.domain", "domain")):
         if isinstance(data.get(name), str):
             out.put(key, data[name], f"{src}: {name}")
     nets = data.get("networks") or {}
-    internal, external = data.get("internal"), data.get("external")
-    if internal in nets and nets[internal].get("ipaddress"):
-        out.put("server.internal_address", nets[internal]["ipaddress"], f"{src}: internal NIC")
-    if external and external != internal and external in nets:
-        out.put("server.external_address", nets[external]["ipaddress"], f"{src}: external NIC")
+    if not isinstance(nets, dict):
+        out.skip(f"{src}: networks", f"{json.dumps(nets)[:80]} is not an object of interfaces")
+        nets = {}
+    sides = (("internal", "server.internal_address"), ("external", "server.external_address"))
+    for side, key in sides:
+        nic = data.get(side)
+        if not isinstance(nic, str) or nic not in nets:
+            continue
+        if side == "external" and nic == data.get("internal"):
+            continue
+        address = nets[nic].get("ipaddress") if isinstance(nets[nic], dict) else None
+        if isinstance(address, str) and address:
+            out.put(key, address, f"{src}: {side} NIC")
+        else:
+            out.skip(f"{src}: networks.{nic}", f"no ipaddress for the {side} interface")
     if "enablewebloadbalance" in data:
-        out.put("proxy.enabled", bool(data["enablewebloadbalance"]), f"{src}: web proxy")
+        flag = _flag(data["enablewebloadbalance"], f"{src}: enablewebloadbalance", out)
+        if flag is not None:
+            out.put("proxy.enabled", flag, f"{src}: web proxy")
     if data.get("conferencenodes"):
-        out.put("proxy.nodes", [str(n) for n in data["conferencenodes"]], f"{src}")
+        nodes = _texts(data["conferencenodes"], f"{src}: conferencenodes", out)
+        if nodes is not None:
+            out.put("proxy.nodes", nodes, f"{src}")
     if "enablecsp" in data:
-        out.put("proxy.csp", bool(data["enablecsp"]), f"{src}: enablecsp")
+        flag = _flag(data["enablecsp"], f"{src}: enablecsp", out)
+        if flag is not None:
+            out.put("proxy.csp", flag, f"{src}: enablecsp")
     turn = data.get("turnserver") or {}
+    if not isinstance(turn, dict):
+        out.skip(f"{src}: turnserver", f"{json.dumps(turn)[:80]} is not an object")
+        turn = {}
     if "enabled" in turn:
-        out.put("turn.enabled", bool(turn["enabled"]), f"{src}: turnserver.enabled")
+        flag = _flag(turn["enabled"], f"{src}: turnserver.enabled", out)
+        if flag is not None:
+            out.put("turn.enabled", flag, f"{src}: turnserver.enabled")
     if "clientturn" in turn:
-        mode = "permissive" if turn["clientturn"] else "restricted"
-        out.put("turn.mode", mode, f"{src}: turnserver.clientturn")
-    if turn.get("port443"):
+        flag = _flag(turn["clientturn"], f"{src}: turnserver.clientturn", out)
+        if flag is not None:
+            mode = "permissive" if flag else "restricted"
+            out.put("turn.mode", mode, f"{src}: turnserver.clientturn")
+    if turn.get("port443") and _flag(turn["port443"], f"{src}: turnserver.port443", out):
         # The reference's "TURN on 443" is plain TURN (UDP and TCP) on port 443 instead of
         # 3478, offered when it runs no web proxy; turnserver.conf's listening-port says the same.
         out.put("turn.port", 443, f"{src}: turnserver.port443")
     if turn.get("username"):
         out.put("turn.username", str(turn["username"]), f"{src}: turnserver.username")
     if data.get("medianodes"):
-        out.put("turn.media_nodes", [str(n) for n in data["medianodes"]], f"{src}: medianodes")
+        media = _texts(data["medianodes"], f"{src}: medianodes", out)
+        if media is not None:
+            out.put("turn.media_nodes", media, f"{src}: medianodes")
     if "managementnetworks" in data:
-        nets_ = [str(n) for n in data.get("managementnetworks") or []]
-        out.put("management.networks", nets_, f"{src}: managementnetworks (SSH there)")
+        nets_ = _texts(data["managementnetworks"] or [], f"{src}: managementnetworks", out)
+        if nets_ is not None:
+            out.put("management.networks", nets_, f"{src}: managementnetworks (SSH there)")
     if "enablefail2ban" in data:
-        out.put("guard.enabled", bool(data["enablefail2ban"]), f"{src}: enablefail2ban")
+        flag = _flag(data["enablefail2ban"], f"{src}: enablefail2ban", out)
+        if flag is not None:
+            out.put("guard.enabled", flag, f"{src}: enablefail2ban")
     for name, why in (
         ("dns", "DNS servers are the host's setting"),
         ("ntp", "NTP is the host's setting"),
@@ -216,6 +268,8 @@ def _ip_range(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """coturn's peer ranges: "a.b.c.d", "a.b.c.d-e.f.g.h", or (extension) a CIDR."""
     if "-" in text:
         lo, hi = (ipaddress.ip_address(p.strip()) for p in text.split("-", 1))
+        if lo.version != hi.version:
+            raise ValueError(f"{lo} and {hi} are not of the same IP version")
         return list(ipaddress.summarize_address_range(lo, hi))
     return [ipaddress.ip_network(text, strict=False)]
 
@@ -366,12 +420,35 @@ def _userdb(
 # --- fail2ban
 
 
+# fail2ban's time words (fail2ban/server/mytime.py, str2seconds): each abbreviation it accepts,
+# so "1mo" is a month and "1y" a year, never read as minutes or bare seconds.
+_UNITS = (
+    (r"years?|yea?|yy?", 365.2425 * 86400),
+    (r"months?|mon?", 365.2425 * 86400 / 12),
+    (r"weeks?|wee?|ww?", 7 * 86400),
+    (r"days?|da|dd?", 86400),
+    (r"hours?|ho|hh?", 3600),
+    (r"minutes?|mi(?:n(?:ute)?)?|mm?", 60),
+    (r"seconds?|se(?:c(?:ond)?)?|ss?|", 1),
+)
+_PART = re.compile(r"\s*(-?\d+(?:\.\d+)?)\s*([a-z]*)", re.I)
+
+
 def _seconds(text: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\w*\s*", text)
-    if not m:
+    """A fail2ban duration: "600", "10m", "1h 30m", "2days", "1mo"; ValueError otherwise."""
+    total, pos, parts = 0.0, 0, 0
+    while pos < len(text.rstrip()):
+        m = _PART.match(text, pos)
+        if not m:
+            raise ValueError(f"{text!r} is not a duration")
+        mult = next((f for u, f in _UNITS if re.fullmatch(u, m.group(2), re.I)), None)
+        if mult is None:
+            raise ValueError(f"{text!r} is not a duration (unknown unit {m.group(2)!r})")
+        total += float(m.group(1)) * mult
+        pos, parts = m.end(), parts + 1
+    if not parts:
         raise ValueError(f"{text!r} is not a duration")
-    mult = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-    return float(m.group(1)) * mult
+    return round(total, 3)
 
 
 def _jail(root: Path, out: Imported) -> None:
@@ -394,15 +471,24 @@ def _jail(root: Path, out: Imported) -> None:
     jail = parser["pexiprp"]
     where = f"{src}: [pexiprp]"
     if "enabled" in jail and "guard.enabled" not in out.values:
-        out.put("guard.enabled", jail.getboolean("enabled"), f"{where} enabled")
+        enabled = parse_bool(jail["enabled"])
+        if enabled is None:
+            out.skip(f"{where} enabled = {jail['enabled']}", "not true or false")
+        else:
+            out.put("guard.enabled", enabled, f"{where} enabled")
     if "maxretry" in jail:
-        ref = int(jail["maxretry"])
-        ours = max(1, math.ceil(ref / 2))
-        out.put("guard.maxretry", ours, f"{where} maxretry = {ref}")
-        out.notes.append(
-            f"{where} maxretry = {ref} counts the 'PIN required' prompt too (two 403s per wrong "
-            f"PIN), so confedge, which counts wrong PINs only, bans after {ours} (docs/GUARD.md)"
-        )
+        text = jail["maxretry"].strip()
+        if not text.isdigit() or int(text) < 1:
+            out.skip(f"{where} maxretry = {text}", "not a whole number above 0")
+        else:
+            ref = int(text)
+            ours = max(1, math.ceil(ref / 2))
+            out.put("guard.maxretry", ours, f"{where} maxretry = {ref}")
+            out.notes.append(
+                f"{where} maxretry = {ref} counts the 'PIN required' prompt too (two 403s per "
+                f"wrong PIN), so confedge, which counts wrong PINs only, bans after {ours} "
+                "(docs/GUARD.md)"
+            )
     for name in ("findtime", "bantime"):
         if name in jail:
             try:
@@ -437,6 +523,11 @@ def read_reference(root: Path) -> Imported:
             reader(root, out)
         except OSError as exc:  # an unreadable copy: say which, carry over the rest
             out.skip(str(exc.filename or root), f"cannot read it ({exc.strerror or exc})")
+        except (ValueError, TypeError, LookupError, AttributeError) as exc:
+            # A shape no reader expected (a hand-edited or damaged copy): that file's remaining
+            # settings are listed as not carried over, the other files still are.
+            what = reader.__name__.lstrip("_")
+            out.skip(f"{root} ({what})", f"not understood ({type(exc).__name__}: {exc})")
     pem = _find(root, PEM)
     if pem is not None:
         out.pem = pem
@@ -487,14 +578,23 @@ def import_reference(args: argparse.Namespace) -> int:
         return 2
     imported = read_reference(root)
     if not imported.read:
+        for line in imported.skipped:
+            print(f"not carried over: {line}")
+        found = "found, but none usable (above)" if imported.skipped else "found"
         _err(
-            f"{root}: none of the reference's files found (.reverseproxy-config.json, "
+            f"{root}: none of the reference's files {found} (.reverseproxy-config.json, "
             "sites-available/pexapp, turnserver.conf, jail.local, pexip.pem)"
         )
         return 2
     path = Path(args.config)
     doc = build_document(imported, root)
-    existing = ConfigDocument.load(path) if path.exists() else None
+    try:
+        existing = ConfigDocument.load(path) if path.exists() else None
+    except ConfigError as exc:
+        for line in exc.problems:
+            _err(line)
+        _err(f"{path}: fix or move that file first; nothing written")
+        return 2
     doc.path, doc.original = path, existing.original if existing else ""
     try:
         state = State({k: v for k, (v, _) in imported.values.items()}, interactive=False)

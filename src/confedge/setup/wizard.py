@@ -34,14 +34,17 @@ class Prompter(Protocol):
 class LinePrompter:
     """Plain lines on standard input/output: works with pipes and any terminal driver."""
 
-    def __init__(self, read: Callable[[], str] = sys.stdin.readline, echo: bool = False) -> None:
+    def __init__(self, read: Callable[[], str] | None = None, echo: bool = False) -> None:
+        # Standard input is looked up when a question is asked, not when this module is
+        # imported: with it closed (`confedge ... <&-`) sys.stdin is None, and every command
+        # imports this module while building its parser.
         self._read = read
         self._echo = echo  # piped answers are not echoed by a terminal: print them (a log)
 
     def ask(self, message: str, choices: list[str], secret: bool) -> str:
         print(message, end="", flush=True)
         try:
-            line = self._read()
+            line = self._read() if self._read else _stdin_line()
         except KeyboardInterrupt:
             line = ""
         if not line:
@@ -67,7 +70,14 @@ class TerminalPrompter:
             raise Cancelled from None
 
 
+def _stdin_line() -> str:
+    """One line of standard input; "" (end of input) when there is no standard input at all."""
+    return sys.stdin.readline() if sys.stdin is not None else ""
+
+
 def prompter() -> Prompter:
+    if sys.stdin is None or sys.stdout is None:
+        return LinePrompter(echo=False)  # closed: the first question ends the wizard
     if sys.stdin.isatty() and sys.stdout.isatty():
         return TerminalPrompter()
     return LinePrompter(echo=not sys.stdin.isatty())

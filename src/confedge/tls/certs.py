@@ -310,8 +310,12 @@ def check_pem(
         try:
             child.verify_directly_issued_by(parent)
         except (ValueError, TypeError, Exception) as exc:
+            # InvalidSignature has no text: say what it means and what to do.
+            why = str(exc) or "its signature does not verify with that certificate's key"
             raise CertificateError(
-                f"{where}: certificate {i + 2} did not sign certificate {i + 1} ({exc})"
+                f"{where}: certificate {i + 2} ({parent.subject.rfc4514_string()}) did not "
+                f"sign certificate {i + 1} ({why}); it has the issuer's name but another key: "
+                "get the intermediate your CA issued with this certificate"
             ) from None
     not_before = leaf.not_valid_before_utc
     not_after = leaf.not_valid_after_utc

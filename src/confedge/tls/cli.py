@@ -337,6 +337,8 @@ def _replace_config(path: Path, text: str) -> None:
         raise OSError(
             f"{path}: the updated configuration would not be valid ({exc}); not written"
         ) from None
+    if path.is_symlink():  # a linked configuration: replace its target, not the link
+        path = path.resolve()
     st = path.stat()
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, st.st_mode & 0o777)
