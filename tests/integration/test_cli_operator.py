@@ -187,7 +187,6 @@ def test_demo_port_base_out_of_range_is_a_usage_error() -> None:
         assert f"confedge demo: error: argument --port-base: {why}" in res.stderr
 
 
-
 @pytest.mark.parametrize("json_out", [False, True])
 def test_a_reader_that_closes_the_pipe_early_gets_no_traceback(
     tmp_path: Path, json_out: bool
