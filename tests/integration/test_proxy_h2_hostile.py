@@ -247,6 +247,32 @@ async def test_bad_content_length_is_a_connection_error(proxy, node, fields):
     assert not [t for t in _node_targets(node) if "BAD" in t]
 
 
+@pytest.mark.parametrize("value", ["9" * 5000, "0" * 5000 + "5"], ids=["huge", "zero-padded"])
+async def test_content_length_past_pythons_digit_limit(proxy, node, caplog, value):
+    """RFC 9110 §8.6: a Content-Length of any length must not overflow the recipient. Python's
+    int() refuses strings of more than 4300 digits (a ValueError, which killed the connection
+    with an asyncio ERROR on libnghttp2): a huge value is 413 (or hyper-h2's own GOAWAY), a
+    zero-padded one is the number it spells."""
+    port = proxy.https_port
+    raw = await Raw.open(port)
+    raw.headers(
+        1, raw.fields("/api/client/v2/echo?CL=1", "POST", ("content-length", value)), end=False
+    )
+    raw.data(1, b"12345", end=True)
+    await raw.read_until(
+        lambda f: isinstance(f, hf.GoAwayFrame) or (f.stream_id == 1 and "END_STREAM" in f.flags)
+    )
+    goaway = [f.error_code for f in raw.frames if isinstance(f, hf.GoAwayFrame)]
+    raw.close()
+    if value.startswith("9"):
+        assert goaway == [PROTOCOL_ERROR] or raw.status(1) == 413
+        assert not [t for t in _node_targets(node) if "CL=1" in t]
+    else:
+        assert goaway == [PROTOCOL_ERROR] or raw.status(1) == 200
+    await _still_serves(port, node)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+
+
 # -- floods of frames the engine answers itself (CVE-2019-9512, -9515) ---------------------------
 
 

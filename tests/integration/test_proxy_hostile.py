@@ -122,6 +122,8 @@ CASES = [
     ("huge header", f"GET / HTTP/1.1\r\n{H}X-Big: {'a' * 20000}\r\n\r\n", 431),
     ("long target", f"GET /{'a' * 9000} HTTP/1.1\r\n{H}\r\n", 414),
     ("body too large (CL)", f"POST / HTTP/1.1\r\n{H}Content-Length: 2000000\r\n\r\n", 413),
+    # RFC 9110 §8.6: no overflow, whatever the length (Python's int() stops at 4300 digits)
+    ("CL of 5000 digits", f"POST / HTTP/1.1\r\n{H}Content-Length: {'9' * 5000}\r\n\r\n", 400),
     ("non-ASCII target", f"GET /\u00e9 HTTP/1.1\r\n{H}\r\n", 400),
 ]
 
