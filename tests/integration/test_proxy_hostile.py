@@ -139,6 +139,16 @@ async def test_refused_and_never_forwarded(proxy, node, name, raw, status):
     assert len(node.requests()) == before, f"{name} reached the node: {node.requests()[-1]}"
 
 
+async def test_zero_padded_content_length_is_the_number_it_spells(proxy, node, caplog):
+    """RFC 9110 §8.6: llhttp takes 5,000 leading zeros before the 5 (the value stays small);
+    Python's int() refuses more than 4300 digits, so the proxy must not hand it the text."""
+    cl = "0" * 5000 + "5"
+    raw = f"POST /api/client/v2/echo HTTP/1.1\r\n{H}Content-Length: {cl}\r\n\r\nabcde"
+    r = await exchange(proxy.https_port, raw.encode())
+    assert r is not None and r.status in (200, 400), r
+    assert not [x for x in caplog.records if x.levelname in ("ERROR", "CRITICAL")]
+
+
 async def test_bad_chunking_never_completes_a_request(proxy, node):
     raw = (
         f"POST /x HTTP/1.1\r\n{H}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".encode()

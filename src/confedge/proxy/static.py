@@ -324,6 +324,15 @@ def _etag_matches(header: str, etag: str, *, weak: bool) -> bool:
 
 
 _DIGITS: Final = frozenset("0123456789")
+_HUGE: Final = 10**18  # past any file: what a longer position means here
+
+
+def _position(digits: str) -> int:
+    """A byte position of any length (RFC 9110 §14.1.2: no overflow): int() refuses strings of
+    more than 4300 digits (a ValueError), and anything past 18 significant digits is past the
+    end of every file anyway."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else _HUGE
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
@@ -350,12 +359,12 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
     if not first_s:
         if not last_s:
             return None
-        suffix = int(last_s)  # suffix-range: the last N bytes
+        suffix = _position(last_s)  # suffix-range: the last N bytes
         if suffix == 0 or size == 0:
             return False
         return max(0, size - suffix), size - 1
-    first = int(first_s)
-    last = int(last_s) if last_s else size - 1
+    first = _position(first_s)
+    last = _position(last_s) if last_s else size - 1
     if last_s and last < first:
         return None
     if first >= size:
