@@ -546,14 +546,20 @@ async def test_sse_client_that_never_reads_frees_the_node_when_it_goes(proxy, no
     await _closed(node, "/events")
 
 
-async def test_a_status_answer_without_line_end_does_not_stop_health_checks(node, tmp_path):
+@pytest.mark.parametrize(
+    "answer",
+    [b"x" * 100_000, b"HTTP/1.1 " + b"9" * 5000 + b" OK\r\n\r\n"],
+    ids=["no-line-end", "5000-digit-status"],
+)
+async def test_a_broken_status_answer_does_not_stop_health_checks(node, tmp_path, answer):
     """The active check reads one line (asyncio's 64 KiB limit); an answer with no line end in
     it raised ValueError out of check_node, which ended the checker's task: no node of the pool
-    was checked again, so a node marked down by a failed request stayed down for good."""
+    was checked again, so a node marked down by a failed request stayed down for good. A status
+    code of thousands of digits did the same through int() (RFC 9112 §4: three digits)."""
     status = "/api/client/v2/status"
 
     async def no_line_end(reader, writer, head):
-        writer.write(b"x" * 100_000)
+        writer.write(answer)
         await writer.drain()
         return False
 

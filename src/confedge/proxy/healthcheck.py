@@ -83,9 +83,12 @@ async def check_node(
         if writer is not None:
             writer.transport.abort()
     parts = line.split()
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+    # RFC 9112 §4: the status code is three digits (and int() of thousands would raise,
+    # ending the checker's task as a line without an end once did)
+    code = parts[1] if len(parts) >= 2 else b""
+    if not parts or not parts[0].startswith(b"HTTP/1.") or len(code) != 3 or not code.isdigit():
         return "fail", "not an HTTP answer"
-    status = int(parts[1])
+    status = int(code)
     if status == 200:
         return "ok", ""
     if status == 503:
