@@ -83,6 +83,40 @@ BROKEN: list[tuple[str, bytes, list[str]]] = [
         ],
     ),
     (
+        "host-names",
+        b'[server]\nhostname = "EDGE-"\ndomain = "example..com"\n'
+        b"[proxy]\nenabled = false\n[turn]\nenabled = false\n",
+        [
+            'server.hostname: "EDGE-" is not a DNS name: the label "EDGE-" ends with "-"',
+            'server.domain: "example..com" is not a DNS name: an empty label',
+        ],
+    ),
+    (
+        "host-name-lengths",
+        b'[server]\nhostname = "' + b"a" * 64 + b'"\ndomain = "-corp.example.com"\n'
+        b"[proxy]\nenabled = false\n[turn]\nenabled = false\n",
+        [
+            "server.hostname: \"" + "a" * 64 + '" is not a DNS name: a label of 64 characters',
+            'server.domain: "-corp.example.com" is not a DNS name: the label "-corp" starts with',
+        ],
+    ),
+    (
+        "fqdn-too-long",
+        b'[server]\ndomain = "' + b".".join([b"d" * 62] * 4) + b'"\n'
+        b"[proxy]\nenabled = false\n[turn]\nenabled = false\n",
+        ["server.domain: server.hostname and server.domain make a name of 256 characters"],
+    ),
+    (
+        "redis-without-host",
+        b'[proxy]\nenabled = false\n[turn]\nenabled = false\n[guard]\nstore = "redis://"\n'
+        b'[cluster]\nstore = "rediss://:hunter2@/0"\n',
+        [
+            'guard.store: "redis://" names no Redis host (it would mean localhost:6379 by '
+            'default); write the host, e.g. "redis://127.0.0.1:6379/0"',
+            'cluster.store: "rediss://:****@/0" names no Redis host',
+        ],
+    ),
+    (
         "semantic-model",
         b'[server]\ninternal_address = "0.0.0.0"\n'
         b'[proxy]\nnodes = ["n"]\nhttps_port = 37401\nhttp_port = 37401\n'
@@ -110,6 +144,20 @@ def test_check_and_run_refuse_broken_files(
         for want in expected:
             assert sum(want in line for line in lines) == 1, (want, lines)
         assert "\\u0007" not in res.stderr and "p\x07" not in res.stderr  # no secret echoed
+        assert "hunter2" not in res.stderr
+
+
+def test_host_names_and_redis_urls_that_stay_valid(tmp_path: Path) -> None:
+    # What the stricter host name and Redis URL rules must keep accepting.
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        '[server]\nhostname = "Edge-1"\ndomain = "xn--bcher-kva.example.co.uk"\n'
+        '[proxy]\nenabled = false\n[turn]\nenabled = false\n[guard]\nstore = "redis://db"\n'
+        '[cluster]\nstore = "rediss://:pw@[2001:db8::9]:6380/1"\n'
+    )
+    res = _confedge("check", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stdout
 
 
 def test_bom_is_accepted(tmp_path: Path) -> None:
