@@ -38,6 +38,7 @@ __all__ = [
     "StaticMount",
     "TLSConfig",
     "TurnConfig",
+    "config_warnings",
     "field_types",
     "load_config",
     "parse_config",
@@ -986,6 +987,19 @@ class Config(_Strict, frozen=True):
             data["turn"]["password"] = mask
         data["turn"]["secrets"] = [mask for _ in data["turn"]["secrets"]]
         return data
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid settings that are most likely not what the operator meant, one sentence each:
+    `confedge check` prints them and `confedge run` logs them as WARNING lines. Not errors,
+    because a setup working that way on purpose must keep starting."""
+    warnings: list[str] = []
+    if cfg.turn.enabled and cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
+        warnings.append(
+            "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
+            "list the conferencing nodes' addresses to let them allocate"
+        )
+    return warnings
 
 
 # Validation: the rules of pydantic's strict mode, which this module used (and whose error kinds
