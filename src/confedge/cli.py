@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from confedge import __version__
-from confedge.config import Config, ConfigError, load_config, to_toml
+from confedge.config import Config, ConfigError, config_warnings, load_config, to_toml
 from confedge.logsetup import setup_service_logging
 from confedge.proxy import build_kind
 
@@ -56,7 +56,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     # The certificate files are checked too (key matches, chain order, names, expiry), so a
     # bad [tls] section is found before `confedge run` at 2 a.m.
+    from confedge.opcommand import state_dir_problem
+
     problems, warnings = check_tls_config(cfg, dt.datetime.now(dt.UTC))
+    state_problem = state_dir_problem(cfg.server.state_dir)
+    if state_problem is not None:
+        problems.insert(0, state_problem)
+    warnings = [*config_warnings(cfg), *warnings]
     if problems:
         for line in problems:
             print(f"confedge: {line}", file=sys.stderr)
@@ -72,6 +78,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             return 2
         h2 = h2engine.describe(kind)
     if args.json:
+        for line in warnings:  # standard output stays JSON
+            print(f"confedge: warning: {line}", file=sys.stderr)
         print(json.dumps(cfg.masked(), indent=2))
     else:
         print(f"# {args.config}: configuration is valid; effective values (secrets masked)")
@@ -88,6 +96,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     _setup_logging(args.log_level)
     state = Path(cfg.server.state_dir)
+    from confedge.opcommand import state_dir_problem
+
+    problem = state_dir_problem(cfg.server.state_dir)
+    if problem is not None:
+        print(f"confedge: {problem}", file=sys.stderr)
+        return 2
     try:
         state.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -38,6 +38,7 @@ __all__ = [
     "StaticMount",
     "TLSConfig",
     "TurnConfig",
+    "config_warnings",
     "field_types",
     "load_config",
     "parse_config",
@@ -232,7 +233,31 @@ def parse_port_range(text: str) -> tuple[int, int]:
     return lo, hi
 
 
-_DNS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,62}(\.[A-Za-z0-9][A-Za-z0-9-]{0,62})*")
+_DNS_NAME = re.compile(r"[A-Za-z0-9.-]+")
+# A host name label (RFC 1123 §2.1, RFC 952): letters, digits and hyphens, neither first nor
+# last, 1-63 characters. No underscore: server.hostname and server.domain name this host in
+# its certificate, the Host headers it accepts and the TURN realm.
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _dns_name_problem(v: str) -> str | None:
+    """Why `v` is not a host name (dot-separated labels, at most 253 characters), or None."""
+    if not _DNS_NAME.fullmatch(v):
+        return f'"{v}" is not a DNS name (letters, digits, "-" and ".")'
+    if len(v) > 253:
+        return f'"{v[:20]}..." is not a DNS name: {len(v)} characters, at most 253'
+    for label in v.split("."):
+        if not label:
+            return f'"{v}" is not a DNS name: an empty label (a leading, trailing or double ".")'
+        if len(label) > 63:
+            return f'"{v}" is not a DNS name: a label of {len(label)} characters, at most 63'
+        if not _HOST_LABEL.fullmatch(label):
+            end = "starts" if label.startswith("-") else "ends"
+            return (
+                f'"{v}" is not a DNS name: the label "{label}" {end} with "-" (a label is 1-63 '
+                'letters, digits and "-", not first or last, e.g. "edge-1")'
+            )
+    return None
 
 
 class NodeAddress(Struct, frozen=True, kw_only=True):
@@ -353,8 +378,9 @@ class ServerConfig(_Strict, frozen=True):
     @field_validator("hostname", "domain")
     @classmethod
     def _dns_name(cls, v: str) -> str:
-        if not _DNS_NAME.fullmatch(v):
-            raise ValueError(f'"{v}" is not a DNS name (letters, digits, "-" and ".")')
+        problem = _dns_name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
         return v
 
     @field_validator("state_dir")
@@ -674,6 +700,29 @@ class TurnConfig(_Strict, frozen=True):
 _SECRET = ("password", "secrets")
 
 
+def _redis_host(url: str) -> None:
+    """A redis:// URL must name its host: the client reads "redis://" or "redis:///0" as
+    localhost:6379, right only by accident (and the firewall's outbound rule and the status page
+    would then name a server nobody wrote). A password in the URL is never echoed."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    userinfo, at, hostport = netloc.rpartition("@")
+    if hostport.startswith("["):
+        host = hostport[1:].partition("]")[0]
+    else:
+        host = hostport.partition(":")[0]
+    if host:
+        return
+    if at:
+        user = userinfo.partition(":")[0]
+        rest = f"{user}:****@{rest[len(netloc) :]}" if ":" in userinfo else rest
+    raise ValueError(
+        f'"{scheme}://{rest}" names no Redis host (it would mean localhost:6379 by default); '
+        f'write the host, e.g. "{scheme}://127.0.0.1:6379/0" or '
+        f'"{scheme}://:password@10.0.0.5:6379/0"'
+    )
+
+
 class GuardConfig(_Strict, frozen=True):
     enabled: bool = False
     maxretry: Count = 10
@@ -710,6 +759,8 @@ class GuardConfig(_Strict, frozen=True):
             raise ValueError(
                 f'"{v}" is not a guard store (expected "sqlite", "memory" or "redis://host:port/db")'
             )
+        if v.startswith(("redis://", "rediss://")):
+            _redis_host(v)
         return v
 
 
@@ -777,6 +828,8 @@ class ClusterConfig(_Strict, frozen=True):
                 f'"{v}" is not a Redis URL; set store = "redis://host:6379/0" (the same URL as '
                 'guard.store is fine) or "" for a single instance'
             )
+        if v:
+            _redis_host(v)
         return v
 
     @field_validator("instance")
@@ -814,6 +867,11 @@ class Config(_Strict, frozen=True):
     def _requirements(self) -> Config:
         # SPEC §8: everything optional except what an enabled part needs.
         problems: list[str] = []
+        if len(self.server.fqdn) > 253:
+            problems.append(
+                f"server.domain: server.hostname and server.domain make a name of "
+                f"{len(self.server.fqdn)} characters, at most 253 (RFC 1035 §2.3.4); shorten one"
+            )
         if self.proxy.enabled and not self.proxy.nodes:
             problems.append(
                 "proxy.nodes: [] is empty, but the proxy is enabled; list the conferencing nodes "
@@ -929,6 +987,19 @@ class Config(_Strict, frozen=True):
             data["turn"]["password"] = mask
         data["turn"]["secrets"] = [mask for _ in data["turn"]["secrets"]]
         return data
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Valid settings that are most likely not what the operator meant, one sentence each:
+    `confedge check` prints them and `confedge run` logs them as WARNING lines. Not errors,
+    because a setup working that way on purpose must keep starting."""
+    warnings: list[str] = []
+    if cfg.turn.enabled and cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
+        warnings.append(
+            "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
+            "list the conferencing nodes' addresses to let them allocate"
+        )
+    return warnings
 
 
 # Validation: the rules of pydantic's strict mode, which this module used (and whose error kinds

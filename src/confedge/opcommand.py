@@ -24,12 +24,28 @@ __all__ = [
     "add_common_options",
     "require_config",
     "setup_command_logging",
+    "state_dir_problem",
 ]
 
 AUDIT_NAME = "audit.log"
 # The loggers whose records are the audit trail of operator commands.
 AUDIT_LOGGERS = ("confedge.guard.audit", "confedge.tls.audit")
 _FORMAT = "%(asctime)s %(name)s: %(message)s"
+
+
+def state_dir_problem(state_dir: str) -> str | None:
+    """Why server.state_dir cannot be a directory (it, or a directory above it, is an existing
+    file), as one line naming the key; None when it is or can be created. mkdir alone would
+    say "File exists" or "Not a directory", which names neither the key nor the fix."""
+    path = Path(state_dir)
+    for p in (*reversed(path.parents), path):
+        if p.exists() and not p.is_dir():
+            what = f'"{state_dir}"' if p == path else f'"{state_dir}": {p}'
+            return (
+                f"server.state_dir: {what} is a file, not a directory; set state_dir to a "
+                'directory (e.g. "/var/lib/confedge") or move the file away'
+            )
+    return None
 
 
 def _audit_handler(state_dir: str) -> logging.Handler | None:

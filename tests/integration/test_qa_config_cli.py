@@ -83,6 +83,40 @@ BROKEN: list[tuple[str, bytes, list[str]]] = [
         ],
     ),
     (
+        "host-names",
+        b'[server]\nhostname = "EDGE-"\ndomain = "example..com"\n'
+        b"[proxy]\nenabled = false\n[turn]\nenabled = false\n",
+        [
+            'server.hostname: "EDGE-" is not a DNS name: the label "EDGE-" ends with "-"',
+            'server.domain: "example..com" is not a DNS name: an empty label',
+        ],
+    ),
+    (
+        "host-name-lengths",
+        b'[server]\nhostname = "' + b"a" * 64 + b'"\ndomain = "-corp.example.com"\n'
+        b"[proxy]\nenabled = false\n[turn]\nenabled = false\n",
+        [
+            "server.hostname: \"" + "a" * 64 + '" is not a DNS name: a label of 64 characters',
+            'server.domain: "-corp.example.com" is not a DNS name: the label "-corp" starts with',
+        ],
+    ),
+    (
+        "fqdn-too-long",
+        b'[server]\ndomain = "' + b".".join([b"d" * 62] * 4) + b'"\n'
+        b"[proxy]\nenabled = false\n[turn]\nenabled = false\n",
+        ["server.domain: server.hostname and server.domain make a name of 256 characters"],
+    ),
+    (
+        "redis-without-host",
+        b'[proxy]\nenabled = false\n[turn]\nenabled = false\n[guard]\nstore = "redis://"\n'
+        b'[cluster]\nstore = "rediss://:hunter2@/0"\n',
+        [
+            'guard.store: "redis://" names no Redis host (it would mean localhost:6379 by '
+            'default); write the host, e.g. "redis://127.0.0.1:6379/0"',
+            'cluster.store: "rediss://:****@/0" names no Redis host',
+        ],
+    ),
+    (
         "semantic-model",
         b'[server]\ninternal_address = "0.0.0.0"\n'
         b'[proxy]\nnodes = ["n"]\nhttps_port = 37401\nhttp_port = 37401\n'
@@ -110,6 +144,20 @@ def test_check_and_run_refuse_broken_files(
         for want in expected:
             assert sum(want in line for line in lines) == 1, (want, lines)
         assert "\\u0007" not in res.stderr and "p\x07" not in res.stderr  # no secret echoed
+        assert "hunter2" not in res.stderr
+
+
+def test_host_names_and_redis_urls_that_stay_valid(tmp_path: Path) -> None:
+    # What the stricter host name and Redis URL rules must keep accepting.
+    path = tmp_path / "ok.toml"
+    path.write_text(
+        '[server]\nhostname = "Edge-1"\ndomain = "xn--bcher-kva.example.co.uk"\n'
+        '[proxy]\nenabled = false\n[turn]\nenabled = false\n[guard]\nstore = "redis://db"\n'
+        '[cluster]\nstore = "rediss://:pw@[2001:db8::9]:6380/1"\n'
+    )
+    res = _confedge("check", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stdout
 
 
 def test_bom_is_accepted(tmp_path: Path) -> None:
@@ -235,3 +283,87 @@ def test_run_access_log_that_cannot_be_opened_is_one_line(tmp_path: Path, worker
     line = _start_failure(path)
     assert line.startswith("confedge: cannot start: ")
     assert f'proxy.access_log: cannot open "{tmp_path}" for appending: Is a directory' in line
+
+
+def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    # mkdir said "[Errno 17] File exists" (or "Not a directory" for a path below the file).
+    (tmp_path / "state").write_text("not a directory")
+    for state_dir, want in (
+        (tmp_path / "state", f'server.state_dir: "{tmp_path / "state"}" is a file, not a directory'),
+        (
+            tmp_path / "state" / "sub",
+            f'server.state_dir: "{tmp_path / "state" / "sub"}": {tmp_path / "state"} is a file, '
+            "not a directory",
+        ),
+    ):
+        path = _run_config(tmp_path, extra="")
+        path.write_text(path.read_text().replace(str(tmp_path / "state"), str(state_dir)))
+        for command in ("check", "run"):
+            res = _confedge(command, "--config", str(path))
+            assert res.returncode == 2, (command, res.stderr)
+            (line,) = _lines(res.stderr)
+            assert line.startswith(f"confedge: {want}; set state_dir to a directory"), line
+    assert (tmp_path / "state").read_text() == "not a directory"
+
+
+MEDIA_NODES_WARNING = (
+    "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; list the "
+    "conferencing nodes' addresses to let them allocate"
+)
+
+
+def test_restricted_turn_without_media_nodes_warns_in_check_as_in_run(tmp_path: Path) -> None:
+    # `check` said nothing and only `run` logged the warning.
+    path = _run_config(tmp_path)
+    path.write_text(path.read_text().replace('media_nodes = ["127.0.0.1"]\n', ""))
+    res = _confedge("check", "--config", str(path))
+    assert res.returncode == 0, res.stderr
+    assert f"# warning: {MEDIA_NODES_WARNING}\n" in res.stdout
+    res = _confedge("check", "--json", "--config", str(path))
+    assert res.returncode == 0 and res.stdout.startswith("{"), res.stderr
+    assert res.stderr == f"confedge: warning: {MEDIA_NODES_WARNING}\n"
+    proc = subprocess.Popen(
+        [*CONFEDGE, "run", "--config", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # until TURN reports it is listening
+            seen.append(line)
+            if "TURN listening" in line or "Traceback" in line:
+                break
+        text = "".join(seen)
+        assert "TURN listening" in text and "Traceback" not in text, text
+        assert f"WARNING confedge.turn: {MEDIA_NODES_WARNING}\n" in text, text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    # With media nodes: no warning.
+    path = _run_config(tmp_path)
+    res = _confedge("check", "--config", str(path))
+    assert res.returncode == 0 and "warning" not in res.stdout, res.stdout
+
+
+def test_setup_next_steps_without_media_nodes(tmp_path: Path) -> None:
+    # The next steps said "UDP+TCP 3478 (TURN) from the media nodes ()".
+    path = tmp_path / "s.toml"
+    path.write_text(
+        f'[server]\ninternal_address = "10.0.0.5"\nstate_dir = "{tmp_path / "state"}"\n'
+        '[proxy]\nnodes = ["10.0.0.11"]\n[turn]\nusername = "u"\npassword = "p"\n'
+    )
+    res = subprocess.run(
+        [*CONFEDGE, "setup", "--config", str(path), "--set", "proxy.nodes=10.0.0.12"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    assert res.returncode == 0, res.stderr
+    assert f"warning: {MEDIA_NODES_WARNING}\n" in res.stdout
+    flat = " ".join(res.stdout.split())  # the next steps are wrapped
+    assert "(TURN) from anyone for STUN only: no media node is configured (set " in flat
+    assert "turn.media_nodes)" in flat and "()" not in flat

@@ -251,6 +251,22 @@ def test_install_service_refuses_a_relative_state_dir(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml"]
 
 
+def test_install_service_refuses_a_state_dir_that_is_a_file(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("not a directory")
+    config = _service_config(tmp_path, str(state))
+    proc = _confedge(
+        "install-service", "--config", str(config), "--user", "nobody",
+        "--unit-dir", str(tmp_path / "units"), "--dry-run",
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == (
+        f'confedge: server.state_dir: "{state}" is a file, not a directory; set state_dir to a '
+        'directory (e.g. "/var/lib/confedge") or move the file away\n'
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.toml", "state"]
+
+
 def test_install_service_escapes_specifiers_and_warns_of_private_tmp(tmp_path: Path) -> None:
     # "%n" in a path is systemd's unit-name specifier: written as is, the service would be
     # started with another --config. Under /tmp, PrivateTmp= hides the files from it.

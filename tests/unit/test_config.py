@@ -254,7 +254,9 @@ def test_run_with_an_uncreatable_state_dir_is_one_line(tmp_path: Path) -> None:
     assert (
         proc.stderr.strip()
         .splitlines()[-1]
-        .startswith(f"confedge: server.state_dir: cannot create {blocker}/sub")
+        .startswith(
+            f'confedge: server.state_dir: "{blocker}/sub": {blocker} is a file, not a directory'
+        )
     )
     assert "Traceback" not in proc.stderr
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from string import Template
 
 from confedge.config import Config
+from confedge.opcommand import state_dir_problem
 
 __all__ = ["Step", "nofile_limit", "plan_install", "render_unit", "run_steps"]
 
@@ -109,6 +110,9 @@ def check_install(cfg: Config, config_path: str, user: str) -> tuple[list[str], 
                 "ignores relative ReadWritePaths=; give an absolute path (e.g. "
                 '"/var/lib/confedge")'
             )
+    state_problem = state_dir_problem(cfg.server.state_dir)
+    if state_problem is not None:
+        problems.append(state_problem)
     warnings: list[str] = []
     named = [
         ("the configuration file", config_path),

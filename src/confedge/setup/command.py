@@ -17,7 +17,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from confedge.config import Config, ConfigError, load_config
+from confedge.config import Config, ConfigError, config_warnings, load_config
 
 from .document import ConfigDocument, atomic_write
 from .host import host_addresses, host_names
@@ -176,6 +176,7 @@ def _tls_words(cfg: Config) -> str:
 
 def check_written(path: Path) -> int:
     """What `confedge check` runs: the model, then the certificate files."""
+    from confedge.opcommand import state_dir_problem
     from confedge.tls.certs import check_tls_config
 
     try:
@@ -185,6 +186,10 @@ def check_written(path: Path) -> int:
             _err(line)
         return 2
     problems, warnings = check_tls_config(cfg, dt.datetime.now(dt.UTC))
+    state_problem = state_dir_problem(cfg.server.state_dir)
+    if state_problem is not None:
+        problems.insert(0, state_problem)
+    warnings = [*config_warnings(cfg), *warnings]
     for line in problems:
         _err(line)
     for line in warnings:
@@ -204,11 +209,12 @@ def next_steps(cfg: Config, path: Path) -> list[str]:
         if cfg.proxy.http_port:
             opens.append(f"TCP {cfg.proxy.http_port} (redirect to HTTPS) from anywhere")
     if cfg.turn.enabled:
-        who = (
-            "the media nodes (" + ", ".join(cfg.turn.media_nodes) + "), STUN from anyone"
-            if cfg.turn.mode == "restricted"
-            else "anyone"
-        )
+        if cfg.turn.mode == "permissive":
+            who = "anyone"
+        elif cfg.turn.media_nodes:
+            who = "the media nodes (" + ", ".join(cfg.turn.media_nodes) + "), STUN from anyone"
+        else:
+            who = "anyone for STUN only: no media node is configured (set turn.media_nodes)"
         opens.append(f"UDP+TCP {cfg.turn.port} (TURN) from {who}")
         opens.append(f"UDP {cfg.turn.relay_ports} (relay) on the external address")
         if cfg.turn.tls_port:

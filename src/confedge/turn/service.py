@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from confedge.config import Config
+from confedge.config import Config, config_warnings
 from confedge.guard.hook import GuardHook
 
 from .auth import RestCredentials
@@ -284,11 +284,9 @@ class TurnService:
         self.core.on_drained = self._on_drained
         self.core.set_host_addresses(loop.time(), self.host_addresses.start(loop.time()))
         self._bind_native_policy(self.core)
-        if cfg.turn.mode == "restricted" and not cfg.turn.media_nodes:
-            log.warning(
-                "turn.media_nodes is empty in restricted mode: only STUN Binding will be answered; "
-                "list the conferencing nodes' addresses to let them allocate"
-            )
+        for line in config_warnings(cfg):  # [turn]'s, as `confedge check` prints them
+            if line.startswith("turn."):
+                log.warning("%s", line)
         try:
             self._check_relay_addresses(v4, v6)
             await self._bind_listeners(loop)
