@@ -52,11 +52,10 @@ def _load(path: str) -> Config:
 
 def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
-    from confedge.tls.certs import check_tls_config
-
     # The certificate files are checked too (key matches, chain order, names, expiry), so a
     # bad [tls] section is found before `confedge run` at 2 a.m.
     from confedge.opcommand import state_dir_problem
+    from confedge.tls.certs import check_tls_config
 
     problems, warnings = check_tls_config(cfg, dt.datetime.now(dt.UTC))
     state_problem = state_dir_problem(cfg.server.state_dir)
