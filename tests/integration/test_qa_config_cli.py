@@ -96,7 +96,7 @@ BROKEN: list[tuple[str, bytes, list[str]]] = [
         b'[server]\nhostname = "' + b"a" * 64 + b'"\ndomain = "-corp.example.com"\n'
         b"[proxy]\nenabled = false\n[turn]\nenabled = false\n",
         [
-            "server.hostname: \"" + "a" * 64 + '" is not a DNS name: a label of 64 characters',
+            'server.hostname: "' + "a" * 64 + '" is not a DNS name: a label of 64 characters',
             'server.domain: "-corp.example.com" is not a DNS name: the label "-corp" starts with',
         ],
     ),
@@ -289,7 +289,10 @@ def test_state_dir_that_is_a_file(tmp_path: Path) -> None:
     # mkdir said "[Errno 17] File exists" (or "Not a directory" for a path below the file).
     (tmp_path / "state").write_text("not a directory")
     for state_dir, want in (
-        (tmp_path / "state", f'server.state_dir: "{tmp_path / "state"}" is a file, not a directory'),
+        (
+            tmp_path / "state",
+            f'server.state_dir: "{tmp_path / "state"}" is a file, not a directory',
+        ),
         (
             tmp_path / "state" / "sub",
             f'server.state_dir: "{tmp_path / "state" / "sub"}": {tmp_path / "state"} is a file, '
