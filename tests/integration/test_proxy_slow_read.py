@@ -18,6 +18,7 @@ import uvloop
 from proxy_upstream import Upstream, client_ssl, get, proxy_config, read_response
 
 from confedge.proxy.service import ProxyService
+from ports import spare_port
 
 pytestmark = pytest.mark.filterwarnings(
     'ignore:Overriding the "event_loop_policy":DeprecationWarning'
@@ -179,3 +180,53 @@ async def test_many_pipelined_requests_split_across_reads_are_not_431(
             statuses.append((await read_response(reader)).status)
     writer.transport.abort()
     assert set(statuses) == {200}
+
+
+async def test_port_80_pipelining_without_reading_holds_no_backlog(
+    node: Upstream, tmp_path: Path
+) -> None:
+    """The redirect listener: requests pipelined for 2 s without reading a 301 (was: 123 MB
+    of queued answers in 4 s, growing while the client sent); then the connection goes at its
+    idle deadline, and a client that reads gets all its answers."""
+    svc = ProxyService(
+        proxy_config([node.address], str(tmp_path), http_port=spare_port(), idle_timeout=1.0)
+    )
+    await svc.start()
+    try:
+        core = svc.core
+        assert core is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connect)
+        sock.connect(("127.0.0.1", svc.http_port))
+        _, writer = await asyncio.open_connection(sock=sock)
+        burst = b"GET /" + b"a" * 40 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        most = 0
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            writer.write(burst * 1000)
+            try:
+                await asyncio.wait_for(writer.drain(), 0.5)
+            except TimeoutError:
+                break  # the proxy no longer reads us
+            for c in list(core.redirects):
+                if c.transport is not None:
+                    most = max(most, c.transport.get_write_buffer_size())
+        assert most < 2 * 1024 * 1024, most
+        async with asyncio.timeout(3):
+            while core.redirects:
+                await asyncio.sleep(0.05)
+        writer.transport.abort()
+
+        reader, writer = await asyncio.open_connection("127.0.0.1", svc.http_port)
+        writer.write(
+            burst * 3000 + b"GET /last HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )
+        async with asyncio.timeout(10):
+            for _ in range(3000):
+                assert (await read_response(reader)).status == 301
+            last = await read_response(reader)
+        location = last.header("Location")
+        assert location is not None and location.endswith("/last")
+        writer.transport.abort()
+    finally:
+        await svc.close()
