@@ -462,3 +462,41 @@ async def test_a_refused_complete_request_gets_no_rst_stream(proxy, node):
     assert [f.stream_id for f in raw.frames if isinstance(f, hf.RstStreamFrame)] == []
     raw.close()
     assert _node_targets(node) == ["/api/client/v2/echo?after=1"]
+
+
+async def test_a_client_that_never_reads_does_not_mark_its_node_down(
+    node: Upstream, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """100 streams of 200 kB, never read: when the write buffer fills, the nodes of streams
+    still waiting for their head are not paused (was: their read_timeout expired, the healthy
+    node was marked down and the next client got 503, on both engines)."""
+    svc = ProxyService(
+        proxy_config(
+            [node.address], str(tmp_path), read_timeout=0.6, idle_timeout=2.0, health_interval=30
+        )
+    )
+    await svc.start()
+    try:
+        port = svc.https_port
+        ctx = client_ssl()
+        ctx.set_alpn_protocols(["h2"])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connect)
+        sock.connect(("127.0.0.1", port))
+        reader, writer = await asyncio.open_connection(
+            sock=sock, ssl=ctx, server_hostname="localhost"
+        )
+        raw = Raw(port, reader, writer)
+        f = hf.SettingsFrame(0)
+        f.settings = {hf.SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
+        w = hf.WindowUpdateFrame(0)
+        w.window_increment = 2**30
+        raw.send(PREFACE + f.serialize() + w.serialize())
+        for i in range(100):
+            raw.headers(2 * i + 1, raw.fields("/big?size=200000"), end=True)
+        await asyncio.sleep(1.5)  # (past read_timeout, never reading)
+        writer.transport.abort()
+        assert "down" not in caplog.text
+        await _still_serves(port, node)
+    finally:
+        await svc.close()

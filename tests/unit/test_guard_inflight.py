@@ -288,6 +288,10 @@ def test_token_call_session_token_and_issued_token() -> None:
     assert issued_token(b'{"result": {"token": "t", "expires": "120"}}') == ("t", 120.0)
     assert issued_token(b'{"result": {"token": "t", "expires": "1e9"}}') == ("t", 3600.0)
     assert issued_token(b'{"result": {"token": "t", "expires": "nan"}}') == ("t", 120.0)
+    # A JSON integer too large for a float (OverflowError, not ValueError: was uncaught, and
+    # the client got no answer at all)
+    huge = b'{"result": {"token": "t", "expires": 1' + b"0" * 400 + b"}}"
+    assert issued_token(huge) == ("t", 120.0)
     assert issued_token(b'{"result": "Invalid PIN"}') is None
     assert issued_token(b"\x1f\x8b not json") is None
 

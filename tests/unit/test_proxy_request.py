@@ -104,6 +104,11 @@ ALLOWED = frozenset({"edge.example.com", "edge", "10.0.0.5", "::1", "localhost"}
         ("[::1]x", False),
         ("[::2]", False),
         ("", False),
+        # RFC 9110 §4.2.1: port = *DIGIT, ASCII digits only; str.isdigit() also accepts the
+        # Latin-1 superscripts a Host value decodes to (was: forwarded as this server's name)
+        ("edge.example.com:\u00b2", False),
+        ("[::1]:\u00b2\u00b3", False),
+        ("localhost:\u00b9", False),
     ],
 )
 def test_host_allowed(host: str, ok: bool) -> None:
@@ -114,6 +119,7 @@ def test_split_host() -> None:
     assert split_host("a.b:80") == "a.b"
     assert split_host("[::1]:80") == "[::1]"
     assert split_host("a.b") == "a.b"
+    assert split_host("a.b:\u00b2") == "a.b:\u00b2"
 
 
 def test_allowlist() -> None:

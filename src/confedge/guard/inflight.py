@@ -250,7 +250,7 @@ def issued_token(body: bytes) -> tuple[str, float] | None:
         return None
     try:
         life = float(result.get("expires", DEFAULT_SESSION_LIFETIME))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # (an integer past a float: 400 digits)
         life = DEFAULT_SESSION_LIFETIME
     if not life > 0:  # also NaN
         life = DEFAULT_SESSION_LIFETIME

@@ -733,7 +733,10 @@ class H2Stream:
 
     def pause_node(self) -> None:
         up = self.up
-        if up is not None:
+        ex = self.exchange
+        # Not while the node still owes its head: paused, its read_timeout would blame the node
+        # for the client's slowness and mark it down (pump pauses it once the head is out).
+        if up is not None and (ex is None or ex.committed):
             up.pause_reading()
 
     def resume_node(self) -> None:

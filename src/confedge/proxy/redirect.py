@@ -103,6 +103,19 @@ class RedirectConnection(asyncio.Protocol):
     def on_timeout(self) -> None:
         self.abort()
 
+    def pause_writing(self) -> None:
+        # A client that pipelines requests and never reads the 301s: stop reading it until
+        # they drain (was: every answer queued, the write buffer without bound). One that
+        # reads nothing is aborted at its idle deadline.
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.pause_reading()
+
+    def resume_writing(self) -> None:
+        t = self.transport
+        if t is not None and not t.is_closing():
+            t.resume_reading()
+
     def abort(self) -> None:
         t = self.transport
         if t is not None and not t.is_closing():

@@ -93,6 +93,11 @@ def normalise_target(target: str) -> str:
     return canonical + sep + query
 
 
+def _is_port(text: str) -> bool:
+    """RFC 3986 §3.2.3 port: ASCII digits (str.isdigit() alone also takes "²", "¹", ...)."""
+    return text.isdigit() and text.isascii()
+
+
 def host_allowed(host: str, allowed: frozenset[str]) -> bool:
     """True when the Host header names this server (any port), per RFC 9110 §7.2.
 
@@ -104,12 +109,12 @@ def host_allowed(host: str, allowed: frozenset[str]) -> bool:
         if end < 0:
             return False
         rest = h[end + 1 :]
-        if rest and not (rest[0] == ":" and rest[1:].isdigit()):
+        if rest and not (rest[0] == ":" and _is_port(rest[1:])):
             return False
         return h[1:end] in allowed
     name, colon, port = h.rpartition(":")
     if colon:
-        if not port.isdigit():
+        if not _is_port(port):
             return False
         h = name
     if h.endswith("."):
@@ -123,7 +128,7 @@ def split_host(host: str) -> str:
     if h.startswith("["):
         return h[: h.find("]") + 1] if "]" in h else h
     name, colon, port = h.rpartition(":")
-    return name if colon and port.isdigit() else h
+    return name if colon and _is_port(port) else h
 
 
 def path_allowed(path: str, allowlist: tuple[str, ...]) -> bool:

@@ -132,6 +132,7 @@ def _name_kind(name: bytes) -> tuple[bytes, int]:
 _PAUSE_UPSTREAM: Final = 1  # the node's write buffer is full (request body backpressure)
 _PAUSE_PIPELINE: Final = 2  # a pipelined request waits for the current one
 _PAUSE_TUNNEL: Final = 4  # bytes after a WebSocket upgrade request wait for the node's 101
+_PAUSE_WRITING: Final = 8  # the client has not read its answers: the next request waits
 
 
 class ClientConnection(asyncio.BufferedProtocol):
@@ -253,7 +254,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.writing_paused = True
         up = self.up
         if up is not None:
-            up.pause_reading()
+            ex = self.exchange
+            # Only a response under way: a node that still owes its head is left to send it
+            # (paused now, its read_timeout would blame the node for the client's slowness and
+            # mark it down); drive pauses it as soon as the head has gone out.
+            if ex is not None and ex.committed:
+                up.pause_reading()
 
     def resume_writing(self) -> None:
         self.writing_paused = False
@@ -262,6 +268,22 @@ class ClientConnection(asyncio.BufferedProtocol):
             up.resume_reading()
         if self.static_iter is not None:
             self._pump_static()
+        if self.paused & _PAUSE_WRITING:
+            # (after this callback: it may come from inside a write)
+            self.core.loop.call_soon(self._next_after_drain)
+
+    def _next_after_drain(self) -> None:
+        """The client has read its earlier answers (see finished): read it again, and start
+        the next pipelined request."""
+        t = self.transport
+        if self.writing_paused or t is None or t.is_closing():
+            return
+        self.resume(_PAUSE_WRITING)
+        if self.exchange is None and self.pending:
+            nxt = self.pending.popleft()
+            if not self.pending:
+                self.resume(_PAUSE_PIPELINE)
+            self._start(nxt)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self.core.read_view
@@ -302,17 +324,13 @@ class ClientConnection(asyncio.BufferedProtocol):
             return
         if self.discard:
             return
+        head = None
         if self.in_head:
             if self.sniff is not None:
                 data = self._sniffed(data)
                 if not data:
                     return
-            # Coarse guard against one endless header line (httptools only calls on_header when
-            # a header is complete); the precise limit is enforced per header below.
-            self.head_raw += len(data)
-            if self.head_raw > 2 * self.core.max_header_bytes:
-                self.refuse(431, "request head too large")
-                return
+            head = self.cur
         try:
             self.feed(data)
         except httptools.HttpParserUpgrade as exc:
@@ -320,6 +338,16 @@ class ClientConnection(asyncio.BufferedProtocol):
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
         self.now = -1.0
+        if head is not None and self.in_head and self.cur is head:
+            # Coarse guard against one endless header line (httptools only calls on_header
+            # when a header is complete); the precise limit is enforced per header (on_header).
+            # Counted only for a read that ends inside the head it began in: a read that
+            # completes it may hold many pipelined requests after it (was: 431 for those).
+            self.head_raw += len(data)
+            t = self.transport
+            too_long = self.head_raw > 2 * self.core.max_header_bytes
+            if too_long and t is not None and not t.is_closing():
+                self.refuse(431, "request head too large")
 
     def _sniffed(self, data: bytes | memoryview) -> bytes | memoryview:
         """turn.tls_on_https: what to parse as HTTP, once the first bytes say it is HTTP; b""
@@ -604,6 +632,12 @@ class ClientConnection(asyncio.BufferedProtocol):
                     for data in out:
                         core.send(t, data)
                 out.clear()
+                if self.writing_paused:
+                    # The client's buffer is full: no more of the node's answer until it
+                    # drains (resume_writing); idempotent, a flag test when already paused.
+                    up = self.up
+                    if up is not None:
+                        up.pause_reading()
             out = ex.to_node
             if out:
                 up = self.up
@@ -732,7 +766,13 @@ class ClientConnection(asyncio.BufferedProtocol):
         if close or not req.keep_alive or not (req.complete or not self._body_expected(req)):
             self.core.close_after(t)  # the response may still be queued: it goes first
             return
-        if self.pending:
+        if self.writing_paused:
+            # The client has not read its earlier answers (pipelined requests, or new ones,
+            # sent without reading): the next request is neither started nor read until they
+            # drain (resume_writing), else they would pile up in the write buffer without
+            # bound; a client that reads nothing is aborted at idle_timeout (T_IDLE).
+            self.pause(_PAUSE_WRITING)
+        elif self.pending:
             nxt = self.pending.popleft()
             if not self.pending:
                 self.resume(_PAUSE_PIPELINE)

@@ -299,7 +299,7 @@ def _http_date(ts: float) -> str:
 def _parse_http_date(value: str) -> float | None:
     try:
         dt = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):  # (Overflow: a 20-digit year)
         return None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
