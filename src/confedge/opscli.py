@@ -112,7 +112,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if answer.get("ok"):
         print(f"reloaded the running confedge (pid {pid})")
         return 0
-    print(f"confedge: reload refused, the running configuration stays: {answer.get('reason')}")
+    reason = str(answer.get("reason"))
+    if reason.startswith("applied only in part"):
+        print(f"confedge: reload {reason}")
+    else:
+        print(f"confedge: reload refused, the running configuration stays: {reason}")
     return 1
 
 

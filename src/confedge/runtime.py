@@ -176,6 +176,8 @@ class Runtime:
         if why:
             if "certificate not reloaded" in why:
                 log.error("%s", why)  # one line for every part that refused the same files
+            elif why.startswith("applied only in part"):
+                log.error("configuration reloaded %s", why)
             else:
                 log.error("configuration not reloaded, the running one stays: %s", why)
             status = f"running; reload refused at {time.strftime('%H:%M:%S')}: {why}"
@@ -233,10 +235,27 @@ class Runtime:
         except (ConfigError, OSError, ValueError) as exc:
             problems = getattr(exc, "problems", None)
             return "; ".join(problems) if problems else str(exc)
+        # Certificates first, and nothing else if one is refused: the files were checked
+        # above, but an operator (or a renewal hook) still writing them can change them in
+        # between, and a reload must not then apply the rest around a certificate that did not
+        # take, nor be reported as applied.
+        took: list[str] = []
+        for name, part in (("proxy", self.proxy), ("turn", self.turn)):
+            fn = getattr(part, "reload_tls", None)
+            if fn is None:
+                continue
+            try:
+                fn(cfg)
+            except (CertificateError, ConfigError, OSError, ValueError) as exc:
+                kept = f"; {' and '.join(took)} took the new one" if took else ""
+                return (
+                    f"{name}: certificate not reloaded, the old one stays in service{kept}: {exc} "
+                    "(a file changed while it was read: reload again once it is complete)"
+                )
+            took.append(name)
+        failed: list[str] = []
         for name, part, method in (
             ("guard", self.guard, "reload"),  # first: the proxy reads its ban_status
-            ("proxy", self.proxy, "reload_tls"),
-            ("turn", self.turn, "reload_tls"),
             ("proxy", self.proxy, "reload_config"),
             ("turn", self.turn, "reload_config"),
             ("admin", self.admin, "reload"),
@@ -248,11 +267,14 @@ class Runtime:
             try:
                 fn(cfg)
             except (CertificateError, ConfigError, OSError, ValueError) as exc:
-                # Checked above, so only a file changed in between gets here.
-                log.error("%s: %s of the reloaded configuration failed: %s", name, method, exc)
+                # Checked above, so only a file changed in between gets here: the other parts
+                # take the new configuration, and the reload is reported as not whole.
+                failed.append(f"{name} kept its old settings ({exc})")
         self.cfg = cfg
         self.drain.grace = cfg.proxy.drain_grace
         self.drain.timeout = cfg.proxy.drain_timeout
+        if failed:
+            return "applied only in part: " + "; ".join(failed) + " (reload again)"
         return ""
 
     # -- drain (confedge/drain.py) ------------------------------------------------------------
@@ -368,6 +390,21 @@ async def wait_for_signal(
         done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         return next(iter(done)).result()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, *extra):
+        # Stopping now. Removing a handler restores the signal's default action, and for
+        # SIGHUP, SIGUSR1, SIGUSR2 and SIGTERM that is to kill the process: a reload, a drain
+        # or a second stop arriving while the parts close (`confedge cert install` from a
+        # renewal hook, `confedge drain` from a script) would end it mid-stop, with the guard
+        # not flushed, the pid file left behind and a failed exit status. They are ignored,
+        # with one line each, until the process exits. SIGINT stays an operator's way out.
+        with contextlib.suppress(NotImplementedError):
+            loop.remove_signal_handler(signal.SIGINT)
+        said: set[signal.Signals] = set()
+        for sig in (signal.SIGTERM, *extra):
             with contextlib.suppress(NotImplementedError):
-                loop.remove_signal_handler(sig)
+                loop.add_signal_handler(sig, _ignored_while_stopping, sig, said)
+
+
+def _ignored_while_stopping(sig: signal.Signals, said: set[signal.Signals]) -> None:
+    if sig not in said:
+        said.add(sig)
+        log.warning("%s ignored: stopping", sig.name)
