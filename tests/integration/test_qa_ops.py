@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import websockets
+from admin_support import parse_replies, raw
 from ops_support import edge_config, start_edge, tls_client, write_cert
 from proxy_upstream import Upstream
 
-from confedge.config import Config, load_config
+from confedge.config import Config, load_config, parse_config
 from confedge.runtime import Runtime
 from confedge.tls.certs import CertificateError
 
@@ -123,3 +124,28 @@ def test_a_part_that_fails_after_the_check_is_reported_not_hidden(tmp_path: Path
     assert "turn: certificate not reloaded" in result["reason"]
     assert "proxy took the new one" in result["reason"]
     assert proxy.calls == ["reload_tls"]
+
+
+async def test_management_answers_only_http_1x(tmp_path: Path) -> None:
+    """docs/MANAGEMENT.md: "anything not HTTP/1.x 400"; httptools parses HTTP/2.0 and
+    HTTP/0.9 request lines, which were answered 200."""
+    cfg = parse_config(
+        {
+            "server": {"hostname": "mgmt", "domain": "example.test", "state_dir": str(tmp_path)},
+            "proxy": {"enabled": False},
+            "turn": {"enabled": False},
+            "management": {"port": 0},
+        }
+    )
+    rt = Runtime(cfg)
+    await rt.start()
+    try:
+        port = rt.admin.port
+        for version in ("2.0", "0.9", "3.0"):
+            line = f"GET /healthz HTTP/{version}\r\nHost: localhost\r\n\r\n".encode()
+            assert parse_replies(await raw(port, line))[0].status == 400, version
+        for version in ("1.0", "1.1"):
+            line = f"GET /healthz HTTP/{version}\r\nHost: localhost\r\n\r\n".encode()
+            assert parse_replies(await raw(port, line))[0].status == 200, version
+    finally:
+        await rt.close()

@@ -335,7 +335,11 @@ class AdminConnection(asyncio.Protocol):
         # A GET carries no body that means anything (RFC 9110 §9.3.1): refuse rather than read.
         if self.body_expected:
             raise _Refuse(413, "a management request carries no body")
-        if self.parser.get_http_version() != "1.0" and self.host is None:
+        version = self.parser.get_http_version()
+        if version not in ("1.0", "1.1"):
+            # httptools takes "HTTP/2.0" and "HTTP/0.9" request lines; neither is HTTP/1.x.
+            raise _Refuse(400, f"HTTP/{version} is not HTTP/1.x")
+        if version != "1.0" and self.host is None:
             raise _Refuse(400, "no Host header")  # RFC 9112 §3.2
         if self.host is not None and not self.server.host_ok(self.host):
             raise _Refuse(
