@@ -9,14 +9,21 @@ other setting applied, reported as "reloaded"."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import websockets
 from admin_support import parse_replies, raw
+from guard_redis import RedisServer, free_port
 from ops_support import edge_config, start_edge, tls_client, write_cert
 from proxy_upstream import Upstream
 
@@ -149,3 +156,83 @@ async def test_management_answers_only_http_1x(tmp_path: Path) -> None:
             assert parse_replies(await raw(port, line))[0].status == 200, version
     finally:
         await rt.close()
+
+
+class _NotRedis:
+    """Something on the Redis port that answers `:42` (an integer reply) to every read: a
+    wrong-typed answer the client library does not expect (to HELLO, to PING)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.writers.add(writer)
+        with contextlib.suppress(OSError):
+            while await reader.read(4096):
+                writer.write(b":42\r\n")
+        writer.close()
+
+    async def __aenter__(self) -> _NotRedis:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:  # Python 3.11: no Server.close_clients()
+            writer.transport.abort()
+        await self.server.wait_closed()
+
+
+async def _until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_redis_that_answers_garbage_degrades_the_guard_and_cluster_and_recovers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis replaced by something answering wrong-typed replies, then back: the guard said
+    "guard sync failed" with a traceback four times a second, and the cluster registry's task
+    died silently (never published again, even with Redis back)."""
+    from confedge.cluster.service import ClusterService
+    from confedge.guard import Guard
+    from confedge.guard.redis_store import RedisStore
+
+    caplog.set_level(logging.INFO)
+    srv = RedisServer(free_port())
+    srv.start()
+    cfg = parse_config(
+        {
+            "server": {"state_dir": str(tmp_path)},
+            "proxy": {"enabled": False},
+            "turn": {"enabled": False, "mode": "permissive", "secrets": ["s"]},
+            "guard": {"enabled": True, "store": srv.url},
+            "cluster": {"store": srv.url, "instance": "edge-a", "interval": 0.2, "ttl": 1.0},
+        }
+    )
+    guard = Guard(cfg.guard, RedisStore(srv.url))
+    cluster = ClusterService(cfg, SimpleNamespace(cfg=cfg, state="serving", turn=None))
+    try:
+        await guard.start()
+        await cluster.start()
+        await _until(lambda: cluster.up and guard.store_ok)
+        srv.stop()
+        async with _NotRedis(srv.port):
+            await _until(lambda: not cluster.up and not guard.store_ok)
+            await asyncio.sleep(1.5)  # several guard syncs and cluster publications
+        srv.start()
+        await _until(lambda: cluster.up and guard.store_ok)
+    finally:
+        await cluster.close()
+        await guard.close()
+        srv.stop()
+    assert not [r for r in caplog.records if r.exc_info], "no traceback"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    text = caplog.text
+    assert "guard store redis:redis://" in text and "reachable again" in text
+    assert "cluster: redis://" in text and "reachable again" in text

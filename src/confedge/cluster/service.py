@@ -202,8 +202,6 @@ class ClusterService:
                 )
 
     async def _run(self) -> None:
-        from redis.exceptions import RedisError
-
         interval = self.cfg.cluster.interval
         limit = max(1.0, interval)
         while True:
@@ -212,7 +210,11 @@ class ClusterService:
                 # lands as the inner call finishes, and close() then waited on this loop forever.
                 async with asyncio.timeout(limit):
                     await self.publish_once()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except Exception as exc:
+                # Not only RedisError, OSError, TimeoutError: a server on the store's port
+                # that answers what the client library cannot take (a wrong-typed reply, not
+                # Redis at all) raises AttributeError, TypeError...; uncaught, that ended this
+                # task silently and the instance never published again, even with Redis back.
                 self.failures += 1
                 why = _why(exc, limit)
                 if self.up or not self.error:
@@ -299,6 +301,10 @@ async def read_registry(url: str, prefix: str = PREFIX) -> list[InstanceRecord]:
 def _why(exc: BaseException, limit: float) -> str:
     """What went wrong, for the log and the status page. A hung Redis (stopped, or a path that
     drops packets) ends in a bare TimeoutError, whose text is empty: say so instead."""
+    from redis.exceptions import RedisError
+
+    if not isinstance(exc, (RedisError, OSError, TimeoutError)):
+        return f"not a usable Redis answer ({type(exc).__name__}: {exc})"
     if str(exc):
         return str(exc)
     return f"no answer within {limit:g} s" if isinstance(exc, TimeoutError) else type(exc).__name__

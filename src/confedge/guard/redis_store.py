@@ -229,6 +229,14 @@ class RedisStore:
             return await coro
         except (RedisError, OSError) as exc:
             raise StoreError(f"{self.description}: {exc}") from exc
+        except Exception as exc:
+            # Something on the store's port that is not Redis, or a Redis that answers a
+            # wrong-typed reply (`:42` to HELLO): the client library raises what it happens to
+            # (AttributeError, TypeError, IndexError...). Still an unusable store, not a bug to
+            # log with a traceback at every sync.
+            raise StoreError(
+                f"{self.description}: not a usable Redis answer ({type(exc).__name__}: {exc})"
+            ) from exc
 
     async def open(self) -> None:
         if self._r is None:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import secrets
 import time
@@ -407,6 +408,7 @@ class Guard:
 
     async def _run(self) -> None:
         assert self._wake is not None
+        said, said_at = "", -math.inf  # the last unexpected failure logged, and when
         while not self._closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.refresh_interval):  # not wait_for (3.11)
@@ -417,8 +419,13 @@ class Guard:
                 await self.sync()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # never let the sync task die: bans must keep flowing
-                log.exception("guard sync failed")
+            except Exception as exc:  # never let the sync task die: bans must keep flowing
+                # With its traceback, but once a minute for the same failure: it recurs at
+                # every sync (four times a second) for as long as its cause lasts.
+                what, now = f"{type(exc).__name__}: {exc}", self._clock()
+                if what != said or now - said_at >= 60.0:
+                    said, said_at = what, now
+                    log.exception("guard sync failed (logged once a minute while it recurs)")
                 await asyncio.sleep(self.cfg.refresh_interval)
 
     async def _connect(self) -> None:
