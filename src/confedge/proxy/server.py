@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 import httptools
 
 from confedge.guard.addresses import in_networks
+from confedge.proxy.defects import report_defect
 from confedge.proxy.exchange import (
     A_ABORT_CLIENT,
     A_CLOSE_CLIENT,
@@ -67,6 +68,7 @@ if TYPE_CHECKING:
 __all__ = ["ClientConnection"]
 
 log = logging.getLogger("confedge.proxy")
+
 
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 # The end of an HTTP/1.1 request line (see on_headers_complete).
@@ -382,7 +384,17 @@ class ClientConnection(asyncio.BufferedProtocol):
         r = self.refusal
         if r is not None:
             self.refuse(r.status, r.reason)
-        elif self.transport is not None and not self.transport.is_closing():
+            return
+        t = self.transport
+        bug = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+        if bug is not None and not isinstance(bug, Refused):
+            # Not the client's request but the proxy's own callback failing (httptools says
+            # "User callback error" and keeps the exception as the context): a defect to see
+            # in the log with its traceback, and a 500, not a 400 that blames the client.
+            report_defect(bug, f"parsing a request from {self.peer}")
+            if t is not None and not t.is_closing():
+                self.refuse(500, "internal error")
+        elif t is not None and not t.is_closing():
             self.refuse(400, f"malformed request: {exc}")
 
     def eof_received(self) -> bool | None:
@@ -560,8 +572,14 @@ class ClientConnection(asyncio.BufferedProtocol):
                 raise Refused(400, "Host names another server")
         if req.chunked and req.version == "1.0":
             raise Refused(400, "chunked body in an HTTP/1.0 request")
-        if req.content_length is not None and int(req.content_length) > core.max_body:
-            raise Refused(413, "request body too large")
+        cl = req.content_length
+        if cl is not None:
+            # llhttp has checked the digits, leading zeros included; int() stops at 4300 digits
+            # (RFC 9110 §8.6: no overflow whatever the length), and the node gets the number.
+            digits = cl.strip().lstrip(b"0") or b"0"
+            if len(digits) > 18 or int(digits) > core.max_body:
+                raise Refused(413, "request body too large")
+            req.content_length = digits
         if req.websocket and (req.conn_tokens is None or b"upgrade" not in req.conn_tokens):
             req.websocket = False  # RFC 9110 §7.8: Upgrade only counts when Connection names it
 

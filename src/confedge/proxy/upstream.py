@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import httptools
 
 from confedge.config import NodeAddress
+from confedge.proxy.defects import report_defect
 from confedge.proxy.exchange import A_CONNECT, A_NODE_DONE, A_NODE_TIMER, DONE, WAITING
 from confedge.proxy.health import LATENCY_BOUNDS
 
@@ -202,6 +203,11 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             owner.up = None
             self.close()
+            bug = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
+            if bug is not None:
+                # The proxy's own callback failed on this answer, not the node's framing:
+                # in the log with its traceback (the exchange still cannot go on here).
+                report_defect(bug, "reading a node's answer")
             ex.node_failed(f"invalid response from node: {exc}", self.now)
         self.ex = None
         if h1 is None:
