@@ -197,3 +197,45 @@ def test_forced_self_signed_is_new(tmp_path) -> None:
     first = path.read_bytes()
     _, _, created = ensure_self_signed(tmp_path, "edge.example.com", [], now, force=True)
     assert created and path.read_bytes() != first
+
+
+def test_an_unchanged_certificate_warns_once_not_at_every_reload(tmp_path, caplog) -> None:
+    """Every reload builds the TLS contexts again (proxy, TURN, each worker): a certificate
+    that expires soon said so three or more times per SIGHUP. Once a day per text now; another
+    certificate with its own warning is said at once."""
+    import logging
+
+    from confedge.config import parse_config
+    from confedge.tls import context
+
+    context._warned.clear()
+    real_now = dt.datetime.now(dt.UTC)
+    paths = []
+    for i, days in enumerate((5, 6)):  # both within the "expires soon" window
+        k = _key()
+        pem = tmp_path / f"edge{i}.pem"
+        pem.write_bytes(
+            _cert("edge.localdomain", k, "edge.localdomain", k, ca=False, days=days, start=real_now)
+            + _pem_key(k)
+        )
+        paths.append(str(pem))
+
+    def build(cert: str) -> None:
+        cfg = parse_config(
+            {
+                "server": {"state_dir": str(tmp_path)},
+                "turn": {"enabled": False},
+                "proxy": {"nodes": ["127.0.0.1"]},
+                "tls": {"cert": cert},
+            }
+        )
+        context.TLSContextHolder(cfg)
+
+    caplog.set_level(logging.WARNING, logger="confedge.tls")
+    for _ in range(5):
+        build(paths[0])
+    soon = [r for r in caplog.records if "expires soon" in r.getMessage()]
+    assert len(soon) == 1, soon
+    build(paths[1])  # a new certificate (another date): its warning at once
+    assert len([r for r in caplog.records if "expires soon" in r.getMessage()]) == 2
+    context._warned.clear()

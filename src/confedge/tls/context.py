@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,22 @@ from confedge.tls.certs import (
 __all__ = ["TLSContextHolder", "client_context", "generated_names", "server_context"]
 
 log = logging.getLogger("confedge.tls")
+
+_REPEAT_AFTER = 86400.0  # seconds before the same certificate warning is logged again
+_warned: dict[str, float] = {}  # warning text -> when it was last logged (time.monotonic)
+
+
+def _warn(text: str) -> None:
+    """A certificate warning ("expires soon", a name it does not cover), once a day per text.
+
+    Every reload builds the contexts again, in the proxy, in TURN and in each proxy worker: the
+    same unchanged certificate said the same thing three or more times per SIGHUP (200 reloads,
+    600 lines). A different certificate (another date or name in the text) is said at once."""
+    now = time.monotonic()
+    if now - _warned.get(text, -_REPEAT_AFTER) >= _REPEAT_AFTER:
+        _warned[text] = now
+        log.warning("%s", text)
+
 
 # Mozilla Server Side TLS, "intermediate" (v5.7): TLS 1.2 suites are ECDHE with AES-GCM or
 # ChaCha20-Poly1305 only; TLS 1.3 suites are OpenSSL's defaults (all AEAD). The DHE suites of the
@@ -156,12 +173,12 @@ class TLSContextHolder:
             certfile, keyfile = str(path), None
         extra, sni_warnings = load_sni_certificates(cfg, now, info.names)
         for w in info.warnings:
-            log.warning("%s", w)
+            _warn(w)
         for _, _, extra_info in extra:
             for w in extra_info.warnings:
-                log.warning("%s", w)
+                _warn(w)
         for w in sni_warnings:
-            log.warning("%s", w)
+            _warn(w)
         default = _context(certfile, keyfile, "tls.cert", self._alpn)
         pairs = [(default, info)]
         for i, (cert, key, extra_info) in enumerate(extra):
