@@ -18,28 +18,70 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from confedge.config import ConfigError, load_config
 from confedge.pidfile import signal_running
 
-__all__ = ["RELOAD_RESULT", "cmd_drain", "cmd_reload", "configure_parsers", "write_reload_result"]
+__all__ = [
+    "DRAIN_RESULT",
+    "RELOAD_RESULT",
+    "cmd_drain",
+    "cmd_reload",
+    "configure_parsers",
+    "write_drain_result",
+    "write_reload_result",
+]
 
 RELOAD_RESULT = "confedge.reload"
+DRAIN_RESULT = "confedge.drain"  # what the last drain signal did (cmd_drain reads it)
 # How long `confedge reload` waits for the running process's answer.
 RELOAD_WAIT = 10.0
 
 
 def write_reload_result(state_dir: str, ok: bool, reason: str) -> None:
     """The outcome of a reload, for `confedge reload` to print (best effort)."""
-    path = Path(state_dir) / RELOAD_RESULT
-    tmp = path.with_name(f".{RELOAD_RESULT}.tmp")
+    _write_result(state_dir, RELOAD_RESULT, {"ok": ok, "reason": reason})
+
+
+def write_drain_result(state_dir: str, done: bool, phase: str, reason: str = "") -> None:
+    """What a drain or its cancel did (`done`: it changed the phase), for `confedge drain` to
+    print: the signal is one-way, and "drain cancelled" printed for an instance that was not
+    draining told the operator something that had not happened."""
+    _write_result(state_dir, DRAIN_RESULT, {"ok": done, "phase": phase, "reason": reason})
+
+
+def _write_result(state_dir: str, name: str, answer: dict[str, object]) -> None:
+    path = Path(state_dir) / name
+    tmp = path.with_name(f".{name}.tmp")
     try:
-        tmp.write_text(
-            json.dumps({"time": time.time(), "ok": ok, "reason": reason}) + "\n", encoding="utf-8"
-        )
+        tmp.write_text(json.dumps({"time": time.time(), **answer}) + "\n", encoding="utf-8")
         tmp.replace(path)
     except OSError:
         pass
+
+
+def _signal_and_wait(state_dir: str, sig: signal.Signals, name: str) -> tuple[int, Any] | None:
+    """Signal the running instance and wait for its answer in STATE_DIR/`name` (written after
+    the signal was handled); None when nothing runs or it did not answer (said on stderr)."""
+    result = Path(state_dir) / name
+    try:
+        before = result.stat().st_mtime_ns
+    except OSError:
+        before = 0
+    pid = _signal(state_dir, sig)
+    if pid is None:
+        return None
+    end = time.monotonic() + RELOAD_WAIT
+    while time.monotonic() < end:
+        try:
+            if result.stat().st_mtime_ns != before:
+                return pid, json.loads(result.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    print(f"confedge: pid {pid} did not answer within {RELOAD_WAIT:g} s; see its log")
+    return None
 
 
 def _signal(state_dir: str, sig: signal.Signals) -> int | None:
@@ -73,9 +115,15 @@ def _config(path: str) -> tuple[str, float, float]:
 
 def cmd_drain(args: argparse.Namespace) -> int:
     state_dir, grace, timeout = _config(args.config)
-    pid = _signal(state_dir, signal.SIGUSR2 if args.cancel else signal.SIGUSR1)
-    if pid is None:
+    sig = signal.SIGUSR2 if args.cancel else signal.SIGUSR1
+    got = _signal_and_wait(state_dir, sig, DRAIN_RESULT)
+    if got is None:
         return 1
+    pid, answer = got
+    if not answer.get("ok"):
+        # Nothing changed: cancelling an instance that serves, or draining one that drains.
+        print(f"pid {pid}: {answer.get('reason') or 'nothing changed'}")
+        return 0
     if args.cancel:
         print(f"drain cancelled (pid {pid}): listeners open, health endpoint serving")
     else:
@@ -89,26 +137,10 @@ def cmd_drain(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     state_dir, _, _ = _config(args.config)  # a file that does not validate is not sent
-    result = Path(state_dir) / RELOAD_RESULT
-    try:
-        before = result.stat().st_mtime_ns
-    except OSError:
-        before = 0
-    pid = _signal(state_dir, signal.SIGHUP)
-    if pid is None:
+    got = _signal_and_wait(state_dir, signal.SIGHUP, RELOAD_RESULT)
+    if got is None:
         return 1
-    end = time.monotonic() + RELOAD_WAIT
-    while time.monotonic() < end:
-        try:
-            if result.stat().st_mtime_ns != before:
-                answer = json.loads(result.read_text(encoding="utf-8"))
-                break
-        except (OSError, ValueError):
-            pass
-        time.sleep(0.05)
-    else:
-        print(f"confedge: pid {pid} did not answer within {RELOAD_WAIT:g} s; see its log")
-        return 1
+    pid, answer = got
     if answer.get("ok"):
         print(f"reloaded the running confedge (pid {pid})")
         return 0

@@ -284,6 +284,7 @@ class Runtime:
         loop = asyncio.get_running_loop()
         if not self.drain.start(loop.time()):
             log.info("drain: already %s", self.drain.phase.value)
+            self._drain_result(False, f"already {self.drain.phase.value}, nothing changed")
             return
         self.state = "draining"  # published to the other instances (cluster registry)
         if self.proxy is not None:
@@ -299,11 +300,13 @@ class Runtime:
             self.drain.timeout,
         )
         self._drain_task = loop.create_task(self._drain_loop())
+        self._drain_result(True)
 
     def cancel_drain(self) -> None:
         """SIGUSR2 or `confedge drain --cancel`: back to service, listeners open again."""
         if not self.drain.cancel():
             log.info("drain: nothing to cancel (%s)", self.drain.phase.value)
+            self._drain_result(False, f"nothing to cancel: it is {self.drain.phase.value}")
             return
         if self._drain_task is not None:
             self._drain_task.cancel()
@@ -315,6 +318,13 @@ class Runtime:
             self.turn.cancel_drain()
         log.warning("drain cancelled: serving again")
         self.notifier.send(STATUS="running; drain cancelled")
+        self._drain_result(True)
+
+    def _drain_result(self, done: bool, reason: str = "") -> None:
+        """For `confedge drain` (opscli): what the signal it sent did."""
+        from confedge.opscli import write_drain_result
+
+        write_drain_result(self.cfg.server.state_dir, done, self.drain.phase.value, reason)
 
     def drain_left(self) -> dict[str, int]:
         """What a drain still waits for: client connections and TURN allocations."""
