@@ -7,9 +7,11 @@ Subprocesses (the real console entry), loopback ports from the QA range 37000-37
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -242,12 +244,10 @@ def test_run_certificate_problems_are_one_line(tmp_path: Path) -> None:
         assert f"tls.cert ({cert})" in line and want in line, line
 
 
-def test_run_with_a_damaged_guard_database_starts(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "guard.sqlite3").write_bytes(b"this is not a database" * 100)
-    path = _run_config(tmp_path)
-    path.write_text(path.read_text() + '\n[guard]\nenabled = true\nstore = "sqlite"\n')
+@contextlib.contextmanager
+def _running(path: Path) -> Iterator[str]:
+    """`confedge run` on `path` until TURN says it listens: what it logged by then (no
+    traceback, checked); stopped when the block ends."""
     proc = subprocess.Popen(
         [*CONFEDGE, "run", "--config", str(path)],
         stdout=subprocess.PIPE,
@@ -263,10 +263,20 @@ def test_run_with_a_damaged_guard_database_starts(tmp_path: Path) -> None:
                 break
         text = "".join(seen)
         assert "TURN listening" in text and "Traceback" not in text, text
-        assert "guard database" in text and "damaged" in text
+        yield text
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_run_with_a_damaged_guard_database_starts(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "guard.sqlite3").write_bytes(b"this is not a database" * 100)
+    path = _run_config(tmp_path)
+    path.write_text(path.read_text() + '\n[guard]\nenabled = true\nstore = "sqlite"\n')
+    with _running(path) as text:
+        assert "guard database" in text and "damaged" in text
     assert list(state.glob("guard.sqlite3.damaged-*"))
 
 
@@ -325,25 +335,8 @@ def test_restricted_turn_without_media_nodes_warns_in_check_as_in_run(tmp_path: 
     res = _confedge("check", "--json", "--config", str(path))
     assert res.returncode == 0 and res.stdout.startswith("{"), res.stderr
     assert res.stderr == f"confedge: warning: {MEDIA_NODES_WARNING}\n"
-    proc = subprocess.Popen(
-        [*CONFEDGE, "run", "--config", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stderr is not None
-        seen = []
-        for line in proc.stderr:  # until TURN reports it is listening
-            seen.append(line)
-            if "TURN listening" in line or "Traceback" in line:
-                break
-        text = "".join(seen)
-        assert "TURN listening" in text and "Traceback" not in text, text
+    with _running(path) as text:
         assert f"WARNING confedge.turn: {MEDIA_NODES_WARNING}\n" in text, text
-    finally:
-        proc.terminate()
-        proc.wait(10)
     # With media nodes: no warning.
     path = _run_config(tmp_path)
     res = _confedge("check", "--config", str(path))

@@ -61,9 +61,9 @@ def test_every_command_works_with_standard_input_closed(tmp_path: Path) -> None:
 # --- the wizard on a terminal
 
 
-def test_wizard_reasks_a_duplicated_node_and_ctrl_d_writes_nothing(tmp_path: Path) -> None:
-    config = tmp_path / "c.toml"
-    child = pexpect.spawn(
+def _wizard(config: Path) -> pexpect.spawn:
+    """`confedge setup --config CONFIG` on a pseudo-terminal, as a person at a shell runs it."""
+    return pexpect.spawn(
         CONFEDGE[0],
         [*CONFEDGE[1:], "setup", "--config", str(config)],
         env={**os.environ, "TERM": "xterm"},
@@ -71,6 +71,11 @@ def test_wizard_reasks_a_duplicated_node_and_ctrl_d_writes_nothing(tmp_path: Pat
         timeout=20,
         dimensions=(40, 200),
     )
+
+
+def test_wizard_reasks_a_duplicated_node_and_ctrl_d_writes_nothing(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    child = _wizard(config)
     try:
         for expect, send in (
             (r"Network interfaces \(1 or 2\) \[", "1"),
@@ -298,13 +303,7 @@ def test_wizard_killed_by_a_closing_terminal_leaves_nothing(tmp_path: Path) -> N
     config = tmp_path / "c.toml"
     config.write_text(VALID)
     before = config.read_bytes()
-    child = pexpect.spawn(
-        CONFEDGE[0],
-        [*CONFEDGE[1:], "setup", "--config", str(config)],
-        env={**os.environ, "TERM": "xterm"},
-        encoding="utf-8",
-        timeout=20,
-    )
+    child = _wizard(config)
     child.expect(r"Network interfaces \(1 or 2\) \[")
     child.kill(signal.SIGHUP)  # what the terminal sends when its window closes
     child.expect(pexpect.EOF)
