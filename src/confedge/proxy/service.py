@@ -743,7 +743,11 @@ def _read_commands(
 
 
 def _exit_while_starting(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    # os._exit, not SystemExit: the signal can land anywhere, also inside the event loop's
+    # teardown after a start that failed (the parent stops every worker then), where an
+    # exception raised from the handler became three chained tracebacks on stderr. A worker
+    # that has not started has nothing to flush (its log lines are written as they come).
+    os._exit(0)
 
 
 def _worker_main(
