@@ -7,10 +7,12 @@ media, guard for PINs) without owning a conferencing platform. It runs the same 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import secrets
+import signal
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -209,7 +211,16 @@ async def run_demo(*, as_json: bool, state_dir: Path | None, port_base: int | No
             print(json.dumps(info), flush=True)
         else:
             _print_banner(info)
-        sig = await wait_for_signal(on_hup=demo.runtime.reload)
+        # As `confedge run`: SIGUSR1/SIGUSR2 drain and cancel (`confedge drain --config
+        # STATE/demo.toml` finds the demo by its pid file; without handlers their default
+        # action killed the demo while the command reported a drain).
+        rt = demo.runtime
+        rt.finished = asyncio.get_running_loop().create_future()
+        sig = await wait_for_signal(
+            on_hup=rt.reload,
+            handlers={signal.SIGUSR1: rt.start_drain, signal.SIGUSR2: rt.cancel_drain},
+            until=rt.finished,
+        )
         log.info("%s received, stopping", sig)
         await demo.close()
     finally:

@@ -138,3 +138,28 @@ def test_demo_json_names_everything_and_serves(demo) -> None:  # type: ignore[no
     assert "Traceback" not in err, err
     for part in ("proxy stopped", "turn stopped", "guard stopped", "node1 stopped"):
         assert part in err
+
+
+def test_demo_answers_drain_and_reload_from_the_operator_commands(demo) -> None:  # type: ignore[no-untyped-def]
+    """`confedge drain --config STATE/demo.toml` finds the demo by its pid file; the demo had
+    no SIGUSR1/SIGUSR2 handlers, so their default action killed it while the command said
+    "drain cancelled". Now it answers like `confedge run`, and a drain can be cancelled."""
+    proc, info, _ = demo
+    config = info["config"]
+
+    def confedge(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "confedge", *args, "--config", config],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    out = confedge("drain", "--cancel")
+    assert out.returncode == 0 and "nothing to cancel: it is serving" in out.stdout, out
+    assert confedge("reload").returncode == 0
+    out = confedge("drain")
+    assert out.returncode == 0 and out.stdout.startswith("draining (pid"), out
+    out = confedge("drain", "--cancel")
+    assert out.returncode == 0 and out.stdout.startswith("drain cancelled"), out
+    assert proc.poll() is None
