@@ -91,6 +91,7 @@ from confedge.proxy.request import (
     TO_NODE,
     Refused,
     Request,
+    canonical_length,
     h2_fields_problem,
 )
 from confedge.proxy.upstream import node_action
@@ -474,14 +475,12 @@ class H2Client(asyncio.Protocol):
                     cl = req.content_length
                     if not value.isdigit():
                         raise _Malformed(f"invalid Content-Length {value[:40]!r}")
-                    # (compared and kept without leading zeros: int() refuses more than 4300
-                    # digits, and RFC 9110 §8.6 asks for no overflow whatever the length)
-                    value = value.lstrip(b"0") or b"0"
-                    if cl is not None and cl != value:
+                    canon = canonical_length(value)  # (compared and kept as the number)
+                    if cl is not None and cl != canon:
                         raise _Malformed("conflicting Content-Length values")
-                    if len(value) > 18:  # (more than any max_body: no int() needed to say so)
+                    if canon is None:
                         raise Refused(413, "request body too large")
-                    req.content_length = value
+                    req.content_length = canon
                 elif name == b"x-forwarded-for":
                     req.xff = value if req.xff is None else req.xff + b", " + value
                 elif name == b"user-agent":

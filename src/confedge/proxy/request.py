@@ -26,6 +26,7 @@ __all__ = [
     "TO_NODE",
     "Refused",
     "Request",
+    "canonical_length",
     "h2_fields_problem",
     "host_allowed",
     "normalise_peer",
@@ -66,6 +67,15 @@ class Refused(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+def canonical_length(digits: bytes) -> bytes | None:
+    """A Content-Length's digits as the number they spell, for both HTTP/1.1 and HTTP/2: leading
+    zeros off (Python's int() refuses more than 4300 digits; RFC 9110 §8.6 asks for no overflow
+    whatever the length); None past 18 digits, more than any body limit (the caller's 413).
+    int() of a result is always safe."""
+    value = digits.lstrip(b"0") or b"0"
+    return value if len(value) <= 18 else None
 
 
 def normalise_target(target: str) -> str:

@@ -55,6 +55,7 @@ from confedge.proxy.request import (
     TO_NODE,
     Refused,
     Request,
+    canonical_length,
     normalise_peer,
 )
 from confedge.proxy.turnshare import alpn_selects_turn
@@ -574,10 +575,9 @@ class ClientConnection(asyncio.BufferedProtocol):
             raise Refused(400, "chunked body in an HTTP/1.0 request")
         cl = req.content_length
         if cl is not None:
-            # llhttp has checked the digits, leading zeros included; int() stops at 4300 digits
-            # (RFC 9110 §8.6: no overflow whatever the length), and the node gets the number.
-            digits = cl.strip().lstrip(b"0") or b"0"
-            if len(digits) > 18 or int(digits) > core.max_body:
+            # llhttp has checked the digits, leading zeros included; the node gets the number
+            digits = canonical_length(cl.strip())
+            if digits is None or int(digits) > core.max_body:
                 raise Refused(413, "request body too large")
             req.content_length = digits
         if req.websocket and (req.conn_tokens is None or b"upgrade" not in req.conn_tokens):
