@@ -68,6 +68,7 @@ UP_PORTS = (32001, 32002, 32003)
 SSE_PORTS = (32004, 32005, 32006)
 NGX_HTTP, NGX_HTTPS = 32010, 32011
 CE_HTTP, CE_HTTPS, CE_MGMT = 32020, 32021, 32022
+FL_HTTP, FL_HTTPS = 32030, 32031  # floor.py (--servers ... floor)
 
 
 def free_ports(n: int, taken: frozenset[int] = frozenset()) -> list[int]:
@@ -88,11 +89,11 @@ def free_ports(n: int, taken: frozenset[int] = frozenset()) -> list[int]:
 
 
 def _pick_ports() -> None:
-    """Choose this run's 11 listener ports among those free now in PORT_RANGE."""
-    global UP_PORTS, SSE_PORTS, NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT
-    free = free_ports(11)
+    """Choose this run's 13 listener ports among those free now in PORT_RANGE."""
+    global UP_PORTS, SSE_PORTS, NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT, FL_HTTP, FL_HTTPS
+    free = free_ports(13)
     UP_PORTS, SSE_PORTS = tuple(free[0:3]), tuple(free[3:6])
-    NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT = free[6:11]
+    NGX_HTTP, NGX_HTTPS, CE_HTTP, CE_HTTPS, CE_MGMT, FL_HTTP, FL_HTTPS = free[6:13]
 
 
 CSP_POLICY = ProxyConfig().csp_policy  # confedge's default, the reference's
@@ -418,6 +419,34 @@ class Servers:
         time.sleep(1.0)  # let every worker bind and the first health checks pass
         return proc
 
+    def start_floor(self, nodes: tuple[int, ...]) -> subprocess.Popen[bytes]:
+        """floor.py: the uvloop + TLS stack with no HTTP handling, as many workers as
+        confedge (its figure is what confedge's HTTP code costs above, see floor.py)."""
+        env = dict(os.environ)
+        if self.native is not None:  # the same confedge (for its TLS context) as the run's
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(self.native), env.get("PYTHONPATH", "")) if p
+            )
+        proc = _start(
+            [
+                sys.executable,
+                str(Path(__file__).with_name("floor.py")),
+                f"--cert={self.w / 'cert.pem'}",
+                f"--key={self.w / 'key.pem'}",
+                f"--https-port={FL_HTTPS}",
+                f"--http-port={FL_HTTP}",
+                f"--nodes={_csv(nodes)}",
+                f"--workers={self.workers}",
+            ],
+            self.w / "floor.out",
+            preexec_fn=_raise_nofile,
+            env=env,
+        )
+        self.procs["floor"] = proc
+        _wait_port(FL_HTTPS, proc, "floor")
+        time.sleep(0.5)  # every worker's listeners
+        return proc
+
     def stop(self, name: str) -> None:
         _stop(self.procs.pop(name, None))
 
@@ -574,16 +603,20 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
         ports["nginx"] = (NGX_HTTP, NGX_HTTPS, s.start_nginx(UP_PORTS).pid)
     if "confedge" in args.servers:
         ports["confedge"] = (CE_HTTP, CE_HTTPS, s.start_confedge(UP_PORTS).pid)
+    if "floor" in args.servers:
+        ports["floor"] = (FL_HTTP, FL_HTTPS, s.start_floor(UP_PORTS).pid)
     try:
         for name in args.scenarios:
             scheme, path, _ = SCENARIOS[name]
-            runs: dict[str, list[dict[str, Any]]] = {srv: [] for srv in ports}
-            for server in ports:  # warm-up: pools, TLS sessions, caches
+            # floor.py speaks no HTTP/2: it measures the HTTP/1.1 scenarios only.
+            servers = [srv for srv in ports if not (srv == "floor" and scheme == "h2")]
+            runs: dict[str, list[dict[str, Any]]] = {srv: [] for srv in servers}
+            for server in servers:  # warm-up: pools, TLS sessions, caches
                 http, https, pid = ports[server]
                 tool, url = _load(scheme, http, https, path)
                 tool(url, 2, args.connections, args.threads, pid)
             for rnd in range(args.rounds):
-                order = list(ports) if rnd % 2 == 0 else list(reversed(ports))
+                order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
                 for server in order:
                     http, https, pid = ports[server]
                     tool, url = _load(scheme, http, https, path)
@@ -610,6 +643,7 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
                     print(f"  {name} round {rnd + 1} {server}: {r}", file=sys.stderr)
             results[name] = {srv: {"runs": rs, "median": _median(rs)} for srv, rs in runs.items()}
     finally:
+        s.stop("floor")
         s.stop("confedge")
         s.stop("nginx")
         s.stop("upstreams")
@@ -903,6 +937,7 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---:|---:|---:|---:|---:|",
         ]
     ratios = []
+    floor_runs = any("floor" in per for per in results.get("throughput", {}).values())
     for name, per in results.get("throughput", {}).items():
         for server in per:
             m = per[server]["median"]
@@ -910,20 +945,29 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {name} | {server} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
                 f"{m['cpu_us_per_req']:.1f} | {m['non_2xx_3xx'] + m['socket_errors']} |"
             )
-        if len(per) < 2:
+        if "nginx" not in per or "confedge" not in per:
             continue
         n, c = per["nginx"]["median"], per["confedge"]["median"]
-        ratios.append(
+        ratio = (
             f"| {name} | {c['rps'] / n['rps']:.2f} | {c['p99_ms'] / n['p99_ms']:.2f} | "
             f"{c['cpu_us_per_req'] / n['cpu_us_per_req']:.2f} |"
         )
+        if floor_runs:
+            f = per.get("floor", {}).get("median")
+            ratio += (
+                f" {f['cpu_us_per_req'] / n['cpu_us_per_req']:.2f} |"
+                f" {c['cpu_us_per_req'] - f['cpu_us_per_req']:.1f} |"
+                if f
+                else " - | - |"
+            )
+        ratios.append(ratio)
     if ratios:
-        lines += [
-            "",
-            "| scenario | req/s confedge/nginx | p99 confedge/nginx | CPU per request confedge/nginx |",
-            "|---|---:|---:|---:|",
-            *ratios,
-        ]
+        head = "| scenario | req/s confedge/nginx | p99 confedge/nginx | CPU per request confedge/nginx |"
+        rule = "|---|---:|---:|---:|"
+        if floor_runs:  # floor.py: the stack's own cost, and confedge's HTTP work above it
+            head += " CPU floor/nginx | confedge - floor, µs/req |"
+            rule += "---:|---:|"
+        lines += ["", head, rule, *ratios]
     sse = results.get("sse")
     if sse:
         lines += [
@@ -952,8 +996,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sse", type=int, default=10000, help="idle SSE streams to hold (0 = skip)")
     ap.add_argument("--sse-nginx", action="store_true", help="also hold the SSE streams via nginx")
     ap.add_argument(
-        "--servers", nargs="*", default=["nginx", "confedge"], choices=["nginx", "confedge"]
-    )
+        "--servers", nargs="*", default=["nginx", "confedge"],
+        choices=["nginx", "confedge", "floor"],
+        help="floor: bench/proxy/floor.py, the uvloop + TLS stack without HTTP handling "
+        "(HTTP/1.1 scenarios only): what confedge's HTTP code costs above it",
+    )  # fmt: skip
     ap.add_argument("--no-throughput", action="store_true", help="only the SSE memory part")
     ap.add_argument("--out", type=Path, default=None, help="results JSON (default bench/results/)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (configs, logs)")

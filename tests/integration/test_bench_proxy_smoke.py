@@ -46,6 +46,10 @@ def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
         "--rounds=1",
         "--duration=1",
         "--sse=0",
+        "--servers",
+        "nginx",
+        "confedge",
+        "floor",
         "--scenarios",
         "https-status",
         "http-redirect",
@@ -57,11 +61,14 @@ def test_proxy_benchmark_smoke(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     assert data["build"] in ("interpreted", "compiled (mypyc)")
     assert "| scenario | req/s confedge/nginx |" in proc.stdout
+    assert "confedge - floor, µs/req |" in proc.stdout
     scenarios = ["https-status", "http-redirect"]
     if shutil.which("h2load"):
         scenarios.append("h2-status")  # HTTP/2 to clients (proxy/h2.py) against nginx's http2
     for scenario in scenarios:
-        for server in ("nginx", "confedge"):
+        # floor.py (the uvloop + TLS stack without HTTP) speaks HTTP/1.1 only.
+        assert ("floor" in data["throughput"][scenario]) == (scenario != "h2-status")
+        for server in data["throughput"][scenario]:
             m = data["throughput"][scenario][server]["median"]
             assert m["rps"] > 100, (scenario, server, m)
             assert m["non_2xx_3xx"] == 0, (scenario, server, m)  # 200s and 301s
