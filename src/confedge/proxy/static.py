@@ -48,6 +48,7 @@ from typing import BinaryIO, Final
 
 from confedge.config import StaticMount
 from confedge.proxy.paths import BadPath, canonical_path, decode_segment
+from confedge.proxy.request import canonical_length
 
 __all__ = [
     "FileBody",
@@ -330,9 +331,10 @@ _HUGE: Final = 10**18  # past any file: what a longer position means here
 def _position(digits: str) -> int:
     """A byte position of any length (RFC 9110 §14.1.2: no overflow): int() refuses strings of
     more than 4300 digits (a ValueError), and anything past 18 significant digits is past the
-    end of every file anyway."""
-    digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 18 else _HUGE
+    end of every file anyway. The digits are ASCII (checked by the caller); the same rule as a
+    Content-Length's (request.canonical_length)."""
+    value = canonical_length(digits.encode("ascii"))
+    return _HUGE if value is None else int(value)
 
 
 def _parse_range(value: str, size: int) -> tuple[int, int] | bool | None:
