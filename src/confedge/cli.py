@@ -223,13 +223,61 @@ def _port_base(text: str) -> int:
     return base
 
 
+def version_lines() -> list[str]:
+    """`confedge --version`: the version, then each part that has a native and a pure-Python
+    implementation and which one this installation can run, with the reason when it is the
+    slower one (what an operator checks after installing, and puts in a bug report)."""
+    from confedge.proxy import h2engine
+    from confedge.turn import native
+    from confedge.turn.offload import BPF_OBJECT
+
+    h2_ok, h2_why = h2engine.native_available()
+    turn_ok, turn_why = native.native_available()
+    return [
+        f"confedge {__version__} (Python {sys.version.split()[0]})",
+        f"proxy hot path: {build_kind()}",
+        "HTTP/2 framing: "
+        + (h2engine.describe("native") if h2_ok else f"hyper-h2 (pure Python): {h2_why}"),
+        "TURN data plane: " + ("native (C relay threads)" if turn_ok else f"Python: {turn_why}"),
+        "eBPF relay offload: "
+        + (
+            "built (turn.offload)"
+            if BPF_OBJECT.is_file()
+            else "not built (no clang when confedge was built: apt install clang libbpf-dev, "
+            "then reinstall)"
+        ),
+    ]
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed when asked for: the native parts are looked up only then, not at
+    every command's start."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        print("\n".join(version_lines()))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="confedge",
         description="Edge service for video conferencing: HTTPS reverse proxy, TURN/STUN relay "
         "and PIN brute-force guard.",
     )
-    p.add_argument("--version", action="version", version=f"confedge {__version__}")
+    p.add_argument(
+        "--version",
+        action=_VersionAction,
+        help="print the version and which native parts this installation has, and exit",
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
