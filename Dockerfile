@@ -10,9 +10,12 @@
 # The host's firewall stays the host's job: `confedge firewall` output is loaded on the host.
 
 # -- build: a wheel, with the proxy's hot path compiled by mypyc (needs gcc and the headers) --
+# libnghttp2-dev: the HTTP/2 engine on libnghttp2 (the runtime stage has the library itself).
+# `confedge --version` in the image says what was built.
 FROM debian:bookworm-slim AS build
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc \
+        libnghttp2-dev \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml setup.py README.md LICENSE ./
@@ -29,6 +32,7 @@ RUN python3 -m venv /opt/confedge \
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 nftables libcap2-bin ca-certificates \
+        libnghttp2-14 \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --user-group --no-create-home --home-dir /var/lib/confedge \
         --shell /usr/sbin/nologin confedge \

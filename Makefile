@@ -83,6 +83,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+	$(BIN)/shellcheck install.sh .ci/run
 
 format: $(STAMP)
 	$(BIN)/ruff format src tests bench
