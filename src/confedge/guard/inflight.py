@@ -13,11 +13,14 @@ failures a refresh later). So a `request_token` is counted *before* it is forwar
   the conference are under their in-flight limits (`admit`);
 * when the node answers, the reservation is **settled**: removed, and turned into a failure in
   the same atomic step when the answer is 403 "Invalid PIN"; any other answer just removes it;
-* a reservation whose answer never comes (the client or the node went away, the node never
-  answered, the worker crashed) **expires** after `ttl`, which the proxy sets to the longest it
-  would wait for an answer (`(api_connect_timeout + read_timeout)` per node it may try). Its
-  guess was answered to nobody, so it taught nobody anything; keeping the slot until then means
-  a late answer can never overtake the bound.
+* a client that hangs up before the answer settles its reservation at once (the proxy closes
+  the node connection with it): as a failure if a node got the whole request (it may have
+  judged the PIN), else as nothing (proxy/exchange.py `_settle_abandoned`);
+* a reservation whose answer never comes otherwise (the node went away or never answered, the
+  worker crashed) **expires** after `ttl`, which the proxy sets to the longest it would wait
+  for an answer (`(api_connect_timeout + read_timeout)` per node it may try). Its guess was
+  answered to nobody, so it taught nobody anything; keeping the slot until then means a late
+  answer can never overtake the bound.
 
 So at most `maxretry` *answered* wrong PINs per address per `findtime`, whatever the
 concurrency: the decision and the insertion of the reservation happen in one atomic step of the

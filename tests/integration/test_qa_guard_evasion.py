@@ -1,0 +1,202 @@
+"""A PIN guesser against the guard through the real proxy (docs/QA.md, "guard, evasion").
+
+What an attacker tried to keep guessing unbanned, or to lock real participants out: hanging up
+(HTTP/1.1 close, HTTP/2 RST_STREAM, a half-close) before the node's answer. The HTTP/2 tests
+run on the engine CONFEDGE_H2_ENGINE selects (hyper-h2 or libnghttp2); run the file once per
+engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from guard_upstream import PinNode
+from test_guard_proxy import TOKEN, _raw, _read, _ssl, attempt, config, send
+
+from confedge.guard import create_guard
+from confedge.proxy.service import ProxyService
+
+# Health checks that never take the node out during a test (it shares the test's loop).
+CALM = 30.0
+
+
+@pytest.fixture
+async def node() -> Any:
+    n = await PinNode().start()
+    yield n
+    await n.stop()
+
+
+class H2Client:
+    """One HTTP/2 connection over TLS (hyper-h2 as the client), from a chosen source."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
+        )
+        self.next_id = 1
+        self.status: dict[int, int] = {}
+        self.ended: set[int] = set()
+
+    @classmethod
+    async def open(cls, port: int, source: str) -> H2Client:
+        ctx = _ssl()
+        ctx.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ctx, local_addr=(source, 0)
+        )
+        assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
+        c = cls(reader, writer)
+        c.conn.initiate_connection()
+        c.flush()
+        return c
+
+    def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+
+    def post(
+        self, port: int, path: str, extra: list[tuple[str, str]], body: bytes | None = None
+    ) -> int:
+        sid = self.next_id
+        self.next_id += 2
+        head = [(":method", "POST"), (":scheme", "https"), (":authority", f"localhost:{port}")]
+        fields = [*head, (":path", path), *extra]
+        self.conn.send_headers(sid, fields, end_stream=body is None)
+        if body is not None:
+            self.conn.send_data(sid, body, end_stream=True)
+        self.flush()
+        return sid
+
+    def reset(self, sid: int) -> None:
+        self.conn.reset_stream(sid)
+        self.flush()
+
+    async def wait(self, sids: list[int]) -> list[int]:
+        """The status of each stream once all have ended (0: reset or no answer)."""
+        while not set(sids) <= self.ended:
+            data = await asyncio.wait_for(self.reader.read(65536), 10)
+            assert data, "the proxy closed the connection"
+            for ev in self.conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    self.status[ev.stream_id] = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, h2.events.StreamEnded | h2.events.StreamReset):
+                    self.ended.add(ev.stream_id)
+            self.flush()
+        return [self.status.get(s, 0) for s in sids]
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def _node_busy_with(node: PinNode, source: str) -> None:
+    """Until the node is judging a request_token from `source` (PinNode.delay)."""
+    t0 = time.monotonic()
+    while node.busy.get(f"ip:{source}", 0) == 0:
+        assert time.monotonic() - t0 < 5.0, "the request never reached the node"
+        await asyncio.sleep(0.005)
+
+
+async def _node_done_with(node: PinNode, source: str) -> None:
+    """Until the node has judged it (one guess at a time: `busy` then tells them apart)."""
+    while node.busy.get(f"ip:{source}", 0):
+        await asyncio.sleep(0.01)
+
+
+async def _hang_up_h1(port: int, node: PinNode, source: str, pin: str) -> None:
+    _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=_ssl(), local_addr=(source, 0))
+    writer.write(_raw(TOKEN, pin))
+    await _node_busy_with(node, source)
+    writer.transport.abort()
+    await _node_done_with(node, source)
+
+
+@pytest.mark.parametrize("how", ["HTTP/1.1 close", "HTTP/2 RST_STREAM"])
+async def test_hanging_up_before_the_answer_neither_hides_the_guess_nor_holds_the_conference(
+    node: PinNode, tmp_path: Path, how: str
+) -> None:
+    """Each guess is dropped once the node is judging it, before its answer. Was: nothing was
+    counted and every reservation held its slots for its whole ttl (140 s by default): the
+    guesser was never banned, and a handful of such requests (here 3, by default 32 from any
+    8 addresses) kept the conference's real participants out with 429 all that time."""
+    node.delay = 0.5
+    cfg = config(
+        node,
+        tmp_path,
+        health_interval=CALM,
+        maxretry=3,
+        bantime=60,
+        inflight_per_conference=3,
+    )
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    port = svc.https_port
+    attacker = "127.0.20.1"
+    try:
+        if how == "HTTP/1.1 close":
+            for i in range(3):
+                await _hang_up_h1(port, node, attacker, f"000{i}")
+        else:
+            c = await H2Client.open(port, attacker)
+            try:
+                for i in range(3):
+                    sid = c.post(port, TOKEN, [("pin", f"000{i}")])
+                    await _node_busy_with(node, attacker)
+                    c.reset(sid)
+                    await _node_done_with(node, attacker)
+            finally:
+                c.close()
+        # A participant who knows the PIN joins at once (the conference's slots are free).
+        t0 = time.monotonic()
+        while (status := await attempt(port, "1234", source="127.0.20.9")) != 200:
+            assert status == 429, status
+            assert time.monotonic() - t0 < 3.0, "the hung-up guesses still hold the conference"
+            await asyncio.sleep(0.1)
+        # The three guesses the node judged were counted: the guesser is banned, not merely
+        # held back for a second.
+        (r,) = await send(port, [_raw(TOKEN, "1234")], attacker)
+        assert r[0] == 429 and int(r[1]["retry-after"]) > 10, r[:2]
+        assert node.wrong_pins_from(attacker) == 3
+    finally:
+        await svc.close()
+
+
+async def test_a_half_close_after_the_request_is_a_hang_up_and_counted(
+    node: PinNode, tmp_path: Path
+) -> None:
+    """A TCP half-close (shutdown(SHUT_WR), no TLS close_notify) right after an HTTP/1.1
+    request: over TLS the event loop closes the connection (asyncio's SSL transport cannot stay
+    half-open), so it is a hang-up like any other, and the guess the node judged is counted
+    (was: not counted, its reservation lapsing after ttl)."""
+    node.delay = 0.3
+    cfg = config(node, tmp_path, health_interval=CALM, maxretry=1, bantime=60)
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    port = svc.https_port
+    source = "127.0.24.1"
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=_ssl(), local_addr=(source, 0)
+        )
+        writer.write(_raw(TOKEN, "0000"))
+        await _node_busy_with(node, source)
+        writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await asyncio.wait_for(_read(reader), 10)
+        writer.close()
+        await _node_done_with(node, source)
+        (r,) = await send(port, [_raw(TOKEN, "1234")], source)
+        assert r[0] == 429 and int(r[1]["retry-after"]) > 10, r[:2]
+    finally:
+        await svc.close()
