@@ -1,8 +1,9 @@
 """A PIN guesser against the guard through the real proxy (docs/QA.md, "guard, evasion").
 
 What an attacker tried to keep guessing unbanned, or to lock real participants out: hanging up
-(HTTP/1.1 close, HTTP/2 RST_STREAM, a half-close) before the node's answer. The HTTP/2 tests
-run on the engine CONFEDGE_H2_ENGINE selects (hyper-h2 or libnghttp2); run the file once per
+(HTTP/1.1 close, HTTP/2 RST_STREAM, a half-close) before the node's answer; a `pin` field the
+node never gets (`Connection: pin`) or gets twice, with `distinct_pins`. The HTTP/2 tests run
+on the engine CONFEDGE_H2_ENGINE selects (hyper-h2 or libnghttp2); run the file once per
 engine.
 """
 
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import h2.config
@@ -23,6 +26,7 @@ from guard_upstream import PinNode
 from test_guard_proxy import TOKEN, _raw, _read, _ssl, attempt, config, send
 
 from confedge.guard import create_guard
+from confedge.nodesim import Conference, NodeSim
 from confedge.proxy.service import ProxyService
 
 # Health checks that never take the node out during a test (it shares the test's loop).
@@ -200,3 +204,61 @@ async def test_a_half_close_after_the_request_is_a_hang_up_and_counted(
         assert r[0] == 429 and int(r[1]["retry-after"]) > 10, r[:2]
     finally:
         await svc.close()
+
+
+def _join(headers: list[tuple[str, str]], body: dict[str, str]) -> bytes:
+    data = json.dumps(body).encode()
+    lines = "".join(f"{k}: {v}\r\n" for k, v in headers)
+    return (
+        f"POST {TOKEN} HTTP/1.1\r\nHost: localhost\r\n{lines}"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+
+
+async def test_distinct_pins_hashes_the_pin_the_node_reads(tmp_path: Path) -> None:
+    """guard.distinct_pins counts a repeated wrong PIN once, so the guard must hash the PIN
+    the node reads. nodesim reads the `pin` header, else the body's "pin". Was: `Connection:
+    pin` (the proxy drops the field, RFC 9110 §7.6.1) beside a constant `pin: 000000` made
+    every body-PIN guess "the same PIN" (eight wrong PINs, never banned), and of repeated
+    `pin` fields only the last was hashed."""
+    ns = NodeSim([Conference("meet", "123456", None)])
+    await ns.start()
+    cfg = config(
+        SimpleNamespace(address=ns.url),  # type: ignore[arg-type]
+        tmp_path,
+        health_interval=CALM,
+        maxretry=3,
+        bantime=60,
+        distinct_pins=True,
+    )
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    port = svc.https_port
+    spellings = {
+        "body PIN": lambda i: _join([], {"display_name": "x", "pin": f"{i:06d}"}),
+        "Connection: pin": lambda i: _join(
+            [("pin", "000000"), ("Connection", "pin")], {"display_name": "x", "pin": f"{i:06d}"}
+        ),
+        "two pin fields": lambda i: _join(
+            [("pin", f"{i:06d}"), ("pin", "000000")], {"display_name": "x"}
+        ),
+    }
+    try:
+        for j, (name, make) in enumerate(spellings.items()):
+            source = f"127.0.21.{j + 1}"
+            statuses = [(await send(port, [make(i)], source))[0][0] for i in range(1, 6)]
+            assert statuses == [403, 403, 403, 429, 429], (name, statuses)
+        # HTTP/2: repeated `pin` fields are joined the same way.
+        c = await H2Client.open(port, "127.0.21.9")
+        try:
+            statuses = []
+            for i in range(1, 6):
+                pins = [("pin", f"{i:06d}"), ("pin", "000000")]
+                sid = c.post(port, TOKEN, pins, b'{"display_name": "x"}')
+                statuses += await c.wait([sid])
+        finally:
+            c.close()
+        assert statuses == [403, 403, 403, 429, 429], statuses
+    finally:
+        await svc.close()
+        await ns.close()

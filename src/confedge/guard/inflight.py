@@ -262,11 +262,19 @@ def issued_token(body: bytes) -> tuple[str, float] | None:
 
 def counted(rows: Sequence[tuple[float, str]], distinct: bool) -> list[float]:
     """Sorted timestamps of the failures that count, from (ts, pin hash) rows in the window:
-    with `distinct_pins` a repeated PIN counts once (at its first time in the window)."""
+    with `distinct_pins` a repeated PIN counts once (at its first time in the window).
+
+    A failure without a PIN hash ("": no `pin` header reached the node, which took the PIN
+    from elsewhere, e.g. nodesim's JSON body) counts every time, as GuardCore.observe and the
+    Redis store count it: folded into one, any number of body-PIN guesses looked like one
+    failure to the admission of the SQLite and memory stores."""
     if not distinct:
         return sorted(ts for ts, _ in rows)
     first: dict[str, float] = {}
+    anonymous: list[float] = []
     for ts, pin in rows:
-        if pin not in first or ts < first[pin]:
+        if not pin:
+            anonymous.append(ts)
+        elif pin not in first or ts < first[pin]:
             first[pin] = ts
-    return sorted(first.values())
+    return sorted([*first.values(), *anonymous])

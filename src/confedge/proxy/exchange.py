@@ -71,6 +71,7 @@ __all__ = [
     "ResponsePlan",
     "State",
     "build_request_head",
+    "guard_pin",
     "may_retry",
     "plan_response",
 ]
@@ -388,6 +389,25 @@ def build_request_head(
         parts.append(b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def guard_pin(req: Request) -> str | None:
+    """The PIN a request_token shows the node, as the guard hashes it (guard.distinct_pins
+    counts a repeated wrong PIN once); None when the node does not get a `pin` field.
+
+    The adapters join repeated `pin` fields (a node may read the first, the last or all of
+    them), so every PIN the node could read is in the hash. A `pin` named in `Connection` is
+    hop-by-hop (RFC 9110 §7.6.1) and is not forwarded (build_request_head), so the node reads
+    its PIN from somewhere else (nodesim: the JSON body): hashing the dropped field let one
+    constant `pin` header make every guess "the same PIN" and escape distinct_pins' count.
+    None makes each failure count on its own."""
+    pin = req.pin
+    if pin is None:
+        return None
+    tokens = req.conn_tokens
+    if tokens is not None and b"pin" in [t.strip() for t in tokens.split(b",")]:
+        return None
+    return pin.decode("latin-1")
 
 
 def may_retry(
@@ -813,8 +833,9 @@ class Exchange:
         ticket, self.ticket = self.ticket, None
         if ticket is None:
             return
-        pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
-        self.actions.append((A_SETTLE_PIN, (ticket, self.pin_alias or "", pin, failed)))
+        self.actions.append(
+            (A_SETTLE_PIN, (ticket, self.pin_alias or "", guard_pin(self.req), failed))
+        )
 
     def _settle_abandoned(self) -> None:
         """The client left (a closed connection, an HTTP/2 RST_STREAM) or was cut off before
@@ -1197,8 +1218,7 @@ class Exchange:
         if self.ticket is not None:
             self._settle(failed)
         elif failed and self.pin_alias is not None:
-            pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
-            self.actions.append((A_RECORD_FAILURE, (self.pin_alias, pin)))
+            self.actions.append((A_RECORD_FAILURE, (self.pin_alias, guard_pin(self.req))))
 
     # -- answers the proxy makes itself ---------------------------------------------------------
 

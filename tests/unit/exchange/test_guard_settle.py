@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from confedge.proxy import exchange as X
-from confedge.proxy.exchange import Exchange
+from confedge.proxy.exchange import Exchange, guard_pin
 from confedge.proxy.request import Request
 
 from .helpers import connect, request, settings, start, take
@@ -104,3 +104,16 @@ def test_an_answered_request_is_settled_once() -> None:
     assert _settled(ex) == [("ticket-1", "meet", "0000", True)]
     ex.client_lost(0.4)
     assert _settled(ex) == []
+
+
+def test_the_pin_the_guard_hashes_is_the_one_the_node_gets() -> None:
+    """A `pin` named in Connection is dropped on the way to the node (RFC 9110 §7.6.1), so the
+    guard hashes nothing for it (was: the dropped value, the same for every guess)."""
+    req = _pin_request()
+    assert guard_pin(req) == "0000"
+    req.conn_tokens = b"keep-alive, pin"
+    assert guard_pin(req) is None
+    req.conn_tokens = b"pinned"
+    assert guard_pin(req) == "0000"
+    req.pin = None
+    assert guard_pin(req) is None
