@@ -1,10 +1,11 @@
 """A PIN guesser against the guard through the real proxy (docs/QA.md, "guard, evasion").
 
 What an attacker tried to keep guessing unbanned, or to lock real participants out: hanging up
-(HTTP/1.1 close, HTTP/2 RST_STREAM, a half-close) before the node's answer; a `pin` field the
-node never gets (`Connection: pin`) or gets twice, with `distinct_pins`. The HTTP/2 tests run
-on the engine CONFEDGE_H2_ENGINE selects (hyper-h2 or libnghttp2); run the file once per
-engine.
+(HTTP/1.1 close, HTTP/2 RST_STREAM) before the node's answer; a `pin` field the node never gets
+(`Connection: pin`) or gets twice, with `distinct_pins`; the path spellings of test_guard_proxy's
+EVASIONS as HTTP/2 `:path`; fifty streams of one connection racing the threshold; a half-close
+after the request; forwarding headers naming an innocent address. The HTTP/2 tests run on the
+engine CONFEDGE_H2_ENGINE selects (hyper-h2 or libnghttp2); run the file once per engine.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import h2.connection
 import h2.events
 import pytest
 from guard_upstream import PinNode
-from test_guard_proxy import TOKEN, _raw, _read, _ssl, attempt, config, send
+from msgspec.structs import replace
+from test_guard_proxy import EVASIONS, TOKEN, _raw, _read, _ssl, attempt, config, send
 
 from confedge.guard import create_guard
 from confedge.nodesim import Conference, NodeSim
@@ -262,3 +264,109 @@ async def test_distinct_pins_hashes_the_pin_the_node_reads(tmp_path: Path) -> No
     finally:
         await svc.close()
         await ns.close()
+
+
+async def test_path_spellings_over_h2_do_not_evade(node: PinNode, tmp_path: Path) -> None:
+    """Held: the EVASIONS of test_guard_proxy as `:path` (and headers) of HTTP/2 requests."""
+    cfg = config(node, tmp_path, health_interval=CALM, maxretry=1, bantime=60)
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    port = svc.https_port
+    missed: list[str] = []
+    try:
+        for i, (name, kw) in enumerate(EVASIONS):
+            if "version" in kw:
+                continue  # (HTTP/1.0 has no HTTP/2 spelling)
+            extra = [("pin", "0000")]
+            for line in kw.get("extra", "").split("\r\n"):
+                if line:
+                    k, _, v = line.partition(":")
+                    extra.append((k.strip().lower(), v.strip()))
+            source = f"127.0.22.{i + 1}"
+            c = await H2Client.open(port, source)
+            try:
+                (first,) = await c.wait([c.post(port, kw.get("target", TOKEN), extra)])
+                if first == 400:  # refused by vetting (".."): nothing reached the node
+                    assert node.attempts_from(source) == 0, name
+                    continue
+                assert first == 403, (name, first)
+                (then,) = await c.wait([c.post(port, TOKEN, [("pin", "1234")])])
+            finally:
+                c.close()
+            if then != 429:
+                missed.append(name)
+    finally:
+        await svc.close()
+    assert missed == []
+
+
+async def test_fifty_streams_of_one_connection_race_the_threshold(
+    node: PinNode, tmp_path: Path
+) -> None:
+    """Held: 50 guesses on one HTTP/2 connection at once: no more than maxretry reach the node,
+    whatever the engine's stream order; the rest get 429."""
+    node.delay = 0.1
+    cfg = config(node, tmp_path, health_interval=CALM, maxretry=3, bantime=60)
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    port = svc.https_port
+    source = "127.0.23.1"
+    try:
+        c = await H2Client.open(port, source)
+        try:
+            sids = [c.post(port, TOKEN, [("pin", f"{i:04d}")]) for i in range(50)]
+            statuses = await c.wait(sids)
+        finally:
+            c.close()
+        assert set(statuses) <= {403, 429} and statuses.count(403) <= 3, statuses
+        assert node.wrong_pins_from(source) == statuses.count(403) >= 1
+    finally:
+        await svc.close()
+
+
+async def test_forwarding_headers_from_a_client_neither_shield_it_nor_ban_others(
+    node: PinNode, tmp_path: Path
+) -> None:
+    """Held: without trusted_proxies, X-Forwarded-For, X-Real-IP and Forwarded naming another
+    address are the client's text: the guesser is banned, the address it named is not."""
+    cfg = config(node, tmp_path, health_interval=CALM, maxretry=2, bantime=60)
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    port = svc.https_port
+    guesser, innocent = "127.0.25.1", "127.0.25.2"
+    spoof = (
+        f'X-Forwarded-For: {innocent}\r\nX-Real-IP: {innocent}\r\nForwarded: for="{innocent}"\r\n'
+    )
+    try:
+        for i in range(2):
+            assert await attempt(port, f"000{i}", source=guesser, extra=spoof) == 403
+        assert await attempt(port, "1234", source=guesser, extra=spoof) == 429
+        assert await attempt(port, "1234", source=innocent) == 200
+        assert {a[0] for a in node.attempts} == {guesser, innocent}  # the node's X-Real-IP
+    finally:
+        await svc.close()
+
+
+async def test_rotating_addresses_inside_one_ipv6_64_behind_a_balancer(
+    node: PinNode, tmp_path: Path
+) -> None:
+    """Held: a guesser behind a trusted balancer takes a new address of its /64 for every
+    guess: prefix_maxretry failures ban the whole /64; the neighbouring /64 still joins."""
+    cfg = config(node, tmp_path, health_interval=CALM, maxretry=3, prefix_maxretry=4, bantime=60)
+    cfg = replace(cfg, proxy=replace(cfg.proxy, trusted_proxies=["127.0.0.1/32"]))
+    svc = ProxyService(cfg, guard_factory=create_guard)
+    await svc.start()
+    port = svc.https_port
+    try:
+        statuses = []
+        for i in range(10):
+            xff = f"X-Forwarded-For: 2001:db8:1:2::{i + 1:x}\r\n"
+            (r,) = await send(port, [_raw(TOKEN, f"{i:04d}", extra=xff)])
+            statuses.append((r[0], int(r[1].get("retry-after", 0))))
+        assert statuses[:4] == [(403, 0)] * 4
+        assert all(s == 429 and retry > 10 for s, retry in statuses[4:]), statuses
+        assert sum(node.wrong_pins_from(f"2001:db8:1:2::{i + 1:x}") for i in range(10)) == 4
+        neighbour = "X-Forwarded-For: 2001:db8:1:3::1\r\n"
+        assert await attempt(port, "1234", extra=neighbour) == 200
+    finally:
+        await svc.close()
