@@ -91,6 +91,13 @@ def test_counted_distinct_pins_counts_each_pin_once_at_its_first_time() -> None:
     assert counted(rows, distinct=True) == [T0, T0 + 1]
 
 
+def test_counted_distinct_pins_counts_each_failure_without_a_pin() -> None:
+    """A failure whose PIN the guard did not see ("": the node read it from the body) counts
+    each time, as GuardCore.observe and the Redis store count it (was: all folded into one)."""
+    rows = [(T0, ""), (T0 + 1, "a"), (T0 + 2, ""), (T0 + 3, ""), (T0 + 4, "a")]
+    assert counted(rows, distinct=True) == [T0, T0 + 1, T0 + 2, T0 + 3]
+
+
 # -- reservations ----------------------------------------------------------------------------
 
 

@@ -13,11 +13,14 @@ failures a refresh later). So a `request_token` is counted *before* it is forwar
   the conference are under their in-flight limits (`admit`);
 * when the node answers, the reservation is **settled**: removed, and turned into a failure in
   the same atomic step when the answer is 403 "Invalid PIN"; any other answer just removes it;
-* a reservation whose answer never comes (the client or the node went away, the node never
-  answered, the worker crashed) **expires** after `ttl`, which the proxy sets to the longest it
-  would wait for an answer (`(api_connect_timeout + read_timeout)` per node it may try). Its
-  guess was answered to nobody, so it taught nobody anything; keeping the slot until then means
-  a late answer can never overtake the bound.
+* a client that hangs up before the answer settles its reservation at once (the proxy closes
+  the node connection with it): as a failure if a node got the whole request (it may have
+  judged the PIN), else as nothing (proxy/exchange.py `_settle_abandoned`);
+* a reservation whose answer never comes otherwise (the node went away or never answered, the
+  worker crashed) **expires** after `ttl`, which the proxy sets to the longest it would wait
+  for an answer (`(api_connect_timeout + read_timeout)` per node it may try). Its guess was
+  answered to nobody, so it taught nobody anything; keeping the slot until then means a late
+  answer can never overtake the bound.
 
 So at most `maxretry` *answered* wrong PINs per address per `findtime`, whatever the
 concurrency: the decision and the insertion of the reservation happen in one atomic step of the
@@ -259,11 +262,19 @@ def issued_token(body: bytes) -> tuple[str, float] | None:
 
 def counted(rows: Sequence[tuple[float, str]], distinct: bool) -> list[float]:
     """Sorted timestamps of the failures that count, from (ts, pin hash) rows in the window:
-    with `distinct_pins` a repeated PIN counts once (at its first time in the window)."""
+    with `distinct_pins` a repeated PIN counts once (at its first time in the window).
+
+    A failure without a PIN hash ("": no `pin` header reached the node, which took the PIN
+    from elsewhere, e.g. nodesim's JSON body) counts every time, as GuardCore.observe and the
+    Redis store count it: folded into one, any number of body-PIN guesses looked like one
+    failure to the admission of the SQLite and memory stores."""
     if not distinct:
         return sorted(ts for ts, _ in rows)
     first: dict[str, float] = {}
+    anonymous: list[float] = []
     for ts, pin in rows:
-        if pin not in first or ts < first[pin]:
+        if not pin:
+            anonymous.append(ts)
+        elif pin not in first or ts < first[pin]:
             first[pin] = ts
-    return sorted(first.values())
+    return sorted([*first.values(), *anonymous])

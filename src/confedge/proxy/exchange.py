@@ -71,6 +71,7 @@ __all__ = [
     "ResponsePlan",
     "State",
     "build_request_head",
+    "guard_pin",
     "may_retry",
     "plan_response",
 ]
@@ -388,6 +389,25 @@ def build_request_head(
         parts.append(b"\r\n")
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def guard_pin(req: Request) -> str | None:
+    """The PIN a request_token shows the node, as the guard hashes it (guard.distinct_pins
+    counts a repeated wrong PIN once); None when the node does not get a `pin` field.
+
+    The adapters join repeated `pin` fields (a node may read the first, the last or all of
+    them), so every PIN the node could read is in the hash. A `pin` named in `Connection` is
+    hop-by-hop (RFC 9110 §7.6.1) and is not forwarded (build_request_head), so the node reads
+    its PIN from somewhere else (nodesim: the JSON body): hashing the dropped field let one
+    constant `pin` header make every guess "the same PIN" and escape distinct_pins' count.
+    None makes each failure count on its own."""
+    pin = req.pin
+    if pin is None:
+        return None
+    tokens = req.conn_tokens
+    if tokens is not None and b"pin" in [t.strip() for t in tokens.split(b",")]:
+        return None
+    return pin.decode("latin-1")
 
 
 def may_retry(
@@ -807,13 +827,39 @@ class Exchange:
         self.actions.append((A_LOCAL, (status, extra, False)))
 
     def _settle(self, failed: bool) -> None:
-        """Hand the reservation back to the guard: answered (`failed`: Invalid PIN), or never
-        sent. Unanswered reservations are left to lapse (guard.inflight)."""
+        """Hand the reservation back to the guard: answered (`failed`: Invalid PIN), never
+        sent, or abandoned by the client (_settle_abandoned). One whose answer never comes
+        otherwise (a silent node, a crashed worker) is left to lapse (guard.inflight)."""
         ticket, self.ticket = self.ticket, None
         if ticket is None:
             return
-        pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
-        self.actions.append((A_SETTLE_PIN, (ticket, self.pin_alias or "", pin, failed)))
+        self.actions.append(
+            (A_SETTLE_PIN, (ticket, self.pin_alias or "", guard_pin(self.req), failed))
+        )
+
+    def _settle_abandoned(self) -> None:
+        """The client left (a closed connection, an HTTP/2 RST_STREAM) or was cut off before
+        its request_token's answer was complete: settle the reservation now instead of leaving
+        it to lapse (docs/GUARD.md "Guesses in flight").
+
+        Why: the node connection is closed with the client (A_NODE_DONE), so no late answer
+        can come; but the node may already have judged the PIN. Left to lapse, each such
+        reservation held an address slot and a conference slot (`inflight_per_conference`)
+        for `ttl`, 140 s by default, and counted no failure: a few addresses that sent a
+        request_token and hung up at once locked a conference's real participants out of
+        joining (429) indefinitely, and each hung-up guess escaped the count (while a right
+        one still joined the conference, where a participant sees it). So a complete
+        request that reached a node counts as a wrong PIN unless the answer's head already
+        said otherwise (a non-403); one that never went out, or went out without its whole
+        body (no node can have judged it), is just given back.
+        """
+        if self.ticket is None:
+            return
+        state = self.state
+        judged = self.req.complete and (
+            state == WAITING or (state == STREAMING and self.status == 403)
+        )
+        self._settle(judged)
 
     # -- node connection ------------------------------------------------------------------------
 
@@ -934,6 +980,7 @@ class Exchange:
         if self.state == DONE:
             return
         had_node = self.state in (WAITING, STREAMING, TUNNEL)
+        self._settle_abandoned()
         self._end()
         self._release_attempt(now)
         if had_node:
@@ -943,6 +990,7 @@ class Exchange:
         if self.state == DONE:
             return
         had_node = self.state in (WAITING, STREAMING, TUNNEL)
+        self._settle_abandoned()
         self._end()
         self._release_attempt(now)
         if had_node:
@@ -1170,8 +1218,7 @@ class Exchange:
         if self.ticket is not None:
             self._settle(failed)
         elif failed and self.pin_alias is not None:
-            pin = self.req.pin.decode("latin-1") if self.req.pin is not None else None
-            self.actions.append((A_RECORD_FAILURE, (self.pin_alias, pin)))
+            self.actions.append((A_RECORD_FAILURE, (self.pin_alias, guard_pin(self.req))))
 
     # -- answers the proxy makes itself ---------------------------------------------------------
 

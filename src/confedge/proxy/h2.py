@@ -490,7 +490,8 @@ class H2Client(asyncio.Protocol):
                 elif req.auth is None:  # authorization: only for the access log's $remote_user
                     req.auth = value
             elif name == b"pin":
-                req.pin = value
+                # Every value: the guard hashes what the node may read (exchange.guard_pin).
+                req.pin = value if req.pin is None else req.pin + b", " + value
             elif name == b"token":
                 req.session = True
         if cookies:

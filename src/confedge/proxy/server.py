@@ -474,7 +474,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         elif kind == _H_EXPECT:
             req.expect_continue = value.strip().lower() == b"100-continue"
         elif kind == _H_PIN:
-            req.pin = value
+            # Every value: the guard hashes what the node may read (exchange.guard_pin).
+            req.pin = value if req.pin is None else req.pin + b", " + value
         elif kind == _H_TOKEN:
             req.session = True
         elif kind == _H_AUTHORIZATION and req.auth is None:
