@@ -249,6 +249,32 @@ async def test_a_worker_restarted_during_a_reload_does_not_count_against_it(
     assert "Traceback" not in log, log[-3000:]
 
 
+async def test_a_stop_during_a_reload_answers_the_waiting_command(tmp_path: Path) -> None:
+    """SIGTERM while a reload waits for a stopped worker: the stop goes on (exit 0) and the
+    `confedge reload` waiting for the outcome is told the reload was not finished, instead of
+    nothing for 10 s."""
+    node = await Upstream("n1").start()
+    edge, _cert, _key = _start(tmp_path, [node.address])
+    a, _b = worker_pids(edge.proc.pid)
+    try:
+        os.kill(a, signal.SIGSTOP)
+        asked = asyncio.create_task(asyncio.to_thread(edge.confedge, "reload"))
+        await _until(lambda: bytes_sent(edge.proc.pid, a) > 0, "nothing sent to worker A")
+        edge.proc.send_signal(signal.SIGTERM)
+        out = await asyncio.wait_for(asked, 20)
+        assert out.returncode == 1, out
+        assert out.stdout.strip() == (
+            "confedge: reload refused, the running configuration stays: confedge is stopping: "
+            "reload not finished"
+        ), out
+        assert await asyncio.to_thread(edge.proc.wait, 20) == 0
+    finally:
+        _continue([a])
+        log = edge.stop()
+        await node.kill()
+    assert "Traceback" not in log, log[-3000:]
+
+
 async def test_200_sighups_in_2_s_with_two_workers_under_load(tmp_path: Path) -> None:
     """SIGHUPs faster than reloads end (each waits for both workers): they never overlap, no
     request fails, the process serves on, and a `confedge reload` afterwards gets its own
