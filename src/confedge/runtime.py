@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
 import time
@@ -87,6 +88,9 @@ class Runtime:
         self.finished: asyncio.Future[str] | None = None
         # The last reload, for the status page and /metrics: {"time", "ok", "reason"}.
         self.last_reload: dict[str, Any] | None = None
+        # The reload running (reload()), and whether a SIGHUP asked for one more meanwhile.
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
 
     async def _start(self, name: str, part: Component) -> None:
         await part.start()
@@ -162,17 +166,64 @@ class Runtime:
     def reload(self) -> None:
         """SIGHUP or `confedge reload`: read the configuration file again and apply it.
 
+        Called from the signal handler, so it only starts the reload (_reload_once) as a task:
+        with proxy worker processes a reload waits for each worker's answer about the
+        certificate (ProxyService.reload_tls), and the event loop serves on meanwhile. Reloads
+        never overlap: a SIGHUP during one asks for one more after it, which reads the file
+        again; any number of them make one more, not a queue (each would read the same file).
+        """
+        task = self._reload_task
+        if task is not None and not task.done():
+            self._reload_again = True
+            return
+        self._reload_again = False
+        self._reload_task = asyncio.get_running_loop().create_task(self._reload_series())
+
+    async def reload_and_wait(self) -> dict[str, Any]:
+        """reload(), and wait until a reload that started after this call has ended; its
+        outcome (last_reload). For callers in the event loop and tests."""
+        self.reload()
+        task = self._reload_task
+        assert task is not None
+        await asyncio.shield(task)
+        assert self.last_reload is not None
+        return self.last_reload
+
+    async def _reload_series(self) -> None:
+        """Reloads one after the other while SIGHUPs keep asking for one more. The answer for
+        `confedge reload` is written once no more is asked for: every `confedge reload` waiting
+        then reads the outcome of a reload that read the file after its signal (it waits for
+        the answer file to change, whoever wrote it)."""
+        while True:
+            self._reload_again = False
+            ok, why = await self._reload_once()
+            if not self._reload_again:
+                break
+        if self.config_path is not None:
+            from confedge.opscli import write_reload_result
+
+            write_reload_result(self.cfg.server.state_dir, ok, why)
+
+    async def _reload_once(self) -> tuple[bool, str]:
+        """One reload, from RELOADING=1 to READY=1: (ok, reason).
+
         Everything a running part can take without dropping a connection or an allocation is
         applied (docs/CONFIGURATION.md "Reload"); a file that fails validation, or that changes
         a key only a restart can change (RESTART_KEYS), is refused with the reason in one log
         line and the running configuration stays whole. Certificates are checked before any
-        part is told (a bad one refuses the whole reload). One path through, no early return:
-        whatever happens, the reload ends with READY=1.
+        part is told (a bad one refuses the whole reload), and with worker processes the
+        outcome waits for every worker's answer. One path through, no early return: whatever
+        happens, the reload ends with READY=1.
         """
         self.notifier.reloading()  # systemd: RELOADING=1 ... READY=1 around the reload
+        started = time.time()
         cfg, why = self._reread()
         if cfg is not None:
-            why = self._apply(cfg)
+            try:
+                why = await self._apply(cfg)
+            except Exception as exc:  # a bug must still end the reload with an answer
+                log.exception("reload failed")
+                why = f"unexpected error, see the log: {exc!r}"
         if why:
             if "certificate not reloaded" in why:
                 log.error("%s", why)  # one line for every part that refused the same files
@@ -185,11 +236,8 @@ class Runtime:
             log.info("configuration reloaded from %s", self.config_path or "the running one")
             status = f"running; reloaded at {time.strftime('%H:%M:%S')}"
         self.notifier.send(READY=1, STATUS=status[:200])
-        self.last_reload = {"time": time.time(), "ok": not why, "reason": why}
-        if self.config_path is not None:
-            from confedge.opscli import write_reload_result
-
-            write_reload_result(self.cfg.server.state_dir, not why, why)
+        self.last_reload = {"time": started, "ok": not why, "reason": why}
+        return not why, why
 
     def _reread(self) -> tuple[Config | None, str]:
         """The file's configuration (the running one when no file is known), or the reason
@@ -210,8 +258,9 @@ class Runtime:
             )
         return fresh, ""
 
-    def _apply(self, cfg: Config) -> str:
-        """Hand `cfg` to every part; "" or the reason nothing was changed."""
+    async def _apply(self, cfg: Config) -> str:
+        """Hand `cfg` to every part; "" or the reason nothing was changed (or, "applied only
+        in part: ...", what was not)."""
         from confedge.config import ConfigError
         from confedge.tls.certs import CertificateError
 
@@ -240,12 +289,17 @@ class Runtime:
         # between, and a reload must not then apply the rest around a certificate that did not
         # take, nor be reported as applied.
         took: list[str] = []
+        failed: list[str] = []
         for name, part in (("proxy", self.proxy), ("turn", self.turn)):
             fn = getattr(part, "reload_tls", None)
             if fn is None:
                 continue
             try:
-                fn(cfg)
+                # The proxy's is a coroutine (with worker processes it waits for their
+                # answers) and says which workers did not answer; TURN's is a plain call.
+                unconfirmed = fn(cfg)
+                if inspect.isawaitable(unconfirmed):
+                    unconfirmed = await unconfirmed
             except (CertificateError, ConfigError, OSError, ValueError) as exc:
                 kept = f"; {' and '.join(took)} took the new one" if took else ""
                 return (
@@ -253,7 +307,8 @@ class Runtime:
                     "(a file changed while it was read: reload again once it is complete)"
                 )
             took.append(name)
-        failed: list[str] = []
+            if unconfirmed:
+                failed.append(f"{name}: new certificate not confirmed: {unconfirmed}")
         for name, part, method in (
             ("guard", self.guard, "reload"),  # first: the proxy reads its ban_status
             ("proxy", self.proxy, "reload_config"),
@@ -361,6 +416,19 @@ class Runtime:
 
     async def close(self) -> None:
         await self.notifier.stopping()
+        task, self._reload_task = self._reload_task, None
+        if task is not None and not task.done():
+            # Stopping during a reload (waiting for a worker's answer): it ends here, and a
+            # `confedge reload` waiting for it hears so rather than nothing.
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            if self.config_path is not None:
+                from confedge.opscli import write_reload_result
+
+                write_reload_result(
+                    self.cfg.server.state_dir, False, "confedge is stopping: reload not finished"
+                )
         while self.parts:
             name, part = self.parts.pop()
             try:

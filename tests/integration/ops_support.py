@@ -4,9 +4,11 @@ with prometheus_client's own text parser."""
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import termios
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +171,83 @@ def peer_cn(port: int) -> str:
     assert der is not None
     cert = x509.load_der_x509_certificate(der)
     return str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def accepting_pid(https: int, client_port: int) -> int:
+    """The process that holds the server side of a connection (`ss -p`): which proxy worker
+    the kernel's SO_REUSEPORT choice gave it to."""
+    out = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{https} and dport = :{client_port} )"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
+    return int(out.split("pid=", 1)[1].split(",", 1)[0])
+
+
+def served_cn(https: int) -> tuple[int, str]:
+    """One TLS handshake: (the proxy worker that served it, its certificate's common name)."""
+    with (
+        socket.create_connection(("127.0.0.1", https), timeout=5) as raw,
+        tls_client().wrap_socket(raw, server_hostname=HOST) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+        pid = accepting_pid(https, tls.getsockname()[1])
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    return pid, str(cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+
+def worker_pids(pid: int) -> list[int]:
+    """The proxy worker processes of `confedge run` `pid` (multiprocessing's spawned children)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+            out.append(int(entry.name))
+    return sorted(out)
+
+
+def _pipes(pid: int, mode: int) -> dict[str, str]:
+    """Process `pid`'s pipe descriptors open in `mode` (os.O_RDONLY, os.O_WRONLY): pipe ->
+    its /proc path."""
+    out = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except OSError:
+            continue
+        flags = next(ln for ln in info.splitlines() if ln.startswith("flags:")).split()[1]
+        if link.startswith("pipe:") and int(flags, 8) & os.O_ACCMODE == mode:
+            out[link] = f"/proc/{pid}/fd/{fd}"
+    return out
+
+
+def bytes_sent(main: int, worker: int) -> int:
+    """Bytes the main process has written to a worker's command pipe that the worker has not
+    read yet: FIONREAD on a second descriptor of each pipe the worker reads and the main
+    process writes, opened through /proc; nothing is read. Tells a test that the main process
+    has sent something to a stopped worker."""
+    total = 0
+    written = _pipes(main, os.O_WRONLY)
+    for pipe, path in _pipes(worker, os.O_RDONLY).items():
+        if pipe not in written:
+            continue  # the event loop's own wake-up pipes, ...
+        own = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            count = array.array("i", [0])
+            fcntl.ioctl(own, termios.FIONREAD, count)
+            total += count[0]
+        finally:
+            os.close(own)
+    return total
 
 
 async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:

@@ -22,6 +22,7 @@ from ops_support import (
     Edge,
     Load,
     Relay,
+    accepting_pid,
     admin_get,
     admin_raw,
     edge_config,
@@ -245,18 +246,6 @@ async def test_reload_every_part_under_live_traffic(tmp_path: Path) -> None:
         await n2.kill()
 
 
-def _accepting_pid(https: int, client_port: int) -> int:
-    """The process that holds the server side of a connection (`ss -p`): which proxy worker
-    the kernel's SO_REUSEPORT choice gave it to."""
-    out = subprocess.run(
-        ["ss", "-Htnp", "state", "established", f"( sport = :{https} and dport = :{client_port} )"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    ).stdout
-    return int(out.split("pid=", 1)[1].split(",", 1)[0])
-
-
 @pytest.mark.parametrize("workers", [2])
 async def test_reload_guard_thresholds_reach_every_proxy_worker(
     tmp_path: Path, workers: int
@@ -285,7 +274,7 @@ async def test_reload_guard_thresholds_reach_every_proxy_worker(
         )
         try:
             port = writer.get_extra_info("sockname")[1]
-            pid = await asyncio.to_thread(_accepting_pid, edge.https, port)
+            pid = await asyncio.to_thread(accepting_pid, edge.https, port)
             out = []
             for _ in range(n):
                 writer.write(guess)

@@ -50,7 +50,7 @@ async def test_operator_pem_served_and_reloaded(tmp_path):
         cn, reader, writer = await _served_cn(svc.https_port)
         assert cn == "CN=one.example.com"
         pem.write_bytes(generate_self_signed("two.example.com", ["localhost"], now))
-        svc.reload_tls()
+        await svc.reload_tls()
         cn2, _, w2 = await _served_cn(svc.https_port)
         assert cn2 == "CN=two.example.com"
         # the connection opened before the reload still works
@@ -61,7 +61,7 @@ async def test_operator_pem_served_and_reloaded(tmp_path):
         # a broken replacement is refused and the previous certificate stays in service
         pem.write_bytes(b"not a certificate")
         with pytest.raises(CertificateError, match="no PEM certificate"):
-            svc.reload_tls()
+            await svc.reload_tls()
         cn3, _, w3 = await _served_cn(svc.https_port)
         assert cn3 == "CN=two.example.com"
         w3.close()

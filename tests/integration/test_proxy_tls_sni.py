@@ -104,7 +104,7 @@ async def test_certificate_chosen_by_sni(tmp_path: Path, caplog: pytest.LogCaptu
         # Reload: a renewed SNI certificate is served to new handshakes, open ones continue.
         cn, reader, writer = await _served(port, "meet.example.com")
         _pem(tmp_path / "meet.pem", "meet.example.com", ["meet2.example.com"])
-        svc.reload_tls()
+        await svc.reload_tls()
         cn2, _, w2 = await _served(port, "meet2.example.com")
         assert cn2 == "CN=meet.example.com"
         w2.close()

@@ -104,7 +104,7 @@ def test_a_certificate_refused_by_the_proxy_during_a_reload_changes_nothing(
     guard, proxy, turn = _Part(), _Part(refuse=True), _Part()
     rt.guard, rt.proxy, rt.turn = guard, proxy, turn
     path.write_text(path.read_text().replace("health_interval = 0.5", "health_interval = 2"))
-    rt.reload()
+    asyncio.run(rt.reload_and_wait())
     assert rt.cfg is old
     assert guard.calls == proxy.calls == turn.calls == []
     result = _result(tmp_path)
@@ -114,7 +114,7 @@ def test_a_certificate_refused_by_the_proxy_during_a_reload_changes_nothing(
 
     # The file complete again: the next reload applies everything.
     proxy.refuse = False
-    rt.reload()
+    asyncio.run(rt.reload_and_wait())
     assert _result(tmp_path)["ok"] is True
     assert rt.cfg.proxy.health_interval == 2
     assert guard.calls == ["reload"]
@@ -125,7 +125,7 @@ def test_a_part_that_fails_after_the_check_is_reported_not_hidden(tmp_path: Path
     rt, _ = _runtime(tmp_path)
     proxy, turn = _Part(), _Part(refuse=True)
     rt.proxy, rt.turn = proxy, turn
-    rt.reload()
+    asyncio.run(rt.reload_and_wait())
     result = _result(tmp_path)
     assert result["ok"] is False
     assert "turn: certificate not reloaded" in result["reason"]

@@ -182,7 +182,7 @@ async def test_alpn_offered_only_with_the_option(tmp_path: Path) -> None:
         async with running(tmp_path, on=on) as (rt, _):
             port = rt.proxy.https_port
             assert await selected(port) == ("stun.turn" if on else "http/1.1")
-            rt.reload()  # SIGHUP: the certificate is reloaded, the ALPN list stays
+            await rt.reload_and_wait()  # SIGHUP: the certificate is reloaded, the ALPN list stays
             assert await selected(port) == ("stun.turn" if on else "http/1.1")
             if not on:
                 assert rt.proxy.core.turn_share is None

@@ -24,6 +24,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from confedge.config import Config, ConfigError
 from confedge.guard.hook import GuardHook
 from confedge.logsetup import setup_service_logging
@@ -34,7 +36,7 @@ from confedge.proxy.pools import build_pools
 from confedge.proxy.redirect import RedirectConnection
 from confedge.proxy.server import ClientConnection
 from confedge.proxy.turnshare import InProcessShare, RelayShare
-from confedge.tls.context import TLSContextHolder
+from confedge.tls.context import TLSContextHolder, TLSState
 from confedge.turn.portshare import ALPN_STUN_TURN
 
 __all__ = ["GuardFactory", "ProxyService", "ProxyWorker"]
@@ -47,6 +49,13 @@ GuardFactory = Callable[[Config], GuardHook]
 STATS_INTERVAL = 1.0
 # A report must fit one atomic pipe write (PIPE_BUF): it then arrives whole or not at all.
 _STATS_MAX = 4096
+# A worker's reason for refusing a certificate, cut to this many characters: its answer stays
+# one atomic write too.
+_ANSWER_REASON_MAX = 1000
+# How long a reload waits for every worker process to answer whether it loaded the new
+# certificate. A worker answers within milliseconds; one that does not is hung or gone, and the
+# reload must not hang with it (the answer is then reported as missing, naming the worker).
+TLS_ANSWER_WAIT = 5.0
 
 
 def _listen_hosts(cfg: Config) -> list[str]:
@@ -90,6 +99,10 @@ class ProxyWorker:
         self.access: Any = None
         self.static: Any = None
         self._servers: list[asyncio.AbstractServer] = []
+        # The certificate served before the main process's last [tls] section was loaded, with
+        # that section's generation: kept until the next one, so that the worker can go back
+        # to it when another worker could not load the same files (give_back_tls).
+        self._tls_before: tuple[int, TLSState] | None = None
 
     async def start(
         self, https_socks: list[socket.socket], http_socks: list[socket.socket]
@@ -198,13 +211,29 @@ class ProxyWorker:
             self.core.static = self.static
         self.cfg = cfg
 
-    def reload_tls(self, cfg: Config | None = None) -> None:
+    def reload_tls(self, cfg: Config | None = None, generation: int | None = None) -> None:
         """Load the certificates again, from `cfg`'s [tls] when given (CertificateError keeps
-        the old ones in service)."""
-        if self.tls is not None:
-            self.tls.reload(cfg)
-            if cfg is not None:
-                self.cfg = cfg
+        the old ones in service). `generation`: the main process's number for this [tls]
+        section; what served before is then kept for give_back_tls."""
+        if self.tls is None:
+            return
+        before = self.tls.in_service()
+        self.tls.reload(cfg)
+        self._tls_before = None if generation is None else (generation, before)
+        if cfg is not None:
+            self.cfg = cfg
+
+    def give_back_tls(self, generation: int) -> bool:
+        """Serve the certificate of before `generation` again, if this worker took that
+        generation and nothing since (True); a worker that refused it still serves the old
+        one, and one started later has nothing older in memory (False)."""
+        kept = self._tls_before
+        if self.tls is None or kept is None or kept[0] != generation:
+            return False
+        self._tls_before = None
+        self.tls.restore(kept[1])
+        self.cfg = msgspec.structs.replace(self.cfg, tls=kept[1].cfg.tls)
+        return True
 
     def stats(self) -> dict[str, Any]:
         """This worker's counters and gauges, as its report to the main process."""
@@ -335,6 +364,11 @@ class ProxyService:
         self._reports: dict[int, dict[str, Any]] = {}
         self._report_pipes: dict[int, tuple[int, Any, bytearray]] = {}
         self._retired: dict[str, int] = {}
+        # Certificate reloads with workers (reload_tls): each [tls] section sent gets the next
+        # generation; each worker's last answer is (generation, reason it refused or None).
+        self._tls_generation = 0
+        self._tls_answers: dict[int, tuple[int, str | None]] = {}
+        self._tls_answered = asyncio.Event()
 
     @property
     def core(self) -> WorkerRuntime | None:
@@ -405,24 +439,98 @@ class ProxyService:
             out["http"] = _url("http", host, self.http_port, 80)
         return out
 
-    def reload_tls(self, cfg: Config | None = None) -> None:
+    async def reload_tls(self, cfg: Config | None = None) -> str:
         """Reload the certificates in every worker (SIGHUP); connections in flight are kept.
 
         `cfg` carries a new [tls] section (the file was edited, e.g. by `confedge cert
         install`). With worker processes the files are checked here first, once: a bad
         certificate raises CertificateError to the caller (one log line per refusal) and no
         worker is told; each worker checking them itself would refuse them once per worker.
-        Then each worker is sent the section to load, and workers restarted later start with it.
+
+        Then each worker is sent the section, numbered, loads the files itself and answers
+        (ok, or why not); this waits for every answer, at most TLS_ANSWER_WAIT seconds. The
+        files can change between the check here and a worker's load (a renewal hook writing
+        cert and key one after the other). If any worker could not load them, the reload is
+        refused as a whole: CertificateError says how many workers and why, and the workers
+        that did load the new certificate go back to the one they served before, from memory
+        (ProxyWorker.give_back_tls). Why back rather than keep it: the refusal then means the
+        same for every worker ("the old one stays in service"), clients do not get one
+        certificate or the other by the kernel's choice of worker, and the next reload starts
+        from one state. A worker restarted while a reload waits starts with the new section,
+        loads the files at its start and counts as having taken it once it serves; a worker
+        that neither answers nor is back in time is named in the returned text ("" when every
+        worker answered), and the reload does not wait longer for it.
         """
         if self._worker is not None:
             self._worker.reload_tls(cfg)
             if cfg is not None:
                 self.cfg = cfg
-            return
-        new = cfg or self.cfg
+            return ""
+        from confedge.tls.certs import CertificateError
+
+        old = self.cfg
+        new = cfg or old
         TLSContextHolder(new)
-        self.cfg = new
-        self._tell(new.tls)
+        self._tls_generation += 1
+        generation = self._tls_generation
+        self.cfg = new  # a worker (re)started from now on starts with it
+        asked: dict[int, Any] = {}
+        for index, conn in list(self._commands.items()):
+            proc = self._procs[index] if index < len(self._procs) else None
+            if proc is None or not proc.is_alive():
+                continue  # the supervisor restarts it with self.cfg
+            try:
+                conn.send(("tls", generation, new.tls))
+            except OSError:
+                continue
+            asked[index] = proc
+        refused, took, silent = await self._tls_outcome(generation, asked)
+        if not refused:
+            return "; ".join(silent)
+        self.cfg = old
+        self._tell(("tls-back", generation))
+        said = [f"{len(refused)} of {len(asked)} workers could not load it ({'; '.join(refused)})"]
+        if took:
+            said.append(f"the {took} that had loaded it went back to the old one")
+        raise CertificateError("; ".join(said + silent))
+
+    async def _tls_outcome(
+        self, generation: int, asked: dict[int, Any]
+    ) -> tuple[list[str], int, list[str]]:
+        """Wait for the workers in `asked` (index -> process) to answer `generation`: the
+        refusals ("worker 0 (pid N): reason"), how many loaded it, and the workers that did not
+        answer in time. A worker whose process was replaced meanwhile never sees this
+        generation's message: the new process started with the new section and loaded the
+        files itself, and _spawn answers for it once it serves (a start that fails is the
+        supervisor's to log and retry, and the worker is then named as not back)."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + TLS_ANSWER_WAIT
+        waiting = dict(asked)
+        refused: list[str] = []
+        took = 0
+        while True:
+            self._tls_answered.clear()
+            for index, proc in list(waiting.items()):
+                answer = self._tls_answers.get(index)
+                if answer is not None and answer[0] == generation:
+                    del waiting[index]
+                    if answer[1] is None:
+                        took += 1
+                    else:
+                        refused.append(f"worker {index} (pid {proc.pid}): {answer[1]}")
+            left = end - loop.time()
+            if not waiting or left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                # Woken by an answer; every 0.1 s at least, to see a worker restarted.
+                await asyncio.wait_for(self._tls_answered.wait(), min(left, 0.1))
+        silent = [
+            f"worker {index} (pid {proc.pid}) "
+            + ("did not answer" if proc.is_alive() else "exited and was not back")
+            + f" within {TLS_ANSWER_WAIT:g} s"
+            for index, proc in sorted(waiting.items())
+        ]
+        return sorted(refused), took, silent
 
     def set_drain(self, phase: str) -> None:
         """Tell every worker the drain phase (ProxyWorker.set_drain); a worker restarted later
@@ -548,14 +656,22 @@ class ProxyService:
         buf += data
         *lines, rest = bytes(buf).split(b"\n")
         buf[:] = rest
-        for line in reversed(lines):
+        for line in lines:
             try:
                 report = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(report, dict):
-                self._reports[index] = report
-                break
+            if not isinstance(report, dict):
+                continue
+            if "tls_answer" in report:  # _answer_tls: what it did with a [tls] section
+                refused = report.get("refused")
+                self._tls_answers[index] = (
+                    int(report["tls_answer"]),
+                    None if refused is None else str(refused),
+                )
+                self._tls_answered.set()
+            else:
+                self._reports[index] = report  # the last one counts
 
     def _forget_reports(self, index: int) -> None:
         entry = self._report_pipes.pop(index, None)
@@ -600,6 +716,8 @@ class ProxyService:
     # -- worker processes -----------------------------------------------------------------------
 
     async def _spawn(self, index: int) -> None:
+        # The [tls] section this worker starts with (self.cfg's) is the current generation.
+        generation = self._tls_generation
         ctx = multiprocessing.get_context("spawn")
         parent_end, child_end = ctx.Pipe(duplex=False)
         command_in, command_out = ctx.Pipe(duplex=False)
@@ -637,6 +755,10 @@ class ProxyService:
             why = ready.removeprefix("ConfigError: ")
             raise ConfigError([f"proxy worker {index} failed to start: {why}"])
         self._watch_reports(index, parent_end)
+        # It serves the certificate of that generation, loaded at its start: its answer to a
+        # reload waiting for it (reload_tls), which it was never sent.
+        self._tls_answers[index] = (generation, None)
+        self._tls_answered.set()
         if self.drain_phase != "serving":
             command_out.send(("drain", self.drain_phase))
 
@@ -705,36 +827,64 @@ async def _report(worker: ProxyWorker, pipe: multiprocessing.connection.Connecti
             return  # the main process is gone
 
 
-def _reload_worker_tls(worker: ProxyWorker, tls: Any = None) -> None:
+def _reload_worker_tls(
+    worker: ProxyWorker, tls: Any = None, generation: int | None = None
+) -> str | None:
     """Reload a worker's certificates: on SIGHUP sent to the worker itself (same [tls]), or
-    when the main process sends a new [tls] section. The main process checked the files first,
-    so a refusal here means they changed in between: one line, never a traceback."""
-    import msgspec
-
+    when the main process sends a new [tls] section (with its `generation`). The main process
+    checked the files first, so a refusal here means they changed in between: one line, never
+    a traceback. Returns the reason of a refusal, None when the new certificate serves."""
     from confedge.tls.certs import CertificateError
 
+    cfg = None if tls is None else msgspec.structs.replace(worker.cfg, tls=tls)
     try:
-        worker.reload_tls(None if tls is None else msgspec.structs.replace(worker.cfg, tls=tls))
-    except CertificateError as exc:
+        worker.reload_tls(cfg, generation)
+    except (CertificateError, ConfigError, OSError, ValueError) as exc:
         log.error("certificate not reloaded in this worker, the old one stays in service: %s", exc)
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _answer_tls(fd: int, generation: int, refused: str | None) -> None:
+    """Tell the main process what this worker did with [tls] section `generation`: one JSON
+    line on the report pipe, one write below PIPE_BUF (so it arrives whole, between two stats
+    reports, never inside one). A lost answer (pipe full, main process gone) only makes the
+    main process say that this worker did not answer."""
+    reason = None if refused is None else refused[:_ANSWER_REASON_MAX]
+    line = json.dumps({"tls_answer": generation, "refused": reason}).encode() + b"\n"
+    try:
+        os.write(fd, line)
+    except OSError as exc:
+        log.warning("proxy worker: answer to certificate reload %d not sent: %s", generation, exc)
 
 
 def _read_commands(
-    worker: ProxyWorker, conn: multiprocessing.connection.Connection, stop: asyncio.Event
+    worker: ProxyWorker,
+    conn: multiprocessing.connection.Connection,
+    stop: asyncio.Event,
+    answers: int,
 ) -> None:
-    """The main process sent a new [tls] section, a ("drain", phase) or a ("config", Config)
-    (each message is one pickle, written whole): act on it. End of file means the main
-    process is gone (killed: a clean stop SIGTERMs the workers first); the worker stops too
-    rather than serve on as an orphan that nobody reloads, restarts or stops."""
+    """The main process sent a ("tls", generation, [tls] section), a ("tls-back", generation),
+    a ("drain", phase) or a ("config", Config) (each message is one pickle, written whole): act
+    on it; a [tls] section is answered on `answers` (the report pipe's fd). End of file means
+    the main process is gone (killed: a clean stop SIGTERMs the workers first); the worker
+    stops too rather than serve on as an orphan that nobody reloads, restarts or stops."""
     try:
         while conn.poll():
             message = conn.recv()
-            if isinstance(message, tuple) and message[0] == "drain":
+            kind = message[0] if isinstance(message, tuple) else None
+            if kind == "drain":
                 worker.set_drain(message[1])
-            elif isinstance(message, tuple) and message[0] == "config":
+            elif kind == "config":
                 worker.apply(message[1])
-            else:
-                _reload_worker_tls(worker, message)
+            elif kind == "tls":
+                _answer_tls(answers, message[1], _reload_worker_tls(worker, message[2], message[1]))
+            elif kind == "tls-back" and worker.give_back_tls(message[1]):
+                log.warning(
+                    "proxy worker: back to the previous certificate: another worker could not "
+                    "load the new files (reload %d)",
+                    message[1],
+                )
     except (EOFError, OSError):
         asyncio.get_running_loop().remove_reader(conn.fileno())
         if not stop.is_set():
@@ -790,8 +940,11 @@ def _worker_main(
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, _reload_worker_tls, worker)
-        loop.add_reader(commands.fileno(), _read_commands, worker, commands, stop)
         ready.send("ready")
+        # From here on the start-up pipe carries JSON lines (stats reports, answers to [tls]
+        # sections), each one non-blocking write.
+        os.set_blocking(ready.fileno(), False)
+        loop.add_reader(commands.fileno(), _read_commands, worker, commands, stop, ready.fileno())
         reporter = loop.create_task(_report(worker, ready))
         await stop.wait()
         reporter.cancel()

@@ -27,7 +27,7 @@ from confedge.tls.certs import (
     sni_map,
 )
 
-__all__ = ["TLSContextHolder", "client_context", "generated_names", "server_context"]
+__all__ = ["TLSContextHolder", "TLSState", "client_context", "generated_names", "server_context"]
 
 log = logging.getLogger("confedge.tls")
 
@@ -132,6 +132,17 @@ class _Selection:
     wildcard: dict[str, ssl.SSLContext]  # "example.com" for a "*.example.com" certificate
 
 
+@dataclass(frozen=True)
+class TLSState:
+    """Everything a TLSContextHolder serves, as one value (TLSContextHolder.restore)."""
+
+    cfg: Config
+    selection: _Selection
+    info: CertificateInfo
+    infos: list[CertificateInfo]
+    certfile: str
+
+
 class TLSContextHolder:
     """The listeners' SSLContext, reloadable from the configuration at run time.
 
@@ -212,6 +223,26 @@ class TLSContextHolder:
                 target = found
         if target is not ctx:
             sslobj.context = target
+
+    def in_service(self) -> TLSState:
+        """What serves now, to put back with restore()."""
+        return TLSState(self._cfg, self._sel, self.info, list(self.infos), self.certfile)
+
+    def restore(self, state: TLSState) -> None:
+        """Serve `state` (from in_service()) again: no file is read.
+
+        Why from memory: a proxy worker that loaded a new certificate goes back to the one it
+        served before when another worker could not load the same files (ProxyService.
+        reload_tls). The files are usually the same paths with new content, so loading the
+        "old" [tls] section again would read the new (or half-written) files once more.
+        """
+        self._cfg, self._sel, self.info, self.certfile = (
+            state.cfg, state.selection, state.info, state.certfile,
+        )  # fmt: skip
+        self.infos = list(state.infos)
+        log.info(
+            "TLS certificate put back: %s, valid until %s", self.info.subject, self.info.not_after
+        )
 
     def reload(self, cfg: Config | None = None) -> CertificateInfo:
         """Load the certificates again (new handshakes use them; open connections are untouched).
