@@ -61,32 +61,39 @@ def _write_result(state_dir: str, name: str, answer: dict[str, object]) -> None:
         pass
 
 
-def _signal_and_wait(state_dir: str, sig: signal.Signals, name: str) -> tuple[int, Any] | None:
+def signal_and_wait(
+    state_dir: str, sig: signal.Signals, name: str
+) -> tuple[int | None, dict[str, Any] | None]:
     """Signal the running instance and wait for its answer in STATE_DIR/`name` (written after
-    the signal was handled); None when nothing runs or it did not answer (said on stderr)."""
+    the signal was handled, at most RELOAD_WAIT seconds): (pid, answer); (None, None) when
+    nothing runs, (pid, None) when it did not answer in time. PermissionError (another user's
+    process) goes to the caller. Also used by `confedge cert install`, which reloads."""
     result = Path(state_dir) / name
     try:
         before = result.stat().st_mtime_ns
     except OSError:
         before = 0
-    pid = _signal(state_dir, sig)
+    pid = signal_running(state_dir, sig)
     if pid is None:
-        return None
+        return None, None
     end = time.monotonic() + RELOAD_WAIT
     while time.monotonic() < end:
         try:
             if result.stat().st_mtime_ns != before:
-                return pid, json.loads(result.read_text(encoding="utf-8"))
+                answer = json.loads(result.read_text(encoding="utf-8"))
+                if isinstance(answer, dict):
+                    return pid, answer
         except (OSError, ValueError):
             pass
         time.sleep(0.05)
-    print(f"confedge: pid {pid} did not answer within {RELOAD_WAIT:g} s; see its log")
-    return None
+    return pid, None
 
 
-def _signal(state_dir: str, sig: signal.Signals) -> int | None:
+def _signal_and_wait(state_dir: str, sig: signal.Signals, name: str) -> tuple[int, Any] | None:
+    """signal_and_wait for `confedge drain|reload`: None when nothing runs or it did not
+    answer, each said in one line."""
     try:
-        pid = signal_running(state_dir, sig)
+        pid, answer = signal_and_wait(state_dir, sig, name)
     except PermissionError:
         print(
             f"confedge: the running confedge could not be signalled (permission denied): run "
@@ -100,7 +107,11 @@ def _signal(state_dir: str, sig: signal.Signals) -> int | None:
             "(no live pid in confedge.pid)",
             file=sys.stderr,
         )
-    return pid
+        return None
+    if answer is None:
+        print(f"confedge: pid {pid} did not answer within {RELOAD_WAIT:g} s; see its log")
+        return None
+    return pid, answer
 
 
 def _config(path: str) -> tuple[str, float, float]:

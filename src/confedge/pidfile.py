@@ -19,7 +19,6 @@ __all__ = [
     "PID_NAME",
     "remove_pidfile",
     "running_pid",
-    "signal_reload",
     "signal_running",
     "write_pidfile",
 ]
@@ -81,8 +80,3 @@ def signal_running(state_dir: str | os.PathLike[str], sig: signal.Signals) -> in
     except ProcessLookupError:
         return None
     return pid
-
-
-def signal_reload(state_dir: str | os.PathLike[str]) -> int | None:
-    """SIGHUP the running confedge of this state_dir; return its pid, or None if none runs."""
-    return signal_running(state_dir, signal.SIGHUP)

@@ -278,3 +278,25 @@ def test_bad_certificates_are_refused_and_the_good_one_is_served(edge: Any, pki:
     assert refused.returncode == 2
     assert "a self-signed one replaces it only with --force" in refused.stderr
     assert _served_der(port) == _der(pki.leaf)
+
+
+def test_a_reload_the_running_service_refuses_is_reported_with_exit_1(edge: Any, pki: Pki) -> None:
+    """`cert install` waits for the service's answer: a reload refused for another reason (here
+    a restart-only key the operator edited before installing) leaves the old certificate in
+    service, and the operator hears so, where the command used to say "reloaded" at once."""
+    _tmp, cfg, port = edge
+    served = _served_der(port)
+    text = cfg.read_text()
+    cfg.write_text(text.replace("workers = 1", "workers = 2"))  # proxy.workers: restart only
+    try:
+        res = _install(cfg, cert=pki.leaf, key=pki.leaf_key, chain=pki.inter + pki.root)
+        assert res.returncode == 1, (res.stdout, res.stderr)
+        (line,) = res.stdout.splitlines()
+        assert line.startswith(f"installed CN={FQDN} (")
+        assert (
+            "but the running confedge (pid " in line and "did not take it: only a restart" in line
+        )
+        assert "proxy.workers" in line
+        assert _served_der(port) == served  # the service serves what it served
+    finally:
+        cfg.write_text(cfg.read_text().replace("workers = 2", "workers = 1"))

@@ -16,6 +16,7 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import signal
 import sys
 import tomllib
 from pathlib import Path
@@ -26,7 +27,6 @@ from cryptography.hazmat.primitives import serialization
 
 from confedge.config import Config, ConfigError, parse_config
 from confedge.opcommand import add_action, add_common_options
-from confedge.pidfile import signal_reload
 from confedge.tls.certs import (
     SELF_SIGNED_NAME,
     CertificateError,
@@ -282,27 +282,45 @@ def _install(
         info.chain_length,
         cert_path,
     )
+    said, took = _reload(cfg)
     print(
         f"installed {info.subject} ({', '.join(info.names)}; valid until "
         f"{info.not_after:%Y-%m-%d}, {_days_left(info.not_after, now)}) as {cert_path}; "
-        + _reload(cfg),
+        + said,
         file=out,
     )
-    return 0
+    return 0 if took else 1
 
 
-def _reload(cfg: Config) -> str:
-    """SIGHUP the running service; say what happened, as the end of the result line."""
+def _reload(cfg: Config) -> tuple[str, bool]:
+    """SIGHUP the running service and wait for its answer (as `confedge reload` does): the end
+    of the result line, and whether the running service took the certificate (or none runs).
+
+    Why wait: the reload is checked again by the service itself (and by each proxy worker), so
+    "reloaded" said right after the signal was a guess; a refusal (a file that changed, a
+    worker that could not load it) must reach the operator who installed the file."""
+    from confedge.opscli import RELOAD_RESULT, RELOAD_WAIT, signal_and_wait
+
     try:
-        pid = signal_reload(cfg.server.state_dir)
+        pid, answer = signal_and_wait(cfg.server.state_dir, signal.SIGHUP, RELOAD_RESULT)
     except PermissionError:
         return (
             "the running confedge could not be signalled (permission denied): reload it "
             "with `systemctl reload confedge` or `kill -HUP PID`"
-        )
+        ), False
     if pid is None:
-        return "confedge is not running here; it will serve it when started"
-    return f"reloaded the running confedge (pid {pid})"
+        return "confedge is not running here; it will serve it when started", True
+    if answer is None:
+        return (
+            f"the running confedge (pid {pid}) did not answer the reload within "
+            f"{RELOAD_WAIT:g} s; see its log"
+        ), False
+    if answer.get("ok"):
+        return f"reloaded the running confedge (pid {pid})", True
+    return (
+        f"but the running confedge (pid {pid}) did not take it: {answer.get('reason')} "
+        "(`confedge reload` retries)"
+    ), False
 
 
 def _set_tls_paths(config_path: str, cert: str, key: str) -> None:
@@ -383,12 +401,13 @@ def _self_signed(cfg: Config, config_path: str, force: bool, now: dt.datetime, o
         info.not_after.isoformat(),
         cfg.tls.cert or "generated",
     )
+    said, took = _reload(cfg)
     print(
         f"generated a self-signed certificate for {cfg.server.fqdn} in {path} (valid until "
-        f"{info.not_after:%Y-%m-%d}); " + _reload(cfg),
+        f"{info.not_after:%Y-%m-%d}); " + said,
         file=out,
     )
-    return 0
+    return 0 if took else 1
 
 
 def _clear_tls_paths(config_path: str) -> None:
