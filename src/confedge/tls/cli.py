@@ -285,8 +285,7 @@ def _install(
     said, took = _reload(cfg)
     print(
         f"installed {info.subject} ({', '.join(info.names)}; valid until "
-        f"{info.not_after:%Y-%m-%d}, {_days_left(info.not_after, now)}) as {cert_path}; "
-        + said,
+        f"{info.not_after:%Y-%m-%d}, {_days_left(info.not_after, now)}) as {cert_path}; " + said,
         file=out,
     )
     return 0 if took else 1
