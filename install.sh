@@ -11,6 +11,9 @@
 #      write it, for root and in the systemd unit `confedge install-service` writes;
 #   4. the next steps for this host.
 set -euo pipefail
+# Readable by the service user whatever root's umask: `confedge install-service` runs the
+# environment's interpreter as an unprivileged user (a umask of 077 left it unable to start).
+umask 022
 
 PREFIX=/opt/confedge
 BINDIR=/usr/local/bin
@@ -140,6 +143,21 @@ fi
 # What the build said of the parts it could not make (setup.py's "confedge: ..." lines; pip shows
 # a build's own output only with -v, hence the log).
 sed -n 's/^ *\(confedge: .*\)$/    \1/p' "$log" | sort -u
+
+# The service runs as an unprivileged user (`confedge install-service`): the environment's
+# interpreter must be reachable by one. A Python under a private home (pyenv in /root) is not,
+# and the service would fail at its first worker, far from this cause. The check is an exec
+# made by the unprivileged user (through a shell), as a worker's is.
+nobody_runs() {
+    # shellcheck disable=SC2016  # $0 is the inner shell's: the interpreter's path
+    setpriv --reuid=nobody --regid=nogroup --clear-groups \
+        /bin/sh -c 'exec "$0" -c ""' "$1" 2>/dev/null
+}
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null 2>&1 && ! nobody_runs "$PREFIX/bin/python"; then
+    echo "install.sh: warning: an unprivileged user cannot run $PREFIX/bin/python" \
+        "($(readlink -f "$PREFIX/bin/python")), so the service user cannot either:" \
+        "install with the system's interpreter (PYTHON=/usr/bin/python3 ./install.sh)" >&2
+fi
 
 # -- the command ----------------------------------------------------------------------------------
 mkdir -p "$BINDIR" || die "cannot create $BINDIR"

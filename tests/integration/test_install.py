@@ -12,11 +12,19 @@ the next steps, an upgrade in place; and each refusal before anything is install
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import socket
+import ssl
 import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "install.sh"
@@ -52,6 +60,10 @@ def test_install_links_the_command_and_upgrades_in_place(tmp_path: Path) -> None
     assert "proxy hot path: interpreted" in out
     assert "TURN data plane: Python: the extension confedge.turn._native is not built" in out
     assert "confedge setup" in out and "confedge install-service" in out
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        # tmp_path is under root's private directory: no service user could run this
+        # environment's interpreter, and the installer says so.
+        assert "warning: an unprivileged user cannot run" in out, out
     # The linked command works from anywhere, with nothing else on the PATH.
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     version = subprocess.run([str(link), "--version"], capture_output=True, text=True, env=env)
@@ -149,3 +161,109 @@ def test_the_compiled_build_from_a_fresh_environment(tmp_path: Path) -> None:
     assert "proxy hot path: compiled (mypyc)" in out, out
     assert "TURN data plane: native (C relay threads)" in out, out
     assert "the proxy was not compiled" not in out
+
+
+ANALYZE = shutil.which("systemd-analyze")
+SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's: what a service user can run (not a pyenv in /root)
+SETPRIV = shutil.which("setpriv")
+
+
+@pytest.fixture
+def public_dir() -> Iterator[Path]:
+    """A directory every user can traverse (tmp_path is under a 0700 directory of root's), for
+    what the service user must read; removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="confedge-install-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(os.geteuid() != 0, reason="install-service and running as its user need root")
+@pytest.mark.skipif(ANALYZE is None or SETPRIV is None, reason="systemd-analyze and setpriv")
+def test_from_install_to_a_service_that_serves_as_its_user(public_dir: Path) -> None:
+    """The operator's path end to end on this host: install.sh run by a root whose umask is 077,
+    `confedge setup --answers`, `confedge install-service` (its unit passes systemd-analyze
+    verify), then the unit's own ExecStart run as the unit's user (what systemd would start):
+    it serves HTTPS and stops cleanly. Catches what only the service user meets: an
+    environment it cannot read, a state directory it cannot write, a command that is not there."""
+    if not Path(SYSTEM_PYTHON).exists():
+        pytest.skip(f"no {SYSTEM_PYTHON}")
+    prefix, bindir = public_dir / "opt", public_dir / "bin"
+    proc = subprocess.run(
+        ["bash", "-c", 'umask 077 && exec bash "$0" "$@"', str(INSTALL),
+         f"--prefix={prefix}", f"--bindir={bindir}", "--no-apt", "--pure"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHON": SYSTEM_PYTHON},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "warning" not in proc.stdout + proc.stderr
+    confedge = str(bindir / "confedge")
+    port = free_port(31000, 31500, shuffle=True)
+    mgmt = free_port(31500, 31999, shuffle=True)
+    answers = public_dir / "answers.toml"
+    answers.write_text(
+        f'[server]\ninternal_address = "127.0.0.1"\nhostname = "edge"\ndomain = "example.com"\n'
+        f'state_dir = "{public_dir}/state"\n[proxy]\nnodes = ["127.0.0.1:9"]\n'
+        f"https_port = {port}\nhttp_port = 0\n[turn]\nenabled = false\n"
+        f"[management]\nport = {mgmt}\n"
+    )
+    conf = public_dir / "etc" / "confedge.toml"
+    conf.parent.mkdir()
+    conf.parent.chmod(0o755)
+    setup = subprocess.run(
+        [confedge, "setup", "--answers", str(answers), "--config", str(conf)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert setup.returncode == 0, setup.stdout + setup.stderr
+    assert f"confedge install-service --config {conf}" in " ".join(setup.stdout.split())
+    units = public_dir / "units"
+    installed = subprocess.run(
+        [confedge, "install-service", "--config", str(conf), "--user", "nobody",
+         "--unit-dir", str(units)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    unit = units / "confedge.service"
+    assert ANALYZE is not None and SETPRIV is not None
+    verify = subprocess.run([ANALYZE, "verify", str(unit)], capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stderr
+    (exec_start,) = [ln for ln in unit.read_text().splitlines() if ln.startswith("ExecStart=")]
+    command = exec_start.removeprefix("ExecStart=").split()
+    # The installation's own command (beside its interpreter), whatever else is on the PATH.
+    assert command[0] == str(prefix / "bin" / "confedge"), exec_start
+    service = subprocess.Popen(
+        [SETPRIV, "--reuid=nobody", "--regid=nogroup", "--init-groups", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert service.poll() is None, service.communicate()[0]
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the service did not listen"
+                time.sleep(0.2)
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with (
+            socket.create_connection(("127.0.0.1", port)) as raw,
+            ctx.wrap_socket(raw, server_hostname="edge.example.com") as tls,
+        ):
+            tls.sendall(
+                b"GET /health HTTP/1.1\r\nHost: edge.example.com\r\nConnection: close\r\n\r\n"
+            )
+            answer = b""
+            while chunk := tls.recv(4096):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 "), answer[:200]
+        # The self-signed certificate was made by the service user in its state directory.
+        made = list((public_dir / "state").rglob("*.pem"))
+        assert made and all(p.stat().st_uid == pwd.getpwnam("nobody").pw_uid for p in made)
+    finally:
+        service.terminate()
+        out = service.communicate(timeout=30)[0]
+    assert service.returncode == 0, out

@@ -222,13 +222,20 @@ def next_steps(cfg: Config, path: Path) -> list[str]:
     if cfg.management.enabled:
         nets = ", ".join(cfg.management.networks) or "nobody"
         opens.append(f"TCP {cfg.management.port} (status, metrics) from {nets}")
+    # The commands that do each step, not only what the step is: the operator's next line.
     lines.append(
-        wrap("2. Firewall: open " + "; ".join(opens) + " (docs/DEPLOY.md).", "  ", "     ")
+        wrap(
+            "2. Firewall: open " + "; ".join(opens) + f": `confedge firewall --config {path}` "
+            "shows the nftables ruleset, `--apply` loads it (docs/DEPLOY.md).",
+            "  ",
+            "     ",
+        )
     )
     lines.append(
         wrap(
-            f"3. Service: `confedge run --config {path}` (as a systemd service: "
-            f"docs/DEPLOY.md); re-run `confedge setup --config {path}` to change an answer.",
+            f"3. Service: `confedge install-service --config {path}`, then `systemctl enable "
+            f"--now confedge` (or in the foreground: `confedge run --config {path}`); re-run "
+            f"`confedge setup --config {path}` to change an answer.",
             "  ",
             "     ",
         )

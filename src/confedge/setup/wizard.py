@@ -84,10 +84,19 @@ def prompter() -> Prompter:
 
 
 def wrap(text: str, indent: str, rest: str | None = None) -> str:
-    """`text` folded to the terminal's width (at most 100 columns), for help and advice."""
+    """`text` folded to the terminal's width (at most 100 columns), for help and advice.
+
+    Only at spaces: the advice holds commands and paths to copy (`confedge firewall --config
+    /etc/confedge-edge1/confedge.toml`), and a fold at a hyphen or inside a long path put a
+    line break into what the operator pastes."""
     width = min(shutil.get_terminal_size((100, 24)).columns, 100)
     return textwrap.fill(
-        text, width, initial_indent=indent, subsequent_indent=indent if rest is None else rest
+        text,
+        width,
+        initial_indent=indent,
+        subsequent_indent=indent if rest is None else rest,
+        break_on_hyphens=False,
+        break_long_words=False,
     )
 
 
