@@ -614,7 +614,7 @@ def bench_throughput(s: Servers, args: argparse.Namespace) -> dict[str, Any]:
             for server in servers:  # warm-up: pools, TLS sessions, caches
                 http, https, pid = ports[server]
                 tool, url = _load(scheme, http, https, path)
-                tool(url, 2, args.connections, args.threads, pid)
+                tool(url, min(2, args.duration), args.connections, args.threads, pid)
             for rnd in range(args.rounds):
                 order = list(servers) if rnd % 2 == 0 else list(reversed(servers))
                 for server in order:
