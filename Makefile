@@ -17,6 +17,7 @@ NATIVE_EXT := $(VENV)/.native-ext
 # drives them end to end), the TURN suites there on the native data plane.
 NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py tests/unit/exchange \
 	tests/integration/test_proxy_*.py tests/integration/test_guard_proxy.py \
+	tests/integration/test_qa_guard_evasion.py \
 	tests/integration/test_admin_*.py tests/integration/test_demo.py \
 	tests/integration/test_run_reload.py tests/integration/test_ops_*.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
 	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py \
