@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import html
 import json
+import logging
 import ssl
 import tempfile
 import time
@@ -385,3 +386,34 @@ async def test_the_page_in_chromium_runs_nothing_and_shows_the_text(stack: Stack
         assert r["title"] == "confedge status: edge.hostile.test"
     assert results[1]["csp"] and "default-src 'none'" in results[1]["csp"]
     assert results[1]["consoleErrors"] == []  # nothing on the page needed the CSP to stop it
+
+
+def test_a_record_name_cannot_forge_log_lines_or_grow_memory(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The secret-mismatch warning names another instance, read from the registry."""
+    from confedge.cluster.core import InstanceRecord
+    from confedge.cluster.service import ClusterService
+
+    cfg = parse_config(
+        {
+            "proxy": {"enabled": False},
+            "turn": {"enabled": False, "mode": "permissive", "secrets": ["s"]},
+            "cluster": {"store": "redis://127.0.0.1:1/0", "instance": "edge-a"},
+        }
+    )
+    svc = ClusterService(cfg, None)
+
+    def rec(name: str) -> InstanceRecord:
+        return InstanceRecord(name, "serving", 1.0, 2.0, "", "other", 0)
+
+    forged = "b\nWARNING confedge.guard: all bans cleared by operator"
+    svc.others = [rec(forged)]
+    with caplog.at_level(logging.WARNING, logger="confedge.cluster"):
+        svc._warn_secret_mismatch("mine")
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "\n" not in line and repr(forged) in line  # was: a second, forged line
+    for i in range(5):  # a new name every publication, 300 at a time
+        svc.others = [rec(f"n{i}-{k}") for k in range(300)]
+        svc._warn_secret_mismatch("mine")
+    assert len(svc._warned) <= 1024 + 300  # cluster.service.WARNED_LIMIT, then one round

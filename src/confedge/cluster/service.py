@@ -47,6 +47,7 @@ __all__ = ["PREFIX", "ClusterService", "read_registry"]
 log = logging.getLogger("confedge.cluster")
 
 PREFIX = "confedge:cluster:"
+WARNED_LIMIT = 1024  # (instance, fingerprint) pairs remembered as warned about
 
 
 class ClusterService:
@@ -189,7 +190,13 @@ class ClusterService:
 
     def _warn_secret_mismatch(self, mine: str) -> None:
         """One warning per other instance and secret it is seen with: a client's credential
-        would then work on some edges and not on others (docs/SCALING.md, rotating)."""
+        would then work on some edges and not on others (docs/SCALING.md, rotating).
+
+        The name is a record's, from a store others can write: one that is not printable is
+        logged as its repr (was: a line feed in it forged a second log line), and the set of
+        names warned about is bounded (was: grew with every new name put in the registry)."""
+        if len(self._warned) > WARNED_LIMIT:
+            self._warned.clear()  # a warning may then repeat; memory stays bounded
         for o in self.others:
             seen = (o.instance, o.fingerprint, mine)
             if o.fingerprint != mine and seen not in self._warned:
@@ -198,7 +205,7 @@ class ClusterService:
                     "cluster: instance %s has a different current REST secret (turn.secrets[0]) "
                     "than this one: credentials minted with one are refused by the other unless "
                     "both list both secrets; see docs/SCALING.md",
-                    o.instance,
+                    o.instance if o.instance.isprintable() else repr(o.instance),
                 )
 
     async def _run(self) -> None:
