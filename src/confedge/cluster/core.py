@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import socket
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -101,15 +102,26 @@ def _str(d: dict[str, Any], k: str, limit: int = 300) -> str:
 
 
 def _num(d: dict[str, Any], k: str) -> float:
+    """A time: finite and not negative. ``json.loads`` takes ``Infinity`` and ``1e999`` (inf);
+    such a time once made /status.json a 500 (``allow_nan=False``) and the status page a 500
+    (``duration()`` of an infinite age), for as long as the record stayed in Redis."""
     v = d[k]
-    if isinstance(v, bool) or not isinstance(v, int | float) or v != v or v < 0:
+    if isinstance(v, bool) or not isinstance(v, int | float):
         raise ValueError(k)
-    return float(v)
+    v = float(v)  # OverflowError for an int past a float's range (caught by decode_record)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(k)
+    return v
+
+
+MAX_COUNT = 2**63 - 1
 
 
 def _count(d: dict[str, Any], k: str) -> int:
+    """A counter: an int from 0 to 2**63-1. A JSON int may have 4300 digits, and
+    ``human_bytes()`` of one past a float's range raised OverflowError (the page a 500)."""
     v = d[k]
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_COUNT:
         raise ValueError(k)
     return v
 
@@ -147,7 +159,7 @@ def decode_record(raw: str | bytes | None) -> InstanceRecord | None:
             allocation_count=_count(d, "allocation_count"),
             allocations=rows,
         )
-    except (ValueError, KeyError, TypeError, RecursionError):
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         return None
 
 

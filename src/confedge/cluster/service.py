@@ -47,6 +47,7 @@ __all__ = ["PREFIX", "ClusterService", "read_registry"]
 log = logging.getLogger("confedge.cluster")
 
 PREFIX = "confedge:cluster:"
+WARNED_LIMIT = 1024  # (instance, fingerprint) pairs remembered as warned about
 
 
 class ClusterService:
@@ -189,7 +190,13 @@ class ClusterService:
 
     def _warn_secret_mismatch(self, mine: str) -> None:
         """One warning per other instance and secret it is seen with: a client's credential
-        would then work on some edges and not on others (docs/SCALING.md, rotating)."""
+        would then work on some edges and not on others (docs/SCALING.md, rotating).
+
+        The name is a record's, from a store others can write: one that is not printable is
+        logged as its repr (was: a line feed in it forged a second log line), and the set of
+        names warned about is bounded (was: grew with every new name put in the registry)."""
+        if len(self._warned) > WARNED_LIMIT:
+            self._warned.clear()  # a warning may then repeat; memory stays bounded
         for o in self.others:
             seen = (o.instance, o.fingerprint, mine)
             if o.fingerprint != mine and seen not in self._warned:
@@ -198,7 +205,7 @@ class ClusterService:
                     "cluster: instance %s has a different current REST secret (turn.secrets[0]) "
                     "than this one: credentials minted with one are refused by the other unless "
                     "both list both secrets; see docs/SCALING.md",
-                    o.instance,
+                    o.instance if o.instance.isprintable() else repr(o.instance),
                 )
 
     async def _run(self) -> None:
@@ -279,10 +286,31 @@ class ClusterService:
         }
 
 
-async def _records(r: Any, prefix: str, names: list[str]) -> list[InstanceRecord]:
-    """The live records of `names`, by name (an expired or undecodable one is left out)."""
+MAX_INSTANCES = 64  # other instances read from the registry (the first by name)
+
+
+async def _records(
+    r: Any, prefix: str, names: list[str], limit: int | None = MAX_INSTANCES
+) -> list[InstanceRecord]:
+    """The live records of `names`, by name (an expired or undecodable one is left out).
+
+    The store is writable by anyone with its password (cluster/core.py), so two limits:
+
+    * a record counts only under its own key: one stored under ``instance:a`` that says it is
+      ``b`` (or this instance) is left out. Two rows with one name were two samples of one
+      series in /metrics, which Prometheus refuses whole ("duplicate sample"), and a foreign
+      record named like this instance was shown as "(this one)";
+    * at most `limit` names (MAX_INSTANCES for the running registry; `confedge cluster list`
+      reads them all): the index is a sorted set anyone can fill, and every name cost an MGET
+      key, up to 200 allocations held in memory and rows on every page load.
+    """
+    names = sorted(names)[:limit]
     raw = await r.mget([f"{prefix}instance:{n}" for n in names]) if names else []
-    out = [o for v in raw if (o := decode_record(v)) is not None]
+    out = [
+        o
+        for n, v in zip(names, raw, strict=False)
+        if (o := decode_record(v)) is not None and o.instance == n
+    ]
     return sorted(out, key=lambda o: o.instance)
 
 
@@ -292,7 +320,7 @@ async def read_registry(url: str, prefix: str = PREFIX) -> list[InstanceRecord]:
     r = redis_client(url, "cluster.store")
     try:
         names = await r.zrange(prefix + "instances", 0, -1)
-        return await _records(r, prefix, list(names))
+        return await _records(r, prefix, list(names), None)
     finally:
         with contextlib.suppress(Exception):
             await r.aclose()

@@ -33,6 +33,7 @@ fraction) so an attacker cannot time his return to the second.
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -87,10 +88,17 @@ class BanRecord:
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> BanRecord:
+        """A record as stored in Redis (shared, open to hand edits). Raises ValueError for
+        times that are not finite: ``float()`` takes "inf", "nan" and 1e999, and an infinite
+        expiry once made the status page and /status.json answer 500 while it stayed."""
+        created = float(d["created"])  # type: ignore[arg-type]
+        expires = float(d["expires"])  # type: ignore[arg-type]
+        if not (math.isfinite(created) and math.isfinite(expires)):
+            raise ValueError("ban times must be finite")
         return cls(
             source=str(d["source"]),
-            created=float(d["created"]),  # type: ignore[arg-type]
-            expires=float(d["expires"]),  # type: ignore[arg-type]
+            created=created,
+            expires=expires,
             count=int(d["count"]),  # type: ignore[call-overload]
             failures=int(d["failures"]),  # type: ignore[call-overload]
             reason=str(d["reason"]),
