@@ -731,14 +731,26 @@ class TurnCore:
             # 438 with a fresh nonce.  A stale nonce we minted for this very address, on a
             # request whose integrity verifies, proves a client that heard our earlier answer:
             # its 438 is sent even when forged datagrams have spent the address's budget.
-            proven = state == "stale" and self._verify(msg, username, wall) is not None
+            proven = False
+            if state == "stale":
+                proven = self._key_of(client, msg, username, wall) is not None
+                if not proven:
+                    self._auth_failed(now, client, username, wall)
             answer = self._challenge(now, client, msg, 438, fp, proven)
             return self._tallied(answer, 438, "stale-nonce")
+        found = self._key_of(client, msg, username, wall)
+        if found is None:
+            self._auth_failed(now, client, username, wall)
+            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "bad-credentials")
+        return username, found
+
+    def _key_of(self, client: Client, msg: Message, username: str, wall: float) -> bytes | None:
+        """The key whose integrity verifies: a current credential's, or the key of the
+        allocation this client already holds under that username (a reload may have rotated
+        the secret or password away: issue 15, "rotation without refusing the old secret's live
+        allocations")."""
         found = self._verify(msg, username, wall)
         if found is None:
-            # A reload may have rotated the secret or password away: the allocation this
-            # client already holds keeps the key it was created with (issue 15, "rotation
-            # without refusing the old secret's live allocations").
             alloc = self._by_client.get(client.key)
             if (
                 alloc is not None
@@ -747,13 +759,26 @@ class TurnCore:
                 and check_integrity(msg, alloc.key)
             ):
                 found = alloc.key
-        if found is None:
-            if self.guard is not None and not self.creds.expired(username, wall):
-                self.guard.record_turn_auth_failure(client.ip)
-            if self._loglimit.allow(now):
-                log.info("turn authentication failed: client %s:%d", client.ip, client.port)
-            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "bad-credentials")
-        return username, found
+        return found
+
+    def _auth_failed(self, now: float, client: Client, username: str, wall: float) -> None:
+        """A request carrying our nonce for this very address and port (fresh or stale) whose
+        integrity does not verify: a wrong password, reported to the guard (``turn_maxretry``).
+
+        The stale case counts too.  RFC 8489 §9.2.4 checks the nonce (438) before the
+        integrity, but the source is just as proven (only a client that received our answer at
+        that address holds the nonce), and a guess is a guess: not counting it let a client
+        keep one nonce past ``nonce_lifetime`` and guess without limit -- over UDP with an
+        oracle, since once its own 401 budget is spent a right password still gets the
+        (budget-free, "proven") 438 and a wrong one silence.  An invalid nonce (another
+        address's, forged, or from an instance with another key) is never counted: UDP
+        sources are forgeable, and counting it would let anyone get an innocent address banned.
+        A well-formed credential that has merely expired is a legitimate client, not a guess.
+        """
+        if self.guard is not None and not self.creds.expired(username, wall):
+            self.guard.record_turn_auth_failure(client.ip)
+        if self._loglimit.allow(now):
+            log.info("turn authentication failed: client %s:%d", client.ip, client.port)
 
     def _verify(self, msg: Message, username: str, wall: float) -> bytes | None:
         """The key whose MESSAGE-INTEGRITY(-SHA256) verifies, or None."""
