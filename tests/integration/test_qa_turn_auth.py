@@ -14,10 +14,15 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import shutil
 import socket
 import struct
 import time
 from typing import Any
+
+import pytest
+from aioice.stun import TransactionFailed
+from aioice.turn import create_turn_endpoint
 
 from confedge.guard.hook import NullGuard
 from confedge.stun import (
@@ -455,3 +460,77 @@ async def test_a_forged_proxy_header_cannot_claim_an_address() -> None:
             assert await asyncio.wait_for(r.read(), 2) == b""  # closed, nothing answered
         finally:
             w.close()
+
+
+# -- real clients ---------------------------------------------------------------------------------
+
+
+class _Sink(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.received.put_nowait(data)
+
+
+async def test_aioice_with_the_previous_secret_relays_and_a_wrong_one_is_counted() -> None:
+    """aioice, over UDP and TCP: a REST credential signed with the second (rotated-out but
+    still listed) secret allocates and relays, nothing counted; one signed with an unknown
+    secret fails and counts."""
+    loop = asyncio.get_running_loop()
+    user = f"{int(time.time()) + 600}:carol"
+    async with _server("permissive") as (svc, guard):
+        peer_t, peer = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
+        try:
+            for transport in ("udp", "tcp"):
+                turn_t, _ = await create_turn_endpoint(
+                    _Sink,
+                    server_addr=("127.0.0.1", svc.port),
+                    username=user,
+                    password=RestCredentials.password_for(SECRETS[1], user),
+                    transport=transport,
+                )
+                try:
+                    turn_t.sendto(b"hello", peer_t.get_extra_info("sockname"))
+                    assert await asyncio.wait_for(peer.received.get(), 2) == b"hello"
+                finally:
+                    turn_t.close()
+            assert guard.failures == []
+            with pytest.raises(TransactionFailed):
+                await create_turn_endpoint(
+                    _Sink,
+                    server_addr=("127.0.0.1", svc.port),
+                    username=user,
+                    password=RestCredentials.password_for("unknown", user),
+                )
+            assert guard.failures and set(guard.failures) == {"127.0.0.1"}
+        finally:
+            peer_t.close()
+
+
+UCLIENT = shutil.which("turnutils_uclient")
+
+
+@pytest.mark.coturn
+@pytest.mark.skipif(UCLIENT is None, reason="coturn's turnutils_uclient is not installed")
+async def test_uclient_with_a_wrong_password_is_counted_per_request() -> None:
+    """coturn's client retries a refused Allocate with each 401's new nonce (Debian's 4.6.1:
+    31 requests for one allocation): every one is a wrong credential and counts, so one run
+    is past the default ``turn_maxretry`` (20), as fail2ban counting coturn's 401 log lines."""
+    assert UCLIENT is not None
+    user = f"{int(time.time()) + 600}:dave"
+    async with _server("permissive") as (svc, guard):
+        proc = await asyncio.create_subprocess_exec(
+            *(UCLIENT, "-c", "-n", "1", "-m", "1", "-p", str(svc.port), "-u", user),
+            *("-w", "wrong", "-e", "127.0.0.1", "-r", "9", "127.0.0.1"),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        try:
+            assert await asyncio.wait_for(proc.wait(), 15) != 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        assert len(guard.failures) > 20 and set(guard.failures) == {"127.0.0.1"}
+        assert svc.core is not None and not svc.core.allocations
