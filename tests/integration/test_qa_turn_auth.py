@@ -24,6 +24,7 @@ import pytest
 from aioice.stun import TransactionFailed
 from aioice.turn import create_turn_endpoint
 
+from confedge.guard import create_guard
 from confedge.guard.hook import NullGuard
 from confedge.stun import (
     Attr,
@@ -291,8 +292,8 @@ async def test_rest_credential_forms() -> None:
 
 async def test_rotated_secrets() -> None:
     """During rotation both secrets sign; after the old one is removed (reload) a new Allocate
-    with it is refused and counted, while the allocation it made keeps refreshing, also through
-    a stale nonce (its owner's old-secret request is not a wrong credential)."""
+    with it is refused but not counted (a client late, not a guesser), while the allocation it
+    made keeps refreshing, also through a stale nonce; a secret never configured still counts."""
     now = int(time.time())
     user = f"{now + 3600}:bob"
     old_pw = RestCredentials.password_for(SECRETS[1], user)
@@ -319,12 +320,67 @@ async def test_rotated_secrets() -> None:
             assert guard.failures == []
             nonce = await _challenge(late)
             assert _code(await late.ask(_sign(_request(), user, old_pw, nonce))) == 401
+            assert guard.failures == []
+            never_pw = RestCredentials.password_for("never", user)
+            assert _code(await late.ask(_sign(_request(), user, never_pw, nonce))) == 401
             assert guard.failures == [ATTACKER]
             new_pw = RestCredentials.password_for("new", user)
             assert _code(await late.ask(_sign(_request(), user, new_pw, nonce))) == 200
         finally:
             holder.close()
             late.close()
+
+
+async def test_restricted_password_rotation_does_not_ban_the_node() -> None:
+    """Restricted mode, the real guard (``turn_maxretry`` 3): the operator reloads a new
+    password before the media node has it. The node's new Allocates with the old one are
+    refused (401) but not counted, so the node is not banned and its live allocation keeps
+    refreshing, as a rotation promises (was: banned after 3, the allocation's Refreshes then
+    dropped until it expired). A password that was never configured still bans."""
+    guard_section = {"enabled": True, "store": "memory", "turn_maxretry": 3, "ignore": []}
+    cfg = turn_config(relay_ports=RELAYS, domain=REALM, sections={"guard": guard_section})
+    guard = create_guard(cfg)
+    await guard.start()
+    svc = TurnService(cfg, guard=guard)
+    await svc.start()
+    holder = _Udp(("127.0.0.1", svc.port), "127.0.0.1")
+    sockets = [holder]
+    try:
+        nonce = await _challenge(holder)
+        assert _code(await holder.ask(_sign(_request(), "turnuser", "turnpass", nonce))) == 200
+        svc.reload_config(
+            turn_config(
+                relay_ports=RELAYS,
+                domain=REALM,
+                sections={"guard": guard_section},
+                password="rotated",
+            )
+        )
+        for _ in range(5):
+            c = _Udp(("127.0.0.1", svc.port), "127.0.0.1")
+            sockets.append(c)
+            fresh = await _challenge(c)
+            assert _code(await c.ask(_sign(_request(), "turnuser", "turnpass", fresh))) == 401
+        await asyncio.sleep(0.3)  # a ban would reach the hook's table by now
+        assert guard.check("127.0.0.1") is None
+        refresh = _request(Method.REFRESH)
+        refresh.add(Attr.LIFETIME, encode_u32(600))
+        assert _code(await holder.ask(_sign(refresh, "turnuser", "turnpass", nonce))) == 200
+        for _ in range(3):
+            c = _Udp(("127.0.0.1", svc.port), "127.0.0.1")
+            sockets.append(c)
+            fresh = await _challenge(c)
+            assert _code(await c.ask(_sign(_request(), "turnuser", "guess", fresh))) == 401
+        for _ in range(40):
+            if guard.check("127.0.0.1") is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert guard.check("127.0.0.1") is not None
+    finally:
+        for c in sockets:
+            c.close()
+        await svc.close()
+        await guard.close()
 
 
 # -- integrity algorithms -----------------------------------------------------------------------
