@@ -293,7 +293,8 @@ async def test_rest_credential_forms() -> None:
 async def test_rotated_secrets() -> None:
     """During rotation both secrets sign; after the old one is removed (reload) a new Allocate
     with it is refused but not counted (a client late, not a guesser), while the allocation it
-    made keeps refreshing, also through a stale nonce; a secret never configured still counts."""
+    made keeps refreshing, also through a stale nonce; a secret never configured still counts,
+    and so does a removed secret's username that was never used while it was current."""
     now = int(time.time())
     user = f"{now + 3600}:bob"
     old_pw = RestCredentials.password_for(SECRETS[1], user)
@@ -321,9 +322,15 @@ async def test_rotated_secrets() -> None:
             nonce = await _challenge(late)
             assert _code(await late.ask(_sign(_request(), user, old_pw, nonce))) == 401
             assert guard.failures == []
+            # A username never used while the removed secret was current is not looked up
+            # with it (no key derivations per retired secret for made-up usernames): counted.
+            unseen = f"{now + 3600}:eve"
+            unseen_pw = RestCredentials.password_for(SECRETS[1], unseen)
+            assert _code(await late.ask(_sign(_request(), unseen, unseen_pw, nonce))) == 401
+            assert guard.failures == [ATTACKER]
             never_pw = RestCredentials.password_for("never", user)
             assert _code(await late.ask(_sign(_request(), user, never_pw, nonce))) == 401
-            assert guard.failures == [ATTACKER]
+            assert guard.failures == [ATTACKER] * 2
             new_pw = RestCredentials.password_for("new", user)
             assert _code(await late.ask(_sign(_request(), user, new_pw, nonce))) == 200
         finally:

@@ -785,9 +785,10 @@ class TurnCore:
 
         Not guesses, so refused without being counted: a well-formed credential that has
         merely expired, and one that verifies with credentials a reload rotated away (the
-        password or REST secret of before).  Rotation cannot be atomic: in restricted mode the
-        media node keeps the old password until it is reconfigured, and a browser may hold a
-        REST credential of a removed secret.  Counted, its new Allocates got the node banned
+        password of before, or a REST username used while its removed secret was current).
+        Rotation cannot be atomic: in restricted mode the media node keeps the old password
+        until it is reconfigured, and a browser may hold a REST credential of a removed
+        secret.  Counted, its new Allocates got the node banned
         after ``turn_maxretry`` of them, and the ban then dropped the Refreshes of the very
         allocations that rotation promises to keep (issue 15; CONFIGURATION.md, "Reload").
         """
@@ -803,11 +804,13 @@ class TurnCore:
             log.info("turn authentication failed: client %s:%d", client.ip, client.port)
 
     def _retired_verify(self, msg: Message, username: str, wall: float) -> bool:
-        """Does the request verify with credentials a reload rotated away?"""
+        """Does the request verify with credentials a reload rotated away?  Only with keys
+        already at hand (`Credentials.known_keys_for`): a restricted-mode password's, and REST
+        usernames used while their secret was current."""
         return any(
             check_integrity(msg, key)
             for creds in self._retired
-            for key in creds.keys_for(username, wall)
+            for key in creds.known_keys_for(username, wall)
         )
 
     def _verify(self, msg: Message, username: str, wall: float) -> bytes | None:
