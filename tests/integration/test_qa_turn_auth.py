@@ -547,12 +547,15 @@ class _Sink(asyncio.DatagramProtocol):
 
 async def test_aioice_with_the_previous_secret_relays_and_a_wrong_one_is_counted() -> None:
     """aioice, over UDP and TCP: a REST credential signed with the second (rotated-out but
-    still listed) secret allocates and relays, nothing counted; one signed with an unknown
-    secret fails and counts."""
+    still listed) secret allocates and relays; once its nonce is stale, the 438 and the retry
+    with the fresh nonce get a new peer's permission; nothing counted. One signed with an
+    unknown secret fails and counts."""
     loop = asyncio.get_running_loop()
-    user = f"{int(time.time()) + 600}:carol"
+    user = f"{int(time.time()) + 86400}:carol"
     async with _server("permissive") as (svc, guard):
+        assert svc.core is not None
         peer_t, peer = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
+        later_t, later = await loop.create_datagram_endpoint(_Sink, local_addr=("127.0.0.1", 0))
         try:
             for transport in ("udp", "tcp"):
                 turn_t, _ = await create_turn_endpoint(
@@ -565,8 +568,12 @@ async def test_aioice_with_the_previous_secret_relays_and_a_wrong_one_is_counted
                 try:
                     turn_t.sendto(b"hello", peer_t.get_extra_info("sockname"))
                     assert await asyncio.wait_for(peer.received.get(), 2) == b"hello"
+                    svc.core.wall_offset += svc.cfg.turn.nonce_lifetime + 1  # nonce stale
+                    turn_t.sendto(b"later", later_t.get_extra_info("sockname"))
+                    assert await asyncio.wait_for(later.received.get(), 2) == b"later"
                 finally:
                     turn_t.close()
+            assert svc.core.answers.counts[(438, "stale-nonce")] == 2  # one per transport
             assert guard.failures == []
             with pytest.raises(TransactionFailed):
                 await create_turn_endpoint(
@@ -578,6 +585,7 @@ async def test_aioice_with_the_previous_secret_relays_and_a_wrong_one_is_counted
             assert guard.failures and set(guard.failures) == {"127.0.0.1"}
         finally:
             peer_t.close()
+            later_t.close()
 
 
 UCLIENT = shutil.which("turnutils_uclient")
