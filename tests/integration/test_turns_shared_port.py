@@ -271,6 +271,32 @@ async def test_relay_socket_trusts_only_its_header(tmp_path: Path) -> None:
 HERE = ("127.0.0.1", 443)
 
 
+@pytest.mark.parametrize("alpn", [None, ["stun.turn"]], ids=["first-bytes", "alpn"])
+async def test_a_client_cannot_forge_its_proxy_header(
+    tmp_path: Path, alpn: list[str] | None
+) -> None:
+    """proxy.workers = 2: a TLS client that sends its own PROXY v2 header (naming 10.9.9.9)
+    before a Binding is HTTP to the proxy when its first bytes decide (501, unknown method), and TURN garbage
+    after the worker's real header when ALPN chose TURN (closed unanswered): never a Binding
+    answered for the forged address. Its next, honest connection is answered with its own."""
+    async with running(tmp_path, workers=2) as (rt, _):
+        port = rt.proxy.https_port
+        forged = encode_proxy_v2(("10.9.9.9", 40000), HERE)
+        binding = MessageBuilder(Method.BINDING, MsgClass.REQUEST, new_transaction_id()).build()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls_client(alpn))
+        try:
+            writer.write(forged + binding)
+            answer = await asyncio.wait_for(reader.read(), 5)  # until closed
+        finally:
+            writer.close()
+        if alpn is None:
+            assert answer.startswith(b"HTTP/1.1 501"), answer[:80]  # "unknown method"
+        else:
+            assert answer == b""
+        mapped, me = await binding_over_tls(port, alpn)
+        assert mapped == (me[0], me[1])
+
+
 def _error_code(answer: bytes) -> int:
     msg = parse_message(answer[:20] + answer[20 : 20 + int.from_bytes(answer[2:4], "big")])
     assert msg.msg_class == MsgClass.ERROR, msg

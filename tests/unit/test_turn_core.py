@@ -31,7 +31,7 @@ from confedge.stun import (
     parse_message,
 )
 from confedge.turn.auth import LongTermCredentials, NonceManager, RestCredentials
-from confedge.turn.core import Client, CoreSettings, TurnCore
+from confedge.turn.core import RETIRED_CREDENTIALS, Client, CoreSettings, TurnCore
 from confedge.turn.dataplane import ClientSink
 from confedge.turn.policy import ClientPolicy, PeerPolicy
 from confedge.turn.testing import MemoryDataPlane
@@ -896,3 +896,28 @@ def test_host_addresses_withdraw_existing_permissions() -> None:
     assert code(cli.permission(T0 + 2, "::ffff:" + PEER)) == 403
     core.set_host_addresses(T0 + 3, ["127.0.0.1"])
     assert code(cli.permission(T0 + 4, PEER)) == 200
+
+
+def test_rotated_away_passwords_are_refused_uncounted_and_bounded() -> None:
+    """A password a reload rotated away is refused (401) but not reported to the guard (the
+    node that still has it is late, not guessing); a reload that changes nothing keeps the
+    list; only the last RETIRED_CREDENTIALS passwords are remembered."""
+    guard = FakeGuard()
+    core, _ = make_core(guard=guard)
+
+    def reload(password: str) -> None:
+        fresh, _ = make_core()
+        fresh.creds = LongTermCredentials(USER, password, REALM)
+        core.adopt(T0, fresh, ())
+
+    reload("second")
+    reload("second")  # no change: "turnpass" stays the only retired one
+    assert code(Cli(core, port=40001).allocate(T0)) == 401
+    assert guard.failures == []
+    assert code(Cli(core, port=40002, password="second").allocate(T0)) == 200
+    for n in range(RETIRED_CREDENTIALS):
+        reload(f"p{n}")
+    assert code(Cli(core, port=40003, password="second").allocate(T0)) == 401
+    assert guard.failures == []  # "second" is among the last four
+    assert code(Cli(core, port=40004).allocate(T0)) == 401
+    assert guard.failures == ["10.0.0.11"]  # "turnpass" is forgotten: counted again

@@ -52,6 +52,18 @@ class Credentials(abc.ABC):
         a stale credential, not a guess, so it is not reported to the guard."""
         return False
 
+    def known_keys_for(self, username: str, wall_now: float) -> list[bytes]:
+        """The keys of ``username`` that cost nothing more to find: all of them here; only
+        those already derived for :class:`RestCredentials`.  For credentials a reload rotated
+        away, checked on every failed request (TurnCore._auth_failed), which must not let a
+        flood of made-up usernames cost a key derivation per retired secret."""
+        return self.keys_for(username, wall_now)
+
+    @abc.abstractmethod
+    def identity(self) -> tuple[object, ...]:
+        """What the accepted credentials depend on: equal for two objects that accept the same
+        requests (a reload that changed nothing), different after a rotation."""
+
 
 class LongTermCredentials(Credentials):
     """One static username/password (restricted mode, SPEC §3)."""
@@ -61,6 +73,9 @@ class LongTermCredentials(Credentials):
         self._username = username.encode()
         # Derive once: MD5(username ":" realm ":" SASLprep(password)) (RFC 8489 §9.2.2).
         self._key = long_term_key(username, realm, password)
+
+    def identity(self) -> tuple[object, ...]:
+        return ("long-term", self.realm, self._username, self._key)
 
     def keys_for(self, username: str, wall_now: float) -> list[bytes]:
         # Constant-time comparison so the username cannot be probed byte by byte.
@@ -102,6 +117,17 @@ class RestCredentials(Credentials):
         """Mint a (username, password) pair with the current secret (for tests and the demo)."""
         username = f"{int(wall_now) + ttl}:{user}"
         return username, self.password_for(self._secrets[0], username)
+
+    def identity(self) -> tuple[object, ...]:
+        return ("rest", self.realm, tuple(self._secrets))
+
+    def known_keys_for(self, username: str, wall_now: float) -> list[bytes]:
+        # Only usernames seen while these secrets were current (a client that allocated with
+        # its credential then, and now comes back with it): no HMAC, no MD5 on this path.
+        expiry = self.expiry_of(username)
+        if expiry is None or expiry < wall_now:
+            return []
+        return self._keys.get(username, [])
 
     def expired(self, username: str, wall_now: float) -> bool:
         expiry = self.expiry_of(username)

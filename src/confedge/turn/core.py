@@ -75,6 +75,7 @@ log = logging.getLogger("confedge.turn")
 UDP = 17  # REQUESTED-TRANSPORT protocol number (RFC 8656 §18.7)
 RESERVATION_LIFETIME = 30.0  # RFC 8656 §7.2: "approximately 30 seconds"
 CHANNEL_COOLDOWN = 300.0  # RFC 8656 §11: 5 minutes before a channel/peer may be rebound
+RETIRED_CREDENTIALS = 4  # rotated-away credentials whose requests are refused uncounted
 
 
 class Client:
@@ -279,6 +280,9 @@ class TurnCore:
     ) -> None:
         self.s = settings
         self.creds = credentials
+        # The credentials that reloads rotated away, newest first (at most RETIRED_CREDENTIALS):
+        # a request signed with one is refused but is no guess (`_auth_failed`).
+        self._retired: list[Credentials] = []
         self.dp = dataplane
         self.peers = peer_policy
         self.clients = client_policy
@@ -530,6 +534,9 @@ class TurnCore:
         permissions to peers the new policy refuses are withdrawn like host addresses are.
         """
         self.s = fresh.s
+        if fresh.creds.identity() != self.creds.identity():
+            kept = [c for c in self._retired if c.identity() != fresh.creds.identity()]
+            self._retired = [self.creds, *kept][:RETIRED_CREDENTIALS]
         self.creds = fresh.creds
         self.peers = fresh.peers
         self.clients = fresh.clients
@@ -731,14 +738,26 @@ class TurnCore:
             # 438 with a fresh nonce.  A stale nonce we minted for this very address, on a
             # request whose integrity verifies, proves a client that heard our earlier answer:
             # its 438 is sent even when forged datagrams have spent the address's budget.
-            proven = state == "stale" and self._verify(msg, username, wall) is not None
+            proven = False
+            if state == "stale":
+                proven = self._key_of(client, msg, username, wall) is not None
+                if not proven:
+                    self._auth_failed(now, client, msg, username, wall)
             answer = self._challenge(now, client, msg, 438, fp, proven)
             return self._tallied(answer, 438, "stale-nonce")
+        found = self._key_of(client, msg, username, wall)
+        if found is None:
+            self._auth_failed(now, client, msg, username, wall)
+            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "bad-credentials")
+        return username, found
+
+    def _key_of(self, client: Client, msg: Message, username: str, wall: float) -> bytes | None:
+        """The key whose integrity verifies: a current credential's, or the key of the
+        allocation this client already holds under that username (a reload may have rotated
+        the secret or password away: issue 15, "rotation without refusing the old secret's live
+        allocations")."""
         found = self._verify(msg, username, wall)
         if found is None:
-            # A reload may have rotated the secret or password away: the allocation this
-            # client already holds keeps the key it was created with (issue 15, "rotation
-            # without refusing the old secret's live allocations").
             alloc = self._by_client.get(client.key)
             if (
                 alloc is not None
@@ -747,13 +766,52 @@ class TurnCore:
                 and check_integrity(msg, alloc.key)
             ):
                 found = alloc.key
-        if found is None:
-            if self.guard is not None and not self.creds.expired(username, wall):
-                self.guard.record_turn_auth_failure(client.ip)
+        return found
+
+    def _auth_failed(
+        self, now: float, client: Client, msg: Message, username: str, wall: float
+    ) -> None:
+        """A request carrying our nonce for this very address and port (fresh or stale) whose
+        integrity does not verify: a wrong password, reported to the guard (``turn_maxretry``).
+
+        The stale case counts too.  RFC 8489 §9.2.4 checks the nonce (438) before the
+        integrity, but the source is just as proven (only a client that received our answer at
+        that address holds the nonce), and a guess is a guess: not counting it let a client
+        keep one nonce past ``nonce_lifetime`` and guess without limit -- over UDP with an
+        oracle, since once its own 401 budget is spent a right password still gets the
+        (budget-free, "proven") 438 and a wrong one silence.  An invalid nonce (another
+        address's, forged, or from an instance with another key) is never counted: UDP
+        sources are forgeable, and counting it would let anyone get an innocent address banned.
+
+        Not guesses, so refused without being counted: a well-formed credential that has
+        merely expired, and one that verifies with credentials a reload rotated away (the
+        password of before, or a REST username used while its removed secret was current).
+        Rotation cannot be atomic: in restricted mode the media node keeps the old password
+        until it is reconfigured, and a browser may hold a REST credential of a removed
+        secret.  Counted, its new Allocates got the node banned
+        after ``turn_maxretry`` of them, and the ban then dropped the Refreshes of the very
+        allocations that rotation promises to keep (issue 15; CONFIGURATION.md, "Reload").
+        """
+        if self._retired_verify(msg, username, wall):
             if self._loglimit.allow(now):
-                log.info("turn authentication failed: client %s:%d", client.ip, client.port)
-            return self._tallied(self._challenge(now, client, msg, 401, fp), 401, "bad-credentials")
-        return username, found
+                log.info(
+                    "turn credential rotated away by a reload: client %s:%d", client.ip, client.port
+                )
+            return
+        if self.guard is not None and not self.creds.expired(username, wall):
+            self.guard.record_turn_auth_failure(client.ip)
+        if self._loglimit.allow(now):
+            log.info("turn authentication failed: client %s:%d", client.ip, client.port)
+
+    def _retired_verify(self, msg: Message, username: str, wall: float) -> bool:
+        """Does the request verify with credentials a reload rotated away?  Only with keys
+        already at hand (`Credentials.known_keys_for`): a restricted-mode password's, and REST
+        usernames used while their secret was current."""
+        return any(
+            check_integrity(msg, key)
+            for creds in self._retired
+            for key in creds.known_keys_for(username, wall)
+        )
 
     def _verify(self, msg: Message, username: str, wall: float) -> bytes | None:
         """The key whose MESSAGE-INTEGRITY(-SHA256) verifies, or None."""
