@@ -22,7 +22,8 @@ NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py tests/unit/e
 	tests/integration/test_run_reload.py tests/integration/test_ops_*.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
 	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py \
 	tests/unit/test_turn_*.py tests/unit/test_stun_*.py tests/unit/test_qa_turn.py tests/integration/test_turn_*.py \
-	tests/integration/test_qa_turn_hostile.py tests/integration/test_guard_turn.py \
+	tests/integration/test_qa_turn_hostile.py tests/integration/test_qa_turn_auth.py \
+	tests/integration/test_guard_turn.py \
 	tests/e2e/test_turn_*.py tests/e2e/test_webapp_h2.py
 
 .PHONY: demo test test-pure test-native test-slow lint format bench venv native clean
