@@ -205,7 +205,7 @@ def test_from_install_to_a_service_that_serves_as_its_user(public_dir: Path) -> 
     answers.write_text(
         f'[server]\ninternal_address = "127.0.0.1"\nhostname = "edge"\ndomain = "example.com"\n'
         f'state_dir = "{public_dir}/state"\n[proxy]\nnodes = ["127.0.0.1:9"]\n'
-        f"https_port = {port}\nhttp_port = 0\n[turn]\nenabled = false\n"
+        f"https_port = {port}\nhttp_port = 0\nworkers = 2\n[turn]\nenabled = false\n"
         f"[management]\nport = {mgmt}\n"
     )
     conf = public_dir / "etc" / "confedge.toml"
@@ -232,9 +232,19 @@ def test_from_install_to_a_service_that_serves_as_its_user(public_dir: Path) -> 
     command = exec_start.removeprefix("ExecStart=").split()
     # The installation's own command (beside its interpreter), whatever else is on the PATH.
     assert command[0] == str(prefix / "bin" / "confedge"), exec_start
+    as_nobody = [SETPRIV, "--reuid=nobody", "--regid=nogroup", "--init-groups"]
+    # From a directory the user cannot enter (sudo -u from root's home): one clear line.
+    private = public_dir / "private"
+    private.mkdir(mode=0o700)
+    refused = subprocess.run(
+        [*as_nobody, *command], capture_output=True, text=True, timeout=60, cwd=private
+    )
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"{private} is not accessible to this user" in refused.stderr, refused.stderr
     service = subprocess.Popen(
-        [SETPRIV, "--reuid=nobody", "--regid=nogroup", "--init-groups", *command],
+        [*as_nobody, *command],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd="/",  # systemd's working directory for a unit that names none
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
@@ -263,6 +273,16 @@ def test_from_install_to_a_service_that_serves_as_its_user(public_dir: Path) -> 
         # The self-signed certificate was made by the service user in its state directory.
         made = list((public_dir / "state").rglob("*.pem"))
         assert made and all(p.stat().st_uid == pwd.getpwnam("nobody").pw_uid for p in made)
+        # Started as a whole (the status page comes last) before it is stopped: a stop during
+        # the start is the signal's default action, as for any process not yet serving.
+        while True:
+            assert service.poll() is None
+            try:
+                with socket.create_connection(("127.0.0.1", mgmt), timeout=1):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the status page did not listen"
+                time.sleep(0.2)
     finally:
         service.terminate()
         out = service.communicate(timeout=30)[0]

@@ -418,6 +418,15 @@ class ProxyService:
                     s.close()
                 raise
             return
+        problem = _cwd_problem()
+        if problem is not None:
+            raise ConfigError(
+                [
+                    f"proxy.workers: the worker processes start in the working directory, and "
+                    f"{problem}: start confedge from a directory this user can enter (a systemd "
+                    "service runs in /)"
+                ]
+            )
         held = _bind_all(hosts, cfg.proxy.https_port, reuse_port=True, listen=False)
         self._held = held
         self.https_port = held[0].getsockname()[1]
@@ -780,6 +789,22 @@ class ProxyService:
                     backoff[i] = 1.0
                 except (RuntimeError, OSError, ConfigError) as exc:
                     log.error("proxy worker %d restart failed: %s", i, exc)
+
+
+def _cwd_problem() -> str | None:
+    """Why a worker process could not start in this working directory, or None.
+
+    multiprocessing's spawn makes each worker change into the parent's working directory
+    before anything of confedge runs; `sudo -u confedge confedge run` from root's home kept a
+    directory the service user cannot enter, and every worker died at once with only "exited
+    with 1" said (the supervisor then restarting it for ever)."""
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        return f"the working directory is gone ({exc.strerror})"
+    if not os.access(cwd, os.X_OK):
+        return f"{cwd} is not accessible to this user (uid {os.getuid()})"
+    return None
 
 
 def _wait_ready(conn: multiprocessing.connection.Connection, proc: Any, timeout: float) -> str:
