@@ -15,11 +15,15 @@ NATIVE := build/native
 NATIVE_EXT := $(VENV)/.native-ext
 # The suites that run again against the compiled build (the modules setup.py compiles and what
 # drives them end to end), the TURN suites there on the native data plane.
+# Not here: test_ops_reload_workers.py (34 s), the workers' certificate reload: runtime.py,
+# proxy/service.py and tls/ are not compiled, so it runs once, in test-pure.
 NATIVE_TESTS := tests/unit/test_build.py tests/unit/test_proxy_*.py tests/unit/exchange \
 	tests/integration/test_proxy_*.py tests/integration/test_guard_proxy.py \
 	tests/integration/test_qa_guard_evasion.py \
 	tests/integration/test_admin_*.py tests/integration/test_demo.py \
-	tests/integration/test_run_reload.py tests/integration/test_ops_*.py tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
+	tests/integration/test_run_reload.py tests/integration/test_ops_drain.py \
+	tests/integration/test_ops_metrics.py tests/integration/test_ops_reload.py \
+	tests/e2e/test_proxy_*.py tests/e2e/test_demo_call.py \
 	tests/integration/test_turns_shared_port.py tests/e2e/test_turns_on_https_port.py \
 	tests/unit/test_turn_*.py tests/unit/test_stun_*.py tests/unit/test_qa_turn.py tests/integration/test_turn_*.py \
 	tests/integration/test_qa_turn_hostile.py tests/integration/test_qa_turn_auth.py \
