@@ -286,10 +286,15 @@ async def test_uclient_restricted_mode_outside_media_nodes() -> None:
 async def test_uclient_over_tls(echo_peer: int, tmp_path: Any) -> None:
     """uclient -t -S: TURN over TLS on turn.tls_port, channels and Send indications."""
 
-    async def one(flags: list[str]) -> str:
-        svc = TurnService(
-            turn_config(tls_port=free_port(20000, 20500, shuffle=True), state_dir=str(tmp_path))
-        )
+    # Both ports chosen before either server binds: each picked inside the two concurrent
+    # starts could be the same free port (one start then failed with "already in use").
+    first = free_port(20000, 20500, shuffle=True)
+    second = first
+    while second == first:
+        second = free_port(20000, 20500, shuffle=True)
+
+    async def one(port: int, flags: list[str]) -> str:
+        svc = TurnService(turn_config(tls_port=port, state_dir=str(tmp_path)))
         await svc.start()
         try:
             return await _uclient(
@@ -311,5 +316,5 @@ async def test_uclient_over_tls(echo_peer: int, tmp_path: Any) -> None:
         finally:
             await svc.close()
 
-    for out in await asyncio.gather(one([]), one(["-s"])):
+    for out in await asyncio.gather(one(first, []), one(second, ["-s"])):
         _every_message_back("uclient", out, 3)
