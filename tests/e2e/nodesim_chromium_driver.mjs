@@ -101,7 +101,12 @@ try {
   });
   let m = await measure();
   const minFrames = cfg.minFrames == null ? 30 : cfg.minFrames;
-  while ((m.framesDecoded < minFrames || m.remoteVideo.width === 0) && Date.now() < deadline) {
+  // The selected pair can carry media while the browser's own check on it is still unanswered
+  // (getStats says "in-progress" for that moment, seen under CI load): wait for its final state
+  // too, within the same deadline.
+  const settled = (r) => r.framesDecoded >= minFrames && r.remoteVideo.width > 0
+    && r.pair !== null && r.pair.state === 'succeeded';
+  while (!settled(m) && Date.now() < deadline) {
     await page.waitForTimeout(250);
     m = await measure();
   }
