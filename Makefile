@@ -73,14 +73,16 @@ test: test-pure test-native
 # wall time on a 2-core machine without starving the timing tests. PYTEST_WORKERS=0 runs serially.
 PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfile)
+# The slowest tests of each run, so a CI log shows where the 15-minute budget goes.
+DURATIONS ?= --durations=15
 
 test-pure: $(STAMP) $(NATIVE_EXT) $(NODE_STAMP)
-	CONFEDGE_DATAPLANE=python CONFEDGE_H2_ENGINE=python $(BIN)/pytest -q $(XDIST)
+	CONFEDGE_DATAPLANE=python CONFEDGE_H2_ENGINE=python $(BIN)/pytest -q $(XDIST) $(DURATIONS)
 
 test-native: native $(NODE_STAMP)
 	CONFEDGE_EXPECT_BUILD=compiled CONFEDGE_DATAPLANE=native CONFEDGE_H2_ENGINE=native \
 		PYTHONPATH=$(NATIVE) \
-		$(BIN)/pytest -q $(XDIST) $(NATIVE_TESTS)
+		$(BIN)/pytest -q $(XDIST) $(DURATIONS) $(NATIVE_TESTS)
 
 test-slow: $(STAMP) $(NODE_STAMP)
 	$(BIN)/pytest -q -m slow
