@@ -74,15 +74,26 @@ if [ -e "$link" ] && [ ! -L "$link" ]; then
 fi
 
 # -- the interpreter -----------------------------------------------------------------------------
-command -v "$PYTHON" >/dev/null 2>&1 ||
-    die "no $PYTHON on this host: apt-get install python3 (Debian 12 has 3.11), or set PYTHON"
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+# Checked before anything is installed where there is one (an Ubuntu 22.04's 3.10 is refused
+# here, not after minutes of packages). A minimal host (a container image, debootstrap's
+# minbase) has none: the Debian packages below then bring Debian's, checked once it is there.
+python_ok() {
+    "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && return 0
     found=$("$PYTHON" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo "?")
     die "confedge needs Python 3.11 or newer; $PYTHON is $found (Debian 12 and Ubuntu 24.04 have it; or set PYTHON)"
+}
+bring_python=0
+if command -v "$PYTHON" >/dev/null 2>&1; then
+    python_ok
+elif [ "$PYTHON" = python3 ] && [ "$APT" = 1 ] && command -v apt-get >/dev/null 2>&1; then
+    bring_python=1
+else
+    die "no $PYTHON on this host: apt-get install python3 (Debian 12 has 3.11), or set PYTHON"
 fi
 
 # -- Debian packages ---------------------------------------------------------------------------
 wanted="python3-venv ca-certificates nftables"
+[ "$bring_python" = 0 ] || wanted="python3 $wanted"
 [ "$PURE" = 1 ] || wanted="$wanted gcc python3-dev libnghttp2-dev"
 [ "$OFFLOAD" = 0 ] || [ "$PURE" = 1 ] || wanted="$wanted clang llvm libbpf-dev"
 missing=""
@@ -107,6 +118,10 @@ if [ -n "$missing" ]; then
     else
         echo "install.sh: not installing the missing Debian packages: $missing" >&2
     fi
+fi
+if [ "$bring_python" = 1 ]; then
+    command -v "$PYTHON" >/dev/null 2>&1 || die "apt-get installed python3 but there is still no $PYTHON"
+    python_ok
 fi
 "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null ||
     die "$PYTHON cannot make a virtual environment: apt-get install python3-venv"

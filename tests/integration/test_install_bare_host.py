@@ -1,0 +1,267 @@
+"""install.sh on a bare Debian host: a minimal root made by debootstrap, nothing else in it.
+
+Why: the other install tests run on this machine, where .ci/run has already installed every
+package, so they pass `--no-apt` and never see what a fresh host lacks. A container image or a
+minimal server install has no python3 at all (install.sh stopped there before this test), no
+compiler, no nftables. This test builds such a host (debootstrap's `minbase` variant of the
+running Debian release, from the host's own Debian mirror), copies the checkout in, and walks
+the operator's path inside it with chroot as root would on the real thing:
+
+1. `./install.sh` with no options: it must bring the Debian packages itself (python3 included)
+   and come out with every native part built (compiled proxy, libnghttp2, the C relay, eBPF);
+2. `confedge setup --answers`, `confedge check`, `confedge install-service` (the system user
+   is created by useradd inside the root);
+3. the unit's ExecStart run as that user: HTTPS answers /health, the status page listens, and
+   SIGTERM stops it cleanly;
+4. `confedge firewall --apply` in a new network namespace (never this host's): the table is
+   loaded by the nft that install.sh brought.
+
+The root shares this host's network namespace (apt and pip reach their registries as the host
+does; the service's ports are free ports on loopback). Mounts (proc, dev, sys) live in a private
+mount namespace per command and vanish with it; the root is deleted at the end, after a check
+that nothing is still mounted inside it.
+
+Slow (debootstrap about 40 s, install.sh 3-5 minutes): `make test-slow` or `pytest -m slow`.
+Skips, with the reason, where it cannot run: not root, not Debian, no debootstrap or unshare.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ports import spare_ports
+
+REPO = Path(__file__).resolve().parents[2]
+DEBOOTSTRAP = shutil.which("debootstrap")
+UNSHARE = shutil.which("unshare")
+PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Environment passed into the root: how this machine reaches PyPI (an index, a proxy, a CA
+# bundle for a TLS-inspecting egress); a bundle named by a variable is copied in.
+PASSED_ENV = ("PIP_INDEX_URL", "http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+              "no_proxy", "NO_PROXY")  # fmt: skip
+CA_ENV = ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE")
+CA_INSIDE = "/etc/host-ca-bundle.pem"  # (minbase has no /etc/ssl yet)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="debootstrap and chroot need root"),
+    pytest.mark.skipif(DEBOOTSTRAP is None, reason="no debootstrap (apt-get install debootstrap)"),
+    pytest.mark.skipif(UNSHARE is None, reason="no unshare (util-linux)"),
+]
+
+
+def _os_release() -> dict[str, str]:
+    try:
+        text = Path("/etc/os-release").read_text()
+    except OSError:
+        return {}
+    return {k: v.strip('"') for k, _, v in (ln.partition("=") for ln in text.splitlines()) if v}
+
+
+def _mirror() -> str:
+    """The Debian mirror this host's apt uses (deb822 or one-line sources), else Debian's."""
+    for path in [*Path("/etc/apt/sources.list.d").glob("*.sources"), Path("/etc/apt/sources.list")]:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r"(?m)^(?:URIs:\s*|deb\s+(?:\[[^\]]*\]\s+)?)(\S+)", text):
+            uri = m.group(1)
+            if uri.startswith("http") and "security" not in uri:
+                return uri
+    return "http://deb.debian.org/debian"
+
+
+class BareHost:
+    """A debootstrapped root and commands run in it as its root user (chroot, private mounts)."""
+
+    def __init__(self, root: Path, env: dict[str, str]) -> None:
+        self.root = root
+        self.env = env
+
+    def argv(self, *command: str, net: bool = False) -> list[str]:
+        # unshare without --fork execs the shell, which mounts and then execs chroot: the pid
+        # the caller holds is the command's own (a signal to it reaches the service itself).
+        inner = [
+            "env", "-i", f"PATH={PATH}", "HOME=/root", "LANG=C.UTF-8",
+            *(f"{k}={v}" for k, v in self.env.items()),
+        ]  # fmt: skip
+        if net:
+            inner = ["unshare", "--net", *inner]
+        script = (
+            'R=$0; mount -t proc proc "$R/proc" && mount --rbind /dev "$R/dev" && '
+            'mount -t sysfs sys "$R/sys" || exit 99; exec chroot "$R" "$@"'
+        )
+        assert UNSHARE is not None
+        return [UNSHARE, "--mount", "--propagation", "private", "bash", "-c", script,
+                str(self.root), *inner, *command]  # fmt: skip
+
+    def run(self, *command: str, timeout: float = 120, net: bool = False) -> str:
+        proc = subprocess.run(
+            self.argv(*command, net=net), capture_output=True, text=True, timeout=timeout
+        )
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{' '.join(command)} exited {proc.returncode}:\n{out}"
+        return out
+
+
+def _copy_checkout(dest: Path) -> None:
+    """The checkout's tracked files as they are in the working tree (what an operator has after
+    `git clone`), without build products."""
+    files = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, check=True
+    ).stdout.split(b"\0")
+    dest.mkdir(parents=True)
+    tar_path = dest.parent / "checkout.tar"
+    with tarfile.open(tar_path, "w") as tar:
+        for name in filter(None, files):
+            path = REPO / name.decode()
+            if path.exists():
+                tar.add(path, arcname=name.decode(), recursive=False)
+    with tarfile.open(tar_path) as tar:
+        tar.extractall(dest, filter="tar")
+    tar_path.unlink()
+
+
+def _mounted_under(root: Path) -> list[str]:
+    prefix = str(root.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        return [ln.split()[4] for ln in f if ln.split()[4].startswith(prefix)]
+
+
+@pytest.fixture
+def bare_host(tmp_path: Path) -> Iterator[BareHost]:
+    release = _os_release()
+    if release.get("ID") != "debian" or not release.get("VERSION_CODENAME"):
+        pytest.skip("builds a root of the running Debian release: this host is not Debian")
+    root = tmp_path / "root"
+    mirror = _mirror()
+    made = subprocess.run(
+        [DEBOOTSTRAP or "debootstrap", "--variant=minbase", release["VERSION_CODENAME"],
+         str(root), mirror],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    try:
+        assert made.returncode == 0, f"debootstrap from {mirror}:\n{made.stdout[-3000:]}"
+        shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
+        env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
+        for key in CA_ENV:
+            bundle = os.environ.get(key)
+            if bundle and Path(bundle).is_file():
+                shutil.copy(bundle, root / CA_INSIDE.lstrip("/"))
+                env[key] = CA_INSIDE
+        _copy_checkout(root / "src" / "confedge")
+        yield BareHost(root, env)
+    finally:
+        left = _mounted_under(root) if root.exists() else []
+        assert not left, f"still mounted inside the test root, not deleted: {left}"
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _https_get(port: int, path: str) -> bytes:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="edge.example.com") as tls,
+    ):
+        tls.sendall(
+            f"GET {path} HTTP/1.1\r\nHost: edge.example.com\r\nConnection: close\r\n\r\n".encode()
+        )
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    return answer
+
+
+def _wait_listening(port: int, service: subprocess.Popen[str], deadline: float) -> None:
+    while True:
+        if service.poll() is not None:
+            out = service.stdout.read() if service.stdout is not None else ""
+            raise AssertionError(f"the service exited {service.returncode}:\n{out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listening on {port} after 60 s"
+            time.sleep(0.2)
+
+
+@pytest.mark.timeout(1800)
+def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
+    host = bare_host
+    # A minimal root really is bare: what install.sh must bring itself.
+    assert not (host.root / "usr" / "bin" / "python3").exists()
+    assert not (host.root / "usr" / "sbin" / "nft").exists()
+
+    out = host.run("bash", "-c", "cd /src/confedge && ./install.sh", timeout=1500)
+    assert "==> Debian packages: python3 " in out, out
+    for line in (
+        "proxy hot path: compiled (mypyc)",
+        "HTTP/2 framing: libnghttp2",
+        "TURN data plane: native (C relay threads)",
+        "eBPF relay offload: built",
+        "confedge setup ",
+    ):
+        assert line in out, out
+    assert "warning" not in out.lower(), out
+    assert os.readlink(host.root / "usr/local/bin/confedge") == "/opt/confedge/bin/confedge"
+
+    https, mgmt = spare_ports(2)
+    (host.root / "root" / "answers.toml").write_text(
+        f'[server]\ninternal_address = "127.0.0.1"\nhostname = "edge"\ndomain = "example.com"\n'
+        f'[proxy]\nnodes = ["127.0.0.1:9"]\nhttps_port = {https}\nhttp_port = 0\n'
+        f"[turn]\nenabled = false\n[management]\nport = {mgmt}\n"
+    )
+    conf = "/etc/confedge/confedge.toml"
+    host.run("confedge", "setup", "--answers", "/root/answers.toml")
+    host.run("confedge", "check", "--config", conf)
+    out = host.run("confedge", "install-service")
+    assert "useradd --system" in out, out
+    unit = (host.root / "etc/systemd/system/confedge.service").read_text()
+    (exec_start,) = [ln for ln in unit.splitlines() if ln.startswith("ExecStart=")]
+    assert exec_start == f"ExecStart=/opt/confedge/bin/confedge run --config {conf}", unit
+    assert "User=confedge" in unit
+
+    # What systemd would start: the unit's command as its user, in /.
+    service = subprocess.Popen(
+        host.argv("setpriv", "--reuid=confedge", "--regid=confedge", "--init-groups",
+                  *exec_start.removeprefix("ExecStart=").split()),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        _wait_listening(https, service, deadline)
+        answer = _https_get(https, "/health")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer
+        assert answer.partition(b"\r\n\r\n")[2].strip() == b"serving", answer
+        _wait_listening(mgmt, service, deadline)
+    finally:
+        service.terminate()
+        log = service.communicate(timeout=60)[0]
+    assert service.returncode == 0, log
+    assert "hot path compiled (mypyc)" in log, log
+    assert "generated a self-signed certificate for edge.example.com" in log, log
+    made = host.root / "var/lib/confedge/tls/selfsigned.pem"
+    assert made.stat().st_uid == int(host.run("id", "-u", "confedge").strip())
+
+    # The firewall from the nft install.sh brought, in a network namespace of its own.
+    out = host.run(
+        "bash",
+        "-c",
+        f"confedge firewall --config {conf} --apply && nft list table inet confedge",
+        net=True,
+    )
+    assert "table inet confedge loaded" in out and "set confedge_banned_v4" in out, out
