@@ -60,6 +60,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 H2LOAD = shutil.which("h2load") or "/usr/bin/h2load"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+H2LOAD_INACTIVITY_S = 15  # h2load -N: a connection silent this long is closed (run_h2load)
 
 # The listeners' ports; _pick_ports() replaces them with ports free at start in PORT_RANGE, so
 # that a run never collides with a demo, the tests or another benchmark.
@@ -531,6 +532,10 @@ def run_h2load(
                 str(streams),
                 "-D",
                 str(duration),
+                # h2load otherwise waits for ever on a connection that stopped answering (a
+                # CI run once hung 61 s in a warm-up): closed after this, counted as timeouts.
+                "-N",
+                str(H2LOAD_INACTIVITY_S),
                 "--log-file",
                 logf.name,
                 url,
@@ -551,6 +556,13 @@ def run_h2load(
     )
     assert m is not None, out
     done, _ok, failed, errored, timeouts = (int(x) for x in m.groups())
+    if timeouts:
+        # A request the server never answered: a failure of the server under test, said as
+        # one (which server, how many), not a throughput figure.
+        raise SystemExit(
+            f"h2load: {timeouts} request(s) to {url} unanswered after "
+            f"{H2LOAD_INACTIVITY_S} s of silence on their connection:\n{out}"
+        )
     rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", out)[1])  # type: ignore[index]
     durations = sorted(int(r[2]) for r in rows if len(r) >= 3 and r[1] != "-1")
     status_bad = sum(1 for r in rows if len(r) >= 2 and not ("200" <= r[1] < "400"))
