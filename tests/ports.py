@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -118,3 +119,26 @@ def udp_echo_ready(
             except OSError:  # timeout, or ICMP port unreachable: not bound yet
                 continue
     raise RuntimeError(f"the UDP echo peer on {host}:{port} did not answer in {timeout:g} s")
+
+
+def tcp_listening(
+    port: int, proc: subprocess.Popen[str], what: str, *, timeout: float = 60.0
+) -> None:
+    """Wait until something accepts TCP on 127.0.0.1:`port` while `proc` (which should) lives.
+
+    Raises AssertionError with the process's output when it exits first (a port taken, a bad
+    configuration: its own words), or naming `what` when nothing listens within `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout is not None else ""
+            raise AssertionError(f"{what} exited {proc.returncode}:\n{out}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise AssertionError(
+                    f"{what}: nothing listening on {port} after {timeout:g} s"
+                ) from None
+            time.sleep(0.1)

@@ -539,6 +539,22 @@ class ProxyConfig(_Strict, frozen=True):
             )
         return v
 
+    # ACME HTTP-01 (RFC 8555 §8.3; docs/CERTIFICATES.md "Let's Encrypt"): the HTTP port
+    # answers GET /.well-known/acme-challenge/<token> from this directory's
+    # .well-known/acme-challenge/, where `certbot --webroot -w <dir>` writes it; "" = off (every
+    # request on the HTTP port is redirected). Off by default: it serves files on port 80.
+    acme_webroot: str = ""
+
+    @field_validator("acme_webroot")
+    @classmethod
+    def _acme_webroot(cls, v: str) -> str:
+        if v and (not v.startswith("/") or "\0" in v or any(c in v for c in "\n\r")):
+            raise ValueError(
+                f'"{v}" is not an absolute directory path: use the directory given to certbot '
+                'as --webroot-path (e.g. "/var/lib/confedge/acme"), or "" for none'
+            )
+        return os.path.normpath(v) if v else v
+
     http2: bool = True  # ALPN "h2" to clients (docs/PROXY.md "HTTP/2"); nodes stay HTTP/1.1
     http2_max_streams: Annotated[int, Meta(ge=1, le=1000)] = 100  # SETTINGS_MAX_CONCURRENT_STREAMS
     # HTTP/2 framing (proxy/h2engine.py): "native" is libnghttp2 (built when libnghttp2-dev is
@@ -876,6 +892,12 @@ class Config(_Strict, frozen=True):
             problems.append(
                 "proxy.nodes: [] is empty, but the proxy is enabled; list the conferencing nodes "
                 '(e.g. nodes = ["10.0.0.11"]) or set proxy.enabled = false'
+            )
+        if self.proxy.acme_webroot and self.proxy.http_port == 0:
+            problems.append(
+                f'proxy.acme_webroot: "{self.proxy.acme_webroot}" is set, but proxy.http_port = '
+                "0 turns the HTTP port off, and ACME HTTP-01 validation comes to it (port 80); "
+                'set http_port = 80, or acme_webroot = ""'
             )
         if self.proxy.pools and not self.proxy.enabled:
             problems.append(

@@ -238,6 +238,8 @@ class WorkerRuntime:
         self.max_header_bytes = p.max_header_bytes
         self.max_url_bytes = max(1024, p.max_header_bytes // 2)
         self.max_headers = p.max_headers
+        # Port 80 answers ACME HTTP-01 challenges from here ("" = off; proxy/acme.py).
+        self.acme_webroot = p.acme_webroot
         self.header_timeout = p.header_timeout
         self.body_timeout = p.body_timeout
         self.request_buffer = p.request_buffer_bytes

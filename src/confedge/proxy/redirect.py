@@ -1,5 +1,9 @@
 """Port 80: every request gets 301 to the same host and path on https (SPEC §2).
 
+The one exception, when `proxy.acme_webroot` is set: GET and HEAD of
+/.well-known/acme-challenge/<token> are answered from that directory (ACME HTTP-01 for certbot's
+webroot mode, proxy/acme.py); a token with no file there is a 404, any other method a 405.
+
 Keep-alive like the reference's nginx (`return 301 https://$host$request_uri;` keeps the
 connection): a browser or monitor that reuses its connection pays no new TCP handshake per
 redirect. Every answer gets an access-log line in the reference format, as nginx logs its 301s
@@ -19,6 +23,7 @@ from typing import TYPE_CHECKING, Final
 
 import httptools
 
+from confedge.proxy import acme
 from confedge.proxy.accesslog import remote_user
 from confedge.proxy.pages import status_line
 from confedge.proxy.request import (
@@ -193,6 +198,9 @@ class RedirectConnection(asyncio.Protocol):
 
     def _answer(self, *, close: bool) -> None:
         core = self.core
+        if core.acme_webroot and self.url.startswith(acme.PREFIX):
+            self._acme(core.acme_webroot, close=close)
+            return
         key = (self.host, self.url)
         location = core.locations.get(key)
         if location is None:
@@ -205,6 +213,18 @@ class RedirectConnection(asyncio.Protocol):
                 core.locations.clear()
             core.locations[key] = location
         self._send(301, location, close=close)
+
+    def _acme(self, webroot: str, *, close: bool) -> None:
+        """RFC 8555 §8.3: the key authorization certbot left for this token, as it is (the CA
+        compares the body; the Content-Type is not part of the check)."""
+        if self.method not in ("GET", "HEAD"):
+            self._send(405, b"Allow: GET, HEAD\r\n", close=close)
+            return
+        body = acme.read_challenge(webroot, self.url)
+        if body is None:
+            self._send(404, b"", close=close)
+            return
+        self._send(200, b"Content-Type: text/plain\r\n", close=close, body=body)
 
     def _location(self) -> bytes:
         """The Location header line for this request's Host and target."""
@@ -221,13 +241,25 @@ class RedirectConnection(asyncio.Protocol):
         netloc = host if port == 443 else f"{host}:{port}"
         return b"Location: " + f"https://{netloc}{target}".encode() + b"\r\n"
 
-    def _send(self, status: int, extra: bytes, *, close: bool) -> None:
+    def _send(self, status: int, extra: bytes, *, close: bool, body: bytes = b"") -> None:
         t = self.transport
         if t is None or t.is_closing():
             return
         self.answered = True
         method, version = self.method, self.version
-        if close:
+        if body:
+            # (only an ACME challenge has one; HEAD gets its length and no body, RFC 9110 §9.3.2)
+            tail = b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+            if close:
+                tail += b"Connection: close\r\n"
+            elif version == "1.0":
+                tail += b"Connection: keep-alive\r\n"
+            tail += b"\r\n"
+            if method != "HEAD":
+                tail += body
+            else:
+                body = b""
+        elif close:
             tail = _TAIL_CLOSE
         elif version == "1.0":
             tail = _TAIL_KEEP_10
@@ -251,7 +283,7 @@ class RedirectConnection(asyncio.Protocol):
                 _wall_clock(),
                 line,
                 status,
-                0,
+                len(body),
                 self.referer,
                 self.ua,
                 None,

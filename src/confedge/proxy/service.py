@@ -388,6 +388,17 @@ class ProxyService:
                 raise ConfigError([str(exc)]) from None
             h2 = h2engine.describe(kind)
         log.info("proxy: %d worker(s), hot path %s, HTTP/2 %s", self.workers, build_kind(), h2)
+        webroot = cfg.proxy.acme_webroot
+        if webroot and cfg.proxy.http_port:
+            # Explicit config that serves files on port 80: said at every start.
+            missing = "" if os.path.isdir(webroot) else f" ({webroot} does not exist yet: mkdir it)"
+            log.warning(
+                "proxy.acme_webroot: the HTTP port (%d) answers /.well-known/acme-challenge/ "
+                "from %s/.well-known/acme-challenge/ (ACME HTTP-01 for certbot --webroot)%s",
+                cfg.proxy.http_port,
+                webroot.rstrip("/"),
+                missing,
+            )
         # Check/generate the certificate once, in the parent, before any worker races for it.
         TLSContextHolder(cfg)
         if cfg.turn.tls_on_https:

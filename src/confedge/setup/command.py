@@ -170,7 +170,9 @@ def _tls_words(cfg: Config) -> str:
         )
     return (
         f"none installed: a self-signed one for {cfg.server.fqdn} is made in "
-        f"{cfg.server.state_dir} at first start; install yours with `confedge cert install`"
+        f"{cfg.server.state_dir} at first start; install yours with `confedge cert install`, "
+        "or have certbot get one from Let's Encrypt through the HTTP port (proxy.acme_webroot; "
+        'docs/CERTIFICATES.md, "Let\'s Encrypt")'
     )
 
 
@@ -207,7 +209,12 @@ def next_steps(cfg: Config, path: Path) -> list[str]:
     if cfg.proxy.enabled:
         opens.append(f"TCP {cfg.proxy.https_port} (HTTPS) from anywhere")
         if cfg.proxy.http_port:
-            opens.append(f"TCP {cfg.proxy.http_port} (redirect to HTTPS) from anywhere")
+            what = (
+                "redirect to HTTPS, ACME challenges"
+                if cfg.proxy.acme_webroot
+                else "redirect to HTTPS"
+            )
+            opens.append(f"TCP {cfg.proxy.http_port} ({what}) from anywhere")
     if cfg.turn.enabled:
         if cfg.turn.mode == "permissive":
             who = "anyone"
