@@ -8,6 +8,7 @@ Subprocesses (the real console entry), loopback ports from the QA range 37000-37
 from __future__ import annotations
 
 import contextlib
+import shlex
 import socket
 import subprocess
 import sys
@@ -363,3 +364,40 @@ def test_setup_next_steps_without_media_nodes(tmp_path: Path) -> None:
     flat = " ".join(res.stdout.split())  # the next steps are wrapped
     assert "(TURN) from anyone for STUN only: no media node is configured (set " in flat
     assert "turn.media_nodes)" in flat and "()" not in flat
+
+
+def test_setup_next_steps_give_the_certbot_commands_as_one_pastes_them(tmp_path: Path) -> None:
+    """With proxy.acme_webroot, the certificate step is the exact certbot command, unfolded and
+    quoted for the shell (a configuration path with a space and a quote survives)."""
+    conf = tmp_path / "conf dir" / "it's.toml"
+    conf.parent.mkdir()
+    conf.write_text(
+        f'[server]\ninternal_address = "10.0.0.5"\nhostname = "edge"\ndomain = "example.com"\n'
+        f'state_dir = "{tmp_path / "state"}"\n[proxy]\nnodes = ["10.0.0.11"]\n'
+        "[turn]\nenabled = false\n"
+    )
+    res = subprocess.run(
+        [*CONFEDGE, "setup", "--config", str(conf), "--set",
+         "proxy.acme_webroot=/var/lib/confedge/acme web"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip().startswith("mkdir -p "))
+    mkdir, certbot, hook = (ln.strip() for ln in lines[start : start + 3])
+    assert shlex.split(mkdir) == ["mkdir", "-p", "/var/lib/confedge/acme web"]
+    assert certbot.endswith("\\")
+    argv = shlex.split(certbot[:-1] + hook)
+    assert argv[:8] == [
+        "certbot", "certonly", "--webroot", "--webroot-path", "/var/lib/confedge/acme web",
+        "--domain", "edge.example.com", "--deploy-hook",
+    ]  # fmt: skip
+    # What certbot's hook shell runs, with the variable it sets.
+    assert shlex.split(argv[8].replace("$RENEWED_LINEAGE", "/etc/letsencrypt/live/x")) == [
+        "confedge", "cert", "install", "--config", str(conf),
+        "--cert", "/etc/letsencrypt/live/x/fullchain.pem",
+        "--key", "/etc/letsencrypt/live/x/privkey.pem",
+    ]  # fmt: skip
+    assert "TCP 80 (redirect to HTTPS, ACME challenges) from anywhere" in " ".join(
+        res.stdout.split()
+    )

@@ -12,6 +12,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -162,18 +163,40 @@ def _validate(doc: ConfigDocument) -> Config | None:
         return None
 
 
-def _tls_words(cfg: Config) -> str:
+def _tls_words(cfg: Config, path: Path) -> tuple[str, list[str]]:
+    """The certificate step in words, and the shell lines to run for it (printed as they are,
+    never folded, so that they paste into a shell)."""
     if cfg.tls.cert:
         return (
             f"kept as installed ({cfg.tls.cert}); setup never replaces a certificate: "
             "`confedge cert install` installs another, `confedge cert self-signed` regenerates"
-        )
-    return (
+        ), []
+    made = (
         f"none installed: a self-signed one for {cfg.server.fqdn} is made in "
-        f"{cfg.server.state_dir} at first start; install yours with `confedge cert install`, "
-        "or have certbot get one from Let's Encrypt through the HTTP port (proxy.acme_webroot; "
-        'docs/CERTIFICATES.md, "Let\'s Encrypt")'
+        f"{cfg.server.state_dir} at first start"
     )
+    webroot = cfg.proxy.acme_webroot
+    if webroot and cfg.proxy.enabled:
+        # The operator's exact next commands (docs/CERTIFICATES.md, "Let's Encrypt"), quoted
+        # for the shell whatever the paths hold.
+        hook = (
+            f"confedge cert install --config {shlex.quote(str(path))} "
+            '--cert "$RENEWED_LINEAGE/fullchain.pem" --key "$RENEWED_LINEAGE/privkey.pem"'
+        )
+        return (
+            f"{made}; once {cfg.server.fqdn} points here and port {cfg.proxy.http_port} is "
+            "open, get one from Let's Encrypt (its renewals install themselves):"
+        ), [
+            f"mkdir -p {shlex.quote(webroot)}",
+            f"certbot certonly --webroot --webroot-path {shlex.quote(webroot)} "
+            f"--domain {cfg.server.fqdn} \\",
+            f"  --deploy-hook {shlex.quote(hook)}",
+        ]
+    return (
+        f"{made}; install yours with `confedge cert install`, or have certbot get one from "
+        "Let's Encrypt through the HTTP port (proxy.acme_webroot; docs/CERTIFICATES.md, "
+        '"Let\'s Encrypt")'
+    ), []
 
 
 def check_written(path: Path) -> int:
@@ -204,7 +227,10 @@ def check_written(path: Path) -> int:
 
 def next_steps(cfg: Config, path: Path) -> list[str]:
     """What is left after the file: certificate, firewall openings, service."""
-    lines = ["", "Next steps:", wrap(f"1. Certificate: {_tls_words(cfg)}.", "  ", "     ")]
+    words, commands = _tls_words(cfg, path)
+    end = "" if commands else "."
+    lines = ["", "Next steps:", wrap(f"1. Certificate: {words}{end}", "  ", "     ")]
+    lines += [f"       {c}" for c in commands]
     opens: list[str] = []
     if cfg.proxy.enabled:
         opens.append(f"TCP {cfg.proxy.https_port} (HTTPS) from anywhere")
@@ -345,7 +371,10 @@ def setup_command(args: argparse.Namespace) -> int:
             for line in exc.problems:
                 _err(line)
             return 2
-        print(wrap(f"Certificate: {_tls_words(cfg)}.", "", "  "))
+        words, commands = _tls_words(cfg, path)
+        print(wrap(f"Certificate: {words}{'' if commands else '.'}", "", "  "))
+        for c in commands:
+            print(f"    {c}")
         verb = "Print" if args.dry_run else "Write"
         answer = prompter().ask(f"{verb} {path}? [Y/n]: ", ["yes", "no"], False).strip()
     except Cancelled:
