@@ -11,8 +11,8 @@ the operator's path inside it with chroot as root would on the real thing:
    and come out with every native part built (compiled proxy, libnghttp2, the C relay, eBPF);
 2. `confedge setup --answers`, `confedge check`, `confedge install-service` (the system user
    is created by useradd inside the root);
-3. the unit's ExecStart run as that user: HTTPS answers /health, the status page listens, and
-   SIGTERM stops it cleanly;
+3. the unit's ExecStart run as that user: HTTPS answers /health, the status page listens, TURN
+   (on the native data plane) answers a STUN Binding request, and SIGTERM stops it cleanly;
 4. `confedge firewall --apply` in a new network namespace (never this host's): the table is
    loaded by the nft that install.sh brought.
 
@@ -34,13 +34,12 @@ import socket
 import ssl
 import subprocess
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from ports import spare_ports
+from ports import spare_ports, tcp_listening
 
 REPO = Path(__file__).resolve().parents[2]
 DEBOOTSTRAP = shutil.which("debootstrap")
@@ -186,17 +185,21 @@ def _https_get(port: int, path: str) -> bytes:
     return answer
 
 
-def _wait_listening(port: int, service: subprocess.Popen[str], deadline: float) -> None:
-    while True:
-        if service.poll() is not None:
-            out = service.stdout.read() if service.stdout is not None else ""
-            raise AssertionError(f"the service exited {service.returncode}:\n{out}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, f"nothing listening on {port} after 60 s"
-            time.sleep(0.2)
+def _stun_binding(port: int) -> bytes:
+    """The message type of the answer to a STUN Binding request (RFC 8489 §5: 0x0001, no
+    attributes, the magic cookie, a random transaction ID) sent over UDP; b"" if none came."""
+    request = b"\x00\x01\x00\x00\x21\x12\xa4\x42" + os.urandom(12)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1)
+        for _ in range(5):
+            sock.sendto(request, ("127.0.0.1", port))
+            try:
+                answer = sock.recv(2048)
+            except TimeoutError:
+                continue
+            if answer[8:20] == request[8:20]:
+                return answer[:2]
+    return b""
 
 
 @pytest.mark.timeout(1800)
@@ -219,11 +222,13 @@ def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
     assert "warning" not in out.lower(), out
     assert os.readlink(host.root / "usr/local/bin/confedge") == "/opt/confedge/bin/confedge"
 
-    https, mgmt = spare_ports(2)
+    https, mgmt, turn, relay = spare_ports(4)
     (host.root / "root" / "answers.toml").write_text(
         f'[server]\ninternal_address = "127.0.0.1"\nhostname = "edge"\ndomain = "example.com"\n'
         f'[proxy]\nnodes = ["127.0.0.1:9"]\nhttps_port = {https}\nhttp_port = 0\n'
-        f"[turn]\nenabled = false\n[management]\nport = {mgmt}\n"
+        f'[turn]\nport = {turn}\ntls_port = 0\nrelay_ports = "{relay}-{relay}"\n'
+        f'username = "node"\npassword = "{os.urandom(12).hex()}"\nmedia_nodes = ["127.0.0.1"]\n'
+        f"[management]\nport = {mgmt}\n"
     )
     conf = "/etc/confedge/confedge.toml"
     host.run("confedge", "setup", "--answers", "/root/answers.toml")
@@ -242,17 +247,18 @@ def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        _wait_listening(https, service, deadline)
+        tcp_listening(https, service, "the service")
         answer = _https_get(https, "/health")
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert answer.partition(b"\r\n\r\n")[2].strip() == b"serving", answer
-        _wait_listening(mgmt, service, deadline)
+        tcp_listening(mgmt, service, "the service (status page, started last)")
+        assert _stun_binding(turn) == b"\x01\x01", "TURN did not answer a Binding request"
     finally:
         service.terminate()
         log = service.communicate(timeout=60)[0]
     assert service.returncode == 0, log
     assert "hot path compiled (mypyc)" in log, log
+    assert "data plane native" in log, log  # the C relay, loaded by the service user
     assert "generated a self-signed certificate for edge.example.com" in log, log
     made = host.root / "var/lib/confedge/tls/selfsigned.pem"
     assert made.stat().st_uid == int(host.run("id", "-u", "confedge").strip())
