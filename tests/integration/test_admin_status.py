@@ -8,8 +8,11 @@ ports except TURN relays (36100-36199).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import logging
+import os
 import ssl
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from aioice.turn import create_turn_endpoint
 from confedge.config import parse_config
 from confedge.nodesim import Conference, NodeSim
 from confedge.runtime import Runtime
+from confedge.tls.certs import generate_self_signed
 
 TURN_PASSWORD = "Tp-8c1e57-secret"  # must never appear in any output
 
@@ -294,3 +298,27 @@ async def test_metrics_are_prometheus_text(stack: Stack) -> None:
     assert parsed["confedge_turn_relayed_bytes"].type == "counter"
     assert parsed["confedge_proxy_node_up"].type == "gauge"
     assert len(parsed["confedge_proxy_node_up"].samples) == 2
+
+
+async def test_certificate_expiry_on_the_page_and_in_metrics(stack: Stack, tmp_path: Path) -> None:
+    """The generated certificate's expiry is there at once; when the file is replaced (what
+    a renewal's `confedge cert install` does), the next scrape shows the new one."""
+    label = "default (generated, self-signed)"
+    fam = parse_metrics((await get(stack.port, "/metrics")).body.decode())
+    name = "confedge_tls_certificate_expiry_timestamp_seconds"
+    subject = "CN=edge.admin.test"
+    first = metric(fam, name, certificate=label, subject=subject)
+    assert 360 * 86400 < first - time.time() < 366 * 86400  # a year, as generated
+    page = (await get(stack.port, "/status")).body.decode()
+    assert "<h2>Certificates</h2>" in page and "edge.admin.test" in page
+    # A certificate about to expire, written over the generated one.
+    path = tmp_path / "tls" / "selfsigned.pem"
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
+    pem = generate_self_signed("edge.admin.test", [], soon - datetime.timedelta(days=10), days=10)
+    path.write_bytes(pem)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 1_000_000))  # (a new mtime for sure)
+    fam = parse_metrics((await get(stack.port, "/metrics")).body.decode())
+    second = metric(fam, name, certificate=label, subject=subject)
+    assert abs(second - soon.timestamp()) < 5, (second, soon)
+    page = (await get(stack.port, "/status")).body.decode()
+    assert '<span class="down">in 2d 23h</span>' in page or '<span class="down">in 3d' in page

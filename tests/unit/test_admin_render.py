@@ -391,3 +391,52 @@ def test_status_page_says_how_the_relay_runs() -> None:
     assert "data plane" in page and "relay threads" not in page
     fam = parse_metrics(render_metrics(python).decode())
     assert "confedge_turn_relay_threads" not in fam
+
+
+def test_certificates_render_with_their_expiry() -> None:
+    snap = copy.deepcopy(SNAP)
+    snap["tls"] = [
+        {
+            "certificate": "default (tls.cert)",
+            "path": "/var/lib/confedge/tls/server.pem",
+            "subject": "CN=edge.example.com",
+            "issuer": "CN=R11,O=Let's Encrypt,C=US",
+            "names": ["edge.example.com", "meet.example.com"],
+            "not_after": NOW + 60 * 86400,
+        },
+        {
+            "certificate": "tls.certificates[0]",
+            "path": "/etc/confedge/video.pem",
+            "subject": 'CN=<b>"video"</b>',
+            "issuer": "CN=Private CA",
+            "names": ["video.example.org"],
+            "not_after": NOW + 20 * 86400,
+        },
+        {
+            "certificate": "tls.certificates[1]",
+            "path": "/etc/confedge/old.pem",
+            "subject": "CN=old.example.org",
+            "issuer": "CN=Private CA",
+            "names": ["old.example.org"],
+            "not_after": NOW - 2 * 86400,
+        },
+        {
+            "certificate": "tls.certificates[2]",
+            "path": "/etc/confedge/gone.pem",
+            "problem": "cannot read /etc/confedge/gone.pem: No such file or directory",
+        },
+    ]
+    fam = parse_metrics(render_metrics(snap).decode())
+    name = "confedge_tls_certificate_expiry_timestamp_seconds"
+    assert metric(fam, name, certificate="default (tls.cert)", subject="CN=edge.example.com") == (
+        NOW + 60 * 86400
+    )
+    assert len(fam[name]) == 3  # the unreadable one has no expiry to report (absent, not 0)
+    page = render_html(snap).decode()
+    assert "in 60d (" in page
+    assert '<span class="maintenance">in 20d</span>' in page  # renewal overdue (certbot: 30 d)
+    assert '<span class="down">expired 2d ago</span>' in page
+    assert "No such file or directory" in page
+    assert "<b>" not in page.split("<h2>Certificates</h2>")[1].split("<h2>")[0]  # escaped
+    # Without the key (an older snapshot), no section content and no metric.
+    assert name not in render_metrics(SNAP).decode()

@@ -129,6 +129,16 @@ def render_metrics(snap: dict[str, Any]) -> bytes:
         snap["started"],
     )
     m.one("confedge_uptime_seconds", "gauge", "Seconds since the runtime started", snap["uptime"])
+    m.family(
+        "confedge_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When each certificate confedge serves expires (Unix time; alert on it minus time())",
+        [
+            ({"certificate": c["certificate"], "subject": c["subject"]}, c["not_after"])
+            for c in snap.get("tls", [])
+            if "not_after" in c
+        ],
+    )
 
     reload = snap.get("reload")
     if reload is not None:
@@ -790,6 +800,41 @@ def _process_html(p: dict[str, Any]) -> str:
     return _kv(pairs)
 
 
+CERT_SOON = 30 * 86400  # expiry shown as a warning this close (certbot renews at 30 days)
+CERT_URGENT = 7 * 86400
+
+
+def _tls_html(certs: list[dict[str, Any]], now: float) -> str:
+    """The certificates served, each with its expiry: orange within 30 days (a renewal that
+    should have happened), red within 7 or past it."""
+    if not certs:
+        return "<p>None yet (one is generated when the proxy or TURN over TLS starts).</p>"
+    rows = []
+    for c in certs:
+        if "not_after" not in c:
+            rows.append([_e(c["certificate"]), f'<span class="down">{_e(c["problem"])}</span>',
+                         "", "", ""])  # fmt: skip
+            continue
+        left = c["not_after"] - now
+        if left <= 0:
+            expiry = f'<span class="down">expired {_e(duration(-left))} ago</span>'
+        elif left < CERT_SOON:
+            css = "down" if left < CERT_URGENT else "maintenance"
+            expiry = f'<span class="{css}">in {_e(duration(left))}</span>'
+        else:
+            expiry = f"in {_e(duration(left))}"
+        rows.append(
+            [
+                _e(c["certificate"]),
+                _e(c["subject"]),
+                _e(", ".join(c["names"])),
+                _e(c["issuer"]),
+                f"{expiry} ({_e(_utc(c['not_after']))})",
+            ]
+        )
+    return _table(["certificate", "subject", "names", "issuer", "expires"], rows)
+
+
 def _cluster_html(c: dict[str, Any], now: float) -> str:
     from confedge.admin.render_cluster import cluster_html
 
@@ -865,6 +910,8 @@ def render_html(snap: dict[str, Any]) -> bytes:
             ]
         ),
         _drain_html(snap.get("drain") or {"phase": "serving"}),
+        "<h2>Certificates</h2>",
+        _tls_html(snap.get("tls", []), now),
         "<h2>Proxy</h2>",
         _proxy_html(snap["proxy"], now),
         _sessions_html(snap["proxy"]),

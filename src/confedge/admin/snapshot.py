@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from confedge.config import Config, NodeAddress
 from confedge.proxy import build_kind
 from confedge.proxy.health import HealthMonitor, NodeState, Transition
 from confedge.proxy.pools import PoolSpec, build_pools, health_monitor
+from confedge.tls.certs import configured_certificates, leaf_summary
 
 __all__ = ["BAN_LIMIT", "RuntimeView", "StatusSource", "mask_url"]
 
@@ -183,6 +185,9 @@ class StatusSource:
         self.last_change: dict[int, tuple[str, float]] = {}  # node -> (reason, wall time)
         self.own_health: _OwnHealth | None = None
         self._core: Any = None
+        # Certificate file -> ((mtime, size), its leaf as plain data): parsed again only when
+        # the file changed (a renewal, `confedge cert install`), not at every scrape.
+        self._certs: dict[str, tuple[tuple[int, int], dict[str, object]]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -238,9 +243,31 @@ class StatusSource:
             "turn": self._turn(),
             "guard": self._guard(now),
             "cluster": self._cluster(),
+            "tls": self._tls(),
             "process": self._process(),
             "config": self.config,
         }
+
+    def _tls(self) -> list[dict[str, Any]]:
+        """Each certificate [tls] serves (tls/certs.configured_certificates): its leaf's
+        subject, issuer, names and expiry, so that a renewal that stopped working shows on the
+        status page and in /metrics before clients see an expired certificate."""
+        out: list[dict[str, Any]] = []
+        for label, path, _key in configured_certificates(self.cfg):
+            entry: dict[str, Any] = {"certificate": label, "path": path}
+            try:
+                st = os.stat(path)
+            except OSError as exc:
+                entry["problem"] = f"cannot read {path}: {exc.strerror}"
+                out.append(entry)
+                continue
+            stamp = (st.st_mtime_ns, st.st_size)
+            cached = self._certs.get(path)
+            if cached is None or cached[0] != stamp:
+                cached = self._certs[path] = (stamp, leaf_summary(path))
+            entry.update(cached[1])
+            out.append(entry)
+        return out
 
     def _proxy(self, now: float) -> dict[str, Any]:
         proxy = self.rt.proxy

@@ -36,9 +36,11 @@ __all__ = [
     "certificate_names",
     "check_pem",
     "check_tls_config",
+    "configured_certificates",
     "ensure_self_signed",
     "generate_self_signed",
     "key_description",
+    "leaf_summary",
     "load_certificate",
     "load_sni_certificates",
     "read_pem_file",
@@ -589,6 +591,41 @@ def load_sni_certificates(
                 seen[n] = label
         out.append((entry.cert, entry.key, info))
     return out, warnings
+
+
+def configured_certificates(cfg: Config) -> list[tuple[str, str, str]]:
+    """(label, certificate file, key file) of each certificate [tls] serves: the default
+    (tls.cert, else the generated self-signed one once it exists), then each SNI certificate
+    (tls.certificates[i]). A key file of "" means the key is in the certificate's file."""
+    entries: list[tuple[str, str, str]] = []
+    if cfg.tls.cert:
+        entries.append(("default (tls.cert)", cfg.tls.cert, cfg.tls.key))
+    else:
+        generated = Path(cfg.server.state_dir) / "tls" / SELF_SIGNED_NAME
+        if generated.exists():
+            entries.append(("default (generated, self-signed)", str(generated), ""))
+    for i, entry in enumerate(cfg.tls.certificates):
+        entries.append((f"tls.certificates[{i}]", entry.cert, entry.key))
+    return entries
+
+
+def leaf_summary(path: str) -> dict[str, object]:
+    """The first certificate of a PEM file as plain data for the status page and /metrics:
+    subject, issuer, names, not_after (Unix time); or {"problem": ...} when it cannot be read.
+    Only the leaf: what a client checks first, and what expires (renewal replaces it)."""
+    try:
+        pem = read_pem_file(path, path, "certificate")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+            leaf = x509.load_pem_x509_certificates(pem)[0]
+    except (CertificateError, ValueError, IndexError) as exc:
+        return {"problem": str(exc) or "no certificate in the file"}
+    return {
+        "subject": leaf.subject.rfc4514_string(),
+        "issuer": leaf.issuer.rfc4514_string(),
+        "names": list(certificate_names(leaf)),
+        "not_after": leaf.not_valid_after_utc.timestamp(),
+    }
 
 
 def check_tls_config(cfg: Config, now: dt.datetime) -> tuple[list[str], list[str]]:

@@ -33,6 +33,7 @@ from confedge.tls.certs import (
     certificate_names,
     check_pem,
     check_tls_config,
+    configured_certificates,
     ensure_self_signed,
     key_description,
     read_pem_file,
@@ -185,21 +186,14 @@ def _read_optional(path: str, kind: str) -> bytes | None:
 
 def _show(cfg: Config, now: dt.datetime, out: TextIO) -> int:
     problems, warnings = check_tls_config(cfg, now)
-    entries: list[tuple[str, str, str]] = []  # (label, cert path, key path)
-    if cfg.tls.cert:
-        entries.append(("default (tls.cert)", cfg.tls.cert, cfg.tls.key))
-    else:
+    entries = configured_certificates(cfg)  # (label, cert path, key path)
+    if not cfg.tls.cert and not (entries and entries[0][0].startswith("default")):
         generated = Path(cfg.server.state_dir) / "tls" / SELF_SIGNED_NAME
-        if generated.exists():
-            entries.append(("default (generated, self-signed)", str(generated), ""))
-        else:
-            print(
-                f"default: none yet; `confedge run` generates a self-signed certificate for "
-                f"{cfg.server.fqdn} in {generated} (or run `confedge cert self-signed`)",
-                file=out,
-            )
-    for i, entry in enumerate(cfg.tls.certificates):
-        entries.append((f"tls.certificates[{i}]", entry.cert, entry.key))
+        print(
+            f"default: none yet; `confedge run` generates a self-signed certificate for "
+            f"{cfg.server.fqdn} in {generated} (or run `confedge cert self-signed`)",
+            file=out,
+        )
     named: list[tuple[str, tuple[str, ...]]] = []
     for label, cert_path, key_path in entries:
         print(f"{label}: {cert_path}" + (f" (key {key_path})" if key_path else ""), file=out)
