@@ -53,8 +53,10 @@ $(NODE_STAMP): tests/e2e/package.json tests/e2e/package-lock.json
 	npm ci --silent --no-audit --no-fund --prefix tests/e2e
 	touch $(NODE_STAMP)
 
+# DEMO_ARGS: more options for `confedge demo`, e.g. make demo DEMO_ARGS="--port-base 20000".
+DEMO_ARGS ?=
 demo: $(STAMP) $(NATIVE_EXT)
-	$(BIN)/confedge demo
+	$(BIN)/confedge demo $(DEMO_ARGS)
 
 # The compiled build as a wheel install makes it (setup.py), into $(NATIVE): put first on
 # PYTHONPATH, it replaces the editable install's interpreted modules.

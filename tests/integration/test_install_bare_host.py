@@ -27,9 +27,11 @@ Skips, with the reason, where it cannot run: not root, not Debian, no debootstra
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -39,7 +41,8 @@ from pathlib import Path
 
 import pytest
 
-from ports import spare_ports, tcp_listening
+from confedge.demo import DemoPorts
+from ports import demo_port_base, spare_ports, tcp_listening
 
 REPO = Path(__file__).resolve().parents[2]
 DEBOOTSTRAP = shutil.which("debootstrap")
@@ -168,17 +171,15 @@ def bare_host(tmp_path: Path) -> Iterator[BareHost]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _https_get(port: int, path: str) -> bytes:
+def _https_get(port: int, path: str, host: str = "edge.example.com") -> bytes:
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname="edge.example.com") as tls,
+        ctx.wrap_socket(raw, server_hostname=host) as tls,
     ):
-        tls.sendall(
-            f"GET {path} HTTP/1.1\r\nHost: edge.example.com\r\nConnection: close\r\n\r\n".encode()
-        )
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         answer = b""
         while chunk := tls.recv(4096):
             answer += chunk
@@ -271,3 +272,49 @@ def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
         net=True,
     )
     assert "table inet confedge loaded" in out and "set confedge_banned_v4" in out, out
+
+
+@pytest.mark.timeout(1200)
+def test_the_readme_demo_on_a_bare_debian_host(bare_host: BareHost) -> None:
+    """The README's first command on the machine it names: Debian 12 with only `apt-get install
+    python3-venv make` added. `make demo` makes the environment (interpreted: no compiler here)
+    and starts the demo; the proxy answers through to a simulated node, the HTTP port
+    redirects, the status page serves."""
+    host = bare_host
+    host.run(
+        "bash", "-c",
+        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "
+        "--no-install-recommends python3-venv make >/dev/null",
+        timeout=600,
+    )  # fmt: skip
+    base = demo_port_base()
+    ports = DemoPorts.from_base(base)
+    https, http, status = ports.https, ports.http, ports.status
+    demo = subprocess.Popen(
+        host.argv("make", "-C", "/src/confedge", "demo", f"DEMO_ARGS=--port-base {base}"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # (make and the demo it starts: stopped together)
+    )  # fmt: skip
+    try:
+        tcp_listening(status, demo, "make demo", timeout=600)
+        answer = _https_get(https, "/api/client/v2/status", "localhost")
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
+        assert b'"status":"success"' in answer.replace(b" ", b""), answer[-300:]
+        with socket.create_connection(("127.0.0.1", http), timeout=5) as s:
+            s.sendall(b"GET /webapp/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            head = s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 301 ") and b"Location: https://" in head, head
+        with socket.create_connection(("127.0.0.1", status), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            head = s.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C, as the demo's banner says
+        try:
+            out = demo.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            os.killpg(demo.pid, signal.SIGKILL)
+            out = demo.communicate()[0]
+    assert "confedge demo is running on loopback" in out, out[-3000:]
+    assert "hot path interpreted" in out, out[-3000:]
