@@ -33,13 +33,13 @@ import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ops_support import tls_client
 
 from confedge.demo import DemoPorts
 from ports import demo_port_base, spare_ports, tcp_listening
@@ -172,9 +172,7 @@ def bare_host(tmp_path: Path) -> Iterator[BareHost]:
 
 
 def _https_get(port: int, path: str, host: str = "edge.example.com") -> bytes:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
+    ctx = tls_client()
     with (
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         ctx.wrap_socket(raw, server_hostname=host) as tls,
