@@ -6,7 +6,7 @@ import pytest
 
 from confedge.config import GuardConfig, parse_section
 from confedge.guard.bantable import BanTable
-from confedge.guard.core import BanRecord, Failure, GuardCore, ban_duration
+from confedge.guard.core import REASON_MAX, BanRecord, Failure, GuardCore, ban_duration
 
 T0 = 1_700_000_000.0
 
@@ -216,3 +216,22 @@ def test_conference_replay_after_restart_does_not_ban_again() -> None:
     fresh.set_bans(core.bans.values())
     later = T0 + 100
     assert [b for f in fails for b in fresh.observe(f, later)] == []
+
+
+def test_reasons_are_bounded_wherever_they_come_from() -> None:
+    """A reason is a log field, a status-page cell and a value in the shared store: a long
+    conference alias from a request path, or a megabyte another instance or a hand edit put
+    into Redis, is cut to REASON_MAX characters."""
+    core = GuardCore(cfg(maxretry=1000, conference_maxretry=1))  # (its reason names the alias)
+    (ban,) = core.observe(pin("198.51.100.8", T0, alias="a" * 8000), T0)
+    assert ban.reason.startswith("conference aaa")
+    assert len(ban.reason) == REASON_MAX and ban.reason.endswith("\u2026")
+    manual = core.manual_ban("198.51.100.9", T0, 60, "x" * 5000)
+    assert len(manual.reason) == REASON_MAX
+    stored = {
+        "source": "198.51.100.10", "created": T0, "expires": T0 + 60, "count": 1,
+        "failures": 3, "reason": "y" * 1_000_000,
+    }  # fmt: skip
+    assert len(BanRecord.from_json(stored).reason) == REASON_MAX
+    short = {**stored, "reason": "3 wrong PINs for meet"}
+    assert BanRecord.from_json(short).reason == "3 wrong PINs for meet"

@@ -62,6 +62,17 @@ class Failure:
     origin: str = ""
 
 
+# A ban's reason, at most this long (characters): it is a log field, a status-page cell and a
+# value in the shared store, and it can hold a conference alias from a request path (up to
+# 8 KB) or whatever another instance or a hand edit put into Redis or SQLite.
+REASON_MAX = 256
+
+
+def bounded_reason(text: str) -> str:
+    """`text`, cut to REASON_MAX characters with a final "…" when longer."""
+    return text if len(text) <= REASON_MAX else text[: REASON_MAX - 1] + "\u2026"
+
+
 @dataclass(frozen=True, slots=True)
 class BanRecord:
     """A ban, current or past (past ones are kept `ban_memory` long for escalation)."""
@@ -101,7 +112,7 @@ class BanRecord:
             expires=expires,
             count=int(d["count"]),  # type: ignore[call-overload]
             failures=int(d["failures"]),  # type: ignore[call-overload]
-            reason=str(d["reason"]),
+            reason=bounded_reason(str(d["reason"])),
         )
 
 
@@ -276,7 +287,7 @@ class GuardCore:
             expires=now + ban_duration(self.cfg, count, self._rand()),
             count=count,
             failures=failures,
-            reason=reason,
+            reason=bounded_reason(reason),
         )
         self.put(rec)
         return rec

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from confedge.guard.addresses import prefix64
-from confedge.guard.core import PIN, BanRecord, Failure
+from confedge.guard.core import PIN, BanRecord, Failure, bounded_reason
 from confedge.guard.inflight import Admission, Limits, Reservation, admit, counted
 from confedge.guard.store import Poll, StoreError, StoreOpenError, ensure_state_dir
 
@@ -420,7 +420,7 @@ def _rec(row: tuple[object, ...]) -> BanRecord:
         expires=float(row[2]),  # type: ignore[arg-type]
         count=int(row[3]),  # type: ignore[call-overload]
         failures=int(row[4]),  # type: ignore[call-overload]
-        reason=str(row[5]),
+        reason=bounded_reason(str(row[5])),
     )
 
 
