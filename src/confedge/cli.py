@@ -121,6 +121,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         early_hup: list[bool] = []
         signal_loop = asyncio.get_running_loop()
         signal_loop.add_signal_handler(signal.SIGHUP, early_hup.append, True)
+        # Likewise a stop (`systemctl stop` while it starts, Ctrl-C): remembered, and once
+        # the start is over everything is stopped in order (the guard's store flushed), exit 0,
+        # where the default action killed the process half-started. A second one is the
+        # default action again: a start that hangs can still be interrupted.
+        early_stop: list[str] = []
+
+        def stop_when_started(sig: signal.Signals) -> None:
+            early_stop.append(sig.name)
+            signal_loop.remove_signal_handler(sig)
+
+        for stop_sig in (signal.SIGTERM, signal.SIGINT):
+            signal_loop.add_signal_handler(stop_sig, stop_when_started, stop_sig)
         try:
             await rt.start()
         except (OSError, ConfigError) as exc:
@@ -131,6 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         from confedge.pidfile import remove_pidfile, write_pidfile
 
         pidfile = write_pidfile(state)  # `confedge cert install` signals this process
+        if early_stop:
+            log = logging.getLogger("confedge")
+            log.info("%s received while starting, stopping", early_stop[0])
+            try:
+                await rt.close()
+            finally:
+                remove_pidfile(pidfile)
+            return 0
         if early_hup:
             rt.reload()
         try:

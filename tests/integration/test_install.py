@@ -273,8 +273,9 @@ def test_from_install_to_a_service_that_serves_as_its_user(public_dir: Path) -> 
         # The self-signed certificate was made by the service user in its state directory.
         made = list((public_dir / "state").rglob("*.pem"))
         assert made and all(p.stat().st_uid == pwd.getpwnam("nobody").pw_uid for p in made)
-        # Started as a whole (the status page comes last) before it is stopped: a stop during
-        # the start is the signal's default action, as for any process not yet serving.
+        # Started as a whole (the status page comes last) before it is stopped, so that what
+        # is checked is the running service's stop (a stop during the start is
+        # test_qa_config_cli.py::test_a_stop_while_starting_stops_cleanly).
         while True:
             assert service.poll() is None
             try:

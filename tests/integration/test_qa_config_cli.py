@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -401,3 +402,39 @@ def test_setup_next_steps_give_the_certbot_commands_as_one_pastes_them(tmp_path:
     assert "TCP 80 (redirect to HTTPS, ACME challenges) from anywhere" in " ".join(
         res.stdout.split()
     )
+
+
+def test_a_stop_while_starting_stops_cleanly(tmp_path: Path) -> None:
+    """SIGTERM (`systemctl stop` during the start) while the proxy workers are still being
+    started: remembered, then everything is stopped in order and the exit status is 0 (was:
+    the default action, killed half-started, exit -15, its pid file left behind)."""
+    https = spare_port()
+    path = tmp_path / "stop.toml"
+    path.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n[proxy]\nnodes = ["127.0.0.1:9"]\n'
+        f"https_port = {https}\nhttp_port = 0\nworkers = 2\n[turn]\nenabled = false\n"
+        "[management]\nenabled = false\n"
+    )
+    proc = subprocess.Popen(
+        [*CONFEDGE, "run", "--config", str(path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = []
+        for line in proc.stderr:  # the first part started; the workers are being spawned
+            seen.append(line)
+            if "guard started" in line or "Traceback" in line:
+                break
+        proc.send_signal(signal.SIGTERM)
+        rest = proc.stderr.read()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = "".join(seen) + rest
+    assert proc.returncode == 0, text
+    assert "SIGTERM received while starting, stopping" in text, text
+    assert "proxy stopped" in text and "Traceback" not in text, text
+    assert not (tmp_path / "state" / "confedge.pid").exists()
