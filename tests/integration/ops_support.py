@@ -132,6 +132,20 @@ def tls_client() -> ssl.SSLContext:
     return ctx
 
 
+def https_get(port: int, path: str, host: str = "edge.example.com") -> bytes:
+    """The whole answer (head and body, until the server closes) to one GET over TLS on
+    127.0.0.1:`port`, with `host` as SNI and Host, the certificate not checked."""
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        tls_client().wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := tls.recv(4096):
+            answer += chunk
+    return answer
+
+
 def write_cert(cert_path: Path, key_path: Path, cn: str) -> None:
     """A self-signed certificate for `cn` (and edge.example.com) and its key, as PEM files."""
     key = ec.generate_private_key(ec.SECP256R1())

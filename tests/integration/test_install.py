@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
-import ssl
 import subprocess
 import tempfile
 import time
@@ -23,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ops_support import https_get
 
-from ports import free_port
+from ports import free_port, tcp_listening
 
 REPO = Path(__file__).resolve().parents[2]
 INSTALL = REPO / "install.sh"
@@ -248,27 +247,8 @@ def test_from_install_to_a_service_that_serves_as_its_user(public_dir: Path) -> 
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
-        while True:
-            assert service.poll() is None, service.communicate()[0]
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the service did not listen"
-                time.sleep(0.2)
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        with (
-            socket.create_connection(("127.0.0.1", port)) as raw,
-            ctx.wrap_socket(raw, server_hostname="edge.example.com") as tls,
-        ):
-            tls.sendall(
-                b"GET /health HTTP/1.1\r\nHost: edge.example.com\r\nConnection: close\r\n\r\n"
-            )
-            answer = b""
-            while chunk := tls.recv(4096):
-                answer += chunk
+        tcp_listening(port, service, "the service", timeout=30)
+        answer = https_get(port, "/health")
         assert answer.startswith(b"HTTP/1.1 "), answer[:200]
         # The self-signed certificate was made by the service user in its state directory.
         made = list((public_dir / "state").rglob("*.pem"))
@@ -276,14 +256,8 @@ def test_from_install_to_a_service_that_serves_as_its_user(public_dir: Path) -> 
         # Started as a whole (the status page comes last) before it is stopped, so that what
         # is checked is the running service's stop (a stop during the start is
         # test_qa_config_cli.py::test_a_stop_while_starting_stops_cleanly).
-        while True:
-            assert service.poll() is None
-            try:
-                with socket.create_connection(("127.0.0.1", mgmt), timeout=1):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, "the status page did not listen"
-                time.sleep(0.2)
+        left = max(0.1, deadline - time.monotonic())
+        tcp_listening(mgmt, service, "the service (status page)", timeout=left)
     finally:
         service.terminate()
         out = service.communicate(timeout=30)[0]

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ops_support import tls_client
+from ops_support import https_get
 
 from confedge.demo import DemoPorts
 from ports import demo_port_base, spare_ports, tcp_listening
@@ -171,19 +171,6 @@ def bare_host(tmp_path: Path) -> Iterator[BareHost]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _https_get(port: int, path: str, host: str = "edge.example.com") -> bytes:
-    ctx = tls_client()
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        ctx.wrap_socket(raw, server_hostname=host) as tls,
-    ):
-        tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
-        answer = b""
-        while chunk := tls.recv(4096):
-            answer += chunk
-    return answer
-
-
 def _stun_binding(port: int) -> bytes:
     """The message type of the answer to a STUN Binding request (RFC 8489 §5: 0x0001, no
     attributes, the magic cookie, a random transaction ID) sent over UDP; b"" if none came."""
@@ -247,7 +234,7 @@ def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
     )  # fmt: skip
     try:
         tcp_listening(https, service, "the service")
-        answer = _https_get(https, "/health")
+        answer = https_get(https, "/health")
         assert answer.startswith(b"HTTP/1.1 200 "), answer
         assert answer.partition(b"\r\n\r\n")[2].strip() == b"serving", answer
         tcp_listening(mgmt, service, "the service (status page, started last)")
@@ -295,7 +282,7 @@ def test_the_readme_demo_on_a_bare_debian_host(bare_host: BareHost) -> None:
     )  # fmt: skip
     try:
         tcp_listening(status, demo, "make demo", timeout=600)
-        answer = _https_get(https, "/api/client/v2/status", "localhost")
+        answer = https_get(https, "/api/client/v2/status", "localhost")
         assert answer.startswith(b"HTTP/1.1 200 "), answer[:300]
         assert b'"status":"success"' in answer.replace(b" ", b""), answer[-300:]
         with socket.create_connection(("127.0.0.1", http), timeout=5) as s:

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import hmac
 import shutil
-import socket
 import struct
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import pytest
 from aioice.stun import TransactionFailed
 from aioice.turn import create_turn_endpoint
+from stun_udp import StunUdp
 
 from confedge.guard import create_guard
 from confedge.guard.hook import NullGuard
@@ -64,36 +64,6 @@ class _Recorder(NullGuard):
 
     def record_turn_auth_failure(self, client_ip: str) -> None:
         self.failures.append(client_ip)
-
-
-class _Udp:
-    """A UDP client socket for raw STUN exchanges."""
-
-    def __init__(self, server: tuple[str, int], source: str = ATTACKER) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((source, 0))
-        self.sock.setblocking(False)
-        self.server = server
-
-    def drain(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                self.sock.recv(65535)
-
-    async def ask(self, wire: bytes, timeout: float = 0.5) -> Message | None:
-        """The answer to `wire`, or None when the server stays silent."""
-        self.drain()
-        self.sock.sendto(wire, self.server)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                return parse_message(self.sock.recv(65535))
-            except BlockingIOError:
-                await asyncio.sleep(0.005)
-        return None
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 class _Tcp:
@@ -149,7 +119,7 @@ def _nonce(msg: Message | None) -> bytes:
     return nonce
 
 
-async def _challenge(c: _Udp | _Tcp) -> bytes:
+async def _challenge(c: StunUdp | _Tcp) -> bytes:
     return _nonce(await c.ask(_request().build()))
 
 
@@ -174,8 +144,8 @@ async def test_a_challenge_is_not_counted_and_a_wrong_password_counts_once() -> 
     async with _server() as (svc, guard):
         for transport in ("udp", "tcp"):
             guard.failures.clear()
-            c: _Udp | _Tcp = (
-                _Udp(("127.0.0.1", svc.port))
+            c: StunUdp | _Tcp = (
+                StunUdp(("127.0.0.1", svc.port))
                 if transport == "udp"
                 else await _Tcp.connect(svc.port, ATTACKER)
             )
@@ -197,7 +167,7 @@ async def test_a_stale_nonce_does_not_make_guesses_free() -> None:
     oracle too: once the guesser's own 401 budget is spent, the right password still gets its
     (budget-free) 438 and a wrong one silence. Each such guess now counts."""
     async with _server(unauth_budget=3) as (svc, guard):
-        c = _Udp(("127.0.0.1", svc.port))
+        c = StunUdp(("127.0.0.1", svc.port))
         try:
             nonce = await _challenge(c)
             assert svc.core is not None
@@ -228,10 +198,10 @@ async def test_forged_sources_and_foreign_nonces_never_ban_anyone() -> None:
     all get 438 and are never counted, with right or wrong passwords; the victim then
     allocates. (coturn and fail2ban count coturn's 401 log lines, whatever the source.)"""
     async with _server() as (svc, guard):
-        attacker = _Udp(("127.0.0.1", svc.port))
-        forger = _Udp(("127.0.0.1", svc.port), VICTIM)  # writes the victim's address
-        replayer = _Udp(("127.0.0.1", svc.port))  # the attacker's address, another port
-        victim = _Udp(("127.0.0.1", svc.port), VICTIM)
+        attacker = StunUdp(("127.0.0.1", svc.port))
+        forger = StunUdp(("127.0.0.1", svc.port), VICTIM)  # writes the victim's address
+        replayer = StunUdp(("127.0.0.1", svc.port))  # the attacker's address, another port
+        victim = StunUdp(("127.0.0.1", svc.port), VICTIM)
         try:
             nonce = await _challenge(attacker)
             captured = _sign(_request(), "turnuser", "turnpass", nonce)
@@ -278,7 +248,7 @@ async def test_rest_credential_forms() -> None:
     ]
     async with _server("permissive") as (svc, guard):
         for user in ok + counted + [f"{now - 1}:alice"]:
-            c = _Udp(("127.0.0.1", svc.port))
+            c = StunUdp(("127.0.0.1", svc.port))
             try:
                 nonce = await _challenge(c)
                 pw = RestCredentials.password_for(SECRETS[0], user)
@@ -299,8 +269,8 @@ async def test_rotated_secrets() -> None:
     user = f"{now + 3600}:bob"
     old_pw = RestCredentials.password_for(SECRETS[1], user)
     async with _server("permissive") as (svc, guard):
-        holder = _Udp(("127.0.0.1", svc.port))
-        late = _Udp(("127.0.0.1", svc.port))
+        holder = StunUdp(("127.0.0.1", svc.port))
+        late = StunUdp(("127.0.0.1", svc.port))
         try:
             nonce = await _challenge(holder)
             assert _code(await holder.ask(_sign(_request(), user, old_pw, nonce))) == 200
@@ -350,7 +320,7 @@ async def test_restricted_password_rotation_does_not_ban_the_node() -> None:
     await guard.start()
     svc = TurnService(cfg, guard=guard)
     await svc.start()
-    holder = _Udp(("127.0.0.1", svc.port), "127.0.0.1")
+    holder = StunUdp(("127.0.0.1", svc.port), "127.0.0.1")
     sockets = [holder]
     try:
         nonce = await _challenge(holder)
@@ -364,7 +334,7 @@ async def test_restricted_password_rotation_does_not_ban_the_node() -> None:
             )
         )
         for _ in range(5):
-            c = _Udp(("127.0.0.1", svc.port), "127.0.0.1")
+            c = StunUdp(("127.0.0.1", svc.port), "127.0.0.1")
             sockets.append(c)
             fresh = await _challenge(c)
             assert _code(await c.ask(_sign(_request(), "turnuser", "turnpass", fresh))) == 401
@@ -374,7 +344,7 @@ async def test_restricted_password_rotation_does_not_ban_the_node() -> None:
         refresh.add(Attr.LIFETIME, encode_u32(600))
         assert _code(await holder.ask(_sign(refresh, "turnuser", "turnpass", nonce))) == 200
         for _ in range(3):
-            c = _Udp(("127.0.0.1", svc.port), "127.0.0.1")
+            c = StunUdp(("127.0.0.1", svc.port), "127.0.0.1")
             sockets.append(c)
             fresh = await _challenge(c)
             assert _code(await c.ask(_sign(_request(), "turnuser", "guess", fresh))) == 401
@@ -409,7 +379,7 @@ async def test_sha256_integrity_is_the_one_checked() -> None:
     confedge sends no nonce cookie or PASSWORD-ALGORITHMS) without USERNAME is a 400."""
     async with _server() as (svc, guard):
         key = long_term_key("turnuser", REALM, "turnpass")
-        c = _Udp(("127.0.0.1", svc.port))
+        c = StunUdp(("127.0.0.1", svc.port))
         try:
             nonce = await _challenge(c)
             both = _append_sha256(_sign(_request(), "turnuser", "turnpass", nonce), b"forged")
@@ -421,7 +391,7 @@ async def test_sha256_integrity_is_the_one_checked() -> None:
             assert answer is not None and answer.integrity_sha256_offset >= 0
         finally:
             c.close()
-        c = _Udp(("127.0.0.1", svc.port))
+        c = StunUdp(("127.0.0.1", svc.port))
         try:
             nonce = await _challenge(c)
             assert _code(await c.ask(_sign(_request(), "turnuser", "turnpass", nonce, True))) == 200
@@ -455,8 +425,8 @@ async def test_another_users_credentials_and_another_5_tuple() -> None:
     alice, bob = f"{exp}:alice", f"{exp}:bob"
     a_pw, b_pw = (RestCredentials.password_for(SECRETS[0], u) for u in (alice, bob))
     async with _server("permissive") as (svc, guard):
-        a = _Udp(("127.0.0.1", svc.port))
-        other = _Udp(("127.0.0.1", svc.port))
+        a = StunUdp(("127.0.0.1", svc.port))
+        other = StunUdp(("127.0.0.1", svc.port))
         try:
             nonce = await _challenge(a)
             assert _code(await a.ask(_sign(_request(), alice, a_pw, nonce))) == 200
@@ -485,7 +455,7 @@ async def test_restricted_mode_judges_stream_clients_by_their_address() -> None:
     """A source outside ``media_nodes`` that knows the username and password gets 403 over UDP
     and TCP before any challenge (no nonce, nothing counted); a node allocates over TCP."""
     async with _server(media_nodes=["127.0.0.1/32"]) as (svc, guard):
-        u = _Udp(("127.0.0.1", svc.port))
+        u = StunUdp(("127.0.0.1", svc.port))
         t = await _Tcp.connect(svc.port, ATTACKER)
         node = await _Tcp.connect(svc.port, "127.0.0.1")
         try:

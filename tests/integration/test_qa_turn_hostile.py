@@ -9,7 +9,6 @@ that its 401 budget (turn.unauth_budget, per source) does not starve the real cl
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import socket
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 from aioice.turn import create_turn_endpoint
 from msgspec import structs
+from stun_udp import StunUdp
 
 from confedge.stun import (
     Attr,
@@ -57,42 +57,6 @@ def _crashes(records: list[logging.LogRecord]) -> list[str]:
         for r in records
         if r.levelno >= logging.ERROR or r.exc_info is not None
     ]
-
-
-class _Udp:
-    """A blocking-free UDP client socket for raw STUN exchanges."""
-
-    def __init__(self, server: tuple[str, int], source: str = ATTACKER) -> None:
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind((source, 0))
-        self.sock.setblocking(False)
-        self.server = server
-
-    def send(self, data: bytes) -> None:
-        with contextlib.suppress(BlockingIOError):
-            self.sock.sendto(data, self.server)
-
-    def drain(self) -> list[bytes]:
-        out = []
-        while True:
-            try:
-                out.append(self.sock.recv(65535))
-            except BlockingIOError:
-                return out
-
-    async def request(self, data: bytes, timeout: float = 2.0) -> bytes:
-        self.drain()
-        self.send(data)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.drain()
-            if got:
-                return got[-1]
-            await asyncio.sleep(0.005)
-        raise TimeoutError("no answer")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def _allocate_wire(extra: list[tuple[int, bytes]] = ()) -> MessageBuilder:  # type: ignore[assignment]
@@ -238,7 +202,7 @@ async def test_udp_fuzz_then_real_client(mode: str, caplog: pytest.LogCaptureFix
     )
     svc = TurnService(cfg)
     await svc.start()
-    attacker = _Udp(("127.0.0.1", svc.port))
+    attacker = StunUdp(("127.0.0.1", svc.port))
     try:
         challenge = parse_message(await attacker.request(_allocate_wire().build()))
         nonce = challenge.get(Attr.NONCE)
@@ -392,7 +356,7 @@ async def test_relay_range_exhaustion_508_then_recovery() -> None:
     client in, on the freed port."""
     svc = TurnService(turn_config(relay_ports="38300-38303"))
     await svc.start()
-    clients = [_Udp(("127.0.0.1", svc.port), "127.0.0.1") for _ in range(5)]
+    clients = [StunUdp(("127.0.0.1", svc.port), "127.0.0.1") for _ in range(5)]
     try:
         nonces = []
         for c in clients:
@@ -457,7 +421,7 @@ async def test_a_nearly_full_range_finds_its_last_ports_and_skips_another_progra
     other.bind(("127.0.0.1", base + 17))
     svc = TurnService(turn_config(relay_ports=f"{base}-{base + n - 1}"))
     await svc.start()
-    clients = [_Udp(("127.0.0.1", svc.port), "127.0.0.1") for _ in range(n)]
+    clients = [StunUdp(("127.0.0.1", svc.port), "127.0.0.1") for _ in range(n)]
     try:
         granted = []
         for c in clients[: n - 1]:
@@ -493,7 +457,7 @@ async def test_real_timers_expire_allocations_and_free_ports() -> None:
     await svc.start()
     assert svc.core is not None
     svc.core.s = replace(svc.core.s, default_lifetime=1, max_lifetime=1, permission_lifetime=1)
-    c = _Udp(("127.0.0.1", svc.port), "127.0.0.1")
+    c = StunUdp(("127.0.0.1", svc.port), "127.0.0.1")
     try:
         nonce = parse_message(await c.request(_allocate_wire().build())).get(Attr.NONCE) or b""
         ok = parse_message(
