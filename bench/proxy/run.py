@@ -310,17 +310,43 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of the process tree (fields 14 and 15 of /proc/<pid>/stat)."""
-    total = 0
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, kernel) CPU seconds of the process tree (utime and stime, fields 14 and 15 of
+    /proc/<pid>/stat). Kept apart because the two servers' kernel work is nearly the same
+    system calls, so the gap between them is mostly on the user side."""
+    user = kernel = 0
     for p in _tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / CLK_TCK
+        user += int(fields[11])
+        kernel += int(fields[12])
+    return user / CLK_TCK, kernel / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime+stime of the process tree."""
+    return sum(cpu_times(pid))
+
+
+def _cpu_fields(
+    start: tuple[float, float], end: tuple[float, float], requests: int
+) -> dict[str, Any]:
+    """cpu_s and cpu_us_per_req, plus the user and kernel shares per request."""
+    user, kernel = end[0] - start[0], end[1] - start[1]
+    cpu = user + kernel
+
+    def per(x: float) -> float | None:
+        return round(x / requests * 1e6, 2) if requests else None
+
+    return {
+        "cpu_s": round(cpu, 3),
+        "cpu_us_per_req": per(cpu),
+        "cpu_user_us_per_req": per(user),
+        "cpu_kernel_us_per_req": per(kernel),
+    }
 
 
 def memory_kib(pid: int) -> tuple[int, int, int]:
@@ -486,7 +512,7 @@ def _ms(text: str) -> float:
 
 
 def run_wrk(url: str, duration: int, connections: int, threads: int, pid: int) -> dict[str, Any]:
-    cpu0 = cpu_seconds(pid)
+    cpu0 = cpu_times(pid)
     out = subprocess.run(
         [WRK, "-t", str(threads), "-c", str(connections), "-d", f"{duration}s", "--latency", url],
         capture_output=True,
@@ -494,7 +520,7 @@ def run_wrk(url: str, duration: int, connections: int, threads: int, pid: int) -
         timeout=duration + 60,
         check=True,
     ).stdout
-    cpu = cpu_seconds(pid) - cpu0
+    cpu1 = cpu_times(pid)
     requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1])  # type: ignore[index]
     p50 = _ms(re.search(r"\s50%\s+(\S+)", out)[1])  # type: ignore[index]
@@ -506,8 +532,7 @@ def run_wrk(url: str, duration: int, connections: int, threads: int, pid: int) -
         "rps": rps,
         "p50_ms": p50,
         "p99_ms": p99,
-        "cpu_s": round(cpu, 3),
-        "cpu_us_per_req": round(cpu / requests * 1e6, 2) if requests else None,
+        **_cpu_fields(cpu0, cpu1, requests),
         "non_2xx_3xx": int(bad[1]) if bad else 0,
         "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
     }
@@ -526,7 +551,7 @@ def run_h2load(
     hangs: list[str] = []
     for _attempt in range(2):
         with tempfile.NamedTemporaryFile(prefix="h2load-", suffix=".tsv") as logf:
-            cpu0 = cpu_seconds(pid)
+            cpu0 = cpu_times(pid)
             try:
                 out = subprocess.run(
                     [*argv, "--log-file", logf.name, url],
@@ -542,7 +567,7 @@ def run_h2load(
                 hangs.append(_sockets_of(url))
                 print(f"  h2load hung on {url}; sockets: {hangs[-1]}; again", file=sys.stderr)
                 continue
-            cpu = cpu_seconds(pid) - cpu0
+            cpu1 = cpu_times(pid)
             rows = [line.split("\t") for line in Path(logf.name).read_text().splitlines() if line]
             break
     else:
@@ -574,8 +599,7 @@ def run_h2load(
         "rps": rps,
         "p50_ms": pct(0.50),
         "p99_ms": pct(0.99),
-        "cpu_s": round(cpu, 3),
-        "cpu_us_per_req": round(cpu / done * 1e6, 2) if done else None,
+        **_cpu_fields(cpu0, cpu1, done),
         "non_2xx_3xx": status_bad,
         "socket_errors": failed + errored + timeouts,
         **({"h2load_hangs": hangs} if hangs else {}),
@@ -780,12 +804,19 @@ def summarize_profile(path: Path, top: int = 25) -> str:
 
 def _median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("rps", "p50_ms", "p99_ms", "cpu_us_per_req")
-    return {
-        k: round(statistics.median(r[k] for r in runs if r[k] is not None), 3) for k in keys
-    } | {
-        "non_2xx_3xx": sum(r["non_2xx_3xx"] for r in runs),
-        "socket_errors": sum(r["socket_errors"] for r in runs),
-    }
+    split = ("cpu_user_us_per_req", "cpu_kernel_us_per_req")
+    return (
+        {k: round(statistics.median(r[k] for r in runs if r[k] is not None), 3) for k in keys}
+        | {
+            # the user/kernel split of the round whose CPU is the median (so they add up)
+            k: sorted(runs, key=lambda r: r["cpu_us_per_req"] or 0)[len(runs) // 2].get(k)
+            for k in split
+        }
+        | {
+            "non_2xx_3xx": sum(r["non_2xx_3xx"] for r in runs),
+            "socket_errors": sum(r["socket_errors"] for r in runs),
+        }
+    )
 
 
 # -- SSE memory -------------------------------------------------------------------------------
@@ -960,17 +991,19 @@ def markdown(results: dict[str, Any]) -> str:
         lines += [f"confedge's proxy hot path: {results['build']}.", ""]
     if results.get("throughput"):
         lines += [
-            "| scenario | server | req/s | p50 ms | p99 ms | CPU µs/req | errors |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| scenario | server | req/s | p50 ms | p99 ms | CPU µs/req | user / kernel | errors |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
     ratios = []
     floor_runs = any("floor" in per for per in results.get("throughput", {}).values())
     for name, per in results.get("throughput", {}).items():
         for server in per:
             m = per[server]["median"]
+            u, k = m.get("cpu_user_us_per_req"), m.get("cpu_kernel_us_per_req")
+            split = f"{u:.1f} / {k:.1f}" if u is not None and k is not None else "-"
             lines.append(
                 f"| {name} | {server} | {m['rps']:.0f} | {m['p50_ms']:.2f} | {m['p99_ms']:.2f} | "
-                f"{m['cpu_us_per_req']:.1f} | {m['non_2xx_3xx'] + m['socket_errors']} |"
+                f"{m['cpu_us_per_req']:.1f} | {split} | {m['non_2xx_3xx'] + m['socket_errors']} |"
             )
         if "nginx" not in per or "confedge" not in per:
             continue
