@@ -79,3 +79,33 @@ async def test_two_workers_share_the_port_and_restart(tmp_path):
         await svc.close()
         await node.kill()
     assert procs and all(p.exitcode == 0 for p in procs)  # SIGTERM: drained and exited cleanly
+
+
+async def test_a_stop_during_a_worker_restart_still_exits_it_cleanly(tmp_path):
+    """A worker restarted just before a stop gets SIGTERM while its interpreter and
+    multiprocessing's bootstrap are still starting, before _worker_main has its handler. It is
+    born with SIGTERM blocked (ProxyService._spawn), so the signal waits for the handler and
+    the worker exits 0; by the default action it died of the signal (exit -15), which is what
+    test_two_workers_share_the_port_and_restart met on a loaded host."""
+    node = await Upstream("n0").start()
+    svc = ProxyService(proxy_config([node.address], str(tmp_path), workers=2))
+    try:
+        await svc.start()
+        first = svc._procs[0]
+        assert first is not None
+        os.kill(first.pid, signal.SIGKILL)
+        await _gone(first.pid)
+        restarted = None
+        for _ in range(2000):  # the moment the supervisor has started its successor
+            p = svc._procs[0]
+            if p is not None and p.pid != first.pid and p.pid is not None:
+                restarted = p
+                break
+            await asyncio.sleep(0.005)
+        assert restarted is not None, "worker 0 was not restarted"
+        os.kill(restarted.pid, signal.SIGTERM)  # (still in the spawn bootstrap)
+        await asyncio.get_running_loop().run_in_executor(None, restarted.join, 10.0)
+        assert restarted.exitcode == 0
+    finally:
+        await svc.close()
+        await node.kill()

@@ -387,7 +387,19 @@ class ProxyService:
             except ValueError as exc:
                 raise ConfigError([str(exc)]) from None
             h2 = h2engine.describe(kind)
-        log.info("proxy: %d worker(s), hot path %s, HTTP/2 %s", self.workers, build_kind(), h2)
+        from confedge.proxy import h1engine
+
+        try:  # the same for proxy.http1_engine (the workers choose again, by the same rule)
+            h1 = h1engine.describe(h1engine.choose(cfg.proxy.http1_engine))
+        except ValueError as exc:
+            raise ConfigError([str(exc)]) from None
+        log.info(
+            "proxy: %d worker(s), hot path %s, HTTP/1.1 heads %s, HTTP/2 %s",
+            self.workers,
+            build_kind(),
+            h1,
+            h2,
+        )
         webroot = cfg.proxy.acme_webroot
         if webroot and cfg.proxy.http_port:
             # Explicit config that serves files on port 80: said at every start.
@@ -756,7 +768,15 @@ class ProxyService:
             name=f"confedge-proxy-{index}",
             daemon=True,
         )
-        proc.start()
+        # The child is born with SIGTERM blocked (a signal mask is inherited across fork and
+        # exec) until _worker_main has its handler: a stop that lands while the interpreter
+        # and multiprocessing's bootstrap start (a worker restarted just before a shutdown,
+        # on a loaded host) waits for that handler instead of killing it by default action.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         child_end.close()
         command_in.close()
         old = self._commands.pop(index, None)
@@ -951,6 +971,8 @@ def _worker_main(
     # during shutdown) ends it cleanly, exit code 0, instead of by the signal's default action;
     # the event loop's handler below replaces this one once the worker serves.
     signal.signal(signal.SIGTERM, _exit_while_starting)
+    # (born with SIGTERM blocked, see ProxyService._spawn: one that came meanwhile lands now)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     import uvloop
 
     setup_service_logging(
