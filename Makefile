@@ -39,11 +39,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 $(NATIVE_EXT): src/confedge/turn/_native.c src/confedge/proxy/_h2native.c \
+		src/confedge/proxy/_h1native.c \
 		src/confedge/turn/bpf/relay.bpf.c setup.py | $(STAMP)
 	@if command -v $${CC:-cc} >/dev/null 2>&1; then \
 		$(BIN)/python setup.py -q build_ext --inplace || true; \
 	else \
-		echo "confedge: no C compiler: TURN will use the pure-Python data plane, HTTP/2 hyper-h2"; \
+		echo "confedge: no C compiler: TURN will use the pure-Python data plane, HTTP/2 hyper-h2, HTTP/1.1 httptools alone"; \
 	fi
 	touch $(NATIVE_EXT)
 
@@ -79,11 +80,11 @@ XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),,-n $(PYTEST_WORKERS) --dist loadfil
 DURATIONS ?= --durations=15
 
 test-pure: $(STAMP) $(NATIVE_EXT) $(NODE_STAMP)
-	CONFEDGE_DATAPLANE=python CONFEDGE_H2_ENGINE=python $(BIN)/pytest -q $(XDIST) $(DURATIONS)
+	CONFEDGE_DATAPLANE=python CONFEDGE_H2_ENGINE=python CONFEDGE_H1_ENGINE=python $(BIN)/pytest -q $(XDIST) $(DURATIONS)
 
 test-native: native $(NODE_STAMP)
 	CONFEDGE_EXPECT_BUILD=compiled CONFEDGE_DATAPLANE=native CONFEDGE_H2_ENGINE=native \
-		PYTHONPATH=$(NATIVE) \
+		CONFEDGE_H1_ENGINE=native PYTHONPATH=$(NATIVE) \
 		$(BIN)/pytest -q $(XDIST) $(DURATIONS) $(NATIVE_TESTS)
 
 test-slow: $(STAMP) $(NODE_STAMP)

@@ -39,6 +39,7 @@ from setuptools.command.build_ext import build_ext
 ROOT = Path(__file__).resolve().parent
 NATIVE = "confedge.turn._native"
 H2NATIVE = "confedge.proxy._h2native"
+H1NATIVE = "confedge.proxy._h1native"
 
 
 def _wanted() -> bool:
@@ -62,7 +63,14 @@ def _native_ext() -> list[Any]:
             ["src/confedge/turn/_native.c"],
             extra_compile_args=flags,
             extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
-        )
+        ),
+        # The ordinary HTTP/1.1 head in one C pass (proxy/h1engine.py); httptools otherwise.
+        Extension(
+            H1NATIVE,
+            ["src/confedge/proxy/_h1native.c"],
+            extra_compile_args=flags,
+            extra_link_args=[f for f in flags if f.startswith("-fsanitize")],
+        ),
     ]
     # HTTP/2 framing on libnghttp2 (proxy/h2engine.py); hyper-h2 serves when it is not built.
     if _have_nghttp2():
@@ -164,20 +172,21 @@ class OptionalBuildExt(build_ext):
     failed: set[str] = set()
 
     def build_extension(self, ext: Any) -> None:
-        if ext.name not in (NATIVE, H2NATIVE):
+        if ext.name not in (NATIVE, H2NATIVE, H1NATIVE):
             super().build_extension(ext)  # mypyc: a failure drops them all (run() below)
             return
         try:
             super().build_extension(ext)
         except Exception as exc:  # CCompilerError, DistutilsExecError, PlatformError, OSError
             self.failed = self.failed | {ext.name}
-            fallback = (
-                'turn.dataplane = "auto" will use the pure-Python relay (same behaviour, more '
-                "CPU per packet)"
-                if ext.name == NATIVE
-                else 'proxy.http2_engine = "auto" will use hyper-h2 (same behaviour, more CPU '
-                "per request)"
-            )
+            fallback = {
+                NATIVE: 'turn.dataplane = "auto" will use the pure-Python relay (same behaviour, '
+                "more CPU per packet)",
+                H2NATIVE: 'proxy.http2_engine = "auto" will use hyper-h2 (same behaviour, more '
+                "CPU per request)",
+                H1NATIVE: 'proxy.http1_engine = "auto" will read every HTTP/1.1 head with '
+                "httptools (same behaviour, more CPU per request)",
+            }[ext.name]
             print(f"confedge: compiling {ext.name} failed ({exc}); {fallback}", file=sys.stderr)
 
     def copy_extensions_to_source(self) -> None:

@@ -76,6 +76,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"confedge: {exc}", file=sys.stderr)
             return 2
         h2 = h2engine.describe(kind)
+    from confedge.proxy import h1engine
+
+    try:  # proxy.http1_engine = "native" where the extension is not built
+        h1 = h1engine.describe(h1engine.choose(cfg.proxy.http1_engine))
+    except ValueError as exc:
+        print(f"confedge: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         for line in warnings:  # standard output stays JSON
             print(f"confedge: warning: {line}", file=sys.stderr)
@@ -83,6 +90,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"# {args.config}: configuration is valid; effective values (secrets masked)")
         print(f"# proxy hot path: {build_kind()}")
+        print(f"# HTTP/1.1 heads: {h1}")
         if h2 is not None:
             print(f"# HTTP/2 framing: {h2}")
         for line in warnings:
@@ -247,15 +255,18 @@ def version_lines() -> list[str]:
     """`confedge --version`: the version, then each part that has a native and a pure-Python
     implementation and which one this installation can run, with the reason when it is the
     slower one (what an operator checks after installing, and puts in a bug report)."""
-    from confedge.proxy import h2engine
+    from confedge.proxy import h1engine, h2engine
     from confedge.turn import native
     from confedge.turn.offload import BPF_OBJECT
 
+    h1_ok, h1_why = h1engine.native_available()
     h2_ok, h2_why = h2engine.native_available()
     turn_ok, turn_why = native.native_available()
     return [
         f"confedge {__version__} (Python {sys.version.split()[0]})",
         f"proxy hot path: {build_kind()}",
+        "HTTP/1.1 heads: "
+        + (h1engine.describe("native") if h1_ok else f"httptools alone: {h1_why}"),
         "HTTP/2 framing: "
         + (h2engine.describe("native") if h2_ok else f"hyper-h2 (pure Python): {h2_why}"),
         "TURN data plane: " + ("native (C relay threads)" if turn_ok else f"Python: {turn_why}"),

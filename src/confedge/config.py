@@ -560,6 +560,10 @@ class ProxyConfig(_Strict, frozen=True):
     # HTTP/2 framing (proxy/h2engine.py): "native" is libnghttp2 (built when libnghttp2-dev is
     # there at install), "python" is hyper-h2, "auto" the first that is there.
     http2_engine: Literal["auto", "native", "python"] = "auto"
+    # HTTP/1.1 heads (proxy/h1engine.py): "native" reads ordinary ones in C first (built with
+    # the package when a C compiler is there) and hands the rest to httptools; "python" gives
+    # every head to httptools; "auto" the first that is there.
+    http1_engine: Literal["auto", "native", "python"] = "auto"
 
     @property
     def node_addresses(self) -> list[NodeAddress]:

@@ -32,7 +32,7 @@ DRAIN_TICK = 0.5
 RESTART_KEYS: dict[str, tuple[str, ...]] = {
     "server": ("internal_address", "external_address", "state_dir"),
     "proxy": ("enabled", "https_port", "http_port", "workers", "access_log", "http2",
-              "http2_max_streams", "http2_engine"),
+              "http2_max_streams", "http2_engine", "http1_engine"),
     "turn": (
         "enabled", "port", "tls_port", "relay_ports", "relay_address_v6", "tls_on_https",
         "dataplane", "dataplane_threads", "dataplane_coalesce_us", "mode", "offload",

@@ -58,6 +58,7 @@ def test_install_links_the_command_and_upgrades_in_place(tmp_path: Path) -> None
     # What the pure build lacks is said at once, with the reason (not at the first start).
     assert "proxy hot path: interpreted" in out
     assert "TURN data plane: Python: the extension confedge.turn._native is not built" in out
+    assert "HTTP/1.1 heads: httptools alone: the extension confedge.proxy._h1native" in out
     assert "confedge setup" in out and "confedge install-service" in out
     if os.geteuid() == 0 and shutil.which("setpriv"):
         # tmp_path is under root's private directory: no service user could run this
@@ -159,6 +160,7 @@ def test_the_compiled_build_from_a_fresh_environment(tmp_path: Path) -> None:
     assert rc == 0, out
     assert "proxy hot path: compiled (mypyc)" in out, out
     assert "TURN data plane: native (C relay threads)" in out, out
+    assert "HTTP/1.1 heads: C fast path for ordinary heads" in out, out
     assert "the proxy was not compiled" not in out
 
 

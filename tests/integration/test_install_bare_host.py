@@ -199,6 +199,7 @@ def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
     assert "==> Debian packages: python3 " in out, out
     for line in (
         "proxy hot path: compiled (mypyc)",
+        "HTTP/1.1 heads: C fast path",
         "HTTP/2 framing: libnghttp2",
         "TURN data plane: native (C relay threads)",
         "eBPF relay offload: built",

@@ -346,17 +346,34 @@ async def test_guard_ban_and_pin_failures(node, tmp_path):
     build_kind() != "interpreted",
     reason="patches a module function the compiled build calls natively",
 )
-async def test_a_defect_in_a_parser_callback_is_a_logged_500(proxy, node, caplog, monkeypatch):
+@pytest.mark.parametrize("where", ["httptools callback", "C reader's request"])
+async def test_a_defect_in_a_parser_callback_is_a_logged_500(
+    proxy, node, caplog, monkeypatch, where
+):
     """An exception of the proxy's own in an httptools callback surfaced as 'malformed request:
     User callback error', a 400 logged at INFO: the client blamed, the defect invisible. Now a
-    500, and an ERROR with the traceback, at most once a minute however often it happens."""
+    500, and an ERROR with the traceback, at most once a minute however often it happens. The
+    same for a request the C reader took whole (proxy.http1_engine "native"), whose Python
+    steps run outside httptools."""
     import confedge.proxy.defects as defects
     import confedge.proxy.server as server
 
-    def broken(name: bytes) -> tuple[bytes, int]:
-        raise KeyError("defect-under-test")
+    core = proxy.core
+    if where == "httptools callback":
 
-    monkeypatch.setattr(server, "_name_kind", broken)
+        def broken(name: bytes) -> tuple[bytes, int]:
+            raise KeyError("defect-under-test")
+
+        monkeypatch.setattr(server, "_name_kind", broken)
+        monkeypatch.setattr(core, "h1_request", None)  # (every head through httptools)
+    else:
+        if core.h1_request is None:
+            pytest.skip("the C reader is not in use (proxy.http1_engine, CONFEDGE_H1_ENGINE)")
+
+        def broken_vet(self: object, req: object) -> None:
+            raise KeyError("defect-under-test")
+
+        monkeypatch.setattr(server.ClientConnection, "_vet", broken_vet)
     monkeypatch.setattr(defects, "_defects", [0.0, -float("inf")])
     raw = f"GET /api/client/v2/status HTTP/1.1\r\n{H}X-Never-Seen-Before: 1\r\n\r\n".encode()
     for _ in range(3):
@@ -368,3 +385,40 @@ async def test_a_defect_in_a_parser_callback_is_a_logged_500(proxy, node, caplog
     monkeypatch.undo()
     r = await exchange(proxy.https_port, raw)
     assert r is not None and r.status == 200
+
+
+@pytest.mark.skipif(
+    build_kind() != "interpreted",
+    reason="patches a method the compiled build calls natively",
+)
+@pytest.mark.parametrize("engine", ["httptools", "C reader"])
+async def test_a_defect_reading_a_node_answer_is_a_logged_502(
+    proxy, node, caplog, monkeypatch, engine
+):
+    """The node side's twin of the test above: an exception of the proxy's own while a node's
+    answer is read (in an httptools callback, or after the C reader took the answer whole) is
+    an ERROR with its traceback and the client gets a 502 (the answer counts as invalid, so
+    the node is marked down, as for any invalid answer); not an exception out of
+    data_received, which uvloop would only log as a protocol failure."""
+    import confedge.proxy.defects as defects
+    import confedge.proxy.upstream as upstream
+
+    core = proxy.core
+    if engine == "httptools":
+        monkeypatch.setattr(core, "h1_response", None)
+    elif core.h1_response is None:
+        pytest.skip("the C reader is not in use (proxy.http1_engine, CONFEDGE_H1_ENGINE)")
+
+    def broken(self: object, ex: object, now: float) -> None:
+        raise KeyError("node-defect-under-test")
+
+    monkeypatch.setattr(upstream.UpstreamConnection, "_observe", broken)
+    monkeypatch.setattr(defects, "_defects", [0.0, -float("inf")])
+    raw = f"GET /api/client/v2/status HTTP/1.1\r\n{H}\r\n".encode()
+    r = await exchange(proxy.https_port, raw)
+    assert r is not None and r.status == 502
+    errors = [x for x in caplog.records if x.levelname == "ERROR"]
+    assert len(errors) == 1, errors
+    assert errors[0].exc_info is not None
+    assert "node-defect-under-test" in str(errors[0].exc_info[1])
+    assert "reading a node's answer" in errors[0].getMessage()

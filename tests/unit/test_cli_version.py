@@ -12,7 +12,7 @@ import sys
 
 from confedge import __version__
 from confedge.cli import version_lines
-from confedge.proxy import build_kind, h2engine
+from confedge.proxy import build_kind, h1engine, h2engine
 from confedge.turn import native
 
 
@@ -21,16 +21,23 @@ def test_version_lines_name_each_part_and_why_a_native_one_is_missing() -> None:
     assert lines[0].startswith(f"confedge {__version__} (Python ")
     assert [line.split(":")[0] for line in lines[1:]] == [
         "proxy hot path",
+        "HTTP/1.1 heads",
         "HTTP/2 framing",
         "TURN data plane",
         "eBPF relay offload",
     ]
     assert lines[1] == f"proxy hot path: {build_kind()}"
+    h1_ok, h1_why = h1engine.native_available()
+    assert (
+        lines[2] == "HTTP/1.1 heads: C fast path for ordinary heads, httptools for the rest"
+        if h1_ok
+        else h1_why in lines[2]
+    )
     h2_ok, h2_why = h2engine.native_available()
-    assert lines[2].startswith("HTTP/2 framing: libnghttp2 ") if h2_ok else h2_why in lines[2]
+    assert lines[3].startswith("HTTP/2 framing: libnghttp2 ") if h2_ok else h2_why in lines[3]
     turn_ok, turn_why = native.native_available()
     assert (
-        lines[3] == "TURN data plane: native (C relay threads)" if turn_ok else turn_why in lines[3]
+        lines[4] == "TURN data plane: native (C relay threads)" if turn_ok else turn_why in lines[4]
     )
 
 

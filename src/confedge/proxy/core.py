@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from confedge.config import Config, NodeAddress
 from confedge.guard.addresses import Networks, client_address, parse_networks
 from confedge.guard.hook import GuardHook
+from confedge.proxy import h1engine
 from confedge.proxy.accesslog import RequestCounter, remote_user
 from confedge.proxy.balancer import Balancer
 from confedge.proxy.exchange import Exchange, ExchangeSettings
+from confedge.proxy.h1engine import RequestReader, ResponseReader
 from confedge.proxy.health import LATENCY_BUCKETS, Transition
 from confedge.proxy.healthcheck import HealthChecker
 from confedge.proxy.pages import DateCache
@@ -209,6 +211,13 @@ class WorkerRuntime:
         # proxy.http2: the HTTP/2 adapter's shared part (proxy/h2.py H2Runtime), set by
         # ProxyWorker when ALPN offers "h2"; None keeps every connection on HTTP/1.1.
         self.h2: Any = None
+        # proxy.http1_engine (h1engine.py): the C readers of ordinary HTTP/1.1 heads, tried
+        # before httptools by server.py and upstream.py; None for both: httptools alone.
+        self.h1_request: RequestReader | None
+        self.h1_response: ResponseReader | None
+        self.h1_request, self.h1_response = h1engine.readers(
+            h1engine.choose(cfg.proxy.http1_engine)
+        )
         # turn.tls_on_https: where TURN connections on the HTTPS port go (set by ProxyWorker);
         # None keeps the HTTP path exactly as without the option.
         self.turn_share: TurnShare | None = None

@@ -299,7 +299,29 @@ class ClientConnection(asyncio.BufferedProtocol):
         # The common case, a new request (or several) in this read: straight to the parser.
         self.activity = True
         cur = self.cur
-        self.at0 = cur is None or cur.complete
+        at0 = cur is None or cur.complete
+        if at0 and self.exchange is None and not self.pending:
+            # proxy.http1_engine "native": an ordinary request (bodiless, whole, alone in this
+            # read) read in one C pass; None: anything else, to httptools as below.
+            reader = self.core.h1_request
+            if reader is not None:
+                core = self.core
+                r = reader(
+                    core.read_view, nbytes, core.max_url_bytes, core.max_header_bytes,
+                    core.max_headers,
+                )  # fmt: skip
+                if r is not None:
+                    try:
+                        self._read_whole(r)
+                    except Exception as bug:  # (the proxy's own defect)
+                        # As a defect in an httptools callback is (_parse_error): in the log
+                        # with its traceback, and a 500 that does not blame the client.
+                        report_defect(bug, f"reading a request from {self.peer}")
+                        t = self.transport
+                        if t is not None and not t.is_closing():
+                            self.refuse(500, "internal error")
+                    return
+        self.at0 = at0
         try:
             self.feed(data)
         except httptools.HttpParserUpgrade as exc:
@@ -514,6 +536,35 @@ class ClientConnection(asyncio.BufferedProtocol):
         else:
             self.pending.append(req)
             self.pause(_PAUSE_PIPELINE)
+
+    def _read_whole(self, r: tuple[Any, ...]) -> None:
+        """A request the C reader took whole (h1engine): the same Request the callbacks above
+        would have built, then the same steps in the same order (head complete, message
+        complete), so the exchange core sees the same events as after httptools."""
+        req = Request()
+        (
+            req.method,
+            req.url,
+            req.headers,
+            req.host,
+            req.ua,
+            req.referer,
+            req.xff,
+            req.conn_tokens,
+            req.pin,
+            req.session,
+            req.auth,
+            req.header_bytes,
+        ) = r
+        self.cur = req
+        # (version "1.1" and keep_alive True are Request's defaults: all the reader takes)
+        try:
+            self._vet(req)
+        except Refused as exc:
+            self.refuse(exc.status, exc.reason)  # (as _parse_error does after httptools)
+            return
+        self._start(req)
+        self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
         req = self.cur

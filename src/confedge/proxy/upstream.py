@@ -185,7 +185,37 @@ class UpstreamConnection(asyncio.Protocol):
         self.ex = ex
         self.read_len = len(data)
         try:
-            self.feed(data)
+            # proxy.http1_engine "native": an ordinary answer (a whole head and its
+            # Content-Length body, exactly this read) read in one C pass, then the events the
+            # callbacks below would send; None: anything else, to httptools.
+            reader = self.pool.core.h1_response
+            r = None
+            if (
+                reader is not None
+                and ex.state == WAITING
+                and not ex.head_only
+                and self.head_bytes == 0
+                and not self.trailing
+            ):
+                r = reader(data, MAX_RESPONSE_HEAD)
+            if r is None:
+                self.feed(data)
+            else:
+                try:
+                    status, headers, at, keep_alive = r
+                    now = self.now
+                    self._observe(ex, now)
+                    ex.response_head(status, headers, now)
+                    if at < len(data):
+                        ex.response_body(data[at:])
+                    ex.response_end(keep_alive, now)
+                except Exception as defect:  # (the proxy's own)
+                    # As one in an httptools callback (below): logged with its traceback,
+                    # and the answer treated as unusable.
+                    owner.up = None
+                    self.close()
+                    report_defect(defect, "reading a node's answer")
+                    ex.node_failed("invalid response from node: internal error", self.now)
             if ex.head_out is not None:
                 ex.flush_head()  # the head arrived without body bytes in this read
             if ex.state == WAITING:  # (still no final head: rare, a head split over reads)
@@ -281,26 +311,29 @@ class UpstreamConnection(asyncio.Protocol):
             ex = None
         if ex is not None:
             now = self.now
-            # The node's latency to this head, into its histogram (/metrics: [count per
-            # LATENCY_BOUNDS bucket ..., count of all, sum]; observed here, inline, once per
-            # answer: a call and a dictionary lookup fewer than through the worker).
-            pool = self.pool
-            h = pool.latency
-            if h is None:
-                h = pool.latency = pool.core.latency_row(pool.netloc)
-            seconds = now - ex.upstream_time
-            # (float increments: native in the compiled build, where += 1 is a generic add)
-            if seconds <= _FIRST_BOUND:  # (a node nearby, the usual answer: no loop)
-                h[0] += 1.0
-            else:
-                for i, bound in enumerate(LATENCY_BOUNDS):
-                    if seconds <= bound:
-                        h[i] += 1.0
-                        break
-            h[-2] += 1.0
-            h[-1] += seconds
+            self._observe(ex, now)
             ex.response_head(self.get_status_code(), self.headers, now)
         self.headers.clear()  # (the core keeps no reference to it: the same list again)
+
+    def _observe(self, ex: Exchange, now: float) -> None:
+        """The node's latency to this head, into its histogram (/metrics: [count per
+        LATENCY_BOUNDS bucket ..., count of all, sum]; observed here once per answer: a
+        dictionary lookup fewer than through the worker)."""
+        pool = self.pool
+        h = pool.latency
+        if h is None:
+            h = pool.latency = pool.core.latency_row(pool.netloc)
+        seconds = now - ex.upstream_time
+        # (float increments: native in the compiled build, where += 1 is a generic add)
+        if seconds <= _FIRST_BOUND:  # (a node nearby, the usual answer: no loop)
+            h[0] += 1.0
+        else:
+            for i, bound in enumerate(LATENCY_BOUNDS):
+                if seconds <= bound:
+                    h[i] += 1.0
+                    break
+        h[-2] += 1.0
+        h[-1] += seconds
 
     def on_body(self, body: bytes) -> None:
         ex = self.ex
