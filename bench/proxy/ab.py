@@ -13,6 +13,9 @@ Each of BASE and NEW is put first on PYTHONPATH of its own `confedge run`: a com
     .venv/bin/python bench/proxy/ab.py --base /tmp/base/build/native --new build/native \\
         --rounds 3 --duration 10 --scenarios https-status https-1k http-redirect
 
+`--base-env` / `--new-env NAME=VALUE` give one side its own environment variables, so that one
+tree can be compared with itself under two settings (e.g. `--base-env CONFEDGE_H1_ENGINE=python`).
+
 Prints one line per round and the medians with their ratio to nginx, and writes every round
 and the medians to a JSON file (`--out`, default bench/results/proxy-ab-<time>.json).
 """
@@ -42,7 +45,23 @@ def main() -> int:
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--scenarios", nargs="*", default=["https-status", "https-1k", "http-redirect"])
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/proxy-ab-*.json)")
+    for side in ("base", "new"):
+        ap.add_argument(
+            f"--{side}-env",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help=f"an environment variable for the {side} confedge only (repeatable), e.g. "
+            "CONFEDGE_H1_ENGINE=python to compare two settings of one tree",
+        )
     args = ap.parse_args()
+    envs: dict[str, dict[str, str]] = {}
+    for side in ("base", "new"):
+        pairs = getattr(args, f"{side}_env")
+        bad = [p for p in pairs if "=" not in p or not p.split("=", 1)[0]]
+        if bad:
+            ap.error(f"--{side}-env wants NAME=VALUE, not {bad}")
+        envs[side] = dict(p.split("=", 1) for p in pairs)
     unknown = [sc for sc in args.scenarios if sc not in bench.SCENARIOS]
     if unknown or args.rounds < 1 or args.duration < 1:
         ap.error(
@@ -75,7 +94,16 @@ def main() -> int:
             s.w.mkdir()
             shutil.copy(work / "cert.pem", s.w)
             shutil.copy(work / "key.pem", s.w)
-            proc = s.start_confedge(bench.UP_PORTS)
+            saved = {n: os.environ.get(n) for n in envs[name]}
+            os.environ.update(envs[name])  # (start_confedge passes os.environ on)
+            try:
+                proc = s.start_confedge(bench.UP_PORTS)
+            finally:
+                for n, v in saved.items():
+                    if v is None:
+                        os.environ.pop(n, None)
+                    else:
+                        os.environ[n] = v
             procs.append(s.procs.pop("confedge"))
             servers[name] = (bench.CE_HTTP, bench.CE_HTTPS, proc.pid)
         cpu: dict[tuple[str, str], list[float]] = {}
