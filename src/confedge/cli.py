@@ -66,20 +66,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         for line in problems:
             print(f"confedge: {line}", file=sys.stderr)
         return 2
-    h2 = None
-    if cfg.proxy.http2:  # proxy.http2_engine = "native" where the extension is not built
-        from confedge.proxy import h2engine
+    from confedge.proxy import engines
 
-        try:
-            kind = h2engine.choose(cfg.proxy.http2_engine)
-        except ValueError as exc:
-            print(f"confedge: {exc}", file=sys.stderr)
-            return 2
-        h2 = h2engine.describe(kind)
-    from confedge.proxy import h1engine
-
-    try:  # proxy.http1_engine = "native" where the extension is not built
-        h1 = h1engine.describe(h1engine.choose(cfg.proxy.http1_engine))
+    try:  # an engine set to "native" where its extension is not built
+        h1, h2 = engines(cfg)
     except ValueError as exc:
         print(f"confedge: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,14 @@ pytestmark = pytest.mark.filterwarnings(
 )
 
 
+# The tests that monkeypatch a proxy function or method: the compiled build calls those
+# natively, past the patch.
+INTERPRETED_ONLY = pytest.mark.skipif(
+    build_kind() != "interpreted",
+    reason="patches a function or method the compiled build calls natively",
+)
+
+
 @pytest.fixture(scope="module")
 def event_loop_policy() -> uvloop.EventLoopPolicy:
     return uvloop.EventLoopPolicy()
@@ -342,10 +350,7 @@ async def test_guard_ban_and_pin_failures(node, tmp_path):
         await svc.close()
 
 
-@pytest.mark.skipif(
-    build_kind() != "interpreted",
-    reason="patches a module function the compiled build calls natively",
-)
+@INTERPRETED_ONLY
 @pytest.mark.parametrize("where", ["httptools callback", "C reader's request"])
 async def test_a_defect_in_a_parser_callback_is_a_logged_500(
     proxy, node, caplog, monkeypatch, where
@@ -387,10 +392,7 @@ async def test_a_defect_in_a_parser_callback_is_a_logged_500(
     assert r is not None and r.status == 200
 
 
-@pytest.mark.skipif(
-    build_kind() != "interpreted",
-    reason="patches a method the compiled build calls natively",
-)
+@INTERPRETED_ONLY
 @pytest.mark.parametrize("engine", ["httptools", "C reader"])
 async def test_a_defect_reading_a_node_answer_is_a_logged_502(
     proxy, node, caplog, monkeypatch, engine

@@ -9,6 +9,24 @@ static and accesslog (static mounts, the reference access log). docs/ARCHITECTUR
 map.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from confedge.config import Config
+
+
+def engines(cfg: Config) -> tuple[str, str | None]:
+    """What reads HTTP/1.1 heads and what frames HTTP/2 (None: proxy.http2 is off) under `cfg`
+    and the CONFEDGE_H1_ENGINE / CONFEDGE_H2_ENGINE overrides, as `confedge check` and the
+    start-up log say them. Raises ValueError naming the key when an engine set to "native" is
+    not built (both callers refuse to start then)."""
+    from confedge.proxy import h1engine, h2engine
+
+    h2 = h2engine.describe(h2engine.choose(cfg.proxy.http2_engine)) if cfg.proxy.http2 else None
+    return h1engine.describe(h1engine.choose(cfg.proxy.http1_engine)), h2
+
 
 def build_kind() -> str:
     """Which build of the hot path runs: "compiled (mypyc)" or "interpreted" (setup.py).

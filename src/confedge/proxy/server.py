@@ -313,13 +313,8 @@ class ClientConnection(asyncio.BufferedProtocol):
                 if r is not None:
                     try:
                         self._read_whole(r)
-                    except Exception as bug:  # (the proxy's own defect)
-                        # As a defect in an httptools callback is (_parse_error): in the log
-                        # with its traceback, and a 500 that does not blame the client.
-                        report_defect(bug, f"reading a request from {self.peer}")
-                        t = self.transport
-                        if t is not None and not t.is_closing():
-                            self.refuse(500, "internal error")
+                    except Exception as bug:  # (the proxy's own, as in a callback)
+                        self._internal_error(bug)
                     return
         self.at0 = at0
         try:
@@ -408,17 +403,24 @@ class ClientConnection(asyncio.BufferedProtocol):
         if r is not None:
             self.refuse(r.status, r.reason)
             return
-        t = self.transport
         bug = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
         if bug is not None and not isinstance(bug, Refused):
             # Not the client's request but the proxy's own callback failing (httptools says
-            # "User callback error" and keeps the exception as the context): a defect to see
-            # in the log with its traceback, and a 500, not a 400 that blames the client.
-            report_defect(bug, f"parsing a request from {self.peer}")
-            if t is not None and not t.is_closing():
-                self.refuse(500, "internal error")
-        elif t is not None and not t.is_closing():
+            # "User callback error" and keeps the exception as the context).
+            self._internal_error(bug)
+            return
+        t = self.transport
+        if t is not None and not t.is_closing():
             self.refuse(400, f"malformed request: {exc}")
+
+    def _internal_error(self, bug: BaseException) -> None:
+        """The proxy's own code failed on a request (an httptools callback, or the steps after
+        the C reader): a defect to see in the log with its traceback, and a 500, not a 400
+        that blames the client."""
+        report_defect(bug, f"parsing a request from {self.peer}")
+        t = self.transport
+        if t is not None and not t.is_closing():
+            self.refuse(500, "internal error")
 
     def eof_received(self) -> bool | None:
         # A client half-close while a response is due: keep our side open to deliver it.

@@ -29,7 +29,7 @@ import msgspec
 from confedge.config import Config, ConfigError
 from confedge.guard.hook import GuardHook
 from confedge.logsetup import setup_service_logging
-from confedge.proxy import build_kind
+from confedge.proxy import build_kind, engines
 from confedge.proxy.accesslog import RequestCounter
 from confedge.proxy.core import SESSIONS_SHOWN, WorkerRuntime, reuse_port_socket
 from confedge.proxy.pools import build_pools
@@ -378,19 +378,9 @@ class ProxyService:
     async def start(self) -> None:
         cfg = self.cfg
         hosts = _listen_hosts(cfg)
-        h2 = "off"
-        if cfg.proxy.http2:
-            from confedge.proxy import h2engine
-
-            try:  # proxy.http2_engine = "native" without the extension: say so before listening
-                kind = h2engine.choose(cfg.proxy.http2_engine)
-            except ValueError as exc:
-                raise ConfigError([str(exc)]) from None
-            h2 = h2engine.describe(kind)
-        from confedge.proxy import h1engine
-
-        try:  # the same for proxy.http1_engine (the workers choose again, by the same rule)
-            h1 = h1engine.describe(h1engine.choose(cfg.proxy.http1_engine))
+        try:  # an engine set to "native" without its extension: said before listening (the
+            # workers choose again, by the same rule)
+            h1, h2 = engines(cfg)
         except ValueError as exc:
             raise ConfigError([str(exc)]) from None
         log.info(
@@ -398,7 +388,7 @@ class ProxyService:
             self.workers,
             build_kind(),
             h1,
-            h2,
+            h2 or "off",
         )
         webroot = cfg.proxy.acme_webroot
         if webroot and cfg.proxy.http_port:

@@ -209,13 +209,8 @@ class UpstreamConnection(asyncio.Protocol):
                     if at < len(data):
                         ex.response_body(data[at:])
                     ex.response_end(keep_alive, now)
-                except Exception as defect:  # (the proxy's own)
-                    # As one in an httptools callback (below): logged with its traceback,
-                    # and the answer treated as unusable.
-                    owner.up = None
-                    self.close()
-                    report_defect(defect, "reading a node's answer")
-                    ex.node_failed("invalid response from node: internal error", self.now)
+                except Exception as defect:  # (the proxy's own, as in a callback below)
+                    self._unusable(owner, ex, "internal error", defect)
             if ex.head_out is not None:
                 ex.flush_head()  # the head arrived without body bytes in this read
             if ex.state == WAITING:  # (still no final head: rare, a head split over reads)
@@ -231,20 +226,27 @@ class UpstreamConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             ex.node_upgraded(data[exc.args[0] :], self.now)
         except httptools.HttpParserError as exc:
-            owner.up = None
-            self.close()
+            # (a callback of the proxy's own that failed: httptools keeps it as the context)
             bug = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
-            if bug is not None:
-                # The proxy's own callback failed on this answer, not the node's framing:
-                # in the log with its traceback (the exchange still cannot go on here).
-                report_defect(bug, "reading a node's answer")
-            ex.node_failed(f"invalid response from node: {exc}", self.now)
+            self._unusable(owner, ex, str(exc), bug)
         self.ex = None
         if h1 is None:
             owner.drive(ex)
         else:
             h1.drive(ex)
         self.now = -1.0  # (good for this read only: see NodePool.release)
+
+    def _unusable(
+        self, owner: NodeOwner, ex: Exchange, why: str, bug: BaseException | None
+    ) -> None:
+        """This answer cannot be passed on: the connection is closed and the exchange fails
+        over or answers 502. `bug`: the proxy's own code failed on it, not the node's framing,
+        so it goes to the log with its traceback."""
+        owner.up = None
+        self.close()
+        if bug is not None:
+            report_defect(bug, "reading a node's answer")
+        ex.node_failed(f"invalid response from node: {why}", self.now)
 
     def eof_received(self) -> bool | None:
         return False  # close our side too (no half-open upstream connections)
