@@ -72,13 +72,18 @@ key = "{key}"
         _wait_port(https, proc)
         _wait_port(turns, proc)
         # Fully started (a first worker serves before the others are up): the pid file.
-        deadline = time.monotonic() + 15
+        # A start that failed after the first worker listened (a worker that could not
+        # start) exits without one: said with its stderr at once, not as a missing file.
+        deadline = time.monotonic() + 30  # (ProxyService allows a worker 30 s to start)
         while not (tmp_path / "state" / "confedge.pid").exists():
-            assert time.monotonic() < deadline, "no pid file"
+            assert proc.poll() is None, f"exited {proc.returncode} while starting"
+            assert time.monotonic() < deadline, "no pid file within 30 s"
             time.sleep(0.05)
-    except BaseException:
+    except BaseException as exc:
         proc.kill()
-        proc.communicate(timeout=15)
+        err = proc.communicate(timeout=15)[1]
+        if isinstance(exc, AssertionError):
+            raise AssertionError(f"{exc}; its stderr:\n{err}") from None
         raise
     return proc, cert, key, https, turns
 
