@@ -92,6 +92,9 @@ SESSION_PATH_MAX: Final = 80
 COALESCE_MAX: Final = 32 * 1024
 COALESCE_BATCH: Final = 256 * 1024
 
+# At a stop, how long WebSocket tunnels that were sent Close frames get to finish (seconds).
+_GOING_AWAY_WAIT: Final = 1.0
+
 
 class ClientSide(Protocol):
     """A client connection as the worker sees it: the HTTP/1.1 `server.ClientConnection` or
@@ -110,6 +113,10 @@ class ClientSide(Protocol):
     def on_timeout(self) -> None: ...
 
     def abort(self) -> None: ...
+
+    def going_away(self) -> bool:
+        """The worker stops: end the connection politely where its protocol has a way (a
+        WebSocket tunnel's Close frames) and say True; False leaves it to `abort`."""
 
     def close_if_idle(self) -> None:
         """Drain, listeners closed: close the connection now if nothing is in progress on it."""
@@ -558,7 +565,23 @@ class WorkerRuntime:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        # WebSocket tunnels get their Close frames and a flushed close (server.going_away);
+        # everything else is cut as before. A tunnel's node connection is closing already and
+        # is left to finish writing its Close frame (an abort would drop it).
+        polite = [c for c in list(self.clients) if c.going_away()]
         for c in list(self.clients):
+            if c not in polite:
+                c.abort()
+        for u in list(self.upstreams):
+            node = u.transport
+            if not (u.tunnel and node is not None and node.is_closing()):
+                u.close()
+        # Time for the frames to leave and the peers to close (a browser answers a Close
+        # with its own and then closes), bounded: a peer that does not is cut.
+        deadline = self.loop.time() + _GOING_AWAY_WAIT
+        while self.loop.time() < deadline and any(c in self.clients for c in polite):
+            await asyncio.sleep(0.02)
+        for c in polite:
             c.abort()
         for u in list(self.upstreams):
             u.close()

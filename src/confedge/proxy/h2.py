@@ -382,6 +382,10 @@ class H2Client(asyncio.Protocol):
         if t is not None:
             t.abort()
 
+    def going_away(self) -> bool:
+        """(ClientSide) An HTTP/2 stream never tunnels a WebSocket: nothing to say at a stop."""
+        return False
+
     def on_timeout(self) -> None:
         if self.closed or self.writing_paused:
             # The client reads nothing (a close that never completed, or a full write buffer

@@ -60,6 +60,7 @@ from confedge.proxy.request import (
 )
 from confedge.proxy.turnshare import alpn_selects_turn
 from confedge.proxy.upstream import node_action
+from confedge.proxy.wsframes import FrameBoundary, close_frame
 from confedge.turn.portshare import FIRST_HTTP, FIRST_TURN, classify
 
 if TYPE_CHECKING:
@@ -178,6 +179,7 @@ class ClientConnection(asyncio.BufferedProtocol):
         "tunnel_buffer",
         "up",
         "writing_paused",
+        "ws_up",
     )
 
     def __init__(self, core: WorkerRuntime) -> None:
@@ -208,6 +210,8 @@ class ClientConnection(asyncio.BufferedProtocol):
         self.static_iter: Any = None
         self.tunnel = False
         self.tunnel_buffer: list[bytes] | None = None
+        # A WebSocket tunnel's client-to-node frame boundaries (proxy/wsframes.py, going_away).
+        self.ws_up: FrameBoundary | None = None
         self.discard = False
         self.activity = False
         self.deadline = _INF
@@ -335,6 +339,8 @@ class ClientConnection(asyncio.BufferedProtocol):
             up = self.up
             if up is not None and up.transport is not None and self.tunnel_buffer is None:
                 self.core.send(up.transport, chunk)
+                if self.ws_up is not None:
+                    self.ws_up.feed(chunk)
             elif self.tunnel_buffer is not None:
                 # RFC 6455 §4.1: a client waits for the handshake's answer before it sends
                 # more; one that does not is held to this read until the 101 (else it could
@@ -1002,10 +1008,36 @@ class ClientConnection(asyncio.BufferedProtocol):
         assert up is not None and up.transport is not None
         up.tunnel = True
         buffered, self.tunnel_buffer = self.tunnel_buffer or [], None
+        self.ws_up = FrameBoundary()
         for chunk in buffered:
             self.core.send(up.transport, chunk)
+            self.ws_up.feed(chunk)
         self.resume(_PAUSE_TUNNEL)
         self._set_timeout(T_TUNNEL, self.core.ws_idle)
+
+    def going_away(self) -> bool:
+        """The worker stops: a WebSocket tunnel ends with a Close frame, status 1001 "going
+        away" (RFC 6455 §7.4.1), to the client and to the node, each where its direction of
+        the stream stands between two frames (else that side is only closed: a frame put
+        inside another would corrupt its payload), then both connections close once what is
+        queued is written. False (nothing done) for any other connection, which the caller
+        aborts as before."""
+        t = self.transport
+        up = self.up
+        if not self.tunnel or t is None or up is None or not up.tunnel:
+            return False
+        core = self.core
+        down = up.ws_down
+        last = close_frame(masked=False) if down is not None and down.at_boundary else b""
+        core.close_after(t, last)
+        node = up.transport
+        if node is not None and not node.is_closing():
+            ws_up = self.ws_up
+            if ws_up is not None and ws_up.at_boundary:
+                # (the proxy speaks for the client here: a client's frames are masked, §5.3)
+                node.write(close_frame(masked=True))
+            node.close()
+        return True
 
     def _health(self, req: Request) -> None:
         """The health endpoint for a load balancer in front (proxy.health_path): 200 "serving",

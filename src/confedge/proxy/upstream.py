@@ -29,6 +29,7 @@ from confedge.config import NodeAddress
 from confedge.proxy.defects import report_defect
 from confedge.proxy.exchange import A_CONNECT, A_NODE_DONE, A_NODE_TIMER, DONE, WAITING
 from confedge.proxy.health import LATENCY_BOUNDS
+from confedge.proxy.wsframes import FrameBoundary
 
 if TYPE_CHECKING:
     from confedge.proxy.core import WorkerRuntime
@@ -111,6 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
         "transport",
         "tunnel",
         "writing_paused",
+        "ws_down",
     )
 
     def __init__(self, pool: NodePool) -> None:
@@ -138,6 +140,9 @@ class UpstreamConnection(asyncio.Protocol):
         # outside a read.
         self.now = -1.0
         self.tunnel = False
+        # A WebSocket tunnel's node-to-client frame boundaries (set with `tunnel`): a stop
+        # sends the client a Close frame only between two frames (proxy/wsframes.py).
+        self.ws_down: FrameBoundary | None = None
         self.writing_paused = False
         # Reading paused for the owner's flow control (its client cannot take more yet).
         self.reading_paused = False
@@ -173,6 +178,8 @@ class UpstreamConnection(asyncio.Protocol):
             owner.activity = True  # traffic either way keeps a WebSocket alive
             if owner.transport is not None:
                 self.pool.core.send(owner.transport, data)
+                if self.ws_down is not None:
+                    self.ws_down.feed(data)
             return
         h1 = self.h1
         if h1 is not None and h1 is not owner:
@@ -224,7 +231,11 @@ class UpstreamConnection(asyncio.Protocol):
                     f"invalid response from node: head over {MAX_RESPONSE_HEAD} bytes", self.now
                 )
         except httptools.HttpParserUpgrade as exc:
-            ex.node_upgraded(data[exc.args[0] :], self.now)
+            rest = data[exc.args[0] :]
+            # The node's first tunnel bytes (if the exchange takes the 101: start_tunnel).
+            self.ws_down = FrameBoundary()
+            self.ws_down.feed(rest)
+            ex.node_upgraded(rest, self.now)
         except httptools.HttpParserError as exc:
             # (a callback of the proxy's own that failed: httptools keeps it as the context)
             bug = exc.__context__ if isinstance(exc, httptools.HttpParserCallbackError) else None
