@@ -568,7 +568,7 @@ class WorkerRuntime:
         # WebSocket tunnels get their Close frames and a flushed close (server.going_away);
         # everything else is cut as before. A tunnel's node connection is closing already and
         # is left to finish writing its Close frame (an abort would drop it).
-        polite = [c for c in list(self.clients) if c.going_away()]
+        polite = {c for c in list(self.clients) if c.going_away()}  # (a set: 10,000s open)
         for c in list(self.clients):
             if c not in polite:
                 c.abort()
