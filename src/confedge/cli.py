@@ -21,6 +21,7 @@ from typing import Any
 from confedge import __version__
 from confedge.config import Config, ConfigError, config_warnings, load_config, to_toml
 from confedge.logsetup import setup_service_logging
+from confedge.opcommand import config_option
 from confedge.proxy import build_kind
 
 
@@ -303,9 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser, config: bool = True) -> None:
         if config:
-            sp.add_argument(
-                "--config", "-c", required=True, metavar="FILE", help="TOML configuration file"
-            )
+            config_option(sp)
         sp.add_argument(
             "--log-level",
             default="info",
@@ -327,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate a configuration file (and its certificate files) and print the "
         "effective values with secrets masked. Exit status 2 on any problem.",
     )
-    sp.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
+    config_option(sp)
     sp.add_argument("--json", action="store_true", help="print JSON instead of TOML")
     sp = sub.add_parser(
         "demo",
@@ -391,13 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--apply on a host whose SSH listens elsewhere. To remove it: nft delete table inet "
         "confedge.",
     )
-    sp.add_argument(
-        "--config",
-        "-c",
-        default="/etc/confedge/confedge.toml",
-        metavar="FILE",
-        help="TOML configuration file (default: %(default)s)",
-    )
+    config_option(sp)
     sp.add_argument(
         "--format",
         choices=["nft", "iptables", "ip6tables"],
@@ -416,13 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         "root; --dry-run prints every step and the unit instead. Then: confedge firewall "
         "--apply, systemctl enable --now confedge (docs/DEPLOY.md).",
     )
-    sp.add_argument(
-        "--config",
-        "-c",
-        default="/etc/confedge/confedge.toml",
-        metavar="FILE",
-        help="TOML configuration file the service runs with (default: %(default)s)",
-    )
+    config_option(sp, "TOML configuration file the service runs with")
     sp.add_argument("--user", default="confedge", help="system user to run as (created if absent)")
     sp.add_argument(
         "--unit-dir",

@@ -27,6 +27,7 @@ from msgspec import to_builtins as _to_builtins
 from msgspec.structs import fields as struct_fields
 
 __all__ = [
+    "DEFAULT_CONFIG",
     "Config",
     "ConfigError",
     "FirewallConfig",
@@ -39,6 +40,7 @@ __all__ = [
     "TLSConfig",
     "TurnConfig",
     "config_warnings",
+    "default_config_path",
     "field_types",
     "load_config",
     "parse_config",
@@ -46,6 +48,17 @@ __all__ = [
     "to_builtins",
     "to_toml",
 ]
+
+
+# The file every command reads when --config is not given: the one `confedge setup` writes and
+# `confedge install-service` runs the unit with, so that after setup `confedge check`,
+# `reload`, `drain`, `bans list` need no option (as `nginx -t` reads /etc/nginx/nginx.conf).
+DEFAULT_CONFIG = "/etc/confedge/confedge.toml"
+
+
+def default_config_path() -> str:
+    """CONFEDGE_CONFIG when set (a second instance's file, a test's), else DEFAULT_CONFIG."""
+    return os.environ.get("CONFEDGE_CONFIG") or DEFAULT_CONFIG
 
 
 class ConfigError(Exception):
@@ -1337,7 +1350,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
         # tomllib would report as "Invalid statement (at line 1, column 1)".
         text = p.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise ConfigError([f"{p}: cannot read the configuration file: {exc.strerror}"]) from None
+        why = f"{p}: cannot read the configuration file: {exc.strerror}"
+        if isinstance(exc, FileNotFoundError) and str(path) == default_config_path():
+            # (no --config given, most likely: say where the file comes from)
+            why += " (the default file: `confedge setup` writes it; or give --config FILE)"
+        raise ConfigError([why]) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{p}: the configuration file is not UTF-8 text"]) from None
     try:

@@ -17,6 +17,8 @@ import os
 import sys
 from pathlib import Path
 
+from confedge.config import default_config_path
+
 __all__ = [
     "AUDIT_LOGGERS",
     "AUDIT_NAME",
@@ -97,7 +99,8 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
         "-c",
         metavar="FILE",
         default=argparse.SUPPRESS,
-        help="TOML configuration file (the one `confedge run` uses)",
+        help="TOML configuration file, the one `confedge run` uses (default: "
+        f"{default_config_path()}; CONFEDGE_CONFIG changes it)",
     )
     p.add_argument(
         "--log-level",
@@ -109,11 +112,21 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
 
 
 def require_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The --config value, or a usage error (exit 2) naming the option."""
+    """The --config value (given before or after the action), else the default file."""
     path = getattr(args, "config", None)
-    if not path:
-        p.error("the following arguments are required: --config/-c")
-    return str(path)
+    return str(path) if path else default_config_path()
+
+
+def config_option(p: argparse.ArgumentParser, what: str = "TOML configuration file") -> None:
+    """--config/-c of a command that reads the configuration: every command has the same
+    default, the file `confedge setup` writes (config.default_config_path)."""
+    p.add_argument(
+        "--config",
+        "-c",
+        metavar="FILE",
+        default=default_config_path(),
+        help=f"{what} (default: %(default)s; CONFEDGE_CONFIG changes it)",
+    )
 
 
 def add_action(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from confedge.config import ConfigError, load_config
+from confedge.opcommand import config_option
 from confedge.pidfile import signal_running
 
 __all__ = [
@@ -173,7 +174,7 @@ def configure_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "allocations go on, and it exits when they end or at proxy.drain_timeout. --cancel "
         "(SIGUSR2) returns it to service.",
     )
-    sp.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
+    config_option(sp)
     sp.add_argument("--cancel", action="store_true", help="return to service")
     sp.set_defaults(handler=cmd_drain)
     sp = sub.add_parser(
@@ -182,5 +183,5 @@ def configure_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         description="Validate the file, SIGHUP the running confedge and print its answer: "
         "reloaded, or refused with the reason (the running configuration then stays).",
     )
-    sp.add_argument("--config", "-c", required=True, metavar="FILE", help="TOML configuration file")
+    config_option(sp)
     sp.set_defaults(handler=cmd_reload)

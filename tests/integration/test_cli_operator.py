@@ -115,11 +115,59 @@ def test_operator_commands_print_one_line_and_audit_to_the_state_dir(config: Pat
     assert "confedge.guard.audit: unban all by=manual" in res.stderr
 
 
-def test_operator_commands_without_config_are_a_usage_error() -> None:
-    for argv in (("bans", "list"), ("cert", "show")):
-        res = _run(*argv)
-        assert res.returncode == 2
-        assert "the following arguments are required: --config/-c" in res.stderr
+# Every command that reads the configuration, without --config: each reads the same default.
+_READERS = [
+    ("check",),
+    ("run",),
+    ("reload",),
+    ("drain",),
+    ("bans", "list"),
+    ("cert", "show"),
+    ("cluster", "list"),
+    ("firewall",),
+    ("install-service", "--dry-run"),
+]
+
+
+def test_without_config_every_command_reads_the_file_setup_writes(tmp_path: Path) -> None:
+    """After `confedge setup` (which writes /etc/confedge/confedge.toml), `confedge check`,
+    `reload`, `drain`, `bans list` ... need no option, as `nginx -t` needs none; before it,
+    each says which file it looked for and how to get one. (CONFEDGE_CONFIG stands for the
+    default here, so that this host's /etc is never read.)"""
+    default = tmp_path / "etc" / "confedge.toml"
+    env = {**os.environ, "CONFEDGE_CONFIG": str(default), "COLUMNS": "1000"}  # (--help unwrapped)
+
+    def run(*argv: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CONFEDGE, *argv], capture_output=True, text=True, env=env, timeout=60
+        )
+
+    for argv in _READERS:
+        res = run(*argv)
+        assert res.returncode == 2, (argv, res.stderr)
+        assert res.stderr == (
+            f"confedge: {default}: cannot read the configuration file: No such file or "
+            "directory (the default file: `confedge setup` writes it; or give --config FILE)\n"
+        ), argv
+        assert f"(default: {default}; CONFEDGE_CONFIG changes it)" in " ".join(
+            run(*argv[:1], "--help").stdout.split()
+        ), argv
+    default.parent.mkdir()
+    written = run(
+        "setup", "--set", "proxy.nodes=10.0.0.11", "--set", f"server.state_dir={tmp_path / 'state'}",
+        "--set", "turn.username=u", "--set", "turn.password=p",
+    )  # fmt: skip
+    assert written.returncode == 0, written.stderr
+    assert default.exists()
+    checked = run("check")
+    assert checked.returncode == 0, checked.stderr
+    assert "10.0.0.11" in checked.stdout
+    listed = run("bans", "list")
+    assert listed.returncode == 0, listed.stderr
+    # An explicit --config still wins over the default.
+    other = run("check", "--config", str(tmp_path / "other.toml"))
+    assert other.returncode == 2 and "other.toml: cannot read" in other.stderr
+    assert "the default file" not in other.stderr
 
 
 def test_cert_show_names_which_certificate_each_sni_name_gets(tmp_path: Path) -> None:

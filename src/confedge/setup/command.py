@@ -18,7 +18,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from confedge.config import Config, ConfigError, config_warnings, load_config
+from confedge.config import (
+    DEFAULT_CONFIG,
+    Config,
+    ConfigError,
+    config_warnings,
+    default_config_path,
+    load_config,
+)
 
 from .document import ConfigDocument, atomic_write
 from .host import host_addresses, host_names
@@ -28,7 +35,6 @@ from .wizard import Cancelled, apply_answers, ask_all, prompter, summary, wrap
 
 __all__ = ["DEFAULT_CONFIG", "apply_settings", "register", "setup_command"]
 
-DEFAULT_CONFIG = "/etc/confedge/confedge.toml"
 NEW_FILE_HEADER = (
     "# confedge configuration, written by `confedge setup` (docs/SETUP.md); every key is\n"
     "# described in docs/CONFIGURATION.md. Re-run `confedge setup` to change the answers:\n"
@@ -71,9 +77,10 @@ def register(sub: Any) -> None:
     sp.add_argument(
         "--config",
         "-c",
-        default=DEFAULT_CONFIG,
+        default=default_config_path(),
         metavar="FILE",
-        help=f"configuration file to create or change (default {DEFAULT_CONFIG})",
+        help="configuration file to create or change (default: %(default)s; CONFEDGE_CONFIG "
+        "changes it)",
     )
     sp.add_argument(
         "--answers",
@@ -92,9 +99,9 @@ def register(sub: Any) -> None:
     sp.add_argument(
         "--config",
         "-c",
-        default=DEFAULT_CONFIG,
+        default=default_config_path(),
         metavar="FILE",
-        help=f"configuration file to write (default {DEFAULT_CONFIG})",
+        help="configuration file to write (default: %(default)s; CONFEDGE_CONFIG changes it)",
     )
     add_setup_arguments(sp)
 
