@@ -226,3 +226,43 @@ async def test_drain_turn_answers_new_allocates_with_alternate(tmp_path: Path) -
         late.close()
     finally:
         edge.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_websocket_left_at_the_drain_deadline_gets_going_away(
+    tmp_path: Path, workers: int
+) -> None:
+    """The drain's last step (`drain_timeout` passed, a WebSocket still open): the process
+    exits, and the browser's WebSocket is ended with Close 1001 "going away" (RFC 6455 §7.4.1)
+    rather than cut (1006), so the web app knows to reconnect elsewhere at once."""
+    node = await Upstream("n1").start()
+    edge = start_edge(
+        tmp_path,
+        edge_config(
+            tmp_path,
+            nodes=[node.address],
+            workers=workers,
+            extra="drain_grace = 0.5\ndrain_timeout = 2",
+        ),
+    )
+    try:
+        ws = await websockets.connect(
+            f"wss://127.0.0.1:{edge.https}/ws", ssl=tls_client(), ping_interval=None
+        )
+        await ws.send("before")
+        assert await ws.recv() == "before"
+        t0 = time.monotonic()
+        out = await asyncio.to_thread(edge.confedge, "drain")
+        assert out.returncode == 0, out.stderr
+        with pytest.raises(websockets.ConnectionClosed) as caught:
+            while True:  # (echoes go on until the deadline)
+                await asyncio.wait_for(ws.recv(), 10)
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 1001, caught.value
+        rc = await asyncio.get_running_loop().run_in_executor(None, edge.proc.wait, 20)
+        assert rc == 0
+        assert 1.5 < time.monotonic() - t0 < 15
+        log = edge.log.read_text()
+        assert "Traceback" not in log, log
+    finally:
+        edge.stop()
+        await node.kill()
