@@ -80,7 +80,7 @@ fi
 python_ok() {
     "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && return 0
     found=$("$PYTHON" -c 'import platform; print(platform.python_version())' 2>/dev/null || echo "?")
-    die "confedge needs Python 3.11 or newer; $PYTHON is $found (Debian 12 and Ubuntu 24.04 have it; or set PYTHON)"
+    die "confedge needs Python 3.11 or newer; $PYTHON is $found (Debian 12 and 13 and Ubuntu 24.04 have it; or set PYTHON)"
 }
 bring_python=0
 if command -v "$PYTHON" >/dev/null 2>&1; then

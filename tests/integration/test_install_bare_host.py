@@ -22,6 +22,7 @@ mount namespace per command and vanish with it; the root is deleted at the end, 
 that nothing is still mounted inside it.
 
 Slow (debootstrap about 40 s, install.sh 3-5 minutes): `make test-slow` or `pytest -m slow`.
+`CONFEDGE_BARE_HOST_SUITE=trixie` builds Debian 13 (Python 3.13) instead of the running release.
 Skips, with the reason, where it cannot run: not root, not Debian, no debootstrap or unshare.
 """
 
@@ -88,9 +89,10 @@ def _mirror() -> str:
 class BareHost:
     """A debootstrapped root and commands run in it as its root user (chroot, private mounts)."""
 
-    def __init__(self, root: Path, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, env: dict[str, str], suite: str) -> None:
         self.root = root
         self.env = env
+        self.suite = suite  # the Debian release (codename) it was made from
 
     def argv(self, *command: str, net: bool = False) -> list[str]:
         # unshare without --fork execs the shell, which mounts and then execs chroot: the pid
@@ -147,15 +149,17 @@ def bare_host(tmp_path: Path) -> Iterator[BareHost]:
     release = _os_release()
     if release.get("ID") != "debian" or not release.get("VERSION_CODENAME"):
         pytest.skip("builds a root of the running Debian release: this host is not Debian")
+    # CONFEDGE_BARE_HOST_SUITE: another Debian release from the same mirror (trixie: Debian 13,
+    # Python 3.13), where the host's debootstrap and keyring know it.
+    suite = os.environ.get("CONFEDGE_BARE_HOST_SUITE") or release["VERSION_CODENAME"]
     root = tmp_path / "root"
     mirror = _mirror()
     made = subprocess.run(
-        [DEBOOTSTRAP or "debootstrap", "--variant=minbase", release["VERSION_CODENAME"],
-         str(root), mirror],
+        [DEBOOTSTRAP or "debootstrap", "--variant=minbase", suite, str(root), mirror],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     try:
-        assert made.returncode == 0, f"debootstrap from {mirror}:\n{made.stdout[-3000:]}"
+        assert made.returncode == 0, f"debootstrap {suite} from {mirror}:\n{made.stdout[-3000:]}"
         shutil.copy("/etc/resolv.conf", root / "etc" / "resolv.conf")
         env = {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}
         for key in CA_ENV:
@@ -164,7 +168,7 @@ def bare_host(tmp_path: Path) -> Iterator[BareHost]:
                 shutil.copy(bundle, root / CA_INSIDE.lstrip("/"))
                 env[key] = CA_INSIDE
         _copy_checkout(root / "src" / "confedge")
-        yield BareHost(root, env)
+        yield BareHost(root, env, suite)
     finally:
         left = _mounted_under(root) if root.exists() else []
         assert not left, f"still mounted inside the test root, not deleted: {left}"
@@ -208,6 +212,10 @@ def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
         assert line in out, out
     assert "warning" not in out.lower(), out
     assert os.readlink(host.root / "usr/local/bin/confedge") == "/opt/confedge/bin/confedge"
+    # Built for the release's own Python (3.11 on Debian 12, 3.13 on Debian 13).
+    python = host.run("python3", "--version").split()[1]
+    assert f"(Python {python})" in host.run("confedge", "--version")
+    print(f"bare host: {host.suite}, Python {python}")
 
     https, mgmt, turn, relay = spare_ports(4)
     (host.root / "root" / "answers.toml").write_text(
@@ -219,7 +227,7 @@ def test_a_bare_debian_host_to_a_running_edge(bare_host: BareHost) -> None:
     )
     conf = "/etc/confedge/confedge.toml"
     host.run("confedge", "setup", "--answers", "/root/answers.toml")
-    host.run("confedge", "check", "--config", conf)
+    host.run("confedge", "check")  # (the file setup wrote is every command's default)
     out = host.run("confedge", "install-service")
     assert "useradd --system" in out, out
     unit = (host.root / "etc/systemd/system/confedge.service").read_text()
