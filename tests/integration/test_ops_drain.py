@@ -236,15 +236,9 @@ async def test_a_websocket_left_at_the_drain_deadline_gets_going_away(
     exits, and the browser's WebSocket is ended with Close 1001 "going away" (RFC 6455 §7.4.1)
     rather than cut (1006), so the web app knows to reconnect elsewhere at once."""
     node = await Upstream("n1").start()
-    edge = start_edge(
-        tmp_path,
-        edge_config(
-            tmp_path,
-            nodes=[node.address],
-            workers=workers,
-            extra="drain_grace = 0.5\ndrain_timeout = 2",
-        ),
-    )
+    deadline = "drain_grace = 0.5\ndrain_timeout = 2"
+    cfg = edge_config(tmp_path, nodes=[node.address], workers=workers, extra=deadline)
+    edge = start_edge(tmp_path, cfg)
     try:
         ws = await websockets.connect(
             f"wss://127.0.0.1:{edge.https}/ws", ssl=tls_client(), ping_interval=None
