@@ -124,6 +124,33 @@ async def test_a_stop_says_going_away_to_the_browser_and_the_node(
             await svc.close()
 
 
+async def test_an_idle_websocket_is_ended_with_going_away(ws_node: WsNode, tmp_path: Path) -> None:
+    """proxy.websocket_idle_timeout ends a silent tunnel the same way (both ends get 1001, as
+    servers that close idle WebSockets send); traffic either way keeps it open until then."""
+    cfg = proxy_config(
+        [f"http://127.0.0.1:{ws_node.port}"], str(tmp_path), websocket_idle_timeout=1.0
+    )
+    svc = ProxyService(cfg)
+    await svc.start()
+    try:
+        url = f"wss://127.0.0.1:{svc.https_port}/ws"
+        async with websockets.connect(url, ssl=client_ssl(), ping_interval=None) as ws:
+            for i in range(5):  # 2 s of traffic, every 0.5 s: never idle for 1 s
+                await asyncio.sleep(0.5 if i else 0)
+                await ws.send(f"m{i}")
+                assert await ws.recv() == f"m{i}"
+            t0 = asyncio.get_running_loop().time()  # (silence from here)
+            with pytest.raises(websockets.ConnectionClosed) as caught:
+                await asyncio.wait_for(ws.recv(), 10)
+            waited = asyncio.get_running_loop().time() - t0
+        assert caught.value.rcvd is not None and caught.value.rcvd.code == 1001
+        assert 0.9 < waited < 5, waited
+        await _until(lambda: ws_node.codes == [1001], 5)
+        assert ws_node.codes == [1001]
+    finally:
+        await svc.close()
+
+
 async def _raw_node(
     behave: str, got: list[bytes]
 ) -> tuple[asyncio.AbstractServer, int, asyncio.Event]:

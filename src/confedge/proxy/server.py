@@ -981,7 +981,10 @@ class ClientConnection(asyncio.BufferedProtocol):
                     self.drive(ex)
                 self.local_response(self.cur, 408)
         elif mode == T_TUNNEL:
-            self.abort()
+            # websocket_idle_timeout: ended as a stop ends it (Close 1001 both ways where the
+            # stream is between frames), as servers that close idle WebSockets do.
+            if not self.going_away():
+                self.abort()
 
     # -- WebSocket ------------------------------------------------------------------------------
 
@@ -1016,12 +1019,12 @@ class ClientConnection(asyncio.BufferedProtocol):
         self._set_timeout(T_TUNNEL, self.core.ws_idle)
 
     def going_away(self) -> bool:
-        """The worker stops: a WebSocket tunnel ends with a Close frame, status 1001 "going
-        away" (RFC 6455 §7.4.1), to the client and to the node, each where its direction of
-        the stream stands between two frames (else that side is only closed: a frame put
-        inside another would corrupt its payload), then both connections close once what is
-        queued is written. False (nothing done) for any other connection, which the caller
-        aborts as before."""
+        """The worker stops (or the tunnel was idle for websocket_idle_timeout): a WebSocket
+        tunnel ends with a Close frame, status 1001 "going away" (RFC 6455 §7.4.1), to the
+        client and to the node, each where its direction of the stream stands between two
+        frames (else that side is only closed: a frame put inside another would corrupt its
+        payload), then both connections close once what is queued is written. False (nothing
+        done) for any other connection, which the caller aborts as before."""
         t = self.transport
         up = self.up
         if not self.tunnel or t is None or up is None or not up.tunnel:
