@@ -980,11 +980,10 @@ class ClientConnection(asyncio.BufferedProtocol):
                     ex.client_cancelled(self.core.loop.time())
                     self.drive(ex)
                 self.local_response(self.cur, 408)
-        elif mode == T_TUNNEL:
-            # websocket_idle_timeout: ended as a stop ends it (Close 1001 both ways where the
-            # stream is between frames), as servers that close idle WebSockets do.
-            if not self.going_away():
-                self.abort()
+        # websocket_idle_timeout: ended as a stop ends it (Close 1001 both ways where the
+        # stream is between frames), as servers that close idle WebSockets do.
+        elif mode == T_TUNNEL and not self.going_away():
+            self.abort()
 
     # -- WebSocket ------------------------------------------------------------------------------
 
