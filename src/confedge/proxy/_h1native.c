@@ -275,6 +275,30 @@ static PyObject *bytes_of(const unsigned char *p, Py_ssize_t n) {
     return PyBytes_FromStringAndSize((const char *)p, n);
 }
 
+/* Append one field line to `headers`: (lower-case name, name, value) when `with_lower`, else
+   (name, value), as httptools' adapters build them. Returns the value's bytes, a reference the
+   list holds (borrowed), or NULL with an exception set. */
+static PyObject *append_field(PyObject *headers, const unsigned char *name, Py_ssize_t nlen,
+                              const unsigned char *val, Py_ssize_t vlen, int with_lower) {
+    PyObject *nb, *lb = NULL;
+    if (!name_pair(name, nlen, &nb, with_lower ? &lb : NULL)) return NULL;
+    PyObject *vb = bytes_of(val, vlen);
+    PyObject *entry = vb != NULL ? PyTuple_New(with_lower ? 3 : 2) : NULL;
+    if (entry == NULL) {
+        Py_DECREF(nb);
+        Py_XDECREF(lb);
+        Py_XDECREF(vb);
+        return NULL;
+    }
+    Py_ssize_t i = 0;
+    if (with_lower) PyTuple_SET_ITEM(entry, i++, lb);
+    PyTuple_SET_ITEM(entry, i++, nb);
+    PyTuple_SET_ITEM(entry, i, vb);
+    int rc = PyList_Append(headers, entry);
+    Py_DECREF(entry);
+    return rc < 0 ? NULL : vb;
+}
+
 PyDoc_STRVAR(parse_request_doc,
              "parse_request(buf, n, max_url, max_header_bytes, max_headers)\n"
              "--\n\n"
@@ -349,27 +373,8 @@ static PyObject *parse_request(PyObject *mod, PyObject *const *args, Py_ssize_t 
         default:
             break;
         }
-        PyObject *nb, *lb;
-        if (!name_pair(name, nlen, &nb, &lb)) goto error;
-        PyObject *vb = bytes_of(val, vlen);
-        if (vb == NULL) {
-            Py_DECREF(nb);
-            Py_DECREF(lb);
-            goto error;
-        }
-        PyObject *triple = PyTuple_New(3);
-        if (triple == NULL) {
-            Py_DECREF(nb);
-            Py_DECREF(lb);
-            Py_DECREF(vb);
-            goto error;
-        }
-        PyTuple_SET_ITEM(triple, 0, lb);
-        PyTuple_SET_ITEM(triple, 1, nb);
-        PyTuple_SET_ITEM(triple, 2, vb);
-        int rc = PyList_Append(headers, triple);
-        Py_DECREF(triple);
-        if (rc < 0) goto error;
+        PyObject *vb = append_field(headers, name, nlen, val, vlen, 1);
+        if (vb == NULL) goto error;
         switch (kind) {
         case F_HOST:
             Py_INCREF(vb);
@@ -526,20 +531,7 @@ static PyObject *parse_response(PyObject *mod, PyObject *const *args, Py_ssize_t
         default:
             break;
         }
-        PyObject *nb, *vb, *pair;
-        if (!name_pair(name, nlen, &nb, NULL)) goto error;
-        vb = bytes_of(val, vlen);
-        pair = vb != NULL ? PyTuple_New(2) : NULL;
-        if (pair == NULL) {
-            Py_DECREF(nb);
-            Py_XDECREF(vb);
-            goto error;
-        }
-        PyTuple_SET_ITEM(pair, 0, nb);
-        PyTuple_SET_ITEM(pair, 1, vb);
-        int rc = PyList_Append(headers, pair);
-        Py_DECREF(pair);
-        if (rc < 0) goto error;
+        if (append_field(headers, name, nlen, val, vlen, 0) == NULL) goto error;
     }
     Py_ssize_t head = p - base;
     if (!have_length || (unsigned long long)(n - head) != length) goto fallback;
