@@ -975,7 +975,9 @@ def test_engine_close_right_after_removals_never_hangs() -> None:
 def test_send_many_answers_in_order_from_each_threads_listener() -> None:
     """Engine.send_many (the control plane's answers to one drain): every answer leaves from
     its relay thread's listener (a client sees its replies come from the address it sent to),
-    in order; an item that is not (thread, bytes, addr) raises after the ones before it went."""
+    each thread's answers to a client in order (a client is always one thread's: its source
+    port picks it), in one sendmmsg per thread however the threads alternate in the list; an
+    item that is not (thread, bytes, addr) raises after the ones before it went."""
     from confedge.turn import _native
 
     listeners = [_sock(), _sock()]
@@ -987,6 +989,8 @@ def test_send_many_answers_in_order_from_each_threads_listener() -> None:
         to_a, to_b = a.getsockname(), b.getsockname()
         items = [(i % 2, f"answer {i}".encode(), to_a if i % 3 else to_b) for i in range(150)]
         e.send_many(items)
+        # 75 answers a thread: two sendmmsg each (64 at most a call), not one per answer
+        assert e.stats()["control_send_calls"] == 4
         got: dict[tuple[str, int], list[tuple[bytes, int]]] = {to_a: [], to_b: []}
         for sock, addr in ((a, to_a), (b, to_b)):
             want = sum(1 for it in items if it[2] == addr)
@@ -994,7 +998,10 @@ def test_send_many_answers_in_order_from_each_threads_listener() -> None:
                 data, src = sock.recvfrom(100)
                 got[addr].append((data, src[1]))
         for addr in (to_a, to_b):
-            assert got[addr] == [(d, ports[t]) for t, d, dst in items if dst == addr]
+            for t in (0, 1):
+                sent = [d for k, d, dst in items if dst == addr and k == t]
+                assert [d for d, src in got[addr] if src == ports[t]] == sent
+            assert len(got[addr]) == sum(1 for it in items if it[2] == addr)
         with pytest.raises(TypeError):
             e.send_many([(0, b"before", to_a), (1, "not bytes", to_a), (0, b"after", to_a)])
         assert a.recvfrom(100)[0] == b"before"

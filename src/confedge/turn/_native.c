@@ -315,6 +315,7 @@ typedef struct engine {
     int cfd;      /* the control socket (steer()), -1 without; the Python thread reads it */
     uint8_t *cbuf; /* CTL_BATCH x CTL_SLOT receive slots for it (mmap, MAP_NORESERVE) */
     uint64_t ctl_rx, ctl_recv_calls, ctl_truncated;
+    uint64_t ctl_send_calls; /* send_many's sendmmsg calls (the Python thread's only) */
     uint64_t py_send_errors;
     /* counters of ended allocations (5: bandwidth drops) */
     uint64_t ended[6];
@@ -2217,6 +2218,7 @@ static void send_answers(engine_t *e, int fd, struct mmsghdr *mm, int m)
     int k = 0;
     while (k < m) {
         int r = sendmmsg(fd, &mm[k], (unsigned)(m - k), MSG_DONTWAIT);
+        e->ctl_send_calls++;
         if (r > 0) {
             k += r;
         } else if (!(r < 0 && errno == EINTR)) {
@@ -2227,8 +2229,13 @@ static void send_answers(engine_t *e, int fd, struct mmsghdr *mm, int m)
 }
 
 /* send_many([(thread, data, addr), ...]): the answers to one drain of control-plane requests,
- * in order, one sendmmsg per run of the same relay thread's listener instead of a sendto each
- * (an Allocate burst answers many clients per drain). */
+ * one sendmmsg per relay thread's listener (up to SEND_MANY_MAX answers a call) instead of a
+ * sendto each.  A drain's requests come from clients of every thread in turn (the thread is
+ * the client's source port mod N), so the answers are grouped by thread first: each client's
+ * answers keep their order, and only answers to different clients change places, which UDP
+ * never promised anyway.  (Grouping runs of the same thread only, as before, made one
+ * sendmmsg per answer when the clients alternate, as a burst of Allocates from many ports
+ * does.) */
 static PyObject *Engine_send_many(engine_t *e, PyObject *items)
 {
     if (check_open(e) < 0)
@@ -2236,39 +2243,63 @@ static PyObject *Engine_send_many(engine_t *e, PyObject *items)
     PyObject *seq = PySequence_Fast(items, "send_many takes a list of (thread, data, addr)");
     if (seq == NULL)
         return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), ok = 0;
+    int failed = 0;
+    PyObject **data = NULL;
+    sockaddr_u *sa = NULL;
+    socklen_t *salen = NULL;
+    int *thread = NULL;
+    if (n > 0) {
+        data = PyMem_New(PyObject *, (size_t)n);
+        sa = PyMem_New(sockaddr_u, (size_t)n);
+        salen = PyMem_New(socklen_t, (size_t)n);
+        thread = PyMem_New(int, (size_t)n);
+        if (data == NULL || sa == NULL || salen == NULL || thread == NULL) {
+            PyErr_NoMemory();
+            failed = 1;
+            n = 0;
+        }
+    }
+    /* what precedes a malformed item still goes, then its error is raised */
+    for (; ok < n; ok++) {
+        int k;
+        PyObject *bytes, *addr;
+        addr_t a;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, ok), "iSO", &k, &bytes, &addr) ||
+            worker_arg(e, k) == NULL || addr_from_py(addr, &a) < 0) {
+            failed = 1;
+            break;
+        }
+        data[ok] = bytes; /* borrowed: seq holds the tuples, they hold the bytes */
+        salen[ok] = sa_from_addr(&sa[ok], &a);
+        thread[ok] = k;
+    }
     struct mmsghdr mm[SEND_MANY_MAX];
     struct iovec iov[SEND_MANY_MAX];
-    sockaddr_u sa[SEND_MANY_MAX];
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), i = 0;
-    int failed = 0;
-    while (i < n && !failed) {
-        int m = 0, fd = -1;
-        while (i < n && m < SEND_MANY_MAX) {
-            int k;
-            PyObject *data, *addr;
-            worker_t *w;
-            addr_t a;
-            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iSO", &k, &data, &addr) ||
-                (w = worker_arg(e, k)) == NULL || addr_from_py(addr, &a) < 0) {
-                failed = 1; /* what was prepared still goes, then the error is raised */
-                break;
-            }
-            if (fd >= 0 && w->lfd != fd)
-                break; /* another thread's listener: the next sendmmsg */
-            fd = w->lfd;
-            iov[m].iov_base = PyBytes_AS_STRING(data);
-            iov[m].iov_len = (size_t)PyBytes_GET_SIZE(data);
+    for (int k = 0; k < e->nworkers && ok > 0; k++) {
+        int m = 0;
+        for (Py_ssize_t i = 0; i < ok; i++) {
+            if (thread[i] != k)
+                continue;
+            iov[m].iov_base = PyBytes_AS_STRING(data[i]);
+            iov[m].iov_len = (size_t)PyBytes_GET_SIZE(data[i]);
             memset(&mm[m], 0, sizeof mm[m]);
-            mm[m].msg_hdr.msg_name = &sa[m];
-            mm[m].msg_hdr.msg_namelen = sa_from_addr(&sa[m], &a);
+            mm[m].msg_hdr.msg_name = &sa[i];
+            mm[m].msg_hdr.msg_namelen = salen[i];
             mm[m].msg_hdr.msg_iov = &iov[m];
             mm[m].msg_hdr.msg_iovlen = 1;
-            m++;
-            i++;
+            if (++m == SEND_MANY_MAX) {
+                send_answers(e, e->workers[k]->lfd, mm, m);
+                m = 0;
+            }
         }
         if (m > 0)
-            send_answers(e, fd, mm, m);
+            send_answers(e, e->workers[k]->lfd, mm, m);
     }
+    PyMem_Free(data);
+    PyMem_Free(sa);
+    PyMem_Free(salen);
+    PyMem_Free(thread);
     Py_DECREF(seq);
     if (failed)
         return NULL;
@@ -2379,6 +2410,12 @@ fail:
     return NULL;
 }
 
+/* (pkts, bytes to peer, pkts, bytes to client, dropped, kernel drops, dropped by bandwidth).
+ * The relay socket's kernel drops (SO_MEMINFO, a system call) are the ones read at the
+ * allocation's end (0 while it lives; a shared socket's are the engine's stats): the control
+ * plane samples every live allocation's counters each second (core.sample) and has no use for
+ * them there, and with thousands of allocations reading them was thousands of system calls a
+ * second on its thread. Engine.stats() still reads the live sockets' drops on demand. */
 static PyObject *counters_tuple(alloc_t *al)
 {
     return Py_BuildValue("(KKKKKKK)", (unsigned long long)(LOAD(al->pkts_to_peer) + al->py_pkts_to_peer),
@@ -2386,9 +2423,7 @@ static PyObject *counters_tuple(alloc_t *al)
                          (unsigned long long)LOAD(al->pkts_to_client),
                          (unsigned long long)LOAD(al->bytes_to_client),
                          (unsigned long long)LOAD(al->dropped),
-                         (unsigned long long)(al->fd >= 0 && al->mux == NULL
-                                                  ? kernel_drops(al->fd)
-                                                  : al->kernel_drops),
+                         (unsigned long long)al->kernel_drops,
                          (unsigned long long)LOAD(al->dropped_bw));
 }
 
@@ -2424,7 +2459,7 @@ static PyObject *Engine_remove_allocation(engine_t *e, PyObject *args)
     al->dead = 1;
     al->gnext = w->graveyard;
     w->graveyard = al;
-    PyObject *c = counters_tuple(al);
+    PyObject *c = counters_tuple(al); /* al->kernel_drops was read just above */
     e->ended[0] += LOAD(al->pkts_to_peer) + al->py_pkts_to_peer;
     e->ended[1] += LOAD(al->bytes_to_peer) + al->py_bytes_to_peer;
     e->ended[2] += LOAD(al->pkts_to_client);
@@ -2761,7 +2796,7 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
         return NULL;
     /* turn.relay_multiplex (turn/multiplex.py): shared sockets and their drops; folding */
     PyObject *extra = Py_BuildValue(
-        "{s:i,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:K,s:K}", "folded",
+        "{s:i,s:K,s:K,s:i,s:K,s:K,s:K,s:i,s:K,s:K,s:K}", "folded",
         __atomic_load_n(&e->folded, __ATOMIC_ACQUIRE), "folds",
         (unsigned long long)LOAD(e->folds), "unfolds", (unsigned long long)LOAD(e->unfolds),
         "mux_sockets", e->nmux, "drop_mux_unknown",
@@ -2769,7 +2804,8 @@ static PyObject *Engine_stats(engine_t *e, PyObject *unused)
         (unsigned long long)s.drop_mux_ambiguous, "drop_mux_conflict",
         (unsigned long long)(s.drop_mux_conflict + e->py_mux_conflict), "steered",
         e->cfd >= 0, "control_rx", (unsigned long long)e->ctl_rx, "control_recv_calls",
-        (unsigned long long)e->ctl_recv_calls);
+        (unsigned long long)e->ctl_recv_calls, "control_send_calls",
+        (unsigned long long)e->ctl_send_calls);
     if (extra == NULL || PyDict_Update(d, extra) != 0) {
         Py_XDECREF(extra);
         Py_DECREF(d);
