@@ -12,6 +12,7 @@ the C processes (by path), so either generator is sampled the same way.
 from __future__ import annotations
 
 import contextlib
+import json
 import mmap
 import os
 import shutil
@@ -53,6 +54,25 @@ def build() -> tuple[Path | None, str]:
         return None, f"{cc} failed to build {SOURCE.name}: {proc.stderr.strip()[-500:]}"
     os.replace(tmp, BINARY)
     return BINARY, ""
+
+
+def calibrate(binary: Path) -> dict[str, float] | str:
+    """The host's cost of a bare system call and of one 200-byte loopback UDP datagram sent and
+    received (`turnload calib`), in ns, or why it could not be measured.  On a shared VM both
+    move by 2-3x between days, and the servers' ratios with them, so each run records them."""
+    try:
+        proc = subprocess.run(
+            [str(binary), "calib"], capture_output=True, text=True, timeout=60, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"turnload calib: {exc}"
+    if proc.returncode != 0:
+        return f"turnload calib exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
+    try:
+        data = json.loads(proc.stdout)
+        return {str(k): float(v) for k, v in data.items()}
+    except (ValueError, AttributeError, TypeError):
+        return f"turnload calib printed {proc.stdout.strip()[:200]!r}"
 
 
 class Slots:

@@ -32,6 +32,10 @@ on lo's receive path exactly as from a NIC (TC ingress, IP input, UDP socket), s
 stays fair; delivered packets are still counted at the sink. UDP GSO was rejected for this: on lo
 the GSO super-packet reaches TC ingress unsegmented, so the offload would not recognise it.
 
+Before the rounds and after them it records the host's state (`turnload calib`: the cost of a
+bare system call and of one loopback UDP datagram), since this shared VM's speed moves by 2-3x
+between days and the servers' ratios with it.
+
 It prints a markdown table of medians with confedge/coturn ratios and writes every sample to
 bench/results/turn-<timestamp>.json (gitignored).
 """
@@ -577,6 +581,16 @@ def paced_metrics(rates: list[int]) -> list[tuple[str, tuple[str, ...], str, boo
     return out
 
 
+def _calib_brief(c: dict[str, float] | str) -> str:
+    """One line for a `turnload calib` result (or why there is none)."""
+    if isinstance(c, str):
+        return f"not measured ({c})"
+    return (
+        f"a system call {c['syscall_ns'] / 1000:.2f} µs, a 200 B UDP datagram sent and "
+        f"received on lo {c['udp_send_recv_ns'] / 1000:.2f} µs"
+    )
+
+
 def table(results: dict[str, list[dict[str, Any]]], paced_rates: list[int]) -> str:
     lines = [
         "| metric (median of rounds) | coturn | confedge | confedge/coturn |",
@@ -838,6 +852,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="confedge-turnbench-"))
     started = time.time()
 
+    # The host's state (turnload calib): measured before and after the rounds.
+    calibration: dict[str, Any] = {}
+    if args.c_generator is not None:
+        calibration["before"] = cgen.calibrate(args.c_generator.binary)
+        print(f"host: {_calib_brief(calibration['before'])}", flush=True)
+
     # Generator ceiling: the same send loop straight into the sink, no server in between.
     h = Harness(ctx, args.workers, args.c_generator)
     ceiling: dict[str, Any] = {}
@@ -872,6 +892,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"round {rnd + 1}/{args.rounds}: {s}", flush=True)
             results[s].append(run_server(s, starters[s], args, ctx))
 
+    if args.c_generator is not None:
+        calibration["after"] = cgen.calibrate(args.c_generator.binary)
     md = table(results, args.paced_rates)
     commit = subprocess.run(
         ["git", "-C", str(servers.REPO), "log", "-1", "--format=%h %s"],
@@ -889,6 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(md)
     print(f"\n{args.rounds} round(s), {elapsed:.0f} s, server logs in {work}")
+    for when in ("before", "after"):
+        if when in calibration:
+            print(f"host {when} the rounds: {_calib_brief(calibration[when])}")
     print(
         f"confedge at {commit}" + (" (src/confedge/turn has local changes)" if turn_dirty else "")
     )
@@ -915,6 +940,7 @@ def main(argv: list[str] | None = None) -> int:
                 "commit": commit,
                 "turn_worktree_changes": turn_dirty,
                 "generator_ceiling": ceiling,
+                "host_calibration": calibration,
                 "results": results,
                 "table": md,
             },

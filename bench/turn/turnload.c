@@ -23,6 +23,13 @@
  * run.py --spread-peers lands on it; SO_REUSEPORT, one socket per thread), writes packets to slot
  * COUNT and bytes to COUNT+1, and prints "ready" once bound. Both stop when slot STOP != 0.
  *
+ *     turnload calib [N]
+ * calib prints one JSON line, {"syscall_ns": ..., "udp_send_recv_ns": ...}: the host's cost of
+ * a bare system call (getppid, N times) and of one 200-byte UDP datagram sent and received on
+ * loopback (N/4 times). Why: on this shared VM both change by 2-3x from one day to the next, and
+ * the servers' ratios move with them (a server that makes fewer system calls per packet gains
+ * when they are dear), so each result file records the state its run saw.
+ *
  * --packet (send): the datagrams do not go through the UDP sockets but are written, as whole
  * Ethernet/IPv4/UDP frames, into the loopback device with an AF_PACKET socket (sendmmsg, one
  * frame per message, PACKET_QDISC_BYPASS). Why: on loopback a UDP sendmsg pays the socket,
@@ -52,6 +59,7 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/time.h>
 #include <time.h>
 #include <unistd.h>
@@ -413,10 +421,42 @@ static int run_sink(int argc, char **argv) {
     return 0;
 }
 
+static int run_calib(int argc, char **argv) {
+    long n = argc > 0 ? strtol(argv[0], NULL, 10) : 400000;
+    if (n < 4 || n > 100000000) usage("calib: N must be 4 to 100000000");
+    /* the bare cost of entering and leaving the kernel (SYS_getppid: nothing is cached) */
+    double t0 = now_s();
+    for (long i = 0; i < n; i++) syscall(SYS_getppid);
+    double sys_ns = (now_s() - t0) * 1e9 / (double)n;
+    /* one datagram through loopback's UDP path: send, deliver, receive (same thread, so no
+     * wake-up is measured) */
+    int a = socket(AF_INET, SOCK_DGRAM, 0), b = socket(AF_INET, SOCK_DGRAM, 0);
+    if (a < 0 || b < 0) die("socket");
+    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof sa;
+    if (bind(b, (struct sockaddr *)&sa, sizeof sa) != 0 ||
+        getsockname(b, (struct sockaddr *)&sa, &len) != 0 ||
+        connect(a, (struct sockaddr *)&sa, sizeof sa) != 0)
+        die("calib: loopback socket");
+    unsigned char buf[200] = {0};
+    long m = n / 4;
+    t0 = now_s();
+    for (long i = 0; i < m; i++) {
+        if (send(a, buf, sizeof buf, 0) != (ssize_t)sizeof buf) die("calib: send");
+        if (recv(b, buf, sizeof buf, 0) != (ssize_t)sizeof buf) die("calib: recv");
+    }
+    double udp_ns = (now_s() - t0) * 1e9 / (double)m;
+    close(a);
+    close(b);
+    printf("{\"syscall_ns\": %.1f, \"udp_send_recv_ns\": %.1f}\n", sys_ns, udp_ns);
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    if (argc < 2) usage("missing mode: send or sink");
+    if (argc < 2) usage("missing mode: send, sink or calib");
     if (!strcmp(argv[1], "send")) return run_send(argc - 2, argv + 2);
     if (!strcmp(argv[1], "sink")) return run_sink(argc - 2, argv + 2);
-    usage("unknown mode (send or sink)");
+    if (!strcmp(argv[1], "calib")) return run_calib(argc - 2, argv + 2);
+    usage("unknown mode (send, sink or calib)");
     return 2;
 }

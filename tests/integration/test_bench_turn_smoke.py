@@ -120,6 +120,30 @@ def test_turn_benchmark_c_generator_smoke(tmp_path: Path) -> None:
     assert "error" not in paced, paced
     assert 1000 < paced["offered_pps"] < 3000, paced
     assert "server-attributable CPU µs/pkt" in proc.stdout
+    # The host's state, measured before and after the rounds (turnload calib).
+    for when in ("before", "after"):
+        c = data["host_calibration"][when]
+        assert 10 < c["syscall_ns"] < c["udp_send_recv_ns"] < 1_000_000, c
+        assert f"host {when} the rounds: a system call " in proc.stdout
+    assert "host: a system call " in proc.stdout
+
+
+def test_calibration_says_why_when_it_cannot_measure(tmp_path: Path) -> None:
+    """cgen.calibrate: a binary that fails or prints something else gives a reason, which the
+    run prints and records in place of the figures, instead of a traceback."""
+    sys.path.insert(0, str(REPO / "bench/turn"))
+    try:
+        import cgen
+    finally:
+        sys.path.remove(str(REPO / "bench/turn"))
+    fails = cgen.calibrate(Path(shutil.which("false") or "/bin/false"))
+    assert isinstance(fails, str) and fails.startswith("turnload calib exited 1"), fails
+    chatty = tmp_path / "chatty"
+    chatty.write_text("#!/bin/sh\necho hello\n")
+    chatty.chmod(0o755)
+    assert cgen.calibrate(chatty) == "turnload calib printed 'hello'"
+    missing = cgen.calibrate(tmp_path / "nowhere")
+    assert isinstance(missing, str) and "No such file" in missing, missing
 
 
 @pytest.mark.timeout(120)
