@@ -176,31 +176,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_loop(run_demo(as_json=args.json, state_dir=state, port_base=args.port_base))
 
 
-def _operator_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Config:
-    """Config and logging of `bans`/`cert`: one result line on the terminal, audit to a file."""
-    from confedge.opcommand import require_config, setup_command_logging
+def _operator_command(args: argparse.Namespace) -> Config:
+    """Config and logging of `bans`/`cert`/`cluster`: one result line on the terminal, audit
+    to a file."""
+    from confedge.opcommand import resolve_config, setup_command_logging
 
-    cfg = _load(require_config(parser, args))
+    cfg = _load(resolve_config(args))
     setup_command_logging(cfg.server.state_dir, getattr(args, "log_level", "warning"))
     return cfg
 
 
-def cmd_bans(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    cfg = _operator_command(args, parser)
+def cmd_bans(args: argparse.Namespace) -> int:
+    cfg = _operator_command(args)
     from confedge.guard.cli import run_bans
 
     return run_bans(cfg, args)
 
 
-def cmd_cluster(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    cfg = _operator_command(args, parser)
+def cmd_cluster(args: argparse.Namespace) -> int:
+    cfg = _operator_command(args)
     from confedge.cluster.cli import run_cluster
 
     return run_cluster(cfg, args)
 
 
-def cmd_cert(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    cfg = _operator_command(args, parser)
+def cmd_cert(args: argparse.Namespace) -> int:
+    cfg = _operator_command(args)
     from confedge.tls.cli import cert_command
 
     return cert_command(cfg, args.config, args, sys.stdout)
@@ -355,7 +356,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=BANS_DESCRIPTION,
     )
     configure_bans(sp)
-    sp.set_defaults(command_parser=sp)
     sp = sub.add_parser(
         "cert",
         help="show, install or regenerate the TLS certificate (show|install|self-signed)",
@@ -363,7 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
         "(checked first; the running service reloads), or generate a self-signed one.",
     )
     configure_cert(sp)
-    sp.set_defaults(command_parser=sp)
     from confedge.cluster.cli import DESCRIPTION as CLUSTER_DESCRIPTION
     from confedge.cluster.cli import configure_parser as configure_cluster
 
@@ -373,7 +372,6 @@ def build_parser() -> argparse.ArgumentParser:
         description=CLUSTER_DESCRIPTION,
     )
     configure_cluster(sp)
-    sp.set_defaults(command_parser=sp)
     sub.add_parser(
         "nodesim",
         help="run a simulated conferencing node (`confedge nodesim --help` for its options)",
@@ -450,11 +448,11 @@ def _dispatch(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "bans":
-        return cmd_bans(args, args.command_parser)
+        return cmd_bans(args)
     if args.command == "cert":
-        return cmd_cert(args, args.command_parser)
+        return cmd_cert(args)
     if args.command == "cluster":
-        return cmd_cluster(args, args.command_parser)
+        return cmd_cluster(args)
     if args.command in ("drain", "reload"):
         return int(args.handler(args))
     handlers = {"run": cmd_run, "check": cmd_check, "demo": cmd_demo}

@@ -24,7 +24,7 @@ __all__ = [
     "AUDIT_NAME",
     "add_action",
     "add_common_options",
-    "require_config",
+    "resolve_config",
     "setup_command_logging",
     "state_dir_problem",
 ]
@@ -111,10 +111,14 @@ def add_common_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def require_config(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The --config value (given before or after the action), else the default file."""
+def resolve_config(args: argparse.Namespace) -> str:
+    """The --config value (given before or after the action), else the default file; stored
+    back in ``args.config``, which add_common_options leaves unset when neither gave it, so
+    that what reads ``args.config`` later (``cert install`` rewrites the file) sees the same
+    path."""
     path = getattr(args, "config", None)
-    return str(path) if path else default_config_path()
+    args.config = str(path) if path else default_config_path()
+    return str(args.config)
 
 
 def config_option(p: argparse.ArgumentParser, what: str = "TOML configuration file") -> None:

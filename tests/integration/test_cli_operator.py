@@ -164,6 +164,15 @@ def test_without_config_every_command_reads_the_file_setup_writes(tmp_path: Path
     assert "10.0.0.11" in checked.stdout
     listed = run("bans", "list")
     assert listed.returncode == 0, listed.stderr
+    # Every command that only reads works on the default file too (`cert show` once failed
+    # here with a traceback: it read args.config, which only --config set).
+    for argv in (("cert", "show"), ("firewall",), ("install-service", "--dry-run")):
+        res = run(*argv)
+        assert res.returncode == 0, (argv, res.stderr)
+        assert "Traceback" not in res.stderr, argv
+    alone = run("cluster", "list")  # the file has no cluster.store: it says so
+    assert alone.returncode == 1 and "cluster.store is empty" in alone.stderr, alone.stderr
+    assert str(default) in run("install-service", "--dry-run").stdout
     # An explicit --config still wins over the default.
     other = run("check", "--config", str(tmp_path / "other.toml"))
     assert other.returncode == 2 and "other.toml: cannot read" in other.stderr
