@@ -23,9 +23,9 @@ from confedge.config import (
     Config,
     ConfigError,
     config_warnings,
-    default_config_path,
     load_config,
 )
+from confedge.opcommand import config_option
 
 from .document import ConfigDocument, atomic_write
 from .host import host_addresses, host_names
@@ -74,14 +74,7 @@ def register(sub: Any) -> None:
         "the old one kept as .bak) and checks it. With --answers or --set nothing is asked. "
         "See docs/SETUP.md.",
     )
-    sp.add_argument(
-        "--config",
-        "-c",
-        default=default_config_path(),
-        metavar="FILE",
-        help="configuration file to create or change (default: %(default)s; CONFEDGE_CONFIG "
-        "changes it)",
-    )
+    config_option(sp, "configuration file to create or change")
     sp.add_argument(
         "--answers",
         metavar="FILE",
@@ -96,13 +89,7 @@ def register(sub: Any) -> None:
         "equivalent configuration, listing what it could not carry over. See docs/SETUP.md.",
     )
     sp.add_argument("dir", metavar="DIR", help="directory holding the appliance's files")
-    sp.add_argument(
-        "--config",
-        "-c",
-        default=default_config_path(),
-        metavar="FILE",
-        help="configuration file to write (default: %(default)s; CONFEDGE_CONFIG changes it)",
-    )
+    config_option(sp, "configuration file to write")
     add_setup_arguments(sp)
 
 
