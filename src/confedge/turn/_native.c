@@ -2245,47 +2245,42 @@ static PyObject *Engine_send_many(engine_t *e, PyObject *items)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), ok = 0;
     int failed = 0;
-    PyObject **data = NULL;
-    sockaddr_u *sa = NULL;
-    socklen_t *salen = NULL;
-    int *thread = NULL;
-    if (n > 0) {
-        data = PyMem_New(PyObject *, (size_t)n);
-        sa = PyMem_New(sockaddr_u, (size_t)n);
-        salen = PyMem_New(socklen_t, (size_t)n);
-        thread = PyMem_New(int, (size_t)n);
-        if (data == NULL || sa == NULL || salen == NULL || thread == NULL) {
-            PyErr_NoMemory();
-            failed = 1;
-            n = 0;
-        }
+    struct answer {
+        PyObject *data; /* borrowed: seq holds the tuples, they hold the bytes */
+        sockaddr_u sa;
+        socklen_t salen;
+        int thread;
+    } *ans = NULL;
+    if (n > 0 && (ans = PyMem_New(struct answer, (size_t)n)) == NULL) {
+        PyErr_NoMemory();
+        failed = 1;
+        n = 0;
     }
     /* what precedes a malformed item still goes, then its error is raised */
     for (; ok < n; ok++) {
-        int k;
-        PyObject *bytes, *addr;
+        PyObject *addr;
         addr_t a;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, ok), "iSO", &k, &bytes, &addr) ||
-            worker_arg(e, k) == NULL || addr_from_py(addr, &a) < 0) {
+        struct answer *x = &ans[ok];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, ok), "iSO", &x->thread, &x->data,
+                              &addr) ||
+            worker_arg(e, x->thread) == NULL || addr_from_py(addr, &a) < 0) {
             failed = 1;
             break;
         }
-        data[ok] = bytes; /* borrowed: seq holds the tuples, they hold the bytes */
-        salen[ok] = sa_from_addr(&sa[ok], &a);
-        thread[ok] = k;
+        x->salen = sa_from_addr(&x->sa, &a);
     }
     struct mmsghdr mm[SEND_MANY_MAX];
     struct iovec iov[SEND_MANY_MAX];
     for (int k = 0; k < e->nworkers && ok > 0; k++) {
         int m = 0;
         for (Py_ssize_t i = 0; i < ok; i++) {
-            if (thread[i] != k)
+            if (ans[i].thread != k)
                 continue;
-            iov[m].iov_base = PyBytes_AS_STRING(data[i]);
-            iov[m].iov_len = (size_t)PyBytes_GET_SIZE(data[i]);
+            iov[m].iov_base = PyBytes_AS_STRING(ans[i].data);
+            iov[m].iov_len = (size_t)PyBytes_GET_SIZE(ans[i].data);
             memset(&mm[m], 0, sizeof mm[m]);
-            mm[m].msg_hdr.msg_name = &sa[i];
-            mm[m].msg_hdr.msg_namelen = salen[i];
+            mm[m].msg_hdr.msg_name = &ans[i].sa;
+            mm[m].msg_hdr.msg_namelen = ans[i].salen;
             mm[m].msg_hdr.msg_iov = &iov[m];
             mm[m].msg_hdr.msg_iovlen = 1;
             if (++m == SEND_MANY_MAX) {
@@ -2296,10 +2291,7 @@ static PyObject *Engine_send_many(engine_t *e, PyObject *items)
         if (m > 0)
             send_answers(e, e->workers[k]->lfd, mm, m);
     }
-    PyMem_Free(data);
-    PyMem_Free(sa);
-    PyMem_Free(salen);
-    PyMem_Free(thread);
+    PyMem_Free(ans);
     Py_DECREF(seq);
     if (failed)
         return NULL;
